@@ -1,0 +1,279 @@
+"""Command line: digest, seal, verify, mount, umount.
+
+Exit codes follow fsverity-utils: 0 success, 1 error, 2 usage error.
+Errors are printed as ``ERROR: <message>`` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import merkle
+from .errors import Corruption, IntegrityError, InvalidParameters, VerityError
+from .store import Store, default_store
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def error(msg: str):
+    print(f"ERROR: {msg}", file=sys.stderr)
+
+
+class Once(argparse.Action):
+    """fsverity-utils refuses an option given twice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} can only be specified once")
+        setattr(namespace, self.dest, values)
+
+
+def parse_block_size(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        n = 0
+    if n <= 0 or n & (n - 1) or n > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"Invalid block size: {text}.  Must be power of 2")
+    return n
+
+
+def parse_salt(text: str) -> bytes:
+    try:
+        if len(text) % 2:
+            raise ValueError
+        return bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("salt is not a valid hex string") from None
+
+
+def parse_hash_alg(text: str):
+    """A name must be known (usage error); a number is checked later (error), as fsverity does."""
+    if text.isdigit():
+        return int(text)
+    if text.lower() in merkle.ALGORITHMS:
+        return text.lower()
+    raise argparse.ArgumentTypeError(
+        f"unknown hash algorithm: '{text}'\nAvailable hash algorithms: {' '.join(merkle.ALGORITHMS)}")
+
+
+def add_tree_options(p):
+    p.add_argument("--hash-alg", type=parse_hash_alg, action=Once, metavar="HASH_ALG",
+                   help="sha256 (default) or sha512, or an fs-verity algorithm number")
+    p.add_argument("--block-size", type=parse_block_size, action=Once, metavar="BLOCK_SIZE",
+                   help="Merkle tree block size, a power of 2 (default 4096)")
+    p.add_argument("--salt", type=parse_salt, action=Once, metavar="SALT",
+                   help="salt, in hex (at most 32 bytes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="hashing threads (default: number of CPUs, at most 4)")
+
+
+def params_from(args) -> merkle.Params:
+    alg = merkle.hash_alg(args.hash_alg if args.hash_alg is not None else "sha256")
+    return merkle.Params(alg, args.block_size or merkle.DEFAULT_BLOCK_SIZE, args.salt or b"")
+
+
+class Progress:
+    """A one-line progress display on a terminal, for files worth waiting on."""
+
+    MIN_SIZE = 64 << 20
+
+    def __init__(self, label: str, total: int, stream=sys.stderr):
+        self.enabled = total >= self.MIN_SIZE and stream.isatty()
+        self.label, self.total, self.stream = label, total, stream
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int):
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9) / (1 << 20)
+        self.stream.write(f"\r{self.label}: {100 * done // self.total:3d}% "
+                          f"({done >> 20}/{self.total >> 20} MiB, {rate:.0f} MiB/s)")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# -- digest ---------------------------------------------------------------
+
+def cmd_digest(args) -> int:
+    params = params_from(args)
+    # As fsverity-utils: each output is opened once; every file's tree is
+    # written at its own offsets (so later files overwrite earlier ones) and
+    # descriptors are appended one after another.
+    tree_out = open(args.out_merkle_tree, "wb") if args.out_merkle_tree else None
+    desc_out = open(args.out_descriptor, "wb") if args.out_descriptor else None
+
+    def write_block(off, block):
+        tree_out.seek(off)
+        tree_out.write(block)
+
+    try:
+        for path in args.files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                error(f"can't open '{path}' for reading: {e.strerror}")
+                return EXIT_ERROR
+            try:
+                desc = merkle.build_tree(fd, params, write_block=write_block if tree_out else None,
+                                         threads=args.threads)
+            except OSError as e:
+                error(f"error reading '{path}': {e.strerror or e}")
+                return EXIT_ERROR
+            finally:
+                os.close(fd)
+            if desc_out:
+                desc_out.write(desc.raw)
+            if args.for_builtin_sig:
+                print(f"{merkle.formatted_digest(params.alg, desc.digest).hex()} {path}")
+            elif args.compact:
+                print(desc.digest.hex())
+            else:
+                print(f"{merkle.format_digest(params.alg, desc.digest)} {path}")
+    finally:
+        for f in (tree_out, desc_out):
+            if f:
+                f.close()
+    return 0
+
+
+# -- seal / verify --------------------------------------------------------
+
+def open_store(args, create: bool) -> Store:
+    return Store(args.store or default_store(args.source), create=create)
+
+
+def cmd_seal(args) -> int:
+    from .seal import open_regular, seal_fd, walk_files
+
+    params = params_from(args)
+    if not os.path.isdir(args.source):
+        error(f"'{args.source}' is not a directory")
+        return EXIT_ERROR
+    with open_store(args, create=True) as store:
+        store.cleanup_tmp()
+        if args.paths:
+            rels = []
+            for p in args.paths:
+                rel = os.path.relpath(os.path.abspath(p), os.path.abspath(args.source))
+                if rel.startswith(".."):
+                    error(f"'{p}' is not inside '{args.source}'")
+                    return EXIT_ERROR
+                rels.append(rel)
+        else:
+            rels = walk_files(args.source, store)
+        status = 0
+        for rel in rels:
+            full = os.path.join(args.source, rel)
+            try:
+                fd = open_regular(full)
+            except OSError as e:
+                error(f"can't open '{full}' for reading: {e.strerror}")
+                status = EXIT_ERROR
+                continue
+            progress = Progress(full, os.fstat(fd).st_size)
+            try:
+                entry = seal_fd(store, fd, rel, params, threads=args.threads, progress=progress)
+            except OSError as e:
+                progress.close()
+                error(f"can't seal '{full}': {e.strerror or e}")
+                status = EXIT_ERROR
+                continue
+            finally:
+                os.close(fd)
+            progress.close()
+            print(f"{entry.digest_text} {full}", flush=True)
+    return status
+
+
+def describe_failure(e: Exception) -> str:
+    if isinstance(e, IntegrityError):
+        return (f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}")
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}"
+    return str(e)
+
+
+def cmd_verify(args) -> int:
+    from .seal import verify_entry
+    from .verify import TreeBlockCache
+
+    cache = TreeBlockCache()
+    bad = total = 0
+    with open_store(args, create=False) as store:
+        for entry in store.entries():
+            total += 1
+            res = verify_entry(store, args.source, entry, cache)
+            name = os.path.join(args.source, entry.path)
+            if res.error is None:
+                if args.verbose:
+                    print(f"OK {entry.digest_text} {name}")
+            else:
+                bad += 1
+                print(f"CORRUPT {name}: {describe_failure(res.error)}")
+    print(f"{total - bad} of {total} sealed files intact", file=sys.stderr)
+    return EXIT_ERROR if bad else 0
+
+
+# -- entry point ----------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="verityfuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("digest", help="compute fs-verity digests (like `fsverity digest`)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    add_tree_options(p)
+    p.add_argument("--out-merkle-tree", action=Once, metavar="FILE")
+    p.add_argument("--out-descriptor", action=Once, metavar="FILE")
+    p.add_argument("--compact", action="store_true", help="print the digest only")
+    p.add_argument("--for-builtin-sig", action="store_true",
+                   help="print the fsverity_formatted_digest, in hex")
+    p.set_defaults(func=cmd_digest)
+
+    p = sub.add_parser("seal", help="enable verity offline: build trees into the store")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files to seal (default: all)")
+    p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
+    add_tree_options(p)
+    p.set_defaults(func=cmd_seal)
+
+    p = sub.add_parser("verify", help="check every sealed file against its tree")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--store", metavar="DIR")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list intact files")
+    p.set_defaults(func=cmd_verify)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvalidParameters, Corruption, VerityError) as e:
+        error(str(e))
+        if isinstance(e, InvalidParameters) and args.command == "digest":
+            error("failed to compute digest")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Typed errors of the core, each carrying the errno the FUSE boundary returns.
+
+The core raises these (or lets OSError through); only ``ops`` turns them into
+errnos, in one place.
+"""
+
+import errno as _errno
+
+
+class VerityError(Exception):
+    """Base class; ``errno`` is what a FUSE request fails with."""
+
+    errno = _errno.EIO
+
+
+class InvalidParameters(VerityError, ValueError):
+    """Bad hash algorithm, block size, salt ... (EINVAL, as the kernel)."""
+
+    errno = _errno.EINVAL
+
+
+class SaltTooLong(InvalidParameters):
+    errno = _errno.EMSGSIZE
+
+
+class FileTooLarge(InvalidParameters):
+    """The tree would need more levels than the kernel allows."""
+
+    errno = _errno.EFBIG
+
+
+class InvalidDescriptor(VerityError):
+    """A stored descriptor that fails the kernel's validation (EINVAL on open)."""
+
+    errno = _errno.EINVAL
+
+
+class Corruption(VerityError):
+    """Base of everything that means "this does not match what was sealed" (EIO)."""
+
+    errno = _errno.EIO
+
+
+class IntegrityError(Corruption):
+    """Data or tree bytes do not hash to what the trusted digest says."""
+
+    def __init__(self, path, offset, expected, actual, what="data block"):
+        self.path = path
+        self.offset = offset
+        self.expected = expected
+        self.actual = actual
+        self.what = what
+        super().__init__(
+            f"{path}: {what} at offset {offset} is corrupt: "
+            f"expected hash {expected.hex()}, actual {actual.hex()}"
+        )
+
+
+class SizeMismatch(Corruption):
+    """The backing file was truncated or extended after sealing."""
+
+
+class StoreCorrupt(Corruption):
+    """A store entry that is truncated, altered or malformed."""
+
+
+class NotVerity(VerityError):
+    errno = _errno.ENODATA

@@ -1,0 +1,48 @@
+"""VerifiedReader: the one place where backing file, tree and verifier meet."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import SizeMismatch
+from .merkle import read_full
+
+
+class VerifiedReader:
+    """pread-like reads of a verity file that never return unverified bytes.
+
+    Reads are widened to whole blocks, checked, then sliced.  A backing file
+    that was truncated or extended after sealing fails the reads that touch
+    its end (the sealed size is authoritative).
+    """
+
+    def __init__(self, fd: int, verifier, label: str):
+        self.fd = fd
+        self.verifier = verifier
+        self.label = label
+        self.data_size = verifier.tree.descriptor.data_size
+        self.bs = verifier.params.block_size
+
+    def _check_eof(self):
+        if os.pread(self.fd, 1, self.data_size):
+            raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size {self.data_size}")
+
+    def read(self, offset: int, size: int) -> bytes:
+        bs, data_size = self.bs, self.data_size
+        if offset >= data_size or size <= 0:
+            if offset >= data_size:
+                self._check_eof()
+            return b""
+        end = min(offset + size, data_size)
+        first = offset // bs
+        start = first * bs
+        stop = min(-(-end // bs) * bs, data_size)
+        buf = bytearray(-(-(stop - start) // bs) * bs)  # zero padding past EOF
+        got = read_full(self.fd, memoryview(buf)[: stop - start], start)
+        if got != stop - start:
+            raise SizeMismatch(
+                f"{self.label}: backing file was truncated to {start + got} bytes, sealed size {data_size}")
+        if stop == data_size:
+            self._check_eof()
+        self.verifier.verify(first, buf)
+        return bytes(memoryview(buf)[offset - start: end - start])

@@ -1,0 +1,477 @@
+"""The sidecar store: descriptors, Merkle trees and signatures kept beside the data.
+
+Layout (documented in protocol/store-format.md)::
+
+    STORE/VERSION                      "verityfuse-store 1\\n"
+    STORE/objects/<alg>/<hh>/<digest>  header(64) || descriptor(256) || tree
+    STORE/index/<hh>/<sha256(path)>    JSON: {"version", "path", "digest", "signature"?}
+    STORE/tmp/                         half-written files; never read
+
+Objects are content-addressed by the fs-verity file digest, so an object
+proves itself: H(descriptor) must equal its name, and every tree block hashes
+up to the descriptor's root hash.  The index maps a relative path to a digest.
+Every write goes to tmp/, is fsynced and renamed into place, then the directory
+is fsynced: a crash leaves either the old entry or the new one, never half of
+one.  Every open walks from the store's root fd with O_NOFOLLOW, so a symlink
+planted inside the store is refused instead of followed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from . import merkle, uapi
+from .errors import InvalidDescriptor, StoreCorrupt
+
+STORE_DIRNAME = ".verityfuse"
+VERSION_TEXT = b"verityfuse-store 1\n"
+OBJECT_MAGIC = b"VFSTREE1"
+# magic[8], header_size u32, flags u32, tree_size u64, reserved[40]
+OBJECT_HEADER = struct.Struct("<8sIIQ40s")
+HEADER_SIZE = OBJECT_HEADER.size
+TREE_OFFSET = HEADER_SIZE + uapi.FS_VERITY_DESCRIPTOR_SIZE
+INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def default_store(source: str) -> str:
+    """The store used when no --store is given: SOURCE/.verityfuse.
+
+    Inside the source tree so that it travels with it (a virtio-fs share, a
+    tarball); the mount hides it.
+    """
+    return os.path.join(source, STORE_DIRNAME)
+
+
+def parse_digest(text: str):
+    """``sha256:<hex>`` -> (HashAlg, bytes); StoreCorrupt-free ValueError if bad."""
+    name, sep, hexd = text.partition(":")
+    if not sep:
+        raise ValueError(f"digest {text!r} has no algorithm prefix")
+    alg = merkle.ALGORITHMS.get(name)
+    if alg is None:
+        raise ValueError(f"digest {text!r}: unknown algorithm {name!r}")
+    try:
+        raw = bytes.fromhex(hexd)
+    except ValueError:
+        raise ValueError(f"digest {text!r} is not hexadecimal") from None
+    if len(raw) != alg.digest_size:
+        raise ValueError(f"digest {text!r} has {len(raw)} bytes, expected {alg.digest_size}")
+    return alg, raw
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    path: str
+    alg: merkle.HashAlg
+    digest: bytes
+    signature: bytes = b""
+
+    @property
+    def digest_text(self) -> str:
+        return merkle.format_digest(self.alg, self.digest)
+
+
+class StoredTree:
+    """An open, validated object: descriptor in memory, tree read block by block."""
+
+    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor):
+        self.fd = fd
+        self.name = name
+        self.descriptor = descriptor
+        self.geometry = descriptor.geometry
+        self.block_size = descriptor.params.block_size
+
+    def read_tree_block(self, index: int) -> bytes:
+        bs = self.block_size
+        block = os.pread(self.fd, bs, TREE_OFFSET + index * bs)
+        if len(block) != bs:
+            raise StoreCorrupt(
+                f"{self.name}: tree block {index} is truncated "
+                f"({len(block)} of {bs} bytes)"
+            )
+        return block
+
+    def read_tree(self, offset: int, length: int) -> bytes:
+        """Bytes of the serialized tree, pread-like (short at the end)."""
+        size = self.geometry.tree_size
+        if offset >= size:
+            return b""
+        return os.pread(self.fd, min(length, size - offset), TREE_OFFSET + offset)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ObjectWriter:
+    """A tree being built into tmp/; ``commit`` makes it an object."""
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.tmpname, self.fd = store._create_tmp()
+
+    def write_block(self, offset: int, block: bytes):
+        os.pwrite(self.fd, block, TREE_OFFSET + offset)
+
+    def commit(self, desc: merkle.Descriptor) -> str:
+        tree_size = desc.geometry.tree_size
+        header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"")
+        os.pwrite(self.fd, header + desc.raw, 0)
+        os.ftruncate(self.fd, TREE_OFFSET + tree_size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        hexd = desc.digest.hex()
+        dirfd = self.store._open_dirs(("objects", desc.params.alg.name, hexd[:2]), create=True)
+        try:
+            self.store._rename_from_tmp(self.tmpname, dirfd, hexd)
+        finally:
+            os.close(dirfd)
+        self.tmpname = None
+        return hexd
+
+    def abort(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmpname:
+            self.store._unlink_tmp(self.tmpname)
+            self.tmpname = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self.tmpname:
+            self.abort()
+
+
+class Store:
+    """A store rooted at ``path``.  ``create=True`` makes it if missing."""
+
+    def __init__(self, path: str, create: bool = False):
+        self.path = os.path.abspath(path)
+        if create:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        try:
+            # The root itself may be reached through a symlink the user chose;
+            # nothing below it is.
+            self.rootfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreCorrupt(f"store {self.path} does not exist (seal a file first)") from None
+        try:
+            self._check_version(create)
+        except BaseException:
+            os.close(self.rootfd)
+            raise
+
+    # -- plumbing -------------------------------------------------------
+
+    def close(self):
+        if self.rootfd >= 0:
+            os.close(self.rootfd)
+            self.rootfd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _where(self, *parts) -> str:
+        return os.path.join(self.path, *parts)
+
+    def _check_version(self, create: bool):
+        try:
+            fd = os.open("VERSION", _O_FILE, dir_fd=self.rootfd)
+        except FileNotFoundError:
+            if not create:
+                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
+            self._atomic_write((), "VERSION", VERSION_TEXT)
+            return
+        except OSError as e:
+            raise self._refused(("VERSION",), e) from None
+        try:
+            text = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        if text != VERSION_TEXT:
+            raise StoreCorrupt(
+                f"{self._where('VERSION')}: unsupported store version {text[:32]!r}, "
+                f"expected {VERSION_TEXT!r}"
+            )
+
+    def _refused(self, parts, e: OSError) -> StoreCorrupt:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return StoreCorrupt(f"{self._where(*parts)}: refusing a symlink or non-directory inside the store")
+        return StoreCorrupt(f"{self._where(*parts)}: {e.strerror}")
+
+    def _open_dirs(self, parts, create: bool = False) -> int:
+        """Open STORE/parts... as a directory fd, never following a symlink."""
+        fd = os.dup(self.rootfd)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    nfd = os.open(part, _O_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    nfd = os.open(part, _O_DIR, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise self._refused(parts[: i + 1], e) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open_file(self, parts) -> Optional[int]:
+        """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd."""
+        try:
+            dirfd = self._open_dirs(parts[:-1])
+        except FileNotFoundError:
+            return None
+        try:
+            fd = os.open(parts[-1], _O_FILE, dir_fd=dirfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._refused(parts, e) from None
+        finally:
+            os.close(dirfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreCorrupt(f"{self._where(*parts)}: not a regular file")
+        return fd
+
+    def _create_tmp(self):
+        tmpfd = self._open_dirs(("tmp",), create=True)
+        try:
+            name = f"{os.getpid()}.{uuid.uuid4().hex}"
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=tmpfd)
+        finally:
+            os.close(tmpfd)
+        return name, fd
+
+    def _unlink_tmp(self, name):
+        tmpfd = self._open_dirs(("tmp",), create=True)
+        try:
+            os.unlink(name, dir_fd=tmpfd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(tmpfd)
+
+    def _rename_from_tmp(self, tmpname: str, dirfd: int, name: str):
+        tmpfd = self._open_dirs(("tmp",))
+        try:
+            os.rename(tmpname, name, src_dir_fd=tmpfd, dst_dir_fd=dirfd)
+        finally:
+            os.close(tmpfd)
+        os.fsync(dirfd)
+
+    def _atomic_write(self, dirparts, name: str, data: bytes):
+        tmpname, fd = self._create_tmp()
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirfd = self._open_dirs(dirparts, create=True)
+        try:
+            self._rename_from_tmp(tmpname, dirfd, name)
+        except BaseException:
+            self._unlink_tmp(tmpname)
+            raise
+        finally:
+            os.close(dirfd)
+
+    def cleanup_tmp(self) -> int:
+        """Remove tmp files left by dead processes (a crash mid-write)."""
+        try:
+            tmpfd = self._open_dirs(("tmp",))
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        try:
+            for name in os.listdir(tmpfd):
+                pid = name.split(".", 1)[0]
+                if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                    os.unlink(name, dir_fd=tmpfd)
+                    removed += 1
+        finally:
+            os.close(tmpfd)
+        return removed
+
+    # -- objects --------------------------------------------------------
+
+    def new_object(self) -> ObjectWriter:
+        return ObjectWriter(self)
+
+    def _object_parts(self, alg: merkle.HashAlg, digest: bytes):
+        hexd = digest.hex()
+        return ("objects", alg.name, hexd[:2], hexd)
+
+    def has_object(self, alg, digest) -> bool:
+        fd = self._open_file(self._object_parts(alg, digest))
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
+
+    def open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
+        """Open and validate the object for ``digest``; StoreCorrupt if it is not right."""
+        parts = self._object_parts(alg, digest)
+        name = self._where(*parts)
+        fd = self._open_file(parts)
+        if fd is None:
+            raise StoreCorrupt(f"{name}: missing tree object for {merkle.format_digest(alg, digest)}")
+        try:
+            head = os.pread(fd, TREE_OFFSET, 0)
+            if len(head) != TREE_OFFSET:
+                raise StoreCorrupt(f"{name}: truncated header ({len(head)} of {TREE_OFFSET} bytes)")
+            magic, hsize, flags, tree_size, reserved = OBJECT_HEADER.unpack_from(head)
+            if magic != OBJECT_MAGIC or hsize != HEADER_SIZE or flags or any(reserved):
+                raise StoreCorrupt(f"{name}: bad object header")
+            try:
+                desc = merkle.parse_descriptor(head[HEADER_SIZE:])
+            except InvalidDescriptor as e:
+                raise StoreCorrupt(f"{name}: {e}") from None
+            actual = desc.digest
+            if desc.params.alg != alg or actual != digest:
+                raise StoreCorrupt(
+                    f"{name}: descriptor does not match its digest: expected "
+                    f"{merkle.format_digest(alg, digest)}, actual "
+                    f"{merkle.format_digest(desc.params.alg, actual)}"
+                )
+            want = desc.geometry.tree_size
+            size = os.fstat(fd).st_size
+            if tree_size != want or size != TREE_OFFSET + want:
+                raise StoreCorrupt(
+                    f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
+                    f"expected {want}"
+                )
+            return StoredTree(fd, name, desc)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- index ----------------------------------------------------------
+
+    @staticmethod
+    def _index_parts(relpath: str):
+        h = hashlib.sha256(os.fsencode(relpath)).hexdigest()
+        return ("index", h[:2], h)
+
+    def set_entry(self, relpath: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b""):
+        relpath = normalize_relpath(relpath)
+        doc = {"version": 1, "path": relpath, "digest": merkle.format_digest(alg, digest)}
+        if signature:
+            doc["signature"] = signature.hex()
+        parts = self._index_parts(relpath)
+        data = json.dumps(doc, sort_keys=True).encode() + b"\n"
+        self._atomic_write(parts[:-1], parts[-1], data)
+
+    def get_entry(self, relpath: str) -> Optional[IndexEntry]:
+        relpath = normalize_relpath(relpath)
+        parts = self._index_parts(relpath)
+        fd = self._open_file(parts)
+        if fd is None:
+            return None
+        try:
+            data = os.read(fd, INDEX_ENTRY_MAX + 1)
+        finally:
+            os.close(fd)
+        name = self._where(*parts)
+        if len(data) > INDEX_ENTRY_MAX:
+            raise StoreCorrupt(f"{name}: index entry larger than {INDEX_ENTRY_MAX} bytes")
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("version") != 1:
+                raise ValueError("unsupported or missing version")
+            if doc.get("path") != relpath:
+                raise ValueError(f"entry is for path {doc.get('path')!r}, not {relpath!r}")
+            alg, digest = parse_digest(doc["digest"])
+            sig = bytes.fromhex(doc.get("signature", ""))
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreCorrupt(f"{name}: malformed index entry for {relpath!r}: {e}") from None
+        return IndexEntry(relpath, alg, digest, sig)
+
+    def remove_entry(self, relpath: str) -> bool:
+        parts = self._index_parts(normalize_relpath(relpath))
+        try:
+            dirfd = self._open_dirs(parts[:-1])
+        except FileNotFoundError:
+            return False
+        try:
+            os.unlink(parts[-1], dir_fd=dirfd)
+            os.fsync(dirfd)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(dirfd)
+
+    def entries(self) -> Iterator[IndexEntry]:
+        """Every index entry (malformed ones raise StoreCorrupt when reached)."""
+        try:
+            idxfd = self._open_dirs(("index",))
+        except FileNotFoundError:
+            return
+        try:
+            shards = sorted(os.listdir(idxfd))
+        finally:
+            os.close(idxfd)
+        for shard in shards:
+            dirfd = self._open_dirs(("index", shard))
+            try:
+                names = sorted(os.listdir(dirfd))
+            finally:
+                os.close(dirfd)
+            for n in names:
+                fd = self._open_file(("index", shard, n))
+                if fd is None:
+                    continue
+                try:
+                    doc = json.loads(os.read(fd, INDEX_ENTRY_MAX))
+                    path = doc["path"]
+                except (ValueError, KeyError, TypeError):
+                    raise StoreCorrupt(f"{self._where('index', shard, n)}: malformed index entry") from None
+                finally:
+                    os.close(fd)
+                entry = self.get_entry(path)
+                if entry is not None:
+                    yield entry
+
+
+def normalize_relpath(relpath: str) -> str:
+    """A canonical relative path: no leading '/', no '.', '..' or empty parts."""
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts) or not parts:
+        raise ValueError(f"invalid relative path {relpath!r}")
+    return "/".join(parts)

@@ -1,0 +1,118 @@
+"""Block verification against a trusted root hash, with a bounded cache.
+
+As in the kernel (fs/verity/verify.c), a data block's hash is checked against
+its leaf tree block, and tree blocks are checked upward only until one that
+was already verified: a sequential read hashes each leaf block once, not the
+whole path per data block.  Verified tree blocks live in one LRU shared by all
+files with a byte budget, so memory is bounded however large or many the
+files are.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from .errors import IntegrityError
+
+DEFAULT_CACHE_BYTES = 32 << 20
+
+
+class TreeBlockCache:
+    """Thread-safe LRU of verified tree blocks, bounded by total bytes."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._d = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            block = self._d.get(key)
+            if block is not None:
+                self._d.move_to_end(key)
+            return block
+
+    def put(self, key, block: bytes):
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = block
+            self.bytes += len(block)
+            while self.bytes > self.max_bytes and self._d:
+                _, old = self._d.popitem(last=False)
+                self.bytes -= len(old)
+
+    def drop(self, owner):
+        """Forget every block of one tree (its object was closed)."""
+        with self._lock:
+            for key in [k for k in self._d if k[0] == owner]:
+                self.bytes -= len(self._d.pop(key))
+
+
+class Verifier:
+    """Verifies data blocks of one file against ``tree`` (a store.StoredTree)."""
+
+    def __init__(self, tree, cache: TreeBlockCache, label: str):
+        self.tree = tree
+        self.cache = cache
+        self.label = label  # the file, for messages
+        desc = tree.descriptor
+        self.root_hash = desc.root_hash
+        self.params = desc.params
+        self.geo = tree.geometry
+        self.hasher = self.params.block_hasher()
+        self.ds = self.params.alg.digest_size
+        self.hpb = self.params.hashes_per_block
+        self.top = self.geo.num_levels - 1
+        self._key = id(self)
+
+    def close(self):
+        self.cache.drop(self._key)
+
+    def _verified_tree_block(self, level: int, index: int) -> bytes:
+        key = (self._key, level, index)
+        block = self.cache.get(key)
+        if block is not None:
+            return block
+        pos = self.geo.level_start[level] + index
+        block = self.tree.read_tree_block(pos)
+        actual = self.hasher(block)
+        if level == self.top:
+            expected = self.root_hash
+        else:
+            parent = self._verified_tree_block(level + 1, index // self.hpb)
+            slot = (index % self.hpb) * self.ds
+            expected = parent[slot: slot + self.ds]
+        if actual != expected:
+            raise IntegrityError(
+                self.label, pos * self.params.block_size, expected, actual,
+                what=f"Merkle tree block (level {level}, index {index}) at tree offset",
+            )
+        self.cache.put(key, block)
+        return block
+
+    def verify(self, first_block: int, data) -> None:
+        """Check whole blocks ``data`` (zero-padded) starting at data block ``first_block``."""
+        bs = self.params.block_size
+        mv = memoryview(data)
+        n = len(mv) // bs
+        if self.top < 0:
+            # 0 or 1 data blocks: the root hash is the hash of block 0 itself.
+            for i in range(n):
+                actual = self.hasher(mv[i * bs:(i + 1) * bs])
+                if first_block + i != 0 or actual != self.root_hash:
+                    raise IntegrityError(self.label, (first_block + i) * bs, self.root_hash, actual)
+            return
+        hpb, ds, hasher = self.hpb, self.ds, self.hasher
+        leaf_index, leaf = -1, b""
+        for i in range(n):
+            block_no = first_block + i
+            actual = hasher(mv[i * bs:(i + 1) * bs])
+            if block_no // hpb != leaf_index:
+                leaf_index = block_no // hpb
+                leaf = self._verified_tree_block(0, leaf_index)
+            slot = (block_no % hpb) * ds
+            if leaf[slot: slot + ds] != actual:
+                raise IntegrityError(self.label, block_no * bs, leaf[slot: slot + ds], actual)
