@@ -44,15 +44,14 @@ class Corruption(VerityError):
 class IntegrityError(Corruption):
     """Data or tree bytes do not hash to what the trusted digest says."""
 
-    def __init__(self, path, offset, expected, actual, what="data block"):
+    def __init__(self, path, offset, expected, actual, what="data block at offset"):
         self.path = path
         self.offset = offset
         self.expected = expected
         self.actual = actual
         self.what = what
         super().__init__(
-            f"{path}: {what} at offset {offset} is corrupt: "
-            f"expected hash {expected.hex()}, actual {actual.hex()}"
+            f"{path}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}"
         )
 
 

@@ -1,0 +1,44 @@
+"""Shared helpers.  Test rules for this suite:
+
+- Assert exact bytes, digests and errnos; never timings.
+- fsverity-utils is the oracle wherever a digest, tree or descriptor is compared.
+- Anything mounted is unmounted by a fixture, even when the test fails.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+FSVERITY = shutil.which("fsverity")
+
+
+def pattern(n: int) -> bytes:
+    """fsverity-utils' test_compute_digest.c input: byte i = (i%11 + i%439 + i%1103) & 0xff."""
+    return bytes(((i % 11) + (i % 439) + (i % 1103)) & 0xFF for i in range(n))
+
+
+def write(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def fsverity_digest(path, *opts, tree=None, desc=None):
+    """Run the real `fsverity digest`; returns (stdout line, tree bytes, descriptor bytes)."""
+    if FSVERITY is None:
+        pytest.skip("fsverity-utils is not installed")
+    d = os.path.dirname(str(path))
+    cmd = [FSVERITY, "digest", str(path), *opts,
+           f"--out-merkle-tree={d}/.oracle.tree", f"--out-descriptor={d}/.oracle.desc"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    with open(f"{d}/.oracle.tree", "rb") as f:
+        t = f.read()
+    with open(f"{d}/.oracle.desc", "rb") as f:
+        ds = f.read()
+    return out, t, ds
+
+
+requires_fsverity = pytest.mark.skipif(FSVERITY is None and not os.environ.get("CI"),
+                                       reason="fsverity-utils is not installed")

@@ -1,0 +1,116 @@
+"""The command line: `verityfuse digest` against `fsverity digest`, seal and verify."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FSVERITY, pattern, write
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("opts", [
+    [], ["--hash-alg=sha512", "--block-size=1024", "--salt=abcd"], ["--compact"],
+    ["--for-builtin-sig"], ["--hash-alg=2", "--block-size=65536"], ["--salt="],
+])
+def test_digest_output_identical_to_fsverity(tmp_path, opts):
+    files = [write(tmp_path / "a", pattern(300000)), write(tmp_path / "b", b"x"),
+             write(tmp_path / "c", b"")]
+    ours = run("digest", *files, *opts, f"--out-merkle-tree={tmp_path}/t1",
+               f"--out-descriptor={tmp_path}/d1")
+    theirs = subprocess.run([FSVERITY, "digest", *files, *opts, f"--out-merkle-tree={tmp_path}/t2",
+                             f"--out-descriptor={tmp_path}/d2"], capture_output=True, text=True)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr
+    assert ours.stdout == theirs.stdout
+    for a, b in [("t1", "t2"), ("d1", "d2")]:
+        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes()
+
+
+# (options, exit code, message): the exit codes fsverity-utils gives.
+BAD = [
+    (["--block-size=3000"], 2, "Invalid block size: 3000.  Must be power of 2"),
+    (["--block-size=abc"], 2, "Invalid block size: abc"),
+    (["--hash-alg=md5"], 2, "unknown hash algorithm: 'md5'"),
+    (["--salt=abc"], 2, "salt is not a valid hex string"),
+    (["--salt=zz"], 2, "salt is not a valid hex string"),
+    (["--block-size=4096", "--block-size=4096"], 2, "--block-size can only be specified once"),
+    (["--block-size=16"], 1, "block size (16) too small for hash algorithm sha256"),
+    (["--hash-alg=257"], 1, "unknown hash algorithm: 257"),
+    (["--salt=" + "00" * 33], 1, "unsupported salt size (33)"),
+]
+
+
+@pytest.mark.parametrize("opts,code,msg", BAD)
+def test_digest_bad_parameters(tmp_path, opts, code, msg):
+    f = write(tmp_path / "a", b"data")
+    r = run("digest", f, *opts)
+    assert r.returncode == code
+    assert msg in r.stderr
+    assert r.stdout == ""
+    # fsverity-utils agrees on the exit code
+    assert subprocess.run([FSVERITY, "digest", f, *opts], capture_output=True).returncode == code
+
+
+def test_digest_missing_file(tmp_path):
+    r = run("digest", tmp_path / "nope")
+    assert r.returncode == 1
+    assert f"ERROR: can't open '{tmp_path}/nope' for reading: No such file or directory" in r.stderr
+
+
+def test_seal_then_verify_then_corrupt(tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    write(src / "a", pattern(100000))
+    write(src / "d" / "b", b"b" * 5000)
+    os.symlink("a", src / "link")  # not a regular file: not sealed
+    r = run("seal", src, "--block-size=1024", "--salt=00ff")
+    assert r.returncode == 0, r.stderr
+    expected = subprocess.run([FSVERITY, "digest", "--block-size=1024", "--salt=00ff",
+                               src / "a", src / "d" / "b"], capture_output=True, text=True).stdout
+    assert sorted(r.stdout.splitlines()) == sorted(expected.splitlines())
+    assert (src / ".verityfuse" / "VERSION").exists()
+
+    r = run("verify", src, "-v")
+    assert r.returncode == 0 and r.stdout.count("OK ") == 2
+    assert "2 of 2 sealed files intact" in r.stderr
+
+    with open(src / "a", "r+b") as f:
+        f.seek(50000)
+        f.write(b"!")
+    r = run("verify", src)
+    assert r.returncode == 1
+    line, = r.stdout.splitlines()
+    assert line.startswith(f"CORRUPT {src}/a: data block at offset 49152: expected ")
+    assert "1 of 2 sealed files intact" in r.stderr
+
+
+def test_seal_selected_paths_and_external_store(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"aaa")
+    write(src / "b", b"bbb")
+    store = tmp_path / "elsewhere"
+    r = run("seal", src, src / "b", "--store", store)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(f"{src}/b")
+    assert not (src / ".verityfuse").exists()
+    r = run("seal", src, tmp_path / "outside", "--store", store)
+    assert r.returncode == 1 and "is not inside" in r.stderr
+    r = run("verify", src, "--store", store, "-v")
+    assert r.returncode == 0 and r.stdout.count("OK ") == 1
+
+
+def test_verify_reports_truncated_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "z", bytes(10000))
+    assert run("seal", src).returncode == 0
+    os.truncate(src / "z", 9000)  # zero tail: same block hashes, still detected
+    r = run("verify", src)
+    assert r.returncode == 1 and "truncated to 9000 bytes" in r.stdout
