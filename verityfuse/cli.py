@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="also list intact files")
     p.set_defaults(func=cmd_verify)
 
+    from . import daemon
+    daemon.add_commands(sub)
+
     return parser
 
 

@@ -1,0 +1,184 @@
+"""Mount lifecycle: init, one trio nursery, signals, clean unmount.
+
+``verityfuse mount`` returns once the mount is ready and serves in the
+background (like sshfs); ``-f`` stays in the foreground.  SIGINT, SIGTERM and
+SIGHUP unmount cleanly; so does ``verityfuse umount`` / ``fusermount3 -u``.
+The daemon writes nothing to SOURCE or the store except what a client asks
+for through the mount, each write atomic: killing it damages nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+
+log = logging.getLogger("verityfuse")
+
+# Options we always pass; -o adds to them.
+BASE_OPTIONS = ("default_permissions", "subtype=verityfuse")
+
+
+def setup_logging(debug: bool, log_file=None, background=False):
+    level = logging.DEBUG if debug else logging.INFO
+    fmt = "%(asctime)s verityfuse[%(process)d] %(levelname)s: %(message)s"
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    elif background:
+        if os.path.exists("/dev/log"):
+            handler = logging.handlers.SysLogHandler("/dev/log")
+            fmt = "verityfuse[%(process)d]: %(levelname)s: %(message)s"
+        else:
+            handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def fuse_options(extra) -> set:
+    opts = set(BASE_OPTIONS)
+    for group in extra or ():
+        opts.update(o for o in group.split(",") if o)
+    return opts
+
+
+async def _serve(ops):
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        async def on_signals():
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("%s received: unmounting", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(args, on_ready=None) -> int:
+    """Mount and serve until unmounted; ``on_ready()`` is called once mounted."""
+    import pyfuse3
+    import trio
+
+    from .ops import VerityOperations
+    from .store import Store, default_store
+
+    store = Store(args.store or default_store(args.source), create=True)
+    store.cleanup_tmp()
+    ops = VerityOperations(args.source, store, policy=args.policy,
+                           cache_bytes=args.cache_size << 20 if args.cache_size else None)
+    pyfuse3.init(ops, args.mountpoint, fuse_options(args.o) | {f"fsname={ops.source}"})
+    log.info("serving %s on %s (store %s, policy %s)", ops.source, args.mountpoint,
+             store.path, args.policy)
+    if on_ready is not None:
+        on_ready()
+    try:
+        trio.run(_serve, ops)
+    except BaseException:
+        log.exception("daemon failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        outstanding = ops.shutdown()
+        store.close()
+        log.info("unmounted %s; %d inodes still had lookups", args.mountpoint, outstanding)
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from .cli import error
+
+    for what, path in (("source", args.source), ("mount point", args.mountpoint)):
+        if not os.path.isdir(path):
+            error(f"{what} '{path}' is not a directory")
+            return 1
+    if args.foreground:
+        setup_logging(args.debug, args.log_file)
+        try:
+            return serve(args)
+        except Exception as e:
+            error(f"cannot mount '{args.source}' on '{args.mountpoint}': {e}")
+            return 1
+
+    # Background: the child mounts and reports through a pipe; the parent
+    # returns only once the mount is usable (or says why it is not).
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        os.setsid()
+        setup_logging(args.debug, args.log_file, background=True)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+        def ready():
+            os.write(wfd, b"ok")
+            os.close(wfd)
+            os.dup2(devnull, 2)  # stderr stayed open for init errors only
+
+        code = 1
+        try:
+            code = serve(args, on_ready=ready)
+        except Exception as e:
+            try:
+                os.write(wfd, f"error: {e}".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    msg = b""
+    while True:
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        msg += chunk
+        if msg == b"ok":
+            break
+    os.close(rfd)
+    if msg == b"ok":
+        return 0
+    os.waitpid(pid, 0)
+    error(f"cannot mount '{args.source}' on '{args.mountpoint}': "
+          f"{msg.decode(errors='replace').removeprefix('error: ') or 'daemon exited'}")
+    return 1
+
+
+def cmd_umount(args) -> int:
+    r = subprocess.run(["fusermount3", "-u", args.mountpoint])
+    return 0 if r.returncode == 0 else 1
+
+
+def add_commands(sub):
+    p = sub.add_parser("mount", help="mount a verified view of SOURCE on MOUNTPOINT")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", action="append", metavar="OPTIONS",
+                   help="mount options, comma-separated (ro, allow_other, ...)")
+    p.add_argument("--policy", choices=("enforce", "require"), default="enforce",
+                   help="enforce: verify verity files, pass others through (default); "
+                        "require: refuse to open regular files without verity")
+    p.add_argument("--cache-size", type=int, metavar="MIB",
+                   help="memory for verified Merkle tree blocks (default 32 MiB)")
+    p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr, or syslog "
+                   "in the background)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a verityfuse mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
