@@ -1,14 +1,14 @@
 # Everything a fresh Debian machine needs, as root:  make demo  /  make test
 PYTHON ?= python3
 VENV   ?= .venv
-APT_PACKAGES = fuse3 libfuse3-dev pkg-config fsverity attr e2fsprogs gcc
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config fsverity attr e2fsprogs gcc libssl-dev
 STAMP  = $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py verityfuse/_hashblocks.c
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \

@@ -329,7 +329,7 @@ def test_store_is_hidden_and_not_writable(fresh, verified_mount):
 
 def test_policy_require_refuses_unsealed_files(fresh, verified_mount):
     write(fresh / "unsealed", b"not sealed")
-    from verityfuse.pytest_plugin import seal_tree
+    from verityfuse.testing import seal_tree
     seal_tree(fresh, ["f", "zeros"])
     m = verified_mount(fresh, seal=False, policy="require")
     assert (m.mountpoint / "f").read_bytes() == (fresh / "f").read_bytes()
@@ -374,7 +374,7 @@ def test_signals_unmount_cleanly(fresh, verified_mount, sig):
 
 
 def test_background_mount_and_umount_command(fresh, tmp_path):
-    from verityfuse.pytest_plugin import seal_tree
+    from verityfuse.testing import seal_tree
     seal_tree(fresh)
     mnt = tmp_path / "mnt"
     mnt.mkdir()

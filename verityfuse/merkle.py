@@ -23,6 +23,15 @@ from typing import Callable, Optional
 from . import uapi
 from .errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 
+# The native batch hasher (same bytes, GIL released per batch); hashlib if absent.
+try:
+    from . import _hashblocks
+except ImportError:  # not built: no compiler or OpenSSL headers at install time
+    _hashblocks = None
+if os.environ.get("VERITYFUSE_PURE_PYTHON"):
+    _hashblocks = None
+NATIVE = _hashblocks is not None
+
 
 @dataclass(frozen=True)
 class HashAlg:
@@ -110,6 +119,20 @@ class Params:
             return c.digest()
 
         return h
+
+    def blocks_hasher(self) -> Callable[[bytes], bytes]:
+        """Return hb(buf) -> the concatenated block hashes of every whole block in ``buf``."""
+        bs = self.block_size
+        if NATIVE:
+            alg, prefix, hb = self.alg.number, padded_salt(self), _hashblocks.hash_blocks
+            return lambda buf: hb(alg, prefix, buf, bs)
+        h = self.block_hasher()
+
+        def hash_all(buf):
+            mv = memoryview(buf)
+            return b"".join(h(mv[off: off + bs]) for off in range(0, len(mv) - bs + 1, bs))
+
+        return hash_all
 
     def describe(self) -> str:
         return f"{self.alg.name}, block size {self.block_size}, salt {self.salt.hex() or '(none)'}"
@@ -258,13 +281,6 @@ class Cancelled(Exception):
 CHUNK_SIZE = 1 << 20
 
 
-def _hash_chunk(hasher, buf, block_size, nblocks):
-    mv = memoryview(buf)
-    return b"".join(
-        hasher(mv[off: off + block_size]) for off in range(0, nblocks * block_size, block_size)
-    )
-
-
 class TreeBuilder:
     """Consumes level-0 hashes in order, emits tree blocks and the root hash.
 
@@ -358,6 +374,7 @@ def build_tree(
 
     builder = TreeBuilder(geo, write_block)
     hasher = builder.hasher
+    hash_chunk = params.blocks_hasher()
     chunk = max(bs, CHUNK_SIZE // bs * bs)
     threads = threads or default_threads()
     single_block = None
@@ -368,25 +385,24 @@ def build_tree(
             if cancel is not None and cancel():
                 raise Cancelled()
             want = min(chunk, data_size - offset)
-            nblocks = -(-want // bs)
-            buf = bytearray(nblocks * bs)  # zeroed: the last block's padding
+            buf = bytearray(-(-want // bs) * bs)  # zeroed: the last block's padding
             got = read_full(fd, memoryview(buf)[:want], offset)
             if got != want:
                 raise OSError(f"file shrank while hashing: expected {data_size} bytes, "
                               f"got {offset + got}")
-            yield offset, buf, nblocks
+            yield offset, buf
             offset += want
         if os.pread(fd, 1, data_size):
             raise OSError(f"file grew while hashing: more than {data_size} bytes")
 
     if geo.num_data_blocks == 1:
         # One block: no tree, the root is that block's hash.
-        for _, buf, _ in chunks():
+        for _, buf in chunks():
             single_block = bytes(buf)
         root = hasher(single_block)
     elif threads == 1:
-        for offset, buf, nblocks in chunks():
-            builder.add_hashes(0, _hash_chunk(hasher, buf, bs, nblocks))
+        for offset, buf in chunks():
+            builder.add_hashes(0, hash_chunk(buf))
             if progress:
                 progress(offset + len(buf))
         root = builder.finish()
@@ -401,9 +417,8 @@ def build_tree(
                     progress(min(end, data_size))
 
             try:
-                for offset, buf, nblocks in chunks():
-                    inflight.append((offset + len(buf),
-                                     pool.submit(_hash_chunk, hasher, buf, bs, nblocks)))
+                for offset, buf in chunks():
+                    inflight.append((offset + len(buf), pool.submit(hash_chunk, buf)))
                     if len(inflight) >= 2 * threads:
                         drain_one()
                 while inflight:

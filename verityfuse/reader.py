@@ -27,7 +27,12 @@ class VerifiedReader:
         if os.pread(self.fd, 1, self.data_size):
             raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size {self.data_size}")
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int):
+        """Verified bytes [offset, offset+size) clipped to the sealed size.
+
+        Returns a memoryview over the bytes read (no copy when the request is
+        block-aligned, as kernel readahead always is).
+        """
         bs, data_size = self.bs, self.data_size
         if offset >= data_size or size <= 0:
             if offset >= data_size:
@@ -37,12 +42,18 @@ class VerifiedReader:
         first = offset // bs
         start = first * bs
         stop = min(-(-end // bs) * bs, data_size)
-        buf = bytearray(-(-(stop - start) // bs) * bs)  # zero padding past EOF
-        got = read_full(self.fd, memoryview(buf)[: stop - start], start)
-        if got != stop - start:
-            raise SizeMismatch(
-                f"{self.label}: backing file was truncated to {start + got} bytes, sealed size {data_size}")
+        data = os.pread(self.fd, stop - start, start)
+        if len(data) != stop - start:
+            # Regular files only read short at EOF, unless interrupted: retry once fully.
+            buf = bytearray(stop - start)
+            got = read_full(self.fd, buf, start)
+            if got != stop - start:
+                raise SizeMismatch(f"{self.label}: backing file was truncated to {start + got} "
+                                   f"bytes, sealed size {data_size}")
+            data = bytes(buf)
         if stop == data_size:
             self._check_eof()
-        self.verifier.verify(first, buf)
-        return bytes(memoryview(buf)[offset - start: end - start])
+        tail = len(data) % bs
+        # The last block of the file is hashed zero-padded (that copy is at EOF only).
+        self.verifier.verify(first, data if not tail else data + bytes(bs - tail))
+        return memoryview(data)[offset - start: end - start]

@@ -63,6 +63,7 @@ class Verifier:
         self.params = desc.params
         self.geo = tree.geometry
         self.hasher = self.params.block_hasher()
+        self.hash_blocks = self.params.blocks_hasher()
         self.ds = self.params.alg.digest_size
         self.hpb = self.params.hashes_per_block
         self.top = self.geo.num_levels - 1
@@ -95,24 +96,29 @@ class Verifier:
 
     def verify(self, first_block: int, data) -> None:
         """Check whole blocks ``data`` (zero-padded) starting at data block ``first_block``."""
-        bs = self.params.block_size
-        mv = memoryview(data)
-        n = len(mv) // bs
+        bs, ds = self.params.block_size, self.ds
+        hashes = self.hash_blocks(data)  # one batch: the GIL is released for all of it
+        n = len(hashes) // ds
         if self.top < 0:
             # 0 or 1 data blocks: the root hash is the hash of block 0 itself.
             for i in range(n):
-                actual = self.hasher(mv[i * bs:(i + 1) * bs])
+                actual = hashes[i * ds:(i + 1) * ds]
                 if first_block + i != 0 or actual != self.root_hash:
                     raise IntegrityError(self.label, (first_block + i) * bs, self.root_hash, actual)
             return
-        hpb, ds, hasher = self.hpb, self.ds, self.hasher
-        leaf_index, leaf = -1, b""
-        for i in range(n):
+        hpb = self.hpb
+        i = 0
+        while i < n:
+            # All blocks under one leaf tree block are compared in one slice.
             block_no = first_block + i
-            actual = hasher(mv[i * bs:(i + 1) * bs])
-            if block_no // hpb != leaf_index:
-                leaf_index = block_no // hpb
-                leaf = self._verified_tree_block(0, leaf_index)
-            slot = (block_no % hpb) * ds
-            if leaf[slot: slot + ds] != actual:
-                raise IntegrityError(self.label, block_no * bs, leaf[slot: slot + ds], actual)
+            leaf_index, slot = divmod(block_no, hpb)
+            count = min(n - i, hpb - slot)
+            leaf = self._verified_tree_block(0, leaf_index)
+            want = leaf[slot * ds:(slot + count) * ds]
+            got = hashes[i * ds:(i + count) * ds]
+            if want != got:
+                for k in range(count):
+                    if want[k * ds:(k + 1) * ds] != got[k * ds:(k + 1) * ds]:
+                        raise IntegrityError(self.label, (block_no + k) * bs,
+                                             want[k * ds:(k + 1) * ds], got[k * ds:(k + 1) * ds])
+            i += count
