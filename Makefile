@@ -8,7 +8,7 @@ STAMP  = $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py verityfuse/_hashblocks.c
+$(STAMP): pyproject.toml setup.py verityfuse/_hashblocks.c verityfuse/_fuseshim.c
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \

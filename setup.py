@@ -1,14 +1,35 @@
-"""Build the optional native helper; everything else is in pyproject.toml.
+"""Build the optional native helpers; everything else is in pyproject.toml.
 
-_hashblocks is optional: without a compiler or OpenSSL headers the install
-still succeeds and verityfuse hashes with hashlib (slower, same bytes).
+Both are optional: without a compiler or headers the install still succeeds.
+- _hashblocks: batch hashing with libcrypto; otherwise hashlib (slower, same bytes).
+- _fuseshim: FUSE_IOCTL for pyfuse3 (fs-verity ioctls, lsattr); otherwise the
+  daemon logs one warning and every ioctl answers ENOTTY.
+_fuseshim is a plain shared library loaded with ctypes, not a Python module.
 """
 
+import shlex
+import subprocess
+
 from setuptools import Extension, setup
+
+
+def pkg_config(*args):
+    try:
+        out = subprocess.run(["pkg-config", *args, "fuse3"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return shlex.split(out)
+
 
 setup(
     ext_modules=[
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   libraries=["crypto"], extra_compile_args=["-O2"], optional=True),
+        Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],
+                  extra_compile_args=pkg_config("--cflags") or ["-I/usr/include/fuse3"],
+                  # DT_NEEDED on libfuse3: RTLD_NEXT searches our own dependencies.
+                  extra_link_args=(pkg_config("--libs") or ["-lfuse3"]) + ["-ldl"],
+                  optional=True),
     ],
 )

@@ -95,6 +95,7 @@ async def _serve(ops, mountpoint, readahead_kb):
     import trio
 
     async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
         async def after_init():
             # The kernel applies the INIT reply's max_readahead over the bdi
             # setting; libfuse writes that reply right after ops.init()
@@ -114,11 +115,17 @@ async def _serve(ops, mountpoint, readahead_kb):
         nursery.start_soon(on_signals)
         nursery.start_soon(after_init)
         await pyfuse3.main()
+        # Running enables see this, stop, and answer EINTR before we close.
+        ops.stopping = True
         nursery.cancel_scope.cancel()
 
 
 def serve(args, on_ready=None) -> int:
     """Mount and serve until unmounted; ``on_ready()`` is called once mounted."""
+    from . import fuseshim
+
+    # First of all: the ioctl shim must be in the global scope before pyfuse3.
+    shim, why_not = fuseshim.load()
     import pyfuse3
     import trio
 
@@ -131,7 +138,16 @@ def serve(args, on_ready=None) -> int:
                            cache_bytes=args.cache_size << 20 if args.cache_size else None)
     # Resolved now: once mounted, touching the path would ask this very daemon.
     mountpoint = os.path.realpath(args.mountpoint)
-    pyfuse3.init(ops, mountpoint, fuse_options(args.o) | {f"fsname={ops.source}"})
+    options = fuse_options(args.o) | {f"fsname={ops.source}"}
+    ops.read_only = "ro" in options
+    pyfuse3.init(ops, mountpoint, options)
+    if shim is not None and shim.hook_count() < 1:
+        shim, why_not = None, "the shim did not hook libfuse (was libfuse3 loaded first?)"
+    if shim is None:
+        log.warning("fs-verity ioctls unavailable, answering ENOTTY: %s", why_not)
+    else:
+        ops.shim = shim
+        shim.set_handler(ops.ioctl)
     log.info("serving %s on %s (store %s, policy %s)", ops.source, args.mountpoint,
              store.path, args.policy)
     if on_ready is not None:

@@ -65,3 +65,11 @@ class StoreCorrupt(Corruption):
 
 class NotVerity(VerityError):
     errno = _errno.ENODATA
+
+
+class Errno(VerityError):
+    """A request refused with a specific errno (ioctl and FUSE_FSVERITY argument checks)."""
+
+    def __init__(self, err: int, message: str):
+        self.errno = err
+        super().__init__(message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import inspect
 import logging
@@ -28,8 +29,10 @@ from typing import Dict, Optional
 import pyfuse3
 import trio
 
-from . import merkle
-from .errors import Corruption, SizeMismatch, VerityError
+from . import ioctl as vioctl
+from . import merkle, uapi
+from .errors import Corruption, Errno, SizeMismatch, VerityError
+from .fuseshim import Request
 from .inodes import NOT_VERITY, UNKNOWN, Inode, InodeTable
 from .reader import VerifiedReader
 from .store import IndexEntry, Store, StoredTree
@@ -581,6 +584,141 @@ class VerityOperations(pyfuse3.Operations):
         if name.startswith(XATTR_PREFIX) or stat.S_ISLNK(i.mode):
             _fail(errno.EPERM)
         os.removexattr(i.proc_path, name)
+
+    # -- ioctls (through the native shim, see fuseshim.py) -----------------
+
+    shim = None       # set by the daemon when the shim is active
+    nursery = None    # the daemon's nursery, for enables that outlive the callback
+    stopping = False  # set at unmount: running enables stop and answer EINTR
+    read_only = False
+
+    def ioctl(self, req, ino, cmd, fh, flags, data, out_size) -> int:
+        """FUSE_IOCTL entry, called synchronously on the trio thread.
+
+        Returns 0 once the request is answered (or will be, by an enable task),
+        else the errno to answer with.  Never blocks: the tree build of an
+        enable runs in a worker thread.
+        """
+        request = Request(self.shim, req, out_size)
+        try:
+            i = self.inodes[ino]
+            if cmd in vioctl.GETFLAGS_CMDS:
+                request.reply(vioctl.getflags_reply(self._flags(i, fh))[:out_size])
+            elif cmd == uapi.FS_IOC_MEASURE_VERITY:
+                v = self._resolve(i) if i.is_reg else NOT_VERITY
+                if v is NOT_VERITY:
+                    return errno.ENODATA
+                d = v.descriptor
+                request.reply(vioctl.measure_reply(data, d.params.alg, v.entry.digest))
+            elif cmd == uapi.FS_IOC_ENABLE_VERITY:
+                self._start_enable(request, i, fh, data)
+            else:
+                # FS_IOC_READ_VERITY_METADATA included: its buffer is in the
+                # caller's memory, which a FUSE server cannot write.
+                return errno.ENOTTY
+            return 0
+        except Corruption as e:
+            self.integrity_log.warn((type(e).__name__, str(e)), f"integrity failure: {e}")
+            return e.errno
+        except VerityError as e:
+            log.debug("ioctl %#x on inode %d: %s", cmd, ino, e)
+            return e.errno
+        except OSError as e:
+            return e.errno or errno.EIO
+
+    def _flags(self, i: Inode, fh) -> int:
+        """FS_IOC_GETFLAGS: the backing file's classic flags, plus FS_VERITY_FL."""
+        flags = 0
+        h = self.handles.get(fh)
+        if h is not None:
+            buf = bytearray(8)
+            try:
+                fcntl.ioctl(h.fd, uapi.FS_IOC_GETFLAGS, buf)
+                flags = int.from_bytes(buf[:4], "little") & vioctl.PASSTHROUGH_FLAGS
+            except OSError:
+                pass  # tmpfs and others have no flags: none to report
+        if i.is_reg and self._resolve(i) is not NOT_VERITY:
+            flags |= uapi.FS_VERITY_FL
+        return flags
+
+    def _may_write(self, i: Inode, uid: int, gid: int, pid: int) -> bool:
+        """The kernel's inode_permission(MAY_WRITE), from the mode bits."""
+        if uid == 0:
+            return True
+        st = os.stat(i.fd)
+        if uid == st.st_uid:
+            return bool(st.st_mode & stat.S_IWUSR)
+        groups = {gid}
+        try:
+            groups.update(pyfuse3.get_sup_groups(pid))
+        except (OSError, ValueError):
+            pass
+        if st.st_gid in groups:
+            return bool(st.st_mode & stat.S_IWGRP)
+        return bool(st.st_mode & stat.S_IWOTH)
+
+    def _start_enable(self, request: Request, i: Inode, fh, data: bytes):
+        """FS_IOC_ENABLE_VERITY: every check of fs/verity/enable.c, in its order."""
+        arg = vioctl.parse_enable(data)                          # EINVAL, EMSGSIZE
+        if not self._may_write(i, *self.shim.ctx(request.req)):
+            raise Errno(errno.EACCES, "no write permission")
+        h = self.handles.get(fh)
+        if stat.S_ISDIR(i.mode):
+            raise Errno(errno.EISDIR, "is a directory")
+        if not i.is_reg or not isinstance(h, Handle):
+            raise Errno(errno.EINVAL, "not a regular file")
+        if self._flags(i, fh) & (vioctl.FS_APPEND_FL | vioctl.FS_IMMUTABLE_FL):
+            raise Errno(errno.EPERM, "append-only or immutable")
+        if self.read_only:
+            raise Errno(errno.EROFS, "read-only mount")
+        if i.writers:
+            raise Errno(errno.ETXTBSY, "open for writing")
+        try:
+            is_verity = self._resolve(i) is not NOT_VERITY
+        except VerityError:
+            is_verity = True  # sealed, with damaged metadata: still verity
+        if is_verity:
+            raise Errno(errno.EEXIST, "already a verity file")
+        params = vioctl.enable_params(arg)                       # EINVAL
+        if i.enabling:
+            raise Errno(errno.EBUSY, "enable already running")
+        rel = self._relpath(i)
+        if not rel:
+            raise Errno(errno.ENOENT, "file has no name under the source")
+        i.enabling = True
+        fd = os.dup(h.fd)  # the caller's fd may be released once we reply
+        self.nursery.start_soon(self._enable, request, i, fd, rel, params, arg.signature)
+
+    async def _enable(self, request: Request, i: Inode, fd: int, rel: str,
+                      params: merkle.Params, signature: bytes):
+        """Build the tree off the trio thread, commit, answer (exactly once)."""
+        from .seal import seal_fd
+
+        def cancel():
+            return self.stopping or request.interrupted()
+
+        try:
+            entry = await trio.to_thread.run_sync(
+                functools.partial(seal_fd, self.store, fd, rel, params, signature, cancel=cancel))
+            self.make_verity(i, entry)
+            for h in self.handles.values():  # files already open are verified from now on
+                if isinstance(h, Handle) and h.inode is i and h.reader is None:
+                    h.reader = VerifiedReader(h.fd, i.verity.verifier, rel)
+            log.info("verity enabled on %s: %s", rel, entry.digest_text)
+            request.reply()
+        except merkle.Cancelled:
+            log.info("enable of %s interrupted; nothing committed", rel)
+            request.error(errno.EINTR)
+        except VerityError as e:
+            request.error(e.errno)
+        except OSError as e:
+            request.error(e.errno or errno.EIO)
+        except BaseException:
+            request.error(errno.EIO)
+            raise
+        finally:
+            i.enabling = False
+            os.close(fd)
 
     # -- lifecycle --------------------------------------------------------
 

@@ -33,7 +33,8 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     leaves the file unsealed or sealed, never half.
     """
     with store.new_object() as obj:
-        desc = merkle.build_tree(fd, params, write_block=obj.write_block, **build_kw)
+        desc = merkle.build_tree(fd, params, data_size=os.fstat(fd).st_size,
+                                 write_block=obj.write_block, **build_kw)
         obj.commit(desc)
     store.set_entry(relpath, params.alg, desc.digest, signature)
     return IndexEntry(normalize_relpath(relpath), params.alg, desc.digest, signature)

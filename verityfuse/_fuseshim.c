@@ -1,0 +1,134 @@
+/*
+ * FUSE_IOCTL for pyfuse3, which has no ioctl handler.
+ *
+ * pyfuse3 builds its fuse_lowlevel_ops without .ioctl and hands them to
+ * fuse_session_new().  This library defines fuse_session_new() itself; when it
+ * is loaded RTLD_GLOBAL *before* pyfuse3 is imported, pyfuse3's reference binds
+ * here (the global scope is searched first).  We copy the ops, add .ioctl, and
+ * call the real libfuse function (RTLD_NEXT: found through our own DT_NEEDED
+ * on libfuse3).  libfuse copies the ops into the session, so our copy is freed
+ * at once.  An existing .ioctl is left alone, so a future pyfuse3 with its own
+ * handler keeps working.
+ *
+ * Each ioctl request goes to one Python callback (registered with
+ * vf_set_handler) with the GIL held, on pyfuse3's trio thread.  Contract: the
+ * callback returns 0 when it has replied or will reply later (with
+ * vf_reply_ioctl / vf_reply_err, exactly once), or an errno > 0 for this file
+ * to reply with.  Without a callback every ioctl answers ENOTTY.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 35
+/* libfuse >= 3.17 makes fuse_session_new a header inline around
+ * fuse_session_new_versioned; keep its declaration out of our way. */
+#define fuse_session_new vf_header_fuse_session_new
+#include <fuse_lowlevel.h>
+#undef fuse_session_new
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+typedef int (*vf_ioctl_cb)(void *req, uint64_t ino, unsigned int cmd, uint64_t fh,
+                           unsigned int flags, const void *in_buf, size_t in_bufsz,
+                           size_t out_bufsz);
+
+static vf_ioctl_cb handler;
+static int hooks;
+
+static void shim_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
+                       struct fuse_file_info *fi, unsigned flags, const void *in_buf,
+                       size_t in_bufsz, size_t out_bufsz)
+{
+    (void)arg; /* a pointer into the caller's memory: meaningless here */
+    int rc = ENOTTY;
+    if (handler)
+        rc = handler(req, ino, cmd, fi ? fi->fh : 0, flags, in_buf, in_bufsz, out_bufsz);
+    if (rc != 0)
+        fuse_reply_err(req, rc > 0 ? rc : EIO);
+}
+
+/* A copy of op with .ioctl set, or NULL to use op unchanged. */
+static struct fuse_lowlevel_ops *add_ioctl(const struct fuse_lowlevel_ops *op, size_t op_size)
+{
+    if (op == NULL || op_size < offsetof(struct fuse_lowlevel_ops, ioctl) + sizeof(op->ioctl)
+        || op->ioctl != NULL)
+        return NULL;
+    struct fuse_lowlevel_ops *copy = malloc(op_size);
+    if (copy == NULL)
+        return NULL;
+    memcpy(copy, op, op_size);
+    copy->ioctl = shim_ioctl;
+    return copy;
+}
+
+typedef struct fuse_session *(*new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
+                                       size_t, void *);
+typedef struct fuse_session *(*new_versioned_fn)(struct fuse_args *,
+                                                 const struct fuse_lowlevel_ops *, size_t,
+                                                 void *, void *);
+
+EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
+                                             const struct fuse_lowlevel_ops *op,
+                                             size_t op_size, void *userdata)
+{
+    new_fn real = (new_fn)dlvsym(RTLD_NEXT, "fuse_session_new", "FUSE_3.0");
+    if (real == NULL) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    struct fuse_lowlevel_ops *copy = add_ioctl(op, op_size);
+    struct fuse_session *se = real(args, copy ? copy : op, op_size, userdata);
+    if (se != NULL && copy != NULL)
+        hooks++;
+    free(copy);
+    return se;
+}
+
+/* libfuse >= 3.17 (untested here: Debian 12 ships 3.14). */
+EXPORT struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
+                                                       const struct fuse_lowlevel_ops *op,
+                                                       size_t op_size, void *version,
+                                                       void *userdata)
+{
+    new_versioned_fn real =
+        (new_versioned_fn)dlvsym(RTLD_NEXT, "fuse_session_new_versioned", "FUSE_3.17");
+    if (real == NULL) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    struct fuse_lowlevel_ops *copy = add_ioctl(op, op_size);
+    struct fuse_session *se = real(args, copy ? copy : op, op_size, version, userdata);
+    if (se != NULL && copy != NULL)
+        hooks++;
+    free(copy);
+    return se;
+}
+
+/* --- called from Python (ctypes) --- */
+
+EXPORT void vf_set_handler(vf_ioctl_cb cb) { handler = cb; }
+
+EXPORT int vf_hook_count(void) { return hooks; }
+
+EXPORT int vf_reply_ioctl(void *req, int result, const void *buf, size_t size)
+{
+    return fuse_reply_ioctl((fuse_req_t)req, result, size ? buf : NULL, size);
+}
+
+EXPORT int vf_reply_err(void *req, int err) { return fuse_reply_err((fuse_req_t)req, err); }
+
+EXPORT int vf_req_interrupted(void *req) { return fuse_req_interrupted((fuse_req_t)req); }
+
+/* The caller's credentials: uid, gid, pid. */
+EXPORT void vf_req_ctx(void *req, uint32_t *uid, uint32_t *gid, uint32_t *pid)
+{
+    const struct fuse_ctx *ctx = fuse_req_ctx((fuse_req_t)req);
+    *uid = ctx->uid;
+    *gid = ctx->gid;
+    *pid = (uint32_t)ctx->pid;
+}
