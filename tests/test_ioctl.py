@@ -1,0 +1,224 @@
+"""fs-verity ioctls through a real mount, driven by the real fsverity-utils and lsattr.
+
+Ports the behaviour checks of xfstests generic/572 (API), 573 (permissions) and
+575 (digests).  Exact stderr lines and errnos are asserted.
+"""
+
+import errno
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from verityfuse import ioctl, merkle, uapi
+from verityfuse.errors import Errno
+from conftest import pattern, write
+from test_mount import drop_caches, flip, pread_errno
+
+
+def fsv(*args, check=False):
+    r = subprocess.run(["fsverity", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def enable_error(path, *opts):
+    r = fsv("enable", *opts, path)
+    return r.stderr.strip().removeprefix(f"ERROR: FS_IOC_ENABLE_VERITY failed on '{path}': ")
+
+
+@pytest.fixture
+def mnt(tmp_path, verified_mount):
+    src = tmp_path / "src"
+    src.mkdir()
+    m = verified_mount(src, seal=False)
+    return m
+
+
+# -- pure codec checks -------------------------------------------------------
+
+def test_parse_enable_table():
+    good = ioctl.pack_enable(merkle.Params(merkle.SHA512, 1024, b"ab"), b"sig")
+    arg = ioctl.parse_enable(good)
+    assert (arg.hash_algorithm, arg.block_size, arg.salt, arg.signature) == (2, 1024, b"ab", b"sig")
+    hdr = bytearray(good[:128])
+    cases = [
+        (good[:100], errno.EINVAL),
+        (b"\x02" + good[1:], errno.EINVAL),                                # version
+        (good[:28] + b"\x01" + good[29:], errno.EINVAL),                   # __reserved1
+        (good[:60] + b"\x01" + good[61:], errno.EINVAL),                   # __reserved2
+        (good[:8] + (3000).to_bytes(4, "little") + good[12:], errno.EINVAL),  # block size
+        (good[:12] + (33).to_bytes(4, "little") + good[16:], errno.EMSGSIZE),
+        (good[:24] + (16129).to_bytes(4, "little") + good[28:], errno.EMSGSIZE),
+        (good + b"extra", errno.EINVAL),                                   # length mismatch
+        (bytes(hdr[:12]) + (1).to_bytes(4, "little") + bytes(hdr[16:]), errno.EINVAL),
+    ]
+    for data, err in cases:
+        with pytest.raises(Errno) as e:
+            ioctl.parse_enable(data)
+        assert e.value.errno == err, data[:32]
+
+
+def test_enable_params_and_measure_codec():
+    arg = ioctl.parse_enable(ioctl.pack_enable(merkle.Params()))
+    assert ioctl.enable_params(arg) == merkle.Params()
+    for alg, bs in [(257, 4096), (0, 4096), (1, 512), (1, 131072)]:
+        bad = ioctl.EnableArg(1, alg, bs, b"", b"")
+        with pytest.raises(Errno) as e:
+            ioctl.enable_params(bad)
+        assert e.value.errno == errno.EINVAL
+    d = bytes(range(32))
+    assert ioctl.measure_reply((1).to_bytes(2, "little") + (64).to_bytes(2, "little"),
+                               merkle.SHA256, d) == b"\x01\x00\x20\x00" + d
+    with pytest.raises(Errno) as e:
+        ioctl.measure_reply(b"\x00\x00\x10\x00", merkle.SHA256, d)
+    assert e.value.errno == errno.EOVERFLOW
+
+
+# -- through the mount --------------------------------------------------------
+
+CASES = [([], 10000), (["--hash-alg=sha512"], 10000), (["--block-size=1024", "--salt=abcd"], 300000),
+         (["--hash-alg=sha512", "--block-size=1024", "--salt=" + "ee" * 32], 1 << 20),
+         (["--block-size=65536"], 200000), ([], 0), ([], 1), (["--block-size=1024"], 1024 * 32 * 33)]
+
+
+@pytest.mark.parametrize("opts,size", CASES)
+def test_enable_then_measure_equals_digest(mnt, opts, size):
+    src, mp = mnt.source, mnt.mountpoint
+    write(src / "f", pattern(size))
+    expected = fsv("digest", *opts, src / "f", check=True).stdout.split()[0]
+    fsv("enable", *opts, mp / "f", check=True)
+    assert fsv("measure", mp / "f", check=True).stdout == f"{expected} {mp}/f\n"
+    assert os.getxattr(mp / "f", "user.fsverity.digest").decode() == expected
+    r = subprocess.run(["lsattr", mp / "f"], capture_output=True, text=True)
+    assert r.stdout.split()[0].endswith("V-") and "V" in r.stdout.split()[0]
+    with pytest.raises(PermissionError):
+        open(mp / "f", "ab")
+    if size > 8192:
+        flip(src / "f", size // 2)
+        drop_caches()
+        assert pread_errno(mp / "f", 0, 4096) is None
+        assert pread_errno(mp / "f", size // 2, 1) == errno.EIO
+
+
+def test_xfstests_575_digests_through_the_mount(mnt):
+    from test_merkle import SALT_575, XFSTESTS_575
+    src, mp = mnt.source, mnt.mountpoint
+    for (alg, bs), want in XFSTESTS_575.items():
+        for n, (size, salt) in enumerate([(0, ""), (4096, ""), (65536, ""), (65536, "=")]):
+            name = f"{alg}-{bs}-{n}"
+            with open(src / name, "wb") as f:
+                f.truncate(size)
+            opts = [f"--hash-alg={alg}", f"--block-size={bs}"] + (["--salt="] if salt else [])
+            fsv("enable", *opts, mp / name, check=True)
+            assert fsv("measure", mp / name).stdout == f"{alg}:{want[min(n, 2)]} {mp}/{name}\n"
+    big = src / "big"
+    with open(big, "wb") as f:
+        f.truncate(100000000)
+    fsv("enable", "--salt=" + SALT_575.hex(), mp / "big", check=True)
+    assert fsv("measure", mp / "big").stdout.split()[0] == "sha256:" + XFSTESTS_575[("sha256", 4096)][3]
+    assert subprocess.run(["cmp", big, mp / "big"]).returncode == 0
+
+
+def test_generic_572_api_errors(mnt):
+    src, mp = mnt.source, mnt.mountpoint
+    f = mp / "file.fsv"
+    write(src / "file.fsv", bytes(8192))
+    r = fsv("measure", f)
+    assert r.stderr.strip() == f"ERROR: FS_IOC_MEASURE_VERITY failed on '{f}': No data available"
+    assert enable_error(f, "--hash-alg=257") == "Invalid argument"
+    assert (mp / "file.fsv").read_bytes() == bytes(8192)  # still readable
+    assert enable_error(f, "--block-size=1") == "Invalid argument"
+    assert enable_error(f, "--salt=" + "00" * 1000) == "Message too long"
+    os.mkdir(mp / "dir")
+    assert enable_error(mp / "dir") == "Is a directory"
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert enable_error(f) == "Text file busy"
+    finally:
+        os.close(fd)
+    fsv("enable", f, check=True)
+    assert enable_error(f) == "File exists"
+    for mode in (os.O_RDWR, os.O_WRONLY | os.O_APPEND | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
+        with pytest.raises(OSError) as e:
+            os.open(f, mode)
+        assert e.value.errno == errno.EPERM
+    # a verity file can be renamed, hard-linked, chmod'ed, chown'ed, unlinked
+    os.rename(f, mp / "renamed")
+    os.link(mp / "renamed", mp / "link")
+    os.chmod(mp / "link", 0o444)
+    os.chown(mp / "link", 1, 1)
+    assert fsv("measure", mp / "link").returncode == 0
+    os.unlink(mp / "renamed")
+    assert fsv("measure", mp / "link").returncode == 0
+
+
+def test_dump_metadata_is_enotty(mnt):
+    write(mnt.source / "f", b"x" * 5000)
+    fsv("enable", mnt.mountpoint / "f", check=True)
+    r = fsv("dump_metadata", "merkle_tree", mnt.mountpoint / "f")
+    assert r.returncode == 1 and "Inappropriate ioctl for device" in r.stderr and r.stdout == ""
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can traverse (pytest's tmp dirs are 0700)."""
+    d = tempfile.mkdtemp(prefix="verityfuse-test-", dir="/tmp")
+    os.chmod(d, 0o755)
+    yield pathlib.Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_permissions_generic_573(tmp_path, public_dir, verified_mount):
+    src = tmp_path / "src"
+    src.mkdir()
+    (public_dir / "mnt").mkdir()
+    m = verified_mount(src, seal=False, options=["allow_other"], mountpoint=public_dir / "mnt")
+    mp = m.mountpoint
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "fsverity"]
+    write(src / "rw", b"a" * 5000)
+    write(src / "ro", b"b" * 5000)
+    os.chmod(src / "rw", 0o666)
+    os.chmod(src / "ro", 0o444)
+    r = subprocess.run([*as_nobody, "enable", mp / "rw"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*as_nobody, "enable", mp / "ro"], capture_output=True, text=True)
+    assert "Permission denied" in r.stderr
+    fsv("enable", mp / "ro", check=True)  # root may
+    r = subprocess.run([*as_nobody, "measure", mp / "ro"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("sha256:")
+
+
+def test_interrupted_enable_and_concurrent_requests(mnt):
+    """generic/572: an enable of a 16 GiB sparse file, killed, stops quickly and
+    leaves the file non-verity; a second enable meanwhile is EBUSY; other
+    requests are served meanwhile."""
+    src, mp = mnt.source, mnt.mountpoint
+    with open(src / "huge", "wb") as f:
+        f.truncate(16 << 30)
+    write(src / "other", b"other data")
+    p = subprocess.Popen(["fsverity", "enable", mp / "huge"], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert p.poll() is None  # still building
+    assert enable_error(mp / "huge") == "Device or resource busy"
+    # other requests go on while the build runs
+    t0 = time.monotonic()
+    assert (mp / "other").read_bytes() == b"other data"
+    assert fsv("measure", mp / "other").returncode == 1  # ENODATA, answered
+    os.listdir(mp)
+    with pytest.raises(OSError) as e:  # a write open during enable: ETXTBSY
+        os.open(mp / "huge", os.O_WRONLY)
+    assert e.value.errno == errno.ETXTBSY
+    served = time.monotonic() - t0
+    p.send_signal(2)  # SIGINT
+    p.wait(5)         # generic/572: must end within 5 s
+    assert served < 5
+    assert fsv("measure", mp / "huge").stderr.strip().endswith("No data available")
+    assert "enable of huge interrupted; nothing committed" in mnt.log()
+    with os.scandir(mnt.source / ".verityfuse" / "tmp") as it:
+        assert [e.name for e in it] == []
