@@ -229,6 +229,42 @@ def cmd_verify(args) -> int:
     return EXIT_ERROR if bad else 0
 
 
+# -- dump-metadata --------------------------------------------------------
+
+def cmd_dump_metadata(args) -> int:
+    """Like `fsverity dump_metadata`, through the mount's control xattrs."""
+    import errno as errno_
+
+    if (args.offset is None) != (args.length is None):
+        error("--offset and --length must be given together")
+        return EXIT_USAGE
+    offset, length = args.offset or 0, args.length
+    try:
+        if args.type == "merkle_tree":
+            out = bytearray()
+            off = offset
+            while length is None or len(out) < length:
+                chunk = os.getxattr(args.file, f"user.fsverity.merkle_tree.{off}")
+                if not chunk:
+                    break
+                out += chunk
+                off += len(chunk)
+            data = bytes(out if length is None else out[:length])
+        else:
+            whole = os.getxattr(args.file, f"user.fsverity.{args.type}")
+            data = whole[offset:] if length is None else whole[offset:offset + length]
+    except OSError as e:
+        if e.errno == errno_.ENODATA:
+            what = "has no signature" if args.type == "signature" else "is not a verity file"
+            error(f"'{args.file}' {what} (or is not on a verityfuse mount)")
+        else:
+            error(f"reading {args.type} of '{args.file}': {e.strerror}")
+        return EXIT_ERROR
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
 # -- entry point ----------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="DIR")
     p.add_argument("-v", "--verbose", action="store_true", help="also list intact files")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("dump-metadata", help="print a mounted verity file's metadata "
+                                             "(like `fsverity dump_metadata`)")
+    p.add_argument("type", choices=("merkle_tree", "descriptor", "signature"))
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--offset", type=int)
+    p.add_argument("--length", type=int)
+    p.set_defaults(func=cmd_dump_metadata)
 
     from . import daemon
     daemon.add_commands(sub)

@@ -29,6 +29,7 @@ from typing import Dict, Optional
 import pyfuse3
 import trio
 
+from . import fsverity_op
 from . import ioctl as vioctl
 from . import merkle, uapi
 from .errors import Corruption, Errno, SizeMismatch, VerityError
@@ -75,6 +76,10 @@ class VerityState:
         self.verifier.close()
         self.tree.close()
 
+    def metadata(self) -> fsverity_op.Metadata:
+        return fsverity_op.Metadata(self.descriptor, self.entry.digest, self.tree.read_tree,
+                                    self.entry.signature)
+
     def xattrs(self) -> Dict[bytes, bytes]:
         p = self.descriptor.params
         return {
@@ -83,6 +88,43 @@ class VerityState:
             XATTR_PREFIX + b"block_size": str(p.block_size).encode(),
             XATTR_PREFIX + b"salt": p.salt.hex().encode(),
         }
+
+
+# Control xattrs: READ_VERITY_METADATA's data for clients of today's kernels,
+# which cannot forward that ioctl.  Not listed (binary, and a family of names).
+XATTR_DESCRIPTOR = XATTR_PREFIX + b"descriptor"
+XATTR_SIGNATURE = XATTR_PREFIX + b"signature"
+XATTR_TREE = XATTR_PREFIX + b"merkle_tree."
+XATTR_MAX = 65536  # the VFS's XATTR_SIZE_MAX
+
+
+class InodeTarget(fsverity_op.Target):
+    """FUSE_FSVERITY requests about one inode of the mount."""
+
+    def __init__(self, ops: "VerityOperations", inode: Inode):
+        self.ops, self.inode = ops, inode
+
+    def metadata(self):
+        v = self.ops._resolve(self.inode) if self.inode.is_reg else NOT_VERITY
+        return None if v is NOT_VERITY else v.metadata()
+
+    def enable(self, params, signature):
+        """Synchronous enable (the bytes handler); clients use FS_IOC_ENABLE_VERITY."""
+        from .seal import seal_fd
+
+        i = self.inode
+        if not i.is_reg:
+            raise Errno(errno.EISDIR if stat.S_ISDIR(i.mode) else errno.EINVAL, "not a regular file")
+        if i.writers:
+            raise Errno(errno.ETXTBSY, "open for writing")
+        if i.enabling:
+            raise Errno(errno.EBUSY, "enable already running")
+        rel = self.ops._relpath(i)
+        fd = os.open(i.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.ops.make_verity(i, seal_fd(self.ops.store, fd, rel, params, signature))
+        finally:
+            os.close(fd)
 
 
 class Handle:
@@ -555,9 +597,29 @@ class VerityOperations(pyfuse3.Operations):
         v = self._resolve(i)
         return {} if v is NOT_VERITY else v.xattrs()
 
+    def fsverity(self, inode: int, request: bytes) -> bytes:
+        """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out)."""
+        return fsverity_op.handle(request, InodeTarget(self, self.inodes[inode]))
+
+    def _control_xattr(self, inode: int, name: bytes) -> Optional[bytes]:
+        """user.fsverity.{descriptor,signature,merkle_tree.<offset>} through FUSE_FSVERITY."""
+        if name == XATTR_DESCRIPTOR:
+            req = fsverity_op.encode_request(fsverity_op.OP_GET_DESCRIPTOR, 0, XATTR_MAX)
+        elif name == XATTR_SIGNATURE:
+            req = fsverity_op.encode_request(fsverity_op.OP_READ_SIGNATURE, 0, XATTR_MAX)
+        elif name.startswith(XATTR_TREE) and name[len(XATTR_TREE):].isdigit():
+            offset = int(name[len(XATTR_TREE):])
+            req = fsverity_op.encode_request(fsverity_op.OP_READ_MERKLE_TREE, offset, XATTR_MAX)
+        else:
+            return None
+        return fsverity_op.decode_reply(self.fsverity(inode, req))[0]
+
     async def getxattr(self, inode, name, ctx):
         i = self.inodes[inode]
         if name.startswith(XATTR_PREFIX):
+            value = self._control_xattr(inode, name)
+            if value is not None:
+                return value
             value = self._verity_xattrs(i).get(name)
             if value is None:
                 _fail(errno.ENODATA)
