@@ -177,6 +177,7 @@ def cmd_seal(args) -> int:
         else:
             rels = walk_files(args.source, store)
         status = 0
+        sealed = []
         for rel in rels:
             full = os.path.join(args.source, rel)
             try:
@@ -196,8 +197,51 @@ def cmd_seal(args) -> int:
             finally:
                 os.close(fd)
             progress.close()
+            sealed.append(entry)
             print(f"{entry.digest_text} {full}", flush=True)
+        if args.manifest:
+            write_manifest(args, sealed, params)
     return status
+
+
+def write_manifest(args, sealed, params):
+    """The signed manifest of what this run sealed, written atomically."""
+    from . import manifest
+
+    key = manifest.load_private_key(args.sign_key) if args.sign_key else None
+    payload = manifest.make_payload(
+        manifest.Entry(e.path, e.alg, e.digest, params.block_size, params.salt) for e in sealed)
+    tmp = f"{args.manifest}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(manifest.sign(payload, key))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, args.manifest)
+    print(f"manifest {args.manifest}: {len(sealed)} files, {manifest.manifest_digest(payload)}"
+          + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
+
+
+def cmd_measure_manifest(args) -> int:
+    """The manifest digest, the one value a remote verifier pins."""
+    from . import manifest
+
+    _, payload = manifest.read_envelope(args.manifest)
+    manifest.parse_payload(payload, args.manifest)  # refuse to measure garbage
+    print(manifest.manifest_digest(payload))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from . import manifest
+
+    try:
+        key = manifest.generate_key(args.private, args.public)
+    except FileExistsError:
+        error(f"'{args.private}' exists; not overwriting a key")
+        return EXIT_ERROR
+    print(f"ed25519 key {manifest.key_id(key.public_key())}: private {args.private}, "
+          f"public {args.public}")
+    return 0
 
 
 def describe_failure(e: Exception) -> str:
@@ -285,8 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("paths", nargs="*", metavar="PATH", help="files to seal (default: all)")
     p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
+    p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files")
+    p.add_argument("--sign-key", metavar="KEY.pem", help="Ed25519 private key to sign the manifest")
     add_tree_options(p)
     p.set_defaults(func=cmd_seal)
+
+    p = sub.add_parser("measure-manifest", help="print a manifest's digest (the value to pin)")
+    p.add_argument("manifest", metavar="M")
+    p.set_defaults(func=cmd_measure_manifest)
+
+    p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing manifests")
+    p.add_argument("private", metavar="PRIVATE.pem")
+    p.add_argument("public", metavar="PUBLIC.pem")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("verify", help="check every sealed file against its tree")
     p.add_argument("source", metavar="SOURCE")

@@ -120,7 +120,31 @@ async def _serve(ops, mountpoint, readahead_kb):
         nursery.cancel_scope.cancel()
 
 
-def serve(args, on_ready=None) -> int:
+class Trust:
+    """Where trusted digests and signatures come from, loaded before mounting."""
+
+    def __init__(self, args):
+        from . import manifest, signature
+
+        self.manifest = None
+        if args.manifest:
+            keys = [manifest.load_public_key(k) for k in args.trust_key or ()]
+            self.manifest = manifest.load(args.manifest, keys, args.manifest_digest)
+        elif args.trust_key or args.manifest_digest:
+            raise manifest.ManifestError("--trust-key and --manifest-digest need --manifest")
+        self.certs = signature.load_certificates(args.trust_cert or ())
+
+
+def warn_missing(source: str, m) -> None:
+    """A file the manifest lists but SOURCE lacks: deleted on the untrusted side."""
+    missing = [p for p in m.entries if not os.path.lexists(os.path.join(source, p))]
+    for p in missing[:20]:
+        log.warning("manifest lists %s, which is missing from %s", p, source)
+    if len(missing) > 20:
+        log.warning("... and %d more files of the manifest are missing", len(missing) - 20)
+
+
+def serve(args, trust: "Trust", on_ready=None) -> int:
     """Mount and serve until unmounted; ``on_ready()`` is called once mounted."""
     from . import fuseshim
 
@@ -135,7 +159,13 @@ def serve(args, on_ready=None) -> int:
     store = Store(args.store or default_store(args.source), create=True)
     store.cleanup_tmp()
     ops = VerityOperations(args.source, store, policy=args.policy,
-                           cache_bytes=args.cache_size << 20 if args.cache_size else None)
+                           cache_bytes=args.cache_size << 20 if args.cache_size else None,
+                           manifest=trust.manifest, trust_certs=trust.certs,
+                           require_signatures=args.require_signatures)
+    if trust.manifest is not None:
+        log.info("manifest %s: %d files, digest %s", args.manifest, len(trust.manifest.entries),
+                 trust.manifest.digest)
+        warn_missing(ops.source, trust.manifest)
     # Resolved now: once mounted, touching the path would ask this very daemon.
     mountpoint = os.path.realpath(args.mountpoint)
     options = fuse_options(args.o) | {f"fsname={ops.source}"}
@@ -168,14 +198,21 @@ def serve(args, on_ready=None) -> int:
 def cmd_mount(args) -> int:
     from .cli import error
 
+    from .errors import VerityError
+
     for what, path in (("source", args.source), ("mount point", args.mountpoint)):
         if not os.path.isdir(path):
             error(f"{what} '{path}' is not a directory")
             return 1
+    try:
+        trust = Trust(args)  # a bad manifest, key or cert: refuse before mounting
+    except (VerityError, OSError) as e:
+        error(f"refusing to mount: {e}")
+        return 1
     if args.foreground:
         setup_logging(args.debug, args.log_file)
         try:
-            return serve(args)
+            return serve(args, trust)
         except Exception as e:
             error(f"cannot mount '{args.source}' on '{args.mountpoint}': {e}")
             return 1
@@ -198,7 +235,7 @@ def cmd_mount(args) -> int:
 
         code = 1
         try:
-            code = serve(args, on_ready=ready)
+            code = serve(args, trust, on_ready=ready)
         except Exception as e:
             try:
                 os.write(wfd, f"error: {e}".encode())
@@ -240,6 +277,15 @@ def add_commands(sub):
     p.add_argument("--policy", choices=("enforce", "require"), default="enforce",
                    help="enforce: verify verity files, pass others through (default); "
                         "require: refuse to open regular files without verity")
+    p.add_argument("--manifest", metavar="M", help="signed manifest: the trusted digest of every path")
+    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
+                   help="Ed25519 public key the manifest must be signed with (repeatable)")
+    p.add_argument("--manifest-digest", metavar="sha256:HEX",
+                   help="the manifest's digest, pinned (see measure-manifest)")
+    p.add_argument("--trust-cert", action="append", metavar="CERT.pem",
+                   help="X.509 certificate trusted for fs-verity built-in signatures (repeatable)")
+    p.add_argument("--require-signatures", action="store_true",
+                   help="like fs.verity.require_signatures=1: unsigned verity files are refused")
     p.add_argument("--cache-size", type=int, metavar="MIB",
                    help="memory for verified Merkle tree blocks (default 32 MiB)")
     p.add_argument("--readahead-kb", type=int, default=1024, metavar="KIB",

@@ -129,13 +129,14 @@ def make_payload(entries: Iterable[Entry]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def sign(payload: bytes, key: Ed25519PrivateKey) -> bytes:
-    envelope = {
-        "format": ENVELOPE_FORMAT, "version": VERSION,
-        "payload": base64.b64encode(payload).decode(),
-        "signatures": [{"algorithm": "ed25519", "key_id": key_id(key.public_key()),
-                        "signature": base64.b64encode(key.sign(payload)).decode()}],
-    }
+def sign(payload: bytes, key: Optional[Ed25519PrivateKey]) -> bytes:
+    """The manifest file: the payload and its signature (none without a key:
+    such a manifest is usable only with a pinned digest)."""
+    sigs = [] if key is None else [
+        {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
+         "signature": base64.b64encode(key.sign(payload)).decode()}]
+    envelope = {"format": ENVELOPE_FORMAT, "version": VERSION,
+                "payload": base64.b64encode(payload).decode(), "signatures": sigs}
     return json.dumps(envelope, indent=1).encode() + b"\n"
 
 
@@ -212,15 +213,8 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Dict[str, Entry]:
     return entries
 
 
-def load(path: str, trust_keys: List[Ed25519PublicKey] = (), pinned_digest: Optional[str] = None
-         ) -> Manifest:
-    """Read, authenticate and parse a signed manifest.
-
-    Authentic means: signed by one of ``trust_keys``, and/or its digest equals
-    ``pinned_digest``.  At least one of the two must be given.
-    """
-    if not trust_keys and not pinned_digest:
-        raise ManifestError("a manifest must be authenticated: give a trusted key or a pinned digest")
+def read_envelope(path: str):
+    """(envelope dict, payload bytes) of a manifest file, not yet authenticated."""
     try:
         size = os.stat(path).st_size
     except OSError as e:
@@ -232,32 +226,46 @@ def load(path: str, trust_keys: List[Ed25519PublicKey] = (), pinned_digest: Opti
         raise ManifestError(f"{path}: not a {ENVELOPE_FORMAT} file")
     if env.get("version") != VERSION:
         raise ManifestError(f"{path}: unsupported envelope version {env.get('version')!r}")
-    payload = _b64(env.get("payload"), f"{path}: payload")
+    return env, _b64(env.get("payload"), f"{path}: payload")
+
+
+def _check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25519PublicKey]):
+    sigs = env.get("signatures")
+    if not isinstance(sigs, list) or not sigs:
+        raise ManifestError(f"{path}: no signatures")
+    trusted = {key_id(k): k for k in trust_keys}
+    seen = []
+    for n, s in enumerate(sigs):
+        if not isinstance(s, dict) or s.get("algorithm") != "ed25519":
+            raise ManifestError(f"{path}: signatures[{n}]: unsupported or missing algorithm")
+        kid = s.get("key_id")
+        seen.append(str(kid)[:16])
+        key = trusted.get(kid)
+        if key is None:
+            continue
+        try:
+            key.verify(_b64(s.get("signature"), f"{path}: signatures[{n}]"), payload)
+            return
+        except InvalidSignature:
+            raise ManifestError(f"{path}: signature by trusted key {kid[:16]}... does not verify: "
+                                f"the manifest was altered") from None
+    raise ManifestError(f"{path}: not signed by a trusted key (signed by key ids "
+                        f"{', '.join(seen)}...; trusted: {', '.join(k[:16] for k in trusted)}...)")
+
+
+def load(path: str, trust_keys: List[Ed25519PublicKey] = (), pinned_digest: Optional[str] = None
+         ) -> Manifest:
+    """Read, authenticate and parse a signed manifest.
+
+    Authentic means: signed by one of ``trust_keys``, and/or its digest equals
+    ``pinned_digest``.  At least one of the two must be given.
+    """
+    if not trust_keys and not pinned_digest:
+        raise ManifestError("a manifest must be authenticated: give a trusted key or a pinned digest")
+    env, payload = read_envelope(path)
     if pinned_digest is not None and manifest_digest(payload) != pinned_digest:
         raise ManifestError(f"{path}: manifest digest {manifest_digest(payload)} is not the pinned "
                             f"{pinned_digest}")
     if trust_keys:
-        sigs = env.get("signatures")
-        if not isinstance(sigs, list) or not sigs:
-            raise ManifestError(f"{path}: no signatures")
-        trusted = {key_id(k): k for k in trust_keys}
-        seen = []
-        for n, s in enumerate(sigs):
-            if not isinstance(s, dict) or s.get("algorithm") != "ed25519":
-                raise ManifestError(f"{path}: signatures[{n}]: unsupported or missing algorithm")
-            kid = s.get("key_id")
-            seen.append(str(kid)[:16])
-            key = trusted.get(kid)
-            if key is None:
-                continue
-            try:
-                key.verify(_b64(s.get("signature"), f"{path}: signatures[{n}]"), payload)
-                break
-            except InvalidSignature:
-                raise ManifestError(f"{path}: signature by trusted key {kid[:16]}... does not "
-                                    f"verify: the manifest was altered") from None
-        else:
-            raise ManifestError(f"{path}: not signed by a trusted key (signed by key ids "
-                                f"{', '.join(seen)}...; trusted: "
-                                f"{', '.join(k[:16] for k in trusted)}...)")
+        _check_signatures(path, env, payload, list(trust_keys))
     return Manifest(parse_payload(payload, path), payload)

@@ -32,7 +32,7 @@ import trio
 from . import fsverity_op
 from . import ioctl as vioctl
 from . import merkle, uapi
-from .errors import Corruption, Errno, SizeMismatch, VerityError
+from .errors import Corruption, DigestMismatch, Errno, SizeMismatch, VerityError
 from .fuseshim import Request
 from .inodes import NOT_VERITY, UNKNOWN, Inode, InodeTable
 from .reader import VerifiedReader
@@ -122,7 +122,9 @@ class InodeTarget(fsverity_op.Target):
         rel = self.ops._relpath(i)
         fd = os.open(i.proc_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.ops.make_verity(i, seal_fd(self.ops.store, fd, rel, params, signature))
+            entry = seal_fd(self.ops.store, fd, rel, params, signature,
+                            check=lambda d: self.ops._check_signature(signature, d.params.alg, d.digest))
+            self.ops.make_verity(i, entry)
         finally:
             os.close(fd)
 
@@ -208,8 +210,14 @@ class VerityOperations(pyfuse3.Operations):
     enable_writeback_cache = False  # writes go straight to SOURCE
 
     def __init__(self, source: str, store: Store, policy: str = "enforce",
-                 cache_bytes: Optional[int] = None, threads: int = 4, timeout: float = 1.0):
+                 cache_bytes: Optional[int] = None, threads: int = 4, timeout: float = 1.0,
+                 manifest=None, trust_certs=(), require_signatures: bool = False):
         super().__init__()
+        # Where trusted digests come from: the manifest when given (the store
+        # then only supplies trees), else the store's index.
+        self.manifest = manifest
+        self.trust_certs = list(trust_certs)
+        self.require_signatures = require_signatures
         self.source = os.path.realpath(source)
         self.store = store
         if policy not in ("enforce", "require"):
@@ -297,16 +305,48 @@ class VerityOperations(pyfuse3.Operations):
             rel = self._relpath(inode) if inode.is_reg else None
             if rel:
                 try:
-                    entry = self.store.get_entry(rel)
+                    entry = self._trusted_entry(rel)
                     if entry is not None:
                         tree = self.store.open_object(entry.alg, entry.digest)
                         v = VerityState(entry, tree, Verifier(tree, self.cache, rel))
+                        try:
+                            self._check_signature(entry.signature, entry.alg, entry.digest)
+                        except BaseException:
+                            v.close()
+                            raise
                 except VerityError as e:
                     v = e
             inode.verity = v
         if isinstance(v, Exception):
             raise v
         return v
+
+    def _trusted_entry(self, rel: str) -> Optional[IndexEntry]:
+        """The digest ``rel`` must have, or None if it is not a verity file."""
+        entry = self.store.get_entry(rel)
+        if self.manifest is None:
+            return entry
+        m = self.manifest.entries.get(rel)
+        if m is None:
+            return None  # not in the manifest: refused under --policy require
+        if entry is not None and (entry.alg, entry.digest) != (m.alg, m.digest):
+            raise DigestMismatch(f"{rel}: fs-verity digest differs from the manifest: expected "
+                                 f"{m.digest_text}, actual {entry.digest_text} (store)")
+        # The manifest's digest names the tree object; the index is only needed
+        # for a signature given at enable.
+        return IndexEntry(rel, m.alg, m.digest, entry.signature if entry else b"")
+
+    def _check_signature(self, sig: bytes, alg, digest: bytes):
+        """Built-in signature rules: checked on every open, as the kernel does."""
+        if not sig:
+            if self.require_signatures:
+                raise Errno(errno.EPERM, "unsigned verity file and signatures are required")
+            return
+        if self.trust_certs:
+            from . import signature
+            signature.verify(sig, alg, digest, self.trust_certs)
+        # Without trusted certificates the signature is kept unverified, as a
+        # kernel without CONFIG_FS_VERITY_BUILTIN_SIGNATURES does.
 
     def make_verity(self, inode: Inode, entry: IndexEntry):
         """Turn ``inode`` into a verity inode (after sealing it)."""
@@ -476,8 +516,8 @@ class VerityOperations(pyfuse3.Operations):
                 _fail(errno.EPERM)
         elif i.is_reg:
             if self.policy == "require":
-                log.warning("policy require: refusing %s, which has no fs-verity metadata",
-                            self._relpath(i) or f"inode {i.ino}")
+                log.warning("policy require: refusing %s, which %s", self._relpath(i) or f"inode {i.ino}",
+                            "is not in the manifest" if self.manifest else "has no fs-verity metadata")
                 _fail(errno.EPERM)
             if writing and i.enabling:
                 _fail(errno.ETXTBSY)  # as the kernel, while an enable runs
@@ -759,9 +799,13 @@ class VerityOperations(pyfuse3.Operations):
         def cancel():
             return self.stopping or request.interrupted()
 
+        def check(desc):
+            self._check_signature(signature, desc.params.alg, desc.digest)
+
         try:
             entry = await trio.to_thread.run_sync(
-                functools.partial(seal_fd, self.store, fd, rel, params, signature, cancel=cancel))
+                functools.partial(seal_fd, self.store, fd, rel, params, signature, check=check,
+                                  cancel=cancel))
             self.make_verity(i, entry)
             for h in self.handles.values():  # files already open are verified from now on
                 if isinstance(h, Handle) and h.inode is i and h.reader is None:

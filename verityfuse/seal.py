@@ -26,15 +26,19 @@ def open_regular(path: str) -> int:
 
 
 def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signature: bytes = b"",
-            **build_kw) -> IndexEntry:
+            check=None, **build_kw) -> IndexEntry:
     """Build the tree of open file ``fd`` into ``store`` and index it as ``relpath``.
 
-    The object is committed before the index entry, each atomically: a crash
-    leaves the file unsealed or sealed, never half.
+    ``check(descriptor)`` may refuse the result (a signature that does not
+    verify) before anything is committed.  The object is committed before the
+    index entry, each atomically: a crash leaves the file unsealed or sealed,
+    never half.
     """
     with store.new_object() as obj:
         desc = merkle.build_tree(fd, params, data_size=os.fstat(fd).st_size,
                                  write_block=obj.write_block, **build_kw)
+        if check is not None:
+            check(desc)
         obj.commit(desc)
     store.set_entry(relpath, params.alg, desc.digest, signature)
     return IndexEntry(normalize_relpath(relpath), params.alg, desc.digest, signature)
