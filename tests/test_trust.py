@@ -1,0 +1,330 @@
+"""Trusted digests: manifests (malformed input, signatures, attacks on a real
+mount from the untrusted side) and fsverity-utils PKCS#7 signatures.
+
+The attacker can write everything under the share: data, store, manifest.
+Only the trusted key (or pinned manifest digest) is out of reach.
+"""
+
+import base64
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import manifest as mf
+from verityfuse import merkle
+from verityfuse.store import TREE_OFFSET, Store
+from conftest import write
+from test_mount import drop_caches, flip, object_file
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+
+
+def vf(*args):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True)
+
+
+# -- manifests, pure -------------------------------------------------------------
+
+@pytest.fixture
+def key(tmp_path):
+    k = mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+    return k
+
+
+def entry(path, digest=bytes(32)):
+    return mf.Entry(path, merkle.SHA256, digest, 4096, b"")
+
+
+def envelope(payload: bytes, key) -> bytes:
+    return mf.sign(payload, key)
+
+
+def raw_payload(files, version=1, fmt=mf.FORMAT):
+    return json.dumps({"format": fmt, "version": version, "files": files}).encode()
+
+
+GOOD_FILE = {"path": "a", "digest": "sha256:" + "00" * 32, "block_size": 4096, "salt": ""}
+
+MALFORMED_PAYLOADS = [
+    (raw_payload([GOOD_FILE], version=2), "unsupported manifest version 2"),
+    (raw_payload([GOOD_FILE], fmt="other"), "not a verityfuse-manifest document"),
+    (raw_payload([dict(GOOD_FILE, path="../x")]), "must be relative and normalized"),
+    (raw_payload([dict(GOOD_FILE, path="/etc/passwd")]), "must be relative and normalized"),
+    (raw_payload([dict(GOOD_FILE, path="a/./b")]), "must be relative and normalized"),
+    (raw_payload([dict(GOOD_FILE, path="a//b")]), "must be relative and normalized"),
+    (raw_payload([dict(GOOD_FILE, path="")]), "invalid path"),
+    (raw_payload([dict(GOOD_FILE, path="a\0b")]), "invalid path"),
+    (raw_payload([dict(GOOD_FILE, path=7)]), "invalid path"),
+    (raw_payload([GOOD_FILE, GOOD_FILE]), "listed twice"),
+    (raw_payload([dict(GOOD_FILE, digest="md5:00")]), "unknown algorithm"),
+    (raw_payload([dict(GOOD_FILE, digest="sha256:0011")]), "has 2 bytes, expected 32"),
+    (raw_payload([dict(GOOD_FILE, block_size=3000)]), "power of 2"),
+    (raw_payload([dict(GOOD_FILE, block_size=True)]), "block_size must be an integer"),
+    (raw_payload([dict(GOOD_FILE, salt="zz")]), "non-hexadecimal"),
+    (raw_payload([dict(GOOD_FILE, extra=1)]), "expected exactly path, digest, block_size, salt"),
+    (raw_payload("nope"), "'files' must be a list"),
+    (b'{"format": "verityfuse-manifest", "version": 1, "version": 1, "files": []}', "duplicate key"),
+    (b"\xff\xfe not utf-8", "not UTF-8 at byte 0"),
+    (b"{not json", "invalid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
+]
+
+
+@pytest.mark.parametrize("payload,msg", MALFORMED_PAYLOADS)
+def test_malformed_payloads_are_refused_clearly(tmp_path, key, payload, msg):
+    p = tmp_path / "m.json"
+    p.write_bytes(envelope(payload, key))
+    with pytest.raises(mf.ManifestError) as e:
+        mf.load(str(p), [key.public_key()])
+    assert msg in str(e.value) and str(p) in str(e.value)
+
+
+def test_malformed_envelopes(tmp_path, key):
+    good = envelope(mf.make_payload([entry("a")]), key)
+    p = tmp_path / "m.json"
+    cases = [
+        (good[: len(good) // 2], "invalid JSON"),                                  # truncated
+        (json.dumps({"format": "x"}).encode(), "not a verityfuse-signed-manifest"),
+        (good.replace(b'"version": 1', b'"version": 9', 1), "unsupported envelope version 9"),
+        (json.dumps(dict(json.loads(good), payload="!!!")).encode(), "invalid base64"),
+        (json.dumps(dict(json.loads(good), signatures=[])).encode(), "no signatures"),
+    ]
+    for data, msg in cases:
+        p.write_bytes(data)
+        with pytest.raises(mf.ManifestError, match=msg):
+            mf.load(str(p), [key.public_key()])
+    with open(p, "wb") as f:  # huge: refused before it is read
+        f.truncate(mf.MAX_BYTES + 1)
+    with pytest.raises(mf.ManifestError, match="larger than"):
+        mf.load(str(p), [key.public_key()])
+
+
+def test_signature_and_pinning(tmp_path, key):
+    payload = mf.make_payload([entry("a"), entry("b/c", bytes(range(32)))])
+    p = tmp_path / "m.json"
+    p.write_bytes(envelope(payload, key))
+    m = mf.load(str(p), [key.public_key()])
+    assert sorted(m.entries) == ["a", "b/c"] and m.digest == mf.manifest_digest(payload)
+    assert mf.load(str(p), pinned_digest=m.digest).entries == m.entries
+    with pytest.raises(mf.ManifestError, match="is not the pinned"):
+        mf.load(str(p), pinned_digest="sha256:" + "11" * 32)
+    other = mf.Ed25519PrivateKey.generate()
+    with pytest.raises(mf.ManifestError, match="not signed by a trusted key"):
+        mf.load(str(p), [other.public_key()])
+    with pytest.raises(mf.ManifestError, match="must be authenticated"):
+        mf.load(str(p))
+    # an altered payload under the original signature
+    env = json.loads(p.read_bytes())
+    env["payload"] = base64.b64encode(mf.make_payload([entry("a", b"\x01" * 32)])).decode()
+    p.write_text(json.dumps(env))
+    with pytest.raises(mf.ManifestError, match="does not verify: the manifest was altered"):
+        mf.load(str(p), [key.public_key()])
+
+
+def test_openssl_keys_and_measure_manifest(tmp_path):
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", tmp_path / "k.pem"], check=True)
+    subprocess.run(["openssl", "pkey", "-in", tmp_path / "k.pem", "-pubout", "-out", tmp_path / "p.pem"],
+                   check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"a" * 10000)
+    r = vf("seal", src, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "k.pem")
+    assert r.returncode == 0, r.stderr
+    m = mf.load(str(tmp_path / "m.json"), [mf.load_public_key(str(tmp_path / "p.pem"))])
+    r = vf("measure-manifest", tmp_path / "m.json")
+    assert r.returncode == 0 and r.stdout == m.digest + "\n"
+    digest = subprocess.run(["fsverity", "digest", src / "a"], capture_output=True, text=True).stdout
+    assert m.entries["a"].digest_text == digest.split()[0]
+    (tmp_path / "bad.json").write_text("{")
+    r = vf("measure-manifest", tmp_path / "bad.json")
+    assert r.returncode == 1 and "invalid JSON" in r.stderr
+
+
+# -- the confidential-container setting, on a real mount ------------------------
+
+@pytest.fixture
+def share(tmp_path, key):
+    """The host's share: data, store, signed manifest.  Returns (src, manifest, pub)."""
+    src = tmp_path / "share"
+    src.mkdir()
+    write(src / "app.bin", os.urandom(300000))
+    write(src / "config", b"trusted configuration\n")
+    (src / "lib").mkdir()
+    write(src / "lib" / "x.so", os.urandom(9000))
+    r = vf("seal", src, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 0, r.stderr
+    return src, tmp_path / "m.json", tmp_path / "pub.pem"
+
+
+def guest(verified_mount, share):
+    src, m, pub = share
+    return verified_mount(src, seal=False, policy="require",
+                          extra_args=["--manifest", str(m), "--trust-key", str(pub)])
+
+
+def open_errno(path):
+    try:
+        with open(path, "rb") as f:
+            f.read()
+        return None
+    except OSError as e:
+        return e.errno
+
+
+def test_untampered_share_reads(share, verified_mount):
+    g = guest(verified_mount, share)
+    assert (g.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+    assert (g.mountpoint / "lib" / "x.so").read_bytes() == (share[0] / "lib" / "x.so").read_bytes()
+
+
+def test_consistent_resealing_is_refused(share, verified_mount):
+    """The attacker changes a file and re-seals it: data and tree agree, the manifest does not."""
+    src = share[0]
+    write(src / "config", b"evil configuration\n")
+    assert vf("seal", src, src / "config").returncode == 0
+    g = guest(verified_mount, share)
+    assert open_errno(g.mountpoint / "config") == errno.EIO
+    log = g.log()
+    assert "config: fs-verity digest differs from the manifest: expected sha256:" in log
+    assert "actual sha256:" in log and "(store)" in log
+
+
+def test_reseal_without_index_is_still_refused(share, verified_mount):
+    """Same attack, index entry removed: the manifest's digest names a tree the data fails."""
+    src = share[0]
+    write(src / "config", b"evil configuration\n")
+    with Store(str(src / ".verityfuse")) as st:
+        st.remove_entry("config")
+    g = guest(verified_mount, share)
+    assert open_errno(g.mountpoint / "config") == errno.EIO
+
+
+def test_path_swap_is_refused(share, verified_mount):
+    src = share[0]
+    os.rename(src / "config", src / "tmp")
+    os.rename(src / "lib" / "x.so", src / "config")
+    os.rename(src / "tmp", src / "lib" / "x.so")
+    assert vf("seal", src, src / "config", src / "lib" / "x.so").returncode == 0  # indexes follow
+    g = guest(verified_mount, share)
+    assert open_errno(g.mountpoint / "config") == errno.EIO
+    assert open_errno(g.mountpoint / "lib" / "x.so") == errno.EIO
+    assert (g.mountpoint / "app.bin").read_bytes() == (src / "app.bin").read_bytes()
+
+
+def test_deleted_and_added_files(share, verified_mount):
+    src = share[0]
+    os.unlink(src / "lib" / "x.so")
+    write(src / "added", b"not in the manifest")
+    assert vf("seal", src, src / "added").returncode == 0  # sealed, but not trusted
+    g = guest(verified_mount, share)
+    assert open_errno(g.mountpoint / "lib" / "x.so") == errno.ENOENT
+    assert "manifest lists lib/x.so, which is missing from" in g.log()
+    assert open_errno(g.mountpoint / "added") == errno.EPERM
+    assert "policy require: refusing added, which is not in the manifest" in g.log()
+
+
+def test_tree_and_descriptor_attacks(share, verified_mount):
+    src = share[0]
+    g = guest(verified_mount, share)
+    obj = object_file(src, "app.bin")
+    flip(obj, TREE_OFFSET + 3)  # its only tree block
+    drop_caches()
+    assert open_errno(g.mountpoint / "app.bin") == errno.EIO
+    flip(object_file(src, "config"), TREE_OFFSET - 256 + 30)  # descriptor
+    drop_caches()
+    assert open_errno(g.mountpoint / "config") == errno.EIO
+
+
+@pytest.mark.parametrize("attack", ["other-key", "edited-entry", "rolled-back"])
+def test_manifest_attacks_refuse_to_mount(share, tmp_path, attack):
+    src, m, pub = share
+    if attack == "other-key":  # a manifest for the altered data, signed by the attacker's key
+        k2 = mf.Ed25519PrivateKey.generate()
+        m.write_bytes(mf.sign(mf.read_envelope(str(m))[1], k2))
+        msg = "not signed by a trusted key"
+    elif attack == "edited-entry":
+        env = json.loads(m.read_bytes())
+        payload = base64.b64decode(env["payload"]).replace(b'"config"', b'"configX"')
+        env["payload"] = base64.b64encode(payload).decode()
+        m.write_text(json.dumps(env))
+        msg = "does not verify: the manifest was altered"
+    else:  # an older manifest, properly signed: caught by pinning the current digest
+        current = vf("measure-manifest", m).stdout.strip()
+        old = tmp_path / "old.json"
+        shutil.copy(m, old)
+        write(src / "config", b"new version\n")
+        assert vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "key.pem").returncode == 0
+        pinned = vf("measure-manifest", m).stdout.strip()
+        assert pinned != current
+        m = old
+        msg = "is not the pinned"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    extra = ["--manifest-digest", pinned] if attack == "rolled-back" else []
+    r = vf("mount", "-f", src, mnt, "--manifest", m, "--trust-key", pub, *extra)
+    assert r.returncode == 1
+    assert "refusing to mount" in r.stderr and msg in r.stderr
+    assert not os.path.ismount(mnt)
+
+
+# -- fsverity-utils signatures --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    for name in ("trusted", "other"):
+        subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", d / f"{name}.key",
+                        "-x509", "-out", d / f"{name}.pem", "-subj", f"/CN={name}", "-days", "2"],
+                       check=True, capture_output=True)
+    return d
+
+
+def sign(path, sig, certs, name="trusted"):
+    r = subprocess.run(["fsverity", "sign", path, sig, f"--key={certs}/{name}.key",
+                        f"--cert={certs}/{name}.pem"], capture_output=True, text=True, check=True)
+    return r.stdout
+
+
+def test_fsverity_signatures_generic_577(tmp_path, certs, verified_mount):
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in ("good", "wrongfile", "malformed", "untrusted", "unsigned"):
+        write(src / n, n.encode() * 1000)
+    out = sign(src / "good", tmp_path / "good.sig", certs)
+    assert out.startswith(f"Signed file '{src}/good' (sha256:")
+    sign(src / "untrusted", tmp_path / "untrusted.sig", certs, "other")
+    (tmp_path / "bad.sig").write_bytes(b"foobarbaz")
+    m = verified_mount(src, seal=False, extra_args=["--trust-cert", str(certs / "trusted.pem")])
+    mp = m.mountpoint
+
+    def enable(name, sig=None):
+        r = subprocess.run(["fsverity", "enable", mp / name] + ([f"--signature={sig}"] if sig else []),
+                           capture_output=True, text=True)
+        return r.stderr.strip().rpartition(": ")[2] if r.returncode else "OK"
+
+    assert enable("good", tmp_path / "good.sig") == "OK"
+    assert enable("wrongfile", tmp_path / "good.sig") == "Key was rejected by service"
+    assert enable("malformed", tmp_path / "bad.sig") == "Bad message"
+    assert enable("untrusted", tmp_path / "untrusted.sig") == "Required key not available"
+    assert enable("unsigned") == "OK"
+    assert (mp / "good").read_bytes() == b"good" * 1000
+    r = subprocess.run([*VF, "dump-metadata", "signature", mp / "good"], capture_output=True)
+    assert r.stdout == (tmp_path / "good.sig").read_bytes()
+    m.unmount()
+    # checked on every open: another trusted set refuses the signed file
+    m2 = verified_mount(src, seal=False, extra_args=["--trust-cert", str(certs / "other.pem")])
+    assert open_errno(m2.mountpoint / "good") == errno.ENOKEY
+    m2.unmount()
+    # fs.verity.require_signatures=1: unsigned verity files and unsigned enables are refused
+    m3 = verified_mount(src, seal=False, extra_args=["--trust-cert", str(certs / "trusted.pem"),
+                                                      "--require-signatures"])
+    assert open_errno(m3.mountpoint / "unsigned") == errno.EPERM
+    assert (m3.mountpoint / "good").read_bytes() == b"good" * 1000
+    write(src / "new", b"n")
+    r = subprocess.run(["fsverity", "enable", m3.mountpoint / "new"], capture_output=True, text=True)
+    assert "Operation not permitted" in r.stderr
