@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from verityfuse import ioctl, merkle, uapi
+from verityfuse import ioctl, merkle
 from verityfuse.errors import Errno
+from verityfuse.store import Store
 from conftest import pattern, write
 from test_mount import drop_caches, flip, pread_errno
 
@@ -222,3 +223,29 @@ def test_interrupted_enable_and_concurrent_requests(mnt):
     assert "enable of huge interrupted; nothing committed" in mnt.log()
     with os.scandir(mnt.source / ".verityfuse" / "tmp") as it:
         assert [e.name for e in it] == []
+
+
+def test_daemon_killed_mid_enable_damages_nothing(tmp_path, verified_mount):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "huge", "wb") as f:
+        f.truncate(16 << 30)
+    write(src / "keep", b"k" * 10000)
+    from verityfuse.testing import seal_tree
+    seal_tree(src, ["keep"])
+    m = verified_mount(src, seal=False)
+    p = subprocess.Popen(["fsverity", "enable", m.mountpoint / "huge"], stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    m.process.kill()  # SIGKILL: no cleanup code runs
+    m.process.wait(10)
+    p.wait(10)
+    assert p.returncode != 0
+    subprocess.run(["fusermount3", "-u", "-z", m.mountpoint])
+    with Store(str(src / ".verityfuse")) as st:
+        assert st.get_entry("huge") is None              # nothing half-committed
+        assert st.get_entry("keep") is not None
+        assert os.listdir(src / ".verityfuse" / "tmp")  # the half-built tree is only in tmp/
+    m2 = verified_mount(src, seal=False)                 # the next daemon collects it
+    assert os.listdir(src / ".verityfuse" / "tmp") == []
+    assert (m2.mountpoint / "keep").read_bytes() == b"k" * 10000
+    assert fsv("measure", m2.mountpoint / "huge").stderr.strip().endswith("No data available")
