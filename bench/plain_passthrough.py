@@ -37,7 +37,7 @@ class Plain(pyfuse3.Operations):
         try:
             return self._attrs(os.path.join(self.paths[parent], os.fsdecode(name)))
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno)
+            raise pyfuse3.FUSEError(e.errno) from None
 
     async def getattr(self, inode, ctx):
         return self._attrs(self.paths[inode])

@@ -249,3 +249,16 @@ def test_daemon_killed_mid_enable_damages_nothing(tmp_path, verified_mount):
     assert os.listdir(src / ".verityfuse" / "tmp") == []
     assert (m2.mountpoint / "keep").read_bytes() == b"k" * 10000
     assert fsv("measure", m2.mountpoint / "huge").stderr.strip().endswith("No data available")
+
+
+def test_without_the_shim_ioctls_are_enotty(tmp_path, verified_mount, monkeypatch):
+    monkeypatch.setenv("VERITYFUSE_NO_IOCTL_SHIM", "1")
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", b"x" * 5000)
+    m = verified_mount(src)
+    assert "fs-verity ioctls unavailable, answering ENOTTY: disabled by VERITYFUSE_NO_IOCTL_SHIM" in m.log()
+    assert fsv("measure", m.mountpoint / "f").stderr.strip().endswith("Inappropriate ioctl for device")
+    assert enable_error(m.mountpoint / "f") == "Inappropriate ioctl for device"
+    assert (m.mountpoint / "f").read_bytes() == b"x" * 5000  # still a verified mount
+    assert os.getxattr(m.mountpoint / "f", "user.fsverity.digest").startswith(b"sha256:")

@@ -6,7 +6,6 @@ assertions are on exact bytes and errnos; mounts are made through the
 """
 
 import errno
-import hashlib
 import os
 import random
 import signal

@@ -96,6 +96,7 @@ async def _serve(ops, mountpoint, readahead_kb):
 
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
+
         async def after_init():
             # The kernel applies the INIT reply's max_readahead over the bdi
             # setting; libfuse writes that reply right after ops.init()
@@ -103,7 +104,6 @@ async def _serve(ops, mountpoint, readahead_kb):
             while not ops.initialized:
                 await trio.sleep(0.01)
             set_readahead(mountpoint, readahead_kb)
-
 
         async def on_signals():
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:

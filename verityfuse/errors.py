@@ -67,10 +67,6 @@ class StoreCorrupt(Corruption):
     """A store entry that is truncated, altered or malformed."""
 
 
-class NotVerity(VerityError):
-    errno = _errno.ENODATA
-
-
 class Errno(VerityError):
     """A request refused with a specific errno (ioctl and FUSE_FSVERITY argument checks)."""
 

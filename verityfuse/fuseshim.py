@@ -3,8 +3,9 @@
 It must be loaded RTLD_GLOBAL before pyfuse3 is imported: pyfuse3 binds
 fuse_session_new when it is imported, and only a definition already in the
 global scope takes its place.  ``load`` refuses (returns None, with the
-reason) when that order cannot be had; the daemon then answers every ioctl
-with ENOTTY.
+reason) when that order cannot be had, when the shim was not built, or when
+VERITYFUSE_NO_IOCTL_SHIM is set; the daemon then answers every ioctl with
+ENOTTY.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class Request:
 
 def load():
     """Load the shim; returns (Shim or None, reason it could not be loaded)."""
+    if os.environ.get("VERITYFUSE_NO_IOCTL_SHIM"):
+        return None, "disabled by VERITYFUSE_NO_IOCTL_SHIM"
     if "pyfuse3" in sys.modules:
         return None, "pyfuse3 was imported before the ioctl shim could be loaded"
     spec = importlib.util.find_spec("verityfuse._fuseshim")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 # Verity state of an inode: UNKNOWN until first needed, then NOT_VERITY, a
 # verity state object, or the exception that made its metadata unusable.

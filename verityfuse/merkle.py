@@ -197,16 +197,6 @@ class Geometry:
     def tree_size(self) -> int:
         return self.tree_blocks * self.params.block_size
 
-    def hash_location(self, level: int, index: int):
-        """Where the hash of block ``index`` of ``level`` (-1 = data) is stored.
-
-        Returns (tree block number in serialized order, byte offset in it).
-        """
-        hpb = self.params.hashes_per_block
-        parent_level = level + 1
-        block = self.level_start[parent_level] + index // hpb
-        return block, (index % hpb) * self.params.alg.digest_size
-
 
 def make_descriptor(params: Params, data_size: int, root_hash: bytes, sig_size: int = 0) -> bytes:
     """The 256-byte fsverity_descriptor (sig_size must be 0 for hashing)."""
@@ -431,11 +421,3 @@ def build_tree(
     raw = make_descriptor(params, data_size, root)
     return Descriptor(params, data_size, root, raw)
 
-
-def digest_file(path, params: Params, threads=None) -> Descriptor:
-    """Convenience: the descriptor of the file at ``path`` (no tree kept)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return build_tree(fd, params, threads=threads)
-    finally:
-        os.close(fd)

@@ -234,7 +234,7 @@ class VerityOperations(pyfuse3.Operations):
         # The store is hidden when it lives inside SOURCE: (parent dev/ino, name).
         self.hidden = None
         sp = os.path.realpath(store.path)
-        if os.path.dirname(sp).startswith(self.source):
+        if sp.startswith(self.source + "/"):
             pst = os.stat(os.path.dirname(sp))
             self.hidden = ((pst.st_dev, pst.st_ino), os.fsencode(os.path.basename(sp)))
 
@@ -428,27 +428,23 @@ class VerityOperations(pyfuse3.Operations):
 
     # -- namespace --------------------------------------------------------
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    def _make(self, parent_inode, name, ctx, create):
+        """mknod/mkdir/symlink: ``create(dirfd)`` makes ``name``, owned by the caller."""
         p = self.inodes[parent_inode]
         self._check_name(p, name, errno.EEXIST)
-        os.mknod(name, mode, rdev, dir_fd=p.fd)
+        create(p.fd)
         self._chown_to_caller(p.fd, name, ctx)
         self._forget_path(p, name)
         return self._lookup(p, name)
 
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._make(parent_inode, name, ctx, lambda d: os.mknod(name, mode, rdev, dir_fd=d))
+
     async def mkdir(self, parent_inode, name, mode, ctx):
-        p = self.inodes[parent_inode]
-        self._check_name(p, name, errno.EEXIST)
-        os.mkdir(name, mode, dir_fd=p.fd)
-        self._chown_to_caller(p.fd, name, ctx)
-        return self._lookup(p, name)
+        return self._make(parent_inode, name, ctx, lambda d: os.mkdir(name, mode, dir_fd=d))
 
     async def symlink(self, parent_inode, name, target, ctx):
-        p = self.inodes[parent_inode]
-        self._check_name(p, name, errno.EEXIST)
-        os.symlink(target, name, dir_fd=p.fd)
-        self._chown_to_caller(p.fd, name, ctx)
-        return self._lookup(p, name)
+        return self._make(parent_inode, name, ctx, lambda d: os.symlink(target, name, dir_fd=d))
 
     def _forget_path(self, parent: Inode, name: bytes):
         """A new file at this path is not the sealed one: drop a stale index entry."""

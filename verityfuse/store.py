@@ -203,7 +203,7 @@ class Store:
             fd = os.open("VERSION", _O_FILE, dir_fd=self.rootfd)
         except FileNotFoundError:
             if not create:
-                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
+                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store") from None
             self._atomic_write((), "VERSION", VERSION_TEXT)
             return
         except OSError as e:
@@ -336,13 +336,6 @@ class Store:
     def _object_parts(self, alg: merkle.HashAlg, digest: bytes):
         hexd = digest.hex()
         return ("objects", alg.name, hexd[:2], hexd)
-
-    def has_object(self, alg, digest) -> bool:
-        fd = self._open_file(self._object_parts(alg, digest))
-        if fd is None:
-            return False
-        os.close(fd)
-        return True
 
     def open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
         """Open and validate the object for ``digest``; StoreCorrupt if it is not right."""

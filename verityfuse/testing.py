@@ -19,9 +19,10 @@ from .seal import open_regular, seal_fd, walk_files
 from .store import Store, default_store
 
 
-def seal_tree(source, paths=None, store=None, params: merkle.Params = merkle.Params()):
+def seal_tree(source, paths=None, store=None, params: Optional[merkle.Params] = None):
     """Seal ``paths`` (default: every regular file) under ``source``; returns {relpath: digest text}."""
     source = str(source)
+    params = params or merkle.Params()
     out = {}
     with Store(str(store) if store else default_store(source), create=True) as st:
         rels = [os.path.relpath(os.path.join(source, p), source) for p in paths] \
