@@ -1,0 +1,92 @@
+"""The verifier without FUSE: tree-block caching, bounded memory, blast radius."""
+
+import os
+
+import pytest
+
+from verityfuse import merkle
+from verityfuse.errors import IntegrityError
+from verityfuse.reader import VerifiedReader
+from verityfuse.seal import open_regular, seal_fd
+from verityfuse.store import Store
+from verityfuse.verify import TreeBlockCache, Verifier
+from conftest import write
+
+B = 1024  # small blocks: three levels on a small file
+PARAMS = merkle.Params(merkle.SHA256, B)
+
+
+class CountingTree:
+    """A StoredTree that counts the tree blocks read (and so hashed)."""
+
+    def __init__(self, tree):
+        self.tree, self.reads = tree, []
+        self.descriptor, self.geometry = tree.descriptor, tree.geometry
+
+    def read_tree_block(self, index):
+        self.reads.append(index)
+        return self.tree.read_tree_block(index)
+
+
+@pytest.fixture
+def sealed(tmp_path):
+    data = os.urandom(B * 32 * 32 * 3 + 100)  # 3073 data blocks, 97 leaf + 4 + 1 tree blocks
+    path = write(tmp_path / "f", data)
+    with Store(str(tmp_path / "store"), create=True) as st:
+        fd = open_regular(path)
+        e = seal_fd(st, fd, "f", PARAMS)
+        os.close(fd)
+        tree = st.open_object(e.alg, e.digest)
+    yield path, data, tree
+    tree.close()
+
+
+def test_sequential_read_hashes_each_tree_block_once(sealed):
+    path, data, tree = sealed
+    geo = tree.geometry
+    assert geo.level_blocks == (97, 4, 1)
+    counting = CountingTree(tree)
+    v = Verifier(counting, TreeBlockCache(), "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, v, "f")
+        out = b"".join(bytes(r.read(off, B)) for off in range(0, len(data), B))
+    finally:
+        os.close(fd)
+    assert out == data
+    assert sorted(counting.reads) == list(range(geo.tree_blocks))  # every tree block exactly once
+
+
+def test_cache_stays_within_its_budget(sealed):
+    path, data, tree = sealed
+    cache = TreeBlockCache(max_bytes=4 * B)
+    counting = CountingTree(tree)
+    v = Verifier(counting, cache, "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, v, "f")
+        for off in range(0, len(data), 7 * B):
+            r.read(off, B)
+            assert cache.bytes <= 4 * B
+    finally:
+        os.close(fd)
+    v.close()
+    assert cache.bytes == 0
+
+
+def test_blast_radius_of_a_corrupt_data_block(sealed):
+    path, data, tree = sealed
+    with open(path, "r+b") as f:
+        f.seek(500 * B + 3)
+        f.write(b"\x00" if data[500 * B + 3] else b"\x01")
+    v = Verifier(tree, TreeBlockCache(), "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, v, "f")
+        with pytest.raises(IntegrityError) as e:
+            r.read(499 * B, 3 * B)  # a read spanning it fails whole: never a short read
+        assert e.value.offset == 500 * B
+        assert bytes(r.read(499 * B, B)) == data[499 * B:500 * B]
+        assert bytes(r.read(501 * B, B)) == data[501 * B:502 * B]
+    finally:
+        os.close(fd)
