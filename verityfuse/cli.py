@@ -1,4 +1,4 @@
-"""Command line: digest, seal, verify, mount, umount.
+"""Command line: digest, seal, verify, mount, umount, dump-metadata, keygen, measure-manifest.
 
 Exit codes follow fsverity-utils: 0 success, 1 error, 2 usage error.
 Errors are printed as ``ERROR: <message>`` on stderr.
@@ -7,20 +7,17 @@ Errors are printed as ``ERROR: <message>`` on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 
 from . import merkle
-from .errors import Corruption, IntegrityError, InvalidParameters, VerityError
+from .errors import IntegrityError, InvalidParameters, VerityError
 from .store import Store, default_store
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    pass
 
 
 def error(msg: str):
@@ -277,8 +274,6 @@ def cmd_verify(args) -> int:
 
 def cmd_dump_metadata(args) -> int:
     """Like `fsverity dump_metadata`, through the mount's control xattrs."""
-    import errno as errno_
-
     if (args.offset is None) != (args.length is None):
         error("--offset and --length must be given together")
         return EXIT_USAGE
@@ -298,7 +293,7 @@ def cmd_dump_metadata(args) -> int:
             whole = os.getxattr(args.file, f"user.fsverity.{args.type}")
             data = whole[offset:] if length is None else whole[offset:offset + length]
     except OSError as e:
-        if e.errno == errno_.ENODATA:
+        if e.errno == errno.ENODATA:
             what = "has no signature" if args.type == "signature" else "is not a verity file"
             error(f"'{args.file}' {what} (or is not on a verityfuse mount)")
         else:
@@ -368,7 +363,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (InvalidParameters, Corruption, VerityError) as e:
+    except VerityError as e:
         error(str(e))
         if isinstance(e, InvalidParameters) and args.command == "digest":
             error("failed to compute digest")

@@ -13,7 +13,6 @@ read chunks in flight, whatever the file size.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import os
 from collections import deque
@@ -397,6 +396,8 @@ def build_tree(
                 progress(offset + len(buf))
         root = builder.finish()
     else:
+        import concurrent.futures  # here: its import costs start-up time every command pays
+
         with concurrent.futures.ThreadPoolExecutor(threads, "verity-hash") as pool:
             inflight = deque()
 

@@ -24,7 +24,6 @@ import json
 import os
 import stat
 import struct
-import uuid
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -271,7 +270,7 @@ class Store:
     def _create_tmp(self):
         tmpfd = self._open_dirs(("tmp",), create=True)
         try:
-            name = f"{os.getpid()}.{uuid.uuid4().hex}"
+            name = f"{os.getpid()}.{os.urandom(8).hex()}"
             fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600, dir_fd=tmpfd)
         finally:
