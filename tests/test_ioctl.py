@@ -262,3 +262,25 @@ def test_without_the_shim_ioctls_are_enotty(tmp_path, verified_mount, monkeypatc
     assert enable_error(m.mountpoint / "f") == "Inappropriate ioctl for device"
     assert (m.mountpoint / "f").read_bytes() == b"x" * 5000  # still a verified mount
     assert os.getxattr(m.mountpoint / "f", "user.fsverity.digest").startswith(b"sha256:")
+
+
+def test_enable_on_read_only_mount_and_across_remount(tmp_path, verified_mount):
+    """generic/572: ro remount -> EROFS; 100000 random bytes keep contents, size and
+    digest across a remount after enable."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(100000)
+    write(src / "f", data)
+    ro = verified_mount(src, seal=False, options=["ro"])
+    assert enable_error(ro.mountpoint / "f") == "Read-only file system"
+    ro.unmount()
+    m = verified_mount(src, seal=False)
+    fsv("enable", m.mountpoint / "f", check=True)
+    digest = fsv("measure", m.mountpoint / "f", check=True).stdout.split()[0]
+    m.unmount()
+    m2 = verified_mount(src, seal=False)
+    f = m2.mountpoint / "f"
+    assert fsv("measure", f, check=True).stdout.split()[0] == digest
+    assert os.stat(f).st_size == 100000 and f.read_bytes() == data
+    with pytest.raises(PermissionError):
+        open(f, "r+b")
