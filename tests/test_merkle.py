@@ -220,3 +220,28 @@ def test_file_changing_size_while_hashing_is_an_error(tmp_path):
             merkle.build_tree(fd, merkle.Params(), data_size=5000)
     finally:
         os.close(fd)
+
+
+def test_native_hasher_is_built():
+    """The install must have built _hashblocks (the fast path); this catches a silent
+    build failure of the optional extension."""
+    assert merkle.NATIVE or os.environ.get("VERITYFUSE_PURE_PYTHON"), (
+        "verityfuse._hashblocks was not built: install gcc and libssl-dev, then reinstall")
+
+
+def test_pure_python_fallback_gives_the_same_digests(tmp_path):
+    import subprocess
+    import sys
+    code = """
+import os, sys
+from verityfuse import merkle
+assert not merkle.NATIVE
+data = bytes(((i % 11) + (i % 439) + (i % 1103)) & 0xff for i in range(1000000))
+fd = os.memfd_create("v"); os.write(fd, data)
+for params in (merkle.Params(), merkle.Params(merkle.SHA512, 4096, b"abcd")):
+    print(merkle.build_tree(fd, params, threads=2).digest.hex())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, VERITYFUSE_PURE_PYTHON="1"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [UTILS_VECTORS[0][4], UTILS_VECTORS[-1][4]]
