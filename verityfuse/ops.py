@@ -173,7 +173,7 @@ def _fail(err: int):
 
 
 def _boundary(fn):
-    """The one place where errors become errnos."""
+    """Every handler's errors become errnos here (see ``_errno_of``)."""
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
@@ -181,14 +181,8 @@ def _boundary(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except Corruption as e:
-            self.integrity_log.warn((type(e).__name__, str(e)), f"integrity failure: {e}")
-            raise pyfuse3.FUSEError(e.errno) from None
-        except VerityError as e:
-            log.debug("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (VerityError, OSError) as e:
+            raise pyfuse3.FUSEError(self._errno_of(e, fn.__name__)) from None
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -239,6 +233,18 @@ class VerityOperations(pyfuse3.Operations):
             self.hidden = ((pst.st_dev, pst.st_ino), os.fsencode(os.path.basename(sp)))
 
     # -- helpers ----------------------------------------------------------
+
+    def _errno_of(self, e: Exception, what: str) -> int:
+        """The one mapping from a core error or OSError to an errno.
+
+        Integrity failures are logged here, once per block, whichever request
+        (read, open, ioctl, enable) ran into them.
+        """
+        if isinstance(e, Corruption):
+            self.integrity_log.warn((type(e).__name__, str(e)), f"integrity failure: {e}")
+        elif isinstance(e, VerityError):
+            log.debug("%s: %s", what, e)
+        return e.errno or errno.EIO
 
     def _drop_verity(self, inode: Inode):
         if isinstance(inode.verity, VerityState):
@@ -715,14 +721,8 @@ class VerityOperations(pyfuse3.Operations):
                 # caller's memory, which a FUSE server cannot write.
                 return errno.ENOTTY
             return 0
-        except Corruption as e:
-            self.integrity_log.warn((type(e).__name__, str(e)), f"integrity failure: {e}")
-            return e.errno
-        except VerityError as e:
-            log.debug("ioctl %#x on inode %d: %s", cmd, ino, e)
-            return e.errno
-        except OSError as e:
-            return e.errno or errno.EIO
+        except (VerityError, OSError) as e:
+            return self._errno_of(e, f"ioctl {cmd:#x} on inode {ino}")
 
     def _flags(self, i: Inode, fh) -> int:
         """FS_IOC_GETFLAGS: the backing file's classic flags, plus FS_VERITY_FL."""
@@ -811,10 +811,8 @@ class VerityOperations(pyfuse3.Operations):
         except merkle.Cancelled:
             log.info("enable of %s interrupted; nothing committed", rel)
             request.error(errno.EINTR)
-        except VerityError as e:
-            request.error(e.errno)
-        except OSError as e:
-            request.error(e.errno or errno.EIO)
+        except (VerityError, OSError) as e:
+            request.error(self._errno_of(e, f"enable of {rel}"))
         except BaseException:
             request.error(errno.EIO)
             raise
