@@ -134,3 +134,36 @@ def test_daemon_handler_through_inode(tmp_path, verified_mount):
     by_name = {v["name"]: v for v in VECTORS["vectors"]}
     want = op.decode_reply(bytes.fromhex(by_name["get descriptor"]["reply"]))[0]
     assert os.getxattr(m.mountpoint / "f", "user.fsverity.descriptor") == want
+
+
+def test_daemon_handler_enable_without_a_mount(tmp_path):
+    """ENABLE through the daemon's bytes handler takes the same path as the ioctl."""
+    from verityfuse import ioctl, merkle
+    from verityfuse.ops import VerityOperations
+    from verityfuse.store import Store
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", pattern(100000))
+    os.mkdir(src / "d")
+    with Store(str(src / ".verityfuse"), create=True) as st:
+        ops = VerityOperations(str(src), st)
+        try:
+            ino = ops._lookup(ops.inodes.root, b"f").st_ino
+            dino = ops._lookup(ops.inodes.root, b"d").st_ino
+            enable = op.encode_request(op.OP_ENABLE, 0, 130,
+                                       ioctl.pack_enable(merkle.Params(salt=b"ab")))
+            assert op.handle(enable, op.MemoryTarget(b"")) == ops.fsverity(ino, enable)
+            with pytest.raises(Errno) as e:
+                ops.fsverity(ino, enable)
+            assert e.value.errno == errno.EEXIST
+            with pytest.raises(Errno) as e:
+                ops.fsverity(dino, enable)
+            assert e.value.errno == errno.EISDIR
+            desc = op.decode_reply(ops.fsverity(ino, op.encode_request(op.OP_GET_DESCRIPTOR, 0, 256)))[0]
+            subprocess.run([FSVERITY, "digest", "--salt=6162", src / "f", f"--out-descriptor={tmp_path}/d"],
+                           check=True, capture_output=True)
+            assert desc == (tmp_path / "d").read_bytes()
+            assert st.get_entry("f").digest == merkle.file_digest(merkle.SHA256, desc)
+        finally:
+            ops.shutdown()

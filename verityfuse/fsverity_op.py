@@ -46,7 +46,9 @@ class Target:
     def metadata(self) -> Optional[Metadata]:
         raise NotImplementedError
 
-    def enable(self, params: merkle.Params, signature: bytes) -> None:
+    def enable(self, arg: "ioctl.EnableArg") -> None:
+        """Enable verity with a parsed fsverity_enable_arg, or raise Errno: the
+        target applies the enable rules (EEXIST, parameters, ...)."""
         raise NotImplementedError
 
 
@@ -90,10 +92,7 @@ def handle(request: bytes, target: Target) -> bytes:
     if op == OP_ENABLE:
         if offset or size != len(payload):
             raise Errno(errno.EINVAL, "ENABLE: offset must be 0 and size the payload length")
-        arg = ioctl.parse_enable(payload)
-        if target.metadata() is not None:
-            raise Errno(errno.EEXIST, "already a verity file")
-        target.enable(ioctl.enable_params(arg), arg.signature)
+        target.enable(ioctl.parse_enable(payload))
         return OUT.pack(0, 0, 0)
 
     md = target.metadata()
@@ -123,12 +122,17 @@ class MemoryTarget(Target):
         self.data = data
         self.md = None
         if params is not None:
-            self.enable(params, signature)
+            self._build(params, signature)
 
     def metadata(self):
         return self.md
 
-    def enable(self, params, signature):
+    def enable(self, arg):
+        if self.md is not None:
+            raise Errno(errno.EEXIST, "already a verity file")
+        self._build(ioctl.enable_params(arg), arg.signature)
+
+    def _build(self, params, signature):
         import os
 
         tree = bytearray()

@@ -108,23 +108,18 @@ class InodeTarget(fsverity_op.Target):
         v = self.ops._resolve(self.inode) if self.inode.is_reg else NOT_VERITY
         return None if v is NOT_VERITY else v.metadata()
 
-    def enable(self, params, signature):
-        """Synchronous enable (the bytes handler); clients use FS_IOC_ENABLE_VERITY."""
-        from .seal import seal_fd
-
-        i = self.inode
-        if not i.is_reg:
-            raise Errno(errno.EISDIR if stat.S_ISDIR(i.mode) else errno.EINVAL, "not a regular file")
-        if i.writers:
-            raise Errno(errno.ETXTBSY, "open for writing")
-        if i.enabling:
-            raise Errno(errno.EBUSY, "enable already running")
-        rel = self.ops._relpath(i)
+    def enable(self, arg):
+        """Synchronous enable (the bytes handler); clients use FS_IOC_ENABLE_VERITY,
+        which runs the same checks, build and commit off the trio thread."""
+        i, ops = self.inode, self.ops
         fd = os.open(i.proc_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            entry = seal_fd(self.ops.store, fd, rel, params, signature,
-                            check=lambda d: self.ops._check_signature(signature, d.params.alg, d.digest))
-            self.ops.make_verity(i, entry)
+            params, rel = ops._check_enable(i, fd, arg)
+            i.enabling = True
+            try:
+                ops._finish_enable(i, ops._seal(fd, rel, params, arg.signature))
+            finally:
+                i.enabling = False
         finally:
             os.close(fd)
 
@@ -707,7 +702,9 @@ class VerityOperations(pyfuse3.Operations):
         try:
             i = self.inodes[ino]
             if cmd in vioctl.GETFLAGS_CMDS:
-                request.reply(vioctl.getflags_reply(self._flags(i, fh))[:out_size])
+                h = self.handles.get(fh)
+                flags = self._flags(i, h.fd if h is not None else None)
+                request.reply(vioctl.getflags_reply(flags)[:out_size])
             elif cmd == uapi.FS_IOC_MEASURE_VERITY:
                 v = self._resolve(i) if i.is_reg else NOT_VERITY
                 if v is NOT_VERITY:
@@ -724,14 +721,14 @@ class VerityOperations(pyfuse3.Operations):
         except (VerityError, OSError) as e:
             return self._errno_of(e, f"ioctl {cmd:#x} on inode {ino}")
 
-    def _flags(self, i: Inode, fh) -> int:
-        """FS_IOC_GETFLAGS: the backing file's classic flags, plus FS_VERITY_FL."""
+    def _flags(self, i: Inode, fd: Optional[int]) -> int:
+        """FS_IOC_GETFLAGS: the backing file's classic flags (read through the open
+        ``fd``, if any), plus FS_VERITY_FL."""
         flags = 0
-        h = self.handles.get(fh)
-        if h is not None:
+        if fd is not None:
             buf = bytearray(8)
             try:
-                fcntl.ioctl(h.fd, uapi.FS_IOC_GETFLAGS, buf)
+                fcntl.ioctl(fd, uapi.FS_IOC_GETFLAGS, buf)
                 flags = int.from_bytes(buf[:4], "little") & vioctl.PASSTHROUGH_FLAGS
             except OSError:
                 pass  # tmpfs and others have no flags: none to report
@@ -756,16 +753,27 @@ class VerityOperations(pyfuse3.Operations):
         return bool(st.st_mode & stat.S_IWOTH)
 
     def _start_enable(self, request: Request, i: Inode, fh, data: bytes):
-        """FS_IOC_ENABLE_VERITY: every check of fs/verity/enable.c, in its order."""
+        """FS_IOC_ENABLE_VERITY: every check of fs/verity/enable.c, in its order,
+        then the build in a worker thread; the request is answered from there."""
         arg = vioctl.parse_enable(data)                          # EINVAL, EMSGSIZE
         if not self._may_write(i, *self.shim.ctx(request.req)):
             raise Errno(errno.EACCES, "no write permission")
         h = self.handles.get(fh)
+        params, rel = self._check_enable(i, h.fd if isinstance(h, Handle) else None, arg)
+        i.enabling = True
+        fd = os.dup(h.fd)  # the caller's fd may be released once we reply
+        self.nursery.start_soon(self._enable, request, i, fd, rel, params, arg.signature)
+
+    def _check_enable(self, i: Inode, fd: Optional[int], arg: vioctl.EnableArg):
+        """enable.c's checks after permission, in its order; returns (params, path).
+
+        ``fd`` is the file open for reading (None if the request has none).
+        """
         if stat.S_ISDIR(i.mode):
             raise Errno(errno.EISDIR, "is a directory")
-        if not i.is_reg or not isinstance(h, Handle):
+        if not i.is_reg or fd is None:
             raise Errno(errno.EINVAL, "not a regular file")
-        if self._flags(i, fh) & (vioctl.FS_APPEND_FL | vioctl.FS_IMMUTABLE_FL):
+        if self._flags(i, fd) & (vioctl.FS_APPEND_FL | vioctl.FS_IMMUTABLE_FL):
             raise Errno(errno.EPERM, "append-only or immutable")
         if self.read_only:
             raise Errno(errno.EROFS, "read-only mount")
@@ -783,30 +791,32 @@ class VerityOperations(pyfuse3.Operations):
         rel = self._relpath(i)
         if not rel:
             raise Errno(errno.ENOENT, "file has no name under the source")
-        i.enabling = True
-        fd = os.dup(h.fd)  # the caller's fd may be released once we reply
-        self.nursery.start_soon(self._enable, request, i, fd, rel, params, arg.signature)
+        return params, rel
+
+    def _seal(self, fd: int, rel: str, params: merkle.Params, signature: bytes, cancel=None):
+        """Build and commit the tree; a signature that does not verify commits nothing."""
+        from .seal import seal_fd
+
+        return seal_fd(self.store, fd, rel, params, signature, cancel=cancel,
+                       check=lambda d: self._check_signature(signature, d.params.alg, d.digest))
+
+    def _finish_enable(self, i: Inode, entry: IndexEntry):
+        """The inode is verity from now on, files already open included."""
+        self.make_verity(i, entry)
+        for h in self.handles.values():
+            if isinstance(h, Handle) and h.inode is i and h.reader is None:
+                h.reader = VerifiedReader(h.fd, i.verity.verifier, entry.path)
+        log.info("verity enabled on %s: %s", entry.path, entry.digest_text)
 
     async def _enable(self, request: Request, i: Inode, fd: int, rel: str,
                       params: merkle.Params, signature: bytes):
         """Build the tree off the trio thread, commit, answer (exactly once)."""
-        from .seal import seal_fd
-
         def cancel():
             return self.stopping or request.interrupted()
 
-        def check(desc):
-            self._check_signature(signature, desc.params.alg, desc.digest)
-
         try:
-            entry = await trio.to_thread.run_sync(
-                functools.partial(seal_fd, self.store, fd, rel, params, signature, check=check,
-                                  cancel=cancel))
-            self.make_verity(i, entry)
-            for h in self.handles.values():  # files already open are verified from now on
-                if isinstance(h, Handle) and h.inode is i and h.reader is None:
-                    h.reader = VerifiedReader(h.fd, i.verity.verifier, rel)
-            log.info("verity enabled on %s: %s", rel, entry.digest_text)
+            entry = await trio.to_thread.run_sync(self._seal, fd, rel, params, signature, cancel)
+            self._finish_enable(i, entry)
             request.reply()
         except merkle.Cancelled:
             log.info("enable of %s interrupted; nothing committed", rel)
