@@ -328,3 +328,20 @@ def test_fsverity_signatures_generic_577(tmp_path, certs, verified_mount):
     write(src / "new", b"n")
     r = subprocess.run(["fsverity", "enable", m3.mountpoint / "new"], capture_output=True, text=True)
     assert "Operation not permitted" in r.stderr
+
+
+def test_manifest_in_source_does_not_list_itself_and_bad_key_fails_first(tmp_path, key):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"a" * 5000)
+    m = src / "manifest.json"
+    for _ in range(2):  # the second run finds the first run's manifest in SOURCE
+        r = vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "key.pem")
+        assert r.returncode == 0, r.stderr
+        assert "manifest.json" not in r.stdout
+    assert list(mf.load(str(m), [key.public_key()]).entries) == ["a"]
+    write(src / "b", b"b")
+    r = vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "missing.pem")
+    assert r.returncode == 1
+    assert r.stderr == f"ERROR: {tmp_path}/missing.pem: No such file or directory\n"
+    assert r.stdout == ""  # nothing was sealed before the key was refused

@@ -161,6 +161,10 @@ def cmd_seal(args) -> int:
     if not os.path.isdir(args.source):
         error(f"'{args.source}' is not a directory")
         return EXIT_ERROR
+    key = None
+    if args.sign_key:  # before any hashing: a bad key should cost nothing
+        from . import manifest
+        key = manifest.load_private_key(args.sign_key)
     with open_store(args, create=True) as store:
         store.cleanup_tmp()
         if args.paths:
@@ -173,6 +177,9 @@ def cmd_seal(args) -> int:
                 rels.append(rel)
         else:
             rels = walk_files(args.source, store)
+            if args.manifest:  # a manifest kept in SOURCE does not list itself
+                own = os.path.realpath(args.manifest)
+                rels = [r for r in rels if os.path.realpath(os.path.join(args.source, r)) != own]
         status = 0
         sealed = []
         for rel in rels:
@@ -197,24 +204,23 @@ def cmd_seal(args) -> int:
             sealed.append(entry)
             print(f"{entry.digest_text} {full}", flush=True)
         if args.manifest:
-            write_manifest(args, sealed, params)
+            write_manifest(args.manifest, sealed, params, key)
     return status
 
 
-def write_manifest(args, sealed, params):
-    """The signed manifest of what this run sealed, written atomically."""
+def write_manifest(path, sealed, params, key):
+    """The manifest of what this run sealed, signed with ``key`` if given, written atomically."""
     from . import manifest
 
-    key = manifest.load_private_key(args.sign_key) if args.sign_key else None
     payload = manifest.make_payload(
         manifest.Entry(e.path, e.alg, e.digest, params.block_size, params.salt) for e in sealed)
-    tmp = f"{args.manifest}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(manifest.sign(payload, key))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, args.manifest)
-    print(f"manifest {args.manifest}: {len(sealed)} files, {manifest.manifest_digest(payload)}"
+    os.replace(tmp, path)
+    print(f"manifest {path}: {len(sealed)} files, {manifest.manifest_digest(payload)}"
           + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
 
 
@@ -367,6 +373,9 @@ def main(argv=None) -> int:
         error(str(e))
         if isinstance(e, InvalidParameters) and args.command == "digest":
             error("failed to compute digest")
+        return EXIT_ERROR
+    except OSError as e:  # a missing key, manifest or store file, a full disk...
+        error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
