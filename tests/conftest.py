@@ -40,5 +40,18 @@ def fsverity_digest(path, *opts, tree=None, desc=None):
     return out, t, ds
 
 
-requires_fsverity = pytest.mark.skipif(FSVERITY is None and not os.environ.get("CI"),
-                                       reason="fsverity-utils is not installed")
+def drop_caches():
+    """Drop the page cache, so that the next read reaches the daemon."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def flip(path, offset, data=None):
+    """Overwrite bytes at ``offset`` with ``data``, or invert the byte there."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        if data is None:
+            data = bytes([f.read(1)[0] ^ 0xFF])
+            f.seek(offset)
+        f.write(data)
+

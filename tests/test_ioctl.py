@@ -17,8 +17,8 @@ import pytest
 from verityfuse import ioctl, merkle
 from verityfuse.errors import Errno
 from verityfuse.store import Store
-from conftest import pattern, write
-from test_mount import drop_caches, flip, pread_errno
+from conftest import drop_caches, flip, pattern, write
+from test_mount import pread_errno
 
 
 def fsv(*args, check=False):

@@ -16,25 +16,10 @@ import time
 import pytest
 
 from verityfuse.store import TREE_OFFSET, Store
-from conftest import write
+from conftest import drop_caches, flip, write
 
 B = 4096
 HPB = B // 32  # hashes per tree block, sha256
-
-
-def drop_caches():
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def flip(path, offset, data=None):
-    """Overwrite bytes at ``offset`` with ``data``, or invert the byte there."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        if data is None:
-            data = bytes([f.read(1)[0] ^ 0xFF])
-            f.seek(offset)
-        f.write(data)
 
 
 def pread_errno(path, offset, size):
@@ -58,8 +43,7 @@ def run_err(*cmd):
 def object_file(src, rel):
     with Store(str(src / ".verityfuse")) as st:
         e = st.get_entry(rel)
-        h = e.digest.hex()
-        return os.path.join(st.path, "objects", e.alg.name, h[:2], h)
+        return st.object_path(e.alg, e.digest)
 
 
 SIZES = {"empty": 0, "one": 1, "bm1": B - 1, "b": B, "bp1": B + 1,

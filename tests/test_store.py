@@ -8,10 +8,10 @@ import pytest
 
 from verityfuse import merkle
 from verityfuse.errors import StoreCorrupt
-from verityfuse.seal import open_regular, seal_fd, verify_entry
+from verityfuse.seal import seal_path, verify_entry
 from verityfuse.store import TREE_OFFSET, Store
 from verityfuse.verify import TreeBlockCache
-from conftest import fsverity_digest, pattern, write
+from conftest import flip, fsverity_digest, pattern, write
 
 PARAMS = merkle.Params(merkle.SHA256, 1024)
 
@@ -28,16 +28,11 @@ def src(tmp_path):
 
 
 def seal(store, src, rel, params=PARAMS):
-    fd = open_regular(os.path.join(src, rel))
-    try:
-        return seal_fd(store, fd, rel, params)
-    finally:
-        os.close(fd)
+    return seal_path(store, str(src), rel, params)
 
 
 def object_path(store, entry):
-    h = entry.digest.hex()
-    return os.path.join(store.path, "objects", entry.alg.name, h[:2], h)
+    return store.object_path(entry.alg, entry.digest)
 
 
 def test_seal_roundtrip_matches_fsverity_utils(src, tmp_path):
@@ -84,11 +79,7 @@ def test_flipped_tree_byte_fails_verification_not_silently(src, tmp_path):
     with Store(str(tmp_path / "store"), create=True) as st:
         e = seal(st, src, "big")
         p = object_path(st, e)
-        with open(p, "r+b") as f:
-            f.seek(TREE_OFFSET + 1024 + 7)  # a leaf block
-            b = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([b[0] ^ 1]))
+        flip(p, TREE_OFFSET + 1024 + 7)  # a leaf block
         res = verify_entry(st, str(src), e, TreeBlockCache())
         assert "Merkle tree block (level 0, index 0)" in str(res.error)
 
@@ -97,9 +88,7 @@ def test_flipped_descriptor_byte_is_detected(src, tmp_path):
     with Store(str(tmp_path / "store"), create=True) as st:
         e = seal(st, src, "big")
         p = object_path(st, e)
-        with open(p, "r+b") as f:
-            f.seek(TREE_OFFSET - 256 + 20)  # inside root_hash
-            f.write(b"\xff")
+        flip(p, TREE_OFFSET - 256 + 20)  # inside root_hash
         with pytest.raises(StoreCorrupt, match="does not match its digest"):
             st.open_object(e.alg, e.digest)
 

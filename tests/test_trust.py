@@ -18,8 +18,8 @@ import pytest
 from verityfuse import manifest as mf
 from verityfuse import merkle
 from verityfuse.store import TREE_OFFSET, Store
-from conftest import write
-from test_mount import drop_caches, flip, object_file
+from conftest import drop_caches, flip, write
+from test_mount import object_file
 
 VF = [sys.executable, "-m", "verityfuse.cli"]
 

@@ -7,7 +7,7 @@ import pytest
 from verityfuse import merkle
 from verityfuse.errors import IntegrityError
 from verityfuse.reader import VerifiedReader
-from verityfuse.seal import open_regular, seal_fd
+from verityfuse.seal import seal_path
 from verityfuse.store import Store
 from verityfuse.verify import TreeBlockCache, Verifier
 from conftest import write
@@ -33,9 +33,7 @@ def sealed(tmp_path):
     data = os.urandom(B * 32 * 32 * 3 + 100)  # 3073 data blocks, 97 leaf + 4 + 1 tree blocks
     path = write(tmp_path / "f", data)
     with Store(str(tmp_path / "store"), create=True) as st:
-        fd = open_regular(path)
-        e = seal_fd(st, fd, "f", PARAMS)
-        os.close(fd)
+        e = seal_path(st, str(tmp_path), "f", PARAMS)
         tree = st.open_object(e.alg, e.digest)
     yield path, data, tree
     tree.close()

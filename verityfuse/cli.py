@@ -155,7 +155,7 @@ def open_store(args, create: bool) -> Store:
 
 
 def cmd_seal(args) -> int:
-    from .seal import open_regular, seal_fd, walk_files
+    from .seal import seal_path, walk_files
 
     params = params_from(args)
     if not os.path.isdir(args.source):
@@ -185,22 +185,16 @@ def cmd_seal(args) -> int:
         for rel in rels:
             full = os.path.join(args.source, rel)
             try:
-                fd = open_regular(full)
+                progress = Progress(full, os.lstat(full).st_size)
+                try:
+                    entry = seal_path(store, args.source, rel, params, threads=args.threads,
+                                      progress=progress)
+                finally:
+                    progress.close()
             except OSError as e:
-                error(f"can't open '{full}' for reading: {e.strerror}")
-                status = EXIT_ERROR
-                continue
-            progress = Progress(full, os.fstat(fd).st_size)
-            try:
-                entry = seal_fd(store, fd, rel, params, threads=args.threads, progress=progress)
-            except OSError as e:
-                progress.close()
                 error(f"can't seal '{full}': {e.strerror or e}")
                 status = EXIT_ERROR
                 continue
-            finally:
-                os.close(fd)
-            progress.close()
             sealed.append(entry)
             print(f"{entry.digest_text} {full}", flush=True)
         if args.manifest:

@@ -44,6 +44,15 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     return IndexEntry(normalize_relpath(relpath), params.alg, desc.digest, signature)
 
 
+def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
+    """Seal the regular file SOURCE/relpath (never through a final symlink)."""
+    fd = open_regular(os.path.join(source, relpath))
+    try:
+        return seal_fd(store, fd, relpath, params, **kw)
+    finally:
+        os.close(fd)
+
+
 def walk_files(source: str, store: Store) -> Iterator[str]:
     """Relative paths of every regular file under ``source``, store excluded."""
     st = os.stat(store.path)

@@ -336,10 +336,14 @@ class Store:
         hexd = digest.hex()
         return ("objects", alg.name, hexd[:2], hexd)
 
+    def object_path(self, alg: merkle.HashAlg, digest: bytes) -> str:
+        """Where the tree object of ``digest`` lives (for messages and tools)."""
+        return self._where(*self._object_parts(alg, digest))
+
     def open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
         """Open and validate the object for ``digest``; StoreCorrupt if it is not right."""
         parts = self._object_parts(alg, digest)
-        name = self._where(*parts)
+        name = self.object_path(alg, digest)
         fd = self._open_file(parts)
         if fd is None:
             raise StoreCorrupt(f"{name}: missing tree object for {merkle.format_digest(alg, digest)}")

@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 from . import merkle
-from .seal import open_regular, seal_fd, walk_files
+from .seal import seal_path, walk_files
 from .store import Store, default_store
 
 
@@ -28,11 +28,7 @@ def seal_tree(source, paths=None, store=None, params: Optional[merkle.Params] = 
         rels = [os.path.relpath(os.path.join(source, p), source) for p in paths] \
             if paths is not None else list(walk_files(source, st))
         for rel in rels:
-            fd = open_regular(os.path.join(source, rel))
-            try:
-                out[rel] = seal_fd(st, fd, rel, params).digest_text
-            finally:
-                os.close(fd)
+            out[rel] = seal_path(st, source, rel, params).digest_text
     return out
 
 
