@@ -388,3 +388,8 @@ def test_mount_errors_are_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "mount", tmp_path / "nope", tmp_path],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "is not a directory" in r.stderr
+    (tmp_path / "inner").mkdir()
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "mount", tmp_path, tmp_path / "inner"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and f"mount point '{tmp_path}/inner' is inside the source" in r.stderr
+    assert not os.path.ismount(tmp_path / "inner")

@@ -197,13 +197,17 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
 
 def cmd_mount(args) -> int:
     from .cli import error
-
     from .errors import VerityError
 
     for what, path in (("source", args.source), ("mount point", args.mountpoint)):
         if not os.path.isdir(path):
             error(f"{what} '{path}' is not a directory")
             return 1
+    if os.path.realpath(args.mountpoint).startswith(os.path.realpath(args.source) + "/"):
+        # A lookup of that directory through the mount would ask this daemon
+        # to open its own mount: it would wait on itself.
+        error(f"mount point '{args.mountpoint}' is inside the source '{args.source}'")
+        return 1
     try:
         trust = Trust(args)  # a bad manifest, key or cert: refuse before mounting
     except (VerityError, OSError) as e:
@@ -228,19 +232,22 @@ def cmd_mount(args) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1):
             os.dup2(devnull, fd)
+        pipe_open = [True]
+
         def ready():
             os.write(wfd, b"ok")
             os.close(wfd)
+            pipe_open[0] = False  # its number may be reused from here on
             os.dup2(devnull, 2)  # stderr stayed open for init errors only
 
         code = 1
         try:
             code = serve(args, trust, on_ready=ready)
         except Exception as e:
-            try:
+            # Before the mount was ready: tell the parent.  After it, serve()
+            # has logged the failure already.
+            if pipe_open[0]:
                 os.write(wfd, f"error: {e}".encode())
-            except OSError:
-                pass
         finally:
             os._exit(code)
     os.close(wfd)
