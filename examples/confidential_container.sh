@@ -71,12 +71,19 @@ attacker sh -c "mv '$share/app.bin' '$share/t' && mv '$share/lib/libx.so' '$shar
 echo 3 > /proc/sys/vm/drop_caches
 expect_refused "Input/output error" "$guest/app.bin"
 
-step "Attack 4: add a file that is not in the manifest"
-attacker sh -c "echo 'payload' > '$share/backdoor.sh'"
-expect_refused "Operation not permitted" "$guest/backdoor.sh"
+step "Attack 4: point lib/libx.so at a file outside the share with a symlink"
+attacker sh -c "rm -f '$share/lib/libx.so' && ln -s /etc/passwd '$share/lib/libx.so'"
+echo 3 > /proc/sys/vm/drop_caches
+expect_refused "Input/output error" "$guest/lib/libx.so"
+
+step "Attack 5: add a file, and change a file's mode"
+attacker sh -c "echo 'payload' > '$share/backdoor.sh' && chmod 4777 '$share/config'"
+expect_refused "No such file or directory" "$guest/backdoor.sh"
+ls "$guest"
+echo "config: mode $(stat -c %a "$guest/config") in the guest, $(stat -c %a "$share/config") on the share"
 verityfuse umount "$guest"
 
-step "Attack 5: replace the manifest with one signed by the host's own key"
+step "Attack 6: replace the manifest with one signed by the host's own key"
 verityfuse keygen "$work/host.pem" "$work/host.pub" >/dev/null
 verityfuse seal "$share" --manifest "$work/host-manifest.json" --sign-key "$work/host.pem" 2>/dev/null >/dev/null
 attacker cp "$work/host-manifest.json" "$share/manifest.json"
@@ -87,4 +94,5 @@ step "What the guest logged"
 grep -E "WARNING" "$work/guest.log" | sed 's/^[^]]*\] //' | head -8
 echo
 echo "Every attack was refused. The host can still deny service (delete files, fail"
-echo "reads); it cannot make the guest read bytes that do not hash up to the pinned digest."
+echo "reads); it cannot make the guest see a name, a mode, an owner, a link target or a"
+echo "byte that the pinned manifest does not vouch for."

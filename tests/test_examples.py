@@ -24,7 +24,8 @@ def test_demo():
 def test_confidential_container_flow():
     r = run(EXAMPLES / "confidential_container.sh")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("refused as expected") == 4
+    assert r.stdout.count("refused as expected") == 5
+    assert "config: mode 644 in the guest, 4777 on the share" in r.stdout
     assert "mount refused:" in r.stdout and "is not the pinned" in r.stdout
     assert "Every attack was refused." in r.stdout
 

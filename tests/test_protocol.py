@@ -141,16 +141,18 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
     from verityfuse import ioctl, merkle
     from verityfuse.ops import VerityOperations
     from verityfuse.store import Store
+    from verityfuse.verify import TreeBlockCache
+    from verityfuse.view_local import LocalView
 
     src = tmp_path / "src"
     src.mkdir()
     write(src / "f", pattern(100000))
     os.mkdir(src / "d")
     with Store(str(src / ".verityfuse"), create=True) as st:
-        ops = VerityOperations(str(src), st)
+        ops = VerityOperations(LocalView(str(src), st, TreeBlockCache()))
         try:
-            ino = ops._lookup(ops.inodes.root, b"f").st_ino
-            dino = ops._lookup(ops.inodes.root, b"d").st_ino
+            ino = ops.view.lookup(1, b"f").ino
+            dino = ops.view.lookup(1, b"d").ino
             enable = op.encode_request(op.OP_ENABLE, 0, 130,
                                        ioctl.pack_enable(merkle.Params(salt=b"ab")))
             assert op.handle(enable, op.MemoryTarget(b"")) == ops.fsverity(ino, enable)

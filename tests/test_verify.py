@@ -21,7 +21,7 @@ class CountingTree:
 
     def __init__(self, tree):
         self.tree, self.reads = tree, []
-        self.descriptor, self.geometry = tree.descriptor, tree.geometry
+        self.descriptor, self.geometry, self.digest = tree.descriptor, tree.geometry, tree.digest
 
     def read_tree_block(self, index):
         self.reads.append(index)
@@ -68,8 +68,22 @@ def test_cache_stays_within_its_budget(sealed):
             assert cache.bytes <= 4 * B
     finally:
         os.close(fd)
-    v.close()
-    assert cache.bytes == 0
+
+
+def test_verified_blocks_outlive_the_verifier_keyed_by_digest(sealed):
+    """A new Verifier of the same tree (an inode forgotten and looked up again, or
+    another file with the same content) reuses the verified blocks: no tree I/O."""
+    path, data, tree = sealed
+    cache = TreeBlockCache()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = CountingTree(tree)
+        VerifiedReader(fd, Verifier(first, cache, "f"), "f").read(0, len(data))
+        second = CountingTree(tree)
+        assert bytes(VerifiedReader(fd, Verifier(second, cache, "g"), "g").read(0, len(data))) == data
+    finally:
+        os.close(fd)
+    assert first.reads and second.reads == []
 
 
 def test_blast_radius_of_a_corrupt_data_block(sealed):

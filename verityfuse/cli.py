@@ -165,24 +165,21 @@ def cmd_seal(args) -> int:
     if args.sign_key:  # before any hashing: a bad key should cost nothing
         from . import manifest
         key = manifest.load_private_key(args.sign_key)
+    rels = None
+    if args.paths:
+        rels = []
+        for p in args.paths:
+            rel = os.path.relpath(os.path.abspath(p), os.path.abspath(args.source))
+            if rel == ".." or rel.startswith("../"):
+                error(f"'{p}' is not inside '{args.source}'")
+                return EXIT_ERROR
+            rels.append(rel)
     with open_store(args, create=True) as store:
         store.cleanup_tmp()
-        if args.paths:
-            rels = []
-            for p in args.paths:
-                rel = os.path.relpath(os.path.abspath(p), os.path.abspath(args.source))
-                if rel.startswith(".."):
-                    error(f"'{p}' is not inside '{args.source}'")
-                    return EXIT_ERROR
-                rels.append(rel)
-        else:
-            rels = walk_files(args.source, store)
-            if args.manifest:  # a manifest kept in SOURCE does not list itself
-                own = os.path.realpath(args.manifest)
-                rels = [r for r in rels if os.path.realpath(os.path.join(args.source, r)) != own]
+        if args.manifest:
+            return seal_manifest(args, store, params, key, rels)
         status = 0
-        sealed = []
-        for rel in rels:
+        for rel in rels if rels is not None else walk_files(args.source, store):
             full = os.path.join(args.source, rel)
             try:
                 progress = Progress(full, os.lstat(full).st_size)
@@ -195,35 +192,58 @@ def cmd_seal(args) -> int:
                 error(f"can't seal '{full}': {e.strerror or e}")
                 status = EXIT_ERROR
                 continue
-            sealed.append(entry)
             print(f"{entry.digest_text} {full}", flush=True)
-        if args.manifest:
-            write_manifest(args.manifest, sealed, params, key)
     return status
 
 
-def write_manifest(path, sealed, params, key):
-    """The manifest of what this run sealed, signed with ``key`` if given, written atomically."""
-    from . import manifest
+def seal_manifest(args, store, params, key, rels) -> int:
+    """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
+    from . import manifest, manifest_tree
+    from .seal import ManifestRecorder
 
-    payload = manifest.make_payload(
-        manifest.Entry(e.path, e.alg, e.digest, params.block_size, params.salt) for e in sealed)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    def warn(msg):
+        print(f"WARNING: {msg}", file=sys.stderr)
+
+    def report(entry, full):
+        print(f"{entry['digest']} {full}", flush=True)
+
+    rec = ManifestRecorder(args.source, store, params, skip_paths=[args.manifest], warn=warn,
+                           report=report, progress=Progress, threads=args.threads)
+    if rels is None or "." in rels:
+        rec.add(".")
+    else:
+        existing = []
+        if os.path.exists(args.manifest):
+            env, payload = manifest.read_envelope(args.manifest)
+            if key is not None:
+                # Re-signing must not launder entries this key never vouched for.
+                manifest.check_signatures(args.manifest, env, payload, [key.public_key()])
+            existing = list(manifest_tree.iter_entries(payload, args.manifest))
+        rec.update(existing, rels)
+    if rec.failed:
+        error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
+        return EXIT_ERROR
+    payload = manifest_tree.make_payload(rec.entries.values())
+    manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
+    tmp = f"{args.manifest}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(manifest.sign(payload, key))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    print(f"manifest {path}: {len(sealed)} files, {manifest.manifest_digest(payload)}"
+    os.replace(tmp, args.manifest)
+    files = sum(1 for e in rec.entries.values() if e["type"] == "file")
+    print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), "
+          f"{manifest.manifest_digest(payload)}"
           + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
+    return 0
 
 
 def cmd_measure_manifest(args) -> int:
     """The manifest digest, the one value a remote verifier pins."""
-    from . import manifest
+    from . import manifest, manifest_tree
 
     _, payload = manifest.read_envelope(args.manifest)
-    manifest.parse_payload(payload, args.manifest)  # refuse to measure garbage
+    manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
     print(manifest.manifest_digest(payload))
     return 0
 

@@ -125,23 +125,42 @@ class Trust:
 
     def __init__(self, args):
         from . import manifest, signature
+        from .errors import ManifestError
 
         self.manifest = None
         if args.manifest:
+            if args.trust_cert or args.require_signatures:
+                raise ManifestError("--trust-cert and --require-signatures are for local mode; "
+                                    "with --manifest the manifest's signature is the trust")
             keys = [manifest.load_public_key(k) for k in args.trust_key or ()]
             self.manifest = manifest.load(args.manifest, keys, args.manifest_digest)
         elif args.trust_key or args.manifest_digest:
-            raise manifest.ManifestError("--trust-key and --manifest-digest need --manifest")
+            raise ManifestError("--trust-key and --manifest-digest need --manifest")
         self.certs = signature.load_certificates(args.trust_cert or ())
 
 
-def warn_missing(source: str, m) -> None:
-    """A file the manifest lists but SOURCE lacks: deleted on the untrusted side."""
-    missing = [p for p in m.entries if not os.path.lexists(os.path.join(source, p))]
-    for p in missing[:20]:
-        log.warning("manifest lists %s, which is missing from %s", p, source)
-    if len(missing) > 20:
-        log.warning("... and %d more files of the manifest are missing", len(missing) - 20)
+def make_view(args, trust: "Trust", options):
+    """The view for this trust mode, and the store it reads."""
+    from .store import Store, default_store
+    from .verify import TreeBlockCache
+
+    cache = TreeBlockCache(args.cache_size << 20) if args.cache_size else TreeBlockCache()
+    store_path = args.store or default_store(args.source)
+    if trust.manifest is not None:
+        from .view_manifest import ManifestView
+
+        # The share is the host's: read it, never write to it.
+        store = Store(store_path, create=False)
+        m = trust.manifest
+        log.info("manifest %s: %d entries, digest %s", args.manifest, len(m.tree.nodes), m.digest)
+        return ManifestView(args.source, m.tree, store, cache, m.digest), store
+    from .view_local import LocalView
+
+    store = Store(store_path, create=True)
+    store.cleanup_tmp()
+    view = LocalView(args.source, store, cache, policy=args.policy, trust_certs=trust.certs,
+                     require_signatures=args.require_signatures, read_only="ro" in options)
+    return view, store
 
 
 def serve(args, trust: "Trust", on_ready=None) -> int:
@@ -154,22 +173,14 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
     import trio
 
     from .ops import VerityOperations
-    from .store import Store, default_store
 
-    store = Store(args.store or default_store(args.source), create=True)
-    store.cleanup_tmp()
-    ops = VerityOperations(args.source, store, policy=args.policy,
-                           cache_bytes=args.cache_size << 20 if args.cache_size else None,
-                           manifest=trust.manifest, trust_certs=trust.certs,
-                           require_signatures=args.require_signatures)
+    options = fuse_options(args.o) | {f"fsname={os.path.realpath(args.source)}"}
     if trust.manifest is not None:
-        log.info("manifest %s: %d files, digest %s", args.manifest, len(trust.manifest.entries),
-                 trust.manifest.digest)
-        warn_missing(ops.source, trust.manifest)
+        options.add("ro")  # the manifest defines the tree
+    view, store = make_view(args, trust, options)
+    ops = VerityOperations(view)
     # Resolved now: once mounted, touching the path would ask this very daemon.
     mountpoint = os.path.realpath(args.mountpoint)
-    options = fuse_options(args.o) | {f"fsname={ops.source}"}
-    ops.read_only = "ro" in options
     pyfuse3.init(ops, mountpoint, options)
     if shim is not None and shim.hook_count() < 1:
         shim, why_not = None, "the shim did not hook libfuse (was libfuse3 loaded first?)"
@@ -178,8 +189,8 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
     else:
         ops.shim = shim
         shim.set_handler(ops.ioctl)
-    log.info("serving %s on %s (store %s, policy %s)", ops.source, args.mountpoint,
-             store.path, args.policy)
+    log.info("serving %s on %s (store %s, %s)", args.source, args.mountpoint, store.path,
+             f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {args.policy}")
     if on_ready is not None:
         on_ready()
     try:

@@ -67,6 +67,12 @@ class StoreCorrupt(Corruption):
     """A store entry that is truncated, altered or malformed."""
 
 
+class ManifestError(VerityError):
+    """A manifest that is malformed, unauthenticated or of an unsupported version."""
+
+    errno = _errno.EINVAL
+
+
 class Errno(VerityError):
     """A request refused with a specific errno (ioctl and FUSE_FSVERITY argument checks)."""
 

@@ -21,7 +21,7 @@ NOT_VERITY = None
 
 class Inode:
     __slots__ = ("ino", "fd", "key", "mode", "lookups", "handles", "writers", "verity",
-                 "enabling")
+                 "enabling", "files")
 
     def __init__(self, ino: int, fd: int, st: os.stat_result):
         self.ino = ino
@@ -33,6 +33,7 @@ class Inode:
         self.writers = 0   # of which open for writing
         self.verity = UNKNOWN
         self.enabling = False  # an FS_IOC_ENABLE_VERITY build is running
+        self.files = set()     # its open FileHandles
 
     @property
     def is_reg(self) -> bool:

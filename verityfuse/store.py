@@ -22,12 +22,11 @@ import errno
 import hashlib
 import json
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from . import merkle, uapi
+from . import fsutil, merkle, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
 
 STORE_DIRNAME = ".verityfuse"
@@ -37,9 +36,9 @@ OBJECT_MAGIC = b"VFSTREE1"
 OBJECT_HEADER = struct.Struct("<8sIIQ40s")
 HEADER_SIZE = OBJECT_HEADER.size
 TREE_OFFSET = HEADER_SIZE + uapi.FS_VERITY_DESCRIPTOR_SIZE
-INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
+INDEX_ENTRY_MAX = 64 * 1024
+MAX_BLOCK_SIZE = 65536  # as enable: larger trees are refused as corrupt  # a path (4 KiB) plus a hex signature (32 KiB) fit
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def default_store(source: str) -> str:
@@ -83,10 +82,11 @@ class IndexEntry:
 class StoredTree:
     """An open, validated object: descriptor in memory, tree read block by block."""
 
-    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor):
+    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes):
         self.fd = fd
         self.name = name
         self.descriptor = descriptor
+        self.digest = digest
         self.geometry = descriptor.geometry
         self.block_size = descriptor.params.block_size
 
@@ -198,15 +198,12 @@ class Store:
         return os.path.join(self.path, *parts)
 
     def _check_version(self, create: bool):
-        try:
-            fd = os.open("VERSION", _O_FILE, dir_fd=self.rootfd)
-        except FileNotFoundError:
+        fd = self._open_file(("VERSION",))
+        if fd is None:
             if not create:
-                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store") from None
+                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
             self._atomic_write((), "VERSION", VERSION_TEXT)
             return
-        except OSError as e:
-            raise self._refused(("VERSION",), e) from None
         try:
             text = os.read(fd, 64)
         finally:
@@ -249,23 +246,25 @@ class Store:
             raise
 
     def _open_file(self, parts) -> Optional[int]:
-        """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd."""
+        """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd.
+
+        Opened O_PATH first: a FIFO or device planted in the store is refused
+        without blocking on it or running a driver's open.
+        """
         try:
             dirfd = self._open_dirs(parts[:-1])
         except FileNotFoundError:
             return None
         try:
-            fd = os.open(parts[-1], _O_FILE, dir_fd=dirfd)
+            return fsutil.open_regular(parts[-1], dir_fd=dirfd, what=self._where(*parts))
         except FileNotFoundError:
             return None
+        except fsutil.NotRegular as e:
+            raise StoreCorrupt(e.strerror) from None
         except OSError as e:
             raise self._refused(parts, e) from None
         finally:
             os.close(dirfd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise StoreCorrupt(f"{self._where(*parts)}: not a regular file")
-        return fd
 
     def _create_tmp(self):
         tmpfd = self._open_dirs(("tmp",), create=True)
@@ -358,6 +357,10 @@ class Store:
                 desc = merkle.parse_descriptor(head[HEADER_SIZE:])
             except InvalidDescriptor as e:
                 raise StoreCorrupt(f"{name}: {e}") from None
+            if desc.params.block_size > MAX_BLOCK_SIZE:
+                # Every read would cost a whole tree block of memory.
+                raise StoreCorrupt(f"{name}: block size {desc.params.block_size} is larger "
+                                   f"than {MAX_BLOCK_SIZE}")
             actual = desc.digest
             if desc.params.alg != alg or actual != digest:
                 raise StoreCorrupt(
@@ -372,7 +375,7 @@ class Store:
                     f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
                     f"expected {want}"
                 )
-            return StoredTree(fd, name, desc)
+            return StoredTree(fd, name, desc, digest)
         except BaseException:
             os.close(fd)
             raise

@@ -5,7 +5,9 @@ its leaf tree block, and tree blocks are checked upward only until one that
 was already verified: a sequential read hashes each leaf block once, not the
 whole path per data block.  Verified tree blocks live in one LRU shared by all
 files with a byte budget, so memory is bounded however large or many the
-files are.
+files are.  A block is keyed by (hash algorithm, file digest, level, index):
+the digest names exactly one tree, so the key is safe to share between files
+with the same content and outlives any one open file or inode.
 """
 
 from __future__ import annotations
@@ -44,11 +46,8 @@ class TreeBlockCache:
                 _, old = self._d.popitem(last=False)
                 self.bytes -= len(old)
 
-    def drop(self, owner):
-        """Forget every block of one tree (its object was closed)."""
-        with self._lock:
-            for key in [k for k in self._d if k[0] == owner]:
-                self.bytes -= len(self._d.pop(key))
+    def __len__(self):
+        return len(self._d)
 
 
 class Verifier:
@@ -67,13 +66,10 @@ class Verifier:
         self.ds = self.params.alg.digest_size
         self.hpb = self.params.hashes_per_block
         self.top = self.geo.num_levels - 1
-        self._key = id(self)
-
-    def close(self):
-        self.cache.drop(self._key)
+        self._key = (self.params.alg.number, tree.digest)
 
     def _verified_tree_block(self, level: int, index: int) -> bytes:
-        key = (self._key, level, index)
+        key = self._key + (level, index)
         block = self.cache.get(key)
         if block is not None:
             return block

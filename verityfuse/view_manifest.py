@@ -1,0 +1,193 @@
+"""The manifest view: the tree a signed manifest describes, and nothing else.
+
+For confidential containers the host owns the share (data, store, directory
+tree) and may change any of it at any moment.  So identity is the manifest
+path, never a backing inode: lookup, getattr, readdir and readlink answer from
+the manifest alone (files the host adds do not exist here; modes, owners,
+sizes, times and link targets are the manifest's; node ids are positions in
+the manifest, stable for the life of the mount).  The share is consulted only
+when a file is opened: its path is walked below the share root without
+following any symlink, only a regular file is accepted (opened O_PATH first,
+so a FIFO never blocks and a device is never opened), and every byte read is
+checked against the tree object named by that path's manifest digest (content
+addressed: the store's index is never consulted).  The mount is read-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from . import fsutil, manifest_tree, uapi
+from .errors import Corruption, SizeMismatch
+from .reader import VerifiedReader
+from .verify import Verifier
+from .view import Attr, DirHandle, FileHandle, VerityInfo
+
+# The manifest cannot change under a mount: the kernel may cache it all.
+TIMEOUT = 3600.0
+
+
+def _erofs():
+    raise OSError(errno.EROFS, "read-only: the manifest defines this tree")
+
+
+class ManifestView:
+    read_only = True
+
+    def __init__(self, source: str, tree: manifest_tree.Tree, store, cache, digest: str):
+        self.tree = tree
+        self.store = store
+        self.cache = cache
+        self.manifest_digest = digest
+        # The share root the administrator named (a symlink there is their choice);
+        # nothing below it is followed.
+        self.root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.blocks = sum(-(-n.size // 4096) for n in tree.files())
+
+    def close(self) -> int:
+        os.close(self.root_fd)
+        return 0
+
+    # -- the tree -----------------------------------------------------------------
+
+    def _node(self, ino: int) -> manifest_tree.Node:
+        node = self.tree.node(ino)
+        if node is None:
+            raise OSError(errno.ESTALE, f"no inode {ino}")
+        return node
+
+    @staticmethod
+    def _attr(node: manifest_tree.Node) -> Attr:
+        return Attr(node.ino, node.mode, node.nlink, node.uid, node.gid, node.size,
+                    node.mtime, node.mtime, node.mtime, timeout=TIMEOUT)
+
+    def lookup(self, parent: int, name: bytes, caller=None) -> Attr:
+        p = self._node(parent)
+        if p.children is None:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        child = p.children.get(name)
+        if child is None:
+            raise OSError(errno.ENOENT, "not in the manifest")
+        return self._attr(child)
+
+    def forget(self, ino: int, n: int):
+        pass  # node ids are permanent
+
+    def getattr(self, ino: int, fh=None) -> Attr:
+        return self._attr(self._node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if node.target is None:
+            raise OSError(errno.EINVAL, "not a symlink")
+        return node.target
+
+    def opendir(self, ino: int, caller=None) -> DirHandle:
+        node = self._node(ino)
+        if node.children is None:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return DirHandle(node)
+
+    def readdir(self, dh: DirHandle, start: int):
+        """(name, Attr, next offset) from ``start``; ``.`` and ``..`` first."""
+        if dh.entries is None:
+            node = dh.node
+            dh.entries = [(b".", node), (b"..", self._node(node.parent))]
+            dh.entries += list(node.children.items())
+        for i in range(start, len(dh.entries)):
+            name, node = dh.entries[i]
+            yield name, self._attr(node), i + 1
+
+    def unlookup(self, ino: int):
+        pass
+
+    def releasedir(self, dh: DirHandle):
+        dh.close()
+
+    def statfs(self):
+        n = len(self.tree.nodes)
+        return dict(f_bsize=4096, f_frsize=4096, f_blocks=self.blocks, f_bfree=0, f_bavail=0,
+                    f_files=n, f_ffree=0, f_favail=0, f_namemax=manifest_tree.MAX_NAME_BYTES)
+
+    # -- files ----------------------------------------------------------------------
+
+    def _file(self, ino: int) -> manifest_tree.Node:
+        node = self._node(ino)
+        if node.kind != stat.S_IFREG:
+            raise OSError(errno.EISDIR if node.children is not None else errno.EINVAL,
+                          "not a regular file")
+        return node
+
+    def _open_backing(self, node: manifest_tree.Node) -> int:
+        try:
+            pfd = fsutil.open_beneath(self.root_fd, node.path.encode())
+        except OSError as e:
+            raise Corruption(f"{node.path}: listed in the manifest, but the share has no regular "
+                             f"file there ({e.strerror}; symlinks are not followed)") from None
+        try:
+            return fsutil.reopen_regular(pfd, f"{node.path}: in the share, it")
+        except fsutil.NotRegular as e:
+            raise Corruption(e.strerror) from None
+
+    def open_tree(self, node: manifest_tree.Node):
+        """The store object the manifest digest names, consistent with the entry."""
+        tree = self.store.open_object(node.alg, node.digest)
+        d = tree.descriptor
+        if d.data_size != node.size or d.params != node.params:
+            tree.close()
+            raise Corruption(f"{node.path}: the manifest's size or tree parameters disagree with "
+                             f"its digest {node.digest_text}")
+        return tree
+
+    def open(self, ino: int, flags: int, caller=None) -> FileHandle:
+        node = self._file(ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            _erofs()
+        tree = self.open_tree(node)
+        try:
+            fd = self._open_backing(node)
+            try:
+                size = os.fstat(fd).st_size
+                if size != node.size:
+                    raise SizeMismatch(f"{node.path}: the share's file is {size} bytes, the "
+                                       f"manifest says {node.size}")
+                reader = VerifiedReader(fd, Verifier(tree, self.cache, node.path), node.path)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            tree.close()
+            raise
+        return FileHandle(fd, node, reader, closers=[tree])
+
+    def release(self, fh: FileHandle):
+        fh.close()
+
+    # -- verity and xattrs ------------------------------------------------------------
+
+    def verity_info(self, ino: int):
+        node = self._node(ino)
+        if node.kind != stat.S_IFREG:
+            return None
+        return VerityInfo(node.alg, node.digest, node.params, node.size)
+
+    def verity_tree(self, ino: int):
+        return self.open_tree(self._file(ino))
+
+    def flags(self, ino: int, fh=None) -> int:
+        return uapi.FS_VERITY_FL if self._node(ino).kind == stat.S_IFREG else 0
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        raise OSError(errno.ENODATA, "no such attribute")  # only user.fsverity.* exist here
+
+    def listxattr(self, ino: int):
+        return []
+
+    # Everything that would change the tree.
+    def setattr(self, *a):
+        _erofs()
+
+    setxattr = removexattr = create = mknod = mkdir = symlink = setattr
+    unlink = rmdir = rename = link = set_flags = enable_check = enable_sync = setattr
