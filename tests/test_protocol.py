@@ -140,6 +140,7 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
     """ENABLE through the daemon's bytes handler takes the same path as the ioctl."""
     from verityfuse import ioctl, merkle
     from verityfuse.ops import VerityOperations
+    from verityfuse.seal import entry_of_path
     from verityfuse.store import Store
     from verityfuse.verify import TreeBlockCache
     from verityfuse.view_local import LocalView
@@ -166,6 +167,6 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
             subprocess.run([FSVERITY, "digest", "--salt=6162", src / "f", f"--out-descriptor={tmp_path}/d"],
                            check=True, capture_output=True)
             assert desc == (tmp_path / "d").read_bytes()
-            assert st.get_entry("f").digest == merkle.file_digest(merkle.SHA256, desc)
+            assert entry_of_path(st, src / "f").digest == merkle.file_digest(merkle.SHA256, desc)
         finally:
             ops.shutdown()

@@ -1,6 +1,10 @@
-"""The sidecar store and offline seal/verify: atomicity, corruption, symlinks."""
+"""The sidecar store and offline seal/verify: atomicity, corruption, symlinks,
+the index keyed by inode identity, bad input in the store."""
 
+import hashlib
+import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -8,8 +12,8 @@ import pytest
 
 from verityfuse import merkle
 from verityfuse.errors import StoreCorrupt
-from verityfuse.seal import seal_path, verify_entry
-from verityfuse.store import TREE_OFFSET, Store
+from verityfuse.seal import entry_of_path, seal_path, verify_file
+from verityfuse.store import TREE_OFFSET, Store, StoreFormat
 from verityfuse.verify import TreeBlockCache
 from conftest import flip, fsverity_digest, pattern, write
 
@@ -40,13 +44,13 @@ def test_seal_roundtrip_matches_fsverity_utils(src, tmp_path):
         e = seal(st, src, "big")
         line, tree, desc = fsverity_digest(src / "big", "--block-size=1024")
         assert line.split()[0] == e.digest_text
-        got = st.get_entry("big")
-        assert got == e
+        got = entry_of_path(st, src / "big")
+        assert got == e and got.path == "big"
         with st.open_object(e.alg, e.digest) as t:
             assert t.descriptor.raw == desc
             assert t.read_tree(0, 1 << 30) == tree
             assert t.read_tree(997, 13) == tree[997:1010]
-        assert st.get_entry("nope") is None
+        assert st.get_entry("0" * 64) is None
         assert os.listdir(os.path.join(st.path, "tmp")) == []
 
 
@@ -56,8 +60,9 @@ def test_verify_reports_first_bad_offset_with_hashes(src, tmp_path):
         with open(src / "big", "r+b") as f:
             f.seek(5000)
             f.write(b"X")
-        res = verify_entry(st, str(src), e, TreeBlockCache())
+        res = verify_file(st, str(src), "big", TreeBlockCache())
         err = res.error
+        assert res.entry == e
         assert err is not None and err.offset == 4096  # block 4 of 1 KiB blocks
         assert err.expected != err.actual and len(err.actual) == 32
         assert str(src / "big") in str(err)
@@ -80,7 +85,7 @@ def test_flipped_tree_byte_fails_verification_not_silently(src, tmp_path):
         e = seal(st, src, "big")
         p = object_path(st, e)
         flip(p, TREE_OFFSET + 1024 + 7)  # a leaf block
-        res = verify_entry(st, str(src), e, TreeBlockCache())
+        res = verify_file(st, str(src), "big", TreeBlockCache())
         assert "Merkle tree block (level 0, index 0)" in str(res.error)
 
 
@@ -109,17 +114,91 @@ def test_symlink_planted_in_store_is_refused(src, tmp_path):
             st.open_object(e.alg, e.digest)
 
 
+BAD_ENTRIES = [b"{not json", b"\xff\xfe", b"[]", b'{"version": 1, "path": "a", "digest": "sha256:00"}',
+               b'{"version": 2, "path": 7, "digest": "sha256:' + b"00" * 32 + b'"}',
+               b'{"version": 2, "path": "a", "digest": ["x"]}',
+               b'{"version": 2, "path": "a", "digest": "md5:00"}',
+               b'{"version": 2, "path": "a", "digest": "sha256:' + b"00" * 32 + b'", "signature": 5}',
+               b'{"version": 2, "path": "a", "digest": "sha256:' + b"00" * 32 + b'", "signature": "zz"}',
+               b'{"version": 2, "path": "a", "digest": "sha256:' + b"00" * 32 + b'", "x": 1}']
+
+
 def test_malformed_index_entry_names_the_file(src, tmp_path):
     with Store(str(tmp_path / "store"), create=True) as st:
-        seal(st, src, "small")
-        parts = st._index_parts("small")
-        p = os.path.join(st.path, *parts)
-        for bad in [b"{not json", b'{"version": 2}', b'{"version":1,"path":"other","digest":"sha256:00"}',
-                    b'{"version":1,"path":"small","digest":"md5:00"}']:
+        e = seal(st, src, "small")
+        p = os.path.join(st.path, *st._index_parts(e.key))
+        for bad in BAD_ENTRIES:
             with open(p, "wb") as f:
                 f.write(bad)
-            with pytest.raises(StoreCorrupt, match=p):
-                st.get_entry("small")
+            with pytest.raises(StoreCorrupt, match=f"{p}: malformed index entry"):
+                st.get_entry(e.key)
+            r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "verify", src, "--store",
+                                st.path], capture_output=True, text=True)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, bad
+            assert f"CORRUPT {src}/small: {p}: malformed index entry" in r.stdout, bad
+
+
+def test_index_follows_the_inode(src, tmp_path):
+    """Renames and links keep verity, a new file at the old path has none."""
+    with Store(str(tmp_path / "store"), create=True) as st:
+        e = seal(st, src, "big")
+        os.rename(src / "big", src / "sub" / "moved")
+        os.link(src / "sub" / "moved", src / "link")
+        assert entry_of_path(st, src / "sub" / "moved") == e == entry_of_path(st, src / "link")
+        write(src / "big", pattern(300000))  # same path, same content, another inode
+        assert entry_of_path(st, src / "big") is None
+        with pytest.raises(ValueError):
+            st.get_entry("../x")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_fifo_or_device_in_the_store_is_corruption_and_never_blocks(src, tmp_path, kind):
+    with Store(str(tmp_path / "store"), create=True) as st:
+        e = seal(st, src, "big")
+        p = object_path(st, e)
+        os.unlink(p)
+        if kind == "fifo":
+            os.mkfifo(p)
+        else:
+            os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero
+        what = "a FIFO" if kind == "fifo" else "a character device"
+        with pytest.raises(StoreCorrupt, match=f"{p} is {what}, not a regular file"):
+            st.open_object(e.alg, e.digest)
+
+
+def test_block_size_above_64k_is_refused_as_corrupt(src, tmp_path):
+    with Store(str(tmp_path / "store"), create=True) as st:
+        e = seal(st, src, "big", merkle.Params(merkle.SHA256, 1 << 17))
+        with pytest.raises(StoreCorrupt, match="block size 131072 is larger than 65536"):
+            st.open_object(e.alg, e.digest)
+
+
+def test_format_1_store_is_refused_then_upgraded(src, tmp_path):
+    store = tmp_path / "store"
+    with Store(str(store), create=True) as st:
+        e = seal(st, src, "big")
+        os.remove(os.path.join(st.path, *st._index_parts(e.key)))
+    # what a format-1 store looks like: VERSION 1 and a path index
+    (store / "VERSION").write_bytes(b"verityfuse-store 1\n")
+    for rel, digest in (("big", e.digest_text), ("gone", e.digest_text)):
+        h = hashlib.sha256(rel.encode()).hexdigest()
+        (store / "index" / h[:2]).mkdir(parents=True, exist_ok=True)
+        (store / "index" / h[:2] / h).write_text(json.dumps({"version": 1, "path": rel, "digest": digest}))
+    with pytest.raises(StoreFormat, match=f"verityfuse upgrade-store SOURCE --store {store}"):
+        Store(str(store))
+    Store(str(store), objects_only=True).close()  # manifest mode reads its objects
+    vf = [sys.executable, "-m", "verityfuse.cli"]
+    r = subprocess.run([*vf, "verify", src, "--store", store], capture_output=True, text=True)
+    assert r.returncode == 1 and "upgrade-store" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*vf, "upgrade-store", src, "--store", store], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "gone: No such file or directory; its entry is dropped" in r.stderr
+    assert "1 entries converted, 1 dropped" in r.stderr
+    assert not (store / "index").exists()
+    with Store(str(store)) as st:
+        assert entry_of_path(st, src / "big").digest == e.digest
+    r = subprocess.run([*vf, "verify", src, "--store", store, "-v"], capture_output=True, text=True)
+    assert r.returncode == 0 and f"OK {e.digest_text} {src}/big" in r.stdout
 
 
 def test_store_version_is_checked(tmp_path):
@@ -149,17 +228,6 @@ os._exit(9)  # die before commit
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     with Store(store) as st:
         assert len(os.listdir(os.path.join(store, "tmp"))) == 1
-        assert st.get_entry("big") is None
+        assert list(st.keys()) == []
         assert st.cleanup_tmp() == 1
         assert os.listdir(os.path.join(store, "tmp")) == []
-
-
-def test_index_paths_are_normalized_and_checked(tmp_path):
-    with Store(str(tmp_path / "s"), create=True) as st:
-        st.set_entry("./a//b", merkle.SHA256, bytes(32))
-        assert st.get_entry("a/b").path == "a/b"
-        for bad in ["../x", "a/../../x", "", "/"]:
-            with pytest.raises(ValueError):
-                st.get_entry(bad)
-        assert [e.path for e in st.entries()] == ["a/b"]
-        assert st.remove_entry("a/b") and st.get_entry("a/b") is None

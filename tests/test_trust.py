@@ -17,6 +17,7 @@ import pytest
 
 from verityfuse import manifest as mf
 from verityfuse import merkle
+from verityfuse.seal import entry_of_path
 from verityfuse.store import TREE_OFFSET, Store
 from conftest import drop_caches, flip, write
 from test_mount import object_file
@@ -90,7 +91,7 @@ def test_reseal_without_index_is_still_refused(share, verified_mount):
     src = share[0]
     write(src / "config", b"evil configuration\n")
     with Store(str(src / ".verityfuse")) as st:
-        st.remove_entry("config")
+        st.remove_entry(entry_of_path(st, src / "config").key)
     g = guest(verified_mount, share)
     assert open_errno(g.mountpoint / "config") == errno.EIO
 

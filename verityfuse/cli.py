@@ -270,24 +270,56 @@ def describe_failure(e: Exception) -> str:
 
 
 def cmd_verify(args) -> int:
-    from .seal import verify_entry
+    from .seal import verify_file, walk_files
     from .verify import TreeBlockCache
 
     cache = TreeBlockCache()
-    bad = total = 0
+    sealed = corrupt = errors = unsealed = 0
+    seen = set()
     with open_store(args, create=False) as store:
-        for entry in store.entries():
-            total += 1
-            res = verify_entry(store, args.source, entry, cache)
-            name = os.path.join(args.source, entry.path)
-            if res.error is None:
-                if args.verbose:
-                    print(f"OK {entry.digest_text} {name}")
-            else:
-                bad += 1
+        for rel in walk_files(args.source, store):
+            res = verify_file(store, args.source, rel, cache)
+            name = os.path.join(args.source, rel)
+            if res.sealed:
+                seen.add(res.key)
+                sealed += 1
+            if res.error is not None and res.sealed:
+                corrupt += 1
                 print(f"CORRUPT {name}: {describe_failure(res.error)}")
-    print(f"{total - bad} of {total} sealed files intact", file=sys.stderr)
-    return EXIT_ERROR if bad else 0
+            elif res.error is not None:
+                errors += 1
+                print(f"ERROR {name}: {describe_failure(res.error)}")
+            elif not res.sealed:
+                unsealed += 1
+                if args.strict or args.verbose:
+                    print(f"UNSEALED {name}")
+            elif args.verbose:
+                print(f"OK {res.entry.digest_text} {name}")
+        stale = sum(1 for k in store.keys() if k not in seen)
+    print(f"{sealed - corrupt} of {sealed} sealed files intact"
+          + (f", {unsealed} unsealed" if unsealed else "")
+          + (f", {errors} unreadable" if errors else ""), file=sys.stderr)
+    if stale:
+        print(f"{stale} index entries name no file under {args.source} (files removed or "
+              f"replaced; harmless)", file=sys.stderr)
+    if sealed == 0 and not errors:
+        error(f"nothing was verified: no sealed file under '{args.source}'")
+        return EXIT_ERROR
+    return EXIT_ERROR if corrupt or errors or (args.strict and unsealed) else 0
+
+
+def cmd_upgrade_store(args) -> int:
+    from .store_upgrade import upgrade
+
+    with Store(args.store or default_store(args.source), objects_only=True) as store:
+        if store.version == 2:
+            print(f"store {store.path} is already format 2", file=sys.stderr)
+            return 0
+        converted, dropped = upgrade(args.source, store,
+                                     lambda m: print(f"WARNING: {m}", file=sys.stderr))
+    print(f"store {store.path}: format 2, {converted} entries converted, {dropped} dropped",
+          file=sys.stderr)
+    return 0
 
 
 # -- dump-metadata --------------------------------------------------------
@@ -358,11 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("public", metavar="PUBLIC.pem")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("verify", help="check every sealed file against its tree")
+    p = sub.add_parser("verify", help="check every sealed file under SOURCE against its tree")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--store", metavar="DIR")
-    p.add_argument("-v", "--verbose", action="store_true", help="also list intact files")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list intact and unsealed files")
+    p.add_argument("--strict", action="store_true",
+                   help="unsealed regular files are failures too (listed as UNSEALED)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("upgrade-store", help="convert a format-1 store (indexed by path) to format 2")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--store", metavar="DIR")
+    p.set_defaults(func=cmd_upgrade_store)
 
     p = sub.add_parser("dump-metadata", help="print a mounted verity file's metadata "
                                              "(like `fsverity dump_metadata`)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -50,22 +52,37 @@ def fuse_options(extra) -> set:
     return opts
 
 
-def mount_device(mountpoint: str):
-    """"major:minor" of the filesystem mounted at ``mountpoint``, from mountinfo.
+def _mountinfo(mountpoint: str):
+    """The fields of the topmost mount at ``mountpoint`` in /proc/self/mountinfo, or None.
 
     Never stat() our own mount point here: before the FUSE loop runs, the
     kernel would wait for a GETATTR answer that this thread has to give.
     """
-    target = mountpoint  # already absolute and resolved (see serve())
     found = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            # mountinfo escapes spaces etc. as octal
-            point = fields[4].encode().decode("unicode_escape")
-            if point == target:
-                found = fields[2]  # the last (topmost) mount wins
+            # mountinfo escapes space, tab, newline and backslash as \ooo octal
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if point == os.fsencode(mountpoint):
+                found = fields  # the last (topmost) mount wins
     return found
+
+
+def mount_device(mountpoint: str):
+    """"major:minor" of the filesystem mounted at ``mountpoint``."""
+    fields = _mountinfo(mountpoint)
+    return fields[2].decode() if fields else None
+
+
+def mount_read_only(mountpoint: str) -> bool:
+    """Whether the mount is read-only now (``mount -o remount,ro`` included): per-mount
+    options, then the superblock's after the " - " separator."""
+    fields = _mountinfo(mountpoint)
+    if fields is None:
+        return False
+    sep = fields.index(b"-")
+    return b"ro" in fields[5].split(b",") or b"ro" in fields[sep + 3].split(b",")
 
 
 def set_readahead(mountpoint: str, kb: int):
@@ -150,7 +167,7 @@ def make_view(args, trust: "Trust", options):
         from .view_manifest import ManifestView
 
         # The share is the host's: read it, never write to it.
-        store = Store(store_path, create=False)
+        store = Store(store_path, create=False, objects_only=True)
         m = trust.manifest
         log.info("manifest %s: %d entries, digest %s", args.manifest, len(m.tree.nodes), m.digest)
         return ManifestView(args.source, m.tree, store, cache, m.digest), store
@@ -158,8 +175,13 @@ def make_view(args, trust: "Trust", options):
 
     store = Store(store_path, create=True)
     store.cleanup_tmp()
+    mountpoint = os.path.realpath(args.mountpoint)
     view = LocalView(args.source, store, cache, policy=args.policy, trust_certs=trust.certs,
-                     require_signatures=args.require_signatures, read_only="ro" in options)
+                     require_signatures=args.require_signatures, read_only="ro" in options,
+                     remounted_ro=lambda: mount_read_only(mountpoint))
+    if not view.inodes.reopen:
+        log.warning("cannot reopen files by handle (open_by_handle_at needs CAP_DAC_READ_SEARCH): "
+                    "keeping one fd per inode the kernel remembers; big trees need a higher fd limit")
     return view, store
 
 
@@ -174,6 +196,11 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
 
     from .ops import VerityOperations
 
+    # The kernel already applied the caller's umask to every mode it sends.
+    os.umask(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     options = fuse_options(args.o) | {f"fsname={os.path.realpath(args.source)}"}
     if trust.manifest is not None:
         options.add("ro")  # the manifest defines the tree

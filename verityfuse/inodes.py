@@ -1,84 +1,203 @@
-"""Inode table: identity by (st_dev, st_ino), one O_PATH fd each, lookup counts.
+"""Local mode's inode table: backing identity, stable numbers, a bounded number of fds.
 
-As in libfuse's passthrough_hp: an inode is what the kernel remembers by
-lookup count; it holds an O_PATH fd to the backing inode, so renames on either
-side never confuse it with another file, and the backing inode number cannot
-be reused while we know it.  Verity state belongs here, to the inode, so
-every hard link and every name after a rename sees the same state.
+As in libfuse's passthrough_hp, an inode is what the kernel remembers by
+lookup count, identified by the backing inode, never by a path.  Three
+choices make it a kernel-like filesystem at any tree size:
+
+- **Identity** is (st_dev, file handle) (identity.py): the handle carries the
+  inode's generation, so a deleted inode whose number is reused is a different
+  file, even while the kernel still remembers the old one.
+- **Inode numbers** are the backing ones: the FUSE node id (which pyfuse3
+  also reports as st_ino) is the backing st_ino, stable across the kernel
+  forgetting and looking up again, as tar, rsync -H and git expect.  Only when
+  that number is taken (the root is 1; another filesystem under SOURCE, or a
+  reused number still remembered) does an inode get a synthetic one, from 2^63 up.
+- **File descriptors** are bounded: O_PATH fds live in an LRU of ``max_fds``;
+  an evicted inode is reopened by handle (open_by_handle_at).  Without
+  CAP_DAC_READ_SEARCH, or on a filesystem without handles, fds stay pinned
+  (one per remembered inode, as before) and the daemon says so at start.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import stat
-from typing import Dict, Tuple
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
+
+from . import identity
 
 # Verity state of an inode: UNKNOWN until first needed, then NOT_VERITY, a
-# verity state object, or the exception that made its metadata unusable.
+# VerityInfo, or the exception that made its metadata unusable.
 UNKNOWN = "unknown"
 NOT_VERITY = None
+ROOT_INO = 1
+SYNTHETIC = 1 << 63
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def default_max_fds() -> int:
+    """A fixed share of the fd limit (which the daemon raises to its hard limit)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(1024, soft // 8))
 
 
 class Inode:
-    __slots__ = ("ino", "fd", "key", "mode", "lookups", "handles", "writers", "verity",
-                 "enabling", "files")
+    __slots__ = ("ino", "key", "handle", "dev", "mode", "lookups", "handles", "writers", "verity",
+                 "enabling", "files", "_fd", "table")
 
-    def __init__(self, ino: int, fd: int, st: os.stat_result):
-        self.ino = ino
-        self.fd = fd  # O_PATH
-        self.key = (st.st_dev, st.st_ino)
+    def __init__(self, table: "InodeTable", ino: int, key, handle, st: os.stat_result):
+        self.table, self.ino, self.key, self.handle = table, ino, key, handle
+        self.dev = st.st_dev
         self.mode = st.st_mode
+        self._fd = -1
         self.lookups = 0
-        self.handles = 0   # open file handles
-        self.writers = 0   # of which open for writing
+        self.handles = 0   # open file and directory handles
+        self.writers = 0   # file handles open for writing
         self.verity = UNKNOWN
         self.enabling = False  # an FS_IOC_ENABLE_VERITY build is running
         self.files = set()     # its open FileHandles
 
     @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
+    def fd(self) -> int:
+        """An O_PATH fd of the backing inode (reopened if it was evicted)."""
+        return self.table.fd_of(self)
 
     @property
     def proc_path(self) -> str:
         """A path that reopens this inode (the O_PATH fd's /proc magic link)."""
         return f"/proc/self/fd/{self.fd}"
 
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def store_key(self) -> Optional[str]:
+        """The store index's name for this inode (None without a file handle)."""
+        if self.handle is None:
+            return None
+        return self.table.store_key(self)
+
     def __repr__(self):
-        return f"<Inode {self.ino} dev/ino={self.key} lookups={self.lookups} handles={self.handles}>"
+        return f"<Inode {self.ino} lookups={self.lookups} handles={self.handles}>"
 
 
 class InodeTable:
-    """FUSE inode numbers <-> Inodes.  The root has number ``root_ino``."""
+    """FUSE node ids <-> Inodes.  The root is ``ROOT_INO``; its fd is never closed."""
 
-    def __init__(self, root_fd: int, root_ino: int, on_drop=None):
-        st = os.stat(root_fd)
-        self.root = Inode(root_ino, root_fd, st)
+    def __init__(self, root_fd: int, max_fds: Optional[int] = None):
+        st = os.fstat(root_fd)
+        self.max_fds = max_fds or default_max_fds()
+        self.by_ino: Dict[int, Inode] = {}
+        self.by_key: Dict[tuple, Inode] = {}
+        self.lru: "OrderedDict[Inode, None]" = OrderedDict()
+        # Where handles resolve, per filesystem (open_by_handle_at refuses O_PATH fds).
+        self.mount_fds: Dict[int, int] = {}
+        self._add_mount(st.st_dev, root_fd)
+        self.reopen = identity.can_reopen(self.mount_fds[st.st_dev])
+        self.fsids: Dict[int, int] = {}
+        self._next_synthetic = SYNTHETIC
+        self.root = self._new(ROOT_INO, root_fd, st)
         self.root.lookups = 1  # never forgotten
-        self.by_ino: Dict[int, Inode] = {root_ino: self.root}
-        self.by_key: Dict[Tuple[int, int], Inode] = {self.root.key: self.root}
-        self._next = root_ino + 1
-        self.on_drop = on_drop  # called with an inode when it is dropped
+        self.lru.pop(self.root, None)  # pinned
+
+    # -- identity ---------------------------------------------------------------------
+
+    def _identify(self, fd: int, st: os.stat_result) -> Tuple[tuple, Optional[tuple]]:
+        try:
+            handle = identity.handle_of(fd)
+            return (st.st_dev, handle), handle
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOSYS):
+                raise
+            return (st.st_dev, st.st_ino), None  # no handle: this inode's fd stays pinned
+
+    def _add_mount(self, dev: int, dir_fd: int):
+        self.mount_fds[dev] = os.open(f"/proc/self/fd/{dir_fd}",
+                                      os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def store_key(self, inode: Inode) -> str:
+        fs = self.fsids.get(inode.dev)
+        if fs is None:
+            fs = self.fsids[inode.dev] = identity.fsid(inode.fd)
+        return identity.store_key(fs, inode.handle)
+
+    def _node_id(self, st: os.stat_result) -> int:
+        n = st.st_ino
+        if n <= ROOT_INO or n >= SYNTHETIC or n in self.by_ino:
+            n = self._next_synthetic
+            self._next_synthetic += 1
+        return n
+
+    def _new(self, ino: int, fd: int, st: os.stat_result) -> Inode:
+        key, handle = self._identify(fd, st)
+        inode = Inode(self, ino, key, handle, st)
+        self.by_ino[ino] = inode
+        self.by_key[key] = inode
+        self._cache(inode, fd)
+        return inode
+
+    # -- lookups ------------------------------------------------------------------------
 
     def __getitem__(self, ino: int) -> Inode:
-        return self.by_ino[ino]
+        try:
+            return self.by_ino[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, f"no inode {ino}") from None
 
-    def remember(self, fd: int, st: os.stat_result) -> Inode:
-        """Count one lookup of the backing inode open as O_PATH ``fd``.
-
-        Takes ownership of ``fd``: closed if the inode was already known.
-        """
-        key = (st.st_dev, st.st_ino)
-        inode = self.by_key.get(key)
-        if inode is not None:
+    def lookup(self, parent: Inode, name: bytes) -> Tuple[Inode, os.stat_result]:
+        """Look ``name`` up under ``parent`` and count one kernel lookup."""
+        fd = os.open(name, _O_PATH, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+            key, _ = self._identify(fd, st)
+        except BaseException:
             os.close(fd)
+            raise
+        if st.st_dev not in self.mount_fds and stat.S_ISDIR(st.st_mode):
+            self._add_mount(st.st_dev, fd)
+        inode = self.by_key.get(key)
+        if inode is None:
+            inode = self._new(self._node_id(st), fd, st)
+        elif inode._fd < 0:
+            self._cache(inode, fd)  # saves a reopen
         else:
-            inode = Inode(self._next, fd, st)
-            self._next += 1
-            self.by_ino[inode.ino] = inode
-            self.by_key[key] = inode
+            os.close(fd)
+        inode.mode = st.st_mode
         inode.lookups += 1
-        return inode
+        return inode, st
+
+    # -- the fd LRU -----------------------------------------------------------------------
+
+    def fd_of(self, inode: Inode) -> int:
+        if inode._fd >= 0:
+            if inode in self.lru:
+                self.lru.move_to_end(inode)
+            return inode._fd
+        if inode.handle is None or inode.ino not in self.by_ino:
+            raise OSError(errno.ESTALE, "inode is gone")
+        fd = identity.open_by_handle(self.mount_fds[inode.dev], inode.handle, os.O_PATH)
+        self._cache(inode, fd)
+        return fd
+
+    def _cache(self, inode: Inode, fd: int):
+        inode._fd = fd
+        if (inode.handle is None or not self.reopen or inode.ino == ROOT_INO
+                or inode.dev not in self.mount_fds):
+            return  # pinned: it could not be reopened
+        self.lru[inode] = None
+        while len(self.lru) > self.max_fds:
+            old, _ = self.lru.popitem(last=False)
+            os.close(old._fd)
+            old._fd = -1
+
+    def open_fds(self) -> int:
+        return sum(1 for i in self.by_ino.values() if i._fd >= 0)
+
+    # -- forgetting -----------------------------------------------------------------------
 
     def forget(self, ino: int, n: int):
         inode = self.by_ino.get(ino)
@@ -91,12 +210,14 @@ class InodeTable:
         """Drop an inode nobody refers to any more: no lookups, no open handles."""
         if inode.lookups > 0 or inode.handles > 0 or inode is self.root:
             return
-        del self.by_ino[inode.ino]
-        del self.by_key[inode.key]
-        if self.on_drop:
-            self.on_drop(inode)
-        os.close(inode.fd)
-        inode.fd = -1
+        if self.by_ino.get(inode.ino) is inode:
+            del self.by_ino[inode.ino]
+        if self.by_key.get(inode.key) is inode:
+            del self.by_key[inode.key]
+        self.lru.pop(inode, None)
+        if inode._fd >= 0:
+            os.close(inode._fd)
+            inode._fd = -1
 
     def outstanding(self) -> int:
         """Inodes (other than the root) the kernel still holds lookups on."""
@@ -107,4 +228,8 @@ class InodeTable:
             if inode is not self.root:
                 inode.lookups = inode.handles = 0
                 self.maybe_drop(inode)
-        os.close(self.root.fd)
+        for fd in self.mount_fds.values():
+            os.close(fd)
+        self.mount_fds.clear()
+        os.close(self.root._fd)
+        self.root._fd = -1

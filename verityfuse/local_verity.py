@@ -1,10 +1,13 @@
 """Verity state of backing inodes in local mode, and enabling it (no pyfuse3/trio).
 
-Verity belongs to the inode, as on ext4: an inode's state is resolved once
-from the store and kept on the inode (hard links and renames see the same
-state).  Enabling runs in three steps so the daemon can build off its request
-loop: ``check`` (every rule of fs/verity/enable.c, in its order; marks the
-inode busy), ``build`` (in a worker thread), ``commit`` or ``abort``.
+Verity belongs to the inode, as on ext4: the store indexes inodes by identity
+(filesystem and file handle), so hard links, renames through the mount or
+directly in SOURCE, and renames during an enable all keep it, and nothing is
+walked.  An inode's state is resolved once and kept on the inode.  Enabling
+runs in steps so the daemon can build off its request loop: ``check`` (every
+rule of fs/verity/enable.c, in its order; marks the inode busy), ``build``
+(in a worker thread, on a dup of the caller's fd: the same inode whatever
+happens to its names), ``commit``, and always ``finish``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import stat
 from typing import Callable, Optional
 
 from . import ioctl as vioctl
-from . import merkle
+from . import identity, merkle
 from .errors import Errno, VerityError
 from .inodes import NOT_VERITY, UNKNOWN, Inode
 from .store import IndexEntry, Store
@@ -28,16 +31,16 @@ log = logging.getLogger("verityfuse")
 class EnableJob:
     """One FS_IOC_ENABLE_VERITY (or FUSE_FSVERITY ENABLE) in flight."""
 
-    def __init__(self, inode: Inode, fd: int, rel: str, params: merkle.Params, signature: bytes):
-        self.inode, self.fd, self.rel = inode, fd, rel
+    def __init__(self, inode: Inode, fd: int, label: str, params: merkle.Params, signature: bytes):
+        self.inode, self.fd, self.rel = inode, fd, label
         self.params, self.signature = params, signature
         self.entry: Optional[IndexEntry] = None
 
 
 class LocalVerity:
-    def __init__(self, store: Store, relpath: Callable, trust_certs=(), require_signatures=False):
+    def __init__(self, store: Store, label: Callable, trust_certs=(), require_signatures=False):
         self.store = store
-        self.relpath = relpath  # inode -> path under SOURCE, or None
+        self.label = label  # inode -> a name for messages
         self.trust_certs = list(trust_certs)
         self.require_signatures = require_signatures
 
@@ -52,10 +55,10 @@ class LocalVerity:
         v = inode.verity
         if v is UNKNOWN:
             v = NOT_VERITY
-            rel = self.relpath(inode) if inode.is_reg else None
-            if rel:
+            if inode.is_reg:
                 try:
-                    entry = self.store.get_entry(rel)
+                    key = inode.store_key
+                    entry = self.store.get_entry(key) if key else None
                     if entry is not None:
                         v = self._load(entry)
                 except VerityError as e:
@@ -95,36 +98,14 @@ class LocalVerity:
         # Without trusted certificates the signature is kept unverified, as a
         # kernel without CONFIG_FS_VERITY_BUILTIN_SIGNATURES does.
 
-    # -- the path index follows the namespace -------------------------------------------
-
-    def forget_path(self, rel: Optional[str]):
-        if rel:
-            self.store.remove_entry(rel)
-
-    def entries_under(self, source: str, rel: Optional[str]):
-        """Index entries of the file at ``rel``, or of every file under directory ``rel``."""
-        if not rel:
-            return {}
-        full = os.path.join(source, rel)
-        paths = [rel]
-        if os.path.isdir(full) and not os.path.islink(full):
-            paths = [os.path.relpath(os.path.join(d, f), source)
-                     for d, _, files in os.walk(full) for f in files]
-        return {r: e for r in paths if (e := self.store.get_entry(r)) is not None}
-
-    def move(self, moving: dict, old: str, new: Optional[str]):
-        for r, e in moving.items():
-            if new is not None:
-                self.store.set_entry(new + r[len(old):], e.alg, e.digest, e.signature)
-
-    def link(self, inode: Inode, rel: Optional[str]):
-        if not rel:
-            return
-        v = self.info(inode) if inode.is_reg else None
-        if v is None:
-            self.store.remove_entry(rel)
-        else:
-            self.store.set_entry(rel, v.alg, v.digest, v.signature)
+    def dropped(self, fd: int):
+        """The inode behind O_PATH ``fd`` lost its last name: forget its entry."""
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:
+                self.store.remove_entry(identity.key_of(fd))
+        except OSError:
+            pass  # no handle, no entry; a stale entry is harmless (never matches)
 
     # -- enable -------------------------------------------------------------------------
 
@@ -148,11 +129,11 @@ class LocalVerity:
         params = vioctl.enable_params(arg)                       # EINVAL
         if inode.enabling:
             raise Errno(errno.EBUSY, "enable already running")
-        rel = self.relpath(inode)
-        if not rel:
-            raise Errno(errno.ENOENT, "file has no name under the source")
+        if inode.store_key is None:
+            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles to "
+                                          "keep verity with the inode")
         inode.enabling = True
-        return EnableJob(inode, os.dup(fd), rel, params, arg.signature)
+        return EnableJob(inode, os.dup(fd), self.label(inode), params, arg.signature)
 
     def build(self, job: EnableJob, cancel=None) -> IndexEntry:
         """Build and store the tree (any thread); a signature that does not verify
@@ -169,7 +150,7 @@ class LocalVerity:
         e = job.entry
         info = self._load(e)
         job.inode.verity = info
-        log.info("verity enabled on %s: %s", e.path, e.digest_text)
+        log.info("verity enabled on %s: %s", job.rel, e.digest_text)
         return info
 
     @staticmethod

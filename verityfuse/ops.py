@@ -16,9 +16,6 @@ import functools
 import inspect
 import logging
 import os
-import threading
-import time
-from collections import OrderedDict
 from typing import Dict, Optional
 
 import pyfuse3
@@ -29,6 +26,7 @@ from . import ioctl as vioctl
 from . import merkle, uapi
 from .errors import Corruption, Errno, VerityError
 from .fuseshim import Request
+from .logs import requests as ratelog
 from .view import XATTR_PREFIX, Attr, DirHandle, FileHandle
 
 log = logging.getLogger("verityfuse")
@@ -44,35 +42,6 @@ XATTR_SIGNATURE = XATTR_PREFIX + b"signature"
 XATTR_TREE = XATTR_PREFIX + b"merkle_tree."
 XATTR_MAX = 65536  # the VFS's XATTR_SIZE_MAX
 MAX_OFFSET = (1 << 64) - 1
-
-
-class RateLimitedLog:
-    """Log each message key once, and at most ``per_sec`` lines a second."""
-
-    def __init__(self, per_sec=20, remember=4096):
-        self.seen = OrderedDict()
-        self.per_sec, self.remember = per_sec, remember
-        self.window, self.count, self.dropped = 0, 0, 0
-        self.lock = threading.Lock()
-
-    def log(self, level, key, msg):
-        with self.lock:
-            if key is not None:
-                if key in self.seen:
-                    return
-                self.seen[key] = True
-                if len(self.seen) > self.remember:
-                    self.seen.popitem(last=False)
-            now = int(time.monotonic())
-            if now != self.window:
-                if self.dropped:
-                    log.warning("%d log lines suppressed (rate limit)", self.dropped)
-                self.window, self.count, self.dropped = now, 0, 0
-            self.count += 1
-            if self.count > self.per_sec:
-                self.dropped += 1
-                return
-        log.log(level, "%s", msg)
 
 
 def _fail(err: int):
@@ -91,7 +60,7 @@ def _boundary(fn):
         except (VerityError, OSError) as e:
             raise pyfuse3.FUSEError(self._errno_of(e, fn.__name__)) from None
         except Exception as e:  # a bug: one line, never a traceback per request
-            self.ratelog.log(logging.ERROR, (fn.__name__, type(e).__name__),
+            ratelog.log(logging.ERROR, (fn.__name__, type(e).__name__),
                              f"unexpected error in {fn.__name__}: {type(e).__name__}: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -151,7 +120,6 @@ class VerityOperations(pyfuse3.Operations):
         super().__init__()
         self.view = view
         self.limiter = trio.CapacityLimiter(threads)
-        self.ratelog = RateLimitedLog()
         self.handles: Dict[int, object] = {}
         self._next_fh = 1
 
@@ -164,7 +132,7 @@ class VerityOperations(pyfuse3.Operations):
         (read, open, ioctl, enable) ran into them.
         """
         if isinstance(e, Corruption):
-            self.ratelog.log(logging.WARNING, (type(e).__name__, str(e)), f"integrity failure: {e}")
+            ratelog.warning((type(e).__name__, str(e)), f"integrity failure: {e}")
         elif isinstance(e, VerityError):
             log.debug("%s: %s", what, e)
         return e.errno or errno.EIO
@@ -349,17 +317,25 @@ class VerityOperations(pyfuse3.Operations):
         """
         request = Request(self.shim, req, out_size)
         try:
-            h = self.handles.get(fh)
-            h = h if isinstance(h, FileHandle) else None
+            h = self.handles.get(fh)  # a file or directory handle: the backing fd
+            view = self.view
             if cmd in vioctl.GETFLAGS_CMDS:
-                request.reply(vioctl.getflags_reply(self.view.flags(ino, h))[:out_size])
+                request.reply(vioctl.getflags_reply(view.flags(ino, h))[:out_size])
+            elif cmd in vioctl.SETFLAGS_CMDS:
+                view.set_flags(ino, h, int.from_bytes(data[:4], "little"))
+                request.reply()
+            elif cmd == vioctl.FS_IOC_FSGETXATTR:
+                request.reply(view.fsxattr(ino, h)[:out_size])
+            elif cmd == vioctl.FS_IOC_FSSETXATTR:
+                view.fsxattr(ino, h, data)
+                request.reply()
             elif cmd == uapi.FS_IOC_MEASURE_VERITY:
-                v = self.view.verity_info(ino)
+                v = view.verity_info(ino)
                 if v is None:
                     return errno.ENODATA
                 request.reply(vioctl.measure_reply(data, v.alg, v.digest))
             elif cmd == uapi.FS_IOC_ENABLE_VERITY:
-                self._start_enable(request, ino, h, data)
+                self._start_enable(request, ino, h if isinstance(h, FileHandle) else None, data)
             else:
                 # FS_IOC_READ_VERITY_METADATA included: its buffer is in the
                 # caller's memory, which a FUSE server cannot write.
@@ -389,6 +365,10 @@ class VerityOperations(pyfuse3.Operations):
         try:
             await trio.to_thread.run_sync(view.enable_build, job, cancel)
             view.enable_commit(job)
+            # Pages cached before the commit were never verified: drop them before
+            # the caller learns the file is verity.  From a worker thread: the
+            # kernel may wait on a page lock held by a reader that waits on us.
+            await trio.to_thread.run_sync(self._invalidate, job.inode.ino)
             request.reply()
         except merkle.Cancelled:
             log.info("enable of %s interrupted; nothing committed", job.rel)
@@ -400,6 +380,13 @@ class VerityOperations(pyfuse3.Operations):
             raise
         finally:
             view.enable_finish(job)
+
+    @staticmethod
+    def _invalidate(ino: int):
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError as e:  # ENOENT: the kernel no longer caches it
+            log.debug("invalidate inode %d: %s", ino, e)
 
     # -- lifecycle ----------------------------------------------------------------------
 

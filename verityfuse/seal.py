@@ -1,4 +1,4 @@
-"""Offline operations on a source tree and its store: seal and verify."""
+"""Offline operations on a source tree and its store: seal, verify, record a manifest."""
 
 from __future__ import annotations
 
@@ -7,41 +7,39 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from . import merkle
-from .errors import Corruption
+from . import fsutil, identity, merkle
+from .errors import VerityError
 from .reader import VerifiedReader
-from .store import IndexEntry, Store, normalize_relpath
+from .store import IndexEntry, Store
 from .verify import TreeBlockCache, Verifier
-
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def open_regular(path: str) -> int:
-    """Open a regular file for reading without following a final symlink."""
-    fd = os.open(path, _O_READ)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise IsADirectoryError(21, "not a regular file", path)
-    return fd
+    """A regular file for reading, never through a final symlink, never blocking."""
+    try:
+        return fsutil.open_regular(path)
+    except fsutil.NotRegular as e:
+        raise IsADirectoryError(21, e.strerror, path) from None
 
 
 def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signature: bytes = b"",
             check=None, **build_kw) -> IndexEntry:
-    """Build the tree of open file ``fd`` into ``store`` and index it as ``relpath``.
+    """Build the tree of open file ``fd`` into ``store`` and index its inode.
 
-    ``check(descriptor)`` may refuse the result (a signature that does not
-    verify) before anything is committed.  The object is committed before the
-    index entry, each atomically: a crash leaves the file unsealed or sealed,
-    never half.
+    ``relpath`` is recorded for messages only.  ``check(descriptor)`` may refuse
+    the result (a signature that does not verify) before anything is committed.
+    The object is committed before the index entry, each atomically: a crash
+    leaves the file unsealed or sealed, never half.
     """
+    key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
     with store.new_object() as obj:
         desc = merkle.build_tree(fd, params, data_size=os.fstat(fd).st_size,
                                  write_block=obj.write_block, **build_kw)
         if check is not None:
             check(desc)
         obj.commit(desc)
-    store.set_entry(relpath, params.alg, desc.digest, signature)
-    return IndexEntry(normalize_relpath(relpath), params.alg, desc.digest, signature)
+    store.set_entry(key, params.alg, desc.digest, signature, relpath)
+    return IndexEntry(key, params.alg, desc.digest, signature, relpath)
 
 
 def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
@@ -49,6 +47,15 @@ def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **
     fd = open_regular(os.path.join(source, relpath))
     try:
         return seal_fd(store, fd, relpath, params, **kw)
+    finally:
+        os.close(fd)
+
+
+def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:
+    """The index entry of the regular file at ``path`` (never through a symlink)."""
+    fd = open_regular(path)
+    try:
+        return store.get_entry(identity.key_of(fd))
     finally:
         os.close(fd)
 
@@ -72,29 +79,40 @@ def walk_files(source: str, store: Store) -> Iterator[str]:
 
 @dataclass
 class VerifyResult:
-    entry: IndexEntry
-    error: Optional[Exception] = None  # Corruption or OSError; None = intact
+    path: str                            # relative to SOURCE
+    key: Optional[str] = None            # its inode's index key
+    sealed: bool = False                 # it has an index entry (maybe a malformed one)
+    entry: Optional[IndexEntry] = None
+    error: Optional[Exception] = None    # VerityError or OSError; None = intact (or unsealed)
 
 
-def verify_entry(store: Store, source: str, entry: IndexEntry, cache: TreeBlockCache,
-                 chunk: int = merkle.CHUNK_SIZE) -> VerifyResult:
-    """Read the whole file through a VerifiedReader; report the first failure."""
-    label = os.path.join(source, entry.path)
+def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
+                chunk: int = merkle.CHUNK_SIZE) -> VerifyResult:
+    """Read SOURCE/rel whole through a VerifiedReader if it is sealed; report the first failure."""
+    label = os.path.join(source, rel)
+    res = VerifyResult(rel)
     try:
-        with store.open_object(entry.alg, entry.digest) as tree:
-            verifier = Verifier(tree, cache, label)
-            fd = open_regular(label)
-            try:
-                reader = VerifiedReader(fd, verifier, label)
-                off = 0
-                # The read at EOF returns nothing and checks nothing follows it.
-                while reader.read(off, chunk):
-                    off += chunk
-            finally:
-                os.close(fd)
-    except (Corruption, OSError) as e:
-        return VerifyResult(entry, e)
-    return VerifyResult(entry)
+        fd = open_regular(label)
+    except OSError as e:
+        res.error = e
+        return res
+    try:
+        res.key = identity.key_of(fd)
+        res.sealed = store.has_entry(res.key)
+        if not res.sealed:
+            return res
+        res.entry = store.get_entry(res.key)
+        with store.open_object(res.entry.alg, res.entry.digest) as tree:
+            reader = VerifiedReader(fd, Verifier(tree, cache, label), label)
+            off = 0
+            # The read at EOF returns nothing and checks nothing follows it.
+            while reader.read(off, chunk):
+                off += chunk
+    except (VerityError, OSError) as e:
+        res.error = e
+    finally:
+        os.close(fd)
+    return res
 
 
 class ManifestRecorder:

@@ -2,14 +2,16 @@
 
 Layout (documented in protocol/store-format.md)::
 
-    STORE/VERSION                      "verityfuse-store 1\\n"
+    STORE/VERSION                      "verityfuse-store 2\n"
     STORE/objects/<alg>/<hh>/<digest>  header(64) || descriptor(256) || tree
-    STORE/index/<hh>/<sha256(path)>    JSON: {"version", "path", "digest", "signature"?}
+    STORE/inodes/<hh>/<key>            JSON: {"version": 2, "digest", "path", "signature"?}
     STORE/tmp/                         half-written files; never read
 
 Objects are content-addressed by the fs-verity file digest, so an object
 proves itself: H(descriptor) must equal its name, and every tree block hashes
-up to the descriptor's root hash.  The index maps a relative path to a digest.
+up to the descriptor's root hash.  The index maps an inode's identity (its
+filesystem and file handle, see identity.py) to a digest: verity belongs to
+the inode, so renames and links keep it and nothing is ever walked.
 Every write goes to tmp/, is fsynced and renamed into place, then the directory
 is fsynced: a crash leaves either the old entry or the new one, never half of
 one.  Every open walks from the store's root fd with O_NOFOLLOW, so a symlink
@@ -27,15 +29,17 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from . import fsutil, merkle, uapi
-from .errors import InvalidDescriptor, StoreCorrupt
+from .errors import InvalidDescriptor, StoreCorrupt, VerityError
 
 STORE_DIRNAME = ".verityfuse"
-VERSION_TEXT = b"verityfuse-store 1\n"
+VERSION_TEXT = b"verityfuse-store 2\n"
+VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 OBJECT_MAGIC = b"VFSTREE1"
 # magic[8], header_size u32, flags u32, tree_size u64, reserved[40]
 OBJECT_HEADER = struct.Struct("<8sIIQ40s")
 HEADER_SIZE = OBJECT_HEADER.size
 TREE_OFFSET = HEADER_SIZE + uapi.FS_VERITY_DESCRIPTOR_SIZE
+INDEX_DIR = "inodes"
 INDEX_ENTRY_MAX = 64 * 1024
 MAX_BLOCK_SIZE = 65536  # as enable: larger trees are refused as corrupt  # a path (4 KiB) plus a hex signature (32 KiB) fit
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -67,12 +71,17 @@ def parse_digest(text: str):
     return alg, raw
 
 
+class StoreFormat(VerityError):
+    """A store of another format than this operation needs."""
+
+
 @dataclass(frozen=True)
 class IndexEntry:
-    path: str
+    key: str                # the inode's identity (identity.key_of)
     alg: merkle.HashAlg
     digest: bytes
     signature: bytes = b""
+    path: str = ""          # where the file was when it was sealed: for messages only
 
     @property
     def digest_text(self) -> str:
@@ -163,9 +172,13 @@ class ObjectWriter:
 
 
 class Store:
-    """A store rooted at ``path``.  ``create=True`` makes it if missing."""
+    """A store rooted at ``path``.  ``create=True`` makes it if missing.
 
-    def __init__(self, path: str, create: bool = False):
+    ``objects_only=True`` (manifest mode) reads tree objects only, which format
+    1 stores have too; every other use needs the format-2 index.
+    """
+
+    def __init__(self, path: str, create: bool = False, objects_only: bool = False):
         self.path = os.path.abspath(path)
         if create:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
@@ -176,7 +189,7 @@ class Store:
         except FileNotFoundError:
             raise StoreCorrupt(f"store {self.path} does not exist (seal a file first)") from None
         try:
-            self._check_version(create)
+            self.version = self._check_version(create, objects_only)
         except BaseException:
             os.close(self.rootfd)
             raise
@@ -197,22 +210,30 @@ class Store:
     def _where(self, *parts) -> str:
         return os.path.join(self.path, *parts)
 
-    def _check_version(self, create: bool):
+    def _check_version(self, create: bool, objects_only: bool) -> int:
         fd = self._open_file(("VERSION",))
         if fd is None:
             if not create:
                 raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
             self._atomic_write((), "VERSION", VERSION_TEXT)
-            return
+            return 2
         try:
             text = os.read(fd, 64)
         finally:
             os.close(fd)
-        if text != VERSION_TEXT:
-            raise StoreCorrupt(
-                f"{self._where('VERSION')}: unsupported store version {text[:32]!r}, "
-                f"expected {VERSION_TEXT!r}"
-            )
+        if text == VERSION_TEXT:
+            return 2
+        if text == VERSION_1_TEXT:
+            if objects_only:
+                return 1
+            raise StoreFormat(
+                f"store {self.path} is format 1 (verity indexed by path); this verityfuse keeps "
+                f"verity with the inode (format 2). Convert it with: verityfuse upgrade-store "
+                f"SOURCE --store {self.path}")
+        raise StoreCorrupt(
+            f"{self._where('VERSION')}: unsupported store version {text[:32]!r}, "
+            f"expected {VERSION_TEXT!r}"
+        )
 
     def _refused(self, parts, e: OSError) -> StoreCorrupt:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -380,25 +401,39 @@ class Store:
             os.close(fd)
             raise
 
-    # -- index ----------------------------------------------------------
+    # -- index: inode identity -> digest ------------------------------------------------
 
     @staticmethod
-    def _index_parts(relpath: str):
-        h = hashlib.sha256(os.fsencode(relpath)).hexdigest()
-        return ("index", h[:2], h)
+    def _index_parts(key: str):
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"invalid index key {key!r}")
+        return (INDEX_DIR, key[:2], key)
 
-    def set_entry(self, relpath: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b""):
-        relpath = normalize_relpath(relpath)
-        doc = {"version": 1, "path": relpath, "digest": merkle.format_digest(alg, digest)}
+    def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
+                  path: str = ""):
+        doc = {"version": 2, "path": path, "digest": merkle.format_digest(alg, digest)}
         if signature:
             doc["signature"] = signature.hex()
-        parts = self._index_parts(relpath)
+        parts = self._index_parts(key)
         data = json.dumps(doc, sort_keys=True).encode() + b"\n"
         self._atomic_write(parts[:-1], parts[-1], data)
 
-    def get_entry(self, relpath: str) -> Optional[IndexEntry]:
-        relpath = normalize_relpath(relpath)
-        parts = self._index_parts(relpath)
+    def has_entry(self, key: str) -> bool:
+        parts = self._index_parts(key)
+        try:
+            dirfd = self._open_dirs(parts[:-1])
+        except FileNotFoundError:
+            return False
+        try:
+            os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(dirfd)
+
+    def get_entry(self, key: str) -> Optional[IndexEntry]:
+        parts = self._index_parts(key)
         fd = self._open_file(parts)
         if fd is None:
             return None
@@ -406,23 +441,32 @@ class Store:
             data = os.read(fd, INDEX_ENTRY_MAX + 1)
         finally:
             os.close(fd)
-        name = self._where(*parts)
+        return self._parse_entry(key, data)
+
+    def _parse_entry(self, key: str, data: bytes) -> IndexEntry:
+        name = self._where(*self._index_parts(key))
         if len(data) > INDEX_ENTRY_MAX:
             raise StoreCorrupt(f"{name}: index entry larger than {INDEX_ENTRY_MAX} bytes")
         try:
-            doc = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("version") != 1:
+            doc = json.loads(data.decode("utf-8"))
+            if not isinstance(doc, dict) or doc.get("version") != 2:
                 raise ValueError("unsupported or missing version")
-            if doc.get("path") != relpath:
-                raise ValueError(f"entry is for path {doc.get('path')!r}, not {relpath!r}")
-            alg, digest = parse_digest(doc["digest"])
-            sig = bytes.fromhex(doc.get("signature", ""))
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreCorrupt(f"{name}: malformed index entry for {relpath!r}: {e}") from None
-        return IndexEntry(relpath, alg, digest, sig)
+            extra = set(doc) - {"version", "path", "digest", "signature"}
+            if extra:
+                raise ValueError(f"unknown keys {sorted(extra)}")
+            path, digest, sig = doc.get("path"), doc.get("digest"), doc.get("signature", "")
+            if not isinstance(path, str) or not isinstance(digest, str) or not isinstance(sig, str):
+                raise ValueError("path, digest and signature must be strings")
+            alg, raw = parse_digest(digest)
+            signature = bytes.fromhex(sig)
+        except UnicodeDecodeError as e:
+            raise StoreCorrupt(f"{name}: malformed index entry: not UTF-8 at byte {e.start}") from None
+        except (ValueError, RecursionError) as e:
+            raise StoreCorrupt(f"{name}: malformed index entry: {e}") from None
+        return IndexEntry(key, alg, raw, signature, path)
 
-    def remove_entry(self, relpath: str) -> bool:
-        parts = self._index_parts(normalize_relpath(relpath))
+    def remove_entry(self, key: str) -> bool:
+        parts = self._index_parts(key)
         try:
             dirfd = self._open_dirs(parts[:-1])
         except FileNotFoundError:
@@ -436,10 +480,10 @@ class Store:
         finally:
             os.close(dirfd)
 
-    def entries(self) -> Iterator[IndexEntry]:
-        """Every index entry (malformed ones raise StoreCorrupt when reached)."""
+    def keys(self) -> Iterator[str]:
+        """Every index key (for verify's stale-entry count)."""
         try:
-            idxfd = self._open_dirs(("index",))
+            idxfd = self._open_dirs((INDEX_DIR,))
         except FileNotFoundError:
             return
         try:
@@ -447,25 +491,12 @@ class Store:
         finally:
             os.close(idxfd)
         for shard in shards:
-            dirfd = self._open_dirs(("index", shard))
+            dirfd = self._open_dirs((INDEX_DIR, shard))
             try:
                 names = sorted(os.listdir(dirfd))
             finally:
                 os.close(dirfd)
-            for n in names:
-                fd = self._open_file(("index", shard, n))
-                if fd is None:
-                    continue
-                try:
-                    doc = json.loads(os.read(fd, INDEX_ENTRY_MAX))
-                    path = doc["path"]
-                except (ValueError, KeyError, TypeError):
-                    raise StoreCorrupt(f"{self._where('index', shard, n)}: malformed index entry") from None
-                finally:
-                    os.close(fd)
-                entry = self.get_entry(path)
-                if entry is not None:
-                    yield entry
+            yield from (n for n in names if len(n) == 64)
 
 
 def normalize_relpath(relpath: str) -> str:

@@ -1,9 +1,11 @@
 """The local view: a read-write passthrough of SOURCE whose verity files are checked.
 
-Inodes are the backing inodes (see inodes.py); verity belongs to the inode
-(local_verity.py), so every hard link and every name after a rename sees the
-same state.  A verity file is read-only (EPERM for write opens and
-truncation), as on ext4; everything else passes through to SOURCE.
+Inodes are the backing inodes (inodes.py): identity by file handle, the
+backing inode numbers, a bounded number of fds.  Verity belongs to the inode
+(local_verity.py).  A verity file is read-only (EPERM for write opens and
+truncation), as on ext4; everything else passes through to SOURCE with the
+caller's ownership and the kernel's modes (the daemon runs with umask 0: the
+kernel already applied the caller's).
 """
 
 from __future__ import annotations
@@ -11,21 +13,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import stat
-from typing import Optional
+import struct
+from typing import Callable, Optional
 
 from . import ioctl as vioctl
 from . import uapi
 from .errors import Errno, SizeMismatch
-from .inodes import NOT_VERITY, Inode, InodeTable
+from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
+from .logs import requests as ratelog
 from .reader import VerifiedReader
 from .verify import Verifier
-from .view import XATTR_PREFIX, Attr, DirHandle, FileHandle
-
-log = logging.getLogger("verityfuse")
+from .view import Attr, DirHandle, FileHandle
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Never passed to the backing open: creation is done explicitly, and O_DIRECT
@@ -44,7 +45,8 @@ def _renameat2(olddirfd, oldname, newdirfd, newname, flags):
 
 class LocalView:
     def __init__(self, source: str, store, cache, policy: str = "enforce", timeout: float = 1.0,
-                 trust_certs=(), require_signatures: bool = False, read_only: bool = False):
+                 trust_certs=(), require_signatures: bool = False, read_only: bool = False,
+                 remounted_ro: Callable[[], bool] = lambda: False, max_fds: Optional[int] = None):
         if policy not in ("enforce", "require"):
             raise ValueError(f"unknown policy {policy!r}")
         self.source = os.path.realpath(source)
@@ -53,15 +55,20 @@ class LocalView:
         self.policy = policy
         self.timeout = timeout
         self.read_only = read_only
-        root_fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.inodes = InodeTable(root_fd, 1)
+        self.remounted_ro = remounted_ro  # the mount's current flags (remount,ro)
+        self.inodes = InodeTable(os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                                 max_fds)
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
-        # The store is hidden when it lives inside SOURCE: (parent dev/ino, name).
+        # The store is hidden when it lives inside SOURCE: (its parent's identity, its name).
         self.hidden = None
         sp = os.path.realpath(store.path)
         if sp.startswith(self.source + "/"):
-            pst = os.stat(os.path.dirname(sp))
-            self.hidden = ((pst.st_dev, pst.st_ino), os.fsencode(os.path.basename(sp)))
+            pfd = os.open(os.path.dirname(sp), _O_PATH)
+            try:
+                key, _ = self.inodes._identify(pfd, os.fstat(pfd))
+            finally:
+                os.close(pfd)
+            self.hidden = (key, os.fsencode(os.path.basename(sp)))
 
     def close(self) -> int:
         outstanding = self.inodes.outstanding()
@@ -79,38 +86,26 @@ class LocalView:
         if inode.is_reg:
             try:
                 v = self.verity.info(inode)
-                size = v.size if v is not None else None
-            except OSError:
-                pass  # damaged metadata: stat still works, open fails
-            except Exception as e:  # noqa: BLE001 -- a VerityError, reported at open
-                log.debug("%s: %s", inode, e)
+                size = v.size if v is not None else None  # the sealed size, whatever the disk says
+            except (Errno, OSError, Exception):  # damaged metadata: stat works, open fails
+                pass
         return Attr.from_stat(inode.ino, st, self.timeout, size)
 
     def _lookup(self, parent: Inode, name: bytes) -> Attr:
         """Look ``name`` up in ``parent`` and count one kernel lookup."""
         self._check_name(parent, name)
-        fd = os.open(name, _O_PATH, dir_fd=parent.fd)
-        try:
-            st = os.stat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        inode = self.inodes.remember(fd, st)
-        inode.mode = st.st_mode
+        inode, st = self.inodes.lookup(parent, name)
         return self._attr(inode, st)
 
-    def relpath(self, parent: Inode, name: Optional[bytes] = None) -> Optional[str]:
-        """The path of ``parent``[/``name``] relative to SOURCE, as the kernel tracks it now."""
-        path = os.readlink(parent.proc_path)
-        if path.endswith(" (deleted)"):
-            return None
+    def relpath(self, inode: Inode, name: Optional[bytes] = None) -> str:
+        """A name for messages (never for a decision): the inode's path under SOURCE now."""
+        try:
+            path = os.readlink(inode.proc_path)
+        except OSError:
+            return f"inode {inode.ino}"
         if name is not None:
             path = os.path.join(path, os.fsdecode(name))
-        if path == self.source:
-            return ""
-        if not path.startswith(self.source + "/"):
-            return None
-        return path[len(self.source) + 1:]
+        return os.path.relpath(path, self.source) if path.startswith(self.source) else path
 
     def _chown_to_caller(self, dirfd: int, name: bytes, ctx):
         if os.geteuid() == 0:
@@ -133,25 +128,26 @@ class LocalView:
 
     def setattr(self, ino, attr, fields, fh: Optional[FileHandle], ctx) -> Attr:
         i = self.inodes[ino]
-        path = i.proc_path
         if fields.update_size:
             if self.verity.is_verity(i):
                 raise OSError(errno.EPERM, "a verity file cannot be truncated")
+            if i.enabling:
+                raise OSError(errno.ETXTBSY, "enable running")  # as ext4
             if fh is not None:
                 os.ftruncate(fh.fd, attr.st_size)
             else:
-                os.truncate(path, attr.st_size)
+                os.truncate(i.proc_path, attr.st_size)
         if fields.update_mode:
             if stat.S_ISLNK(i.mode):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-            os.chmod(path, stat.S_IMODE(attr.st_mode))
+            os.chmod(i.proc_path, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
-            os.chown(path, attr.st_uid if fields.update_uid else -1,
+            os.chown(i.proc_path, attr.st_uid if fields.update_uid else -1,
                      attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
             st = os.stat(i.fd)
-            os.utime(path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                               attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+            os.utime(i.proc_path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
         return self._attr(i, os.stat(i.fd))
 
     def readlink(self, ino: int) -> bytes:
@@ -170,7 +166,6 @@ class LocalView:
         self._check_name(p, name, errno.EEXIST)
         create(p.fd)
         self._chown_to_caller(p.fd, name, ctx)
-        self.verity.forget_path(self.relpath(p, name))
         return self._lookup(p, name)
 
     def mknod(self, parent, name, mode, rdev, ctx):
@@ -182,12 +177,27 @@ class LocalView:
     def symlink(self, parent, name, target, ctx):
         return self._make(parent, name, ctx, lambda d: os.symlink(target, name, dir_fd=d))
 
+    def _victim(self, dirfd: int, name: bytes) -> int:
+        """An O_PATH fd of what ``name`` is now (-1 if nothing), to forget its
+        verity entry should it lose its last link."""
+        try:
+            return os.open(name, _O_PATH, dir_fd=dirfd)
+        except OSError:
+            return -1
+
+    def _dropped(self, fd: int):
+        if fd >= 0:
+            self.verity.dropped(fd)
+            os.close(fd)
+
     def unlink(self, parent: int, name: bytes):
         p = self.inodes[parent]
         self._check_name(p, name)
-        rel = self.relpath(p, name)
-        os.unlink(name, dir_fd=p.fd)
-        self.verity.forget_path(rel)
+        victim = self._victim(p.fd, name)
+        try:
+            os.unlink(name, dir_fd=p.fd)
+        finally:
+            self._dropped(victim)
 
     def rmdir(self, parent: int, name: bytes):
         p = self.inodes[parent]
@@ -195,26 +205,20 @@ class LocalView:
         os.rmdir(name, dir_fd=p.fd)
 
     def rename(self, parent_old, name_old, parent_new, name_new, flags):
+        """Verity stays with the inodes: nothing to move, nothing walked."""
         po, pn = self.inodes[parent_old], self.inodes[parent_new]
         self._check_name(po, name_old)
         self._check_name(pn, name_new, errno.EACCES)
-        old, new = self.relpath(po, name_old), self.relpath(pn, name_new)
-        moving = self.verity.entries_under(self.source, old)
-        replaced = self.verity.entries_under(self.source, new)
-        _renameat2(po.fd, name_old, pn.fd, name_new, flags)
-        # Index entries follow their files: the moved tree's entries get new
-        # paths; a replaced file's entries go (or, for an exchange, swap).
-        for r in list(moving) + list(replaced):
-            self.verity.forget_path(r)
-        self.verity.move(moving, old, new)
-        if flags & RENAME_EXCHANGE:
-            self.verity.move(replaced, new, old)
+        victim = -1 if flags & RENAME_EXCHANGE else self._victim(pn.fd, name_new)
+        try:
+            _renameat2(po.fd, name_old, pn.fd, name_new, flags)
+        finally:
+            self._dropped(victim)
 
     def link(self, ino: int, parent: int, name: bytes) -> Attr:
         i, p = self.inodes[ino], self.inodes[parent]
         self._check_name(p, name, errno.EEXIST)
         os.link(i.proc_path, name, dst_dir_fd=p.fd, follow_symlinks=True)
-        self.verity.link(i, self.relpath(p, name))
         return self._lookup(p, name)
 
     # -- files ------------------------------------------------------------------------
@@ -228,8 +232,9 @@ class LocalView:
                 raise OSError(errno.EPERM, "a verity file is read-only")
         elif i.is_reg:
             if self.policy == "require":
-                log.warning("policy require: refusing %s, which has no fs-verity metadata",
-                            self.relpath(i) or f"inode {i.ino}")
+                name = self.relpath(i)
+                ratelog.warning(("require", name),
+                                f"policy require: refusing {name}, which has no fs-verity metadata")
                 raise OSError(errno.EPERM, "not a verity file")
             if writing and i.enabling:
                 raise OSError(errno.ETXTBSY, "enable running")  # as the kernel
@@ -250,7 +255,7 @@ class LocalView:
 
     def _attach_reader(self, fh: FileHandle, v):
         size = os.fstat(fh.fd).st_size
-        label = self.relpath(fh.node) or f"inode {fh.node.ino}"
+        label = self.relpath(fh.node)
         if size != v.size:
             raise SizeMismatch(f"{label}: backing file is {size} bytes, sealed size {v.size}")
         tree = self.verity.tree(v)
@@ -265,13 +270,12 @@ class LocalView:
         p = self.inodes[parent]
         self._check_name(p, name, errno.EACCES)
         if self.policy == "require":
-            log.warning("policy require: refusing to create %s", self.relpath(p, name))
+            ratelog.warning(None, f"policy require: refusing to create {self.relpath(p, name)}")
             raise OSError(errno.EPERM, "policy require")
         fd = os.open(name, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      mode, dir_fd=p.fd)
         try:
             self._chown_to_caller(p.fd, name, ctx)
-            self.verity.forget_path(self.relpath(p, name))
             attrs = self._lookup(p, name)
             i = self.inodes[attrs.ino]
             i.verity = NOT_VERITY
@@ -289,12 +293,6 @@ class LocalView:
         i.files.discard(fh)
         self.inodes.maybe_drop(i)
 
-    def enabled(self, i: Inode, v):
-        """After an enable commits: files already open become verified."""
-        for fh in list(i.files):
-            if fh.reader is None:
-                self._attach_reader(fh, v)
-
     # -- directories --------------------------------------------------------------------
 
     def opendir(self, ino: int, ctx=None) -> DirHandle:
@@ -303,19 +301,40 @@ class LocalView:
         i.handles += 1
         return DirHandle(i, fd)
 
+    def _dots(self, dh: DirHandle):
+        """``.`` and ``..``, not counted as lookups (the kernel links neither)."""
+        d = dh.node
+        yield b".", Attr.from_stat(d.ino, os.stat(d.fd), self.timeout)
+        if d.ino == ROOT_INO:  # never above SOURCE
+            yield b"..", Attr.from_stat(ROOT_INO, os.stat(d.fd), self.timeout)
+            return
+        pfd = os.open("..", _O_PATH, dir_fd=dh.fd)
+        try:
+            st = os.fstat(pfd)
+            known = self.inodes.by_key.get(self.inodes._identify(pfd, st)[0])
+        finally:
+            os.close(pfd)
+        yield b"..", Attr.from_stat(known.ino if known else st.st_ino, st, self.timeout)
+
     def readdir(self, dh: DirHandle, start: int):
         if dh.entries is None or start == 0:
             # A snapshot per listing: offsets stay stable while entries change.
             names = sorted(os.fsencode(n) for n in os.listdir(dh.fd))
             if self.hidden and dh.node.key == self.hidden[0]:
                 names = [n for n in names if n != self.hidden[1]]
-            dh.entries = names
+            dh.entries = [b".", b".."] + names
+        dots = None
         for idx in range(start, len(dh.entries)):
+            name = dh.entries[idx]
+            if idx < 2:
+                dots = dots or dict(self._dots(dh))
+                yield name, dots[name], idx + 1
+                continue
             try:
-                attr = self._lookup(dh.node, dh.entries[idx])
+                attr = self._lookup(dh.node, name)
             except FileNotFoundError:
                 continue  # removed since the snapshot
-            yield dh.entries[idx], attr, idx + 1
+            yield name, attr, idx + 1
 
     def releasedir(self, dh: DirHandle):
         dh.close()
@@ -323,6 +342,8 @@ class LocalView:
         self.inodes.maybe_drop(dh.node)
 
     # -- xattrs and flags -------------------------------------------------------------
+    # Through the O_PATH fd's /proc link, which reaches a symlink itself: xattrs
+    # on symlinks pass through where the backing filesystem allows them.
 
     def verity_info(self, ino: int):
         i = self.inodes[ino]
@@ -335,44 +356,50 @@ class LocalView:
         return self.verity.tree(v)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        i = self.inodes[ino]
-        if stat.S_ISLNK(i.mode):
-            raise OSError(errno.ENODATA, "no xattrs on symlinks")
-        return os.getxattr(i.proc_path, name)
+        return os.getxattr(self.inodes[ino].proc_path, name)
 
     def listxattr(self, ino: int):
-        i = self.inodes[ino]
-        if stat.S_ISLNK(i.mode):
-            return []
-        return [os.fsencode(n) for n in os.listxattr(i.proc_path)]
+        return [os.fsencode(n) for n in os.listxattr(self.inodes[ino].proc_path)]
 
-    def setxattr(self, ino: int, name: bytes, value: bytes):
-        i = self.inodes[ino]
-        if stat.S_ISLNK(i.mode):
-            raise OSError(errno.EPERM, "no xattrs on symlinks")
-        os.setxattr(i.proc_path, name, value)
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0):
+        os.setxattr(self.inodes[ino].proc_path, name, value, flags)
 
     def removexattr(self, ino: int, name: bytes):
-        i = self.inodes[ino]
-        if stat.S_ISLNK(i.mode):
-            raise OSError(errno.EPERM, "no xattrs on symlinks")
-        os.removexattr(i.proc_path, name)
+        os.removexattr(self.inodes[ino].proc_path, name)
 
-    def flags(self, ino: int, fh: Optional[FileHandle]) -> int:
-        """FS_IOC_GETFLAGS: the backing file's classic flags (read through the open
-        handle, if any), plus FS_VERITY_FL."""
+    def flags(self, ino: int, fh) -> int:
+        """FS_IOC_GETFLAGS: the backing file's flags (read through the open
+        handle, if any), with FS_VERITY_FL ours alone."""
         i = self.inodes[ino]
         flags = 0
         if fh is not None:
-            buf = bytearray(8)
+            buf = bytearray(4)
             try:
                 fcntl.ioctl(fh.fd, uapi.FS_IOC_GETFLAGS, buf)
-                flags = int.from_bytes(buf[:4], "little") & vioctl.PASSTHROUGH_FLAGS
+                flags = int.from_bytes(buf, "little") & ~uapi.FS_VERITY_FL
             except OSError:
-                pass  # tmpfs and others have no flags: none to report
+                pass  # a filesystem without flags: none to report
         if self.verity.is_verity(i):
             flags |= uapi.FS_VERITY_FL
         return flags
+
+    def set_flags(self, ino: int, fh, flags: int):
+        """FS_IOC_SETFLAGS: passed through; FS_VERITY_FL can be neither set nor cleared."""
+        if fh is None:
+            raise OSError(errno.EBADF, "no open file")
+        fcntl.ioctl(fh.fd, vioctl.FS_IOC_SETFLAGS, struct.pack("<I", flags & ~uapi.FS_VERITY_FL))
+
+    def fsxattr(self, ino: int, fh, new: Optional[bytes] = None) -> bytes:
+        """FS_IOC_FSGETXATTR (``new`` None) or FSSETXATTR, passed through; the
+        verity xflag is reported, never taken."""
+        if fh is None:
+            raise OSError(errno.EBADF, "no open file")
+        if new is not None:
+            fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSSETXATTR, vioctl.strip_xflag_verity(new))
+            return b""
+        buf = bytearray(vioctl.FSXATTR_SIZE)
+        fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSGETXATTR, buf)
+        return vioctl.with_xflag_verity(bytes(buf), self.verity.is_verity(self.inodes[ino]))
 
     def _may_write(self, i: Inode, uid: int, gid: int, groups) -> bool:
         """The kernel's inode_permission(MAY_WRITE), from the mode bits."""
@@ -392,15 +419,18 @@ class LocalView:
         i = self.inodes[ino]
         if caller is not None and not self._may_write(i, *caller):
             raise Errno(errno.EACCES, "no write permission")
-        return self.verity.check(i, fh.fd if fh is not None else None, arg,
-                                 self.flags(ino, fh), self.read_only)
+        return self.verity.check(i, fh.fd if fh is not None else None, arg, self.flags(ino, fh),
+                                 self.read_only or self.remounted_ro())
 
     def enable_build(self, job, cancel=None):
         self.verity.build(job, cancel)
 
     def enable_commit(self, job):
+        """The inode is verity from now on, files already open included."""
         v = self.verity.commit(job)
-        self.enabled(job.inode, v)
+        for fh in list(job.inode.files):
+            if fh.reader is None:
+                self._attach_reader(fh, v)
 
     def enable_finish(self, job):
         self.verity.finish(job)

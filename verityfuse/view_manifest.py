@@ -20,6 +20,7 @@ import os
 import stat
 
 from . import fsutil, manifest_tree, uapi
+from . import ioctl as vioctl
 from .errors import Corruption, SizeMismatch
 from .reader import VerifiedReader
 from .verify import Verifier
@@ -178,6 +179,12 @@ class ManifestView:
 
     def flags(self, ino: int, fh=None) -> int:
         return uapi.FS_VERITY_FL if self._node(ino).kind == stat.S_IFREG else 0
+
+    def fsxattr(self, ino: int, fh, new=None) -> bytes:
+        if new is not None:
+            _erofs()
+        return vioctl.with_xflag_verity(bytes(vioctl.FSXATTR_SIZE),
+                                        self._node(ino).kind == stat.S_IFREG)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         raise OSError(errno.ENODATA, "no such attribute")  # only user.fsverity.* exist here

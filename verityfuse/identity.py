@@ -1,0 +1,81 @@
+"""File identity that survives renames and is never reused: (filesystem, file handle).
+
+``name_to_handle_at`` gives a handle that names one inode for the life of the
+filesystem (ext4, xfs, btrfs and tmpfs encode the inode number and its
+generation, so a deleted inode's number, reused later, yields another handle).
+``open_by_handle_at`` reopens it without any path, which needs
+CAP_DAC_READ_SEARCH.  The filesystem is named by statfs's ``f_fsid``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import struct
+from typing import Tuple
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def _err(what: str):
+    e = ctypes.get_errno()
+    return OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def handle_of(fd: int) -> Tuple[int, bytes]:
+    """(handle type, handle bytes) of the inode ``fd`` refers to (O_PATH is fine).
+
+    OSError EOPNOTSUPP when the filesystem cannot export handles."""
+    h = _FileHandle()
+    h.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", ctypes.byref(h), ctypes.byref(mount_id), AT_EMPTY_PATH):
+        raise _err("name_to_handle_at")
+    return h.handle_type, bytes(h.f_handle[:h.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle: Tuple[int, bytes], flags: int) -> int:
+    htype, raw = handle
+    h = _FileHandle()
+    h.handle_bytes, h.handle_type = len(raw), htype
+    ctypes.memmove(h.f_handle, raw, len(raw))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(h), flags | os.O_CLOEXEC)
+    if fd < 0:
+        raise _err("open_by_handle_at")
+    return fd
+
+
+def fsid(fd: int) -> int:
+    return os.fstatvfs(fd).f_fsid
+
+
+def store_key(fs: int, handle: Tuple[int, bytes]) -> str:
+    """The store's name for an inode: hex SHA-256 of fsid || handle type || handle."""
+    htype, raw = handle
+    return hashlib.sha256(struct.pack("<QI", fs & (2**64 - 1), htype & 0xFFFFFFFF) + raw).hexdigest()
+
+
+def key_of(fd: int) -> str:
+    """store_key of the inode behind ``fd``; EOPNOTSUPP if its filesystem has no handles."""
+    return store_key(fsid(fd), handle_of(fd))
+
+
+def can_reopen(fd: int) -> bool:
+    """Whether open_by_handle_at works here (it needs CAP_DAC_READ_SEARCH); ``fd``
+    is a directory opened for reading (not O_PATH)."""
+    try:
+        os.close(open_by_handle(fd, handle_of(fd), os.O_PATH))
+        return True
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES, errno.ESTALE):
+            return False
+        raise
