@@ -210,17 +210,15 @@ def test_interrupted_enable_and_concurrent_requests(mnt):
     assert p.poll() is None  # still building
     assert enable_error(mp / "huge") == "Device or resource busy"
     # other requests go on while the build runs
-    t0 = time.monotonic()
     assert (mp / "other").read_bytes() == b"other data"
     assert fsv("measure", mp / "other").returncode == 1  # ENODATA, answered
     os.listdir(mp)
     with pytest.raises(OSError) as e:  # a write open during enable: ETXTBSY
         os.open(mp / "huge", os.O_WRONLY)
     assert e.value.errno == errno.ETXTBSY
-    served = time.monotonic() - t0
+    assert p.poll() is None  # all of that was served while the build ran
     p.send_signal(2)  # SIGINT
     p.wait(5)         # generic/572: must end within 5 s
-    assert served < 5
     assert fsv("measure", mp / "huge").stderr.strip().endswith("No data available")
     assert "enable of huge interrupted; nothing committed" in mnt.log()
     with os.scandir(mnt.source / ".verityfuse" / "tmp") as it:

@@ -1,0 +1,264 @@
+"""Local mode at the edges (issue 9): ext4's fs-verity semantics where they are
+subtle, bounded file descriptors, and bad input in the store.
+
+Rules: real mounts through the fixture; exact errnos and bytes; where an enable
+must still be running, the test waits for its half-built object in the store's
+tmp/ (a condition, never a duration) and uses files large enough to hash for
+seconds.
+"""
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from verityfuse.seal import entry_of_path
+from verityfuse.store import Store
+from conftest import drop_caches, write
+from test_ioctl import enable_error, fsv
+from test_mount import object_file
+
+
+def read_errno(path, offset=0, size=1):
+    """None if open and read succeed, else the errno of whichever failed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return e.errno
+    try:
+        os.pread(fd, size, offset)
+        return None
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+
+
+def sparse(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def wait_building(src, p, timeout=30):
+    """Until the enable started by ``p`` has an object in the making."""
+    tmp = src / ".verityfuse" / "tmp"
+    deadline = time.monotonic() + timeout
+    while not (tmp.exists() and os.listdir(tmp)):
+        assert p.poll() is None, p.stderr.read()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the enable never started building")
+        time.sleep(0.01)
+
+
+def enable_bg(path):
+    return subprocess.Popen(["fsverity", "enable", str(path)], stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def src(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    return d
+
+
+def test_remount_read_only_then_enable_is_erofs(src, verified_mount):
+    write(src / "f", b"x" * 10000)
+    m = verified_mount(src, seal=False)
+    subprocess.run(["mount", "-i", "-o", "remount,ro", m.mountpoint], check=True)
+    assert enable_error(m.mountpoint / "f") == "Read-only file system"
+    with Store(str(src / ".verityfuse")) as st:
+        assert entry_of_path(st, src / "f") is None  # nothing written to the store
+    subprocess.run(["mount", "-i", "-o", "remount,rw", m.mountpoint], check=True)
+    fsv("enable", m.mountpoint / "f", check=True)
+
+
+def test_truncate_during_enable_is_etxtbsy(src, verified_mount):
+    sparse(src / "huge", 16 << 30)
+    m = verified_mount(src, seal=False)
+    p = enable_bg(m.mountpoint / "huge")
+    wait_building(src, p)
+    with pytest.raises(OSError) as e:
+        os.truncate(m.mountpoint / "huge", 10)
+    assert e.value.errno == errno.ETXTBSY
+    assert p.poll() is None  # refused while the build ran, not after a failure
+    p.send_signal(2)
+    p.wait(30)
+    assert os.stat(src / "huge").st_size == 16 << 30
+
+
+@pytest.mark.parametrize("how", ["rename", "unlink-other-name", "rename-in-source"])
+def test_names_change_during_enable_verity_stays_with_the_inode(src, verified_mount, how):
+    sparse(src / "big", 6 << 30)
+    os.mkdir(src / "d")
+    write(src / "d" / "small", b"s" * 5000)
+    os.link(src / "big", src / "second")
+    m = verified_mount(src, seal=False)
+    mp = m.mountpoint
+    p = enable_bg(mp / "big")
+    wait_building(src, p)
+    if how == "rename":
+        os.rename(mp / "big", mp / "d" / "moved")
+        final = "d/moved"
+    elif how == "unlink-other-name":
+        os.unlink(mp / "big")
+        final = "second"
+    else:
+        os.rename(src / "big", src / "d" / "moved")
+        final = "d/moved"
+    assert p.poll() is None
+    assert p.wait(120) == 0, p.stderr.read()
+    digest = fsv("digest", src / final, check=True).stdout.split()[0]
+    assert os.getxattr(mp / final, "user.fsverity.digest").decode() == digest
+    assert fsv("measure", mp / final, check=True).stdout.split()[0] == digest
+    fsv("enable", mp / "d" / "small", check=True)
+    m.unmount()
+    r = subprocess.run([*VF, "verify", src, "-v"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"OK {digest} {src}/{final}" in r.stdout and "CORRUPT" not in r.stdout
+
+
+def test_enable_commit_drops_pages_cached_before_it(src, verified_mount):
+    """A page cached before the enable was never verified: after the commit, a
+    reader gets the bytes the digest covers, never the stale ones."""
+    old, new = b"A" * 8192, b"B" * 8192
+    write(src / "f", old)
+    m = verified_mount(src, seal=False)
+    fd = os.open(m.mountpoint / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 8192, 0) == old         # cached in the page cache
+        write(src / "f", new)                        # changed behind the daemon, same size
+        fsv("enable", m.mountpoint / "f", check=True)  # hashes what is on disk now
+        assert os.pread(fd, 8192, 0) == new
+    finally:
+        os.close(fd)
+
+
+def test_sealed_size_is_authoritative(src, verified_mount):
+    write(src / "f", os.urandom(5 * 4096))
+    m = verified_mount(src)
+    os.truncate(src / "f", 2 * 4096)  # behind the daemon, to a block boundary
+    drop_caches()
+    assert os.stat(m.mountpoint / "f").st_size == 5 * 4096
+    r = subprocess.run(["cat", m.mountpoint / "f"], capture_output=True)
+    assert r.returncode == 1 and b"Input/output error" in r.stderr  # never a clean short EOF
+
+
+def test_directory_renames_keep_verity_without_walking(src, verified_mount):
+    os.makedirs(src / "a" / "b")
+    for i in range(50):
+        write(src / "a" / "b" / f"f{i}", str(i).encode() * 100)
+    m = verified_mount(src)
+    digest = os.getxattr(m.mountpoint / "a" / "b" / "f7", "user.fsverity.digest")
+    os.rename(m.mountpoint / "a", m.mountpoint / "renamed")      # through the mount
+    os.rename(src / "renamed" / "b", src / "renamed" / "c")       # directly in SOURCE
+    drop_caches()
+    f7 = m.mountpoint / "renamed" / "c" / "f7"
+    assert os.getxattr(f7, "user.fsverity.digest") == digest
+    with pytest.raises(PermissionError):
+        open(f7, "ab")
+    with Store(str(src / ".verityfuse")) as st:
+        assert len(list(st.keys())) == 50  # entries by inode: none was rewritten or lost
+
+
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+def test_enable_on_immutable_or_append_only_is_eperm(src, verified_mount, flag):
+    write(src / "f", b"x" * 5000)
+    m = verified_mount(src, seal=False)
+    subprocess.run(["chattr", flag, m.mountpoint / "f"], check=True)
+    try:
+        out = subprocess.run(["lsattr", m.mountpoint / "f"], capture_output=True, text=True).stdout
+        assert out.split()[0][4 if flag == "+i" else 5] == flag[1]
+        assert enable_error(m.mountpoint / "f") == "Operation not permitted"
+    finally:
+        subprocess.run(["chattr", "-i", "-a", m.mountpoint / "f"], check=True)
+
+
+# -- bounded file descriptors ----------------------------------------------------------
+
+def test_fd_count_does_not_grow_with_the_tree(src, verified_mount):
+    """A tree of more files than the daemon keeps fds for (1024 at most): listed and
+    read in full while the kernel remembers every inode, with the daemon's fds
+    bounded by a number that does not grow with the tree."""
+    dirs, per = 40, 100
+    for d in range(dirs):
+        os.mkdir(src / f"d{d}")
+        for i in range(per):
+            write(src / f"d{d}" / f"f{i}", f"{d}/{i}\n".encode())
+    m = verified_mount(src, seal=False)
+    fds = lambda: len(os.listdir(f"/proc/{m.pid}/fd"))  # noqa: E731
+    r = subprocess.run(f"find {m.mountpoint} -type f | sort -V | xargs cat", shell=True,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "".join(f"{d}/{i}\n" for d in range(dirs) for i in range(per))
+    after_read = fds()
+    r = subprocess.run(["ls", "-R", m.mountpoint], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("\nf") == dirs * per
+    r = subprocess.run(["du", "-s", "--inodes", m.mountpoint], capture_output=True, text=True)
+    assert r.returncode == 0 and int(r.stdout.split()[0]) == dirs * per + dirs + 1
+    bound = 1024 + 32  # the fd LRU, plus the daemon's fixed fds
+    assert after_read <= bound and fds() <= bound, (after_read, fds())
+
+
+# -- the store under bad input, through the daemon ---------------------------------------
+
+def test_fifo_in_the_store_fails_one_file_and_the_daemon_serves_on(src, verified_mount):
+    write(src / "f", b"f" * 9000)
+    write(src / "g", b"g" * 9000)
+    m = verified_mount(src)
+    obj = object_file(src, "f")
+    os.unlink(obj)
+    os.mkfifo(obj)
+    assert read_errno(m.mountpoint / "f", 0, 10) == errno.EIO
+    assert (m.mountpoint / "g").read_bytes() == b"g" * 9000
+    assert f"{obj} is a FIFO, not a regular file" in m.log()
+
+
+def test_oversized_block_size_in_the_store_is_corrupt(src, verified_mount):
+    write(src / "big", os.urandom(300000))
+    write(src / "ok", b"ok")
+    for name, bs in (("big", "131072"), ("ok", "4096")):
+        r = subprocess.run([*VF, "seal", src, src / name, f"--block-size={bs}"], capture_output=True)
+        assert r.returncode == 0
+    m = verified_mount(src, seal=False)
+    assert read_errno(m.mountpoint / "big", 0, 1) == errno.EIO
+    assert "block size 131072 is larger than 65536" in m.log()
+    assert (m.mountpoint / "ok").read_bytes() == b"ok"
+
+
+def test_malformed_index_entry_is_named_by_the_daemon(src, verified_mount):
+    write(src / "f", b"f" * 9000)
+    m = verified_mount(src)
+    with Store(str(src / ".verityfuse")) as st:
+        e = entry_of_path(st, src / "f")
+        p = os.path.join(st.path, *st._index_parts(e.key))
+    m.unmount()
+    with open(p, "wb") as f:
+        f.write(b'{"version": 2, "path": 7, "digest": []}')
+    m = verified_mount(src, seal=False)
+    assert read_errno(m.mountpoint / "f", 0, 10) == errno.EIO
+    log = m.log()
+    assert f"{p}: malformed index entry: path, digest and signature must be strings" in log
+    assert "Traceback" not in log
+
+
+def test_no_request_writes_a_traceback(src, verified_mount):
+    write(src / "f", b"f" * 9000)
+    m = verified_mount(src)
+    for offset in (2**64, 2**64 - 1, 10**40):
+        with pytest.raises(OSError) as e:
+            os.getxattr(m.mountpoint / "f", f"user.fsverity.merkle_tree.{offset}")
+        assert e.value.errno == errno.EINVAL
+    with open(src / "f", "r+b") as f:
+        f.write(b"X")
+    for _ in range(50):  # a request-triggered line, repeated: logged once
+        drop_caches()
+        assert read_errno(m.mountpoint / "f", 0, 1) == errno.EIO
+    m.unmount()
+    log = m.log()
+    assert log.count("integrity failure: f: data block at offset 0") == 1
+    assert "Traceback" not in log and "unexpected error" not in log
