@@ -1865,6 +1865,17 @@ def check_chattr_immutable(ctx):
     return r
 
 
+def _clear_append_then_pwrite(fd):
+    """fcntl(F_SETFL) without O_APPEND, then pwrite at 0.  Not recorded: fcntl's own result
+    (an append-only file refuses it; on FUSE the kernel checks S_APPEND of its own inode,
+    which no FUSE server can set), only where the write lands."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+    except OSError:
+        pass
+    return os.pwrite(fd, b"Q", 0)
+
+
 @check()
 def check_chattr_append(ctx):
     """Bug 6: chattr +a: only appends."""
@@ -1879,8 +1890,9 @@ def check_chattr_append(ctx):
         r("append", try_open, "f", os.O_WRONLY | os.O_APPEND, then=lambda fd: os.write(fd, b"AB"))
         r("pwrite at 0 on an O_APPEND fd", try_open, "f", os.O_WRONLY | os.O_APPEND,
           then=lambda fd: os.pwrite(fd, b"P", 0))
-        r("clear O_APPEND with fcntl", try_open, "f", os.O_WRONLY | os.O_APPEND,
-          then=lambda fd: fcntl.fcntl(fd, fcntl.F_SETFL, 0))
+        r("pwrite at 0 after clearing O_APPEND with fcntl", try_open, "f", os.O_WRONLY | os.O_APPEND,
+          then=_clear_append_then_pwrite)
+        r["data"] = read_file("f")
         r("truncate", os.truncate, "f", 1)
         r("ftruncate on an O_APPEND fd", try_open, "f", os.O_WRONLY | os.O_APPEND,
           then=lambda fd: os.ftruncate(fd, 1))
@@ -1950,6 +1962,75 @@ def check_inode_flags(ctx):
         r["lsattr p (fifo)"] = lsattr("p")
     finally:
         clear_flags_tree(".")
+    return r
+
+
+def _backing_flags(ctx, name, add=0, remove=0):
+    """Change inode flags of ``name`` in the backing directory (not through the view)."""
+    bfd = os.open(ctx.backing, os.O_PATH | os.O_DIRECTORY)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=bfd)
+    finally:
+        os.close(bfd)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+        fl = (struct.unpack_from("<I", buf)[0] | add) & ~remove
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, bytearray(struct.pack("<I", fl) + bytes(4)))
+    finally:
+        os.close(fd)
+
+
+@check()
+def check_flags_enforced(ctx):
+    """Immutable and append-only set on the backing inodes (not through the view) are
+    enforced through the view, and GETFLAGS reports them."""
+    r = Rec()
+    write_file("i", b"data")
+    write_file("a", b"0123")
+    write_file("spare", b"s")
+    for d in ("di", "da"):
+        os.mkdir(d)
+        write_file(f"{d}/in", b"")
+    try:
+        _backing_flags(ctx, "i", add=FS_IMMUTABLE_FL)
+        _backing_flags(ctx, "di", add=FS_IMMUTABLE_FL)
+        _backing_flags(ctx, "a", add=FS_APPEND_FL)
+        _backing_flags(ctx, "da", add=FS_APPEND_FL)
+        for n in ("i", "di", "a", "da"):
+            r[f"lsattr {n}"] = lsattr(n)
+        for n in ("i", "a"):
+            r(f"{n}: open O_WRONLY", try_open, n, os.O_WRONLY)
+            r(f"{n}: open O_WRONLY|O_APPEND, write", try_open, n, os.O_WRONLY | os.O_APPEND,
+              then=lambda fd: os.write(fd, b"+"))
+            r(f"{n}: pwrite at 0 on an O_APPEND fd", try_open, n, os.O_WRONLY | os.O_APPEND,
+              then=lambda fd: os.pwrite(fd, b"P", 0))
+            r(f"{n}: pwrite at 0 after clearing O_APPEND with fcntl", try_open, n, os.O_WRONLY | os.O_APPEND,
+              then=_clear_append_then_pwrite)
+            r[f"{n}: data"] = read_file(n)
+            r(f"{n}: open O_TRUNC", try_open, n, os.O_WRONLY | os.O_APPEND | os.O_TRUNC)
+            r(f"{n}: read", read_file, n)
+            r(f"{n}: truncate", os.truncate, n, 1)
+            r(f"{n}: unlink", os.unlink, n)
+            r(f"{n}: rename", os.rename, n, n + "2")
+            r(f"{n}: rename onto", lambda: (write_file("spare", b"s"), os.rename("spare", n)))
+            r(f"{n}: link", os.link, n, n + "3")
+            r(f"{n}: chmod", os.chmod, n, 0o600)
+            r(f"{n}: chown", os.chown, n, 1, 1)
+            r(f"{n}: utimes", os.utime, n, (1, 1))
+            r(f"{n}: utimes NULL", os.utime, n)
+            r(f"{n}: setxattr", os.setxattr, n, "user.x", b"1")
+        for d in ("di", "da"):
+            r(f"{d}: create", try_open, f"{d}/new", os.O_WRONLY | os.O_CREAT)
+            r(f"{d}: mkdir", os.mkdir, f"{d}/sub")
+            r(f"{d}: unlink", os.unlink, f"{d}/in")
+            r(f"{d}: rename out", os.rename, f"{d}/in", "out")
+            r(f"{d}: write an entry", try_open, f"{d}/in", os.O_WRONLY, then=lambda fd: os.write(fd, b"w"))
+            r(f"{d}: listdir", lambda: sorted(os.listdir(d)))
+    finally:
+        clear_flags_tree(".")
+        clear_flags_tree(ctx.backing)
+    r["tree"] = snapshot()
     return r
 
 
