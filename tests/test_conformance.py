@@ -10,6 +10,13 @@ xattr values, and only relations between inode numbers and timestamps.
 
 One mount for the module, unmounted at teardown.  Needs root (identities,
 drop_caches, chattr +i) and FUSE.
+
+Issue 9's bugs and the checks that show them: 1 creation modes: create_modes-*
+(root and an unprivileged user, umask 0/022/077), setgid_dir_inheritance;
+2 stable inode numbers: stat_relations; 4 '.' and '..': readdir, readdir_large;
+5 xattrs on symlinks: xattr_trusted_symlink; 6 chattr: chattr_immutable,
+chattr_append, inode_flags, flags_enforced, test_sealed_file_verity_flag;
+7 PATH_MAX: deep_paths (deep_paths_existing: files already that deep).
 """
 
 from __future__ import annotations
