@@ -1704,16 +1704,6 @@ def check_fifo_mknod(ctx):
 COMP = "d" * 200
 
 
-def _walk_backing(ctx, depth):
-    """An O_PATH fd of the backing directory at ``depth`` components of COMP."""
-    fd = os.open(ctx.backing, os.O_PATH | os.O_DIRECTORY)
-    for _ in range(depth):
-        nfd = os.open(COMP, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
-    return fd
-
-
 @check()
 def check_deep_paths(ctx):
     """Bug 7: entries made relative to directory fds, deeper than PATH_MAX.
