@@ -82,7 +82,18 @@ def differences(plain: dict, mount: dict) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("c", pc.CHECKS, ids=[c.id for c in pc.CHECKS])
+# What no pyfuse3 server can do on this stack; strict, so a fix upstream shows up here.
+LIMITS = {
+    "open_tmpfile": "libfuse 3.14 (Debian 12) has no tmpfile operation: O_TMPFILE is EOPNOTSUPP",
+    "xattr_user-root": "pyfuse3 applies XATTR_CREATE/XATTR_REPLACE itself before the handler "
+                       "runs; both together act as XATTR_CREATE",
+}
+LIMITS["xattr_user-user"] = LIMITS["xattr_user-root"]
+
+
+@pytest.mark.parametrize("c", [
+    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=LIMITS[c.id])]
+                 if c.id in LIMITS else []) for c in pc.CHECKS])
 def test_conformance(sides, c):
     plain_dir = os.path.join(sides.plain, c.id)
     mnt_dir = os.path.join(sides.mnt, c.id)

@@ -15,6 +15,10 @@
  * callback returns 0 when it has replied or will reply later (with
  * vf_reply_ioctl / vf_reply_err, exactly once), or an errno > 0 for this file
  * to reply with.  Without a callback every ioctl answers ENOTTY.
+ *
+ * It also wraps .init to ask for FUSE_CAP_DONT_MASK when the daemon says it
+ * applies the caller's umask itself (vf_set_dont_mask): then a default ACL on
+ * the parent directory wins over the umask, as on the backing filesystem.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
@@ -39,6 +43,16 @@ typedef int (*vf_ioctl_cb)(void *req, uint64_t ino, unsigned int cmd, uint64_t f
 
 static vf_ioctl_cb handler;
 static int hooks;
+static int want_dont_mask;
+static void (*orig_init)(void *userdata, struct fuse_conn_info *conn);
+
+static void shim_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (orig_init)
+        orig_init(userdata, conn);
+    if (want_dont_mask && (conn->capable & FUSE_CAP_DONT_MASK))
+        conn->want |= FUSE_CAP_DONT_MASK;
+}
 
 static void shim_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
                        struct fuse_file_info *fi, unsigned flags, const void *in_buf,
@@ -52,7 +66,7 @@ static void shim_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *a
         fuse_reply_err(req, rc > 0 ? rc : EIO);
 }
 
-/* A copy of op with .ioctl set, or NULL to use op unchanged. */
+/* A copy of op with .ioctl set (and .init wrapped), or NULL to use op unchanged. */
 static struct fuse_lowlevel_ops *add_ioctl(const struct fuse_lowlevel_ops *op, size_t op_size)
 {
     if (op == NULL || op_size < offsetof(struct fuse_lowlevel_ops, ioctl) + sizeof(op->ioctl)
@@ -63,6 +77,8 @@ static struct fuse_lowlevel_ops *add_ioctl(const struct fuse_lowlevel_ops *op, s
         return NULL;
     memcpy(copy, op, op_size);
     copy->ioctl = shim_ioctl;
+    orig_init = op->init;
+    copy->init = shim_init;
     return copy;
 }
 
@@ -114,6 +130,8 @@ EXPORT struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
 EXPORT void vf_set_handler(vf_ioctl_cb cb) { handler = cb; }
 
 EXPORT int vf_hook_count(void) { return hooks; }
+
+EXPORT void vf_set_dont_mask(int on) { want_dont_mask = on; }
 
 EXPORT int vf_reply_ioctl(void *req, int result, const void *buf, size_t size)
 {

@@ -206,6 +206,8 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
         options.add("ro")  # the manifest defines the tree
     view, store = make_view(args, trust, options)
     ops = VerityOperations(view)
+    if shim is not None:
+        shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
     # Resolved now: once mounted, touching the path would ask this very daemon.
     mountpoint = os.path.realpath(args.mountpoint)
     pyfuse3.init(ops, mountpoint, options)

@@ -38,6 +38,11 @@ class Shim:
     def hook_count(self) -> int:
         return self.lib.vf_hook_count()
 
+    def set_dont_mask(self, on: bool):
+        """Ask the kernel not to apply the caller's umask (the daemon applies it,
+        so that a default ACL wins over it); before pyfuse3.init."""
+        self.lib.vf_set_dont_mask(int(on))
+
     def set_handler(self, fn):
         """fn(req, ino, cmd, fh, flags, data: bytes, out_size) -> 0 or errno."""
 

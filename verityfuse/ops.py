@@ -119,6 +119,7 @@ class VerityOperations(pyfuse3.Operations):
     def __init__(self, view, threads: int = 4):
         super().__init__()
         self.view = view
+        self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
         self.handles: Dict[int, object] = {}
         self._next_fh = 1
@@ -289,7 +290,7 @@ class VerityOperations(pyfuse3.Operations):
         return self.view.getxattr(inode, name)
 
     async def listxattr(self, inode, ctx):
-        names = [n for n in self.view.listxattr(inode) if not n.startswith(XATTR_PREFIX)]
+        names = [n for n in self.view.listxattr(inode, ctx) if not n.startswith(XATTR_PREFIX)]
         return names + sorted(self._verity_xattrs(inode))
 
     async def setxattr(self, inode, name, value, ctx):

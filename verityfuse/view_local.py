@@ -16,10 +16,11 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from typing import Callable, Optional
 
+from . import creds, uapi
 from . import ioctl as vioctl
-from . import uapi
 from .errors import Errno, SizeMismatch
 from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
@@ -44,6 +45,8 @@ def _renameat2(olddirfd, oldname, newdirfd, newname, flags):
 
 
 class LocalView:
+    posix_acl = True  # the kernel enforces the backing files' ACLs (FUSE_POSIX_ACL)
+
     def __init__(self, source: str, store, cache, policy: str = "enforce", timeout: float = 1.0,
                  trust_certs=(), require_signatures: bool = False, read_only: bool = False,
                  remounted_ro: Callable[[], bool] = lambda: False, max_fds: Optional[int] = None):
@@ -107,10 +110,6 @@ class LocalView:
             path = os.path.join(path, os.fsdecode(name))
         return os.path.relpath(path, self.source) if path.startswith(self.source) else path
 
-    def _chown_to_caller(self, dirfd: int, name: bytes, ctx):
-        if os.geteuid() == 0:
-            os.chown(name, ctx.uid, ctx.gid, dir_fd=dirfd, follow_symlinks=False)
-
     # -- lookups and attributes --------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes, ctx=None) -> Attr:
@@ -146,8 +145,18 @@ class LocalView:
                      attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
             st = os.stat(i.fd)
-            os.utime(i.proc_path, ns=(attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            try:
+                os.utime(i.proc_path, ns=times)
+            except PermissionError:
+                # pyfuse3 turns utimes(NULL) into explicit "now" times, which an
+                # append-only file refuses; ask for "now" when that is what came.
+                now = time.time_ns()
+                if not (fields.update_atime and fields.update_mtime
+                        and all(abs(t - now) < 1_000_000_000 for t in times)):
+                    raise
+                os.utime(i.proc_path)
         return self._attr(i, os.stat(i.fd))
 
     def readlink(self, ino: int) -> bytes:
@@ -161,11 +170,12 @@ class LocalView:
     # -- namespace --------------------------------------------------------------------
 
     def _make(self, parent: int, name: bytes, ctx, create) -> Attr:
-        """mknod/mkdir/symlink: ``create(dirfd)`` makes ``name``, owned by the caller."""
+        """mknod/mkdir/symlink: ``create(dirfd)`` makes ``name`` as the caller would."""
         p = self.inodes[parent]
         self._check_name(p, name, errno.EEXIST)
-        create(p.fd)
-        self._chown_to_caller(p.fd, name, ctx)
+        dirfd = p.fd  # before the credentials change: a reopen by handle needs ours
+        with creds.as_caller(ctx):
+            create(dirfd)
         return self._lookup(p, name)
 
     def mknod(self, parent, name, mode, rdev, ctx):
@@ -272,10 +282,11 @@ class LocalView:
         if self.policy == "require":
             ratelog.warning(None, f"policy require: refusing to create {self.relpath(p, name)}")
             raise OSError(errno.EPERM, "policy require")
-        fd = os.open(name, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode, dir_fd=p.fd)
+        dirfd = p.fd
+        with creds.as_caller(ctx):
+            fd = os.open(name, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode, dir_fd=dirfd)
         try:
-            self._chown_to_caller(p.fd, name, ctx)
             attrs = self._lookup(p, name)
             i = self.inodes[attrs.ino]
             i.verity = NOT_VERITY
@@ -358,8 +369,11 @@ class LocalView:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         return os.getxattr(self.inodes[ino].proc_path, name)
 
-    def listxattr(self, ino: int):
-        return [os.fsencode(n) for n in os.listxattr(self.inodes[ino].proc_path)]
+    def listxattr(self, ino: int, ctx=None):
+        names = [os.fsencode(n) for n in os.listxattr(self.inodes[ino].proc_path)]
+        if ctx is not None and ctx.uid != 0:  # as the kernel: trusted.* is for CAP_SYS_ADMIN
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0):
         os.setxattr(self.inodes[ino].proc_path, name, value, flags)

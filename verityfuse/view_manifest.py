@@ -36,6 +36,7 @@ def _erofs():
 
 class ManifestView:
     read_only = True
+    posix_acl = False
 
     def __init__(self, source: str, tree: manifest_tree.Tree, store, cache, digest: str):
         self.tree = tree
@@ -189,7 +190,7 @@ class ManifestView:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         raise OSError(errno.ENODATA, "no such attribute")  # only user.fsverity.* exist here
 
-    def listxattr(self, ino: int):
+    def listxattr(self, ino: int, ctx=None):
         return []
 
     # Everything that would change the tree.
