@@ -31,7 +31,7 @@ ENVELOPE_FORMAT = "verityfuse-signed-manifest"
 ENVELOPE_VERSION = 1
 MAX_BYTES = 64 << 20        # a manifest larger than this is refused unread
 MAX_ENVELOPE_REST = 1 << 16  # the envelope without its payload: format, version, signatures
-_PAYLOAD = re.compile(rb'"payload"\s*:\s*"([A-Za-z0-9+/=]*)"')
+_PAYLOAD = re.compile(rb'"payload"\s*:\s*"')
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,11 @@ def read_envelope(path: str):
     authenticated.  Memory: a few times the file size at most."""
     data = _read_limited(path, MAX_BYTES, "manifest")
     m = _PAYLOAD.search(data)
-    if m is None:
+    end = data.find(b'"', m.end()) if m else -1
+    if end < 0:
         raise ManifestError(f"{path}: not a {ENVELOPE_FORMAT} file (no base64 payload)")
-    rest = data[:m.start(1)] + data[m.end(1):]
+    start = m.end()
+    rest = data[:start] + data[end:]
     if len(rest) > MAX_ENVELOPE_REST:
         raise ManifestError(f"{path}: the envelope holds {len(rest)} bytes besides its payload, "
                             f"more than {MAX_ENVELOPE_REST}")
@@ -145,7 +147,7 @@ def read_envelope(path: str):
     if env.get("version") != ENVELOPE_VERSION:
         raise ManifestError(f"{path}: unsupported envelope version {env.get('version')!r}")
     try:
-        payload = base64.b64decode(data[m.start(1):m.end(1)], validate=True)
+        payload = base64.b64decode(data[start:end], validate=True)
     except (binascii.Error, ValueError):
         raise ManifestError(f"{path}: payload: invalid base64") from None
     return env, payload
