@@ -481,6 +481,7 @@ def _swap_cached_check(ctx):
             if sha(data) != ctx.exp["files"][rel]["sha256"]:
                 raise Failed(f"{rel}: cached read through an fd held open gave {ctx.identify(data)}")
         notes.append("held fds: original bytes")
+        time.sleep(ATTR_TIMEOUT)  # the names are looked up again, the pages stay cached
         for rel in fds:  # no drop, fresh opens: original bytes from the cache, or EIO
             where, err, data = attempt_read(ctx.p(rel))
             if where == "ok" and sha(data) != ctx.exp["files"][rel]["sha256"]:
