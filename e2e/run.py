@@ -17,6 +17,7 @@ process groups and are killed and waited for on every exit path.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import json
 import os
@@ -41,6 +42,15 @@ class Timeout(Exception):
     pass
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent():
+    """In the child: SIGKILL when this script dies, even by SIGKILL (no finally runs then)."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 class Run:
     def __init__(self, args):
         self.args = args
@@ -57,7 +67,7 @@ class Run:
     def spawn(self, name, cmd, log):
         with open(log, "wb") as out:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=die_with_parent)
         self.procs.append((name, p))
         return p
 
