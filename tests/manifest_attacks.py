@@ -163,9 +163,7 @@ def expected(source) -> dict:
     dirs = {}
     for d in directories():
         prefix = d + "/" if d else ""
-        names = {r[len(prefix):].split("/")[0] for r in rels if r.startswith(prefix)}
-        names |= {x[len(prefix):].split("/")[0] for x in directories() if x.startswith(prefix) and x != d}
-        dirs[d] = sorted(names)
+        dirs[d] = sorted({r[len(prefix):].split("/")[0] for r in rels if r.startswith(prefix)})
     return {"files": files, "dirs": dirs}
 
 
