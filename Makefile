@@ -1,10 +1,14 @@
-# Everything a fresh Debian machine needs, as root:  make demo  /  make test
+# Everything a fresh Debian machine needs, as root:  make demo  /  make test  /  make e2e
 PYTHON ?= python3
 VENV   ?= .venv
 APT_PACKAGES = fuse3 libfuse3-dev pkg-config fsverity attr e2fsprogs gcc libssl-dev
 STAMP  = $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+# make e2e: a Linux guest (QEMU, TCG) reads a virtio-fs share while the host tampers.
+E2E_APT_PACKAGES = qemu-system-x86
+E2E_DIR ?= build/e2e
+
+.PHONY: setup demo test bench clean e2e e2e-deps
 
 setup: $(STAMP)
 
@@ -29,6 +33,21 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python bench/bench.py $(BENCH_ARGS)
+
+e2e: setup e2e-deps
+	$(VENV)/bin/python e2e/run.py --build $(E2E_DIR) $(E2E_ARGS)
+
+# QEMU and its virtiofsd (qemu-system-common), then the guest kernel, unpacked into
+# $(E2E_DIR)/kernel (downloaded once, never installed).
+e2e-deps: setup
+	@missing=""; for p in $(E2E_APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	e2e/fetch-kernel.sh $(E2E_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
