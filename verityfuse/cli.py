@@ -1,23 +1,30 @@
-"""Command line: digest, seal, verify, mount, umount, dump-metadata, keygen, measure-manifest.
+"""Command line: digest, seal, verify, mount and the rest (see `verityfuse --help`).
 
-Exit codes follow fsverity-utils: 0 success, 1 error, 2 usage error.
-Errors are printed as ``ERROR: <message>`` on stderr.
+Exit codes follow fsverity-utils: 0 success, 1 error, 2 usage error.  Errors
+are printed as ``ERROR: <message>`` on stderr.  Mount commands live in
+cli_mount, seal/verify in cli_seal; this module parses and dispatches.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
-import time
 
-from . import merkle
-from .errors import IntegrityError, InvalidParameters, VerityError
-from .store import Store, default_store
+from . import __version__, merkle
+from .errors import InvalidParameters, VerityError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
+            "umount", "status", "install-helper", "dump-metadata", "dump_metadata", "measure",
+            "enable", "doctor")
+
+
+def emit(obj: dict):
+    print(json.dumps(obj, sort_keys=True), flush=True)
 
 
 def error(msg: str):
@@ -78,32 +85,6 @@ def params_from(args) -> merkle.Params:
     return merkle.Params(alg, args.block_size or merkle.DEFAULT_BLOCK_SIZE, args.salt or b"")
 
 
-class Progress:
-    """A one-line progress display on a terminal, for files worth waiting on."""
-
-    MIN_SIZE = 64 << 20
-
-    def __init__(self, label: str, total: int, stream=sys.stderr):
-        self.enabled = total >= self.MIN_SIZE and stream.isatty()
-        self.label, self.total, self.stream = label, total, stream
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, done: int):
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and done < self.total):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9) / (1 << 20)
-        self.stream.write(f"\r{self.label}: {100 * done // self.total:3d}% "
-                          f"({done >> 20}/{self.total >> 20} MiB, {rate:.0f} MiB/s)")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
 # -- digest ---------------------------------------------------------------
 
 def cmd_digest(args) -> int:
@@ -124,6 +105,8 @@ def cmd_digest(args) -> int:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 error(f"can't open '{path}' for reading: {e.strerror}")
+                if args.json:
+                    emit({"file": path, "error": f"can't open for reading: {e.strerror}"})
                 return EXIT_ERROR
             try:
                 desc = merkle.build_tree(fd, params, write_block=write_block if tree_out else None,
@@ -135,7 +118,11 @@ def cmd_digest(args) -> int:
                 os.close(fd)
             if desc_out:
                 desc_out.write(desc.raw)
-            if args.for_builtin_sig:
+            if args.json:
+                emit({"file": path, "digest": merkle.format_digest(params.alg, desc.digest),
+                      "hash_algorithm": params.alg.name, "block_size": params.block_size,
+                      "salt": params.salt.hex(), "size": desc.data_size})
+            elif args.for_builtin_sig:
                 print(f"{merkle.formatted_digest(params.alg, desc.digest).hex()} {path}")
             elif args.compact:
                 print(desc.digest.hex())
@@ -148,14 +135,10 @@ def cmd_digest(args) -> int:
     return 0
 
 
-# -- seal / verify --------------------------------------------------------
-
-def open_store(args, create: bool) -> Store:
-    return Store(args.store or default_store(args.source), create=create)
-
+# -- seal, manifests ------------------------------------------------------
 
 def cmd_seal(args) -> int:
-    from .seal import seal_path, walk_files
+    from . import cli_seal
 
     params = params_from(args)
     if not os.path.isdir(args.source):
@@ -174,77 +157,24 @@ def cmd_seal(args) -> int:
                 error(f"'{p}' is not inside '{args.source}'")
                 return EXIT_ERROR
             rels.append(rel)
-    with open_store(args, create=True) as store:
-        store.cleanup_tmp()
-        if args.manifest:
-            return seal_manifest(args, store, params, key, rels)
-        status = 0
-        for rel in rels if rels is not None else walk_files(args.source, store):
-            full = os.path.join(args.source, rel)
-            try:
-                progress = Progress(full, os.lstat(full).st_size)
-                try:
-                    entry = seal_path(store, args.source, rel, params, threads=args.threads,
-                                      progress=progress)
-                finally:
-                    progress.close()
-            except OSError as e:
-                error(f"can't seal '{full}': {e.strerror or e}")
-                status = EXIT_ERROR
-                continue
-            print(f"{entry.digest_text} {full}", flush=True)
-    return status
-
-
-def seal_manifest(args, store, params, key, rels) -> int:
-    """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
-    from . import manifest, manifest_tree
-    from .seal import ManifestRecorder
-
-    def warn(msg):
-        print(f"WARNING: {msg}", file=sys.stderr)
-
-    def report(entry, full):
-        print(f"{entry['digest']} {full}", flush=True)
-
-    rec = ManifestRecorder(args.source, store, params, skip_paths=[args.manifest], warn=warn,
-                           report=report, progress=Progress, threads=args.threads)
-    if rels is None or "." in rels:
-        rec.add(".")
-    else:
-        existing = []
-        if os.path.exists(args.manifest):
-            env, payload = manifest.read_envelope(args.manifest)
-            if key is not None:
-                # Re-signing must not launder entries this key never vouched for.
-                manifest.check_signatures(args.manifest, env, payload, [key.public_key()])
-            existing = list(manifest_tree.iter_entries(payload, args.manifest))
-        rec.update(existing, rels)
-    if rec.failed:
-        error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
-        return EXIT_ERROR
-    payload = manifest_tree.make_payload(rec.entries.values())
-    manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
-    tmp = f"{args.manifest}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(manifest.sign(payload, key))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.manifest)
-    files = sum(1 for e in rec.entries.values() if e["type"] == "file")
-    print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), "
-          f"{manifest.manifest_digest(payload)}"
-          + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
-    return 0
+    return cli_seal.cmd_seal(args, params, key, rels)
 
 
 def cmd_measure_manifest(args) -> int:
     """The manifest digest, the one value a remote verifier pins."""
     from . import manifest, manifest_tree
 
-    _, payload = manifest.read_envelope(args.manifest)
-    manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
-    print(manifest.manifest_digest(payload))
+    env, payload = manifest.read_envelope(args.manifest)
+    tree = manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
+    digest = manifest.manifest_digest(payload)
+    if args.json:
+        sigs = env.get("signatures") if isinstance(env.get("signatures"), list) else []
+        emit({"manifest": args.manifest, "digest": digest, "entries": len(tree.nodes),
+              "files": sum(1 for _ in tree.files()),
+              "signatures": [{"algorithm": g.get("algorithm"), "key_id": g.get("key_id")}
+                             for g in sigs if isinstance(g, dict)]})
+    else:
+        print(digest)
     return 0
 
 
@@ -258,67 +188,6 @@ def cmd_keygen(args) -> int:
         return EXIT_ERROR
     print(f"ed25519 key {manifest.key_id(key.public_key())}: private {args.private}, "
           f"public {args.public}")
-    return 0
-
-
-def describe_failure(e: Exception) -> str:
-    if isinstance(e, IntegrityError):
-        return (f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}")
-    if isinstance(e, OSError):
-        return f"{e.strerror or e}"
-    return str(e)
-
-
-def cmd_verify(args) -> int:
-    from .seal import verify_file, walk_files
-    from .verify import TreeBlockCache
-
-    cache = TreeBlockCache()
-    sealed = corrupt = errors = unsealed = 0
-    seen = set()
-    with open_store(args, create=False) as store:
-        for rel in walk_files(args.source, store):
-            res = verify_file(store, args.source, rel, cache)
-            name = os.path.join(args.source, rel)
-            if res.sealed:
-                seen.add(res.key)
-                sealed += 1
-            if res.error is not None and res.sealed:
-                corrupt += 1
-                print(f"CORRUPT {name}: {describe_failure(res.error)}")
-            elif res.error is not None:
-                errors += 1
-                print(f"ERROR {name}: {describe_failure(res.error)}")
-            elif not res.sealed:
-                unsealed += 1
-                if args.strict or args.verbose:
-                    print(f"UNSEALED {name}")
-            elif args.verbose:
-                print(f"OK {res.entry.digest_text} {name}")
-        stale = sum(1 for k in store.keys() if k not in seen)
-    print(f"{sealed - corrupt} of {sealed} sealed files intact"
-          + (f", {unsealed} unsealed" if unsealed else "")
-          + (f", {errors} unreadable" if errors else ""), file=sys.stderr)
-    if stale:
-        print(f"{stale} index entries name no file under {args.source} (files removed or "
-              f"replaced; harmless)", file=sys.stderr)
-    if sealed == 0 and not errors:
-        error(f"nothing was verified: no sealed file under '{args.source}'")
-        return EXIT_ERROR
-    return EXIT_ERROR if corrupt or errors or (args.strict and unsealed) else 0
-
-
-def cmd_upgrade_store(args) -> int:
-    from .store_upgrade import upgrade
-
-    with Store(args.store or default_store(args.source), objects_only=True) as store:
-        if store.version == 2:
-            print(f"store {store.path} is already format 2", file=sys.stderr)
-            return 0
-        converted, dropped = upgrade(args.source, store,
-                                     lambda m: print(f"WARNING: {m}", file=sys.stderr))
-    print(f"store {store.path}: format 2, {converted} entries converted, {dropped} dropped",
-          file=sys.stderr)
     return 0
 
 
@@ -356,11 +225,89 @@ def cmd_dump_metadata(args) -> int:
     return 0
 
 
+# -- fsverity-utils' names on a mount ---------------------------------------
+
+def cmd_measure(args) -> int:
+    """`fsverity measure`: FS_IOC_MEASURE_VERITY, through the mount's ioctl shim; the
+    digest xattr where ioctls are not forwarded."""
+    import fcntl
+
+    from . import uapi
+
+    status = 0
+    for path in args.files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            error(f"can't open '{path}' for reading: {e.strerror}")
+            status = EXIT_ERROR
+            continue
+        try:
+            buf = bytearray(uapi.DIGEST_HEADER_STRUCT.pack(0, 64) + bytes(64))
+            try:
+                fcntl.ioctl(fd, uapi.FS_IOC_MEASURE_VERITY, buf)
+                alg_no, size = uapi.DIGEST_HEADER_STRUCT.unpack_from(buf)
+                alg = merkle.ALGORITHMS_BY_NUMBER.get(alg_no)
+                text = f"{alg.name if alg else f'ALG_{alg_no}'}:{bytes(buf[4:4 + size]).hex()}"
+            except OSError as e:
+                if e.errno != errno.ENOTTY:
+                    raise
+                text = os.getxattr(path, "user.fsverity.digest").decode()
+            print(f"{text} {path}")
+        except OSError as e:
+            error(f"FS_IOC_MEASURE_VERITY failed on '{path}': {e.strerror}")
+            status = EXIT_ERROR
+        finally:
+            os.close(fd)
+    return status
+
+
+def cmd_enable(args) -> int:
+    """`fsverity enable`: FS_IOC_ENABLE_VERITY on a file of a verityfuse mount."""
+    import ctypes
+    import fcntl
+
+    from . import ioctl, uapi
+
+    params = params_from(args)
+    sig = b""
+    if args.signature:
+        with open(args.signature, "rb") as f:
+            sig = f.read(1 << 20)
+    salt = ctypes.create_string_buffer(params.salt, len(params.salt) or 1)
+    sigbuf = ctypes.create_string_buffer(sig, len(sig) or 1)
+    arg = bytearray(ioctl.pack_enable(params)[:uapi.ENABLE_ARG_STRUCT.size])
+    uapi.ENABLE_ARG_STRUCT.pack_into(arg, 0, 1, params.alg.number, params.block_size,
+                                     len(params.salt), ctypes.addressof(salt), len(sig), 0,
+                                     ctypes.addressof(sigbuf), b"")
+    try:
+        fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        error(f"can't open '{args.file}' for reading: {e.strerror}")
+        return EXIT_ERROR
+    try:
+        fcntl.ioctl(fd, uapi.FS_IOC_ENABLE_VERITY, bytes(arg))
+    except OSError as e:
+        error(f"FS_IOC_ENABLE_VERITY failed on '{args.file}': {e.strerror}")
+        return EXIT_ERROR
+    finally:
+        os.close(fd)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+    return doctor.run(json_out=getattr(args, "json", False))
+
+
 # -- entry point ----------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verityfuse", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="store_true",
+                        help="print the version (with -v: what this machine supports, as doctor)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("digest", help="compute fs-verity digests (like `fsverity digest`)")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -370,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true", help="print the digest only")
     p.add_argument("--for-builtin-sig", action="store_true",
                    help="print the fsverity_formatted_digest, in hex")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.set_defaults(func=cmd_digest)
 
     p = sub.add_parser("seal", help="enable verity offline: build trees into the store")
@@ -378,11 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
     p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files")
     p.add_argument("--sign-key", metavar="KEY.pem", help="Ed25519 private key to sign the manifest")
+    p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
     add_tree_options(p)
     p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("measure-manifest", help="print a manifest's digest (the value to pin)")
     p.add_argument("manifest", metavar="M")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_measure_manifest)
 
     p = sub.add_parser("keygen", help="create an Ed25519 key pair for signing manifests")
@@ -390,36 +340,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("public", metavar="PUBLIC.pem")
     p.set_defaults(func=cmd_keygen)
 
+    from . import cli_mount, cli_seal
+
     p = sub.add_parser("verify", help="check every sealed file under SOURCE against its tree")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--store", metavar="DIR")
     p.add_argument("-v", "--verbose", action="store_true", help="also list intact and unsealed files")
     p.add_argument("--strict", action="store_true",
                    help="unsealed regular files are failures too (listed as UNSEALED)")
-    p.set_defaults(func=cmd_verify)
+    p.add_argument("--json", action="store_true", help="one JSON object per file, then a summary")
+    p.set_defaults(func=cli_seal.cmd_verify)
 
     p = sub.add_parser("upgrade-store", help="convert a format-1 store (indexed by path) to format 2")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--store", metavar="DIR")
-    p.set_defaults(func=cmd_upgrade_store)
+    p.set_defaults(func=cli_seal.cmd_upgrade_store)
 
-    p = sub.add_parser("dump-metadata", help="print a mounted verity file's metadata "
-                                             "(like `fsverity dump_metadata`)")
+    p = sub.add_parser("dump-metadata", aliases=["dump_metadata"],
+                       help="print a mounted verity file's metadata (like `fsverity dump_metadata`)")
     p.add_argument("type", choices=("merkle_tree", "descriptor", "signature"))
     p.add_argument("file", metavar="FILE")
     p.add_argument("--offset", type=int)
     p.add_argument("--length", type=int)
     p.set_defaults(func=cmd_dump_metadata)
 
-    from . import daemon
-    daemon.add_commands(sub)
+    p = sub.add_parser("measure", help="print a mounted verity file's digest (like `fsverity measure`)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_measure)
 
+    p = sub.add_parser("enable", help="enable verity on a file of a mount (like `fsverity enable`)")
+    p.add_argument("file", metavar="FILE")
+    add_tree_options(p)
+    p.add_argument("--signature", metavar="SIGFILE", help="DER PKCS#7 signature (fsverity sign)")
+    p.set_defaults(func=cmd_enable)
+
+    p = sub.add_parser("doctor", help="what this machine supports: native hashing, the ioctl "
+                                      "shim, libfuse, fs-verity ioctls through FUSE")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_doctor)
+
+    cli_mount.add_commands(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        # mount.fuse3's convention: verityfuse SOURCE MOUNTPOINT -o OPTIONS
+        from .cli_mount import helper_main
+        return helper_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"verityfuse {__version__}")
+        return cmd_doctor(args) if args.verbose else 0
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        error("a command is needed (see verityfuse --help)")
+        return EXIT_USAGE
     try:
         return args.func(args)
     except VerityError as e:

@@ -1,88 +1,31 @@
-"""Mount lifecycle: init, one trio nursery, signals, clean unmount.
+"""Mount lifecycle: checks, trust, the view, one trio nursery, signals, clean unmount.
 
-``verityfuse mount`` returns once the mount is ready and serves in the
-background (like sshfs); ``-f`` stays in the foreground.  SIGINT, SIGTERM and
-SIGHUP unmount cleanly; so does ``verityfuse umount`` / ``fusermount3 -u``.
-The daemon writes nothing to SOURCE or the store except what a client asks
-for through the mount, each write atomic: killing it damages nothing.
+``mount`` returns once the mount is ready and serves in the background (like
+sshfs); ``Settings.foreground`` stays in the foreground.  SIGINT, SIGTERM and
+SIGHUP unmount cleanly; so do ``verityfuse umount`` and ``fusermount3 -u``.
+The daemon works from "/" (it never keeps a directory busy), writes nothing
+to SOURCE or the store except what a client asks for through the mount (each
+write atomic), and never imports the command line (cli -> daemon only).
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
-import re
 import resource
 import signal
 import subprocess
 import sys
+from typing import Callable, Optional
+
+from . import logs, mountinfo, mountopts
+from .mountopts import Settings
 
 log = logging.getLogger("verityfuse")
 
-# Options we always pass; -o adds to them.
-BASE_OPTIONS = ("default_permissions", "subtype=verityfuse")
 
-
-def setup_logging(debug: bool, log_file=None, background=False):
-    level = logging.DEBUG if debug else logging.INFO
-    fmt = "%(asctime)s verityfuse[%(process)d] %(levelname)s: %(message)s"
-    if log_file:
-        handler = logging.FileHandler(log_file)
-    elif background:
-        if os.path.exists("/dev/log"):
-            handler = logging.handlers.SysLogHandler("/dev/log")
-            fmt = "verityfuse[%(process)d]: %(levelname)s: %(message)s"
-        else:
-            handler = logging.NullHandler()
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
-
-
-def fuse_options(extra) -> set:
-    opts = set(BASE_OPTIONS)
-    for group in extra or ():
-        opts.update(o for o in group.split(",") if o)
-    return opts
-
-
-def _mountinfo(mountpoint: str):
-    """The fields of the topmost mount at ``mountpoint`` in /proc/self/mountinfo, or None.
-
-    Never stat() our own mount point here: before the FUSE loop runs, the
-    kernel would wait for a GETATTR answer that this thread has to give.
-    """
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            # mountinfo escapes space, tab, newline and backslash as \ooo octal
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            if point == os.fsencode(mountpoint):
-                found = fields  # the last (topmost) mount wins
-    return found
-
-
-def mount_device(mountpoint: str):
-    """"major:minor" of the filesystem mounted at ``mountpoint``."""
-    fields = _mountinfo(mountpoint)
-    return fields[2].decode() if fields else None
-
-
-def mount_read_only(mountpoint: str) -> bool:
-    """Whether the mount is read-only now (``mount -o remount,ro`` included): per-mount
-    options, then the superblock's after the " - " separator."""
-    fields = _mountinfo(mountpoint)
-    if fields is None:
-        return False
-    sep = fields.index(b"-")
-    return b"ro" in fields[5].split(b",") or b"ro" in fields[sep + 3].split(b",")
+class MountError(Exception):
+    """A mount refused before anything was mounted; the message says why."""
 
 
 def set_readahead(mountpoint: str, kb: int):
@@ -95,13 +38,12 @@ def set_readahead(mountpoint: str, kb: int):
     """
     if not kb:
         return
-    dev = mount_device(mountpoint)
+    dev = mountinfo.device(mountpoint)
     if dev is None:
         log.info("cannot find %s in /proc/self/mountinfo: keeping the kernel readahead", mountpoint)
         return
-    path = f"/sys/class/bdi/{dev}/read_ahead_kb"
     try:
-        with open(path, "w") as f:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(f"{kb}\n")
     except OSError as e:
         log.info("cannot set readahead to %d KiB (%s): keeping the kernel default", kb, e.strerror)
@@ -140,54 +82,57 @@ async def _serve(ops, mountpoint, readahead_kb):
 class Trust:
     """Where trusted digests and signatures come from, loaded before mounting."""
 
-    def __init__(self, args):
+    def __init__(self, s: Settings):
         from . import manifest, signature
         from .errors import ManifestError
 
         self.manifest = None
-        if args.manifest:
-            if args.trust_cert or args.require_signatures:
-                raise ManifestError("--trust-cert and --require-signatures are for local mode; "
-                                    "with --manifest the manifest's signature is the trust")
-            keys = [manifest.load_public_key(k) for k in args.trust_key or ()]
-            self.manifest = manifest.load(args.manifest, keys, args.manifest_digest)
-        elif args.trust_key or args.manifest_digest:
-            raise ManifestError("--trust-key and --manifest-digest need --manifest")
-        self.certs = signature.load_certificates(args.trust_cert or ())
+        if s.manifest:
+            if s.trust_cert or s.require_signatures:
+                raise ManifestError("trust_cert and require_signatures are for local mode; with a "
+                                    "manifest, the manifest's signature is the trust")
+            keys = [manifest.load_public_key(k) for k in s.trust_key]
+            self.manifest = manifest.load(s.manifest, keys, s.manifest_digest)
+        elif s.trust_key or s.manifest_digest:
+            raise ManifestError("trust_key and manifest_digest need a manifest")
+        self.certs = signature.load_certificates(s.trust_cert)
 
 
-def make_view(args, trust: "Trust", options):
+def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
     """The view for this trust mode, and the store it reads."""
     from .store import Store, default_store
     from .verify import TreeBlockCache
 
-    cache = TreeBlockCache(args.cache_size << 20) if args.cache_size else TreeBlockCache()
-    store_path = args.store or default_store(args.source)
+    cache = TreeBlockCache(s.cache_size << 20) if s.cache_size else TreeBlockCache()
     if trust.manifest is not None:
         from .view_manifest import ManifestView
 
         # The share is the host's: read it, never write to it.
-        store = Store(store_path, create=False, objects_only=True)
+        store = Store(s.store or default_store(source), objects_only=True)
         m = trust.manifest
-        log.info("manifest %s: %d entries, digest %s", args.manifest, len(m.tree.nodes), m.digest)
-        return ManifestView(args.source, m.tree, store, cache, m.digest), store
+        log.info("manifest %s: %d entries, digest %s", s.manifest, len(m.tree.nodes), m.digest)
+        return ManifestView(source, m.tree, store, cache, m.digest, stats=stats), store
     from .view_local import LocalView
 
-    store = Store(store_path, create=True)
-    store.cleanup_tmp()
-    mountpoint = os.path.realpath(args.mountpoint)
-    view = LocalView(args.source, store, cache, policy=args.policy, trust_certs=trust.certs,
-                     require_signatures=args.require_signatures, read_only="ro" in options,
-                     remounted_ro=lambda: mount_read_only(mountpoint))
+    # An explicit store must exist; the default one is made by the first enable.
+    store = Store(s.store, objects_only=False) if s.store else Store(default_store(source), lazy=True)
+    if store.exists:
+        store.cleanup_tmp()
+    view = LocalView(source, store, cache, policy=s.policy, trust_certs=trust.certs,
+                     require_signatures=s.require_signatures, read_only=mountopts.read_only(s),
+                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats)
     if not view.inodes.reopen:
         log.warning("cannot reopen files by handle (open_by_handle_at needs CAP_DAC_READ_SEARCH): "
                     "keeping one fd per inode the kernel remembers; big trees need a higher fd limit")
     return view, store
 
 
-def serve(args, trust: "Trust", on_ready=None) -> int:
-    """Mount and serve until unmounted; ``on_ready()`` is called once mounted."""
+def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
+          on_ready: Optional[Callable[[], None]] = None) -> int:
+    """Mount and serve until unmounted; ``on_ready()`` is called once mounted.
+    ``source`` and ``mountpoint`` are absolute and resolved."""
     from . import fuseshim
+    from .stats import Stats
 
     # First of all: the ioctl shim must be in the global scope before pyfuse3.
     shim, why_not = fuseshim.load()
@@ -196,34 +141,44 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
 
     from .ops import VerityOperations
 
-    # The kernel already applied the caller's umask to every mode it sends.
-    os.umask(0)
+    os.chdir("/")  # never keep a directory busy (umount of it would fail)
+    os.umask(0)    # the kernel already applied the caller's umask to every mode it sends
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    options = fuse_options(args.o) | {f"fsname={os.path.realpath(args.source)}"}
-    if trust.manifest is not None:
-        options.add("ro")  # the manifest defines the tree
-    view, store = make_view(args, trust, options)
-    ops = VerityOperations(view)
+    if trust.manifest is not None and ("ro", None) not in s.fuse:
+        s.fuse.append(("ro", None))  # the manifest defines the tree
+        s.fuse = [o for o in s.fuse if o[0] != "rw"]
+    stats = Stats()
+    view, store = make_view(source, mountpoint, s, trust, stats)
+    ops = VerityOperations(view, stats=stats, info={
+        "source": source, "mountpoint": mountpoint, "store": store.path, "pid": os.getpid(),
+        "mode": "manifest" if trust.manifest else "local",
+        "policy": None if trust.manifest else s.policy,
+        "manifest_digest": trust.manifest.digest if trust.manifest else None,
+        "ioctl_shim": shim is not None})
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
-    # Resolved now: once mounted, touching the path would ask this very daemon.
-    mountpoint = os.path.realpath(args.mountpoint)
-    pyfuse3.init(ops, mountpoint, options)
+    try:
+        pyfuse3.init(ops, mountpoint, mountopts.fuse_options(s, source))
+    except BaseException:
+        ops.shutdown()
+        store.close()
+        raise
     if shim is not None and shim.hook_count() < 1:
         shim, why_not = None, "the shim did not hook libfuse (was libfuse3 loaded first?)"
     if shim is None:
         log.warning("fs-verity ioctls unavailable, answering ENOTTY: %s", why_not)
+        ops.info["ioctl_shim"] = False
     else:
         ops.shim = shim
         shim.set_handler(ops.ioctl)
-    log.info("serving %s on %s (store %s, %s)", args.source, args.mountpoint, store.path,
-             f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {args.policy}")
+    log.info("serving %s on %s (store %s, %s)", source, mountpoint, store.path,
+             f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {s.policy}")
     if on_ready is not None:
         on_ready()
     try:
-        trio.run(_serve, ops, mountpoint, args.readahead_kb)
+        trio.run(_serve, ops, mountpoint, s.readahead_kb)
     except BaseException:
         log.exception("daemon failed")
         raise
@@ -231,63 +186,78 @@ def serve(args, trust: "Trust", on_ready=None) -> int:
         pyfuse3.close(unmount=True)
         outstanding = ops.shutdown()
         store.close()
-        log.info("unmounted %s; %d inodes still had lookups", args.mountpoint, outstanding)
+        log.info("unmounted %s; %d inodes still had lookups", mountpoint, outstanding)
     return 0
 
 
-def cmd_mount(args) -> int:
-    from .cli import error
-    from .errors import VerityError
-
-    for what, path in (("source", args.source), ("mount point", args.mountpoint)):
+def check(source: str, mountpoint: str, s: Settings) -> list:
+    """Refuse what cannot work (MountError); return warnings worth printing."""
+    for what, path in (("source", source), ("mount point", mountpoint)):
         if not os.path.isdir(path):
-            error(f"{what} '{path}' is not a directory")
-            return 1
-    if os.path.realpath(args.mountpoint).startswith(os.path.realpath(args.source) + "/"):
+            raise MountError(f"{what} '{path}' is not a directory")
+    src, mnt = os.path.realpath(source), os.path.realpath(mountpoint)
+    if mnt.startswith(src + "/"):
         # A lookup of that directory through the mount would ask this daemon
         # to open its own mount: it would wait on itself.
-        error(f"mount point '{args.mountpoint}' is inside the source '{args.source}'")
-        return 1
-    try:
-        trust = Trust(args)  # a bad manifest, key or cert: refuse before mounting
-    except (VerityError, OSError) as e:
-        error(f"refusing to mount: {e}")
-        return 1
-    if args.foreground:
-        setup_logging(args.debug, args.log_file)
-        try:
-            return serve(args, trust)
-        except Exception as e:
-            error(f"cannot mount '{args.source}' on '{args.mountpoint}': {e}")
-            return 1
+        raise MountError(f"mount point '{mountpoint}' is inside the source '{source}'")
+    if s.store and not os.path.isdir(s.store):
+        raise MountError(f"store '{s.store}' does not exist (a typo? without store= the store is "
+                         f"SOURCE/.verityfuse)")
+    warnings = []
+    if mountinfo.is_mounted(mnt):
+        warnings.append(f"'{mountpoint}' is already a mount point ({mountinfo.fstype(mnt)}); "
+                        f"mounting over it")
+    return warnings
 
-    # Background: the child mounts and reports through a pipe; the parent
-    # returns only once the mount is usable (or says why it is not).
+
+def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
+    """Check, load the trust, mount; in the background unless ``s.foreground``.
+    Raises MountError before anything is mounted."""
+    for w in check(source, mountpoint, s):
+        print(f"WARNING: {w}", file=err)
+    try:
+        trust = Trust(s)  # a bad manifest, key or cert: refuse before mounting
+    except Exception as e:  # VerityError or OSError, with a message for the user
+        raise MountError(f"refusing to mount: {e}") from None
+    src, mnt = os.path.realpath(source), os.path.realpath(mountpoint)
+    if s.foreground:
+        logs.setup(s.debug, s.log_file, mountpoint=mnt)
+        try:
+            return serve(src, mnt, s, trust)
+        except Exception as e:
+            raise MountError(f"cannot mount '{source}' on '{mountpoint}': {e}") from None
+    return _background(src, mnt, s, trust, err)
+
+
+def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
+    """The child mounts and reports through a pipe; the parent returns once the
+    mount is usable (or says why it is not), after saying where the logs go."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
         os.setsid()
-        setup_logging(args.debug, args.log_file, background=True)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
-            os.dup2(devnull, fd)
-        pipe_open = [True]
-
-        def ready():
-            os.write(wfd, b"ok")
-            os.close(wfd)
-            pipe_open[0] = False  # its number may be reused from here on
-            os.dup2(devnull, 2)  # stderr stayed open for init errors only
-
         code = 1
+        pipe_open = [True]
         try:
-            code = serve(args, trust, on_ready=ready)
+            where = logs.setup(s.debug, s.log_file, background=True, mountpoint=mnt)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(devnull, fd)
+
+            def ready():
+                os.write(wfd, f"ok logs go to {where}".encode())
+                os.close(wfd)
+                pipe_open[0] = False  # its number may be reused from here on
+                if not where.startswith("the journal"):
+                    os.dup2(devnull, 2)  # stderr stayed open for init errors only
+
+            code = serve(src, mnt, s, trust, on_ready=ready)
         except Exception as e:
             # Before the mount was ready: tell the parent.  After it, serve()
             # has logged the failure already.
             if pipe_open[0]:
-                os.write(wfd, f"error: {e}".encode())
+                os.write(wfd, f"error {e}".encode())
         finally:
             os._exit(code)
     os.close(wfd)
@@ -297,51 +267,42 @@ def cmd_mount(args) -> int:
         if not chunk:
             break
         msg += chunk
-        if msg == b"ok":
-            break
     os.close(rfd)
-    if msg == b"ok":
+    text = msg.decode(errors="replace")
+    if text.startswith("ok "):
+        print(f"verityfuse: {text[3:]}", file=err)
         return 0
     os.waitpid(pid, 0)
-    error(f"cannot mount '{args.source}' on '{args.mountpoint}': "
-          f"{msg.decode(errors='replace').removeprefix('error: ') or 'daemon exited'}")
-    return 1
+    raise MountError(f"cannot mount '{src}' on '{mnt}': "
+                     f"{text.removeprefix('error ') or 'daemon exited'}")
 
 
-def cmd_umount(args) -> int:
-    r = subprocess.run(["fusermount3", "-u", args.mountpoint])
+def remount(mountpoint: str, s: Settings) -> int:
+    """``mount -o remount,...``: the kernel's flags (ro/rw ...) change; what the
+    daemon was started with stays.  A daemon setting given again (mount(8) merges
+    fstab's options in) must equal the running one."""
+    import json
+
+    try:
+        running = json.loads(os.getxattr(mountpoint, "user.verityfuse.status"))
+    except OSError as e:
+        raise MountError(f"'{mountpoint}' is not a running verityfuse mount ({e.strerror})") from None
+    now = {"policy": running["policy"], "manifest_digest": running["manifest_digest"],
+           "store": running["store"],
+           "cache_size": running["tree_cache"]["max_bytes"] >> 20}
+    want = {"store": os.path.abspath(s.store) if s.store else None, "policy": s.policy,
+            "manifest_digest": s.manifest_digest, "cache_size": s.cache_size}
+    if running["mode"] == "manifest":
+        del now["policy"]  # no effect in manifest mode: nothing unlisted is reachable
+    changed = [n for n in now if n in s.given and want[n] != now[n]]
+    if changed:
+        raise MountError(f"remount cannot change {', '.join(changed)} of a running mount; "
+                         f"unmount and mount again")
+    flags = [n if v is None else f"{n}={v}" for n, v in s.fuse]
+    r = subprocess.run(["mount", "-i", "-o", ",".join(["remount"] + flags), mountpoint])
+    return r.returncode
+
+
+def umount(mountpoint: str) -> int:
+    r = subprocess.run(["fusermount3", "-u", mountpoint])
     return 0 if r.returncode == 0 else 1
-
-
-def add_commands(sub):
-    p = sub.add_parser("mount", help="mount a verified view of SOURCE on MOUNTPOINT")
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("-o", action="append", metavar="OPTIONS",
-                   help="mount options, comma-separated (ro, allow_other, ...)")
-    p.add_argument("--policy", choices=("enforce", "require"), default="enforce",
-                   help="enforce: verify verity files, pass others through (default); "
-                        "require: refuse to open regular files without verity")
-    p.add_argument("--manifest", metavar="M", help="signed manifest: the trusted digest of every path")
-    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
-                   help="Ed25519 public key the manifest must be signed with (repeatable)")
-    p.add_argument("--manifest-digest", metavar="sha256:HEX",
-                   help="the manifest's digest, pinned (see measure-manifest)")
-    p.add_argument("--trust-cert", action="append", metavar="CERT.pem",
-                   help="X.509 certificate trusted for fs-verity built-in signatures (repeatable)")
-    p.add_argument("--require-signatures", action="store_true",
-                   help="like fs.verity.require_signatures=1: unsigned verity files are refused")
-    p.add_argument("--cache-size", type=int, metavar="MIB",
-                   help="memory for verified Merkle tree blocks (default 32 MiB)")
-    p.add_argument("--readahead-kb", type=int, default=1024, metavar="KIB",
-                   help="kernel readahead window of the mount (default 1024; 0 keeps 128)")
-    p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr, or syslog "
-                   "in the background)")
-    p.add_argument("--debug", action="store_true", help="log every request")
-    p.set_defaults(func=cmd_mount)
-
-    p = sub.add_parser("umount", help="unmount a verityfuse mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.set_defaults(func=cmd_umount)

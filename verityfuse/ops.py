@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import json
 import logging
 import os
 from typing import Dict, Optional
@@ -41,6 +42,10 @@ XATTR_DESCRIPTOR = XATTR_PREFIX + b"descriptor"
 XATTR_SIGNATURE = XATTR_PREFIX + b"signature"
 XATTR_TREE = XATTR_PREFIX + b"merkle_tree."
 XATTR_MAX = 65536  # the VFS's XATTR_SIZE_MAX
+# The running mount's status, as JSON, on the mount root only (not listed).
+XATTR_STATUS = b"user.verityfuse.status"
+# Names the daemon owns: never passed through to SOURCE, never set or removed.
+RESERVED = (XATTR_PREFIX, b"user.verityfuse.")
 MAX_OFFSET = (1 << 64) - 1
 
 
@@ -48,17 +53,35 @@ def _fail(err: int):
     raise pyfuse3.FUSEError(err)
 
 
+def _brief(a):
+    """A request argument for the debug log (no buffers, no contexts)."""
+    if isinstance(a, (bytes, bytearray, memoryview)):
+        return bytes(a) if len(a) <= 64 else f"<{len(a)} bytes>"
+    return a if isinstance(a, (int, str, type(None))) else type(a).__name__
+
+
 def _boundary(fn):
-    """Every handler's errors become errnos here (see ``_errno_of``)."""
+    """Every handler's errors become errnos here (see ``_errno_of``); with
+    --debug every request is logged with its outcome."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
+            result = await fn(self, *args)
+            if debug:
+                log.debug("%s%r: ok", name, tuple(map(_brief, args)))
+            return result
+        except pyfuse3.FUSEError as e:
+            if debug:
+                log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(e.errno))
             raise
         except (VerityError, OSError) as e:
-            raise pyfuse3.FUSEError(self._errno_of(e, fn.__name__)) from None
+            err = self._errno_of(e, fn.__name__)
+            if debug:
+                log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(err))
+            raise pyfuse3.FUSEError(err) from None
         except Exception as e:  # a bug: one line, never a traceback per request
             ratelog.log(logging.ERROR, (fn.__name__, type(e).__name__),
                              f"unexpected error in {fn.__name__}: {type(e).__name__}: {e}")
@@ -116,9 +139,11 @@ class VerityOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False  # writes go straight to SOURCE
 
-    def __init__(self, view, threads: int = 4):
+    def __init__(self, view, threads: int = 4, stats=None, info=None):
         super().__init__()
         self.view = view
+        self.stats = stats
+        self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
         self.handles: Dict[int, object] = {}
@@ -134,6 +159,8 @@ class VerityOperations(pyfuse3.Operations):
         """
         if isinstance(e, Corruption):
             ratelog.warning((type(e).__name__, str(e)), f"integrity failure: {e}")
+            if self.stats is not None:
+                self.stats.failure(str(e), getattr(e, "path", ""), getattr(e, "offset", None))
         elif isinstance(e, VerityError):
             log.debug("%s: %s", what, e)
         return e.errno or errno.EIO
@@ -278,8 +305,23 @@ class VerityOperations(pyfuse3.Operations):
             return None
         return fsverity_op.decode_reply(self.fsverity(inode, req))[0]
 
+    def status(self) -> dict:
+        """The running mount's state and counters (`verityfuse status`)."""
+        from . import __version__
+
+        out = dict(self.info, version=__version__, open_files=sum(
+            1 for h in self.handles.values() if isinstance(h, FileHandle)))
+        if self.stats is not None:
+            out.update(self.stats.snapshot())
+        out["tree_cache"] = self.view.cache.snapshot()
+        return out
+
     async def getxattr(self, inode, name, ctx):
-        if name.startswith(XATTR_PREFIX):
+        if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
+            if ctx.uid not in (0, os.getuid()):
+                _fail(errno.EPERM)  # failure names and paths are for the owner and root
+            return json.dumps(self.status(), sort_keys=True).encode()
+        if name.startswith(RESERVED):
             value = self._control_xattr(inode, name)
             if value is not None:
                 return value
@@ -290,16 +332,16 @@ class VerityOperations(pyfuse3.Operations):
         return self.view.getxattr(inode, name)
 
     async def listxattr(self, inode, ctx):
-        names = [n for n in self.view.listxattr(inode, ctx) if not n.startswith(XATTR_PREFIX)]
+        names = [n for n in self.view.listxattr(inode, ctx) if not n.startswith(RESERVED)]
         return names + sorted(self._verity_xattrs(inode))
 
     async def setxattr(self, inode, name, value, ctx):
-        if name.startswith(XATTR_PREFIX):
+        if name.startswith(RESERVED):
             _fail(errno.EPERM)
         self.view.setxattr(inode, name, value)
 
     async def removexattr(self, inode, name, ctx):
-        if name.startswith(XATTR_PREFIX):
+        if name.startswith(RESERVED):
             _fail(errno.EPERM)
         self.view.removexattr(inode, name)
 

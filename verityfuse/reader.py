@@ -16,10 +16,11 @@ class VerifiedReader:
     its end (the sealed size is authoritative).
     """
 
-    def __init__(self, fd: int, verifier, label: str):
+    def __init__(self, fd: int, verifier, label: str, stats=None):
         self.fd = fd
         self.verifier = verifier
         self.label = label
+        self.stats = stats  # a stats.Stats, or None
         self.data_size = verifier.tree.descriptor.data_size
         self.bs = verifier.params.block_size
 
@@ -56,4 +57,6 @@ class VerifiedReader:
         tail = len(data) % bs
         # The last block of the file is hashed zero-padded (that copy is at EOF only).
         self.verifier.verify(first, data if not tail else data + bytes(bs - tail))
+        if self.stats is not None:
+            self.stats.verified(-(-len(data) // bs), end - offset)
         return memoryview(data)[offset - start: end - start]

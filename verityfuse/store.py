@@ -175,24 +175,56 @@ class Store:
     """A store rooted at ``path``.  ``create=True`` makes it if missing.
 
     ``objects_only=True`` (manifest mode) reads tree objects only, which format
-    1 stores have too; every other use needs the format-2 index.
+    1 stores have too; every other use needs the format-2 index.  ``lazy=True``
+    (a local mount's default store): a missing store reads as empty and is
+    created by the first write, so that mounting writes nothing to SOURCE.
+    Only the store's own directory is ever created: its parent must exist.
     """
 
-    def __init__(self, path: str, create: bool = False, objects_only: bool = False):
+    def __init__(self, path: str, create: bool = False, objects_only: bool = False,
+                 lazy: bool = False):
         self.path = os.path.abspath(path)
+        self.rootfd = -1
+        self.version = 2
         if create:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._make_root()
+        if not self._open_root():
+            if not lazy:
+                raise StoreCorrupt(f"store {self.path} does not exist (seal a file first)")
+            return
+        try:
+            self.version = self._check_version(create, objects_only)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_root(self):
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise StoreCorrupt(f"store {self.path}: its parent directory does not exist") from None
+
+    def _open_root(self) -> bool:
         try:
             # The root itself may be reached through a symlink the user chose;
             # nothing below it is.
             self.rootfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return True
         except FileNotFoundError:
-            raise StoreCorrupt(f"store {self.path} does not exist (seal a file first)") from None
-        try:
-            self.version = self._check_version(create, objects_only)
-        except BaseException:
-            os.close(self.rootfd)
-            raise
+            return False
+
+    @property
+    def exists(self) -> bool:
+        return self.rootfd >= 0
+
+    def _ensure(self):
+        """Before a write: a lazy store that does not exist yet is created now."""
+        if self.rootfd < 0:
+            self._make_root()
+            self._open_root()
+            self._check_version(True, False)
 
     # -- plumbing -------------------------------------------------------
 
@@ -242,6 +274,10 @@ class Store:
 
     def _open_dirs(self, parts, create: bool = False) -> int:
         """Open STORE/parts... as a directory fd, never following a symlink."""
+        if create:
+            self._ensure()
+        elif self.rootfd < 0:
+            raise FileNotFoundError(2, "store does not exist yet", self.path)
         fd = os.dup(self.rootfd)
         try:
             for i, part in enumerate(parts):

@@ -26,6 +26,7 @@ class TreeBlockCache:
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_bytes = max_bytes
         self.bytes = 0
+        self.hits = self.misses = 0
         self._d = OrderedDict()
         self._lock = threading.Lock()
 
@@ -34,7 +35,15 @@ class TreeBlockCache:
             block = self._d.get(key)
             if block is not None:
                 self._d.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
             return block
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "blocks": len(self._d),
+                    "bytes": self.bytes, "max_bytes": self.max_bytes}
 
     def put(self, key, block: bytes):
         with self._lock:

@@ -49,7 +49,8 @@ class LocalView:
 
     def __init__(self, source: str, store, cache, policy: str = "enforce", timeout: float = 1.0,
                  trust_certs=(), require_signatures: bool = False, read_only: bool = False,
-                 remounted_ro: Callable[[], bool] = lambda: False, max_fds: Optional[int] = None):
+                 remounted_ro: Callable[[], bool] = lambda: False, max_fds: Optional[int] = None,
+                 stats=None):
         if policy not in ("enforce", "require"):
             raise ValueError(f"unknown policy {policy!r}")
         self.source = os.path.realpath(source)
@@ -59,6 +60,7 @@ class LocalView:
         self.timeout = timeout
         self.read_only = read_only
         self.remounted_ro = remounted_ro  # the mount's current flags (remount,ro)
+        self.stats = stats
         self.inodes = InodeTable(os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                                  max_fds)
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
@@ -269,7 +271,7 @@ class LocalView:
         if size != v.size:
             raise SizeMismatch(f"{label}: backing file is {size} bytes, sealed size {v.size}")
         tree = self.verity.tree(v)
-        fh.reader = VerifiedReader(fh.fd, Verifier(tree, self.cache, label), label)
+        fh.reader = VerifiedReader(fh.fd, Verifier(tree, self.cache, label), label, self.stats)
         fh.closers.append(tree)
         fh.keep_cache = True
 

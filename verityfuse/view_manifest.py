@@ -38,8 +38,10 @@ class ManifestView:
     read_only = True
     posix_acl = False
 
-    def __init__(self, source: str, tree: manifest_tree.Tree, store, cache, digest: str):
+    def __init__(self, source: str, tree: manifest_tree.Tree, store, cache, digest: str,
+                 stats=None):
         self.tree = tree
+        self.stats = stats
         self.store = store
         self.cache = cache
         self.manifest_digest = digest
@@ -155,7 +157,8 @@ class ManifestView:
                 if size != node.size:
                     raise SizeMismatch(f"{node.path}: the share's file is {size} bytes, the "
                                        f"manifest says {node.size}")
-                reader = VerifiedReader(fd, Verifier(tree, self.cache, node.path), node.path)
+                reader = VerifiedReader(fd, Verifier(tree, self.cache, node.path), node.path,
+                                        self.stats)
             except BaseException:
                 os.close(fd)
                 raise

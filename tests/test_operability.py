@@ -1,0 +1,355 @@
+"""Operating verityfuse like a filesystem (issue 11): mount(8), fstab, options,
+daemon manners, logs that are never lost, status, JSON, progress, aliases.
+
+Rules: real mounts, real mount(8); every mount is unmounted in a finally or by
+the fixture; exact values are asserted, never durations.
+"""
+
+import errno
+import json
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import mountopts
+from conftest import drop_caches, flip, write
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+HELPER = "/usr/sbin/mount.fuse.verityfuse"
+
+
+def vf(*args, **kw):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def unmount(mnt):
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    write(src / "sealed", b"s" * 8 * 4096)
+    write(src / "plain", b"p")
+    assert vf("seal", src, src / "sealed").returncode == 0
+    yield src, mnt
+    unmount(mnt)
+
+
+@pytest.fixture(scope="module")
+def helper():
+    r = vf("install-helper")
+    assert r.returncode == 0, r.stderr
+    assert os.path.realpath(HELPER).endswith("mount.fuse.verityfuse")
+    return HELPER
+
+
+# -- mount(8), fstab, systemd ------------------------------------------------------------
+
+def test_mount_t_fuse_verityfuse_with_every_option_kind(tree, helper, tmp_path):
+    src, mnt = tree
+    log = tmp_path / "daemon.log"
+    opts = (f"ro,allow_other,policy=require,store={src}/.verityfuse,log_file={log},cache_size=8,"
+            f"readahead_kb=512,_netdev,nofail,noauto,x-systemd.requires=network.target")
+    r = subprocess.run(["mount", "-t", "fuse.verityfuse", str(src), str(mnt), "-o", opts],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"verityfuse: logs go to file {log}" in r.stderr
+    line = next(l for l in open("/proc/self/mountinfo") if f" {mnt} " in l)
+    assert " ro," in line and "fuse.verityfuse" in line and "allow_other" in line
+    assert (mnt / "sealed").read_bytes() == b"s" * 8 * 4096
+    with pytest.raises(PermissionError):  # policy=require reached the daemon
+        (mnt / "plain").read_bytes()
+    st = json.loads(vf("status", mnt, "--json").stdout)
+    assert (st["policy"], st["tree_cache"]["max_bytes"]) == ("require", 8 << 20)
+    # remount flips the kernel's flags; the daemon's settings stay
+    r = subprocess.run(["mount", "-o", "remount,rw", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in open("/proc/self/mountinfo") if f" {mnt} " in l)
+    assert " rw," in line
+    r = subprocess.run(["mount", "-o", "remount,policy=enforce", str(mnt)], capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "remount cannot change policy" in r.stderr
+    assert subprocess.run(["umount", str(mnt)]).returncode == 0
+
+
+def test_fstab_line_and_systemd_unit(tree, helper, tmp_path):
+    """The README's fstab line, mounted by `mount MNT` from a temporary fstab, and the
+    README's unit file checked by systemd-analyze with the same options."""
+    src, mnt = tree
+    key, pub = tmp_path / "key.pem", tmp_path / "pub.pem"
+    assert vf("keygen", key, pub).returncode == 0
+    m = tmp_path / "manifest.json"
+    assert vf("seal", src, "--manifest", m, "--sign-key", key).returncode == 0
+    digest = vf("measure-manifest", m).stdout.strip()
+    opts = (f"ro,allow_other,manifest={m},trust_key={pub},manifest_digest={digest},"
+            f"log_file={tmp_path}/log,_netdev,nofail")
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# verityfuse\n{src}  {mnt}  fuse.verityfuse  {opts}  0  0\n")
+    r = subprocess.run(["mount", "-T", str(fstab), str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "plain").read_bytes() == b"p"  # listed in the manifest, verified
+    assert json.loads(vf("status", mnt, "--json").stdout)["manifest_digest"] == digest
+    unmount(mnt)
+    unit = tmp_path / (subprocess.run(["systemd-escape", "--path", "--suffix=mount", str(mnt)],
+                                      capture_output=True, text=True).stdout.strip())
+    unit.write_text(f"[Unit]\nDescription=verified share\n\n[Mount]\nWhat={src}\nWhere={mnt}\n"
+                    f"Type=fuse.verityfuse\nOptions={opts}\n\n[Install]\nWantedBy=multi-user.target\n")
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert "Options" not in r.stderr and "Type" not in r.stderr, r.stderr
+    # what systemd runs for that unit
+    r = subprocess.run(["mount", str(src), str(mnt), "-t", "fuse.verityfuse", "-o", opts],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "plain").read_bytes() == b"p"
+
+
+def test_mount_fuse3_convention(tree, tmp_path):
+    src, mnt = tree
+    r = vf(src, mnt, "-o", f"ro,log_file={tmp_path}/log")
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "sealed").read_bytes() == b"s" * 8 * 4096
+
+
+def test_options_are_deterministic_and_user_values_win():
+    s = mountopts.parse(["allow_other,fsname=mine,ro", "max_read=65536,rw"])
+    first = mountopts.fuse_options(s, "/src")
+    for _ in range(20):
+        assert mountopts.fuse_options(mountopts.parse(["allow_other,fsname=mine,ro",
+                                                        "max_read=65536,rw"]), "/src") == first
+    assert first == ["default_permissions", "subtype=verityfuse", "allow_other", "fsname=mine",
+                     "max_read=65536", "rw"]
+    s = mountopts.parse(["subtype=other,policy=require,trust_key=a,trust_key=b,debug"])
+    assert mountopts.fuse_options(s, "/src") == ["default_permissions", "fsname=/src", "subtype=other"]
+    assert (s.policy, s.trust_key, s.debug) == ("require", ["a", "b"], True)
+    for bad, msg in (("cache_size=-5", "cache_size: must be a positive integer, not -5"),
+                     ("policy=lax", "policy: 'lax' is not enforce or require"),
+                     ("manifest_digest=md5:00", "unknown algorithm"), ("store", "needs a value"),
+                     ("debug=1", "takes no value")):
+        with pytest.raises(mountopts.OptionError, match=msg):
+            mountopts.parse([bad])
+
+
+# -- the daemon's manners ------------------------------------------------------------------
+
+def test_nonsense_values_are_refused(tree):
+    src, mnt = tree
+    r = vf("mount", src, mnt, "--cache-size", "-5")
+    assert r.returncode == 2 and "cache-size: must be a positive integer, not -5" in r.stderr
+    r = vf("mount", src, mnt, "-o", "cache_size=0")
+    assert r.returncode == 2 and "mount option cache_size: must be a positive integer" in r.stderr
+
+
+def test_daemon_leaves_its_start_directory_free(tree, tmp_path):
+    src, mnt = tree
+    work = tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(work)], check=True)
+    try:
+        r = vf("mount", src, mnt, "--log-file", tmp_path / "log", cwd=work)
+        assert r.returncode == 0, r.stderr
+    finally:
+        umounted = subprocess.run(["umount", str(work)], capture_output=True, text=True)
+    assert umounted.returncode == 0, umounted.stderr  # not "target is busy"
+
+
+def test_warns_over_a_mount_point_and_finds_odd_names(tmp_path, tree):
+    src, _ = tree
+    mnt = tmp_path / "mnt ü\tx"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
+    try:
+        r = vf("mount", src, mnt, "--log-file", tmp_path / "log", "--readahead-kb", "512")
+        assert r.returncode == 0, r.stderr
+        assert f"WARNING: '{mnt}' is already a mount point (tmpfs); mounting over it" in r.stderr
+        dev = os.major(os.stat(mnt).st_dev), os.minor(os.stat(mnt).st_dev)
+        with open(f"/sys/class/bdi/{dev[0]}:{dev[1]}/read_ahead_kb") as f:
+            assert f.read().strip() == "512"  # its escaped name was found in mountinfo
+    finally:
+        unmount(mnt)
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_debug_logs_every_request(tree, tmp_path):
+    src, mnt = tree
+    log = tmp_path / "log"
+    assert vf("mount", src, mnt, "--debug", "--log-file", log).returncode == 0
+    (mnt / "sealed").read_bytes()
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "missing")
+    unmount(mnt)
+    text = log.read_text()
+    for needle in ("lookup(1, b'sealed', 'RequestContext'): ok", "open(", "read(",
+                   "lookup(1, b'missing', 'RequestContext'): ENOENT", "release("):
+        assert needle in text, needle
+
+
+# -- never silent -----------------------------------------------------------------------
+
+def test_logs_fall_back_to_a_file_without_dev_log(tree):
+    """This machine has no /dev/log; a background daemon says where its logs go, and an
+    integrity failure is in that file."""
+    if os.path.exists("/dev/log"):
+        pytest.skip("this test needs a machine without /dev/log (minimal guests, CI)")
+    src, mnt = tree
+    r = vf("mount", src, mnt)
+    assert r.returncode == 0, r.stderr
+    path = r.stderr.split("logs go to file ", 1)[1].split(" ")[0]
+    assert path == f"/var/log/verityfuse/{str(mnt).strip('/').replace('/', '-')}.log"
+    flip(src / "sealed", 5)
+    drop_caches()
+    with pytest.raises(OSError) as e:
+        (mnt / "sealed").read_bytes()
+    assert e.value.errno == errno.EIO
+    unmount(mnt)
+    with open(path) as f:
+        assert "integrity failure: sealed: data block at offset 0" in f.read()
+    os.unlink(path)
+
+
+def test_explicit_store_typo_is_an_error_and_failed_mounts_leave_nothing(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    write(src / "f", b"f")
+    r = vf("mount", src, mnt, "--store", tmp_path / "stroe")
+    assert r.returncode == 1 and f"store '{tmp_path}/stroe' does not exist" in r.stderr
+    assert not (tmp_path / "stroe").exists()
+    r = vf("mount", src, mnt, "--manifest", tmp_path / "missing.json", "--manifest-digest",
+           "sha256:" + "00" * 32)
+    assert r.returncode == 1 and "refusing to mount" in r.stderr
+    r = vf("mount", src, src / "sub")
+    assert r.returncode == 1
+    # a mount that never enabled anything leaves SOURCE as it was, too
+    assert vf("mount", src, mnt, "--log-file", tmp_path / "log").returncode == 0
+    assert (mnt / "f").read_bytes() == b"f"
+    unmount(mnt)
+    assert sorted(os.listdir(src)) == ["f"]
+
+
+def test_verify_that_checked_nothing_fails_and_strict(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"a")
+    assert vf("seal", src, src / "a").returncode == 0
+    write(src / "b", b"b")
+    r = vf("verify", src)
+    assert r.returncode == 0 and "1 of 1 sealed files intact, 1 unsealed" in r.stderr
+    r = vf("verify", src, "--strict")
+    assert r.returncode == 1 and f"UNSEALED {src}/b" in r.stdout
+    os.unlink(src / "a")
+    r = vf("verify", src)
+    assert r.returncode == 1 and f"nothing was verified: no sealed file under '{src}'" in r.stderr
+
+
+# -- observability and automation -------------------------------------------------------------
+
+def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
+    src, mnt = tree
+    assert vf("mount", src, mnt, "--log-file", tmp_path / "log").returncode == 0
+    flip(src / "sealed", 6 * 4096 + 1)
+    fd = os.open(mnt / "sealed", os.O_RDONLY | os.O_DIRECT)  # each pread is one FUSE_READ
+    try:
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        for blk in range(5):
+            assert os.preadv(fd, [buf], blk * 4096) == 4096
+        for _ in range(2):
+            with pytest.raises(OSError):
+                os.preadv(fd, [buf], 6 * 4096)
+        st = json.loads(vf("status", mnt, "--json").stdout)
+        r = vf("status", mnt)
+    finally:
+        os.close(fd)
+    assert (st["blocks_verified"], st["verified_reads"], st["bytes_served"]) == (5, 5, 5 * 4096)
+    assert st["integrity_failures"] == 2
+    assert [f["offset"] for f in st["recent_failures"]] == [6 * 4096, 6 * 4096]
+    assert st["recent_failures"][0]["file"] == "sealed"
+    assert (st["mode"], st["policy"], st["ioctl_shim"], st["open_files"]) == ("local", "enforce", True, 1)
+    assert st["tree_cache"]["misses"] >= 1 and st["tree_cache"]["blocks"] >= 1
+    assert r.returncode == 0 and "integrity failures  2" in r.stdout
+    assert "failure: sealed: data block at offset 24576" in r.stdout
+
+
+def test_json_outputs(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"a" * 5000)
+    d = subprocess.run(["fsverity", "digest", src / "a"], capture_output=True, text=True).stdout.split()[0]
+    r = vf("digest", src / "a", "--json")
+    assert json.loads(r.stdout) == {"file": f"{src}/a", "digest": d, "hash_algorithm": "sha256",
+                                    "block_size": 4096, "salt": "", "size": 5000}
+    r = vf("seal", src, "--json")
+    assert [json.loads(l) for l in r.stdout.splitlines()] == [{"file": f"{src}/a", "digest": d}]
+    write(src / "b", b"b")
+    r = vf("verify", src, "--json")
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert rows[:2] == [{"file": f"{src}/a", "status": "ok", "digest": d},
+                        {"file": f"{src}/b", "status": "unsealed"}]
+    assert rows[2] == {"summary": {"sealed": 1, "intact": 1, "corrupt": 0, "unsealed": 1,
+                                   "unreadable": 0, "stale_entries": 0, "strict": False, "ok": True}}
+    flip(src / "a", 1)
+    rows = [json.loads(l) for l in vf("verify", src, "--json").stdout.splitlines()]
+    assert rows[0]["status"] == "corrupt" and rows[0]["offset"] == 0 and len(rows[0]["actual"]) == 64
+    assert vf("keygen", tmp_path / "k", tmp_path / "p").returncode == 0
+    r = vf("seal", src, "--manifest", tmp_path / "m", "--sign-key", tmp_path / "k", "--json")
+    last = json.loads(r.stdout.splitlines()[-1])
+    assert (last["entries"], last["files"], last["signed"]) == (3, 2, True)
+    m = json.loads(vf("measure-manifest", tmp_path / "m", "--json").stdout)
+    assert m["digest"] == last["digest"] and (m["entries"], m["files"]) == (3, 2)
+    assert m["signatures"][0]["algorithm"] == "ed25519" and len(m["signatures"][0]["key_id"]) == 64
+
+
+def test_seal_progress_on_a_terminal_only(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        with open(src / f"f{i}", "wb") as f:
+            f.truncate(12 << 20)
+    r = vf("seal", src)
+    assert r.returncode == 0 and "ETA" not in r.stderr and "\r" not in r.stderr
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [*VF, "seal", str(src), "--threads", "1"])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    text = out.decode()
+    assert "/36 MiB" in text and "/3 files" in text and "ETA " in text
+
+
+def test_version_aliases_and_doctor(tree, tmp_path):
+    from verityfuse import __version__
+    src, mnt = tree
+    assert vf("--version").stdout == f"verityfuse {__version__}\n"
+    assert vf("mount", src, mnt, "--log-file", tmp_path / "log").returncode == 0
+    digest = os.getxattr(mnt / "sealed", "user.fsverity.digest").decode()
+    assert vf("measure", mnt / "sealed").stdout == f"{digest} {mnt}/sealed\n"
+    r = vf("measure", mnt / "plain")
+    assert r.returncode == 1 and "No data available" in r.stderr
+    desc = subprocess.run([*VF, "dump_metadata", "descriptor", mnt / "sealed"], capture_output=True)
+    assert desc.returncode == 0 and len(desc.stdout) == 256
+    write(src / "new", b"n" * 9000)
+    assert vf("enable", mnt / "new", "--hash-alg=sha512").returncode == 0
+    want = subprocess.run(["fsverity", "digest", "--hash-alg=sha512", src / "new"],
+                          capture_output=True, text=True).stdout.split()[0]
+    assert vf("measure", mnt / "new").stdout.split()[0] == want
+    rep = json.loads(vf("doctor", "--json").stdout)
+    assert rep["version"] == __version__ and rep["libfuse"].startswith("3.")
+    assert rep["ioctl_shim"]["loads"] and rep["hashing"]["native"] is True
+    assert rep["kernel_fsverity_ioctls"] == {"forwards": True,
+                                             "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}
+    r = vf("--version", "-v")
+    assert r.stdout.startswith(f"verityfuse {__version__}\n") and "fs-verity ioctls via FUSE" in r.stdout

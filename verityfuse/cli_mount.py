@@ -1,0 +1,201 @@
+"""Command line for mounts: mount, umount, status, doctor, and the mount(8) helper.
+
+Three ways to mount, one code path (``mountopts.Settings`` -> ``daemon.mount``):
+
+    verityfuse mount SOURCE MNT [--store DIR] [--policy P] [-o OPTS] ...   # the CLI
+    verityfuse SOURCE MNT -o OPTS                                          # mount.fuse3's convention
+    mount.fuse.verityfuse SOURCE MNT [-o OPTS] [-n] [-s] [-f] [-v]         # what mount(8) runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from . import mountopts
+from .mountopts import OptionError, Settings
+
+HELPER_NAME = "mount.fuse.verityfuse"
+
+
+def error(msg: str):
+    print(f"ERROR: {msg}", file=sys.stderr)
+
+
+def _positive(name):
+    def conv(text):
+        try:
+            return mountopts.positive_int(text, name)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return conv
+
+
+def _non_negative(text):
+    try:
+        return mountopts.non_negative_int(text, "readahead-kb")
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def settings_from(args) -> Settings:
+    """The CLI flags, then the -o groups (a later value wins)."""
+    s = Settings(store=args.store, policy=args.policy, manifest=args.manifest,
+                 trust_key=list(args.trust_key or ()), manifest_digest=args.manifest_digest,
+                 trust_cert=list(args.trust_cert or ()), require_signatures=args.require_signatures,
+                 cache_size=args.cache_size, readahead_kb=args.readahead_kb, log_file=args.log_file,
+                 debug=args.debug, foreground=args.foreground)
+    return mountopts.parse(args.o or [], s)
+
+
+def run_mount(source: str, mountpoint: str, s: Settings) -> int:
+    from .daemon import MountError, mount, remount
+
+    try:
+        if s.remount:
+            return remount(os.path.realpath(mountpoint), s)
+        return mount(source, mountpoint, s)
+    except MountError as e:
+        error(str(e))
+        return 1
+
+
+def cmd_mount(args) -> int:
+    try:
+        s = settings_from(args)
+    except OptionError as e:
+        error(f"mount option {e}")
+        return 2
+    return run_mount(args.source, args.mountpoint, s)
+
+
+def cmd_umount(args) -> int:
+    from .daemon import umount
+    return umount(args.mountpoint)
+
+
+def cmd_status(args) -> int:
+    try:
+        raw = os.getxattr(args.mountpoint, "user.verityfuse.status")
+    except OSError as e:
+        error(f"'{args.mountpoint}' is not a running verityfuse mount ({e.strerror})")
+        return 1
+    st = json.loads(raw)
+    if args.json:
+        print(json.dumps(st, sort_keys=True))
+        return 0
+    cache = st["tree_cache"]
+    rows = [
+        ("mount", f"{st['source']} on {st['mountpoint']} (pid {st['pid']}, verityfuse {st['version']})"),
+        ("mode", st["mode"] + (f", manifest {st['manifest_digest']}" if st["manifest_digest"]
+                               else f", policy {st['policy']}")),
+        ("store", st["store"]),
+        ("ioctl shim", "active" if st["ioctl_shim"] else "inactive (fs-verity ioctls answer ENOTTY)"),
+        ("uptime", f"{st['uptime_s']} s"),
+        ("open files", st["open_files"]),
+        ("verified", f"{st['blocks_verified']} blocks in {st['verified_reads']} reads, "
+                     f"{st['bytes_served']} bytes served"),
+        ("integrity failures", st["integrity_failures"]),
+        ("tree-block cache", f"{cache['hits']} hits, {cache['misses']} misses, {cache['blocks']} "
+                             f"blocks, {cache['bytes']} of {cache['max_bytes']} bytes"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for f in st["recent_failures"]:
+        print(f"  failure: {f['message']}")
+    return 0
+
+
+def cmd_install_helper(args) -> int:
+    """Install the mount(8) helper (/usr/sbin/mount.fuse.verityfuse) for fstab and systemd."""
+    target = os.path.join(args.dir, HELPER_NAME)
+    script = shutil.which(HELPER_NAME) or os.path.join(os.path.dirname(sys.argv[0]), HELPER_NAME)
+    if not os.path.exists(script):
+        error(f"{HELPER_NAME} is not installed next to this verityfuse ({script})")
+        return 1
+    tmp = f"{target}.tmp.{os.getpid()}"
+    os.symlink(os.path.realpath(script), tmp)
+    os.replace(tmp, target)
+    print(f"{target} -> {os.path.realpath(script)}")
+    return 0
+
+
+def add_commands(sub):
+    p = sub.add_parser("mount", help="mount a verified view of SOURCE on MOUNTPOINT")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--store", metavar="DIR", help="store directory (must exist; default "
+                   "SOURCE/.verityfuse, made by the first enable)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", action="append", metavar="OPTIONS",
+                   help="mount options, comma-separated: ro, allow_other, ... and every setting "
+                        "below as name=value (store=, policy=, manifest=, trust_key=, ...)")
+    p.add_argument("--policy", choices=("enforce", "require"), default="enforce",
+                   help="enforce: verify verity files, pass others through (default); "
+                        "require: refuse to open regular files without verity")
+    p.add_argument("--manifest", metavar="M", help="signed manifest: the tree this mount serves")
+    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
+                   help="Ed25519 public key the manifest must be signed with (repeatable)")
+    p.add_argument("--manifest-digest", metavar="sha256:HEX",
+                   help="the manifest's digest, pinned (see measure-manifest)")
+    p.add_argument("--trust-cert", action="append", metavar="CERT.pem",
+                   help="X.509 certificate trusted for fs-verity built-in signatures (repeatable)")
+    p.add_argument("--require-signatures", action="store_true",
+                   help="like fs.verity.require_signatures=1: unsigned verity files are refused")
+    p.add_argument("--cache-size", type=_positive("cache-size"), metavar="MIB",
+                   help="memory for verified Merkle tree blocks (default 32 MiB)")
+    p.add_argument("--readahead-kb", type=_non_negative, default=1024, metavar="KIB",
+                   help="kernel readahead window of the mount (default 1024; 0 keeps 128)")
+    p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the "
+                   "foreground; else syslog, the journal, or /var/log/verityfuse/MNT.log)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a verityfuse mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("status", help="a running mount's state and counters")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("install-helper", help=f"install {HELPER_NAME} for mount(8), fstab, systemd")
+    p.add_argument("--dir", default="/usr/sbin", help="where mount(8) looks (default /usr/sbin)")
+    p.set_defaults(func=cmd_install_helper)
+
+
+# -- mount(8) ------------------------------------------------------------------------
+
+def helper_main(argv=None) -> int:
+    """``mount.fuse.verityfuse SOURCE MNT [-sfnv] [-N NS] [-o OPTS] [-t TYPE]``, as mount(8)
+    calls a helper: -f fakes (does nothing), -n, -s, -v are accepted."""
+    p = argparse.ArgumentParser(prog=HELPER_NAME)
+    p.add_argument("source")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", action="append", default=[])
+    p.add_argument("-t", dest="type")
+    p.add_argument("-N", dest="namespace")
+    for flag in ("-s", "-f", "-n", "-v"):
+        p.add_argument(flag, action="store_true")
+    args = p.parse_args(argv)
+    if args.namespace:
+        error("mount namespaces (-N) are not supported")
+        return 1
+    try:
+        s = mountopts.parse(args.o)
+    except OptionError as e:
+        error(f"mount option {e}")
+        return 2
+    if args.f:
+        return 0
+    return run_mount(args.source, args.mountpoint, s)
+
+
+def convention_main(argv) -> int:
+    """mount.fuse3's convention: ``verityfuse SOURCE MNT [-o OPTS]...``."""
+    return helper_main(argv)

@@ -1,0 +1,276 @@
+"""Command line for offline work on a tree: seal, verify, upgrade-store.
+
+``--json`` prints one JSON object per line (protocol/cli-json.md); the human
+output is unchanged without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+
+from .errors import IntegrityError
+from .store import Store, default_store
+
+EXIT_ERROR = 1
+
+
+def error(msg: str):
+    print(f"ERROR: {msg}", file=sys.stderr)
+
+
+def emit(obj: dict):
+    print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+def open_store(args, create: bool) -> Store:
+    return Store(args.store or default_store(args.source), create=create)
+
+
+class Progress:
+    """One progress line for a whole run, on a terminal only: bytes and files done
+    out of the total, the rate, and the time left."""
+
+    MIN_TOTAL = 16 << 20  # shorter runs finish before a line would help
+
+    def __init__(self, total_bytes: int, total_files: int, stream=sys.stderr):
+        self.enabled = stream.isatty() and total_bytes >= self.MIN_TOTAL
+        self.total, self.files, self.stream = total_bytes, total_files, stream
+        self.done = self.done_files = 0
+        self.start = time.monotonic()
+        self.last = float("-inf")  # the first update draws at once
+
+    def for_file(self, label: str, size: int):
+        """A callable for merkle.build_tree's progress(bytes_done_in_this_file)."""
+        base = self.done
+        outer = self
+
+        class FileProgress:
+            def __call__(self, done: int):
+                outer.done = base + min(done, size)
+                outer.show()
+
+            def close(self):
+                outer.done = base + size
+                outer.done_files += 1
+                outer.show(force=True)
+
+        return FileProgress()
+
+    def show(self, force: bool = False):
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and not force):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else 0
+        self.stream.write(f"\r[{100 * self.done // max(self.total, 1):3d}%] "
+                          f"{self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB, "
+                          f"{self.done_files}/{self.files} files, {rate / 2**20:.0f} MiB/s, "
+                          f"ETA {int(left) // 60}:{int(left) % 60:02d}\033[K")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _sizes(paths):
+    total = count = 0
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total, count = total + st.st_size, count + 1
+    return total, count
+
+
+def _tree_sizes(root: str):
+    return _sizes(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+
+
+def cmd_seal(args, params, key, rels) -> int:
+    from .seal import seal_path, walk_files
+
+    with open_store(args, create=True) as store:
+        store.cleanup_tmp()
+        if args.manifest:
+            return seal_manifest(args, store, params, key, rels)
+        if rels is None:
+            rels = list(walk_files(args.source, store))
+        progress = Progress(*(_sizes(os.path.join(args.source, r) for r in rels)
+                              if sys.stderr.isatty() else (0, 0)))
+        status = 0
+        try:
+            for rel in rels:
+                full = os.path.join(args.source, rel)
+                try:
+                    fp = progress.for_file(full, os.lstat(full).st_size)
+                    try:
+                        entry = seal_path(store, args.source, rel, params, threads=args.threads,
+                                          progress=fp)
+                    finally:
+                        fp.close()
+                except OSError as e:
+                    progress.close()
+                    if args.json:
+                        emit({"file": full, "error": e.strerror or str(e)})
+                    else:
+                        error(f"can't seal '{full}': {e.strerror or e}")
+                    status = EXIT_ERROR
+                    continue
+                progress.close()
+                if args.json:
+                    emit({"file": full, "digest": entry.digest_text})
+                else:
+                    print(f"{entry.digest_text} {full}", flush=True)
+        finally:
+            progress.close()
+    return status
+
+
+def seal_manifest(args, store, params, key, rels) -> int:
+    """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
+    from . import manifest, manifest_tree
+    from .seal import ManifestRecorder
+
+    progress = Progress(*(_tree_sizes(args.source) if sys.stderr.isatty() and (
+        rels is None or "." in rels) else (0, 0)))
+
+    def warn(msg):
+        progress.close()
+        print(f"WARNING: {msg}", file=sys.stderr)
+
+    def report(entry, full):
+        progress.close()
+        if args.json:
+            emit({"file": full, "digest": entry["digest"]})
+        else:
+            print(f"{entry['digest']} {full}", flush=True)
+
+    rec = ManifestRecorder(args.source, store, params, skip_paths=[args.manifest], warn=warn,
+                           report=report, progress=progress.for_file, threads=args.threads)
+    try:
+        if rels is None or "." in rels:
+            rec.add(".")
+        else:
+            existing = []
+            if os.path.exists(args.manifest):
+                env, payload = manifest.read_envelope(args.manifest)
+                if key is not None:
+                    # Re-signing must not launder entries this key never vouched for.
+                    manifest.check_signatures(args.manifest, env, payload, [key.public_key()])
+                existing = list(manifest_tree.iter_entries(payload, args.manifest))
+            rec.update(existing, rels)
+    finally:
+        progress.close()
+    if rec.failed:
+        error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
+        return EXIT_ERROR
+    payload = manifest_tree.make_payload(rec.entries.values())
+    manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
+    tmp = f"{args.manifest}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(manifest.sign(payload, key))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, args.manifest)
+    files = sum(1 for e in rec.entries.values() if e["type"] == "file")
+    digest = manifest.manifest_digest(payload)
+    if args.json:
+        emit({"manifest": args.manifest, "digest": digest, "entries": len(rec.entries),
+              "files": files, "signed": key is not None})
+    else:
+        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}"
+              + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
+    return 0
+
+
+def describe_failure(e: Exception) -> str:
+    if isinstance(e, IntegrityError):
+        return f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}"
+    return str(e)
+
+
+def _failure_json(e: Exception) -> dict:
+    out = {"error": describe_failure(e)}
+    if isinstance(e, IntegrityError):
+        out.update(offset=e.offset, expected=e.expected.hex(), actual=e.actual.hex(), what=e.what)
+    return out
+
+
+def cmd_verify(args) -> int:
+    from .seal import verify_file, walk_files
+    from .verify import TreeBlockCache
+
+    cache = TreeBlockCache()
+    counts = dict(sealed=0, corrupt=0, unsealed=0, unreadable=0)
+    seen = set()
+    with open_store(args, create=False) as store:
+        for rel in walk_files(args.source, store):
+            res = verify_file(store, args.source, rel, cache)
+            name = os.path.join(args.source, rel)
+            if res.sealed:
+                seen.add(res.key)
+                counts["sealed"] += 1
+            if res.error is not None:
+                status = "corrupt" if res.sealed else "error"
+                counts["corrupt" if res.sealed else "unreadable"] += 1
+            elif not res.sealed:
+                status = "unsealed"
+                counts["unsealed"] += 1
+            else:
+                status = "ok"
+            if args.json:
+                obj = {"file": name, "status": status}
+                if res.entry is not None:
+                    obj["digest"] = res.entry.digest_text
+                if res.error is not None:
+                    obj.update(_failure_json(res.error))
+                emit(obj)
+            elif status in ("corrupt", "error"):
+                print(f"{status.upper()} {name}: {describe_failure(res.error)}")
+            elif status == "unsealed" and (args.strict or args.verbose):
+                print(f"UNSEALED {name}")
+            elif status == "ok" and args.verbose:
+                print(f"OK {res.entry.digest_text} {name}")
+        stale = sum(1 for k in store.keys() if k not in seen)
+    nothing = counts["sealed"] == 0 and not counts["unreadable"]
+    failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])
+    if args.json:
+        emit({"summary": dict(counts, intact=counts["sealed"] - counts["corrupt"],
+                              stale_entries=stale, strict=args.strict, ok=not failed)})
+    else:
+        print(f"{counts['sealed'] - counts['corrupt']} of {counts['sealed']} sealed files intact"
+              + (f", {counts['unsealed']} unsealed" if counts["unsealed"] else "")
+              + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else ""),
+              file=sys.stderr)
+        if stale:
+            print(f"{stale} index entries name no file under {args.source} (files removed or "
+                  f"replaced; harmless)", file=sys.stderr)
+    if nothing:
+        error(f"nothing was verified: no sealed file under '{args.source}'")
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_upgrade_store(args) -> int:
+    from .store_upgrade import upgrade
+
+    with Store(args.store or default_store(args.source), objects_only=True) as store:
+        if store.version == 2:
+            print(f"store {store.path} is already format 2", file=sys.stderr)
+            return 0
+        converted, dropped = upgrade(args.source, store,
+                                     lambda m: print(f"WARNING: {m}", file=sys.stderr))
+    print(f"store {store.path}: format 2, {converted} entries converted, {dropped} dropped",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,113 @@
+"""`verityfuse doctor` (and `--version -v`): what this machine gives verityfuse.
+
+Native hashing, the ioctl shim, libfuse, and whether the running kernel
+forwards fs-verity ioctls to FUSE servers: found by a real probe (a tiny
+mount, one FS_IOC_MEASURE_VERITY) when it can be run, else from the version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from . import __version__, merkle, uapi
+
+
+def _hashing() -> dict:
+    out = {"native": merkle.NATIVE}
+    if merkle.NATIVE and hasattr(merkle._hashblocks, "info"):
+        out.update(merkle._hashblocks.info())
+    return out
+
+
+def _shim() -> dict:
+    spec = importlib.util.find_spec("verityfuse._fuseshim")
+    if spec is None or not spec.origin:
+        return {"built": False, "why": "not built (no compiler or libfuse3 headers at install)"}
+    try:
+        ctypes.CDLL(spec.origin)
+    except OSError as e:
+        return {"built": True, "loads": False, "why": str(e)}
+    return {"built": True, "loads": True, "path": spec.origin}
+
+
+def _libfuse() -> str:
+    try:
+        lib = ctypes.CDLL("libfuse3.so.3")
+        lib.fuse_pkgversion.restype = ctypes.c_char_p
+        return lib.fuse_pkgversion().decode()
+    except (OSError, AttributeError):
+        return "not found"
+
+
+def _kernel_forwards(release: str, can_probe: bool) -> dict:
+    """fs-verity ioctls reach FUSE servers since Linux 6.10 (commit 9fe2a036a23c)."""
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+        by_version = (major, minor) >= (6, 10)
+    except ValueError:
+        by_version = None
+    if not can_probe:
+        return {"forwards": by_version, "how": "from the kernel version (6.10+)"}
+    with tempfile.TemporaryDirectory(prefix="verityfuse-doctor-") as d:
+        src, mnt = os.path.join(d, "src"), os.path.join(d, "mnt")
+        os.mkdir(src)
+        os.mkdir(mnt)
+        with open(os.path.join(src, "f"), "wb") as f:
+            f.write(b"probe")
+        cmd = [sys.executable, "-m", "verityfuse.cli", "mount", src, mnt,
+               "--log-file", os.path.join(d, "log")]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            return {"forwards": by_version, "how": "from the kernel version (the probe mount failed)"}
+        try:
+            fd = os.open(os.path.join(mnt, "f"), os.O_RDONLY)
+            try:
+                fcntl.ioctl(fd, uapi.FS_IOC_MEASURE_VERITY, bytearray(4 + 64))
+                forwards = True
+            except OSError as e:
+                forwards = e.errno == errno.ENODATA  # our daemon answered: not a verity file
+            finally:
+                os.close(fd)
+        finally:
+            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+    return {"forwards": forwards, "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}
+
+
+def report() -> dict:
+    release = platform.release()
+    shim = _shim()
+    can_probe = (os.geteuid() == 0 and os.path.exists("/dev/fuse") and shim.get("loads", False)
+                 and shutil.which("fusermount3") is not None)
+    return {"version": __version__, "python": platform.python_version(), "kernel": release,
+            "hashing": _hashing(), "ioctl_shim": shim, "libfuse": _libfuse(),
+            "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe)}
+
+
+def run(json_out: bool = False) -> int:
+    r = report()
+    if json_out:
+        print(json.dumps(r, sort_keys=True))
+        return 0
+    h, shim, k = r["hashing"], r["ioctl_shim"], r["kernel_fsverity_ioctls"]
+    hashing = (("native: " + ", ".join(f"{a} {v}" for a, v in h.items() if a != "native"))
+               if h["native"] else "hashlib (the native module is not built: slower, same bytes)")
+    rows = [("verityfuse", r["version"]), ("python", r["python"]), ("kernel", r["kernel"]),
+            ("hashing", hashing.rstrip(": ")),
+            ("ioctl shim", "loads" if shim.get("loads") else f"unavailable: {shim.get('why')}"),
+            ("libfuse", r["libfuse"]),
+            ("fs-verity ioctls via FUSE",
+             {True: "forwarded", False: "not forwarded", None: "unknown"}[k["forwards"]]
+             + f" ({k['how']})")]
+    width = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+    return 0

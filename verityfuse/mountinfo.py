@@ -1,0 +1,56 @@
+"""/proc/self/mountinfo, read without touching the mount point (pure).
+
+Never stat() a verityfuse mount point from its own daemon before its FUSE loop
+runs: the kernel would wait for a GETATTR answer that this very thread has to
+give.  Mount points are compared as bytes, after undoing mountinfo's octal
+escapes (space, tab, newline, backslash), so any name works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import List, Optional
+
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> bytes:
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def fields(mountpoint: str) -> Optional[List[bytes]]:
+    """The fields of the topmost mount at ``mountpoint`` (an absolute, resolved path)."""
+    found = None
+    target = os.fsencode(mountpoint)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            parts = line.split()
+            if _unescape(parts[4]) == target:
+                found = parts  # the last (topmost) mount wins
+    return found
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return fields(mountpoint) is not None
+
+
+def device(mountpoint: str) -> Optional[str]:
+    """"major:minor" of the filesystem mounted at ``mountpoint``."""
+    f = fields(mountpoint)
+    return f[2].decode() if f else None
+
+
+def read_only(mountpoint: str) -> bool:
+    """Whether the mount is read-only now (``mount -o remount,ro`` included): the
+    per-mount options, then the superblock's after the " - " separator."""
+    f = fields(mountpoint)
+    if f is None:
+        return False
+    sep = f.index(b"-")
+    return b"ro" in f[5].split(b",") or b"ro" in f[sep + 3].split(b",")
+
+
+def fstype(mountpoint: str) -> Optional[str]:
+    f = fields(mountpoint)
+    return f[f.index(b"-") + 1].decode() if f else None

@@ -1,0 +1,147 @@
+"""Mount options: every setting of `verityfuse mount` as a `-o` option (pure).
+
+mount(8), fstab and systemd pass one comma-separated option string; this
+module splits it into verityfuse's own settings and the FUSE/kernel options,
+in a fixed order (the same command line gives the same mount options every
+time), and refuses nonsense with a message naming the option.
+
+    verityfuse SOURCE MNT -o ro,allow_other,policy=require,manifest=/p/m.json,...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+# Options of mount(8), fstab and systemd that are not for the filesystem.
+IGNORED = {"_netdev", "nofail", "noauto", "auto", "defaults", "user", "users", "nouser",
+           "owner", "group", "comment", "x-mount.mkdir"}
+IGNORED_PREFIXES = ("x-", "comment=")
+# Options the daemon always gives libfuse; a user's value for these wins.
+BUILTIN = (("default_permissions", None), ("subtype", "verityfuse"))
+
+
+class OptionError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    """What `verityfuse mount` needs beyond SOURCE and MOUNTPOINT."""
+
+    store: Optional[str] = None
+    policy: str = "enforce"
+    manifest: Optional[str] = None
+    trust_key: List[str] = field(default_factory=list)
+    manifest_digest: Optional[str] = None
+    trust_cert: List[str] = field(default_factory=list)
+    require_signatures: bool = False
+    cache_size: Optional[int] = None     # MiB
+    readahead_kb: int = 1024
+    log_file: Optional[str] = None
+    debug: bool = False
+    foreground: bool = False
+    fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
+    remount: bool = False
+    ignored: List[str] = field(default_factory=list)
+    given: List[str] = field(default_factory=list)  # daemon settings named in -o
+
+
+def positive_int(text: str, name: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise OptionError(f"{name}: {text!r} is not an integer") from None
+    if n <= 0:
+        raise OptionError(f"{name}: must be a positive integer, not {n}")
+    return n
+
+
+def non_negative_int(text: str, name: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text, name)
+
+
+def _policy(v: str) -> str:
+    if v not in ("enforce", "require"):
+        raise OptionError(f"policy: {v!r} is not enforce or require")
+    return v
+
+
+def _digest(v: str) -> str:
+    from .store import parse_digest
+    try:
+        parse_digest(v)
+    except ValueError as e:
+        raise OptionError(f"manifest_digest: {e}") from None
+    return v
+
+
+# name -> (Settings attribute, parser or None for a flag)
+VALUED = {
+    "store": ("store", str), "policy": ("policy", _policy), "manifest": ("manifest", str),
+    "manifest_digest": ("manifest_digest", _digest), "log_file": ("log_file", str),
+    "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
+    "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
+}
+REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
+FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground"}
+
+
+def split(options: str) -> List[str]:
+    return [o for o in options.split(",") if o]
+
+
+def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
+    """Apply ``-o`` groups (in order; a later value wins) onto ``settings``."""
+    s = settings or Settings()
+    fuse: Dict[str, Optional[str]] = dict(s.fuse)
+    for group in groups:
+        for opt in split(group):
+            name, eq, value = opt.partition("=")
+            name = name.replace("-", "_") if name in _UNDERSCORED else name
+            if name in IGNORED or opt.startswith(IGNORED_PREFIXES):
+                s.ignored.append(opt)
+            elif name == "remount":
+                s.remount = True
+            elif name in VALUED:
+                if not eq or not value:
+                    raise OptionError(f"{name}: needs a value ({name}=...)")
+                attr, conv = VALUED[name]
+                setattr(s, attr, conv(value))
+                s.given.append(name)
+            elif name in REPEATED:
+                if not eq or not value:
+                    raise OptionError(f"{name}: needs a value ({name}=...)")
+                getattr(s, REPEATED[name]).append(value)
+                s.given.append(name)
+            elif name in FLAGS:
+                if eq:
+                    raise OptionError(f"{name}: takes no value")
+                setattr(s, FLAGS[name], True)
+                s.given.append(name)
+            else:  # for libfuse and the kernel: ro, allow_other, fsname=..., max_read=...
+                for other in ("ro", "rw") if name in ("ro", "rw") else (name,):
+                    fuse.pop(other, None)  # the last of ro/rw wins, as for mount(8)
+                fuse[name] = value if eq else None
+    s.fuse = list(fuse.items())
+    return s
+
+
+_UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
+                "readahead-kb", "require-signatures"}
+
+
+def fuse_options(s: Settings, fsname: str) -> List[str]:
+    """The options given to libfuse, in a fixed order: built-ins first, then the
+    user's in the order given; a user's fsname= or subtype= replaces the built-in."""
+    user = dict(s.fuse)
+    out = []
+    for name, value in BUILTIN + (("fsname", fsname),):
+        if name not in user:
+            out.append(name if value is None else f"{name}={value}")
+    out += [n if v is None else f"{n}={v}" for n, v in s.fuse]
+    return out
+
+
+def read_only(s: Settings) -> bool:
+    return any(name == "ro" for name, _ in s.fuse)
