@@ -208,6 +208,10 @@ static PyObject *hash_blocks(PyObject *self, PyObject *args)
         return NULL;
     if (setup(&c, alg, &prefix, &data, bs, threads) < 0)
         goto done;
+    if (c.nblocks > (size_t)PY_SSIZE_T_MAX / c.ds) {
+        PyErr_SetString(PyExc_OverflowError, "too many blocks");
+        goto done;
+    }
     out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(c.nblocks * c.ds));
     if (!out)
         goto done;
@@ -250,17 +254,31 @@ done:
     return res;
 }
 
-static PyObject *configure(PyObject *self, PyObject *args)
+static PyObject *configure(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
+    static char *names[] = {"threads", "spin_us", NULL};
     int threads;
-    if (!PyArg_ParseTuple(args, "i:configure", &threads))
+    PyObject *spin = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|$O:configure", names, &threads, &spin))
         return NULL;
     if (threads < 1) {
         PyErr_Format(PyExc_ValueError, "threads must be >= 1, not %d", threads);
         return NULL;
     }
+    long spin_us = -1;
+    if (spin != Py_None) {
+        spin_us = PyLong_AsLong(spin);
+        if (spin_us == -1 && PyErr_Occurred())
+            return NULL;
+        if (spin_us < 0 || spin_us > 100000) {
+            PyErr_Format(PyExc_ValueError, "spin_us must be between 0 and 100000, not %ld", spin_us);
+            return NULL;
+        }
+    }
     g_threads = threads > 2 ? 2 : threads;  /* one helper: at most two threads per request */
+    if (spin_us >= 0)
+        atomic_store(&g_helper_spin_ns, (uint64_t)spin_us * 1000);
     Py_RETURN_NONE;
 }
 
@@ -268,10 +286,11 @@ static PyObject *info(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:i,s:O,s:O}",
+    return Py_BuildValue("{s:s,s:s,s:i,s:K,s:O,s:O}",
                          "sha256", g_shani ? "sha-ni-2way" : "openssl",
                          "sha512", "openssl",
                          "threads", g_threads,
+                         "spin_us", (unsigned long long)(atomic_load(&g_helper_spin_ns) / 1000),
                          "cpu_sha_ni", g_cpu_shani ? Py_True : Py_False,
                          "helper_running", g_helper_started ? Py_True : Py_False);
 }
@@ -285,8 +304,10 @@ static PyMethodDef methods[] = {
      "verify_blocks(alg, prefix, data, block_size, expected, threads=0) -> int\n\n"
      "Hash every block of data and compare with expected (the concatenated hashes).\n"
      "Returns -1 if all match, else the index of the first mismatching block."},
-    {"configure", configure, METH_VARARGS,
-     "configure(threads) -> None: 1 = never use the helper thread, 2 = use it for large requests."},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
+     "configure(threads, *, spin_us=None) -> None\n\n"
+     "threads: 1 = never use the helper thread, 2 = use it for large requests.\n"
+     "spin_us: how long the idle helper polls for work before it sleeps."},
     {"info", info, METH_NOARGS, "info() -> dict: the engines in use and the thread setting."},
     {NULL, NULL, 0, NULL},
 };

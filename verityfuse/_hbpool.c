@@ -47,7 +47,8 @@
 /* The helper spins this long after its last job before it sleeps: longer
  * than the gap between back-to-back 1 MiB reads (~0.1-0.5 ms of Python and
  * FUSE work), short enough to cost little when reads stop. */
-#define HELPER_SPIN_NS 200000
+#define HELPER_SPIN_NS_DEFAULT 200000
+static atomic_uint_fast64_t g_helper_spin_ns = HELPER_SPIN_NS_DEFAULT;  /* configure(spin_us=) */
 /* A caller whose pieces are done waits this long (spinning) for the helper
  * to finish its last piece before sleeping on a futex: a piece takes tens of
  * microseconds, unless the helper was preempted. */
@@ -119,7 +120,7 @@ static void *helper_main(void *unused)
             idle_since = now_ns();
             continue;
         }
-        if (now_ns() - idle_since < HELPER_SPIN_NS) {
+        if (now_ns() - idle_since < atomic_load_explicit(&g_helper_spin_ns, memory_order_relaxed)) {
             for (int i = 0; i < 8; i++)
                 cpu_relax();
             continue;
