@@ -131,13 +131,17 @@ def test_hash_blocks_large_buffer_with_and_without_helper():
     data, hashes = _big(seed=2)
     for threads in (0, 1, 2):
         assert hb.hash_blocks(1, b"", data, 4096, threads) == hashes
-    hb.configure(1)
+    spin = hb.info()["spin_us"]
+    hb.configure(1, spin_us=0)
     try:
-        assert hb.info()["threads"] == 1
+        assert hb.info()["threads"] == 1 and hb.info()["spin_us"] == 0
         assert hb.hash_blocks(1, b"", data, 4096) == hashes
         assert hb.verify_blocks(1, b"", _corrupt(data, [7]), 4096, hashes) == 7
+        hb.configure(2)  # the helper sleeps at once after each job: the wake-up path
+        for _ in range(5):
+            assert hb.verify_blocks(1, b"", _corrupt(data, [2000]), 4096, hashes) == 2000
     finally:
-        hb.configure(2)
+        hb.configure(2, spin_us=spin)
 
 
 @needs_native
@@ -199,6 +203,12 @@ def test_arguments_are_checked():
         hb.hash_blocks(1, b"", d, 4096, -1)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         hb.configure(0)
+    with pytest.raises(ValueError, match="spin_us must be between 0 and 100000"):
+        hb.configure(2, spin_us=-1)
+    with pytest.raises(TypeError):
+        hb.configure(2, spin_us="1")
+    with pytest.raises(TypeError):
+        hb.configure(2, 100)  # spin_us is keyword-only
     with pytest.raises(TypeError):
         hb.hash_blocks(1, b"", "text", 4096)
     with pytest.raises(TypeError):

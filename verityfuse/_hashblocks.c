@@ -37,7 +37,9 @@
 /* Split a request into pieces of about this many bytes (whole pairs of
  * blocks): small enough that the two threads finish close together, large
  * enough that claiming a piece costs nothing. */
+#ifndef PIECE_BYTES
 #define PIECE_BYTES (64 * 1024)
+#endif
 /* Below this the caller hashes alone: the helper would not even have
  * noticed the post before the caller is done. */
 #define MIN_SPLIT_BYTES (128 * 1024)

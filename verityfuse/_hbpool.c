@@ -30,6 +30,7 @@
  */
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -44,10 +45,14 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* The helper spins this long after its last job before it sleeps: longer
- * than the gap between back-to-back 1 MiB reads (~0.1-0.5 ms of Python and
- * FUSE work), short enough to cost little when reads stop. */
+/* The helper polls this long after its last job before it sleeps: about
+ * the gap between back-to-back 1 MiB reads (~0.1-0.5 ms of Python and FUSE
+ * work), short enough to cost little when reads stop.  The first
+ * HELPER_PAUSE_NS it polls with PAUSE only (fastest reaction); after that it
+ * calls sched_yield() between polls, so that a reader process or a kernel
+ * thread that needs this core gets it. */
 #define HELPER_SPIN_NS_DEFAULT 200000
+#define HELPER_PAUSE_NS 50000
 static atomic_uint_fast64_t g_helper_spin_ns = HELPER_SPIN_NS_DEFAULT;  /* configure(spin_us=) */
 /* A caller whose pieces are done waits this long (spinning) for the helper
  * to finish its last piece before sleeping on a futex: a piece takes tens of
@@ -120,9 +125,14 @@ static void *helper_main(void *unused)
             idle_since = now_ns();
             continue;
         }
-        if (now_ns() - idle_since < atomic_load_explicit(&g_helper_spin_ns, memory_order_relaxed)) {
-            for (int i = 0; i < 8; i++)
-                cpu_relax();
+        uint64_t idle = now_ns() - idle_since;
+        if (idle < atomic_load_explicit(&g_helper_spin_ns, memory_order_relaxed)) {
+            if (idle < HELPER_PAUSE_NS) {
+                for (int i = 0; i < 8; i++)
+                    cpu_relax();
+            } else {
+                sched_yield();
+            }
             continue;
         }
         /* Sleep.  With seq_cst, either we see the post below, or the poster
