@@ -17,6 +17,10 @@
  * verityfuse falls back to hashlib when this module is not built.
  *
  * Large requests are shared with one helper thread (_hbpool.c).
+ *
+ * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
+ * SHA-256 (to compare); VERITYFUSE_HELPER_SPIN_US=N sets how long the idle
+ * helper polls for work before sleeping (as configure(spin_us=N)).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -325,6 +329,14 @@ PyMODINIT_FUNC PyInit__hashblocks(void)
 #endif
     const char *off = getenv("VERITYFUSE_NO_SHANI");
     g_shani = g_cpu_shani && !(off && *off && strcmp(off, "0") != 0);
+    /* For tuning a deployed daemon without code changes; configure() wins. */
+    const char *spin = getenv("VERITYFUSE_HELPER_SPIN_US");
+    if (spin && *spin) {
+        char *end;
+        long us = strtol(spin, &end, 10);
+        if (*end == '\0' && us >= 0 && us <= 100000)
+            atomic_store(&g_helper_spin_ns, (uint64_t)us * 1000);
+    }
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) < 2)
         g_threads = 1;

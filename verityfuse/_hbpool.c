@@ -45,13 +45,17 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* The helper polls this long after its last job before it sleeps: about
- * the gap between back-to-back 1 MiB reads (~0.1-0.5 ms of Python and FUSE
- * work), short enough to cost little when reads stop.  The first
- * HELPER_PAUSE_NS it polls with PAUSE only (fastest reaction); after that it
- * calls sched_yield() between polls, so that a reader process or a kernel
- * thread that needs this core gets it. */
-#define HELPER_SPIN_NS_DEFAULT 200000
+/* The helper polls this long after its last job before it sleeps.  Reads
+ * of 1 MiB arrive about every 0.5 ms and take ~0.2 ms to verify on two
+ * cores, so the helper is idle ~0.3 ms between them: measured on the
+ * project's VM (verify_blocks of 1 MiB with 300 us of busy work between
+ * calls), 200 us missed the next request and paid the futex wake-up (median
+ * 278 us per request), 400 us did not (224 us; 400 us alone, one thread).
+ * The first HELPER_PAUSE_NS it polls with PAUSE only (fastest reaction);
+ * after that it calls sched_yield() between polls, so a reader process or
+ * kernel thread that needs this core gets it; the rest of the time the
+ * core was idle anyway.  configure(spin_us=) changes it. */
+#define HELPER_SPIN_NS_DEFAULT 400000
 #define HELPER_PAUSE_NS 50000
 static atomic_uint_fast64_t g_helper_spin_ns = HELPER_SPIN_NS_DEFAULT;  /* configure(spin_us=) */
 /* A caller whose pieces are done waits this long (spinning) for the helper
