@@ -13,7 +13,7 @@
  *    sleeping thread costs a futex syscall on both sides plus the scheduler's
  *    wake-up latency (tens of us), a good part of what the second core saves
  *    on 1 MiB.  So after a job the helper spins on the slot for a bounded
- *    while (HELPER_SPIN_NS) before it sleeps on a futex, and a caller only
+ *    while (spin_us) before it sleeps on a futex, and a caller only
  *    issues FUTEX_WAKE when the helper has said it is asleep;
  *  - one slot: when another job already sits in it, the caller does all of
  *    its own work; several Python threads never queue behind each other.
