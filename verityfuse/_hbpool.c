@@ -77,6 +77,7 @@ static _Atomic(struct pool_job *) g_posted;  /* the slot: a job the helper may j
 static atomic_uint g_post_seq;               /* futex word, bumped on every post */
 static atomic_int g_helper_asleep;           /* helper is (about to be) in FUTEX_WAIT */
 static int g_helper_started;                 /* in this process; changed under the GIL */
+static pid_t g_helper_pid;                   /* the process that started it */
 static int g_atfork_done;
 
 static void futex_wait(atomic_uint *word, unsigned expected)
@@ -164,8 +165,12 @@ static void pool_atfork_child(void)
  * held (it serializes starts).  Returns 0 if no helper is available. */
 static int pool_ensure_helper(void)
 {
-    if (g_helper_started)
+    /* The pid check backs up the atfork handler for a child made by a raw
+     * clone() that skips it. */
+    if (g_helper_started && g_helper_pid == getpid())
         return 1;
+    if (g_helper_started)
+        pool_atfork_child();
     if (!g_atfork_done) {
         if (pthread_atfork(NULL, NULL, pool_atfork_child) != 0)
             return 0;
@@ -187,6 +192,7 @@ static int pool_ensure_helper(void)
     if (rc != 0)
         return 0;
     g_helper_started = 1;
+    g_helper_pid = getpid();
     return 1;
 }
 
