@@ -447,7 +447,7 @@ def build_tree(
         # One thread: no workers.  The native module may still share a lone
         # chunk with its helper thread unless the caller asked for one thread.
         hash_chunk = params.blocks_hasher(threads=1 if threads == 1 else 0)
-        buf = _read_buffer(chunk)
+        buf = _read_buffer(min(chunk, geo.num_data_blocks * bs))
         for k in range(nchunks):
             if cancel is not None and cancel():
                 raise Cancelled()
