@@ -75,6 +75,7 @@ def child(mode, threads):
                 while time.perf_counter() < end:  # other work of the daemon
                     pass
             out[f"gap{gap_us}"] = statistics.median(lat) * 1e6
+        out["helper_jobs"] = hb.info()["helper_jobs"]  # of 600 calls
         print(json.dumps(out))
 
 
@@ -126,6 +127,9 @@ def bench_verify(runs):
             us = [r[f"gap{gap}"] for r in rs]
             print(f"   {rs[0]['engine']}, {label}, {gap:>3} us between calls: "
                   f"{mmm(us):>18} us = {MiB / statistics.median(us):.0f} MB/s")
+        if threads == 2:
+            print("   the helper joined %s of 600 calls (min / median / max)"
+                  % mmm([r["helper_jobs"] for r in rs]))
     print()
 
 

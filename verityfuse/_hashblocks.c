@@ -300,13 +300,14 @@ static PyObject *info(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:i,s:K,s:O,s:O}",
+    return Py_BuildValue("{s:s,s:s,s:i,s:K,s:O,s:O,s:k}",
                          "sha256", g_shani ? "sha-ni-2way" : "openssl",
                          "sha512", "openssl",
                          "threads", g_threads,
                          "spin_us", (unsigned long long)(atomic_load(&g_helper_spin_ns) / 1000),
                          "cpu_sha_ni", g_cpu_shani ? Py_True : Py_False,
-                         "helper_running", g_helper_started ? Py_True : Py_False);
+                         "helper_running", g_helper_started ? Py_True : Py_False,
+                         "helper_jobs", (unsigned long)atomic_load(&g_helper_jobs));
 }
 
 static PyMethodDef methods[] = {

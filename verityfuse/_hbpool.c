@@ -79,6 +79,7 @@ static atomic_int g_helper_asleep;           /* helper is (about to be) in FUTEX
 static int g_helper_started;                 /* in this process; changed under the GIL */
 static pid_t g_helper_pid;                   /* the process that started it */
 static int g_atfork_done;
+static atomic_ulong g_helper_jobs;           /* jobs the helper joined: info() */
 
 static void futex_wait(atomic_uint *word, unsigned expected)
 {
@@ -123,6 +124,7 @@ static void *helper_main(void *unused)
         if (atomic_load_explicit(&g_posted, memory_order_relaxed) != NULL)
             j = atomic_exchange(&g_posted, NULL);
         if (j != NULL) {
+            atomic_fetch_add_explicit(&g_helper_jobs, 1, memory_order_relaxed);
             run_pieces(j);
             /* The last access to *j; the caller may return right after. */
             if (atomic_exchange(&j->state, JOB_HELPER_DONE) == JOB_CALLER_ASLEEP)
