@@ -24,8 +24,11 @@ def pkg_config(*args):
 
 setup(
     ext_modules=[
+        # _hashblocks.c #includes the SHA-NI engine and the helper-thread pool.
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
-                  libraries=["crypto"], extra_compile_args=["-O2"], optional=True),
+                  depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c"],
+                  libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
+                  optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],
                   extra_compile_args=pkg_config("--cflags") or ["-I/usr/include/fuse3"],
                   # DT_NEEDED on libfuse3: RTLD_NEXT searches our own dependencies.

@@ -1,0 +1,238 @@
+/*
+ * One persistent helper thread that shares a request's work with its caller.
+ *
+ * Included by _hashblocks.c (one translation unit, everything static).
+ *
+ * A request is cut into pieces numbered 0..npieces-1; the caller posts it in
+ * a one-job slot and both threads claim pieces from the job's atomic counter
+ * until none is left.  Why this shape:
+ *  - no per-request thread hand-off: the caller never waits for the helper
+ *    to start, it starts on piece 0 itself, and the helper joins whenever it
+ *    notices the post;
+ *  - reads of a file arrive back to back (1 MiB every ~0.5 ms), and waking a
+ *    sleeping thread costs a futex syscall on both sides plus the scheduler's
+ *    wake-up latency (tens of us), a good part of what the second core saves
+ *    on 1 MiB.  So after a job the helper spins on the slot for a bounded
+ *    while (spin_us) before it sleeps on a futex, and a caller only
+ *    issues FUTEX_WAKE when the helper has said it is asleep;
+ *  - one slot: when another job already sits in it, the caller does all of
+ *    its own work; several Python threads never queue behind each other.
+ *
+ * Lifetime of a job (it lives on the caller's stack): the helper touches a
+ * job only after taking it out of the slot with an atomic exchange.  At the
+ * end the caller tries to take its job back (compare-exchange): if it is
+ * still there the helper never saw it; otherwise the caller waits until the
+ * helper marks it done, which is the helper's last access to it.
+ *
+ * After fork() only the forking thread exists in the child: an atfork
+ * handler forgets the helper and the child starts its own on first use.  The
+ * thread is detached and blocks every signal; process exit just ends it.
+ */
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+/* The helper polls this long after its last job before it sleeps.  Reads
+ * of 1 MiB arrive about every 0.5 ms and take ~0.2 ms to verify on two
+ * cores, so the helper is idle ~0.3 ms between them: measured on the
+ * project's VM (verify_blocks of 1 MiB with 300 us of busy work between
+ * calls), 200 us missed the next request and paid the futex wake-up (median
+ * 278 us per request), 400 us did not (224 us; 400 us alone, one thread).
+ * The first HELPER_PAUSE_NS it polls with PAUSE only (fastest reaction);
+ * after that it calls sched_yield() between polls, so a reader process or
+ * kernel thread that needs this core gets it; the rest of the time the
+ * core was idle anyway.  configure(spin_us=) changes it. */
+#define HELPER_SPIN_NS_DEFAULT 400000
+#define HELPER_PAUSE_NS 50000
+static atomic_uint_fast64_t g_helper_spin_ns = HELPER_SPIN_NS_DEFAULT;  /* configure(spin_us=) */
+/* A caller whose pieces are done waits this long (spinning) for the helper
+ * to finish its last piece before sleeping on a futex: a piece takes tens of
+ * microseconds, unless the helper was preempted. */
+#define CALLER_SPIN_NS 200000
+
+struct pool_job {
+    void (*work)(void *arg, size_t piece);
+    void *arg;
+    size_t npieces;
+    atomic_size_t next;   /* next piece to claim */
+    atomic_uint state;    /* futex word: JOB_RUNNING, JOB_CALLER_ASLEEP, JOB_HELPER_DONE */
+};
+
+enum { JOB_RUNNING, JOB_CALLER_ASLEEP, JOB_HELPER_DONE };
+
+static _Atomic(struct pool_job *) g_posted;  /* the slot: a job the helper may join */
+static atomic_uint g_post_seq;               /* futex word, bumped on every post */
+static atomic_int g_helper_asleep;           /* helper is (about to be) in FUTEX_WAIT */
+static int g_helper_started;                 /* in this process; changed under the GIL */
+static pid_t g_helper_pid;                   /* the process that started it */
+static int g_atfork_done;
+static atomic_ulong g_helper_jobs;           /* jobs the helper joined: info() */
+
+static void futex_wait(atomic_uint *word, unsigned expected)
+{
+    /* EAGAIN (the word changed) and EINTR are normal: callers re-check. */
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAIT | FUTEX_PRIVATE_FLAG, expected, NULL, NULL, 0);
+}
+
+static void futex_wake(atomic_uint *word)
+{
+    /* Only the address is used (private futex): safe even if the job that
+     * held this word has already returned; a stray wake-up is re-checked. */
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAKE | FUTEX_PRIVATE_FLAG, 1, NULL, NULL, 0);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void run_pieces(struct pool_job *j)
+{
+    for (;;) {
+        /* Relaxed is enough: the job's fields were published by the slot's
+         * seq_cst operations, and each piece writes disjoint output. */
+        size_t p = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (p >= j->npieces)
+            return;
+        j->work(j->arg, p);
+    }
+}
+
+static void *helper_main(void *unused)
+{
+    (void)unused;
+    uint64_t idle_since = now_ns();
+    for (;;) {
+        struct pool_job *j = NULL;
+        /* Plain load first: spinning on a read keeps the cache line shared
+         * instead of stealing it from the caller at every iteration. */
+        if (atomic_load_explicit(&g_posted, memory_order_relaxed) != NULL)
+            j = atomic_exchange(&g_posted, NULL);
+        if (j != NULL) {
+            atomic_fetch_add_explicit(&g_helper_jobs, 1, memory_order_relaxed);
+            run_pieces(j);
+            /* The last access to *j; the caller may return right after. */
+            if (atomic_exchange(&j->state, JOB_HELPER_DONE) == JOB_CALLER_ASLEEP)
+                futex_wake(&j->state);
+            idle_since = now_ns();
+            continue;
+        }
+        uint64_t idle = now_ns() - idle_since;
+        if (idle < atomic_load_explicit(&g_helper_spin_ns, memory_order_relaxed)) {
+            if (idle < HELPER_PAUSE_NS) {
+                for (int i = 0; i < 8; i++)
+                    cpu_relax();
+            } else {
+                sched_yield();
+            }
+            continue;
+        }
+        /* Sleep.  With seq_cst, either we see the post below, or the poster
+         * sees g_helper_asleep and wakes us; a post between our read of the
+         * sequence and FUTEX_WAIT makes the wait return at once. */
+        unsigned seq = atomic_load(&g_post_seq);
+        atomic_store(&g_helper_asleep, 1);
+        if (atomic_load(&g_posted) == NULL)
+            futex_wait(&g_post_seq, seq);
+        atomic_store(&g_helper_asleep, 0);
+        idle_since = now_ns();
+    }
+    return NULL;
+}
+
+static void pool_atfork_child(void)
+{
+    /* The helper did not survive the fork; jobs of other threads neither. */
+    g_helper_started = 0;
+    atomic_store(&g_posted, NULL);
+    atomic_store(&g_helper_asleep, 0);
+}
+
+/* Start the helper if it is not running in this process.  Call with the GIL
+ * held (it serializes starts).  Returns 0 if no helper is available. */
+static int pool_ensure_helper(void)
+{
+    /* The pid check backs up the atfork handler for a child made by a raw
+     * clone() that skips it. */
+    if (g_helper_started && g_helper_pid == getpid())
+        return 1;
+    if (g_helper_started)
+        pool_atfork_child();
+    if (!g_atfork_done) {
+        if (pthread_atfork(NULL, NULL, pool_atfork_child) != 0)
+            return 0;
+        g_atfork_done = 1;
+    }
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0)
+        return 0;
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 256 * 1024);
+    /* Signals stay with Python's threads: create the helper with all blocked. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t tid;
+    int rc = pthread_create(&tid, &attr, helper_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0)
+        return 0;
+    g_helper_started = 1;
+    g_helper_pid = getpid();
+    return 1;
+}
+
+/* Run every piece of j, with the helper's help if use_helper (the caller has
+ * checked pool_ensure_helper()).  Returns when every piece is done.  Called
+ * without the GIL. */
+static void pool_run(struct pool_job *j, int use_helper)
+{
+    atomic_init(&j->next, 0);
+    atomic_init(&j->state, JOB_RUNNING);
+    int posted = 0;
+    if (use_helper && j->npieces > 1) {
+        struct pool_job *empty = NULL;
+        if (atomic_compare_exchange_strong(&g_posted, &empty, j)) {
+            posted = 1;
+            atomic_fetch_add(&g_post_seq, 1);
+            if (atomic_load(&g_helper_asleep))
+                futex_wake(&g_post_seq);
+        }
+    }
+    run_pieces(j);
+    if (!posted)
+        return;
+    struct pool_job *mine = j;
+    if (atomic_compare_exchange_strong(&g_posted, &mine, NULL))
+        return;  /* the helper never took it */
+    /* The helper has it: it finishes at most the piece it is on. */
+    uint64_t start = now_ns();
+    while (atomic_load(&j->state) != JOB_HELPER_DONE) {
+        if (now_ns() - start >= CALLER_SPIN_NS) {
+            unsigned expect = JOB_RUNNING;
+            if (atomic_compare_exchange_strong(&j->state, &expect, JOB_CALLER_ASLEEP)) {
+                while (atomic_load(&j->state) != JOB_HELPER_DONE)
+                    futex_wait(&j->state, JOB_CALLER_ASLEEP);
+            }
+            break;
+        }
+        for (int i = 0; i < 8; i++)
+            cpu_relax();
+    }
+}
