@@ -111,3 +111,15 @@ def read_regular(path, limit: int, what: str = "") -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+# Filesystems whose reads never wait for a device (statfs f_type).
+_MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
+
+
+def in_memory(fd: int) -> bool:
+    """Whether ``fd``'s file lives in memory (tmpfs, ramfs): reading it never waits."""
+    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type comes first
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little") in _MEMORY_FS
