@@ -23,7 +23,7 @@ from . import merkle
 from .errors import Corruption, IntegrityError, SizeMismatch, VerityError
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
     from .reader import VerifiedReader
     from .store import Store, StoredTree
@@ -396,7 +396,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
             res = verify_file(st, src, rel, cache)
             d = Digest(res.entry.alg.name, res.entry.digest) if res.entry is not None else None
             status: Status
-            if res.sealed:
+            if res.sealed and res.key is not None:
                 seen.add(res.key)
             if res.error is None:
                 status = "ok" if res.sealed else "unsealed"
@@ -407,6 +407,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
             msg = _describe(res.error) if res.error is not None else ""
             results.append(FileResult(rel, status, msg, d, res.error))
         stale = sum(1 for k in st.keys() if k not in seen)
+    results.sort(key=lambda r: r.path)
     return VerifyReport(os.path.abspath(src), os.path.abspath(store_path), strict,
                         tuple(results), stale)
 
@@ -578,6 +579,11 @@ class VerifiedFile(io.RawIOBase):
     def tell(self) -> int:
         self._check_open()
         return self._pos
+
+    def write(self, data: "ReadableBuffer") -> int:
+        """Not supported: a sealed file is read-only (``io.UnsupportedOperation``)."""
+        self._check_open()
+        raise io.UnsupportedOperation("write: a verified file is read-only")
 
     def close(self) -> None:
         """Release the file and its tree; idempotent."""
