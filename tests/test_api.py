@@ -309,6 +309,21 @@ def test_open_verified_buffered_text_and_symlinks(src):
         assert f.read() == pattern(300000)
 
 
+def test_lines_and_peek(tmp_path):
+    data = b"".join(b"line %d\n" % i for i in range(3000)) + b"no newline at the end"
+    write(tmp_path / "f", data)
+    verityfuse.seal(tmp_path, block_size=1024)
+    with verityfuse.open_verified(tmp_path / "f") as f:
+        assert list(f) == data.splitlines(keepends=True)
+    with verityfuse.open_verified(tmp_path / "f") as f:
+        assert f.readline() == b"line 0\n" and f.readline(3) == b"lin" and f.tell() == 10
+        assert f.peek().startswith(b"e 1\nline 2\n") and f.tell() == 10
+        assert len(f.peek()) == 1024 - 10 and len(f.peek(5000)) == 5000
+        assert f.readlines(12) == [b"e 1\n", b"line 2\n", b"line 3\n"]
+        f.seek(0, os.SEEK_END)
+        assert f.peek() == b"" and f.readline() == b""
+
+
 def test_open_verified_no_fd_escapes(src):
     verityfuse.seal(src)
     before = len(os.listdir("/proc/self/fd"))

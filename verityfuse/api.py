@@ -491,6 +491,9 @@ class VerifiedFile(io.RawIOBase):
         self._tree = tree
         self._reader = reader
         self._pos = 0
+        # The block peek() verified last, (offset, bytes): readline() peeks, then reads
+        # what it peeked; that read is served from here instead of verifying again.
+        self._peeked: Tuple[int, bytes] = (0, b"")
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"position {self._pos}"
@@ -516,6 +519,9 @@ class VerifiedFile(io.RawIOBase):
         if offset < 0:
             raise OSError(_errno.EINVAL, "Invalid argument: negative offset")
         size = max(0, min(size, self.size - offset))
+        start, data = self._peeked
+        if start <= offset and offset + size <= start + len(data) and size:
+            return data[offset - start: offset - start + size]
         if size == 0:
             return self._chunk(offset, 0)
         chunk = merkle.CHUNK_SIZE
@@ -549,6 +555,16 @@ class VerifiedFile(io.RawIOBase):
         """Everything from the position to the end."""
         self._check_open()
         return self.read(max(0, self.size - self._pos))
+
+    def peek(self, size: int = 0) -> bytes:
+        """Verified bytes from the position without moving it: at least one (unless at
+        the end), to the end of the current block or ``size`` bytes, whichever is more.
+        (``readline`` and line iteration use it instead of reading byte by byte.)"""
+        self._check_open()
+        bs, pos = self._reader.bs, self._pos
+        data = self.read_at(pos, max(size, bs - pos % bs))
+        self._peeked = (pos, data)
+        return data
 
     def readinto(self, buffer: "WriteableBuffer") -> int:
         """Read into a writable bytes-like object; returns the number of bytes read."""

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Sequence, Union
 
-from . import merkle
+if TYPE_CHECKING:  # imported when used: the pytest plugin imports this module in every session
+    from . import merkle
 
 __all__ = ["FUSE_DEVICE", "FUSERMOUNT", "FuseUnavailable", "VerifiedMount",
            "fuse_unavailable_reason", "mount_denied", "seal_tree"]
@@ -82,6 +83,7 @@ def seal_tree(source: StrPath, paths: Optional[Iterable[StrPath]] = None,
               store: Optional[StrPath] = None,
               params: Optional[merkle.Params] = None) -> Dict[str, str]:
     """Seal ``paths`` (default: every regular file) under ``source``; returns {relpath: digest text}."""
+    from . import merkle
     from .seal import seal_path, walk_files
     from .store import Store, default_store
 
