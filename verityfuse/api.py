@@ -1,0 +1,685 @@
+"""The public API: fs-verity digests, sealing, verifying and verified reads, without FUSE.
+
+Everything here is re-exported by the package (``import verityfuse``); see
+docs/api.md for examples.  The functions wrap the same code the command line
+and the mount use, so a digest is byte for byte what ``fsverity digest``
+prints and ``open_verified`` checks reads exactly as a mount does.
+
+This module imports neither pyfuse3 nor trio nor cryptography, and the store,
+seal and verify machinery only when a function needs it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import io
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, Union
+
+from . import merkle
+from .errors import Corruption, IntegrityError, SizeMismatch, VerityError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from .reader import VerifiedReader
+    from .store import Store, StoredTree
+    from .verify import TreeBlockCache
+
+__all__ = [
+    "Digest",
+    "FileResult",
+    "NotSealedError",
+    "Status",
+    "VerifiedFile",
+    "VerifyReport",
+    "digest",
+    "open_verified",
+    "seal",
+    "verify",
+]
+
+#: A filesystem path: ``str``, ``bytes`` or ``os.PathLike`` (``pathlib.Path``).
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+#: A hash algorithm: ``"sha256"``, ``"sha512"``, or its fs-verity number (1, 2).
+HashAlgArg = Union[str, int]
+#: What ``verify`` found for one file.
+Status = Literal["ok", "corrupt", "unsealed", "error"]
+
+
+class NotSealedError(VerityError):
+    """The file has no fs-verity digest in the store.
+
+    It was never sealed, it was replaced by another inode since (a new file
+    written over the old name), or the store is not the one it was sealed
+    into.  ``errno`` is ENODATA, what the mount's ``user.fsverity.*`` xattrs
+    answer for a file without verity.
+    """
+
+    errno = _errno.ENODATA
+
+
+# -- digests --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Digest:
+    """An fs-verity file digest, as ``fsverity digest`` and ``fsverity measure`` print it.
+
+    ``str(d)`` is ``"sha256:<hex>"``, exactly that output; ``Digest.parse`` reads it back.
+    Two digests are equal when their algorithm and bytes are (``descriptor`` is
+    not compared: the digest is the hash of it).  Digests are hashable.
+    """
+
+    algorithm: str
+    """``"sha256"`` or ``"sha512"``."""
+    digest: bytes
+    """The raw digest: the hash of the 256-byte fs-verity descriptor."""
+    descriptor: Optional[bytes] = field(default=None, compare=False, repr=False)
+    """The 256-byte ``struct fsverity_descriptor`` this digest is the hash of, when known
+    (results of ``digest``, ``seal`` and ``VerifiedFile.digest``); ``None`` otherwise
+    (``Digest.parse``, ``verify`` results)."""
+
+    def __post_init__(self) -> None:
+        alg = merkle.ALGORITHMS.get(self.algorithm)
+        if alg is None:
+            raise ValueError(f"unknown hash algorithm {self.algorithm!r} "
+                             f"(available: {' '.join(merkle.ALGORITHMS)})")
+        if not isinstance(self.digest, bytes) or len(self.digest) != alg.digest_size:
+            raise ValueError(f"a {alg.name} digest is {alg.digest_size} bytes")
+        if self.descriptor is not None and (
+                len(self.descriptor) != 256 or merkle.file_digest(alg, self.descriptor) != self.digest):
+            raise ValueError("the descriptor does not hash to the digest")
+
+    @classmethod
+    def parse(cls, text: str) -> "Digest":
+        """Read ``"sha256:<hex>"`` (the form ``str()`` gives); ``ValueError`` if malformed."""
+        name, sep, hexd = text.strip().partition(":")
+        alg = merkle.ALGORITHMS.get(name.lower()) if sep else None
+        if alg is None:
+            raise ValueError(f"not an fs-verity digest (expected sha256:<hex> or "
+                             f"sha512:<hex>): {text!r}")
+        if len(hexd) != 2 * alg.digest_size or any(c not in "0123456789abcdefABCDEF" for c in hexd):
+            raise ValueError(f"{text!r}: a {alg.name} digest is {2 * alg.digest_size} hex digits")
+        return cls(alg.name, bytes.fromhex(hexd))
+
+    @property
+    def hex(self) -> str:
+        """The digest in lowercase hex, without the algorithm (``fsverity digest --compact``)."""
+        return self.digest.hex()
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.digest.hex()}"
+
+    def __repr__(self) -> str:
+        return f"Digest({str(self)!r})"
+
+
+def _digest_of(desc: merkle.Descriptor) -> Digest:
+    return Digest(desc.params.alg.name, desc.digest, desc.raw)
+
+
+def _as_digest(value: Union[Digest, str]) -> Digest:
+    if isinstance(value, Digest):
+        return value
+    if isinstance(value, str):
+        return Digest.parse(value)
+    raise TypeError(f"digest must be a Digest or a 'sha256:<hex>' string, not {type(value).__name__}")
+
+
+def _path(p: PathArg) -> str:
+    return os.fsdecode(p)
+
+
+def _params(hash_alg: HashAlgArg, block_size: int, salt: bytes) -> merkle.Params:
+    if not isinstance(salt, (bytes, bytearray, memoryview)):
+        raise TypeError(f"salt must be bytes (bytes.fromhex for a hex string), not {type(salt).__name__}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, not {type(block_size).__name__}")
+    return merkle.Params(merkle.hash_alg(hash_alg), block_size, bytes(salt))
+
+
+def _threads(threads: Optional[int]) -> Optional[int]:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
+    return threads
+
+
+def _open_regular(path: str) -> int:
+    """A read-only fd of the regular file at ``path`` (symlinks followed; never
+    blocks on a FIFO, never opens a device)."""
+    from . import fsutil
+
+    try:
+        return fsutil.open_regular(path, follow=True)
+    except fsutil.NotRegular as e:
+        if os.path.isdir(path):
+            raise IsADirectoryError(_errno.EISDIR, "Is a directory", path) from None
+        raise OSError(_errno.EINVAL, f"not a regular file: {e.strerror}", path) from None
+
+
+def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 4096,
+           salt: bytes = b"", threads: Optional[int] = None) -> Digest:
+    """The fs-verity digest of the regular file at ``path``, as ``fsverity digest`` computes it.
+
+    Nothing is written anywhere: this only reads the file (symlinks are followed).
+
+    :param path: the file.
+    :param hash_alg: ``"sha256"`` (default) or ``"sha512"``, or an fs-verity
+        algorithm number (1, 2), as ``fsverity digest --hash-alg``.
+    :param block_size: the Merkle tree block size: a power of two, at least twice
+        the hash size (4096 by default; ``--block-size``).
+    :param salt: at most 32 bytes prepended (padded) to every hashed block (``--salt``,
+        which takes it in hex: pass ``bytes.fromhex(...)``).
+    :param threads: hashing threads; ``None`` means the number of CPUs, at most 4.
+    :returns: the :class:`Digest`, with its descriptor.
+    :raises OSError: the file cannot be opened or read, is not a regular file, or
+        changed size while it was read.
+    :raises verityfuse.errors.InvalidParameters: (a ``ValueError``) an unknown algorithm, a
+        bad block size, a salt longer than 32 bytes, or a file too large for the
+        kernel's tree depth.
+    :raises TypeError: ``salt`` is not bytes or ``block_size`` not an int.
+    """
+    params = _params(hash_alg, block_size, salt)
+    threads = _threads(threads)
+    fd = _open_regular(_path(path))
+    try:
+        desc = merkle.build_tree(fd, params, threads=threads)
+    finally:
+        os.close(fd)
+    return _digest_of(desc)
+
+
+# -- seal -----------------------------------------------------------------------------
+
+
+def _default_store(source: str) -> str:
+    from .store import default_store
+
+    return default_store(source)
+
+
+def _existing_store(path: str) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(_errno.ENOENT, "no verityfuse store here (seal files first, or "
+                                "pass store=)", path)
+    return path
+
+
+def _inside(path: str, directory: str) -> bool:
+    rel = os.path.relpath(path, directory)
+    return rel != ".." and not rel.startswith("../")
+
+
+def _seal_targets(source: str, store: "Store", paths: Iterable[PathArg]) -> List[str]:
+    from .seal import walk_files
+
+    rels: Dict[str, None] = {}
+    src_abs = os.path.abspath(source)
+    for p in paths:
+        full = os.path.abspath(os.path.join(source, _path(p)))
+        if not _inside(full, src_abs):
+            raise ValueError(f"{_path(p)!r} is not inside {source!r}")
+        if _inside(full, store.path):
+            raise ValueError(f"{_path(p)!r} is inside the store {store.path!r}")
+        rel = os.path.relpath(full, src_abs)
+        st = os.lstat(full)
+        if stat.S_ISDIR(st.st_mode):
+            for sub in walk_files(full, store):
+                rels[os.path.normpath(os.path.join(rel, sub))] = None
+        else:
+            rels[rel] = None
+    return list(rels)
+
+
+def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
+         store: Optional[PathArg] = None, hash_alg: HashAlgArg = "sha256",
+         block_size: int = 4096, salt: bytes = b"",
+         threads: Optional[int] = None) -> Dict[str, Digest]:
+    """Seal regular files under ``source``: build each one's Merkle tree into the store
+    and record its digest for its inode, as ``verityfuse seal`` does.
+
+    A sealed file then reads through a mount (and :func:`open_verified`) only
+    if it still hashes to that digest.  Resealing an unchanged file is idempotent;
+    each file is committed atomically (a crash leaves it sealed or not, never half).
+
+    :param source: the directory whose files are sealed.
+    :param paths: files or directories to seal, relative to ``source`` (or absolute,
+        inside it); a directory means every regular file under it.  ``None``
+        (default) seals every regular file under ``source``.  Symlinks are never
+        followed, and the store itself is skipped.
+    :param store: the store directory, created if missing; default ``SOURCE/.verityfuse``
+        (hidden by the mount).
+    :param hash_alg: as for :func:`digest`.
+    :param block_size: as for :func:`digest`.
+    :param salt: as for :func:`digest`.
+    :param threads: as for :func:`digest`.
+    :returns: ``{relative path: Digest}`` for every file sealed, in sealing order.
+    :raises NotADirectoryError: ``source`` is not a directory.
+    :raises ValueError: a path is outside ``source`` or inside the store; bad
+        parameters (``verityfuse.errors.InvalidParameters``).
+    :raises OSError: a file cannot be read, or a named path is missing, a symlink
+        or not a regular file (files sealed before it stay sealed).
+    :raises verityfuse.errors.VerityError: the store is malformed or of format 1
+        (``verityfuse upgrade-store``).
+    """
+    from .seal import seal_path, walk_files
+    from .store import Store
+
+    src = _path(source)
+    if not os.path.isdir(src):
+        raise NotADirectoryError(_errno.ENOTDIR, "Not a directory", src)
+    params = _params(hash_alg, block_size, salt)
+    threads = _threads(threads)
+    out: Dict[str, Digest] = {}
+    with Store(_path(store) if store is not None else _default_store(src), create=True) as st:
+        st.cleanup_tmp()
+        rels = list(walk_files(src, st)) if paths is None else _seal_targets(src, st, paths)
+        for rel in rels:
+            built: List[merkle.Descriptor] = []
+            seal_path(st, src, rel, params, check=built.append, threads=threads)
+            out[rel] = _digest_of(built[-1])
+    return out
+
+
+# -- verify ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What :func:`verify` found for one regular file."""
+
+    path: str
+    """Relative to the source directory."""
+    status: Status
+    """``"ok"``: sealed, every byte matches.  ``"corrupt"``: sealed, but its data, its
+    tree, its size or its store entry does not match.  ``"unsealed"``: no digest in
+    the store.  ``"error"``: it could not be read (permissions, I/O error)."""
+    message: str = ""
+    """Why, for ``corrupt`` and ``error`` (the first bad offset with the expected and
+    actual hash for a corrupt block)."""
+    digest: Optional[Digest] = None
+    """The digest it was sealed with (``ok`` and ``corrupt``; ``None`` when the store
+    entry itself is unreadable)."""
+    error: Optional[BaseException] = field(default=None, compare=False, repr=False)
+    """The exception behind ``corrupt`` or ``error``: a ``verityfuse.errors.VerityError``
+    (``IntegrityError``, ``SizeMismatch``, ``StoreCorrupt``) or an ``OSError``."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify` found: one :class:`FileResult` per regular file, sorted by path.
+
+    Iterating over a report gives its results; ``len()`` is their number.
+    """
+
+    source: str
+    store: str
+    strict: bool
+    files: Tuple[FileResult, ...]
+    stale_entries: int = 0
+    """Index entries naming no file under ``source`` (files deleted or replaced since
+    they were sealed): harmless, not a failure."""
+
+    def __iter__(self) -> Iterator[FileResult]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def count(self, status: Status) -> int:
+        """How many files have ``status``."""
+        return sum(1 for f in self.files if f.status == status)
+
+    @property
+    def sealed(self) -> int:
+        """How many files are sealed (``ok`` or ``corrupt``)."""
+        return self.count("ok") + self.count("corrupt")
+
+    @property
+    def failures(self) -> Tuple[FileResult, ...]:
+        """The results that make the report not ``ok``: ``corrupt`` and ``error``, and
+        ``unsealed`` too when ``strict``."""
+        bad = ("corrupt", "error", "unsealed") if self.strict else ("corrupt", "error")
+        return tuple(f for f in self.files if f.status in bad)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed and at least one sealed file was verified (as the
+        CLI's exit code: a source with nothing sealed usually means the wrong store)."""
+        return self.sealed > 0 and not self.failures
+
+    def __str__(self) -> str:
+        sealed, corrupt = self.sealed, self.count("corrupt")
+        unsealed, errors = self.count("unsealed"), self.count("error")
+        return (f"{sealed - corrupt} of {sealed} sealed files intact"
+                + (f", {unsealed} unsealed" if unsealed else "")
+                + (f", {errors} unreadable" if errors else ""))
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, IntegrityError):
+        return f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = False) -> VerifyReport:
+    """Read every regular file under ``source`` and check each sealed one against its
+    tree, as ``verityfuse verify`` does.  Nothing is written.
+
+    :param source: the directory.
+    :param store: the store directory; default ``SOURCE/.verityfuse``.
+    :param strict: count unsealed regular files as failures (``--strict``).
+    :returns: a :class:`VerifyReport`; ``report.ok`` says whether it all passed.
+        Corruption is reported, never raised.
+    :raises FileNotFoundError: ``source`` or the store does not exist.
+    :raises verityfuse.errors.VerityError: the store is malformed or of format 1.
+    """
+    from .seal import verify_file, walk_files
+    from .store import Store
+    from .verify import TreeBlockCache
+
+    src = _path(source)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(_errno.ENOENT, "No such directory", src)
+    store_path = _existing_store(_path(store) if store is not None else _default_store(src))
+    cache = TreeBlockCache()
+    results: List[FileResult] = []
+    seen: set[str] = set()
+    with Store(store_path) as st:
+        for rel in walk_files(src, st):
+            res = verify_file(st, src, rel, cache)
+            d = Digest(res.entry.alg.name, res.entry.digest) if res.entry is not None else None
+            status: Status
+            if res.sealed and res.key is not None:
+                seen.add(res.key)
+            if res.error is None:
+                status = "ok" if res.sealed else "unsealed"
+            elif res.sealed and isinstance(res.error, VerityError):
+                status = "corrupt"
+            else:
+                status = "error"
+            msg = _describe(res.error) if res.error is not None else ""
+            results.append(FileResult(rel, status, msg, d, res.error))
+        stale = sum(1 for k in st.keys() if k not in seen)
+    results.sort(key=lambda r: r.path)
+    return VerifyReport(os.path.abspath(src), os.path.abspath(store_path), strict,
+                        tuple(results), stale)
+
+
+# -- verified reads -------------------------------------------------------------------
+
+
+_cache_lock = threading.Lock()
+_shared_cache: Optional["TreeBlockCache"] = None
+
+
+def _cache() -> "TreeBlockCache":
+    """One bounded cache of verified tree blocks (32 MiB) for every VerifiedFile."""
+    global _shared_cache
+    with _cache_lock:
+        if _shared_cache is None:
+            from .verify import TreeBlockCache
+
+            _shared_cache = TreeBlockCache()
+        return _shared_cache
+
+
+def _find_store(path: str) -> Optional[str]:
+    """The nearest ``.verityfuse`` directory beside ``path`` or in a parent directory."""
+    from .store import STORE_DIRNAME
+
+    d = os.path.dirname(os.path.realpath(path))
+    while True:
+        cand = os.path.join(d, STORE_DIRNAME)
+        try:
+            if stat.S_ISDIR(os.lstat(cand).st_mode):
+                return cand
+        except OSError:
+            pass
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def _eio(e: VerityError) -> OSError:
+    """The OSError a kernel read or open gives for corruption; raise it ``from e``."""
+    return OSError(_errno.EIO, f"Input/output error: {e}")
+
+
+class VerifiedFile(io.RawIOBase):
+    """A sealed file open for reading, every byte verified before it is returned.
+
+    Made by :func:`open_verified`.  An ``io.RawIOBase``: ``read``, ``readinto``,
+    ``readall``, ``seek``, ``tell``, ``close``, iteration and ``with`` work as on a
+    file opened ``"rb", buffering=0``; wrap it in ``io.BufferedReader`` (and
+    ``io.TextIOWrapper``) for buffered or text reads.  ``read_at(offset, size)``
+    reads without moving the position and may be called from several threads.
+
+    A read that touches a block whose hash does not match (data or tree), or a
+    file truncated or extended since it was sealed, raises ``OSError`` with errno
+    ``EIO``, its ``__cause__`` the ``verityfuse.errors.Corruption`` that says where
+    and what (an ``IntegrityError`` with the offset, expected and actual hash): what
+    a read of that block through a mount gives.  Nothing of that read is returned,
+    the position does not move, and reads of other blocks still work.
+
+    ``fileno()`` is not supported: reading the descriptor directly would bypass
+    verification.  Not writable.
+    """
+
+    name: str
+    """The path it was opened with."""
+    digest: Digest
+    """The trusted digest every read is checked against (with its descriptor)."""
+    size: int
+    """The sealed size in bytes."""
+    mode = "rb"
+
+    def __init__(self, name: str, fd: int, tree: "StoredTree", reader: "VerifiedReader",
+                 digest: Digest) -> None:
+        super().__init__()
+        self.name = name
+        self.digest = digest
+        self.size = reader.data_size
+        self._fd = fd
+        self._tree = tree
+        self._reader = reader
+        self._pos = 0
+        # The block peek() verified last, (offset, bytes): readline() peeks, then reads
+        # what it peeked; that read is served from here instead of verifying again.
+        self._peeked: Tuple[int, bytes] = (0, b"")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"position {self._pos}"
+        return f"<VerifiedFile {self.name!r} {self.digest} size {self.size}, {state}>"
+
+    def readable(self) -> bool:
+        self._check_open()
+        return True
+
+    def seekable(self) -> bool:
+        self._check_open()
+        return True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` verified bytes at ``offset`` (fewer only at the end of the
+        file; ``b""`` at or past it), like ``os.pread``.  The position is not used
+        or moved.  Raises ``OSError(EIO)`` as described in the class."""
+        self._check_open()
+        if offset < 0:
+            raise OSError(_errno.EINVAL, "Invalid argument: negative offset")
+        size = max(0, min(size, self.size - offset))
+        start, data = self._peeked
+        if start <= offset and offset + size <= start + len(data) and size:
+            return data[offset - start: offset - start + size]
+        if size == 0:
+            return self._chunk(offset, 0)
+        chunk = merkle.CHUNK_SIZE
+        if size <= chunk:
+            return self._chunk(offset, size)
+        out = bytearray()
+        while len(out) < size:
+            part = self._chunk(offset + len(out), min(chunk, size - len(out)))
+            if not part:
+                break
+            out += part
+        return bytes(out)
+
+    def _chunk(self, offset: int, size: int) -> bytes:
+        try:
+            return bytes(self._reader.read(offset, size))
+        except Corruption as e:
+            raise _eio(e) from e
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Up to ``size`` bytes from the position (all the rest if ``size`` is negative
+        or ``None``), and move past them; ``b""`` at the end."""
+        self._check_open()
+        if size is None or size < 0:
+            return self.readall()
+        data = self.read_at(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        """Everything from the position to the end."""
+        self._check_open()
+        return self.read(max(0, self.size - self._pos))
+
+    def peek(self, size: int = 0) -> bytes:
+        """Verified bytes from the position without moving it: at least one (unless at
+        the end), to the end of the current block or ``size`` bytes, whichever is more.
+        (``readline`` and line iteration use it instead of reading byte by byte.)"""
+        self._check_open()
+        bs, pos = self._reader.bs, self._pos
+        data = self.read_at(pos, max(size, bs - pos % bs))
+        self._peeked = (pos, data)
+        return data
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        """Read into a writable bytes-like object; returns the number of bytes read."""
+        self._check_open()
+        with memoryview(buffer) as mv, mv.cast("B") as view:
+            data = self.read_at(self._pos, len(view))
+            view[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move the position (``SEEK_SET``, ``SEEK_CUR``, ``SEEK_END``); returns it.
+        Seeking past the end is allowed (reads there give ``b""``)."""
+        self._check_open()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        if pos < 0:
+            raise OSError(_errno.EINVAL, "Invalid argument: negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def write(self, data: "ReadableBuffer") -> int:
+        """Not supported: a sealed file is read-only (``io.UnsupportedOperation``)."""
+        self._check_open()
+        raise io.UnsupportedOperation("write: a verified file is read-only")
+
+    def close(self) -> None:
+        """Release the file and its tree; idempotent."""
+        if not self.closed:
+            try:
+                self._tree.close()
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+            finally:
+                super().close()
+
+
+def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
+                  digest: Union[Digest, str, None] = None) -> VerifiedFile:
+    """Open a sealed file for reading without a mount: every read is verified by the
+    same reader and verifier the mount uses, against a trusted digest.
+
+    The trusted digest is the store's: the one recorded for the file's inode when it
+    was sealed (``seal``, ``verityfuse seal``, ``fsverity enable`` on a mount).  With
+    ``digest=``, it is yours instead: the store's index is not consulted, and only the
+    tree object named by that digest is used (objects are content-addressed, so the
+    store need not be trusted): the file reads only if its bytes hash to ``digest``.
+
+    :param path: the file (symlinks are followed).
+    :param store: the store directory; default: the nearest ``.verityfuse`` directory
+        beside the file or in a parent directory (``SOURCE/.verityfuse``, where ``seal``
+        puts it).
+    :param digest: a trusted digest (a :class:`Digest` or ``"sha256:<hex>"``) to check
+        against instead of the store's index.
+    :returns: a :class:`VerifiedFile` (close it, or use ``with``).
+    :raises NotSealedError: the store has no digest for this file, or no store was
+        found (without ``digest=``).
+    :raises OSError: ``path`` or the given store cannot be opened, or ``path`` is not a
+        regular file; errno ``EIO`` (with the ``verityfuse.errors.Corruption`` as
+        ``__cause__``) when the file's store entry or tree object is missing or corrupt
+        or its size is not the sealed size: what opening it on a mount gives.
+    :raises ValueError: ``digest`` is malformed.
+    :raises verityfuse.errors.VerityError: the store is malformed or of format 1
+        without ``digest=`` (``verityfuse upgrade-store``).
+    """
+    from . import identity
+    from .reader import VerifiedReader
+    from .store import Store
+    from .verify import Verifier
+
+    label = _path(path)
+    pinned = _as_digest(digest) if digest is not None else None
+    fd = _open_regular(label)
+    try:
+        if store is not None:
+            store_path = _existing_store(_path(store))
+        else:
+            found = _find_store(label)
+            if found is None:
+                raise NotSealedError(f"{label}: no verityfuse store in its directory or any parent "
+                                     f"(pass store=)")
+            store_path = found
+        try:
+            with Store(store_path, objects_only=pinned is not None) as st:
+                if pinned is None:
+                    entry = st.get_entry(identity.key_of(fd))
+                    if entry is None:
+                        raise NotSealedError(f"{label} is not sealed in the store {st.path}")
+                    alg, raw = entry.alg, entry.digest
+                else:
+                    alg, raw = merkle.hash_alg(pinned.algorithm), pinned.digest
+                tree = st.open_object(alg, raw)
+            try:
+                desc = tree.descriptor
+                size = os.fstat(fd).st_size
+                if size != desc.data_size:
+                    raise SizeMismatch(f"{label}: file is {size} bytes, sealed size {desc.data_size}")
+                reader = VerifiedReader(fd, Verifier(tree, _cache(), label), label)
+            except BaseException:
+                tree.close()
+                raise
+        except Corruption as e:
+            raise _eio(e) from e
+        return VerifiedFile(label, fd, tree, reader, _digest_of(desc))
+    except BaseException:
+        os.close(fd)
+        raise
