@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from verityfuse.seal import entry_of_path
+from verityfuse.sealing import entry_of_path
 
 from verityfuse import ioctl, merkle
 from verityfuse.errors import Errno

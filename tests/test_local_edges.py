@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from verityfuse.seal import entry_of_path
+from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
 from conftest import drop_caches, write
 from test_ioctl import enable_error, fsv

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from verityfuse.seal import entry_of_path
+from verityfuse.sealing import entry_of_path
 from verityfuse.store import TREE_OFFSET, Store
 from conftest import drop_caches, flip, write
 

@@ -140,9 +140,9 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
     """ENABLE through the daemon's bytes handler takes the same path as the ioctl."""
     from verityfuse import ioctl, merkle
     from verityfuse.ops import VerityOperations
-    from verityfuse.seal import entry_of_path
+    from verityfuse.sealing import entry_of_path
     from verityfuse.store import Store
-    from verityfuse.verify import TreeBlockCache
+    from verityfuse.verifier import TreeBlockCache
     from verityfuse.view_local import LocalView
 
     src = tmp_path / "src"

@@ -12,9 +12,9 @@ import pytest
 
 from verityfuse import merkle
 from verityfuse.errors import StoreCorrupt
-from verityfuse.seal import entry_of_path, seal_path, verify_file
+from verityfuse.sealing import entry_of_path, seal_path, verify_file
 from verityfuse.store import TREE_OFFSET, Store, StoreFormat
-from verityfuse.verify import TreeBlockCache
+from verityfuse.verifier import TreeBlockCache
 from conftest import flip, fsverity_digest, pattern, write
 
 PARAMS = merkle.Params(merkle.SHA256, 1024)

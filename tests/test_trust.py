@@ -17,7 +17,7 @@ import pytest
 
 from verityfuse import manifest as mf
 from verityfuse import merkle
-from verityfuse.seal import entry_of_path
+from verityfuse.sealing import entry_of_path
 from verityfuse.store import TREE_OFFSET, Store
 from conftest import drop_caches, flip, write
 from test_mount import object_file

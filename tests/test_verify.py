@@ -7,9 +7,9 @@ import pytest
 from verityfuse import merkle
 from verityfuse.errors import IntegrityError
 from verityfuse.reader import VerifiedReader
-from verityfuse.seal import seal_path
+from verityfuse.sealing import seal_path
 from verityfuse.store import Store
-from verityfuse.verify import TreeBlockCache, Verifier
+from verityfuse.verifier import TreeBlockCache, Verifier
 from conftest import write
 
 B = 1024  # small blocks: three levels on a small file

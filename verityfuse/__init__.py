@@ -12,14 +12,12 @@ The library API (docs/api.md)::
 
 Importing the package is cheap: the names above are loaded from
 ``verityfuse.api`` on first use.  The pure core (``uapi``, ``errors``,
-``merkle``, ``store``, ``verify``, ``reader``) imports neither pyfuse3 nor trio
+``merkle``, ``store``, ``verifier``, ``reader``) imports neither pyfuse3 nor trio
 and is usable on its own; neither does the API.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
@@ -70,23 +68,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> List[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """The package module, keeping ``verityfuse.seal`` and ``verityfuse.verify`` the API
-    functions.
-
-    Importing the submodules of the same names (``from verityfuse.seal import
-    seal_path``, which works as before) makes the import system bind them as package
-    attributes; that binding is dropped, so the functions are never replaced.  The
-    submodules stay in ``sys.modules`` under their full names.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-_SHADOWED = ("seal", "verify")
-sys.modules[__name__].__class__ = _Package

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .reader import VerifiedReader
     from .store import Store, StoredTree
-    from .verify import TreeBlockCache
+    from .verifier import TreeBlockCache
 
 __all__ = [
     "Digest",
@@ -215,7 +215,7 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def _seal_targets(source: str, store: "Store", paths: Iterable[PathArg]) -> List[str]:
-    from .seal import walk_files
+    from .sealing import walk_files
 
     rels: Dict[str, None] = {}
     src_abs = os.path.abspath(source)
@@ -266,7 +266,7 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1
         (``verityfuse upgrade-store``).
     """
-    from .seal import seal_path, walk_files
+    from .sealing import seal_path, walk_files
     from .store import Store
 
     src = _path(source)
@@ -380,9 +380,9 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     :raises FileNotFoundError: ``source`` or the store does not exist.
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1.
     """
-    from .seal import verify_file, walk_files
+    from .sealing import verify_file, walk_files
     from .store import Store
-    from .verify import TreeBlockCache
+    from .verifier import TreeBlockCache
 
     src = _path(source)
     if not os.path.isdir(src):
@@ -424,7 +424,7 @@ def _cache() -> "TreeBlockCache":
     global _shared_cache
     with _cache_lock:
         if _shared_cache is None:
-            from .verify import TreeBlockCache
+            from .verifier import TreeBlockCache
 
             _shared_cache = TreeBlockCache()
         return _shared_cache
@@ -644,7 +644,7 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     from . import identity
     from .reader import VerifiedReader
     from .store import Store
-    from .verify import Verifier
+    from .verifier import Verifier
 
     label = _path(path)
     pinned = _as_digest(digest) if digest is not None else None

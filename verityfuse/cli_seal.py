@@ -97,7 +97,7 @@ def _tree_sizes(root: str):
 
 
 def cmd_seal(args, params, key, rels) -> int:
-    from .seal import seal_path, walk_files
+    from .sealing import seal_path, walk_files
 
     with open_store(args, create=True) as store:
         store.cleanup_tmp()
@@ -139,7 +139,7 @@ def cmd_seal(args, params, key, rels) -> int:
 def seal_manifest(args, store, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
     from . import manifest, manifest_tree
-    from .seal import ManifestRecorder
+    from .sealing import ManifestRecorder
 
     progress = Progress(*(_tree_sizes(args.source) if sys.stderr.isatty() and (
         rels is None or "." in rels) else (0, 0)))
@@ -209,8 +209,8 @@ def _failure_json(e: Exception) -> dict:
 
 
 def cmd_verify(args) -> int:
-    from .seal import verify_file, walk_files
-    from .verify import TreeBlockCache
+    from .sealing import verify_file, walk_files
+    from .verifier import TreeBlockCache
 
     cache = TreeBlockCache()
     counts = dict(sealed=0, corrupt=0, unsealed=0, unreadable=0)

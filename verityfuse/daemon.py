@@ -101,7 +101,7 @@ class Trust:
 def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
     """The view for this trust mode, and the store it reads."""
     from .store import Store, default_store
-    from .verify import TreeBlockCache
+    from .verifier import TreeBlockCache
 
     cache = TreeBlockCache(s.cache_size << 20) if s.cache_size else TreeBlockCache()
     if trust.manifest is not None:

@@ -138,7 +138,7 @@ class LocalVerity:
     def build(self, job: EnableJob, cancel=None) -> IndexEntry:
         """Build and store the tree (any thread); a signature that does not verify
         commits nothing."""
-        from .seal import seal_fd
+        from .sealing import seal_fd
 
         job.entry = seal_fd(self.store, job.fd, job.rel, job.params, job.signature, cancel=cancel,
                             check=lambda d: self.check_signature(job.signature, d.params.alg,

@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 
 from . import identity
 from .errors import StoreCorrupt
-from .seal import open_regular
+from .sealing import open_regular
 from .store import VERSION_1_TEXT, VERSION_TEXT, Store, normalize_relpath, parse_digest
 
 V1_INDEX = "index"

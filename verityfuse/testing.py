@@ -84,7 +84,7 @@ def seal_tree(source: StrPath, paths: Optional[Iterable[StrPath]] = None,
               params: Optional[merkle.Params] = None) -> Dict[str, str]:
     """Seal ``paths`` (default: every regular file) under ``source``; returns {relpath: digest text}."""
     from . import merkle
-    from .seal import seal_path, walk_files
+    from .sealing import seal_path, walk_files
     from .store import Store, default_store
 
     src = os.fspath(source)

@@ -26,7 +26,7 @@ from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
 from .logs import requests as ratelog
 from .reader import VerifiedReader
-from .verify import Verifier
+from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC

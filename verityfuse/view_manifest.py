@@ -23,7 +23,7 @@ from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import Corruption, SizeMismatch
 from .reader import VerifiedReader
-from .verify import Verifier
+from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
 
 # The manifest cannot change under a mount: the kernel may cache it all.

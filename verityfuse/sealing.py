@@ -11,7 +11,7 @@ from . import fsutil, identity, merkle
 from .errors import VerityError
 from .reader import VerifiedReader
 from .store import IndexEntry, Store
-from .verify import TreeBlockCache, Verifier
+from .verifier import TreeBlockCache, Verifier
 
 
 def open_regular(path: str) -> int:
