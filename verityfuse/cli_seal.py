@@ -230,19 +230,20 @@ def cmd_verify(args) -> int:
                 counts["unsealed"] += 1
             else:
                 status = "ok"
+            digest = res.entry.digest_text if res.entry is not None else None
             if args.json:
                 obj = {"file": name, "status": status}
-                if res.entry is not None:
-                    obj["digest"] = res.entry.digest_text
+                if digest:
+                    obj["digest"] = digest
                 if res.error is not None:
                     obj.update(_failure_json(res.error))
                 emit(obj)
-            elif status in ("corrupt", "error"):
+            elif res.error is not None:
                 print(f"{status.upper()} {name}: {describe_failure(res.error)}")
             elif status == "unsealed" and (args.strict or args.verbose):
                 print(f"UNSEALED {name}")
             elif status == "ok" and args.verbose:
-                print(f"OK {res.entry.digest_text} {name}")
+                print(f"OK {digest} {name}")
         stale = sum(1 for k in store.keys() if k not in seen)
     nothing = counts["sealed"] == 0 and not counts["unreadable"]
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])

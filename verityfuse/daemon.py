@@ -160,7 +160,8 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
     try:
-        pyfuse3.init(ops, mountpoint, mountopts.fuse_options(s, source))
+        # A list, not the set pyfuse3's stubs name: libfuse gets them in a fixed order.
+        pyfuse3.init(ops, mountpoint, mountopts.fuse_options(s, source))  # type: ignore[arg-type]
     except BaseException:
         ops.shutdown()
         store.close()

@@ -24,8 +24,9 @@ from . import __version__, merkle, uapi
 
 def _hashing() -> dict:
     out = {"native": merkle.NATIVE}
-    if merkle.NATIVE and hasattr(merkle._hashblocks, "info"):
-        out.update(merkle._hashblocks.info())
+    info = getattr(merkle._hashblocks, "info", None)
+    if merkle.NATIVE and info is not None:
+        out.update(info())
     return out
 
 

@@ -25,7 +25,7 @@ import os
 import resource
 import stat
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from . import identity
 
@@ -56,9 +56,10 @@ class Inode:
         self.lookups = 0
         self.handles = 0   # open file and directory handles
         self.writers = 0   # file handles open for writing
-        self.verity = UNKNOWN
+        # UNKNOWN, NOT_VERITY, a view.VerityInfo, or the VerityError that made it unusable
+        self.verity: Any = UNKNOWN
         self.enabling = False  # an FS_IOC_ENABLE_VERITY build is running
-        self.files = set()     # its open FileHandles
+        self.files: Set[Any] = set()  # its open view.FileHandles
 
     @property
     def fd(self) -> int:

@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import ioctl as vioctl
 from . import identity, merkle
@@ -52,7 +52,7 @@ class LocalVerity:
         Raises the error that makes its metadata unusable (every open then
         fails with it, as on ext4 with a corrupt descriptor).
         """
-        v = inode.verity
+        v: Any = inode.verity
         if v is UNKNOWN:
             v = NOT_VERITY
             if inode.is_reg:
@@ -148,6 +148,8 @@ class LocalVerity:
     def commit(self, job: EnableJob) -> VerityInfo:
         """The inode is verity from now on."""
         e = job.entry
+        if e is None:
+            raise RuntimeError("commit before build")
         info = self._load(e)
         job.inode.verity = info
         log.info("verity enabled on %s: %s", job.rel, e.digest_text)

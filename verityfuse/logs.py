@@ -89,6 +89,7 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
     import sys
 
     fmt = FORMAT
+    handler: logging.Handler
     if log_file:
         handler = logging.FileHandler(log_file)
         where = f"file {log_file}"

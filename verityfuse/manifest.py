@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -126,10 +126,10 @@ def read_envelope(path: str):
     authenticated.  Memory: a few times the file size at most."""
     data = _read_limited(path, MAX_BYTES, "manifest")
     m = _PAYLOAD.search(data)
-    end = data.find(b'"', m.end()) if m else -1
+    start = m.end() if m else -1
+    end = data.find(b'"', start) if m else -1
     if end < 0:
         raise ManifestError(f"{path}: not a {ENVELOPE_FORMAT} file (no base64 payload)")
-    start = m.end()
     rest = data[:start] + data[end:]
     if len(rest) > MAX_ENVELOPE_REST:
         raise ManifestError(f"{path}: the envelope holds {len(rest)} bytes besides its payload, "
@@ -162,8 +162,8 @@ def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25
     for n, s in enumerate(sigs):
         if not isinstance(s, dict) or s.get("algorithm") != "ed25519":
             raise ManifestError(f"{path}: signatures[{n}]: unsupported or missing algorithm")
-        kid = s.get("key_id")
-        seen.append(str(kid)[:16])
+        kid = str(s.get("key_id"))
+        seen.append(kid[:16])
         key = trusted.get(kid)
         if key is None:
             continue
@@ -185,7 +185,7 @@ def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25
                         f"{', '.join(k[:16] for k in trusted)}...)")
 
 
-def authenticate(path: str, trust_keys: List[Ed25519PublicKey] = (),
+def authenticate(path: str, trust_keys: Sequence[Ed25519PublicKey] = (),
                  pinned_digest: Optional[str] = None) -> bytes:
     """The payload of ``path``, once it is signed by one of ``trust_keys`` and/or
     its digest equals ``pinned_digest`` (at least one must be given)."""
@@ -200,7 +200,7 @@ def authenticate(path: str, trust_keys: List[Ed25519PublicKey] = (),
     return payload
 
 
-def load(path: str, trust_keys: List[Ed25519PublicKey] = (), pinned_digest: Optional[str] = None
+def load(path: str, trust_keys: Sequence[Ed25519PublicKey] = (), pinned_digest: Optional[str] = None
          ) -> Manifest:
     """Read, authenticate, then parse a signed manifest."""
     payload = authenticate(path, trust_keys, pinned_digest)

@@ -186,11 +186,11 @@ def _lines(payload: bytes, where: str):
     _header(text[:end] if end >= 0 else text, where)
     if not text.endswith("\n"):
         raise ManifestError(f"{where}: payload does not end with a newline")
-    lines = text.split("\n")  # about the payload's size again, as str slices
+    lines: List[Optional[str]] = list(text.split("\n"))  # the payload's size again, as str
     del text
     lines.pop()  # after the last newline
     for i in range(1, len(lines), BATCH):
-        batch = lines[i:i + BATCH]
+        batch = [line or "" for line in lines[i:i + BATCH]]
         if max(map(len, batch)) > MAX_LINE_BYTES:
             n = next(k for k, line in enumerate(batch) if len(line) > MAX_LINE_BYTES)
             raise ManifestError(f"{where}: line {i + n + 1}: entry longer than {MAX_LINE_BYTES} bytes")
@@ -238,7 +238,7 @@ def _explain(e, where: str, n: int) -> ManifestError:
             merkle.Params(alg, d["block_size"], bytes.fromhex(salt))
         except (ValueError, VerityError) as err:
             return _bad(where, n, path, str(err))
-    raw = path.encode()
+    raw = str(path).encode()
     name = raw.rpartition(b"/")[2]
     if path != "." and len(name) > MAX_NAME_BYTES:
         return _bad(where, n, path, f"name longer than {MAX_NAME_BYTES} bytes")
@@ -319,7 +319,7 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
         else:
             node.target = target.encode()
             node.size = len(node.target)
-        if parent is not None:
+        if parent is not None and parent.children is not None:
             parent.children[name] = node
             if kind == "dir":
                 parent.nlink += 1

@@ -11,7 +11,7 @@ time), and refuses nonsense with a message naming the option.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 # Options of mount(8), fstab and systemd that are not for the filesystem.
 IGNORED = {"_netdev", "nofail", "noauto", "auto", "defaults", "user", "users", "nouser",
@@ -77,7 +77,7 @@ def _digest(v: str) -> str:
 
 
 # name -> (Settings attribute, parser or None for a flag)
-VALUED = {
+VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "store": ("store", str), "policy": ("policy", _policy), "manifest": ("manifest", str),
     "manifest_digest": ("manifest_digest", _digest), "log_file": ("log_file", str),
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),

@@ -17,7 +17,7 @@ import inspect
 import json
 import logging
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import pyfuse3
 import trio
@@ -102,7 +102,8 @@ class _Target(fsverity_op.Target):
     closed by ``close``."""
 
     def __init__(self, ops: "VerityOperations", ino: int):
-        self.ops, self.ino, self.trees = ops, ino, []
+        self.ops, self.ino = ops, ino
+        self.trees: list = []
 
     def metadata(self):
         info = self.ops.view.verity_info(self.ino)
@@ -146,7 +147,7 @@ class VerityOperations(pyfuse3.Operations):
         self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
-        self.handles: Dict[int, object] = {}
+        self.handles: Dict[int, Any] = {}  # FileHandle or DirHandle
         self._next_fh = 1
 
     # -- helpers ----------------------------------------------------------------------
@@ -163,7 +164,7 @@ class VerityOperations(pyfuse3.Operations):
                 self.stats.failure(str(e), getattr(e, "path", ""), getattr(e, "offset", None))
         elif isinstance(e, VerityError):
             log.debug("%s: %s", what, e)
-        return e.errno or errno.EIO
+        return getattr(e, "errno", None) or errno.EIO
 
     def _new_fh(self, h) -> int:
         fh = self._next_fh
@@ -348,8 +349,8 @@ class VerityOperations(pyfuse3.Operations):
 
     # -- ioctls (through the native shim, see fuseshim.py) ---------------------------------
 
-    shim = None       # set by the daemon when the shim is active
-    nursery = None    # the daemon's nursery, for enables that outlive the callback
+    shim: Any = None     # set by the daemon when the shim is active
+    nursery: Any = None  # the daemon's nursery, for enables that outlive the callback
     stopping = False  # set at unmount: running enables stop and answer EINTR
 
     def ioctl(self, req, ino, cmd, fh, flags, data, out_size) -> int:
@@ -394,9 +395,9 @@ class VerityOperations(pyfuse3.Operations):
         arg = vioctl.parse_enable(data)                          # EINVAL, EMSGSIZE
         uid, gid, pid = self.shim.ctx(request.req)
         try:
-            groups = pyfuse3.get_sup_groups(pid)
+            groups = set(pyfuse3.get_sup_groups(pid))
         except (OSError, ValueError):
-            groups = ()
+            groups = set()
         job = self.view.enable_check(ino, h, arg, (uid, gid, groups))
         self.nursery.start_soon(self._enable, request, job)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 from . import fsutil, identity, merkle
 from .errors import VerityError
@@ -101,8 +101,11 @@ def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
         res.sealed = store.has_entry(res.key)
         if not res.sealed:
             return res
-        res.entry = store.get_entry(res.key)
-        with store.open_object(res.entry.alg, res.entry.digest) as tree:
+        entry = res.entry = store.get_entry(res.key)
+        if entry is None:  # removed since has_entry
+            res.sealed = False
+            return res
+        with store.open_object(entry.alg, entry.digest) as tree:
             reader = VerifiedReader(fd, Verifier(tree, cache, label), label)
             off = 0
             # The read at EOF returns nothing and checks nothing follows it.
@@ -136,7 +139,7 @@ class ManifestRecorder:
                 self._skip.add((s.st_dev, s.st_ino))
             except FileNotFoundError:
                 pass
-        self.entries = {}
+        self.entries: Dict[str, dict] = {}
 
     def skip(self, rel: str, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) in self._skip
@@ -186,9 +189,10 @@ class ManifestRecorder:
             if self.skip(rel, st):
                 return
             if not stat.S_ISDIR(st.st_mode):
-                if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                    self.entries[rel] = self._entry(rel, st)
-                else:
+                e = self._entry(rel, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else None
+                if e is not None:
+                    self.entries[rel] = e
+                elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                     self.warn(f"skipping {full}: not a directory, regular file or symlink")
                 return
         for sub, st in manifest_tree.scan(full, self.skip, self.warn):
@@ -200,6 +204,8 @@ class ManifestRecorder:
     def update(self, existing, rels):
         """Start from ``existing`` entries, re-record ``rels`` (removing those
         gone from SOURCE), keep every other entry."""
+        from . import manifest_tree
+
         self.entries = {e["path"]: e for e in existing}
         for rel in rels:
             prefix = rel + "/"
@@ -215,5 +221,5 @@ class ManifestRecorder:
                     st = os.stat(self.source) if anc == "." else os.lstat(os.path.join(self.source, anc))
                     if not stat.S_ISDIR(st.st_mode):
                         raise NotADirectoryError(20, "not a directory", os.path.join(self.source, anc))
-                    self.entries[anc] = self._entry(anc, st)
+                    self.entries[anc] = manifest_tree.entry_of(anc, st)
             self.add(rel)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from typing import Iterable, List
+from typing import Callable, Dict, Iterable, List
 
 from asn1crypto import cms
 from cryptography import x509
@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from . import merkle
 from .errors import Errno
 
-_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_HASHES: Dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 
 
 def load_certificates(paths: Iterable[str]) -> List[x509.Certificate]:

@@ -37,6 +37,8 @@ def upgrade(source: str, store: Store, warn: Callable[[str], None]) -> Tuple[int
         for n in names:
             where = os.path.join(v1, shard, n)
             fd = store._open_file((V1_INDEX, shard, n))
+            if fd is None:  # removed meanwhile
+                continue
             try:
                 doc = json.loads(os.read(fd, 1 << 16))
                 path = normalize_relpath(doc["path"])

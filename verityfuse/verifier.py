@@ -27,7 +27,7 @@ class TreeBlockCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
-        self._d = OrderedDict()
+        self._d: "OrderedDict[tuple, bytes]" = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key):

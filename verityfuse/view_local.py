@@ -291,7 +291,7 @@ class LocalView:
         try:
             attrs = self._lookup(p, name)
             i = self.inodes[attrs.ino]
-            i.verity = NOT_VERITY
+            i.verity = NOT_VERITY  # a new file has no verity
         except BaseException:
             os.close(fd)
             raise
