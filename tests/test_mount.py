@@ -16,7 +16,8 @@ import time
 import pytest
 
 from verityfuse.sealing import entry_of_path
-from verityfuse.store import TREE_OFFSET, Store
+from verityfuse.store import Store
+from verityfuse.store_object import TREE_OFFSET
 from conftest import drop_caches, flip, write
 
 B = 4096

@@ -13,7 +13,8 @@ import pytest
 from verityfuse import merkle
 from verityfuse.errors import StoreCorrupt
 from verityfuse.sealing import entry_of_path, seal_path, verify_file
-from verityfuse.store import TREE_OFFSET, Store, StoreFormat
+from verityfuse.store import Store, StoreFormat
+from verityfuse.store_object import TREE_OFFSET
 from verityfuse.verifier import TreeBlockCache
 from conftest import flip, fsverity_digest, pattern, write
 

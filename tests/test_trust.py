@@ -16,9 +16,10 @@ import sys
 import pytest
 
 from verityfuse import manifest as mf
-from verityfuse import merkle
+
 from verityfuse.sealing import entry_of_path
-from verityfuse.store import TREE_OFFSET, Store
+from verityfuse.store import Store
+from verityfuse.store_object import TREE_OFFSET
 from conftest import drop_caches, flip, write
 from test_mount import object_file
 

@@ -21,27 +21,20 @@ planted inside the store is refused instead of followed.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from . import fsutil, merkle, uapi
-from .errors import InvalidDescriptor, StoreCorrupt, VerityError
+from . import fsutil, merkle
+from .errors import StoreCorrupt, VerityError
+from .store_object import ObjectWriter, StoredTree, open_stored_tree
 
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
-OBJECT_MAGIC = b"VFSTREE1"
-# magic[8], header_size u32, flags u32, tree_size u64, reserved[40]
-OBJECT_HEADER = struct.Struct("<8sIIQ40s")
-HEADER_SIZE = OBJECT_HEADER.size
-TREE_OFFSET = HEADER_SIZE + uapi.FS_VERITY_DESCRIPTOR_SIZE
 INDEX_DIR = "inodes"
-INDEX_ENTRY_MAX = 64 * 1024
-MAX_BLOCK_SIZE = 65536  # as enable: larger trees are refused as corrupt  # a path (4 KiB) plus a hex signature (32 KiB) fit
+INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -86,89 +79,6 @@ class IndexEntry:
     @property
     def digest_text(self) -> str:
         return merkle.format_digest(self.alg, self.digest)
-
-
-class StoredTree:
-    """An open, validated object: descriptor in memory, tree read block by block."""
-
-    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes):
-        self.fd = fd
-        self.name = name
-        self.descriptor = descriptor
-        self.digest = digest
-        self.geometry = descriptor.geometry
-        self.block_size = descriptor.params.block_size
-
-    def read_tree_block(self, index: int) -> bytes:
-        bs = self.block_size
-        block = os.pread(self.fd, bs, TREE_OFFSET + index * bs)
-        if len(block) != bs:
-            raise StoreCorrupt(
-                f"{self.name}: tree block {index} is truncated "
-                f"({len(block)} of {bs} bytes)"
-            )
-        return block
-
-    def read_tree(self, offset: int, length: int) -> bytes:
-        """Bytes of the serialized tree, pread-like (short at the end)."""
-        size = self.geometry.tree_size
-        if offset >= size:
-            return b""
-        return os.pread(self.fd, min(length, size - offset), TREE_OFFSET + offset)
-
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class ObjectWriter:
-    """A tree being built into tmp/; ``commit`` makes it an object."""
-
-    def __init__(self, store: "Store"):
-        self.store = store
-        self.tmpname, self.fd = store._create_tmp()
-
-    def write_block(self, offset: int, block: bytes):
-        os.pwrite(self.fd, block, TREE_OFFSET + offset)
-
-    def commit(self, desc: merkle.Descriptor) -> str:
-        tree_size = desc.geometry.tree_size
-        header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"")
-        os.pwrite(self.fd, header + desc.raw, 0)
-        os.ftruncate(self.fd, TREE_OFFSET + tree_size)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        hexd = desc.digest.hex()
-        dirfd = self.store._open_dirs(("objects", desc.params.alg.name, hexd[:2]), create=True)
-        try:
-            self.store._rename_from_tmp(self.tmpname, dirfd, hexd)
-        finally:
-            os.close(dirfd)
-        self.tmpname = None
-        return hexd
-
-    def abort(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.tmpname:
-            self.store._unlink_tmp(self.tmpname)
-            self.tmpname = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if self.tmpname:
-            self.abort()
 
 
 class Store:
@@ -398,44 +308,11 @@ class Store:
 
     def open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
         """Open and validate the object for ``digest``; StoreCorrupt if it is not right."""
-        parts = self._object_parts(alg, digest)
         name = self.object_path(alg, digest)
-        fd = self._open_file(parts)
+        fd = self._open_file(self._object_parts(alg, digest))
         if fd is None:
             raise StoreCorrupt(f"{name}: missing tree object for {merkle.format_digest(alg, digest)}")
-        try:
-            head = os.pread(fd, TREE_OFFSET, 0)
-            if len(head) != TREE_OFFSET:
-                raise StoreCorrupt(f"{name}: truncated header ({len(head)} of {TREE_OFFSET} bytes)")
-            magic, hsize, flags, tree_size, reserved = OBJECT_HEADER.unpack_from(head)
-            if magic != OBJECT_MAGIC or hsize != HEADER_SIZE or flags or any(reserved):
-                raise StoreCorrupt(f"{name}: bad object header")
-            try:
-                desc = merkle.parse_descriptor(head[HEADER_SIZE:])
-            except InvalidDescriptor as e:
-                raise StoreCorrupt(f"{name}: {e}") from None
-            if desc.params.block_size > MAX_BLOCK_SIZE:
-                # Every read would cost a whole tree block of memory.
-                raise StoreCorrupt(f"{name}: block size {desc.params.block_size} is larger "
-                                   f"than {MAX_BLOCK_SIZE}")
-            actual = desc.digest
-            if desc.params.alg != alg or actual != digest:
-                raise StoreCorrupt(
-                    f"{name}: descriptor does not match its digest: expected "
-                    f"{merkle.format_digest(alg, digest)}, actual "
-                    f"{merkle.format_digest(desc.params.alg, actual)}"
-                )
-            want = desc.geometry.tree_size
-            size = os.fstat(fd).st_size
-            if tree_size != want or size != TREE_OFFSET + want:
-                raise StoreCorrupt(
-                    f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
-                    f"expected {want}"
-                )
-            return StoredTree(fd, name, desc, digest)
-        except BaseException:
-            os.close(fd)
-            raise
+        return open_stored_tree(fd, name, alg, digest)
 
     # -- index: inode identity -> digest ------------------------------------------------
 

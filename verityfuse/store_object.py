@@ -1,0 +1,143 @@
+"""Tree objects of the store: the on-disk format, validation, reading and writing.
+
+An object is ``header(64) || descriptor(256) || tree`` (protocol/store-format.md),
+named by the fs-verity digest of its descriptor, so it proves itself: the
+descriptor must hash to the name, the sizes must be what the descriptor's
+parameters give, and every tree block must hash up to the root hash (checked
+by the verifier as each block is used).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from . import merkle, uapi
+from .errors import InvalidDescriptor, StoreCorrupt
+
+OBJECT_MAGIC = b"VFSTREE1"
+# magic[8], header_size u32, flags u32, tree_size u64, reserved[40]
+OBJECT_HEADER = struct.Struct("<8sIIQ40s")
+HEADER_SIZE = OBJECT_HEADER.size
+TREE_OFFSET = HEADER_SIZE + uapi.FS_VERITY_DESCRIPTOR_SIZE
+MAX_BLOCK_SIZE = 65536  # as enable: larger trees are refused as corrupt
+
+
+class StoredTree:
+    """An open, validated object: descriptor in memory, tree read block by block."""
+
+    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes):
+        self.fd = fd
+        self.name = name
+        self.descriptor = descriptor
+        self.digest = digest
+        self.geometry = descriptor.geometry
+        self.block_size = descriptor.params.block_size
+
+    def read_tree_block(self, index: int) -> bytes:
+        bs = self.block_size
+        block = os.pread(self.fd, bs, TREE_OFFSET + index * bs)
+        if len(block) != bs:
+            raise StoreCorrupt(
+                f"{self.name}: tree block {index} is truncated "
+                f"({len(block)} of {bs} bytes)"
+            )
+        return block
+
+    def read_tree(self, offset: int, length: int) -> bytes:
+        """Bytes of the serialized tree, pread-like (short at the end)."""
+        size = self.geometry.tree_size
+        if offset >= size:
+            return b""
+        return os.pread(self.fd, min(length, size - offset), TREE_OFFSET + offset)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ObjectWriter:
+    """A tree being built into tmp/; ``commit`` makes it an object."""
+
+    def __init__(self, store):
+        self.store = store
+        self.tmpname, self.fd = store._create_tmp()
+
+    def write_block(self, offset: int, block: bytes):
+        os.pwrite(self.fd, block, TREE_OFFSET + offset)
+
+    def commit(self, desc: merkle.Descriptor) -> str:
+        tree_size = desc.geometry.tree_size
+        header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"")
+        os.pwrite(self.fd, header + desc.raw, 0)
+        os.ftruncate(self.fd, TREE_OFFSET + tree_size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        hexd = desc.digest.hex()
+        dirfd = self.store._open_dirs(("objects", desc.params.alg.name, hexd[:2]), create=True)
+        try:
+            self.store._rename_from_tmp(self.tmpname, dirfd, hexd)
+        finally:
+            os.close(dirfd)
+        self.tmpname = None
+        return hexd
+
+    def abort(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmpname:
+            self.store._unlink_tmp(self.tmpname)
+            self.tmpname = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self.tmpname:
+            self.abort()
+
+
+def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
+    """Validate the object open as ``fd`` (consumed) against ``digest``."""
+    try:
+        head = os.pread(fd, TREE_OFFSET, 0)
+        if len(head) != TREE_OFFSET:
+            raise StoreCorrupt(f"{name}: truncated header ({len(head)} of {TREE_OFFSET} bytes)")
+        magic, hsize, flags, tree_size, reserved = OBJECT_HEADER.unpack_from(head)
+        if magic != OBJECT_MAGIC or hsize != HEADER_SIZE or flags or any(reserved):
+            raise StoreCorrupt(f"{name}: bad object header")
+        try:
+            desc = merkle.parse_descriptor(head[HEADER_SIZE:])
+        except InvalidDescriptor as e:
+            raise StoreCorrupt(f"{name}: {e}") from None
+        if desc.params.block_size > MAX_BLOCK_SIZE:
+            # Every read would cost a whole tree block of memory.
+            raise StoreCorrupt(f"{name}: block size {desc.params.block_size} is larger "
+                               f"than {MAX_BLOCK_SIZE}")
+        actual = desc.digest
+        if desc.params.alg != alg or actual != digest:
+            raise StoreCorrupt(
+                f"{name}: descriptor does not match its digest: expected "
+                f"{merkle.format_digest(alg, digest)}, actual "
+                f"{merkle.format_digest(desc.params.alg, actual)}"
+            )
+        want = desc.geometry.tree_size
+        size = os.fstat(fd).st_size
+        if tree_size != want or size != TREE_OFFSET + want:
+            raise StoreCorrupt(
+                f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
+                f"expected {want}"
+            )
+        return StoredTree(fd, name, desc, digest)
+    except BaseException:
+        os.close(fd)
+        raise
