@@ -236,13 +236,20 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         h = self.handles[fh]
-        if h.reader is not None:
-            # Verified inline when the data is in memory: one pread, one native call.
-            data = h.reader.read_inline(off, size)
-            return data if data is not None else await self._run(h.reader.read, off, size)
-        if size <= INLINE_READ:
-            return os.pread(h.fd, size, off)
-        return await self._run(os.pread, h.fd, size, off)
+        if h.reader is None:
+            if size <= INLINE_READ:
+                return os.pread(h.fd, size, off)
+            return await self._run(os.pread, h.fd, size, off)
+        # Verified on this thread, piece by piece, when the data is in memory; between
+        # pieces other requests (a stat) are answered.
+        steps = h.reader.read_steps(off, size)
+        try:
+            while True:
+                next(steps)
+                await trio.lowlevel.checkpoint()
+        except StopIteration as done:
+            data = done.value
+        return data if data is not None else await self._run(h.reader.read, off, size)
 
     async def write(self, fh, off, buf):
         return await self._run(os.pwrite, self.handles[fh].fd, buf, off)

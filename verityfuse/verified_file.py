@@ -1,0 +1,294 @@
+"""Verified reads without FUSE: ``open_verified`` and ``VerifiedFile`` (the public API's
+second half; see api.py and docs/api.md).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import io
+import os
+import stat
+import threading
+from typing import TYPE_CHECKING, Optional, Tuple, Union
+
+from . import merkle
+from .api import Digest, NotSealedError, PathArg, _as_digest, _digest_of, _existing_store, \
+    _open_regular, _path
+from .errors import Corruption, SizeMismatch, VerityError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from .reader import VerifiedReader
+    from .store import StoredTree
+    from .verifier import TreeBlockCache
+
+
+_cache_lock = threading.Lock()
+_shared_cache: Optional["TreeBlockCache"] = None
+
+
+def _cache() -> "TreeBlockCache":
+    """One bounded cache of verified tree blocks (32 MiB) for every VerifiedFile."""
+    global _shared_cache
+    with _cache_lock:
+        if _shared_cache is None:
+            from .verifier import TreeBlockCache
+
+            _shared_cache = TreeBlockCache()
+        return _shared_cache
+
+
+def _find_store(path: str) -> Optional[str]:
+    """The nearest ``.verityfuse`` directory beside ``path`` or in a parent directory."""
+    from .store import STORE_DIRNAME
+
+    d = os.path.dirname(os.path.realpath(path))
+    while True:
+        cand = os.path.join(d, STORE_DIRNAME)
+        try:
+            if stat.S_ISDIR(os.lstat(cand).st_mode):
+                return cand
+        except OSError:
+            pass
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def _eio(e: VerityError) -> OSError:
+    """The OSError a kernel read or open gives for corruption; raise it ``from e``."""
+    return OSError(_errno.EIO, f"Input/output error: {e}")
+
+
+class VerifiedFile(io.RawIOBase):
+    """A sealed file open for reading, every byte verified before it is returned.
+
+    Made by :func:`open_verified`.  An ``io.RawIOBase``: ``read``, ``readinto``,
+    ``readall``, ``seek``, ``tell``, ``close``, iteration and ``with`` work as on a
+    file opened ``"rb", buffering=0``; wrap it in ``io.BufferedReader`` (and
+    ``io.TextIOWrapper``) for buffered or text reads.  ``read_at(offset, size)``
+    reads without moving the position and may be called from several threads.
+
+    A read that touches a block whose hash does not match (data or tree), or a
+    file truncated or extended since it was sealed, raises ``OSError`` with errno
+    ``EIO``, its ``__cause__`` the ``verityfuse.errors.Corruption`` that says where
+    and what (an ``IntegrityError`` with the offset, expected and actual hash): what
+    a read of that block through a mount gives.  Nothing of that read is returned,
+    the position does not move, and reads of other blocks still work.
+
+    ``fileno()`` is not supported: reading the descriptor directly would bypass
+    verification.  Not writable.
+    """
+
+    name: str
+    """The path it was opened with."""
+    digest: Digest
+    """The trusted digest every read is checked against (with its descriptor)."""
+    size: int
+    """The sealed size in bytes."""
+    mode = "rb"
+
+    def __init__(self, name: str, fd: int, tree: "StoredTree", reader: "VerifiedReader",
+                 digest: Digest) -> None:
+        super().__init__()
+        self.name = name
+        self.digest = digest
+        self.size = reader.data_size
+        self._fd = fd
+        self._tree = tree
+        self._reader = reader
+        self._pos = 0
+        # The block peek() verified last, (offset, bytes): readline() peeks, then reads
+        # what it peeked; that read is served from here instead of verifying again.
+        self._peeked: Tuple[int, bytes] = (0, b"")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"position {self._pos}"
+        return f"<VerifiedFile {self.name!r} {self.digest} size {self.size}, {state}>"
+
+    def readable(self) -> bool:
+        self._check_open()
+        return True
+
+    def seekable(self) -> bool:
+        self._check_open()
+        return True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` verified bytes at ``offset`` (fewer only at the end of the
+        file; ``b""`` at or past it), like ``os.pread``.  The position is not used
+        or moved.  Raises ``OSError(EIO)`` as described in the class."""
+        self._check_open()
+        if offset < 0:
+            raise OSError(_errno.EINVAL, "Invalid argument: negative offset")
+        size = max(0, min(size, self.size - offset))
+        start, data = self._peeked
+        if start <= offset and offset + size <= start + len(data) and size:
+            return data[offset - start: offset - start + size]
+        if size == 0:
+            return self._chunk(offset, 0)
+        chunk = merkle.CHUNK_SIZE
+        if size <= chunk:
+            return self._chunk(offset, size)
+        out = bytearray()
+        while len(out) < size:
+            part = self._chunk(offset + len(out), min(chunk, size - len(out)))
+            if not part:
+                break
+            out += part
+        return bytes(out)
+
+    def _chunk(self, offset: int, size: int) -> bytes:
+        try:
+            return bytes(self._reader.read(offset, size))
+        except Corruption as e:
+            raise _eio(e) from e
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Up to ``size`` bytes from the position (all the rest if ``size`` is negative
+        or ``None``), and move past them; ``b""`` at the end."""
+        self._check_open()
+        if size is None or size < 0:
+            return self.readall()
+        data = self.read_at(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        """Everything from the position to the end."""
+        self._check_open()
+        return self.read(max(0, self.size - self._pos))
+
+    def peek(self, size: int = 0) -> bytes:
+        """Verified bytes from the position without moving it: at least one (unless at
+        the end), to the end of the current block or ``size`` bytes, whichever is more.
+        (``readline`` and line iteration use it instead of reading byte by byte.)"""
+        self._check_open()
+        bs, pos = self._reader.bs, self._pos
+        data = self.read_at(pos, max(size, bs - pos % bs))
+        self._peeked = (pos, data)
+        return data
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        """Read into a writable bytes-like object; returns the number of bytes read."""
+        self._check_open()
+        with memoryview(buffer) as mv, mv.cast("B") as view:
+            data = self.read_at(self._pos, len(view))
+            view[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move the position (``SEEK_SET``, ``SEEK_CUR``, ``SEEK_END``); returns it.
+        Seeking past the end is allowed (reads there give ``b""``)."""
+        self._check_open()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        if pos < 0:
+            raise OSError(_errno.EINVAL, "Invalid argument: negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def write(self, data: "ReadableBuffer") -> int:
+        """Not supported: a sealed file is read-only (``io.UnsupportedOperation``)."""
+        self._check_open()
+        raise io.UnsupportedOperation("write: a verified file is read-only")
+
+    def close(self) -> None:
+        """Release the file and its tree; idempotent."""
+        if not self.closed:
+            try:
+                self._tree.close()
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+            finally:
+                super().close()
+
+
+def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
+                  digest: Union[Digest, str, None] = None) -> VerifiedFile:
+    """Open a sealed file for reading without a mount: every read is verified by the
+    same reader and verifier the mount uses, against a trusted digest.
+
+    The trusted digest is the store's: the one recorded for the file's inode when it
+    was sealed (``seal``, ``verityfuse seal``, ``fsverity enable`` on a mount).  With
+    ``digest=``, it is yours instead: the store's index is not consulted, and only the
+    tree object named by that digest is used (objects are content-addressed, so the
+    store need not be trusted): the file reads only if its bytes hash to ``digest``.
+
+    :param path: the file (symlinks are followed).
+    :param store: the store directory; default: the nearest ``.verityfuse`` directory
+        beside the file or in a parent directory (``SOURCE/.verityfuse``, where ``seal``
+        puts it).
+    :param digest: a trusted digest (a :class:`Digest` or ``"sha256:<hex>"``) to check
+        against instead of the store's index.
+    :returns: a :class:`VerifiedFile` (close it, or use ``with``).
+    :raises NotSealedError: the store has no digest for this file, or no store was
+        found (without ``digest=``).
+    :raises OSError: ``path`` or the given store cannot be opened, or ``path`` is not a
+        regular file; errno ``EIO`` (with the ``verityfuse.errors.Corruption`` as
+        ``__cause__``) when the file's store entry or tree object is missing or corrupt
+        or its size is not the sealed size: what opening it on a mount gives.
+    :raises ValueError: ``digest`` is malformed.
+    :raises verityfuse.errors.VerityError: the store is malformed or of format 1
+        without ``digest=`` (``verityfuse upgrade-store``).
+    """
+    from . import identity
+    from .reader import VerifiedReader
+    from .store import Store
+    from .verifier import Verifier
+
+    label = _path(path)
+    pinned = _as_digest(digest) if digest is not None else None
+    fd = _open_regular(label)
+    try:
+        if store is not None:
+            store_path = _existing_store(_path(store))
+        else:
+            found = _find_store(label)
+            if found is None:
+                raise NotSealedError(f"{label}: no verityfuse store in its directory or any parent "
+                                     f"(pass store=)")
+            store_path = found
+        try:
+            with Store(store_path, objects_only=pinned is not None) as st:
+                if pinned is None:
+                    entry = st.get_entry(identity.key_of(fd))
+                    if entry is None:
+                        raise NotSealedError(f"{label} is not sealed in the store {st.path}")
+                    alg, raw = entry.alg, entry.digest
+                else:
+                    alg, raw = merkle.hash_alg(pinned.algorithm), pinned.digest
+                tree = st.open_object(alg, raw)
+            try:
+                desc = tree.descriptor
+                size = os.fstat(fd).st_size
+                if size != desc.data_size:
+                    raise SizeMismatch(f"{label}: file is {size} bytes, sealed size {desc.data_size}")
+                reader = VerifiedReader(fd, Verifier(tree, _cache(), label), label)
+            except BaseException:
+                tree.close()
+                raise
+        except Corruption as e:
+            raise _eio(e) from e
+        return VerifiedFile(label, fd, tree, reader, _digest_of(desc))
+    except BaseException:
+        os.close(fd)
+        raise
