@@ -1,0 +1,115 @@
+"""Shared helpers of the benchmark: statistics, tables, /proc figures, caches."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MiB = 1 << 20
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Every child (daemons, CLI runs) imports verityfuse from this checkout, as the bench does.
+CHILD_ENV = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"]
+                                                if os.environ.get("PYTHONPATH") else ""))
+
+
+def verityfuse_cmd():
+    """How to run the CLI of this checkout."""
+    return [sys.executable, "-m", "verityfuse.cli"]
+
+
+def drop_caches(level: int = 3):
+    """1: page cache; 2: dentries and inodes (the kernel FORGETs FUSE inodes); 3: both."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write(f"{level}\n")
+
+
+def fadvise_dontneed(path: str):
+    """Drop one file's pages from the page cache (works on FUSE files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads, also those that ended) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_mem(pid: int) -> dict:
+    """{"VmHWM": MiB, "VmRSS": MiB} of a process."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+
+
+def mmm(values):
+    """(min, median, max) of a non-empty sequence."""
+    v = sorted(values)
+    return v[0], statistics.median(v), v[-1]
+
+
+def fmt_mmm(values, fmt="{:.2f}", sep=" / "):
+    if not values:
+        return "-"
+    return sep.join(fmt.format(x) for x in mmm(values))
+
+
+def percentile(values, p):
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def rotated(items, r):
+    """The r-th rotation of ``items``: each repeat starts with a different one."""
+    r %= len(items)
+    return items[r:] + items[:r]
+
+
+def table(title, headers, rows, note=None):
+    """Print a plain-text table; the first column left-aligned, others right."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    print(f"\n## {title}")
+    line = "  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i])
+                     for i, h in enumerate(headers))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
+                        for i, c in enumerate(r)))
+    if note:
+        for n in note.strip().splitlines():
+            print(f"   {n}")
+    sys.stdout.flush()
+
+
+def wait_for(cond, timeout, what, step=0.01):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def run(cmd, **kw):
+    kw.setdefault("env", CHILD_ENV)
+    return subprocess.run(cmd, check=True, **kw)
