@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 
-from common import MiB, fmt_mmm, mmm, proc_mem, rotated, table, verityfuse_cmd
+from common import (MiB, Others, fmt_mmm, machine_busy, proc_cpu, proc_mem, rotated, settle,
+                    table, verityfuse_cmd)
 
 
 def native_info():
@@ -109,7 +110,9 @@ def best_2thread(res):
 # -- tree build ------------------------------------------------------------------------
 
 def _run_cpu(cmd):
-    """(wall s, CPU s, digest) with the child's rusage from wait4 (not subprocess's wait)."""
+    """(wall s, CPU s, digest, others' share) with the child's rusage from wait4."""
+    settle()
+    b0, s0 = machine_busy(), proc_cpu(os.getpid())
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = p.stdout.read()
@@ -121,7 +124,9 @@ def _run_cpu(cmd):
     p.stderr.close()
     if p.returncode:
         raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')}")
-    return wall, ru.ru_utime + ru.ru_stime, out.split()[0].decode()
+    cpu = ru.ru_utime + ru.ru_stime
+    others = machine_busy() - b0 - (proc_cpu(os.getpid()) - s0) - cpu
+    return wall, cpu, out.split()[0].decode(), Others.share(max(0.0, others), wall)
 
 
 def _peak_rss(cmd):
@@ -147,10 +152,12 @@ def tree_build(path, repeats):
     names = list(cmds)
     runs = {n: [] for n in names}
     digests = set()
+    noise = {n: [] for n in names}
     for r in range(repeats):
         for n in rotated(names, r):
-            wall, cpu, digest = _run_cpu(cmds[n])
+            wall, cpu, digest, others = _run_cpu(cmds[n])
             runs[n].append((wall, cpu))
+            noise[n].append(others)
             digests.add(digest)
     if len(digests) != 1:
         raise RuntimeError(f"the tools disagree on the digest: {digests}")
@@ -162,13 +169,14 @@ def tree_build(path, repeats):
         walls = [w for w, _ in runs[n]]
         rows.append([n, fmt_mmm(walls), f"{statistics.median(c for _, c in runs[n]):.2f}",
                      f"{size / statistics.median(walls) / 1e6:.0f}", fmt_mmm(speedup[n]),
-                     f"{peaks[n]:.1f}"])
+                     f"{peaks[n]:.1f}", fmt_mmm([x * 100 for x in noise[n]], "{:.0f}")])
     table(f"Tree build of {size // MiB} MiB in tmpfs (SHA-256/4096), {repeats} repeats, "
           f"interleaved (rotating order)",
           ["command", "wall s min/med/max", "CPU s med", "MB/s", "x fsverity min/med/max",
-           "peak RSS MiB"], rows,
+           "peak RSS MiB", "others' CPU %"], rows,
           note="x fsverity = fsverity digest's wall time / this command's, per repeat "
                "(higher is faster).\nCPU s: user+system of the process, all threads (wait4). "
-               "The file is in tmpfs: no disk.")
-    return {"size": size, "runs": runs, "speedup": speedup, "peak_rss_mib": peaks,
+               "The file is in tmpfs: no disk.\nothers' CPU %: what the rest of the machine "
+               "used meanwhile, % of all CPUs (min / median / max): the noise.")
+    return {"size": size, "runs": runs, "speedup": speedup, "peak_rss_mib": peaks, "noise": noise,
             "digest": digests.pop()}

@@ -13,9 +13,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Every child (daemons, CLI runs) imports verityfuse from this checkout, as the bench does.
-CHILD_ENV = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"]
-                                                if os.environ.get("PYTHONPATH") else ""))
+# Every child (daemons, CLI runs, hashspeed's children) imports verityfuse from this
+# checkout, as the bench itself does.
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != ROOT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH"))
+                                               if p)
 
 
 def verityfuse_cmd():
@@ -43,6 +45,51 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (all CPUs; steal included: time the
+    hypervisor gave to someone else)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class Others:
+    """CPU time used by everything but the bench process and ``pids`` over an interval:
+    the noise a measurement ran in.  ``share(wall)`` is that as a fraction of the
+    machine's capacity (all CPUs) during ``wall`` seconds."""
+
+    def __init__(self, *pids):
+        self.pids = (os.getpid(),) + tuple(p for p in pids if p)
+        self.b0 = machine_busy()
+        self.p0 = sum(proc_cpu(p) for p in self.pids)
+
+    def stop(self) -> float:
+        busy = machine_busy() - self.b0
+        ours = sum(proc_cpu(p) for p in self.pids) - self.p0
+        self.seconds = max(0.0, busy - ours)
+        return self.seconds
+
+    @staticmethod
+    def share(seconds: float, wall: float) -> float:
+        return seconds / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+
+
+SETTLE = {"max_s": 0.0, "threshold": 0.15, "waited": 0.0}
+
+
+def settle():
+    """With --settle S: wait (up to S seconds) until the rest of the machine has used
+    less than 15% of all CPUs over a 0.25 s window.  Off by default."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < SETTLE["max_s"]:
+        o = Others()
+        time.sleep(0.25)
+        if Others.share(o.stop(), 0.25) < SETTLE["threshold"]:
+            break
+    SETTLE["waited"] += time.monotonic() - t0
 
 
 def proc_mem(pid: int) -> dict:
@@ -111,5 +158,4 @@ def wait_for(cond, timeout, what, step=0.01):
 
 
 def run(cmd, **kw):
-    kw.setdefault("env", CHILD_ENV)
     return subprocess.run(cmd, check=True, **kw)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import subprocess
 import time
 
-from common import proc_mem, verityfuse_cmd, wait_for
+from common import Others, machine_busy, proc_cpu, proc_mem, settle, verityfuse_cmd, wait_for
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -69,10 +70,17 @@ def _children_on(mountpoint):
 
 
 def mount_once(src, mountpoint, manifest, pub, digest):
-    """(seconds until mounted, daemon memory dict)."""
+    """(seconds until mounted, daemon memory dict, others' CPU share meanwhile)."""
     os.makedirs(mountpoint, exist_ok=True)
     cmd = verityfuse_cmd() + ["mount", src, mountpoint, "--manifest", manifest,
                               "--trust-key", pub, "--manifest-digest", digest]
+    settle()
+
+    def ours():
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return proc_cpu(os.getpid()) + ru.ru_utime + ru.ru_stime
+
+    b0, o0 = machine_busy(), ours()
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -84,6 +92,7 @@ def mount_once(src, mountpoint, manifest, pub, digest):
             raise RuntimeError("mount returned but nothing is mounted")
         if len(pids) != 1:
             raise RuntimeError(f"cannot identify the daemon of {mountpoint}: {pids}")
+        others = machine_busy() - b0 - (ours() - o0) - proc_cpu(pids[0])
         mem = proc_mem(pids[0])
     finally:
         if os.path.ismount(mountpoint):
@@ -99,4 +108,4 @@ def mount_once(src, mountpoint, manifest, pub, digest):
                     pass
         if os.path.ismount(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint])
-    return dt, mem
+    return dt, mem, Others.share(max(0.0, others), dt)

@@ -13,18 +13,25 @@ import os
 import random
 import time
 
-from common import MiB, drop_caches
+from common import MiB, Others, drop_caches, settle
 
 
 class Pass:
-    __slots__ = ("wall", "reader_cpu", "daemon_cpu", "nbytes", "count", "open_s")
+    """One timed pass.  ``others``: CPU seconds everything else on the machine used
+    meanwhile (common.Others); ``noise`` is that as a share of the machine."""
 
-    def __init__(self, wall, reader_cpu, daemon_cpu, nbytes=0, count=0, open_s=0.0):
+    __slots__ = ("wall", "reader_cpu", "daemon_cpu", "nbytes", "count", "open_s", "others")
+
+    def __init__(self, wall, reader_cpu, daemon_cpu, nbytes=0, count=0, open_s=0.0, others=0.0):
         self.wall, self.reader_cpu, self.daemon_cpu = wall, reader_cpu, daemon_cpu
-        self.nbytes, self.count, self.open_s = nbytes, count, open_s
+        self.nbytes, self.count, self.open_s, self.others = nbytes, count, open_s, others
+
+    @property
+    def noise(self):
+        return Others.share(self.others, self.wall)
 
     def as_dict(self):
-        return {k: getattr(self, k) for k in self.__slots__}
+        return dict({k: getattr(self, k) for k in self.__slots__}, noise=self.noise)
 
 
 def _daemon_cpu(mount):
@@ -33,7 +40,9 @@ def _daemon_cpu(mount):
 
 def seq_pass(path, mount, buf, expect):
     """Drop caches, then read the whole file with 1 MiB reads (open included)."""
+    settle()
     drop_caches(3)
+    others = Others(mount and mount.pid)
     d0, c0, t0 = _daemon_cpu(mount), time.thread_time(), time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     n = 0
@@ -48,7 +57,7 @@ def seq_pass(path, mount, buf, expect):
     t1, c1, d1 = time.perf_counter(), time.thread_time(), _daemon_cpu(mount)
     if n != expect:
         raise RuntimeError(f"{path}: read {n} bytes, expected {expect}")
-    return Pass(t1 - t0, c1 - c0, d1 - d0, nbytes=n)
+    return Pass(t1 - t0, c1 - c0, d1 - d0, nbytes=n, others=others.stop())
 
 
 def random_offsets(size, count, seed):
@@ -69,6 +78,7 @@ def random_pass(path, mount, offsets, cold):
     file's pages) and those few reads hit the page cache, alike for every mount.
     """
     buf = mmap.mmap(-1, 4096)
+    settle()
     if cold:
         drop_caches(3)
     t0 = time.perf_counter()
@@ -77,6 +87,7 @@ def random_pass(path, mount, offsets, cold):
     try:
         if not cold:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        others = Others(mount and mount.pid)
         d0, c0, t0 = _daemon_cpu(mount), time.thread_time(), time.perf_counter()
         for off in offsets:
             if os.preadv(fd, [buf], off) != 4096:
@@ -85,12 +96,14 @@ def random_pass(path, mount, offsets, cold):
     finally:
         os.close(fd)
         buf.close()
-    return Pass(t1 - t0, c1 - c0, d1 - d0, count=len(offsets), open_s=open_s)
+    return Pass(t1 - t0, c1 - c0, d1 - d0, count=len(offsets), open_s=open_s,
+                others=others.stop())
 
 
 def files_pass(directory, names, mount):
     """Read every file of ``names`` under ``directory`` in full (after drop_caches)."""
     drop_caches(3)
+    others = Others(mount and mount.pid)
     d0, c0, t0 = _daemon_cpu(mount), time.thread_time(), time.perf_counter()
     n = 0
     for name in names:
@@ -104,7 +117,7 @@ def files_pass(directory, names, mount):
         finally:
             os.close(fd)
     t1, c1, d1 = time.perf_counter(), time.thread_time(), _daemon_cpu(mount)
-    return Pass(t1 - t0, c1 - c0, d1 - d0, nbytes=n, count=len(names))
+    return Pass(t1 - t0, c1 - c0, d1 - d0, nbytes=n, count=len(names), others=others.stop())
 
 
 def aligned_buffer(size=MiB):

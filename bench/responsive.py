@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from common import percentile
+from common import Others, percentile, settle
 
 LOADER = r"""
 import json, mmap, os, signal, sys, time
@@ -59,7 +59,9 @@ def sample_stats(mountpoint, count, gap_s=0.0005, tag="x"):
 
 
 def under_load(mount, big_name, count, tag):
-    """(stat latencies, loader MB/s) while the loader reads through ``mount``."""
+    """(stat latencies, loader MB/s, others' CPU share) while the loader reads through
+    ``mount``."""
+    settle()
     loader = subprocess.Popen([sys.executable, "-c", LOADER,
                                os.path.join(mount.mountpoint, big_name)],
                               stdout=subprocess.PIPE, text=True)
@@ -67,12 +69,15 @@ def under_load(mount, big_name, count, tag):
         if loader.stdout.readline().strip() != "ready":
             raise RuntimeError("the loader did not start")
         time.sleep(0.3)  # let readahead ramp up
+        others = Others(mount.pid, loader.pid)
+        t0 = time.perf_counter()
         lat = sample_stats(mount.mountpoint, count, tag=tag)
+        noise = Others.share(others.stop(), time.perf_counter() - t0)
     finally:
         loader.terminate()
         out, _ = loader.communicate(timeout=60)
     r = json.loads(out.strip().splitlines()[-1])
-    return lat, r["bytes"] / r["seconds"] / 1e6
+    return lat, r["bytes"] / r["seconds"] / 1e6, noise
 
 
 def summarize(lat):
