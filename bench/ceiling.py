@@ -54,7 +54,13 @@ def compute(seq, hash_results, ncpu):
     c_plain = med(seq["cpu_us_per_mib"]["plain"]["daemon"]) + \
         med(seq["cpu_us_per_mib"]["plain"]["reader"])
     v_prac = ncpu / (c_plain + c_hash) * MiB
-    return {"engine": engine, "hash_mbs_2threads": h2, "cores": ncpu,
+    # The rest of the machine's CPU use during the verified passes (others' share): the
+    # cores actually left to the bench, and the ceiling they allow.
+    noise = med([x for n in ("local", "manifest") for x in seq["noise"][n]]) / 100
+    cores_left = ncpu * (1 - noise)
+    v_left = cores_left / w_v * MiB
+    return {"engine": engine, "others_share": noise, "cores_left": cores_left,
+            "verified_max_mbs_cores_left": v_left, "ratio_max_cores_left": min(1.0, v_left / u), "hash_mbs_2threads": h2, "cores": ncpu,
             "c_reader": c_read, "c_pread": c_read, "c_reply": c_write, "c_hash": c_hash,
             "w_unverified": w_u, "w_verified": w_v, "verified_max_mbs": v_max,
             "plain_mbs": u, "ratio_max": min(1.0, v_max / u),
@@ -82,6 +88,10 @@ def report(c, seq):
                f"({c['c_plain_measured']:.0f} us/MiB) in place of W_u:\n"
                f"   min(1, {c['cores']} / ({c['c_plain_measured']:.0f} + {c['c_hash']:.0f}) "
                f"/ U) = {c['ratio_practical']:.2f}\n"
+               f"the rest of the machine used {c['others_share'] * 100:.0f}% of the CPUs during "
+               f"the verified passes (median);\n   with the {c['cores_left']:.2f} cores it left: "
+               f"V_max = {c['verified_max_mbs_cores_left']:.0f} MB/s, ceiling ratio "
+               f"{c['ratio_max_cores_left']:.2f}\n"
                + "\n".join(f"{n}: median {statistics.median(seq['ratio'][n]):.2f}x plain = "
                            f"{statistics.median(seq['ratio'][n]) / c['ratio_max']:.2f} of the "
                            f"ceiling, {statistics.median(seq['mbs'][n]) / c['verified_max_mbs']:.2f}"

@@ -55,11 +55,13 @@ def print_memory(ms, snaps, files, nfiles, big_mib):
     table("Daemon memory: VmHWM (MiB) after each step, all daemons mounted at once",
           ["daemon"] + labels + ["VmRSS now", "small files/s"], rows,
           note=f"Steps in order: fresh mount; read the medium file ({MEDIUM_MIB} MiB); read the "
-               f"big file ({big_mib} MiB);\nread {nfiles} files of 1-16 KiB, a quarter at a time "
+               f"big file ({big_mib} MiB);\nread {nfiles} files of 4-16 KiB, a quarter at a time "
                f"(each step after drop_caches).  Flat = the same VmHWM\nwhatever the file "
                f"size and the number of files.  verityfuse keeps verified Merkle tree blocks "
-               f"in an LRU\nbounded at 32 MiB (--cache-size); a file over 4 KiB has at least "
-               f"one 4 KiB tree block.")
+               f"in an LRU\nbounded at 32 MiB (--cache-size); each small file has one 4 KiB tree "
+               f"block:\n{nfiles} files need {nfiles * 4 / 1024:.0f} MiB of them, "
+               + ("so past ~8192 files the cache is full and evicts."
+                  if nfiles * 4096 > 32 * MiB else "under that bound."))
 
 
 def phase_seq(ms, ws, repeats, results):

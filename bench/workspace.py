@@ -2,7 +2,7 @@
 
     WORK/src/big            --size-mib of random bytes (the file every read test reads)
     WORK/src/medium         64 MiB (memory after a smaller file, to show it flat in size)
-    WORK/src/many/NNNN      --files small files (1-16 KiB), for memory after many files
+    WORK/src/many/NNNNN     --files small files (4-16 KiB), for memory after many files
     WORK/src/.verityfuse    the store: `verityfuse seal WORK/src --manifest ... --sign-key ...`
     WORK/manifest.json      the signed manifest of src; WORK/key.pem, WORK/pub.pem
     WORK/mnt-*              mount points; WORK/*.log daemon logs
@@ -57,7 +57,8 @@ class Workspace:
         rng = random.Random(1)
         for i in range(self.files):
             with open(os.path.join(self.many, f"{i:05d}"), "wb") as f:
-                f.write(os.urandom(rng.randrange(1024, 16 * 1024 + 1)))
+                # Over 4 KiB, so each has a Merkle tree block for the daemon to cache.
+                f.write(os.urandom(rng.randrange(4096 + 1, 16 * 1024 + 1)))
         log("sealing (verityfuse seal --manifest --sign-key) ...")
         run(verityfuse_cmd() + ["keygen", self.key, self.pub], stdout=subprocess.DEVNULL)
         run(verityfuse_cmd() + ["seal", self.src, "--manifest", self.manifest,
