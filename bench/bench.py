@@ -63,6 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--tmp-parent", default="/tmp", help="where the bench's tmpfs is mounted")
+    ap.add_argument("--plain-thr", action="store_true",
+                    help="also mount the passthrough with reads over 16 KiB in a worker thread")
     ap.add_argument("--settle", type=float, default=0.0, metavar="S",
                     help="before each timed pass, wait up to S seconds for the rest of the "
                          "machine to use < 15%% of the CPUs (default 0: off)")
@@ -139,7 +141,7 @@ def main(argv=None):
             results["build"] = build.tree_build(ws.big, args.repeats)
         need_mounts = args.sections & {"memory", "seq", "random", "stat"}
         if need_mounts:
-            with MountSet(ws) as ms:
+            with MountSet(ws, args.plain_thr) as ms:
                 settings = ms.settings()
                 results["mount_settings"] = settings
                 table("Mounts (all at once; settings read back from the kernel)",

@@ -69,11 +69,12 @@ def _children_on(mountpoint):
     return out
 
 
-def mount_once(src, mountpoint, manifest, pub, digest):
+def mount_once(src, mountpoint, manifest, pub, digest, log_file):
     """(seconds until mounted, daemon memory dict, others' CPU share meanwhile)."""
     os.makedirs(mountpoint, exist_ok=True)
     cmd = verityfuse_cmd() + ["mount", src, mountpoint, "--manifest", manifest,
-                              "--trust-key", pub, "--manifest-digest", digest]
+                              "--trust-key", pub, "--manifest-digest", digest,
+                              "--log-file", log_file]
     settle()
 
     def ours():

@@ -117,9 +117,9 @@ def print_seq(ms, seq, ceil, repeats):
                "of ceiling: x plain / the ceiling ratio below.\n"
                "others' CPU %: what the rest of the machine used during each pass, % of all "
                "CPUs (min / median / max).\n"
-               "plain-thr: the passthrough with verityfuse's read dispatch (reads over 16 KiB "
-               "in a worker thread).\n"
-               f"manifest / local mode, same repeat: "
+               + ("plain-thr: the passthrough handing reads over 16 KiB to a worker thread.\n"
+                  if "plain-thr" in seq["mbs"] else "")
+               + f"manifest / local mode, same repeat: "
                f"{fmt_mmm(seq['ratio']['manifest/local'])} (min / median / max)")
 
 
@@ -203,7 +203,7 @@ def phase_manifest_mount(ws, entries, repeats, results):
     times, mems, noise = [], [], []
     for _ in range(repeats):
         dt, mem, others = manifest_mount.mount_once(ws.src, ws.path("mnt-100k"), path, ws.pub,
-                                                    digest)
+                                                    digest, ws.path("mnt-100k.log"))
         times.append(dt)
         mems.append(mem)
         noise.append(others * 100)

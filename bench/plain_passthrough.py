@@ -16,16 +16,23 @@ mount, so that a ratio between the two measures verification and nothing else:
   at the same moment, so the kernel sends 1 MiB reads to both;
 - the same page-cache policy: keep_cache on open, direct_io off, and the same
   1 s entry and attribute timeouts as local mode;
-- the same read path shape: reads up to 16 KiB are answered on the trio thread,
-  larger ones in a worker thread (trio.to_thread, 4 at a time), exactly as
-  verityfuse's ``ops.read`` does; ``--inline-reads`` answers every read on the
-  trio thread instead (pyfuse3's example), for comparison.
+- the same read path as verityfuse's verified reads when the backing file is in
+  memory (tmpfs, as in the bench): every read answered on the trio thread with
+  one preadv into a reused buffer, returned as a memoryview (no allocation per
+  request); ``--thread-reads`` hands reads over 16 KiB to a worker thread
+  instead (trio.to_thread, 4 at a time), as verityfuse does when the data would
+  wait for a disk, and for files without verity.
+
+The reused buffer is page-aligned (mmap).  On this machine the kernel's copy
+into a buffer 8 or 16 bytes past a page boundary (where a 1 MiB bytearray's
+data starts) costs 3-4x as much as into an aligned one (~600 vs ~150 us per
+MiB; bench/hashspeed.py table 3 measures it); the baseline does not pay that.
 
 Only what the benchmark needs: lookup, getattr, readdir, open, read, release,
 getxattr/listxattr (the kernel asks for POSIX ACLs).
 
     python plain_passthrough.py SOURCE MOUNTPOINT [--readahead-kb 1024]
-                                [--inline-reads] [--no-acl] [--stats FILE]
+                                [--thread-reads] [--no-acl] [--stats FILE]
 
 ``--stats FILE`` writes a JSON histogram of the read request sizes at exit
 (to check what the kernel sends; off in timed runs).
@@ -35,6 +42,7 @@ import argparse
 import collections
 import errno
 import json
+import mmap
 import os
 import sys
 
@@ -51,11 +59,12 @@ TIMEOUT = 1.0            # as local mode's entry/attr timeout
 class Plain(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, source, inline_reads=False, acl=True, stats=None):
+    def __init__(self, source, thread_reads=False, acl=True, stats=None):
         super().__init__()
         self.enable_acl = acl
         self.paths = {pyfuse3.ROOT_INODE: source}
-        self.inline_reads = inline_reads
+        self.thread_reads = thread_reads
+        self._buf = mmap.mmap(-1, 1 << 20)  # reused by inline reads; page-aligned
         self.limiter = trio.CapacityLimiter(4)  # as verityfuse.ops.VerityOperations
         self.stats = stats
         self.initialized = False
@@ -123,9 +132,13 @@ class Plain(pyfuse3.Operations):
     async def read(self, fd, off, size):
         if self.stats is not None:
             self.stats[size] += 1
-        if size <= INLINE_READ or self.inline_reads:
-            return os.pread(fd, size, off)
-        return await trio.to_thread.run_sync(os.pread, fd, size, off, limiter=self.limiter)
+        if self.thread_reads and size > INLINE_READ:
+            return await trio.to_thread.run_sync(os.pread, fd, size, off, limiter=self.limiter)
+        if len(self._buf) < size:
+            # Never resized in place: a reply may still hold a view of the old one.
+            self._buf = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        mv = memoryview(self._buf)[:size]
+        return mv[:os.preadv(fd, [mv], off)]
 
     async def release(self, fd):
         os.close(fd)
@@ -151,14 +164,14 @@ def main():
     ap.add_argument("source")
     ap.add_argument("mountpoint")
     ap.add_argument("--readahead-kb", type=int, default=1024)
-    ap.add_argument("--inline-reads", action="store_true")
+    ap.add_argument("--thread-reads", action="store_true")
     ap.add_argument("--no-acl", action="store_true")
     ap.add_argument("--stats", metavar="FILE")
     args = ap.parse_args()
     stats = collections.Counter() if args.stats else None
     source = os.path.realpath(args.source)
     mountpoint = os.path.realpath(args.mountpoint)
-    ops = Plain(source, inline_reads=args.inline_reads, acl=not args.no_acl, stats=stats)
+    ops = Plain(source, thread_reads=args.thread_reads, acl=not args.no_acl, stats=stats)
     options = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=plainpassthrough",
                                               "ro"}
     pyfuse3.init(ops, mountpoint, options)
