@@ -1,236 +1,190 @@
-"""verityfuse benchmark: every figure is a ratio measured side by side in one run.
+"""verityfuse benchmark: every figure measured side by side, interleaved, repeated.
 
-1. Tree build of one file: `fsverity digest` (fsverity-utils, the reference)
-   vs `verityfuse digest` on 1 and 2 threads vs `verityfuse seal`.  The file
-   is read once first so every tool reads it from the page cache.  Peak RSS
-   of each process is taken from wait4(); the small-file run shows that it
-   does not grow with the file size.
-2. Reads through FUSE: the source itself, an unverified pyfuse3 passthrough
-   (bench/plain_passthrough.py) and verityfuse, over the same file.  The FUSE
-   page cache is dropped before each run; the source lives in tmpfs by
-   default (--dir), so the figures measure the daemons, not the disk.
+    python bench/bench.py [--size-mib 1024] [--repeats 5] [--quick] [--json FILE]
 
-Needs root (drop_caches, mounting).  Usage:
-    python bench/bench.py [--size-mib 1024] [--dir /dev/shm] [--repeat 3]
+Needs root (it mounts a tmpfs and FUSE file systems, and drops caches).  It
+mounts a tmpfs holding a random file (--size-mib), a 64 MiB file and --files
+small files, seals them with a signed manifest, and measures:
+
+ 1. hashing speed of this machine (bench/hashspeed.py when present);
+ 2. tree build: `verityfuse digest --threads 1/2` against `fsverity digest`;
+ 3. with all daemons mounted at once (bench/mounts.py): the daemons' memory
+    (VmHWM) at mount, after 64 MiB, after the big file and after the small files;
+ 4. sequential reads after drop_caches, each repeat in a rotating order: MB/s,
+    ratio to the unverified passthrough, CPU us per MiB of daemon and reader;
+ 5. the ceiling those figures allow (bench/ceiling.py);
+ 6. random 4 KiB reads, warm and cold;
+ 7. the latency of a metadata request while 1 MiB reads are verified;
+ 8. mount time of a 100k-entry manifest.
+It reports min / median / max of every ratio and a summary against the targets;
+it never fails on a missed target (exit 0), only on an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
-import random
-import shutil
+import platform
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
 
-from verityfuse.daemon import set_readahead  # noqa: E402
-from verityfuse.testing import VerifiedMount, seal_tree  # noqa: E402
+import build  # noqa: E402
+import ceiling  # noqa: E402
+import manifest_mount  # noqa: E402
+from common import SETTLE, table  # noqa: E402
+from mounts import MountSet  # noqa: E402
+from phases import (phase_manifest_mount, phase_memory, phase_random, phase_seq,  # noqa: E402
+                    phase_stat, print_memory, print_seq)
+from summary import summary  # noqa: E402
+from workspace import Workspace  # noqa: E402
 
-MiB = 1 << 20
-
-
-def drop_caches():
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def timed_child(cmd):
-    """Run ``cmd``; returns (seconds, peak RSS in MiB of that process).
-
-    The peak is the child's own VmHWM, polled until it exits: wait4()'s
-    ru_maxrss would include the forking Python's memory, which exec records.
-    """
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0.0
-    while p.poll() is None:
-        try:
-            peak = max(peak, dict(vm_hwm(p.pid)).get("VmHWM", 0.0))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
-        time.sleep(0.002)
-    dt = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd} failed: {p.stderr.read().decode()}")
-    p.stderr.close()
-    return dt, peak
+SECTIONS = ("hash", "build", "memory", "seq", "random", "stat", "manifest")
 
 
-def vm_hwm(pid):
-    """(name, MiB) for VmHWM and VmRSS of a process."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                yield line.split(":")[0], int(line.split()[1]) / 1024
-
-
-def make_file(path, size):
-    chunk = os.urandom(4 * MiB)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, len(chunk))
-            f.write(chunk[:n])
-            left -= n
-    with open(path, "rb") as f:  # warm the page cache
-        while f.read(16 * MiB):
-            pass
-
-
-def bench_build(path, size, repeat, store):
-    vf = [sys.executable, "-m", "verityfuse.cli"]
-    tools = {
-        "fsverity digest": ["fsverity", "digest", path],
-        "verityfuse digest --threads 1": [*vf, "digest", "--threads", "1", path],
-        "verityfuse digest (2 threads)": [*vf, "digest", "--threads", "2", path],
-        "verityfuse seal (2 threads)": [*vf, "seal", os.path.dirname(path), path,
-                                        "--store", store, "--threads", "2"],
-    }
-    best = {name: (float("inf"), 0.0) for name in tools}
-    for _ in range(repeat):  # interleaved, so drifts hit every tool alike
-        for name, cmd in tools.items():
-            dt, rss = timed_child(cmd)
-            best[name] = (min(best[name][0], dt), max(best[name][1], rss))
-    ref = best["fsverity digest"][0]
-    print(f"\n## Tree build, {size // MiB} MiB, sha256/4096 (best of {repeat})")
-    print(f"{'tool':34} {'MB/s':>8} {'x fsverity':>11} {'peak RSS MiB':>13}")
-    for name, (dt, rss) in best.items():
-        print(f"{name:34} {size / dt / 1e6:8.0f} {ref / dt:11.2f} {rss:13.1f}")
-    return best
-
-
-def read_seq(path, chunk=MiB):
-    fd = os.open(path, os.O_RDONLY)
-    n = 0
-    t0 = time.perf_counter()
-    try:
-        while True:
-            b = os.read(fd, chunk)
-            if not b:
-                break
-            n += len(b)
-    finally:
-        os.close(fd)
-    return n, time.perf_counter() - t0
-
-
-def read_random(path, size, count, seed=7):
-    rng = random.Random(seed)
-    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(count)]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        for off in offsets:
-            os.pread(fd, 4096, off)
-        return (time.perf_counter() - t0) / count
-    finally:
-        os.close(fd)
-
-
-def hash_ceiling(mib=256):
-    """SHA-256 over 4 KiB blocks with the native hasher, 1 and 2 threads: the
-    most any verified read can reach on this machine."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from verityfuse import merkle
-    hb = merkle.Params().blocks_hasher()
-    buf = memoryview(os.urandom(mib * MiB))
-    t0 = time.perf_counter()
-    hb(buf)
-    one = len(buf) / (time.perf_counter() - t0)
-    half = len(buf) // 2
-    with ThreadPoolExecutor(2) as ex:
-        t0 = time.perf_counter()
-        list(ex.map(hb, [buf[:half], buf[half:]]))
-        two = len(buf) / (time.perf_counter() - t0)
-    print(f"\n## SHA-256 ceiling ({'native' if merkle.NATIVE else 'hashlib'}): "
-          f"{one / 1e6:.0f} MB/s on 1 thread, {two / 1e6:.0f} MB/s on 2 threads")
-
-
-def bench_reads(src, name, size, repeat, random_reads, work):
-    plain_mnt = os.path.join(work, "plain")
-    os.mkdir(plain_mnt)
-    plain = subprocess.Popen([sys.executable, os.path.join(HERE, "plain_passthrough.py"), src,
-                              plain_mnt])
-    try:
-        for _ in range(500):
-            if os.path.ismount(plain_mnt):
-                break
-            time.sleep(0.02)
-        os.stat(plain_mnt)  # answered only after INIT, whose reply sets readahead
-        # The same readahead window verityfuse sets for itself, so that the
-        # ratio measures verification, not a different request size.
-        set_readahead(plain_mnt, 1024)
-        vmnt = os.path.join(work, "verity")
-        os.mkdir(vmnt)
-        with VerifiedMount(src, vmnt) as vm:
-            paths = {"source (tmpfs, no FUSE)": os.path.join(src, name),
-                     "pyfuse3 passthrough (unverified)": os.path.join(plain_mnt, name),
-                     "verityfuse (verified)": os.path.join(vmnt, name)}
-            seq = {k: float("inf") for k in paths}
-            rnd = {k: float("inf") for k in paths}
-            for _ in range(repeat):
-                for k, p in paths.items():
-                    drop_caches()
-                    n, dt = read_seq(p)
-                    if n != size:
-                        raise RuntimeError(f"{p}: read {n} bytes, expected {size}")
-                    seq[k] = min(seq[k], dt)
-                    drop_caches()
-                    rnd[k] = min(rnd[k], read_random(p, size, random_reads))
-            mem = dict(vm_hwm(vm.pid))
-        print(f"\n## Reads of a {size // MiB} MiB sealed file, page cache dropped before each "
-              f"(best of {repeat})")
-        print(f"{'path':34} {'seq MB/s':>9} {'rand 4K us':>11}")
-        for k in paths:
-            print(f"{k:34} {size / seq[k] / 1e6:9.0f} {rnd[k] * 1e6:11.1f}")
-        p, v = "pyfuse3 passthrough (unverified)", "verityfuse (verified)"
-        print(f"verified / unverified sequential throughput: {seq[p] / seq[v]:.2f}x")
-        print(f"verified / unverified random 4 KiB latency:  {rnd[v] / rnd[p]:.2f}x")
-        print("verityfuse daemon memory: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in mem.items()))
-    finally:
-        if os.path.ismount(plain_mnt):
-            subprocess.run(["fusermount3", "-u", plain_mnt])
-        plain.wait(10)
-
-
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--small-mib", type=int, default=64, help="size of the memory-check file")
-    ap.add_argument("--dir", default="/dev/shm", help="where the test files go")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--random-reads", type=int, default=2000)
-    ap.add_argument("--skip-reads", action="store_true")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench.py needs root (drop_caches, mounts)")
-    work = tempfile.mkdtemp(prefix="verityfuse-bench-", dir=args.dir)
+    ap.add_argument("--size-mib", type=int, default=None, help="size of the big file (1024)")
+    ap.add_argument("--repeats", "--repeat", type=int, default=None, help="repeats (5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 64 MiB, 3 repeats, 5000 random reads, 1000 files")
+    ap.add_argument("--random-reads", type=int, default=None, help="4 KiB reads a pass (20000)")
+    ap.add_argument("--files", type=int, default=None, help="small files (10000)")
+    ap.add_argument("--manifest-entries", type=int, default=100_000)
+    ap.add_argument("--stat-samples", type=int, default=None,
+                    help="stats per mount and condition (2000)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--tmp-parent", default="/tmp", help="where the bench's tmpfs is mounted")
+    ap.add_argument("--plain-thr", action="store_true",
+                    help="also mount the passthrough with reads over 16 KiB in a worker thread")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="S",
+                    help="before each timed pass, wait up to S seconds for the rest of the "
+                         "machine to use < 15%% of the CPUs (default 0: off)")
+    ap.add_argument("--json", metavar="FILE", help="write every raw figure here")
+    a = ap.parse_args(argv)
+    quick = dict(size_mib=64, repeats=3, random_reads=5000, files=1000, stat_samples=600)
+    full = dict(size_mib=1024, repeats=5, random_reads=20000, files=10000, stat_samples=2000)
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.sections = {s.strip() for s in a.sections.split(",") if s.strip()}
+    bad = a.sections - set(SECTIONS)
+    if bad:
+        ap.error(f"unknown sections: {', '.join(sorted(bad))}")
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    return a
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
     try:
-        src = os.path.join(work, "src")
-        os.mkdir(src)
-        store = os.path.join(work, "store")
-        print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
-              f"files in {args.dir}")
-        small = os.path.join(src, "small")
-        make_file(small, args.small_mib * MiB)
-        bench_build(small, args.small_mib * MiB, 1, store)
-        big = os.path.join(src, "big")
-        make_file(big, args.size_mib * MiB)
-        bench_build(big, args.size_mib * MiB, args.repeat, store)
-        os.unlink(small)
-        hash_ceiling()
-        if not args.skip_reads:
-            seal_tree(src, ["big"])
-            bench_reads(src, "big", args.size_mib * MiB, args.repeat, args.random_reads, work)
+        import pyfuse3
+        pyfuse = getattr(pyfuse3, "__version__", "?")
+    except ImportError:
+        pyfuse = "?"
+    fuse = subprocess.run(["fusermount3", "-V"], capture_output=True, text=True).stdout.strip()
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": cpu, "cpus": os.cpu_count(), "mem_mib": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "pyfuse3": pyfuse, "fusermount3": fuse,
+            "hashblocks": build.native_info(), "loadavg_start": os.getloadavg()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench.py needs root (tmpfs and FUSE mounts, drop_caches)")
+
+    def on_signal(signum, _frame):
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}: cleaning up")
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+    manifest_mount.become_subreaper()
+    SETTLE["max_s"] = args.settle
+    results = {"args": {k: (sorted(v) if isinstance(v, set) else v)
+                        for k, v in vars(args).items()},
+               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+               "machine": machine()}
+    mc = results["machine"]
+    print(f"verityfuse bench, {mc['date']}: {mc['cpus']} x {mc['cpu']}, {mc['mem_mib']} MiB, "
+          f"Linux {mc['kernel']}, Python {mc['python']}, pyfuse3 {mc['pyfuse3']}, "
+          f"{mc['fusermount3']}")
+    print(f"hashing module: {mc['hashblocks']}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in mc['loadavg_start'])}; "
+          f"repeats {args.repeats}, big file {args.size_mib} MiB")
+    t_start = time.perf_counter()
+    ws = Workspace(args.size_mib, args.files, args.tmp_parent)
+    ceil = None
+    try:
+        ws.mount_tmpfs()
+        print(f"workspace: {ws.where}")
+        ws.create(log=lambda s: print(s, flush=True))
+        hres = None
+        if "hash" in args.sections:
+            results["hash"], hres = build.hashing_speed(args.repeats)
+        if "build" in args.sections:
+            results["build"] = build.tree_build(ws.big, args.repeats)
+        need_mounts = args.sections & {"memory", "seq", "random", "stat"}
+        if need_mounts:
+            with MountSet(ws, args.plain_thr) as ms:
+                settings = ms.settings()
+                results["mount_settings"] = settings
+                table("Mounts (all at once; settings read back from the kernel)",
+                      ["daemon", "what", "read_ahead_kb", "options"],
+                      [[m.name, m.label, settings[m.name]["readahead_kb"],
+                        settings[m.name]["options"]] for m in ms.mounts],
+                      note="All: pyfuse3 + the same libfuse (max_read/max_pages 256 = 1 MiB "
+                           "requests), keep_cache, no writeback cache.")
+                if "memory" in args.sections:
+                    snaps, files = phase_memory(ms, ws, results)
+                    print_memory(ms, snaps, files, len(ws.small_files()), ws.size_mib)
+                if "seq" in args.sections:
+                    seq = phase_seq(ms, ws, args.repeats, results)
+                    if hres:
+                        ceil = ceiling.compute(seq, hres, os.cpu_count())
+                        results["ceiling"] = ceil
+                    print_seq(ms, seq, ceil, args.repeats)
+                    if ceil:
+                        ceiling.report(ceil, seq)
+                if "random" in args.sections:
+                    phase_random(ms, ws, args.repeats, args.random_reads, False, results)
+                if "stat" in args.sections:
+                    phase_stat(ms, ws, args.repeats, args.stat_samples, results)
+                results["memory_final"] = {m.name: m.mem() for m in ms.mounts}
+                if "random" in args.sections:
+                    phase_random(ms, ws, args.repeats, args.random_reads, True, results)
+        if "manifest" in args.sections:
+            phase_manifest_mount(ws, args.manifest_entries, args.repeats, results)
+        results["summary"] = summary(results, ceil)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        ws.cleanup()
+    results["loadavg_end"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - t_start
+    results["settle_waited_s"] = SETTLE["waited"]
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in results['loadavg_end'])}; "
+          f"bench took {results['seconds']:.0f} s"
+          + (f" ({SETTLE['waited']:.0f} s of it settling)" if args.settle else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"raw figures: {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
