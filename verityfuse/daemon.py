@@ -166,6 +166,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         ops.shutdown()
         store.close()
         raise
+    ops.fuse_poll = _fuse_device_poll()
     if shim is not None and shim.hook_count() < 1:
         shim, why_not = None, "the shim did not hook libfuse (was libfuse3 loaded first?)"
     if shim is None:
@@ -189,6 +190,22 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         store.close()
         log.info("unmounted %s; %d inodes still had lookups", mountpoint, outstanding)
     return 0
+
+
+def _fuse_device_poll():
+    """A poll object on this process's /dev/fuse fd (pyfuse3 keeps it to itself): the
+    read path asks it whether a request is waiting before it yields."""
+    import select
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                p = select.poll()
+                p.register(int(name), select.POLLIN)
+                return p
+        except OSError:
+            continue
+    return None
 
 
 def check(source: str, mountpoint: str, s: Settings) -> list:

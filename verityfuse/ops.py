@@ -164,6 +164,12 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
             log.debug("%s: %s", what, e)
         return getattr(e, "errno", None) or errno.EIO
 
+    fuse_poll: Any = None  # a poll object on /dev/fuse, set by the daemon after init
+
+    def _request_waiting(self) -> bool:
+        """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
+        return self.fuse_poll is None or bool(self.fuse_poll.poll(0))
+
     def _new_fh(self, h) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -241,12 +247,13 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
                 return os.pread(h.fd, size, off)
             return await self._run(os.pread, h.fd, size, off)
         # Verified on this thread, piece by piece, when the data is in memory; between
-        # pieces other requests (a stat) are answered.
+        # pieces, a request waiting on /dev/fuse (a stat) is let in.
         steps = h.reader.read_steps(off, size)
         try:
             while True:
                 next(steps)
-                await trio.lowlevel.checkpoint()
+                if self._request_waiting():
+                    await trio.lowlevel.checkpoint()
         except StopIteration as done:
             data = done.value
         return data if data is not None else await self._run(h.reader.read, off, size)
