@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from verityfuse import merkle
+from verityfuse import merkle, treebuild
 from verityfuse.errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 from conftest import fsverity_digest, pattern, write
 
@@ -17,7 +17,7 @@ def build(path, params, data_size=None):
     tree = {}
     fd = os.open(path, os.O_RDONLY)
     try:
-        desc = merkle.build_tree(fd, params, data_size, write_block=lambda o, b: tree.__setitem__(o, b))
+        desc = treebuild.build_tree(fd, params, data_size, write_block=lambda o, b: tree.__setitem__(o, b))
     finally:
         os.close(fd)
     out = bytearray(desc.geometry.tree_size)
@@ -50,7 +50,7 @@ UTILS_VECTORS = [
 def test_fsverity_utils_vectors(tmp_path, size, alg, bs, salt, want, threads):
     p = write(tmp_path / "f", pattern(size))
     fd = os.open(p, os.O_RDONLY)
-    desc = merkle.build_tree(fd, merkle.Params(merkle.hash_alg(alg), bs, salt), threads=threads)
+    desc = treebuild.build_tree(fd, merkle.Params(merkle.hash_alg(alg), bs, salt), threads=threads)
     os.close(fd)
     assert desc.digest.hex() == want
 
@@ -89,7 +89,7 @@ def test_xfstests_575(tmp_path, alg, bs):
         with open(p, "wb") as f:
             f.truncate(size)  # sparse zeros read as zeros
         fd = os.open(p, os.O_RDONLY)
-        desc = merkle.build_tree(fd, merkle.Params(merkle.hash_alg(alg), bs, salt))
+        desc = treebuild.build_tree(fd, merkle.Params(merkle.hash_alg(alg), bs, salt))
         os.close(fd)
         assert desc.digest.hex() == digest, (size, salt)
 
@@ -215,9 +215,9 @@ def test_file_changing_size_while_hashing_is_an_error(tmp_path):
     fd = os.open(p, os.O_RDONLY)
     try:
         with pytest.raises(OSError, match="shrank"):
-            merkle.build_tree(fd, merkle.Params(), data_size=20000)
+            treebuild.build_tree(fd, merkle.Params(), data_size=20000)
         with pytest.raises(OSError, match="grew"):
-            merkle.build_tree(fd, merkle.Params(), data_size=5000)
+            treebuild.build_tree(fd, merkle.Params(), data_size=5000)
     finally:
         os.close(fd)
 
@@ -234,12 +234,12 @@ def test_pure_python_fallback_gives_the_same_digests(tmp_path):
     import sys
     code = """
 import os, sys
-from verityfuse import merkle
+from verityfuse import merkle, treebuild
 assert not merkle.NATIVE
 data = bytes(((i % 11) + (i % 439) + (i % 1103)) & 0xff for i in range(1000000))
 fd = os.memfd_create("v"); os.write(fd, data)
 for params in (merkle.Params(), merkle.Params(merkle.SHA512, 4096, b"abcd")):
-    print(merkle.build_tree(fd, params, threads=2).digest.hex())
+    print(treebuild.build_tree(fd, params, threads=2).digest.hex())
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, VERITYFUSE_PURE_PYTHON="1"))

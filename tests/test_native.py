@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from verityfuse import merkle
+from verityfuse import merkle, treebuild
 from test_merkle import UTILS_VECTORS
 from conftest import pattern
 
@@ -276,33 +276,33 @@ def _memfd(data):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_build_tree_order_progress_and_size_checks(threads):
-    size = 5 * merkle.CHUNK_SIZE + 12345
+    size = 5 * treebuild.CHUNK_SIZE + 12345
     data = random.Random(threads).randbytes(size)
     fd = _memfd(data)
     try:
         params = merkle.Params(merkle.SHA256, 4096, b"ab")
         writes, progress = [], []
-        desc = merkle.build_tree(fd, params, write_block=lambda o, b: writes.append((o, b)),
+        desc = treebuild.build_tree(fd, params, write_block=lambda o, b: writes.append((o, b)),
                                  threads=threads, progress=progress.append)
         ref_writes = []
-        ref = merkle.build_tree(fd, params, write_block=lambda o, b: ref_writes.append((o, b)),
+        ref = treebuild.build_tree(fd, params, write_block=lambda o, b: ref_writes.append((o, b)),
                                 threads=1)
         assert desc == ref and writes == ref_writes  # same blocks, same callback order
         assert progress == sorted(progress) and progress[-1] == size
         assert len(progress) == 6
         before = threading.active_count()
         with pytest.raises(OSError, match="shrank"):
-            merkle.build_tree(fd, params, data_size=size + 3 * merkle.CHUNK_SIZE, threads=threads)
+            treebuild.build_tree(fd, params, data_size=size + 3 * treebuild.CHUNK_SIZE, threads=threads)
         with pytest.raises(OSError, match="grew"):
-            merkle.build_tree(fd, params, data_size=size - 5000, threads=threads)
+            treebuild.build_tree(fd, params, data_size=size - 5000, threads=threads)
         calls = []
 
         def cancel():
             calls.append(1)
             return len(calls) > 2
 
-        with pytest.raises(merkle.Cancelled):
-            merkle.build_tree(fd, params, threads=threads, cancel=cancel)
+        with pytest.raises(treebuild.Cancelled):
+            treebuild.build_tree(fd, params, threads=threads, cancel=cancel)
         assert threading.active_count() == before  # no worker left behind
     finally:
         os.close(fd)
@@ -315,14 +315,14 @@ def test_known_answers_without_shani():
     code = """
 import os, sys
 sys.path.insert(0, %r)
-from verityfuse import merkle
+from verityfuse import merkle, treebuild
 from test_merkle import UTILS_VECTORS
 from conftest import pattern
 assert merkle._hashblocks.info()["sha256"] == "openssl"
 for size, alg, bs, salt, want in UTILS_VECTORS:
     fd = os.memfd_create("v"); os.write(fd, pattern(size))
     for threads in (1, 2):
-        got = merkle.build_tree(fd, merkle.Params(merkle.hash_alg(alg), bs, salt), threads=threads)
+        got = treebuild.build_tree(fd, merkle.Params(merkle.hash_alg(alg), bs, salt), threads=threads)
         assert got.digest.hex() == want, (size, alg, bs, salt, threads)
     os.close(fd)
 """ % HERE
@@ -340,7 +340,7 @@ def test_known_answers_in_process_big_chunks():
     tree = {}
     try:
         params = merkle.Params(merkle.hash_alg(alg), bs, salt)
-        desc = merkle.build_tree(fd, params, write_block=tree.__setitem__, threads=2)
+        desc = treebuild.build_tree(fd, params, write_block=tree.__setitem__, threads=2)
     finally:
         os.close(fd)
     assert desc.digest.hex() == want

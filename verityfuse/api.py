@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, Union
 
-from . import merkle
+from . import merkle, treebuild
 from .errors import IntegrityError, VerityError
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 
     threads = _threads(threads)
     fd = _open_regular(_path(path))
     try:
-        desc = merkle.build_tree(fd, params, threads=threads)
+        desc = treebuild.build_tree(fd, params, threads=threads)
     finally:
         os.close(fd)
     return _digest_of(desc)

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from . import __version__, merkle
+from . import __version__, merkle, treebuild
 from .errors import InvalidParameters, VerityError
 
 EXIT_ERROR = 1
@@ -109,7 +109,7 @@ def cmd_digest(args) -> int:
                     emit({"file": path, "error": f"can't open for reading: {e.strerror}"})
                 return EXIT_ERROR
             try:
-                desc = merkle.build_tree(fd, params, write_block=write_block if tree_out else None,
+                desc = treebuild.build_tree(fd, params, write_block=write_block if tree_out else None,
                                          threads=args.threads)
             except OSError as e:
                 error(f"error reading '{path}': {e.strerror or e}")

@@ -44,7 +44,7 @@ class Progress:
         self.last = float("-inf")  # the first update draws at once
 
     def for_file(self, label: str, size: int):
-        """A callable for merkle.build_tree's progress(bytes_done_in_this_file)."""
+        """A callable for treebuild.build_tree's progress(bytes_done_in_this_file)."""
         base = self.done
         outer = self
 

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import ioctl, merkle
+from . import ioctl, merkle, treebuild
 from .errors import Errno
 
 VERSION = 1
@@ -145,7 +145,7 @@ class MemoryTarget(Target):
         fd = os.memfd_create("verityfuse-vector")
         try:
             os.write(fd, self.data)
-            desc = merkle.build_tree(fd, params, write_block=write_block)
+            desc = treebuild.build_tree(fd, params, write_block=write_block)
         finally:
             os.close(fd)
         tree = bytes(tree)

@@ -7,8 +7,7 @@ level by level, until one block remains.  The root hash is the hash of that
 block (or of the only data block; all zeros for an empty file).  The tree is
 stored root level first.  The file digest is H(256-byte descriptor).
 
-Building streams the file: memory is one pending block per level plus one
-read buffer per hashing thread, whatever the file size.
+Building a tree from a file is treebuild's.
 """
 
 from __future__ import annotations
@@ -16,16 +15,17 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable
 
 from . import uapi
 from .errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 
 # The native batch hasher (same bytes, GIL released per batch); hashlib if absent.
+_hashblocks: Any = None
 try:
-    from . import _hashblocks
+    from . import _hashblocks  # type: ignore[no-redef]  # the native module may be absent
 except ImportError:  # not built: no compiler or OpenSSL headers at install time
-    _hashblocks = None
+    pass
 if os.environ.get("VERITYFUSE_PURE_PYTHON"):
     _hashblocks = None
 NATIVE = _hashblocks is not None
@@ -118,7 +118,7 @@ class Params:
 
         return h
 
-    def blocks_hasher(self, threads: int = 0) -> Callable[[bytes], bytes]:
+    def blocks_hasher(self, threads: int = 0) -> Callable[[Any], bytes]:
         """Return hb(buf) -> the concatenated block hashes of every whole block in ``buf``.
 
         ``threads``: 0 lets the native module share a large buffer with its
@@ -137,7 +137,7 @@ class Params:
 
         return hash_all
 
-    def blocks_verifier(self, threads: int = 0) -> Callable[[bytes, bytes], int]:
+    def blocks_verifier(self, threads: int = 0) -> Callable[[Any, Any], int]:
         """Return vb(buf, expected) -> -1 if every block of ``buf`` hashes to its
         entry in ``expected`` (the concatenated hashes), else the index of the
         first block that does not.
@@ -295,239 +295,3 @@ def format_digest(alg: HashAlg, digest: bytes) -> str:
 def formatted_digest(alg: HashAlg, digest: bytes) -> bytes:
     """struct fsverity_formatted_digest, what built-in signatures sign."""
     return b"FSVerity" + uapi.DIGEST_HEADER_STRUCT.pack(alg.number, len(digest)) + digest
-
-
-class Cancelled(Exception):
-    """A build stopped because its cancel callback said so."""
-
-
-# One read is this many bytes (rounded to whole blocks): large enough that the
-# per-chunk overhead vanishes, small enough that a few in flight stay cheap.
-CHUNK_SIZE = 1 << 20
-
-
-class TreeBuilder:
-    """Consumes level-0 hashes in order, emits tree blocks and the root hash.
-
-    Keeps one pending block per level.  ``write_block(offset, data)`` receives
-    every tree block at its byte offset in the serialized (root-first) tree.
-    """
-
-    def __init__(self, geometry: Geometry, write_block=None):
-        self.geo = geometry
-        self.params = geometry.params
-        self.hasher = self.params.block_hasher()
-        self.write_block = write_block
-        self.pending = [bytearray() for _ in geometry.level_blocks]
-        self.emitted = [0] * len(geometry.level_blocks)
-
-    def add_hashes(self, level: int, hashes: bytes):
-        """Append hashes of level-1 blocks (data when level == 0)."""
-        bs = self.params.block_size
-        pend = self.pending[level]
-        pend += hashes
-        while len(pend) >= bs:
-            self._flush(level, bytes(pend[:bs]))
-            del pend[:bs]
-
-    def _flush(self, level: int, block: bytes):
-        block = block.ljust(self.params.block_size, b"\0")
-        if self.write_block is not None:
-            index = self.geo.level_start[level] + self.emitted[level]
-            self.write_block(index * self.params.block_size, block)
-        self.emitted[level] += 1
-        digest = self.hasher(block)
-        if level + 1 < len(self.pending):
-            self.add_hashes(level + 1, digest)
-        else:
-            self.root = digest
-
-    def finish(self) -> bytes:
-        for level, pend in enumerate(self.pending):
-            if pend:
-                self._flush(level, bytes(pend))
-                pend.clear()
-        for level, n in enumerate(self.geo.level_blocks):
-            if self.emitted[level] != n:
-                raise RuntimeError(
-                    f"tree level {level}: emitted {self.emitted[level]} blocks, expected {n}"
-                )
-        return self.root
-
-
-def read_full(fd: int, buf: bytearray, offset: int) -> int:
-    """pread until ``buf`` is full or EOF; returns the bytes read."""
-    mv = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [mv[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
-
-
-def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def _read_buffer(size: int) -> memoryview:
-    """A page-aligned buffer to pread into.
-
-    Alignment matters: a bytearray this large comes from mmap with a 16-byte
-    header, and the kernel's copy into a destination 8-24 bytes past a page
-    boundary runs at 1.6 GB/s instead of 7-8 GB/s on this project's AMD
-    machine (measured with bench/hashspeed.py's read test), more than the
-    hashing itself costs.
-    """
-    import mmap
-    return memoryview(mmap.mmap(-1, size))
-
-
-def build_tree(
-    fd: int,
-    params: Params,
-    data_size: Optional[int] = None,
-    write_block=None,
-    threads: Optional[int] = None,
-    progress: Optional[Callable[[int], None]] = None,
-    cancel: Optional[Callable[[], bool]] = None,
-) -> Descriptor:
-    """Stream ``fd`` (from offset 0, ``data_size`` bytes, default its size) into
-    a tree and return its descriptor.
-
-    The file is cut into CHUNK_SIZE chunks.  With ``threads`` > 1, each of
-    that many worker threads reads its own chunks into its own buffer and
-    hashes them (the native hasher and hashlib release the GIL); the calling
-    thread consumes the hashes in file order.  ``write_block(offset, block)``
-    receives the tree.  ``progress(bytes_done)`` is called per chunk;
-    ``cancel()`` returning True stops the build with ``Cancelled``.  Both are
-    called from the calling thread.  A file that turns out shorter or longer
-    than ``data_size`` raises OSError.
-    """
-    if data_size is None:
-        data_size = os.fstat(fd).st_size
-    geo = Geometry.compute(params, data_size)
-    bs = params.block_size
-    if geo.num_data_blocks == 0:
-        return Descriptor(params, 0, bytes(params.alg.digest_size),
-                          make_descriptor(params, 0, bytes(params.alg.digest_size)))
-
-    builder = TreeBuilder(geo, write_block)
-    chunk = max(bs, CHUNK_SIZE // bs * bs)
-    nchunks = -(-data_size // chunk)
-    threads = threads or default_threads()
-
-    def read_chunk(k: int, buf: memoryview) -> memoryview:
-        """Chunk k into ``buf``, its last block zero-padded; a view of the used part."""
-        offset = k * chunk
-        want = min(chunk, data_size - offset)
-        padded = -(-want // bs) * bs
-        mv = buf[:padded]
-        got = read_full(fd, mv[:want], offset)
-        if got != want:
-            raise OSError(f"file shrank while hashing: expected {data_size} bytes, "
-                          f"got {offset + got}")
-        if padded != want:
-            mv[want:] = bytes(padded - want)  # the buffer is reused: clear the padding
-        return mv
-
-    def check_not_grown():
-        if os.pread(fd, 1, data_size):
-            raise OSError(f"file grew while hashing: more than {data_size} bytes")
-
-    if geo.num_data_blocks == 1:
-        # One block: no tree, the root is that block's hash.
-        if cancel is not None and cancel():
-            raise Cancelled()
-        block = bytes(read_chunk(0, memoryview(bytearray(bs))))
-        check_not_grown()
-        root = builder.hasher(block)
-    elif threads == 1 or nchunks == 1:
-        # One thread: no workers.  The native module may still share a lone
-        # chunk with its helper thread unless the caller asked for one thread.
-        hash_chunk = params.blocks_hasher(threads=1 if threads == 1 else 0)
-        buf = _read_buffer(min(chunk, geo.num_data_blocks * bs))
-        for k in range(nchunks):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            builder.add_hashes(0, hash_chunk(read_chunk(k, buf)))
-            if progress:
-                progress(min((k + 1) * chunk, data_size))
-        check_not_grown()
-        root = builder.finish()
-    else:
-        _hash_chunks_in_workers(min(threads, nchunks), nchunks, read_chunk,
-                                params.blocks_hasher(threads=1), chunk, data_size,
-                                builder, progress, cancel)
-        check_not_grown()
-        root = builder.finish()
-
-    raw = make_descriptor(params, data_size, root)
-    return Descriptor(params, data_size, root, raw)
-
-
-# How many chunks the workers may run ahead of the consumer, per worker: a
-# few, so a worker never waits for the consumer, and memory stays bounded
-# (one buffer per worker, plus small hash lists).
-AHEAD_PER_WORKER = 2
-
-
-def _hash_chunks_in_workers(nworkers, nchunks, read_chunk, hash_chunk, chunk, data_size,
-                            builder, progress, cancel):
-    """Worker w reads and hashes chunks w, w + nworkers, ... into its own
-    buffer; this thread feeds their hashes to ``builder`` in chunk order.
-
-    No buffer crosses threads: a worker hands over only the chunk's hashes
-    (1/128 of its size), so the data is read and hashed on the same core.
-    """
-    import threading  # here: only multi-chunk, multi-thread builds pay for it
-
-    cond = threading.Condition()
-    results = {}          # chunk index -> hashes, or the exception that stopped its worker
-    state = {"consumed": 0, "stop": False}
-    ahead = AHEAD_PER_WORKER * nworkers
-
-    def worker(w):
-        buf = _read_buffer(chunk)
-        for k in range(w, nchunks, nworkers):
-            with cond:
-                while not state["stop"] and k >= state["consumed"] + ahead:
-                    cond.wait()
-                if state["stop"]:
-                    return
-            try:
-                res = hash_chunk(read_chunk(k, buf))
-            except BaseException as e:  # handed to the consumer, raised there in order
-                res = e
-            with cond:
-                results[k] = res
-                cond.notify_all()
-            if isinstance(res, BaseException):
-                return
-
-    workers = [threading.Thread(target=worker, args=(w,), name=f"verity-hash-{w}", daemon=True)
-               for w in range(nworkers)]
-    for t in workers:
-        t.start()
-    try:
-        for k in range(nchunks):
-            if cancel is not None and cancel():
-                raise Cancelled()
-            with cond:
-                while k not in results:
-                    cond.wait()
-                res = results.pop(k)
-                state["consumed"] = k + 1
-                cond.notify_all()
-            if isinstance(res, BaseException):
-                raise res
-            builder.add_hashes(0, res)
-            if progress:
-                progress(min((k + 1) * chunk, data_size))
-    finally:
-        with cond:
-            state["stop"] = True
-            cond.notify_all()
-        for t in workers:
-            t.join()

@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from . import ioctl as vioctl
-from . import merkle, uapi
+from . import treebuild, uapi
 from .errors import VerityError
 from .fuseshim import Request
 from .view import FileHandle
@@ -94,7 +94,7 @@ class IoctlHandlers:
             # kernel may wait on a page lock held by a reader that waits on us.
             await trio.to_thread.run_sync(self._invalidate, job.inode.ino)
             request.reply()
-        except merkle.Cancelled:
+        except treebuild.Cancelled:
             log.info("enable of %s interrupted; nothing committed", job.rel)
             request.error(errno.EINTR)
         except (VerityError, OSError) as e:

@@ -27,7 +27,7 @@ from typing import Generator, List, Optional, Union
 
 from . import fsutil
 from .errors import SizeMismatch
-from .merkle import read_full
+from .treebuild import read_full
 
 STEP = 256 * 1024  # a piece: ~0.1-0.2 ms of pread and hashing on one core
 Data = Union[bytes, memoryview]

@@ -7,7 +7,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
-from . import fsutil, identity, merkle
+from . import fsutil, identity, merkle, treebuild
 from .errors import VerityError
 from .reader import VerifiedReader
 from .store import IndexEntry, Store
@@ -33,7 +33,7 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     """
     key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
     with store.new_object() as obj:
-        desc = merkle.build_tree(fd, params, data_size=os.fstat(fd).st_size,
+        desc = treebuild.build_tree(fd, params, data_size=os.fstat(fd).st_size,
                                  write_block=obj.write_block, **build_kw)
         if check is not None:
             check(desc)
@@ -87,7 +87,7 @@ class VerifyResult:
 
 
 def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
-                chunk: int = merkle.CHUNK_SIZE) -> VerifyResult:
+                chunk: int = treebuild.CHUNK_SIZE) -> VerifyResult:
     """Read SOURCE/rel whole through a VerifiedReader if it is sealed; report the first failure."""
     label = os.path.join(source, rel)
     res = VerifyResult(rel)

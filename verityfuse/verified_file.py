@@ -11,7 +11,7 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-from . import merkle
+from . import merkle, treebuild
 from .api import Digest, NotSealedError, PathArg, _as_digest, _digest_of, _existing_store, \
     _open_regular, _path
 from .errors import Corruption, SizeMismatch, VerityError
@@ -133,7 +133,7 @@ class VerifiedFile(io.RawIOBase):
             return data[offset - start: offset - start + size]
         if size == 0:
             return self._chunk(offset, 0)
-        chunk = merkle.CHUNK_SIZE
+        chunk = treebuild.CHUNK_SIZE
         if size <= chunk:
             return self._chunk(offset, size)
         out = bytearray()
