@@ -145,6 +145,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
+        self._read_turn = trio.Lock()  # one verified read on this thread at a time (fair)
         self.handles: Dict[int, Any] = {}  # FileHandle or DirHandle
         self._next_fh = 1
 
@@ -246,16 +247,23 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
             if size <= INLINE_READ:
                 return os.pread(h.fd, size, off)
             return await self._run(os.pread, h.fd, size, off)
-        # Verified on this thread, piece by piece, when the data is in memory; between
-        # pieces, a request waiting on /dev/fuse (a stat) is let in.
-        steps = h.reader.read_steps(off, size)
+        # Verified on this thread, piece by piece, when the data is in memory.  Between
+        # pieces a request waiting on /dev/fuse is let in: a stat is answered at once,
+        # another read waits for this one (interleaving reads only delays every reply).
         try:
+            self._read_turn.acquire_nowait()  # no scheduler round trip when it is free
+        except trio.WouldBlock:
+            await self._read_turn.acquire()
+        try:
+            steps = h.reader.read_steps(off, size)
             while True:
                 next(steps)
                 if self._request_waiting():
                     await trio.lowlevel.checkpoint()
         except StopIteration as done:
             data = done.value
+        finally:
+            self._read_turn.release()
         return data if data is not None else await self._run(h.reader.read, off, size)
 
     async def write(self, fh, off, buf):
