@@ -34,3 +34,11 @@ def test_fixture_example():
     r = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", EXAMPLES / "test_with_fixture.py")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 passed" in r.stdout
+
+
+def test_library_example():
+    r = run(sys.executable, EXAMPLES / "library.py")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify app.bin: corrupt: data block at offset 40960: expected" in r.stdout
+    assert "verify config: ok" in r.stdout
+    assert "block 9 reads: 4096 bytes" in r.stdout and "block 10: Input/output error" in r.stdout
