@@ -194,8 +194,3 @@ def helper_main(argv=None) -> int:
     if args.f:
         return 0
     return run_mount(args.source, args.mountpoint, s)
-
-
-def convention_main(argv) -> int:
-    """mount.fuse3's convention: ``verityfuse SOURCE MNT [-o OPTS]...``."""
-    return helper_main(argv)

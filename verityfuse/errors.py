@@ -59,10 +59,6 @@ class SizeMismatch(Corruption):
     """The backing file was truncated or extended after sealing."""
 
 
-class DigestMismatch(Corruption):
-    """A file's digest is not the one its trusted source (a manifest) gives."""
-
-
 class StoreCorrupt(Corruption):
     """A store entry that is truncated, altered or malformed."""
 

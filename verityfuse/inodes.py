@@ -195,9 +195,6 @@ class InodeTable:
             os.close(old._fd)
             old._fd = -1
 
-    def open_fds(self) -> int:
-        return sum(1 for i in self.by_ino.values() if i._fd >= 0)
-
     # -- forgetting -----------------------------------------------------------------------
 
     def forget(self, ino: int, n: int):

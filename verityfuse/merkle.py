@@ -21,13 +21,12 @@ from . import uapi
 from .errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 
 # The native batch hasher (same bytes, GIL released per batch); hashlib if absent.
-_hashblocks: Any = None
+_native: Any
 try:
-    from . import _hashblocks  # type: ignore[no-redef]  # the native module may be absent
+    from . import _hashblocks as _native
 except ImportError:  # not built: no compiler or OpenSSL headers at install time
-    pass
-if os.environ.get("VERITYFUSE_PURE_PYTHON"):
-    _hashblocks = None
+    _native = None
+_hashblocks: Any = None if os.environ.get("VERITYFUSE_PURE_PYTHON") else _native
 NATIVE = _hashblocks is not None
 
 

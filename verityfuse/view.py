@@ -14,7 +14,6 @@ OSError or a ``VerityError``; ``ops`` turns them into errnos in one place.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,16 +47,6 @@ class VerityInfo:
         }
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request (from the FUSE context)."""
-
-    uid: int = 0
-    gid: int = 0
-    pid: int = 0
-    umask: int = 0
-
-
 class Attr:
     """Attributes of one inode as the kernel will see them."""
 
@@ -77,10 +66,6 @@ class Attr:
         return cls(ino, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
                    st.st_size if size is None else size, st.st_atime_ns, st.st_mtime_ns,
                    st.st_ctime_ns, st.st_rdev, st.st_blksize, st.st_blocks, timeout)
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
 
 
 class FileHandle:
