@@ -21,12 +21,15 @@ from . import uapi
 from .errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 
 # The native batch hasher (same bytes, GIL released per batch); hashlib if absent.
-_native: Any
-try:
-    from . import _hashblocks as _native
-except ImportError:  # not built: no compiler or OpenSSL headers at install time
-    _native = None
-_hashblocks: Any = None if os.environ.get("VERITYFUSE_PURE_PYTHON") else _native
+def _load_native() -> Any:
+    try:
+        from . import _hashblocks as native
+    except ImportError:  # not built: no compiler or OpenSSL headers at install time
+        return None
+    return None if os.environ.get("VERITYFUSE_PURE_PYTHON") else native
+
+
+_hashblocks: Any = _load_native()
 NATIVE = _hashblocks is not None
 
 

@@ -111,6 +111,7 @@ class VerifiedReader:
         stop = min(-(-end // bs) * bs, data_size)
         n = stop - start
         padded = -(-n // bs) * bs  # the last block of the file is hashed zero-padded
+        buf: Union[mmap.mmap, bytearray]
         if inline:
             buf = POOL.take(padded)
         else:  # a buffer of its own (page-aligned where the copy is large enough to care)
