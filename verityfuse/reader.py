@@ -134,7 +134,7 @@ class VerifiedReader:
             if stop == data_size:
                 self._check_eof()
         finally:
-            if inline:
+            if isinstance(buf, mmap.mmap) and inline:
                 POOL.give(buf)  # reused only after this read's reply is sent
         if self.stats is not None:
             self.stats.verified(padded // bs, end - offset)
