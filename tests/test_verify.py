@@ -102,3 +102,29 @@ def test_blast_radius_of_a_corrupt_data_block(sealed):
         assert bytes(r.read(501 * B, B)) == data[501 * B:502 * B]
     finally:
         os.close(fd)
+
+
+def test_read_one_agrees_with_read_and_leaves_the_edges_to_it(sealed):
+    """The short path answers only whole pieces inside the file's body, each byte
+    verified; the last block (EOF check) and long reads go the long way (None)."""
+    path, data, tree = sealed
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, Verifier(tree, TreeBlockCache(), "f"), "f")
+        last = len(data) // B * B  # the partial last block starts here
+        for off, size in [(0, 1), (0, B), (5, 3 * B), (31 * B + 7, 2 * B), (last - B, B),
+                          (last - 10, 10), (100 * B, 256 * 1024)]:
+            assert bytes(r.read_one(off, size)) == data[off:off + size], (off, size)
+        for off, size in [(last, 10), (last - 1, 2), (len(data) - 1, 1), (len(data), 1),
+                          (0, 256 * 1024 + 1), (0, 0)]:
+            assert r.read_one(off, size) is None, (off, size)
+        with open(path, "r+b") as f:  # a flipped byte fails the short path too
+            f.seek(700 * B)
+            f.write(b"\x00" if data[700 * B] else b"\x01")
+        with pytest.raises(IntegrityError) as e:
+            r.read_one(699 * B + 1, 2 * B)
+        assert e.value.offset == 700 * B
+        os.truncate(path, 1000 * B)  # short: left to read_steps, which names the truncation
+        assert r.read_one(1000 * B - 1, 2) is None
+    finally:
+        os.close(fd)

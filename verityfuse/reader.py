@@ -5,7 +5,11 @@ call per piece (hashes of every block compared with the verified leaf hashes,
 split across two cores), then sliced: only bytes that were hashed are ever
 returned.
 
-The daemon drives ``read_steps`` on its request thread: a generator that reads
+Most requests are one piece of data in memory that does not reach the file's
+last block: ``read_one`` answers them in one pread and one native call, with
+nothing else in the way (a 4 KiB read costs ~8 us here, 3 of them hashing).
+
+The daemon drives ``read_steps`` for the others, on its request thread: a generator that reads
 and verifies one piece (``STEP`` bytes) per step, so that between steps the
 daemon can answer a metadata request, which then waits for one piece at most,
 not for a whole 1 MiB read.  When the backing data is in memory (the page
@@ -91,6 +95,40 @@ class VerifiedReader:
                 next(steps)
         except StopIteration as done:
             return done.value
+
+    def read_one(self, offset: int, size: int) -> Optional[Data]:
+        """The common read on the request thread, in as few steps as possible: whole
+        blocks inside the file's body, one piece, data in memory.  None when the read
+        is not of that kind or would wait on I/O: then use ``read_steps``."""
+        bs = self.bs
+        start = offset - offset % bs
+        stop = offset + size + bs - 1
+        stop -= stop % bs
+        n = stop - start
+        # The last block (zero-padded, followed by the end-of-file check) takes the long way.
+        if stop >= self.data_size or n > self.step or size <= 0:
+            return None
+        free = POOL.free
+        buf = free.pop() if free else POOL.take(n)  # pooled buffers hold any piece
+        try:
+            mv = memoryview(buf)[:n]
+            if self.in_memory:
+                got = os.preadv(self.fd, (mv,), start)
+            elif self.nowait:
+                try:
+                    got = os.preadv(self.fd, (mv,), start, os.RWF_NOWAIT)
+                except OSError:
+                    return None  # read_steps sorts out why
+            else:
+                return None
+            if got != n:
+                return None  # short: read_steps retries (and names a truncation)
+            self.verifier.verify(start // bs, mv)
+        finally:
+            POOL.give(buf)  # reused only after this read's reply is sent
+        if self.stats is not None:
+            self.stats.verified(n // bs, size)
+        return mv[offset - start: offset - start + size]
 
     def read_steps(self, offset: int, size: int) -> Generator[None, None, Optional[Data]]:
         """``read`` one piece per step, for the request thread; returns None if the
