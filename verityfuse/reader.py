@@ -9,14 +9,15 @@ Most requests are one piece of data in memory that does not reach the file's
 last block: ``read_one`` answers them in one pread and one native call, with
 nothing else in the way (a 4 KiB read costs ~8 us here, 3 of them hashing).
 
-The daemon drives ``read_steps`` for the others, on its request thread: a generator that reads
-and verifies one piece (``STEP`` bytes) per step, so that between steps the
-daemon can answer a metadata request, which then waits for one piece at most,
-not for a whole 1 MiB read.  When the backing data is in memory (the page
-cache, checked with RWF_NOWAIT; or a tmpfs/ramfs file) a request costs one
-pread and one native call per piece with no thread hand-off; when a read would
-wait for the disk, the generator returns None and the daemon repeats the read
-with ``read`` in a worker thread, so the request loop never waits on I/O.
+The daemon drives ``read_steps`` for the others, on its request thread: a
+generator that reads and verifies one piece (``STEP`` bytes) per step, so that
+between steps the daemon can answer a metadata request, which then waits for
+one piece at most, not for a whole 1 MiB read. When the backing data is in
+memory (the page cache, checked with RWF_NOWAIT; or a tmpfs/ramfs file) a
+request costs one pread and one native call per piece with no thread hand-off;
+when a read would wait for the disk, the generator returns None and the daemon
+repeats the read with ``read`` in a worker thread, so the request loop never
+waits on I/O.
 
 Buffers are page-aligned (anonymous mmap): the kernel copies into a buffer that
 starts a few bytes past a page boundary three times slower.

@@ -78,12 +78,10 @@ class Verifier:
         self._key = (self.params.alg.number, tree.digest)
 
     def _verified_tree_block(self, level: int, index: int) -> bytes:
-        block = self.cache.get(self._key + (level, index))
-        return block if block is not None else self._load_tree_block(level, index)
-
-    def _load_tree_block(self, level: int, index: int) -> bytes:
-        """Read a tree block from the store, check it (and its ancestors, up to the first
-        one in the cache) and cache it."""
+        key = self._key + (level, index)
+        block = self.cache.get(key)
+        if block is not None:
+            return block
         pos = self.geo.level_start[level] + index
         block = self.tree.read_tree_block(pos)
         actual = self.hasher(block)
@@ -98,7 +96,7 @@ class Verifier:
                 self.label, pos * self.params.block_size, expected, actual,
                 what=f"Merkle tree block (level {level}, index {index}) at tree offset",
             )
-        self.cache.put(self._key + (level, index), block)
+        self.cache.put(key, block)
         return block
 
     def expected_hashes(self, first_block: int, n: int):
@@ -125,16 +123,8 @@ class Verifier:
     def verify(self, first_block: int, data) -> None:
         """Check whole blocks ``data`` (zero-padded) starting at data block ``first_block``:
         one native call hashes and compares them all (GIL released, both cores)."""
-        bs, ds, hpb = self.params.block_size, self.ds, self.hpb
-        n = len(data) // bs
-        leaf_index, slot = divmod(first_block, hpb)
-        if slot + n <= hpb and self.top >= 0:  # expected_hashes' common case, inlined: most reads
-            leaf = self.cache.get(self._key + (0, leaf_index))
-            if leaf is None:
-                leaf = self._load_tree_block(0, leaf_index)
-            expected = memoryview(leaf)[slot * ds:(slot + n) * ds]
-        else:
-            expected = self.expected_hashes(first_block, n)
+        bs, ds = self.params.block_size, self.ds
+        expected = self.expected_hashes(first_block, len(data) // bs)
         bad = self.verify_blocks(data, expected)
         if bad >= 0:
             block = memoryview(data)[bad * bs:(bad + 1) * bs]
