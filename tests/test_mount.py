@@ -203,6 +203,26 @@ def test_truncated_or_extended_backing_file(fresh, verified_mount, change):
     assert e.value.errno == errno.EIO
 
 
+@pytest.mark.parametrize("backing", ["on-disk", "in-memory"])
+def test_backing_file_extended_while_open(fresh, verified_mount, backing):
+    """The size is checked at open; extended after it, the read that reaches the sealed
+    end fails, on both read paths: data read by a worker thread, and data already in the
+    page cache, answered on the request thread (the short path must not skip the check)."""
+    m = verified_mount(fresh)
+    data = (fresh / "f").read_bytes()  # whole blocks: the end is a block boundary
+    assert len(data) % B == 0
+    with open(m.mountpoint / "f", "rb", buffering=0) as reader:
+        with open(fresh / "f", "ab") as fh:
+            fh.write(b"more")
+        drop_caches()
+        if backing == "in-memory":
+            (fresh / "f").read_bytes()  # the backing file's pages, not the mount's
+        assert reader.read(B) == data[:B]
+        with pytest.raises(OSError) as e:
+            os.pread(reader.fileno(), B, len(data) - B)
+        assert e.value.errno == errno.EIO
+
+
 def test_writes_to_verity_files_are_eperm(fresh, verified_mount):
     m = verified_mount(fresh)
     f = str(m.mountpoint / "f")
