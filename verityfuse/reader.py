@@ -107,23 +107,14 @@ class VerifiedReader:
         stop -= stop % bs
         n = stop - start
         # The last block (zero-padded, followed by the end-of-file check) takes the long way.
-        if stop >= self.data_size or n > self.step or size <= 0:
+        if stop >= self.data_size or n > self.step or size <= 0 or \
+                not (self.in_memory or self.nowait):
             return None
-        free = POOL.free
-        buf = free.pop() if free else POOL.take(n)  # pooled buffers hold any piece
+        buf = POOL.take(n)
         try:
             mv = memoryview(buf)[:n]
-            if self.in_memory:
-                got = os.preadv(self.fd, (mv,), start)
-            elif self.nowait:
-                try:
-                    got = os.preadv(self.fd, (mv,), start, os.RWF_NOWAIT)
-                except OSError:
-                    return None  # read_steps sorts out why
-            else:
-                return None
-            if got != n:
-                return None  # short: read_steps retries (and names a truncation)
+            if self._pread(mv, start, inline=True) != n:
+                return None  # would wait, or short: read_steps retries (names a truncation)
             self.verifier.verify(start // bs, mv)
         finally:
             POOL.give(buf)  # reused only after this read's reply is sent
