@@ -261,3 +261,81 @@ def test_no_request_writes_a_traceback(src, verified_mount):
     log = m.log()
     assert log.count("integrity failure: f: data block at offset 0") == 1
     assert "Traceback" not in log and "unexpected error" not in log
+
+
+def test_create_racing_a_rename_never_strips_a_verity_file(tmp_path):
+    """Another process renames a verity file over the name being created, between
+    create's O_EXCL open and its lookup: create must not take the inode it then finds
+    for the one it made (marking it not-verity would let the next open write it and
+    read it unverified)."""
+    import verityfuse
+    from verityfuse.verifier import TreeBlockCache
+    from verityfuse.view_local import LocalView
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(3 * 4096 + 5)
+    write(src / "sealed", data)
+    verityfuse.seal(src)
+    with Store(str(src / ".verityfuse")) as st:
+        view = LocalView(str(src), st, TreeBlockCache())
+        real_lookup = view.inodes.lookup
+
+        def racing_lookup(parent, name):
+            if name == b"new":  # the other process, between the two syscalls
+                os.rename(src / "sealed", src / "new")
+            return real_lookup(parent, name)
+
+        try:
+            view.inodes.lookup = racing_lookup
+            with pytest.raises(OSError) as e:
+                view.create(1, b"new", 0o644, os.O_WRONLY, None)
+            assert e.value.errno == errno.EIO
+            view.inodes.lookup = real_lookup
+            ino = view.lookup(1, b"new").ino
+            with pytest.raises(OSError) as e:
+                view.open(ino, os.O_WRONLY)
+            assert e.value.errno == errno.EPERM  # still a verity file
+            fh = view.open(ino, os.O_RDONLY)
+            try:
+                assert fh.reader is not None and bytes(fh.reader.read(0, len(data))) == data
+            finally:
+                view.release(fh)
+            assert view.close() == 1  # the one lookup above, never forgotten here
+        finally:
+            view.inodes.lookup = real_lookup
+
+
+def test_enable_commit_that_cannot_verify_an_open_file_closes_it(tmp_path):
+    """If a file open during an enable cannot be given a reader at commit (here the
+    backing file grew between the build and the commit), that handle must not go on
+    reading unverified bytes of what is now a verity file: it fails closed."""
+    from verityfuse import ioctl, merkle
+    from verityfuse.errors import SizeMismatch
+    from verityfuse.verifier import TreeBlockCache
+    from verityfuse.view_local import LocalView
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", os.urandom(5 * 4096))
+    with Store(str(src / ".verityfuse"), create=True) as st:
+        view = LocalView(str(src), st, TreeBlockCache())
+        ino = view.lookup(1, b"f").ino
+        fh = view.open(ino, os.O_RDONLY)
+        try:
+            job = view.enable_check(ino, fh, ioctl.parse_enable(ioctl.pack_enable(merkle.Params())))
+            try:
+                view.enable_build(job)
+                with open(src / "f", "ab") as w:  # another process, before the commit
+                    w.write(b"unverified tail")
+                with pytest.raises(SizeMismatch):
+                    view.enable_commit(job)
+            finally:
+                view.enable_finish(job)
+            assert fh.reader is None
+            with pytest.raises(OSError) as e:
+                os.pread(fh.fd, 4096, 0)  # what the daemon does for a handle without a reader
+            assert e.value.errno == errno.EBADF
+        finally:
+            view.release(fh)
+            view.close()

@@ -88,11 +88,14 @@ class IoctlHandlers:
         view = self.view
         try:
             await trio.to_thread.run_sync(view.enable_build, job, cancel)
-            view.enable_commit(job)
-            # Pages cached before the commit were never verified: drop them before
-            # the caller learns the file is verity.  From a worker thread: the
-            # kernel may wait on a page lock held by a reader that waits on us.
-            await trio.to_thread.run_sync(self._invalidate, job.inode.ino)
+            try:
+                view.enable_commit(job)
+            finally:
+                # Pages cached before the commit were never verified: drop them before
+                # the caller learns the outcome (also when commit failed half-way: the
+                # inode may be verity already).  From a worker thread: the kernel may
+                # wait on a page lock held by a reader that waits on us.
+                await trio.to_thread.run_sync(self._invalidate, job.inode.ino)
             request.reply()
         except treebuild.Cancelled:
             log.info("enable of %s interrupted; nothing committed", job.rel)

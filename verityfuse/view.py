@@ -20,6 +20,8 @@ from typing import Optional
 # Verity state of a regular file: the descriptor, the trusted digest, the tree
 # reader and the signature, as fsverity_op.Metadata carries them.
 from . import merkle
+from .reader import VerifiedReader
+from .verifier import Verifier
 
 XATTR_PREFIX = b"user.fsverity."
 
@@ -71,13 +73,22 @@ class Attr:
 class FileHandle:
     """An open file: its backing fd and, for a verity file, the reader that checks it."""
 
-    __slots__ = ("fd", "node", "reader", "writable", "keep_cache", "closers")
+    __slots__ = ("fd", "node", "reader", "writable", "closers")
 
-    def __init__(self, fd, node, reader=None, writable=False, closers=()):
-        self.fd, self.node, self.reader, self.writable = fd, node, reader, writable
+    def __init__(self, fd: int, node, writable: bool = False) -> None:
+        self.fd, self.node, self.writable = fd, node, writable
+        self.reader: Optional[VerifiedReader] = None
+        self.closers: list = []  # what else to close with it (a tree object)
+
+    @property
+    def keep_cache(self) -> bool:
         # Verified pages may stay cached: they were verified when filled.
-        self.keep_cache = reader is not None
-        self.closers = list(closers)  # what else to close with it (a tree object)
+        return self.reader is not None
+
+    def verify_with(self, tree, cache, label: str, stats) -> None:
+        """From now on every read is checked against ``tree`` (closed with the handle)."""
+        self.closers.append(tree)
+        self.reader = VerifiedReader(self.fd, Verifier(tree, cache, label), label, stats)
 
     def close(self):
         for c in self.closers:

@@ -23,8 +23,6 @@ from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
 from .view_local_meta import LocalMetadata
 from .logs import requests as ratelog
-from .reader import VerifiedReader
-from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -250,12 +248,12 @@ class LocalView(LocalMetadata):
                 raise OSError(errno.ETXTBSY, "enable running")  # as the kernel
         if fd is None:
             fd = os.open(i.proc_path, (flags & ~_STRIP) | os.O_CLOEXEC)
+        fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
         try:
-            fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
             if v is not NOT_VERITY:
                 self._attach_reader(fh, v)
         except BaseException:
-            os.close(fd)
+            fh.close()  # the fd, and the tree if it was opened
             raise
         i.handles += 1
         if fh.writable:
@@ -268,10 +266,7 @@ class LocalView(LocalMetadata):
         label = self.relpath(fh.node)
         if size != v.size:
             raise SizeMismatch(f"{label}: backing file is {size} bytes, sealed size {v.size}")
-        tree = self.verity.tree(v)
-        fh.reader = VerifiedReader(fh.fd, Verifier(tree, self.cache, label), label, self.stats)
-        fh.closers.append(tree)
-        fh.keep_cache = True
+        fh.verify_with(self.verity.tree(v), self.cache, label, self.stats)
 
     def open(self, ino: int, flags: int, ctx=None) -> FileHandle:
         return self._open(self.inodes[ino], flags)
@@ -289,7 +284,12 @@ class LocalView(LocalMetadata):
         try:
             attrs = self._lookup(p, name)
             i = self.inodes[attrs.ino]
-            i.verity = NOT_VERITY  # a new file has no verity
+            if self.inodes._identify(fd, os.fstat(fd))[0] != i.key:
+                # Renamed over by another process between the open and the lookup:
+                # the name is not the file this request made.
+                self.unlookup(i.ino)
+                raise OSError(errno.EIO, f"{self.relpath(p, name)} was replaced while created")
+            i.verity = NOT_VERITY  # the file this request just made: no verity yet
         except BaseException:
             os.close(fd)
             raise

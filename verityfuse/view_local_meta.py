@@ -117,9 +117,16 @@ class LocalMetadata:
     def enable_commit(self, job):
         """The inode is verity from now on, files already open included."""
         v = self.verity.commit(job)
-        for fh in list(job.inode.files):
-            if fh.reader is None:
-                self._attach_reader(fh, v)
+        try:
+            for fh in list(job.inode.files):
+                if fh.reader is None:
+                    self._attach_reader(fh, v)
+        except BaseException:
+            # Fail closed: a handle of a verity file never reads unverified bytes (EBADF).
+            for fh in job.inode.files:
+                if fh.reader is None:
+                    fh.close()
+            raise
 
     def enable_finish(self, job):
         self.verity.finish(job)

@@ -16,14 +16,13 @@ addressed: the store's index is never consulted).  The mount is read-only.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import Corruption, SizeMismatch
-from .reader import VerifiedReader
-from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
 
 # The manifest cannot change under a mount: the kernel may cache it all.
@@ -48,7 +47,11 @@ class ManifestView:
         # The share root the administrator named (a symlink there is their choice);
         # nothing below it is followed.
         self.root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.blocks = sum(-(-n.size // 4096) for n in tree.files())
+
+    @functools.cached_property
+    def blocks(self) -> int:
+        """4 KiB blocks of all files (statfs): a walk of every entry, so not at mount."""
+        return sum(-(-n.size // 4096) for n in self.tree.files())
 
     def close(self) -> int:
         os.close(self.root_fd)
@@ -149,23 +152,17 @@ class ManifestView:
         node = self._file(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             _erofs()
-        tree = self.open_tree(node)
+        fh = FileHandle(self._open_backing(node), node)
         try:
-            fd = self._open_backing(node)
-            try:
-                size = os.fstat(fd).st_size
-                if size != node.size:
-                    raise SizeMismatch(f"{node.path}: the share's file is {size} bytes, the "
-                                       f"manifest says {node.size}")
-                reader = VerifiedReader(fd, Verifier(tree, self.cache, node.path), node.path,
-                                        self.stats)
-            except BaseException:
-                os.close(fd)
-                raise
+            fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats)
+            size = os.fstat(fh.fd).st_size
+            if size != node.size:
+                raise SizeMismatch(f"{node.path}: the share's file is {size} bytes, the "
+                                   f"manifest says {node.size}")
         except BaseException:
-            tree.close()
+            fh.close()
             raise
-        return FileHandle(fd, node, reader, closers=[tree])
+        return fh
 
     def release(self, fh: FileHandle):
         fh.close()
