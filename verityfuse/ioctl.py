@@ -32,10 +32,9 @@ FS_XFLAG_VERITY = 0x00020000  # read-only, as in the kernel (2026)
 FS_IMMUTABLE_FL = 0x00000010
 FS_APPEND_FL = 0x00000020
 
-# Block sizes this implementation enables: the kernel takes 1 KiB up to the
-# page size; a userspace server is not bound by pages, 64 KiB is fsverity-utils' largest test.
+# Block sizes this implementation enables: the kernel takes 1 KiB up to the page size.
 MIN_ENABLE_BLOCK_SIZE = 1024
-MAX_ENABLE_BLOCK_SIZE = 65536
+MAX_ENABLE_BLOCK_SIZE = merkle.MAX_BLOCK_SIZE
 
 
 @dataclass(frozen=True)

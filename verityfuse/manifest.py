@@ -146,11 +146,16 @@ def read_envelope(path: str):
         raise ManifestError(f"{path}: malformed envelope (payload)")
     if env.get("version") != ENVELOPE_VERSION:
         raise ManifestError(f"{path}: unsupported envelope version {env.get('version')!r}")
+    return env, _b64(data[start:end], f"{path}: payload")
+
+
+def _b64(text, where: str) -> bytes:
     try:
-        payload = base64.b64decode(data[start:end], validate=True)
+        if isinstance(text, (str, bytes)):
+            return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ManifestError(f"{path}: payload: invalid base64") from None
-    return env, payload
+        pass
+    raise ManifestError(f"{where}: invalid base64")
 
 
 def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25519PublicKey]):
@@ -167,13 +172,7 @@ def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25
         key = trusted.get(kid)
         if key is None:
             continue
-        sig = s.get("signature")
-        try:
-            raw = base64.b64decode(sig, validate=True) if isinstance(sig, str) else None
-        except (binascii.Error, ValueError):
-            raw = None
-        if raw is None:
-            raise ManifestError(f"{path}: signatures[{n}]: invalid base64")
+        raw = _b64(s.get("signature"), f"{path}: signatures[{n}]")
         try:
             key.verify(raw, payload)
             return

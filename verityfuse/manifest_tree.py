@@ -31,7 +31,7 @@ MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_TARGET_BYTES = 4095
 MAX_LINE_BYTES = 16384
-MAX_BLOCK_SIZE = 65536
+MAX_BLOCK_SIZE = merkle.MAX_BLOCK_SIZE
 MAX_ID = 0xFFFFFFFE          # uid/gid; (uid_t)-1 means "no change" to the kernel
 MAX_SIZE = (1 << 63) - 1
 TIME_RANGE = (-(1 << 63), (1 << 63) - 1)
@@ -47,11 +47,11 @@ CONVERT_HINT = ("re-create it from the source tree with `verityfuse seal SOURCE 
 class Node:
     """One entry of the trusted tree.  ``ino`` is its position + 1 (root: 1)."""
 
-    __slots__ = ("ino", "parent", "path", "name", "mode", "uid", "gid", "mtime", "size", "nlink",
+    __slots__ = ("ino", "parent", "path", "mode", "uid", "gid", "mtime", "size", "nlink",
                  "children", "target", "alg", "digest", "params")
 
-    def __init__(self, ino, parent, path, name, mode, uid, gid, mtime):
-        self.ino, self.parent, self.path, self.name = ino, parent, path, name
+    def __init__(self, ino, parent, path, mode, uid, gid, mtime):
+        self.ino, self.parent, self.path = ino, parent, path
         self.mode, self.uid, self.gid, self.mtime = mode, uid, gid, mtime
         self.size, self.nlink = 0, 1
         self.children: Optional[Dict[bytes, "Node"]] = None
@@ -70,13 +70,8 @@ class Node:
 class Tree:
     """A parsed payload: ``nodes[ino - 1]``, the root first."""
 
-    def __init__(self, nodes: List[Node], payload_bytes: int):
+    def __init__(self, nodes: List[Node]):
         self.nodes = nodes
-        self.payload_bytes = payload_bytes
-
-    @property
-    def root(self) -> Node:
-        return self.nodes[0]
 
     def node(self, ino: int) -> Optional[Node]:
         return self.nodes[ino - 1] if 0 < ino <= len(self.nodes) else None
@@ -297,7 +292,7 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
             raise _bad(where, n, path, "the first entry must be the root directory '.'")
         else:
             parent, pino, name = None, 1, b""
-        node = Node(len(nodes) + 1, pino, path, name, mode | TYPES[kind], uid, gid, mtime)
+        node = Node(len(nodes) + 1, pino, path, mode | TYPES[kind], uid, gid, mtime)
         if kind == "file":
             node.size = size
             params = params_cache.get((digest[:7], bs, salt))
@@ -326,7 +321,7 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
         nodes.append(node)
     if not nodes:
         raise ManifestError(f"{where}: no entries (the root directory '.' must be listed)")
-    return Tree(nodes, len(payload))
+    return Tree(nodes)
 
 
 def _params(e: list, where: str, n: int) -> merkle.Params:

@@ -50,6 +50,11 @@ ALGORITHMS = {a.name: a for a in (SHA256, SHA512)}
 ALGORITHMS_BY_NUMBER = {a.number: a for a in (SHA256, SHA512)}
 
 DEFAULT_BLOCK_SIZE = 4096
+# The largest block size verityfuse enables, reads from a store or accepts in a
+# manifest: a userspace server is not bound by pages (the kernel stops at the
+# page size), and 64 KiB is fsverity-utils' largest test.  It also bounds what
+# one read may cost: a tree block is read whole.
+MAX_BLOCK_SIZE = 65536
 # fsverity-utils allows 64 levels; the kernel allows 8 and answers EFBIG past that.
 MAX_LEVELS = uapi.FS_VERITY_MAX_LEVELS
 

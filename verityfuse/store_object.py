@@ -20,7 +20,7 @@ OBJECT_MAGIC = b"VFSTREE1"
 OBJECT_HEADER = struct.Struct("<8sIIQ40s")
 HEADER_SIZE = OBJECT_HEADER.size
 TREE_OFFSET = HEADER_SIZE + uapi.FS_VERITY_DESCRIPTOR_SIZE
-MAX_BLOCK_SIZE = 65536  # as enable: larger trees are refused as corrupt
+MAX_BLOCK_SIZE = merkle.MAX_BLOCK_SIZE  # larger trees are refused as corrupt
 
 
 class StoredTree:
