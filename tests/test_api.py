@@ -494,3 +494,17 @@ def test_threads_share_one_file(tmp_path):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda o: f.read_at(o, 10000), offsets))
     assert got == [data[o:o + 10000] for o in offsets]
+
+
+def test_every_module_imports_first():
+    """No import cycle breaks a module imported on its own (verified_file and api
+    import each other)."""
+    import pkgutil
+    import verityfuse
+
+    for m in pkgutil.iter_modules(verityfuse.__path__):
+        if m.name == "_fuseshim":  # a library for ctypes (loaded by fuseshim.py), not a module
+            continue
+        r = subprocess.run([sys.executable, "-c", f"import verityfuse.{m.name}"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (m.name, r.stderr[-300:])

@@ -12,12 +12,12 @@ import threading
 from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import merkle, treebuild
-from .api import Digest, NotSealedError, PathArg, _as_digest, _digest_of, _existing_store, \
-    _open_regular, _path
 from .errors import Corruption, SizeMismatch, VerityError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
+
+    from .api import Digest, PathArg
 
     from .reader import VerifiedReader
     from .store import StoredTree
@@ -254,6 +254,9 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     from .reader import VerifiedReader
     from .store import Store
     from .verifier import Verifier
+
+    # Here, not at the top: api imports this module (a cycle either way round).
+    from .api import NotSealedError, _as_digest, _digest_of, _existing_store, _open_regular, _path
 
     label = _path(path)
     pinned = _as_digest(digest) if digest is not None else None
