@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import stat
+import shutil
 import subprocess
 import sys
 
@@ -200,6 +201,32 @@ def test_format_1_store_is_refused_then_upgraded(src, tmp_path):
         assert entry_of_path(st, src / "big").digest == e.digest
     r = subprocess.run([*vf, "verify", src, "--store", store, "-v"], capture_output=True, text=True)
     assert r.returncode == 0 and f"OK {e.digest_text} {src}/big" in r.stdout
+
+
+def test_upgrade_never_indexes_a_file_through_a_symlinked_directory(src, tmp_path):
+    """A format-1 entry "link/big" where link is now a symlink to a directory outside
+    SOURCE: the upgrade must not index the inode out there (a later read of whatever
+    SOURCE/link/big becomes would be checked against it); the entry is dropped."""
+    store = tmp_path / "store"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(src / "big", outside / "big")
+    os.symlink(outside, src / "link")
+    with Store(str(store), create=True) as st:
+        e = seal(st, src, "big")
+        os.remove(os.path.join(st.path, *st._index_parts(e.key)))
+    (store / "VERSION").write_bytes(b"verityfuse-store 1\n")
+    h = hashlib.sha256(b"link/big").hexdigest()
+    (store / "index" / h[:2]).mkdir(parents=True)
+    (store / "index" / h[:2] / h).write_text(
+        json.dumps({"version": 1, "path": "link/big", "digest": e.digest_text}))
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "upgrade-store", src, "--store",
+                        store], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "link/big: Too many levels of symbolic links; its entry is dropped" in r.stderr
+    assert "0 entries converted, 1 dropped" in r.stderr
+    with Store(str(store)) as st:
+        assert entry_of_path(st, outside / "big") is None
 
 
 def test_store_version_is_checked(tmp_path):

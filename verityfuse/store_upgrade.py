@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from typing import Callable, Tuple
 
-from . import identity
+from . import fsutil, identity
 from .errors import StoreCorrupt
-from .sealing import open_regular
-from .store import VERSION_1_TEXT, VERSION_TEXT, Store, normalize_relpath, parse_digest
+from .store import INDEX_ENTRY_MAX, VERSION_TEXT, Store, normalize_relpath, parse_digest
 
 V1_INDEX = "index"
 
@@ -26,6 +26,18 @@ def upgrade(source: str, store: Store, warn: Callable[[str], None]) -> Tuple[int
     """(entries converted, entries dropped).  ``store`` is opened objects_only."""
     if store.version == 2:
         return 0, 0
+    srcfd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        converted, dropped = _convert(srcfd, store, warn)
+    finally:
+        os.close(srcfd)
+    store._atomic_write((), "VERSION", VERSION_TEXT)
+    shutil.rmtree(os.path.join(store.path, V1_INDEX), ignore_errors=True)
+    store.version = 2
+    return converted, dropped
+
+
+def _convert(srcfd: int, store: Store, warn: Callable[[str], None]) -> Tuple[int, int]:
     converted = dropped = 0
     v1 = os.path.join(store.path, V1_INDEX)
     for shard in sorted(os.listdir(v1)) if os.path.isdir(v1) else ():
@@ -40,7 +52,7 @@ def upgrade(source: str, store: Store, warn: Callable[[str], None]) -> Tuple[int
             if fd is None:  # removed meanwhile
                 continue
             try:
-                doc = json.loads(os.read(fd, 1 << 16))
+                doc = json.loads(os.read(fd, INDEX_ENTRY_MAX))
                 path = normalize_relpath(doc["path"])
                 alg, digest = parse_digest(doc["digest"])
                 sig = bytes.fromhex(doc.get("signature", ""))
@@ -48,21 +60,19 @@ def upgrade(source: str, store: Store, warn: Callable[[str], None]) -> Tuple[int
                 raise StoreCorrupt(f"{where}: malformed format-1 index entry: {e}") from None
             finally:
                 os.close(fd)
-            try:
-                ffd = open_regular(os.path.join(source, path))
+            try:  # the file at that path now, reached through no symlink at all
+                ffd = fsutil.open_beneath(srcfd, os.fsencode(path))
             except OSError as e:
                 warn(f"{path}: {e.strerror}; its entry is dropped")
                 dropped += 1
                 continue
             try:
+                if not stat.S_ISREG(os.fstat(ffd).st_mode):
+                    warn(f"{path}: not a regular file; its entry is dropped")
+                    dropped += 1
+                    continue
                 store.set_entry(identity.key_of(ffd), alg, digest, sig, path)
                 converted += 1
             finally:
                 os.close(ffd)
-    store._atomic_write((), "VERSION", VERSION_TEXT)
-    shutil.rmtree(v1, ignore_errors=True)
-    store.version = 2
     return converted, dropped
-
-
-__all__ = ["upgrade", "VERSION_1_TEXT"]
