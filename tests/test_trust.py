@@ -136,6 +136,29 @@ def test_tree_and_descriptor_attacks(share, verified_mount):
     assert open_errno(g.mountpoint / "config") == errno.EIO
 
 
+def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
+    """The default store is SOURCE/.verityfuse, inside the host's share: the host must
+    not be able to point the daemon at a directory elsewhere in the guest with a
+    symlink there (the objects would still have to hash right, but the daemon would
+    read wherever the host says)."""
+    src, m, pub = share
+    elsewhere = tmp_path / "guest-dir"
+    shutil.move(src / ".verityfuse", elsewhere)
+    os.symlink(elsewhere, src / ".verityfuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = vf("mount", src, mnt, "--manifest", m, "--trust-key", pub)
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", mnt])
+    assert r.returncode == 1, r.stderr
+    assert f"store {src}/.verityfuse: not a directory in the share (a symlink there is refused" \
+        in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("attack", ["other-key", "edited-entry", "rolled-back"])
 def test_manifest_attacks_refuse_to_mount(share, tmp_path, attack):
     src, m, pub = share

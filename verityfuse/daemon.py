@@ -107,8 +107,10 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
     if trust.manifest is not None:
         from .view_manifest import ManifestView
 
-        # The share is the host's: read it, never write to it.
-        store = Store(s.store or default_store(source), objects_only=True)
+        # The share is the host's: read it, never write to it, and follow no symlink
+        # in it (the default store is the share's).
+        store = Store(s.store or default_store(source), objects_only=True,
+                      in_share=not s.store)
         m = trust.manifest
         log.info("manifest %s: %d entries, digest %s", s.manifest, len(m.tree.nodes), m.digest)
         return ManifestView(source, m.tree, store, cache, m.digest, stats=stats), store

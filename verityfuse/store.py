@@ -92,8 +92,9 @@ class Store:
     """
 
     def __init__(self, path: str, create: bool = False, objects_only: bool = False,
-                 lazy: bool = False):
+                 lazy: bool = False, in_share: bool = False):
         self.path = os.path.abspath(path)
+        self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
         self.version = 2
         if create:
@@ -118,12 +119,19 @@ class Store:
 
     def _open_root(self) -> bool:
         try:
-            # The root itself may be reached through a symlink the user chose;
-            # nothing below it is.
-            self.rootfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # The root itself may be reached through a symlink the user chose (not
+            # one in a share); nothing below it is.
+            nofollow = os.O_NOFOLLOW if self.in_share else 0
+            self.rootfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | nofollow)
             return True
         except FileNotFoundError:
             return False
+        except OSError as e:
+            if self.in_share and e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreCorrupt(f"store {self.path}: not a directory in the share (a symlink "
+                                   f"there is refused; name the store's own path with --store)"
+                                   ) from None
+            raise
 
     @property
     def exists(self) -> bool:
