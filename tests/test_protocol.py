@@ -149,6 +149,7 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
     src.mkdir()
     write(src / "f", pattern(100000))
     os.mkdir(src / "d")
+    os.mkfifo(src / "p")
     with Store(str(src / ".verityfuse"), create=True) as st:
         ops = VerityOperations(LocalView(str(src), st, TreeBlockCache()))
         try:
@@ -163,6 +164,9 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
             with pytest.raises(Errno) as e:
                 ops.fsverity(dino, enable)
             assert e.value.errno == errno.EISDIR
+            with pytest.raises(Errno) as e:  # a FIFO is never opened (that would block)
+                ops.fsverity(ops.view.lookup(1, b"p").ino, enable)
+            assert e.value.errno == errno.EINVAL
             desc = op.decode_reply(ops.fsverity(ino, op.encode_request(op.OP_GET_DESCRIPTOR, 0, 256)))[0]
             subprocess.run([FSVERITY, "digest", "--salt=6162", src / "f", f"--out-descriptor={tmp_path}/d"],
                            check=True, capture_output=True)

@@ -133,7 +133,10 @@ class LocalMetadata:
 
     def enable_sync(self, ino: int, arg):
         """FUSE_FSVERITY ENABLE: the same checks, build and commit, synchronously."""
-        fh = FileHandle(os.open(self.inodes[ino].proc_path, os.O_RDONLY | os.O_CLOEXEC), None)
+        i = self.inodes[ino]
+        if not (i.is_reg or stat.S_ISDIR(i.mode)):  # never open a FIFO or a device
+            raise Errno(errno.EINVAL, "not a regular file")  # what enable_check says of them
+        fh = FileHandle(os.open(i.proc_path, os.O_RDONLY | os.O_CLOEXEC), None)
         try:
             job = self.enable_check(ino, fh, arg)
             try:
