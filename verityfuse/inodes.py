@@ -102,8 +102,7 @@ class InodeTable:
         self.fsids: Dict[int, int] = {}
         self._next_synthetic = SYNTHETIC
         self.root = self._new(ROOT_INO, root_fd, st)
-        self.root.lookups = 1  # never forgotten
-        self.lru.pop(self.root, None)  # pinned
+        self.root.lookups = 1  # never forgotten (and its fd is pinned: see _cache)
 
     # -- identity ---------------------------------------------------------------------
 

@@ -116,11 +116,6 @@ def _xflags(buf: bytes) -> int:
     return struct.unpack_from("<I", buf)[0]
 
 
-def strip_xflag_verity(buf: bytes) -> bytes:
-    """FSSETXATTR's argument without the verity xflag, which only enable sets."""
-    return struct.pack("<I", _xflags(buf) & ~FS_XFLAG_VERITY) + buf[4:FSXATTR_SIZE]
-
-
 def with_xflag_verity(buf: bytes, verity: bool) -> bytes:
     flags = _xflags(buf) & ~FS_XFLAG_VERITY
     return struct.pack("<I", flags | (FS_XFLAG_VERITY if verity else 0)) + buf[4:FSXATTR_SIZE]

@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from . import ioctl as vioctl
-from . import treebuild, uapi
+from . import creds, treebuild, uapi
 from .errors import VerityError
 from .fuseshim import Request
 from .view import FileHandle
@@ -73,11 +73,7 @@ class IoctlHandlers:
         then the build in a worker thread; the request is answered from there."""
         arg = vioctl.parse_enable(data)                          # EINVAL, EMSGSIZE
         uid, gid, pid = self.shim.ctx(request.req)
-        try:
-            groups = set(pyfuse3.get_sup_groups(pid))
-        except (OSError, ValueError):
-            groups = set()
-        job = self.view.enable_check(ino, h, arg, (uid, gid, groups))
+        job = self.view.enable_check(ino, h, arg, (uid, gid, set(creds.groups_of(pid))))
         self.nursery.start_soon(self._enable, request, job)
 
     async def _enable(self, request: Request, job):

@@ -18,7 +18,7 @@ import time
 from typing import Callable, Optional
 
 from . import creds
-from .errors import Errno, SizeMismatch
+from .errors import SizeMismatch
 from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
 from .view_local_meta import LocalMetadata
@@ -88,7 +88,7 @@ class LocalView(LocalMetadata):
             try:
                 v = self.verity.info(inode)
                 size = v.size if v is not None else None  # the sealed size, whatever the disk says
-            except (Errno, OSError, Exception):  # damaged metadata: stat works, open fails
+            except Exception:  # damaged metadata: stat works, open fails
                 pass
         return Attr.from_stat(inode.ino, st, self.timeout, size)
 
@@ -161,7 +161,7 @@ class LocalView(LocalMetadata):
         return os.fsencode(os.readlink("", dir_fd=self.inodes[ino].fd))
 
     def statfs(self):
-        s = os.statvfs(self.source)
+        s = os.statvfs(self.inodes.root.fd)  # the root we serve, not whatever the path names now
         return {f: getattr(s, f) for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
                                            "f_files", "f_ffree", "f_favail", "f_namemax")}
 

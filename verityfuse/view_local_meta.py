@@ -84,7 +84,7 @@ class LocalMetadata:
         if fh is None:
             raise OSError(errno.EBADF, "no open file")
         if new is not None:
-            fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSSETXATTR, vioctl.strip_xflag_verity(new))
+            fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSSETXATTR, vioctl.with_xflag_verity(new, False))
             return b""
         buf = bytearray(vioctl.FSXATTR_SIZE)
         fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSGETXATTR, buf)
