@@ -11,9 +11,12 @@ import os
 import stat
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .errors import IntegrityError
-from .store import Store, default_store
+
+if TYPE_CHECKING:
+    from .store import Store
 
 EXIT_ERROR = 1
 
@@ -26,8 +29,13 @@ def emit(obj: dict):
     print(json.dumps(obj, sort_keys=True), flush=True)
 
 
-def open_store(args, create: bool) -> Store:
-    return Store(args.store or default_store(args.source), create=create)
+def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
+    # Imported here: every command builds the parser that imports this module, and
+    # `digest` (the one timed against fsverity) never needs the store.
+    from .store import Store, default_store
+
+    return Store(args.store or default_store(args.source), create=create,
+                 objects_only=objects_only)
 
 
 class Progress:
@@ -266,7 +274,7 @@ def cmd_verify(args) -> int:
 def cmd_upgrade_store(args) -> int:
     from .store_upgrade import upgrade
 
-    with Store(args.store or default_store(args.source), objects_only=True) as store:
+    with open_store(args, objects_only=True) as store:
         if store.version == 2:
             print(f"store {store.path} is already format 2", file=sys.stderr)
             return 0

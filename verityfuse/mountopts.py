@@ -43,7 +43,6 @@ class Settings:
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
     remount: bool = False
-    ignored: List[str] = field(default_factory=list)
     given: List[str] = field(default_factory=list)  # daemon settings named in -o
 
 
@@ -100,7 +99,7 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
             name, eq, value = opt.partition("=")
             name = name.replace("-", "_") if name in _UNDERSCORED else name
             if name in IGNORED or opt.startswith(IGNORED_PREFIXES):
-                s.ignored.append(opt)
+                pass  # fstab and systemd options: accepted, nothing to do
             elif name == "remount":
                 s.remount = True
             elif name in VALUED:
