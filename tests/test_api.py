@@ -505,6 +505,7 @@ def test_every_module_imports_first():
     for m in pkgutil.iter_modules(verityfuse.__path__):
         if m.name == "_fuseshim":  # a library for ctypes (loaded by fuseshim.py), not a module
             continue
-        r = subprocess.run([sys.executable, "-c", f"import verityfuse.{m.name}"],
+        safe_path = ["-P"] if sys.flags.safe_path else []  # the same package as this process's
+        r = subprocess.run([sys.executable, *safe_path, "-c", f"import verityfuse.{m.name}"],
                            capture_output=True, text=True)
         assert r.returncode == 0, (m.name, r.stderr[-300:])
