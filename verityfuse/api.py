@@ -15,10 +15,10 @@ import errno as _errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, Union, cast
 
 from . import merkle, treebuild
-from .errors import IntegrityError, VerityError
+from .errors import VerityError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -354,14 +354,6 @@ class VerifyReport:
                 + (f", {errors} unreadable" if errors else ""))
 
 
-def _describe(e: BaseException) -> str:
-    if isinstance(e, IntegrityError):
-        return f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e)
-
-
 def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = False) -> VerifyReport:
     """Read every regular file under ``source`` and check each sealed one against its
     tree, as ``verityfuse verify`` does.  Nothing is written.
@@ -374,7 +366,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     :raises FileNotFoundError: ``source`` or the store does not exist.
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1.
     """
-    from .sealing import verify_file, walk_files
+    from .sealing import describe_failure, verify_file, walk_files
     from .store import Store
     from .verifier import TreeBlockCache
 
@@ -389,17 +381,10 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
         for rel in walk_files(src, st):
             res = verify_file(st, src, rel, cache)
             d = Digest(res.entry.alg.name, res.entry.digest) if res.entry is not None else None
-            status: Status
             if res.sealed and res.key is not None:
                 seen.add(res.key)
-            if res.error is None:
-                status = "ok" if res.sealed else "unsealed"
-            elif res.sealed and isinstance(res.error, VerityError):
-                status = "corrupt"
-            else:
-                status = "error"
-            msg = _describe(res.error) if res.error is not None else ""
-            results.append(FileResult(rel, status, msg, d, res.error))
+            msg = describe_failure(res.error) if res.error is not None else ""
+            results.append(FileResult(rel, cast(Status, res.status), msg, d, res.error))
         stale = sum(1 for k in st.keys() if k not in seen)
     results.sort(key=lambda r: r.path)
     return VerifyReport(os.path.abspath(src), os.path.abspath(store_path), strict,

@@ -201,15 +201,9 @@ def seal_manifest(args, store, params, key, rels) -> int:
     return 0
 
 
-def describe_failure(e: Exception) -> str:
-    if isinstance(e, IntegrityError):
-        return f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}"
-    if isinstance(e, OSError):
-        return f"{e.strerror or e}"
-    return str(e)
-
-
 def _failure_json(e: Exception) -> dict:
+    from .sealing import describe_failure
+
     out = {"error": describe_failure(e)}
     if isinstance(e, IntegrityError):
         out.update(offset=e.offset, expected=e.expected.hex(), actual=e.actual.hex(), what=e.what)
@@ -217,7 +211,7 @@ def _failure_json(e: Exception) -> dict:
 
 
 def cmd_verify(args) -> int:
-    from .sealing import verify_file, walk_files
+    from .sealing import describe_failure, verify_file, walk_files
     from .verifier import TreeBlockCache
 
     cache = TreeBlockCache()
@@ -230,14 +224,9 @@ def cmd_verify(args) -> int:
             if res.sealed:
                 seen.add(res.key)
                 counts["sealed"] += 1
-            if res.error is not None:
-                status = "corrupt" if res.sealed else "error"
-                counts["corrupt" if res.sealed else "unreadable"] += 1
-            elif not res.sealed:
-                status = "unsealed"
-                counts["unsealed"] += 1
-            else:
-                status = "ok"
+            status = res.status
+            if status != "ok":
+                counts["unreadable" if status == "error" else status] += 1
             digest = res.entry.digest_text if res.entry is not None else None
             if args.json:
                 obj = {"file": name, "status": status}

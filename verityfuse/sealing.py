@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
 from . import fsutil, identity, merkle, treebuild
-from .errors import VerityError
+from .errors import IntegrityError, VerityError
 from .reader import VerifiedReader
 from .store import IndexEntry, Store
 from .verifier import TreeBlockCache, Verifier
@@ -84,6 +84,23 @@ class VerifyResult:
     sealed: bool = False                 # it has an index entry (maybe a malformed one)
     entry: Optional[IndexEntry] = None
     error: Optional[Exception] = None    # VerityError or OSError; None = intact (or unsealed)
+
+    @property
+    def status(self) -> str:
+        """ok, corrupt (sealed, and something does not match), unsealed, or error (could
+        not be read): protocol/cli-json.md."""
+        if self.error is None:
+            return "ok" if self.sealed else "unsealed"
+        return "corrupt" if self.sealed and isinstance(self.error, VerityError) else "error"
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a verify failure: a hash mismatch in full, an OSError's strerror."""
+    if isinstance(e, IntegrityError):
+        return f"{e.what} {e.offset}: expected {e.expected.hex()}, actual {e.actual.hex()}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
 
 
 def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
