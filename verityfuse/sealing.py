@@ -115,12 +115,13 @@ def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
         return res
     try:
         res.key = identity.key_of(fd)
-        res.sealed = store.has_entry(res.key)
-        if not res.sealed:
-            return res
-        entry = res.entry = store.get_entry(res.key)
-        if entry is None:  # removed since has_entry
-            res.sealed = False
+        try:
+            entry = res.entry = store.get_entry(res.key)
+        except VerityError:
+            res.sealed = True  # an entry, but a malformed one
+            raise
+        res.sealed = entry is not None
+        if entry is None:
             return res
         with store.open_object(entry.alg, entry.digest) as tree:
             reader = VerifiedReader(fd, Verifier(tree, cache, label), label)

@@ -339,24 +339,6 @@ class Store:
         data = json.dumps(doc, sort_keys=True).encode() + b"\n"
         self._atomic_write(parts[:-1], parts[-1], data)
 
-    def _in_index(self, key: str, op) -> bool:
-        """``op(name, dirfd)`` on the key's entry; False if it (or its shard) is absent."""
-        parts = self._index_parts(key)
-        try:
-            dirfd = self._open_dirs(parts[:-1])
-        except FileNotFoundError:
-            return False
-        try:
-            op(parts[-1], dirfd)
-            return True
-        except FileNotFoundError:
-            return False
-        finally:
-            os.close(dirfd)
-
-    def has_entry(self, key: str) -> bool:
-        return self._in_index(key, lambda name, d: os.stat(name, dir_fd=d, follow_symlinks=False))
-
     def get_entry(self, key: str) -> Optional[IndexEntry]:
         parts = self._index_parts(key)
         fd = self._open_file(parts)
@@ -391,10 +373,20 @@ class Store:
         return IndexEntry(key, alg, raw, signature, path)
 
     def remove_entry(self, key: str) -> bool:
-        def unlink(name, d):
-            os.unlink(name, dir_fd=d)
-            os.fsync(d)
-        return self._in_index(key, unlink)
+        """False if there was no entry (or not even its shard)."""
+        parts = self._index_parts(key)
+        try:
+            dirfd = self._open_dirs(parts[:-1])
+        except FileNotFoundError:
+            return False
+        try:
+            os.unlink(parts[-1], dir_fd=dirfd)
+            os.fsync(dirfd)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(dirfd)
 
     def keys(self) -> Iterator[str]:
         """Every index key (for verify's stale-entry count)."""

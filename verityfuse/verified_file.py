@@ -11,7 +11,7 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-from . import merkle, treebuild
+from . import merkle
 from .errors import Corruption, SizeMismatch, VerityError
 
 if TYPE_CHECKING:
@@ -131,18 +131,7 @@ class VerifiedFile(io.RawIOBase):
         start, data = self._peeked
         if start <= offset and offset + size <= start + len(data) and size:
             return data[offset - start: offset - start + size]
-        if size == 0:
-            return self._chunk(offset, 0)
-        chunk = treebuild.CHUNK_SIZE
-        if size <= chunk:
-            return self._chunk(offset, size)
-        out = bytearray()
-        while len(out) < size:
-            part = self._chunk(offset + len(out), min(chunk, size - len(out)))
-            if not part:
-                break
-            out += part
-        return bytes(out)
+        return self._chunk(offset, size)  # the reader works in pieces itself
 
     def _chunk(self, offset: int, size: int) -> bytes:
         try:
