@@ -16,10 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Sequence, Union
-
-if TYPE_CHECKING:  # imported when used: the pytest plugin imports this module in every session
-    from . import merkle
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 __all__ = ["FUSE_DEVICE", "FUSERMOUNT", "FuseUnavailable", "VerifiedMount",
            "fuse_unavailable_reason", "mount_denied", "seal_tree"]
@@ -80,22 +77,12 @@ def mount_denied(stderr: str) -> Optional[str]:
 
 
 def seal_tree(source: StrPath, paths: Optional[Iterable[StrPath]] = None,
-              store: Optional[StrPath] = None,
-              params: Optional[merkle.Params] = None) -> Dict[str, str]:
-    """Seal ``paths`` (default: every regular file) under ``source``; returns {relpath: digest text}."""
-    from . import merkle
-    from .sealing import seal_path, walk_files
-    from .store import Store, default_store
+              store: Optional[StrPath] = None) -> Dict[str, str]:
+    """Seal ``paths`` (default: every regular file) under ``source`` with the default
+    parameters (``verityfuse.seal`` takes others); returns {relpath: digest text}."""
+    from .api import seal
 
-    src = os.fspath(source)
-    params = params or merkle.Params()
-    out = {}
-    with Store(os.fspath(store) if store else default_store(src), create=True) as st:
-        rels = [os.path.relpath(os.path.join(src, p), src) for p in paths] \
-            if paths is not None else list(walk_files(src, st))
-        for rel in rels:
-            out[rel] = seal_path(st, src, rel, params).digest_text
-    return out
+    return {rel: str(d) for rel, d in seal(source, paths, store=store).items()}
 
 
 class VerifiedMount:
