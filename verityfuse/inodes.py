@@ -45,7 +45,7 @@ def default_max_fds() -> int:
 
 
 class Inode:
-    __slots__ = ("ino", "key", "handle", "dev", "mode", "lookups", "handles", "writers", "verity",
+    __slots__ = ("ino", "key", "handle", "dev", "mode", "lookups", "handles", "verity",
                  "enabling", "files", "_fd", "table")
 
     def __init__(self, table: "InodeTable", ino: int, key, handle, st: os.stat_result):
@@ -55,7 +55,6 @@ class Inode:
         self._fd = -1
         self.lookups = 0
         self.handles = 0   # open file and directory handles
-        self.writers = 0   # file handles open for writing
         # UNKNOWN, NOT_VERITY, a view.VerityInfo, or the VerityError that made it unusable
         self.verity: Any = UNKNOWN
         self.enabling = False  # an FS_IOC_ENABLE_VERITY build is running

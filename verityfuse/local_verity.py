@@ -122,7 +122,7 @@ class LocalVerity:
             raise Errno(errno.EPERM, "append-only or immutable")
         if read_only:
             raise Errno(errno.EROFS, "read-only mount")
-        if inode.writers:
+        if any(f.writable for f in inode.files):
             raise Errno(errno.ETXTBSY, "open for writing")
         if self.is_verity(inode):
             raise Errno(errno.EEXIST, "already a verity file")

@@ -256,8 +256,6 @@ class LocalView(LocalMetadata):
             fh.close()  # the fd, and the tree if it was opened
             raise
         i.handles += 1
-        if fh.writable:
-            i.writers += 1
         i.files.add(fh)
         return fh
 
@@ -299,8 +297,6 @@ class LocalView(LocalMetadata):
         i = fh.node
         fh.close()
         i.handles -= 1
-        if fh.writable:
-            i.writers -= 1
         i.files.discard(fh)
         self.inodes.maybe_drop(i)
 
