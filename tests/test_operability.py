@@ -15,10 +15,13 @@ import sys
 import pytest
 
 from verityfuse import mountopts
+import privns
 from conftest import drop_caches, flip, write
 
 VF = [sys.executable, "-m", "verityfuse.cli"]
 HELPER = "/usr/sbin/mount.fuse.verityfuse"
+# This installation's helper: the console script next to the interpreter running the tests.
+OWN_HELPER = os.path.join(os.path.dirname(sys.executable), "mount.fuse.verityfuse")
 
 
 def vf(*args, **kw):
@@ -42,11 +45,53 @@ def tree(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def helper():
-    r = vf("install-helper")
+def helper(tmp_path_factory):
+    """mount(8) finds this installation's helper, in a private overlay of /usr/sbin."""
+    with privns.writable_system_dir(str(tmp_path_factory.mktemp("sbin"))) as sbin:
+        r = vf("install-helper", "--dir", sbin)
+        assert r.returncode == 0, r.stderr
+        assert os.readlink(HELPER) == OWN_HELPER
+        yield HELPER
+        assert vf("uninstall-helper", "--dir", sbin).returncode == 0
+
+
+@pytest.mark.parametrize("how", [VF, [sys.executable, "-m", "verityfuse"],
+                                 [os.path.join(os.path.dirname(sys.executable), "verityfuse")]])
+def test_install_helper_links_its_own_installation_never_a_path_search(tmp_path, how):
+    """A foreign helper first on PATH and one already installed: the link is this
+    installation's, the output names what it replaced, uninstall takes it away."""
+    foreign = tmp_path / "other-install"
+    foreign.mkdir()
+    write(foreign / "mount.fuse.verityfuse", b"#!/bin/sh\nexit 99\n")
+    os.chmod(foreign / "mount.fuse.verityfuse", 0o755)
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    os.symlink(foreign / "mount.fuse.verityfuse", sbin / "mount.fuse.verityfuse")
+    env = dict(os.environ, PATH=f"{foreign}:{os.environ['PATH']}")
+    run = lambda *a: subprocess.run([*how, *a], capture_output=True, text=True, env=env)
+    r = run("uninstall-helper", "--dir", sbin)  # not ours: left alone
+    assert r.returncode == 1 and "another installation's helper" in r.stderr
+    r = run("install-helper", "--dir", sbin)
     assert r.returncode == 0, r.stderr
-    assert os.path.realpath(HELPER).endswith("mount.fuse.verityfuse")
-    return HELPER
+    assert os.readlink(sbin / "mount.fuse.verityfuse") == OWN_HELPER
+    assert r.stdout.splitlines() == [f"{sbin}/mount.fuse.verityfuse -> {OWN_HELPER}",
+                                     f"replaced {sbin}/mount.fuse.verityfuse -> "
+                                     f"{foreign}/mount.fuse.verityfuse"]
+    assert sorted(os.listdir(sbin)) == ["mount.fuse.verityfuse"]  # no temporary left
+    r = run("uninstall-helper", "--dir", sbin)
+    assert r.returncode == 0 and r.stdout == f"removed {sbin}/mount.fuse.verityfuse -> {OWN_HELPER}\n"
+    assert os.listdir(sbin) == []
+
+
+def test_install_helper_never_replaces_a_file_that_is_not_a_link(tmp_path):
+    write(tmp_path / "mount.fuse.verityfuse", b"#!/bin/sh\n")
+    r = vf("install-helper", "--dir", tmp_path)
+    assert r.returncode == 1 and "is not a link" in r.stderr
+    assert (tmp_path / "mount.fuse.verityfuse").read_bytes() == b"#!/bin/sh\n"
+    r = vf("uninstall-helper", "--dir", tmp_path)
+    assert r.returncode == 1 and "not removing a file" in r.stderr
+    r = vf("install-helper", "--dir", tmp_path, "--force")
+    assert r.returncode == 0 and os.readlink(tmp_path / "mount.fuse.verityfuse") == OWN_HELPER
 
 
 # -- mount(8), fstab, systemd ------------------------------------------------------------

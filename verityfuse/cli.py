@@ -19,7 +19,7 @@ from .errors import InvalidParameters, VerityError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
-            "umount", "status", "install-helper", "dump-metadata", "dump_metadata", "measure",
+            "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
             "enable", "doctor")
 
 

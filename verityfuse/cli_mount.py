@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 from . import mountopts
 from .mountopts import OptionError, Settings
 
-HELPER_NAME = "mount.fuse.verityfuse"
+from .helper_link import HELPER_NAME
 
 
 def error(msg: str):
@@ -111,16 +110,25 @@ def cmd_status(args) -> int:
 
 
 def cmd_install_helper(args) -> int:
-    """Install the mount(8) helper (/usr/sbin/mount.fuse.verityfuse) for fstab and systemd."""
-    target = os.path.join(args.dir, HELPER_NAME)
-    script = shutil.which(HELPER_NAME) or os.path.join(os.path.dirname(sys.argv[0]), HELPER_NAME)
-    if not os.path.exists(script):
-        error(f"{HELPER_NAME} is not installed next to this verityfuse ({script})")
+    """Link DIR/mount.fuse.verityfuse to this installation's helper (for mount(8), fstab)."""
+    from . import helper_link
+    try:
+        lines = helper_link.install(args.dir, force=args.force)
+    except (helper_link.HelperError, OSError) as e:
+        error(str(e))
         return 1
-    tmp = f"{target}.tmp.{os.getpid()}"
-    os.symlink(os.path.realpath(script), tmp)
-    os.replace(tmp, target)
-    print(f"{target} -> {os.path.realpath(script)}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_uninstall_helper(args) -> int:
+    from . import helper_link
+    try:
+        lines = helper_link.uninstall(args.dir, force=args.force)
+    except (helper_link.HelperError, OSError) as e:
+        error(str(e))
+        return 1
+    print("\n".join(lines))
     return 0
 
 
@@ -164,9 +172,17 @@ def add_commands(sub):
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("install-helper", help=f"install {HELPER_NAME} for mount(8), fstab, systemd")
+    p = sub.add_parser("install-helper", help=f"link DIR/{HELPER_NAME} to this installation's "
+                       f"helper, for mount(8), fstab, systemd")
     p.add_argument("--dir", default="/usr/sbin", help="where mount(8) looks (default /usr/sbin)")
+    p.add_argument("--force", action="store_true", help="also replace a file that is not a link")
     p.set_defaults(func=cmd_install_helper)
+
+    p = sub.add_parser("uninstall-helper", help=f"remove DIR/{HELPER_NAME} if it is this "
+                       f"installation's link")
+    p.add_argument("--dir", default="/usr/sbin", help="where it was installed (default /usr/sbin)")
+    p.add_argument("--force", action="store_true", help="remove another installation's link too")
+    p.set_defaults(func=cmd_uninstall_helper)
 
 
 # -- mount(8) ------------------------------------------------------------------------

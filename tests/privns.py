@@ -1,0 +1,62 @@
+"""A private mount namespace for tests that need a file in a system directory.
+
+mount(8) runs helpers from /sbin only (libmount's compiled-in search path), so a test
+of `mount -t fuse.verityfuse` needs /sbin/mount.fuse.verityfuse.  Rather than write
+there, the test process moves into a mount namespace of its own (a slave of the
+machine's: the machine's mounts still appear in it, its own never leave it), lays a
+writable overlay over /usr/sbin, installs the helper into the overlay, and on the way
+out removes the overlay and returns to the machine's namespace.  Nothing on the
+machine changes, and FUSE mounts made meanwhile are visible to this process only.
+"""
+
+import contextlib
+import ctypes
+import os
+import subprocess
+
+import pytest
+
+CLONE_NEWNS = 0x00020000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _call(fn, *args):
+    if fn(*args) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _run(*cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise OSError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def writable_system_dir(tmp, target="/usr/sbin"):
+    """Make ``target`` writable for this process only, for the duration of the block."""
+    if os.geteuid() != 0:
+        pytest.fail(f"this test needs {target} writable in a private mount namespace, which "
+                    f"needs root (it never writes to the machine's {target})")
+    up, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
+    os.makedirs(up)
+    os.makedirs(work)
+    home = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    try:
+        try:
+            _call(_libc.unshare, CLONE_NEWNS)
+            _run("mount", "--make-rslave", "/")
+            _run("mount", "-t", "overlay", "overlay", "-o",
+                 f"lowerdir={target},upperdir={up},workdir={work}", target)
+        except OSError as e:
+            pytest.fail(f"cannot lay a private overlay over {target}: {e}")
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", "-l", target], capture_output=True)
+            try:
+                _call(_libc.setns, home, CLONE_NEWNS)
+            except OSError:
+                pass  # another thread shares our fs state: stay in the (now clean) private one
+    finally:
+        os.close(home)
