@@ -1,7 +1,9 @@
 # Everything a fresh Debian machine needs, as root:  make demo  /  make test  /  make e2e
 PYTHON ?= python3
 VENV   ?= .venv
-APT_PACKAGES = fuse3 libfuse3-dev pkg-config fsverity attr e2fsprogs gcc libssl-dev
+# swtpm, tpm2-tools, libtss2-dev: measured mounts (a software TPM for the tests, tpm2-pytss's build)
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config fsverity attr e2fsprogs gcc libssl-dev \
+               swtpm swtpm-tools tpm2-tools libtss2-dev
 STAMP  = $(VENV)/.installed
 
 # make e2e: a Linux guest (QEMU, TCG) reads a virtio-fs share while the host tampers.
