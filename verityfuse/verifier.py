@@ -99,6 +99,29 @@ class Verifier:
         self.cache.put(key, block)
         return block
 
+    def _tree_block_at(self, pos: int) -> bytes:
+        """The verified tree block at position ``pos`` of the serialized tree."""
+        geo = self.geo
+        for level in range(self.top + 1):
+            index = pos - geo.level_start[level]
+            if 0 <= index < geo.level_blocks[level]:
+                return self._verified_tree_block(level, index)
+        raise ValueError(f"tree block {pos} is past the end of the tree")
+
+    def read_tree(self, offset: int, length: int) -> bytes:
+        """Bytes of the serialized tree, pread-like (short at its end), for what a mount
+        exports (xattrs, FUSE_FSVERITY, dump-metadata): only the tree blocks the range
+        touches are verified, each with its path to the root (stopping, as reads do, at
+        a block the cache already holds verified), never the whole tree."""
+        end = min(offset + length, self.geo.tree_size)
+        if offset >= end:
+            return b""
+        bs = self.params.block_size
+        first = offset // bs
+        blocks = [self._tree_block_at(pos) for pos in range(first, -(-end // bs))]
+        start = offset - first * bs
+        return b"".join(blocks)[start:start + end - offset]
+
     def expected_hashes(self, first_block: int, n: int):
         """The trusted hashes of data blocks [first_block, first_block + n), from their
         verified leaf tree blocks (the root hash for a one-block file)."""

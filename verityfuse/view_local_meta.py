@@ -17,12 +17,15 @@ from . import ioctl as vioctl
 from . import uapi
 from .errors import Errno
 from .inodes import Inode
+from .verifier import Verifier
 from .view import FileHandle
 
 
 class LocalMetadata:
     inodes: Any
     verity: Any
+    cache: Any
+    relpath: Callable
     read_only: bool
     remounted_ro: Callable[[], bool]
     _attach_reader: Callable
@@ -35,11 +38,13 @@ class LocalMetadata:
         i = self.inodes[ino]
         return self.verity.info(i) if i.is_reg else None
 
-    def verity_tree(self, ino: int):
+    def tree_verifier(self, ino: int) -> Verifier:
+        """The file's tree object, read only through a verifier (the caller closes
+        ``.tree``): what the mount exports hashes up to the digest recorded at enable."""
         v = self.verity_info(ino)
         if v is None:
             raise OSError(errno.ENODATA, "not a verity file")
-        return self.verity.tree(v)
+        return Verifier(self.verity.tree(v), self.cache, self.relpath(self.inodes[ino]))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         return os.getxattr(self.inodes[ino].proc_path, name)

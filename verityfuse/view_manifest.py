@@ -23,6 +23,7 @@ import stat
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import Corruption, SizeMismatch
+from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
 
 # The manifest cannot change under a mount: the kernel may cache it all.
@@ -175,8 +176,11 @@ class ManifestView:
             return None
         return VerityInfo(node.alg, node.digest, node.params, node.size)
 
-    def verity_tree(self, ino: int):
-        return self.open_tree(self._file(ino))
+    def tree_verifier(self, ino: int) -> Verifier:
+        """The file's tree object, read only through a verifier (the caller closes
+        ``.tree``): what the mount exports of it is checked as reads are."""
+        node = self._file(ino)
+        return Verifier(self.open_tree(node), self.cache, node.path)
 
     def flags(self, ino: int, fh=None) -> int:
         return uapi.FS_VERITY_FL if self._node(ino).kind == stat.S_IFREG else 0

@@ -1,0 +1,120 @@
+"""What a mount exports about a verity file (its Merkle tree through the
+user.fsverity.merkle_tree.<offset> xattrs, FUSE_FSVERITY and `verityfuse
+dump-metadata`) is verified up to the trusted digest first, as reads are.
+
+The host (manifest mode) or anyone who can write the store (local mode)
+rewrites the tree region of a file's store object, keeping header and
+descriptor: the mount then answers EIO for the tree bytes that do not hash
+up to the digest, and logs one integrity failure naming the file and the
+tree block.  Good files export exactly what `fsverity digest
+--out-merkle-tree` computes.
+"""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import manifest as mf
+from verityfuse.store_object import TREE_OFFSET
+from conftest import fsverity_digest, write
+from test_mount import object_file
+
+pytestmark = pytest.mark.mount
+
+B = 4096
+# 9 MiB: 2304 data blocks, 18 leaf blocks and a root: a 76 KiB tree, more than one
+# 64 KiB xattr, so dump-metadata needs two chunks.
+GOOD_SIZE = 9 << 20
+BAD_SIZE = 3 << 20  # 768 data blocks: 6 leaf blocks + root (tree block 0 is the root)
+BAD_BLOCK = 3       # tree block 3: level 0, index 2
+
+
+def getfattr(path, name):
+    """The real getfattr's raw value bytes, or its exit code and stderr."""
+    r = subprocess.run(["getfattr", "--only-values", "-n", name, str(path)],
+                       capture_output=True)
+    return r.returncode, r.stdout, r.stderr.decode(errors="replace")
+
+
+def dump_tree(path):
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "dump-metadata", "merkle_tree",
+                        str(path)], capture_output=True)
+    return r.returncode, r.stdout, r.stderr.decode(errors="replace")
+
+
+def make_files(src):
+    write(src / "good.bin", os.urandom(GOOD_SIZE))
+    write(src / "bad.bin", os.urandom(BAD_SIZE))
+    _, tree, _ = fsverity_digest(src / "good.bin")
+    _, bad_tree, _ = fsverity_digest(src / "bad.bin")
+    os.unlink(src / ".oracle.tree")
+    os.unlink(src / ".oracle.desc")
+    assert len(tree) == 19 * B and len(bad_tree) == 7 * B
+    return tree, bad_tree
+
+
+def tamper_tree(obj):
+    """Rewrite tree block BAD_BLOCK of a store object (header and descriptor kept)."""
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.seek(TREE_OFFSET + BAD_BLOCK * B)
+        f.write(bytes(range(256)) * (B // 256))
+
+
+def check(mnt, log, tree, bad_tree):
+    # A good file: the tree is fsverity-utils' tree, by xattr chunk and whole.
+    rc, out, err = getfattr(mnt / "good.bin", "user.fsverity.merkle_tree.0")
+    assert rc == 0, err
+    assert out == tree[:65536]
+    rc, out, err = getfattr(mnt / "good.bin", "user.fsverity.merkle_tree.65536")
+    assert (rc, out) == (0, tree[65536:]), err
+    rc, out, err = dump_tree(mnt / "good.bin")
+    assert (rc, len(out)) == (0, len(tree)), err
+    assert out == tree
+
+    # A rewritten tree block: EIO for every request whose bytes include it.
+    rc, out, err = getfattr(mnt / "bad.bin", "user.fsverity.merkle_tree.0")
+    assert (rc, out) == (1, b""), out[:64]
+    assert "Input/output error" in err
+    with pytest.raises(OSError) as e:
+        os.getxattr(mnt / "bad.bin", f"user.fsverity.merkle_tree.{BAD_BLOCK * B}")
+    assert e.value.errno == errno.EIO
+    rc, out, err = dump_tree(mnt / "bad.bin")
+    assert (rc, out) == (1, b"")
+    assert "Input/output error" in err
+    lines = [ln for ln in log().splitlines() if "integrity failure" in ln]
+    assert len(lines) == 1, lines  # one line, however many requests ran into the block
+    assert "bad.bin: Merkle tree block (level 0, index 2) at tree offset 12288: expected hash " \
+        in lines[0]
+    # Tree bytes that do verify are still exported: the leaf blocks after the bad one.
+    rc, out, err = getfattr(mnt / "bad.bin", f"user.fsverity.merkle_tree.{(BAD_BLOCK + 1) * B}")
+    assert (rc, out) == (0, bad_tree[(BAD_BLOCK + 1) * B:]), err
+
+
+def test_manifest_mode_exports_only_verified_tree_bytes(tmp_path, verified_mount):
+    src = tmp_path / "share"
+    src.mkdir()
+    tree, bad_tree = make_files(src)
+    mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "seal", str(src), "--manifest",
+                        str(tmp_path / "m.json"), "--sign-key", str(tmp_path / "key.pem")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tamper_tree(object_file(src, "bad.bin"))
+    m = verified_mount(src, seal=False, policy="require",
+                       extra_args=["--manifest", str(tmp_path / "m.json"),
+                                   "--trust-key", str(tmp_path / "pub.pem")])
+    check(m.mountpoint, m.log, tree, bad_tree)
+
+
+def test_local_mode_exports_only_tree_bytes_that_hash_to_the_enabled_digest(tmp_path,
+                                                                             verified_mount):
+    src = tmp_path / "src"
+    src.mkdir()
+    tree, bad_tree = make_files(src)
+    m = verified_mount(src)  # seals both
+    tamper_tree(object_file(src, "bad.bin"))
+    check(m.mountpoint, m.log, tree, bad_tree)
