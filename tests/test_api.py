@@ -509,3 +509,70 @@ def test_every_module_imports_first():
         r = subprocess.run([sys.executable, *safe_path, "-c", f"import verityfuse.{m.name}"],
                            capture_output=True, text=True)
         assert r.returncode == 0, (m.name, r.stderr[-300:])
+
+
+# -- where open_verified takes trust from (issue 16 item 2) ------------------------------
+
+ATTACKER = 65534  # nobody
+
+
+@pytest.fixture
+def app(tmp_path):
+    """A trusted tree: root-owned, sealed into app/.verityfuse; app/data belongs to
+    another user, who can replace its files and create anything in it."""
+    a = tmp_path / "app"
+    (a / "data").mkdir(parents=True)
+    write(a / "data" / "f", b"trusted bytes\n" * 1000)
+    verityfuse.seal(a)
+    with verityfuse.open_verified(a / "data" / "f") as f:  # the trusted store, found above
+        assert f.read() == b"trusted bytes\n" * 1000
+    os.chown(a / "data", ATTACKER, ATTACKER)
+    return a
+
+
+def _attacker_reseals(a):
+    """What the owner of app/data can do: tamper with f, seal it into a store of their own."""
+    write(a / "data" / "f", b"evil")
+    verityfuse.seal(a / "data")
+    for dirpath, dirnames, filenames in os.walk(a / "data" / ".verityfuse"):
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in filenames]:
+            os.chown(n, ATTACKER, ATTACKER)  # as if they had run `verityfuse seal` themselves
+
+
+def test_open_verified_never_trusts_a_store_another_user_made(app):
+    _attacker_reseals(app)
+    with pytest.raises(NotSealedError) as e:
+        verityfuse.open_verified(app / "data" / "f").read()
+    store = os.path.realpath(app / "data" / ".verityfuse")
+    assert str(e.value) == (f"{app}/data/f: the store {store} is not trusted: it is owned by uid "
+                            f"{ATTACKER} (only root may own it); pass store= or digest=")
+    assert e.value.errno == errno.ENODATA
+    # Named explicitly it is the caller's choice; the trusted store says the file changed.
+    with verityfuse.open_verified(app / "data" / "f", store=app / "data" / ".verityfuse") as f:
+        assert f.read() == b"evil"
+    with pytest.raises(OSError, match="file is 4 bytes, sealed size 14000") as e:
+        verityfuse.open_verified(app / "data" / "f", store=app / ".verityfuse")
+    assert e.value.errno == errno.EIO
+
+
+def test_open_verified_refuses_a_store_reached_through_a_directory_others_may_change(app):
+    # The attacker's directory lies between the trusted store and the file: they could
+    # swap the file for another sealed inode or add a nearer store at any moment.
+    with pytest.raises(NotSealedError) as e:
+        verityfuse.open_verified(app / "data" / "f")
+    assert str(e.value) == (f"{app}/data/f: the store {os.path.realpath(app / '.verityfuse')} is "
+                            f"not trusted: the directory {os.path.realpath(app / 'data')} on the "
+                            f"way to the file is owned by uid {ATTACKER} (only root may own it); "
+                            f"pass store= or digest=")
+    os.chown(app / "data", 0, 0)
+    os.chmod(app / "data", 0o777)
+    with pytest.raises(NotSealedError, match=r"the directory .*/data on the way to the file is "
+                                             r"writable by group or others \(mode 0777\)"):
+        verityfuse.open_verified(app / "data" / "f")
+    os.chmod(app / "data", 0o755)
+    os.chmod(app / ".verityfuse", 0o770)
+    with pytest.raises(NotSealedError, match=r"is writable by group or others \(mode 0770\)"):
+        verityfuse.open_verified(app / "data" / "f")
+    os.chmod(app / ".verityfuse", 0o700)
+    with verityfuse.open_verified(app / "data" / "f") as f:
+        assert f.read() == b"trusted bytes\n" * 1000

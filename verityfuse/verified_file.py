@@ -39,22 +39,57 @@ def _cache() -> "TreeBlockCache":
         return _shared_cache
 
 
-def _find_store(path: str) -> Optional[str]:
-    """The nearest ``.verityfuse`` directory beside ``path`` or in a parent directory."""
+def _why_untrusted(st: os.stat_result, me: int) -> Optional[str]:
+    """Why no one but root and ``me`` is known to control this directory, or None."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid not in (0, me):
+        who = "root" if me == 0 else f"root or uid {me}"
+        return f"is owned by uid {st.st_uid} (only {who} may own it)"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _find_store(fd: int, label: str) -> Optional[str]:
+    """The implicit store of the file open as ``fd``: the nearest ``.verityfuse``
+    directory beside it or in a parent directory, or None if there is none.
+
+    Trust never comes from a place an attacker can create: the store and every
+    directory from the one holding it down to the file must be owned by root or
+    the caller and not writable by group or others, else NotSealedError.  Whoever
+    could write one of them could have made a nearer store or put another sealed
+    inode under the file's name.  Those directories can then change only by root
+    or the caller, so what is checked here is what ``Store`` opens next.
+    """
+    from .api import NotSealedError
     from .store import STORE_DIRNAME
 
-    d = os.path.dirname(os.path.realpath(path))
-    while True:
+    # The file that was opened, not whatever the caller's path names by now.
+    d = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+    me = os.geteuid()
+    way = []  # the directories from the file up to where the store is
+    while d.startswith("/"):  # a deleted or unreachable file has no such path
+        way.append(d)
         cand = os.path.join(d, STORE_DIRNAME)
         try:
-            if stat.S_ISDIR(os.lstat(cand).st_mode):
-                return cand
+            st = os.lstat(cand)
         except OSError:
-            pass
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            checks = [("it", st)] + [(f"the directory {w} on the way to the file", os.lstat(w))
+                                     for w in way]
+            for what, s in checks:
+                why = _why_untrusted(s, me)
+                if why is not None:
+                    raise NotSealedError(f"{label}: the store {cand} is not trusted: {what} "
+                                         f"{why}; pass store= or digest=")
+            return cand
         parent = os.path.dirname(d)
         if parent == d:
-            return None
+            break
         d = parent
+    return None
 
 
 def _eio(e: VerityError) -> OSError:
@@ -225,12 +260,13 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     :param path: the file (symlinks are followed).
     :param store: the store directory; default: the nearest ``.verityfuse`` directory
         beside the file or in a parent directory (``SOURCE/.verityfuse``, where ``seal``
-        puts it).
+        puts it), trusted only if it and every directory from the one holding it down to
+        the file are owned by root or the caller and not writable by group or others.
     :param digest: a trusted digest (a :class:`Digest` or ``"sha256:<hex>"``) to check
         against instead of the store's index.
     :returns: a :class:`VerifiedFile` (close it, or use ``with``).
     :raises NotSealedError: the store has no digest for this file, or no store was
-        found (without ``digest=``).
+        found, or the store found is not trusted (without ``store=``).
     :raises OSError: ``path`` or the given store cannot be opened, or ``path`` is not a
         regular file; errno ``EIO`` (with the ``verityfuse.errors.Corruption`` as
         ``__cause__``) when the file's store entry or tree object is missing or corrupt
@@ -254,7 +290,7 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
         if store is not None:
             store_path = _existing_store(_path(store))
         else:
-            found = _find_store(label)
+            found = _find_store(fd, label)
             if found is None:
                 raise NotSealedError(f"{label}: no verityfuse store in its directory or any parent "
                                      f"(pass store=)")
