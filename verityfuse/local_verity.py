@@ -13,7 +13,6 @@ happens to its names), ``commit``, and always ``finish``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from typing import Any, Callable, Optional
@@ -22,10 +21,10 @@ from . import ioctl as vioctl
 from . import identity, merkle
 from .errors import Errno, VerityError
 from .inodes import NOT_VERITY, UNKNOWN, Inode
+from .logs import escape
+from .logs import requests as ratelog
 from .store import IndexEntry, Store
 from .view import VerityInfo
-
-log = logging.getLogger("verityfuse")
 
 
 class EnableJob:
@@ -152,7 +151,7 @@ class LocalVerity:
             raise RuntimeError("commit before build")
         info = self._load(e)
         job.inode.verity = info
-        log.info("verity enabled on %s: %s", job.rel, e.digest_text)
+        ratelog.info(None, f"verity enabled on {escape(job.rel)}: {e.digest_text}")
         return info
 
     @staticmethod

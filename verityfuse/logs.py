@@ -1,50 +1,129 @@
-"""The one rate limiter for log lines a request can trigger (no pyfuse3/trio).
+"""Log lines a request can trigger: the one rate limiter, and escaping of names.
 
 A client can make the daemon log at will (read a corrupt block, open a
-refused file): each such line goes through ``requests`` so that no request
-pattern can flood the log.  Each message key is logged once, and at most
-``per_sec`` lines a second; suppressed lines are counted and reported.
+refused file, enable a file): each such line goes through ``requests`` so
+that no request pattern can flood the log.  Each message key is logged once,
+and at most ``per_sec`` lines a second per kind.  Integrity failures have a
+budget of their own, so a flood of other lines cannot hide them; a line over
+its budget is not marked as logged (it is written when it recurs), and the
+next line of its kind says how many were suppressed and names the first.
+
+Names a client chooses (file names) are escaped with ``escape`` wherever they
+go into a message, and every record is kept to one line by the handler, so a
+name cannot forge a log line.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
+from typing import Dict, Union
 
 log = logging.getLogger("verityfuse")
 
+INTEGRITY = "integrity-failure"
+REQUEST = "request-triggered"
+
+
+def _escape_char(ch: str) -> str:
+    o = ord(ch)
+    if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{o - 0xDC00:02x}"
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def escape(name: Union[str, bytes]) -> str:
+    """``name`` for a log line or a status message: backslash doubled, every character
+    that is not printable (control characters, line and paragraph separators, bytes
+    that are not UTF-8) as ``\\xNN``/``\\uNNNN``.  Unambiguous, and always one line."""
+    if isinstance(name, (bytes, bytearray, memoryview)):
+        name = os.fsdecode(bytes(name))
+    if name.isprintable() and "\\" not in name:
+        return name  # nearly every name: no copy
+    return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else _escape_char(ch)
+                   for ch in name)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (backslashes kept): applied to every
+    record, so even a message that formats a name without ``escape`` stays one line.
+    Idempotent on escaped text."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+class _OneLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.isprintable():
+            record.msg, record.args = one_line(msg), ()
+        return True
+
+
+class _Budget:
+    """Lines of one kind in the current second."""
+
+    def __init__(self, per_sec: int, remember: int):
+        self.per_sec, self.remember = per_sec, remember
+        self.seen: "OrderedDict[object, bool]" = OrderedDict()
+        self.window = self.count = self.dropped = 0
+        self.first = ""  # the first suppressed line of the window
+
 
 class RateLimitedLog:
-    def __init__(self, per_sec: int = 20, remember: int = 4096):
-        self.seen: "OrderedDict[object, bool]" = OrderedDict()
-        self.per_sec, self.remember = per_sec, remember
-        self.window, self.count, self.dropped = 0, 0, 0
+    def __init__(self, per_sec: int = 20, integrity_per_sec: int = 20, remember: int = 4096,
+                 clock=time.monotonic):
+        self.budgets: Dict[str, _Budget] = {REQUEST: _Budget(per_sec, remember),
+                                            INTEGRITY: _Budget(integrity_per_sec, remember)}
+        self.clock = clock
         self.lock = threading.Lock()
 
-    def log(self, level: int, key, msg: str):
-        """Log ``msg`` unless ``key`` was logged before (None: no such check)."""
+    def log(self, level: int, key, msg: str, kind: str = REQUEST):
+        """Log ``msg`` unless ``key`` was logged before (None: no such check) or the
+        budget of ``kind`` for this second is spent."""
+        summary = None
         with self.lock:
-            if key is not None:
-                if key in self.seen:
-                    return
-                self.seen[key] = True
-                if len(self.seen) > self.remember:
-                    self.seen.popitem(last=False)
-            now = int(time.monotonic())
-            if now != self.window:
-                if self.dropped:
-                    log.warning("%d log lines suppressed (rate limit)", self.dropped)
-                self.window, self.count, self.dropped = now, 0, 0
-            self.count += 1
-            if self.count > self.per_sec:
-                self.dropped += 1
+            b = self.budgets[kind]
+            if key is not None and key in b.seen:
                 return
-        log.log(level, "%s", msg)
+            now = int(self.clock())
+            if now != b.window:
+                if b.dropped:
+                    summary = (f"rate limit: {b.dropped} {kind} log lines suppressed in one "
+                               f"second (at most {b.per_sec} a second), the first: {b.first}")
+                b.window, b.count, b.dropped = now, 0, 0
+            b.count += 1
+            if b.count > b.per_sec:
+                if not b.dropped:
+                    b.first = msg[:300]
+                b.dropped += 1
+                write = False
+            else:
+                write = True
+                if key is not None:  # marked only once written: a dropped line comes back
+                    b.seen[key] = True
+                    if len(b.seen) > b.remember:
+                        b.seen.popitem(last=False)
+        if summary is not None:
+            log.warning("%s", summary)
+        if write:
+            log.log(level, "%s", msg)
 
     def warning(self, key, msg: str):
         self.log(logging.WARNING, key, msg)
+
+    def info(self, key, msg: str):
+        self.log(logging.INFO, key, msg)
+
+    def integrity(self, key, msg: str):
+        """An integrity failure (a WARNING), with the integrity failures' own budget."""
+        self.log(logging.WARNING, key, msg, INTEGRITY)
 
 
 requests = RateLimitedLog()
@@ -55,7 +134,6 @@ FORMAT = "%(asctime)s verityfuse[%(process)d] %(levelname)s: %(message)s"
 
 def _journal_stream() -> bool:
     """stderr is the journal's stream (systemd sets JOURNAL_STREAM to its dev:ino)."""
-    import os
     want = os.environ.get("JOURNAL_STREAM", "")
     try:
         st = os.fstat(2)
@@ -66,7 +144,6 @@ def _journal_stream() -> bool:
 
 def fallback_log_file(mountpoint: str) -> str:
     """Where a background daemon logs when there is no syslog socket and no journal."""
-    import os
     name = mountpoint.strip("/").replace("/", "-") or "root"
     if os.geteuid() == 0:
         base = "/var/log/verityfuse"
@@ -84,7 +161,6 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
     file (minimal guests have neither).
     """
     import logging.handlers
-    import os
     import stat
     import sys
 
@@ -106,6 +182,7 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         handler, where = logging.FileHandler(path), f"file {path} (no /dev/log, no journal)"
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_OneLine())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)

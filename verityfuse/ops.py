@@ -161,7 +161,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         (read, open, ioctl, enable) ran into them.
         """
         if isinstance(e, Corruption):
-            ratelog.warning((type(e).__name__, str(e)), f"integrity failure: {e}")
+            ratelog.integrity((type(e).__name__, str(e)), f"integrity failure: {e}")
             if self.stats is not None:
                 self.stats.failure(str(e), getattr(e, "path", ""), getattr(e, "offset", None))
         elif isinstance(e, VerityError):

@@ -18,6 +18,8 @@ from . import ioctl as vioctl
 from . import creds, treebuild, uapi
 from .errors import VerityError
 from .fuseshim import Request
+from .logs import escape
+from .logs import requests as ratelog
 from .view import FileHandle
 
 log = logging.getLogger("verityfuse")
@@ -94,7 +96,7 @@ class IoctlHandlers:
                 await trio.to_thread.run_sync(self._invalidate, job.inode.ino)
             request.reply()
         except treebuild.Cancelled:
-            log.info("enable of %s interrupted; nothing committed", job.rel)
+            ratelog.info(None, f"enable of {escape(job.rel)} interrupted; nothing committed")
             request.error(errno.EINTR)
         except (VerityError, OSError) as e:
             request.error(self._errno_of(e, f"enable of {job.rel}"))

@@ -22,6 +22,7 @@ from .errors import SizeMismatch
 from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
 from .view_local_meta import LocalMetadata
+from .logs import escape
 from .logs import requests as ratelog
 from .view import Attr, DirHandle, FileHandle
 
@@ -240,7 +241,7 @@ class LocalView(LocalMetadata):
                 raise OSError(errno.EPERM, "a verity file is read-only")
         elif i.is_reg:
             if self.policy == "require":
-                name = self.relpath(i)
+                name = escape(self.relpath(i))
                 ratelog.warning(("require", name),
                                 f"policy require: refusing {name}, which has no fs-verity metadata")
                 raise OSError(errno.EPERM, "not a verity file")
@@ -261,7 +262,7 @@ class LocalView(LocalMetadata):
 
     def _attach_reader(self, fh: FileHandle, v):
         size = os.fstat(fh.fd).st_size
-        label = self.relpath(fh.node)
+        label = escape(self.relpath(fh.node))  # in every message about the file
         if size != v.size:
             raise SizeMismatch(f"{label}: backing file is {size} bytes, sealed size {v.size}")
         fh.verify_with(self.verity.tree(v), self.cache, label, self.stats)
@@ -273,7 +274,8 @@ class LocalView(LocalMetadata):
         p = self.inodes[parent]
         self._check_name(p, name, errno.EACCES)
         if self.policy == "require":
-            ratelog.warning(None, f"policy require: refusing to create {self.relpath(p, name)}")
+            ratelog.warning(None, "policy require: refusing to create "
+                                  f"{escape(self.relpath(p, name))}")
             raise OSError(errno.EPERM, "policy require")
         dirfd = p.fd
         with creds.as_caller(ctx):

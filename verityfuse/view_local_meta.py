@@ -17,6 +17,7 @@ from . import ioctl as vioctl
 from . import uapi
 from .errors import Errno
 from .inodes import Inode
+from .logs import escape
 from .verifier import Verifier
 from .view import FileHandle
 
@@ -44,7 +45,7 @@ class LocalMetadata:
         v = self.verity_info(ino)
         if v is None:
             raise OSError(errno.ENODATA, "not a verity file")
-        return Verifier(self.verity.tree(v), self.cache, self.relpath(self.inodes[ino]))
+        return Verifier(self.verity.tree(v), self.cache, escape(self.relpath(self.inodes[ino])))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         return os.getxattr(self.inodes[ino].proc_path, name)

@@ -1,0 +1,165 @@
+"""The daemon's log: integrity failures cannot be hidden by a flood of other lines,
+and a file name cannot forge a line (issue 16 items 4 and 5).
+
+In-process against the rate limiter (a clock the test turns), then through real
+mounts: a flood of refused creates, a hostile file name read corrupt and enabled.
+"""
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import time
+
+import pytest
+
+from verityfuse import logs
+from conftest import FSVERITY, flip, write
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def lines(caplog):
+    caplog.set_level(logging.INFO, logger="verityfuse")
+    return lambda: [r.getMessage() for r in caplog.records]
+
+
+def test_a_flood_of_other_lines_cannot_hide_an_integrity_failure(lines):
+    clock = Clock()
+    rl = logs.RateLimitedLog(clock=clock)
+    for i in range(740):
+        rl.warning(None, f"policy require: refusing to create f{i}")
+    for _ in range(7):  # the same block read 7 times: one line
+        rl.integrity(("IntegrityError", "m"), "integrity failure: m")
+    assert lines() == [f"policy require: refusing to create f{i}" for i in range(20)] + \
+        ["integrity failure: m"]
+    clock.t += 1
+    rl.warning(None, "policy require: refusing to create g")
+    assert lines()[21:] == [
+        "rate limit: 720 request-triggered log lines suppressed in one second (at most 20 a "
+        "second), the first: policy require: refusing to create f20",
+        "policy require: refusing to create g"]
+
+
+def test_a_line_over_budget_is_written_when_it_recurs(lines):
+    clock = Clock()
+    rl = logs.RateLimitedLog(integrity_per_sec=2, clock=clock)
+    for k in "abcc":
+        rl.integrity(k, f"integrity failure: {k}")
+    assert lines() == ["integrity failure: a", "integrity failure: b"]
+    clock.t += 1
+    for k in "abc":
+        rl.integrity(k, f"integrity failure: {k}")
+    assert lines()[2:] == [
+        "rate limit: 2 integrity-failure log lines suppressed in one second (at most 2 a "
+        "second), the first: integrity failure: c",
+        "integrity failure: c"]
+
+
+HOSTILE = "x\n2026-12-05 01:00:00,000 verityfuse[1] WARNING: integrity failure: forged"
+HOSTILE_ESCAPED = "x\\x0a2026-12-05 01:00:00,000 verityfuse[1] WARNING: integrity failure: forged"
+
+
+@pytest.mark.parametrize("name, escaped", [
+    ("plain name.txt", "plain name.txt"),
+    (HOSTILE, HOSTILE_ESCAPED),
+    ("a\\x0ab", "a\\\\x0ab"),  # a literal backslash sequence stays distinguishable
+    ("cr\r\ttab\x1b[31m\x7f\x85", "cr\\x0d\\x09tab\\x1b[31m\\x7f\\x85"),
+    ("sep\u2028\u2029", "sep\\u2028\\u2029"),
+    (b"bytes\xff\n", "bytes\\xff\\x0a"),   # not UTF-8: the byte itself
+    ("Ünïcode ok", "Ünïcode ok"),
+])
+def test_escape(name, escaped):
+    assert logs.escape(name) == escaped
+    assert logs.one_line(escaped) == escaped
+
+
+def test_every_record_is_one_line(tmp_path):
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.setup(False, str(tmp_path / "log"))
+        logging.getLogger("verityfuse").warning("unescaped %s here", HOSTILE)
+        for h in root.handlers:
+            h.close()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    text = (tmp_path / "log").read_text()
+    assert text.count("\n") == 1 and text.endswith(f"WARNING: unescaped {HOSTILE_ESCAPED} here\n")
+
+
+# -- through a mount --------------------------------------------------------------
+
+
+def _integrity_lines(log):
+    return [ln for ln in log.splitlines() if "integrity failure" in ln]
+
+
+@pytest.mark.mount
+def test_integrity_failure_is_logged_during_a_flood_of_refused_creates(tmp_path, verified_mount):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "bad.bin", b"b" * 8192)
+    m = verified_mount(src, policy="require")
+    flip(src / "bad.bin", 5000)
+    mnt = m.mountpoint
+    for round_ in range(3):
+        for i in range(300):  # refused creates: one log line each, far over 20 a second
+            with pytest.raises(PermissionError):
+                os.close(os.open(mnt / f"n{round_}-{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+        with open(mnt / "bad.bin", "rb") as f:
+            with pytest.raises(OSError) as e:
+                f.read()
+        assert e.value.errno == errno.EIO
+    (line,) = _integrity_lines(m.log())  # once, however many reads ran into it
+    assert "WARNING: integrity failure: bad.bin: data block at offset 4096: expected hash " in line
+    time.sleep(1.1)  # a new second: the next line says what the last one suppressed
+    with pytest.raises(PermissionError):
+        os.close(os.open(mnt / "last", os.O_CREAT | os.O_WRONLY, 0o644))
+    summaries = [ln for ln in m.log().splitlines() if "rate limit:" in ln]
+    assert summaries and all(
+        "request-triggered log lines suppressed in one second (at most 20 a second), the "
+        "first: policy require: refusing to create n" in ln for ln in summaries), summaries
+
+
+@pytest.mark.mount
+def test_a_hostile_file_name_cannot_forge_a_log_line(tmp_path, verified_mount):
+    if FSVERITY is None:
+        pytest.skip("fsverity-utils is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / HOSTILE, b"h" * 8192)
+    m = verified_mount(src)
+    flip(src / HOSTILE, 100)
+    mnt = m.mountpoint
+    with open(mnt / HOSTILE, "rb") as f:
+        with pytest.raises(OSError) as e:
+            f.read()
+    assert e.value.errno == errno.EIO
+    enabled = "y\r\nverity enabled on z"
+    write(mnt / enabled, b"e" * 100)
+    r = subprocess.run([FSVERITY, "enable", str(mnt / enabled)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    log = m.log()
+    assert [ln for ln in log.splitlines() if "2026-12-05 01:00:00,000" in ln] == \
+        _integrity_lines(log)
+    (line,) = _integrity_lines(log)
+    assert f"WARNING: integrity failure: {HOSTILE_ESCAPED}: data block at offset 0: " \
+           f"expected hash " in line
+    (line,) = [ln for ln in log.splitlines() if "verity enabled on" in ln]
+    assert "INFO: verity enabled on y\\x0d\\x0averity enabled on z: sha256:" in line
+    # The status JSON names it escaped too.
+    status = json.loads(os.getxattr(mnt, "user.verityfuse.status"))
+    assert status["recent_failures"]  # one per failed read (the kernel retries one)
+    for failure in status["recent_failures"]:
+        assert failure["file"] == HOSTILE_ESCAPED
+        assert failure["message"].startswith(f"{HOSTILE_ESCAPED}: data block at offset 0: ")
