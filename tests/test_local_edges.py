@@ -339,3 +339,24 @@ def test_enable_commit_that_cannot_verify_an_open_file_closes_it(tmp_path):
         finally:
             view.release(fh)
             view.close()
+
+
+@pytest.mark.parametrize("how", ["mknod-S_IFREG", "mknod-type-0", "create"])
+def test_policy_require_refuses_every_way_to_create_a_regular_file(src, verified_mount, how):
+    """Under --policy require no regular file can be made through the mount: create and
+    mknod(2) (the kernel sends FUSE_MKNOD with S_IFREG for both mode kinds) give EPERM,
+    log the refusal and leave nothing in SOURCE; other node types are not files."""
+    import stat
+
+    m = verified_mount(src, policy="require")
+    target = m.mountpoint / "new"
+    with pytest.raises(OSError) as e:
+        if how == "create":
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+        else:
+            os.mknod(target, (stat.S_IFREG if how == "mknod-S_IFREG" else 0) | 0o644)
+    assert e.value.errno == errno.EPERM
+    assert not os.path.lexists(src / "new")
+    assert "WARNING: policy require: refusing to create new\n" in m.log()
+    os.mknod(m.mountpoint / "fifo", stat.S_IFIFO | 0o600)  # not a regular file: allowed
+    assert stat.S_ISFIFO(os.lstat(src / "fifo").st_mode)

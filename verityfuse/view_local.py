@@ -177,7 +177,19 @@ class LocalView(LocalMetadata):
             create(dirfd)
         return self._lookup(p, name)
 
+    def _refuse_new_file(self, p: Inode, name: bytes):
+        """--policy require: no unsealed regular file is made through the mount, whichever
+        request makes it (create, mknod)."""
+        if self.policy == "require":
+            ratelog.warning(None, "policy require: refusing to create "
+                                  f"{escape(self.relpath(p, name))}")
+            raise OSError(errno.EPERM, "policy require")
+
     def mknod(self, parent, name, mode, rdev, ctx):
+        if stat.S_IFMT(mode) in (0, stat.S_IFREG):  # mknod(2) makes a regular file of both
+            p = self.inodes[parent]
+            self._check_name(p, name, errno.EEXIST)
+            self._refuse_new_file(p, name)
         return self._make(parent, name, ctx, lambda d: os.mknod(name, mode, rdev, dir_fd=d))
 
     def mkdir(self, parent, name, mode, ctx):
@@ -273,10 +285,7 @@ class LocalView(LocalMetadata):
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx):
         p = self.inodes[parent]
         self._check_name(p, name, errno.EACCES)
-        if self.policy == "require":
-            ratelog.warning(None, "policy require: refusing to create "
-                                  f"{escape(self.relpath(p, name))}")
-            raise OSError(errno.EPERM, "policy require")
+        self._refuse_new_file(p, name)
         dirfd = p.fd
         with creds.as_caller(ctx):
             fd = os.open(name, (flags & ~_STRIP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
