@@ -7,7 +7,8 @@ rewrites the tree region of a file's store object, keeping header and
 descriptor: the mount then answers EIO for the tree bytes that do not hash
 up to the digest, and logs one integrity failure naming the file and the
 tree block.  Good files export exactly what `fsverity digest
---out-merkle-tree` computes.
+--out-merkle-tree` computes.  First in process (Verifier.read_tree), then through
+real mounts with the real getfattr and `verityfuse dump-metadata`.
 """
 
 import errno
@@ -17,12 +18,15 @@ import sys
 
 import pytest
 
+import verityfuse
 from verityfuse import manifest as mf
+from verityfuse import merkle
+from verityfuse.errors import IntegrityError
+from verityfuse.store import Store
 from verityfuse.store_object import TREE_OFFSET
+from verityfuse.verifier import TreeBlockCache, Verifier
 from conftest import fsverity_digest, write
 from test_mount import object_file
-
-pytestmark = pytest.mark.mount
 
 B = 4096
 # 9 MiB: 2304 data blocks, 18 leaf blocks and a root: a 76 KiB tree, more than one
@@ -94,6 +98,45 @@ def check(mnt, log, tree, bad_tree):
     assert (rc, out) == (0, bad_tree[(BAD_BLOCK + 1) * B:]), err
 
 
+@pytest.mark.parametrize("opts", [(), ("--block-size=1024", "--salt=ab")])
+def test_verifier_read_tree_is_the_tree_and_checks_exactly_the_blocks_read(tmp_path, opts):
+    """In process: Verifier.read_tree returns fsverity-utils' tree bytes for any range,
+    and a rewritten block fails exactly the ranges that include it, naming it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", os.urandom(GOOD_SIZE))
+    kw = dict(a.lstrip("-").split("=") for a in opts)
+    sealed = verityfuse.seal(src, block_size=int(kw.get("block-size", B)),
+                             salt=bytes.fromhex(kw.get("salt", "")))
+    _, tree, _ = fsverity_digest(src / "f", *opts)
+    d = sealed["f"]
+    bs = int(kw.get("block-size", B))
+    with Store(str(src / ".verityfuse")) as st:
+        obj = st.object_path(merkle.hash_alg(d.algorithm), d.digest)
+        with st.open_object(merkle.hash_alg(d.algorithm), d.digest) as t:
+            v = Verifier(t, TreeBlockCache(), "f")
+            for off, n in [(0, len(tree)), (0, 1), (bs - 1, 2), (len(tree) - 5, 100),
+                           (len(tree), 10), (3 * bs + 7, 65536), (len(tree) + 1, 1)]:
+                assert v.read_tree(off, n) == tree[off:off + n], (off, n)
+        geo = t.geometry
+        leaf = geo.level_start[0] + 2  # level 0, index 2
+        slot = geo.level_start[1] * bs + 2 * 32  # its hash: level 1, index 0, slot 2
+        parent_slot = tree[slot:slot + 32]
+        with open(obj, "r+b") as f:
+            f.seek(TREE_OFFSET + leaf * bs)
+            f.write(bytes(bs))
+        with st.open_object(merkle.hash_alg(d.algorithm), d.digest) as t:
+            v = Verifier(t, TreeBlockCache(), "f")
+            assert v.read_tree(0, leaf * bs) == tree[:leaf * bs]  # the blocks before it
+            assert v.read_tree((leaf + 1) * bs, len(tree)) == tree[(leaf + 1) * bs:]
+            with pytest.raises(IntegrityError) as e:
+                v.read_tree(leaf * bs + bs - 1, 2)
+            assert str(e.value).startswith(
+                f"f: Merkle tree block (level 0, index 2) at tree offset {leaf * bs}: "
+                f"expected hash {parent_slot.hex()}, actual ")
+
+
+@pytest.mark.mount
 def test_manifest_mode_exports_only_verified_tree_bytes(tmp_path, verified_mount):
     src = tmp_path / "share"
     src.mkdir()
@@ -110,6 +153,7 @@ def test_manifest_mode_exports_only_verified_tree_bytes(tmp_path, verified_mount
     check(m.mountpoint, m.log, tree, bad_tree)
 
 
+@pytest.mark.mount
 def test_local_mode_exports_only_tree_bytes_that_hash_to_the_enabled_digest(tmp_path,
                                                                              verified_mount):
     src = tmp_path / "src"
