@@ -42,11 +42,12 @@ def test_a_flood_of_other_lines_cannot_hide_an_integrity_failure(lines):
     assert lines() == [f"policy require: refusing to create f{i}" for i in range(20)] + \
         ["integrity failure: m"]
     clock.t += 1
-    rl.warning(None, "policy require: refusing to create g")
+    rl.integrity(("IntegrityError", "m"), "integrity failure: m")  # logged before
     assert lines()[21:] == [
         "rate limit: 720 request-triggered log lines suppressed in one second (at most 20 a "
-        "second), the first: policy require: refusing to create f20",
-        "policy require: refusing to create g"]
+        "second), the first: policy require: refusing to create f20"]
+    rl.warning(None, "policy require: refusing to create g")
+    assert lines()[22:] == ["policy require: refusing to create g"]
 
 
 def test_a_line_over_budget_is_written_when_it_recurs(lines):

@@ -6,7 +6,8 @@ that no request pattern can flood the log.  Each message key is logged once,
 and at most ``per_sec`` lines a second per kind.  Integrity failures have a
 budget of their own, so a flood of other lines cannot hide them; a line over
 its budget is not marked as logged (it is written when it recurs), and the
-next line of its kind says how many were suppressed and names the first.
+next line of any kind in a later second says how many were suppressed and
+names the first.
 
 Names a client chooses (file names) are escaped with ``escape`` wherever they
 go into a message, and every record is kept to one line by the handler, so a
@@ -87,30 +88,30 @@ class RateLimitedLog:
     def log(self, level: int, key, msg: str, kind: str = REQUEST):
         """Log ``msg`` unless ``key`` was logged before (None: no such check) or the
         budget of ``kind`` for this second is spent."""
-        summary = None
+        summaries = []
         with self.lock:
-            b = self.budgets[kind]
-            if key is not None and key in b.seen:
-                return
             now = int(self.clock())
-            if now != b.window:
-                if b.dropped:
-                    summary = (f"rate limit: {b.dropped} {kind} log lines suppressed in one "
-                               f"second (at most {b.per_sec} a second), the first: {b.first}")
-                b.window, b.count, b.dropped = now, 0, 0
-            b.count += 1
-            if b.count > b.per_sec:
-                if not b.dropped:
-                    b.first = msg[:300]
-                b.dropped += 1
-                write = False
-            else:
-                write = True
-                if key is not None:  # marked only once written: a dropped line comes back
+            for name, past in self.budgets.items():  # any line reports every kind's last second
+                if now != past.window:
+                    if past.dropped:
+                        summaries.append(
+                            f"rate limit: {past.dropped} {name} log lines suppressed in one "
+                            f"second (at most {past.per_sec} a second), the first: {past.first}")
+                    past.window, past.count, past.dropped = now, 0, 0
+            b = self.budgets[kind]
+            write = key is None or key not in b.seen
+            if write:
+                b.count += 1
+                if b.count > b.per_sec:
+                    if not b.dropped:
+                        b.first = msg[:300]
+                    b.dropped += 1
+                    write = False
+                elif key is not None:  # marked only once written: a dropped line recurs
                     b.seen[key] = True
                     if len(b.seen) > b.remember:
                         b.seen.popitem(last=False)
-        if summary is not None:
+        for summary in summaries:
             log.warning("%s", summary)
         if write:
             log.log(level, "%s", msg)
