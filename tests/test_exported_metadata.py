@@ -13,6 +13,7 @@ real mounts with the real getfattr and `verityfuse dump-metadata`.
 
 import errno
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ from verityfuse import manifest as mf
 from verityfuse import merkle
 from verityfuse.errors import IntegrityError
 from verityfuse.store import Store
-from verityfuse.store_object import TREE_OFFSET
+from verityfuse.store_object import HEADER_SIZE, TREE_OFFSET
 from verityfuse.verifier import TreeBlockCache, Verifier
 from conftest import fsverity_digest, write
 from test_mount import object_file
@@ -52,24 +53,31 @@ def dump_tree(path):
 def make_files(src):
     write(src / "good.bin", os.urandom(GOOD_SIZE))
     write(src / "bad.bin", os.urandom(BAD_SIZE))
-    _, tree, _ = fsverity_digest(src / "good.bin")
+    write(src / "desc.bin", os.urandom(BAD_SIZE))
+    _, tree, desc = fsverity_digest(src / "good.bin")
     _, bad_tree, _ = fsverity_digest(src / "bad.bin")
     os.unlink(src / ".oracle.tree")
     os.unlink(src / ".oracle.desc")
-    assert len(tree) == 19 * B and len(bad_tree) == 7 * B
-    return tree, bad_tree
+    assert len(tree) == 19 * B and len(bad_tree) == 7 * B and len(desc) == 256
+    return tree, bad_tree, desc
 
 
-def tamper_tree(obj):
-    """Rewrite tree block BAD_BLOCK of a store object (header and descriptor kept)."""
-    os.chmod(obj, 0o644)
-    with open(obj, "r+b") as f:
-        f.seek(TREE_OFFSET + BAD_BLOCK * B)
-        f.write(bytes(range(256)) * (B // 256))
+def tamper(src):
+    """Rewrite tree block BAD_BLOCK of bad.bin's store object (header and descriptor
+    kept), and a root hash byte in desc.bin's descriptor."""
+    for rel, at, data in [("bad.bin", TREE_OFFSET + BAD_BLOCK * B, bytes(range(256)) * (B // 256)),
+                          ("desc.bin", HEADER_SIZE + 16, b"\xff")]:
+        obj = object_file(src, rel)
+        os.chmod(obj, 0o644)
+        with open(obj, "r+b") as f:
+            f.seek(at)
+            f.write(data)
 
 
-def check(mnt, log, tree, bad_tree):
-    # A good file: the tree is fsverity-utils' tree, by xattr chunk and whole.
+def check(mnt, log, tree, bad_tree, desc):
+    # A good file: the descriptor and tree are fsverity-utils', by xattr chunk and whole.
+    rc, out, err = getfattr(mnt / "good.bin", "user.fsverity.descriptor")
+    assert (rc, out) == (0, desc), err
     rc, out, err = getfattr(mnt / "good.bin", "user.fsverity.merkle_tree.0")
     assert rc == 0, err
     assert out == tree[:65536]
@@ -89,13 +97,23 @@ def check(mnt, log, tree, bad_tree):
     rc, out, err = dump_tree(mnt / "bad.bin")
     assert (rc, out) == (1, b"")
     assert "Input/output error" in err
-    lines = [ln for ln in log().splitlines() if "integrity failure" in ln]
+    lines = [ln for ln in log().splitlines() if "integrity failure: bad.bin" in ln]
     assert len(lines) == 1, lines  # one line, however many requests ran into the block
     assert "bad.bin: Merkle tree block (level 0, index 2) at tree offset 12288: expected hash " \
         in lines[0]
     # Tree bytes that do verify are still exported: the leaf blocks after the bad one.
     rc, out, err = getfattr(mnt / "bad.bin", f"user.fsverity.merkle_tree.{(BAD_BLOCK + 1) * B}")
     assert (rc, out) == (0, bad_tree[(BAD_BLOCK + 1) * B:]), err
+
+    # A rewritten descriptor: it no longer hashes to the digest, nothing is exported.
+    for name in ("descriptor", "merkle_tree.0"):
+        rc, out, err = getfattr(mnt / "desc.bin", f"user.fsverity.{name}")
+        assert (rc, out) == (1, b""), name
+        assert "Input/output error" in err
+    (line,) = [ln for ln in log().splitlines() if "descriptor does not match" in ln]
+    assert re.search(r"WARNING: integrity failure: desc\.bin: /\S+/objects/sha256/../([0-9a-f]{64}): "
+                     r"descriptor does not match its digest: expected sha256:\1, actual "
+                     r"sha256:[0-9a-f]{64}$", line), line
 
 
 @pytest.mark.parametrize("opts", [(), ("--block-size=1024", "--salt=ab")])
@@ -140,17 +158,17 @@ def test_verifier_read_tree_is_the_tree_and_checks_exactly_the_blocks_read(tmp_p
 def test_manifest_mode_exports_only_verified_tree_bytes(tmp_path, verified_mount):
     src = tmp_path / "share"
     src.mkdir()
-    tree, bad_tree = make_files(src)
+    tree, bad_tree, desc = make_files(src)
     mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
     r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "seal", str(src), "--manifest",
                         str(tmp_path / "m.json"), "--sign-key", str(tmp_path / "key.pem")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    tamper_tree(object_file(src, "bad.bin"))
+    tamper(src)
     m = verified_mount(src, seal=False, policy="require",
                        extra_args=["--manifest", str(tmp_path / "m.json"),
                                    "--trust-key", str(tmp_path / "pub.pem")])
-    check(m.mountpoint, m.log, tree, bad_tree)
+    check(m.mountpoint, m.log, tree, bad_tree, desc)
 
 
 @pytest.mark.mount
@@ -158,7 +176,7 @@ def test_local_mode_exports_only_tree_bytes_that_hash_to_the_enabled_digest(tmp_
                                                                              verified_mount):
     src = tmp_path / "src"
     src.mkdir()
-    tree, bad_tree = make_files(src)
+    tree, bad_tree, desc = make_files(src)
     m = verified_mount(src)  # seals both
-    tamper_tree(object_file(src, "bad.bin"))
-    check(m.mountpoint, m.log, tree, bad_tree)
+    tamper(src)
+    check(m.mountpoint, m.log, tree, bad_tree, desc)

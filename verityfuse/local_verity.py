@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from . import ioctl as vioctl
 from . import identity, merkle
-from .errors import Errno, VerityError
+from .errors import Errno, StoreCorrupt, VerityError
 from .inodes import NOT_VERITY, UNKNOWN, Inode
 from .logs import escape
 from .logs import requests as ratelog
@@ -60,6 +60,8 @@ class LocalVerity:
                     entry = self.store.get_entry(key) if key else None
                     if entry is not None:
                         v = self._load(entry)
+                except StoreCorrupt as e:  # every open fails with it: name the file too
+                    v = StoreCorrupt(f"{escape(self.label(inode))}: {e}")
                 except VerityError as e:
                     v = e
             inode.verity = v
@@ -82,8 +84,12 @@ class LocalVerity:
         except VerityError:
             return True
 
-    def tree(self, info: VerityInfo):
-        return self.store.open_object(info.alg, info.digest)
+    def tree(self, info: VerityInfo, label: str):
+        """The tree object of ``info``; a corrupt one names the file ``label`` too."""
+        try:
+            return self.store.open_object(info.alg, info.digest)
+        except StoreCorrupt as e:
+            raise StoreCorrupt(f"{label}: {e}") from None
 
     def check_signature(self, sig: bytes, alg, digest: bytes):
         """Built-in signature rules, as the kernel applies them on open."""

@@ -277,7 +277,7 @@ class LocalView(LocalMetadata):
         label = escape(self.relpath(fh.node))  # in every message about the file
         if size != v.size:
             raise SizeMismatch(f"{label}: backing file is {size} bytes, sealed size {v.size}")
-        fh.verify_with(self.verity.tree(v), self.cache, label, self.stats)
+        fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats)
 
     def open(self, ino: int, flags: int, ctx=None) -> FileHandle:
         return self._open(self.inodes[ino], flags)

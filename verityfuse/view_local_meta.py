@@ -45,7 +45,8 @@ class LocalMetadata:
         v = self.verity_info(ino)
         if v is None:
             raise OSError(errno.ENODATA, "not a verity file")
-        return Verifier(self.verity.tree(v), self.cache, escape(self.relpath(self.inodes[ino])))
+        label = escape(self.relpath(self.inodes[ino]))
+        return Verifier(self.verity.tree(v, label), self.cache, label)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         return os.getxattr(self.inodes[ino].proc_path, name)

@@ -22,7 +22,7 @@ import stat
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
-from .errors import Corruption, SizeMismatch
+from .errors import Corruption, SizeMismatch, StoreCorrupt
 from .logs import escape
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
@@ -142,7 +142,10 @@ class ManifestView:
 
     def open_tree(self, node: manifest_tree.Node):
         """The store object the manifest digest names, consistent with the entry."""
-        tree = self.store.open_object(node.alg, node.digest)
+        try:
+            tree = self.store.open_object(node.alg, node.digest)
+        except StoreCorrupt as e:  # the object's name alone would not say which file
+            raise StoreCorrupt(f"{escape(node.path)}: {e}") from None
         d = tree.descriptor
         if d.data_size != node.size or d.params != node.params:
             tree.close()
