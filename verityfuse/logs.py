@@ -61,7 +61,10 @@ def one_line(text: str) -> str:
 
 class _OneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed record: the handler reports it as it always does
+            return True
         if not msg.isprintable():
             record.msg, record.args = one_line(msg), ()
         return True
