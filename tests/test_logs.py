@@ -66,16 +66,16 @@ def test_a_line_over_budget_is_written_when_it_recurs(lines):
 
 
 HOSTILE = "x\n2026-12-05 01:00:00,000 verityfuse[1] WARNING: integrity failure: forged"
-HOSTILE_ESCAPED = "x\\x0a2026-12-05 01:00:00,000 verityfuse[1] WARNING: integrity failure: forged"
+HOSTILE_ESCAPED = "x\\n2026-12-05 01:00:00,000 verityfuse[1] WARNING: integrity failure: forged"
 
 
 @pytest.mark.parametrize("name, escaped", [
     ("plain name.txt", "plain name.txt"),
     (HOSTILE, HOSTILE_ESCAPED),
-    ("a\\x0ab", "a\\\\x0ab"),  # a literal backslash sequence stays distinguishable
-    ("cr\r\ttab\x1b[31m\x7f\x85", "cr\\x0d\\x09tab\\x1b[31m\\x7f\\x85"),
+    ("a\\nb", "a\\\\nb"),  # a literal backslash sequence stays distinguishable
+    ("cr\r\ttab\x1b[31m\x7f\x85", "cr\\r\\ttab\\x1b[31m\\x7f\\x85"),
     ("sep\u2028\u2029", "sep\\u2028\\u2029"),
-    (b"bytes\xff\n", "bytes\\xff\\x0a"),   # not UTF-8: the byte itself
+    (b"bytes\xff\n", "bytes\\xff\\n"),   # not UTF-8: the byte itself
     ("Ünïcode ok", "Ünïcode ok"),
 ])
 def test_escape(name, escaped):
@@ -157,7 +157,7 @@ def test_a_hostile_file_name_cannot_forge_a_log_line(tmp_path, verified_mount):
     assert f"WARNING: integrity failure: {HOSTILE_ESCAPED}: data block at offset 0: " \
            f"expected hash " in line
     (line,) = [ln for ln in log.splitlines() if "verity enabled on" in ln]
-    assert "INFO: verity enabled on y\\x0d\\x0averity enabled on z: sha256:" in line
+    assert "INFO: verity enabled on y\\r\\nverity enabled on z: sha256:" in line
     # The status JSON names it escaped too.
     status = json.loads(os.getxattr(mnt, "user.verityfuse.status"))
     assert status["recent_failures"]  # one per failed read (the kernel retries one)

@@ -29,7 +29,14 @@ INTEGRITY = "integrity-failure"
 REQUEST = "request-triggered"
 
 
+# The escapes a reader knows; the same as `verityfuse status` shows names with.
+_SHORT = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def _escape_char(ch: str) -> str:
+    short = _SHORT.get(ch)
+    if short is not None:
+        return short
     o = ord(ch)
     if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
         return f"\\x{o - 0xDC00:02x}"
@@ -39,9 +46,10 @@ def _escape_char(ch: str) -> str:
 
 
 def escape(name: Union[str, bytes]) -> str:
-    """``name`` for a log line or a status message: backslash doubled, every character
-    that is not printable (control characters, line and paragraph separators, bytes
-    that are not UTF-8) as ``\\xNN``/``\\uNNNN``.  Unambiguous, and always one line."""
+    """``name`` for a log line or a status message: backslash doubled, newline, tab and
+    carriage return as ``\\n``, ``\\t``, ``\\r``, every other character that is not
+    printable (control characters, line and paragraph separators, bytes that are not
+    UTF-8) as ``\\xNN``/``\\uNNNN``.  Unambiguous, and always one line."""
     if isinstance(name, (bytes, bytearray, memoryview)):
         name = os.fsdecode(bytes(name))
     if name.isprintable() and "\\" not in name:
