@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 
 from . import __version__, merkle, treebuild
@@ -137,6 +138,14 @@ def cmd_digest(args) -> int:
 
 # -- seal, manifests ------------------------------------------------------
 
+def _sequence(text: str) -> int:
+    from .manifest_header import MAX_SEQUENCE
+
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not 1 <= int(text) <= MAX_SEQUENCE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [1, {MAX_SEQUENCE}]")
+    return int(text)
+
+
 def cmd_seal(args) -> int:
     from . import cli_seal
 
@@ -144,6 +153,12 @@ def cmd_seal(args) -> int:
     if not os.path.isdir(args.source):
         error(f"'{args.source}' is not a directory")
         return EXIT_ERROR
+    if args.unsigned and args.sign_key:
+        error("--unsigned and --sign-key contradict each other")
+        return EXIT_USAGE
+    if not args.manifest and (args.unsigned or args.sequence is not None or args.expires):
+        error("--unsigned, --sequence and --expires are for --manifest")
+        return EXIT_USAGE
     key = None
     if args.sign_key:  # before any hashing: a bad key should cost nothing
         from . import manifest
@@ -162,19 +177,27 @@ def cmd_seal(args) -> int:
 
 def cmd_measure_manifest(args) -> int:
     """The manifest digest, the one value a remote verifier pins."""
-    from . import manifest, manifest_tree
+    import time
+
+    from . import manifest, manifest_header, manifest_tree
 
     env, payload = manifest.read_envelope(args.manifest)
     tree = manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
     digest = manifest.manifest_digest(payload)
+    head = tree.header
+    expires = None if head.expires is None else manifest_header.format_time(head.expires)
+    expired = head.expires is not None and time.time() >= head.expires
     if args.json:
         sigs = env.get("signatures") if isinstance(env.get("signatures"), list) else []
         emit({"manifest": args.manifest, "digest": digest, "entries": len(tree.nodes),
-              "files": sum(1 for _ in tree.files()),
+              "files": sum(1 for _ in tree.files()), "sequence": head.sequence,
+              "expires": expires, "expired": expired,
               "signatures": [{"algorithm": g.get("algorithm"), "key_id": g.get("key_id")}
                              for g in sigs if isinstance(g, dict)]})
     else:
-        print(digest)
+        print(digest)  # the one line scripts read; the rest on stderr
+        print(f"sequence {head.sequence}, " + ("no expiry" if expires is None else
+              f"{'expired' if expired else 'expires'} at {expires}"), file=sys.stderr)
     return 0
 
 
@@ -183,8 +206,8 @@ def cmd_keygen(args) -> int:
 
     try:
         key = manifest.generate_key(args.private, args.public)
-    except FileExistsError:
-        error(f"'{args.private}' exists; not overwriting a key")
+    except FileExistsError as e:
+        error(f"'{e.filename}' exists; not overwriting a key")
         return EXIT_ERROR
     print(f"ed25519 key {manifest.key_id(key.public_key())}: private {args.private}, "
           f"public {args.public}")
@@ -324,8 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("paths", nargs="*", metavar="PATH", help="files to seal (default: all)")
     p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
-    p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files")
+    p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files; "
+                   "its sequence is one above M's (1 for a new M)")
     p.add_argument("--sign-key", metavar="KEY.pem", help="Ed25519 private key to sign the manifest")
+    p.add_argument("--unsigned", action="store_true",
+                   help="write an unsigned manifest even where M is signed (refused otherwise)")
+    p.add_argument("--sequence", type=_sequence, metavar="N",
+                   help="the manifest's sequence, above M's (default: M's + 1)")
+    p.add_argument("--expires", metavar="WHEN",
+                   help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
+                        "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
     add_tree_options(p)
     p.set_defaults(func=cmd_seal)

@@ -40,13 +40,20 @@ def _non_negative(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _min_sequence(text):
+    try:
+        return mountopts.non_negative_int(text, "min-sequence")
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def settings_from(args) -> Settings:
     """The CLI flags, then the -o groups (a later value wins)."""
     s = Settings(store=args.store, policy=args.policy, manifest=args.manifest,
                  trust_key=list(args.trust_key or ()), manifest_digest=args.manifest_digest,
                  trust_cert=list(args.trust_cert or ()), require_signatures=args.require_signatures,
                  cache_size=args.cache_size, readahead_kb=args.readahead_kb, log_file=args.log_file,
-                 debug=args.debug, foreground=args.foreground)
+                 debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence)
     return mountopts.parse(args.o or [], s)
 
 
@@ -150,6 +157,9 @@ def add_commands(sub):
                    help="Ed25519 public key the manifest must be signed with (repeatable)")
     p.add_argument("--manifest-digest", metavar="sha256:HEX",
                    help="the manifest's digest, pinned (see measure-manifest)")
+    p.add_argument("--min-sequence", type=_min_sequence, default=0, metavar="N",
+                   help="refuse a manifest whose sequence is below N (an older manifest the key "
+                        "once signed: a rollback); an expired manifest is always refused")
     p.add_argument("--trust-cert", action="append", metavar="CERT.pem",
                    help="X.509 certificate trusted for fs-verity built-in signatures (repeatable)")
     p.add_argument("--require-signatures", action="store_true",

@@ -144,11 +144,73 @@ def cmd_seal(args, params, key, rels) -> int:
     return status
 
 
+class _Previous:
+    """The manifest being replaced, as far as it can be read."""
+
+    def __init__(self, path: str):
+        from . import manifest, manifest_tree
+        from .errors import ManifestError
+
+        self.env = self.payload = self.header = self.error = None
+        if not os.path.lexists(path):
+            return
+        try:
+            self.env, self.payload = manifest.read_envelope(path)
+            self.header = manifest_tree.parse_header(self.payload, path, legacy=True)
+        except ManifestError as e:
+            self.error = e
+
+    @property
+    def exists(self) -> bool:
+        return self.env is not None or self.error is not None
+
+
+def _next_header(args, key, prev: _Previous):
+    """The header of the manifest about to be written: the sequence one above the
+    previous manifest's (``--sequence`` must be above it too), its expiry.  Refuses
+    what would weaken M by accident: dropping its signature or its expiry."""
+    from . import manifest_header
+    from .errors import ManifestError
+
+    if prev.error is not None and args.sequence is None:
+        raise ManifestError(f"{prev.error}: cannot tell the sequence of the manifest it replaces; "
+                            f"give --sequence N, above any sequence published")
+    if prev.env is not None and prev.env.get("signatures") and key is None and not args.unsigned:
+        raise ManifestError(f"{args.manifest} is signed: give --sign-key KEY.pem to sign the new "
+                            f"manifest too, or --unsigned to replace it with an unsigned one")
+    old = prev.header
+    if args.sequence is None:
+        sequence = old.sequence + 1 if old is not None else 1
+        if sequence > manifest_header.MAX_SEQUENCE:
+            raise ManifestError(f"{args.manifest}: sequence {old.sequence} cannot be raised")
+    elif old is not None and args.sequence <= old.sequence:
+        raise ManifestError(f"--sequence {args.sequence} is not above the sequence "
+                            f"{old.sequence} of {args.manifest} (a sequence never goes back: "
+                            f"remove {args.manifest} first to start again)")
+    else:
+        sequence = args.sequence
+    now = int(time.time())
+    if args.expires is not None:
+        try:
+            expires = manifest_header.parse_expiry(args.expires, now)
+        except ValueError as e:
+            raise ManifestError(f"--expires: {e}") from None
+    elif old is not None and old.expires is not None:
+        raise ManifestError(f"{args.manifest} expires (at "
+                            f"{manifest_header.format_time(old.expires)}): give --expires WHEN "
+                            f"for the new manifest, or --expires never")
+    else:
+        expires = None
+    return manifest_header.Header(sequence, expires)
+
+
 def seal_manifest(args, store, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
-    from . import manifest, manifest_tree
+    from . import fsutil, manifest, manifest_header, manifest_tree
     from .sealing import ManifestRecorder
 
+    prev = _Previous(args.manifest)
+    header = _next_header(args, key, prev)  # refused before anything is hashed
     progress = Progress(*(_tree_sizes(args.source) if sys.stderr.isatty() and (
         rels is None or "." in rels) else (0, 0)))
 
@@ -170,33 +232,33 @@ def seal_manifest(args, store, params, key, rels) -> int:
             rec.add(".")
         else:
             existing = []
-            if os.path.exists(args.manifest):
-                env, payload = manifest.read_envelope(args.manifest)
+            if prev.exists:
+                if prev.error is not None:
+                    raise prev.error  # its entries are what we would keep
                 if key is not None:
                     # Re-signing must not launder entries this key never vouched for.
-                    manifest.check_signatures(args.manifest, env, payload, [key.public_key()])
-                existing = list(manifest_tree.iter_entries(payload, args.manifest))
+                    manifest.check_signatures(args.manifest, prev.env, prev.payload,
+                                              [key.public_key()])
+                existing = list(manifest_tree.iter_entries(prev.payload, args.manifest))
             rec.update(existing, rels)
     finally:
         progress.close()
     if rec.failed:
         error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
         return EXIT_ERROR
-    payload = manifest_tree.make_payload(rec.entries.values())
+    payload = manifest_tree.make_payload(rec.entries.values(), header)
     manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
-    tmp = f"{args.manifest}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(manifest.sign(payload, key))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.manifest)
+    fsutil.atomic_write(args.manifest, manifest.sign(payload, key), 0o644)
     files = sum(1 for e in rec.entries.values() if e["type"] == "file")
     digest = manifest.manifest_digest(payload)
+    expires = None if header.expires is None else manifest_header.format_time(header.expires)
     if args.json:
         emit({"manifest": args.manifest, "digest": digest, "entries": len(rec.entries),
-              "files": files, "signed": key is not None})
+              "files": files, "signed": key is not None, "sequence": header.sequence,
+              "expires": expires})
     else:
-        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}"
+        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}, "
+              f"sequence {header.sequence}" + (f", expires {expires}" if expires else "")
               + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
     return 0
 

@@ -92,9 +92,10 @@ class Trust:
                 raise ManifestError("trust_cert and require_signatures are for local mode; with a "
                                     "manifest, the manifest's signature is the trust")
             keys = [manifest.load_public_key(k) for k in s.trust_key]
-            self.manifest = manifest.load(s.manifest, keys, s.manifest_digest)
-        elif s.trust_key or s.manifest_digest:
-            raise ManifestError("trust_key and manifest_digest need a manifest")
+            # Authenticated first, then refused if older than min_sequence or expired.
+            self.manifest = manifest.load(s.manifest, keys, s.manifest_digest, s.min_sequence)
+        elif s.trust_key or s.manifest_digest or s.min_sequence:
+            raise ManifestError("trust_key, manifest_digest and min_sequence need a manifest")
         self.certs = signature.load_certificates(s.trust_cert)
 
 

@@ -34,6 +34,7 @@ class Settings:
     manifest: Optional[str] = None
     trust_key: List[str] = field(default_factory=list)
     manifest_digest: Optional[str] = None
+    min_sequence: int = 0                # refuse a manifest with a lower sequence (a rollback)
     trust_cert: List[str] = field(default_factory=list)
     require_signatures: bool = False
     cache_size: Optional[int] = None     # MiB
@@ -81,6 +82,7 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "manifest_digest": ("manifest_digest", _digest), "log_file": ("log_file", str),
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
+    "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
 }
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
 FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground"}
@@ -127,7 +129,7 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures"}
+                "readahead-kb", "require-signatures", "min-sequence"}
 
 
 def fuse_options(s: Settings, fsname: str) -> List[str]:
