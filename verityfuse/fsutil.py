@@ -111,7 +111,7 @@ def read_regular(path, limit: int, what: str = "") -> bytes:
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise TooLarge(errno.EFBIG, f"{size} bytes, more than {limit}")
+            raise TooLarge(errno.EFBIG, f"{size} bytes")
         chunks, got = [], 0
         while got <= limit:
             b = os.read(fd, min(1 << 20, limit + 1 - got))

@@ -59,7 +59,8 @@ def _read_limited(path: str, limit: int, what: str) -> bytes:
     try:
         data = fsutil.read_regular(path, limit, what=path)
     except fsutil.TooLarge as e:  # refused on its fstat size, unread
-        raise ManifestError(f"{path}: {what} larger than {limit} bytes ({e.strerror})") from None
+        raise ManifestError(f"{path}: {what} larger than {limit} bytes ({e.strerror}): "
+                            f"refused unread") from None
     except OSError as e:
         raise ManifestError(f"{path}: {e.strerror}") from None
     if len(data) > limit:

@@ -133,7 +133,7 @@ def parse(text: str, where: str, legacy: bool = False) -> Header:
         raise ManifestError(f"{where}: header: sequence must be a JSON integer in "
                             f"[0, {MAX_SEQUENCE}], not {sequence!r}")
     expires = head.get("expires")
-    if expires is not None:
+    if "expires" in head:  # null included: a header has no two ways to say "never"
         try:
             expires = parse_time(expires)
         except ValueError as e:
