@@ -39,7 +39,7 @@ _PAYLOAD = re.compile(rb'"payload"\s*:\s*"')
 class Manifest:
     tree: manifest_tree.Tree
     digest: str  # sha256:<hex> of the payload
-    key_id: Optional[str] = None    # hex id of the trusted key whose signature verified; None: pinned only
+    key_id: Optional[str] = None    # the trusted key that verified it (hex); None: pinned only
     sequence: int = 0               # the header's (manifest_header)
     expires: Optional[int] = None   # Unix seconds, UTC; None: never
 

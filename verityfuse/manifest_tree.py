@@ -26,6 +26,8 @@ from .errors import ManifestError, VerityError
 from .manifest_header import Header
 from .store import parse_digest
 
+FORMAT, VERSION = manifest_header.FORMAT, manifest_header.VERSION  # the header's, kept here too
+CONVERT_HINT = manifest_header.CONVERT_HINT
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_TARGET_BYTES = 4095
