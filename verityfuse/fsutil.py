@@ -155,11 +155,14 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644, replace: bool = True
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if replace:
-                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            else:
-                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
-                os.unlink(tmp, dir_fd=dfd)
+            try:
+                if replace:
+                    os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                else:
+                    os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+                    os.unlink(tmp, dir_fd=dfd)
+            except OSError as e:  # name the file the caller asked for, not our temporary one
+                raise type(e)(e.errno, e.strerror, path) from None
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dfd)
