@@ -172,6 +172,7 @@ def test_parse_expiry():
                       ("2026-06-01T00:00:00Z", "is not in the future"),
                       ("30 d", "is neither a duration"), ("-1d", "is neither a duration"),
                       ("1y", "is neither a duration"), ("2028-01-01", "is neither a duration"),
+                      ("2028-02-30T00:00:00Z", "'2028-02-30T00:00:00Z' is not a valid time"),
                       ("999999999999w", "ends after 9999")):
         with pytest.raises(ValueError, match=re.escape(msg)):
             mh.parse_expiry(text, now)

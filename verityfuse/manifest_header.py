@@ -73,6 +73,8 @@ def parse_expiry(text: str, now: int) -> Optional[int]:
         try:
             t = parse_time(text)
         except ValueError:
+            if _TIME.fullmatch(text):
+                raise  # the right shape, but no such time: say so
             raise ValueError(f"{text!r} is neither a duration (90m, 12h, 30d, 2w) nor a UTC time "
                              f"YYYY-MM-DDTHH:MM:SSZ nor 'never'") from None
     if t <= now:
