@@ -94,6 +94,16 @@ def test_entry_numbers_are_exact_integers_too(tmp_path, key):
         assert str(e.value).startswith(f"{p}: line 2 (.): {msg}"), str(e.value)
 
 
+def test_the_envelope_version_is_an_exact_integer_too(tmp_path, key):
+    good = mf.sign((HEAD + "}\n" + ROOT).encode(), key)
+    p = tmp_path / "m.json"
+    for bad, shown in ((b'"version": 1.0', "1.0"), (b'"version": true', "True")):
+        p.write_bytes(good.replace(b'"version": 1', bad, 1))
+        with pytest.raises(ManifestError) as e:
+            mf.load(str(p), [key.public_key()])
+        assert str(e.value) == f"{p}: unsupported envelope version {shown}"
+
+
 def test_old_v2_manifests_load_as_sequence_0_unless_a_minimum_is_required(tmp_path, key):
     p = signed(tmp_path, key, HEAD + "}")
     m = mf.load(p, [key.public_key()])

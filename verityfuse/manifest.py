@@ -154,7 +154,7 @@ def read_envelope(path: str):
         raise ManifestError(f"{path}: not a {ENVELOPE_FORMAT} file")
     if env.get("payload") != "":  # the one we cut out was not the envelope's own
         raise ManifestError(f"{path}: malformed envelope (payload)")
-    if env.get("version") != ENVELOPE_VERSION:
+    if type(env.get("version")) is not int or env["version"] != ENVELOPE_VERSION:  # 1.0, true: no
         raise ManifestError(f"{path}: unsupported envelope version {env.get('version')!r}")
     return env, _b64(data[start:end], f"{path}: payload")
 
