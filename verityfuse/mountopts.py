@@ -39,6 +39,9 @@ class Settings:
     cache_size: Optional[int] = None     # MiB
     readahead_kb: int = 1024
     log_file: Optional[str] = None
+    measure: Optional[str] = None        # register spec: tpm[:PCR], rtmr[:N], file:[ALG:]PATH
+    event_log: Optional[str] = None      # default: measure.default_log_path(register)
+    on_corruption: str = "eio"           # eio | refuse (tripwire.MODES)
     debug: bool = False
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
@@ -66,6 +69,18 @@ def _policy(v: str) -> str:
     return v
 
 
+def _measure(v: str) -> str:
+    if v.split(":", 1)[0] not in ("tpm", "rtmr", "file"):
+        raise OptionError(f"measure: {v!r} is not tpm[:PCR], rtmr[:N] or file:[ALG:]PATH")
+    return v
+
+
+def _on_corruption(v: str) -> str:
+    if v not in ("eio", "refuse"):
+        raise OptionError(f"on_corruption: {v!r} is not eio or refuse")
+    return v
+
+
 def _digest(v: str) -> str:
     from .store import parse_digest
     try:
@@ -79,6 +94,8 @@ def _digest(v: str) -> str:
 VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "store": ("store", str), "policy": ("policy", _policy), "manifest": ("manifest", str),
     "manifest_digest": ("manifest_digest", _digest), "log_file": ("log_file", str),
+    "measure": ("measure", _measure), "event_log": ("event_log", str),
+    "on_corruption": ("on_corruption", _on_corruption),
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
 }
@@ -127,7 +144,7 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures"}
+                "readahead-kb", "require-signatures", "event-log", "on-corruption"}
 
 
 def fuse_options(s: Settings, fsname: str) -> List[str]:
