@@ -147,12 +147,19 @@ _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache
                 "readahead-kb", "require-signatures", "event-log", "on-corruption"}
 
 
+def escape_value(value: str) -> str:
+    """An option value as libfuse reads it back: it splits an option string at commas
+    and takes a backslash as "the next character is literal".  Unescaped, a SOURCE
+    named "x,allow_other" would inject allow_other into the mount."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def fuse_options(s: Settings, fsname: str) -> List[str]:
     """The options given to libfuse, in a fixed order: built-ins first, then the
     user's in the order given; a user's fsname= or subtype= replaces the built-in."""
     user = dict(s.fuse)
     out = []
-    for name, value in BUILTIN + (("fsname", fsname),):
+    for name, value in BUILTIN + (("fsname", escape_value(fsname)),):
         if name not in user:
             out.append(name if value is None else f"{name}={value}")
     out += [n if v is None else f"{n}={v}" for n, v in s.fuse]
