@@ -33,6 +33,15 @@ def _positive(name):
     return conv
 
 
+def _option(check):
+    def conv(text):
+        try:
+            return check(text)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return conv
+
+
 def _non_negative(text):
     try:
         return mountopts.non_negative_int(text, "readahead-kb")
@@ -53,6 +62,7 @@ def settings_from(args) -> Settings:
                  trust_key=list(args.trust_key or ()), manifest_digest=args.manifest_digest,
                  trust_cert=list(args.trust_cert or ()), require_signatures=args.require_signatures,
                  cache_size=args.cache_size, readahead_kb=args.readahead_kb, log_file=args.log_file,
+                 measure=args.measure, event_log=args.event_log, on_corruption=args.on_corruption,
                  debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence)
     return mountopts.parse(args.o or [], s)
 
@@ -170,6 +180,16 @@ def add_commands(sub):
                    help="kernel readahead window of the mount (default 1024; 0 keeps 128)")
     p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the "
                    "foreground; else syslog, the journal, or /var/log/verityfuse/MNT.log)")
+    p.add_argument("--measure", metavar="REGISTER", type=_option(mountopts._measure),
+                   help="measured mount (manifest mode): before serving, extend a MountManifest "
+                        "event into REGISTER: tpm[:PCR] (default PCR 23, /dev/tpmrm0), rtmr[:N] "
+                        "(Intel TDX, default 3) or file:[sha256|sha384:]PATH; a failed extend "
+                        "fails the mount. Integrity violations are extended too")
+    p.add_argument("--event-log", metavar="FILE", help="the event log a verifier replays "
+                   "(default /run/verityfuse/events-<register>.log)")
+    p.add_argument("--on-corruption", choices=("eio", "refuse"), default="eio",
+                   help="eio: fail the damaged blocks (default); refuse: after the first "
+                        "integrity violation every open fails with EIO")
     p.add_argument("--debug", action="store_true", help="log every request")
     p.set_defaults(func=cmd_mount)
 

@@ -99,6 +99,36 @@ class Trust:
         self.certs = signature.load_certificates(s.trust_cert)
 
 
+def measure_mount(mountpoint: str, s: Settings, trust: Trust):
+    """A measured mount records its MountManifest event before it serves anything (a
+    failed extend fails the mount: closed, as an image pull is); returns the mount's
+    Tripwire, which measures violations into the same register and log."""
+    from .tripwire import Tripwire
+
+    m = trust.manifest
+    if not s.measure:
+        return Tripwire(m.digest if m else None, None, s.on_corruption)
+    if m is None:
+        raise MountError("measure needs a manifest: a measured mount attests the manifest's "
+                         "digest (local mode has none)")
+    from . import measure_event
+    from .measure import Measurer, MeasureError, open_register
+
+    policy = {"trust": "+".join(w for w, on in (("pinned", s.manifest_digest),
+                                                 ("key", s.trust_key)) if on),
+              "min_sequence": s.min_sequence or 0, "on_corruption": s.on_corruption}
+    try:
+        register = open_register(s.measure)
+        measurer = Measurer(register, s.event_log)
+        measurer.record(measure_event.mount_manifest(m.digest, m.key_id, m.sequence, policy,
+                                                     mountpoint))
+    except MeasureError as e:
+        raise MountError(f"refusing to mount: the measurement failed ({e})") from None
+    log.info("measured manifest %s (sequence %d) into %s; event log %s", m.digest, m.sequence,
+             register.name, measurer.log_path)
+    return Tripwire(m.digest, measurer, s.on_corruption)
+
+
 def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
     """The view for this trust mode, and the store it reads."""
     from .store import Store, default_store
@@ -154,7 +184,13 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         s.fuse = [o for o in s.fuse if o[0] != "rw"]
     stats = Stats()
     view, store = make_view(source, mountpoint, s, trust, stats)
-    ops = VerityOperations(view, stats=stats, info={
+    try:
+        tripwire = measure_mount(mountpoint, s, trust)
+    except BaseException:
+        view.close()
+        store.close()
+        raise
+    ops = VerityOperations(view, stats=stats, tripwire=tripwire, info={
         "source": source, "mountpoint": mountpoint, "store": store.path, "pid": os.getpid(),
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,58 @@ def _kernel_forwards(release: str, can_probe: bool) -> dict:
     return {"forwards": forwards, "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}
 
 
+def _device() -> dict:
+    path = "/dev/fuse"
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return {"ok": False, "why": f"{path}: {e.strerror} (load the fuse module: modprobe fuse)"}
+    if not stat.S_ISCHR(st.st_mode):
+        return {"ok": False, "why": f"{path} is not a character device"}
+    if not os.access(path, os.R_OK | os.W_OK):
+        return {"ok": False, "why": f"{path} is not readable and writable by this user "
+                                     f"(mode {stat.S_IMODE(st.st_mode):o})"}
+    return {"ok": True}
+
+
+def _fusermount() -> dict:
+    """Unprivileged mounts go through fusermount3, which must be setuid root."""
+    path = shutil.which("fusermount3")
+    if path is None:
+        return {"ok": os.geteuid() == 0, "why": "fusermount3 not found (Debian: apt install fuse3); "
+                "root mounts without it, users cannot"}
+    st = os.stat(path)
+    setuid = bool(st.st_mode & stat.S_ISUID) and st.st_uid == 0
+    return {"ok": setuid or os.geteuid() == 0, "path": path, "setuid_root": setuid}
+
+
+def _allow_other() -> dict:
+    """allow_other for a non-root mounter needs user_allow_other in /etc/fuse.conf."""
+    try:
+        with open("/etc/fuse.conf") as f:
+            on = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        on = False
+    return {"user_allow_other": on}
+
+
+def _helper() -> dict:
+    from . import helper_link
+
+    link = os.path.join("/sbin", helper_link.HELPER_NAME)  # where mount(8) looks
+    try:
+        mine = helper_link.own_helper()
+    except helper_link.HelperError:
+        mine = None
+    try:
+        target = os.readlink(link)
+    except FileNotFoundError:
+        return {"installed": False, "own_helper": mine}
+    except OSError:
+        return {"installed": True, "target": None, "ours": False, "own_helper": mine}
+    return {"installed": True, "target": target, "ours": target == mine, "own_helper": mine}
+
+
 def report() -> dict:
     release = platform.release()
     shim = _shim()
@@ -90,7 +143,9 @@ def report() -> dict:
                  and shutil.which("fusermount3") is not None)
     return {"version": __version__, "python": platform.python_version(), "kernel": release,
             "hashing": _hashing(), "ioctl_shim": shim, "libfuse": _libfuse(),
-            "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe)}
+            "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe),
+            "mounting": {"dev_fuse": _device(), "fusermount3": _fusermount(),
+                         "allow_other": _allow_other(), "helper": _helper()}}
 
 
 def run(json_out: bool = False) -> int:
@@ -108,7 +163,27 @@ def run(json_out: bool = False) -> int:
             ("fs-verity ioctls via FUSE",
              {True: "forwarded", False: "not forwarded", None: "unknown"}[k["forwards"]]
              + f" ({k['how']})")]
+    rows += _mount_rows(r["mounting"])
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"{a:<{width}}  {b}")
     return 0
+
+
+def _mount_rows(m: dict) -> list:
+    dev, fm, h = m["dev_fuse"], m["fusermount3"], m["helper"]
+    if not h["installed"]:
+        helper = "not installed (verityfuse install-helper, for mount -t fuse.verityfuse)"
+    elif h["ours"]:
+        helper = f"/sbin/mount.fuse.verityfuse -> {h['target']} (this installation)"
+    else:
+        helper = (f"/sbin/mount.fuse.verityfuse -> {h['target']}: NOT this installation's "
+                  f"({h['own_helper'] or 'none'}); verityfuse install-helper replaces it")
+    return [("/dev/fuse", "usable" if dev["ok"] else f"UNUSABLE: {dev['why']}"),
+            ("fusermount3", fm.get("why") or f"{fm['path']}" + (", setuid root" if fm["setuid_root"]
+                                                                 else ", NOT setuid root: users "
+                                                                      "cannot mount")),
+            ("allow_other for users", "allowed (user_allow_other in /etc/fuse.conf)"
+             if m["allow_other"]["user_allow_other"] else "root only (no user_allow_other in "
+             "/etc/fuse.conf)"),
+            ("mount(8) helper", helper)]

@@ -40,6 +40,9 @@ class Settings:
     cache_size: Optional[int] = None     # MiB
     readahead_kb: int = 1024
     log_file: Optional[str] = None
+    measure: Optional[str] = None        # register spec: tpm[:PCR], rtmr[:N], file:[ALG:]PATH
+    event_log: Optional[str] = None      # default: measure.default_log_path(register)
+    on_corruption: str = "eio"           # eio | refuse (tripwire.MODES)
     debug: bool = False
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
@@ -67,6 +70,18 @@ def _policy(v: str) -> str:
     return v
 
 
+def _measure(v: str) -> str:
+    if v.split(":", 1)[0] not in ("tpm", "rtmr", "file"):
+        raise OptionError(f"measure: {v!r} is not tpm[:PCR], rtmr[:N] or file:[ALG:]PATH")
+    return v
+
+
+def _on_corruption(v: str) -> str:
+    if v not in ("eio", "refuse"):
+        raise OptionError(f"on_corruption: {v!r} is not eio or refuse")
+    return v
+
+
 def _digest(v: str) -> str:
     from .store import parse_digest
     try:
@@ -80,6 +95,8 @@ def _digest(v: str) -> str:
 VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "store": ("store", str), "policy": ("policy", _policy), "manifest": ("manifest", str),
     "manifest_digest": ("manifest_digest", _digest), "log_file": ("log_file", str),
+    "measure": ("measure", _measure), "event_log": ("event_log", str),
+    "on_corruption": ("on_corruption", _on_corruption),
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
     "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
@@ -129,7 +146,14 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures", "min-sequence"}
+                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence"}
+
+
+def escape_value(value: str) -> str:
+    """An option value as libfuse reads it back: it splits an option string at commas
+    and takes a backslash as "the next character is literal".  Unescaped, a SOURCE
+    named "x,allow_other" would inject allow_other into the mount."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def fuse_options(s: Settings, fsname: str) -> List[str]:
@@ -137,7 +161,7 @@ def fuse_options(s: Settings, fsname: str) -> List[str]:
     user's in the order given; a user's fsname= or subtype= replaces the built-in."""
     user = dict(s.fuse)
     out = []
-    for name, value in BUILTIN + (("fsname", fsname),):
+    for name, value in BUILTIN + (("fsname", escape_value(fsname)),):
         if name not in user:
             out.append(name if value is None else f"{name}={value}")
     out += [n if v is None else f"{n}={v}" for n, v in s.fuse]
