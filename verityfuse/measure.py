@@ -285,9 +285,12 @@ class Measurer:
     def _open_locked(self) -> int:
         """The log, open for append and exclusively locked; created (dirs 0755, file 0644) if new."""
         d = os.path.dirname(os.path.abspath(self.log_path))
+        try:
+            os.makedirs(d, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise MeasureError(f"cannot create the event log's directory {d}: {e.strerror}") from None
         for _ in range(10):
             try:
-                os.makedirs(d, mode=0o755, exist_ok=True)
                 try:
                     fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
                                  | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

@@ -259,13 +259,13 @@ def parse_log(text: str) -> tuple[str, bytes, list[Event]]:
         bad = next((c for c in line if not 0x20 <= ord(c) <= 0x7E), None)
         if bad is not None:
             raise EventLogError(f"line {n}: character {bad!r} is not printable ASCII")
+        if line.startswith("INIT/"):
+            raise EventLogError(f"line {n}: an INIT line is only allowed as line 1")
         parts = line.split(" ", 2)
         if len(parts) != 3 or not all(parts):
             raise EventLogError(f"line {n}: expected '<domain> <operation> <content>' separated "
                                 f"by single spaces, got {line[:80]!r}")
         domain, operation, content = parts
-        if domain.startswith("INIT/"):
-            raise EventLogError(f"line {n}: an INIT line is only allowed as line 1")
         if domain == DOMAIN:
             events.append(_parse_ours(n, operation, content))
             continue
