@@ -560,6 +560,11 @@ def test_replay_register_and_appraisal(tmp_path):
     assert rc == 1 and "FAIL: --register has 48 bytes, a sha256 register 32" in out
     rc, out, _ = attest(tmp_path / "log", "--register", reg, "--min-sequence", 5)
     assert rc == 1 and "has sequence 4, below --min-sequence 5" in out
+    rc, out, _ = attest(tmp_path / "log", "--register", reg, "--expect-key", KEY, "--min-sequence", 4)
+    assert rc == 0, out
+    rc, out, _ = attest(tmp_path / "log", "--register", reg, "--expect-key", "cd" * 32)
+    assert rc == 1 and (f"FAIL: event #1 MountManifest of /srv was verified by key {KEY}, not an "
+                        f"expected one ({'cd' * 32})") in out
     # a tripwire event: a verifier must see tampering
     m.record(me.integrity_violation(M1, "bin/a b", 4096))
     reg = r.read().hex()
@@ -602,6 +607,7 @@ def test_replay_usage_and_unreadable_input(tmp_path, quoted):
         ([tmp_path / "log", "--register", "xyz"], "--register: 'xyz' is not an even number of hex"),
         ([tmp_path / "log", "--register", "00", "--expect-manifest", "sha256:12"],
          "'sha256:12' is not a manifest digest"),
+        ([tmp_path / "log", "--register", "00", "--expect-key", "AB" * 32], "is not a key id"),
         ([tmp_path / "missing", "--register", "00"], f"ERROR: cannot read event log "
          f"{tmp_path}/missing: No such file or directory"),
         ([tmp_path / "log", *quote_args(quoted, msg=tmp_path / "nope")], "ERROR: cannot read quote "

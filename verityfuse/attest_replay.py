@@ -24,6 +24,7 @@ class InputError(Exception):
 @dataclasses.dataclass
 class Expectations:
     manifests: list[str] = dataclasses.field(default_factory=list)  # empty: any manifest
+    keys: list[str] = dataclasses.field(default_factory=list)  # empty: any key (or none)
     min_sequence: int | None = None
     allow_violations: bool = False
     allow_init: bytes | None = None  # a non-zero INIT value the verifier accounts for
@@ -74,7 +75,7 @@ def appraise(alg: str, init: bytes, events: list[me.Event], exp: Expectations
         failures.append(f"INIT value is zero, not the {exp.allow_init.hex()} --allow-init expects")
     mounts = [(n, e) for n, e in enumerate(events, 1)
               if e.domain == me.DOMAIN and e.operation == me.OP_MOUNT]
-    if (exp.manifests or exp.min_sequence is not None) and not mounts:
+    if (exp.manifests or exp.keys or exp.min_sequence is not None) and not mounts:
         failures.append("no MountManifest event: the log records no measured mount")
     for n, e in mounts:
         c = e.content
@@ -82,6 +83,11 @@ def appraise(alg: str, init: bytes, events: list[me.Event], exp: Expectations
             failures.append(f"event #{n} MountManifest of {c['mountpoint']} names manifest "
                             f"{c['manifest']}, which is not an expected one "
                             f"({', '.join(exp.manifests)})")
+        if exp.keys and c["key_id"] not in exp.keys:
+            signer = ("no key (a pinned digest)" if c["key_id"] is None
+                      else f"key {c['key_id']}")
+            failures.append(f"event #{n} MountManifest of {c['mountpoint']} was verified by "
+                            f"{signer}, not an expected one ({', '.join(exp.keys)})")
         if exp.min_sequence is not None and c["sequence"] < exp.min_sequence:
             failures.append(f"event #{n} MountManifest of {c['mountpoint']} has sequence "
                             f"{c['sequence']}, below --min-sequence {exp.min_sequence} "

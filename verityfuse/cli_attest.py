@@ -37,6 +37,13 @@ def _manifest_digest(text: str) -> str:
     return text
 
 
+def _key_id(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a key id (64 lowercase hex digits: "
+                                         f"the SHA-256 of the raw Ed25519 public key)")
+    return text
+
+
 def _int_range(lo: int, hi: int, what: str):
     def conv(text: str) -> int:
         if not text.isdigit() or not lo <= int(text) <= hi:
@@ -58,6 +65,7 @@ def cmd_replay(args) -> int:
     if args.quote is not None:
         quote = ar.QuoteFiles(args.quote, args.signature, args.ak_public, args.nonce, args.pcr)
     exp = ar.Expectations(manifests=list(args.expect_manifest or ()),
+                          keys=list(args.expect_key or ()),
                           min_sequence=args.min_sequence, allow_violations=args.allow_violations,
                           allow_init=args.allow_init)
     try:
@@ -100,6 +108,9 @@ def add_commands(sub):
     r.add_argument("--expect-manifest", type=_manifest_digest, action="append",
                    metavar="sha256:HEX", help="a manifest a mount may serve (repeatable): every "
                    "MountManifest event must name one")
+    r.add_argument("--expect-key", type=_key_id, action="append", metavar="KEY_ID",
+                   help="a manifest signing key a mount may trust (repeatable): every "
+                   "MountManifest event must name one (see `verityfuse keygen`)")
     r.add_argument("--min-sequence", type=_int_range(0, me.MAX_INT, "--min-sequence"),
                    metavar="N", help="every MountManifest event must have sequence >= N")
     r.add_argument("--allow-violations", action="store_true",

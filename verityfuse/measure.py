@@ -286,7 +286,9 @@ class Measurer:
         """The log, open for append and exclusively locked; created (dirs 0755, file 0644) if new."""
         d = os.path.dirname(os.path.abspath(self.log_path))
         try:
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            if not os.path.isdir(d):
+                os.makedirs(d, mode=0o755, exist_ok=True)
+                os.chmod(d, 0o755)  # whatever the umask: verifiers' collectors read it
         except OSError as e:
             raise MeasureError(f"cannot create the event log's directory {d}: {e.strerror}") from None
         for _ in range(10):
