@@ -400,11 +400,6 @@ def test_rtmr_backend_without_tdx(tmp_path, monkeypatch):
 
 # -- TPM 2.0, against swtpm -----------------------------------------------------------
 
-def pcrread(tpm, pcr=23):
-    out = tpm.run("tpm2_pcrread", f"sha256:{pcr}").stdout.decode()
-    return bytes.fromhex(out.split("0x")[1].strip())
-
-
 def test_tpm_backend(tmp_path, monkeypatch):
     with tpmsim.swtpm(tmp_path) as tpm:
         monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
@@ -415,8 +410,8 @@ def test_tpm_backend(tmp_path, monkeypatch):
         m.record(e1)
         m.record(e2)
         want = chain("sha256", bytes(32), [e1.line(), e2.line()])
-        assert r.read() == want == pcrread(tpm)  # tpm2-tools reads what we extended
-        assert pcrread(tpm, 16) == bytes(32)
+        assert r.read() == want == tpm.pcr_read()  # tpm2-tools reads what we extended
+        assert tpm.pcr_read(16) == bytes(32)
         alg, init, events = me.parse_log((tmp_path / "log").read_text())
         assert me.replay(alg, init, events) == want
 
@@ -446,9 +441,6 @@ def quoted(tmp_path_factory):
     """A TPM with events measured into PCR 23, and quotes over it by three kinds of AK."""
     d = tmp_path_factory.mktemp("quote")
     with tpmsim.swtpm(d) as tpm:
-        def run(*cmd):
-            tpm.run(*cmd)
-            tpm.run("tpm2_flushcontext", "-t")  # swtpm has no resource manager
         os.environ["TPM2TOOLS_TCTI"] = tpm.tcti
         try:
             m = measure.Measurer(measure.open_register("tpm"), str(d / "log"))
@@ -456,15 +448,12 @@ def quoted(tmp_path_factory):
             m.record(me.mount_manifest(M2, None, 0, "require", "/srv/other"))
         finally:
             del os.environ["TPM2TOOLS_TCTI"]
-        run("tpm2_createek", "-c", d / "ek.ctx", "-G", "rsa", "-u", d / "ek.pub")
         for name, alg, scheme, fmt in (("rsa", "rsa", "rsassa", "tss"), ("ecc", "ecc", "ecdsa", "pem"),
                                        ("pss", "rsa", "rsapss", "tss")):
-            run("tpm2_createak", "-C", d / "ek.ctx", "-c", d / f"{name}.ctx", "-G", alg, "-g",
-                "sha256", "-s", scheme, "-u", d / f"{name}.pub", "-f", fmt)
-            run("tpm2_quote", "-c", d / f"{name}.ctx", "-l", "sha256:23", "-q", NONCE, "-m",
-                d / f"{name}.msg", "-s", d / f"{name}.sig", "-g", "sha256", "--scheme", scheme)
-        run("tpm2_quote", "-c", d / "rsa.ctx", "-l", "sha256:16,23", "-q", NONCE, "-m",
-            d / "two.msg", "-s", d / "two.sig", "-g", "sha256")
+            tpm.make_ak(d, name, alg, scheme, fmt)
+            tpm.quote(d, NONCE, name, scheme=scheme)
+        tpm.make_ak(d, "two")
+        tpm.quote(d, NONCE, "two", pcrs="sha256:16,23")
         yield d
 
 
@@ -536,8 +525,7 @@ def test_replay_quote_failures(quoted, tmp_path):
           "(an older manifest: a rollback?)")
     fails([d / "log", *quote_args(d, ak="rsa", msg=d / "ecc.msg", sig=d / "ecc.sig")],
           "the quote has an ECDSA signature, the AK is RSAPublicKey")
-    fails([d / "log", "--quote", d / "two.msg", "--signature", d / "two.sig", "--ak-public",
-           d / "rsa.pub", "--nonce", NONCE],
+    fails([d / "log", *quote_args(d, "two")],
           "the quote selects sha256:16, sha256:23; expected exactly sha256:23")
     fails([d / "log", *quote_args(d), "--pcr", 16], "expected exactly sha256:16")
     fails([d / "log", "--quote", d / "rsa.msg", "--signature", d / "rsa.sig", "--ak-public",

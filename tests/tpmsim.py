@@ -4,6 +4,7 @@
         tpm.run("tpm2_pcrread", "sha256:23")             # tpm2-tools against this TPM
         os.environ.update(tpm.env)                        # or: TPM2TOOLS_TCTI for a daemon
         register = measure.open_register("tpm:23")        # reads TPM2TOOLS_TCTI
+        tpm.make_ak(tmp_path); tpm.quote(tmp_path, NONCE)  # ak.pub, ak.msg, ak.sig
 
 Each TPM has a fresh state directory (so PCR 23 starts at zero and keys are new), free
 ports picked by the kernel, and is always stopped (SIGTERM, then SIGKILL) when the block
@@ -44,6 +45,38 @@ class Tpm:
             raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}): "
                                  f"{r.stderr.decode(errors='replace')}")
         return r
+
+    def run_flushed(self, *cmd, **kw) -> subprocess.CompletedProcess:
+        """run, then flush transient objects: swtpm has no resource manager, and a tool that
+        leaves its keys loaded soon fills the TPM ("out of memory for object contexts")."""
+        r = self.run(*cmd, **kw)
+        self.run("tpm2_flushcontext", "-t")
+        return r
+
+    def pcr_read(self, pcr: int = 23) -> bytes:
+        """A SHA-256 PCR, as tpm2_pcrread reports it."""
+        out = self.run("tpm2_pcrread", f"sha256:{pcr}").stdout.decode()
+        return bytes.fromhex(out.split("0x")[1].strip())
+
+    def make_ak(self, d, name: str = "ak", alg: str = "rsa", scheme: str = "rsassa",
+                fmt: str = "tss") -> str:
+        """An EK (once per directory) and an AK under it: d/NAME.ctx and d/NAME.pub (TPM2B_PUBLIC
+        with fmt "tss", PEM with "pem"); returns the public key's path."""
+        d = str(d)
+        if not os.path.exists(os.path.join(d, "ek.ctx")):
+            self.run_flushed("tpm2_createek", "-c", f"{d}/ek.ctx", "-G", "rsa", "-u", f"{d}/ek.pub")
+        self.run_flushed("tpm2_createak", "-C", f"{d}/ek.ctx", "-c", f"{d}/{name}.ctx", "-G", alg,
+                         "-g", "sha256", "-s", scheme, "-u", f"{d}/{name}.pub", "-f", fmt)
+        return f"{d}/{name}.pub"
+
+    def quote(self, d, nonce_hex: str, name: str = "ak", pcrs: str = "sha256:23",
+              scheme: str = "rsassa") -> tuple[str, str]:
+        """tpm2_quote with the AK make_ak made: (d/NAME.msg, d/NAME.sig)."""
+        d = str(d)
+        self.run_flushed("tpm2_quote", "-c", f"{d}/{name}.ctx", "-l", pcrs, "-q", nonce_hex,
+                         "-m", f"{d}/{name}.msg", "-s", f"{d}/{name}.sig", "-g", "sha256",
+                         "--scheme", scheme)
+        return f"{d}/{name}.msg", f"{d}/{name}.sig"
 
 
 def _two_free_ports() -> int:
