@@ -321,6 +321,38 @@ def test_crash_between_log_and_extend_is_completed_by_the_next_record(tmp_path):
     assert r.read() == chain("sha256", bytes(32), [e1.line(), e2.line(), e3.line()])
 
 
+def _record_with_file_size_limit(reg_spec, log, limit, q):
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is then EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    try:
+        measure.Measurer(measure.open_register(reg_spec), log).record(
+            me.integrity_violation(M1, "too/long", 1))
+        q.put("recorded")
+    except measure.MeasureError as e:
+        q.put(str(e))
+
+
+def test_failed_log_write_leaves_no_torn_line(tmp_path):
+    spec, log = f"file:{tmp_path}/reg", str(tmp_path / "log")
+    m = measure.Measurer(measure.open_register(spec), log)
+    e1, e3 = me.integrity_violation(M1, "a", 0), me.integrity_violation(M1, "c", 2)
+    m.record(e1)
+    before = pathlib.Path(log).read_text()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_record_with_file_size_limit, args=(spec, log, len(before) + 20, q))
+    p.start()
+    p.join(60)
+    assert q.get(timeout=5) == f"writing event log {log} failed: short write (20 of 180 bytes)"
+    assert pathlib.Path(log).read_text() == before
+    assert measure.open_register(spec).read() == chain("sha256", bytes(32), [e1.line()])
+    m.record(e3)
+    assert log_lines(log)[1:] == [e1.line(), e3.line()]
+    assert measure.open_register(spec).read() == chain("sha256", bytes(32), [e1.line(), e3.line()])
+
+
 def test_foreign_extend_makes_record_fail_closed(tmp_path):
     r = measure.open_register(f"file:{tmp_path}/reg")
     m = measure.Measurer(r, str(tmp_path / "log"))

@@ -305,7 +305,8 @@ class Measurer:
                     os.close(fd)
                     raise MeasureError(f"event log {self.log_path} is not a regular file")
                 try:
-                    same = os.stat(self.log_path, follow_symlinks=False).st_ino == st.st_ino
+                    now = os.stat(self.log_path, follow_symlinks=False)
+                    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
                 except FileNotFoundError:
                     same = False
                 if same:
@@ -323,7 +324,7 @@ class Measurer:
         size = os.fstat(fd).st_size
         if size == 0:
             value = self.register.read()
-            self._append(fd, me.init_line(alg, value) + "\n")
+            self._append(fd, me.init_line(alg, value) + "\n", 0)
             return value
         if size > MAX_LOG:
             raise MeasureError(f"event log {self.log_path} is larger than {MAX_LOG} bytes")
@@ -347,12 +348,20 @@ class Measurer:
             f"({me.replay(alg, init, events).hex()} vs {value.hex()}): something else extends "
             f"this register. Give verityfuse a register of its own, or keep one log for it")
 
-    def _append(self, fd: int, text: str):
+    def _append(self, fd: int, text: str, size: int):
+        """Append and fsync; on failure, cut the log back to ``size`` (never leave half a line)."""
         data = text.encode("ascii")
-        n = os.write(fd, data)
-        if n != len(data):
-            raise OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
-        os.fsync(fd)
+        try:
+            n = os.write(fd, data)
+            if n != len(data):
+                raise OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass  # the next record reports the torn line and refuses to measure
+            raise
 
     def record(self, event: me.Event) -> None:
         """Append the event to the log, then extend the register, under the log's lock.
@@ -371,7 +380,7 @@ class Measurer:
         try:
             old = self._reconcile(fd)
             size = os.fstat(fd).st_size
-            self._append(fd, line + "\n")
+            self._append(fd, line + "\n", size)
             try:
                 self.register.extend(digest)
             except MeasureError as e:
