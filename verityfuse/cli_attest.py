@@ -87,7 +87,7 @@ def _usage(msg: str) -> int:
 
 def add_commands(sub):
     p = sub.add_parser("attest", help="verifier side of measured mounts (see `attest replay`)")
-    asub = p.add_subparsers(dest="attest_command", required=True, metavar="replay")
+    asub = p.add_subparsers(dest="attest_command", required=True, metavar="COMMAND")
     r = asub.add_parser(
         "replay", help="replay an event log against a register value or a TPM quote, and "
         "appraise its events",
