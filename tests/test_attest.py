@@ -559,6 +559,9 @@ def test_replay_quote_failures(quoted, tmp_path):
     fails([d / "log", *quote_args(d, "two")],
           "the quote selects sha256:16, sha256:23; expected exactly sha256:23")
     fails([d / "log", *quote_args(d), "--pcr", 16], "expected exactly sha256:16")
+    (tmp_path / "rtmr.log").write_text("INIT/sha384 " + "00" * 48 + "\n")
+    fails([tmp_path / "rtmr.log", *quote_args(d)], "FAIL: the log is sha384, but a TPM quote "
+          "covers a PCR of the SHA-256 bank: this is not a TPM PCR's log")
     fails([d / "log", "--quote", d / "rsa.msg", "--signature", d / "rsa.sig", "--ak-public",
            d / "ek.pub", "--nonce", NONCE], "is not an attestation key: attributes "
           "fixedtpm|fixedparent|sensitivedataorigin|adminwithpolicy|restricted|decrypt lack sign")
