@@ -197,7 +197,8 @@ def test_file_register_refuses_a_planted_symlink(tmp_path):
 
 @pytest.mark.parametrize("spec, why", [
     ("tpm:24", "tpm index must be 0-23"), ("rtmr:4", "rtmr index must be 0-3"),
-    ("rtmr:x", "rtmr index must be 0-3"), ("file:", "file needs a path"),
+    ("rtmr:x", "rtmr index must be 0-3"), ("tpm:\u00b2", "tpm index must be 0-23"),
+    ("file:", "file needs a path"),
     ("ima", "unknown backend"),
 ])
 def test_register_specs(spec, why):
@@ -630,6 +631,8 @@ def test_replay_usage_and_unreadable_input(tmp_path, quoted):
         ([tmp_path / "log", "--register", "00", "--expect-manifest", "sha256:12"],
          "'sha256:12' is not a manifest digest"),
         ([tmp_path / "log", "--register", "00", "--expect-key", "AB" * 32], "is not a key id"),
+        ([tmp_path / "log", "--register", "00", "--min-sequence", "\u00b2"],
+         "--min-sequence must be an integer from 0 to 9007199254740991"),
         ([tmp_path / "missing", "--register", "00"], f"ERROR: cannot read event log "
          f"{tmp_path}/missing: No such file or directory"),
         ([tmp_path / "log", *quote_args(quoted, msg=tmp_path / "nope")], "ERROR: cannot read quote "

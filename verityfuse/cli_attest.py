@@ -46,7 +46,7 @@ def _key_id(text: str) -> str:
 
 def _int_range(lo: int, hi: int, what: str):
     def conv(text: str) -> int:
-        if not text.isdigit() or not lo <= int(text) <= hi:
+        if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
             raise argparse.ArgumentTypeError(f"{what} must be an integer from {lo} to {hi}")
         return int(text)
     return conv

@@ -249,7 +249,7 @@ def open_register(spec: str) -> Register:
     def index(default: int, top: int) -> int:
         if not arg:
             return default
-        if not arg.isdigit() or int(arg) > top:
+        if not (arg.isascii() and arg.isdigit()) or int(arg) > top:
             raise MeasureError(f"measure {spec!r}: {kind} index must be 0-{top}, not {arg!r}")
         return int(arg)
 
