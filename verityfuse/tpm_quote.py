@@ -121,7 +121,7 @@ def _check_signature(key, sig, message: bytes) -> tuple[str, str]:
             pad = (padding.PKCS1v15() if name == "rsassa" else
                    padding.PSS(mgf=padding.MGF1(h), salt_length=padding.PSS.AUTO))
             key.verify(bytes(body.sig), message, pad, h)
-    except InvalidSignature:
+    except (InvalidSignature, ValueError):  # ValueError: e.g. a signature of the wrong size
         raise QuoteError(f"the quote's {name}/{hname} signature does not verify with the AK "
                          f"public key (a different AK, or quote.msg/quote.sig changed)") from None
     return name, hname
