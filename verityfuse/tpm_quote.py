@@ -83,14 +83,19 @@ def load_ak_public(data: bytes, what: str = "AK public key"):
             "fixedtpm": c.TPMA_OBJECT.FIXEDTPM}
     missing = [n for n, bit in need.items() if not attrs & bit]
     if missing:
-        raise QuoteError(f"{what} is not an attestation key: attributes "
-                         f"{pub.publicArea.objectAttributes} lack {', '.join(missing)} (only a "
-                         f"restricted signing key that never leaves the TPM vouches for a quote)")
-    try:
+        try:
+            shown = str(pub.publicArea.objectAttributes)
+        except ValueError:  # bits the TSS has no name for
+            shown = f"0x{attrs:08x}"
+        raise QuoteError(f"{what} is not an attestation key: attributes {shown} lack "
+                         f"{', '.join(missing)} (only a restricted signing key that never "
+                         f"leaves the TPM vouches for a quote)")
+    try:  # the TSS raises ValueError for an unknown algorithm in the public area
         key = serialization.load_pem_public_key(pub.publicArea.to_pem())
+        name = bytes(pub.get_name())
     except Exception as e:
         raise QuoteError(f"{what}: unsupported key: {e}") from None
-    return key, "tpm2b_public", bytes(pub.get_name())
+    return key, "tpm2b_public", name
 
 
 def _check_signature(key, sig, message: bytes) -> tuple[str, str]:
