@@ -690,3 +690,23 @@ def test_verifier_guide_runs_as_written(tmp_path, monkeypatch):
     assert "MANIFEST=" + example["args"]["manifest_digest"] in script
     assert r.stdout.splitlines()[-1] == "result: PASS", r.stdout
     assert f"  #1 MountManifest manifest={example['args']['manifest_digest']}" in r.stdout
+
+
+def test_every_flipped_quote_byte_is_refused(quoted):
+    """Each bit pattern change anywhere in quote.msg or quote.sig is a QuoteError (never a pass,
+    never another exception)."""
+    d = quoted
+    alg, init, events = me.parse_log((d / "log").read_text())
+    value = me.replay(alg, init, events)
+    files = [(d / "rsa.msg").read_bytes(), (d / "rsa.sig").read_bytes()]
+    ak, nonce = (d / "rsa.pub").read_bytes(), bytes.fromhex(NONCE)
+    tpm_quote.verify_quote(*files, ak, nonce, 23, value)
+    for which in (0, 1):
+        for i in range(len(files[which])):
+            for x in (0x01, 0xFF):
+                changed = list(files)
+                b = bytearray(changed[which])
+                b[i] ^= x
+                changed[which] = bytes(b)
+                with pytest.raises(tpm_quote.QuoteError):
+                    tpm_quote.verify_quote(*changed, ak, nonce, 23, value)
