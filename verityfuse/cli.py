@@ -21,7 +21,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
-            "enable", "doctor")
+            "enable", "doctor", "attest")
 
 
 def emit(obj: dict):
@@ -411,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     cli_mount.add_commands(sub)
+    from . import cli_attest
+    cli_attest.add_commands(sub)
     return parser
 
 
