@@ -25,9 +25,9 @@ NAMES = [b"plain/name-1.txt", b"a b", b"line\nfeed", "caf\u00e9".encode(), b"\xf
 
 EVENTS = [
     ("mount, signed", "mount_manifest",
-     dict(manifest_digest=M1, key_id=KEY, sequence=7, policy="enforce", mountpoint="/srv/app")),
+     dict(manifest_digest=M1, key_id=KEY, sequence=7, policy="min_sequence=7,on_corruption=eio,trust=key", mountpoint="/srv/app")),
     ("mount, pinned digest (no key), space in the mount point", "mount_manifest",
-     dict(manifest_digest=M2, key_id=None, sequence=0, policy="require", mountpoint="/mnt/my app")),
+     dict(manifest_digest=M2, key_id=None, sequence=0, policy="min_sequence=0,on_corruption=refuse,trust=pinned", mountpoint="/mnt/my app")),
     ("violation at a block", "integrity_violation",
      dict(manifest_digest=M1, path="bin/tool", offset=8192)),
     ("violation, no block (metadata), non-ASCII name", "integrity_violation",

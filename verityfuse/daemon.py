@@ -114,9 +114,10 @@ def measure_mount(mountpoint: str, s: Settings, trust: Trust):
     from . import measure_event
     from .measure import Measurer, MeasureError, open_register
 
-    policy = {"trust": "+".join(w for w, on in (("pinned", s.manifest_digest),
-                                                 ("key", s.trust_key)) if on),
-              "min_sequence": s.min_sequence or 0, "on_corruption": s.on_corruption}
+    # protocol/attestation.md: what authenticated the manifest and what the mount enforces.
+    trust_by = "+".join(w for w, on in (("pinned", s.manifest_digest), ("key", s.trust_key)) if on)
+    policy = (f"min_sequence={s.min_sequence or 0},on_corruption={s.on_corruption},"
+              f"trust={trust_by}")
     try:
         register = open_register(s.measure)
         measurer = Measurer(register, s.event_log)
