@@ -123,6 +123,31 @@ def test_mount_t_fuse_verityfuse_with_every_option_kind(tree, helper, tmp_path):
     assert subprocess.run(["umount", str(mnt)]).returncode == 0
 
 
+def test_mount_helper_exit_status_is_mount8s(tree, helper, tmp_path):
+    """mount(8) documents 1 for incorrect invocation and 32 for a mount failure; the
+    helper's status is what mount(8) returns."""
+    src, mnt = tree
+
+    def mount(*args):
+        return subprocess.run(["mount", "-t", "fuse.verityfuse", *map(str, args)],
+                              capture_output=True, text=True)
+
+    r = mount(src, mnt, "-o", "cache_size=0")
+    assert r.returncode == 1 and "mount option cache_size: must be a positive integer" in r.stderr
+    r = mount(tmp_path / "missing", mnt)
+    assert r.returncode == 32 and f"'{tmp_path}/missing'" in r.stderr
+    (src / "inner").mkdir()
+    r = mount(src, src / "inner")
+    assert r.returncode == 32 and "is inside the source" in r.stderr
+    for args, msg in ((["-N", "1"], "mount namespaces (-N) are not supported"),
+                      (["--bogus"], "unrecognized arguments: --bogus")):
+        r = subprocess.run([HELPER, str(src), str(mnt), *args], capture_output=True, text=True)
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
+    r = subprocess.run([HELPER, str(src)], capture_output=True, text=True)
+    assert r.returncode == 1 and "the following arguments are required: MOUNTPOINT" in r.stderr
+    assert not os.path.ismount(mnt)
+
+
 def test_fstab_line_and_systemd_unit(tree, helper, tmp_path):
     """The README's fstab line, mounted by `mount MNT` from a temporary fstab, and the
     README's unit file checked by systemd-analyze with the same options."""

@@ -67,7 +67,7 @@ def settings_from(args) -> Settings:
     return mountopts.parse(args.o or [], s)
 
 
-def run_mount(source: str, mountpoint: str, s: Settings) -> int:
+def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1) -> int:
     from .daemon import MountError, mount, remount
 
     try:
@@ -76,7 +76,7 @@ def run_mount(source: str, mountpoint: str, s: Settings) -> int:
         return mount(source, mountpoint, s)
     except MountError as e:
         error(str(e))
-        return 1
+        return failure
 
 
 def cmd_mount(args) -> int:
@@ -217,26 +217,51 @@ def add_commands(sub):
 
 # -- mount(8) ------------------------------------------------------------------------
 
+# mount(8)'s exit status for helpers: 1 incorrect invocation or permissions, 32 mount failure.
+HELPER_USAGE = 1
+HELPER_MOUNT_FAILURE = 32
+
+
+class _HelperParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(HELPER_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def helper_parser() -> argparse.ArgumentParser:
+    p = _HelperParser(
+        prog=HELPER_NAME, description="mount a verified view of SOURCE on MOUNTPOINT, as "
+        "mount(8) and fstab do (type fuse.verityfuse); every setting of `verityfuse mount` "
+        "is an -o option", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"exit status (mount(8)'s convention for helpers): 0 mounted, {HELPER_USAGE} "
+               f"incorrect invocation (a bad option or argument), {HELPER_MOUNT_FAILURE} the "
+               f"mount failed")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated: the kernel's (ro, noatime, allow_other, ...) and "
+                        "verityfuse's (store=, policy=, manifest=, trust_key=, ...)")
+    p.add_argument("-t", dest="type", metavar="TYPE", help="fuse.verityfuse (ignored)")
+    p.add_argument("-N", dest="namespace", metavar="NS",
+                   help="a mount namespace (not supported: refused)")
+    for flag, what in (("-s", "sloppy: accepted"), ("-f", "fake: check the options, mount nothing"),
+                       ("-n", "no mtab: accepted"), ("-v", "verbose: also say where logs go")):
+        p.add_argument(flag, action="store_true", help=what)
+    return p
+
+
 def helper_main(argv=None) -> int:
     """``mount.fuse.verityfuse SOURCE MNT [-sfnv] [-N NS] [-o OPTS] [-t TYPE]``, as mount(8)
     calls a helper: -f fakes (does nothing), -n, -s, -v are accepted."""
-    p = argparse.ArgumentParser(prog=HELPER_NAME)
-    p.add_argument("source")
-    p.add_argument("mountpoint")
-    p.add_argument("-o", action="append", default=[])
-    p.add_argument("-t", dest="type")
-    p.add_argument("-N", dest="namespace")
-    for flag in ("-s", "-f", "-n", "-v"):
-        p.add_argument(flag, action="store_true")
-    args = p.parse_args(argv)
+    args = helper_parser().parse_args(argv)
     if args.namespace:
         error("mount namespaces (-N) are not supported")
-        return 1
+        return HELPER_USAGE
     try:
         s = mountopts.parse(args.o)
     except OptionError as e:
         error(f"mount option {e}")
-        return 2
+        return HELPER_USAGE
     if args.f:
         return 0
-    return run_mount(args.source, args.mountpoint, s)
+    return run_mount(args.source, args.mountpoint, s, failure=HELPER_MOUNT_FAILURE)
