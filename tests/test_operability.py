@@ -320,9 +320,15 @@ def test_verify_that_checked_nothing_fails_and_strict(tmp_path):
 # -- observability and automation -------------------------------------------------------------
 
 def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
+    """Two failing reads of one block are one failure line with a count; a name with
+    control characters is escaped in the human output and exact in the JSON."""
     src, mnt = tree
+    evil = "bad\x1b[2J\nname"
+    write(src / evil, b"e" * 4096)
+    assert vf("seal", src, src / evil).returncode == 0
     assert vf("mount", src, mnt, "--log-file", tmp_path / "log").returncode == 0
     flip(src / "sealed", 6 * 4096 + 1)
+    flip(src / evil, 7)
     fd = os.open(mnt / "sealed", os.O_RDONLY | os.O_DIRECT)  # each pread is one FUSE_READ
     try:
         import mmap
@@ -332,18 +338,34 @@ def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
         for _ in range(2):
             with pytest.raises(OSError):
                 os.preadv(fd, [buf], 6 * 4096)
+        efd = os.open(mnt / evil, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError):
+                os.preadv(efd, [buf], 0)
+        finally:
+            os.close(efd)
         st = json.loads(vf("status", mnt, "--json").stdout)
         r = vf("status", mnt)
     finally:
         os.close(fd)
+    assert st["schema"] == 1
     assert (st["blocks_verified"], st["verified_reads"], st["bytes_served"]) == (5, 5, 5 * 4096)
-    assert st["integrity_failures"] == 2
-    assert [f["offset"] for f in st["recent_failures"]] == [6 * 4096, 6 * 4096]
-    assert st["recent_failures"][0]["file"] == "sealed"
+    assert st["integrity_failures"] == 3 and st["failure_groups_dropped"] == 0
+    groups = [(f["file"], f["offset"], f["count"]) for f in st["failures"]]
+    assert groups == [("sealed", 6 * 4096, 2), (evil, 0, 1)]
+    first = st["failures"][0]
+    assert first["first"] <= first["last"]
     assert (st["mode"], st["policy"], st["ioctl_shim"], st["open_files"]) == ("local", "enforce", True, 1)
     assert st["tree_cache"]["misses"] >= 1 and st["tree_cache"]["blocks"] >= 1
-    assert r.returncode == 0 and "integrity failures  2" in r.stdout
-    assert "failure: sealed: data block at offset 24576" in r.stdout
+    assert r.returncode == 0 and "integrity failures  3 (2 distinct blocks)" in r.stdout
+    assert "verified            5 blocks in 5 reads, 20.0 KiB served" in r.stdout
+    assert "of 32.0 MiB" in r.stdout
+    lines = [l for l in r.stdout.splitlines() if l.startswith("  failure: ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("  failure: sealed: data block at offset 24576")
+    assert "(2 times, first 20" in lines[0] and ", last 20" in lines[0]
+    assert lines[1].startswith("  failure: bad\\x1b[2J\\nname: data block at offset 0")
+    assert "\x1b" not in r.stdout and r.stdout.count("\n") == len(r.stdout.splitlines())
 
 
 def test_json_outputs(tmp_path):
@@ -353,16 +375,18 @@ def test_json_outputs(tmp_path):
     d = subprocess.run(["fsverity", "digest", src / "a"], capture_output=True, text=True).stdout.split()[0]
     r = vf("digest", src / "a", "--json")
     assert json.loads(r.stdout) == {"file": f"{src}/a", "digest": d, "hash_algorithm": "sha256",
-                                    "block_size": 4096, "salt": "", "size": 5000}
+                                    "block_size": 4096, "salt": "", "size": 5000, "schema": 1}
     r = vf("seal", src, "--json")
-    assert [json.loads(l) for l in r.stdout.splitlines()] == [{"file": f"{src}/a", "digest": d}]
+    assert [json.loads(l) for l in r.stdout.splitlines()] == [{"file": f"{src}/a", "digest": d,
+                                                               "schema": 1}]
     write(src / "b", b"b")
     r = vf("verify", src, "--json")
     rows = [json.loads(l) for l in r.stdout.splitlines()]
-    assert rows[:2] == [{"file": f"{src}/a", "status": "ok", "digest": d},
-                        {"file": f"{src}/b", "status": "unsealed"}]
+    assert rows[:2] == [{"file": f"{src}/a", "status": "ok", "digest": d, "schema": 1},
+                        {"file": f"{src}/b", "status": "unsealed", "schema": 1}]
     assert rows[2] == {"summary": {"sealed": 1, "intact": 1, "corrupt": 0, "unsealed": 1,
-                                   "unreadable": 0, "stale_entries": 0, "strict": False, "ok": True}}
+                                   "unreadable": 0, "stale_entries": 0, "strict": False, "ok": True},
+                       "schema": 1}
     flip(src / "a", 1)
     rows = [json.loads(l) for l in vf("verify", src, "--json").stdout.splitlines()]
     assert rows[0]["status"] == "corrupt" and rows[0]["offset"] == 0 and len(rows[0]["actual"]) == 64
@@ -373,6 +397,7 @@ def test_json_outputs(tmp_path):
     m = json.loads(vf("measure-manifest", tmp_path / "m", "--json").stdout)
     assert m["digest"] == last["digest"] and (m["entries"], m["files"]) == (3, 2)
     assert m["signatures"][0]["algorithm"] == "ed25519" and len(m["signatures"][0]["key_id"]) == 64
+    assert last["schema"] == m["schema"] == rows[0]["schema"] == 1
 
 
 def test_seal_progress_on_a_terminal_only(tmp_path):
@@ -417,7 +442,7 @@ def test_version_aliases_and_doctor(tree, tmp_path):
                           capture_output=True, text=True).stdout.split()[0]
     assert vf("measure", mnt / "new").stdout.split()[0] == want
     rep = json.loads(vf("doctor", "--json").stdout)
-    assert rep["version"] == __version__ and rep["libfuse"].startswith("3.")
+    assert rep["schema"] == 1 and rep["version"] == __version__ and rep["libfuse"].startswith("3.")
     assert rep["ioctl_shim"]["loads"] and rep["hashing"]["native"] is True
     assert rep["kernel_fsverity_ioctls"] == {"forwards": True,
                                              "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}

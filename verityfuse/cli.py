@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import re
 import sys
 
 from . import __version__, merkle, treebuild
 from .errors import InvalidParameters, VerityError
+from .jsonout import emit
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
             "enable", "doctor")
-
-
-def emit(obj: dict):
-    print(json.dumps(obj, sort_keys=True), flush=True)
 
 
 def error(msg: str):

@@ -94,6 +94,9 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from . import jsonout
+    from .stats import escape_name as esc, human_bytes, human_duration
+
     try:
         raw = os.getxattr(args.mountpoint, "user.verityfuse.status")
     except OSError as e:
@@ -101,29 +104,41 @@ def cmd_status(args) -> int:
         return 1
     st = json.loads(raw)
     if args.json:
-        print(json.dumps(st, sort_keys=True))
+        jsonout.emit(st)
         return 0
-    cache = st["tree_cache"]
+    cache, failures = st["tree_cache"], st["failures"]
     rows = [
-        ("mount", f"{st['source']} on {st['mountpoint']} (pid {st['pid']}, verityfuse {st['version']})"),
+        ("mount", f"{esc(st['source'])} on {esc(st['mountpoint'])} (pid {st['pid']}, "
+                  f"verityfuse {st['version']})"),
         ("mode", st["mode"] + (f", manifest {st['manifest_digest']}" if st["manifest_digest"]
                                else f", policy {st['policy']}")),
-        ("store", st["store"]),
+        ("store", esc(st["store"])),
         ("ioctl shim", "active" if st["ioctl_shim"] else "inactive (fs-verity ioctls answer ENOTTY)"),
-        ("uptime", f"{st['uptime_s']} s"),
+        ("uptime", human_duration(st["uptime_s"])),
         ("open files", st["open_files"]),
         ("verified", f"{st['blocks_verified']} blocks in {st['verified_reads']} reads, "
-                     f"{st['bytes_served']} bytes served"),
-        ("integrity failures", st["integrity_failures"]),
+                     f"{human_bytes(st['bytes_served'])} served"),
+        ("integrity failures", f"{st['integrity_failures']}" + (
+            f" ({len(failures) + st['failure_groups_dropped']} distinct blocks)" if failures else "")),
         ("tree-block cache", f"{cache['hits']} hits, {cache['misses']} misses, {cache['blocks']} "
-                             f"blocks, {cache['bytes']} of {cache['max_bytes']} bytes"),
+                             f"blocks, {human_bytes(cache['bytes'])} of "
+                             f"{human_bytes(cache['max_bytes'])}"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    for f in st["recent_failures"]:
-        print(f"  failure: {f['message']}")
+    for f in failures:
+        when = (f"at {_clock(f['first'])}" if f["count"] == 1 else
+                f"{f['count']} times, first {_clock(f['first'])}, last {_clock(f['last'])}")
+        print(f"  failure: {esc(f['message'])} ({when})")
+    if st["failure_groups_dropped"]:
+        print(f"  ... and {st['failure_groups_dropped']} more failing blocks, seen longest ago")
     return 0
+
+
+def _clock(t: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def cmd_install_helper(args) -> int:
