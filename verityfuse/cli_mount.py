@@ -67,13 +67,14 @@ def settings_from(args) -> Settings:
     return mountopts.parse(args.o or [], s)
 
 
-def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1) -> int:
+def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
+              verbose: bool = False) -> int:
     from .daemon import MountError, mount, remount
 
     try:
         if s.remount:
             return remount(os.path.realpath(mountpoint), s)
-        return mount(source, mountpoint, s)
+        return mount(source, mountpoint, s, verbose=verbose)
     except MountError as e:
         error(str(e))
         return failure
@@ -85,7 +86,7 @@ def cmd_mount(args) -> int:
     except OptionError as e:
         error(f"mount option {e}")
         return 2
-    return run_mount(args.source, args.mountpoint, s)
+    return run_mount(args.source, args.mountpoint, s, verbose=args.verbose)
 
 
 def cmd_umount(args) -> int:
@@ -206,6 +207,8 @@ def add_commands(sub):
                    help="eio: fail the damaged blocks (default); refuse: after the first "
                         "integrity violation every open fails with EIO")
     p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say where the logs go (said anyway when it is not the documented place)")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a verityfuse mount")
@@ -260,7 +263,7 @@ def helper_parser() -> argparse.ArgumentParser:
     p.add_argument("-N", dest="namespace", metavar="NS",
                    help="a mount namespace (not supported: refused)")
     for flag, what in (("-s", "sloppy: accepted"), ("-f", "fake: check the options, mount nothing"),
-                       ("-n", "no mtab: accepted"), ("-v", "verbose: also say where logs go")):
+                       ("-n", "no mtab: accepted"), ("-v", "verbose: say where the logs go")):
         p.add_argument(flag, action="store_true", help=what)
     return p
 
@@ -279,4 +282,4 @@ def helper_main(argv=None) -> int:
         return HELPER_USAGE
     if args.f:
         return 0
-    return run_mount(args.source, args.mountpoint, s, failure=HELPER_MOUNT_FAILURE)
+    return run_mount(args.source, args.mountpoint, s, failure=HELPER_MOUNT_FAILURE, verbose=args.v)

@@ -267,9 +267,11 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     return warnings
 
 
-def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
+def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bool = False) -> int:
     """Check, load the trust, mount; in the background unless ``s.foreground``.
-    Raises MountError before anything is mounted."""
+    Raises MountError before anything is mounted.  Says nothing on success (as
+    mount(8) helpers and kernel filesystems), except where the logs go when that is
+    not where the documentation says they go, or when ``verbose``."""
     for w in check(source, mountpoint, s):
         print(f"WARNING: {w}", file=err)
     try:
@@ -283,12 +285,21 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
             return serve(src, mnt, s, trust)
         except Exception as e:
             raise MountError(f"cannot mount '{source}' on '{mountpoint}': {e}") from None
-    return _background(src, mnt, s, trust, err)
+    return _background(src, mnt, s, trust, err, verbose)
 
 
-def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
+def _obvious_log_place(where: str, s: Settings, mnt: str) -> bool:
+    """The places --log-file's help names: the file given, syslog, the journal, or
+    the documented fallback file; anything else (a fallback of a fallback) is said."""
+    if where.startswith(("syslog", "the journal")):
+        return True
+    path = where.removeprefix("file ").split(" (", 1)[0] if where.startswith("file ") else None
+    return path is not None and path in (s.log_file, logs.fallback_log_file(mnt))
+
+
+def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: bool = False) -> int:
     """The child mounts and reports through a pipe; the parent returns once the
-    mount is usable (or says why it is not), after saying where the logs go."""
+    mount is usable (or says why it is not)."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -327,7 +338,9 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
     os.close(rfd)
     text = msg.decode(errors="replace")
     if text.startswith("ok "):
-        print(f"verityfuse: {text[3:]}", file=err)
+        where = text[3:].removeprefix("logs go to ")
+        if verbose or not _obvious_log_place(where, s, mnt):
+            print(f"verityfuse: {text[3:]}", file=err)
         return 0
     os.waitpid(pid, 0)
     raise MountError(f"cannot mount '{src}' on '{mnt}': "
