@@ -153,7 +153,8 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
         store.cleanup_tmp()
     view = LocalView(source, store, cache, policy=s.policy, trust_certs=trust.certs,
                      require_signatures=s.require_signatures, read_only=mountopts.read_only(s),
-                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats)
+                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats,
+                     noatime=any(n == "noatime" for n, _ in s.fuse))
     if not view.inodes.reopen:
         log.warning("cannot reopen files by handle (open_by_handle_at needs CAP_DAC_READ_SEARCH): "
                     "keeping one fd per inode the kernel remembers; big trees need a higher fd limit")
