@@ -86,3 +86,35 @@ def test_atime_of_reads_follows_the_mount_options_generic_120(tmp_path, options)
     updated = options != "noatime"
     assert want == {"sealed: atime updated by a read": updated,
                     "plain: atime updated by a read": updated, "dir: atime updated by a read": updated}
+
+
+def ctime_record(side, backing) -> dict:
+    """Change an inode flag through ``side`` (chattr, then FS_IOC_FSSETXATTR as xfs_io
+    does), stat through ``side`` at once: the ctime seen must be the file's new one."""
+    import posix_checks as pc
+
+    rec = {}
+    for name, how in (("plain", "chattr"), ("dir", "chattr"), ("plain", "fssetxattr")):
+        before = os.stat(side / name).st_ctime_ns  # cached by a FUSE mount from here on
+        if how == "chattr":
+            subprocess.run(["chattr", "+d", str(side / name)], check=True)
+        else:
+            pc.fssetxattr(str(side / name), 0)  # clears what chattr set
+        seen = os.stat(side / name).st_ctime_ns
+        rec[f"{how} {name}: ctime moved"] = seen > before
+        rec[f"{how} {name}: ctime seen is the file's"] = seen == os.stat(backing / name).st_ctime_ns
+    return rec
+
+
+def test_ctime_is_fresh_right_after_a_flag_change_generic_277(tmp_path):
+    plain, src = tmp_path / "plain", tmp_path / "src"
+    for d in (plain, src):
+        d.mkdir()
+        populate(d)
+    seal_tree(src, [src / "sealed"])
+    (tmp_path / "m").mkdir()
+    want = ctime_record(plain, plain)
+    with verityfuse_mount(src, tmp_path / "m", None) as side:
+        got = ctime_record(side, src)
+    assert got == want
+    assert all(want.values()), want
