@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from verityfuse import __version__, cli
+from verityfuse import __version__, cli, mountopts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -53,6 +53,14 @@ def test_pages_document_every_command_and_the_exit_codes():
     man8 = plain(gendocs.MAN8)
     assert ".TH MOUNT.FUSE.VERITYFUSE \"8\"" in man8
     assert "32 the mount failed" in man8 and "-N NS" in man8
+    for name in [*mountopts.VALUED, *mountopts.REPEATED, *mountopts.FLAGS]:  # every -o setting
+        assert f"\n.B {name}" in man8, name
+    assert ".B policy=enforce|require\nenforce: verify verity files" in man8
+
+
+def test_an_o_option_added_to_mountopts_is_in_the_helper_page(monkeypatch):
+    monkeypatch.setitem(mountopts.FLAGS, "brand_new_flag", "debug")
+    assert "\n.B brand_new_flag\nlog every request" in plain(gendocs.MAN8, gendocs.render()[gendocs.MAN8])
 
 
 def test_man_renders_the_pages_without_warnings():

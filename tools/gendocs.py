@@ -22,7 +22,7 @@ from argparse_manpage.manpage import Manpage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from verityfuse import __version__, cli, cli_mount  # noqa: E402
+from verityfuse import __version__, cli, cli_mount, mountopts  # noqa: E402
 
 MAN1 = "share/man/man1/verityfuse.1"
 MAN8 = "share/man/man8/mount.fuse.verityfuse.8"
@@ -123,6 +123,35 @@ def _exit_status(parser: argparse.ArgumentParser) -> str:
     return "\n".join(out)
 
 
+def _roff(text: str) -> str:
+    """Text for a roff line: backslashes and hyphens escaped, no leading control dot."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text.startswith((".", "'")) else text
+
+
+def _mount_options(main: argparse.ArgumentParser) -> str:
+    """verityfuse's -o options (mountopts' tables), each with the help of the
+    `verityfuse mount` flag that sets the same setting."""
+    mount = next(p for p in _walk(main) if p.prog.endswith(" mount"))
+    by_dest = {a.dest: a for a in mount._actions}
+    kinds = [(n, attr, "=") for n, (attr, _) in mountopts.VALUED.items()]
+    kinds += [(n, attr, "+") for n, attr in mountopts.REPEATED.items()]
+    kinds += [(n, attr, "") for n, attr in mountopts.FLAGS.items()]
+    out = ["Besides the kernel's and libfuse's (ro, noatime, allow_other, ...), -o takes every "
+           "setting of verityfuse mount (see verityfuse(1)):"]
+    for name, attr, kind in kinds:
+        a = by_dest.get(attr)
+        if a is not None and a.choices:
+            metavar = "|".join(a.choices)
+        else:
+            metavar = a.metavar if a is not None and isinstance(a.metavar, str) else "VALUE"
+        what = a.help if a is not None and a.help not in (None, argparse.SUPPRESS) else ""
+        if kind == "+" and "repeatable" not in what:
+            what = f"{what} (repeatable)".strip()
+        out += [".TP", f".B {name}" + (f"={_roff(metavar)}" if kind else ""), _roff(what)]
+    return "\n".join(out)
+
+
 def _page(parser, section: int, description: str, sections) -> str:
     parser.epilog = None  # said in EXIT STATUS
     m = Manpage(parser, {"project_name": "verityfuse", "version": __version__,
@@ -142,7 +171,7 @@ def render() -> dict:
         MAN1: _page(main, 1, "verified views of directories with fs-verity Merkle trees",
                     [("exit status", _exit_status(main)), ("examples", EXAMPLES_1), ("see also", SEE_ALSO_1)]),
         MAN8: _page(helper, 8, "mount a verityfuse view for mount(8) and fstab",
-                    [("exit status", EXIT_8), ("examples", EXAMPLES_8), ("see also", SEE_ALSO_8)]),
+                    [("mount options", _mount_options(main)), ("exit status", EXIT_8), ("examples", EXAMPLES_8), ("see also", SEE_ALSO_8)]),
         BASH: shtab.complete(_mark_paths(cli.build_parser()), shell="bash"),
     }
 
