@@ -144,6 +144,11 @@ def test_mount_helper_exit_status_is_mount8s(tree, helper, tmp_path):
         assert r.returncode == 1 and msg in r.stderr, r.stderr
     r = subprocess.run([HELPER, str(src)], capture_output=True, text=True)
     assert r.returncode == 1 and "the following arguments are required: MOUNTPOINT" in r.stderr
+    # mount.fuse3's form, `verityfuse SOURCE MOUNTPOINT -o OPTIONS`, is the same helper
+    r = vf(tmp_path / "missing", mnt, "-o", "ro")
+    assert r.returncode == 32 and f"'{tmp_path}/missing'" in r.stderr
+    r = vf(src, mnt, "-o", "cache_size=x")
+    assert r.returncode == 1 and "mount option cache_size" in r.stderr
     assert not os.path.ismount(mnt)
 
 

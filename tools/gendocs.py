@@ -56,8 +56,9 @@ verityfuse digest --hash-alg sha256 --block-size 4096 file
 
 EXIT_1 = r"""
 Every command: 0 success, 1 an error (said on standard error as ERROR: ...), 2 a usage
-error (bad arguments or options).  mount.fuse.verityfuse(8) follows mount(8) instead.
-Where a command says more:
+error (bad arguments or options).  mount.fuse.verityfuse(8) follows mount(8) instead, and so
+does verityfuse SOURCE MOUNTPOINT -o OPTIONS (the form mount.fuse3 runs): 1 incorrect
+invocation, 32 the mount failed.  Where a command says more:
 """
 
 SEE_ALSO_1 = r"""

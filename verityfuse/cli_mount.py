@@ -107,7 +107,9 @@ def cmd_status(args) -> int:
     if args.json:
         jsonout.emit(st)
         return 0
-    cache, failures = st["tree_cache"], st["failures"]
+    # .get: a daemon of an older version may still be running (the JSON may only grow)
+    cache, failures, dropped = st["tree_cache"], st.get("failures", []), st.get(
+        "failure_groups_dropped", 0)
     rows = [
         ("mount", f"{esc(st['source'])} on {esc(st['mountpoint'])} (pid {st['pid']}, "
                   f"verityfuse {st['version']})"),
@@ -120,7 +122,7 @@ def cmd_status(args) -> int:
         ("verified", f"{st['blocks_verified']} blocks in {st['verified_reads']} reads, "
                      f"{human_bytes(st['bytes_served'])} served"),
         ("integrity failures", f"{st['integrity_failures']}" + (
-            f" ({len(failures) + st['failure_groups_dropped']} distinct blocks)" if failures else "")),
+            f" ({len(failures) + dropped} distinct blocks)" if failures else "")),
         ("tree-block cache", f"{cache['hits']} hits, {cache['misses']} misses, {cache['blocks']} "
                              f"blocks, {human_bytes(cache['bytes'])} of "
                              f"{human_bytes(cache['max_bytes'])}"),
@@ -132,8 +134,8 @@ def cmd_status(args) -> int:
         when = (f"at {_clock(f['first'])}" if f["count"] == 1 else
                 f"{f['count']} times, first {_clock(f['first'])}, last {_clock(f['last'])}")
         print(f"  failure: {esc(f['message'])} ({when})")
-    if st["failure_groups_dropped"]:
-        print(f"  ... and {st['failure_groups_dropped']} more failing blocks, seen longest ago")
+    if dropped:
+        print(f"  ... and {dropped} more failing blocks, seen longest ago")
     return 0
 
 
