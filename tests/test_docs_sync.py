@@ -90,3 +90,15 @@ cd {tmp_path} && comp verityfuse mount sub
 def test_version_flag(flag):
     r = subprocess.run([sys.executable, "-m", "verityfuse", flag], capture_output=True, text=True)
     assert (r.returncode, r.stdout, r.stderr) == (0, f"verityfuse {__version__}\n", "")
+
+
+def test_setup_installs_every_generated_file_where_its_path_says():
+    """setup.py's data_files install share/X/Y as <prefix>/share/X/Y: every file the
+    generator writes, in the directory its path names."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    data = next(n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                and getattr(n.targets[0], "id", None) == "DATA_FILES")
+    installed = {f: d for d, files in ast.literal_eval(data) for f in files}
+    assert installed == {rel: os.path.dirname(rel) for rel in gendocs.render()}
