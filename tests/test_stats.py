@@ -62,3 +62,20 @@ def test_human_duration(s, text):
 ])
 def test_escape_name(name, shown):
     assert escape_name(name) == shown
+
+
+def test_the_status_object_fits_an_xattr_whatever_the_names():
+    """Hostile names (4095 bytes, every one a 6-byte JSON escape) in every group: the
+    object the mount serves as an xattr stays under XATTR_SIZE_MAX (64 KiB)."""
+    import json
+
+    s = Stats()
+    for i in range(stats.FAILURE_GROUPS + 5):
+        name = f"{i}" + "\x1b" * 4094
+        s.failure(f"{name}: data block at offset 0: expected {'0' * 64}, actual {'f' * 64}", name, 0)
+    snap = s.snapshot()
+    assert len(snap["failures"]) == stats.FAILURE_GROUPS and snap["failure_groups_dropped"] == 5
+    assert len(json.dumps(snap, sort_keys=True)) < 60000
+    first = snap["failures"][0]
+    assert first["file"].startswith("5\x1b") and len(first["file"]) == stats.SHOWN_CHARS
+    assert first["file"].endswith("...") and first["message"].endswith("...")

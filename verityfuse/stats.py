@@ -17,8 +17,11 @@ import time
 from collections import OrderedDict
 
 # Distinct (file, offset) failures kept; beyond it the one seen longest ago is dropped
-# (and counted), so a tree full of bad blocks costs bounded memory.
-FAILURE_GROUPS = 32
+# (and counted), so a tree full of bad blocks costs bounded memory.  With names and
+# messages cut at SHOWN_CHARS, the status object stays under the 64 KiB an xattr can
+# carry even when every character needs a 6-byte JSON escape.
+FAILURE_GROUPS = 16
+SHOWN_CHARS = 256
 
 
 class Stats:
@@ -45,8 +48,8 @@ class Stats:
             self.integrity_failures += 1
             group = self.failures.pop((path, offset), None)
             if group is None:
-                group = {"file": path, "offset": offset, "count": 0, "first": now}
-            group.update(count=group["count"] + 1, last=now, message=message)
+                group = {"file": _cut(path), "offset": offset, "count": 0, "first": now}
+            group.update(count=group["count"] + 1, last=now, message=_cut(message))
             self.failures[(path, offset)] = group
             while len(self.failures) > FAILURE_GROUPS:
                 self.failures.popitem(last=False)
@@ -59,6 +62,10 @@ class Stats:
                     "failures": [dict(g) for g in self.failures.values()],
                     "failure_groups_dropped": self.failure_groups_dropped,
                     "uptime_s": round(time.time() - self.started, 1)}
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 # -- for people ----------------------------------------------------------------------------
