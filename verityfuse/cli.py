@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import re
 import sys
 
 from . import __version__, merkle, treebuild
 from .errors import InvalidParameters, VerityError
+from .jsonout import emit
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
             "enable", "doctor", "attest")
-
-
-def emit(obj: dict):
-    print(json.dumps(obj, sort_keys=True), flush=True)
 
 
 def error(msg: str):
@@ -325,9 +321,14 @@ def cmd_doctor(args) -> int:
 
 # -- entry point ----------------------------------------------------------
 
+DESCRIPTION = ("fs-verity in userspace: build and check fs-verity Merkle trees and signed "
+               "manifests, and mount a directory as a view where every read is verified")
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="verityfuse", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="store_true",
+    parser = argparse.ArgumentParser(prog="verityfuse", description=DESCRIPTION,
+                                     epilog=EXIT_STATUS_TEXT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="store_true",
                         help="print the version (with -v: what this machine supports, as doctor)")
     parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
@@ -413,7 +414,31 @@ def build_parser() -> argparse.ArgumentParser:
     cli_mount.add_commands(sub)
     from . import cli_attest
     cli_attest.add_commands(sub)
+    for name, p in sub.choices.items():
+        _exit_status_epilog(name, p)
     return parser
+
+
+# What each command's exit status means, for --help and the man page (one place, so
+# the two never disagree).  A command not listed here has the common meaning.
+EXIT_STATUS_TEXT = ("exit status: 0 success, 1 an error (said on stderr as ERROR: ...), "
+                    "2 a usage error (bad arguments or options)")
+EXIT_STATUS = {
+    "verify": "0 every sealed file is intact; 1 a file is corrupt or unreadable, nothing was "
+              "sealed, or (with --strict) a file is unsealed; 2 usage error",
+    "mount": "0 mounted (in the background: once the mount answers); 1 the mount failed; "
+             "2 a bad option",
+    "measure": "0 every FILE was measured; 1 one or more were not (each named on stderr); "
+               "2 usage error",
+    "status": "0 printed; 1 MOUNTPOINT is not a running verityfuse mount; 2 usage error",
+    "umount": "0 unmounted; 1 fusermount3 failed (it says why); 2 usage error",
+}
+
+
+def _exit_status_epilog(name: str, p: argparse.ArgumentParser):
+    if p.epilog is None:
+        codes = EXIT_STATUS.get(name)
+        p.epilog = f"exit status: {codes}" if codes else EXIT_STATUS_TEXT
 
 
 def main(argv=None) -> int:

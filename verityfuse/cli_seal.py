@@ -6,7 +6,6 @@ output is unchanged without it.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
@@ -14,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .errors import IntegrityError
+from .jsonout import emit
 
 if TYPE_CHECKING:
     from .store import Store
@@ -23,10 +23,6 @@ EXIT_ERROR = 1
 
 def error(msg: str):
     print(f"ERROR: {msg}", file=sys.stderr)
-
-
-def emit(obj: dict):
-    print(json.dumps(obj, sort_keys=True), flush=True)
 
 
 def open_store(args, create: bool = False, objects_only: bool = False) -> Store:

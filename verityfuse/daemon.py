@@ -154,7 +154,8 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
         store.cleanup_tmp()
     view = LocalView(source, store, cache, policy=s.policy, trust_certs=trust.certs,
                      require_signatures=s.require_signatures, read_only=mountopts.read_only(s),
-                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats)
+                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats,
+                     noatime=any(n == "noatime" for n, _ in s.fuse))
     if not view.inodes.reopen:
         log.warning("cannot reopen files by handle (open_by_handle_at needs CAP_DAC_READ_SEARCH): "
                     "keeping one fd per inode the kernel remembers; big trees need a higher fd limit")
@@ -268,9 +269,11 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     return warnings
 
 
-def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
+def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bool = False) -> int:
     """Check, load the trust, mount; in the background unless ``s.foreground``.
-    Raises MountError before anything is mounted."""
+    Raises MountError before anything is mounted.  Says nothing on success (as
+    mount(8) helpers and kernel filesystems), except where the logs go when that is
+    not where the documentation says they go, or when ``verbose``."""
     for w in check(source, mountpoint, s):
         print(f"WARNING: {w}", file=err)
     try:
@@ -284,12 +287,21 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
             return serve(src, mnt, s, trust)
         except Exception as e:
             raise MountError(f"cannot mount '{source}' on '{mountpoint}': {e}") from None
-    return _background(src, mnt, s, trust, err)
+    return _background(src, mnt, s, trust, err, verbose)
 
 
-def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
+def _obvious_log_place(where: str, s: Settings, mnt: str) -> bool:
+    """The places --log-file's help names: the file given, syslog, the journal, or
+    the documented fallback file; anything else (a fallback of a fallback) is said."""
+    if where.startswith(("syslog", "the journal")):
+        return True
+    path = where.removeprefix("file ").split(" (", 1)[0] if where.startswith("file ") else None
+    return path is not None and path in (s.log_file, logs.fallback_log_file(mnt))
+
+
+def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: bool = False) -> int:
     """The child mounts and reports through a pipe; the parent returns once the
-    mount is usable (or says why it is not), after saying where the logs go."""
+    mount is usable (or says why it is not)."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -328,7 +340,9 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
     os.close(rfd)
     text = msg.decode(errors="replace")
     if text.startswith("ok "):
-        print(f"verityfuse: {text[3:]}", file=err)
+        where = text[3:].removeprefix("logs go to ")
+        if verbose or not _obvious_log_place(where, s, mnt):
+            print(f"verityfuse: {text[3:]}", file=err)
         return 0
     os.waitpid(pid, 0)
     raise MountError(f"cannot mount '{src}' on '{mnt}': "

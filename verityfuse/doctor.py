@@ -11,7 +11,6 @@ import ctypes
 import errno
 import fcntl
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -20,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import __version__, merkle, uapi
+from . import __version__, jsonout, merkle, uapi
 
 
 def _hashing() -> dict:
@@ -165,7 +164,7 @@ def report() -> dict:
 def run(json_out: bool = False) -> int:
     r = report()
     if json_out:
-        print(json.dumps(r, sort_keys=True))
+        jsonout.emit(r)
         return 0
     h, shim, k = r["hashing"], r["ioctl_shim"], r["kernel_fsverity_ioctls"]
     hashing = (("native: " + ", ".join(f"{a} {v}" for a, v in h.items() if a != "native"))

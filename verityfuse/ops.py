@@ -394,7 +394,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(RESERVED):
             _fail(errno.EPERM)
-        self.view.setxattr(inode, name, value)
+        self.view.setxattr(inode, name, value, 0, ctx)  # ctx: the ACL rule of S_ISGID
 
     async def removexattr(self, inode, name, ctx):
         if name.startswith(RESERVED):
