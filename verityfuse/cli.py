@@ -37,6 +37,15 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _pinned_digest(text: str) -> str:
+    from .errors import ManifestError
+    from .manifest import pinned_digest
+    try:
+        return pinned_digest(text)
+    except ManifestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_block_size(text: str) -> int:
     try:
         n = int(text, 10)
@@ -178,6 +187,9 @@ def cmd_measure_manifest(args) -> int:
     from . import manifest, manifest_header, manifest_tree
 
     env, payload = manifest.read_envelope(args.manifest)
+    if args.trust_key:  # the signature as a mount checks it, before the payload is parsed
+        manifest.check_signatures(args.manifest, env, payload,
+                                  [manifest.load_public_key(k) for k in args.trust_key])
     tree = manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
     digest = manifest.manifest_digest(payload)
     head = tree.header
@@ -364,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("measure-manifest", help="print a manifest's digest (the value to pin)")
     p.add_argument("manifest", metavar="M")
+    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
+                   help="also check that M is signed by this key (repeatable: any one), "
+                        "as a mount would, without mounting")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_measure_manifest)
 
@@ -381,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="unsealed regular files are failures too (listed as UNSEALED)")
     p.add_argument("--json", action="store_true", help="one JSON object per file, then a summary")
+    p.add_argument("--manifest", metavar="M", help="check SOURCE against this manifest instead: "
+                   "every listed entry's type, metadata and content, and what it does not list "
+                   "(the host's CI gate before shipping a share)")
+    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
+                   help="with --manifest: the key it must be signed with (repeatable)")
+    p.add_argument("--manifest-digest", metavar="sha256:HEX|@FILE", type=_pinned_digest,
+                   help="with --manifest: its pinned digest (or @FILE holding it)")
     p.set_defaults(func=cli_seal.cmd_verify)
 
     p = sub.add_parser("upgrade-store", help="convert a format-1 store (indexed by path) to format 2")

@@ -7,12 +7,12 @@ not (the output says which check failed); 2 usage error or an input file that ca
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 
 from . import attest_replay as ar
 from . import measure_event as me
+from .jsonout import emit
 
 EXIT_USAGE = 2
 
@@ -74,7 +74,7 @@ def cmd_replay(args) -> int:
         print(f"ERROR: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
-        print(json.dumps(report, sort_keys=True), flush=True)
+        emit(report)
     else:
         print(ar.human(report), flush=True)
     return status

@@ -48,6 +48,27 @@ def manifest_digest(payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
+def pinned_digest(text: str) -> str:
+    """A ``--manifest-digest`` value: ``sha256:<hex>``, or ``@FILE`` holding it (its first
+    word, as ``verityfuse measure-manifest M > FILE`` writes it).  ManifestError if bad."""
+    from .store import parse_digest
+
+    where = "manifest digest"
+    if text.startswith("@"):
+        where = text[1:]
+        words = _read_limited(where, 4096, "digest file").decode("ascii", "replace").split()
+        if not words:
+            raise ManifestError(f"{where}: empty, no manifest digest in it")
+        text = words[0]
+    try:
+        alg, _ = parse_digest(text)
+    except ValueError as e:
+        raise ManifestError(f"{where}: {e}") from None
+    if alg.name != "sha256":
+        raise ManifestError(f"{where}: a manifest digest is sha256:<hex>, not {alg.name}")
+    return text
+
+
 # -- keys ---------------------------------------------------------------------
 
 def key_id(public: Ed25519PublicKey) -> str:

@@ -83,12 +83,12 @@ def _on_corruption(v: str) -> str:
 
 
 def _digest(v: str) -> str:
-    from .store import parse_digest
+    from .errors import ManifestError
+    from .manifest import pinned_digest
     try:
-        parse_digest(v)
-    except ValueError as e:
+        return pinned_digest(v)
+    except ManifestError as e:
         raise OptionError(f"manifest_digest: {e}") from None
-    return v
 
 
 # name -> (Settings attribute, parser or None for a flag)
