@@ -347,12 +347,14 @@ def qemu_escape(value) -> str:
 def validate_paths(build: Path):
     """Refuse, up front, a checkout or build directory the guest cannot reach."""
     for what, p in (("the checkout", REPO), ("the build directory", build),
-                    ("the interpreter", Path(sys.executable))):
+                    ("the interpreter", Path(sys.executable)),
+                    ("the interpreter", Path(sys.executable).resolve())):
         s = str(p)
         hidden = [h for h in GUEST_HIDDEN if s == h or s.startswith(h + "/")]
         if hidden:
             raise SystemExit(f"e2e: {what} {s} is under {hidden[0]}, which the guest covers with "
-                             f"its own filesystem; use a checkout (or --build DIR) elsewhere")
+                             f"its own filesystem, so the guest could not reach it; use one "
+                             f"elsewhere (a checkout, a venv, or --build DIR)")
         bad = sorted({c for c in s if c == '"' or not c.isprintable()})
         if bad:
             raise SystemExit(f"e2e: {what} {s!r} holds {bad}, which the guest's kernel command line "
