@@ -76,6 +76,7 @@ class Run:
         self.qemu = None
         self.seen = 0            # bytes of ctl/results already printed
         self.host_errors = {}
+        self.rollback_manifest = self.dir / "manifest-old.json"
 
     # -- processes --------------------------------------------------------------
     def spawn(self, name, cmd, log):
@@ -159,12 +160,13 @@ class Run:
             d.mkdir(parents=True)
         ma.make_corpus(self.share)
         trust = ma.seal_share(self.share, self.dir / "keys")
-        self.rollback_manifest = self.dir / "manifest-old.json"
         try:
             trust.update(self.seal_sequences(trust))
         except Exception as e:
             trust["rollback_error"] = f"{type(e).__name__}: {e}"
             self.host_errors["rollback-refused"] = trust["rollback_error"]
+        # Pinned: the manifest the share holds now, whatever re-sealing it did.
+        trust["digest"] = ma.vf("measure-manifest", self.share / trust["manifest"]).strip()
         # What the guest image would carry (attested): key, pinned manifest digest and
         # the minimum sequence.
         self.trust = trust
@@ -187,8 +189,7 @@ class Run:
                 raise RuntimeError(f"sealed with --sequence {seq}, the manifest header says {got!r}")
             if seq == OLD_SEQUENCE:
                 shutil.copyfile(manifest, self.rollback_manifest)
-        return {"digest": ma.vf("measure-manifest", manifest).strip(), "sequence": SEQUENCE,
-                "old_sequence": OLD_SEQUENCE}
+        return {"sequence": SEQUENCE, "old_sequence": OLD_SEQUENCE}
 
     def kernel(self) -> Path:
         found = sorted(glob.glob(str(self.build / "kernel" / "boot" / "vmlinuz-*")))
