@@ -37,6 +37,7 @@ from pathlib import Path
 
 import plan
 import verifier
+from paths import qemu_escape, validate_paths
 from plan import ma
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +46,6 @@ VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 # back, and the current one (distinct numbers, so a message naming them is told
 # from one that happens to hold a 1 or a 2).
 OLD_SEQUENCE, SEQUENCE = 1041, 1042
-# Covered in the guest by its own proc, sysfs, devtmpfs and tmpfs (e2e/guest-init.sh).
-GUEST_HIDDEN = ("/proc", "/sys", "/dev", "/run")
 
 
 class Timeout(Exception):
@@ -340,31 +339,6 @@ def manifest_sequence(path: Path):
     return json.loads(header).get("sequence")
 
 
-def qemu_escape(value) -> str:
-    """A value inside a QEMU option list: a comma is written twice."""
-    return str(value).replace(",", ",,")
-
-
-def validate_paths(build: Path):
-    """Refuse, up front, a checkout or build directory the guest cannot reach."""
-    for what, p in (("the checkout", REPO), ("the build directory", build),
-                    ("the interpreter", Path(sys.executable)),
-                    ("the interpreter", Path(sys.executable).resolve())):
-        s = str(p)
-        hidden = [h for h in GUEST_HIDDEN if s == h or s.startswith(h + "/")]
-        if hidden:
-            raise SystemExit(f"e2e: {what} {s} is under {hidden[0]}, which the guest covers with "
-                             f"its own filesystem, so the guest could not reach it; use one "
-                             f"elsewhere (a checkout, a venv, or --build DIR)")
-        bad = sorted({c for c in s if c == '"' or not c.isprintable()})
-        if bad:
-            raise SystemExit(f"e2e: {what} {s!r} holds {bad}, which the guest's kernel command line "
-                             f"cannot carry; use a path without them")
-        if what != "the interpreter" and "," in s:
-            raise SystemExit(f"e2e: {what} {s} holds a ',', which virtiofsd's -o source= cannot "
-                             f"carry; use a path without one")
-
-
 def tail(path: Path, n: int, what: str):
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -389,7 +363,7 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("e2e: needs root (virtiofsd, drop_caches, chown)")
-    validate_paths(Path(args.build).resolve())
+    validate_paths(REPO, Path(args.build).resolve())
     # The host's verityfuse commands and the guest's (same interpreter, same root)
     # use this checkout, whichever venv runs this script.
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in
