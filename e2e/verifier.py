@@ -127,12 +127,16 @@ def verify(ev: Path, nonce: str, trust: dict) -> List[Result]:
         results.append(("attest-replay", True, f"{n} events replay to the quoted PCR {PCR}; "
                         "nonce, signature, manifest and sequence accepted"))
     else:
-        results.append(("attest-replay", False, f"exit {r.returncode}: "
-                        f"{(r.stderr or r.stdout).strip()[:400]}"))
+        appraisal = replayed.get("appraisal") if isinstance(replayed, dict) else None
+        failures = appraisal.get("failures") if isinstance(appraisal, dict) else None
+        why = "; ".join(map(str, failures)) if failures else (r.stderr or r.stdout).strip()
+        results.append(("attest-replay", False, f"exit {r.returncode}: {why[:400]}"))
     if isinstance(replayed, dict) and isinstance(replayed.get("events"), list):
         events, source = replayed["events"], ""
     else:
         events, source = log_events(ev / plan.EVENT_LOG), " (events read from the log itself)"
+    if r.returncode != 0:
+        source += " (a log the quote does not vouch for: the replay failed)"
     for name, fn in (("attest-mount-event", lambda: check_mount_event(events, trust)),
                      ("attest-violations", lambda: check_violations(events))):
         try:
