@@ -1,9 +1,10 @@
 # Everything a fresh Debian machine needs, as root:  make demo  /  make test  /  make e2e
 PYTHON ?= python3
 VENV   ?= .venv
-# swtpm, tpm2-tools, libtss2-dev: measured mounts (a software TPM for the tests, tpm2-pytss's build)
+# swtpm, tpm2-tools, libtss2-dev: measured mounts (a software TPM for the tests, tpm2-pytss's build);
+# xfsprogs: xfs_io, the FSGETXATTR oracle of tests/test_ioctl.py
 APT_PACKAGES = fuse3 libfuse3-dev pkg-config fsverity attr e2fsprogs gcc libssl-dev \
-               swtpm swtpm-tools tpm2-tools libtss2-dev
+               swtpm swtpm-tools tpm2-tools libtss2-dev xfsprogs
 STAMP  = $(VENV)/.installed
 
 # make e2e: a Linux guest (QEMU, TCG) with a virtual TPM (swtpm, attached by QEMU; tpm2-tools in
