@@ -185,3 +185,39 @@ def test_verified_mount_keeps_its_log_text_and_removes_the_file(tmp_path):
         assert m.log_path.exists()
     assert not m.log_path.exists()
     assert m.log() != "" and m.unmount() == 0  # idempotent; the text stays
+
+
+ERRORS = '''
+import pytest
+
+def mount_and_log(verified_mount, tmp_path, line):
+    src = tmp_path / "src"; src.mkdir()
+    (src / "a").write_bytes(b"a")
+    m = verified_mount(src)
+    with open(m.log_path, "a") as f:  # as the daemon would write it
+        f.write(line + "\\n")
+
+def test_error_line(verified_mount, tmp_path):
+    mount_and_log(verified_mount, tmp_path, "2026-12-05 verityfuse[7] ERROR: cannot measure x")
+
+def test_traceback(verified_mount, tmp_path):
+    mount_and_log(verified_mount, tmp_path, "Traceback (most recent call last):")
+
+@pytest.mark.daemon_errors(r"cannot measure")
+def test_expected_error_line(verified_mount, tmp_path):
+    mount_and_log(verified_mount, tmp_path, "2026-12-05 verityfuse[7] ERROR: cannot measure x")
+
+def test_warning_is_fine(verified_mount, tmp_path):
+    mount_and_log(verified_mount, tmp_path, "2026-12-05 verityfuse[7] WARNING: integrity failure")
+'''
+
+
+@needs_fuse
+def test_unexpected_error_lines_in_a_daemon_log_fail_the_test(pytester):
+    pytester.makepyfile(test_inner=ERRORS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=4, errors=2)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_error_line" in out
+    assert "ERROR at teardown of test_traceback" in out
+    assert "logged what this test did not expect" in out and "ERROR: cannot measure x" in out

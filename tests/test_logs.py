@@ -160,7 +160,6 @@ def test_a_hostile_file_name_cannot_forge_a_log_line(tmp_path, verified_mount):
     assert "INFO: verity enabled on y\\r\\nverity enabled on z: sha256:" in line
     # The status JSON names it escaped too.
     status = json.loads(os.getxattr(mnt, "user.verityfuse.status"))
-    assert status["recent_failures"]  # one per failed read (the kernel retries one)
-    for failure in status["recent_failures"]:
-        assert failure["file"] == HOSTILE_ESCAPED
-        assert failure["message"].startswith(f"{HOSTILE_ESCAPED}: data block at offset 0: ")
+    (failure,) = status["failures"]  # one failing block
+    assert (failure["file"], failure["offset"]) == (HOSTILE_ESCAPED, 0)
+    assert failure["message"].startswith(f"{HOSTILE_ESCAPED}: data block at offset 0: ")

@@ -11,15 +11,15 @@ import ctypes
 import errno
 import fcntl
 import importlib.util
-import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 
-from . import __version__, merkle, uapi
+from . import __version__, jsonout, merkle, uapi
 
 
 def _hashing() -> dict:
@@ -83,6 +83,71 @@ def _kernel_forwards(release: str, can_probe: bool) -> dict:
     return {"forwards": forwards, "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}
 
 
+def _device() -> dict:
+    path = "/dev/fuse"
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return {"ok": False, "why": f"{path}: {e.strerror} (load the fuse module: modprobe fuse)"}
+    if not stat.S_ISCHR(st.st_mode):
+        return {"ok": False, "why": f"{path} is not a character device"}
+    if not os.access(path, os.R_OK | os.W_OK):
+        return {"ok": False, "why": f"{path} is not readable and writable by this user "
+                                     f"(mode {stat.S_IMODE(st.st_mode):o})"}
+    return {"ok": True}
+
+
+def _fusermount() -> dict:
+    """Unprivileged mounts go through fusermount3, which must be setuid root."""
+    path = shutil.which("fusermount3")
+    if path is None:
+        return {"ok": os.geteuid() == 0, "why": "fusermount3 not found (Debian: apt install fuse3); "
+                "root mounts without it, users cannot"}
+    st = os.stat(path)
+    setuid = bool(st.st_mode & stat.S_ISUID) and st.st_uid == 0
+    return {"ok": setuid or os.geteuid() == 0, "path": path, "setuid_root": setuid}
+
+
+def _allow_other() -> dict:
+    """allow_other for a non-root mounter needs user_allow_other in /etc/fuse.conf."""
+    try:
+        with open("/etc/fuse.conf") as f:
+            on = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        on = False
+    return {"user_allow_other": on}
+
+
+def _helper() -> dict:
+    from . import helper_link
+
+    link = os.path.join("/sbin", helper_link.HELPER_NAME)  # where mount(8) looks
+    try:
+        mine = helper_link.own_helper()
+    except helper_link.HelperError:
+        mine = None
+    try:
+        target = os.readlink(link)
+    except FileNotFoundError:
+        return {"installed": False, "own_helper": mine}
+    except OSError:
+        return {"installed": True, "target": None, "ours": False, "own_helper": mine}
+    return {"installed": True, "target": target, "ours": target == mine, "own_helper": mine}
+
+
+def _measurement() -> dict:
+    """Which registers `mount --measure` could extend here (nothing is extended)."""
+    from .measure import TDX_MEASUREMENTS
+
+    tss = importlib.util.find_spec("tpm2_pytss") is not None
+    tpm_dev = os.path.exists("/dev/tpmrm0")
+    rtmr = os.path.exists(os.path.join(TDX_MEASUREMENTS, "rtmr3:sha384"))
+    return {"tpm": {"device": "/dev/tpmrm0" if tpm_dev else None, "tpm2_pytss": tss,
+                    "usable": tpm_dev and tss},
+            "rtmr": {"interface": TDX_MEASUREMENTS if rtmr else None, "usable": rtmr},
+            "file": {"usable": True}}
+
+
 def report() -> dict:
     release = platform.release()
     shim = _shim()
@@ -90,13 +155,16 @@ def report() -> dict:
                  and shutil.which("fusermount3") is not None)
     return {"version": __version__, "python": platform.python_version(), "kernel": release,
             "hashing": _hashing(), "ioctl_shim": shim, "libfuse": _libfuse(),
-            "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe)}
+            "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe),
+            "mounting": {"dev_fuse": _device(), "fusermount3": _fusermount(),
+                         "allow_other": _allow_other(), "helper": _helper()},
+            "measurement": _measurement()}
 
 
 def run(json_out: bool = False) -> int:
     r = report()
     if json_out:
-        print(json.dumps(r, sort_keys=True))
+        jsonout.emit(r)
         return 0
     h, shim, k = r["hashing"], r["ioctl_shim"], r["kernel_fsverity_ioctls"]
     hashing = (("native: " + ", ".join(f"{a} {v}" for a, v in h.items() if a != "native"))
@@ -108,7 +176,42 @@ def run(json_out: bool = False) -> int:
             ("fs-verity ioctls via FUSE",
              {True: "forwarded", False: "not forwarded", None: "unknown"}[k["forwards"]]
              + f" ({k['how']})")]
+    rows += _mount_rows(r["mounting"]) + _measure_rows(r["measurement"])
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"{a:<{width}}  {b}")
     return 0
+
+
+def _mount_rows(m: dict) -> list:
+    dev, fm, h = m["dev_fuse"], m["fusermount3"], m["helper"]
+    if not h["installed"]:
+        helper = "not installed (verityfuse install-helper, for mount -t fuse.verityfuse)"
+    elif h["ours"]:
+        helper = f"/sbin/mount.fuse.verityfuse -> {h['target']} (this installation)"
+    else:
+        helper = (f"/sbin/mount.fuse.verityfuse -> {h['target']}: NOT this installation's "
+                  f"({h['own_helper'] or 'none'}); verityfuse install-helper replaces it")
+    return [("/dev/fuse", "usable" if dev["ok"] else f"UNUSABLE: {dev['why']}"),
+            ("fusermount3", fm.get("why") or f"{fm['path']}" + (", setuid root" if fm["setuid_root"]
+                                                                 else ", NOT setuid root: users "
+                                                                      "cannot mount")),
+            ("allow_other for users", "allowed (user_allow_other in /etc/fuse.conf)"
+             if m["allow_other"]["user_allow_other"] else "root only (no user_allow_other in "
+             "/etc/fuse.conf)"),
+            ("mount(8) helper", helper)]
+
+
+def _measure_rows(m: dict) -> list:
+    tpm, rtmr = m["tpm"], m["rtmr"]
+    if tpm["usable"]:
+        t = "usable (--measure tpm: /dev/tpmrm0, PCR 23)"
+    else:
+        t = "unavailable: " + "; ".join(w for w, bad in (
+            ("no /dev/tpmrm0 (no TPM, or no kernel resource manager)", not tpm["device"]),
+            ("tpm2-pytss not installed (pip install verityfuse[tpm])", not tpm["tpm2_pytss"]))
+            if bad)
+    return [("measure: TPM", t),
+            ("measure: TDX RTMR", "usable (--measure rtmr: RTMR 3)" if rtmr["usable"]
+             else "unavailable (not a TDX guest with the TSM measurement interface)"),
+            ("measure: file", "usable (--measure file:PATH, an emulated register)")]

@@ -34,11 +34,15 @@ class Settings:
     manifest: Optional[str] = None
     trust_key: List[str] = field(default_factory=list)
     manifest_digest: Optional[str] = None
+    min_sequence: int = 0                # refuse a manifest with a lower sequence (a rollback)
     trust_cert: List[str] = field(default_factory=list)
     require_signatures: bool = False
     cache_size: Optional[int] = None     # MiB
     readahead_kb: int = 1024
     log_file: Optional[str] = None
+    measure: Optional[str] = None        # register spec: tpm[:PCR], rtmr[:N], file:[ALG:]PATH
+    event_log: Optional[str] = None      # default: measure.default_log_path(register)
+    on_corruption: str = "eio"           # eio | refuse (tripwire.MODES)
     debug: bool = False
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
@@ -66,21 +70,36 @@ def _policy(v: str) -> str:
     return v
 
 
-def _digest(v: str) -> str:
-    from .store import parse_digest
-    try:
-        parse_digest(v)
-    except ValueError as e:
-        raise OptionError(f"manifest_digest: {e}") from None
+def _measure(v: str) -> str:
+    if v.split(":", 1)[0] not in ("tpm", "rtmr", "file"):
+        raise OptionError(f"measure: {v!r} is not tpm[:PCR], rtmr[:N] or file:[ALG:]PATH")
     return v
+
+
+def _on_corruption(v: str) -> str:
+    if v not in ("eio", "refuse"):
+        raise OptionError(f"on_corruption: {v!r} is not eio or refuse")
+    return v
+
+
+def _digest(v: str) -> str:
+    from .errors import ManifestError
+    from .manifest import pinned_digest
+    try:
+        return pinned_digest(v)
+    except ManifestError as e:
+        raise OptionError(f"manifest_digest: {e}") from None
 
 
 # name -> (Settings attribute, parser or None for a flag)
 VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "store": ("store", str), "policy": ("policy", _policy), "manifest": ("manifest", str),
     "manifest_digest": ("manifest_digest", _digest), "log_file": ("log_file", str),
+    "measure": ("measure", _measure), "event_log": ("event_log", str),
+    "on_corruption": ("on_corruption", _on_corruption),
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
+    "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
 }
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
 FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground"}
@@ -127,7 +146,14 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures"}
+                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence"}
+
+
+def escape_value(value: str) -> str:
+    """An option value as libfuse reads it back: it splits an option string at commas
+    and takes a backslash as "the next character is literal".  Unescaped, a SOURCE
+    named "x,allow_other" would inject allow_other into the mount."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def fuse_options(s: Settings, fsname: str) -> List[str]:
@@ -135,7 +161,7 @@ def fuse_options(s: Settings, fsname: str) -> List[str]:
     user's in the order given; a user's fsname= or subtype= replaces the built-in."""
     user = dict(s.fuse)
     out = []
-    for name, value in BUILTIN + (("fsname", fsname),):
+    for name, value in BUILTIN + (("fsname", escape_value(fsname)),):
         if name not in user:
             out.append(name if value is None else f"{name}={value}")
     out += [n if v is None else f"{n}={v}" for n, v in s.fuse]

@@ -26,6 +26,7 @@ from . import fsverity_op
 from .errors import Corruption, Errno, VerityError
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
+from .tripwire import Tripwire
 from .view import XATTR_PREFIX, Attr, FileHandle
 
 log = logging.getLogger("verityfuse")
@@ -45,6 +46,8 @@ XATTR_STATUS = b"user.verityfuse.status"
 # Names the daemon owns: never passed through to SOURCE, never set or removed.
 RESERVED = (XATTR_PREFIX, b"user.verityfuse.")
 MAX_OFFSET = (1 << 64) - 1
+# Handlers whose first argument is a file handle, not an inode.
+_FH_HANDLERS = {"read", "write", "flush", "fsync", "release"}
 
 
 def _fail(err: int):
@@ -76,6 +79,8 @@ def _boundary(fn):
                 log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(e.errno))
             raise
         except (VerityError, OSError) as e:
+            if isinstance(e, Corruption):
+                await self._tripwire_hit(name, args, e)
             err = self._errno_of(e, fn.__name__)
             if debug:
                 log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(err))
@@ -141,9 +146,11 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     enable_writeback_cache = False  # writes go straight to SOURCE
 
-    def __init__(self, view, threads: int = 4, stats=None, info=None):
+    def __init__(self, view, threads: int = 4, stats=None, info=None, tripwire=None):
         super().__init__()
         self.view = view
+        # What an integrity failure does beyond EIO: measure it, maybe stop opens.
+        self.tripwire = tripwire if tripwire is not None else Tripwire(None)
         self.stats = stats
         self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
@@ -167,6 +174,24 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         elif isinstance(e, VerityError):
             log.debug("%s: %s", what, e)
         return getattr(e, "errno", None) or errno.EIO
+
+    async def _tripwire_hit(self, handler: str, args, e: Corruption):
+        """The first integrity failure of a manifest path is measured (off this thread)
+        before the request is answered, so a client that saw EIO can already be quoted."""
+        path = self._subject(handler, args)
+        if self.tripwire.first_time(path):
+            await self._run(self.tripwire.record, path, getattr(e, "data_offset", None))
+
+    def _subject(self, handler: str, args) -> str:
+        """The manifest path a failing request was about; in local mode (nothing is
+        measured there) a name for the log only."""
+        path_of = getattr(self.view, "path_of", None)
+        if path_of is None or not args:
+            return f"{handler} request"
+        if handler in _FH_HANDLERS:
+            h = self.handles.get(args[0])
+            return getattr(getattr(h, "node", None), "path", None) or f"{handler} request"
+        return path_of(args[0]) or f"{handler} request"
 
     fuse_poll: Any = None  # a poll object on /dev/fuse, set by the daemon after init
 
@@ -238,6 +263,8 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=h.keep_cache, direct_io=False)
 
     async def open(self, inode, flags, ctx):
+        if self.tripwire.refusing:
+            raise Errno(errno.EIO, "refusing every open after an integrity violation")
         return self._file_info(self.view.open(inode, flags, ctx))
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -345,6 +372,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         if self.stats is not None:
             out.update(self.stats.snapshot())
         out["tree_cache"] = self.view.cache.snapshot()
+        out["tripwire"] = self.tripwire.snapshot()
         return out
 
     async def getxattr(self, inode, name, ctx):
@@ -369,7 +397,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(RESERVED):
             _fail(errno.EPERM)
-        self.view.setxattr(inode, name, value)
+        self.view.setxattr(inode, name, value, 0, ctx)  # ctx: the ACL rule of S_ISGID
 
     async def removexattr(self, inode, name, ctx):
         if name.startswith(RESERVED):

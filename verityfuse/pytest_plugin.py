@@ -15,11 +15,15 @@ Installed with the package (entry point ``pytest11``), so any test suite gets::
   the test is skipped, with the reason, instead of erroring.
 - When a test fails, each of its daemons' logs is added to its report, as a
   section "verityfuse daemon log (MOUNTPOINT)" shown with the failure.
+- A daemon log holding a traceback or an ERROR line fails the test at teardown,
+  unless the test expects it: ``@pytest.mark.daemon_errors(r"regex", ...)`` names
+  the lines it expects (``re.search`` on each line).
 - The daemons' log files are removed at teardown.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Generator, List, Optional
 
 import pytest
@@ -32,6 +36,21 @@ _MOUNTS = pytest.StashKey[List[VerifiedMount]]()
 SECTION = "verityfuse daemon log ({})"
 
 MountFactory = Callable[..., VerifiedMount]
+
+#: What a daemon log must not hold unless a test expects it.
+_BAD_LINE = re.compile(r"Traceback \(most recent call last\)| ERROR: ")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "daemon_errors(*patterns): the ERROR lines a test expects "
+                            "in its daemons' logs (re.search); any other one fails the test")
+
+
+def unexpected_lines(log: str, expected: List[str]) -> List[str]:
+    """The lines of ``log`` that are a traceback or an ERROR and match no expected pattern."""
+    allowed = [re.compile(p) for p in expected]
+    return [line for line in log.splitlines()
+            if _BAD_LINE.search(line) and not any(a.search(line) for a in allowed)]
 
 
 @pytest.fixture
@@ -71,6 +90,13 @@ def verified_mount(request: pytest.FixtureRequest,
             failure = failure or e
     if failure is not None:
         raise failure
+    expected = [p for mark in request.node.iter_markers("daemon_errors") for p in mark.args]
+    for m in mounts:
+        bad = unexpected_lines(m.log(), expected)
+        if bad:
+            pytest.fail(f"the daemon of {m.mountpoint} logged what this test did not expect "
+                        f"(mark it @pytest.mark.daemon_errors(...) if it should):\n"
+                        + "\n".join(bad[:20]), pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

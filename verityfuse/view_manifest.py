@@ -19,6 +19,7 @@ import errno
 import functools
 import os
 import stat
+from typing import Optional
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
@@ -66,6 +67,11 @@ class ManifestView:
         if node is None:
             raise OSError(errno.ESTALE, f"no inode {ino}")
         return node
+
+    def path_of(self, ino: int) -> Optional[str]:
+        """The manifest path of ``ino`` (what a measured IntegrityViolation names)."""
+        node = self.tree.node(ino)
+        return None if node is None else node.path
 
     @staticmethod
     def _attr(node: manifest_tree.Node) -> Attr:

@@ -1,0 +1,62 @@
+"""`verityfuse doctor`: what it says about mounting on this machine, checked against the
+machine itself (a private overlay of /usr/sbin stands in for an installed helper)."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import privns
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+OWN_HELPER = os.path.join(os.path.dirname(sys.executable), "mount.fuse.verityfuse")
+
+
+def doctor():
+    r = subprocess.run([*VF, "doctor", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["mounting"]
+
+
+def test_doctor_reports_the_fuse_device_fusermount_and_allow_other():
+    m = doctor()
+    assert m["dev_fuse"] == {"ok": True}  # root, /dev/fuse present: the tests mount
+    st = os.stat("/usr/bin/fusermount3")
+    assert m["fusermount3"]["setuid_root"] == bool(st.st_mode & stat.S_ISUID and st.st_uid == 0)
+    try:
+        conf = open("/etc/fuse.conf").read().splitlines()
+    except OSError:
+        conf = []
+    assert m["allow_other"]["user_allow_other"] == any(
+        line.split("#")[0].strip() == "user_allow_other" for line in conf)
+
+
+def test_doctor_tells_whose_helper_mount_runs(tmp_path):
+    with privns.writable_system_dir(str(tmp_path)) as sbin:
+        link = os.path.join(sbin, "mount.fuse.verityfuse")
+        if os.path.lexists(link):
+            os.unlink(link)  # the overlay's copy only
+        assert doctor()["helper"] == {"installed": False, "own_helper": OWN_HELPER}
+        os.symlink("/opt/other/bin/mount.fuse.verityfuse", link)
+        assert doctor()["helper"] == {"installed": True, "ours": False, "own_helper": OWN_HELPER,
+                                      "target": "/opt/other/bin/mount.fuse.verityfuse"}
+        r = subprocess.run([*VF, "doctor"], capture_output=True, text=True)
+        assert "NOT this installation's" in r.stdout
+        assert subprocess.run([*VF, "install-helper", "--dir", sbin]).returncode == 0
+        assert doctor()["helper"] == {"installed": True, "ours": True, "own_helper": OWN_HELPER,
+                                      "target": OWN_HELPER}
+    assert not os.path.lexists("/usr/sbin/mount.fuse.verityfuse") or \
+        os.readlink("/usr/sbin/mount.fuse.verityfuse") != "/opt/other/bin/mount.fuse.verityfuse"
+
+
+def test_doctor_reports_the_measurement_registers():
+    r = subprocess.run([*VF, "doctor", "--json"], capture_output=True, text=True)
+    m = json.loads(r.stdout)["measurement"]
+    has_tpm = os.path.exists("/dev/tpmrm0")
+    assert m["tpm"]["device"] == ("/dev/tpmrm0" if has_tpm else None)
+    assert m["tpm"]["tpm2_pytss"] is True  # the test extra installs it
+    assert m["rtmr"]["usable"] == os.path.exists(
+        "/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
+    text = subprocess.run([*VF, "doctor"], capture_output=True, text=True).stdout
+    assert "measure: TPM" in text and "measure: TDX RTMR" in text
