@@ -61,7 +61,7 @@ class LocalVerity:
                     if entry is not None:
                         v = self._load(entry)
                 except StoreCorrupt as e:  # every open fails with it: name the file too
-                    v = StoreCorrupt(f"{escape(self.label(inode))}: {e}")
+                    v = StoreCorrupt(f"{self.label(inode)}: {e}")
                 except VerityError as e:
                     v = e
             inode.verity = v

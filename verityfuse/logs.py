@@ -10,8 +10,10 @@ next line of any kind in a later second says how many were suppressed and
 names the first.
 
 Names a client chooses (file names) are escaped with ``escape`` wherever they
-go into a message, and every record is kept to one line by the handler, so a
-name cannot forge a log line.
+go into a log line, and every record is kept to one line by the handler, so a
+name cannot forge a log line.  (Exceptions and the status JSON keep names
+exact: JSON escapes control characters itself, and `verityfuse status`
+escapes names for a terminal.)
 """
 
 from __future__ import annotations
@@ -23,48 +25,33 @@ import time
 from collections import OrderedDict
 from typing import Dict, Union
 
+from .stats import escape_name
+
 log = logging.getLogger("verityfuse")
 
 INTEGRITY = "integrity-failure"
 REQUEST = "request-triggered"
 
 
-# The escapes a reader knows; the same as `verityfuse status` shows names with.
-_SHORT = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
-
-
-def _escape_char(ch: str) -> str:
-    short = _SHORT.get(ch)
-    if short is not None:
-        return short
-    o = ord(ch)
-    if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
-        return f"\\x{o - 0xDC00:02x}"
-    if o < 0x100:
-        return f"\\x{o:02x}"
-    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
-
-
 def escape(name: Union[str, bytes]) -> str:
-    """``name`` for a log line or a status message: backslash doubled, newline, tab and
-    carriage return as ``\\n``, ``\\t``, ``\\r``, every other character that is not
-    printable (control characters, line and paragraph separators, bytes that are not
-    UTF-8) as ``\\xNN``/``\\uNNNN``.  Unambiguous, and always one line."""
+    """``name`` for a log line, in the notation `verityfuse status` prints names with
+    (``stats.escape_name``: backslash doubled, ``\\n``, ``\\t``, ``\\r``, other
+    unprintable characters and bytes that are not UTF-8 as ``\\xNN``/``\\uNNNN``).
+    Unambiguous, and always one line."""
     if isinstance(name, (bytes, bytearray, memoryview)):
         name = os.fsdecode(bytes(name))
     if name.isprintable() and "\\" not in name:
         return name  # nearly every name: no copy
-    return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else _escape_char(ch)
-                   for ch in name)
+    return escape_name(name)
 
 
 def one_line(text: str) -> str:
-    """``text`` with its control characters escaped (backslashes kept): applied to every
-    record, so even a message that formats a name without ``escape`` stays one line.
-    Idempotent on escaped text."""
+    """``text`` with its unprintable characters escaped (backslashes kept): applied to
+    every record, so even a message that formats a name without ``escape`` stays one
+    line.  Idempotent on escaped text."""
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+    return "".join(ch if ch.isprintable() else escape_name(ch) for ch in text)
 
 
 class _OneLine(logging.Filter):

@@ -24,6 +24,7 @@ import trio
 
 from . import fsverity_op
 from .errors import Corruption, Errno, VerityError
+from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
 from .tripwire import Tripwire
@@ -168,7 +169,8 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         (read, open, ioctl, enable) ran into them.
         """
         if isinstance(e, Corruption):
-            ratelog.integrity((type(e).__name__, str(e)), f"integrity failure: {e}")
+            # The message names the file: escaped here, exact in the status.
+            ratelog.integrity((type(e).__name__, str(e)), f"integrity failure: {escape(str(e))}")
             if self.stats is not None:
                 self.stats.failure(str(e), getattr(e, "path", ""), getattr(e, "offset", None))
         elif isinstance(e, VerityError):

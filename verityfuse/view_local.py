@@ -289,7 +289,7 @@ class LocalView(LocalMetadata):
 
     def _attach_reader(self, fh: FileHandle, v):
         size = os.fstat(fh.fd).st_size
-        label = escape(self.relpath(fh.node))  # in every message about the file
+        label = self.relpath(fh.node)
         if size != v.size:
             raise SizeMismatch(f"{label}: backing file is {size} bytes, sealed size {v.size}")
         fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats)

@@ -17,7 +17,6 @@ from . import ioctl as vioctl
 from . import uapi
 from .errors import Errno
 from .inodes import Inode
-from .logs import escape
 from .verifier import Verifier
 from .view import FileHandle
 
@@ -48,7 +47,7 @@ class LocalMetadata:
         v = self.verity_info(ino)
         if v is None:
             raise OSError(errno.ENODATA, "not a verity file")
-        label = escape(self.relpath(self.inodes[ino]))
+        label = self.relpath(self.inodes[ino])
         return Verifier(self.verity.tree(v, label), self.cache, label)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:

@@ -24,7 +24,6 @@ from typing import Optional
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import Corruption, SizeMismatch, StoreCorrupt
-from .logs import escape
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
 
@@ -139,10 +138,10 @@ class ManifestView:
         try:
             pfd = fsutil.open_beneath(self.root_fd, node.path.encode())
         except OSError as e:
-            raise Corruption(f"{escape(node.path)}: listed in the manifest, but the share has no "
+            raise Corruption(f"{node.path}: listed in the manifest, but the share has no "
                              f"regular file there ({e.strerror}; symlinks are not followed)") from None
         try:
-            return fsutil.reopen_regular(pfd, f"{escape(node.path)}: in the share, it")
+            return fsutil.reopen_regular(pfd, f"{node.path}: in the share, it")
         except fsutil.NotRegular as e:
             raise Corruption(e.strerror) from None
 
@@ -151,11 +150,11 @@ class ManifestView:
         try:
             tree = self.store.open_object(node.alg, node.digest)
         except StoreCorrupt as e:  # the object's name alone would not say which file
-            raise StoreCorrupt(f"{escape(node.path)}: {e}") from None
+            raise StoreCorrupt(f"{node.path}: {e}") from None
         d = tree.descriptor
         if d.data_size != node.size or d.params != node.params:
             tree.close()
-            raise Corruption(f"{escape(node.path)}: the manifest's size or tree parameters "
+            raise Corruption(f"{node.path}: the manifest's size or tree parameters "
                              f"disagree with its digest {node.digest_text}")
         return tree
 
@@ -165,10 +164,10 @@ class ManifestView:
             _erofs()
         fh = FileHandle(self._open_backing(node), node)
         try:
-            fh.verify_with(self.open_tree(node), self.cache, escape(node.path), self.stats)
+            fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats)
             size = os.fstat(fh.fd).st_size
             if size != node.size:
-                raise SizeMismatch(f"{escape(node.path)}: the share's file is {size} bytes, the "
+                raise SizeMismatch(f"{node.path}: the share's file is {size} bytes, the "
                                    f"manifest says {node.size}")
         except BaseException:
             fh.close()
@@ -190,7 +189,7 @@ class ManifestView:
         """The file's tree object, read only through a verifier (the caller closes
         ``.tree``): what the mount exports of it is checked as reads are."""
         node = self._file(ino)
-        return Verifier(self.open_tree(node), self.cache, escape(node.path))
+        return Verifier(self.open_tree(node), self.cache, node.path)
 
     def flags(self, ino: int, fh=None) -> int:
         return uapi.FS_VERITY_FL if self._node(ino).kind == stat.S_IFREG else 0
