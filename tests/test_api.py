@@ -576,3 +576,15 @@ def test_open_verified_refuses_a_store_reached_through_a_directory_others_may_ch
     os.chmod(app / ".verityfuse", 0o700)
     with verityfuse.open_verified(app / "data" / "f") as f:
         assert f.read() == b"trusted bytes\n" * 1000
+
+
+def test_a_pinned_digest_needs_no_trusted_store(app):
+    # Objects are content-addressed: with digest= the store found is only a source of
+    # trees, whoever owns the way to it.
+    pinned = verityfuse.digest(app / "data" / "f")
+    with verityfuse.open_verified(app / "data" / "f", digest=pinned) as f:
+        assert f.read() == b"trusted bytes\n" * 1000
+    _attacker_reseals(app)
+    with pytest.raises(OSError) as e:  # their store has no tree for the pinned digest
+        verityfuse.open_verified(app / "data" / "f", digest=pinned)
+    assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)

@@ -51,11 +51,12 @@ def _why_untrusted(st: os.stat_result, me: int) -> Optional[str]:
     return None
 
 
-def _find_store(fd: int, label: str) -> Optional[str]:
+def _find_store(fd: int, label: str, trusted: bool) -> Optional[str]:
     """The implicit store of the file open as ``fd``: the nearest ``.verityfuse``
     directory beside it or in a parent directory, or None if there is none.
 
-    Trust never comes from a place an attacker can create: the store and every
+    With ``trusted`` (its index will say which digest to trust), trust never
+    comes from a place an attacker can create: the store and every
     directory from the one holding it down to the file must be owned by root or
     the caller and not writable by group or others, else NotSealedError.  Whoever
     could write one of them could have made a nearer store or put another sealed
@@ -77,8 +78,9 @@ def _find_store(fd: int, label: str) -> Optional[str]:
         except OSError:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode):
+            # (Without ``trusted``, a pinned digest: only content-addressed objects are read.)
             checks = [("it", st)] + [(f"the directory {w} on the way to the file", os.lstat(w))
-                                     for w in way]
+                                     for w in way] if trusted else []
             for what, s in checks:
                 why = _why_untrusted(s, me)
                 if why is not None:
@@ -290,7 +292,7 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
         if store is not None:
             store_path = _existing_store(_path(store))
         else:
-            found = _find_store(fd, label)
+            found = _find_store(fd, label, trusted=pinned is None)
             if found is None:
                 raise NotSealedError(f"{label}: no verityfuse store in its directory or any parent "
                                      f"(pass store=)")
