@@ -262,8 +262,9 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     :param path: the file (symlinks are followed).
     :param store: the store directory; default: the nearest ``.verityfuse`` directory
         beside the file or in a parent directory (``SOURCE/.verityfuse``, where ``seal``
-        puts it), trusted only if it and every directory from the one holding it down to
-        the file are owned by root or the caller and not writable by group or others.
+        puts it); without ``digest=`` it is trusted only if it and every directory from
+        the one holding it down to the file are owned by root or the caller and not
+        writable by group or others.
     :param digest: a trusted digest (a :class:`Digest` or ``"sha256:<hex>"``) to check
         against instead of the store's index.
     :returns: a :class:`VerifiedFile` (close it, or use ``with``).
