@@ -10,12 +10,13 @@ import os
 import stat
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .errors import IntegrityError
 from .jsonout import emit
 
 if TYPE_CHECKING:
+    from .manifest_header import Header
     from .store import Store
 
 EXIT_ERROR = 1
@@ -148,7 +149,10 @@ class _Previous:
         from . import manifest, manifest_tree
         from .errors import ManifestError
 
-        self.env = self.payload = self.header = self.error = None
+        self.env: Optional[dict] = None
+        self.payload: bytes = b""
+        self.header: Optional["Header"] = None
+        self.error: Optional[ManifestError] = None
         if not os.path.lexists(path):
             return
         try:
@@ -179,7 +183,7 @@ def _next_header(args, key, prev: _Previous):
     if args.sequence is None:
         sequence = old.sequence + 1 if old is not None else 1
         if sequence > manifest_header.MAX_SEQUENCE:
-            raise ManifestError(f"{args.manifest}: sequence {old.sequence} cannot be raised")
+            raise ManifestError(f"{args.manifest}: sequence {sequence - 1} cannot be raised")
     elif old is not None and args.sequence <= old.sequence:
         raise ManifestError(f"--sequence {args.sequence} is not above the sequence "
                             f"{old.sequence} of {args.manifest} (a sequence never goes back: "
@@ -232,7 +236,7 @@ def seal_manifest(args, store, params, key, rels) -> int:
             if prev.exists:
                 if prev.error is not None:
                     raise prev.error  # its entries are what we would keep
-                if key is not None:
+                if key is not None and prev.env is not None:
                     # Re-signing must not launder entries this key never vouched for.
                     manifest.check_signatures(args.manifest, prev.env, prev.payload,
                                               [key.public_key()])

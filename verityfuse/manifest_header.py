@@ -134,10 +134,10 @@ def parse(text: str, where: str, legacy: bool = False) -> Header:
     if type(sequence) is not int or not 0 <= sequence <= MAX_SEQUENCE:
         raise ManifestError(f"{where}: header: sequence must be a JSON integer in "
                             f"[0, {MAX_SEQUENCE}], not {sequence!r}")
-    expires = head.get("expires")
+    expires = None
     if "expires" in head:  # null included: a header has no two ways to say "never"
         try:
-            expires = parse_time(expires)
+            expires = parse_time(head["expires"])
         except ValueError as e:
             raise ManifestError(f"{where}: header: expires: {e}") from None
     return Header(sequence, expires)

@@ -22,6 +22,8 @@ import logging
 import threading
 from typing import Optional, Set
 
+from .logs import escape
+
 log = logging.getLogger("verityfuse")
 
 MODES = ("eio", "refuse")
@@ -50,7 +52,7 @@ class Tripwire:
         with self._lock:
             if not self.tripped and self.mode == "refuse":
                 log.warning("integrity violation (%s): on_corruption=refuse, every open fails "
-                            "with EIO from now on", ascii(path))
+                            "with EIO from now on", escape(path))
             self.tripped = True
             if path in self._seen:
                 return False
@@ -70,11 +72,11 @@ class Tripwire:
             with self._lock:
                 self.unmeasured += 1
             log.error("cannot measure the integrity violation of %s: %s; refusing every open "
-                      "from now on (a verifier could not see it)", ascii(path), e)
+                      "from now on (a verifier could not see it)", escape(path), e)
             return
         with self._lock:
             self.measured += 1
-        log.warning("integrity violation of %s measured into %s", ascii(path),
+        log.warning("integrity violation of %s measured into %s", escape(path),
                     self.measurer.register.name)
 
     def snapshot(self) -> dict:
