@@ -19,6 +19,10 @@ def test_demo():
     assert "data.bin: identical through the mount" in r.stdout
     assert "block 100 fails with EIO, as it must" in r.stdout
     assert "block 101 still reads: 4096 bytes" in r.stdout
+    assert "integrity failure: data.bin: data block at offset 409600" in r.stdout
+    assert "docs/hello.txt fails with EIO, and the violation is measured" in r.stdout
+    assert "register: matches the replayed log" in r.stdout
+    assert "#2 IntegrityViolation" in r.stdout and "path=docs/hello.txt offset=0" in r.stdout
 
 
 def test_confidential_container_flow():

@@ -384,7 +384,8 @@ def test_background_mount_and_umount_command(fresh, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cli = [sys.executable, "-m", "verityfuse.cli"]
-    r = subprocess.run([*cli, "mount", fresh, mnt, "-o", "ro"], capture_output=True, text=True,
+    r = subprocess.run([*cli, "mount", fresh, mnt, "-o", "ro", "--log-file", tmp_path / "log"],
+                       capture_output=True, text=True,
                        timeout=30)
     try:
         assert r.returncode == 0, r.stderr

@@ -148,7 +148,8 @@ def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        r = vf("mount", src, mnt, "--manifest", m, "--trust-key", pub)
+        r = vf("mount", src, mnt, "--manifest", m, "--trust-key", pub, "--log-file",
+               tmp_path / "log")
         assert not os.path.ismount(mnt)
     finally:
         if os.path.ismount(mnt):
