@@ -98,6 +98,8 @@ BAD = [
     (lines(d("."), f("a\0b")), "path must be a non-empty string without NUL"),
     (lines(d("."), s("l", target="a\0b")), "line 3 (l): target must be a non-empty string without NUL"),
     (lines(d("."), s("l", target="")), "target must be a non-empty string"),
+    (lines(d("."), s("l", target="\ud800")), "line 3 (l): target is not valid UTF-8"),
+    (lines(d("."), s("l", target="\u00e9" * 2049)), "line 3 (l): target is longer than 4095 bytes"),
     (lines(d("."), f("a"), f("a")), "line 4 (a): entries must be sorted by path, each listed once (this one is a duplicate)"),
     (lines(d("."), f("b"), f("a")), "out of order"),
     (lines(f("a")), "line 2 (a): the first entry must be the root directory '.'"),
@@ -394,3 +396,12 @@ def test_keygen_modes(tmp_path):
     assert mf.load_public_key(str(tmp_path / "p.pem")).public_bytes_raw() == \
         mf.load_private_key(str(tmp_path / "k.pem")).public_key().public_bytes_raw()
     assert sorted(os.listdir(tmp_path)) == ["k.pem", "p.pem"]
+
+
+def test_measure_manifest_names_a_bad_symlink_target_without_a_traceback(tmp_path, key):
+    """Issue 16 item 9: a lone surrogate in a signed target printed a traceback."""
+    p = tmp_path / "m.json"
+    p.write_bytes(mf.sign(lines(d("."), s("l", target="\ud800")), key))
+    r = vf("measure-manifest", p)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "line 3 (l): target is not valid UTF-8" in r.stderr

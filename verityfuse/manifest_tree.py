@@ -261,7 +261,9 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
                 ok = True
             elif kind == "symlink":
                 _, path, mode, uid, gid, mtime, target = e
-                ok = type(target) is str and 0 < len(target) <= MAX_TARGET_BYTES and "\0" not in target
+                # Encoded here, inside the try: a lone surrogate is refused like a bad path.
+                raw_target = target.encode() if type(target) is str else b""
+                ok = 0 < len(raw_target) <= MAX_TARGET_BYTES and b"\0" not in raw_target
             else:
                 ok = False
             ok = (ok and type(e) is list and type(mode) is int and 0 <= mode <= 0o7777
@@ -312,7 +314,7 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
             node.children, node.nlink, node.size = {}, 2, 4096
             dirs[raw if parent else b""] = node
         else:
-            node.target = target.encode()
+            node.target = raw_target
             node.size = len(node.target)
         if parent is not None and parent.children is not None:
             parent.children[name] = node
