@@ -588,3 +588,26 @@ def test_a_pinned_digest_needs_no_trusted_store(app):
     with pytest.raises(OSError) as e:  # their store has no tree for the pinned digest
         verityfuse.open_verified(app / "data" / "f", digest=pinned)
     assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)
+
+
+def test_docs_api_signatures_match_the_code():
+    """docs/api.md's signature lines name exactly the parameters (and defaults) the functions
+    take: the reference cannot drift from the code (issue 17 item 11)."""
+    import ast
+    import inspect
+    import re
+
+    import verityfuse
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "api.md")).read()
+    # A signature starts a line inside a code block and ends with "-> Type".
+    sigs = re.findall(r"^verityfuse\.(\w+)(\((?:[^()]|\([^()]*\))*\)) -> ", text, re.M)
+    assert {name for name, _ in sigs} == {"digest", "seal", "verify", "open_verified"}
+    for name, params in sigs:
+        doc = ast.parse(f"def f{params}: pass").body[0].args
+        documented = [a.arg for a in doc.posonlyargs + doc.args + doc.kwonlyargs]
+        defaults = [ast.literal_eval(v) for v in doc.defaults] + \
+            [ast.literal_eval(v) for v in doc.kw_defaults if v is not None]
+        real = inspect.signature(getattr(verityfuse, name)).parameters.values()
+        assert documented == [p.name for p in real], name
+        assert defaults == [p.default for p in real if p.default is not inspect.Parameter.empty], name
