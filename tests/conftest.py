@@ -3,6 +3,8 @@
 - Assert exact bytes, digests and errnos; never timings.
 - fsverity-utils is the oracle wherever a digest, tree or descriptor is compared.
 - Anything mounted is unmounted by a fixture, even when the test fails.
+- Tests leave the machine as they found it: ``machine_unchanged`` fails the session if a
+  test left a file in a system path verityfuse writes to, a mount, or a process running.
 """
 
 import os
@@ -55,3 +57,45 @@ def flip(path, offset, data=None):
             f.seek(offset)
         f.write(data)
 
+
+
+# What verityfuse itself may write outside a test's temporary directory, if a test let it.
+SYSTEM_PATHS = ("/usr/sbin/mount.fuse.verityfuse", "/var/log/verityfuse", "/run/verityfuse")
+SERVERS = ("swtpm", "docker-registry", "qemu-system-x86_64", "virtiofsd")
+
+
+def _machine_state():
+    paths = {}
+    for p in SYSTEM_PATHS:
+        if os.path.islink(p):
+            paths[p] = os.readlink(p)
+        elif os.path.isdir(p):
+            paths[p] = sorted(os.listdir(p))
+        else:
+            paths[p] = "a file" if os.path.lexists(p) else None
+    procs = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if pid.isdigit() and name in SERVERS + ("verityfuse", "mount.fuse.veri"):
+            procs.add((int(pid), name))
+    with open("/proc/self/mountinfo") as f:
+        mounts = {line.split()[4] for line in f if "fuse.verityfuse" in line}
+    return paths, procs, mounts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_unchanged():
+    """Fail the run if the tests changed the machine outside their temporary directories."""
+    paths, procs, mounts = _machine_state()
+    yield
+    paths2, procs2, mounts2 = _machine_state()
+    left = [f"{p}: {paths[p]!r} before, {paths2[p]!r} after" for p in SYSTEM_PATHS
+            if paths[p] != paths2[p]]
+    left += [f"process {pid} ({name}) still running" for pid, name in sorted(procs2 - procs)]
+    left += [f"{m} still mounted" for m in sorted(mounts2 - mounts)]
+    if left:
+        pytest.fail("the tests left the machine changed:\n  " + "\n  ".join(left), pytrace=False)
