@@ -144,27 +144,26 @@ def _clock(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def cmd_install_helper(args) -> int:
-    """Link DIR/mount.fuse.verityfuse to this installation's helper (for mount(8), fstab)."""
+def _helper_command(action, args) -> int:
     from . import helper_link
     try:
-        lines = helper_link.install(args.dir, force=args.force)
+        lines = action(args.dir, force=args.force)
     except (helper_link.HelperError, OSError) as e:
         error(str(e))
         return 1
     print("\n".join(lines))
     return 0
+
+
+def cmd_install_helper(args) -> int:
+    """Link DIR/mount.fuse.verityfuse to this installation's helper (for mount(8), fstab)."""
+    from . import helper_link
+    return _helper_command(helper_link.install, args)
 
 
 def cmd_uninstall_helper(args) -> int:
     from . import helper_link
-    try:
-        lines = helper_link.uninstall(args.dir, force=args.force)
-    except (helper_link.HelperError, OSError) as e:
-        error(str(e))
-        return 1
-    print("\n".join(lines))
-    return 0
+    return _helper_command(helper_link.uninstall, args)
 
 
 def add_commands(sub):

@@ -143,15 +143,6 @@ def sign(payload: bytes, key: Optional[Ed25519PrivateKey]) -> bytes:
     return json.dumps(envelope, indent=1).encode() + b"\n"
 
 
-def _no_duplicates(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
 def read_envelope(path: str):
     """(envelope dict without its payload, payload bytes) of a manifest file, not yet
     authenticated.  Memory: a few times the file size at most."""
@@ -166,7 +157,7 @@ def read_envelope(path: str):
         raise ManifestError(f"{path}: the envelope holds {len(rest)} bytes besides its payload, "
                             f"more than {MAX_ENVELOPE_REST}")
     try:
-        env = json.loads(rest.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        env = json.loads(rest.decode("utf-8"), object_pairs_hook=manifest_header.no_duplicates)
     except UnicodeDecodeError as e:
         raise ManifestError(f"{path}: not UTF-8 at byte {e.start}") from None
     except (ValueError, RecursionError) as e:

@@ -97,7 +97,8 @@ def line(header: Header) -> str:
     return json.dumps(head, sort_keys=True, separators=(",", ":"))
 
 
-def _no_duplicates(pairs):
+def no_duplicates(pairs):
+    """json's object_pairs_hook that refuses a key given twice (one JSON text, one meaning)."""
     d = {}
     for k, v in pairs:
         if k in d:
@@ -110,7 +111,7 @@ def parse(text: str, where: str, legacy: bool = False) -> Header:
     """The header of payload ``where`` from its first line; ManifestError says what is wrong.
     ``legacy``: a version 1 header (no sequence) is sequence 0 rather than an error."""
     try:
-        head = json.loads(text, object_pairs_hook=_no_duplicates)
+        head = json.loads(text, object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as e:
         raise ManifestError(f"{where}: line 1 (header): invalid JSON: {e}") from None
     if not isinstance(head, dict) or head.get("format") != FORMAT:
