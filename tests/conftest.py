@@ -61,10 +61,9 @@ def flip(path, offset, data=None):
 
 # What verityfuse itself may write outside a test's temporary directory, if a test let it.
 SYSTEM_PATHS = ("/usr/sbin/mount.fuse.verityfuse", "/var/log/verityfuse", "/run/verityfuse")
-SERVERS = ("swtpm", "docker-registry", "qemu-system-x86_64", "virtiofsd")
 
 
-def _machine_state():
+def _machine_state(basetemp: str):
     paths = {}
     for p in SYSTEM_PATHS:
         if os.path.islink(p):
@@ -73,26 +72,30 @@ def _machine_state():
             paths[p] = sorted(os.listdir(p))
         else:
             paths[p] = "a file" if os.path.lexists(p) else None
+    # A process a test started names the test's temporary directory (a daemon's source, a
+    # TPM's state, a registry's configuration): other processes on the machine are not ours.
     procs = set()
-    for pid in os.listdir("/proc"):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/comm") as f:
-                name = f.read().strip()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if pid.isdigit() and name in SERVERS + ("verityfuse", "mount.fuse.veri"):
-            procs.add((int(pid), name))
+        if basetemp in cmd and int(pid) != os.getpid():
+            procs.add((int(pid), cmd[:120]))
     with open("/proc/self/mountinfo") as f:
-        mounts = {line.split()[4] for line in f if "fuse.verityfuse" in line}
+        mounts = {line.split()[4] for line in f
+                  if "fuse.verityfuse" in line and line.split()[4].startswith(basetemp)}
     return paths, procs, mounts
 
 
 @pytest.fixture(scope="session", autouse=True)
-def machine_unchanged():
+def machine_unchanged(tmp_path_factory):
     """Fail the run if the tests changed the machine outside their temporary directories."""
-    paths, procs, mounts = _machine_state()
+    base = str(tmp_path_factory.getbasetemp())
+    paths, procs, mounts = _machine_state(base)
     yield
-    paths2, procs2, mounts2 = _machine_state()
+    paths2, procs2, mounts2 = _machine_state(base)
     left = [f"{p}: {paths[p]!r} before, {paths2[p]!r} after" for p in SYSTEM_PATHS
             if paths[p] != paths2[p]]
     left += [f"process {pid} ({name}) still running" for pid, name in sorted(procs2 - procs)]
