@@ -20,7 +20,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
-            "enable", "doctor")
+            "enable", "doctor", "push")
 
 
 def emit(obj: dict):
@@ -380,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     cli_mount.add_commands(sub)
+    from . import cli_oci
+    cli_oci.add_commands(sub)
     return parser
 
 
