@@ -56,7 +56,9 @@ def settings_from(args) -> Settings:
                  trust_cert=list(args.trust_cert or ()), require_signatures=args.require_signatures,
                  cache_size=args.cache_size, readahead_kb=args.readahead_kb, log_file=args.log_file,
                  measure=args.measure, event_log=args.event_log, on_corruption=args.on_corruption,
-                 debug=args.debug, foreground=args.foreground)
+                 debug=args.debug, foreground=args.foreground, plain_http=args.plain_http,
+                 registry_ca=args.registry_ca, registry_auth=args.registry_auth,
+                 registry_timeout=args.registry_timeout)
     return mountopts.parse(args.o or [], s)
 
 
@@ -144,7 +146,8 @@ def cmd_uninstall_helper(args) -> int:
 
 def add_commands(sub):
     p = sub.add_parser("mount", help="mount a verified view of SOURCE on MOUNTPOINT")
-    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("source", metavar="SOURCE", help="a directory, or oci://HOST[:PORT]/REPO"
+                   "[:TAG|@DIGEST] (a tree pushed with `verityfuse push`, served lazily)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--store", metavar="DIR", help="store directory (must exist; default "
                    "SOURCE/.verityfuse, made by the first enable)")
@@ -181,6 +184,11 @@ def add_commands(sub):
                    help="eio: fail the damaged blocks (default); refuse: after the first "
                         "integrity violation every open fails with EIO")
     p.add_argument("--debug", action="store_true", help="log every request")
+    from .cli_oci import add_registry_options
+    add_registry_options(p)  # SOURCE oci://HOST[:PORT]/REPO[:TAG|@DIGEST]
+    p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
+                   metavar="S", help="oci:// sources: seconds a registry request may take "
+                   "before the reads waiting on it fail with EIO (default 10)")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a verityfuse mount")

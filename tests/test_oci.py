@@ -1,0 +1,237 @@
+"""Trees served lazily from an OCI registry (issue 20; protocol/oci-artifact.md).
+
+A real registry (Debian's docker-registry, tests/registry.py) on 127.0.0.1:
+push, mount oci://, read.  Bytes fetched are read from the mount's status
+(the client's own count) and from the registry side where it matters; the
+registry's filesystem storage is altered directly to play a hostile registry.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import manifest as mf
+from verityfuse.testing import VerifiedMount, fuse_unavailable_reason
+
+from registry import registry  # noqa: F401  (the fixture)
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+BIG = 8 << 20
+
+
+def vf(*args, timeout=120):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def content(n: int, seed: int) -> bytes:
+    """Distinct, incompressible-enough bytes (every 4 KiB block differs)."""
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += (f"{seed}:{i}:" * 400).encode()[:4096]
+        i += 1
+    return bytes(out[:n])
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A sealed, signed tree: {relpath: bytes}, and the paths of the manifest and keys."""
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    files = {"small": b"hello\n", "empty": b"", "big": content(BIG, 1),
+             "sub/odd": content(3 * 4096 + 17, 2), "sub/deep/copy": content(BIG, 1),
+             "sub/deep/exact": content(2 * 4096, 3)}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    os.symlink("small", src / "link")
+    mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+    r = vf("seal", src, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 0, r.stderr
+    payload = mf.authenticate(str(tmp_path / "m.json"),
+                              [mf.load_public_key(str(tmp_path / "pub.pem"))])
+    return dict(src=src, files=files, manifest=tmp_path / "m.json", pub=tmp_path / "pub.pem",
+                digest=mf.manifest_digest(payload))
+
+
+def push(tree, ref):
+    r = vf("push", tree["src"], ref, "--manifest", tree["manifest"], "--plain-http")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture
+def pushed(tree, registry):  # noqa: F811
+    ref = f"{registry.host}/vf/tree:v1"
+    tree["push_output"] = push(tree, ref)
+    tree["ref"] = ref
+    return tree
+
+
+@pytest.fixture
+def oci_mount(tmp_path):
+    reason = fuse_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    mounts = []
+
+    def mount(ref, *args):
+        mnt = tmp_path / f"mnt{len(mounts)}"
+        mnt.mkdir()
+        m = VerifiedMount(f"oci://{ref}", mnt, extra_args=["--plain-http", *map(str, args)])
+        mounts.append(m)
+        return m
+    try:
+        yield mount
+    finally:
+        for m in mounts:
+            m.unmount()
+
+
+def status(m) -> dict:
+    return json.loads(os.getxattr(m.mountpoint, "user.verityfuse.status"))
+
+
+def fetched(m) -> int:
+    return status(m)["registry"]["bytes_fetched"]
+
+
+def pread_block(path, offset, size=4096):
+    """One read that reaches the daemon as exactly this range (no readahead)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+# -- push --------------------------------------------------------------------------------
+
+def test_push_uploads_each_blob_once(pushed):
+    out = pushed["push_output"]
+    # 5 distinct digests (big and its copy share one): 5 tree objects, 4 data blobs (the
+    # empty file has none), the signed manifest.
+    assert "10 blobs uploaded" in out, out
+    assert f"manifest digest {pushed['digest']}\n" in out
+    again = push(pushed, pushed["ref"])
+    assert "0 blobs uploaded (0 bytes), 10 already present" in again, again
+    # The same artifact: one tree has one OCI manifest.
+    assert out.splitlines()[0] == again.splitlines()[0]
+
+
+def test_push_refuses_a_file_changed_after_sealing(tree, registry):  # noqa: F811
+    data = bytearray(tree["files"]["sub/odd"])
+    data[5000] ^= 1
+    (tree["src"] / "sub/odd").write_bytes(bytes(data))
+    r = vf("push", tree["src"], f"{registry.host}/vf/bad:v1", "--manifest", tree["manifest"],
+           "--plain-http")
+    assert r.returncode == 1
+    assert "ERROR: sub/odd: data block at offset 4096: expected hash" in r.stderr, r.stderr
+
+
+# -- mount ------------------------------------------------------------------------------
+
+def test_mount_serves_every_file_byte_exact(pushed, oci_mount):
+    m = oci_mount(pushed["ref"], "--trust-key", pushed["pub"])
+    root = m.mountpoint
+    assert sorted(os.listdir(root)) == ["big", "empty", "link", "small", "sub"]
+    assert os.readlink(root / "link") == "small"
+    for rel, data in pushed["files"].items():
+        assert (root / rel).read_bytes() == data, rel
+        assert os.stat(root / rel).st_size == len(data)
+    st = status(m)
+    assert st["mode"] == "manifest" and st["manifest_digest"] == pushed["digest"]
+    assert st["integrity_failures"] == 0
+
+
+def test_mount_by_digest_with_pinned_manifest(pushed, oci_mount):
+    oci = pushed["push_output"].splitlines()[0].rsplit("@", 1)[1]
+    ref = pushed["ref"].rsplit(":", 1)[0] + "@" + oci
+    m = oci_mount(ref, "--manifest-digest", pushed["digest"])
+    assert (m.mountpoint / "sub/odd").read_bytes() == pushed["files"]["sub/odd"]
+
+
+def test_nothing_is_fetched_until_read_and_a_block_read_fetches_a_block(pushed, oci_mount):
+    m = oci_mount(pushed["ref"], "--trust-key", pushed["pub"])
+    at_mount = fetched(m)
+    manifest_size = os.path.getsize(pushed["manifest"])
+    # The OCI manifest and the signed manifest only.
+    assert at_mount > manifest_size and at_mount < manifest_size + 4096
+    os.listdir(m.mountpoint / "sub")
+    os.stat(m.mountpoint / "big")
+    assert fetched(m) == at_mount
+    fd = os.open(m.mountpoint / "big", os.O_RDONLY)
+    try:
+        # 8 MiB of 4 KiB blocks: 2048 hashes of 32 bytes = 16 tree blocks, one root block.
+        tree_object = 64 + 256 + 17 * 4096
+        assert fetched(m) == at_mount + tree_object
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(fd, 4096, 5 << 20) == pushed["files"]["big"][5 << 20:(5 << 20) + 4096]
+    finally:
+        os.close(fd)
+    assert fetched(m) == at_mount + tree_object + 4096
+    # Its copy has the same digest: the block comes from the cache.
+    assert pread_block(m.mountpoint / "sub/deep/copy", 5 << 20) == \
+        pushed["files"]["big"][5 << 20:(5 << 20) + 4096]
+    assert fetched(m) == at_mount + 2 * tree_object + 4096
+
+
+def test_altered_registry_blob_fails_only_its_blocks(pushed, registry, oci_mount):  # noqa: F811
+    big = pushed["files"]["big"]
+    from verityfuse.oci_client import sha256_digest
+    blob = registry.blob_path(sha256_digest(big))
+    with open(blob, "r+b") as f:
+        f.seek(3 * 4096 + 100)
+        f.write(b"X")
+    m = oci_mount(pushed["ref"], "--trust-key", pushed["pub"])
+    path = m.mountpoint / "big"
+    with pytest.raises(OSError) as e:
+        pread_block(path, 3 * 4096)
+    assert e.value.errno == errno.EIO
+    for block in (0, 2, 4, 1000, 2047):
+        assert pread_block(path, block * 4096) == big[block * 4096:(block + 1) * 4096]
+    # A large read that spans the bad block stops short before it (the kernel returns
+    # what it read before the failed page); one that starts there fails.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 1 << 20, 0) == big[:3 * 4096]
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 1 << 20, 3 * 4096)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 1 << 20, 4 * 4096) == big[4 * 4096:4 * 4096 + (1 << 20)]
+    finally:
+        os.close(fd)
+    m.unmount()
+    log = m.log()
+    assert log.count("big: data block at offset 12288: expected hash") == 1, log
+
+
+@pytest.mark.parametrize("how", ["digest", "key"])
+def test_wrong_trust_refused(pushed, tmp_path, how):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if how == "digest":
+        trust = ["--manifest-digest", "sha256:" + "00" * 32]
+        why = f"manifest digest {pushed['digest']} is not the pinned sha256:{'00' * 32}"
+    else:
+        mf.generate_key(str(tmp_path / "other.pem"), str(tmp_path / "other.pub"))
+        trust = ["--trust-key", tmp_path / "other.pub"]
+        why = "not signed by a trusted key"
+    r = vf("mount", "-f", f"oci://{pushed['ref']}", mnt, "--plain-http", *trust, timeout=60)
+    assert r.returncode == 1
+    assert "refusing to mount" in r.stderr and why in r.stderr, r.stderr
+    assert f"{pushed['ref']} (manifest blob sha256:" in r.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_no_trust_refused(pushed, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = vf("mount", "-f", f"oci://{pushed['ref']}", mnt, "--plain-http", timeout=60)
+    assert r.returncode == 1
+    assert "a registry is never trusted: give --trust-key and/or --manifest-digest" in r.stderr
