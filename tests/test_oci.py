@@ -235,3 +235,132 @@ def test_no_trust_refused(pushed, tmp_path):
     r = vf("mount", "-f", f"oci://{pushed['ref']}", mnt, "--plain-http", timeout=60)
     assert r.returncode == 1
     assert "a registry is never trusted: give --trust-key and/or --manifest-digest" in r.stderr
+
+
+# -- a hostile or failing registry (tests/hostile_proxy.py) -------------------------------
+
+@pytest.fixture
+def proxy(registry):  # noqa: F811
+    from hostile_proxy import HostileProxy
+    p = HostileProxy(registry.host)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+BAD = 3 * 4096  # the block the proxy damages
+
+
+def _big_blob(pushed):
+    from verityfuse.oci_client import sha256_digest
+    return sha256_digest(pushed["files"]["big"])
+
+
+def _through(pushed, proxy, oci_mount, *args):
+    ref = proxy.host + "/" + pushed["ref"].split("/", 1)[1]
+    return oci_mount(ref, "--trust-key", pushed["pub"], "--registry-timeout", 1, *args)
+
+
+@pytest.mark.parametrize("fault,logged", [
+    ("flip", "integrity failure: big: data block at offset 12288: expected hash"),
+    ("other", "integrity failure: big: data block at offset 12288: expected hash"),
+    ("short", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: the body "
+              "is 4095 bytes, 4096 were asked for"),
+    ("truncated", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: "),
+    ("long", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: the body "
+             "is longer than the 4096 bytes asked for"),
+    ("range", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: asked for "
+              "bytes 12288-16383, the registry answered Content-Range 'bytes 16384-20479/*'"),
+    ("500", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: "
+            "127.0.0.1:"),
+    ("loop", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: "),
+    ("stall", "registry failure: big: offset 12288: bytes 12288-16383 of blob {blob}: "),
+])
+def test_hostile_registry_costs_the_damaged_block_only(pushed, proxy, oci_mount, fault, logged):
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    if fault == "other":  # the same range of another blob: big's tree object (70 KiB)
+        from verityfuse.oci_client import sha256_digest
+        objects = sorted((pushed["src"] / ".verityfuse" / "objects").rglob("*"),
+                         key=lambda p: p.stat().st_size)
+        proxy.other_blob = sha256_digest(objects[-1].read_bytes())
+    proxy.rule = lambda r: fault if r.blob == blob and r.range and r.range[0] == BAD else None
+    m = _through(pushed, proxy, oci_mount)
+    path = m.mountpoint / "big"
+    with pytest.raises(OSError) as e:
+        pread_block(path, BAD)
+    assert e.value.errno == errno.EIO
+    for block in (0, 2, 4, 2047):
+        assert pread_block(path, block * 4096) == big[block * 4096:(block + 1) * 4096]
+    assert (m.mountpoint / "sub/odd").read_bytes() == pushed["files"]["sub/odd"]
+    with pytest.raises(OSError):
+        pread_block(path, BAD)  # still failing: a failure is not cached as success
+    m.unmount()
+    line = logged.format(blob=blob)
+    assert m.log().count(line) == 1, m.log()
+
+
+def test_transient_500s_are_retried(pushed, proxy, oci_mount):
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    left = [2]
+
+    def rule(r):
+        if r.blob == blob and r.range and r.range[0] == BAD and left[0]:
+            left[0] -= 1
+            return "500"
+        return None
+    proxy.rule = rule
+    m = _through(pushed, proxy, oci_mount)
+    assert pread_block(m.mountpoint / "big", BAD) == big[BAD:BAD + 4096]
+    assert proxy.count("GET", lambda r: r.blob == blob and r.range == (BAD, BAD + 4095)) == 3
+
+
+def test_redirects_are_followed(pushed, proxy, oci_mount):
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    proxy.rule = lambda r: "redirect" if r.blob == blob else None
+    m = _through(pushed, proxy, oci_mount)
+    assert pread_block(m.mountpoint / "big", BAD) == big[BAD:BAD + 4096]
+    assert (m.mountpoint / "big").read_bytes() == big
+
+
+def test_a_stall_does_not_hang_other_files(pushed, proxy, oci_mount):
+    import threading
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    stalled = threading.Event()
+
+    def rule(r):
+        if r.blob == blob and r.range and r.range[0] == BAD:
+            stalled.set()
+            return "stall"
+        return None
+    proxy.rule = rule
+    m = _through(pushed, proxy, oci_mount)
+    result = {}
+
+    def read_bad():
+        try:
+            pread_block(m.mountpoint / "big", BAD)
+            result["bad"] = "read"
+        except OSError as e:
+            result["bad"] = e.errno
+    t = threading.Thread(target=read_bad)
+    t.start()
+    try:
+        assert stalled.wait(30)
+        # While that read waits on the registry, other files and metadata are served.
+        assert (m.mountpoint / "sub/odd").read_bytes() == pushed["files"]["sub/odd"]
+        assert pread_block(m.mountpoint / "big", 0) == big[:4096]
+        assert sorted(os.listdir(m.mountpoint / "sub")) == ["deep", "odd"]
+        assert "bad" not in result
+    finally:
+        t.join(60)
+    assert result["bad"] == errno.EIO
+
+
+def test_push_counts_uploads_at_the_registry(tree, proxy):
+    ref = proxy.host + "/vf/counted:v1"
+    push(tree, ref)
+    assert proxy.count("POST") == 10 and proxy.count("PUT", lambda r: "/blobs/" in r.path) == 10
+    push(tree, ref)
+    assert proxy.count("POST") == 10  # nothing uploaded the second time
+    assert proxy.count("HEAD") == 20

@@ -92,7 +92,7 @@ class Remote:
                                             f"{blob.size} bytes, its digest gives {size}"),
                               label, None)
         try:
-            data = self.client.get_blob(blob.digest, size, f"{label}: tree object")
+            data = self.client.get_blob(blob.digest, size, "tree object")
         except RegistryError as e:
             raise self.failed(e, label, None) from None
         fd = _memfd("verityfuse-tree", data)
@@ -248,7 +248,7 @@ class OciReader(VerifiedReader):
                                         f"{self.blob.size} bytes, the manifest {size}")
                 data = self.remote.client.get_range(
                     self.blob.digest, start, end - start,
-                    f"{self.label}: bytes {start}-{end - 1} (blob {self.blob.digest})")
+                    f"bytes {start}-{end - 1} of blob {self.blob.digest}")
             except RegistryError as e:
                 err = self.remote.failed(e, self.label, start)
                 errors.update((b, err) for b in run)
