@@ -153,7 +153,7 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
     if trust.remote is not None:
         from .view_oci import OciView
 
-        m = trust.manifest
+        m = trust.remote.manifest
         log.info("%s: manifest of %d entries, digest %s", source, len(m.tree.nodes), m.digest)
         return OciView(trust.remote, cache, stats=stats), trust.remote
     if trust.manifest is not None:

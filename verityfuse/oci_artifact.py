@@ -99,7 +99,7 @@ def parse(body: bytes) -> Artifact:
     for n, layer in enumerate(layers):
         if not isinstance(layer, dict):
             raise ArtifactError(f"layers[{n}] is not a descriptor")
-        kind = {TREE_TYPE: art.trees, DATA_TYPE: art.data}.get(layer.get("mediaType"))
+        kind = {TREE_TYPE: art.trees, DATA_TYPE: art.data}.get(str(layer.get("mediaType")))
         ann = layer.get("annotations")
         fsv = ann.get(DIGEST_ANNOTATION) if isinstance(ann, dict) else None
         if kind is None or not isinstance(fsv, str):

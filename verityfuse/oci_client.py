@@ -21,13 +21,14 @@ exponential backoff.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Dict, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import urllib3
 
@@ -107,13 +108,11 @@ class Client:
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             self.headers["Authorization"] = f"Basic {token}"
-        kw = {}
-        if https:
-            kw = {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_file} if ca_file else \
-                 {"cert_reqs": "CERT_REQUIRED"}
+        # HTTPS always verifies the certificate: against ca_file, else the system's CAs.
         self.http = urllib3.PoolManager(
-            maxsize=pool_size, block=False,
-            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout), **kw)
+            maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED" if https else None,
+            ca_certs=ca_file if https else None,
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout))
         self.lock = threading.Lock()
         self.requests: Dict[str, int] = {}  # method -> count, for tests and status
         self.bytes_fetched = 0
@@ -130,7 +129,7 @@ class Client:
             self.requests[method] = self.requests.get(method, 0) + 1
 
     def request(self, method: str, path: str, what: str, headers=None,
-                body: Optional[Callable[[], object]] = None, ok=(200,)) -> urllib3.BaseHTTPResponse:
+                body: Optional[Callable[[], Any]] = None, ok=(200,)) -> urllib3.BaseHTTPResponse:
         """One call, retried on 5xx and connection errors; the response's body is not
         read yet (the caller reads it with ``read_body`` and releases it).  Any status
         not in ``ok`` is a RegistryError naming ``what``."""
@@ -208,7 +207,7 @@ class Client:
             return None
         return int(r.headers.get("Content-Length", "-1"))
 
-    def upload_blob(self, digest: str, size: int, open_body: Callable[[], BinaryIO],
+    def upload_blob(self, digest: str, size: int, open_body: Callable[[], IO[bytes]],
                     chunk_size: int = 64 << 20):
         """Upload a blob whose bytes ``open_body()`` reads from the start: monolithic
         (POST, then PUT ?digest= with the body), or chunked for blobs over ``chunk_size``
@@ -222,7 +221,8 @@ class Client:
                 for start in range(0, size, chunk_size):
                     f.seek(start)
                     data = f.read(min(chunk_size, size - start))
-                    r = self.request("PATCH", location, what, body=lambda d=data: d, ok=(202,),
+                    r = self.request("PATCH", location, what, body=functools.partial(bytes, data),
+                                     ok=(202,),
                                      headers={"Content-Type": "application/octet-stream",
                                               "Content-Range": f"{start}-{start + len(data) - 1}",
                                               "Content-Length": str(len(data))})
@@ -231,7 +231,7 @@ class Client:
             body, length = None, 0
         else:
             body, length = open_body, size
-        files = []
+        files: List[IO[bytes]] = []
 
         def stream():
             for f in files:

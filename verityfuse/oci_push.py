@@ -12,11 +12,12 @@ offset) instead of publishing an image whose reads would fail.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import IO, Callable, Optional
 
 from . import fsutil, manifest, manifest_tree, oci_artifact
 from .errors import VerityError
@@ -66,7 +67,7 @@ class _Uploader:
         self.client, self.result, self.chunk_size = client, result, chunk_size
         self.done: set = set()
 
-    def put(self, blob: Blob, open_body: Callable[[], io.BufferedIOBase]):
+    def put(self, blob: Blob, open_body: Callable[[], IO[bytes]]):
         if blob.digest in self.done:
             return
         self.done.add(blob.digest)
@@ -78,7 +79,7 @@ class _Uploader:
         self.result.uploaded_bytes += blob.size
 
 
-def _fd_reader(fd: int) -> Callable[[], io.BufferedIOBase]:
+def _fd_reader(fd: int) -> Callable[[], IO[bytes]]:
     """Each call: a reader of ``fd`` from its start, with its own file offset."""
     return lambda: open(f"/proc/self/fd/{fd}", "rb")
 
@@ -110,7 +111,7 @@ def push(source: str, manifest_path: str, client: Client, tag: Optional[str],
                 size = TREE_OFFSET + obj.geometry.tree_size
                 obj_bytes = os.pread(obj.fd, size, 0)
                 art.trees[fsv] = Blob(sha256_digest(obj_bytes), size)
-                up.put(art.trees[fsv], lambda b=obj_bytes: io.BytesIO(b))
+                up.put(art.trees[fsv], functools.partial(io.BytesIO, obj_bytes))
                 if node.size:
                     fd = _open_data(root, node)
                     try:
