@@ -364,3 +364,48 @@ def test_push_counts_uploads_at_the_registry(tree, proxy):
     push(tree, ref)
     assert proxy.count("POST") == 10  # nothing uploaded the second time
     assert proxy.count("HEAD") == 20
+
+
+# -- HTTPS with a test CA, basic auth ---------------------------------------------------
+
+@pytest.fixture
+def secure_registry(tmp_path):
+    from registry import Registry
+    r = Registry(tmp_path / "secure", tls=True, users={"pusher": "s3cret"})
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def test_https_and_basic_auth(tree, secure_registry, tmp_path, monkeypatch):
+    reg = secure_registry
+    ref = f"{reg.host}/vf/secure:v1"
+    creds = tmp_path / "creds"
+    creds.write_text("pusher:s3cret\n")
+    base = ["push", tree["src"], ref, "--manifest", tree["manifest"]]
+    r = vf(*base, "--registry-auth", creds)
+    assert r.returncode == 1 and "certificate verify failed" in r.stderr, r.stderr
+    r = vf(*base, "--registry-ca", reg.ca)
+    assert r.returncode == 1 and f"registry API check: {reg.host} answered 401" in r.stderr, \
+        r.stderr
+    r = vf(*base, "--registry-ca", reg.ca, "--registry-auth", creds)
+    assert r.returncode == 0 and "10 blobs uploaded" in r.stdout, r.stderr
+    # The mount takes its credentials from the usual docker config.json.
+    import base64
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"auths": {f"https://{reg.host}": {
+        "auth": base64.b64encode(b"pusher:s3cret").decode()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    if fuse_unavailable_reason():
+        pytest.skip(fuse_unavailable_reason())
+    mnt = tmp_path / "secure-mnt"
+    mnt.mkdir()
+    m = VerifiedMount(f"oci://{ref}", mnt, extra_args=["--registry-ca", str(reg.ca),
+                                                       "--trust-key", str(tree["pub"])])
+    try:
+        assert (mnt / "sub/odd").read_bytes() == tree["files"]["sub/odd"]
+        assert (mnt / "big").read_bytes() == tree["files"]["big"]
+    finally:
+        m.unmount()

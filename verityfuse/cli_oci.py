@@ -2,7 +2,8 @@
 
 Registry options shared by push and mount: ``--plain-http`` (default HTTPS),
 ``--registry-ca CA.pem`` (the CA that signed the registry's certificate) and
-``--registry-auth FILE`` (basic auth: one line ``USER:PASSWORD``).
+``--registry-auth FILE`` (basic auth: ``USER:PASSWORD`` or a docker config.json;
+by default the user's docker config.json, if it names the registry).
 """
 
 from __future__ import annotations
@@ -16,16 +17,44 @@ def error(msg: str):
     print(f"ERROR: {msg}", file=sys.stderr)
 
 
-def read_auth(path):
-    """(user, password) from a file holding ``USER:PASSWORD`` on its first line."""
-    if not path:
-        return None
+def _docker_auth(config: dict, host: str):
+    """The basic-auth pair a docker config.json holds for ``host`` (its "auths" keys may
+    carry a scheme and a path), or None."""
+    import base64
+
+    for key, entry in (config.get("auths") or {}).items():
+        name = key.split("://", 1)[-1].split("/", 1)[0]
+        if name == host and isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+            user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            if sep:
+                return user, password
+    return None
+
+
+def credentials(host: str, path=None):
+    """(user, password) for ``host``: from ``path`` (one line USER:PASSWORD, or a docker
+    config.json), else from $DOCKER_CONFIG/config.json or ~/.docker/config.json if it has
+    an entry for the host; None: no credentials."""
+    import json
+    import os
+
     from . import fsutil
 
-    line = fsutil.read_regular(path, 4096, what=path).decode("utf-8", "replace").splitlines()
-    user, sep, password = (line[0] if line else "").partition(":")
+    if path is None:
+        home = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
+        path = os.path.join(home, "config.json")
+        if not os.path.exists(path):
+            return None
+    text = fsutil.read_regular(path, 1 << 20, what=path).decode("utf-8", "replace")
+    if text.lstrip().startswith("{"):
+        try:
+            return _docker_auth(json.loads(text), host)
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a usable docker config.json ({e})") from None
+    line = text.splitlines()[0] if text else ""
+    user, sep, password = line.partition(":")
     if not sep or not user:
-        raise ValueError(f"{path}: expected one line USER:PASSWORD")
+        raise ValueError(f"{path}: expected one line USER:PASSWORD or a docker config.json")
     return user, password
 
 
@@ -33,7 +62,8 @@ def make_client(ref, plain_http: bool = False, registry_ca=None, registry_auth=N
                 timeout: float = 10.0):
     from .oci_client import Client
 
-    return Client(ref, https=not plain_http, ca_file=registry_ca, auth=read_auth(registry_auth),
+    return Client(ref, https=not plain_http, ca_file=registry_ca,
+                  auth=credentials(ref.host, registry_auth),
                   timeout=timeout)
 
 
@@ -43,7 +73,9 @@ def add_registry_options(p):
     p.add_argument("--registry-ca", metavar="CA.pem",
                    help="the CA certificate(s) the registry's TLS certificate must chain to")
     p.add_argument("--registry-auth", metavar="FILE",
-                   help="basic-auth credentials for the registry: one line USER:PASSWORD")
+                   help="basic-auth credentials for the registry: a file with one line "
+                        "USER:PASSWORD, or a docker config.json (default: "
+                        "$DOCKER_CONFIG/config.json or ~/.docker/config.json, if present)")
 
 
 def cmd_push(args) -> int:
