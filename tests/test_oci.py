@@ -175,10 +175,58 @@ def test_nothing_is_fetched_until_read_and_a_block_read_fetches_a_block(pushed, 
     finally:
         os.close(fd)
     assert fetched(m) == at_mount + tree_object + 4096
-    # Its copy has the same digest: the block comes from the cache.
+    # Its copy has the same digest: the tree object and the block come from the caches.
     assert pread_block(m.mountpoint / "sub/deep/copy", 5 << 20) == \
         pushed["files"]["big"][5 << 20:(5 << 20) + 4096]
-    assert fetched(m) == at_mount + 2 * tree_object + 4096
+    assert fetched(m) == at_mount + tree_object + 4096
+    r = vf("status", m.mountpoint)
+    assert r.returncode == 0
+    assert f"oci://{pushed['ref']}: {at_mount + tree_object + 4096} bytes fetched (4 GET)" \
+        in r.stdout, r.stdout
+
+
+def test_the_data_cache_is_bounded(pushed, oci_mount):
+    m = oci_mount(pushed["ref"], "--trust-key", pushed["pub"], "--cache-size", 4)
+    assert (m.mountpoint / "big").read_bytes() == pushed["files"]["big"]
+    cache = status(m)["registry"]["data_cache"]
+    assert cache["max_bytes"] == 4 << 20
+    assert 0 < cache["bytes"] <= 4 << 20
+
+
+def test_concurrent_reads_of_a_block_fetch_it_once(pushed, proxy):
+    """Many threads read the same range through one reader: one range request."""
+    import threading
+    from verityfuse import oci_source
+    from verityfuse.mountopts import Settings
+    from verityfuse.verifier import TreeBlockCache, Verifier
+    from verityfuse.oci_client import sha256_digest
+
+    ref = "oci://" + proxy.host + "/" + pushed["ref"].split("/", 1)[1]
+    remote = oci_source.remote_from_settings(ref, Settings(trust_key=[str(pushed["pub"])],
+                                                           plain_http=True))
+    try:
+        node = next(n for n in remote.manifest.tree.files() if n.path == "big")
+        tree = remote.open_tree(node, "big")
+        reader = oci_source.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
+                                      "big")
+        gate = threading.Barrier(8)
+        out = []
+
+        def read():
+            gate.wait()
+            out.append(bytes(reader.read(1 << 20, 256 << 10)))
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        big = pushed["files"]["big"]
+        assert out == [big[1 << 20:(1 << 20) + (256 << 10)]] * 8
+        blob = sha256_digest(big)
+        assert proxy.count("GET", lambda r: r.blob == blob) == 1
+        tree.close()
+    finally:
+        remote.close()
 
 
 def test_altered_registry_blob_fails_only_its_blocks(pushed, registry, oci_mount):  # noqa: F811

@@ -113,6 +113,14 @@ def cmd_status(args) -> int:
         ("tree-block cache", f"{cache['hits']} hits, {cache['misses']} misses, {cache['blocks']} "
                              f"blocks, {cache['bytes']} of {cache['max_bytes']} bytes"),
     ]
+    reg = st.get("registry")
+    if reg:  # an oci:// mount
+        calls = ", ".join(f"{n} {m}" for m, n in sorted(reg["requests"].items()))
+        dc = reg["data_cache"]
+        rows += [("registry", f"{reg['source']}: {reg['bytes_fetched']} bytes fetched "
+                              f"({calls or 'no requests'})"),
+                 ("data cache", f"{dc['hits']} hits, {dc['misses']} misses, {dc['blocks']} blocks, "
+                                f"{dc['bytes']} of {dc['max_bytes']} bytes")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

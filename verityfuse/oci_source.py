@@ -78,6 +78,12 @@ class Remote:
         self.manifest = _authenticate(raw, f"{ref} (manifest blob {blob.digest})",
                                       trust_keys, pinned_digest)
         self.blocks = BlockCache(cache_bytes)
+        # Tree objects that validated, so that opening a file again fetches nothing:
+        # an LRU of their bytes, a quarter of the cache budget.
+        self.trees: "OrderedDict[str, bytes]" = OrderedDict()
+        self.trees_max = cache_bytes // 4
+        self.trees_bytes = 0
+        self.trees_lock = threading.Lock()
 
     def open_tree(self, node, label: str):
         """The tree object for ``node``'s digest, validated as a store object."""
@@ -91,13 +97,30 @@ class Remote:
             raise self.failed(RegistryError(f"the artifact says the tree object for {fsv} is "
                                             f"{blob.size} bytes, its digest gives {size}"),
                               label, None)
-        try:
-            data = self.client.get_blob(blob.digest, size, "tree object")
-        except RegistryError as e:
-            raise self.failed(e, label, None) from None
+        with self.trees_lock:
+            data = self.trees.get(fsv)
+            if data is not None:
+                self.trees.move_to_end(fsv)
+        if data is None:
+            try:
+                data = self.client.get_blob(blob.digest, size, "tree object")
+            except RegistryError as e:
+                raise self.failed(e, label, None) from None
         fd = _memfd("verityfuse-tree", data)
-        return open_stored_tree(fd, f"{label}: tree object (blob {blob.digest})",
+        tree = open_stored_tree(fd, f"{label}: tree object (blob {blob.digest})",
                                 node.alg, node.digest)
+        self._keep_tree(fsv, data)
+        return tree
+
+    def _keep_tree(self, fsv: str, data: bytes):
+        with self.trees_lock:
+            if fsv in self.trees or len(data) > self.trees_max:
+                return
+            self.trees[fsv] = data
+            self.trees_bytes += len(data)
+            while self.trees_bytes > self.trees_max:
+                _, old = self.trees.popitem(last=False)
+                self.trees_bytes -= len(old)
 
     @staticmethod
     def failed(e: VerityError, label: str, offset: Optional[int]) -> VerityError:
