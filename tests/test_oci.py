@@ -363,6 +363,21 @@ def test_transient_500s_are_retried(pushed, proxy, oci_mount):
     assert proxy.count("GET", lambda r: r.blob == blob and r.range == (BAD, BAD + 4095)) == 3
 
 
+def test_a_broken_body_is_fetched_again(pushed, proxy, oci_mount):
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    left = [1]
+
+    def rule(r):
+        if r.blob == blob and r.range and r.range[0] == BAD and left[0]:
+            left[0] -= 1
+            return "truncated"
+        return None
+    proxy.rule = rule
+    m = _through(pushed, proxy, oci_mount)
+    assert pread_block(m.mountpoint / "big", BAD) == big[BAD:BAD + 4096]
+    assert proxy.count("GET", lambda r: r.blob == blob and r.range == (BAD, BAD + 4095)) == 2
+
+
 def test_redirects_are_followed(pushed, proxy, oci_mount):
     big, blob = pushed["files"]["big"], _big_blob(pushed)
     proxy.rule = lambda r: "redirect" if r.blob == blob else None

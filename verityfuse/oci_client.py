@@ -47,6 +47,10 @@ class RegistryError(VerityError):
     """The registry could not give what was asked (EIO): availability, never trust."""
 
 
+class BodyBroken(RegistryError):
+    """The connection failed in the middle of a body: worth another try."""
+
+
 @dataclass(frozen=True)
 class Ref:
     """``HOST[:PORT]/REPO[:TAG|@DIGEST]``."""
@@ -179,13 +183,13 @@ class Client:
                 if time.monotonic() > deadline:
                     raise RegistryError(f"{what}: the body took longer than {3 * self.timeout:g}s")
         except urllib3.exceptions.HTTPError as e:
-            raise RegistryError(f"{what}: {_reason(e)}") from None
+            raise BodyBroken(f"{what}: {_reason(e)}") from None
         finally:
             # A body read to its end returns the connection to the pool; any other is
             # closed (its rest is not worth reading).
             _discard(r)
-        with self.lock:
-            self.bytes_fetched += n
+            with self.lock:
+                self.bytes_fetched += n
         if exact is not None and n != exact:
             raise RegistryError(f"{what}: the body is {n} bytes, {exact} were asked for")
         return b"".join(parts)
@@ -278,11 +282,26 @@ class Client:
             raise RegistryError(f"{what}: the bytes hash to {sha256_digest(body)}")
         return body
 
+    def _again(self, fetch: Callable[[], bytes]) -> bytes:
+        """``fetch()``, tried again (with backoff, a bounded number of times) when the
+        connection broke in the middle of the body."""
+        delay = self.backoff
+        for attempt in range(self.retries):
+            try:
+                return fetch()
+            except BodyBroken:
+                time.sleep(delay)
+                delay *= 2
+        return fetch()
+
     def get_blob(self, digest: str, size: int, what: str) -> bytes:
         """A whole blob of ``size`` bytes whose SHA-256 must be ``digest``."""
         what = f"{what} (blob {digest})"
-        r = self.request("GET", self._blob_path(digest), what)
-        body = self.read_body(r, what, size, exact=size)
+
+        def fetch():
+            r = self.request("GET", self._blob_path(digest), what)
+            return self.read_body(r, what, size, exact=size)
+        body = self._again(fetch)
         if sha256_digest(body) != digest:
             raise RegistryError(f"{what}: the bytes hash to {sha256_digest(body)}")
         return body
@@ -291,15 +310,18 @@ class Client:
         """Bytes [start, start+length) of a blob: a 206 whose Content-Range is exactly
         that range, with exactly that many bytes."""
         end = start + length - 1
-        r = self.request("GET", self._blob_path(digest), what, ok=(206,),
-                         headers={"Range": f"bytes={start}-{end}"})
-        cr = r.headers.get("Content-Range", "")
-        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", cr.strip())
-        if not m or int(m.group(1)) != start or int(m.group(2)) != end:
-            r.close()
-            raise RegistryError(f"{what}: asked for bytes {start}-{end}, the registry answered "
-                                f"Content-Range {cr!r}")
-        return self.read_body(r, what, length, exact=length)
+
+        def fetch():
+            r = self.request("GET", self._blob_path(digest), what, ok=(206,),
+                             headers={"Range": f"bytes={start}-{end}"})
+            cr = r.headers.get("Content-Range", "")
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", cr.strip())
+            if not m or int(m.group(1)) != start or int(m.group(2)) != end:
+                r.close()
+                raise RegistryError(f"{what}: asked for bytes {start}-{end}, the registry "
+                                    f"answered Content-Range {cr!r}")
+            return self.read_body(r, what, length, exact=length)
+        return self._again(fetch)
 
     def close(self):
         self.http.clear()
