@@ -214,9 +214,24 @@ class OciReader(VerifiedReader):
         self.remote = remote
         self.fsv = node.digest_text
         self.blob = remote.artifact.data.get(self.fsv)
+        self._local = threading.local()  # the blocks of each thread's current read
 
     def _check_eof(self):
         pass  # the sealed size is authoritative; bytes past it are never fetched
+
+    def read(self, offset: int, size: int):
+        """The reader verifies a read piece by piece (``STEP``); the blocks of the whole
+        read are fetched first, in as few range requests as possible (one for a 1 MiB
+        read), since a request's latency costs more than its bytes."""
+        if size > 0 and offset < self.data_size:
+            bs = self.bs
+            first = offset // bs
+            last = (min(offset + size, self.data_size) - 1) // bs
+            self._local.got = self._blocks(first, last - first + 1)
+        try:
+            return super().read(offset, size)
+        finally:
+            self._local.got = {}
 
     def _pread(self, mv: memoryview, start: int, inline: bool) -> Optional[int]:
         if inline:
@@ -224,6 +239,17 @@ class OciReader(VerifiedReader):
         bs = self.bs
         first = start // bs
         count = -(-len(mv) // bs)
+        got = getattr(self._local, "got", {})
+        if any((self.fsv, b) not in got for b in range(first, first + count)):
+            got = self._blocks(first, count)
+        for i in range(count):
+            block = got[(self.fsv, first + i)]
+            mv[i * bs: i * bs + len(block)] = block
+        return len(mv)
+
+    def _blocks(self, first: int, count: int) -> Dict[tuple, bytes]:
+        """Verified blocks [first, first+count): from the cache, else fetched (once, however
+        many readers want them); raises the error of the first block that cannot be had."""
         keys = [(self.fsv, b) for b in range(first, first + count)]
         got: Dict[tuple, bytes] = {}
         cache = self.remote.blocks
@@ -244,10 +270,7 @@ class OciReader(VerifiedReader):
             for k in mine:
                 if k not in got:
                     raise errors[k[1]]
-        for i, k in enumerate(keys):
-            block = got[k]
-            mv[i * bs: i * bs + len(block)] = block
-        return len(mv)
+        return got
 
     def _fetch(self, blocks: List[int], got: Dict[tuple, bytes]) -> Dict[int, VerityError]:
         """Fetch ``blocks`` (sorted) in runs of consecutive ones, verify, cache the good
