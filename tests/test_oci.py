@@ -472,3 +472,46 @@ def test_https_and_basic_auth(tree, secure_registry, tmp_path, monkeypatch):
         assert (mnt / "big").read_bytes() == tree["files"]["big"]
     finally:
         m.unmount()
+
+
+def test_a_large_tree_is_fetched_as_it_is_used(tmp_path, registry, oci_mount):  # noqa: F811
+    """40 MiB of 4 KiB blocks: a tree object of 81 blocks (324 KiB), over the whole-fetch
+    limit: open fetches its 320-byte header, a read the 16-block chunks it verifies with."""
+    src = tmp_path / "large"
+    src.mkdir()
+    data = content(40 << 20, 7)
+    (src / "f").write_bytes(data)
+    mf.generate_key(str(tmp_path / "k.pem"), str(tmp_path / "k.pub"))
+    r = vf("seal", src, "--manifest", tmp_path / "lm.json", "--sign-key", tmp_path / "k.pem")
+    assert r.returncode == 0, r.stderr
+    ref = f"{registry.host}/vf/large:v1"
+    assert vf("push", src, ref, "--manifest", tmp_path / "lm.json", "--plain-http").returncode == 0
+    m = oci_mount(ref, "--trust-key", tmp_path / "k.pub")
+    at_mount = fetched(m)
+    fd = os.open(m.mountpoint / "f", os.O_RDONLY)
+    try:
+        assert fetched(m) == at_mount + 320
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        # Data block 5120 hashes into leaf 40 = tree block 41 (after the root block 0):
+        # chunk 2 (blocks 32-47), then the root block's chunk 0.
+        assert os.pread(fd, 4096, 20 << 20) == data[20 << 20:(20 << 20) + 4096]
+        assert fetched(m) == at_mount + 320 + 2 * 16 * 4096 + 4096
+    finally:
+        os.close(fd)
+    assert (m.mountpoint / "f").read_bytes() == data
+    # A tree block altered in the registry: the blocks it covers fail, the others read.
+    m.unmount()
+    from verityfuse.oci_client import sha256_digest
+    obj = next((src / ".verityfuse" / "objects").rglob("*/*/*"))
+    blob = registry.blob_path(sha256_digest(obj.read_bytes()))
+    with open(blob, "r+b") as f:
+        f.seek(320 + 41 * 4096 + 10)  # leaf 40: data blocks 5120-5247
+        f.write(b"\0\0\0\0")
+    m = oci_mount(ref, "--trust-key", tmp_path / "k.pub")
+    with pytest.raises(OSError) as e:
+        pread_block(m.mountpoint / "f", 20 << 20)
+    assert e.value.errno == errno.EIO
+    assert pread_block(m.mountpoint / "f", 30 << 20) == data[30 << 20:(30 << 20) + 4096]
+    m.unmount()
+    assert "f: Merkle tree block (level 0, index 40) at tree offset 167936: expected hash" \
+        in m.log(), m.log()

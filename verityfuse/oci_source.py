@@ -8,9 +8,10 @@ the blobs that should hold its tree object and its bytes.  A wrong mapping,
 wrong bytes, a wrong length or a failing registry therefore cost availability
 (EIO for the affected blocks), never integrity:
 
-- at open, the tree object is fetched whole (its size is what the manifest's
-  size and parameters give, so it is bounded before it is read) and validated
-  by ``store_object.open_stored_tree`` against the manifest digest, as a store
+- at open, the tree object is fetched (its size is what the manifest's size
+  and parameters give, so it is bounded before it is read; a large one only
+  its header, its blocks as they are used: oci_tree) and validated by
+  ``store_object.open_stored_tree`` against the manifest digest, as a store
   object is; its tree blocks are verified as they are used;
 - on read (in a worker thread, never on the request thread), the blocks not
   in the cache are fetched by HTTP range from the data blob, verified against
@@ -41,6 +42,7 @@ log = logging.getLogger("verityfuse")
 
 DEFAULT_CACHE_BYTES = 64 << 20
 MAX_RUN = 4 << 20  # bytes fetched by one range request at most
+WHOLE_TREE = 256 << 10  # tree objects up to this size are fetched whole at open
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -97,6 +99,9 @@ class Remote:
             raise self.failed(RegistryError(f"the artifact says the tree object for {fsv} is "
                                             f"{blob.size} bytes, its digest gives {size}"),
                               label, None)
+        name = f"{label}: tree object (blob {blob.digest})"
+        if size > WHOLE_TREE:
+            return self._lazy_tree(node, blob, size, name, label)
         with self.trees_lock:
             data = self.trees.get(fsv)
             if data is not None:
@@ -106,11 +111,27 @@ class Remote:
                 data = self.client.get_blob(blob.digest, size, "tree object")
             except RegistryError as e:
                 raise self.failed(e, label, None) from None
-        fd = _memfd("verityfuse-tree", data)
-        tree = open_stored_tree(fd, f"{label}: tree object (blob {blob.digest})",
-                                node.alg, node.digest)
+        tree = open_stored_tree(_memfd("verityfuse-tree", data), name, node.alg, node.digest)
         self._keep_tree(fsv, data)
         return tree
+
+    def _lazy_tree(self, node, blob, size: int, name: str, label: str):
+        """A large tree object: its header now, its blocks as they are used (oci_tree)."""
+        from .oci_tree import LazyTree
+
+        try:
+            head = self.client.get_range(blob.digest, 0, TREE_OFFSET,
+                                         f"tree object header of blob {blob.digest}")
+        except RegistryError as e:
+            raise self.failed(e, label, None) from None
+        fd = _memfd("verityfuse-tree", head)
+        try:
+            os.ftruncate(fd, size)  # sparse: memory only for the blocks fetched
+        except BaseException:
+            os.close(fd)
+            raise
+        tree = open_stored_tree(fd, name, node.alg, node.digest)
+        return LazyTree(tree, self, blob, label)
 
     def _keep_tree(self, fsv: str, data: bytes):
         with self.trees_lock:
