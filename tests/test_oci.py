@@ -9,6 +9,7 @@ registry's filesystem storage is altered directly to play a hostile registry.
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -515,3 +516,68 @@ def test_a_large_tree_is_fetched_as_it_is_used(tmp_path, registry, oci_mount):  
     m.unmount()
     assert "f: Merkle tree block (level 0, index 40) at tree offset 167936: expected hash" \
         in m.log(), m.log()
+
+
+def test_a_failing_tree_fetch_fails_only_that_open(pushed, proxy, oci_mount):
+    from verityfuse.oci_client import sha256_digest
+    tree = mf.load(str(pushed["manifest"]), [mf.load_public_key(str(pushed["pub"]))]).tree
+    hexd = next(n for n in tree.files() if n.path == "sub/odd").digest.hex()
+    odd = pushed["src"] / ".verityfuse" / "objects" / "sha256" / hexd[:2] / hexd
+    tree_blob = sha256_digest(odd.read_bytes())
+    proxy.rule = lambda r: "500" if r.blob == tree_blob and r.method == "GET" else None
+    m = _through(pushed, proxy, oci_mount)
+    with pytest.raises(OSError) as e:
+        open(m.mountpoint / "sub/odd", "rb")
+    assert e.value.errno == errno.EIO
+    assert (m.mountpoint / "small").read_bytes() == b"hello\n"
+    assert os.stat(m.mountpoint / "sub/odd").st_size == 3 * 4096 + 17  # metadata still served
+    assert proxy.count("GET", lambda r: r.blob == tree_blob) == 4  # 1 + 3 retries
+    m.unmount()
+    assert m.log().count(f"registry failure: sub/odd: tree object (blob {tree_blob}): "
+                         f"{proxy.host} answered 500") == 1, m.log()
+
+
+# -- references and hostile OCI manifests (no registry needed) ---------------------------
+
+def test_references():
+    from verityfuse.oci_client import parse_ref
+    r = parse_ref("oci://127.0.0.1:5000/a/b-c:v1.2")
+    assert (r.host, r.repo, r.tag, r.digest) == ("127.0.0.1:5000", "a/b-c", "v1.2", None)
+    r = parse_ref("reg.example/app@sha256:" + "ab" * 32)
+    assert (r.repo, r.reference) == ("app", "sha256:" + "ab" * 32)
+    assert parse_ref("reg.example/app").reference == "latest"
+    for bad, why in [("reg", "is not HOST[:PORT]/REPO"), ("reg/App", "is not a repository name"),
+                     ("reg/a/../b", "is not a repository name"),
+                     ("reg/a@sha256:12", "is not sha256:<64 hex digits>"),
+                     ("reg/a:-x", "is not a valid tag")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_ref(bad)
+
+
+def test_hostile_oci_manifests_are_refused_or_ignored():
+    from verityfuse import oci_artifact as oa
+    good = "sha256:" + "0" * 64
+    cfg = {"mediaType": oa.MANIFEST_TYPE, "digest": good, "size": 10}
+
+    def doc(**kw):
+        return json.dumps(dict({"schemaVersion": 2, "config": cfg, "layers": []}, **kw)).encode()
+    for body, why in [
+            (b"[", "not JSON"), (b"[]", "not an OCI image manifest"),
+            (doc(config={"mediaType": "application/x", "digest": good, "size": 1}),
+             "not a verityfuse artifact"),
+            (doc(config=dict(cfg, digest="sha256:../../x")), "config: digest 'sha256:../../x'"),
+            (doc(config=dict(cfg, size=True)), "config: size 'True' is not a non-negative"),
+            (doc(layers={}), "layers is not a list"),
+            (doc(layers=[{"mediaType": oa.DATA_TYPE, "digest": "md5:x", "size": 1,
+                          "annotations": {oa.DIGEST_ANNOTATION: "sha256:aa"}}]),
+             "layers[0]: digest 'md5:x'")]:
+        with pytest.raises(oa.ArtifactError, match=re.escape(why)):
+            oa.parse(body)
+    # Unknown layers are ignored; the first layer for a digest wins.
+    art = oa.parse(doc(layers=[
+        {"mediaType": "application/other", "digest": good, "size": 1},
+        {"mediaType": oa.DATA_TYPE, "digest": good, "size": 5,
+         "annotations": {oa.DIGEST_ANNOTATION: "sha256:aa"}},
+        {"mediaType": oa.DATA_TYPE, "digest": "sha256:" + "1" * 64, "size": 6,
+         "annotations": {oa.DIGEST_ANNOTATION: "sha256:aa"}}]))
+    assert art.data == {"sha256:aa": oa.Blob(good, 5)} and art.trees == {}
