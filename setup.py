@@ -5,6 +5,9 @@ Both are optional: without a compiler or headers the install still succeeds.
 - _fuseshim: FUSE_IOCTL for pyfuse3 (fs-verity ioctls, lsattr); otherwise the
   daemon logs one warning and every ioctl answers ENOTTY.
 _fuseshim is a plain shared library loaded with ctypes, not a Python module.
+
+The man pages and the bash completion are installed under the prefix (share/, as
+committed; tools/gendocs.py writes them from the parsers).
 """
 
 import shlex
@@ -22,7 +25,16 @@ def pkg_config(*args):
     return shlex.split(out)
 
 
+# Where pip puts them: <prefix>/share/man/man{1,8} (man(1) finds them next to the
+# prefix's bin/ on PATH) and <prefix>/share/bash-completion/completions.
+DATA_FILES = [
+    ("share/man/man1", ["share/man/man1/verityfuse.1"]),
+    ("share/man/man8", ["share/man/man8/mount.fuse.verityfuse.8"]),
+    ("share/bash-completion/completions", ["share/bash-completion/completions/verityfuse"]),
+]
+
 setup(
+    data_files=DATA_FILES,
     ext_modules=[
         # _hashblocks.c #includes the SHA-NI engine and the helper-thread pool.
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],

@@ -30,7 +30,7 @@ dpkg-deb -x "$deb" "$dir/kernel"
 config=$(ls "$dir"/kernel/boot/config-*)
 ls "$dir"/kernel/boot/vmlinuz-* >/dev/null
 missing=""
-for opt in VIRTIO_FS FUSE_FS FS_VERITY VIRTIO_PCI VIRTIO DEVTMPFS TMPFS SERIAL_8250_CONSOLE; do
+for opt in VIRTIO_FS FUSE_FS FS_VERITY VIRTIO_PCI VIRTIO DEVTMPFS TMPFS SERIAL_8250_CONSOLE TCG_TPM TCG_TIS; do
     grep -qx "CONFIG_$opt=y" "$config" || missing="$missing CONFIG_$opt"
 done
 if [ -n "$missing" ]; then

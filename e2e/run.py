@@ -2,21 +2,26 @@
 
 The host (untrusted) builds and seals a share, serves it with virtiofsd, and
 boots a guest (QEMU, TCG) whose root is this machine's / (read-only, over a
-second virtiofsd) so that it runs this repository's venv.  Inside the guest,
-e2e/guest.py mounts the share with verityfuse in manifest mode and runs the
-checks of tests/manifest_attacks.py; for each attack it writes ``ready-<n>``
-to a third, writable share ("ctl"), this script performs the attack's host
-action on the share and answers ``done-<n>``, and the guest reports the check
-by name.  Prints each check with PASS/FAIL; exits 1 on any FAIL, missing
-result or timeout, after printing the guest console's tail and the daemon's log.
+second virtiofsd) so that it runs this interpreter on this checkout, with a
+virtual TPM (swtpm).  Inside the guest, e2e/guest.py mounts the share with
+verityfuse in manifest mode, measured into PCR 23, and runs the checks of
+tests/manifest_attacks.py; for each attack it writes ``ready-<n>`` to a third,
+writable share ("ctl"), this script performs the attack's host action on the
+share and answers ``done-<n>``, and the guest reports the check by name.  Then
+the guest quotes PCR 23 with this script's nonce, and this script, as the
+remote verifier, replays the event log against the quote (e2e/verifier.py).
+Last, the host puts back an older signed manifest, which the guest must refuse.
+Prints each check with PASS/FAIL; exits 1 on any FAIL, missing result or
+timeout, after printing the guest console's tail and the daemon's log.
 
-Nothing is left running: QEMU and the virtiofsd processes are in their own
-process groups and are killed and waited for on every exit path.
+Nothing is left running: QEMU, swtpm and the virtiofsd processes are in their
+own process groups and are killed and waited for on every exit path.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import glob
 import json
@@ -25,17 +30,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import plan
+import verifier
+from paths import qemu_escape, validate_paths
+from plan import ma
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import manifest_attacks as ma  # noqa: E402
-
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-GUEST_NAMES = ["mount"] + ma.CHECK_NAMES
+# The manifest sequences of the rollback step: the older manifest the host puts
+# back, and the current one (distinct numbers, so a message naming them is told
+# from one that happens to hold a 1 or a 2).
+OLD_SEQUENCE, SEQUENCE = 1041, 1042
 
 
 class Timeout(Exception):
@@ -58,10 +68,14 @@ class Run:
         self.dir = self.build / "run"
         self.share, self.ctl = self.dir / "share", self.dir / "ctl"
         self.console = self.dir / "console.log"
+        # Sockets and the TPM's state: a short path (a socket path has at most 107
+        # bytes) without spaces or commas (QEMU's and swtpm's option syntax).
+        self.sockdir = None
         self.procs = []          # (name, Popen), each the leader of its own process group
         self.qemu = None
         self.seen = 0            # bytes of ctl/results already printed
         self.host_errors = {}
+        self.rollback_manifest = self.dir / "manifest-old.json"
 
     # -- processes --------------------------------------------------------------
     def spawn(self, name, cmd, log):
@@ -97,6 +111,11 @@ class Run:
         while not path.exists():
             self.print_results()
             self.check_alive(what)
+            init_error = self.ctl / "init-error"
+            if init_error.exists():
+                raise Timeout(f"the guest could not start: {init_error.read_text().strip()}")
+            if path.name != "finished" and (self.ctl / "finished").exists():
+                raise Timeout(f"the guest finished while the host waited for {what}")
             if time.monotonic() > deadline:
                 raise Timeout(f"timed out after {timeout:.0f} s waiting for {what}")
             time.sleep(0.05)
@@ -140,10 +159,36 @@ class Run:
             d.mkdir(parents=True)
         ma.make_corpus(self.share)
         trust = ma.seal_share(self.share, self.dir / "keys")
-        # What the guest image would carry (attested): key and pinned manifest digest.
+        try:
+            trust.update(self.seal_sequences(trust))
+        except Exception as e:
+            trust["rollback_error"] = f"{type(e).__name__}: {e}"
+            self.host_errors["rollback-refused"] = trust["rollback_error"]
+        # Pinned: the manifest the share holds now, whatever re-sealing it did.
+        trust["digest"] = ma.vf("measure-manifest", self.share / trust["manifest"]).strip()
+        # What the guest image would carry (attested): key, pinned manifest digest and
+        # the minimum sequence.
+        self.trust = trust
         (self.dir / "trust.json").write_text(json.dumps(trust))
         self.exp = ma.expected(self.share)
         (self.ctl / "expected.json").write_text(json.dumps(self.exp))
+        # The verifier's challenge: the quote must carry it.
+        self.nonce = os.urandom(20).hex()
+        (self.ctl / plan.NONCE).write_text(self.nonce + "\n")
+
+    def seal_sequences(self, trust: dict) -> dict:
+        """Re-seal the manifest as OLD_SEQUENCE (kept aside for the rollback step), then
+        as SEQUENCE (the current one, pinned); same key, same tree."""
+        manifest = self.share / trust["manifest"]
+        key = Path(trust["pub"]).with_name("key.pem")
+        for seq in (OLD_SEQUENCE, SEQUENCE):
+            ma.vf("seal", self.share, "--manifest", manifest, "--sign-key", key, "--sequence", seq)
+            got = manifest_sequence(manifest)
+            if got != seq:
+                raise RuntimeError(f"sealed with --sequence {seq}, the manifest header says {got!r}")
+            if seq == OLD_SEQUENCE:
+                shutil.copyfile(manifest, self.rollback_manifest)
+        return {"sequence": SEQUENCE, "old_sequence": OLD_SEQUENCE}
 
     def kernel(self) -> Path:
         found = sorted(glob.glob(str(self.build / "kernel" / "boot" / "vmlinuz-*")))
@@ -153,47 +198,67 @@ class Run:
 
     def start(self):
         a = self.args
+        self.sockdir = Path(tempfile.mkdtemp(prefix="vf-e2e.", dir="/run"))
+        tpmdir = self.sockdir / "tpm"
+        tpmdir.mkdir()
+        tpm_sock = tpmdir / "ctrl.sock"
+        # No --flags startup-clear: the guest kernel starts the TPM.
+        self.spawn("swtpm", ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={tpmdir}",
+                             "--ctrl", f"type=unixio,path={tpm_sock}"], self.dir / "swtpm.log")
         socks = {}
         for tag, source, cache in (("rootfs", "/", "auto"), ("share", self.share, "none"),
                                    ("ctl", self.ctl, "none")):
-            socks[tag] = self.dir / f"{tag}.sock"
+            socks[tag] = self.sockdir / f"{tag}.sock"
             self.spawn(f"virtiofsd[{tag}]",
                        [a.virtiofsd, f"--socket-path={socks[tag]}", "-o", f"source={source}",
                         "-o", f"cache={cache}", "-o", "sandbox=chroot"],
                        self.dir / f"virtiofsd-{tag}.log")
         deadline = time.monotonic() + 10
-        while not all(s.exists() for s in socks.values()):
-            self.check_alive("the virtiofsd sockets")
+        while not all(s.exists() for s in [tpm_sock, *socks.values()]):
+            self.check_alive("the virtiofsd and swtpm sockets")
             if time.monotonic() > deadline:
-                raise Timeout("virtiofsd sockets did not appear within 10 s")
+                raise Timeout("virtiofsd or swtpm sockets did not appear within 10 s")
             time.sleep(0.02)
-        cmdline = (f"console=ttyS0 loglevel=4 root=rootfs rootfstype=virtiofs ro panic=-1 "
-                   f"init={REPO}/e2e/guest-init.sh vf_repo={REPO} vf_run={self.dir} "
-                   f"vf_step_timeout={a.step_timeout:.0f}")
+        # Quoted: the kernel strips the quotes and keeps the spaces (validate_paths
+        # refused a '"').
+        cmdline = (f'console=ttyS0 loglevel=4 root=rootfs rootfstype=virtiofs ro panic=-1 '
+                   f'init="{REPO}/e2e/guest-init.sh" vf_repo="{REPO}" vf_python="{sys.executable}" '
+                   f'vf_run="{self.dir}" vf_step_timeout={a.step_timeout:.0f}')
         mem = a.memory
         cmd = [a.qemu, "-name", "verityfuse-e2e", "-nodefaults", "-no-user-config", "-no-reboot",
                "-accel", "tcg", "-cpu", "max", "-smp", str(a.smp), "-m", mem,
                "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-numa", "node,memdev=mem",
                "-kernel", str(self.kernel()), "-append", cmdline,
-               "-display", "none", "-serial", f"file:{self.console}"]
+               "-display", "none", "-serial", f"file:{qemu_escape(self.console)}",
+               "-chardev", f"socket,id=chrtpm,path={tpm_sock}",
+               "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
         for i, tag in enumerate(socks):
             cmd += ["-chardev", f"socket,id=vfs{i},path={socks[tag]}",
                     "-device", f"vhost-user-fs-pci,chardev=vfs{i},tag={tag}"]
         self.qemu = self.spawn("qemu", cmd, self.dir / "qemu.log")
 
-    def attacks(self):
-        for n, attack in enumerate(ma.ATTACKS):
+    def put_back_old_manifest(self, share, exp):
+        """The hostile host's rollback: the older signed manifest in place of the current."""
+        if "rollback_error" in self.trust:
+            raise RuntimeError(self.trust["rollback_error"])
+        shutil.copyfile(self.rollback_manifest, share / self.trust["manifest"])
+
+    def steps(self):
+        actions = [(a.name, a.name, a.host) for a in ma.ATTACKS]
+        actions.append((plan.ROLLBACK, "rollback-refused", self.put_back_old_manifest))
+        assert [a[0] for a in actions] == plan.STEPS
+        for n, (step, check, action) in enumerate(actions):
             name = self.wait_for(self.ctl / f"ready-{n}", self.args.step_timeout,
-                                 f"the guest to be ready for {attack.name}").strip()
-            if name != attack.name:
-                raise Timeout(f"the guest is ready for {name!r}, the host expected {attack.name!r}")
+                                 f"the guest to be ready for {step}").strip()
+            if name != step:
+                raise Timeout(f"the guest is ready for {name!r}, the host expected {step!r}")
             try:
-                attack.host(self.share, self.exp)
+                action(self.share, self.exp)
                 done = "ok"
             except Exception as e:
                 traceback.print_exc()
                 done = f"error: {type(e).__name__}: {e}"
-                self.host_errors[attack.name] = done
+                self.host_errors[check] = done
             tmp = self.ctl / f".done-{n}.tmp"
             tmp.write_text(done + "\n")
             os.rename(tmp, self.ctl / f"done-{n}")
@@ -211,7 +276,7 @@ class Run:
             self.wait_for(self.ctl / "booted", self.args.boot_timeout, "the guest to boot")
             boot = time.monotonic() - t_boot
             print(f"e2e: guest booted in {boot:.1f} s; checks (guest side):", flush=True)
-            self.attacks()
+            self.steps()
             self.wait_for(self.ctl / "finished", self.args.step_timeout, "the guest to finish")
             try:
                 self.qemu.wait(60)
@@ -223,14 +288,24 @@ class Run:
             failure = f"interrupted ({e or 'SIGINT'})"
         finally:
             self.stop_all()
+            if self.sockdir is not None:
+                shutil.rmtree(self.sockdir, ignore_errors=True)
         self.print_results()
-        return self.report(failure, boot, time.monotonic() - t_start)
+        print("e2e: the host, as the remote verifier, appraises the guest's quote and event log:",
+              flush=True)
+        host = verifier.verify(self.ctl / plan.EVIDENCE, self.nonce, self.trust)
+        for name, ok, detail in host:
+            print(f"  {'PASS' if ok else 'FAIL'}  {name:32} {detail[:160]}", flush=True)
+        return self.report(failure, boot, time.monotonic() - t_start, host)
 
-    def report(self, failure, boot, total) -> int:
+    def report(self, failure, boot, total, host) -> int:
         res = self.results()
-        print("\ne2e summary (each check ran in the guest on the virtio-fs share):")
+        for name, ok, detail in host:
+            res[name] = {"ok": ok, "detail": detail}
+        names = plan.GUEST_CHECKS + verifier.CHECKS
+        print("\ne2e summary (checks in the guest on the virtio-fs share, then the verifier's):")
         failed = []
-        for name in GUEST_NAMES:
+        for name in names:
             r = res.get(name)
             if r is None:
                 status, detail = "FAIL", "no result (missing)"
@@ -247,12 +322,21 @@ class Run:
             tail(self.console, 60, "guest console")
             tail(self.ctl / "verityfuse.log", 80, "guest verityfuse log")
         if failure:
-            for log in sorted(self.dir.glob("virtiofsd-*.log")) + [self.dir / "qemu.log"]:
+            for log in sorted(self.dir.glob("virtiofsd-*.log")) + [self.dir / "swtpm.log",
+                                                                   self.dir / "qemu.log"]:
                 tail(log, 10, log.name)
         b = f"{boot:.1f} s" if boot is not None else "-"
-        print(f"\ne2e: {len(GUEST_NAMES) - len(failed)}/{len(GUEST_NAMES)} checks passed; "
+        print(f"\ne2e: {len(names) - len(failed)}/{len(names)} checks passed; "
               f"boot {b}, total {total:.0f} s; files in {self.dir}")
         return 1 if failed or failure else 0
+
+
+def manifest_sequence(path: Path):
+    """The ``sequence`` of a signed manifest's header (protocol/manifest-format.md),
+    or None."""
+    envelope = json.loads(path.read_text())
+    header = base64.b64decode(envelope["payload"]).split(b"\n", 1)[0]
+    return json.loads(header).get("sequence")
 
 
 def tail(path: Path, n: int, what: str):
@@ -279,6 +363,11 @@ def main():
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("e2e: needs root (virtiofsd, drop_caches, chown)")
+    validate_paths(REPO, Path(args.build).resolve())
+    # The host's verityfuse commands and the guest's (same interpreter, same root)
+    # use this checkout, whichever venv runs this script.
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in
+                                               [os.environ.get("PYTHONPATH")] if p])
 
     def terminate(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

@@ -367,14 +367,29 @@ class Attack:
     host: Callable[[Path, dict], None]
     check: Callable[[Ctx], Optional[str]]
     prepare: Optional[Callable[[Ctx], None]] = None
+    # Files whose integrity failure ``check`` reads (an EIO from the daemon: in manifest
+    # mode every refusal to serve a listed file's bytes is one), so a measured mount
+    # records an IntegrityViolation for each; ``may_violate``: files ``check`` reads
+    # where either outcome is allowed (their original bytes or EIO).
+    violates: Tuple[str, ...] = ()
+    may_violate: Tuple[str, ...] = ()
 
 
 ATTACKS: List[Attack] = []
 
 
-def attack(name, touches, host, check, prepare=None):
+def attack(name, touches, host, check, prepare=None, violates=(), may_violate=()):
     ATTACKS.append(Attack(name, " ".join((check.__doc__ or "").split()), tuple(touches), host, check,
-                          prepare))
+                          prepare, tuple(violates), tuple(may_violate)))
+
+
+def expected_violations() -> Tuple[Dict[str, str], Dict[str, str]]:
+    """After every attack ran on one mount: ({path: attack} the measured mount must record
+    an IntegrityViolation for, {path: attack} it may).  No attack-free check reads a
+    tampered file (``check_read_all`` excludes what the attacks touched)."""
+    must = {p: a.name for a in ATTACKS for p in a.violates}
+    may = {p: a.name for a in ATTACKS for p in a.may_violate}
+    return must, may
 
 
 # flipped data byte ------------------------------------------------------------
@@ -390,7 +405,7 @@ def _flip_check(ctx):
     return out
 
 
-attack("flipped-data-byte", ["flip/data.bin"], _flip_host, _flip_check)
+attack("flipped-data-byte", ["flip/data.bin"], _flip_host, _flip_check, violates=["flip/data.bin"])
 
 
 # consistent re-seal ------------------------------------------------------------
@@ -408,7 +423,7 @@ def _reseal_check(ctx):
     return out
 
 
-attack("consistent-reseal", ["reseal/config"], _reseal_host, _reseal_check)
+attack("consistent-reseal", ["reseal/config"], _reseal_host, _reseal_check, violates=["reseal/config"])
 
 
 # swap while the reader holds one open -------------------------------------------
@@ -450,7 +465,8 @@ def _swap_open_check(ctx):
 
 
 attack("swap-held-open", ["swap-open/a.bin", "swap-open/b.bin"],
-       _swap_host(("swap-open/a.bin", "swap-open/b.bin")), _swap_open_check, prepare=_swap_open_prepare)
+       _swap_host(("swap-open/a.bin", "swap-open/b.bin")), _swap_open_check, prepare=_swap_open_prepare,
+       violates=["swap-open/a.bin", "swap-open/b.bin"])
 
 
 # swap while the reader has both cached -------------------------------------------
@@ -498,7 +514,8 @@ def _swap_cached_check(ctx):
 
 
 attack("swap-both-cached", ["swap-cached/a.bin", "swap-cached/b.bin"],
-       _swap_host(("swap-cached/a.bin", "swap-cached/b.bin")), _swap_cached_check, prepare=_swap_cached_prepare)
+       _swap_host(("swap-cached/a.bin", "swap-cached/b.bin")), _swap_cached_check, prepare=_swap_cached_prepare,
+       violates=["swap-cached/a.bin", "swap-cached/b.bin"])
 
 
 # hard link over a listed path ----------------------------------------------------
@@ -518,7 +535,8 @@ def _hardlink_check(ctx):
     return out
 
 
-attack("hardlink-over", ["hardlink/victim.bin"], _hardlink_host, _hardlink_check)
+attack("hardlink-over", ["hardlink/victim.bin"], _hardlink_host, _hardlink_check,
+       violates=["hardlink/victim.bin"])
 
 
 # rename between lookup and open ----------------------------------------------------
@@ -552,7 +570,7 @@ def _rename_check(ctx):
 
 
 attack("rename-between-lookup-and-open", ["rename/victim.bin", "rename/other.bin"],
-       _rename_host, _rename_check, prepare=_rename_prepare)
+       _rename_host, _rename_check, prepare=_rename_prepare, violates=["rename/victim.bin"])
 
 
 # symlink at a listed file (absolute target) -----------------------------------------
@@ -581,7 +599,8 @@ def _symlink_file_check(ctx):
     return out
 
 
-attack("symlink-at-file", ["symlink-file/target.bin"], _symlink_file_host, _symlink_file_check)
+attack("symlink-at-file", ["symlink-file/target.bin"], _symlink_file_host, _symlink_file_check,
+       violates=["symlink-file/target.bin"])
 
 
 # symlink at a directory above a listed file ("../..") ---------------------------------
@@ -601,7 +620,8 @@ def _symlink_dir_check(ctx):
     return out
 
 
-attack("symlink-at-directory", ["symlink-dir/x/y/file.bin"], _symlink_dir_host, _symlink_dir_check)
+attack("symlink-at-directory", ["symlink-dir/x/y/file.bin"], _symlink_dir_host, _symlink_dir_check,
+       violates=["symlink-dir/x/y/file.bin"])
 
 
 # truncation to a block boundary with a reader open --------------------------------
@@ -650,7 +670,7 @@ def _truncate_check(ctx):
 
 
 attack("truncate-reader-open", ["truncate/file.bin"], _truncate_host, _truncate_check,
-       prepare=_truncate_prepare)
+       prepare=_truncate_prepare, violates=["truncate/file.bin"])
 
 
 # an added file ----------------------------------------------------------------------
@@ -701,7 +721,7 @@ def _deleted_check(ctx):
     return expect_eio(ctx, rel, at=("open",))
 
 
-attack("deleted-file", ["deleted/gone.bin"], _deleted_host, _deleted_check)
+attack("deleted-file", ["deleted/gone.bin"], _deleted_host, _deleted_check, violates=["deleted/gone.bin"])
 
 
 # a changed mode (and owner and mtime) --------------------------------------------------
@@ -753,7 +773,8 @@ def _tree_check(ctx):
     return out
 
 
-attack("corrupted-tree-object", ["tree/big.bin", "tree/cold.bin"], _tree_host, _tree_check)
+attack("corrupted-tree-object", ["tree/big.bin", "tree/cold.bin"], _tree_host, _tree_check,
+       violates=["tree/cold.bin"], may_violate=["tree/big.bin"])
 
 
 # a FIFO in place of a listed file ---------------------------------------------------------
@@ -795,7 +816,7 @@ def _fifo_check(ctx):
     return f"{rel}: EIO at open"
 
 
-attack("fifo-at-file", ["fifo/file.bin"], _fifo_host, _fifo_check)
+attack("fifo-at-file", ["fifo/file.bin"], _fifo_host, _fifo_check, violates=["fifo/file.bin"])
 
 
 # -- checks without an attack ----------------------------------------------------------

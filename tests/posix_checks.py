@@ -1512,6 +1512,34 @@ def check_acl_access(ctx):
     return r
 
 
+@check()
+def check_acl_sgid(ctx):
+    """Issue 17 (generic/375): setting an access ACL clears S_ISGID when the caller is
+    neither in the file's group nor CAP_FSETID (posix_acl_update_mode); the daemon
+    applies the ACL with its own credentials, which would keep it."""
+    r = Rec()
+    acl = acl_xattr([(ACL_USER_OBJ, 7, None), (ACL_USER, 5, OTHER.uid), (ACL_GROUP_OBJ, 5, None),
+                     (ACL_MASK, 5, None), (ACL_OTHER, 5, None)])
+    for name, gid, who in (("outside", NOGROUP, USER), ("member", UGROUP, USER),
+                           ("root-sets", NOGROUP, None)):
+        mkfile(name, b"x", 0o2775, USER, gid)
+        if who is None:
+            r(f"{name}: set ACL", os.setxattr, name, "system.posix_acl_access", acl)
+        else:
+            r[f"{name}: set ACL"] = as_user(os.setxattr, name, "system.posix_acl_access", acl, who=who)
+        r[f"{name}: mode after"] = mode_of(name)
+        r[f"{name}: ACL"] = attempt(os.getxattr, name, "system.posix_acl_access") == acl
+    # an ACL equivalent to the mode is stored as the mode alone; the rule still applies
+    mkfile("equiv", b"x", 0o2775, USER, NOGROUP)
+    plain = acl_xattr([(ACL_USER_OBJ, 7, None), (ACL_GROUP_OBJ, 5, None), (ACL_OTHER, 5, None)])
+    r["equiv: set ACL"] = as_user(os.setxattr, "equiv", "system.posix_acl_access", plain)
+    r["equiv: mode after"] = mode_of("equiv")
+    mkdir_as("dir", 0o2775, USER, NOGROUP)
+    r["dir: set ACL"] = as_user(os.setxattr, "dir", "system.posix_acl_access", acl)
+    r["dir: mode after"] = mode_of("dir")
+    return r
+
+
 # -- directories ---------------------------------------------------------------------------
 
 @check()

@@ -114,3 +114,23 @@ def test_verify_reports_truncated_file(tmp_path):
     os.truncate(src / "z", 9000)  # zero tail: same block hashes, still detected
     r = run("verify", src)
     assert r.returncode == 1 and "truncated to 9000 bytes" in r.stdout
+
+
+def test_every_json_line_goes_through_jsonout():
+    """`"schema": 1` is in every JSON object the CLI prints because jsonout.emit is the
+    only printer of JSON (protocol/cli-json.md); a command that prints json.dumps itself
+    would print objects without it."""
+    import ast
+    import pathlib
+
+    import verityfuse
+    offenders = []
+    for path in sorted(pathlib.Path(verityfuse.__file__).parent.glob("*.py")):
+        if path.name == "jsonout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
+                    and any(isinstance(a, ast.Call) and getattr(a.func, "attr", None) == "dumps"
+                            for a in node.args)):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"print(json.dumps(...)) outside jsonout.emit: {offenders}"

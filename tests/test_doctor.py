@@ -48,3 +48,15 @@ def test_doctor_tells_whose_helper_mount_runs(tmp_path):
                                       "target": OWN_HELPER}
     assert not os.path.lexists("/usr/sbin/mount.fuse.verityfuse") or \
         os.readlink("/usr/sbin/mount.fuse.verityfuse") != "/opt/other/bin/mount.fuse.verityfuse"
+
+
+def test_doctor_reports_the_measurement_registers():
+    r = subprocess.run([*VF, "doctor", "--json"], capture_output=True, text=True)
+    m = json.loads(r.stdout)["measurement"]
+    has_tpm = os.path.exists("/dev/tpmrm0")
+    assert m["tpm"]["device"] == ("/dev/tpmrm0" if has_tpm else None)
+    assert m["tpm"]["tpm2_pytss"] is True  # the test extra installs it
+    assert m["rtmr"]["usable"] == os.path.exists(
+        "/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
+    text = subprocess.run([*VF, "doctor"], capture_output=True, text=True).stdout
+    assert "measure: TPM" in text and "measure: TDX RTMR" in text

@@ -7,6 +7,7 @@ Ports the behaviour checks of xfstests generic/572 (API), 573 (permissions) and
 import errno
 import os
 import pathlib
+import sys
 import shutil
 import subprocess
 import tempfile
@@ -284,3 +285,93 @@ def test_enable_on_read_only_mount_and_across_remount(tmp_path, verified_mount):
     assert os.stat(f).st_size == 100000 and f.read_bytes() == data
     with pytest.raises(PermissionError):
         open(f, "r+b")
+
+
+# -- FS_IOC_FSGETXATTR: FS_XFLAG_VERITY, the 2026 kernel interface -----------------------------
+
+FS_XFLAG_NODUMP = 0x80
+
+
+def _fsx(buf: bytes) -> int:
+    assert len(buf) == ioctl.FSXATTR_SIZE
+    return int.from_bytes(buf[:4], "little")
+
+
+def _make_view(src, mnt, settings):
+    from verityfuse.daemon import Trust, make_view
+    return make_view(str(src), str(mnt), settings, Trust(settings), None)
+
+
+def _xflags_of(view, name: bytes, directory=False):
+    ino = view.lookup(1, name).ino
+    fh = view.opendir(ino) if directory else view.open(ino, os.O_RDONLY)
+    try:
+        return _fsx(view.fsxattr(ino, fh))
+    finally:
+        (view.releasedir if directory else view.release)(fh)
+
+
+def test_fsgetxattr_answers_fs_xflag_verity_on_verity_files(tmp_path):
+    """What the daemon answers FS_IOC_FSGETXATTR (the kernel's fileattr path for
+    FS_IOC_FSGETXATTR and file_getattr()) with, in both modes: the backing file's
+    xflags (local mode) with FS_XFLAG_VERITY exactly on verity files; FSSETXATTR can
+    neither set nor clear it."""
+    from verityfuse.mountopts import Settings
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "d").mkdir()
+    write(src / "v", pattern(10000))
+    write(src / "p", b"plain")
+    assert subprocess.run(["chattr", "+d", src / "v", src / "p"]).returncode == 0  # nodump
+    assert subprocess.run([sys.executable, "-m", "verityfuse", "seal", src, src / "v"],
+                          capture_output=True).returncode == 0
+    view, store = _make_view(src, tmp_path, Settings())
+    try:
+        assert _xflags_of(view, b"v") == ioctl.FS_XFLAG_VERITY | FS_XFLAG_NODUMP
+        assert _xflags_of(view, b"p") == FS_XFLAG_NODUMP
+        assert _xflags_of(view, b"d", directory=True) == 0
+        for name, verity in ((b"p", False), (b"v", True)):
+            ino = view.lookup(1, name).ino
+            fh = view.open(ino, os.O_RDONLY)
+            try:  # xfs_io chattr writes back what it read, with a flag flipped
+                view.fsxattr(ino, fh, ioctl.with_xflag_verity(bytes(ioctl.FSXATTR_SIZE), not verity))
+                assert _fsx(view.fsxattr(ino, fh)) == (ioctl.FS_XFLAG_VERITY if verity else 0)
+            finally:
+                view.release(fh)
+    finally:
+        store.close()
+
+    key, pub, m = tmp_path / "k.pem", tmp_path / "p.pem", tmp_path / "m"
+    for args in (["keygen", key, pub], ["seal", src, "--manifest", m, "--sign-key", key]):
+        r = subprocess.run([sys.executable, "-m", "verityfuse", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    view, store = _make_view(src, tmp_path, Settings(manifest=str(m), trust_key=[str(pub)]))
+    try:
+        assert _xflags_of(view, b"v") == _xflags_of(view, b"p") == ioctl.FS_XFLAG_VERITY
+        assert _xflags_of(view, b"d", directory=True) == 0
+    finally:
+        store.close()
+
+
+def test_xfs_io_and_fsgetxattr_through_the_mount(mnt):
+    """Through the kernel: the backing xflags pass, and FS_XFLAG_VERITY does where the
+    kernel knows it.  Kernels before it mask xflags they do not know on the way out
+    (fileattr_to_fsxattr: & FS_XFLAGS_MASK), so there the bit cannot reach userspace."""
+    src, mp = mnt.source, mnt.mountpoint
+    write(src / "v", pattern(10000))
+    assert subprocess.run(["chattr", "+d", src / "v"]).returncode == 0
+    fsv("enable", mp / "v", check=True)
+    import fcntl
+    fd = os.open(mp / "v", os.O_RDONLY)
+    try:
+        buf = bytearray(ioctl.FSXATTR_SIZE)
+        fcntl.ioctl(fd, ioctl.FS_IOC_FSGETXATTR, buf)
+    finally:
+        os.close(fd)
+    xflags = _fsx(bytes(buf))
+    assert xflags & ~ioctl.FS_XFLAG_VERITY == FS_XFLAG_NODUMP
+    if shutil.which("xfs_io"):
+        r = subprocess.run(["xfs_io", "-r", "-c", "lsattr -v", mp / "v"], capture_output=True, text=True)
+        assert r.returncode == 0 and "no-dump" in r.stdout, r.stdout + r.stderr
+    assert subprocess.run(["lsattr", mp / "v"], capture_output=True, text=True).stdout.split()[0][-2] == "V"

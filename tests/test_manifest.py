@@ -312,3 +312,85 @@ def test_manifest_in_source_does_not_list_itself_and_bad_key_fails_first(tmp_pat
     assert r.returncode == 1
     assert r.stderr == f"ERROR: {tmp_path}/missing.pem: No such file or directory\n"
     assert r.stdout == ""  # nothing was sealed before the key was refused
+
+
+def test_a_manifest_over_64_mib_is_refused_on_its_size_unread(tmp_path, key):
+    p = tmp_path / "huge.json"
+    with open(p, "wb") as out:  # sparse: reading it would cost 64 MiB of memory
+        out.truncate(100 << 20)
+    verdict, growth = peak_kib(p, tmp_path / "pub.pem")
+    assert verdict.startswith("REFUSED ")
+    assert verdict.endswith(": manifest larger than 67108864 bytes (104857600 bytes): refused unread")
+    assert growth < 8 << 10, growth  # KiB: nothing like the 64 MiB a read would take
+
+
+# -- files the tools create: never through a planted name ----------------------------
+
+def test_seal_writes_the_manifest_through_no_planted_symlink(tmp_path, key, monkeypatch):
+    """Root seals into a directory an attacker can write: symlinks at the old
+    temporary name (M.tmp.<pid>) and at M itself must not make it write elsewhere."""
+    from verityfuse import cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "a", b"a" * 5000)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    os.chmod(victim, 0o600)
+    m = tmp_path / "m.json"
+    os.symlink(victim, f"{m}.tmp.{os.getpid()}")  # the old predictable name, this process's pid
+    os.symlink(victim, m)
+    monkeypatch.chdir(tmp_path)
+    r = vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 1 and "cannot tell the sequence" in r.stderr  # M (the victim) is no manifest
+    assert cli.main(["seal", str(src), "--manifest", str(m), "--sign-key", str(tmp_path / "key.pem"),
+                     "--sequence", "5"]) == 0
+    assert victim.read_bytes() == b"root's file\n" and os.stat(victim).st_mode & 0o777 == 0o600
+    assert not os.path.islink(m) and mf.load(str(m), [key.public_key()]).sequence == 5
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(m).st_mode & 0o777 == 0o644 & ~umask
+    assert sorted(os.listdir(tmp_path)) == sorted(["key.pem", "pub.pem", "m.json", "src", "victim",
+                                                  f"m.json.tmp.{os.getpid()}"])
+
+
+def test_atomic_write_never_writes_through_a_name_it_finds(tmp_path, monkeypatch):
+    from verityfuse import fsutil
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    tokens = iter(["guessed", "fresh"])
+    monkeypatch.setattr(fsutil.secrets, "token_hex", lambda n: next(tokens))
+    os.symlink(victim, tmp_path / ".out.guessed.tmp")  # as if the attacker guessed the name
+    fsutil.atomic_write(str(tmp_path / "out"), b"data", 0o600)
+    assert (tmp_path / "out").read_bytes() == b"data" and victim.read_bytes() == b"untouched"
+    assert sorted(os.listdir(tmp_path)) == [".out.guessed.tmp", "out", "victim"]
+    tokens = iter(["t2"])
+    with pytest.raises(FileExistsError):
+        fsutil.atomic_write(str(tmp_path / "out"), b"other", 0o600, replace=False)
+    assert (tmp_path / "out").read_bytes() == b"data"
+    assert sorted(os.listdir(tmp_path)) == [".out.guessed.tmp", "out", "victim"]  # no temp left
+
+
+@pytest.mark.parametrize("planted", ["private", "public", "dangling-private"])
+def test_keygen_never_overwrites_nor_follows_a_symlink(tmp_path, planted):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's file\n")
+    priv, pub = tmp_path / "k.pem", tmp_path / "p.pem"
+    target = tmp_path / "nowhere" if planted == "dangling-private" else victim
+    named = pub if planted == "public" else priv
+    os.symlink(target, named)
+    r = vf("keygen", priv, pub)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"ERROR: '{named}' exists; not overwriting a key\n"
+    assert victim.read_bytes() == b"root's file\n" and not os.path.lexists(tmp_path / "nowhere")
+    assert sorted(os.listdir(tmp_path)) == sorted(["victim", named.name])
+
+
+def test_keygen_modes(tmp_path):
+    r = vf("keygen", tmp_path / "k.pem", tmp_path / "p.pem")
+    assert r.returncode == 0, r.stderr
+    assert os.stat(tmp_path / "k.pem").st_mode & 0o777 == 0o600
+    assert mf.load_public_key(str(tmp_path / "p.pem")).public_bytes_raw() == \
+        mf.load_private_key(str(tmp_path / "k.pem")).public_key().public_bytes_raw()
+    assert sorted(os.listdir(tmp_path)) == ["k.pem", "p.pem"]

@@ -103,8 +103,7 @@ def test_mount_t_fuse_verityfuse_with_every_option_kind(tree, helper, tmp_path):
             f"readahead_kb=512,_netdev,nofail,noauto,x-systemd.requires=network.target")
     r = subprocess.run(["mount", "-t", "fuse.verityfuse", str(src), str(mnt), "-o", opts],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert f"verityfuse: logs go to file {log}" in r.stderr
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")  # as a kernel filesystem: silent
     line = next(l for l in open("/proc/self/mountinfo") if f" {mnt} " in l)
     assert " ro," in line and "fuse.verityfuse" in line and "allow_other" in line
     assert (mnt / "sealed").read_bytes() == b"s" * 8 * 4096
@@ -121,6 +120,36 @@ def test_mount_t_fuse_verityfuse_with_every_option_kind(tree, helper, tmp_path):
                        text=True)
     assert r.returncode != 0 and "remount cannot change policy" in r.stderr
     assert subprocess.run(["umount", str(mnt)]).returncode == 0
+
+
+def test_mount_helper_exit_status_is_mount8s(tree, helper, tmp_path):
+    """mount(8) documents 1 for incorrect invocation and 32 for a mount failure; the
+    helper's status is what mount(8) returns."""
+    src, mnt = tree
+
+    def mount(*args):
+        return subprocess.run(["mount", "-t", "fuse.verityfuse", *map(str, args)],
+                              capture_output=True, text=True)
+
+    r = mount(src, mnt, "-o", "cache_size=0")
+    assert r.returncode == 1 and "mount option cache_size: must be a positive integer" in r.stderr
+    r = mount(tmp_path / "missing", mnt)
+    assert r.returncode == 32 and f"'{tmp_path}/missing'" in r.stderr
+    (src / "inner").mkdir()
+    r = mount(src, src / "inner")
+    assert r.returncode == 32 and "is inside the source" in r.stderr
+    for args, msg in ((["-N", "1"], "mount namespaces (-N) are not supported"),
+                      (["--bogus"], "unrecognized arguments: --bogus")):
+        r = subprocess.run([HELPER, str(src), str(mnt), *args], capture_output=True, text=True)
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
+    r = subprocess.run([HELPER, str(src)], capture_output=True, text=True)
+    assert r.returncode == 1 and "the following arguments are required: MOUNTPOINT" in r.stderr
+    # mount.fuse3's form, `verityfuse SOURCE MOUNTPOINT -o OPTIONS`, is the same helper
+    r = vf(tmp_path / "missing", mnt, "-o", "ro")
+    assert r.returncode == 32 and f"'{tmp_path}/missing'" in r.stderr
+    r = vf(src, mnt, "-o", "cache_size=x")
+    assert r.returncode == 1 and "mount option cache_size" in r.stderr
+    assert not os.path.ismount(mnt)
 
 
 def test_fstab_line_and_systemd_unit(tree, helper, tmp_path):
@@ -236,16 +265,25 @@ def test_debug_logs_every_request(tree, tmp_path):
 
 # -- never silent -----------------------------------------------------------------------
 
-def test_logs_fall_back_to_a_file_without_dev_log(tree):
-    """This machine has no /dev/log; a background daemon says where its logs go, and an
-    integrity failure is in that file."""
+def test_logs_fall_back_to_a_file_without_dev_log(tree, helper):
+    """This machine has no /dev/log: a background daemon logs to the documented file
+    (the place --log-file's help names, so a mount says nothing; with -v it says where),
+    and an integrity failure is in that file."""
     if os.path.exists("/dev/log"):
         pytest.skip("this test needs a machine without /dev/log (minimal guests, CI)")
     src, mnt = tree
+    path = f"/var/log/verityfuse/{str(mnt).strip('/').replace('/', '-')}.log"
+    r = subprocess.run(["mount", "-t", "fuse.verityfuse", str(src), str(mnt)], capture_output=True,
+                       text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    unmount(mnt)
+    for how in (["mount", "-v", "-t", "fuse.verityfuse", str(src), str(mnt)],
+                [*VF, "mount", "-v", str(src), str(mnt)]):
+        r = subprocess.run(how, capture_output=True, text=True)
+        assert r.returncode == 0 and f"verityfuse: logs go to file {path} (no /dev/log" in r.stderr, r.stderr
+        unmount(mnt)
     r = vf("mount", src, mnt)
-    assert r.returncode == 0, r.stderr
-    path = r.stderr.split("logs go to file ", 1)[1].split(" ")[0]
-    assert path == f"/var/log/verityfuse/{str(mnt).strip('/').replace('/', '-')}.log"
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     flip(src / "sealed", 5)
     drop_caches()
     with pytest.raises(OSError) as e:
@@ -295,9 +333,15 @@ def test_verify_that_checked_nothing_fails_and_strict(tmp_path):
 # -- observability and automation -------------------------------------------------------------
 
 def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
+    """Two failing reads of one block are one failure line with a count; a name with
+    control characters is escaped in the human output and exact in the JSON."""
     src, mnt = tree
+    evil = "bad\x1b[2J\nname"
+    write(src / evil, b"e" * 4096)
+    assert vf("seal", src, src / evil).returncode == 0
     assert vf("mount", src, mnt, "--log-file", tmp_path / "log").returncode == 0
     flip(src / "sealed", 6 * 4096 + 1)
+    flip(src / evil, 7)
     fd = os.open(mnt / "sealed", os.O_RDONLY | os.O_DIRECT)  # each pread is one FUSE_READ
     try:
         import mmap
@@ -307,18 +351,34 @@ def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
         for _ in range(2):
             with pytest.raises(OSError):
                 os.preadv(fd, [buf], 6 * 4096)
+        efd = os.open(mnt / evil, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with pytest.raises(OSError):
+                os.preadv(efd, [buf], 0)
+        finally:
+            os.close(efd)
         st = json.loads(vf("status", mnt, "--json").stdout)
         r = vf("status", mnt)
     finally:
         os.close(fd)
+    assert st["schema"] == 1
     assert (st["blocks_verified"], st["verified_reads"], st["bytes_served"]) == (5, 5, 5 * 4096)
-    assert st["integrity_failures"] == 2
-    assert [f["offset"] for f in st["recent_failures"]] == [6 * 4096, 6 * 4096]
-    assert st["recent_failures"][0]["file"] == "sealed"
+    assert st["integrity_failures"] == 3 and st["failure_groups_dropped"] == 0
+    groups = [(f["file"], f["offset"], f["count"]) for f in st["failures"]]
+    assert groups == [("sealed", 6 * 4096, 2), (evil, 0, 1)]
+    first = st["failures"][0]
+    assert first["first"] <= first["last"]
     assert (st["mode"], st["policy"], st["ioctl_shim"], st["open_files"]) == ("local", "enforce", True, 1)
     assert st["tree_cache"]["misses"] >= 1 and st["tree_cache"]["blocks"] >= 1
-    assert r.returncode == 0 and "integrity failures  2" in r.stdout
-    assert "failure: sealed: data block at offset 24576" in r.stdout
+    assert r.returncode == 0 and "integrity failures  3 (2 distinct blocks)" in r.stdout
+    assert "verified            5 blocks in 5 reads, 20.0 KiB served" in r.stdout
+    assert "of 32.0 MiB" in r.stdout
+    lines = [l for l in r.stdout.splitlines() if l.startswith("  failure: ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("  failure: sealed: data block at offset 24576")
+    assert "(2 times, first 20" in lines[0] and ", last 20" in lines[0]
+    assert lines[1].startswith("  failure: bad\\x1b[2J\\nname: data block at offset 0")
+    assert "\x1b" not in r.stdout and r.stdout.count("\n") == len(r.stdout.splitlines())
 
 
 def test_json_outputs(tmp_path):
@@ -328,16 +388,18 @@ def test_json_outputs(tmp_path):
     d = subprocess.run(["fsverity", "digest", src / "a"], capture_output=True, text=True).stdout.split()[0]
     r = vf("digest", src / "a", "--json")
     assert json.loads(r.stdout) == {"file": f"{src}/a", "digest": d, "hash_algorithm": "sha256",
-                                    "block_size": 4096, "salt": "", "size": 5000}
+                                    "block_size": 4096, "salt": "", "size": 5000, "schema": 1}
     r = vf("seal", src, "--json")
-    assert [json.loads(l) for l in r.stdout.splitlines()] == [{"file": f"{src}/a", "digest": d}]
+    assert [json.loads(l) for l in r.stdout.splitlines()] == [{"file": f"{src}/a", "digest": d,
+                                                               "schema": 1}]
     write(src / "b", b"b")
     r = vf("verify", src, "--json")
     rows = [json.loads(l) for l in r.stdout.splitlines()]
-    assert rows[:2] == [{"file": f"{src}/a", "status": "ok", "digest": d},
-                        {"file": f"{src}/b", "status": "unsealed"}]
+    assert rows[:2] == [{"file": f"{src}/a", "status": "ok", "digest": d, "schema": 1},
+                        {"file": f"{src}/b", "status": "unsealed", "schema": 1}]
     assert rows[2] == {"summary": {"sealed": 1, "intact": 1, "corrupt": 0, "unsealed": 1,
-                                   "unreadable": 0, "stale_entries": 0, "strict": False, "ok": True}}
+                                   "unreadable": 0, "stale_entries": 0, "strict": False, "ok": True},
+                       "schema": 1}
     flip(src / "a", 1)
     rows = [json.loads(l) for l in vf("verify", src, "--json").stdout.splitlines()]
     assert rows[0]["status"] == "corrupt" and rows[0]["offset"] == 0 and len(rows[0]["actual"]) == 64
@@ -348,6 +410,7 @@ def test_json_outputs(tmp_path):
     m = json.loads(vf("measure-manifest", tmp_path / "m", "--json").stdout)
     assert m["digest"] == last["digest"] and (m["entries"], m["files"]) == (3, 2)
     assert m["signatures"][0]["algorithm"] == "ed25519" and len(m["signatures"][0]["key_id"]) == 64
+    assert last["schema"] == m["schema"] == rows[0]["schema"] == 1
 
 
 def test_seal_progress_on_a_terminal_only(tmp_path):
@@ -392,7 +455,7 @@ def test_version_aliases_and_doctor(tree, tmp_path):
                           capture_output=True, text=True).stdout.split()[0]
     assert vf("measure", mnt / "new").stdout.split()[0] == want
     rep = json.loads(vf("doctor", "--json").stdout)
-    assert rep["version"] == __version__ and rep["libfuse"].startswith("3.")
+    assert rep["schema"] == 1 and rep["version"] == __version__ and rep["libfuse"].startswith("3.")
     assert rep["ioctl_shim"]["loads"] and rep["hashing"]["native"] is True
     assert rep["kernel_fsverity_ioctls"] == {"forwards": True,
                                              "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}

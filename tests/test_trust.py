@@ -159,7 +159,7 @@ def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("attack", ["other-key", "edited-entry", "rolled-back"])
+@pytest.mark.parametrize("attack", ["other-key", "edited-entry", "rolled-back", "rolled-back-key-only"])
 def test_manifest_attacks_refuse_to_mount(share, tmp_path, attack):
     src, m, pub = share
     if attack == "other-key":  # a manifest for the altered data, signed by the attacker's key
@@ -172,7 +172,7 @@ def test_manifest_attacks_refuse_to_mount(share, tmp_path, attack):
         env["payload"] = base64.b64encode(payload).decode()
         m.write_text(json.dumps(env))
         msg = "does not verify: the manifest was altered"
-    else:  # an older manifest, properly signed: caught by pinning the current digest
+    else:  # an older manifest, properly signed: caught by the pin, or by the minimum sequence
         current = vf("measure-manifest", m).stdout.strip()
         old = tmp_path / "old.json"
         shutil.copy(m, old)
@@ -181,10 +181,15 @@ def test_manifest_attacks_refuse_to_mount(share, tmp_path, attack):
         pinned = vf("measure-manifest", m).stdout.strip()
         assert pinned != current
         m = old
-        msg = "is not the pinned"
+        msg = ("is not the pinned" if attack == "rolled-back" else
+               f"{old}: manifest sequence 1 is older than the minimum 2: a rollback?")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    extra = ["--manifest-digest", pinned] if attack == "rolled-back" else []
+    extra = []
+    if attack == "rolled-back":
+        extra = ["--manifest-digest", pinned]
+    elif attack == "rolled-back-key-only":
+        extra = ["--min-sequence", "2"]
     r = vf("mount", "-f", src, mnt, "--manifest", m, "--trust-key", pub, *extra)
     assert r.returncode == 1
     assert "refusing to mount" in r.stderr and msg in r.stderr

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
+import re
 import sys
 
 from . import __version__, merkle, treebuild
 from .errors import InvalidParameters, VerityError
+from .jsonout import emit
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
-            "enable", "doctor", "push")
-
-
-def emit(obj: dict):
-    print(json.dumps(obj, sort_keys=True), flush=True)
+            "enable", "doctor", "attest", "push")
 
 
 def error(msg: str):
@@ -38,6 +35,15 @@ class Once(argparse.Action):
         if getattr(namespace, self.dest, None) is not None:
             parser.error(f"{option_string} can only be specified once")
         setattr(namespace, self.dest, values)
+
+
+def _pinned_digest(text: str) -> str:
+    from .errors import ManifestError
+    from .manifest import pinned_digest
+    try:
+        return pinned_digest(text)
+    except ManifestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_block_size(text: str) -> int:
@@ -137,6 +143,14 @@ def cmd_digest(args) -> int:
 
 # -- seal, manifests ------------------------------------------------------
 
+def _sequence(text: str) -> int:
+    from .manifest_header import MAX_SEQUENCE
+
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not 1 <= int(text) <= MAX_SEQUENCE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [1, {MAX_SEQUENCE}]")
+    return int(text)
+
+
 def cmd_seal(args) -> int:
     from . import cli_seal
 
@@ -144,6 +158,12 @@ def cmd_seal(args) -> int:
     if not os.path.isdir(args.source):
         error(f"'{args.source}' is not a directory")
         return EXIT_ERROR
+    if args.unsigned and args.sign_key:
+        error("--unsigned and --sign-key contradict each other")
+        return EXIT_USAGE
+    if not args.manifest and (args.unsigned or args.sequence is not None or args.expires):
+        error("--unsigned, --sequence and --expires are for --manifest")
+        return EXIT_USAGE
     key = None
     if args.sign_key:  # before any hashing: a bad key should cost nothing
         from . import manifest
@@ -162,19 +182,30 @@ def cmd_seal(args) -> int:
 
 def cmd_measure_manifest(args) -> int:
     """The manifest digest, the one value a remote verifier pins."""
-    from . import manifest, manifest_tree
+    import time
+
+    from . import manifest, manifest_header, manifest_tree
 
     env, payload = manifest.read_envelope(args.manifest)
+    if args.trust_key:  # the signature as a mount checks it, before the payload is parsed
+        manifest.check_signatures(args.manifest, env, payload,
+                                  [manifest.load_public_key(k) for k in args.trust_key])
     tree = manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
     digest = manifest.manifest_digest(payload)
+    head = tree.header
+    expires = None if head.expires is None else manifest_header.format_time(head.expires)
+    expired = head.expires is not None and time.time() >= head.expires
     if args.json:
         sigs = env.get("signatures") if isinstance(env.get("signatures"), list) else []
         emit({"manifest": args.manifest, "digest": digest, "entries": len(tree.nodes),
-              "files": sum(1 for _ in tree.files()),
+              "files": sum(1 for _ in tree.files()), "sequence": head.sequence,
+              "expires": expires, "expired": expired,
               "signatures": [{"algorithm": g.get("algorithm"), "key_id": g.get("key_id")}
                              for g in sigs if isinstance(g, dict)]})
     else:
-        print(digest)
+        print(digest)  # the one line scripts read; the rest on stderr
+        print(f"sequence {head.sequence}, " + ("no expiry" if expires is None else
+              f"{'expired' if expired else 'expires'} at {expires}"), file=sys.stderr)
     return 0
 
 
@@ -183,8 +214,8 @@ def cmd_keygen(args) -> int:
 
     try:
         key = manifest.generate_key(args.private, args.public)
-    except FileExistsError:
-        error(f"'{args.private}' exists; not overwriting a key")
+    except FileExistsError as e:
+        error(f"'{e.filename}' exists; not overwriting a key")
         return EXIT_ERROR
     print(f"ed25519 key {manifest.key_id(key.public_key())}: private {args.private}, "
           f"public {args.public}")
@@ -302,9 +333,14 @@ def cmd_doctor(args) -> int:
 
 # -- entry point ----------------------------------------------------------
 
+DESCRIPTION = ("fs-verity in userspace: build and check fs-verity Merkle trees and signed "
+               "manifests, and mount a directory as a view where every read is verified")
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="verityfuse", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="store_true",
+    parser = argparse.ArgumentParser(prog="verityfuse", description=DESCRIPTION,
+                                     epilog=EXIT_STATUS_TEXT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="store_true",
                         help="print the version (with -v: what this machine supports, as doctor)")
     parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command")
@@ -324,14 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("paths", nargs="*", metavar="PATH", help="files to seal (default: all)")
     p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
-    p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files")
+    p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files; "
+                   "its sequence is one above M's (1 for a new M)")
     p.add_argument("--sign-key", metavar="KEY.pem", help="Ed25519 private key to sign the manifest")
+    p.add_argument("--unsigned", action="store_true",
+                   help="write an unsigned manifest even where M is signed (refused otherwise)")
+    p.add_argument("--sequence", type=_sequence, metavar="N",
+                   help="the manifest's sequence, above M's (default: M's + 1)")
+    p.add_argument("--expires", metavar="WHEN",
+                   help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
+                        "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
     add_tree_options(p)
     p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("measure-manifest", help="print a manifest's digest (the value to pin)")
     p.add_argument("manifest", metavar="M")
+    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
+                   help="also check that M is signed by this key (repeatable: any one), "
+                        "as a mount would, without mounting")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_measure_manifest)
 
@@ -349,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="unsealed regular files are failures too (listed as UNSEALED)")
     p.add_argument("--json", action="store_true", help="one JSON object per file, then a summary")
+    p.add_argument("--manifest", metavar="M", help="check SOURCE against this manifest instead: "
+                   "every listed entry's type, metadata and content, and what it does not list "
+                   "(the host's CI gate before shipping a share)")
+    p.add_argument("--trust-key", action="append", metavar="PUB.pem",
+                   help="with --manifest: the key it must be signed with (repeatable)")
+    p.add_argument("--manifest-digest", metavar="sha256:HEX|@FILE", type=_pinned_digest,
+                   help="with --manifest: its pinned digest (or @FILE holding it)")
     p.set_defaults(func=cli_seal.cmd_verify)
 
     p = sub.add_parser("upgrade-store", help="convert a format-1 store (indexed by path) to format 2")
@@ -380,9 +434,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     cli_mount.add_commands(sub)
-    from . import cli_oci
+    from . import cli_attest, cli_oci
+    cli_attest.add_commands(sub)
     cli_oci.add_commands(sub)
+    for name, p in sub.choices.items():
+        _exit_status_epilog(name, p)
     return parser
+
+
+# What each command's exit status means, for --help and the man page (one place, so
+# the two never disagree).  A command not listed here has the common meaning.
+EXIT_STATUS_TEXT = ("exit status: 0 success, 1 an error (said on stderr as ERROR: ...), "
+                    "2 a usage error (bad arguments or options)")
+EXIT_STATUS = {
+    "verify": "0 every sealed file is intact; 1 a file is corrupt or unreadable, nothing was "
+              "sealed, or (with --strict) a file is unsealed; 2 usage error",
+    "mount": "0 mounted (in the background: once the mount answers); 1 the mount failed; "
+             "2 a bad option",
+    "measure": "0 every FILE was measured; 1 one or more were not (each named on stderr); "
+               "2 usage error",
+    "status": "0 printed; 1 MOUNTPOINT is not a running verityfuse mount; 2 usage error",
+    "umount": "0 unmounted; 1 fusermount3 failed (it says why); 2 usage error",
+}
+
+
+def _exit_status_epilog(name: str, p: argparse.ArgumentParser):
+    if p.epilog is None:
+        codes = EXIT_STATUS.get(name)
+        p.epilog = f"exit status: {codes}" if codes else EXIT_STATUS_TEXT
 
 
 def main(argv=None) -> int:

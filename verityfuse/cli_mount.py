@@ -49,6 +49,13 @@ def _non_negative(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _min_sequence(text):
+    try:
+        return mountopts.non_negative_int(text, "min-sequence")
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def settings_from(args) -> Settings:
     """The CLI flags, then the -o groups (a later value wins)."""
     s = Settings(store=args.store, policy=args.policy, manifest=args.manifest,
@@ -56,22 +63,23 @@ def settings_from(args) -> Settings:
                  trust_cert=list(args.trust_cert or ()), require_signatures=args.require_signatures,
                  cache_size=args.cache_size, readahead_kb=args.readahead_kb, log_file=args.log_file,
                  measure=args.measure, event_log=args.event_log, on_corruption=args.on_corruption,
-                 debug=args.debug, foreground=args.foreground, plain_http=args.plain_http,
-                 registry_ca=args.registry_ca, registry_auth=args.registry_auth,
-                 registry_timeout=args.registry_timeout)
+                 debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence,
+                 plain_http=args.plain_http, registry_ca=args.registry_ca,
+                 registry_auth=args.registry_auth, registry_timeout=args.registry_timeout)
     return mountopts.parse(args.o or [], s)
 
 
-def run_mount(source: str, mountpoint: str, s: Settings) -> int:
+def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
+              verbose: bool = False) -> int:
     from .daemon import MountError, mount, remount
 
     try:
         if s.remount:
             return remount(os.path.realpath(mountpoint), s)
-        return mount(source, mountpoint, s)
+        return mount(source, mountpoint, s, verbose=verbose)
     except MountError as e:
         error(str(e))
-        return 1
+        return failure
 
 
 def cmd_mount(args) -> int:
@@ -80,7 +88,7 @@ def cmd_mount(args) -> int:
     except OptionError as e:
         error(f"mount option {e}")
         return 2
-    return run_mount(args.source, args.mountpoint, s)
+    return run_mount(args.source, args.mountpoint, s, verbose=args.verbose)
 
 
 def cmd_umount(args) -> int:
@@ -89,6 +97,9 @@ def cmd_umount(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from . import jsonout
+    from .stats import escape_name as esc, human_bytes, human_duration
+
     try:
         raw = os.getxattr(args.mountpoint, "user.verityfuse.status")
     except OSError as e:
@@ -96,37 +107,51 @@ def cmd_status(args) -> int:
         return 1
     st = json.loads(raw)
     if args.json:
-        print(json.dumps(st, sort_keys=True))
+        jsonout.emit(st)
         return 0
-    cache = st["tree_cache"]
+    # .get: a daemon of an older version may still be running (the JSON may only grow)
+    cache, failures, dropped = st["tree_cache"], st.get("failures", []), st.get(
+        "failure_groups_dropped", 0)
     rows = [
-        ("mount", f"{st['source']} on {st['mountpoint']} (pid {st['pid']}, verityfuse {st['version']})"),
+        ("mount", f"{esc(st['source'])} on {esc(st['mountpoint'])} (pid {st['pid']}, "
+                  f"verityfuse {st['version']})"),
         ("mode", st["mode"] + (f", manifest {st['manifest_digest']}" if st["manifest_digest"]
                                else f", policy {st['policy']}")),
-        ("store", st["store"]),
+        ("store", esc(st["store"])),
         ("ioctl shim", "active" if st["ioctl_shim"] else "inactive (fs-verity ioctls answer ENOTTY)"),
-        ("uptime", f"{st['uptime_s']} s"),
+        ("uptime", human_duration(st["uptime_s"])),
         ("open files", st["open_files"]),
         ("verified", f"{st['blocks_verified']} blocks in {st['verified_reads']} reads, "
-                     f"{st['bytes_served']} bytes served"),
-        ("integrity failures", st["integrity_failures"]),
+                     f"{human_bytes(st['bytes_served'])} served"),
+        ("integrity failures", f"{st['integrity_failures']}" + (
+            f" ({len(failures) + dropped} distinct blocks)" if failures else "")),
         ("tree-block cache", f"{cache['hits']} hits, {cache['misses']} misses, {cache['blocks']} "
-                             f"blocks, {cache['bytes']} of {cache['max_bytes']} bytes"),
+                             f"blocks, {human_bytes(cache['bytes'])} of "
+                             f"{human_bytes(cache['max_bytes'])}"),
     ]
     reg = st.get("registry")
     if reg:  # an oci:// mount
         calls = ", ".join(f"{n} {m}" for m, n in sorted(reg["requests"].items()))
         dc = reg["data_cache"]
-        rows += [("registry", f"{reg['source']}: {reg['bytes_fetched']} bytes fetched "
+        rows += [("registry", f"{esc(reg['source'])}: {reg['bytes_fetched']} bytes fetched "
                               f"({calls or 'no requests'})"),
                  ("data cache", f"{dc['hits']} hits, {dc['misses']} misses, {dc['blocks']} blocks, "
-                                f"{dc['bytes']} of {dc['max_bytes']} bytes")]
+                                f"{human_bytes(dc['bytes'])} of {human_bytes(dc['max_bytes'])}")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    for f in st["recent_failures"]:
-        print(f"  failure: {f['message']}")
+    for f in failures:
+        when = (f"at {_clock(f['first'])}" if f["count"] == 1 else
+                f"{f['count']} times, first {_clock(f['first'])}, last {_clock(f['last'])}")
+        print(f"  failure: {esc(f['message'])} ({when})")
+    if dropped:
+        print(f"  ... and {dropped} more failing blocks, seen longest ago")
     return 0
+
+
+def _clock(t: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def cmd_install_helper(args) -> int:
@@ -171,6 +196,9 @@ def add_commands(sub):
                    help="Ed25519 public key the manifest must be signed with (repeatable)")
     p.add_argument("--manifest-digest", metavar="sha256:HEX",
                    help="the manifest's digest, pinned (see measure-manifest)")
+    p.add_argument("--min-sequence", type=_min_sequence, default=0, metavar="N",
+                   help="refuse a manifest whose sequence is below N (an older manifest the key "
+                        "once signed: a rollback); an expired manifest is always refused")
     p.add_argument("--trust-cert", action="append", metavar="CERT.pem",
                    help="X.509 certificate trusted for fs-verity built-in signatures (repeatable)")
     p.add_argument("--require-signatures", action="store_true",
@@ -192,6 +220,8 @@ def add_commands(sub):
                    help="eio: fail the damaged blocks (default); refuse: after the first "
                         "integrity violation every open fails with EIO")
     p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say where the logs go (said anyway when it is not the documented place)")
     from .cli_oci import add_registry_options
     add_registry_options(p)  # SOURCE oci://HOST[:PORT]/REPO[:TAG|@DIGEST]
     p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
@@ -223,26 +253,51 @@ def add_commands(sub):
 
 # -- mount(8) ------------------------------------------------------------------------
 
+# mount(8)'s exit status for helpers: 1 incorrect invocation or permissions, 32 mount failure.
+HELPER_USAGE = 1
+HELPER_MOUNT_FAILURE = 32
+
+
+class _HelperParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(HELPER_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def helper_parser() -> argparse.ArgumentParser:
+    p = _HelperParser(
+        prog=HELPER_NAME, description="mount a verified view of SOURCE on MOUNTPOINT, as "
+        "mount(8) and fstab do (type fuse.verityfuse); every setting of `verityfuse mount` "
+        "is an -o option", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"exit status (mount(8)'s convention for helpers): 0 mounted, {HELPER_USAGE} "
+               f"incorrect invocation (a bad option or argument), {HELPER_MOUNT_FAILURE} the "
+               f"mount failed")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-o", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated: the kernel's (ro, noatime, allow_other, ...) and "
+                        "verityfuse's (store=, policy=, manifest=, trust_key=, ...)")
+    p.add_argument("-t", dest="type", metavar="TYPE", help="fuse.verityfuse (ignored)")
+    p.add_argument("-N", dest="namespace", metavar="NS",
+                   help="a mount namespace (not supported: refused)")
+    for flag, what in (("-s", "sloppy: accepted"), ("-f", "fake: check the options, mount nothing"),
+                       ("-n", "no mtab: accepted"), ("-v", "verbose: say where the logs go")):
+        p.add_argument(flag, action="store_true", help=what)
+    return p
+
+
 def helper_main(argv=None) -> int:
     """``mount.fuse.verityfuse SOURCE MNT [-sfnv] [-N NS] [-o OPTS] [-t TYPE]``, as mount(8)
     calls a helper: -f fakes (does nothing), -n, -s, -v are accepted."""
-    p = argparse.ArgumentParser(prog=HELPER_NAME)
-    p.add_argument("source")
-    p.add_argument("mountpoint")
-    p.add_argument("-o", action="append", default=[])
-    p.add_argument("-t", dest="type")
-    p.add_argument("-N", dest="namespace")
-    for flag in ("-s", "-f", "-n", "-v"):
-        p.add_argument(flag, action="store_true")
-    args = p.parse_args(argv)
+    args = helper_parser().parse_args(argv)
     if args.namespace:
         error("mount namespaces (-N) are not supported")
-        return 1
+        return HELPER_USAGE
     try:
         s = mountopts.parse(args.o)
     except OptionError as e:
         error(f"mount option {e}")
-        return 2
+        return HELPER_USAGE
     if args.f:
         return 0
-    return run_mount(args.source, args.mountpoint, s)
+    return run_mount(args.source, args.mountpoint, s, failure=HELPER_MOUNT_FAILURE, verbose=args.v)

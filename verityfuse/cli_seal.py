@@ -6,7 +6,6 @@ output is unchanged without it.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
@@ -14,19 +13,17 @@ import time
 from typing import TYPE_CHECKING
 
 from .errors import IntegrityError
+from .jsonout import emit
 
 if TYPE_CHECKING:
     from .store import Store
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
 def error(msg: str):
     print(f"ERROR: {msg}", file=sys.stderr)
-
-
-def emit(obj: dict):
-    print(json.dumps(obj, sort_keys=True), flush=True)
 
 
 def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
@@ -144,11 +141,73 @@ def cmd_seal(args, params, key, rels) -> int:
     return status
 
 
+class _Previous:
+    """The manifest being replaced, as far as it can be read."""
+
+    def __init__(self, path: str):
+        from . import manifest, manifest_tree
+        from .errors import ManifestError
+
+        self.env = self.payload = self.header = self.error = None
+        if not os.path.lexists(path):
+            return
+        try:
+            self.env, self.payload = manifest.read_envelope(path)
+            self.header = manifest_tree.parse_header(self.payload, path, legacy=True)
+        except ManifestError as e:
+            self.error = e
+
+    @property
+    def exists(self) -> bool:
+        return self.env is not None or self.error is not None
+
+
+def _next_header(args, key, prev: _Previous):
+    """The header of the manifest about to be written: the sequence one above the
+    previous manifest's (``--sequence`` must be above it too), its expiry.  Refuses
+    what would weaken M by accident: dropping its signature or its expiry."""
+    from . import manifest_header
+    from .errors import ManifestError
+
+    if prev.error is not None and args.sequence is None:
+        raise ManifestError(f"{prev.error}: cannot tell the sequence of the manifest it replaces; "
+                            f"give --sequence N, above any sequence published")
+    if prev.env is not None and prev.env.get("signatures") and key is None and not args.unsigned:
+        raise ManifestError(f"{args.manifest} is signed: give --sign-key KEY.pem to sign the new "
+                            f"manifest too, or --unsigned to replace it with an unsigned one")
+    old = prev.header
+    if args.sequence is None:
+        sequence = old.sequence + 1 if old is not None else 1
+        if sequence > manifest_header.MAX_SEQUENCE:
+            raise ManifestError(f"{args.manifest}: sequence {old.sequence} cannot be raised")
+    elif old is not None and args.sequence <= old.sequence:
+        raise ManifestError(f"--sequence {args.sequence} is not above the sequence "
+                            f"{old.sequence} of {args.manifest} (a sequence never goes back: "
+                            f"remove {args.manifest} first to start again)")
+    else:
+        sequence = args.sequence
+    now = int(time.time())
+    if args.expires is not None:
+        try:
+            expires = manifest_header.parse_expiry(args.expires, now)
+        except ValueError as e:
+            raise ManifestError(f"--expires: {e}") from None
+    elif old is not None and old.expires is not None:
+        raise ManifestError(f"{args.manifest} expires (at "
+                            f"{manifest_header.format_time(old.expires)}): give --expires WHEN "
+                            f"for the new manifest, or --expires never")
+    else:
+        expires = None
+    return manifest_header.Header(sequence, expires)
+
+
 def seal_manifest(args, store, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
-    from . import manifest, manifest_tree
+    from . import fsutil, manifest, manifest_header, manifest_tree
     from .sealing import ManifestRecorder
 
+    prev = _Previous(args.manifest)
+    header = _next_header(args, key, prev)  # refused before anything is hashed
     progress = Progress(*(_tree_sizes(args.source) if sys.stderr.isatty() and (
         rels is None or "." in rels) else (0, 0)))
 
@@ -170,33 +229,33 @@ def seal_manifest(args, store, params, key, rels) -> int:
             rec.add(".")
         else:
             existing = []
-            if os.path.exists(args.manifest):
-                env, payload = manifest.read_envelope(args.manifest)
+            if prev.exists:
+                if prev.error is not None:
+                    raise prev.error  # its entries are what we would keep
                 if key is not None:
                     # Re-signing must not launder entries this key never vouched for.
-                    manifest.check_signatures(args.manifest, env, payload, [key.public_key()])
-                existing = list(manifest_tree.iter_entries(payload, args.manifest))
+                    manifest.check_signatures(args.manifest, prev.env, prev.payload,
+                                              [key.public_key()])
+                existing = list(manifest_tree.iter_entries(prev.payload, args.manifest))
             rec.update(existing, rels)
     finally:
         progress.close()
     if rec.failed:
         error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
         return EXIT_ERROR
-    payload = manifest_tree.make_payload(rec.entries.values())
+    payload = manifest_tree.make_payload(rec.entries.values(), header)
     manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
-    tmp = f"{args.manifest}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(manifest.sign(payload, key))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, args.manifest)
+    fsutil.atomic_write(args.manifest, manifest.sign(payload, key), 0o644)
     files = sum(1 for e in rec.entries.values() if e["type"] == "file")
     digest = manifest.manifest_digest(payload)
+    expires = None if header.expires is None else manifest_header.format_time(header.expires)
     if args.json:
         emit({"manifest": args.manifest, "digest": digest, "entries": len(rec.entries),
-              "files": files, "signed": key is not None})
+              "files": files, "signed": key is not None, "sequence": header.sequence,
+              "expires": expires})
     else:
-        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}"
+        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}, "
+              f"sequence {header.sequence}" + (f", expires {expires}" if expires else "")
               + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
     return 0
 
@@ -210,7 +269,66 @@ def _failure_json(e: Exception) -> dict:
     return out
 
 
+def load_trusted_manifest(args):
+    """The manifest of ``--manifest``, authenticated by ``--trust-key`` and/or
+    ``--manifest-digest`` (one of them is required), fresh (not expired)."""
+    from . import manifest
+
+    keys = [manifest.load_public_key(k) for k in args.trust_key or ()]
+    return manifest.load(args.manifest, keys, args.manifest_digest)
+
+
+def cmd_verify_manifest(args) -> int:
+    """verify SOURCE --manifest M: every listed entry against the manifest, then what is
+    unlisted; the same report shape and exit codes as verify."""
+    from .errors import VerityError
+    from .manifest_check import check_tree
+
+    if not args.trust_key and not args.manifest_digest:
+        error("--manifest needs --trust-key or --manifest-digest: a manifest is checked only "
+              "once it is authenticated")
+        return EXIT_USAGE
+    try:
+        m = load_trusted_manifest(args)
+    except (VerityError, OSError) as e:
+        error(str(e))
+        return EXIT_ERROR
+    counts = dict.fromkeys(("ok", "corrupt", "differs", "missing", "unlisted", "error"), 0)
+    with open_store(args, objects_only=True) as store:
+        for res in check_tree(args.source, m.tree, store, skip=(store.path, args.manifest)):
+            counts[res.status] += 1
+            name = os.path.normpath(os.path.join(args.source, res.path))
+            if args.json:
+                obj = {"file": name, "status": res.status}
+                if res.digest:
+                    obj["digest"] = res.digest
+                if res.error is not None and res.status == "corrupt":
+                    obj.update(_failure_json(res.error))
+                elif res.message:
+                    obj["error"] = res.message
+                emit(obj)
+            elif res.status != "ok":
+                print(f"{res.status.upper()} {name}: {res.message}")
+            elif args.verbose:
+                print(f"OK {res.digest or ''} {name}".replace("OK  ", "OK "))
+    failed = sum(n for k, n in counts.items() if k != "ok")
+    listed = sum(n for k, n in counts.items() if k != "unlisted")
+    if args.json:
+        emit({"summary": dict(counts, manifest=m.digest, sequence=m.sequence, entries=listed,
+                              ok=not failed)})
+    else:
+        print(f"{counts['ok']} of {listed} manifest entries match ({m.digest}, sequence "
+              f"{m.sequence})" + "".join(f", {counts[k]} {k}" for k in counts
+                                         if k != "ok" and counts[k]), file=sys.stderr)
+    return EXIT_ERROR if failed else 0
+
+
 def cmd_verify(args) -> int:
+    if args.manifest:
+        return cmd_verify_manifest(args)
+    if args.trust_key or args.manifest_digest:
+        error("--trust-key and --manifest-digest need --manifest")
+        return EXIT_USAGE
     from .sealing import describe_failure, verify_file, walk_files
     from .verifier import TreeBlockCache
 

@@ -103,9 +103,10 @@ class Trust:
                 raise ManifestError("trust_cert and require_signatures are for local mode; with a "
                                     "manifest, the manifest's signature is the trust")
             keys = [manifest.load_public_key(k) for k in s.trust_key]
-            self.manifest = manifest.load(s.manifest, keys, s.manifest_digest)
-        elif s.trust_key or s.manifest_digest:
-            raise ManifestError("trust_key and manifest_digest need a manifest")
+            # Authenticated first, then refused if older than min_sequence or expired.
+            self.manifest = manifest.load(s.manifest, keys, s.manifest_digest, s.min_sequence)
+        elif s.trust_key or s.manifest_digest or s.min_sequence:
+            raise ManifestError("trust_key, manifest_digest and min_sequence need a manifest")
         self.certs = signature.load_certificates(s.trust_cert)
 
 
@@ -129,9 +130,10 @@ def measure_mount(mountpoint: str, s: Settings, trust: Trust):
     from . import measure_event
     from .measure import Measurer, MeasureError, open_register
 
-    policy = {"trust": "+".join(w for w, on in (("pinned", s.manifest_digest),
-                                                 ("key", s.trust_key)) if on),
-              "min_sequence": s.min_sequence or 0, "on_corruption": s.on_corruption}
+    # protocol/attestation.md: what authenticated the manifest and what the mount enforces.
+    trust_by = "+".join(w for w, on in (("pinned", s.manifest_digest), ("key", s.trust_key)) if on)
+    policy = (f"min_sequence={s.min_sequence or 0},on_corruption={s.on_corruption},"
+              f"trust={trust_by}")
     try:
         register = open_register(s.measure)
         measurer = Measurer(register, s.event_log)
@@ -174,7 +176,8 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
         store.cleanup_tmp()
     view = LocalView(source, store, cache, policy=s.policy, trust_certs=trust.certs,
                      require_signatures=s.require_signatures, read_only=mountopts.read_only(s),
-                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats)
+                     remounted_ro=lambda: mountinfo.read_only(mountpoint), stats=stats,
+                     noatime=any(n == "noatime" for n, _ in s.fuse))
     if not view.inodes.reopen:
         log.warning("cannot reopen files by handle (open_by_handle_at needs CAP_DAC_READ_SEARCH): "
                     "keeping one fd per inode the kernel remembers; big trees need a higher fd limit")
@@ -291,9 +294,11 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     return warnings
 
 
-def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
+def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bool = False) -> int:
     """Check, load the trust, mount; in the background unless ``s.foreground``.
-    Raises MountError before anything is mounted."""
+    Raises MountError before anything is mounted.  Says nothing on success (as
+    mount(8) helpers and kernel filesystems), except where the logs go when that is
+    not where the documentation says they go, or when ``verbose``."""
     for w in check(source, mountpoint, s):
         print(f"WARNING: {w}", file=err)
     try:
@@ -308,12 +313,21 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr) -> int:
             return serve(src, mnt, s, trust)
         except Exception as e:
             raise MountError(f"cannot mount '{source}' on '{mountpoint}': {e}") from None
-    return _background(src, mnt, s, trust, err)
+    return _background(src, mnt, s, trust, err, verbose)
 
 
-def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
+def _obvious_log_place(where: str, s: Settings, mnt: str) -> bool:
+    """The places --log-file's help names: the file given, syslog, the journal, or
+    the documented fallback file; anything else (a fallback of a fallback) is said."""
+    if where.startswith(("syslog", "the journal")):
+        return True
+    path = where.removeprefix("file ").split(" (", 1)[0] if where.startswith("file ") else None
+    return path is not None and path in (s.log_file, logs.fallback_log_file(mnt))
+
+
+def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: bool = False) -> int:
     """The child mounts and reports through a pipe; the parent returns once the
-    mount is usable (or says why it is not), after saying where the logs go."""
+    mount is usable (or says why it is not)."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -352,7 +366,9 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err) -> int:
     os.close(rfd)
     text = msg.decode(errors="replace")
     if text.startswith("ok "):
-        print(f"verityfuse: {text[3:]}", file=err)
+        where = text[3:].removeprefix("logs go to ")
+        if verbose or not _obvious_log_place(where, s, mnt):
+            print(f"verityfuse: {text[3:]}", file=err)
         return 0
     os.waitpid(pid, 0)
     raise MountError(f"cannot mount '{src}' on '{mnt}': "

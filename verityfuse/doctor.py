@@ -11,7 +11,6 @@ import ctypes
 import errno
 import fcntl
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -20,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import __version__, merkle, uapi
+from . import __version__, jsonout, merkle, uapi
 
 
 def _hashing() -> dict:
@@ -136,6 +135,19 @@ def _helper() -> dict:
     return {"installed": True, "target": target, "ours": target == mine, "own_helper": mine}
 
 
+def _measurement() -> dict:
+    """Which registers `mount --measure` could extend here (nothing is extended)."""
+    from .measure import TDX_MEASUREMENTS
+
+    tss = importlib.util.find_spec("tpm2_pytss") is not None
+    tpm_dev = os.path.exists("/dev/tpmrm0")
+    rtmr = os.path.exists(os.path.join(TDX_MEASUREMENTS, "rtmr3:sha384"))
+    return {"tpm": {"device": "/dev/tpmrm0" if tpm_dev else None, "tpm2_pytss": tss,
+                    "usable": tpm_dev and tss},
+            "rtmr": {"interface": TDX_MEASUREMENTS if rtmr else None, "usable": rtmr},
+            "file": {"usable": True}}
+
+
 def report() -> dict:
     release = platform.release()
     shim = _shim()
@@ -145,13 +157,14 @@ def report() -> dict:
             "hashing": _hashing(), "ioctl_shim": shim, "libfuse": _libfuse(),
             "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe),
             "mounting": {"dev_fuse": _device(), "fusermount3": _fusermount(),
-                         "allow_other": _allow_other(), "helper": _helper()}}
+                         "allow_other": _allow_other(), "helper": _helper()},
+            "measurement": _measurement()}
 
 
 def run(json_out: bool = False) -> int:
     r = report()
     if json_out:
-        print(json.dumps(r, sort_keys=True))
+        jsonout.emit(r)
         return 0
     h, shim, k = r["hashing"], r["ioctl_shim"], r["kernel_fsverity_ioctls"]
     hashing = (("native: " + ", ".join(f"{a} {v}" for a, v in h.items() if a != "native"))
@@ -163,7 +176,7 @@ def run(json_out: bool = False) -> int:
             ("fs-verity ioctls via FUSE",
              {True: "forwarded", False: "not forwarded", None: "unknown"}[k["forwards"]]
              + f" ({k['how']})")]
-    rows += _mount_rows(r["mounting"])
+    rows += _mount_rows(r["mounting"]) + _measure_rows(r["measurement"])
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"{a:<{width}}  {b}")
@@ -187,3 +200,18 @@ def _mount_rows(m: dict) -> list:
              if m["allow_other"]["user_allow_other"] else "root only (no user_allow_other in "
              "/etc/fuse.conf)"),
             ("mount(8) helper", helper)]
+
+
+def _measure_rows(m: dict) -> list:
+    tpm, rtmr = m["tpm"], m["rtmr"]
+    if tpm["usable"]:
+        t = "usable (--measure tpm: /dev/tpmrm0, PCR 23)"
+    else:
+        t = "unavailable: " + "; ".join(w for w, bad in (
+            ("no /dev/tpmrm0 (no TPM, or no kernel resource manager)", not tpm["device"]),
+            ("tpm2-pytss not installed (pip install verityfuse[tpm])", not tpm["tpm2_pytss"]))
+            if bad)
+    return [("measure: TPM", t),
+            ("measure: TDX RTMR", "usable (--measure rtmr: RTMR 3)" if rtmr["usable"]
+             else "unavailable (not a TDX guest with the TSM measurement interface)"),
+            ("measure: file", "usable (--measure file:PATH, an emulated register)")]

@@ -50,6 +50,8 @@ class IntegrityError(Corruption):
         self.expected = expected
         self.actual = actual
         self.what = what
+        # Where in the file's data it failed; None for a tree block (the offset is the tree's).
+        self.data_offset = offset if what.startswith("data block") else None
         super().__init__(
             f"{path}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import fsutil, manifest_tree
+from . import fsutil, manifest_header, manifest_tree
 from .errors import ManifestError
 
 ENVELOPE_FORMAT = "verityfuse-signed-manifest"
@@ -38,10 +39,34 @@ _PAYLOAD = re.compile(rb'"payload"\s*:\s*"')
 class Manifest:
     tree: manifest_tree.Tree
     digest: str  # sha256:<hex> of the payload
+    key_id: Optional[str] = None    # the trusted key that verified it (hex); None: pinned only
+    sequence: int = 0               # the header's (manifest_header)
+    expires: Optional[int] = None   # Unix seconds, UTC; None: never
 
 
 def manifest_digest(payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(payload).hexdigest()
+
+
+def pinned_digest(text: str) -> str:
+    """A ``--manifest-digest`` value: ``sha256:<hex>``, or ``@FILE`` holding it (its first
+    word, as ``verityfuse measure-manifest M > FILE`` writes it).  ManifestError if bad."""
+    from .store import parse_digest
+
+    where = "manifest digest"
+    if text.startswith("@"):
+        where = text[1:]
+        words = _read_limited(where, 4096, "digest file").decode("ascii", "replace").split()
+        if not words:
+            raise ManifestError(f"{where}: empty, no manifest digest in it")
+        text = words[0]
+    try:
+        alg, _ = parse_digest(text)
+    except ValueError as e:
+        raise ManifestError(f"{where}: {e}") from None
+    if alg.name != "sha256":
+        raise ManifestError(f"{where}: a manifest digest is sha256:<hex>, not {alg.name}")
+    return text
 
 
 # -- keys ---------------------------------------------------------------------
@@ -54,6 +79,9 @@ def key_id(public: Ed25519PublicKey) -> str:
 def _read_limited(path: str, limit: int, what: str) -> bytes:
     try:
         data = fsutil.read_regular(path, limit, what=path)
+    except fsutil.TooLarge as e:  # refused on its fstat size, unread
+        raise ManifestError(f"{path}: {what} larger than {limit} bytes ({e.strerror}): "
+                            f"refused unread") from None
     except OSError as e:
         raise ManifestError(f"{path}: {e.strerror}") from None
     if len(data) > limit:
@@ -87,15 +115,18 @@ def load_public_key(path: str) -> Ed25519PublicKey:
 
 
 def generate_key(private_path: str, public_path: str):
+    """A new key pair in two new files; FileExistsError (naming the file) when either
+    name is taken, by anything, a dangling symlink included: a key is never overwritten."""
+    for path in (private_path, public_path):
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    with open(public_path, "wb") as f:
-        f.write(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+    fsutil.atomic_write(private_path, pem, 0o600, replace=False)
+    fsutil.atomic_write(public_path, key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644,
+        replace=False)
     return key
 
 
@@ -144,7 +175,7 @@ def read_envelope(path: str):
         raise ManifestError(f"{path}: not a {ENVELOPE_FORMAT} file")
     if env.get("payload") != "":  # the one we cut out was not the envelope's own
         raise ManifestError(f"{path}: malformed envelope (payload)")
-    if env.get("version") != ENVELOPE_VERSION:
+    if type(env.get("version")) is not int or env["version"] != ENVELOPE_VERSION:  # 1.0, true: no
         raise ManifestError(f"{path}: unsupported envelope version {env.get('version')!r}")
     return env, _b64(data[start:end], f"{path}: payload")
 
@@ -158,7 +189,9 @@ def _b64(text, where: str) -> bytes:
     raise ManifestError(f"{where}: invalid base64")
 
 
-def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25519PublicKey]):
+def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25519PublicKey]
+                     ) -> str:
+    """The hex id of the first trusted key whose signature verifies; ManifestError if none."""
     sigs = env.get("signatures")
     if not isinstance(sigs, list) or not sigs:
         raise ManifestError(f"{path}: no signatures")
@@ -175,7 +208,7 @@ def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25
         raw = _b64(s.get("signature"), f"{path}: signatures[{n}]")
         try:
             key.verify(raw, payload)
-            return
+            return kid
         except InvalidSignature:
             raise ManifestError(f"{path}: signature by trusted key {kid[:16]}... does not verify: "
                                 f"the manifest was altered") from None
@@ -184,23 +217,35 @@ def check_signatures(path: str, env: dict, payload: bytes, trust_keys: List[Ed25
                         f"{', '.join(k[:16] for k in trusted)}...)")
 
 
-def authenticate(path: str, trust_keys: Sequence[Ed25519PublicKey] = (),
-                 pinned_digest: Optional[str] = None) -> bytes:
-    """The payload of ``path``, once it is signed by one of ``trust_keys`` and/or
-    its digest equals ``pinned_digest`` (at least one must be given)."""
+def _authenticate(path: str, trust_keys: Sequence[Ed25519PublicKey],
+                  pinned_digest: Optional[str]):
     if not trust_keys and not pinned_digest:
         raise ManifestError("a manifest must be authenticated: give a trusted key or a pinned digest")
     env, payload = read_envelope(path)
     if pinned_digest is not None and manifest_digest(payload) != pinned_digest:
         raise ManifestError(f"{path}: manifest digest {manifest_digest(payload)} is not the pinned "
                             f"{pinned_digest}")
-    if trust_keys:
-        check_signatures(path, env, payload, list(trust_keys))
-    return payload
+    kid = check_signatures(path, env, payload, list(trust_keys)) if trust_keys else None
+    return payload, kid
 
 
-def load(path: str, trust_keys: Sequence[Ed25519PublicKey] = (), pinned_digest: Optional[str] = None
-         ) -> Manifest:
-    """Read, authenticate, then parse a signed manifest."""
-    payload = authenticate(path, trust_keys, pinned_digest)
-    return Manifest(manifest_tree.parse_payload(payload, path), manifest_digest(payload))
+def authenticate(path: str, trust_keys: Sequence[Ed25519PublicKey] = (),
+                 pinned_digest: Optional[str] = None) -> bytes:
+    """The payload of ``path``, once it is signed by one of ``trust_keys`` and/or
+    its digest equals ``pinned_digest`` (at least one must be given)."""
+    return _authenticate(path, trust_keys, pinned_digest)[0]
+
+
+def load(path: str, trust_keys: Sequence[Ed25519PublicKey] = (), pinned_digest: Optional[str] = None,
+         min_sequence: int = 0, now: Optional[float] = None) -> Manifest:
+    """Read, authenticate, check freshness, then parse a signed manifest.
+
+    Freshness (after authentication: the header is the signer's word only once
+    the signature or pin holds, and before the entries cost anything): a
+    sequence below ``min_sequence`` is refused as a rollback, and an expired
+    manifest always (``now``: Unix seconds, default the clock)."""
+    payload, kid = _authenticate(path, trust_keys, pinned_digest)
+    header = manifest_tree.parse_header(payload, path)
+    manifest_header.check_fresh(path, header, min_sequence, now)
+    tree = manifest_tree.parse_payload(payload, path)
+    return Manifest(tree, manifest_digest(payload), kid, header.sequence, header.expires)

@@ -21,12 +21,13 @@ import os
 import stat
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from . import merkle
+from . import manifest_header, merkle
 from .errors import ManifestError, VerityError
+from .manifest_header import Header
 from .store import parse_digest
 
-FORMAT = "verityfuse-manifest"
-VERSION = 2
+FORMAT, VERSION = manifest_header.FORMAT, manifest_header.VERSION  # the header's, kept here too
+CONVERT_HINT = manifest_header.CONVERT_HINT
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_TARGET_BYTES = 4095
@@ -40,8 +41,6 @@ TYPES = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "symlink": stat.S_IFLNK}
 COMMON = ("type", "path", "mode", "uid", "gid", "mtime")
 FIELDS = {"dir": COMMON, "file": COMMON + ("size", "digest", "block_size", "salt"),
           "symlink": COMMON + ("target",)}
-CONVERT_HINT = ("re-create it from the source tree with `verityfuse seal SOURCE --manifest M "
-                "--sign-key KEY.pem` (version 2 records every directory, file and symlink)")
 
 
 class Node:
@@ -68,10 +67,11 @@ class Node:
 
 
 class Tree:
-    """A parsed payload: ``nodes[ino - 1]``, the root first."""
+    """A parsed payload: ``nodes[ino - 1]``, the root first, and its header."""
 
-    def __init__(self, nodes: List[Node]):
+    def __init__(self, nodes: List[Node], header: Header = Header()):
         self.nodes = nodes
+        self.header = header
 
     def node(self, ino: int) -> Optional[Node]:
         return self.nodes[ino - 1] if 0 < ino <= len(self.nodes) else None
@@ -106,10 +106,9 @@ def _sort_key(e: dict) -> bytes:
     return b"" if e["path"] == "." else e["path"].encode()
 
 
-def make_payload(entries: Iterable[dict]) -> bytes:
+def make_payload(entries: Iterable[dict], header: Header = Header()) -> bytes:
     """Canonical payload bytes: header line, entries sorted by path bytes, root first."""
-    lines = [json.dumps({"format": FORMAT, "version": VERSION}, sort_keys=True,
-                        separators=(",", ":"))]
+    lines = [manifest_header.line(header)]
     for e in sorted(entries, key=_sort_key):
         lines.append(json.dumps([e[k] for k in FIELDS[e["type"]]], separators=(",", ":"),
                                 ensure_ascii=False))
@@ -146,17 +145,18 @@ def _decode(text: str, where: str, n: int):
         raise _bad(where, n, None, f"invalid JSON: {e}") from None
 
 
-def _header(line: str, where: str):
-    head = _decode(line, where, 1)
-    if not isinstance(head, dict) or head.get("format") != FORMAT:
-        raise ManifestError(f"{where}: not a {FORMAT} document")
-    version = head.get("version")
-    if version == 1:
-        raise ManifestError(f"{where}: manifest format version 1 lists file digests only and "
-                            f"cannot describe the tree a mount serves; {CONVERT_HINT}")
-    if version != VERSION or set(head) != {"format", "version"}:
-        raise ManifestError(f"{where}: unsupported manifest version {version!r} "
-                            f"(this verityfuse reads version {VERSION})")
+def parse_header(payload: bytes, where: str = "manifest", legacy: bool = False) -> Header:
+    """The header (first line) of a payload alone, without its entries (``legacy``:
+    a version 1 header reads as sequence 0, for the manifest `seal` replaces)."""
+    end = payload.find(b"\n", 0, MAX_LINE_BYTES + 1)
+    first = payload[:end if end >= 0 else MAX_LINE_BYTES + 1]
+    if len(first) > MAX_LINE_BYTES:
+        raise ManifestError(f"{where}: line 1: header longer than {MAX_LINE_BYTES} bytes")
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{where}: line 1: not UTF-8 at byte {e.start}") from None
+    return manifest_header.parse(text, where, legacy)
 
 
 def _batch(lines: List[str], first: int, where: str):
@@ -170,15 +170,14 @@ def _batch(lines: List[str], first: int, where: str):
 
 
 def _lines(payload: bytes, where: str):
-    """(line number, decoded JSON value) per entry line, after the header line."""
+    """(line number, decoded JSON value) per entry line, after the header line (which
+    parse_header checks)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
         n = payload.count(b"\n", 0, e.start) + 1
         col = e.start - (payload.rfind(b"\n", 0, e.start) + 1)
         raise ManifestError(f"{where}: line {n}: not UTF-8 at byte {col}") from None
-    end = text.find("\n")
-    _header(text[:end] if end >= 0 else text, where)
     if not text.endswith("\n"):
         raise ManifestError(f"{where}: payload does not end with a newline")
     lines: List[Optional[str]] = list(text.split("\n"))  # the payload's size again, as str
@@ -243,6 +242,7 @@ def _explain(e, where: str, n: int) -> ManifestError:
 
 def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
     """Validate and parse an authenticated payload; ManifestError names the bad entry."""
+    header = parse_header(payload, where)
     nodes: List[Node] = []
     dirs: Dict[bytes, Node] = {}
     params_cache: Dict[tuple, merkle.Params] = {}  # files share a handful of parameter sets
@@ -321,7 +321,7 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
         nodes.append(node)
     if not nodes:
         raise ManifestError(f"{where}: no entries (the root directory '.' must be listed)")
-    return Tree(nodes)
+    return Tree(nodes, header)
 
 
 def _params(e: list, where: str, n: int) -> merkle.Params:

@@ -34,6 +34,7 @@ class Settings:
     manifest: Optional[str] = None
     trust_key: List[str] = field(default_factory=list)
     manifest_digest: Optional[str] = None
+    min_sequence: int = 0                # refuse a manifest with a lower sequence (a rollback)
     trust_cert: List[str] = field(default_factory=list)
     require_signatures: bool = False
     cache_size: Optional[int] = None     # MiB
@@ -87,12 +88,12 @@ def _on_corruption(v: str) -> str:
 
 
 def _digest(v: str) -> str:
-    from .store import parse_digest
+    from .errors import ManifestError
+    from .manifest import pinned_digest
     try:
-        parse_digest(v)
-    except ValueError as e:
+        return pinned_digest(v)
+    except ManifestError as e:
         raise OptionError(f"manifest_digest: {e}") from None
-    return v
 
 
 # name -> (Settings attribute, parser or None for a flag)
@@ -103,6 +104,7 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "on_corruption": ("on_corruption", _on_corruption),
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
+    "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
     "registry_ca": ("registry_ca", str), "registry_auth": ("registry_auth", str),
     "registry_timeout": ("registry_timeout", lambda v: float(positive_int(v, "registry_timeout"))),
 }
@@ -152,7 +154,7 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures", "event-log", "on-corruption",
+                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence",
                 "plain-http", "registry-ca", "registry-auth", "registry-timeout"}
 
 

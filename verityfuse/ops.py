@@ -177,7 +177,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         before the request is answered, so a client that saw EIO can already be quoted."""
         path = self._subject(handler, args)
         if self.tripwire.first_time(path):
-            await self._run(self.tripwire.record, path, getattr(e, "offset", None))
+            await self._run(self.tripwire.record, path, getattr(e, "data_offset", None))
 
     def _subject(self, handler: str, args) -> str:
         """The manifest path a failing request was about; in local mode (nothing is
@@ -401,7 +401,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(RESERVED):
             _fail(errno.EPERM)
-        self.view.setxattr(inode, name, value)
+        self.view.setxattr(inode, name, value, 0, ctx)  # ctx: the ACL rule of S_ISGID
 
     async def removexattr(self, inode, name, ctx):
         if name.startswith(RESERVED):

@@ -47,11 +47,13 @@ class IoctlHandlers:
                 request.reply(vioctl.getflags_reply(view.flags(ino, h))[:out_size])
             elif cmd in vioctl.SETFLAGS_CMDS:
                 view.set_flags(ino, h, int.from_bytes(data[:4], "little"))
+                self._attrs_changed(ino)
                 request.reply()
             elif cmd == vioctl.FS_IOC_FSGETXATTR:
                 request.reply(view.fsxattr(ino, h)[:out_size])
             elif cmd == vioctl.FS_IOC_FSSETXATTR:
                 view.fsxattr(ino, h, data)
+                self._attrs_changed(ino)
                 request.reply()
             elif cmd == uapi.FS_IOC_MEASURE_VERITY:
                 v = view.verity_info(ino)
@@ -103,6 +105,17 @@ class IoctlHandlers:
             raise
         finally:
             view.enable_finish(job)
+
+    @staticmethod
+    def _attrs_changed(ino: int):
+        """A flag change moved the inode's ctime (and maybe S_IMMUTABLE/S_APPEND): the
+        kernel's cached attributes are stale until their timeout (generic/277), and the
+        kernel does not drop them after a FUSE fileattr_set.  Attributes only: no page
+        is locked, so this is safe on the trio thread, before the reply."""
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as e:  # ENOENT: the kernel no longer caches it
+            log.debug("invalidate attributes of inode %d: %s", ino, e)
 
     @staticmethod
     def _invalidate(ino: int):

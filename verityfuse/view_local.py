@@ -40,13 +40,25 @@ def _renameat2(olddirfd, oldname, newdirfd, newname, flags):
         raise OSError(e, os.strerror(e))
 
 
+def _open_backing(path: str, flags: int, noatime: bool) -> int:
+    """O_NOATIME when asked for.  It needs the file's owner or CAP_FOWNER (EPERM
+    otherwise): a daemon without either reads as the kernel would without noatime."""
+    if noatime:
+        try:
+            return os.open(path, flags | os.O_NOATIME)
+        except PermissionError as e:
+            if e.errno != errno.EPERM:
+                raise
+    return os.open(path, flags)
+
+
 class LocalView(LocalMetadata):
     posix_acl = True  # the kernel enforces the backing files' ACLs (FUSE_POSIX_ACL)
 
     def __init__(self, source: str, store, cache, policy: str = "enforce", timeout: float = 1.0,
                  trust_certs=(), require_signatures: bool = False, read_only: bool = False,
                  remounted_ro: Callable[[], bool] = lambda: False, max_fds: Optional[int] = None,
-                 stats=None):
+                 stats=None, noatime: bool = False):
         if policy not in ("enforce", "require"):
             raise ValueError(f"unknown policy {policy!r}")
         self.source = os.path.realpath(source)
@@ -57,6 +69,9 @@ class LocalView(LocalMetadata):
         self.read_only = read_only
         self.remounted_ro = remounted_ro  # the mount's current flags (remount,ro)
         self.stats = stats
+        # -o noatime: the kernel updates no atime on the mount, and the reads the daemon
+        # makes for it must not update the backing files' either (generic/120).
+        self.noatime = noatime
         self.inodes = InodeTable(os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                                  max_fds)
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
@@ -247,7 +262,7 @@ class LocalView(LocalMetadata):
             if writing and i.enabling:
                 raise OSError(errno.ETXTBSY, "enable running")  # as the kernel
         if fd is None:
-            fd = os.open(i.proc_path, (flags & ~_STRIP) | os.O_CLOEXEC)
+            fd = _open_backing(i.proc_path, (flags & ~_STRIP) | os.O_CLOEXEC, self.noatime)
         fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
         try:
             if v is not NOT_VERITY:
@@ -304,7 +319,8 @@ class LocalView(LocalMetadata):
 
     def opendir(self, ino: int, ctx=None) -> DirHandle:
         i = self.inodes[ino]
-        fd = os.open(i.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = _open_backing(i.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                           self.noatime)
         i.handles += 1
         return DirHandle(i, fd)
 

@@ -20,6 +20,9 @@ from .inodes import Inode
 from .view import FileHandle
 
 
+ACL_ACCESS = b"system.posix_acl_access"
+
+
 class LocalMetadata:
     inodes: Any
     verity: Any
@@ -50,8 +53,26 @@ class LocalMetadata:
             names = [n for n in names if not n.startswith(b"trusted.")]
         return names
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0):
-        os.setxattr(self.inodes[ino].proc_path, name, value, flags)
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx=None):
+        i = self.inodes[ino]
+        os.setxattr(i.proc_path, name, value, flags)
+        if name == ACL_ACCESS and ctx is not None:
+            self._acl_kill_sgid(i, ctx)
+
+    def _acl_kill_sgid(self, i: Inode, ctx):
+        """The kernel's posix_acl_update_mode: setting an access ACL clears S_ISGID
+        unless the caller is in the file's group or has CAP_FSETID (generic/375).  The
+        daemon set it with its own credentials, which keep the bit, so the caller's
+        are checked here (the kernel would tell us with FUSE_SETXATTR_ACL_KILL_SGID,
+        which needs FUSE_SETXATTR_EXT: pyfuse3 does not negotiate it)."""
+        from .creds import groups_of
+
+        st = os.stat(i.proc_path)
+        if not st.st_mode & stat.S_ISGID or ctx.uid == 0:
+            return
+        if st.st_gid == ctx.gid or st.st_gid in groups_of(ctx.pid):
+            return
+        os.chmod(i.proc_path, stat.S_IMODE(st.st_mode) & ~stat.S_ISGID)
 
     def removexattr(self, ino: int, name: bytes):
         os.removexattr(self.inodes[ino].proc_path, name)

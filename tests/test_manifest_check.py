@@ -1,0 +1,122 @@
+"""`verityfuse verify SOURCE --manifest M`: the host's offline gate against a manifest, and
+`measure-manifest --trust-key`.  Every kind of difference a mount would refuse is reported,
+by path, with the same exit codes as `verify` (0 all match, 1 anything else, 2 usage)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import flip, write
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+
+
+def vf(*args):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    write(src / "a", b"a" * 10000)
+    write(src / "d" / "b", b"b")
+    os.symlink("a", src / "l")
+    assert vf("keygen", tmp_path / "k.pem", tmp_path / "p.pem").returncode == 0
+    m = tmp_path / "m.json"
+    assert vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "k.pem").returncode == 0
+    (tmp_path / "pin").write_text(vf("measure-manifest", m).stdout)
+    return src, m, tmp_path
+
+
+def check(src, m, tmp, *extra):
+    r = vf("verify", src, "--manifest", m, "--trust-key", tmp / "p.pem", "--json", *extra)
+    objs = [json.loads(line) for line in r.stdout.splitlines()]
+    status = {os.path.relpath(o["file"], src): o["status"] for o in objs if "file" in o}
+    return r.returncode, status, objs[-1]["summary"], r
+
+
+def test_an_intact_tree_passes(tree):
+    src, m, tmp = tree
+    rc, status, summary, _ = check(src, m, tmp)
+    assert rc == 0 and set(status.values()) == {"ok"}
+    assert sorted(status) == [".", "a", "d", "d/b", "l"]
+    assert summary["ok"] is True and summary["entries"] == 5 and summary["sequence"] == 1
+    r = vf("verify", src, "--manifest", m, "--manifest-digest", f"@{tmp}/pin")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("5 of 5 manifest entries match")
+
+
+def test_every_difference_is_reported_by_path(tree):
+    src, m, tmp = tree
+    st = os.stat(src / "a")
+    flip(src / "a", 5000)
+    os.utime(src / "a", ns=(st.st_atime_ns, st.st_mtime_ns))  # content only
+    os.chmod(src / "d" / "b", 0o600)
+    os.unlink(src / "l")
+    os.symlink("elsewhere", src / "l")
+    write(src / "new", b"n")
+    rc, status, summary, r = check(src, m, tmp)
+    assert rc == 1
+    assert status == {".": "differs", "a": "corrupt", "d": "ok", "d/b": "differs",
+                      "l": "differs", "new": "unlisted"}
+    lines = {json.loads(x)["file"]: json.loads(x) for x in r.stdout.splitlines()[:-1]}
+    assert lines[f"{src}/a"]["offset"] == 4096 and lines[f"{src}/a"]["what"] == "data block at offset"
+    assert lines[f"{src}/d/b"]["error"] == "mode 0600, the manifest says 0644"
+    assert lines[f"{src}/l"]["error"].startswith("mtime ")
+    assert lines[f"{src}/l"]["error"].endswith("; points to b'elsewhere', the manifest says b'a'")
+    assert (summary["corrupt"], summary["differs"], summary["unlisted"]) == (1, 3, 1)
+
+
+def test_missing_swapped_types_and_symlinked_directories(tree):
+    src, m, tmp = tree
+    os.unlink(src / "d" / "b")
+    os.rename(src / "d", src / "d.real")
+    os.symlink("d.real", src / "d")      # the listed path through a symlink: not followed
+    os.unlink(src / "a")
+    os.mkdir(src / "a")                  # a directory where a file was listed
+    rc, status, _, r = check(src, m, tmp)
+    assert rc == 1
+    assert (status["a"], status["d"], status["d/b"], status["d.real"]) == \
+        ("differs", "differs", "differs", "unlisted")
+    lines = {os.path.relpath(json.loads(x)["file"], src): json.loads(x)
+             for x in r.stdout.splitlines()[:-1]}
+    assert lines["a"]["error"] == "is a directory, the manifest lists a regular file"
+    assert lines["d"]["error"] == "is a symlink, the manifest lists a directory"
+    assert "without following a symlink" in lines["d/b"]["error"]
+    os.unlink(src / "d")
+    rc, status, _, _ = check(src, m, tmp)
+    assert (status["d"], status["d/b"]) == ("missing", "missing")
+
+
+def test_authentication_comes_first(tree):
+    src, m, tmp = tree
+    r = vf("verify", src, "--manifest", m)
+    assert r.returncode == 2 and "needs --trust-key or --manifest-digest" in r.stderr
+    assert vf("keygen", tmp / "k2.pem", tmp / "p2.pem").returncode == 0
+    r = vf("verify", src, "--manifest", m, "--trust-key", tmp / "p2.pem")
+    assert r.returncode == 1 and "not signed by a trusted key" in r.stderr
+    r = vf("verify", src, "--manifest", m, "--manifest-digest", "sha256:" + "0" * 64)
+    assert r.returncode == 1 and "is not the pinned" in r.stderr
+    r = vf("verify", src, "--manifest", m, "--manifest-digest", f"@{tmp}/nothing")
+    assert r.returncode == 2 and "nothing" in r.stderr
+    r = vf("verify", src, "--trust-key", tmp / "p.pem")
+    assert r.returncode == 2 and "need --manifest" in r.stderr
+
+
+def test_measure_manifest_checks_the_signature_without_mounting(tree):
+    src, m, tmp = tree
+    r = vf("measure-manifest", m, "--trust-key", tmp / "p.pem")
+    assert r.returncode == 0 and r.stdout == (tmp / "pin").read_text()
+    assert vf("keygen", tmp / "k2.pem", tmp / "p2.pem").returncode == 0
+    r = vf("measure-manifest", m, "--trust-key", tmp / "p2.pem")
+    assert r.returncode == 1 and "not signed by a trusted key" in r.stderr and r.stdout == ""
+
+
+def test_mount_takes_a_pinned_digest_from_a_file(tree, verified_mount):
+    src, m, tmp = tree
+    mnt = verified_mount(src, seal=False, options=[f"manifest={m},manifest_digest=@{tmp}/pin"])
+    assert (mnt.mountpoint / "d" / "b").read_bytes() == b"b"

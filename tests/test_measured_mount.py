@@ -1,0 +1,270 @@
+"""Measured mounts on a real mount: the MountManifest event before serving, the tamper
+tripwire, on_corruption, and the verifier's replay of what the guest measured.
+
+Rules: real mounts and the real CLI; registers are recomputed independently with
+hashlib from the log's exact lines; exact events, paths, offsets and exit codes.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import manifest as mf
+from conftest import drop_caches, flip, write
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+
+
+def vf(*args, **kw):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def share(tmp_path):
+    """A signed manifest of a small tree: (src, manifest, pub, digest)."""
+    mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+    src = tmp_path / "share"
+    src.mkdir()
+    write(src / "app.bin", bytes(range(256)) * 1024)       # 64 blocks
+    write(src / "config", b"trusted configuration\n")
+    (src / "lib").mkdir()
+    write(src / "lib" / "x.so", b"\x7fELF" + bytes(20000))
+    m = tmp_path / "m.json"
+    r = vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 0, r.stderr
+    digest = vf("measure-manifest", m).stdout.split()[0]
+    return src, m, tmp_path / "pub.pem", digest
+
+
+def mount_args(m, pub, digest, *extra):
+    return ["--manifest", str(m), "--trust-key", str(pub), "--manifest-digest", digest, *extra]
+
+
+def events(log_path):
+    """(alg, init bytes, [(domain, operation, content dict, line)]) of an event log."""
+    lines = log_path.read_text().splitlines()
+    head, value = lines[0].split(" ")
+    out = []
+    for line in lines[1:]:
+        domain, op, content = line.split(" ")
+        out.append((domain, op, json.loads(content), line))
+    return head.split("/")[1], bytes.fromhex(value), out
+
+
+def replayed(log_path) -> bytes:
+    """The register recomputed from the log's exact lines, with hashlib alone."""
+    alg, value, evs = events(log_path)
+    for *_, line in evs:
+        d = hashlib.new(alg, line.encode()).digest()
+        value = hashlib.new(alg, value + d).digest()
+    return value
+
+
+def register_value(path) -> bytes:
+    return bytes.fromhex(path.read_text().split()[-1])
+
+
+def test_mount_manifest_event_is_measured_before_serving(share, tmp_path, verified_mount):
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(
+        m, pub, digest, "--measure", f"file:{reg}", "--event-log", str(log)))
+    alg, init, evs = events(log)
+    assert (alg, init) == ("sha256", bytes(32))
+    [(domain, op, content, _)] = evs
+    assert op == "MountManifest" and "://" not in domain and " " not in domain
+    key_id = hashlib.sha256(mf.load_public_key(str(pub)).public_bytes_raw()).hexdigest()
+    assert content["manifest"] == digest
+    assert content["key_id"] == key_id
+    assert content["sequence"] == 1
+    assert content["mountpoint"] == str(mnt.mountpoint)
+    assert content["policy"] == "min_sequence=0,on_corruption=eio,trust=pinned+key"
+    assert register_value(reg) == replayed(log)
+    assert (mnt.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+    st = json.loads(os.getxattr(mnt.mountpoint, "user.verityfuse.status"))
+    assert st["tripwire"]["violations_measured"] == 0
+    r = vf("attest", "replay", log, "--register", register_value(reg).hex(),
+           "--expect-manifest", digest, "--min-sequence", 1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = vf("attest", "replay", log, "--register", register_value(reg).hex(),
+           "--min-sequence", 2)
+    assert r.returncode == 1
+
+
+def test_a_failed_extend_fails_the_mount_and_serves_nothing(share, tmp_path):
+    src, m, pub, digest = share
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    reg = tmp_path / "no-such-dir" / "reg"
+    r = vf("mount", src, mnt, *mount_args(m, pub, digest, "--measure", f"file:{reg}",
+                                          "--event-log", str(tmp_path / "events.log")),
+           "--log-file", tmp_path / "daemon.log")
+    assert r.returncode != 0
+    assert "the measurement failed" in r.stderr and str(reg) in r.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_measure_needs_a_manifest(share, tmp_path):
+    src, *_ = share
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = vf("mount", src, mnt, "--measure", f"file:{tmp_path}/reg", "--log-file",
+           tmp_path / "daemon.log")
+    assert r.returncode != 0 and "measure needs a manifest" in r.stderr
+    assert not os.path.ismount(mnt) and not (tmp_path / "reg").exists()
+
+
+def read_errno(path):
+    try:
+        path.read_bytes()
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+def test_each_tampered_file_is_measured_once(share, tmp_path, verified_mount):
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(
+        m, pub, digest, "--measure", f"file:{reg}", "--event-log", str(log)))
+    flip(src / "app.bin", 5 * 4096 + 7)
+    flip(src / "lib" / "x.so", 3)
+    for _ in range(3):  # a flood of failing reads costs one event per file
+        drop_caches()
+        assert read_errno(mnt.mountpoint / "app.bin") == errno.EIO
+        assert read_errno(mnt.mountpoint / "lib" / "x.so") == errno.EIO
+    assert (mnt.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+    _, _, evs = events(log)
+    violations = sorted((c["path"], c["offset"]) for _, op, c, _ in evs
+                        if op == "IntegrityViolation")
+    assert violations == [("app.bin", 5 * 4096), ("lib/x.so", 0)]
+    assert all(c["manifest"] == digest for _, op, c, _ in evs)
+    assert register_value(reg) == replayed(log)
+    st = json.loads(os.getxattr(mnt.mountpoint, "user.verityfuse.status"))["tripwire"]
+    assert (st["violations_measured"], st["tripped"], st["refusing_opens"]) == (2, True, False)
+    r = vf("attest", "replay", log, "--register", register_value(reg).hex(),
+           "--expect-manifest", digest)
+    assert r.returncode == 1 and "IntegrityViolation" in r.stdout + r.stderr
+    r = vf("attest", "replay", log, "--register", register_value(reg).hex(),
+           "--expect-manifest", digest, "--allow-violations", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_on_corruption_refuse_stops_every_open(share, tmp_path, verified_mount):
+    src, m, pub, digest = share
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(
+        m, pub, digest, "--on-corruption", "refuse"))
+    assert (mnt.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+    flip(src / "app.bin", 0)
+    drop_caches()
+    assert read_errno(mnt.mountpoint / "app.bin") == errno.EIO
+    drop_caches()
+    assert read_errno(mnt.mountpoint / "config") == errno.EIO  # untouched, refused all the same
+    assert "on_corruption=refuse" in mnt.log()
+
+
+def test_on_corruption_eio_keeps_serving_untouched_files(share, tmp_path, verified_mount):
+    src, m, pub, digest = share
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(m, pub, digest))
+    flip(src / "app.bin", 0)
+    drop_caches()
+    assert read_errno(mnt.mountpoint / "app.bin") == errno.EIO
+    drop_caches()
+    assert (mnt.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+
+
+def test_measure_options_through_dash_o(share, tmp_path, verified_mount):
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    verified_mount(src, seal=False, options=[
+        f"manifest={m},trust_key={pub},measure=file:sha384:{reg},event_log={log},"
+        f"on_corruption=refuse"])
+    alg, init, [(_, op, content, _)] = events(log)
+    assert (alg, init, op) == ("sha384", bytes(48), "MountManifest")
+    assert content["policy"] == "min_sequence=0,on_corruption=refuse,trust=key"
+    assert register_value(reg) == replayed(log)
+
+
+# -- the confidential-container flow against a software TPM (e2e's, without a guest) ------
+
+def test_tpm_measured_mount_quote_and_replay(share, tmp_path, verified_mount, monkeypatch):
+    """Guest: mount with --measure tpm, read, the host tampers; then a quote over PCR 23 with
+    the verifier's nonce.  Verifier: `attest replay` matches the quote, names the manifest,
+    and lists exactly the tampered files that were read."""
+    import tpmsim
+
+    src, m, pub, digest = share
+    log = tmp_path / "events.log"
+    with tpmsim.swtpm(tmp_path / "tpm") as tpm:
+        for k, v in tpm.env.items():
+            monkeypatch.setenv(k, v)  # the daemon reaches the TPM through TPM2TOOLS_TCTI
+        mnt = verified_mount(src, seal=False, extra_args=mount_args(
+            m, pub, digest, "--measure", "tpm", "--event-log", str(log)))
+        flip(src / "lib" / "x.so", 9000)
+        flip(src / "app.bin", 70000)
+        drop_caches()
+        assert read_errno(mnt.mountpoint / "lib" / "x.so") == errno.EIO
+        assert read_errno(mnt.mountpoint / "app.bin") == errno.EIO
+        assert read_errno(mnt.mountpoint / "app.bin") == errno.EIO
+        assert (mnt.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+        assert tpm.pcr_read(23) == replayed(log)
+        ak = tpm.make_ak(tmp_path)
+        nonce = os.urandom(16).hex()
+        msg, sig = tpm.quote(tmp_path, nonce)
+        quote = ["--quote", msg, "--signature", sig, "--ak-public", ak]
+        r = vf("attest", "replay", log, *quote, "--nonce", nonce, "--expect-manifest", digest,
+               "--min-sequence", 1, "--allow-violations", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)
+        assert out["schema"] == 1
+        r = vf("attest", "replay", log, *quote, "--nonce", nonce, "--expect-manifest", digest)
+        assert r.returncode == 1  # the violations fail an appraisal that does not allow them
+        r = vf("attest", "replay", log, *quote, "--nonce", os.urandom(16).hex(),
+               "--allow-violations")
+        assert r.returncode == 1  # an old quote cannot be replayed with a new nonce
+    _, _, evs = events(log)
+    assert [(op, c["manifest"]) for _, op, c, _ in evs][0] == ("MountManifest", digest)
+    assert sorted((c["path"], c["offset"]) for _, op, c, _ in evs if op == "IntegrityViolation") \
+        == [("app.bin", 70000 // 4096 * 4096), ("lib/x.so", 8192)]
+
+
+def test_tpm_unreachable_fails_the_mount(share, tmp_path, monkeypatch):
+    src, m, pub, digest = share
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    monkeypatch.setenv("TPM2TOOLS_TCTI", "swtpm:host=127.0.0.1,port=1")  # nothing listens
+    r = vf("mount", src, mnt, *mount_args(m, pub, digest, "--measure", "tpm",
+                                          "--event-log", str(tmp_path / "events.log")),
+           "--log-file", tmp_path / "daemon.log")
+    assert r.returncode != 0 and "the measurement failed" in r.stderr, r.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_rollback_to_an_older_signed_manifest_is_refused(share, tmp_path, verified_mount):
+    """The host puts back an older manifest signed by the same key: --min-sequence refuses it,
+    and the measured event of the newer one carries its sequence for a remote verifier."""
+    src, m, pub, digest = share
+    old = tmp_path / "old.json"
+    old.write_bytes(m.read_bytes())
+    write(src / "config", b"updated configuration\n")
+    r = vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 0, r.stderr
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = vf("mount", src, mnt, "--manifest", old, "--trust-key", pub, "--min-sequence", 2,
+           "--log-file", tmp_path / "daemon.log")
+    assert r.returncode != 0 and "manifest sequence 1 is older than the minimum 2" in r.stderr
+    assert not os.path.ismount(mnt)
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    mnt = verified_mount(src, seal=False, extra_args=[
+        "--manifest", str(m), "--trust-key", str(pub), "--min-sequence", "2",
+        "--measure", f"file:{reg}", "--event-log", str(log)])
+    assert (mnt.mountpoint / "config").read_bytes() == b"updated configuration\n"
+    [(_, op, content, _)] = events(log)[2]
+    assert (op, content["sequence"]) == ("MountManifest", 2)
+    assert content["policy"] == "min_sequence=2,on_corruption=eio,trust=key"

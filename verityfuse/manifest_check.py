@@ -1,0 +1,148 @@
+"""Offline check of a directory against an authenticated manifest (the host's CI gate).
+
+``verityfuse verify SOURCE --manifest M`` answers, before anything is shipped, the
+question a guest's mount would answer file by file: does every listed entry have the
+manifest's type, mode, owner, mtime, size and link target, and does every listed file's
+content hash up to the manifest's digest for *that path* (through the store object that
+digest names, exactly as the mount reads it)?  Entries the manifest does not list are
+reported too: a mount would hide them, and a gate should say they are there.
+
+Paths are walked below SOURCE without following any symlink (``fsutil.open_beneath``),
+so a listed path reached through a symlinked directory is reported, not followed.
+Nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Set, Tuple
+
+from . import fsutil, manifest_tree
+from .errors import VerityError
+from .reader import VerifiedReader
+from .sealing import describe_failure
+from .treebuild import CHUNK_SIZE
+from .verifier import TreeBlockCache, Verifier
+
+# Statuses (protocol/cli-json.md): ok; corrupt (content does not hash up to the digest);
+# differs (type or metadata); missing; unlisted; error (could not be read).
+STATUSES = ("ok", "corrupt", "differs", "missing", "unlisted", "error")
+
+
+@dataclass
+class EntryResult:
+    path: str                       # relative to SOURCE, as in the manifest
+    status: str
+    message: str = ""
+    digest: Optional[str] = None    # the manifest's digest, for files
+    error: Optional[Exception] = None
+
+
+def _metadata_differences(node: manifest_tree.Node, st: os.stat_result) -> list:
+    out = []
+    if stat.S_IFMT(st.st_mode) != node.kind:
+        return [f"is {fsutil.type_name(st.st_mode)}, the manifest lists "
+                f"{fsutil.type_name(node.mode)}"]
+    for what, want, got in (("mode", f"{stat.S_IMODE(node.mode):04o}",
+                             f"{stat.S_IMODE(st.st_mode):04o}"),
+                            ("uid", node.uid, st.st_uid), ("gid", node.gid, st.st_gid),
+                            ("mtime", node.mtime, st.st_mtime_ns)):
+        if want != got:
+            out.append(f"{what} {got}, the manifest says {want}")
+    if node.kind == stat.S_IFREG and st.st_size != node.size:
+        out.append(f"size {st.st_size}, the manifest says {node.size}")
+    return out
+
+
+def _check_content(pfd: int, node: manifest_tree.Node, store, cache, label: str) -> None:
+    """Read the file whole through a reader checked against the manifest's digest."""
+    fd = fsutil.reopen_regular(os.dup(pfd), label)
+    try:
+        with store.open_object(node.alg, node.digest) as tree:
+            d = tree.descriptor
+            if d.data_size != node.size or d.params != node.params:
+                raise VerityError(f"the store object for {node.digest_text} has size "
+                                  f"{d.data_size} and {d.params.describe()}, the manifest "
+                                  f"says {node.size} and {node.params.describe()}")
+            reader = VerifiedReader(fd, Verifier(tree, cache, label), label)
+            off = 0
+            while reader.read(off, CHUNK_SIZE):  # the read at EOF checks nothing follows
+                off += CHUNK_SIZE
+    finally:
+        os.close(fd)
+
+
+def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryResult:
+    digest = node.digest_text if node.kind == stat.S_IFREG else None
+    res = EntryResult(node.path, "ok", digest=digest)
+    try:
+        pfd = (os.dup(root_fd) if node.path == "."
+               else fsutil.open_beneath(root_fd, node.path.encode()))
+    except FileNotFoundError:
+        res.status, res.message = "missing", "listed in the manifest, not in SOURCE"
+        return res
+    except OSError as e:
+        res.status, res.message, res.error = "differs", (
+            f"cannot be reached without following a symlink ({e.strerror})"), e
+        return res
+    try:
+        st = os.fstat(pfd)
+        diffs = _metadata_differences(node, st)
+        if node.kind == stat.S_IFLNK and stat.S_ISLNK(st.st_mode):
+            target = os.readlink(b"", dir_fd=pfd)  # readlinkat() of the O_PATH fd itself
+            if target != node.target:
+                diffs.append(f"points to {target!r}, the manifest says {node.target!r}")
+        if diffs:
+            res.status, res.message = "differs", "; ".join(diffs)
+        if node.kind == stat.S_IFREG and stat.S_ISREG(st.st_mode):
+            _check_content(pfd, node, store, cache, node.path)  # also when metadata differs
+    except VerityError as e:  # content outranks metadata: say both
+        res.status, res.error = "corrupt", e
+        res.message = "; ".join([describe_failure(e)] + ([res.message] if res.message else []))
+    except OSError as e:
+        res.status, res.message, res.error = "error", describe_failure(e), e
+    finally:
+        os.close(pfd)
+    return res
+
+
+def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str]:
+    """Paths under ``source`` (not following symlinks) that the manifest does not list;
+    ``skip`` names files or directories to leave out (the store, the manifest itself)."""
+    skip_ids: Set[Tuple[int, int]] = set()
+    for p in skip:
+        try:
+            s = os.lstat(p)
+            skip_ids.add((s.st_dev, s.st_ino))
+        except OSError:
+            pass
+    for dirpath, dirnames, filenames in os.walk(source):
+        rel_dir = os.path.relpath(dirpath, source)
+        keep = []
+        for name in sorted(dirnames) + sorted(filenames):
+            full = os.path.join(dirpath, name)
+            s = os.lstat(full)
+            if (s.st_dev, s.st_ino) in skip_ids:
+                continue
+            rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+            if rel not in listed:
+                yield rel
+            elif name in dirnames:
+                keep.append(name)
+        dirnames[:] = keep  # an unlisted directory is reported once, not walked
+
+
+def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str] = ()
+               ) -> Iterator[EntryResult]:
+    """Every manifest entry in manifest order, then every unlisted path."""
+    cache = TreeBlockCache()
+    root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for node in tree.nodes:
+            yield check_node(root_fd, node, store, cache)
+    finally:
+        os.close(root_fd)
+    for rel in unlisted(source, {n.path for n in tree.nodes}, skip):
+        yield EntryResult(rel, "unlisted", "in SOURCE, not in the manifest (a mount hides it)")
