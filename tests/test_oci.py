@@ -260,11 +260,14 @@ def test_altered_registry_blob_fails_only_its_blocks(pushed, registry, oci_mount
     assert log.count("big: data block at offset 12288: expected hash") == 1, log
 
 
-@pytest.mark.parametrize("how", ["digest", "key"])
+@pytest.mark.parametrize("how", ["digest", "key", "rollback"])
 def test_wrong_trust_refused(pushed, tmp_path, how):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if how == "digest":
+    if how == "rollback":  # a manifest older than the guest's minimum sequence
+        trust = ["--trust-key", pushed["pub"], "--min-sequence", 1000]
+        why = "is older than the minimum 1000: a rollback?"
+    elif how == "digest":
         trust = ["--manifest-digest", "sha256:" + "00" * 32]
         why = f"manifest digest {pushed['digest']} is not the pinned sha256:{'00' * 32}"
     else:

@@ -63,7 +63,7 @@ class Remote:
     Plays the store's part for ``daemon.serve`` (``path``, ``close``)."""
 
     def __init__(self, source: str, client: Client, trust_keys, pinned_digest: Optional[str],
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, min_sequence: int = 0):
         self.path = source
         self.client = client
         ref = client.ref
@@ -78,7 +78,7 @@ class Remote:
                                 f"{manifest.MAX_BYTES}")
         raw = client.get_blob(blob.digest, blob.size, f"{ref}: the signed manifest")
         self.manifest = _authenticate(raw, f"{ref} (manifest blob {blob.digest})",
-                                      trust_keys, pinned_digest)
+                                      trust_keys, pinned_digest, min_sequence)
         self.blocks = BlockCache(cache_bytes)
         # Tree objects that validated, so that opening a file again fetches nothing:
         # an LRU of their bytes, a quarter of the cache budget.
@@ -161,13 +161,14 @@ class Remote:
         self.client.close()
 
 
-def _authenticate(raw: bytes, where: str, trust_keys, pinned: Optional[str]):
-    """manifest.load over bytes: the manifest code reads a file, so the bytes are
-    handed to it as one (a memfd), and its messages name the registry instead."""
+def _authenticate(raw: bytes, where: str, trust_keys, pinned: Optional[str], min_sequence: int):
+    """manifest.load over bytes (authentication, then rollback and expiry checks, then
+    parsing): the manifest code reads a file, so the bytes are handed to it as one (a
+    memfd), and its messages name the registry instead."""
     fd = _memfd("verityfuse-manifest", raw)
     path = f"/proc/self/fd/{fd}"
     try:
-        return manifest.load(path, trust_keys, pinned)
+        return manifest.load(path, trust_keys, pinned, min_sequence)
     except ManifestError as e:
         raise ManifestError(str(e).replace(path, where)) from None
     finally:
@@ -361,7 +362,7 @@ def remote_from_settings(source: str, s) -> Remote:
     client = make_client(ref, s.plain_http, s.registry_ca, s.registry_auth, s.registry_timeout)
     try:
         cache = (s.cache_size << 20) if s.cache_size else DEFAULT_CACHE_BYTES
-        return Remote(source, client, keys, s.manifest_digest, cache)
+        return Remote(source, client, keys, s.manifest_digest, cache, s.min_sequence or 0)
     except BaseException:
         client.close()
         raise
