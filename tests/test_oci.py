@@ -584,3 +584,32 @@ def test_hostile_oci_manifests_are_refused_or_ignored():
         {"mediaType": oa.DATA_TYPE, "digest": "sha256:" + "1" * 64, "size": 6,
          "annotations": {oa.DIGEST_ANNOTATION: "sha256:aa"}}]))
     assert art.data == {"sha256:aa": oa.Blob(good, 5)} and art.trees == {}
+
+
+def test_guest_pull_is_measured_and_attested_as_a_share_is(pushed, registry, tmp_path,  # noqa: F811
+                                                           oci_mount):
+    """The confidential-container recipe with a registry: the MountManifest event names the
+    same manifest digest, and the verifier's replay accepts it; an integrity failure from
+    the registry is measured as for a share."""
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    m = oci_mount(pushed["ref"], "--trust-key", pushed["pub"], "--manifest-digest",
+                  pushed["digest"], "--measure", f"file:{reg}", "--event-log", log)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and " MountManifest " in lines[1]
+    content = json.loads(lines[1].split(" ", 2)[2])
+    assert content["manifest"] == pushed["digest"] and content["mountpoint"] == str(m.mountpoint)
+    register = bytes.fromhex(reg.read_text().split()[-1]).hex()
+    r = vf("attest", "replay", log, "--register", register, "--expect-manifest",
+           pushed["digest"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Bytes from the registry that do not verify: measured before the EIO is answered.
+    from verityfuse.oci_client import sha256_digest
+    with open(registry.blob_path(sha256_digest(pushed["files"]["big"])), "r+b") as f:
+        f.seek(BAD)
+        f.write(b"?")
+    with pytest.raises(OSError):
+        pread_block(m.mountpoint / "big", BAD)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and " IntegrityViolation " in lines[2]
+    violation = json.loads(lines[2].split(" ", 2)[2])
+    assert (violation["path"], violation["offset"]) == ("big", BAD)
