@@ -304,6 +304,15 @@ def proxy(registry):  # noqa: F811
 BAD = 3 * 4096  # the block the proxy damages
 
 
+def tree_object_blob(pushed, path: str) -> str:
+    """The blob digest of ``path``'s tree object: its store object's bytes, hashed."""
+    from verityfuse.oci_client import sha256_digest
+    tree = mf.load(str(pushed["manifest"]), [mf.load_public_key(str(pushed["pub"]))]).tree
+    hexd = next(n for n in tree.files() if n.path == path).digest.hex()
+    return sha256_digest((pushed["src"] / ".verityfuse" / "objects" / "sha256" / hexd[:2] /
+                          hexd).read_bytes())
+
+
 def _big_blob(pushed):
     from verityfuse.oci_client import sha256_digest
     return sha256_digest(pushed["files"]["big"])
@@ -332,10 +341,7 @@ def _through(pushed, proxy, oci_mount, *args):
 def test_hostile_registry_costs_the_damaged_block_only(pushed, proxy, oci_mount, fault, logged):
     big, blob = pushed["files"]["big"], _big_blob(pushed)
     if fault == "other":  # the same range of another blob: big's tree object (70 KiB)
-        from verityfuse.oci_client import sha256_digest
-        objects = sorted((pushed["src"] / ".verityfuse" / "objects").rglob("*"),
-                         key=lambda p: p.stat().st_size)
-        proxy.other_blob = sha256_digest(objects[-1].read_bytes())
+        proxy.other_blob = tree_object_blob(pushed, "big")
     proxy.rule = lambda r: fault if r.blob == blob and r.range and r.range[0] == BAD else None
     m = _through(pushed, proxy, oci_mount)
     path = m.mountpoint / "big"
@@ -522,11 +528,7 @@ def test_a_large_tree_is_fetched_as_it_is_used(tmp_path, registry, oci_mount):  
 
 
 def test_a_failing_tree_fetch_fails_only_that_open(pushed, proxy, oci_mount):
-    from verityfuse.oci_client import sha256_digest
-    tree = mf.load(str(pushed["manifest"]), [mf.load_public_key(str(pushed["pub"]))]).tree
-    hexd = next(n for n in tree.files() if n.path == "sub/odd").digest.hex()
-    odd = pushed["src"] / ".verityfuse" / "objects" / "sha256" / hexd[:2] / hexd
-    tree_blob = sha256_digest(odd.read_bytes())
+    tree_blob = tree_object_blob(pushed, "sub/odd")
     proxy.rule = lambda r: "500" if r.blob == tree_blob and r.method == "GET" else None
     m = _through(pushed, proxy, oci_mount)
     with pytest.raises(OSError) as e:
