@@ -8,13 +8,17 @@ range of ``other_blob``), ``short`` (one byte fewer, honestly announced),
 ``long`` (one byte more), ``range`` (a Content-Range shifted by one block),
 ``500`` (an error answer), ``stall`` (no answer until the proxy stops),
 ``redirect`` (a 307 to the registry itself: must work), ``loop`` (a 307 to
-the same URL, for ever).
+the same URL, for ever).  With ``token_users`` set it also plays a token
+server in front of the registry (the distribution spec's Bearer challenge).
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
+import json
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -43,6 +47,10 @@ class HostileProxy:
         self.requests: List[Request] = []
         self.lock = threading.Lock()
         self.released = threading.Event()  # ends every stall
+        # Token authentication in front of the registry: {user: password} allowed to get
+        # the token at /token (None: the registry's own rules only).
+        self.token_users: Optional[dict] = None
+        self.token = "token-" + base64.b16encode(os.urandom(8)).decode()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -77,6 +85,30 @@ class HostileProxy:
                                                       ("content-length",))
         return resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in drop], data
 
+    def _token_gate(self, h, req) -> bool:
+        """True if the request was answered here: a token, or a 401 asking for one."""
+        if h.path.startswith("/token"):
+            auth = h.headers.get("Authorization", "")
+            user, _, password = base64.b64decode(auth[6:]).decode().partition(":") \
+                if auth.startswith("Basic ") else ("", "", "")
+            if self.token_users.get(user) != password or not user:
+                self._answer(h, req, 401, [], b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+            else:
+                self._answer(h, req, 200, [("Content-Type", "application/json")],
+                             json.dumps({"token": self.token, "expires_in": 300}).encode())
+            return True
+        if h.headers.get("Authorization") != f"Bearer {self.token}":
+            n = int(h.headers.get("Content-Length") or 0)
+            if n:
+                h.rfile.read(n)
+            repo = re.match(r"/v2/(.+?)/(?:blobs|manifests)/", h.path)
+            scope = f',scope="repository:{repo.group(1)}:pull,push"' if repo else ""
+            self._answer(h, req, 401, [("WWW-Authenticate", f'Bearer realm="http://{self.host}'
+                                        f'/token",service="test-registry"{scope}')],
+                         b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+            return True
+        return False
+
     def _serve(self, h):
         rng = None
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", h.headers.get("Range", ""))
@@ -86,6 +118,8 @@ class HostileProxy:
         req.fault = self.rule(req)
         with self.lock:
             self.requests.append(req)
+        if self.token_users is not None and self._token_gate(h, req):
+            return
         n = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(n) if n else None
         headers = {k: v for k, v in h.headers.items() if k.lower() != "connection"}

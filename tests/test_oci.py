@@ -615,3 +615,24 @@ def test_guest_pull_is_measured_and_attested_as_a_share_is(pushed, registry, tmp
     assert len(lines) == 3 and " IntegrityViolation " in lines[2]
     violation = json.loads(lines[2].split(" ", 2)[2])
     assert (violation["path"], violation["offset"]) == ("big", BAD)
+
+
+def test_bearer_token_authentication(tree, proxy, tmp_path, oci_mount):
+    """A registry that answers 401 with a Bearer challenge: the token comes from the
+    challenge's realm with the basic credentials, and every later request carries it."""
+    proxy.token_users = {"pusher": "s3cret"}
+    creds = tmp_path / "creds"
+    creds.write_text("pusher:wrong\n")
+    ref = proxy.host + "/vf/tokens:v1"
+    r = vf("push", tree["src"], ref, "--manifest", tree["manifest"], "--plain-http",
+           "--registry-auth", creds)
+    assert r.returncode == 1
+    assert f"registry API check: token from http://{proxy.host}/token: answered 401" in r.stderr
+    creds.write_text("pusher:s3cret\n")
+    r = vf("push", tree["src"], ref, "--manifest", tree["manifest"], "--plain-http",
+           "--registry-auth", creds)
+    assert r.returncode == 0 and "10 blobs uploaded" in r.stdout, r.stderr
+    m = oci_mount(ref, "--trust-key", tree["pub"], "--registry-auth", creds)
+    assert (m.mountpoint / "sub/odd").read_bytes() == tree["files"]["sub/odd"]
+    # One token per client: two for the wrong password's and the push's, one for the mount.
+    assert proxy.count("GET", lambda r: r.path.startswith("/token")) == 3

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 import re
 import threading
 import time
@@ -109,9 +110,11 @@ class Client:
         self.retries = retries
         self.backoff = backoff
         self.headers: Dict[str, str] = {"User-Agent": "verityfuse"}
+        self.basic: Optional[str] = None
         if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            self.headers["Authorization"] = f"Basic {token}"
+            self.basic = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            self.headers["Authorization"] = self.basic
+        self.token_lock = threading.Lock()
         # HTTPS always verifies the certificate: against ca_file, else the system's CAs.
         self.http = urllib3.PoolManager(
             maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED" if https else None,
@@ -137,12 +140,14 @@ class Client:
         """One call, retried on 5xx and connection errors; the response's body is not
         read yet (the caller reads it with ``read_body`` and releases it).  Any status
         not in ``ok`` is a RegistryError naming ``what``."""
-        h = dict(self.headers)
-        h.update(headers or {})
         url = self._url(path)
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        renewed = False
+        attempt = 0
+        while True:
             last = attempt == self.retries
+            h = dict(self.headers)
+            h.update(headers or {})
             try:
                 self._count(method)
                 r = self.http.request(method, url, headers=h,
@@ -156,12 +161,56 @@ class Client:
             else:
                 if r.status in ok:
                     return r
+                challenge = r.headers.get("WWW-Authenticate", "")
+                if r.status == 401 and challenge.startswith("Bearer ") and not renewed:
+                    _discard(r)
+                    self._bearer(challenge, h.get("Authorization"), what)
+                    renewed = True
+                    continue  # at once, with the token: not a failed attempt
                 text = _error_text(r)
                 if r.status not in _RETRY_STATUS or last:
                     raise RegistryError(f"{what}: {self.ref.host} answered {r.status}{text}")
             time.sleep(delay)
             delay *= 2
-        raise AssertionError("unreachable")
+            attempt += 1
+
+    def _bearer(self, challenge: str, used: Optional[str], what: str):
+        """Token authentication (the distribution spec's): ask the challenge's realm for a
+        token for its service and scope, with the basic credentials if any; later requests
+        carry it.  Another thread may have renewed it meanwhile: then nothing is asked."""
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        realm = fields.pop("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise RegistryError(f"{what}: {self.ref.host} asks for a token from {realm!r}, "
+                                f"not an http(s) URL")
+        with self.token_lock:
+            if self.headers.get("Authorization") != used:
+                return
+            query = urllib.parse.urlencode({k: v for k, v in fields.items()
+                                            if k in ("service", "scope")})
+            url = f"{realm}{'&' if '?' in realm else '?'}{query}"
+            h = {"User-Agent": "verityfuse"}
+            if self.basic:
+                h["Authorization"] = self.basic
+            try:
+                self._count("token")
+                r = self.http.request("GET", url, headers=h, preload_content=False,
+                                      retries=urllib3.Retry(total=None, connect=0, read=0,
+                                                            status=0, other=0, redirect=3))
+            except urllib3.exceptions.HTTPError as e:
+                raise RegistryError(f"{what}: token from {realm}: {_reason(e)}") from None
+            if r.status != 200:
+                raise RegistryError(f"{what}: token from {realm}: answered {r.status}"
+                                    f"{_error_text(r)}")
+            body = self.read_body(r, f"{what}: token from {realm}", 1 << 20)
+            try:
+                doc = json.loads(body)
+                token = doc.get("token") or doc.get("access_token")
+            except (ValueError, AttributeError):
+                token = None
+            if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+                raise RegistryError(f"{what}: token from {realm}: no token in the answer")
+            self.headers["Authorization"] = f"Bearer {token}"
 
     def read_body(self, r: urllib3.BaseHTTPResponse, what: str, limit: int,
                   exact: Optional[int] = None) -> bytes:
