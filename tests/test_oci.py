@@ -636,3 +636,32 @@ def test_bearer_token_authentication(tree, proxy, tmp_path, oci_mount):
     assert (m.mountpoint / "sub/odd").read_bytes() == tree["files"]["sub/odd"]
     # One token per client: two for the wrong password's and the push's, one for the mount.
     assert proxy.count("GET", lambda r: r.path.startswith("/token")) == 3
+
+
+def test_chunked_and_monolithic_uploads_and_range_reads(registry):  # noqa: F811
+    """The client against the registry alone: a chunked upload (PATCH with Content-Range,
+    then PUT ?digest=), a monolithic one, HEAD, whole and ranged GETs."""
+    import io
+    from verityfuse.oci_client import Client, RegistryError, parse_ref, sha256_digest
+    c = Client(parse_ref(f"{registry.host}/vf/client"))
+    try:
+        data = content(300_000, 9)
+        digest = sha256_digest(data)
+        assert c.blob_size(digest) is None
+        c.upload_blob(digest, len(data), lambda: io.BytesIO(data), chunk_size=100_000)
+        assert c.requests["PATCH"] == 3
+        assert c.blob_size(digest) == len(data)
+        assert c.get_blob(digest, len(data), "blob") == data
+        assert c.get_range(digest, 4096, 8192, "range") == data[4096:12288]
+        assert c.get_range(digest, 299_990, 10, "tail") == data[-10:]
+        small = b"small blob\n"
+        c.upload_blob(sha256_digest(small), len(small), lambda: io.BytesIO(small))
+        assert c.requests["PATCH"] == 3 and c.get_blob(sha256_digest(small), 11, "b") == small
+        # The registry checks what it is given: a digest that is not the bytes' is refused.
+        with pytest.raises(RegistryError, match="answered 400"):
+            c.upload_blob("sha256:" + "0" * 64, 3, lambda: io.BytesIO(b"abc"))
+        # A range past the end is not a 206.
+        with pytest.raises(RegistryError, match="answered 416"):
+            c.get_range(digest, 400_000, 10, "past the end")
+    finally:
+        c.close()
