@@ -665,3 +665,42 @@ def test_chunked_and_monolithic_uploads_and_range_reads(registry):  # noqa: F811
             c.get_range(digest, 400_000, 10, "past the end")
     finally:
         c.close()
+
+
+def test_sequential_reads_are_read_ahead(pushed, proxy):
+    """A read that continues the previous one starts fetching the next range in the
+    background: the third of three sequential 256 KiB reads was requested before the
+    read was made, and no range is requested twice."""
+    import time
+    from verityfuse import oci_source
+    from verityfuse.mountopts import Settings
+    from verityfuse.verifier import TreeBlockCache, Verifier
+
+    ref = "oci://" + proxy.host + "/" + pushed["ref"].split("/", 1)[1]
+    remote = oci_source.remote_from_settings(ref, Settings(trust_key=[str(pushed["pub"])],
+                                                           plain_http=True))
+    big, blob, piece = pushed["files"]["big"], _big_blob(pushed), 256 << 10
+
+    def ranges():
+        with proxy.lock:
+            return [r.range for r in proxy.requests if r.blob == blob]
+    try:
+        node = next(n for n in remote.manifest.tree.files() if n.path == "big")
+        tree = remote.open_tree(node, "big")
+        reader = oci_source.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
+                                      "big")
+        assert bytes(reader.read(0, piece)) == big[:piece]
+        assert bytes(reader.read(piece, piece)) == big[piece:2 * piece]
+        third = (2 * piece, 3 * piece - 1)
+        for _ in range(1000):  # the readahead's request: an event, waited for
+            if third in ranges():
+                break
+            time.sleep(0.01)
+        assert ranges() == [(0, piece - 1), (piece, 2 * piece - 1), third]
+        assert bytes(reader.read(2 * piece, piece)) == big[2 * piece:3 * piece]
+        remote.readahead.shutdown(wait=True)
+        assert ranges() == [(0, piece - 1), (piece, 2 * piece - 1), third,
+                            (3 * piece, 4 * piece - 1)]
+        tree.close()
+    finally:
+        remote.close()

@@ -25,6 +25,7 @@ and nothing else.  Each failure is logged once per file and offset.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -80,6 +81,10 @@ class Remote:
         self.manifest = _authenticate(raw, f"{ref} (manifest blob {blob.digest})",
                                       trust_keys, pinned_digest, min_sequence)
         self.blocks = BlockCache(cache_bytes)
+        # Readahead of sequential reads runs here, so that the network works while a
+        # read is answered (two workers: readahead never takes the request threads).
+        self.readahead = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="verityfuse-readahead")
         # Tree objects that validated, so that opening a file again fetches nothing:
         # an LRU of their bytes, a quarter of the cache budget.
         self.trees: "OrderedDict[str, bytes]" = OrderedDict()
@@ -158,6 +163,7 @@ class Remote:
                              "data_cache": self.blocks.snapshot()}}
 
     def close(self):
+        self.readahead.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
 
@@ -237,6 +243,7 @@ class OciReader(VerifiedReader):
         self.fsv = node.digest_text
         self.blob = remote.artifact.data.get(self.fsv)
         self._local = threading.local()  # the blocks of each thread's current read
+        self._next = -1  # the block after the last read: the next read is sequential there
 
     def _check_eof(self):
         pass  # the sealed size is authoritative; bytes past it are never fetched
@@ -250,6 +257,7 @@ class OciReader(VerifiedReader):
             first = offset // bs
             last = (min(offset + size, self.data_size) - 1) // bs
             self._local.got = self._blocks(first, last - first + 1)
+            self._read_ahead(first, last - first + 1)
         try:
             return super().read(offset, size)
         finally:
@@ -269,32 +277,57 @@ class OciReader(VerifiedReader):
             mv[i * bs: i * bs + len(block)] = block
         return len(mv)
 
-    def _blocks(self, first: int, count: int) -> Dict[tuple, bytes]:
+    def _read_ahead(self, first: int, count: int):
+        """A read that starts where the previous one ended: the next as many blocks (at
+        most MAX_RUN bytes) are fetched in the background, into the cache."""
+        sequential, self._next = first == self._next, first + count
+        left = -(-self.data_size // self.bs) - (first + count)
+        n = min(count, MAX_RUN // self.bs, left)
+        if sequential and n > 0:
+            self.remote.readahead.submit(self._quietly, first + count, n)
+
+    def _quietly(self, first: int, count: int):
+        """Readahead: fetch what nobody fetches yet; a failure is nobody's (not raised,
+        not logged): the read that needs the blocks fetches, and reports, again.  The
+        handle may have been closed meanwhile: then its tree cannot be read, and nothing
+        is cached."""
+        try:
+            self._blocks(first, count, quiet=True)
+        except Exception:
+            pass
+
+    def _blocks(self, first: int, count: int, quiet: bool = False) -> Dict[tuple, bytes]:
         """Verified blocks [first, first+count): from the cache, else fetched (once, however
-        many readers want them); raises the error of the first block that cannot be had."""
+        many readers want them); raises the error of the first block that cannot be had.
+        ``quiet`` (readahead): only the blocks nobody fetches, no errors."""
         keys = [(self.fsv, b) for b in range(first, first + count)]
         got: Dict[tuple, bytes] = {}
         cache = self.remote.blocks
         while len(got) < count:
             with cache.cond:
                 mine, waiting = cache.take(keys, got)
+                if quiet and not mine:
+                    return got
                 if not mine:
                     if waiting:
                         # Another reader fetches them; its request has a timeout.
                         cache.cond.wait(self.remote.client.timeout)
                     continue
             try:
-                errors = self._fetch([k[1] for k in mine], got)
+                errors = self._fetch([k[1] for k in mine], got, quiet)
             finally:
                 with cache.cond:
                     cache.inflight.difference_update(mine)
                     cache.cond.notify_all()
+            if quiet:
+                return got
             for k in mine:
                 if k not in got:
                     raise errors[k[1]]
         return got
 
-    def _fetch(self, blocks: List[int], got: Dict[tuple, bytes]) -> Dict[int, VerityError]:
+    def _fetch(self, blocks: List[int], got: Dict[tuple, bytes],
+               quiet: bool = False) -> Dict[int, VerityError]:
         """Fetch ``blocks`` (sorted) in runs of consecutive ones, verify, cache the good
         ones into ``got``; the error of each block that could not be had."""
         errors: Dict[int, VerityError] = {}
@@ -318,7 +351,7 @@ class OciReader(VerifiedReader):
                     self.blob.digest, start, end - start,
                     f"bytes {start}-{end - 1} of blob {self.blob.digest}")
             except RegistryError as e:
-                err = self.remote.failed(e, self.label, start)
+                err = e if quiet else self.remote.failed(e, self.label, start)
                 errors.update((b, err) for b in run)
                 continue
             self._verify_run(run, data, got, errors)
