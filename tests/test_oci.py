@@ -704,3 +704,34 @@ def test_sequential_reads_are_read_ahead(pushed, proxy):
         tree.close()
     finally:
         remote.close()
+
+
+def test_a_disk_cache_is_bounded_private_and_removed(pushed, oci_mount, tmp_path):
+    from conftest import drop_caches
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    m = oci_mount(pushed["ref"], "--trust-key", pushed["pub"], "--cache", cache_dir,
+                  "--cache-size", 4)
+    [private] = cache_dir.iterdir()
+    assert private.stat().st_mode & 0o777 == 0o700
+    big = pushed["files"]["big"]
+    assert (m.mountpoint / "big").read_bytes() == big
+    cache = status(m)["registry"]["data_cache"]
+    assert cache["directory"] == str(private) and 0 < cache["bytes"] <= 4 << 20
+    [blocks] = private.iterdir()
+    assert blocks.stat().st_blocks * 512 <= (4 << 20) + (64 << 10)  # holes punched
+    # The last blocks read are still on disk: read again, they cost nothing.
+    drop_caches()
+    before = fetched(m)
+    assert pread_block(m.mountpoint / "big", BIG - 4096) == big[-4096:]
+    assert fetched(m) == before
+    # A cached block altered on disk is caught by the verification on the way out.
+    with open(blocks, "r+b") as f:
+        f.seek(BIG - 4096)
+        f.write(b"!")
+    drop_caches()
+    with pytest.raises(OSError) as e:
+        pread_block(m.mountpoint / "big", BIG - 4096)
+    assert e.value.errno == errno.EIO
+    m.unmount()
+    assert list(cache_dir.iterdir()) == []

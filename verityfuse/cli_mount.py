@@ -65,7 +65,8 @@ def settings_from(args) -> Settings:
                  measure=args.measure, event_log=args.event_log, on_corruption=args.on_corruption,
                  debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence,
                  plain_http=args.plain_http, registry_ca=args.registry_ca,
-                 registry_auth=args.registry_auth, registry_timeout=args.registry_timeout)
+                 registry_auth=args.registry_auth, registry_timeout=args.registry_timeout,
+                 cache_dir=args.cache)
     return mountopts.parse(args.o or [], s)
 
 
@@ -227,6 +228,9 @@ def add_commands(sub):
     p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
                    metavar="S", help="oci:// sources: seconds a registry request may take "
                    "before the reads waiting on it fail with EIO (default 10)")
+    p.add_argument("--cache", metavar="DIR", help="oci:// sources: keep verified data blocks "
+                   "in a private directory under DIR (removed at unmount), within --cache-size, "
+                   "instead of in memory")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a verityfuse mount")

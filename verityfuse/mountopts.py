@@ -52,6 +52,7 @@ class Settings:
     registry_ca: Optional[str] = None
     registry_auth: Optional[str] = None  # a file holding USER:PASSWORD
     registry_timeout: float = 10.0       # seconds per request
+    cache_dir: Optional[str] = None      # verified data blocks on disk, not in memory
     given: List[str] = field(default_factory=list)  # daemon settings named in -o
 
 
@@ -106,6 +107,7 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
     "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
     "registry_ca": ("registry_ca", str), "registry_auth": ("registry_auth", str),
+    "cache": ("cache_dir", str),
     "registry_timeout": ("registry_timeout", lambda v: float(positive_int(v, "registry_timeout"))),
 }
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}

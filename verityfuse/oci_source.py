@@ -64,7 +64,8 @@ class Remote:
     Plays the store's part for ``daemon.serve`` (``path``, ``close``)."""
 
     def __init__(self, source: str, client: Client, trust_keys, pinned_digest: Optional[str],
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, min_sequence: int = 0):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, min_sequence: int = 0,
+                 cache_dir: Optional[str] = None):
         self.path = source
         self.client = client
         ref = client.ref
@@ -80,7 +81,11 @@ class Remote:
         raw = client.get_blob(blob.digest, blob.size, f"{ref}: the signed manifest")
         self.manifest = _authenticate(raw, f"{ref} (manifest blob {blob.digest})",
                                       trust_keys, pinned_digest, min_sequence)
-        self.blocks = BlockCache(cache_bytes)
+        if cache_dir:
+            from .oci_disk_cache import DiskBlockCache
+            self.blocks: BlockCache = DiskBlockCache(cache_dir, cache_bytes)
+        else:
+            self.blocks = BlockCache(cache_bytes)
         # Readahead of sequential reads runs here, so that the network works while a
         # read is answered (two workers: readahead never takes the request threads).
         self.readahead = concurrent.futures.ThreadPoolExecutor(
@@ -164,6 +169,7 @@ class Remote:
 
     def close(self):
         self.readahead.shutdown(wait=True, cancel_futures=True)
+        self.blocks.close()
         self.client.close()
 
 
@@ -213,7 +219,8 @@ class BlockCache:
                 mine.append(k)
         return mine, waiting
 
-    def put(self, key: tuple, block: bytes):
+    def put(self, key: tuple, block: bytes, offset: int = 0):
+        """Cache ``block`` (``offset``: its place in the file, for a cache on disk)."""
         if key in self._d:
             return
         self._d[key] = block
@@ -226,6 +233,9 @@ class BlockCache:
         with self.cond:
             return {"hits": self.hits, "misses": self.misses, "blocks": len(self._d),
                     "bytes": self.bytes, "max_bytes": self.max_bytes}
+
+    def close(self):
+        pass  # memory only
 
 
 class OciReader(VerifiedReader):
@@ -376,7 +386,7 @@ class OciReader(VerifiedReader):
             for b in good:
                 i = b - run[0]
                 block = data[i * bs:(i + 1) * bs]
-                cache.put((self.fsv, b), block)
+                cache.put((self.fsv, b), block, b * bs)
                 got[(self.fsv, b)] = block
 
 
@@ -395,7 +405,8 @@ def remote_from_settings(source: str, s) -> Remote:
     client = make_client(ref, s.plain_http, s.registry_ca, s.registry_auth, s.registry_timeout)
     try:
         cache = (s.cache_size << 20) if s.cache_size else DEFAULT_CACHE_BYTES
-        return Remote(source, client, keys, s.manifest_digest, cache, s.min_sequence or 0)
+        return Remote(source, client, keys, s.manifest_digest, cache, s.min_sequence or 0,
+                      s.cache_dir)
     except BaseException:
         client.close()
         raise
