@@ -20,7 +20,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
-            "enable", "doctor", "attest")
+            "enable", "doctor", "attest", "push")
 
 
 def error(msg: str):
@@ -313,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     cli_mount.add_commands(sub)
-    from . import cli_attest
+    from . import cli_attest, cli_oci
     cli_attest.add_commands(sub)
+    cli_oci.add_commands(sub)
     for name, p in sub.choices.items():
         _exit_status_epilog(name, p)
     return parser

@@ -63,7 +63,10 @@ def settings_from(args) -> Settings:
                  trust_cert=list(args.trust_cert or ()), require_signatures=args.require_signatures,
                  cache_size=args.cache_size, readahead_kb=args.readahead_kb, log_file=args.log_file,
                  measure=args.measure, event_log=args.event_log, on_corruption=args.on_corruption,
-                 debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence)
+                 debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence,
+                 plain_http=args.plain_http, registry_ca=args.registry_ca,
+                 registry_auth=args.registry_auth, registry_timeout=args.registry_timeout,
+                 cache_dir=args.cache)
     return mountopts.parse(args.o or [], s)
 
 
@@ -127,6 +130,14 @@ def cmd_status(args) -> int:
                              f"blocks, {human_bytes(cache['bytes'])} of "
                              f"{human_bytes(cache['max_bytes'])}"),
     ]
+    reg = st.get("registry")
+    if reg:  # an oci:// mount
+        calls = ", ".join(f"{n} {m}" for m, n in sorted(reg["requests"].items()))
+        dc = reg["data_cache"]
+        rows += [("registry", f"{esc(reg['source'])}: {reg['bytes_fetched']} bytes fetched "
+                              f"({calls or 'no requests'})"),
+                 ("data cache", f"{dc['hits']} hits, {dc['misses']} misses, {dc['blocks']} blocks, "
+                                f"{human_bytes(dc['bytes'])} of {human_bytes(dc['max_bytes'])}")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -168,7 +179,8 @@ def cmd_uninstall_helper(args) -> int:
 
 def add_commands(sub):
     p = sub.add_parser("mount", help="mount a verified view of SOURCE on MOUNTPOINT")
-    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("source", metavar="SOURCE", help="a directory, or oci://HOST[:PORT]/REPO"
+                   "[:TAG|@DIGEST] (a tree pushed with `verityfuse push`, served lazily)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--store", metavar="DIR", help="store directory (must exist; default "
                    "SOURCE/.verityfuse, made by the first enable)")
@@ -210,6 +222,14 @@ def add_commands(sub):
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say where the logs go (said anyway when it is not the documented place)")
+    from .cli_oci import add_registry_options
+    add_registry_options(p)  # SOURCE oci://HOST[:PORT]/REPO[:TAG|@DIGEST]
+    p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
+                   metavar="S", help="oci:// sources: seconds a registry request may take "
+                   "before the reads waiting on it fail with EIO (default 10)")
+    p.add_argument("--cache", metavar="DIR", help="oci:// sources: keep verified data blocks "
+                   "in a private directory under DIR (removed at unmount), within --cache-size, "
+                   "instead of in memory")
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="unmount a verityfuse mount")

@@ -82,11 +82,22 @@ async def _serve(ops, mountpoint, readahead_kb):
 class Trust:
     """Where trusted digests and signatures come from, loaded before mounting."""
 
-    def __init__(self, s: Settings):
+    def __init__(self, s: Settings, source: str = ""):
         from . import manifest, signature
         from .errors import ManifestError
 
         self.manifest = None
+        self.remote = None  # an oci:// source: the fetched, authenticated artifact
+        if is_oci(source):
+            from .oci_source import remote_from_settings
+
+            if s.manifest or s.trust_cert or s.require_signatures or s.store:
+                raise ManifestError("oci:// serves the manifest the registry holds: manifest, "
+                                    "store, trust_cert and require_signatures do not apply")
+            self.remote = remote_from_settings(source, s)
+            self.manifest = self.remote.manifest
+            self.certs = []
+            return
         if s.manifest:
             if s.trust_cert or s.require_signatures:
                 raise ManifestError("trust_cert and require_signatures are for local mode; with a "
@@ -97,6 +108,11 @@ class Trust:
         elif s.trust_key or s.manifest_digest or s.min_sequence:
             raise ManifestError("trust_key, manifest_digest and min_sequence need a manifest")
         self.certs = signature.load_certificates(s.trust_cert)
+
+
+def is_oci(source: str) -> bool:
+    """A tree served from an OCI registry (oci://HOST[:PORT]/REPO[:TAG|@DIGEST])."""
+    return source.startswith("oci://")
 
 
 def measure_mount(mountpoint: str, s: Settings, trust: Trust):
@@ -136,6 +152,12 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
     from .verifier import TreeBlockCache
 
     cache = TreeBlockCache(s.cache_size << 20) if s.cache_size else TreeBlockCache()
+    if trust.remote is not None:
+        from .view_oci import OciView
+
+        m = trust.remote.manifest
+        log.info("%s: manifest of %d entries, digest %s", source, len(m.tree.nodes), m.digest)
+        return OciView(trust.remote, cache, stats=stats), trust.remote
     if trust.manifest is not None:
         from .view_manifest import ManifestView
 
@@ -192,7 +214,8 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         view.close()
         store.close()
         raise
-    ops = VerityOperations(view, stats=stats, tripwire=tripwire, info={
+    ops = VerityOperations(view, threads=getattr(view, "threads", 4), stats=stats,
+                           tripwire=tripwire, info={
         "source": source, "mountpoint": mountpoint, "store": store.path, "pid": os.getpid(),
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,
@@ -251,11 +274,13 @@ def _fuse_device_poll():
 
 def check(source: str, mountpoint: str, s: Settings) -> list:
     """Refuse what cannot work (MountError); return warnings worth printing."""
-    for what, path in (("source", source), ("mount point", mountpoint)):
+    checked = (("mount point", mountpoint),) if is_oci(source) else \
+        (("source", source), ("mount point", mountpoint))
+    for what, path in checked:
         if not os.path.isdir(path):
             raise MountError(f"{what} '{path}' is not a directory")
     src, mnt = os.path.realpath(source), os.path.realpath(mountpoint)
-    if mnt.startswith(src + "/"):
+    if not is_oci(source) and mnt.startswith(src + "/"):
         # A lookup of that directory through the mount would ask this daemon
         # to open its own mount: it would wait on itself.
         raise MountError(f"mount point '{mountpoint}' is inside the source '{source}'")
@@ -277,10 +302,11 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
     for w in check(source, mountpoint, s):
         print(f"WARNING: {w}", file=err)
     try:
-        trust = Trust(s)  # a bad manifest, key or cert: refuse before mounting
+        trust = Trust(s, source)  # a bad manifest, key or cert: refuse before mounting
     except Exception as e:  # VerityError or OSError, with a message for the user
         raise MountError(f"refusing to mount: {e}") from None
-    src, mnt = os.path.realpath(source), os.path.realpath(mountpoint)
+    src = source if is_oci(source) else os.path.realpath(source)
+    mnt = os.path.realpath(mountpoint)
     if s.foreground:
         logs.setup(s.debug, s.log_file, mountpoint=mnt)
         try:

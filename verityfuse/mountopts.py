@@ -47,6 +47,12 @@ class Settings:
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
     remount: bool = False
+    # oci:// sources (oci_source): how to reach the registry; nothing it says is trusted.
+    plain_http: bool = False
+    registry_ca: Optional[str] = None
+    registry_auth: Optional[str] = None  # a file holding USER:PASSWORD
+    registry_timeout: float = 10.0       # seconds per request
+    cache_dir: Optional[str] = None      # verified data blocks on disk, not in memory
     given: List[str] = field(default_factory=list)  # daemon settings named in -o
 
 
@@ -100,9 +106,13 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
     "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
+    "registry_ca": ("registry_ca", str), "registry_auth": ("registry_auth", str),
+    "cache": ("cache_dir", str),
+    "registry_timeout": ("registry_timeout", lambda v: float(positive_int(v, "registry_timeout"))),
 }
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
-FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground"}
+FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground",
+         "plain_http": "plain_http"}
 
 
 def split(options: str) -> List[str]:
@@ -146,7 +156,8 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence"}
+                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence",
+                "plain-http", "registry-ca", "registry-auth", "registry-timeout"}
 
 
 def escape_value(value: str) -> str:

@@ -267,6 +267,9 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self.tripwire.refusing:
             raise Errno(errno.EIO, "refusing every open after an integrity violation")
+        if getattr(self.view, "open_blocks", False):
+            # An OCI view fetches the tree object at open: never on this thread.
+            return self._file_info(await self._run(self.view.open, inode, flags, ctx))
         return self._file_info(self.view.open(inode, flags, ctx))
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -309,7 +312,9 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     async def flush(self, fh):
         # Report close-time errors of the backing fs (as passthrough_hp does).
-        os.close(os.dup(self.handles[fh].fd))
+        fd = self.handles[fh].fd
+        if fd >= 0:  # an OCI view's handles have no backing fd
+            os.close(os.dup(fd))
 
     async def fsync(self, fh, datasync):
         await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
@@ -374,6 +379,8 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         if self.stats is not None:
             out.update(self.stats.snapshot())
         out["tree_cache"] = self.view.cache.snapshot()
+        if hasattr(self.view, "status"):  # an OCI view: registry requests and data cache
+            out.update(self.view.status())
         out["tripwire"] = self.tripwire.snapshot()
         return out
 

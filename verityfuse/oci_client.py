@@ -1,0 +1,413 @@
+"""The OCI distribution API calls verityfuse needs, over urllib3 (pure: no pyfuse3, no trio).
+
+urllib3 rather than hand-written HTTP: connection pooling with HTTP/1.1
+keep-alive (a lazy mount makes one small range request per read), TLS with a
+CA file, connect/read timeouts and redirect handling, in one well-kept library
+that most Python HTTP stacks already build on.
+
+Nothing a registry returns is trusted here: this module only refuses answers
+that are malformed (a wrong status, a Content-Range that is not exactly the
+range asked for, a body shorter or longer than announced, a blob whose bytes
+do not hash to its name) so that the error names the cause.  What makes a
+byte trustworthy is decided by the caller (oci_source: the Merkle tree of the
+signed manifest).
+
+Each request has a connect and a read timeout, and a whole-body deadline (a
+server dripping one byte per read timeout cannot hold a reader for longer);
+5xx answers and connection errors are retried a bounded number of times with
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import re
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+
+import urllib3
+
+from .errors import VerityError
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+_RETRY_STATUS = {500, 502, 503, 504}
+_CHUNK = 1 << 16
+_REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+class RegistryError(VerityError):
+    """The registry could not give what was asked (EIO): availability, never trust."""
+
+
+class BodyBroken(RegistryError):
+    """The connection failed in the middle of a body: worth another try."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """``HOST[:PORT]/REPO[:TAG|@DIGEST]``."""
+
+    host: str
+    repo: str
+    tag: Optional[str] = None
+    digest: Optional[str] = None
+
+    @property
+    def reference(self) -> str:
+        """What goes after /manifests/: the digest if pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        return f"{self.host}/{self.repo}" + (f"@{self.digest}" if self.digest
+                                             else f":{self.tag or 'latest'}")
+
+
+def parse_ref(text: str) -> Ref:
+    """Parse a reference (an ``oci://`` prefix is allowed); ValueError names what is wrong."""
+    rest = text[len("oci://"):] if text.startswith("oci://") else text
+    host, slash, path = rest.partition("/")
+    if not slash or not _HOST.match(host) or not path:
+        raise ValueError(f"{text!r} is not HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    digest = tag = None
+    if "@" in path:
+        path, digest = path.split("@", 1)
+        if not _DIGEST.match(digest):
+            raise ValueError(f"{text!r}: {digest!r} is not sha256:<64 hex digits>")
+    else:
+        last = path.rsplit("/", 1)[-1]
+        if ":" in last:
+            path, tag = path.rsplit(":", 1)
+            if not _TAG.match(tag):
+                raise ValueError(f"{text!r}: {tag!r} is not a valid tag")
+    if not _REPO.match(path):
+        raise ValueError(f"{text!r}: {path!r} is not a repository name (lower case, digits, "
+                         f"separators . _ -, components joined by /)")
+    return Ref(host, path, tag, digest)
+
+
+def sha256_digest(data) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Client:
+    """One repository of one registry.  Thread-safe (urllib3's pool is)."""
+
+    def __init__(self, ref: Ref, *, https: bool = False, ca_file: Optional[str] = None,
+                 auth: Optional[Tuple[str, str]] = None, timeout: float = 10.0,
+                 retries: int = 3, backoff: float = 0.2, pool_size: int = 8):
+        self.ref = ref
+        self.base = f"{'https' if https else 'http'}://{ref.host}"
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.headers: Dict[str, str] = {"User-Agent": "verityfuse"}
+        self.basic: Optional[str] = None
+        if auth is not None:
+            self.basic = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            self.headers["Authorization"] = self.basic
+        self.token_lock = threading.Lock()
+        # HTTPS always verifies the certificate: against ca_file, else the system's CAs.
+        self.http = urllib3.PoolManager(
+            maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED" if https else None,
+            ca_certs=ca_file if https else None,
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout))
+        self.lock = threading.Lock()
+        self.requests: Dict[str, int] = {}  # method -> count, for tests and status
+        self.bytes_fetched = 0
+
+    # -- transport --------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        return self.base + path
+
+    def _count(self, method: str):
+        with self.lock:
+            self.requests[method] = self.requests.get(method, 0) + 1
+
+    def request(self, method: str, path: str, what: str, headers=None,
+                body: Optional[Callable[[], Any]] = None, ok=(200,)) -> urllib3.BaseHTTPResponse:
+        """One call, retried on 5xx and connection errors; the response's body is not
+        read yet (the caller reads it with ``read_body`` and releases it).  Any status
+        not in ``ok`` is a RegistryError naming ``what``."""
+        url = self._url(path)
+        delay = self.backoff
+        renewed = False
+        attempt = 0
+        while True:
+            last = attempt == self.retries
+            h = dict(self.headers)
+            h.update(headers or {})
+            try:
+                self._count(method)
+                r = self.http.request(method, url, headers=h,
+                                      body=None if body is None else body(),
+                                      preload_content=False, redirect=True,
+                                      retries=urllib3.Retry(total=None, connect=0, read=0,
+                                                            status=0, other=0, redirect=3))
+            except urllib3.exceptions.HTTPError as e:
+                if last:
+                    raise RegistryError(f"{what}: {self.ref.host}: {_reason(e)}") from None
+            else:
+                if r.status in ok:
+                    return r
+                challenge = r.headers.get("WWW-Authenticate", "")
+                if r.status == 401 and challenge.startswith("Bearer ") and not renewed:
+                    _discard(r)
+                    self._bearer(challenge, h.get("Authorization"), what)
+                    renewed = True
+                    continue  # at once, with the token: not a failed attempt
+                text = _error_text(r)
+                if r.status not in _RETRY_STATUS or last:
+                    raise RegistryError(f"{what}: {self.ref.host} answered {r.status}{text}")
+            time.sleep(delay)
+            delay *= 2
+            attempt += 1
+
+    def _bearer(self, challenge: str, used: Optional[str], what: str):
+        """Token authentication (the distribution spec's): ask the challenge's realm for a
+        token for its service and scope, with the basic credentials if any; later requests
+        carry it.  Another thread may have renewed it meanwhile: then nothing is asked."""
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        realm = fields.pop("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise RegistryError(f"{what}: {self.ref.host} asks for a token from {realm!r}, "
+                                f"not an http(s) URL")
+        with self.token_lock:
+            if self.headers.get("Authorization") != used:
+                return
+            query = urllib.parse.urlencode({k: v for k, v in fields.items()
+                                            if k in ("service", "scope")})
+            url = f"{realm}{'&' if '?' in realm else '?'}{query}"
+            h = {"User-Agent": "verityfuse"}
+            if self.basic:
+                h["Authorization"] = self.basic
+            try:
+                self._count("token")
+                r = self.http.request("GET", url, headers=h, preload_content=False,
+                                      retries=urllib3.Retry(total=None, connect=0, read=0,
+                                                            status=0, other=0, redirect=3))
+            except urllib3.exceptions.HTTPError as e:
+                raise RegistryError(f"{what}: token from {realm}: {_reason(e)}") from None
+            if r.status != 200:
+                raise RegistryError(f"{what}: token from {realm}: answered {r.status}"
+                                    f"{_error_text(r)}")
+            body = self.read_body(r, f"{what}: token from {realm}", 1 << 20)
+            try:
+                doc = json.loads(body)
+                token = doc.get("token") or doc.get("access_token")
+            except (ValueError, AttributeError):
+                token = None
+            if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+                raise RegistryError(f"{what}: token from {realm}: no token in the answer")
+            self.headers["Authorization"] = f"Bearer {token}"
+
+    def read_body(self, r: urllib3.BaseHTTPResponse, what: str, limit: int,
+                  exact: Optional[int] = None) -> bytes:
+        """The response's body, at most ``limit`` bytes (exactly ``exact`` if given), read
+        before a deadline of a few read timeouts."""
+        deadline = time.monotonic() + 3 * self.timeout
+        parts, n = [], 0
+        want = limit if exact is None else exact
+        try:
+            while True:
+                chunk = r.read(min(_CHUNK, want + 1 - n))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                n += len(chunk)
+                if n > want:
+                    raise RegistryError(f"{what}: the body is longer than the {want} bytes "
+                                        f"{'asked for' if exact is not None else 'allowed'}")
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"{what}: the body took longer than {3 * self.timeout:g}s")
+        except urllib3.exceptions.HTTPError as e:
+            raise BodyBroken(f"{what}: {_reason(e)}") from None
+        finally:
+            # A body read to its end returns the connection to the pool; any other is
+            # closed (its rest is not worth reading).
+            _discard(r)
+            with self.lock:
+                self.bytes_fetched += n
+        if exact is not None and n != exact:
+            raise RegistryError(f"{what}: the body is {n} bytes, {exact} were asked for")
+        return b"".join(parts)
+
+    # -- the distribution API -----------------------------------------------------------
+
+    def _blob_path(self, digest: str) -> str:
+        return f"/v2/{self.ref.repo}/blobs/{digest}"
+
+    def check(self):
+        """GET /v2/: the registry speaks the API (and the credentials are accepted)."""
+        _discard(self.request("GET", "/v2/", "registry API check"))
+
+    def blob_size(self, digest: str) -> Optional[int]:
+        """HEAD a blob: its size if the repository has it, None if not."""
+        r = self.request("HEAD", self._blob_path(digest), f"blob {digest}", ok=(200, 404))
+        _discard(r)
+        if r.status == 404:
+            return None
+        return int(r.headers.get("Content-Length", "-1"))
+
+    def upload_blob(self, digest: str, size: int, open_body: Callable[[], IO[bytes]],
+                    chunk_size: int = 64 << 20):
+        """Upload a blob whose bytes ``open_body()`` reads from the start: monolithic
+        (POST, then PUT ?digest= with the body), or chunked for blobs over ``chunk_size``
+        (PATCH with Content-Range per chunk, then PUT ?digest=)."""
+        what = f"upload of blob {digest}"
+        r = self.request("POST", f"/v2/{self.ref.repo}/blobs/uploads/", what, ok=(202,))
+        _discard(r)
+        location = self._location(r, what)
+        if size > chunk_size:
+            with open_body() as f:
+                for start in range(0, size, chunk_size):
+                    f.seek(start)
+                    data = f.read(min(chunk_size, size - start))
+                    r = self.request("PATCH", location, what, body=functools.partial(bytes, data),
+                                     ok=(202,),
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Content-Range": f"{start}-{start + len(data) - 1}",
+                                              "Content-Length": str(len(data))})
+                    _discard(r)
+                    location = self._location(r, what)
+            body, length = None, 0
+        else:
+            body, length = open_body, size
+        files: List[IO[bytes]] = []
+
+        def stream():
+            for f in files:
+                f.close()
+            files.append(body())
+            return files[-1]
+
+        try:
+            r = self.request("PUT", _add_query(location, "digest", digest), what, ok=(201,),
+                             body=(lambda: b"") if body is None else stream,
+                             headers={"Content-Type": "application/octet-stream",
+                                      "Content-Length": str(length)})
+            _discard(r)
+        finally:
+            for f in files:
+                f.close()
+
+    def _location(self, r, what: str) -> str:
+        loc = r.headers.get("Location")
+        if not loc:
+            raise RegistryError(f"{what}: the registry gave no upload Location")
+        return urllib.parse.urljoin(self.base + "/", loc)
+
+    def put_manifest(self, reference: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
+        """PUT a manifest by tag or digest; returns its digest."""
+        digest = sha256_digest(body)
+        r = self.request("PUT", f"/v2/{self.ref.repo}/manifests/{reference}",
+                         f"manifest {reference}", body=lambda: body, ok=(201,),
+                         headers={"Content-Type": media_type})
+        _discard(r)
+        said = r.headers.get("Docker-Content-Digest")
+        if said and said != digest:
+            raise RegistryError(f"manifest {reference}: the registry says its digest is {said}, "
+                                f"the bytes sent hash to {digest}")
+        return digest
+
+    def get_manifest(self, reference: str, limit: int) -> bytes:
+        """GET an OCI image manifest by tag or digest (a digest is checked)."""
+        what = f"manifest {self.ref.repo}:{reference}"
+        r = self.request("GET", f"/v2/{self.ref.repo}/manifests/{reference}", what,
+                         headers={"Accept": OCI_MANIFEST})
+        body = self.read_body(r, what, limit)
+        if reference.startswith("sha256:") and sha256_digest(body) != reference:
+            raise RegistryError(f"{what}: the bytes hash to {sha256_digest(body)}")
+        return body
+
+    def _again(self, fetch: Callable[[], bytes]) -> bytes:
+        """``fetch()``, tried again (with backoff, a bounded number of times) when the
+        connection broke in the middle of the body."""
+        delay = self.backoff
+        for attempt in range(self.retries):
+            try:
+                return fetch()
+            except BodyBroken:
+                time.sleep(delay)
+                delay *= 2
+        return fetch()
+
+    def get_blob(self, digest: str, size: int, what: str) -> bytes:
+        """A whole blob of ``size`` bytes whose SHA-256 must be ``digest``."""
+        what = f"{what} (blob {digest})"
+
+        def fetch():
+            r = self.request("GET", self._blob_path(digest), what)
+            return self.read_body(r, what, size, exact=size)
+        body = self._again(fetch)
+        if sha256_digest(body) != digest:
+            raise RegistryError(f"{what}: the bytes hash to {sha256_digest(body)}")
+        return body
+
+    def get_range(self, digest: str, start: int, length: int, what: str) -> bytes:
+        """Bytes [start, start+length) of a blob: a 206 whose Content-Range is exactly
+        that range, with exactly that many bytes."""
+        end = start + length - 1
+
+        def fetch():
+            r = self.request("GET", self._blob_path(digest), what, ok=(206,),
+                             headers={"Range": f"bytes={start}-{end}"})
+            cr = r.headers.get("Content-Range", "")
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", cr.strip())
+            if not m or int(m.group(1)) != start or int(m.group(2)) != end:
+                r.close()
+                raise RegistryError(f"{what}: asked for bytes {start}-{end}, the registry "
+                                    f"answered Content-Range {cr!r}")
+            return self.read_body(r, what, length, exact=length)
+        return self._again(fetch)
+
+    def close(self):
+        self.http.clear()
+
+
+def _discard(r):
+    """Done with a response: its connection goes back to the pool if the body was read
+    to its end (a small rest is read first), else it is closed, never reused mid-body."""
+    try:
+        if not r.isclosed():
+            r.read(1 << 16)
+    except Exception:
+        pass
+    if r.isclosed():
+        r.release_conn()
+    else:
+        r.close()
+        r.release_conn()
+
+
+def _add_query(url: str, key: str, value: str) -> str:
+    sep = "&" if urllib.parse.urlsplit(url).query else "?"
+    return f"{url}{sep}{urllib.parse.urlencode({key: value})}"
+
+
+def _reason(e: Exception) -> str:
+    inner = getattr(e, "reason", None)
+    return str(inner or e) or type(e).__name__
+
+
+def _error_text(r) -> str:
+    """A short excerpt of an error body (OCI errors are JSON with a code and message)."""
+    try:
+        text = r.read(512).decode("utf-8", "replace")
+    except Exception:
+        return ""
+    finally:
+        _discard(r)
+    text = " ".join(text.split())
+    return f": {text[:200]!r}" if text else ""

@@ -1,0 +1,122 @@
+"""Verified data blocks of an OCI mount kept on disk (``--cache DIR``); pure.
+
+The same bounded LRU as ``oci_source.BlockCache``, with the blocks in sparse
+files instead of memory: one file per fs-verity digest, each block at its own
+offset, in a directory private to this mount (made 0700 under DIR at mount,
+removed at unmount: nothing is reused across mounts).  Evicting a block
+punches a hole, so the disk used stays within the budget.  Memory: the index,
+about 150 bytes per cached block.
+
+Only verified blocks are written, and every block read back is verified again
+by ``VerifiedReader`` before it is served: a cache directory someone else can
+write to costs availability (EIO), never integrity.  Use guest-private storage.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Tuple
+
+from .oci_source import BlockCache
+
+log = logging.getLogger("verityfuse")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int):
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class DiskBlockCache(BlockCache):
+    def __init__(self, directory: str, max_bytes: int):
+        super().__init__(max_bytes)
+        self.dir = tempfile.mkdtemp(prefix="verityfuse-cache-", dir=directory)
+        # Punch a hole now: a filesystem that cannot would let the disk use grow unbounded.
+        probe = os.path.join(self.dir, "probe")
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, bytes(8192), 0)
+            punch_hole(fd, 0, 4096)
+        except OSError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise OSError(e.errno, f"cache directory {directory}: cannot punch holes in its "
+                                   f"files ({e.strerror}): pick another filesystem") from None
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+        self.fds: Dict[str, int] = {}
+        self._where: Dict[tuple, Tuple[int, int]] = {}  # key -> (offset, length) on disk
+
+    def _fd(self, fsv: str) -> int:
+        fd = self.fds.get(fsv)
+        if fd is None:
+            name = fsv.replace(":", "-")  # sha256-<hex>: checked by the manifest parser
+            fd = os.open(os.path.join(self.dir, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            self.fds[fsv] = fd
+        return fd
+
+    def take(self, keys: List[tuple], out: Dict[tuple, bytes]):
+        mine, waiting = [], False
+        for k in keys:
+            if k in out:
+                continue
+            where = self._where.get(k)
+            block = None
+            if where is not None:
+                block = os.pread(self._fd(k[0]), where[1], where[0])
+                if len(block) != where[1]:  # the file was cut short: forget it, fetch again
+                    block = None
+                    del self._d[k], self._where[k]
+                    self.bytes -= where[1]
+            if block is not None:
+                self._d.move_to_end(k)
+                self.hits += 1
+                out[k] = block
+            elif k in self.inflight:
+                waiting = True
+            else:
+                self.misses += 1
+                self.inflight.add(k)
+                mine.append(k)
+        return mine, waiting
+
+    def put(self, key: tuple, block: bytes, offset: int = 0):
+        if key in self._d:
+            return
+        try:
+            os.pwrite(self._fd(key[0]), block, offset)
+        except OSError as e:  # a full disk: the block is simply not cached
+            if e.errno != errno.ENOSPC:
+                raise
+            return
+        self._d[key] = b""  # the LRU order; the bytes are on disk
+        self._where[key] = (offset, len(block))
+        self.bytes += len(block)
+        while self.bytes > self.max_bytes:
+            old, _ = self._d.popitem(last=False)
+            off, length = self._where.pop(old)
+            punch_hole(self._fd(old[0]), off, length)
+            self.bytes -= length
+
+    def snapshot(self) -> dict:
+        snap = super().snapshot()
+        snap["directory"] = self.dir
+        return snap
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        shutil.rmtree(self.dir, ignore_errors=True)

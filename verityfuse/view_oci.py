@@ -1,0 +1,62 @@
+"""The manifest view of a tree served from an OCI registry (``mount oci://REF``).
+
+Everything but opening a file is ``ManifestView``'s: names, attributes and
+listings come from the authenticated manifest alone.  Opening a file fetches
+its tree object from the registry (validated against the manifest digest) and
+gives the handle an ``OciReader``, which fetches and verifies blocks on read.
+There is no share: a handle has no backing fd.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import Corruption
+from .oci_source import OciReader, Remote
+from .verifier import Verifier
+from .view import FileHandle
+from .view_manifest import ManifestView, _erofs
+
+
+class OciView(ManifestView):
+    # Opening fetches a tree object: the daemon runs open in a worker thread.
+    open_blocks = True
+    # Reads wait on the network (each bounded by a timeout): more worker threads, so
+    # that reads stalled on the registry leave threads for the others.
+    threads = 16
+
+    def __init__(self, remote: Remote, cache, stats=None):
+        # No share to open (ManifestView.__init__ would): the attributes its methods use.
+        self.tree = remote.manifest.tree
+        self.stats = stats
+        self.store = remote
+        self.cache = cache
+        self.manifest_digest = remote.manifest.digest
+        self.remote = remote
+        self.root_fd = -1
+
+    def close(self) -> int:
+        return 0
+
+    def open_tree(self, node):
+        tree = self.remote.open_tree(node, node.path)
+        d = tree.descriptor
+        if d.data_size != node.size or d.params != node.params:
+            tree.close()
+            raise Corruption(f"{node.path}: the manifest's size or tree parameters disagree with "
+                             f"its digest {node.digest_text}")
+        return tree
+
+    def open(self, ino: int, flags: int, caller=None) -> FileHandle:
+        node = self._file(ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            _erofs()
+        fh = FileHandle(-1, node)
+        tree = self.open_tree(node)
+        fh.closers.append(tree)
+        fh.reader = OciReader(self.remote, node, Verifier(tree, self.cache, node.path),
+                              node.path, self.stats)
+        return fh
+
+    def status(self) -> dict:
+        return self.remote.status()
