@@ -12,7 +12,7 @@ STAMP  = $(VENV)/.installed
 E2E_APT_PACKAGES = qemu-system-x86 swtpm swtpm-tools tpm2-tools
 E2E_DIR ?= build/e2e
 
-.PHONY: setup demo test bench clean e2e e2e-deps
+.PHONY: setup demo test bench clean e2e e2e-deps registry-deps
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml setup.py verityfuse/_hashblocks.c verityfuse/_fuseshim.
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH examples/demo.sh
 
-test: setup
+test: setup registry-deps
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 
 bench: setup
