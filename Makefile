@@ -60,6 +60,5 @@ clean:
 # The OCI tests' registry: Debian's docker-registry unpacked into $(REGISTRY_DIR)/root
 # (downloaded once, never installed: installing it starts a service on port 5000).
 REGISTRY_DIR ?= build/registry
-.PHONY: registry-deps
 registry-deps:
 	e2e/fetch-registry.sh $(REGISTRY_DIR)
