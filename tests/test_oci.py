@@ -430,6 +430,43 @@ def test_a_stall_does_not_hang_other_files(pushed, proxy, oci_mount):
     assert result["bad"] == errno.EIO
 
 
+def test_a_stalled_tree_fetch_for_metadata_does_not_hang_the_mount(pushed, proxy, oci_mount):
+    """getxattr of an unopened file's fs-verity descriptor fetches its tree object: while
+    the registry stalls on it, other files and metadata are still served."""
+    import threading
+    from verityfuse.oci_client import sha256_digest
+    big = pushed["files"]["big"]
+    m = _through(pushed, proxy, oci_mount)
+    assert pread_block(m.mountpoint / "big", 0) == big[:4096]  # big's tree is fetched now
+    data = {sha256_digest(b) for b in pushed["files"].values()}
+    stalled = threading.Event()
+
+    def rule(r):
+        if r.blob and r.blob not in data:  # a tree object
+            stalled.set()
+            return "stall"
+        return None
+    proxy.rule = rule
+    result = {}
+
+    def descriptor():
+        try:
+            os.getxattr(m.mountpoint / "sub/odd", "user.fsverity.descriptor")
+            result["odd"] = "read"
+        except OSError as e:
+            result["odd"] = e.errno
+    t = threading.Thread(target=descriptor)
+    t.start()
+    try:
+        assert stalled.wait(30)
+        assert pread_block(m.mountpoint / "big", BAD) == big[BAD:BAD + 4096]
+        assert sorted(os.listdir(m.mountpoint / "sub")) == ["deep", "odd"]
+        assert "odd" not in result
+    finally:
+        t.join(60)
+    assert result["odd"] == errno.EIO
+
+
 def test_push_counts_uploads_at_the_registry(tree, proxy):
     ref = proxy.host + "/vf/counted:v1"
     push(tree, ref)

@@ -390,7 +390,13 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
                 _fail(errno.EPERM)  # failure names and paths are for the owner and root
             return json.dumps(self.status(), sort_keys=True).encode()
         if name.startswith(RESERVED):
-            value = self._control_xattr(inode, name)
+            # Exporting metadata opens and verifies a tree object, which an OCI view
+            # fetches from the registry: then in a worker thread (a stall must not hold
+            # up the request loop), as its opens are.
+            if getattr(self.view, "open_blocks", False):
+                value = await self._run(self._control_xattr, inode, name)
+            else:
+                value = self._control_xattr(inode, name)
             if value is not None:
                 return value
             value = self._verity_xattrs(inode).get(name)
