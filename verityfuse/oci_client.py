@@ -31,7 +31,11 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
-import urllib3
+try:
+    import urllib3
+except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not need it
+    raise ImportError("serving from or pushing to an OCI registry needs urllib3: "
+                      "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
 
