@@ -192,7 +192,8 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         view.close()
         store.close()
         raise
-    ops = VerityOperations(view, stats=stats, tripwire=tripwire, info={
+    ops = VerityOperations(view, stats=stats, tripwire=tripwire,
+                           max_handles_per_uid=s.max_handles_per_uid, info={
         "source": source, "mountpoint": mountpoint, "store": store.path, "pid": os.getpid(),
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,

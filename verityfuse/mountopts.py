@@ -43,6 +43,7 @@ class Settings:
     measure: Optional[str] = None        # register spec: tpm[:PCR], rtmr[:N], file:[ALG:]PATH
     event_log: Optional[str] = None      # default: measure.default_log_path(register)
     on_corruption: str = "eio"           # eio | refuse (tripwire.MODES)
+    max_handles_per_uid: Optional[int] = None  # default: inodes.default_max_handles_per_uid
     debug: bool = False
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
@@ -100,6 +101,8 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "cache_size": ("cache_size", lambda v: positive_int(v, "cache_size")),
     "readahead_kb": ("readahead_kb", lambda v: non_negative_int(v, "readahead_kb")),
     "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
+    "max_handles_per_uid": ("max_handles_per_uid",
+                            lambda v: positive_int(v, "max_handles_per_uid")),
 }
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
 FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground"}
@@ -146,7 +149,8 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
-                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence"}
+                "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence",
+                "max-handles-per-uid"}
 
 
 def escape_value(value: str) -> str:

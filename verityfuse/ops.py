@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 import pyfuse3
 import trio
 
-from . import fsverity_op
+from . import fsverity_op, inodes
 from .errors import Corruption, Errno, VerityError
 from .logs import escape
 from .logs import requests as ratelog
@@ -147,7 +147,8 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     enable_writeback_cache = False  # writes go straight to SOURCE
 
-    def __init__(self, view, threads: int = 4, stats=None, info=None, tripwire=None):
+    def __init__(self, view, threads: int = 4, stats=None, info=None, tripwire=None,
+                 max_handles_per_uid: Optional[int] = None):
         super().__init__()
         self.view = view
         # What an integrity failure does beyond EIO: measure it, maybe stop opens.
@@ -159,6 +160,11 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         self._read_turn = trio.Lock()  # one verified read on this thread at a time (fair)
         self.handles: Dict[int, Any] = {}  # FileHandle or DirHandle
         self._next_fh = 1
+        # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
+        self.max_handles, self.max_handles_per_uid = inodes.handle_limits(
+            max_handles_per_uid, getattr(getattr(view, "inodes", None), "max_fds", None))
+        self._owner: Dict[int, int] = {}     # fh -> the uid that opened it
+        self._per_uid: Dict[int, int] = {}   # uid -> open handles
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -201,11 +207,36 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
         return self.fuse_poll is None or bool(self.fuse_poll.poll(0))
 
-    def _new_fh(self, h) -> int:
+    def _admit(self, ctx):
+        """Refuse a new handle over the caller's share (EMFILE) or the daemon's (ENFILE),
+        before anything is opened or created: one user cannot take every fd."""
+        uid = ctx.uid
+        if self._per_uid.get(uid, 0) >= self.max_handles_per_uid:
+            ratelog.warning(("max_handles_per_uid", uid),
+                            f"uid {uid} holds {self.max_handles_per_uid} open handles "
+                            f"(max_handles_per_uid): refusing more with EMFILE")
+            raise Errno(errno.EMFILE, "max_handles_per_uid reached")
+        if len(self.handles) >= self.max_handles:
+            ratelog.warning(("max_handles",), f"{self.max_handles} handles open, all the fd "
+                                              f"limit affords: refusing more with ENFILE")
+            raise Errno(errno.ENFILE, "the daemon's handle budget is spent")
+
+    def _new_fh(self, h, ctx) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
+        self._owner[fh] = ctx.uid
+        self._per_uid[ctx.uid] = self._per_uid.get(ctx.uid, 0) + 1
         return fh
+
+    def _pop_fh(self, fh: int):
+        uid = self._owner.pop(fh)
+        n = self._per_uid[uid] - 1
+        if n:
+            self._per_uid[uid] = n
+        else:
+            del self._per_uid[uid]
+        return self.handles.pop(fh)
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -261,17 +292,19 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     # -- files --------------------------------------------------------------------------
 
-    def _file_info(self, h: FileHandle) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=h.keep_cache, direct_io=False)
+    def _file_info(self, h: FileHandle, ctx) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=self._new_fh(h, ctx), keep_cache=h.keep_cache, direct_io=False)
 
     async def open(self, inode, flags, ctx):
         if self.tripwire.refusing:
             raise Errno(errno.EIO, "refusing every open after an integrity violation")
-        return self._file_info(self.view.open(inode, flags, ctx))
+        self._admit(ctx)
+        return self._file_info(self.view.open(inode, flags, ctx), ctx)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self._admit(ctx)
         h, attrs = self.view.create(parent_inode, name, mode, flags, ctx)
-        return self._file_info(h), _entry(attrs)
+        return self._file_info(h, ctx), _entry(attrs)
 
     async def read(self, fh, off, size):
         h = self.handles[fh]
@@ -315,12 +348,13 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
 
     async def release(self, fh):
-        self.view.release(self.handles.pop(fh))
+        self.view.release(self._pop_fh(fh))
 
     # -- directories --------------------------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        return self._new_fh(self.view.opendir(inode, ctx))
+        self._admit(ctx)
+        return self._new_fh(self.view.opendir(inode, ctx), ctx)
 
     async def readdir(self, fh, start_id, token):
         for name, attr, next_id in self.view.readdir(self.handles[fh], start_id):
@@ -331,7 +365,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh):
-        self.view.releasedir(self.handles.pop(fh))
+        self.view.releasedir(self._pop_fh(fh))
 
     async def fsyncdir(self, fh, datasync):
         os.fsync(self.handles[fh].fd)
@@ -419,4 +453,6 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         for h in list(self.handles.values()):
             h.close()
         self.handles.clear()
+        self._owner.clear()
+        self._per_uid.clear()
         return self.view.close()

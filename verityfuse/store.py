@@ -23,12 +23,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from . import fsutil, merkle
-from .errors import StoreCorrupt, VerityError
-from .store_object import ObjectWriter, StoredTree, open_stored_tree
+from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
+from .store_object import ObjectWriter, StoredTree, TreeRef, open_stored_tree
 
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
@@ -97,6 +98,9 @@ class Store:
         self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
         self.version = 2
+        # Open tree objects by digest, shared by every holder: [tree, references].
+        self._trees: Dict[Tuple[str, bytes], List] = {}
+        self._trees_lock = threading.Lock()
         if create:
             self._make_root()
         if not self._open_root():
@@ -237,6 +241,8 @@ class Store:
         except fsutil.NotRegular as e:
             raise StoreCorrupt(e.strerror) from None
         except OSError as e:
+            if e.errno in RESOURCE_ERRNOS:
+                raise  # out of fds or memory: not a damaged store
             raise self._refused(parts, e) from None
         finally:
             os.close(dirfd)
@@ -314,8 +320,35 @@ class Store:
         """Where the tree object of ``digest`` lives (for messages and tools)."""
         return self._where(*self._object_parts(alg, digest))
 
-    def open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
-        """Open and validate the object for ``digest``; StoreCorrupt if it is not right."""
+    def open_object(self, alg: merkle.HashAlg, digest: bytes) -> TreeRef:
+        """The validated object for ``digest`` (StoreCorrupt if it is not right), shared
+        with every other holder of the same digest: however many handles are open on a
+        file, its tree costs one fd.  The caller closes its reference."""
+        key = (alg.name, digest)
+        with self._trees_lock:
+            held = self._trees.get(key)
+            if held is not None:
+                held[1] += 1
+                return TreeRef(held[0], lambda: self._release_tree(key))
+        tree = self._open_object(alg, digest)  # validated outside the lock (it reads)
+        with self._trees_lock:
+            held = self._trees.get(key)
+            if held is None:
+                held = self._trees[key] = [tree, 0]
+            else:  # another thread opened it meanwhile: keep one
+                tree.close()
+            held[1] += 1
+            return TreeRef(held[0], lambda: self._release_tree(key))
+
+    def _release_tree(self, key):
+        with self._trees_lock:
+            held = self._trees[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._trees[key]
+                held[0].close()
+
+    def _open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
         name = self.object_path(alg, digest)
         fd = self._open_file(self._object_parts(alg, digest))
         if fd is None:

@@ -63,6 +63,33 @@ class StoredTree:
         self.close()
 
 
+class TreeRef:
+    """One holder's reference to a StoredTree that handles of the same digest share
+    (one fd per digest, not one per open handle): ``close`` ends this reference
+    only (once), and the last one closes the fd."""
+
+    def __init__(self, tree: StoredTree, release):
+        self._tree, self._release = tree, release
+        self.name, self.descriptor, self.digest = tree.name, tree.descriptor, tree.digest
+        self.geometry, self.block_size = tree.geometry, tree.block_size
+        self.read_tree_block, self.read_tree = tree.read_tree_block, tree.read_tree
+
+    @property
+    def fd(self) -> int:
+        return self._tree.fd
+
+    def close(self):
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class ObjectWriter:
     """A tree being built into tmp/; ``commit`` makes it an object."""
 

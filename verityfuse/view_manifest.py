@@ -23,7 +23,7 @@ from typing import Optional
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
-from .errors import Corruption, SizeMismatch, StoreCorrupt
+from .errors import RESOURCE_ERRNOS, Corruption, SizeMismatch, StoreCorrupt
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
 
@@ -138,6 +138,8 @@ class ManifestView:
         try:
             pfd = fsutil.open_beneath(self.root_fd, node.path.encode())
         except OSError as e:
+            if e.errno in RESOURCE_ERRNOS:
+                raise  # the daemon is out of fds or memory: not the share's doing
             raise Corruption(f"{node.path}: listed in the manifest, but the share has no "
                              f"regular file there ({e.strerror}; symlinks are not followed)") from None
         try:
