@@ -256,3 +256,143 @@ def test_handles_of_one_file_share_one_tree_fd(tmp_path, mode):
     assert len(os.listdir("/proc/self/fd")) == before
     view.close()
     store.close()
+
+
+# -- memory per directory handle (issue 16 item 7) ------------------------------------
+
+
+def _big_dir_views(tmp_path, mode, n=3000):
+    from verityfuse import manifest
+    from verityfuse.store import Store
+    from verityfuse.verifier import TreeBlockCache
+
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    for i in range(n):
+        (src / "big" / f"entry-with-a-longish-name-{i:06d}").touch()
+    if mode == "manifest":
+        from verityfuse.view_manifest import ManifestView
+
+        vf("seal", src, "--manifest", tmp_path / "m.json")
+        digest = vf("measure-manifest", tmp_path / "m.json").split()[0]
+        m = manifest.load(str(tmp_path / "m.json"), (), digest)
+        store = Store(str(src / ".verityfuse"), objects_only=True, in_share=True)
+        return ManifestView(str(src), m.tree, store, TreeBlockCache(), m.digest), store
+    from verityfuse.view_local import LocalView
+
+    store = Store(str(src / ".verityfuse"), lazy=True)
+    return LocalView(str(src), store, TreeBlockCache()), store
+
+
+@pytest.mark.parametrize("mode", ["manifest", "local"])
+def test_directory_handles_hold_no_copy_of_the_listing(tmp_path, mode):
+    """20 handles listing a 3,000-entry directory cost (in Python objects) less than
+    five copies of its listing (one is ~210 kB): not one each; each lists it exactly,
+    `.` and `..` first."""
+    import tracemalloc
+
+    view, store = _big_dir_views(tmp_path, mode)
+    big = view.lookup(1, b"big").ino
+    want = sorted([b".", b".."] + [f"entry-with-a-longish-name-{i:06d}".encode()
+                                   for i in range(3000)])
+
+    def listing(dh):
+        names = [name for name, _, _ in view.readdir(dh, 0)]
+        assert names[:2] == [b".", b".."] and sorted(names) == want
+        for name in names[2:]:
+            view.unlookup(view.lookup(big, name).ino)  # readdirplus counted one lookup each
+            view.unlookup(view.lookup(big, name).ino)
+
+    handles = [view.opendir(big)]
+    listing(handles[0])  # the directory's inodes (local) and index (manifest) exist now
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            handles.append(view.opendir(big))
+            listing(handles[-1])
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        for dh in handles:
+            view.releasedir(dh)
+        view.close()
+        store.close()
+    assert grown < 1_000_000, f"20 handles took {grown} bytes"
+    if mode == "manifest":
+        assert len({id(dh.entries) for dh in handles}) == 1  # one index, shared
+
+
+def getdents(fd, size=4096):
+    """One getdents64 call on ``fd``: [(name, d_off)] (the kernel's offsets)."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    n = libc.syscall(217, fd, buf, size)  # SYS_getdents64 on x86_64
+    if n < 0:
+        raise OSError(ctypes.get_errno(), "getdents64")
+    out, pos = [], 0
+    raw = buf.raw[:n]
+    while pos < n:
+        _, off, reclen = struct.unpack_from("<QqH", raw, pos)
+        name = raw[pos + 19:pos + reclen].split(b"\0", 1)[0]
+        out.append((name, off))
+        pos += reclen
+    return out
+
+
+@pytest.mark.parametrize("mode", ["manifest", "local"])
+def test_readdir_through_a_mount_is_exact_while_entries_change(share, mode):
+    """Listed in small pieces while SOURCE changes (local mode): every entry that stays
+    is listed exactly once, `.` and `..` once each, nothing twice; an entry added or
+    removed meanwhile at most once (the plain directory's promise). A listing resumed
+    at an offset the mount gave (seekdir) goes on from there."""
+    import sys as _sys
+    if _sys.maxsize < 2**32:
+        pytest.skip("getdents64 numbers are x86_64's")
+    d, mounts = share
+    src = d / "src"
+    (src / "dir").mkdir()
+    names = {f"n{i:05d}".encode() for i in range(1500)}
+    for n in names:
+        (src / "dir" / n.decode()).touch()
+    mount(d, mounts, mode, cls=VerifiedMount)
+    fd = os.open(d / "mnt" / "dir", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = getdents(fd)
+        listed = list(first)
+        seen = [n for n, _ in first]
+        added, removed = set(), set()
+        if mode == "local":
+            rest = sorted(names - set(seen))
+            removed = set(rest[::3])
+            for n in removed:
+                os.unlink(src / "dir" / n.decode())
+            added = {f"new{i:04d}".encode() for i in range(300)}
+            for n in added:
+                (src / "dir" / n.decode()).touch()
+        while True:
+            chunk = getdents(fd)
+            if not chunk:
+                break
+            listed += chunk
+            seen += [n for n, _ in chunk]
+        assert len(seen) == len(set(seen)), "an entry was listed twice"
+        assert sorted(n for n in seen if n in (b".", b"..")) == [b".", b".."]
+        stayed = names - removed
+        assert stayed <= set(seen)
+        assert set(seen) <= names | added | {b".", b".."}
+        # seekdir to an offset the mount gave: the listing goes on after that entry
+        k = len(listed) // 2
+        os.lseek(fd, listed[k][1], 0)
+        again = []
+        while True:
+            chunk = getdents(fd)
+            if not chunk:
+                break
+            again += [n for n, _ in chunk]
+        assert again == [n for n, _ in listed[k + 1:]]
+    finally:
+        os.close(fd)
