@@ -320,7 +320,7 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
                 os.write(wfd, f"ok logs go to {where}".encode())
                 os.close(wfd)
                 pipe_open[0] = False  # its number may be reused from here on
-                if not where.startswith("the journal"):
+                if not where.startswith(("the journal", "stderr")):
                     os.dup2(devnull, 2)  # stderr stayed open for init errors only
 
             code = serve(src, mnt, s, trust, on_ready=ready)
