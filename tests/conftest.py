@@ -55,3 +55,19 @@ def flip(path, offset, data=None):
             f.seek(offset)
         f.write(data)
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_var_log():
+    """A daemon mounted in the background without --log-file logs to
+    /var/log/verityfuse/: for the whole session /var/log is a tmpfs of a private mount
+    namespace (as root; the machine's /var/log is never written).  Mounts the tests
+    make are then this process tree's only; every fixture unmounts them in it."""
+    if os.geteuid() != 0:
+        yield
+        return
+    import privns
+
+    with privns.private_mounts() as mount:
+        mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/var/log")
+        yield

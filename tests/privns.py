@@ -57,7 +57,10 @@ def private_mounts():
         finally:
             for target in reversed(made):
                 subprocess.run(["umount", "-l", target], capture_output=True)
-            _call(_libc.setns, home, CLONE_NEWNS)
+            try:
+                _call(_libc.setns, home, CLONE_NEWNS)
+            except OSError:
+                pass  # another thread shares our fs state: stay in the (now clean) private one
     finally:
         os.close(home)
 
