@@ -137,6 +137,7 @@ def test_one_user_cannot_take_every_file_descriptor(share, mode):
     finally:
         end()
     assert (st["integrity_failures"], st["failures"]) == (0, [])
+    assert st["tripwire"]["tripped"] is False  # nothing measured as a violation
     assert "integrity failure" not in m.log()
     assert "ERROR" not in m.log()
     assert (d / "mnt" / "a").read_bytes() == b"a" * 10000  # the handles were all released
@@ -396,3 +397,25 @@ def test_readdir_through_a_mount_is_exact_while_entries_change(share, mode):
         assert again == [n for n, _ in listed[k + 1:]]
     finally:
         os.close(fd)
+
+
+def test_out_of_memory_is_enomem_never_eio():
+    import pyfuse3
+    import trio
+
+    from verityfuse.ops import VerityOperations
+
+    class View:
+        posix_acl = False
+
+        def getattr(self, ino):
+            raise MemoryError()
+
+    ops = VerityOperations(View())
+
+    async def main():
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getattr(1, None)
+        return e.value.errno
+
+    assert trio.run(main) == errno.ENOMEM

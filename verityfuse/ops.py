@@ -86,6 +86,8 @@ def _boundary(fn):
             if debug:
                 log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(err))
             raise pyfuse3.FUSEError(err) from None
+        except MemoryError:  # out of memory is a resource error, as ENOMEM from a syscall
+            raise pyfuse3.FUSEError(errno.ENOMEM) from None
         except Exception as e:  # a bug: one line, never a traceback per request
             ratelog.log(logging.ERROR, (fn.__name__, type(e).__name__),
                              f"unexpected error in {fn.__name__}: {type(e).__name__}: {e}")
