@@ -166,6 +166,25 @@ def test_max_handles_per_uid_counts_files_and_directories(share):
         in mounts[0].log()
 
 
+@pytest.mark.parametrize("mode", ["manifest", "local"])
+def test_the_daemon_keeps_fds_for_itself(share, mode):
+    """With a per-uid share above what the fd limit affords, the daemon's total (256
+    fds: (256 - 32 for the inode LRU - 64 kept) / 2 = 80 handles) is ENFILE, and the
+    daemon still has fds for its own work: a lookup, its status, its log."""
+    d, mounts = share
+    m = mount(d, mounts, mode, options=["max_handles_per_uid=100000"])
+    n, err, end = open_until_refused(str(d / "mnt" / "a"))
+    try:
+        assert (n, errno.errorcode.get(err)) == (80, "ENFILE")
+        assert os.stat(d / "mnt" / "b").st_size == 10000
+        st = status(d / "mnt")
+    finally:
+        end()
+    assert (st["integrity_failures"], st["tripwire"]["tripped"]) == (0, False)
+    assert "80 handles open, all the fd limit affords: refusing more with ENFILE" in m.log()
+    assert (d / "mnt" / "b").read_bytes() == b"b" * 10000
+
+
 # -- resource errors are never corruption (in-process, a low fd limit) -------------
 
 
