@@ -22,8 +22,9 @@ from typing import Any, Dict, Optional
 import pyfuse3
 import trio
 
-from . import fsverity_op, inodes
+from . import fsverity_op
 from .errors import Corruption, Errno, VerityError
+from .handle_budget import HandleBudget
 from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
@@ -163,10 +164,8 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         self.handles: Dict[int, Any] = {}  # FileHandle or DirHandle
         self._next_fh = 1
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
-        self.max_handles, self.max_handles_per_uid = inodes.handle_limits(
-            max_handles_per_uid, getattr(getattr(view, "inodes", None), "max_fds", None))
-        self._owner: Dict[int, int] = {}     # fh -> the uid that opened it
-        self._per_uid: Dict[int, int] = {}   # uid -> open handles
+        self.budget = HandleBudget(max_handles_per_uid,
+                                   getattr(getattr(view, "inodes", None), "max_fds", None))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -209,35 +208,15 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
         return self.fuse_poll is None or bool(self.fuse_poll.poll(0))
 
-    def _admit(self, ctx):
-        """Refuse a new handle over the caller's share (EMFILE) or the daemon's (ENFILE),
-        before anything is opened or created: one user cannot take every fd."""
-        uid = ctx.uid
-        if self._per_uid.get(uid, 0) >= self.max_handles_per_uid:
-            ratelog.warning(("max_handles_per_uid", uid),
-                            f"uid {uid} holds {self.max_handles_per_uid} open handles "
-                            f"(max_handles_per_uid): refusing more with EMFILE")
-            raise Errno(errno.EMFILE, "max_handles_per_uid reached")
-        if len(self.handles) >= self.max_handles:
-            ratelog.warning(("max_handles",), f"{self.max_handles} handles open, all the fd "
-                                              f"limit affords: refusing more with ENFILE")
-            raise Errno(errno.ENFILE, "the daemon's handle budget is spent")
-
     def _new_fh(self, h, ctx) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
-        self._owner[fh] = ctx.uid
-        self._per_uid[ctx.uid] = self._per_uid.get(ctx.uid, 0) + 1
+        self.budget.add(fh, ctx.uid)
         return fh
 
     def _pop_fh(self, fh: int):
-        uid = self._owner.pop(fh)
-        n = self._per_uid[uid] - 1
-        if n:
-            self._per_uid[uid] = n
-        else:
-            del self._per_uid[uid]
+        self.budget.remove(fh)
         return self.handles.pop(fh)
 
     async def _run(self, fn, *args):
@@ -300,11 +279,11 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self.tripwire.refusing:
             raise Errno(errno.EIO, "refusing every open after an integrity violation")
-        self._admit(ctx)
+        self.budget.admit(ctx.uid)
         return self._file_info(self.view.open(inode, flags, ctx), ctx)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._admit(ctx)
+        self.budget.admit(ctx.uid)
         h, attrs = self.view.create(parent_inode, name, mode, flags, ctx)
         return self._file_info(h, ctx), _entry(attrs)
 
@@ -355,7 +334,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
     # -- directories --------------------------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        self._admit(ctx)
+        self.budget.admit(ctx.uid)
         return self._new_fh(self.view.opendir(inode, ctx), ctx)
 
     async def readdir(self, fh, start_id, token):
@@ -455,6 +434,5 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         for h in list(self.handles.values()):
             h.close()
         self.handles.clear()
-        self._owner.clear()
-        self._per_uid.clear()
+        self.budget.clear()
         return self.view.close()

@@ -23,13 +23,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import threading
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, Optional
 
 from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
-from .store_object import ObjectWriter, StoredTree, TreeRef, open_stored_tree
+from .store_object import ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
 
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
@@ -98,9 +97,7 @@ class Store:
         self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
         self.version = 2
-        # Open tree objects by digest, shared by every holder: [tree, references].
-        self._trees: Dict[Tuple[str, bytes], List] = {}
-        self._trees_lock = threading.Lock()
+        self._trees = SharedTrees()  # open tree objects by digest
         if create:
             self._make_root()
         if not self._open_root():
@@ -324,29 +321,7 @@ class Store:
         """The validated object for ``digest`` (StoreCorrupt if it is not right), shared
         with every other holder of the same digest: however many handles are open on a
         file, its tree costs one fd.  The caller closes its reference."""
-        key = (alg.name, digest)
-        with self._trees_lock:
-            held = self._trees.get(key)
-            if held is not None:
-                held[1] += 1
-                return TreeRef(held[0], lambda: self._release_tree(key))
-        tree = self._open_object(alg, digest)  # validated outside the lock (it reads)
-        with self._trees_lock:
-            held = self._trees.get(key)
-            if held is None:
-                held = self._trees[key] = [tree, 0]
-            else:  # another thread opened it meanwhile: keep one
-                tree.close()
-            held[1] += 1
-            return TreeRef(held[0], lambda: self._release_tree(key))
-
-    def _release_tree(self, key):
-        with self._trees_lock:
-            held = self._trees[key]
-            held[1] -= 1
-            if held[1] == 0:
-                del self._trees[key]
-                held[0].close()
+        return self._trees.open((alg.name, digest), lambda: self._open_object(alg, digest))
 
     def _open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
         name = self.object_path(alg, digest)
