@@ -3,8 +3,9 @@
 - Assert exact bytes, digests and errnos; never timings.
 - fsverity-utils is the oracle wherever a digest, tree or descriptor is compared.
 - Anything mounted is unmounted by a fixture, even when the test fails.
-- Tests leave the machine as they found it: ``machine_unchanged`` fails the session if a
-  test left a file in a system path verityfuse writes to, a mount, or a process running.
+- Tests leave the machine as they found it: ``system_paths_unchanged`` fails a test that
+  wrote where verityfuse may write outside a temporary directory, ``machine_unchanged``
+  the session if a mount or a process the tests started is left.
 """
 
 import os
@@ -63,7 +64,7 @@ def flip(path, offset, data=None):
 SYSTEM_PATHS = ("/usr/sbin/mount.fuse.verityfuse", "/var/log/verityfuse", "/run/verityfuse")
 
 
-def _machine_state(basetemp: str):
+def _system_paths():
     paths = {}
     for p in SYSTEM_PATHS:
         if os.path.islink(p):
@@ -72,6 +73,23 @@ def _machine_state(basetemp: str):
             paths[p] = sorted(os.listdir(p))
         else:
             paths[p] = "a file" if os.path.lexists(p) else None
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def system_paths_unchanged():
+    """Fail the test that wrote where verityfuse may write outside a temporary directory
+    (a helper link in /usr/sbin, a log under /var/log or /run): tests name their own."""
+    before = _system_paths()
+    yield
+    after = _system_paths()
+    changed = [f"{p}: {before[p]!r} before, {after[p]!r} after" for p in SYSTEM_PATHS
+               if before[p] != after[p]]
+    if changed:
+        pytest.fail("this test changed the machine:\n  " + "\n  ".join(changed), pytrace=False)
+
+
+def _machine_state(basetemp: str):
     # A process a test started names the test's temporary directory (a daemon's source, a
     # TPM's state, a registry's configuration): other processes on the machine are not ours.
     procs = set()
@@ -86,19 +104,17 @@ def _machine_state(basetemp: str):
     with open("/proc/self/mountinfo") as f:
         mounts = {line.split()[4] for line in f
                   if "fuse.verityfuse" in line and line.split()[4].startswith(basetemp)}
-    return paths, procs, mounts
+    return procs, mounts
 
 
 @pytest.fixture(scope="session", autouse=True)
 def machine_unchanged(tmp_path_factory):
     """Fail the run if the tests changed the machine outside their temporary directories."""
     base = str(tmp_path_factory.getbasetemp())
-    paths, procs, mounts = _machine_state(base)
+    procs, mounts = _machine_state(base)
     yield
-    paths2, procs2, mounts2 = _machine_state(base)
-    left = [f"{p}: {paths[p]!r} before, {paths2[p]!r} after" for p in SYSTEM_PATHS
-            if paths[p] != paths2[p]]
-    left += [f"process {pid} ({name}) still running" for pid, name in sorted(procs2 - procs)]
+    procs2, mounts2 = _machine_state(base)
+    left = [f"process {pid} ({name}) still running" for pid, name in sorted(procs2 - procs)]
     left += [f"{m} still mounted" for m in sorted(mounts2 - mounts)]
     if left:
         pytest.fail("the tests left the machine changed:\n  " + "\n  ".join(left), pytrace=False)

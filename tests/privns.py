@@ -33,6 +33,39 @@ def _run(*cmd):
 
 
 @contextlib.contextmanager
+def private_mounts():
+    """A mount namespace of this process's own for the block: yields ``mount(*args)``
+    (mount(8)'s arguments, the target last); every mount made through it is undone,
+    and the process returns to the namespace it was in (which may be private too)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs a private mount namespace, which needs root")
+    home = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    made = []
+
+    def mount(*args):
+        _run("mount", *args)
+        made.append(args[-1])
+
+    try:
+        try:
+            _call(_libc.unshare, CLONE_NEWNS)
+            _run("mount", "--make-rslave", "/")
+        except OSError as e:
+            pytest.fail(f"cannot make a private mount namespace: {e}")
+        try:
+            yield mount
+        finally:
+            for target in reversed(made):
+                subprocess.run(["umount", "-l", target], capture_output=True)
+            try:
+                _call(_libc.setns, home, CLONE_NEWNS)
+            except OSError:
+                pass  # another thread shares our fs state: stay in the (now clean) private one
+    finally:
+        os.close(home)
+
+
+@contextlib.contextmanager
 def writable_system_dir(tmp, target="/usr/sbin"):
     """Make ``target`` writable for this process only, for the duration of the block."""
     if os.geteuid() != 0:

@@ -10,11 +10,13 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 
 import pytest
 
 from verityfuse import logs
+import privns
 from conftest import FSVERITY, flip, write
 
 
@@ -165,3 +167,82 @@ def test_a_hostile_file_name_cannot_forge_a_log_line(tmp_path, verified_mount):
     (failure,) = json.loads(raw)["failures"]  # one failing block
     assert (failure["file"], failure["offset"]) == (HOSTILE, 0)
     assert failure["message"].startswith(f"{HOSTILE}: data block at offset 0: ")
+
+
+# -- a mount never fails for want of a log file (issue 17 item 5) -------------------
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("run_writable", [True, False], ids=["run-writable", "run-read-only"])
+def test_a_read_only_var_log_never_refuses_a_mount(tmp_path, run_writable):
+    """No /dev/log, no journal, /var/log read-only (a private mount namespace: the
+    machine's /var/log and /run are never touched): the mount works and logs to
+    /run/verityfuse, else to its stderr, says where and why, and an integrity failure
+    is in that log."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    write(src / "sealed", b"s" * 8192)
+    assert subprocess.run([*VF, "seal", src, src / "sealed"], capture_output=True).returncode == 0
+    name = f"{str(mnt).strip('/').replace('/', '-')}.log"
+    with privns.private_mounts() as mount, open(tmp_path / "stderr", "w+") as err:
+        mount("-t", "tmpfs", "-o", "ro,mode=755", "tmpfs", "/var/log")
+        mount("-t", "tmpfs", "-o", f"{'rw' if run_writable else 'ro'},mode=755", "tmpfs", "/run")
+        if os.path.lexists("/dev/log"):
+            mount("--bind", "/dev/null", "/dev/log")  # not a socket: no syslog
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        try:
+            r = subprocess.run([*VF, "mount", src, mnt], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=err, env=env)
+            assert r.returncode == 0, (tmp_path / "stderr").read_text()
+            flip(src / "sealed", 5)
+            with pytest.raises(OSError) as e:
+                (mnt / "sealed").read_bytes()
+            assert e.value.errno == errno.EIO
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        ro = f"cannot write /var/log/verityfuse/{name}: Read-only file system"
+        text = (tmp_path / "stderr").read_text()
+        if run_writable:
+            assert text == (f"verityfuse: logs go to file /run/verityfuse/{name} (no /dev/log, "
+                            f"no journal; {ro})\n")
+            log = open(f"/run/verityfuse/{name}").read()
+        else:
+            said = (f"verityfuse: logs go to stderr (no /dev/log, no journal; {ro}; "
+                    f"cannot write /run/verityfuse/{name}: Read-only file system)")
+            # The mount says it once; the daemon's lines (one before it) are the log.
+            assert [ln for ln in text.splitlines() if ln.startswith("verityfuse:")] == [said]
+            log = text
+    assert "WARNING: integrity failure: sealed: data block at offset 0: expected hash" in log
+    assert f"INFO: serving {src} on {mnt}" in log
+
+
+def test_syslog_lines_name_the_mount(tmp_path):
+    """Every syslog line carries the mount point (escaped): one syslog serves every mount."""
+    import socket
+
+    sock_path = tmp_path / "log"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(sock_path))
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        with privns.private_mounts() as mount:
+            # This process's own /dev, with /dev/log our socket (a symlink to it).
+            mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/dev")
+            os.symlink(sock_path, "/dev/log")
+            where = logs.setup(False, background=True, mountpoint="/srv/a\nb%s")
+            logging.getLogger("verityfuse").warning("integrity failure: x")
+            for h in root.handlers:
+                h.close()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert where == "syslog (/dev/log)"
+    server.settimeout(5)
+    line = server.recv(4096).decode()
+    server.close()
+    assert line.endswith("verityfuse[%d]: /srv/a\\nb%%s: WARNING: integrity failure: x\x00"
+                         % os.getpid())

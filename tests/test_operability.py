@@ -268,31 +268,36 @@ def test_debug_logs_every_request(tree, tmp_path):
 def test_logs_fall_back_to_a_file_without_dev_log(tree, helper):
     """This machine has no /dev/log: a background daemon logs to the documented file
     (the place --log-file's help names, so a mount says nothing; with -v it says where),
-    and an integrity failure is in that file."""
+    and an integrity failure is in that file.  /var/log is a tmpfs of a private mount
+    namespace: the machine's is never written."""
     if os.path.exists("/dev/log"):
         pytest.skip("this test needs a machine without /dev/log (minimal guests, CI)")
     src, mnt = tree
     path = f"/var/log/verityfuse/{str(mnt).strip('/').replace('/', '-')}.log"
-    r = subprocess.run(["mount", "-t", "fuse.verityfuse", str(src), str(mnt)], capture_output=True,
-                       text=True)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-    unmount(mnt)
-    for how in (["mount", "-v", "-t", "fuse.verityfuse", str(src), str(mnt)],
-                [*VF, "mount", "-v", str(src), str(mnt)]):
-        r = subprocess.run(how, capture_output=True, text=True)
-        assert r.returncode == 0 and f"verityfuse: logs go to file {path} (no /dev/log" in r.stderr, r.stderr
-        unmount(mnt)
-    r = vf("mount", src, mnt)
-    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
-    flip(src / "sealed", 5)
-    drop_caches()
-    with pytest.raises(OSError) as e:
-        (mnt / "sealed").read_bytes()
-    assert e.value.errno == errno.EIO
-    unmount(mnt)
-    with open(path) as f:
-        assert "integrity failure: sealed: data block at offset 0" in f.read()
-    os.unlink(path)
+    with privns.private_mounts() as mount:
+        mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", "/var/log")
+        try:
+            r = subprocess.run(["mount", "-t", "fuse.verityfuse", str(src), str(mnt)],
+                               capture_output=True, text=True)
+            assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+            unmount(mnt)
+            for how in (["mount", "-v", "-t", "fuse.verityfuse", str(src), str(mnt)],
+                        [*VF, "mount", "-v", str(src), str(mnt)]):
+                r = subprocess.run(how, capture_output=True, text=True)
+                assert r.returncode == 0 and \
+                    f"verityfuse: logs go to file {path} (no /dev/log" in r.stderr, r.stderr
+                unmount(mnt)
+            r = vf("mount", src, mnt)
+            assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+            flip(src / "sealed", 5)
+            drop_caches()
+            with pytest.raises(OSError) as e:
+                (mnt / "sealed").read_bytes()
+            assert e.value.errno == errno.EIO
+        finally:
+            unmount(mnt)  # in this namespace, where the mount is
+        with open(path) as f:
+            assert "integrity failure: sealed: data block at offset 0" in f.read()
 
 
 def test_explicit_store_typo_is_an_error_and_failed_mounts_leave_nothing(tmp_path):

@@ -66,7 +66,8 @@ def settings_from(args) -> Settings:
                  debug=args.debug, foreground=args.foreground, min_sequence=args.min_sequence,
                  plain_http=args.plain_http, registry_ca=args.registry_ca,
                  registry_auth=args.registry_auth, registry_timeout=args.registry_timeout,
-                 cache_dir=args.cache)
+                 cache_dir=args.cache,
+                 max_handles_per_uid=args.max_handles_per_uid)
     return mountopts.parse(args.o or [], s)
 
 
@@ -219,6 +220,9 @@ def add_commands(sub):
     p.add_argument("--on-corruption", choices=("eio", "refuse"), default="eio",
                    help="eio: fail the damaged blocks (default); refuse: after the first "
                         "integrity violation every open fails with EIO")
+    p.add_argument("--max-handles-per-uid", type=_positive("max-handles-per-uid"), metavar="N",
+                   help="open files and directories one user may hold on the mount; more are "
+                        "refused with EMFILE (default: an eighth of the daemon's fd limit)")
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say where the logs go (said anyway when it is not the documented place)")

@@ -215,7 +215,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         store.close()
         raise
     ops = VerityOperations(view, threads=getattr(view, "threads", 4), stats=stats,
-                           tripwire=tripwire, info={
+                           tripwire=tripwire, max_handles_per_uid=s.max_handles_per_uid, info={
         "source": source, "mountpoint": mountpoint, "store": store.path, "pid": os.getpid(),
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,
@@ -345,7 +345,7 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
                 os.write(wfd, f"ok logs go to {where}".encode())
                 os.close(wfd)
                 pipe_open[0] = False  # its number may be reused from here on
-                if not where.startswith("the journal"):
+                if not where.startswith(("the journal", "stderr")):
                     os.dup2(devnull, 2)  # stderr stayed open for init errors only
 
             code = serve(src, mnt, s, trust, on_ready=ready)

@@ -7,6 +7,12 @@ errnos, in one place.
 import errno as _errno
 
 
+# Errnos that mean "the daemon ran out of something", never "this does not match
+# what was sealed": passed through as themselves, never turned into a Corruption.
+RESOURCE_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOMEM, _errno.ENOSPC,
+                             _errno.EDQUOT, _errno.ENOBUFS})
+
+
 class VerityError(Exception):
     """Base class; ``errno`` is what a FUSE request fails with."""
 

@@ -38,10 +38,27 @@ SYNTHETIC = 1 << 63
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# Descriptors the daemon keeps for itself whatever its clients do: /dev/fuse, its
+# log, the store's root and the directories an open walks, worker threads, ...
+FD_RESERVE = 64
+
+
 def default_max_fds() -> int:
     """A fixed share of the fd limit (which the daemon raises to its hard limit)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, min(1024, soft // 8))
+
+
+def handle_limits(per_uid: Optional[int] = None, max_fds: Optional[int] = None) -> Tuple[int, int]:
+    """(open handles in all, open handles per uid) the fd limit affords.
+
+    A handle costs at most two fds (its backing file, and its tree object while no
+    other handle of that digest shares it); the inode LRU's ``max_fds`` and
+    ``FD_RESERVE`` are kept out of reach of handles, so the daemon's own work never
+    runs out.  One uid gets a quarter of the total by default."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    total = max(8, (soft - (max_fds or default_max_fds()) - FD_RESERVE) // 2)
+    return total, per_uid or max(4, total // 4)
 
 
 class Inode:

@@ -141,23 +141,58 @@ def _journal_stream() -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
+def _log_name(mountpoint: str) -> str:
+    return (mountpoint.strip("/").replace("/", "-") or "root") + ".log"
+
+
 def fallback_log_file(mountpoint: str) -> str:
     """Where a background daemon logs when there is no syslog socket and no journal."""
-    name = mountpoint.strip("/").replace("/", "-") or "root"
     if os.geteuid() == 0:
         base = "/var/log/verityfuse"
     else:
         base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
                             "verityfuse")
-    return os.path.join(base, f"{name}.log")
+    return os.path.join(base, _log_name(mountpoint))
+
+
+def runtime_log_file(mountpoint: str) -> str:
+    """The fallback of the fallback: /run (XDG_RUNTIME_DIR for a user), a tmpfs that a
+    read-only /var/log (an image, a minimal guest) leaves writable."""
+    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR") or "/run/user/" \
+        f"{os.getuid()}"
+    return os.path.join(base, "verityfuse", _log_name(mountpoint))
+
+
+def _file_handler(path: str) -> logging.Handler:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return logging.FileHandler(path)  # opened now: a failure shows here, not at the first line
+
+
+def _fallback(mountpoint: str):
+    """(handler, where) for a daemon with no syslog and no journal: the documented file,
+    else one in /run, else stderr (kept open by the daemon: the caller's terminal, or
+    the service manager's log), each saying why the place before it could not be used."""
+    why = []
+    for path in (fallback_log_file(mountpoint), runtime_log_file(mountpoint)):
+        try:
+            handler = _file_handler(path)
+        except OSError as e:
+            why.append(f"cannot write {path}: {e.strerror}")
+            continue
+        extra = f"no /dev/log, no journal{''.join('; ' + w for w in why)}"
+        return handler, f"file {path} ({extra})"
+    import sys
+    return logging.StreamHandler(sys.stderr), f"stderr (no /dev/log, no journal; {'; '.join(why)})"
 
 
 def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str = "") -> str:
     """Send the log somewhere it is kept; returns where, for the user.
 
     Integrity failures must never be dropped: a background daemon logs to
-    syslog if /dev/log exists, else to the journal if stderr is one, else to a
-    file (minimal guests have neither).
+    syslog if /dev/log exists (each line naming the mount point), else to the
+    journal if stderr is one, else to a file (minimal guests have neither): the
+    documented one, else one in /run, else stderr.  Only an explicit ``log_file``
+    that cannot be written refuses the mount (OSError naming it).
     """
     import logging.handlers
     import stat
@@ -166,20 +201,24 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
     fmt = FORMAT
     handler: logging.Handler
     if log_file:
-        handler = logging.FileHandler(log_file)
+        try:
+            handler = logging.FileHandler(log_file)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the log file {log_file}: {e.strerror}") from None
         where = f"file {log_file}"
     elif not background:
         handler, where = logging.StreamHandler(sys.stderr), "stderr"
     elif os.path.exists("/dev/log") and stat.S_ISSOCK(os.stat("/dev/log").st_mode):
         handler = logging.handlers.SysLogHandler("/dev/log")
-        fmt, where = "verityfuse[%(process)d]: %(levelname)s: %(message)s", "syslog (/dev/log)"
+        # One syslog carries every mount's lines: each names its mount point.
+        mnt = escape(mountpoint).replace("%", "%%")
+        fmt = f"verityfuse[%(process)d]: {mnt}: %(levelname)s: %(message)s"
+        where = "syslog (/dev/log)"
     elif _journal_stream():
         handler = logging.StreamHandler(sys.stderr)
         fmt, where = "%(levelname)s: %(message)s", "the journal (JOURNAL_STREAM)"
     else:
-        path = fallback_log_file(mountpoint)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        handler, where = logging.FileHandler(path), f"file {path} (no /dev/log, no journal)"
+        handler, where = _fallback(mountpoint)
     handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_OneLine())
     root = logging.getLogger()

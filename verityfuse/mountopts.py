@@ -43,6 +43,7 @@ class Settings:
     measure: Optional[str] = None        # register spec: tpm[:PCR], rtmr[:N], file:[ALG:]PATH
     event_log: Optional[str] = None      # default: measure.default_log_path(register)
     on_corruption: str = "eio"           # eio | refuse (tripwire.MODES)
+    max_handles_per_uid: Optional[int] = None  # default: inodes.default_max_handles_per_uid
     debug: bool = False
     foreground: bool = False
     fuse: List[Tuple[str, Optional[str]]] = field(default_factory=list)  # ordered, deduplicated
@@ -109,6 +110,8 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "registry_ca": ("registry_ca", str), "registry_auth": ("registry_auth", str),
     "cache": ("cache_dir", str),
     "registry_timeout": ("registry_timeout", lambda v: float(positive_int(v, "registry_timeout"))),
+    "max_handles_per_uid": ("max_handles_per_uid",
+                            lambda v: positive_int(v, "max_handles_per_uid")),
 }
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
 FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground",
@@ -157,7 +160,8 @@ def parse(groups: List[str], settings: Optional[Settings] = None) -> Settings:
 
 _UNDERSCORED = {"trust-key", "trust-cert", "manifest-digest", "log-file", "cache-size",
                 "readahead-kb", "require-signatures", "event-log", "on-corruption", "min-sequence",
-                "plain-http", "registry-ca", "registry-auth", "registry-timeout"}
+                "plain-http", "registry-ca", "registry-auth", "registry-timeout",
+                "max-handles-per-uid"}
 
 
 def escape_value(value: str) -> str:

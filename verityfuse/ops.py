@@ -24,6 +24,7 @@ import trio
 
 from . import fsverity_op
 from .errors import Corruption, Errno, VerityError
+from .handle_budget import HandleBudget
 from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
@@ -86,6 +87,8 @@ def _boundary(fn):
             if debug:
                 log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(err))
             raise pyfuse3.FUSEError(err) from None
+        except MemoryError:  # out of memory is a resource error, as ENOMEM from a syscall
+            raise pyfuse3.FUSEError(errno.ENOMEM) from None
         except Exception as e:  # a bug: one line, never a traceback per request
             ratelog.log(logging.ERROR, (fn.__name__, type(e).__name__),
                              f"unexpected error in {fn.__name__}: {type(e).__name__}: {e}")
@@ -147,7 +150,8 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     enable_writeback_cache = False  # writes go straight to SOURCE
 
-    def __init__(self, view, threads: int = 4, stats=None, info=None, tripwire=None):
+    def __init__(self, view, threads: int = 4, stats=None, info=None, tripwire=None,
+                 max_handles_per_uid: Optional[int] = None):
         super().__init__()
         self.view = view
         # What an integrity failure does beyond EIO: measure it, maybe stop opens.
@@ -159,6 +163,9 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         self._read_turn = trio.Lock()  # one verified read on this thread at a time (fair)
         self.handles: Dict[int, Any] = {}  # FileHandle or DirHandle
         self._next_fh = 1
+        # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
+        self.budget = HandleBudget(max_handles_per_uid,
+                                   getattr(getattr(view, "inodes", None), "max_fds", None))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -201,11 +208,16 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
         return self.fuse_poll is None or bool(self.fuse_poll.poll(0))
 
-    def _new_fh(self, h) -> int:
+    def _new_fh(self, h, ctx) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h
+        self.budget.add(fh, ctx.uid)
         return fh
+
+    def _pop_fh(self, fh: int):
+        self.budget.remove(fh)
+        return self.handles.pop(fh)
 
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -261,20 +273,22 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     # -- files --------------------------------------------------------------------------
 
-    def _file_info(self, h: FileHandle) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=self._new_fh(h), keep_cache=h.keep_cache, direct_io=False)
+    def _file_info(self, h: FileHandle, ctx) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=self._new_fh(h, ctx), keep_cache=h.keep_cache, direct_io=False)
 
     async def open(self, inode, flags, ctx):
         if self.tripwire.refusing:
             raise Errno(errno.EIO, "refusing every open after an integrity violation")
+        self.budget.admit(ctx.uid)
         if getattr(self.view, "open_blocks", False):
             # An OCI view fetches the tree object at open: never on this thread.
-            return self._file_info(await self._run(self.view.open, inode, flags, ctx))
-        return self._file_info(self.view.open(inode, flags, ctx))
+            return self._file_info(await self._run(self.view.open, inode, flags, ctx), ctx)
+        return self._file_info(self.view.open(inode, flags, ctx), ctx)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self.budget.admit(ctx.uid)
         h, attrs = self.view.create(parent_inode, name, mode, flags, ctx)
-        return self._file_info(h), _entry(attrs)
+        return self._file_info(h, ctx), _entry(attrs)
 
     async def read(self, fh, off, size):
         h = self.handles[fh]
@@ -320,12 +334,13 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
 
     async def release(self, fh):
-        self.view.release(self.handles.pop(fh))
+        self.view.release(self._pop_fh(fh))
 
     # -- directories --------------------------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        return self._new_fh(self.view.opendir(inode, ctx))
+        self.budget.admit(ctx.uid)
+        return self._new_fh(self.view.opendir(inode, ctx), ctx)
 
     async def readdir(self, fh, start_id, token):
         for name, attr, next_id in self.view.readdir(self.handles[fh], start_id):
@@ -336,7 +351,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh):
-        self.view.releasedir(self.handles.pop(fh))
+        self.view.releasedir(self._pop_fh(fh))
 
     async def fsyncdir(self, fh, datasync):
         os.fsync(self.handles[fh].fd)
@@ -432,4 +447,5 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         for h in list(self.handles.values()):
             h.close()
         self.handles.clear()
+        self.budget.clear()
         return self.view.close()

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from . import fsutil, merkle
-from .errors import StoreCorrupt, VerityError
-from .store_object import ObjectWriter, StoredTree, open_stored_tree
+from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
+from .store_object import ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
 
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
@@ -97,6 +97,7 @@ class Store:
         self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
         self.version = 2
+        self._trees = SharedTrees()  # open tree objects by digest
         if create:
             self._make_root()
         if not self._open_root():
@@ -237,6 +238,8 @@ class Store:
         except fsutil.NotRegular as e:
             raise StoreCorrupt(e.strerror) from None
         except OSError as e:
+            if e.errno in RESOURCE_ERRNOS:
+                raise  # out of fds or memory: not a damaged store
             raise self._refused(parts, e) from None
         finally:
             os.close(dirfd)
@@ -314,8 +317,13 @@ class Store:
         """Where the tree object of ``digest`` lives (for messages and tools)."""
         return self._where(*self._object_parts(alg, digest))
 
-    def open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
-        """Open and validate the object for ``digest``; StoreCorrupt if it is not right."""
+    def open_object(self, alg: merkle.HashAlg, digest: bytes) -> TreeRef:
+        """The validated object for ``digest`` (StoreCorrupt if it is not right), shared
+        with every other holder of the same digest: however many handles are open on a
+        file, its tree costs one fd.  The caller closes its reference."""
+        return self._trees.open((alg.name, digest), lambda: self._open_object(alg, digest))
+
+    def _open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
         name = self.object_path(alg, digest)
         fd = self._open_file(self._object_parts(alg, digest))
         if fd is None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+from typing import Callable, Dict, Hashable, List
 
 from . import merkle, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
@@ -61,6 +63,67 @@ class StoredTree:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class TreeRef:
+    """One holder's reference to a StoredTree that handles of the same digest share
+    (one fd per digest, not one per open handle): ``close`` ends this reference
+    only (once), and the last one closes the fd."""
+
+    def __init__(self, tree: StoredTree, release):
+        self._tree, self._release = tree, release
+        self.name, self.descriptor, self.digest = tree.name, tree.descriptor, tree.digest
+        self.geometry, self.block_size = tree.geometry, tree.block_size
+        self.read_tree_block, self.read_tree = tree.read_tree_block, tree.read_tree
+
+    @property
+    def fd(self) -> int:
+        return self._tree.fd
+
+    def close(self):
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SharedTrees:
+    """Open StoredTrees by key, each shared by its holders (thread-safe)."""
+
+    def __init__(self):
+        self._held: Dict[Hashable, List] = {}  # key -> [tree, references]
+        self._lock = threading.Lock()
+
+    def open(self, key: Hashable, opener: Callable[[], StoredTree]) -> TreeRef:
+        """A reference to the tree of ``key``, opened (and validated) by ``opener``
+        when no holder has it open."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held[1] += 1
+                return TreeRef(held[0], lambda: self._release(key))
+        tree = opener()  # it reads: outside the lock
+        with self._lock:
+            held = self._held.get(key)
+            if held is None:
+                held = self._held[key] = [tree, 0]
+            else:  # another thread opened it meanwhile: keep one
+                tree.close()
+            held[1] += 1
+            return TreeRef(held[0], lambda: self._release(key))
+
+    def _release(self, key: Hashable):
+        with self._lock:
+            held = self._held[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del self._held[key]
+                held[0].close()
 
 
 class ObjectWriter:

@@ -100,14 +100,19 @@ class FileHandle:
 
 
 class DirHandle:
-    """An open directory: a snapshot of its entries, so offsets stay stable."""
+    """An open directory: an offset into a listing that stays stable.  A manifest
+    view's ``entries`` is the directory's shared index; a local view's ``stream``
+    reads the backing directory (``fd``, which the stream then owns) in place."""
 
-    __slots__ = ("node", "fd", "entries")
+    __slots__ = ("node", "fd", "entries", "stream")
 
     def __init__(self, node, fd=-1):
-        self.node, self.fd, self.entries = node, fd, None
+        self.node, self.fd, self.entries, self.stream = node, fd, None, None
 
     def close(self):
-        if self.fd >= 0:
+        if self.stream is not None:
+            self.stream.close()  # and its fd
+            self.stream, self.fd = None, -1
+        elif self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

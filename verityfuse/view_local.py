@@ -24,6 +24,7 @@ from .local_verity import LocalVerity
 from .view_local_meta import LocalMetadata
 from .logs import escape
 from .logs import requests as ratelog
+from .dirstream import DirStream
 from .view import Attr, DirHandle, FileHandle
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -351,24 +352,30 @@ class LocalView(LocalMetadata):
         yield b"..", Attr.from_stat(known.ino if known else st.st_ino, st, self.timeout)
 
     def readdir(self, dh: DirHandle, start: int):
-        if dh.entries is None or start == 0:
-            # A snapshot per listing: offsets stay stable while entries change.
-            names = sorted(os.fsencode(n) for n in os.listdir(dh.fd))
-            if self.hidden and dh.node.key == self.hidden[0]:
-                names = [n for n in names if n != self.hidden[1]]
-            dh.entries = [b".", b".."] + names
+        """(name, Attr, next offset) from ``start``, read from the backing directory in
+        place (dirstream.py): the offsets are its cookies, and a handle holds no copy of
+        the listing however big the directory is."""
+        if dh.stream is None:
+            dh.stream = DirStream(dh.fd)
+        stream = dh.stream
+        stream.seek(start)
+        hidden = self.hidden[1] if self.hidden and dh.node.key == self.hidden[0] else None
         dots = None
-        for idx in range(start, len(dh.entries)):
-            name = dh.entries[idx]
-            if idx < 2:
+        for name, off in stream.entries():
+            if name in (b".", b".."):
                 dots = dots or dict(self._dots(dh))
-                yield name, dots[name], idx + 1
+                attr = dots[name]
+            elif name == hidden:
+                stream.pos = off
                 continue
-            try:
-                attr = self._lookup(dh.node, name)
-            except FileNotFoundError:
-                continue  # removed since the snapshot
-            yield name, attr, idx + 1
+            else:
+                try:
+                    attr = self._lookup(dh.node, name)
+                except FileNotFoundError:
+                    stream.pos = off
+                    continue  # removed since it was read
+            yield name, attr, off
+            stream.pos = off  # delivered: the next listing goes on from here
 
     def releasedir(self, dh: DirHandle):
         dh.close()

@@ -19,11 +19,11 @@ import errno
 import functools
 import os
 import stat
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
-from .errors import Corruption, SizeMismatch, StoreCorrupt
+from .errors import RESOURCE_ERRNOS, Corruption, SizeMismatch, StoreCorrupt
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, VerityInfo
 
@@ -46,6 +46,7 @@ class ManifestView:
         self.store = store
         self.cache = cache
         self.manifest_digest = digest
+        self._listings: Dict[int, Tuple[tuple, tuple]] = {}  # directory ino -> (names, nodes)
         # The share root the administrator named (a symlink there is their choice);
         # nothing below it is followed.
         self.root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -104,15 +105,27 @@ class ManifestView:
             raise OSError(errno.ENOTDIR, "not a directory")
         return DirHandle(node)
 
+    def _listing(self, node: manifest_tree.Node):
+        """The directory's children as (names, nodes), built on its first listing and
+        shared by every handle after it: a manifest directory cannot change, so a handle
+        needs only an offset into it (400 handles on a big directory cost one index)."""
+        listing = self._listings.get(node.ino)
+        if listing is None:
+            children = node.children or {}  # opendir let only directories through
+            listing = self._listings[node.ino] = (tuple(children), tuple(children.values()))
+        return listing
+
     def readdir(self, dh: DirHandle, start: int):
-        """(name, Attr, next offset) from ``start``; ``.`` and ``..`` first."""
+        """(name, Attr, next offset) from ``start``; ``.`` and ``..`` first (offsets 0, 1)."""
+        node = dh.node
         if dh.entries is None:
-            node = dh.node
-            dh.entries = [(b".", node), (b"..", self._node(node.parent))]
-            dh.entries += list(node.children.items())
-        for i in range(start, len(dh.entries)):
-            name, node = dh.entries[i]
-            yield name, self._attr(node), i + 1
+            dh.entries = self._listing(node)
+        names, nodes = dh.entries
+        for i in range(start, 2 + len(names)):
+            if i < 2:
+                yield (b".", b"..")[i], self._attr(node if i == 0 else self._node(node.parent)), i + 1
+            else:
+                yield names[i - 2], self._attr(nodes[i - 2]), i + 1
 
     def unlookup(self, ino: int):
         pass
@@ -138,6 +151,8 @@ class ManifestView:
         try:
             pfd = fsutil.open_beneath(self.root_fd, node.path.encode())
         except OSError as e:
+            if e.errno in RESOURCE_ERRNOS:
+                raise  # the daemon is out of fds or memory: not the share's doing
             raise Corruption(f"{node.path}: listed in the manifest, but the share has no "
                              f"regular file there ({e.strerror}; symlinks are not followed)") from None
         try:
