@@ -39,8 +39,10 @@ class ManifestView:
     read_only = True
     posix_acl = False
 
-    def __init__(self, source: str, tree: manifest_tree.Tree, store, cache, digest: str,
-                 stats=None):
+    def __init__(self, source: Optional[str], tree: manifest_tree.Tree, store, cache,
+                 digest: str, stats=None):
+        """``source``: the share's root; None for a view with no share (the OCI view, whose
+        bytes come from a registry: it overrides every method that opens the share)."""
         self.tree = tree
         self.stats = stats
         self.store = store
@@ -49,7 +51,8 @@ class ManifestView:
         self._listings: Dict[int, Tuple[tuple, tuple]] = {}  # directory ino -> (names, nodes)
         # The share root the administrator named (a symlink there is their choice);
         # nothing below it is followed.
-        self.root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = -1 if source is None else os.open(
+            source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     @functools.cached_property
     def blocks(self) -> int:
@@ -57,7 +60,8 @@ class ManifestView:
         return sum(-(-n.size // 4096) for n in self.tree.files())
 
     def close(self) -> int:
-        os.close(self.root_fd)
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
         return 0
 
     # -- the tree -----------------------------------------------------------------

@@ -26,17 +26,9 @@ class OciView(ManifestView):
     threads = 16
 
     def __init__(self, remote: Remote, cache, stats=None):
-        # No share to open (ManifestView.__init__ would): the attributes its methods use.
-        self.tree = remote.manifest.tree
-        self.stats = stats
-        self.store = remote
-        self.cache = cache
-        self.manifest_digest = remote.manifest.digest
+        # No share: the registry is the store and the source of bytes.
+        super().__init__(None, remote.manifest.tree, remote, cache, remote.manifest.digest, stats)
         self.remote = remote
-        self.root_fd = -1
-
-    def close(self) -> int:
-        return 0
 
     def open_tree(self, node):
         tree = self.remote.open_tree(node, node.path)
