@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, Optional, Tuple
 
 from .oci_source import BlockCache
 
@@ -67,30 +67,16 @@ class DiskBlockCache(BlockCache):
             self.fds[fsv] = fd
         return fd
 
-    def take(self, keys: List[tuple], out: Dict[tuple, bytes]):
-        mine, waiting = [], False
-        for k in keys:
-            if k in out:
-                continue
-            where = self._where.get(k)
-            block = None
-            if where is not None:
-                block = os.pread(self._fd(k[0]), where[1], where[0])
-                if len(block) != where[1]:  # the file was cut short: forget it, fetch again
-                    block = None
-                    del self._d[k], self._where[k]
-                    self.bytes -= where[1]
-            if block is not None:
-                self._d.move_to_end(k)
-                self.hits += 1
-                out[k] = block
-            elif k in self.inflight:
-                waiting = True
-            else:
-                self.misses += 1
-                self.inflight.add(k)
-                mine.append(k)
-        return mine, waiting
+    def _get(self, k: tuple) -> Optional[bytes]:
+        where = self._where.get(k)
+        if where is None:
+            return None
+        block = os.pread(self._fd(k[0]), where[1], where[0])
+        if len(block) != where[1]:  # the file was cut short: forget it, fetch again
+            del self._d[k], self._where[k]
+            self.bytes -= where[1]
+            return None
+        return block
 
     def put(self, key: tuple, block: bytes, offset: int = 0):
         if key in self._d:

@@ -206,7 +206,7 @@ class BlockCache:
         for k in keys:
             if k in out:
                 continue
-            block = self._d.get(k)
+            block = self._get(k)
             if block is not None:
                 self._d.move_to_end(k)
                 self.hits += 1
@@ -218,6 +218,10 @@ class BlockCache:
                 self.inflight.add(k)
                 mine.append(k)
         return mine, waiting
+
+    def _get(self, k: tuple) -> Optional[bytes]:
+        """A cached block, or None (a cache on disk reads it back)."""
+        return self._d.get(k)
 
     def put(self, key: tuple, block: bytes, offset: int = 0):
         """Cache ``block`` (``offset``: its place in the file, for a cache on disk)."""

@@ -164,12 +164,17 @@ class ManifestView:
         except fsutil.NotRegular as e:
             raise Corruption(e.strerror) from None
 
-    def open_tree(self, node: manifest_tree.Node):
-        """The store object the manifest digest names, consistent with the entry."""
+    def _fetch_tree(self, node: manifest_tree.Node):
+        """The tree object the manifest digest names, validated as a store object."""
         try:
-            tree = self.store.open_object(node.alg, node.digest)
+            return self.store.open_object(node.alg, node.digest)
         except StoreCorrupt as e:  # the object's name alone would not say which file
             raise StoreCorrupt(f"{node.path}: {e}") from None
+
+    def open_tree(self, node: manifest_tree.Node):
+        """The tree object the manifest digest names, consistent with the entry (one rule
+        for every source of tree objects: a share's store, a registry)."""
+        tree = self._fetch_tree(node)
         d = tree.descriptor
         if d.data_size != node.size or d.params != node.params:
             tree.close()

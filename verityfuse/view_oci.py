@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from .errors import Corruption
 from .oci_source import OciReader, Remote
 from .verifier import Verifier
 from .view import FileHandle
@@ -30,14 +29,8 @@ class OciView(ManifestView):
         super().__init__(None, remote.manifest.tree, remote, cache, remote.manifest.digest, stats)
         self.remote = remote
 
-    def open_tree(self, node):
-        tree = self.remote.open_tree(node, node.path)
-        d = tree.descriptor
-        if d.data_size != node.size or d.params != node.params:
-            tree.close()
-            raise Corruption(f"{node.path}: the manifest's size or tree parameters disagree with "
-                             f"its digest {node.digest_text}")
-        return tree
+    def _fetch_tree(self, node):
+        return self.remote.open_tree(node, node.path)
 
     def open(self, ino: int, flags: int, caller=None) -> FileHandle:
         node = self._file(ino)
