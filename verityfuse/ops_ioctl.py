@@ -20,13 +20,13 @@ from .errors import VerityError
 from .fuseshim import Request
 from .logs import escape
 from .logs import requests as ratelog
-from .view import FileHandle
+from .view import FileHandle, View
 
 log = logging.getLogger("verityfuse")
 
 
 class IoctlHandlers:
-    view: Any
+    view: View
     handles: dict
     _errno_of: Any  # ops.VerityOperations._errno_of: the one errno mapping
 
