@@ -15,7 +15,7 @@ import errno as _errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, cast
 
 from . import merkle, treebuild
 from .api_core import (Digest, HashAlgArg, NotSealedError, PathArg, digest_of, existing_store,
