@@ -51,9 +51,9 @@ class IoctlHandlers:
                 view.set_flags(ino, h, int.from_bytes(data[:4], "little"))
                 self._attrs_changed(ino)
                 request.reply()
-            elif cmd == vioctl.FS_IOC_FSGETXATTR:
+            elif cmd == uapi.FS_IOC_FSGETXATTR:
                 request.reply(view.fsxattr(ino, h)[:out_size])
-            elif cmd == vioctl.FS_IOC_FSSETXATTR:
+            elif cmd == uapi.FS_IOC_FSSETXATTR:
                 view.fsxattr(ino, h, data)
                 self._attrs_changed(ino)
                 request.reply()

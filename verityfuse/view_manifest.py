@@ -216,7 +216,7 @@ class ManifestView(ReadOnlyView):
     def fsxattr(self, ino: int, fh, new=None) -> bytes:
         if new is not None:
             erofs()
-        return vioctl.with_xflag_verity(bytes(vioctl.FSXATTR_SIZE),
+        return vioctl.with_xflag_verity(bytes(uapi.FSXATTR_SIZE),
                                         self._node(ino).kind == stat.S_IFREG)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
