@@ -65,14 +65,20 @@ class Digest:
     @classmethod
     def parse(cls, text: str) -> "Digest":
         """Read ``"sha256:<hex>"`` (the form ``str()`` gives); ``ValueError`` if malformed."""
+        # merkle.parse_digest, leniently cased (``SHA256:``) and strictly spelled: only hex
+        # digits (bytes.fromhex alone would also take spaces between them).
         name, sep, hexd = text.strip().partition(":")
-        alg = merkle.ALGORITHMS.get(name.lower()) if sep else None
-        if alg is None:
-            raise ValueError(f"not an fs-verity digest (expected sha256:<hex> or "
-                             f"sha512:<hex>): {text!r}")
-        if len(hexd) != 2 * alg.digest_size or any(c not in "0123456789abcdefABCDEF" for c in hexd):
-            raise ValueError(f"{text!r}: a {alg.name} digest is {2 * alg.digest_size} hex digits")
-        return cls(alg.name, bytes.fromhex(hexd))
+        try:
+            alg, raw = merkle.parse_digest(f"{name.lower()}:{hexd}" if sep else name)
+            if any(c not in "0123456789abcdefABCDEF" for c in hexd):
+                raise merkle.BadDigest("not only hex digits", "hex", alg)
+        except merkle.BadDigest as e:
+            if e.alg is None:
+                raise ValueError(f"not an fs-verity digest (expected sha256:<hex> or "
+                                 f"sha512:<hex>): {text!r}") from None
+            raise ValueError(f"{text!r}: a {e.alg.name} digest is {2 * e.alg.digest_size} "
+                             f"hex digits") from None
+        return cls(alg.name, raw)
 
     @property
     def hex(self) -> str:
