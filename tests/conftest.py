@@ -3,6 +3,10 @@
 - Assert exact bytes, digests and errnos; never timings.
 - fsverity-utils is the oracle wherever a digest, tree or descriptor is compared.
 - Anything mounted is unmounted by a fixture, even when the test fails.
+- Tests that make a real FUSE mount carry the ``mount`` marker, so ``pytest -m "not mount"`` is
+  the fast tier (see README): a test that requests a mounting fixture (MOUNT_FIXTURES, directly
+  or through another fixture) is marked here; a file whose tests mount by running the command
+  line marks itself (``pytestmark``) or the test (``@pytest.mark.mount``).
 - Tests leave the machine as they found it: ``system_paths_unchanged`` fails a test that
   wrote where verityfuse may write outside a temporary directory, ``machine_unchanged``
   the session if a mount or a process the tests started is left.
@@ -15,6 +19,23 @@ import subprocess
 import pytest
 
 FSVERITY = shutil.which("fsverity")
+
+# Fixtures that mount (or set up a mount for the test): the plugin's verified_mount and the
+# module-local ones built on the command line rather than on it.
+MOUNT_FIXTURES = frozenset({
+    "verified_mount",
+    "oci_mount",  # test_oci: mounts oci:// references
+    "sides",  # test_conformance: one mount for the module
+    "fake_tsm",  # test_attest: the configfs-tsm stand-in is a FUSE file system
+})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    # tryfirst: the marker must be on the item before -m deselects by it.
+    for item in items:
+        if MOUNT_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mount)
 
 
 def pattern(n: int) -> bytes:

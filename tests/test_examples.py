@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 ENV = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
 
@@ -13,6 +15,7 @@ def run(*cmd):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=ENV, timeout=300)
 
 
+@pytest.mark.mount
 def test_demo():
     r = run(EXAMPLES / "demo.sh")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -25,6 +28,7 @@ def test_demo():
     assert "#2 IntegrityViolation" in r.stdout and "path=docs/hello.txt offset=0" in r.stdout
 
 
+@pytest.mark.mount
 def test_confidential_container_flow():
     r = run(EXAMPLES / "confidential_container.sh")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -34,6 +38,7 @@ def test_confidential_container_flow():
     assert "Every attack was refused." in r.stdout
 
 
+@pytest.mark.mount
 def test_fixture_example():
     r = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", EXAMPLES / "test_with_fixture.py")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -53,6 +53,7 @@ def logs_recorded(pytester):
     return [line for line in (pytester.path / "logs.txt").read_text().splitlines() if line]
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_failure_report_has_the_daemon_log_and_no_log_file_remains(pytester):
     pytester.makepyfile(test_inner=INNER)
@@ -72,6 +73,7 @@ def test_failure_report_has_the_daemon_log_and_no_log_file_remains(pytester):
         assert not os.path.exists(log), log
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_passing_run_shows_no_log_and_leaves_no_file(pytester):
     pytester.makepyfile(test_inner=INNER.split("def test_app_fails")[0])
@@ -99,6 +101,7 @@ def no_fuse(monkeypatch):
     assert not (pytester.path / "logs.txt").exists()
 
 
+@pytest.mark.mount
 def test_mount_refused_for_lack_of_permission_skips(pytester):
     """A real mount refused by the kernel: in a user namespace, root there may open
     /dev/fuse, but fusermount3 may not mount (no mount namespace of its own).  The
@@ -173,6 +176,7 @@ def test_failed_mount_is_a_runtime_error_and_removes_its_log(tmp_path, monkeypat
     assert os.listdir(tmp) == []
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_verified_mount_keeps_its_log_text_and_removes_the_file(tmp_path):
     src, mnt = tmp_path / "src", tmp_path / "mnt"
@@ -212,6 +216,7 @@ def test_warning_is_fine(verified_mount, tmp_path):
 '''
 
 
+@pytest.mark.mount
 @needs_fuse
 def test_unexpected_error_lines_in_a_daemon_log_fail_the_test(pytester):
     pytester.makepyfile(test_inner=ERRORS)

@@ -17,7 +17,7 @@ import pytest
 
 from verityfuse.sealing import entry_of_path
 
-from verityfuse import ioctl, merkle
+from verityfuse import ioctl, merkle, uapi
 from verityfuse.errors import Errno
 from verityfuse.store import Store
 from conftest import drop_caches, flip, pattern, write
@@ -293,7 +293,7 @@ FS_XFLAG_NODUMP = 0x80
 
 
 def _fsx(buf: bytes) -> int:
-    assert len(buf) == ioctl.FSXATTR_SIZE
+    assert len(buf) == uapi.FSXATTR_SIZE
     return int.from_bytes(buf[:4], "little")
 
 
@@ -328,15 +328,15 @@ def test_fsgetxattr_answers_fs_xflag_verity_on_verity_files(tmp_path):
                           capture_output=True).returncode == 0
     view, store = _make_view(src, tmp_path, Settings())
     try:
-        assert _xflags_of(view, b"v") == ioctl.FS_XFLAG_VERITY | FS_XFLAG_NODUMP
+        assert _xflags_of(view, b"v") == uapi.FS_XFLAG_VERITY | FS_XFLAG_NODUMP
         assert _xflags_of(view, b"p") == FS_XFLAG_NODUMP
         assert _xflags_of(view, b"d", directory=True) == 0
         for name, verity in ((b"p", False), (b"v", True)):
             ino = view.lookup(1, name).ino
             fh = view.open(ino, os.O_RDONLY)
             try:  # xfs_io chattr writes back what it read, with a flag flipped
-                view.fsxattr(ino, fh, ioctl.with_xflag_verity(bytes(ioctl.FSXATTR_SIZE), not verity))
-                assert _fsx(view.fsxattr(ino, fh)) == (ioctl.FS_XFLAG_VERITY if verity else 0)
+                view.fsxattr(ino, fh, ioctl.with_xflag_verity(bytes(uapi.FSXATTR_SIZE), not verity))
+                assert _fsx(view.fsxattr(ino, fh)) == (uapi.FS_XFLAG_VERITY if verity else 0)
             finally:
                 view.release(fh)
     finally:
@@ -348,7 +348,7 @@ def test_fsgetxattr_answers_fs_xflag_verity_on_verity_files(tmp_path):
         assert r.returncode == 0, r.stderr
     view, store = _make_view(src, tmp_path, Settings(manifest=str(m), trust_key=[str(pub)]))
     try:
-        assert _xflags_of(view, b"v") == _xflags_of(view, b"p") == ioctl.FS_XFLAG_VERITY
+        assert _xflags_of(view, b"v") == _xflags_of(view, b"p") == uapi.FS_XFLAG_VERITY
         assert _xflags_of(view, b"d", directory=True) == 0
     finally:
         store.close()
@@ -365,12 +365,12 @@ def test_xfs_io_and_fsgetxattr_through_the_mount(mnt):
     import fcntl
     fd = os.open(mp / "v", os.O_RDONLY)
     try:
-        buf = bytearray(ioctl.FSXATTR_SIZE)
-        fcntl.ioctl(fd, ioctl.FS_IOC_FSGETXATTR, buf)
+        buf = bytearray(uapi.FSXATTR_SIZE)
+        fcntl.ioctl(fd, uapi.FS_IOC_FSGETXATTR, buf)
     finally:
         os.close(fd)
     xflags = _fsx(bytes(buf))
-    assert xflags & ~ioctl.FS_XFLAG_VERITY == FS_XFLAG_NODUMP
+    assert xflags & ~uapi.FS_XFLAG_VERITY == FS_XFLAG_NODUMP
     if shutil.which("xfs_io"):
         r = subprocess.run(["xfs_io", "-r", "-c", "lsattr -v", mp / "v"], capture_output=True, text=True)
         assert r.returncode == 0 and "no-dump" in r.stdout, r.stdout + r.stderr

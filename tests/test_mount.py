@@ -378,6 +378,7 @@ def test_signals_unmount_cleanly(fresh, verified_mount, sig):
     assert not os.path.ismount(m.mountpoint)
 
 
+@pytest.mark.mount
 def test_background_mount_and_umount_command(fresh, tmp_path):
     from verityfuse.testing import seal_tree
     seal_tree(fresh)

@@ -31,6 +31,7 @@ def unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_source_names_inject_nothing(tmp_path, name):
     src, mnt = tmp_path / name, tmp_path / "mnt"

@@ -488,6 +488,7 @@ def secure_registry(tmp_path):
         r.stop()
 
 
+@pytest.mark.mount
 def test_https_and_basic_auth(tree, secure_registry, tmp_path, monkeypatch):
     reg = secure_registry
     ref = f"{reg.host}/vf/secure:v1"

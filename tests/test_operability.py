@@ -96,6 +96,7 @@ def test_install_helper_never_replaces_a_file_that_is_not_a_link(tmp_path):
 
 # -- mount(8), fstab, systemd ------------------------------------------------------------
 
+@pytest.mark.mount
 def test_mount_t_fuse_verityfuse_with_every_option_kind(tree, helper, tmp_path):
     src, mnt = tree
     log = tmp_path / "daemon.log"
@@ -152,6 +153,7 @@ def test_mount_helper_exit_status_is_mount8s(tree, helper, tmp_path):
     assert not os.path.ismount(mnt)
 
 
+@pytest.mark.mount
 def test_fstab_line_and_systemd_unit(tree, helper, tmp_path):
     """The README's fstab line, mounted by `mount MNT` from a temporary fstab, and the
     README's unit file checked by systemd-analyze with the same options."""
@@ -183,6 +185,7 @@ def test_fstab_line_and_systemd_unit(tree, helper, tmp_path):
     assert (mnt / "plain").read_bytes() == b"p"
 
 
+@pytest.mark.mount
 def test_mount_fuse3_convention(tree, tmp_path):
     src, mnt = tree
     r = vf(src, mnt, "-o", f"ro,log_file={tmp_path}/log")
@@ -219,6 +222,7 @@ def test_nonsense_values_are_refused(tree):
     assert r.returncode == 2 and "mount option cache_size: must be a positive integer" in r.stderr
 
 
+@pytest.mark.mount
 def test_daemon_leaves_its_start_directory_free(tree, tmp_path):
     src, mnt = tree
     work = tmp_path / "work"
@@ -232,6 +236,7 @@ def test_daemon_leaves_its_start_directory_free(tree, tmp_path):
     assert umounted.returncode == 0, umounted.stderr  # not "target is busy"
 
 
+@pytest.mark.mount
 def test_warns_over_a_mount_point_and_finds_odd_names(tmp_path, tree):
     src, _ = tree
     mnt = tmp_path / "mnt ü\tx"
@@ -249,6 +254,7 @@ def test_warns_over_a_mount_point_and_finds_odd_names(tmp_path, tree):
         subprocess.run(["umount", str(mnt)])
 
 
+@pytest.mark.mount
 def test_debug_logs_every_request(tree, tmp_path):
     src, mnt = tree
     log = tmp_path / "log"
@@ -265,6 +271,7 @@ def test_debug_logs_every_request(tree, tmp_path):
 
 # -- never silent -----------------------------------------------------------------------
 
+@pytest.mark.mount
 def test_logs_fall_back_to_a_file_without_dev_log(tree, helper):
     """This machine has no /dev/log: a background daemon logs to the documented file
     (the place --log-file's help names, so a mount says nothing; with -v it says where),
@@ -300,6 +307,7 @@ def test_logs_fall_back_to_a_file_without_dev_log(tree, helper):
             assert "integrity failure: sealed: data block at offset 0" in f.read()
 
 
+@pytest.mark.mount
 def test_explicit_store_typo_is_an_error_and_failed_mounts_leave_nothing(tmp_path):
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
@@ -337,6 +345,7 @@ def test_verify_that_checked_nothing_fails_and_strict(tmp_path):
 
 # -- observability and automation -------------------------------------------------------------
 
+@pytest.mark.mount
 def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
     """Two failing reads of one block are one failure line with a count; a name with
     control characters is escaped in the human output and exact in the JSON."""
@@ -443,6 +452,7 @@ def test_seal_progress_on_a_terminal_only(tmp_path):
     assert "/36 MiB" in text and "/3 files" in text and "ETA " in text
 
 
+@pytest.mark.mount
 def test_version_aliases_and_doctor(tree, tmp_path):
     from verityfuse import __version__
     src, mnt = tree

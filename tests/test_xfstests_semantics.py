@@ -17,7 +17,8 @@ import pytest
 from conftest import drop_caches, pattern, write
 from verityfuse.testing import VerifiedMount, seal_tree
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bind mounts, drop_caches)")
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (bind mounts, drop_caches)")]
 
 LONG_AGO = 10 ** 14  # ns (about 28 h) before mtime: relatime would update such an atime
 

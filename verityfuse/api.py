@@ -15,10 +15,12 @@ import errno as _errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, cast
 
 from . import merkle, treebuild
-from .errors import VerityError
+from .api_core import (Digest, HashAlgArg, NotSealedError, PathArg, digest_of, existing_store,
+                       fspath, open_regular)
+from .verified_file import VerifiedFile, open_verified
 
 if TYPE_CHECKING:
     from .store import Store
@@ -36,96 +38,11 @@ __all__ = [
     "verify",
 ]
 
-#: A filesystem path: ``str``, ``bytes`` or ``os.PathLike`` (``pathlib.Path``).
-PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
-#: A hash algorithm: ``"sha256"``, ``"sha512"``, or its fs-verity number (1, 2).
-HashAlgArg = Union[str, int]
 #: What ``verify`` found for one file.
 Status = Literal["ok", "corrupt", "unsealed", "error"]
 
 
-class NotSealedError(VerityError):
-    """The file has no fs-verity digest in the store.
-
-    It was never sealed, it was replaced by another inode since (a new file
-    written over the old name), or the store is not the one it was sealed
-    into.  ``errno`` is ENODATA, what the mount's ``user.fsverity.*`` xattrs
-    answer for a file without verity.
-    """
-
-    errno = _errno.ENODATA
-
-
 # -- digests --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Digest:
-    """An fs-verity file digest, as ``fsverity digest`` and ``fsverity measure`` print it.
-
-    ``str(d)`` is ``"sha256:<hex>"``, exactly that output; ``Digest.parse`` reads it back.
-    Two digests are equal when their algorithm and bytes are (``descriptor`` is
-    not compared: the digest is the hash of it).  Digests are hashable.
-    """
-
-    algorithm: str
-    """``"sha256"`` or ``"sha512"``."""
-    digest: bytes
-    """The raw digest: the hash of the 256-byte fs-verity descriptor."""
-    descriptor: Optional[bytes] = field(default=None, compare=False, repr=False)
-    """The 256-byte ``struct fsverity_descriptor`` this digest is the hash of, when known
-    (results of ``digest``, ``seal`` and ``VerifiedFile.digest``); ``None`` otherwise
-    (``Digest.parse``, ``verify`` results)."""
-
-    def __post_init__(self) -> None:
-        alg = merkle.ALGORITHMS.get(self.algorithm)
-        if alg is None:
-            raise ValueError(f"unknown hash algorithm {self.algorithm!r} "
-                             f"(available: {' '.join(merkle.ALGORITHMS)})")
-        if not isinstance(self.digest, bytes) or len(self.digest) != alg.digest_size:
-            raise ValueError(f"a {alg.name} digest is {alg.digest_size} bytes")
-        if self.descriptor is not None and (
-                len(self.descriptor) != 256 or merkle.file_digest(alg, self.descriptor) != self.digest):
-            raise ValueError("the descriptor does not hash to the digest")
-
-    @classmethod
-    def parse(cls, text: str) -> "Digest":
-        """Read ``"sha256:<hex>"`` (the form ``str()`` gives); ``ValueError`` if malformed."""
-        name, sep, hexd = text.strip().partition(":")
-        alg = merkle.ALGORITHMS.get(name.lower()) if sep else None
-        if alg is None:
-            raise ValueError(f"not an fs-verity digest (expected sha256:<hex> or "
-                             f"sha512:<hex>): {text!r}")
-        if len(hexd) != 2 * alg.digest_size or any(c not in "0123456789abcdefABCDEF" for c in hexd):
-            raise ValueError(f"{text!r}: a {alg.name} digest is {2 * alg.digest_size} hex digits")
-        return cls(alg.name, bytes.fromhex(hexd))
-
-    @property
-    def hex(self) -> str:
-        """The digest in lowercase hex, without the algorithm (``fsverity digest --compact``)."""
-        return self.digest.hex()
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.digest.hex()}"
-
-    def __repr__(self) -> str:
-        return f"Digest({str(self)!r})"
-
-
-def _digest_of(desc: merkle.Descriptor) -> Digest:
-    return Digest(desc.params.alg.name, desc.digest, desc.raw)
-
-
-def _as_digest(value: Union[Digest, str]) -> Digest:
-    if isinstance(value, Digest):
-        return value
-    if isinstance(value, str):
-        return Digest.parse(value)
-    raise TypeError(f"digest must be a Digest or a 'sha256:<hex>' string, not {type(value).__name__}")
-
-
-def _path(p: PathArg) -> str:
-    return os.fsdecode(p)
 
 
 def _params(hash_alg: HashAlgArg, block_size: int, salt: bytes) -> merkle.Params:
@@ -140,19 +57,6 @@ def _threads(threads: Optional[int]) -> Optional[int]:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, not {threads!r}")
     return threads
-
-
-def _open_regular(path: str) -> int:
-    """A read-only fd of the regular file at ``path`` (symlinks followed; never
-    blocks on a FIFO, never opens a device)."""
-    from . import fsutil
-
-    try:
-        return fsutil.open_regular(path, follow=True)
-    except fsutil.NotRegular as e:
-        if os.path.isdir(path):
-            raise IsADirectoryError(_errno.EISDIR, "Is a directory", path) from None
-        raise OSError(_errno.EINVAL, f"not a regular file: {e.strerror}", path) from None
 
 
 def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 4096,
@@ -179,12 +83,12 @@ def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 
     """
     params = _params(hash_alg, block_size, salt)
     threads = _threads(threads)
-    fd = _open_regular(_path(path))
+    fd = open_regular(fspath(path))
     try:
         desc = treebuild.build_tree(fd, params, threads=threads)
     finally:
         os.close(fd)
-    return _digest_of(desc)
+    return digest_of(desc)
 
 
 # -- seal -----------------------------------------------------------------------------
@@ -194,13 +98,6 @@ def _default_store(source: str) -> str:
     from .store import default_store
 
     return default_store(source)
-
-
-def _existing_store(path: str) -> str:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(_errno.ENOENT, "no verityfuse store here (seal files first, or "
-                                "pass store=)", path)
-    return path
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -214,11 +111,11 @@ def _seal_targets(source: str, store: "Store", paths: Iterable[PathArg]) -> List
     rels: Dict[str, None] = {}
     src_abs = os.path.abspath(source)
     for p in paths:
-        full = os.path.abspath(os.path.join(source, _path(p)))
+        full = os.path.abspath(os.path.join(source, fspath(p)))
         if not _inside(full, src_abs):
-            raise ValueError(f"{_path(p)!r} is not inside {source!r}")
+            raise ValueError(f"{fspath(p)!r} is not inside {source!r}")
         if _inside(full, store.path):
-            raise ValueError(f"{_path(p)!r} is inside the store {store.path!r}")
+            raise ValueError(f"{fspath(p)!r} is inside the store {store.path!r}")
         rel = os.path.relpath(full, src_abs)
         st = os.lstat(full)
         if stat.S_ISDIR(st.st_mode):
@@ -263,19 +160,19 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     from .sealing import seal_path, walk_files
     from .store import Store
 
-    src = _path(source)
+    src = fspath(source)
     if not os.path.isdir(src):
         raise NotADirectoryError(_errno.ENOTDIR, "Not a directory", src)
     params = _params(hash_alg, block_size, salt)
     threads = _threads(threads)
     out: Dict[str, Digest] = {}
-    with Store(_path(store) if store is not None else _default_store(src), create=True) as st:
+    with Store(fspath(store) if store is not None else _default_store(src), create=True) as st:
         st.cleanup_tmp()
         rels = list(walk_files(src, st)) if paths is None else _seal_targets(src, st, paths)
         for rel in rels:
             built: List[merkle.Descriptor] = []
             seal_path(st, src, rel, params, check=built.append, threads=threads)
-            out[rel] = _digest_of(built[-1])
+            out[rel] = digest_of(built[-1])
     return out
 
 
@@ -370,10 +267,10 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     from .store import Store
     from .verifier import TreeBlockCache
 
-    src = _path(source)
+    src = fspath(source)
     if not os.path.isdir(src):
         raise FileNotFoundError(_errno.ENOENT, "No such directory", src)
-    store_path = _existing_store(_path(store) if store is not None else _default_store(src))
+    store_path = existing_store(fspath(store) if store is not None else _default_store(src))
     cache = TreeBlockCache()
     results: List[FileResult] = []
     seen: set[str] = set()
@@ -389,8 +286,3 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     results.sort(key=lambda r: r.path)
     return VerifyReport(os.path.abspath(src), os.path.abspath(store_path), strict,
                         tuple(results), stale)
-
-
-# The verified-read half lives in verified_file.py; imported last, as it uses the
-# helpers above.
-from .verified_file import VerifiedFile, open_verified  # noqa: E402

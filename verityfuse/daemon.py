@@ -16,10 +16,13 @@ import resource
 import signal
 import subprocess
 import sys
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from . import logs, mountinfo, mountopts
 from .mountopts import Settings
+
+if TYPE_CHECKING:
+    from .view import View
 
 log = logging.getLogger("verityfuse")
 
@@ -146,8 +149,9 @@ def measure_mount(mountpoint: str, s: Settings, trust: Trust):
     return Tripwire(m.digest, measurer, s.on_corruption)
 
 
-def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats):
-    """The view for this trust mode, and the store it reads."""
+def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats) -> Tuple["View", Any]:
+    """The view for this trust mode, and the store it reads (annotated: mypy checks that each
+    view class implements the ``View`` protocol)."""
     from .store import Store, default_store
     from .verifier import TreeBlockCache
 

@@ -15,22 +15,9 @@ from dataclasses import dataclass
 from . import merkle, uapi
 from .errors import Errno
 
-# The kernel's fileattr path always carries 4 bytes (FS_IOC_GETFLAGS is
-# _IOR('f', 1, long) but carries an int); the 32-bit compat numbers too.
-FS_IOC32_GETFLAGS = 0x80046601
-GETFLAGS_CMDS = (uapi.FS_IOC_GETFLAGS, FS_IOC32_GETFLAGS)
-FS_IOC_SETFLAGS = 0x40086602
-FS_IOC32_SETFLAGS = 0x40046602
-SETFLAGS_CMDS = (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS)
-# struct fsxattr: xflags, extsize, nextents, projid, cowextsize, pad[8]
-FS_IOC_FSGETXATTR = 0x801C581F
-FS_IOC_FSSETXATTR = 0x401C5820
-FSXATTR_SIZE = 28
-FS_XFLAG_VERITY = 0x00020000  # read-only, as in the kernel (2026)
-
-# Backing-file flags worth passing through to lsattr.
-FS_IMMUTABLE_FL = 0x00000010
-FS_APPEND_FL = 0x00000020
+# The inode-flag ioctls, both widths (uapi): the kernel's fileattr path always carries 4 bytes.
+GETFLAGS_CMDS = (uapi.FS_IOC_GETFLAGS, uapi.FS_IOC32_GETFLAGS)
+SETFLAGS_CMDS = (uapi.FS_IOC_SETFLAGS, uapi.FS_IOC32_SETFLAGS)
 
 # Block sizes this implementation enables: the kernel takes 1 KiB up to the page size.
 MIN_ENABLE_BLOCK_SIZE = 1024
@@ -111,11 +98,11 @@ def getflags_reply(flags: int) -> bytes:
 
 
 def _xflags(buf: bytes) -> int:
-    if len(buf) < FSXATTR_SIZE:
-        raise Errno(errno.EINVAL, f"struct fsxattr of {len(buf)} bytes, expected {FSXATTR_SIZE}")
+    if len(buf) < uapi.FSXATTR_SIZE:
+        raise Errno(errno.EINVAL, f"struct fsxattr of {len(buf)} bytes, expected {uapi.FSXATTR_SIZE}")
     return struct.unpack_from("<I", buf)[0]
 
 
 def with_xflag_verity(buf: bytes, verity: bool) -> bytes:
-    flags = _xflags(buf) & ~FS_XFLAG_VERITY
-    return struct.pack("<I", flags | (FS_XFLAG_VERITY if verity else 0)) + buf[4:FSXATTR_SIZE]
+    flags = _xflags(buf) & ~uapi.FS_XFLAG_VERITY
+    return struct.pack("<I", flags | (uapi.FS_XFLAG_VERITY if verity else 0)) + buf[4:uapi.FSXATTR_SIZE]

@@ -18,7 +18,7 @@ import stat
 from typing import Any, Callable, Optional
 
 from . import ioctl as vioctl
-from . import identity, merkle
+from . import identity, merkle, uapi
 from .errors import Errno, StoreCorrupt, VerityError
 from .inodes import NOT_VERITY, UNKNOWN, Inode
 from .logs import escape
@@ -123,7 +123,7 @@ class LocalVerity:
             raise Errno(errno.EISDIR, "is a directory")
         if not inode.is_reg or fd is None:
             raise Errno(errno.EINVAL, "not a regular file")
-        if flags & (vioctl.FS_APPEND_FL | vioctl.FS_IMMUTABLE_FL):
+        if flags & (uapi.FS_APPEND_FL | uapi.FS_IMMUTABLE_FL):
             raise Errno(errno.EPERM, "append-only or immutable")
         if read_only:
             raise Errno(errno.EROFS, "read-only mount")

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import fsutil, manifest_header, manifest_tree
+from . import fsutil, manifest_header, manifest_tree, merkle
 from .errors import ManifestError
 
 ENVELOPE_FORMAT = "verityfuse-signed-manifest"
@@ -51,8 +51,6 @@ def manifest_digest(payload: bytes) -> str:
 def pinned_digest(text: str) -> str:
     """A ``--manifest-digest`` value: ``sha256:<hex>``, or ``@FILE`` holding it (its first
     word, as ``verityfuse measure-manifest M > FILE`` writes it).  ManifestError if bad."""
-    from .store import parse_digest
-
     where = "manifest digest"
     if text.startswith("@"):
         where = text[1:]
@@ -61,7 +59,7 @@ def pinned_digest(text: str) -> str:
             raise ManifestError(f"{where}: empty, no manifest digest in it")
         text = words[0]
     try:
-        alg, _ = parse_digest(text)
+        alg, _ = merkle.parse_digest(text)
     except ValueError as e:
         raise ManifestError(f"{where}: {e}") from None
     if alg.name != "sha256":

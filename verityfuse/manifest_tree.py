@@ -24,7 +24,6 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from . import manifest_header, merkle
 from .errors import ManifestError, VerityError
 from .manifest_header import Header
-from .store import parse_digest
 
 FORMAT, VERSION = manifest_header.FORMAT, manifest_header.VERSION  # the header's, kept here too
 CONVERT_HINT = manifest_header.CONVERT_HINT
@@ -228,7 +227,7 @@ def _explain(e, where: str, n: int) -> ManifestError:
         try:
             if type(digest) is not str or type(salt) is not str:
                 raise ValueError("digest and salt must be strings")
-            alg = parse_digest(digest)[0]
+            alg = merkle.parse_digest(digest)[0]
             merkle.Params(alg, d["block_size"], bytes.fromhex(salt))
         except (ValueError, VerityError) as err:
             return _bad(where, n, path, str(err))
@@ -328,7 +327,7 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
 
 def _params(e: list, where: str, n: int) -> merkle.Params:
     try:
-        alg = parse_digest(e[7])[0]
+        alg = merkle.parse_digest(e[7])[0]
         return merkle.Params(alg, e[8], bytes.fromhex(e[9]))
     except (ValueError, VerityError):
         raise _explain(e, where, n) from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
 
 from . import uapi
 from .errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
@@ -297,6 +297,35 @@ def file_digest(alg: HashAlg, descriptor: bytes) -> bytes:
 def format_digest(alg: HashAlg, digest: bytes) -> str:
     """``sha256:<hex>``, the form `fsverity digest` and `measure` print."""
     return f"{alg.name}:{digest.hex()}"
+
+
+class BadDigest(ValueError):
+    """Text that is not ``<algorithm>:<hex>``. ``part`` says what is wrong (``"prefix"``,
+    ``"algorithm"``, ``"hex"``, ``"length"``), so a caller can word it its own way; ``alg``
+    is the algorithm when the prefix named one."""
+
+    def __init__(self, message: str, part: str, alg: Optional[HashAlg] = None) -> None:
+        super().__init__(message)
+        self.part, self.alg = part, alg
+
+
+def parse_digest(text: str) -> Tuple[HashAlg, bytes]:
+    """``sha256:<hex>`` -> (HashAlg, bytes), the one digest parser (the store's index, the
+    manifest, ``--manifest-digest``, ``Digest.parse``); BadDigest, a ValueError, if bad."""
+    name, sep, hexd = text.partition(":")
+    if not sep:
+        raise BadDigest(f"digest {text!r} has no algorithm prefix", "prefix")
+    alg = ALGORITHMS.get(name)
+    if alg is None:
+        raise BadDigest(f"digest {text!r}: unknown algorithm {name!r}", "algorithm")
+    try:
+        raw = bytes.fromhex(hexd)
+    except ValueError:
+        raise BadDigest(f"digest {text!r} is not hexadecimal", "hex", alg) from None
+    if len(raw) != alg.digest_size:
+        raise BadDigest(f"digest {text!r} has {len(raw)} bytes, expected {alg.digest_size}",
+                        "length", alg)
+    return alg, raw
 
 
 def formatted_digest(alg: HashAlg, digest: bytes) -> bytes:

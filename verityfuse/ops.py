@@ -29,7 +29,7 @@ from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
 from .tripwire import Tripwire
-from .view import XATTR_PREFIX, Attr, FileHandle
+from .view import XATTR_PREFIX, Attr, FileHandle, View
 
 log = logging.getLogger("verityfuse")
 
@@ -150,7 +150,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     enable_writeback_cache = False  # writes go straight to SOURCE
 
-    def __init__(self, view, threads: int = 4, stats=None, info=None, tripwire=None,
+    def __init__(self, view: View, threads: int = 4, stats=None, info=None, tripwire=None,
                  max_handles_per_uid: Optional[int] = None):
         super().__init__()
         self.view = view

@@ -20,13 +20,13 @@ from .errors import VerityError
 from .fuseshim import Request
 from .logs import escape
 from .logs import requests as ratelog
-from .view import FileHandle
+from .view import FileHandle, View
 
 log = logging.getLogger("verityfuse")
 
 
 class IoctlHandlers:
-    view: Any
+    view: View
     handles: dict
     _errno_of: Any  # ops.VerityOperations._errno_of: the one errno mapping
 
@@ -51,9 +51,9 @@ class IoctlHandlers:
                 view.set_flags(ino, h, int.from_bytes(data[:4], "little"))
                 self._attrs_changed(ino)
                 request.reply()
-            elif cmd == vioctl.FS_IOC_FSGETXATTR:
+            elif cmd == uapi.FS_IOC_FSGETXATTR:
                 request.reply(view.fsxattr(ino, h)[:out_size])
-            elif cmd == vioctl.FS_IOC_FSSETXATTR:
+            elif cmd == uapi.FS_IOC_FSSETXATTR:
                 view.fsxattr(ino, h, data)
                 self._attrs_changed(ino)
                 request.reply()

@@ -47,23 +47,6 @@ def default_store(source: str) -> str:
     return os.path.join(source, STORE_DIRNAME)
 
 
-def parse_digest(text: str):
-    """``sha256:<hex>`` -> (HashAlg, bytes); StoreCorrupt-free ValueError if bad."""
-    name, sep, hexd = text.partition(":")
-    if not sep:
-        raise ValueError(f"digest {text!r} has no algorithm prefix")
-    alg = merkle.ALGORITHMS.get(name)
-    if alg is None:
-        raise ValueError(f"digest {text!r}: unknown algorithm {name!r}")
-    try:
-        raw = bytes.fromhex(hexd)
-    except ValueError:
-        raise ValueError(f"digest {text!r} is not hexadecimal") from None
-    if len(raw) != alg.digest_size:
-        raise ValueError(f"digest {text!r} has {len(raw)} bytes, expected {alg.digest_size}")
-    return alg, raw
-
-
 class StoreFormat(VerityError):
     """A store of another format than this operation needs."""
 
@@ -372,7 +355,7 @@ class Store:
             path, digest, sig = doc.get("path"), doc.get("digest"), doc.get("signature", "")
             if not isinstance(path, str) or not isinstance(digest, str) or not isinstance(sig, str):
                 raise ValueError("path, digest and signature must be strings")
-            alg, raw = parse_digest(digest)
+            alg, raw = merkle.parse_digest(digest)
             signature = bytes.fromhex(sig)
         except UnicodeDecodeError as e:
             raise StoreCorrupt(f"{name}: malformed index entry: not UTF-8 at byte {e.start}") from None

@@ -17,7 +17,8 @@ from typing import Callable, Tuple
 
 from . import fsutil, identity
 from .errors import StoreCorrupt
-from .store import INDEX_ENTRY_MAX, VERSION_TEXT, Store, normalize_relpath, parse_digest
+from .merkle import parse_digest
+from .store import INDEX_ENTRY_MAX, VERSION_TEXT, Store, normalize_relpath
 
 V1_INDEX = "index"
 

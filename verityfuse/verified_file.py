@@ -12,12 +12,12 @@ import threading
 from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import merkle
+from .api_core import (Digest, NotSealedError, PathArg, as_digest, digest_of, existing_store, fspath,
+                       open_regular)
 from .errors import Corruption, SizeMismatch, VerityError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
-
-    from .api import Digest, PathArg
 
     from .reader import VerifiedReader
     from .store import StoredTree
@@ -63,7 +63,6 @@ def _find_store(fd: int, label: str, trusted: bool) -> Optional[str]:
     inode under the file's name.  Those directories can then change only by root
     or the caller, so what is checked here is what ``Store`` opens next.
     """
-    from .api import NotSealedError
     from .store import STORE_DIRNAME
 
     # The file that was opened, not whatever the caller's path names by now.
@@ -283,15 +282,12 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     from .store import Store
     from .verifier import Verifier
 
-    # Here, not at the top: api imports this module (a cycle either way round).
-    from .api import NotSealedError, _as_digest, _digest_of, _existing_store, _open_regular, _path
-
-    label = _path(path)
-    pinned = _as_digest(digest) if digest is not None else None
-    fd = _open_regular(label)
+    label = fspath(path)
+    pinned = as_digest(digest) if digest is not None else None
+    fd = open_regular(label)
     try:
         if store is not None:
-            store_path = _existing_store(_path(store))
+            store_path = existing_store(fspath(store))
         else:
             found = _find_store(fd, label, trusted=pinned is None)
             if found is None:
@@ -319,7 +315,7 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                 raise
         except Corruption as e:
             raise _eio(e) from e
-        return VerifiedFile(label, fd, tree, reader, _digest_of(desc))
+        return VerifiedFile(label, fd, tree, reader, digest_of(desc))
     except BaseException:
         os.close(fd)
         raise

@@ -9,19 +9,22 @@
 
 Both hand out the same ``VerifiedReader`` for verity files.  Views raise
 OSError or a ``VerityError``; ``ops`` turns them into errnos in one place.
+``View`` declares what a view implements; ``ReadOnlyView`` is the half a
+read-only view shares (every change answers EROFS).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, NoReturn, Optional, Protocol
 
 # Verity state of a regular file: the descriptor, the trusted digest, the tree
 # reader and the signature, as fsverity_op.Metadata carries them.
 from . import merkle
 from .reader import VerifiedReader
-from .verifier import Verifier
+from .verifier import TreeBlockCache, Verifier
 
 XATTR_PREFIX = b"user.fsverity."
 
@@ -116,3 +119,136 @@ class DirHandle:
         elif self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class View(Protocol):
+    """What ``ops`` and ``ops_ioctl`` call on a view: every view implements all of it.
+
+    Node ids are the view's; names are bytes; ``ctx`` is pyfuse3's RequestContext (the
+    caller's uid, gid, pid and umask), passed through untouched. Methods raise OSError (its
+    errno is the answer) or a ``VerityError``; ``ops`` maps both in one place. Parameters are
+    positional-only: the adapter passes them by position and the views name them as they like.
+
+    Besides these, the adapter probes three optional members with ``getattr``: ``open_blocks``
+    (opening may wait on the network: run ``open`` in a worker thread), ``path_of(ino)`` (the
+    manifest path a failure is measured under) and ``status()`` (extra ``verityfuse status``
+    fields); the daemon probes ``threads`` and ``inodes.max_fds``.
+    """
+
+    posix_acl: bool  # the kernel enforces ACLs (FUSE_POSIX_ACL); creates keep the caller's umask
+    cache: TreeBlockCache  # the verified tree blocks: `verityfuse status` reports it
+
+    # -- names and attributes
+    def lookup(self, parent: int, name: bytes, ctx: Any, /) -> Attr: ...
+    def forget(self, ino: int, n: int, /) -> Any: ...
+    def unlookup(self, ino: int, /) -> Any: ...
+    def getattr(self, ino: int, /) -> Attr: ...
+    def setattr(self, ino: int, attr: Any, fields: Any, fh: Optional[FileHandle], ctx: Any, /) -> Attr: ...
+    def readlink(self, ino: int, /) -> bytes: ...
+    def statfs(self) -> Any: ...
+
+    # -- changing the tree
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Any, /) -> Attr: ...
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any, /) -> Attr: ...
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any, /) -> Attr: ...
+    def unlink(self, parent: int, name: bytes, /) -> Any: ...
+    def rmdir(self, parent: int, name: bytes, /) -> Any: ...
+    def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+               flags: int, /) -> Any: ...
+    def link(self, ino: int, parent: int, name: bytes, /) -> Attr: ...
+
+    # -- files and directories
+    def open(self, ino: int, flags: int, ctx: Any, /) -> FileHandle: ...
+    def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any, /) -> Any: ...
+    def release(self, fh: FileHandle, /) -> Any: ...
+    def opendir(self, ino: int, ctx: Any, /) -> DirHandle: ...
+    def readdir(self, dh: DirHandle, start: int, /) -> Any: ...
+    def releasedir(self, dh: DirHandle, /) -> Any: ...
+
+    # -- extended attributes
+    def getxattr(self, ino: int, name: bytes, /) -> bytes: ...
+    def listxattr(self, ino: int, ctx: Any, /) -> Any: ...
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, ctx: Any, /) -> Any: ...
+    def removexattr(self, ino: int, name: bytes, /) -> Any: ...
+
+    # -- fs-verity and inode flags (ioctls, FUSE_FSVERITY)
+    def verity_info(self, ino: int, /) -> Optional[VerityInfo]: ...
+    def tree_verifier(self, ino: int, /) -> Verifier: ...
+    def flags(self, ino: int, fh: Optional[FileHandle], /) -> int: ...
+    def set_flags(self, ino: int, fh: Optional[FileHandle], flags: int, /) -> Any: ...
+    def fsxattr(self, ino: int, fh: Optional[FileHandle], new: Optional[bytes] = None, /) -> bytes: ...
+    def enable_check(self, ino: int, fh: Optional[FileHandle], arg: Any, caller: Any, /) -> Any: ...
+    def enable_build(self, job: Any, cancel: Any, /) -> Any: ...
+    def enable_commit(self, job: Any, /) -> Any: ...
+    def enable_finish(self, job: Any, /) -> Any: ...
+    def enable_sync(self, ino: int, arg: Any, /) -> Any: ...
+
+    def close(self) -> int: ...
+
+
+def erofs() -> NoReturn:
+    raise OSError(errno.EROFS, "read-only: the manifest defines this tree")
+
+
+class ReadOnlyView:
+    """The mutating half of ``View`` for a tree nothing may change: each answers EROFS.
+
+    A subclass supplies the rest (names, attributes, opens, verity). FS_IOC_FSSETXATTR
+    arrives as ``fsxattr(..., new)``, which the subclass refuses the same way (``erofs``).
+    """
+
+    read_only = True
+
+    def setattr(self, ino: int, attr: Any, fields: Any, fh: Optional[FileHandle], ctx: Any) -> NoReturn:
+        erofs()
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Any) -> NoReturn:
+        erofs()
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> NoReturn:
+        erofs()
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Any) -> NoReturn:
+        erofs()
+
+    def unlink(self, parent: int, name: bytes) -> NoReturn:
+        erofs()
+
+    def rmdir(self, parent: int, name: bytes) -> NoReturn:
+        erofs()
+
+    def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+               flags: int) -> NoReturn:
+        erofs()
+
+    def link(self, ino: int, parent: int, name: bytes) -> NoReturn:
+        erofs()
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Any) -> NoReturn:
+        erofs()
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, ctx: Any = None) -> NoReturn:
+        erofs()
+
+    def removexattr(self, ino: int, name: bytes) -> NoReturn:
+        erofs()
+
+    def set_flags(self, ino: int, fh: Optional[FileHandle], flags: int) -> NoReturn:
+        erofs()
+
+    def enable_check(self, ino: int, fh: Optional[FileHandle], arg: Any, caller: Any = None) -> NoReturn:
+        erofs()
+
+    def enable_sync(self, ino: int, arg: Any) -> NoReturn:
+        erofs()
+
+    # enable_check refuses first, so no job ever reaches these; they are here because a
+    # View has them.
+    def enable_build(self, job: Any, cancel: Any = None) -> NoReturn:
+        erofs()
+
+    def enable_commit(self, job: Any) -> NoReturn:
+        erofs()
+
+    def enable_finish(self, job: Any) -> NoReturn:
+        erofs()

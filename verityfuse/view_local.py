@@ -18,7 +18,7 @@ import time
 from typing import Callable, Optional
 
 from . import creds
-from .errors import SizeMismatch
+from .errors import SizeMismatch, VerityError
 from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
 from .local_verity import LocalVerity
 from .view_local_meta import LocalMetadata
@@ -105,7 +105,9 @@ class LocalView(LocalMetadata):
             try:
                 v = self.verity.info(inode)
                 size = v.size if v is not None else None  # the sealed size, whatever the disk says
-            except Exception:  # damaged metadata: stat works, open fails
+            except (VerityError, OSError):
+                # Damaged metadata (VerityError) or an unreadable store entry: stat works
+                # with the disk's size, and open fails with the same error.
                 pass
         return Attr.from_stat(inode.ino, st, self.timeout, size)
 

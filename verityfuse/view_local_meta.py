@@ -103,7 +103,7 @@ class LocalMetadata:
         """FS_IOC_SETFLAGS: passed through; FS_VERITY_FL can be neither set nor cleared."""
         if fh is None:
             raise OSError(errno.EBADF, "no open file")
-        fcntl.ioctl(fh.fd, vioctl.FS_IOC_SETFLAGS, struct.pack("<I", flags & ~uapi.FS_VERITY_FL))
+        fcntl.ioctl(fh.fd, uapi.FS_IOC_SETFLAGS, struct.pack("<I", flags & ~uapi.FS_VERITY_FL))
 
     def fsxattr(self, ino: int, fh, new: Optional[bytes] = None) -> bytes:
         """FS_IOC_FSGETXATTR (``new`` None) or FSSETXATTR, passed through; the
@@ -111,10 +111,10 @@ class LocalMetadata:
         if fh is None:
             raise OSError(errno.EBADF, "no open file")
         if new is not None:
-            fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSSETXATTR, vioctl.with_xflag_verity(new, False))
+            fcntl.ioctl(fh.fd, uapi.FS_IOC_FSSETXATTR, vioctl.with_xflag_verity(new, False))
             return b""
-        buf = bytearray(vioctl.FSXATTR_SIZE)
-        fcntl.ioctl(fh.fd, vioctl.FS_IOC_FSGETXATTR, buf)
+        buf = bytearray(uapi.FSXATTR_SIZE)
+        fcntl.ioctl(fh.fd, uapi.FS_IOC_FSGETXATTR, buf)
         return vioctl.with_xflag_verity(bytes(buf), self.verity.is_verity(self.inodes[ino]))
 
     def _may_write(self, i: Inode, uid: int, gid: int, groups) -> bool:

@@ -25,18 +25,13 @@ from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import RESOURCE_ERRNOS, Corruption, SizeMismatch, StoreCorrupt
 from .verifier import Verifier
-from .view import Attr, DirHandle, FileHandle, VerityInfo
+from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
 # The manifest cannot change under a mount: the kernel may cache it all.
 TIMEOUT = 3600.0
 
 
-def _erofs():
-    raise OSError(errno.EROFS, "read-only: the manifest defines this tree")
-
-
-class ManifestView:
-    read_only = True
+class ManifestView(ReadOnlyView):
     posix_acl = False
 
     def __init__(self, source: Optional[str], tree: manifest_tree.Tree, store, cache,
@@ -185,7 +180,7 @@ class ManifestView:
     def open(self, ino: int, flags: int, caller=None) -> FileHandle:
         node = self._file(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            _erofs()
+            erofs()
         fh = FileHandle(self._open_backing(node), node)
         try:
             fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats)
@@ -220,8 +215,8 @@ class ManifestView:
 
     def fsxattr(self, ino: int, fh, new=None) -> bytes:
         if new is not None:
-            _erofs()
-        return vioctl.with_xflag_verity(bytes(vioctl.FSXATTR_SIZE),
+            erofs()
+        return vioctl.with_xflag_verity(bytes(uapi.FSXATTR_SIZE),
                                         self._node(ino).kind == stat.S_IFREG)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -229,10 +224,3 @@ class ManifestView:
 
     def listxattr(self, ino: int, ctx=None):
         return []
-
-    # Everything that would change the tree.
-    def setattr(self, *a):
-        _erofs()
-
-    setxattr = removexattr = create = mknod = mkdir = symlink = setattr
-    unlink = rmdir = rename = link = set_flags = enable_check = enable_sync = setattr

@@ -13,8 +13,8 @@ import os
 
 from .oci_source import OciReader, Remote
 from .verifier import Verifier
-from .view import FileHandle
-from .view_manifest import ManifestView, _erofs
+from .view import FileHandle, erofs
+from .view_manifest import ManifestView
 
 
 class OciView(ManifestView):
@@ -35,7 +35,7 @@ class OciView(ManifestView):
     def open(self, ino: int, flags: int, caller=None) -> FileHandle:
         node = self._file(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            _erofs()
+            erofs()
         fh = FileHandle(-1, node)
         tree = self.open_tree(node)
         fh.closers.append(tree)
