@@ -67,29 +67,15 @@ def private_mounts():
 
 @contextlib.contextmanager
 def writable_system_dir(tmp, target="/usr/sbin"):
-    """Make ``target`` writable for this process only, for the duration of the block."""
-    if os.geteuid() != 0:
-        pytest.fail(f"this test needs {target} writable in a private mount namespace, which "
-                    f"needs root (it never writes to the machine's {target})")
+    """Make ``target`` writable for this process only, for the duration of the block: a
+    writable overlay over it (upper layer in ``tmp``) in a private mount namespace."""
     up, work = os.path.join(tmp, "upper"), os.path.join(tmp, "work")
     os.makedirs(up)
     os.makedirs(work)
-    home = os.open("/proc/self/ns/mnt", os.O_RDONLY)
-    try:
+    with private_mounts() as mount:
         try:
-            _call(_libc.unshare, CLONE_NEWNS)
-            _run("mount", "--make-rslave", "/")
-            _run("mount", "-t", "overlay", "overlay", "-o",
-                 f"lowerdir={target},upperdir={up},workdir={work}", target)
+            mount("-t", "overlay", "overlay", "-o",
+                  f"lowerdir={target},upperdir={up},workdir={work}", target)
         except OSError as e:
             pytest.fail(f"cannot lay a private overlay over {target}: {e}")
-        try:
-            yield target
-        finally:
-            subprocess.run(["umount", "-l", target], capture_output=True)
-            try:
-                _call(_libc.setns, home, CLONE_NEWNS)
-            except OSError:
-                pass  # another thread shares our fs state: stay in the (now clean) private one
-    finally:
-        os.close(home)
+        yield target
