@@ -38,6 +38,7 @@ from .logs import requests as ratelog
 from .oci_client import Client, RegistryError, parse_ref
 from .reader import VerifiedReader
 from .store_object import TREE_OFFSET, open_stored_tree
+from .verifier import TreeBlockCache
 
 log = logging.getLogger("verityfuse")
 
@@ -92,10 +93,7 @@ class Remote:
             max_workers=2, thread_name_prefix="verityfuse-readahead")
         # Tree objects that validated, so that opening a file again fetches nothing:
         # an LRU of their bytes, a quarter of the cache budget.
-        self.trees: "OrderedDict[str, bytes]" = OrderedDict()
-        self.trees_max = cache_bytes // 4
-        self.trees_bytes = 0
-        self.trees_lock = threading.Lock()
+        self.trees = TreeBlockCache(cache_bytes // 4)  # a byte-bounded LRU, keyed by digest
 
     def open_tree(self, node, label: str):
         """The tree object for ``node``'s digest, validated as a store object."""
@@ -112,10 +110,7 @@ class Remote:
         name = f"{label}: tree object (blob {blob.digest})"
         if size > WHOLE_TREE:
             return self._lazy_tree(node, blob, size, name, label)
-        with self.trees_lock:
-            data = self.trees.get(fsv)
-            if data is not None:
-                self.trees.move_to_end(fsv)
+        data = self.trees.get(fsv)
         if data is None:
             try:
                 data = self.client.get_blob(blob.digest, size, "tree object")
@@ -144,14 +139,8 @@ class Remote:
         return LazyTree(tree, self, blob, label)
 
     def _keep_tree(self, fsv: str, data: bytes):
-        with self.trees_lock:
-            if fsv in self.trees or len(data) > self.trees_max:
-                return
-            self.trees[fsv] = data
-            self.trees_bytes += len(data)
-            while self.trees_bytes > self.trees_max:
-                _, old = self.trees.popitem(last=False)
-                self.trees_bytes -= len(old)
+        if len(data) <= self.trees.max_bytes:  # one that does not fit would empty the cache
+            self.trees.put(fsv, data)
 
     @staticmethod
     def failed(e: VerityError, label: str, offset: Optional[int]) -> VerityError:
