@@ -28,7 +28,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Generator, List, Optional, Union
+from typing import Generator, List, Optional, Tuple, Union
 
 from . import fsutil
 from .errors import SizeMismatch
@@ -88,6 +88,21 @@ class VerifiedReader:
         if os.pread(self.fd, 1, self.data_size):
             raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size {self.data_size}")
 
+    def span(self, offset: int, size: int) -> Tuple[int, int, int]:
+        """The one block alignment of a request, ``(start, end, stop)``: ``[offset, end)``
+        is what it may return (clipped to the sealed size), ``[start, stop)`` the whole
+        blocks that hold it (``stop`` clipped to the sealed size too: the file's last block
+        is short, and hashed zero-padded).  ``stop == data_size`` says the read reaches
+        the last block, which is followed by the end-of-file check."""
+        bs, data_size = self.bs, self.data_size
+        end = offset + size
+        if end > data_size:
+            end = data_size
+        stop = end + (-end) % bs
+        if stop > data_size:
+            stop = data_size
+        return offset - offset % bs, end, stop
+
     def read(self, offset: int, size: int) -> Data:
         """Verified bytes [offset, offset+size) clipped to the sealed size (any thread)."""
         steps = self._steps(offset, size, inline=False)
@@ -101,13 +116,10 @@ class VerifiedReader:
         """The common read on the request thread, in as few steps as possible: whole
         blocks inside the file's body, one piece, data in memory.  None when the read
         is not of that kind or would wait on I/O: then use ``read_steps``."""
-        bs = self.bs
-        start = offset - offset % bs
-        stop = offset + size + bs - 1
-        stop -= stop % bs
+        start, end, stop = self.span(offset, size)
         n = stop - start
         # The last block (zero-padded, followed by the end-of-file check) takes the long way.
-        if stop >= self.data_size or n > self.step or size <= 0 or \
+        if stop == self.data_size or n > self.step or size <= 0 or \
                 not (self.in_memory or self.nowait):
             return None
         buf = POOL.take(n)
@@ -115,11 +127,11 @@ class VerifiedReader:
             mv = memoryview(buf)[:n]
             if self._pread(mv, start, inline=True) != n:
                 return None  # would wait, or short: read_steps retries (names a truncation)
-            self.verifier.verify(start // bs, mv)
+            self.verifier.verify(start // self.bs, mv)
         finally:
             POOL.give(buf)  # reused only after this read's reply is sent
         if self.stats is not None:
-            self.stats.verified(n // bs, size)
+            self.stats.verified(n // self.bs, size)
         return mv[offset - start: offset - start + size]
 
     def read_steps(self, offset: int, size: int) -> Generator[None, None, Optional[Data]]:
@@ -135,10 +147,8 @@ class VerifiedReader:
             if offset >= data_size:
                 self._check_eof()
             return b""
-        end = min(offset + size, data_size)
-        first = offset // bs
-        start = first * bs
-        stop = min(-(-end // bs) * bs, data_size)
+        start, end, stop = self.span(offset, size)
+        first = start // bs
         n = stop - start
         padded = -(-n // bs) * bs  # the last block of the file is hashed zero-padded
         buf: Union[mmap.mmap, bytearray]
