@@ -17,9 +17,9 @@ import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Literal, Optional, Tuple, cast
 
-from . import merkle, treebuild
+from . import fsutil, merkle, treebuild
 from .api_core import (Digest, HashAlgArg, NotSealedError, PathArg, digest_of, existing_store,
-                       fspath, open_regular)
+                       fspath)
 from .verified_file import VerifiedFile, open_verified
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 
     """
     params = _params(hash_alg, block_size, salt)
     threads = _threads(threads)
-    fd = open_regular(fspath(path))
+    fd = fsutil.open_regular(fspath(path), follow=True)
     try:
         desc = treebuild.build_tree(fd, params, threads=threads)
     finally:

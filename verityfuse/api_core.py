@@ -1,5 +1,5 @@
 """What the library's two halves share: the path and digest types, NotSealedError, and the
-helpers that open a file or a store the way the API promises.
+helper that opens a store the way the API promises (files: ``fsutil.open_regular``).
 
 api.py (digest, seal, verify) and verified_file.py (open_verified) both import this module and
 not each other, so neither has to be imported last or from inside a function.
@@ -106,19 +106,6 @@ def as_digest(value: Union[Digest, str]) -> Digest:
 
 def fspath(p: PathArg) -> str:
     return os.fsdecode(p)
-
-
-def open_regular(path: str) -> int:
-    """A read-only fd of the regular file at ``path`` (symlinks followed; never
-    blocks on a FIFO, never opens a device)."""
-    from . import fsutil
-
-    try:
-        return fsutil.open_regular(path, follow=True)
-    except fsutil.NotRegular as e:
-        if os.path.isdir(path):
-            raise IsADirectoryError(_errno.EISDIR, "Is a directory", path) from None
-        raise OSError(_errno.EINVAL, f"not a regular file: {e.strerror}", path) from None
 
 
 def existing_store(path: str) -> str:

@@ -73,28 +73,55 @@ def type_name(mode: int) -> str:
 
 
 class NotRegular(OSError):
-    """What was opened is not a regular file (its type is in the message)."""
+    """What was opened is not a regular file: ``open_regular``'s errno says which kind
+    (ELOOP, EISDIR or EINVAL) and its message names the file and its type."""
+
+
+class NotRegularDirectory(NotRegular, IsADirectoryError):
+    """A directory where a regular file was wanted (EISDIR): caught as either."""
 
 
 def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
     """Open the inode behind O_PATH ``path_fd`` with ``flags``, if it is a regular file.
 
-    Consumes ``path_fd``.  Raises NotRegular (EIO... the caller decides) otherwise.
+    The one policy for opening a file that must be regular (``open_regular`` is this
+    after an O_PATH open).  ``path_fd`` is consumed.  What is not a regular file raises
+    NotRegular, message ``"<what> is <its type>, not a regular file"``, errno:
+
+    - a symlink (opened itself, not followed): ELOOP, as ``open(O_NOFOLLOW)`` says;
+    - a directory: EISDIR (a ``NotRegularDirectory``, also an ``IsADirectoryError``);
+    - a FIFO, socket or device: EINVAL.  Never opened, so a FIFO never blocks and a
+      device driver's open never runs: only the O_PATH fd's fstat looks at it.
+
+    A regular file is reopened through /proc/self/fd, which is that very inode (no path
+    is walked again, nothing can be swapped in between); an error there (EACCES) names
+    ``what``, not the /proc path.
     """
     try:
         st = os.fstat(path_fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotRegular(errno.EIO, f"{what} is {type_name(st.st_mode)}, not a regular file")
-        return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY)
+            kind = stat.S_IFMT(st.st_mode)
+            msg = f"{what} is {type_name(st.st_mode)}, not a regular file"
+            if kind == stat.S_IFDIR:
+                raise NotRegularDirectory(errno.EISDIR, msg)
+            raise NotRegular(errno.ELOOP if kind == stat.S_IFLNK else errno.EINVAL, msg)
+        try:
+            return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, what) from None
     finally:
         os.close(path_fd)
 
 
-def open_regular(path, dir_fd=None, follow: bool = False, what: str = "") -> int:
-    """Read-only fd of a regular file: never blocks on a FIFO, never opens a device."""
-    flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    pfd = os.open(path, flags, dir_fd=dir_fd)
-    return reopen_regular(pfd, what or os.fsdecode(path))
+def open_regular(path, dir_fd=None, follow: bool = False, what: str = "",
+                 flags: int = os.O_RDONLY) -> int:
+    """An fd (``flags``, read-only by default) of the regular file at ``path``, never
+    blocking on a FIFO, never opening a device: ``reopen_regular``'s policy.  A final
+    symlink is refused (ELOOP) unless ``follow``; ``what`` names the file in messages
+    (default: ``path``).  A missing file raises FileNotFoundError, as open(2) would."""
+    what = what or os.fsdecode(path)
+    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), dir_fd=dir_fd)
+    return reopen_regular(pfd, what, flags)
 
 
 class TooLarge(OSError):

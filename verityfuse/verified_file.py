@@ -11,9 +11,8 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Optional, Tuple, Union
 
-from . import merkle
-from .api_core import (Digest, NotSealedError, PathArg, as_digest, digest_of, existing_store, fspath,
-                       open_regular)
+from . import fsutil, merkle
+from .api_core import Digest, NotSealedError, PathArg, as_digest, digest_of, existing_store, fspath
 from .errors import Corruption, SizeMismatch, VerityError
 
 if TYPE_CHECKING:
@@ -284,7 +283,7 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
 
     label = fspath(path)
     pinned = as_digest(digest) if digest is not None else None
-    fd = open_regular(label)
+    fd = fsutil.open_regular(label, follow=True)
     try:
         if store is not None:
             store_path = existing_store(fspath(store))

@@ -1,0 +1,190 @@
+"""fsutil.open_regular's one errno policy, each kind of file in turn (no mount).
+
+A symlink not followed: ELOOP; a directory: EISDIR (also an IsADirectoryError); a FIFO,
+socket or device: EINVAL, without ever opening it (a FIFO would block, a device's driver
+would run); a missing file and a file the caller may not read: what open(2) says, naming
+the file. The message names the file and what it is.
+"""
+
+import errno
+import os
+import socket
+import threading
+
+import pytest
+
+from verityfuse import fsutil
+from conftest import write
+
+
+def _regular(d):
+    write(d / "x", b"data")
+
+
+def _symlink(d):
+    write(d / "target", b"data")
+    os.symlink("target", d / "x")
+
+
+def _dangling(d):
+    os.symlink("nowhere", d / "x")
+
+
+def _link_to_fifo(d):
+    os.mkfifo(d / "fifo")
+    os.symlink("fifo", d / "x")
+
+
+def _dir(d):
+    os.mkdir(d / "x")
+
+
+def _fifo(d):
+    os.mkfifo(d / "x")
+
+
+def _socket(d):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(d / "x"))
+    return s  # closed by the test
+
+
+def _missing(d):
+    pass
+
+
+NOT_REG = "{} is {}, not a regular file"
+# (what is at the path, follow, expected exception, errno, message (None: the file opened))
+CASES = {
+    "regular": (_regular, False, None, None, None),
+    "regular-follow": (_regular, True, None, None, None),
+    "symlink": (_symlink, False, fsutil.NotRegular, errno.ELOOP, NOT_REG.format("{}", "a symlink")),
+    "symlink-follow": (_symlink, True, None, None, None),
+    "dangling-follow": (_dangling, True, FileNotFoundError, errno.ENOENT, "No such file or directory"),
+    "symlink-to-fifo-follow": (_link_to_fifo, True, fsutil.NotRegular, errno.EINVAL,
+                               NOT_REG.format("{}", "a FIFO")),
+    "directory": (_dir, False, IsADirectoryError, errno.EISDIR, NOT_REG.format("{}", "a directory")),
+    "fifo": (_fifo, False, fsutil.NotRegular, errno.EINVAL, NOT_REG.format("{}", "a FIFO")),
+    "socket": (_socket, False, fsutil.NotRegular, errno.EINVAL, NOT_REG.format("{}", "a socket")),
+    "missing": (_missing, False, FileNotFoundError, errno.ENOENT, "No such file or directory"),
+}
+
+
+def _without_blocking(fn, fifo_paths):
+    """fn(), failing (not hanging) if it blocks: a blocked open of a FIFO is released by
+    opening the FIFO for writing too."""
+    out = {}
+
+    def run():
+        try:
+            out["fd"] = fn()
+        except BaseException as e:  # handed to the test thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        for p in fifo_paths:
+            os.close(os.open(p, os.O_RDWR | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail("open_regular blocked on a FIFO")
+    if "error" in out:
+        raise out["error"]
+    return out["fd"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_open_regular_policy(tmp_path, case):
+    make, follow, exc, err, msg = CASES[case]
+    keep = make(tmp_path)
+    path = str(tmp_path / "x")
+    fifos = [p for p in (tmp_path / "x", tmp_path / "fifo") if os.path.exists(p)]
+    try:
+        if exc is None:
+            fd = _without_blocking(lambda: fsutil.open_regular(path, follow=follow), fifos)
+            try:
+                assert os.read(fd, 100) == b"data"
+                assert os.get_inheritable(fd) is False
+            finally:
+                os.close(fd)
+            return
+        with pytest.raises(exc) as e:
+            _without_blocking(lambda: fsutil.open_regular(path, follow=follow), fifos)
+        assert e.value.errno == err
+        assert e.value.strerror == msg.format(path)
+        if issubclass(exc, fsutil.NotRegular) or exc is IsADirectoryError:
+            assert isinstance(e.value, fsutil.NotRegular)  # one type to catch them all
+    finally:
+        if keep is not None:
+            keep.close()
+
+
+def test_a_device_is_refused_unopened():
+    # /dev/null opened would succeed and read nothing; refused on its type instead.
+    with pytest.raises(fsutil.NotRegular) as e:
+        fsutil.open_regular("/dev/null", follow=True)
+    assert (e.value.errno, e.value.strerror) == (
+        errno.EINVAL, "/dev/null is a character device, not a regular file")
+
+
+def test_what_names_the_file_and_dir_fd_is_the_base(tmp_path):
+    os.mkfifo(tmp_path / "p")
+    dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(fsutil.NotRegular) as e:
+            fsutil.open_regular("p", dir_fd=dfd, what="STORE/objects/p")
+        assert (e.value.errno, e.value.strerror) == (
+            errno.EINVAL, "STORE/objects/p is a FIFO, not a regular file")
+    finally:
+        os.close(dfd)
+
+
+def test_reopen_regular_consumes_the_path_fd_on_every_outcome(tmp_path):
+    write(tmp_path / "f", b"data")
+    os.mkdir(tmp_path / "d")
+    for name in ("f", "d"):
+        pfd = os.open(tmp_path / name, os.O_PATH)
+        try:
+            os.close(fsutil.reopen_regular(pfd, name))
+        except IsADirectoryError as e:
+            assert (e.errno, e.strerror) == (errno.EISDIR, "d is a directory, not a regular file")
+        with pytest.raises(OSError) as e:
+            os.fstat(pfd)
+        assert e.value.errno == errno.EBADF
+
+
+def test_permission_is_open2s_answer_naming_the_file(tmp_path):
+    """A file the caller may not read: EACCES naming the file, not the /proc/self/fd
+    path it is reopened through."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another uid")
+    d = tmp_path / "d"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    write(d / "secret", b"data")
+    os.chmod(d / "secret", 0o600)
+    dfd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child drops to nobody, tries, reports through the pipe
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                os.close(fsutil.open_regular("secret", dir_fd=dfd))
+                out = "opened"
+            except OSError as e:
+                out = f"{type(e).__name__}|{e.errno}|{e.strerror}|{e.filename}"
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(dfd)
+    try:
+        got = os.read(r, 1000).decode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got == f"PermissionError|{errno.EACCES}|Permission denied|secret"
