@@ -21,10 +21,10 @@ from typing import Iterable, Iterator, Optional, Set, Tuple
 
 from . import fsutil, manifest_tree
 from .errors import VerityError
-from .reader import VerifiedReader
+from .reader import attach_reader
 from .sealing import describe_failure
 from .treebuild import CHUNK_SIZE
-from .verifier import TreeBlockCache, Verifier
+from .verifier import TreeBlockCache
 
 # Statuses (protocol/cli-json.md): ok; corrupt (content does not hash up to the digest);
 # differs (type or metadata); missing; unlisted; error (could not be read).
@@ -66,7 +66,8 @@ def _check_content(pfd: int, node: manifest_tree.Node, store, cache, label: str)
                 raise VerityError(f"the store object for {node.digest_text} has size "
                                   f"{d.data_size} and {d.params.describe()}, the manifest "
                                   f"says {node.size} and {node.params.describe()}")
-            reader = VerifiedReader(fd, Verifier(tree, cache, label), label)
+            # Read whole: the first failure in file order (check_size=False), as verify.
+            reader = attach_reader(fd, tree, cache, label, check_size=False)
             off = 0
             while reader.read(off, CHUNK_SIZE):  # the read at EOF checks nothing follows
                 off += CHUNK_SIZE

@@ -19,6 +19,8 @@ when a read would wait for the disk, the generator returns None and the daemon
 repeats the read with ``read`` in a worker thread, so the request loop never
 waits on I/O.
 
+``attach_reader`` is how a reader is put on an open file, wherever that happens.
+
 Buffers are page-aligned (anonymous mmap): the kernel copies into a buffer that
 starts a few bytes past a page boundary three times slower.
 """
@@ -33,6 +35,7 @@ from typing import Generator, List, Optional, Tuple, Union
 from . import fsutil
 from .errors import SizeMismatch
 from .treebuild import read_full
+from .verifier import Verifier
 
 STEP = 256 * 1024  # a piece: ~0.1-0.2 ms of pread and hashing on one core
 ALIGN_FROM = 64 * 1024  # below this, a misaligned copy costs less than an mmap
@@ -63,6 +66,27 @@ class BufferPool:
 
 
 POOL = BufferPool()
+
+
+def attach_reader(fd: int, tree, cache, label: str, stats=None, *, check_size: bool = True,
+                  what: str = "backing file", sealed: str = "sealed size") -> "VerifiedReader":
+    """The one way a verified reader is put on an open file: both views, the library
+    (``open_verified``) and the offline checks (``verify``, ``verify --manifest``).
+
+    ``tree`` is the trusted tree (a store object opened by a trusted digest, so its
+    descriptor's data size is the sealed size); ``label`` names the file in every
+    error.  First the file must be its sealed size (its fstat, now): a file truncated
+    or extended since it was sealed fails here with SizeMismatch,
+    ``"<label>: <what> is N bytes, <sealed> M"``, as an open on a mount does, before a
+    byte is read.  ``check_size=False`` is for a caller that reads the file whole and
+    reports the first failure in file order (a changed block before a truncation): the
+    reader fails a read that meets the end of a truncated or extended file anyway.
+    """
+    if check_size:
+        size, want = os.fstat(fd).st_size, tree.descriptor.data_size
+        if size != want:
+            raise SizeMismatch(f"{label}: {what} is {size} bytes, {sealed} {want}")
+    return VerifiedReader(fd, Verifier(tree, cache, label), label, stats)
 
 
 class VerifiedReader:

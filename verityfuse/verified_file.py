@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import fsutil, merkle
 from .api_core import Digest, NotSealedError, PathArg, as_digest, digest_of, existing_store, fspath
-from .errors import Corruption, SizeMismatch, VerityError
+from .errors import Corruption, VerityError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -277,9 +277,8 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
         without ``digest=`` (``verityfuse upgrade-store``).
     """
     from . import identity
-    from .reader import VerifiedReader
+    from .reader import attach_reader
     from .store import Store
-    from .verifier import Verifier
 
     label = fspath(path)
     pinned = as_digest(digest) if digest is not None else None
@@ -304,17 +303,13 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                     alg, raw = merkle.hash_alg(pinned.algorithm), pinned.digest
                 tree = st.open_object(alg, raw)
             try:
-                desc = tree.descriptor
-                size = os.fstat(fd).st_size
-                if size != desc.data_size:
-                    raise SizeMismatch(f"{label}: file is {size} bytes, sealed size {desc.data_size}")
-                reader = VerifiedReader(fd, Verifier(tree, _cache(), label), label)
+                reader = attach_reader(fd, tree, _cache(), label)
             except BaseException:
                 tree.close()
                 raise
         except Corruption as e:
             raise _eio(e) from e
-        return VerifiedFile(label, fd, tree, reader, digest_of(desc))
+        return VerifiedFile(label, fd, tree, reader, digest_of(tree.descriptor))
     except BaseException:
         os.close(fd)
         raise

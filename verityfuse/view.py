@@ -23,7 +23,7 @@ from typing import Any, NoReturn, Optional, Protocol
 # Verity state of a regular file: the descriptor, the trusted digest, the tree
 # reader and the signature, as fsverity_op.Metadata carries them.
 from . import merkle
-from .reader import VerifiedReader
+from .reader import VerifiedReader, attach_reader
 from .verifier import TreeBlockCache, Verifier
 
 XATTR_PREFIX = b"user.fsverity."
@@ -88,10 +88,11 @@ class FileHandle:
         # Verified pages may stay cached: they were verified when filled.
         return self.reader is not None
 
-    def verify_with(self, tree, cache, label: str, stats) -> None:
-        """From now on every read is checked against ``tree`` (closed with the handle)."""
+    def verify_with(self, tree, cache, label: str, stats, **size_words) -> None:
+        """From now on every read is checked against ``tree`` (closed with the handle);
+        ``reader.attach_reader`` checks the file's size first."""
         self.closers.append(tree)
-        self.reader = VerifiedReader(self.fd, Verifier(tree, cache, label), label, stats)
+        self.reader = attach_reader(self.fd, tree, cache, label, stats, **size_words)
 
     def close(self):
         for c in self.closers:

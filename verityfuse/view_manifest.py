@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
-from .errors import RESOURCE_ERRNOS, Corruption, SizeMismatch, StoreCorrupt
+from .errors import RESOURCE_ERRNOS, Corruption, StoreCorrupt
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
@@ -182,12 +182,9 @@ class ManifestView(ReadOnlyView):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             erofs()
         fh = FileHandle(self._open_backing(node), node)
-        try:
-            fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats)
-            size = os.fstat(fh.fd).st_size
-            if size != node.size:
-                raise SizeMismatch(f"{node.path}: the share's file is {size} bytes, the "
-                                   f"manifest says {node.size}")
+        try:  # open_tree made the sealed size the manifest's
+            fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats,
+                           what="the share's file", sealed="the manifest says")
         except BaseException:
             fh.close()
             raise
