@@ -61,11 +61,7 @@ def _check_content(pfd: int, node: manifest_tree.Node, store, cache, label: str)
     fd = fsutil.reopen_regular(os.dup(pfd), label)
     try:
         with store.open_object(node.alg, node.digest) as tree:
-            d = tree.descriptor
-            if d.data_size != node.size or d.params != node.params:
-                raise VerityError(f"the store object for {node.digest_text} has size "
-                                  f"{d.data_size} and {d.params.describe()}, the manifest "
-                                  f"says {node.size} and {node.params.describe()}")
+            node.tree.check(tree.descriptor, label)
             # Read whole: the first failure in file order (check_size=False), as verify.
             reader = attach_reader(fd, tree, cache, label, check_size=False)
             off = 0

@@ -46,7 +46,7 @@ class Node:
     """One entry of the trusted tree.  ``ino`` is its position + 1 (root: 1)."""
 
     __slots__ = ("ino", "parent", "path", "mode", "uid", "gid", "mtime", "size", "nlink",
-                 "children", "target", "alg", "digest", "params")
+                 "children", "target", "params", "digest")
 
     def __init__(self, ino, parent, path, mode, uid, gid, mtime):
         self.ino, self.parent, self.path = ino, parent, path
@@ -54,15 +54,28 @@ class Node:
         self.size, self.nlink = 0, 1
         self.children: Optional[Dict[bytes, "Node"]] = None
         self.target: Optional[bytes] = None
-        self.alg = self.digest = self.params = None
+        # A regular file's tree, in parts: ``tree`` is its record.  (Kept apart because a
+        # record object per entry would cost a 100k-file manifest a quarter more parsing
+        # time and ~5 MB; ``size`` is the entry's st_size and its tree's data size.)
+        self.params: Optional[merkle.Params] = None
+        self.digest: Optional[bytes] = None
 
     @property
     def kind(self) -> int:
         return stat.S_IFMT(self.mode)
 
     @property
+    def tree(self) -> merkle.TreeId:
+        """A regular file's tree: the one record of it (``merkle.TreeId``)."""
+        return merkle.TreeId(self.params, self.size, self.digest)
+
+    @property
+    def alg(self) -> merkle.HashAlg:
+        return self.params.alg
+
+    @property
     def digest_text(self) -> str:
-        return merkle.format_digest(self.alg, self.digest)
+        return merkle.format_digest(self.params.alg, self.digest)
 
 
 class Tree:
@@ -301,14 +314,14 @@ def parse_payload(payload: bytes, where: str = "manifest") -> Tree:
                 params = _params(e, where, n)
                 params_cache[(digest[:7], bs, salt)] = params
             hexd = digest[len(params.alg.name) + 1:]
-            node.alg, node.params = params.alg, params
             try:
-                node.digest = bytes.fromhex(hexd)
+                raw_digest = bytes.fromhex(hexd)
             except ValueError:
-                node.digest = b""
-            if (len(node.digest) != params.alg.digest_size or len(hexd) != 2 * params.alg.digest_size
+                raw_digest = b""
+            if (len(raw_digest) != params.alg.digest_size or len(hexd) != 2 * params.alg.digest_size
                     or not digest.startswith(params.alg.name + ":")):
                 raise _explain(e, where, n)
+            node.params, node.digest = params, raw_digest
         elif kind == "dir":
             node.children, node.nlink, node.size = {}, 2, 4096
             dirs[raw if parent else b""] = node

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
 from . import uapi
-from .errors import FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
+from .errors import Corruption, FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 
 # The native batch hasher (same bytes, GIL released per batch); hashlib if absent.
 def _load_native() -> Any:
@@ -249,6 +249,41 @@ def make_descriptor(params: Params, data_size: int, root_hash: bytes, sig_size: 
 
 
 @dataclass(frozen=True)
+class TreeId:
+    """Which Merkle tree a file has: its parameters, the data size it covers and the
+    fs-verity file digest (the hash of the descriptor those make with the root hash).
+
+    The one record of it: a descriptor gives one (``Descriptor.tree_id``), a manifest
+    entry one (``manifest_tree.Node.tree``).  The digest alone names the tree (store
+    objects are content-addressed by it); the parameters and size are what the record's
+    holder was told, and ``check`` says whether a tree object agrees.
+    """
+
+    __slots__ = ("params", "data_size", "digest")
+    params: Params
+    data_size: int
+    digest: bytes
+
+    @property
+    def alg(self) -> HashAlg:
+        return self.params.alg
+
+    @property
+    def text(self) -> str:
+        """``sha256:<hex>``."""
+        return format_digest(self.params.alg, self.digest)
+
+    def check(self, desc: "Descriptor", label: str) -> None:
+        """Corruption unless ``desc``, the descriptor of the tree object opened by this
+        digest (so hashing to it), has this record's size and parameters: a record that
+        disagrees with its own digest names no tree."""
+        if desc.data_size != self.data_size or desc.params != self.params:
+            raise Corruption(f"{label}: its digest {self.text} names a tree of {desc.data_size} "
+                             f"bytes ({desc.params.describe()}), not {self.data_size} bytes "
+                             f"({self.params.describe()})")
+
+
+@dataclass(frozen=True)
 class Descriptor:
     params: Params
     data_size: int
@@ -258,6 +293,10 @@ class Descriptor:
     @property
     def digest(self) -> bytes:
         return file_digest(self.params.alg, self.raw)
+
+    @property
+    def tree_id(self) -> TreeId:
+        return TreeId(self.params, self.data_size, self.digest)
 
     @property
     def geometry(self) -> Geometry:

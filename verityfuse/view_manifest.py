@@ -170,11 +170,11 @@ class ManifestView(ReadOnlyView):
         """The tree object the manifest digest names, consistent with the entry (one rule
         for every source of tree objects: a share's store, a registry)."""
         tree = self._fetch_tree(node)
-        d = tree.descriptor
-        if d.data_size != node.size or d.params != node.params:
+        try:
+            node.tree.check(tree.descriptor, node.path)
+        except BaseException:
             tree.close()
-            raise Corruption(f"{node.path}: the manifest's size or tree parameters "
-                             f"disagree with its digest {node.digest_text}")
+            raise
         return tree
 
     def open(self, ino: int, flags: int, caller=None) -> FileHandle:
@@ -199,7 +199,8 @@ class ManifestView(ReadOnlyView):
         node = self._node(ino)
         if node.kind != stat.S_IFREG:
             return None
-        return VerityInfo(node.alg, node.digest, node.params, node.size)
+        t = node.tree
+        return VerityInfo(t.alg, t.digest, t.params, t.data_size)
 
     def tree_verifier(self, ino: int) -> Verifier:
         """The file's tree object, read only through a verifier (the caller closes
