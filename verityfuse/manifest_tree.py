@@ -57,8 +57,7 @@ class Node:
         # A regular file's tree, in parts: ``tree`` is its record.  (Kept apart because a
         # record object per entry would cost a 100k-file manifest a quarter more parsing
         # time and ~5 MB; ``size`` is the entry's st_size and its tree's data size.)
-        self.params: Optional[merkle.Params] = None
-        self.digest: Optional[bytes] = None
+        self.params = self.digest = None  # a merkle.Params and the digest's bytes
 
     @property
     def kind(self) -> int:
