@@ -310,13 +310,15 @@ def parse_descriptor(raw: bytes) -> Descriptor:
     (version, alg_no, log_bs, salt_size, sig_size, data_size,
      root, salt, reserved) = uapi.DESCRIPTOR_STRUCT.unpack(raw)
     if version != 1:
-        raise InvalidDescriptor(f"unsupported descriptor version {version}")
+        raise InvalidDescriptor(f"unsupported descriptor version {version}, expected 1")
     if sig_size != 0 or any(reserved):
         raise InvalidDescriptor("reserved descriptor bytes are not zero")
-    if salt_size > uapi.FS_VERITY_MAX_SALT_SIZE or any(salt[salt_size:]):
-        raise InvalidDescriptor(f"invalid salt size {salt_size}")
+    if salt_size > uapi.FS_VERITY_MAX_SALT_SIZE:
+        raise InvalidDescriptor(f"invalid salt size {salt_size}, at most {uapi.FS_VERITY_MAX_SALT_SIZE}")
+    if any(salt[salt_size:]):
+        raise InvalidDescriptor(f"invalid salt: bytes past its size {salt_size} are not zero")
     if log_bs > 31:
-        raise InvalidDescriptor(f"invalid log_blocksize {log_bs}")
+        raise InvalidDescriptor(f"invalid log_blocksize {log_bs}, at most 31")
     try:
         params = Params(hash_alg(alg_no), 1 << log_bs, salt[:salt_size])
     except InvalidParameters as e:

@@ -176,8 +176,13 @@ def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> 
         if len(head) != TREE_OFFSET:
             raise StoreCorrupt(f"{name}: truncated header ({len(head)} of {TREE_OFFSET} bytes)")
         magic, hsize, flags, tree_size, reserved = OBJECT_HEADER.unpack_from(head)
-        if magic != OBJECT_MAGIC or hsize != HEADER_SIZE or flags or any(reserved):
-            raise StoreCorrupt(f"{name}: bad object header")
+        for field, actual, expected in (("magic", magic, OBJECT_MAGIC),
+                                        ("header size", hsize, HEADER_SIZE), ("flags", flags, 0)):
+            if actual != expected:
+                raise StoreCorrupt(f"{name}: bad object header: {field} {actual!r}, "
+                                   f"expected {expected!r}")
+        if any(reserved):
+            raise StoreCorrupt(f"{name}: bad object header: reserved bytes are not zero")
         try:
             desc = merkle.parse_descriptor(head[HEADER_SIZE:])
         except InvalidDescriptor as e:
