@@ -113,15 +113,14 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
         os.close(path_fd)
 
 
-def open_regular(path, dir_fd=None, follow: bool = False, what: str = "",
-                 flags: int = os.O_RDONLY) -> int:
-    """An fd (``flags``, read-only by default) of the regular file at ``path``, never
-    blocking on a FIFO, never opening a device: ``reopen_regular``'s policy.  A final
-    symlink is refused (ELOOP) unless ``follow``; ``what`` names the file in messages
-    (default: ``path``).  A missing file raises FileNotFoundError, as open(2) would."""
+def open_regular(path, dir_fd=None, follow: bool = False, what: str = "") -> int:
+    """A read-only fd of the regular file at ``path``, never blocking on a FIFO, never
+    opening a device: ``reopen_regular``'s policy.  A final symlink is refused (ELOOP)
+    unless ``follow``; ``what`` names the file in messages (default: ``path``).  A
+    missing file raises FileNotFoundError, as open(2) would."""
     what = what or os.fsdecode(path)
     pfd = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), dir_fd=dir_fd)
-    return reopen_regular(pfd, what, flags)
+    return reopen_regular(pfd, what)
 
 
 class TooLarge(OSError):
