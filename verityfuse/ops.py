@@ -25,6 +25,7 @@ import trio
 from . import fsverity_op
 from .errors import Corruption, Errno, VerityError
 from .handle_budget import HandleBudget
+from .ioctl import EnableArg
 from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
@@ -105,28 +106,27 @@ def with_boundary(cls):
 
 
 class _Target(fsverity_op.Target):
-    """FUSE_FSVERITY requests about one inode; tree objects opened here are
-    closed by ``close``."""
+    """FUSE_FSVERITY requests about one inode; tree objects opened here are closed by
+    ``close``.  An ENABLE is only recorded: the adapter runs it off this thread."""
 
-    def __init__(self, ops: "VerityOperations", ino: int):
-        self.ops, self.ino = ops, ino
+    def __init__(self, view: View, ino: int):
+        self.view, self.ino = view, ino
         self.trees: list = []
+        self.enable_arg: Optional[EnableArg] = None
 
     def metadata(self):
-        info = self.ops.view.verity_info(self.ino)
+        info = self.view.verity_info(self.ino)
         if info is None:
             return None
         # The tree is exported only as it verifies up to the trusted digest (a
         # block that does not: IntegrityError, EIO and one log line, as a read).
-        verifier = self.ops.view.tree_verifier(self.ino)
+        verifier = self.view.tree_verifier(self.ino)
         self.trees.append(verifier.tree)
         return fsverity_op.Metadata(verifier.tree.descriptor, info.digest, verifier.read_tree,
                                     info.signature)
 
     def enable(self, arg):
-        """Synchronous enable (the bytes handler); clients use FS_IOC_ENABLE_VERITY,
-        which runs the same checks, build and commit off the trio thread."""
-        self.ops.view.enable_sync(self.ino, arg)
+        self.enable_arg = arg
 
     def close(self):
         for t in self.trees:
@@ -362,13 +362,26 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         v = self.view.verity_info(inode)
         return {} if v is None else v.xattrs()
 
-    def fsverity(self, inode: int, request: bytes) -> bytes:
-        """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out)."""
-        target = _Target(self, inode)
+    def _fsverity_now(self, inode: int, request: bytes):
+        """A FUSE_FSVERITY request served on this thread: (the reply, the enable argument
+        if it is an ENABLE, which the caller then runs)."""
+        target = _Target(self.view, inode)
         try:
-            return fsverity_op.handle(request, target)
+            return fsverity_op.handle(request, target), target.enable_arg
         finally:
             target.close()
+
+    async def _fsverity(self, inode: int, request: bytes) -> bytes:
+        reply, enable = self._fsverity_now(inode, request)
+        if enable is not None:
+            await self.enable(inode, enable)  # the build in a worker thread
+        return reply
+
+    def fsverity(self, inode: int, request: bytes) -> bytes:
+        """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out), for a caller
+        outside the daemon's trio loop: it runs in a loop of its own, so an ENABLE
+        builds in a worker thread, as FS_IOC_ENABLE_VERITY does."""
+        return trio.run(self._fsverity, inode, request)
 
     def _control_xattr(self, inode: int, name: bytes) -> Optional[bytes]:
         """user.fsverity.{descriptor,signature,merkle_tree.<offset>} through FUSE_FSVERITY."""
@@ -383,7 +396,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
             req = fsverity_op.encode_request(fsverity_op.OP_READ_MERKLE_TREE, offset, XATTR_MAX)
         else:
             return None
-        return fsverity_op.decode_reply(self.fsverity(inode, req))[0]
+        return fsverity_op.decode_reply(self._fsverity_now(inode, req)[0])[0]
 
     def status(self) -> dict:
         """The running mount's state and counters (`verityfuse status`)."""

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyfuse3
 import trio
 
 from . import ioctl as vioctl
-from . import creds, treebuild, uapi
+from . import creds, uapi
 from .errors import VerityError
 from .fuseshim import Request
-from .logs import escape
-from .logs import requests as ratelog
 from .view import FileHandle, View
 
 log = logging.getLogger("verityfuse")
@@ -73,21 +71,36 @@ class IoctlHandlers:
             return self._errno_of(e, f"ioctl {cmd:#x} on inode {ino}")
 
     def _start_enable(self, request: Request, ino: int, h: Optional[FileHandle], data: bytes):
-        """FS_IOC_ENABLE_VERITY: every check of fs/verity/enable.c, in its order,
-        then the build in a worker thread; the request is answered from there."""
+        """FS_IOC_ENABLE_VERITY: the argument, then the rules (enable.py) on this thread;
+        the rest runs in a task, which answers the request."""
         arg = vioctl.parse_enable(data)                          # EINVAL, EMSGSIZE
         uid, gid, pid = self.shim.ctx(request.req)
         job = self.view.enable_check(ino, h, arg, (uid, gid, set(creds.groups_of(pid))))
-        self.nursery.start_soon(self._enable, request, job)
+        self.nursery.start_soon(self._answer_enable, request, ino, job)
 
-    async def _enable(self, request: Request, job):
-        """Build the tree off the trio thread, commit, answer (exactly once)."""
-        def cancel():
-            return self.stopping or request.interrupted()
+    async def _answer_enable(self, request: Request, ino: int, job):
+        try:
+            await self._complete_enable(ino, job, request.interrupted)
+            request.reply()
+        except (VerityError, OSError) as e:
+            request.error(self._errno_of(e, f"enable of {job.rel}"))
+        except BaseException:
+            request.error(errno.EIO)
+            raise
 
+    async def enable(self, ino: int, arg: vioctl.EnableArg):
+        """FUSE_FSVERITY ENABLE, which brings no file (the view opens one) and no
+        credentials: the same rules, build and commit as FS_IOC_ENABLE_VERITY."""
+        job = self.view.enable_check(ino, None, arg, None)
+        await self._complete_enable(ino, job, lambda: False)
+
+    async def _complete_enable(self, ino: int, job, interrupted: Callable[[], bool]):
+        """Build off the trio thread (EINTR once interrupted or unmounting), commit, and
+        always finish the job."""
         view = self.view
         try:
-            await trio.to_thread.run_sync(view.enable_build, job, cancel)
+            await trio.to_thread.run_sync(view.enable_build, job,
+                                          lambda: self.stopping or interrupted())
             try:
                 view.enable_commit(job)
             finally:
@@ -95,16 +108,7 @@ class IoctlHandlers:
                 # the caller learns the outcome (also when commit failed half-way: the
                 # inode may be verity already).  From a worker thread: the kernel may
                 # wait on a page lock held by a reader that waits on us.
-                await trio.to_thread.run_sync(self._invalidate, job.inode.ino)
-            request.reply()
-        except treebuild.Cancelled:
-            ratelog.info(None, f"enable of {escape(job.rel)} interrupted; nothing committed")
-            request.error(errno.EINTR)
-        except (VerityError, OSError) as e:
-            request.error(self._errno_of(e, f"enable of {job.rel}"))
-        except BaseException:
-            request.error(errno.EIO)
-            raise
+                await trio.to_thread.run_sync(self._invalidate, ino)
         finally:
             view.enable_finish(job)
 
