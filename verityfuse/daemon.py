@@ -57,7 +57,8 @@ async def _serve(ops, mountpoint, readahead_kb):
     import trio
 
     async with trio.open_nursery() as nursery:
-        ops.nursery = nursery
+        # Enables outlive their ioctl callback: their tasks' home is open before any request.
+        await nursery.start(ops.ioctls.run)
 
         async def after_init():
             # The kernel applies the INIT reply's max_readahead over the bdi
@@ -77,8 +78,7 @@ async def _serve(ops, mountpoint, readahead_kb):
         nursery.start_soon(on_signals)
         nursery.start_soon(after_init)
         await pyfuse3.main()
-        # Running enables see this, stop, and answer EINTR before we close.
-        ops.stopping = True
+        # Running enables stop and answer EINTR before we close (IoctlHandlers.run).
         nursery.cancel_scope.cancel()
 
 
@@ -224,7 +224,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,
         "manifest_digest": trust.manifest.digest if trust.manifest else None,
-        "ioctl_shim": shim is not None})
+        "ioctl_shim": shim is not None}, shim=shim)
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
     try:
@@ -241,8 +241,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         log.warning("fs-verity ioctls unavailable, answering ENOTTY: %s", why_not)
         ops.info["ioctl_shim"] = False
     else:
-        ops.shim = shim
-        shim.set_handler(ops.ioctl)
+        shim.set_handler(ops.ioctls.ioctl)
     log.info("serving %s on %s (store %s, %s)", source, mountpoint, store.path,
              f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {s.policy}")
     if on_ready is not None:

@@ -18,7 +18,7 @@ from .enable import backing_flags
 from .inodes import Inode, InodeTable
 from .local_verity import LocalVerity
 from .verifier import TreeBlockCache, Verifier
-from .view import FileHandle, VerityInfo
+from .view import Handle, VerityInfo
 
 
 ACL_ACCESS = b"system.posix_acl_access"
@@ -81,7 +81,7 @@ class LocalMetadata:
     def removexattr(self, ino: int, name: bytes):
         os.removexattr(self.inodes[ino].proc_path, name)
 
-    def flags(self, ino: int, fh: Optional[FileHandle]) -> int:
+    def flags(self, ino: int, fh: Optional[Handle]) -> int:
         """FS_IOC_GETFLAGS: the backing file's flags (read through the open
         handle, if any), with FS_VERITY_FL ours alone."""
         i = self.inodes[ino]
@@ -90,13 +90,13 @@ class LocalMetadata:
             flags |= uapi.FS_VERITY_FL
         return flags
 
-    def set_flags(self, ino: int, fh: Optional[FileHandle], flags: int):
+    def set_flags(self, ino: int, fh: Optional[Handle], flags: int):
         """FS_IOC_SETFLAGS: passed through; FS_VERITY_FL can be neither set nor cleared."""
         if fh is None:
             raise OSError(errno.EBADF, "no open file")
         fcntl.ioctl(fh.fd, uapi.FS_IOC_SETFLAGS, struct.pack("<I", flags & ~uapi.FS_VERITY_FL))
 
-    def fsxattr(self, ino: int, fh: Optional[FileHandle], new: Optional[bytes] = None) -> bytes:
+    def fsxattr(self, ino: int, fh: Optional[Handle], new: Optional[bytes] = None) -> bytes:
         """FS_IOC_FSGETXATTR (``new`` None) or FSSETXATTR, passed through; the
         verity xflag is reported, never taken."""
         if fh is None:
