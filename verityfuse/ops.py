@@ -17,7 +17,8 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+import select
+from typing import Dict, Optional
 
 import pyfuse3
 import trio
@@ -43,6 +44,20 @@ XATTR_STATUS = b"user.verityfuse.status"
 RESERVED = (XATTR_PREFIX, b"user.verityfuse.")
 # Handlers whose first argument is a file handle, not an inode.
 _FH_HANDLERS = {"read", "write", "flush", "fsync", "release"}
+
+
+def _fuse_device_poll() -> Optional[select.poll]:
+    """A poll object on this process's /dev/fuse fd (pyfuse3 keeps it to itself): the
+    read path asks it whether a request is waiting before it yields."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                p = select.poll()
+                p.register(int(name), select.POLLIN)
+                return p
+        except OSError:
+            continue
+    return None
 
 
 def _fail(err: int):
@@ -129,6 +144,8 @@ class VerityOperations(pyfuse3.Operations):
         self.handles: Dict[int, Handle] = {}
         self._next_fh = 1
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
+        self.fuse_poll: Optional[select.poll] = None  # /dev/fuse, once FUSE_INIT came through it
+        self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
         self.budget = HandleBudget(max_handles_per_uid,
                                    getattr(getattr(view, "inodes", None), "max_fds", None))
@@ -167,8 +184,6 @@ class VerityOperations(pyfuse3.Operations):
             h = self.handles.get(args[0])
             return getattr(getattr(h, "node", None), "path", None) or f"{handler} request"
         return path_of(args[0]) or f"{handler} request"
-
-    fuse_poll: Any = None  # a poll object on /dev/fuse, set by the daemon after init
 
     def _request_waiting(self) -> bool:
         """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
@@ -381,10 +396,11 @@ class VerityOperations(pyfuse3.Operations):
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    initialized = False
-
     def init(self):
-        self.initialized = True
+        """FUSE_INIT: libfuse writes its reply as soon as this returns, on this thread, so a
+        task woken by ``init_done`` runs after it."""
+        self.fuse_poll = _fuse_device_poll()
+        self.init_done.set()
 
     def shutdown(self) -> int:
         """Close every handle and the view; returns how many inodes the kernel

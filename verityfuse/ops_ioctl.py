@@ -135,9 +135,9 @@ class IoctlHandlers:
                       data: bytes):
         """FS_IOC_ENABLE_VERITY: the argument, then the rules (enable.py) on this thread;
         the rest runs in a task, which answers the request."""
-        if self._tasks is None:
-            raise Errno(errno.EIO, "enable before the daemon started its enable tasks")
         arg = vioctl.parse_enable(data)                          # EINVAL, EMSGSIZE
+        if self._tasks is None:  # run() not started: nothing could answer the request
+            raise Errno(errno.EIO, "enable before the daemon started its enable tasks")
         uid, gid, pid = shim.ctx(request.req)
         caller: Caller = (uid, gid, set(creds.groups_of(pid)))
         job = self.view.enable_check(ino, h, arg, caller)
