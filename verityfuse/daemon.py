@@ -10,6 +10,7 @@ write atomic), and never imports the command line (cli -> daemon only).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -52,33 +53,36 @@ def set_readahead(mountpoint: str, kb: int):
         log.info("cannot set readahead to %d KiB (%s): keeping the kernel default", kb, e.strerror)
 
 
+async def _on_signals(*, task_status):
+    """SIGINT, SIGTERM and SIGHUP unmount; started (``nursery.start``) once they are ours."""
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        task_status.started()
+        async for signum in sigs:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
 async def _serve(ops, mountpoint, readahead_kb):
     import pyfuse3
     import trio
 
+    async def readahead_after_init():
+        # The kernel applies the INIT reply's max_readahead over the bdi setting: set ours
+        # once that reply is written (VerityOperations.init).
+        await ops.init_done.wait()
+        set_readahead(mountpoint, readahead_kb)
+
     async with trio.open_nursery() as nursery:
-        ops.nursery = nursery
-
-        async def after_init():
-            # The kernel applies the INIT reply's max_readahead over the bdi
-            # setting; libfuse writes that reply right after ops.init()
-            # returns, on this thread, so once init ran it is done.
-            while not ops.initialized:
-                await trio.sleep(0.01)
-            set_readahead(mountpoint, readahead_kb)
-
-        async def on_signals():
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
-                async for signum in sigs:
-                    log.info("%s received: unmounting", signal.Signals(signum).name)
-                    pyfuse3.terminate()
-                    return
-
-        nursery.start_soon(on_signals)
-        nursery.start_soon(after_init)
+        await nursery.start(_on_signals)
+        # Enables outlive their ioctl callback: their tasks' home is open before any request.
+        await nursery.start(ops.ioctls.run)
+        nursery.start_soon(readahead_after_init)
         await pyfuse3.main()
-        # Running enables see this, stop, and answer EINTR before we close.
-        ops.stopping = True
+        # Running enables stop and answer EINTR before we close (IoctlHandlers.run).
         nursery.cancel_scope.cancel()
 
 
@@ -208,8 +212,8 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if trust.manifest is not None and ("ro", None) not in s.fuse:
-        s.fuse.append(("ro", None))  # the manifest defines the tree
-        s.fuse = [o for o in s.fuse if o[0] != "rw"]
+        # The manifest defines the tree: mount it read-only (the caller's settings stay as given).
+        s = dataclasses.replace(s, fuse=[o for o in s.fuse if o[0] != "rw"] + [("ro", None)])
     stats = Stats()
     view, store = make_view(source, mountpoint, s, trust, stats)
     try:
@@ -224,7 +228,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,
         "manifest_digest": trust.manifest.digest if trust.manifest else None,
-        "ioctl_shim": shim is not None})
+        "ioctl_shim": shim is not None}, shim=shim)
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
     try:
@@ -234,15 +238,13 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         ops.shutdown()
         store.close()
         raise
-    ops.fuse_poll = _fuse_device_poll()
     if shim is not None and shim.hook_count() < 1:
         shim, why_not = None, "the shim did not hook libfuse (was libfuse3 loaded first?)"
     if shim is None:
         log.warning("fs-verity ioctls unavailable, answering ENOTTY: %s", why_not)
         ops.info["ioctl_shim"] = False
     else:
-        ops.shim = shim
-        shim.set_handler(ops.ioctl)
+        shim.set_handler(ops.ioctls.ioctl)
     log.info("serving %s on %s (store %s, %s)", source, mountpoint, store.path,
              f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {s.policy}")
     if on_ready is not None:
@@ -258,22 +260,6 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         store.close()
         log.info("unmounted %s; %d inodes still had lookups", mountpoint, outstanding)
     return 0
-
-
-def _fuse_device_poll():
-    """A poll object on this process's /dev/fuse fd (pyfuse3 keeps it to itself): the
-    read path asks it whether a request is waiting before it yields."""
-    import select
-
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                p = select.poll()
-                p.register(int(name), select.POLLIN)
-                return p
-        except OSError:
-            continue
-    return None
 
 
 def check(source: str, mountpoint: str, s: Settings) -> list:

@@ -1,13 +1,10 @@
-"""Verity state of backing inodes in local mode, and enabling it (no pyfuse3/trio).
+"""Verity state of backing inodes in local mode (no pyfuse3/trio).
 
 Verity belongs to the inode, as on ext4: the store indexes inodes by identity
 (filesystem and file handle), so hard links, renames through the mount or
 directly in SOURCE, and renames during an enable all keep it, and nothing is
 walked.  An inode's state is resolved once and kept on the inode.  Enabling
-runs in steps so the daemon can build off its request loop: ``check`` (every
-rule of fs/verity/enable.c, in its order; marks the inode busy), ``build``
-(in a worker thread, on a dup of the caller's fd: the same inode whatever
-happens to its names), ``commit``, and always ``finish``.
+it is enable.py's.
 """
 
 from __future__ import annotations
@@ -17,23 +14,11 @@ import os
 import stat
 from typing import Any, Callable, Optional
 
-from . import ioctl as vioctl
-from . import identity, merkle, uapi
+from . import identity
 from .errors import Errno, StoreCorrupt, VerityError
 from .inodes import NOT_VERITY, UNKNOWN, Inode
-from .logs import escape
-from .logs import requests as ratelog
 from .store import IndexEntry, Store
 from .view import VerityInfo
-
-
-class EnableJob:
-    """One FS_IOC_ENABLE_VERITY (or FUSE_FSVERITY ENABLE) in flight."""
-
-    def __init__(self, inode: Inode, fd: int, label: str, params: merkle.Params, signature: bytes):
-        self.inode, self.fd, self.rel = inode, fd, label
-        self.params, self.signature = params, signature
-        self.entry: Optional[IndexEntry] = None
 
 
 class LocalVerity:
@@ -59,7 +44,7 @@ class LocalVerity:
                     key = inode.store_key
                     entry = self.store.get_entry(key) if key else None
                     if entry is not None:
-                        v = self._load(entry)
+                        v = self.load(entry)
                 except StoreCorrupt as e:  # every open fails with it: name the file too
                     v = StoreCorrupt(f"{self.label(inode)}: {e}")
                 except VerityError as e:
@@ -69,7 +54,9 @@ class LocalVerity:
             raise v
         return v
 
-    def _load(self, entry: IndexEntry) -> VerityInfo:
+    def load(self, entry: IndexEntry) -> VerityInfo:
+        """The verity state an index entry describes (its tree object opened, its signature
+        checked)."""
         with self.store.open_object(entry.alg, entry.digest) as tree:
             d = tree.descriptor
         self.check_signature(entry.signature, entry.alg, entry.digest)
@@ -111,59 +98,3 @@ class LocalVerity:
                 self.store.remove_entry(identity.key_of(fd))
         except OSError:
             pass  # no handle, no entry; a stale entry is harmless (never matches)
-
-    # -- enable -------------------------------------------------------------------------
-
-    def check(self, inode: Inode, fd: Optional[int], arg: vioctl.EnableArg, flags: int,
-              read_only: bool) -> EnableJob:
-        """enable.c's checks after permission, in its order; ``fd`` is the caller's
-        file open for reading (None if the request has none), ``flags`` its
-        FS_IOC_GETFLAGS.  Returns the job, with the inode marked busy and its own fd."""
-        if stat.S_ISDIR(inode.mode):
-            raise Errno(errno.EISDIR, "is a directory")
-        if not inode.is_reg or fd is None:
-            raise Errno(errno.EINVAL, "not a regular file")
-        if flags & (uapi.FS_APPEND_FL | uapi.FS_IMMUTABLE_FL):
-            raise Errno(errno.EPERM, "append-only or immutable")
-        if read_only:
-            raise Errno(errno.EROFS, "read-only mount")
-        if any(f.writable for f in inode.files):
-            raise Errno(errno.ETXTBSY, "open for writing")
-        if self.is_verity(inode):
-            raise Errno(errno.EEXIST, "already a verity file")
-        params = vioctl.enable_params(arg)                       # EINVAL
-        if inode.enabling:
-            raise Errno(errno.EBUSY, "enable already running")
-        if inode.store_key is None:
-            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles to "
-                                          "keep verity with the inode")
-        inode.enabling = True
-        return EnableJob(inode, os.dup(fd), self.label(inode), params, arg.signature)
-
-    def build(self, job: EnableJob, cancel=None) -> IndexEntry:
-        """Build and store the tree (any thread); a signature that does not verify
-        commits nothing."""
-        from .sealing import seal_fd
-
-        job.entry = seal_fd(self.store, job.fd, job.rel, job.params, job.signature, cancel=cancel,
-                            check=lambda d: self.check_signature(job.signature, d.params.alg,
-                                                                 d.digest))
-        return job.entry
-
-    def commit(self, job: EnableJob) -> VerityInfo:
-        """The inode is verity from now on."""
-        e = job.entry
-        if e is None:
-            raise RuntimeError("commit before build")
-        info = self._load(e)
-        job.inode.verity = info
-        ratelog.info(None, f"verity enabled on {escape(job.rel)}: {e.digest_text}")
-        return info
-
-    @staticmethod
-    def finish(job: EnableJob):
-        """Always, after commit or failure."""
-        job.inode.enabling = False
-        if job.fd >= 0:
-            os.close(job.fd)
-            job.fd = -1

@@ -17,19 +17,20 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+import select
+from typing import Dict, Optional
 
 import pyfuse3
 import trio
 
-from . import fsverity_op
 from .errors import Corruption, Errno, VerityError
+from .fuseshim import Shim
 from .handle_budget import HandleBudget
 from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
 from .tripwire import Tripwire
-from .view import XATTR_PREFIX, Attr, FileHandle, View
+from .view import XATTR_PREFIX, Attr, FileHandle, Handle, View
 
 log = logging.getLogger("verityfuse")
 
@@ -37,19 +38,26 @@ log = logging.getLogger("verityfuse")
 # round trip costs more than copying a few pages.
 INLINE_READ = 16 * 1024
 
-# Control xattrs: READ_VERITY_METADATA's data for clients of today's kernels,
-# which cannot forward that ioctl.  Not listed (binary, and a family of names).
-XATTR_DESCRIPTOR = XATTR_PREFIX + b"descriptor"
-XATTR_SIGNATURE = XATTR_PREFIX + b"signature"
-XATTR_TREE = XATTR_PREFIX + b"merkle_tree."
-XATTR_MAX = 65536  # the VFS's XATTR_SIZE_MAX
 # The running mount's status, as JSON, on the mount root only (not listed).
 XATTR_STATUS = b"user.verityfuse.status"
 # Names the daemon owns: never passed through to SOURCE, never set or removed.
 RESERVED = (XATTR_PREFIX, b"user.verityfuse.")
-MAX_OFFSET = (1 << 64) - 1
 # Handlers whose first argument is a file handle, not an inode.
 _FH_HANDLERS = {"read", "write", "flush", "fsync", "release"}
+
+
+def _fuse_device_poll() -> Optional[select.poll]:
+    """A poll object on this process's /dev/fuse fd (pyfuse3 keeps it to itself): the
+    read path asks it whether a request is waiting before it yields."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                p = select.poll()
+                p.register(int(name), select.POLLIN)
+                return p
+        except OSError:
+            continue
+    return None
 
 
 def _fail(err: int):
@@ -104,35 +112,6 @@ def with_boundary(cls):
     return cls
 
 
-class _Target(fsverity_op.Target):
-    """FUSE_FSVERITY requests about one inode; tree objects opened here are
-    closed by ``close``."""
-
-    def __init__(self, ops: "VerityOperations", ino: int):
-        self.ops, self.ino = ops, ino
-        self.trees: list = []
-
-    def metadata(self):
-        info = self.ops.view.verity_info(self.ino)
-        if info is None:
-            return None
-        # The tree is exported only as it verifies up to the trusted digest (a
-        # block that does not: IntegrityError, EIO and one log line, as a read).
-        verifier = self.ops.view.tree_verifier(self.ino)
-        self.trees.append(verifier.tree)
-        return fsverity_op.Metadata(verifier.tree.descriptor, info.digest, verifier.read_tree,
-                                    info.signature)
-
-    def enable(self, arg):
-        """Synchronous enable (the bytes handler); clients use FS_IOC_ENABLE_VERITY,
-        which runs the same checks, build and commit off the trio thread."""
-        self.ops.view.enable_sync(self.ino, arg)
-
-    def close(self):
-        for t in self.trees:
-            t.close()
-
-
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
@@ -145,13 +124,14 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
 
 
 @with_boundary
-class VerityOperations(IoctlHandlers, pyfuse3.Operations):
-    """pyfuse3 operations over ``view`` (a LocalView or a ManifestView)."""
+class VerityOperations(pyfuse3.Operations):
+    """pyfuse3 operations over ``view`` (a LocalView or a ManifestView); ``ioctls`` serves
+    the fs-verity requests (ops_ioctl), through ``shim`` when the ioctl shim is loaded."""
 
     enable_writeback_cache = False  # writes go straight to SOURCE
 
     def __init__(self, view: View, threads: int = 4, stats=None, info=None, tripwire=None,
-                 max_handles_per_uid: Optional[int] = None):
+                 max_handles_per_uid: Optional[int] = None, shim: Optional[Shim] = None):
         super().__init__()
         self.view = view
         # What an integrity failure does beyond EIO: measure it, maybe stop opens.
@@ -161,8 +141,11 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
         self._read_turn = trio.Lock()  # one verified read on this thread at a time (fair)
-        self.handles: Dict[int, Any] = {}  # FileHandle or DirHandle
+        self.handles: Dict[int, Handle] = {}
         self._next_fh = 1
+        self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
+        self.fuse_poll: Optional[select.poll] = None  # /dev/fuse, once FUSE_INIT came through it
+        self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
         self.budget = HandleBudget(max_handles_per_uid,
                                    getattr(getattr(view, "inodes", None), "max_fds", None))
@@ -201,8 +184,6 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
             h = self.handles.get(args[0])
             return getattr(getattr(h, "node", None), "path", None) or f"{handler} request"
         return path_of(args[0]) or f"{handler} request"
-
-    fuse_poll: Any = None  # a poll object on /dev/fuse, set by the daemon after init
 
     def _request_waiting(self) -> bool:
         """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
@@ -358,32 +339,11 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     # -- extended attributes ------------------------------------------------------------
 
-    def _verity_xattrs(self, inode: int) -> Dict[bytes, bytes]:
-        v = self.view.verity_info(inode)
-        return {} if v is None else v.xattrs()
-
     def fsverity(self, inode: int, request: bytes) -> bytes:
-        """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out)."""
-        target = _Target(self, inode)
-        try:
-            return fsverity_op.handle(request, target)
-        finally:
-            target.close()
-
-    def _control_xattr(self, inode: int, name: bytes) -> Optional[bytes]:
-        """user.fsverity.{descriptor,signature,merkle_tree.<offset>} through FUSE_FSVERITY."""
-        if name == XATTR_DESCRIPTOR:
-            req = fsverity_op.encode_request(fsverity_op.OP_GET_DESCRIPTOR, 0, XATTR_MAX)
-        elif name == XATTR_SIGNATURE:
-            req = fsverity_op.encode_request(fsverity_op.OP_READ_SIGNATURE, 0, XATTR_MAX)
-        elif name.startswith(XATTR_TREE) and name[len(XATTR_TREE):].isdigit():
-            offset = int(name[len(XATTR_TREE):])
-            if offset > MAX_OFFSET - XATTR_MAX:
-                raise Errno(errno.EINVAL, "offset out of range")
-            req = fsverity_op.encode_request(fsverity_op.OP_READ_MERKLE_TREE, offset, XATTR_MAX)
-        else:
-            return None
-        return fsverity_op.decode_reply(self.fsverity(inode, req))[0]
+        """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out), for a caller
+        outside the daemon's trio loop: it runs in a loop of its own, so an ENABLE
+        builds in a worker thread, as FS_IOC_ENABLE_VERITY does."""
+        return trio.run(self.ioctls.fsverity, inode, request)
 
     def status(self) -> dict:
         """The running mount's state and counters (`verityfuse status`)."""
@@ -409,12 +369,12 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
             # fetches from the registry: then in a worker thread (a stall must not hold
             # up the request loop), as its opens are.
             if getattr(self.view, "open_blocks", False):
-                value = await self._run(self._control_xattr, inode, name)
+                value = await self._run(self.ioctls.control_xattr, inode, name)
             else:
-                value = self._control_xattr(inode, name)
+                value = self.ioctls.control_xattr(inode, name)
             if value is not None:
                 return value
-            value = self._verity_xattrs(inode).get(name)
+            value = self.ioctls.verity_xattrs(inode).get(name)
             if value is None:
                 _fail(errno.ENODATA)
             return value
@@ -422,7 +382,7 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     async def listxattr(self, inode, ctx):
         names = [n for n in self.view.listxattr(inode, ctx) if not n.startswith(RESERVED)]
-        return names + sorted(self._verity_xattrs(inode))
+        return names + sorted(self.ioctls.verity_xattrs(inode))
 
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(RESERVED):
@@ -436,10 +396,11 @@ class VerityOperations(IoctlHandlers, pyfuse3.Operations):
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    initialized = False
-
     def init(self):
-        self.initialized = True
+        """FUSE_INIT: libfuse writes its reply as soon as this returns, on this thread, so a
+        task woken by ``init_done`` runs after it."""
+        self.fuse_poll = _fuse_device_poll()
+        self.init_done.set()
 
     def shutdown(self) -> int:
         """Close every handle and the view; returns how many inodes the kernel

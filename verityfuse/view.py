@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional, Protocol
+from typing import Any, NoReturn, Optional, Protocol, Union
 
 # Verity state of a regular file: the descriptor, the trusted digest, the tree
 # reader and the signature, as fsverity_op.Metadata carries them.
@@ -122,6 +122,10 @@ class DirHandle:
             self.fd = -1
 
 
+# An open file or directory: what an ioctl's ``fh`` names.
+Handle = Union[FileHandle, DirHandle]
+
+
 class View(Protocol):
     """What ``ops`` and ``ops_ioctl`` call on a view: every view implements all of it.
 
@@ -175,9 +179,10 @@ class View(Protocol):
     # -- fs-verity and inode flags (ioctls, FUSE_FSVERITY)
     def verity_info(self, ino: int, /) -> Optional[VerityInfo]: ...
     def tree_verifier(self, ino: int, /) -> Verifier: ...
-    def flags(self, ino: int, fh: Optional[FileHandle], /) -> int: ...
-    def set_flags(self, ino: int, fh: Optional[FileHandle], flags: int, /) -> Any: ...
-    def fsxattr(self, ino: int, fh: Optional[FileHandle], new: Optional[bytes] = None, /) -> bytes: ...
+    # ``fh``: the handle the ioctl came through; lsattr/chattr of a directory bring a DirHandle.
+    def flags(self, ino: int, fh: Optional[Handle], /) -> int: ...
+    def set_flags(self, ino: int, fh: Optional[Handle], flags: int, /) -> Any: ...
+    def fsxattr(self, ino: int, fh: Optional[Handle], new: Optional[bytes] = None, /) -> bytes: ...
     def enable_check(self, ino: int, fh: Optional[FileHandle], arg: Any, caller: Any, /) -> Any: ...
     def enable_build(self, job: Any, cancel: Any, /) -> Any: ...
     def enable_commit(self, job: Any, /) -> Any: ...
@@ -234,7 +239,7 @@ class ReadOnlyView:
     def removexattr(self, ino: int, name: bytes) -> NoReturn:
         erofs()
 
-    def set_flags(self, ino: int, fh: Optional[FileHandle], flags: int) -> NoReturn:
+    def set_flags(self, ino: int, fh: Optional[Handle], flags: int) -> NoReturn:
         erofs()
 
     def enable_check(self, ino: int, fh: Optional[FileHandle], arg: Any, caller: Any = None) -> NoReturn:

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 from . import creds
 from .errors import SizeMismatch, VerityError
 from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
+from .enable import Caller, EnableJob, Enabler
+from .ioctl import EnableArg
 from .local_verity import LocalVerity
 from .view_local_meta import LocalMetadata
 from .logs import escape
@@ -54,7 +56,7 @@ def _open_backing(path: str, flags: int, noatime: bool) -> int:
     return os.open(path, flags)
 
 
-class LocalView(LocalMetadata):
+class LocalView:
     posix_acl = True  # the kernel enforces the backing files' ACLs (FUSE_POSIX_ACL)
 
     def __init__(self, source: str, store, cache, policy: str = "enforce", timeout: float = 1.0,
@@ -77,6 +79,22 @@ class LocalView(LocalMetadata):
         self.inodes = InodeTable(os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                                  max_fds)
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
+        # The metadata requests and enable are objects of their own: these members are theirs.
+        self.meta = m = LocalMetadata(self.inodes, self.verity, cache, self.relpath)
+        self.verity_info = m.verity_info
+        self.tree_verifier = m.tree_verifier
+        self.getxattr = m.getxattr
+        self.listxattr = m.listxattr
+        self.setxattr = m.setxattr
+        self.removexattr = m.removexattr
+        self.flags = m.flags
+        self.set_flags = m.set_flags
+        self.fsxattr = m.fsxattr
+        self.enabler = e = Enabler(self.verity, lambda: self.read_only or self.remounted_ro(),
+                                   self._attach_reader)
+        self.enable_build = e.build
+        self.enable_commit = e.commit
+        self.enable_finish = e.finish
         # The store is hidden when it lives inside SOURCE: (its parent's identity, its name).
         self.hidden = None
         sp = os.path.realpath(store.path)
@@ -383,3 +401,12 @@ class LocalView(LocalMetadata):
         dh.close()
         dh.node.handles -= 1
         self.inodes.maybe_drop(dh.node)
+
+    # -- enable (enable.py; the metadata requests are bound to ``meta`` in __init__) -----
+
+    def enable_check(self, ino: int, fh: Optional[FileHandle], arg: EnableArg,
+                     caller: Optional[Caller] = None) -> EnableJob:
+        return self.enabler.check(self.inodes[ino], fh, arg, caller)
+
+    def enable_sync(self, ino: int, arg: EnableArg):
+        self.enabler.enable(self.inodes[ino], arg)

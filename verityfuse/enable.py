@@ -1,0 +1,191 @@
+"""Enabling fs-verity on a local inode: the rules, the build, the commit (no pyfuse3/trio).
+
+Both wire paths come here: FS_IOC_ENABLE_VERITY (ops_ioctl, with the caller's file and
+credentials) and FUSE_FSVERITY ENABLE (which brings neither: the file is opened here,
+read-only).  The adapter runs the steps on its terms: ``check`` on the request thread (cheap;
+marks the inode busy), ``build`` in a worker thread (cancellable), ``commit`` back on the
+request thread, and ``finish`` always.
+
+``check`` applies the rules of fs/verity/enable.c in its order (fsverity_ioctl_enable, then
+enable_verity; /work/shared/reference/fsverity.md §1.5), so a request that breaks two rules
+gets the first one's errno.  ``ioctl.parse_enable`` has already answered EINVAL (version,
+reserved fields, block size not a power of 2) and EMSGSIZE (salt, signature):
+
+1. EPERM if immutable, EACCES without write permission (file_permission(MAY_WRITE));
+2. EBADF if the caller's file is not open for reading;
+3. EPERM if append-only;  4. EISDIR;  5. EINVAL if not a regular file;
+6. EROFS on a read-only mount;  7. ETXTBSY while anything has it open for writing;
+8. EINVAL for an unknown hash algorithm or block size, EFBIG if the tree is too deep;
+9. EEXIST if already verity;  10. EBUSY while another enable runs;
+11. EOPNOTSUPP if the backing filesystem cannot keep verity with the inode (no handles).
+
+The build then answers EINTR when cancelled (nothing committed) and the signature rules
+(LocalVerity.check_signature: EPERM when signatures are required and none was given, and
+what signature.verify refuses) before anything is committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from typing import Callable, Optional, Set, Tuple
+
+from . import merkle, treebuild, uapi
+from .errors import Errno
+from .inodes import Inode
+from .ioctl import EnableArg, enable_params
+from .local_verity import LocalVerity
+from .logs import escape
+from .logs import requests as ratelog
+from .sealing import seal_fd
+from .store import IndexEntry
+from .view import FileHandle, VerityInfo
+
+# The caller of FS_IOC_ENABLE_VERITY: uid, gid and supplementary groups.
+Caller = Tuple[int, int, Set[int]]
+
+
+def backing_flags(fd: int) -> int:
+    """FS_IOC_GETFLAGS of the backing file ``fd`` (0 on a filesystem without flags)."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, uapi.FS_IOC_GETFLAGS, buf)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, "little")
+
+
+def may_write(fd: int, caller: Caller) -> bool:
+    """The kernel's inode_permission(MAY_WRITE) on the file ``fd``, from its mode bits."""
+    uid, gid, groups = caller
+    if uid == 0:
+        return True
+    st = os.fstat(fd)
+    if uid == st.st_uid:
+        return bool(st.st_mode & stat.S_IWUSR)
+    if st.st_gid == gid or st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IWGRP)
+    return bool(st.st_mode & stat.S_IWOTH)
+
+
+class EnableJob:
+    """One enable in flight: the inode, its own read-only fd, the parameters, the result."""
+
+    def __init__(self, inode: Inode, fd: int, label: str, params: merkle.Params, signature: bytes):
+        self.inode, self.fd, self.rel = inode, fd, label
+        self.params, self.signature = params, signature
+        self.entry: Optional[IndexEntry] = None
+
+
+class Enabler:
+    """The enable rules of a local view.  ``read_only()`` is the mount's state now (ro, or
+    remounted ro); ``attach_reader(fh, info)`` gives an open file its verified reader."""
+
+    def __init__(self, verity: LocalVerity, read_only: Callable[[], bool],
+                 attach_reader: Callable[[FileHandle, VerityInfo], None]):
+        self.verity = verity
+        self.read_only = read_only
+        self.attach_reader = attach_reader
+
+    def check(self, inode: Inode, fh: Optional[FileHandle], arg: EnableArg,
+              caller: Optional[Caller] = None) -> EnableJob:
+        """Every rule, in the kernel's order; returns the job with the inode marked busy.
+
+        ``fh`` is the caller's open file (FS_IOC_ENABLE_VERITY), None when the request
+        brings none (FUSE_FSVERITY): the file is then opened here, read-only.  ``caller``
+        None skips the permission rule (FUSE_FSVERITY carries no credentials).  The job
+        builds from its own fd: the same inode, whatever happens to its names.
+        """
+        if fh is not None:
+            fd = os.dup(fh.fd)
+        elif inode.is_reg or stat.S_ISDIR(inode.mode):
+            fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        else:  # never open a FIFO or a device (it could block): rule 5 answers for it
+            raise Errno(errno.EINVAL, "not a regular file")
+        try:
+            params = self._rules(inode, fd, fh is not None, arg, caller)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode.enabling = True
+        return EnableJob(inode, fd, self.verity.label(inode), params, arg.signature)
+
+    def _rules(self, inode: Inode, fd: int, callers_fd: bool, arg: EnableArg,
+               caller: Optional[Caller]) -> merkle.Params:
+        flags = backing_flags(fd)
+        if flags & uapi.FS_IMMUTABLE_FL:
+            raise Errno(errno.EPERM, "immutable")
+        if caller is not None and not may_write(fd, caller):
+            raise Errno(errno.EACCES, "no write permission")
+        if callers_fd and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            raise Errno(errno.EBADF, "the file is not open for reading")
+        if flags & uapi.FS_APPEND_FL:
+            raise Errno(errno.EPERM, "append-only")
+        if stat.S_ISDIR(inode.mode):
+            raise Errno(errno.EISDIR, "is a directory")
+        if not inode.is_reg:
+            raise Errno(errno.EINVAL, "not a regular file")
+        if self.read_only():
+            raise Errno(errno.EROFS, "read-only mount")
+        if any(f.writable for f in inode.files):
+            raise Errno(errno.ETXTBSY, "open for writing")
+        params = enable_params(arg)                                  # EINVAL
+        merkle.Geometry.compute(params, os.fstat(fd).st_size)       # EFBIG: too many levels
+        if self.verity.is_verity(inode):
+            raise Errno(errno.EEXIST, "already a verity file")
+        if inode.enabling:
+            raise Errno(errno.EBUSY, "enable already running")
+        if inode.store_key is None:
+            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles to "
+                                          "keep verity with the inode")
+        return params
+
+    def build(self, job: EnableJob, cancel: Optional[Callable[[], bool]] = None) -> None:
+        """Build and store the tree (any thread).  EINTR once ``cancel()`` says so; a
+        signature that does not verify commits nothing."""
+        try:
+            job.entry = seal_fd(self.verity.store, job.fd, job.rel, job.params, job.signature,
+                                cancel=cancel, check=lambda d: self.verity.check_signature(
+                                    job.signature, d.params.alg, d.digest))
+        except treebuild.Cancelled:
+            ratelog.info(None, f"enable of {escape(job.rel)} interrupted; nothing committed")
+            raise Errno(errno.EINTR, "enable interrupted; nothing committed") from None
+
+    def commit(self, job: EnableJob) -> VerityInfo:
+        """The inode is verity from now on, files already open included."""
+        if job.entry is None:
+            raise RuntimeError("commit before build")
+        info = self.verity.load(job.entry)
+        job.inode.verity = info
+        ratelog.info(None, f"verity enabled on {escape(job.rel)}: {job.entry.digest_text}")
+        try:
+            for fh in list(job.inode.files):
+                if fh.reader is None:
+                    self.attach_reader(fh, info)
+        except BaseException:
+            # Fail closed: a handle of a verity file never reads unverified bytes (EBADF).
+            for fh in job.inode.files:
+                if fh.reader is None:
+                    fh.close()
+            raise
+        return info
+
+    @staticmethod
+    def finish(job: EnableJob) -> None:
+        """Always, after commit or failure: the inode is free, the job's fd closed."""
+        job.inode.enabling = False
+        if job.fd >= 0:
+            os.close(job.fd)
+            job.fd = -1
+
+    def enable(self, inode: Inode, arg: EnableArg) -> VerityInfo:
+        """All of it on the calling thread, the file opened here: for a caller with no
+        request loop to keep answering (a request handler runs the steps itself)."""
+        job = self.check(inode, None, arg)
+        try:
+            self.build(job)
+            return self.commit(job)
+        finally:
+            self.finish(job)
