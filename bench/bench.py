@@ -243,4 +243,8 @@ def big_sections(args, ws, results):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # main's finally has unmounted and removed the workspace by now.
+        sys.exit("interrupted: everything unmounted and removed")

@@ -88,7 +88,7 @@ def mount_once(src, mountpoint, manifest, pub, digest, log_file):
     others = Others(label="mount", extra_ours=lambda: children_cpu() - c0 +
                     sum(proc_cpu(p) for p in pids))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)
     dt = time.perf_counter() - t0
     pids[:] = _children_on(mountpoint)
     try:
