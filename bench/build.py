@@ -159,8 +159,9 @@ def tree_build(path, repeats):
     for r in range(repeats):
         passlog.repeat(r)
         for n in rotated(names, r):
-            wall, cpu, digest, others = _run_cpu(cmds[n], label=n.replace("verityfuse digest --threads ", "digest-t")
-                                                 .replace("fsverity digest", "fsverity"))
+            label = n.replace("verityfuse digest --threads ", "digest-t")
+            wall, cpu, digest, others = _run_cpu(cmds[n], label=label.replace(
+                "fsverity digest", "fsverity"))
             runs[n].append((wall, cpu))
             noise[n].append(others)
             digests.add(digest)

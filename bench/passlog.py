@@ -111,17 +111,18 @@ def red(text: str) -> str:
 
 
 def fmt_pass(p) -> str:
-    s = f"{p['label']} {p['load_start']:.2f}/{p['others_cores']:.2f}"
+    s = f"{p['label']} {p['load_start']:.2f}>{p['load_end']:.2f} {p['others_cores']:.2f}c"
     return red(s + " BUSY") if p["busy"] else s
 
 
 def print_passes(section_name: str):
-    """One line per repeat: each pass's load at its start / others' CPU in cores."""
+    """One line per repeat: each pass's 1-minute load before > after, and the CPU others
+    used meanwhile, in cores."""
     ps = [p for p in PASSES if p["section"] == section_name]
     if not ps:
         return
     busy = sum(p["busy"] for p in ps)
-    print(f"   passes (label load-at-start/others'-cores; BUSY: others > "
+    print(f"   passes (label, 1-min load before>after, others' CPU in cores; BUSY: others > "
           f"{LIMITS['busy_cores']:.2f} core): {busy} of {len(ps)} busy")
     for r in sorted({p["repeat"] for p in ps}):
         line = "  ".join(fmt_pass(p) for p in ps if p["repeat"] == r)

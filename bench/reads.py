@@ -75,8 +75,8 @@ def random_pass(path, mount, offsets, cold, label=None):
     the file before (its tree blocks are cached); the file's pages are dropped
     with posix_fadvise(DONTNEED) right before the pass.  cold: the caller
     restarted the daemons: a new mount has no pages, dentries or inodes, so the
-    open looks the file up again and the daemon starts with nothing cached.  Random buffered reads get
-    no readahead: each miss is one 4 KiB FUSE_READ (checked with
+    open looks the file up again and the daemon starts with nothing cached.
+    Random buffered reads get no readahead: each miss is one 4 KiB FUSE_READ (checked with
     plain_passthrough.py --stats).  Offsets repeat by chance (~N^2/2 of the
     file's pages) and those few reads hit the page cache, alike for every mount.
     """
