@@ -10,8 +10,8 @@ busy) minus the CPU time of the bench and of the processes it measures
 *others* used during the pass, in cores (CPU seconds / wall seconds).  A pass
 where others used more than ``busy_cores`` (0.10 of a core by default) plus the
 counters' resolution (10 ms per CPU and per read) is busy: its figure is not
-the code's alone.  Passes of a few tens of milliseconds cannot be judged
-finely: the resolution term dominates.  The load average
+the code's alone.  A pass shorter than half a second is judged over the half
+second from its start (see ``Others.stop``).  The load average
 is shown for each pass but judged only before the bench starts (``LOAD_MAX``):
 once the bench runs, its own reader and daemons keep the 1-minute load near 1-2
 on an idle machine, so a per-pass load threshold would flag every pass.
@@ -42,6 +42,7 @@ def machine_idle() -> float:
 
 # Two reads of idle time (10 ms units) per CPU, and of each of our processes' CPU.
 RESOLUTION_S = 2 * NCPU / CLK_TCK
+MIN_WINDOW = 0.5
 
 
 def load1() -> float:
@@ -71,15 +72,23 @@ class Others:
             return 0.0  # exited meanwhile: its time is in extra_ours
 
     def stop(self) -> float:
+        """CPU seconds others used during the pass.  A pass shorter than MIN_WINDOW is
+        judged over the MIN_WINDOW seconds from its start (the bench sleeps the rest):
+        over a few tens of milliseconds the counters' 10 ms steps would say nothing;
+        the share measured over the window is scaled back to the pass."""
+        wall = time.perf_counter() - self.t0
+        if self.label is not None and wall < MIN_WINDOW:
+            time.sleep(MIN_WINDOW - wall)
         idle = machine_idle() - self.i0
-        self.wall = time.perf_counter() - self.t0
-        busy = self.wall * NCPU - idle
+        window = time.perf_counter() - self.t0
         ours = sum(self._cpu(p) for p in self.pids) - self.p0
         if self.extra_ours is not None:
             ours += self.extra_ours()
-        self.seconds = max(0.0, busy - ours)
+        others = max(0.0, window * NCPU - idle - ours)
+        self.wall = wall
+        self.seconds = others * wall / window
         if self.label is not None:
-            record(self.label, self.wall, self.seconds, self.load0, load1())
+            record(self.label, wall, others, self.load0, load1(), window)
         return self.seconds
 
     @staticmethod
@@ -96,12 +105,13 @@ def repeat(r: int):
     CONTEXT["repeat"] = r
 
 
-def record(label, wall, others_s, load_start, load_end):
-    cores = others_s / wall if wall > 0 else 0.0
+def record(label, wall, others_s, load_start, load_end, window):
+    """``others_s``: CPU seconds others used over ``window`` seconds (>= the pass's wall)."""
+    cores = others_s / window if window > 0 else 0.0
     p = {"section": CONTEXT["section"], "repeat": CONTEXT["repeat"], "label": label,
-         "wall": wall, "others_s": others_s, "others_cores": cores,
+         "wall": wall, "window": window, "others_cores": cores,
          "load_start": load_start, "load_end": load_end,
-         "busy": others_s > LIMITS["busy_cores"] * wall + RESOLUTION_S}
+         "busy": others_s > LIMITS["busy_cores"] * window + RESOLUTION_S}
     PASSES.append(p)
     return p
 

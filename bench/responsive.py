@@ -73,7 +73,8 @@ def under_load(mount, big_name, count, tag):
         others = Others(mount.pid, loader.pid, label=f"{mount.name}-loaded")
         t0 = time.perf_counter()
         lat = sample_stats(mount.mountpoint, count, tag=tag)
-        noise = Others.share(others.stop(), time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        noise = Others.share(others.stop(), wall)
     finally:
         loader.terminate()
         out, _ = loader.communicate(timeout=60)
