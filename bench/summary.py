@@ -78,6 +78,12 @@ def summary(results, ceil):
             rss = statistics.median(r["peak_rss_mib"] for r in sl["runs"][w])
             add(f"(c) {w} of {sl['files']} files, time x fsverity", sl["x_fsverity"][w],
                 "<= 2.0x", lambda x: x <= 2.0, "seal", note=f" (peak RSS {rss:.0f} MiB)")
+        f = sl["rss_in_file_count"]
+        grow = f["rss_all"] - f["rss_part"]
+        rows.append([f"(c) seal-manifest peak RSS, {f['files']} -> {sl['files']} files",
+                     f"{grow:+.0f} MiB", f"{f['rss_part']:.0f} -> {f['rss_all']:.0f} MiB",
+                     "flat (<= +10%)", "PASS" if grow <= 0.1 * f["rss_part"] else "MISS",
+                     _busy("seal")])
     ctr = results.get("ctr")
     if ctr:
         for wl, r in ctr.items():
