@@ -44,7 +44,17 @@ def fadvise_dontneed(path: str):
 
 
 def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads, also those that ended) of a process."""
+    """CPU seconds (user + system, all threads, also those that ended) of a process.
+
+    Read from the process's CPU-time clock (clock_gettime of the clock id
+    MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) = (~pid << 3) | 2, as
+    clock_getcpuclockid(3) builds it): nanoseconds, where /proc/PID/stat's
+    utime + stime come in 10 ms steps (156 us per MiB of a 64 MiB pass).  Falls
+    back to /proc/PID/stat where that clock cannot be read."""
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9
+    except OSError:
+        pass
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
