@@ -104,7 +104,7 @@ def print_seq(ms, seq, ceil, repeats):
           note="x plain: this path's MB/s / the plain passthrough's in the same repeat.\n"
                "Pages dropped: posix_fadvise(DONTNEED) on the file through the mount before "
                "each pass;\nthe backing file is in tmpfs (no disk).\n"
-               "daemon CPU = user+system of the whole daemon process (/proc/PID/stat, all "
+               "daemon CPU = user+system of the whole daemon process (its CPU-time clock, all "
                "threads) per MiB read;\nreader CPU (median) = this thread.\n"
                "of ceiling: x plain / the ceiling ratio below.\n"
                "others' CPU %: what the rest of the machine used during each pass, % of all "

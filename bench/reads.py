@@ -2,8 +2,8 @@
 and the copy costs the sequential ceiling is computed from.
 
 Every pass records wall time, the reader's CPU time (this thread,
-CLOCK_THREAD_CPUTIME_ID) and the daemon's CPU time (utime + stime of the whole
-process from /proc/PID/stat, so worker and helper threads count).
+CLOCK_THREAD_CPUTIME_ID) and the daemon's CPU time (the whole process's
+CPU-time clock, common.proc_cpu, so worker and helper threads count).
 """
 
 from __future__ import annotations
