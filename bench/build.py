@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
-from common import (MiB, Others, fmt_mmm, machine_busy, proc_cpu, proc_mem, rotated, settle,
-                    table, verityfuse_cmd)
+import passlog
+from common import MiB, fmt_mmm, proc_mem, rotated, table, verityfuse_cmd
+from passlog import Others, settle
 
 
 def native_info():
@@ -109,10 +110,11 @@ def best_2thread(res):
 
 # -- tree build ------------------------------------------------------------------------
 
-def _run_cpu(cmd):
+def _run_cpu(cmd, label=None):
     """(wall s, CPU s, digest, others' share) with the child's rusage from wait4."""
     settle()
-    b0, s0 = machine_busy(), proc_cpu(os.getpid())
+    child = []
+    others = Others(label=label, extra_ours=lambda: sum(child))
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = p.stdout.read()
@@ -125,8 +127,8 @@ def _run_cpu(cmd):
     if p.returncode:
         raise RuntimeError(f"{cmd} failed: {err.decode(errors='replace')}")
     cpu = ru.ru_utime + ru.ru_stime
-    others = machine_busy() - b0 - (proc_cpu(os.getpid()) - s0) - cpu
-    return wall, cpu, out.split()[0].decode(), Others.share(max(0.0, others), wall)
+    child.append(cpu)
+    return wall, cpu, out.split()[0].decode(), Others.share(others.stop(), wall)
 
 
 def _peak_rss(cmd):
@@ -153,9 +155,13 @@ def tree_build(path, repeats):
     runs = {n: [] for n in names}
     digests = set()
     noise = {n: [] for n in names}
+    passlog.section("build")
     for r in range(repeats):
+        passlog.repeat(r)
         for n in rotated(names, r):
-            wall, cpu, digest, others = _run_cpu(cmds[n])
+            label = n.replace("verityfuse digest --threads ", "digest-t")
+            wall, cpu, digest, others = _run_cpu(cmds[n], label=label.replace(
+                "fsverity digest", "fsverity"))
             runs[n].append((wall, cpu))
             noise[n].append(others)
             digests.add(digest)
@@ -178,5 +184,6 @@ def tree_build(path, repeats):
                "(higher is faster).\nCPU s: user+system of the process, all threads (wait4). "
                "The file is in tmpfs: no disk.\nothers' CPU %: what the rest of the machine "
                "used meanwhile, % of all CPUs (min / median / max): the noise.")
+    passlog.print_passes("build")
     return {"size": size, "runs": runs, "speedup": speedup, "peak_rss_mib": peaks, "noise": noise,
             "digest": digests.pop()}

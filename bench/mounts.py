@@ -64,8 +64,10 @@ class Mount:
         os.makedirs(self.mountpoint, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
+            # A session of its own: a Ctrl-C reaches the bench only, which unmounts
+            # the daemon in order instead of having it vanish under a pass.
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log.close()
 

@@ -10,6 +10,7 @@ import os
 import statistics
 
 import manifest_mount
+import passlog
 import reads
 import responsive
 from common import MiB, fmt_mmm, rotated, table
@@ -19,6 +20,8 @@ VERIFIED = ("local", "manifest")
 
 
 def phase_memory(ms, ws, results):
+    """VmHWM of each daemon at mount, after the medium file, after the big file."""
+    passlog.section("memory")
     snaps = {}
 
     def snap(label):
@@ -29,39 +32,23 @@ def phase_memory(ms, ws, results):
     for label, path, size in (("after medium file", "medium", os.path.getsize(ws.medium)),
                               ("after big file", "big", os.path.getsize(ws.big))):
         for m in ms.mounts:
-            reads.seq_pass(os.path.join(m.mountpoint, path), m, buf, size)
+            reads.seq_pass(os.path.join(m.mountpoint, path), m, buf, size, label=m.name)
         snap(label)
-    names = ws.small_files()
-    files = {m.name: [] for m in ms.mounts}
-    quarters = [names[len(names) * q // 4: len(names) * (q + 1) // 4] for q in range(4)]
-    done = 0
-    for part in quarters:
-        for m in ms.mounts:
-            files[m.name].append(reads.files_pass(os.path.join(m.mountpoint, "many"), part, m))
-        done += len(part)
-        snap(f"+{done} files")
-    results["memory"] = {"snapshots": snaps,
-                         "files": {k: [p.as_dict() for p in v] for k, v in files.items()}}
-    return snaps, files
+    results["memory"] = {"snapshots": snaps}
+    return snaps
 
 
-def print_memory(ms, snaps, files, nfiles, big_mib):
+def print_memory(ms, snaps, big_mib):
     labels = list(snaps)
-    rows = []
-    for m in ms.mounts:
-        rows.append([m.name] + [f"{snaps[lb][m.name]['VmHWM']:.1f}" for lb in labels] +
-                    [f"{snaps[labels[-1]][m.name]['VmRSS']:.1f}",
-                     f"{nfiles / sum(p.wall for p in files[m.name]):.0f}"])
+    rows = [[m.name] + [f"{snaps[lb][m.name]['VmHWM']:.1f}" for lb in labels] +
+            [f"{snaps[labels[-1]][m.name]['VmRSS']:.1f}"] for m in ms.mounts]
     table("Daemon memory: VmHWM (MiB) after each step, all daemons mounted at once",
-          ["daemon"] + labels + ["VmRSS now", "small files/s"], rows,
+          ["daemon"] + labels + ["VmRSS now"], rows,
           note=f"Steps in order: fresh mount; read the medium file ({MEDIUM_MIB} MiB); read the "
-               f"big file ({big_mib} MiB);\nread {nfiles} files of 4-16 KiB, a quarter at a time "
-               f"(each step after drop_caches).  Flat = the same VmHWM\nwhatever the file "
-               f"size and the number of files.  verityfuse keeps verified Merkle tree blocks "
-               f"in an LRU\nbounded at 32 MiB (--cache-size); each small file has one 4 KiB tree "
-               f"block:\n{nfiles} files need {nfiles * 4 / 1024:.0f} MiB of them, "
-               + ("so past ~8192 files the cache is full and evicts."
-                  if nfiles * 4096 > 32 * MiB else "under that bound."))
+               f"big file ({big_mib} MiB).\nFlat = the same VmHWM whatever the file size: "
+               f"verityfuse keeps verified Merkle tree blocks in an LRU\nbounded at 32 MiB "
+               f"(--cache-size).  After many small files: see the container-start table.")
+    passlog.print_passes("memory")
 
 
 def phase_seq(ms, ws, repeats, results):
@@ -71,14 +58,17 @@ def phase_seq(ms, ws, repeats, results):
     copies = []
     buf = reads.aligned_buffer()
     scratch = ws.path("scratch")
+    passlog.section("seq")
     for r in range(repeats):
+        passlog.repeat(r)
         copies.append(reads.copy_costs(ws.big, scratch, buf))
         for t in rotated(targets, r):
             if t == "source":
-                passes[t].append(reads.seq_pass(ws.big, None, buf, size))
+                passes[t].append(reads.seq_pass(ws.big, None, buf, size, label=t))
             else:
                 m = ms[t]
-                passes[t].append(reads.seq_pass(os.path.join(m.mountpoint, "big"), m, buf, size))
+                passes[t].append(reads.seq_pass(os.path.join(m.mountpoint, "big"), m, buf, size,
+                                                label=t))
     os.unlink(scratch)
     mbs = {t: [size / p.wall / 1e6 for p in passes[t]] for t in targets}
     ratio = {t: [mbs[t][i] / mbs["plain"][i] for i in range(repeats)] for t in targets}
@@ -103,17 +93,19 @@ def print_seq(ms, seq, ceil, repeats):
         if t in VERIFIED and ceil:
             frac = fmt_mmm([x / ceil["ratio_max"] for x in seq["ratio"][t]])
         rows.append([labels[t], fmt_mmm(seq["mbs"][t], "{:.0f}"), fmt_mmm(seq["ratio"][t]),
-                     f"{statistics.median(seq['cpu_us_per_mib'][t]['daemon']):.0f}"
+                     fmt_mmm(seq['cpu_us_per_mib'][t]['daemon'], "{:.0f}")
                      if t != "source" else "-",
                      f"{statistics.median(seq['cpu_us_per_mib'][t]['reader']):.0f}", frac,
                      fmt_mmm(seq["noise"][t], "{:.0f}")])
-    table(f"Sequential read of {seq['size'] // MiB} MiB with 1 MiB reads, after drop_caches, "
+    table(f"Big file, sequential: {seq['size'] // MiB} MiB with 1 MiB reads, its pages dropped, "
           f"{repeats} repeats interleaved",
-          ["path", "MB/s min/med/max", "x plain min/med/max", "daemon CPU us/MiB",
+          ["path", "MB/s min/med/max", "x plain min/med/max", "daemon CPU us/MiB min/med/max",
            "reader CPU us/MiB", "of ceiling min/med/max", "others' CPU %"], rows,
           note="x plain: this path's MB/s / the plain passthrough's in the same repeat.\n"
-               "CPU: medians; daemon = user+system of the whole daemon process "
-               "(/proc/PID/stat), reader = this thread.\n"
+               "Pages dropped: posix_fadvise(DONTNEED) on the file through the mount before "
+               "each pass;\nthe backing file is in tmpfs (no disk).\n"
+               "daemon CPU = user+system of the whole daemon process (its CPU-time clock, all "
+               "threads) per MiB read;\nreader CPU (median) = this thread.\n"
                "of ceiling: x plain / the ceiling ratio below.\n"
                "others' CPU %: what the rest of the machine used during each pass, % of all "
                "CPUs (min / median / max).\n"
@@ -121,24 +113,33 @@ def print_seq(ms, seq, ceil, repeats):
                   if "plain-thr" in seq["mbs"] else "")
                + f"manifest / local mode, same repeat: "
                f"{fmt_mmm(seq['ratio']['manifest/local'])} (min / median / max)")
+    passlog.print_passes("seq")
 
 
 def phase_random(ms, ws, repeats, count, cold, results):
     size = os.path.getsize(ws.big)
     names = [m.name for m in ms.mounts]
     passes = {n: [] for n in names}
+    key = "cold" if cold else "warm"
+    if not cold:
+        # The warm-up: each daemon reads (and verifies) the whole file once, so its
+        # tree blocks are cached whatever sections ran before.
+        buf = reads.aligned_buffer()
+        for m in ms.mounts:
+            reads.seq_pass(os.path.join(m.mountpoint, "big"), m, buf, size)
+    passlog.section(f"random-{key}")
     for r in range(repeats):
+        passlog.repeat(r)
         offsets = reads.random_offsets(size, count, seed=1000 + r)
         if cold:
             ms.restart()
         for n in rotated(names, r):
             m = ms[n]
             passes[n].append(reads.random_pass(os.path.join(m.mountpoint, "big"), m, offsets,
-                                               cold))
+                                               cold, label=n))
     us = {n: [p.wall / p.count * 1e6 for p in passes[n]] for n in names}
     ratio = {n: [us[n][i] / us["plain"][i] for i in range(repeats)] for n in names}
     ratio["manifest/local"] = [us["manifest"][i] / us["local"][i] for i in range(repeats)]
-    key = "cold" if cold else "warm"
     results.setdefault("random", {})[key] = {
         "count": count, "passes": {n: [p.as_dict() for p in v] for n, v in passes.items()},
         "us": us, "ratio": ratio}
@@ -146,22 +147,26 @@ def phase_random(ms, ws, repeats, count, cold, results):
     for n in names:
         ps = passes[n]
         rows.append([n, fmt_mmm(us[n], "{:.1f}"), fmt_mmm(ratio[n]),
-                     f"{statistics.median(p.daemon_cpu / p.count * 1e6 for p in ps):.1f}",
+                     fmt_mmm([p.daemon_cpu / p.count * 1e6 for p in ps], "{:.1f}"),
                      f"{statistics.median(p.reader_cpu / p.count * 1e6 for p in ps):.1f}",
                      f"{statistics.median(p.open_s for p in ps) * 1e3:.2f}",
                      fmt_mmm([p.noise * 100 for p in ps], "{:.0f}")])
-    how = ("cold: all daemons restarted, then drop_caches (page cache, dentries, inodes) before "
-           "each pass;\nnothing is cached in the kernel or in any daemon; the open (a lookup) "
-           "is timed apart." if cold else
-           "warm: the daemons have read the file before (verified tree blocks cached), the kernel "
-           "knows\nthe inode; its pages are dropped with posix_fadvise(DONTNEED) before each pass.")
-    table(f"Random 4 KiB reads, {key}: {count} aligned preads a pass, {repeats} repeats "
-          f"interleaved", ["daemon", "us/read min/med/max", "x plain min/med/max",
-                           "daemon CPU us/read", "reader CPU us/read", "open ms",
+    how = ("cold: all daemons restarted before each repeat (a fresh daemon and a new mount: "
+           "no page,\ndentry or inode cached in the kernel, nothing in the daemon); the open "
+           "(a lookup) is timed apart." if cold else
+           "pages dropped, tree cached: each daemon read the whole file once before (its "
+           "verified tree blocks\nare cached), the kernel knows the inode; the file's pages "
+           "are dropped with posix_fadvise(DONTNEED)\nbefore each pass.")
+    title = "everything cold" if cold else "pages dropped, tree blocks cached"
+    table(f"Big file, random 4 KiB reads, {title}: {count} aligned preads a pass, {repeats} "
+          f"repeats interleaved", ["daemon", "us/read min/med/max", "x plain min/med/max",
+                                   "daemon CPU us/read min/med/max", "reader CPU us/read",
+                                   "open ms",
                            "others' CPU %"], rows,
           note=how + "\nEach read misses the page cache and is one 4 KiB FUSE_READ (no "
                "readahead on random misses).\n"
                f"manifest / local mode, same repeat: {fmt_mmm(ratio['manifest/local'])}")
+    passlog.print_passes(f"random-{key}")
 
 
 def phase_stat(ms, ws, repeats, samples, results):
@@ -170,7 +175,9 @@ def phase_stat(ms, ws, repeats, samples, results):
     load = {n: [] for n in names}
     noise = {n: [] for n in names}
     per_round = max(50, samples // repeats)
+    passlog.section("stat")
     for r in range(repeats):
+        passlog.repeat(r)
         for n in rotated(names, r):
             m = ms[n]
             lat[(n, "idle")] += responsive.sample_stats(m.mountpoint, per_round, tag=f"i{r}")
@@ -194,16 +201,19 @@ def phase_stat(ms, ws, repeats, samples, results):
           note="loaded: another process reads the big file through the same mount with 1 MiB "
                "reads,\nits pages dropped before each pass, so the daemon verifies 1 MiB "
                "requests all the time.\nTarget: under 1 ms while loaded (verityfuse).")
+    passlog.print_passes("stat")
     return out
 
 
 def phase_manifest_mount(ws, entries, repeats, results):
-    path = ws.path("manifest-100k.json")
+    path = ws.path("manifest-big.json")
     digest, n, payload = manifest_mount.write_manifest(path, ws.key, entries)
     times, mems, noise = [], [], []
-    for _ in range(repeats):
-        dt, mem, others = manifest_mount.mount_once(ws.src, ws.path("mnt-100k"), path, ws.pub,
-                                                    digest, ws.path("mnt-100k.log"))
+    passlog.section("manifest")
+    for r in range(repeats):
+        passlog.repeat(r)
+        dt, mem, others = manifest_mount.mount_once(ws.src, ws.path("mnt-big"), path, ws.pub,
+                                                    digest, ws.path("mnt-big.log"))
         times.append(dt)
         mems.append(mem)
         noise.append(others * 100)
@@ -219,5 +229,6 @@ def phase_manifest_mount(ws, entries, repeats, results):
             fmt_mmm(hwm, "{:.0f}"), fmt_mmm(noise, "{:.0f}")]],
           note="From starting the command to its return (the mount is ready): interpreter "
                "start, imports,\nsignature check, parse of the whole payload, FUSE init.")
+    passlog.print_passes("manifest")
     os.unlink(path)
     return times, hwm

@@ -2,8 +2,8 @@
 and the copy costs the sequential ceiling is computed from.
 
 Every pass records wall time, the reader's CPU time (this thread,
-CLOCK_THREAD_CPUTIME_ID) and the daemon's CPU time (utime + stime of the whole
-process from /proc/PID/stat, so worker and helper threads count).
+CLOCK_THREAD_CPUTIME_ID) and the daemon's CPU time (the whole process's
+CPU-time clock, common.proc_cpu, so worker and helper threads count).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import os
 import random
 import time
 
-from common import MiB, Others, drop_caches, settle
+from common import MiB, fadvise_dontneed
+from passlog import Others, settle
 
 
 class Pass:
@@ -38,11 +39,13 @@ def _daemon_cpu(mount):
     return mount.cpu() if mount is not None else 0.0
 
 
-def seq_pass(path, mount, buf, expect):
-    """Drop caches, then read the whole file with 1 MiB reads (open included)."""
+def seq_pass(path, mount, buf, expect, label=None):
+    """Drop the file's pages (posix_fadvise DONTNEED through the mount: only this file,
+    not the machine's caches), then read it whole with 1 MiB reads (open included).
+    The backing file is in tmpfs: its pages are its storage and stay."""
     settle()
-    drop_caches(3)
-    others = Others(mount and mount.pid)
+    fadvise_dontneed(path)
+    others = Others(mount and mount.pid, label=label)
     d0, c0, t0 = _daemon_cpu(mount), time.thread_time(), time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     n = 0
@@ -65,29 +68,27 @@ def random_offsets(size, count, seed):
     return [rng.randrange(size // 4096) * 4096 for _ in range(count)]
 
 
-def random_pass(path, mount, offsets, cold):
+def random_pass(path, mount, offsets, cold, label=None):
     """``count`` aligned 4 KiB preads, each a page-cache miss that reaches the daemon.
 
     warm (cold=False): the kernel still knows the inode and the daemon has served
-    the file before; the file's pages are dropped with posix_fadvise(DONTNEED)
-    right before the pass.  cold: the caller restarted the daemons; caches are
-    dropped here (page cache, dentries, inodes), so the open looks the file up
-    again and the daemon starts with nothing cached.  Random buffered reads get
-    no readahead: each miss is one 4 KiB FUSE_READ (checked with
+    the file before (its tree blocks are cached); the file's pages are dropped
+    with posix_fadvise(DONTNEED) right before the pass.  cold: the caller
+    restarted the daemons: a new mount has no pages, dentries or inodes, so the
+    open looks the file up again and the daemon starts with nothing cached.
+    Random buffered reads get no readahead: each miss is one 4 KiB FUSE_READ (checked with
     plain_passthrough.py --stats).  Offsets repeat by chance (~N^2/2 of the
     file's pages) and those few reads hit the page cache, alike for every mount.
     """
     buf = mmap.mmap(-1, 4096)
     settle()
-    if cold:
-        drop_caches(3)
     t0 = time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     open_s = time.perf_counter() - t0
     try:
         if not cold:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        others = Others(mount and mount.pid)
+        others = Others(mount and mount.pid, label=label)
         d0, c0, t0 = _daemon_cpu(mount), time.thread_time(), time.perf_counter()
         for off in offsets:
             if os.preadv(fd, [buf], off) != 4096:
@@ -98,26 +99,6 @@ def random_pass(path, mount, offsets, cold):
         buf.close()
     return Pass(t1 - t0, c1 - c0, d1 - d0, count=len(offsets), open_s=open_s,
                 others=others.stop())
-
-
-def files_pass(directory, names, mount):
-    """Read every file of ``names`` under ``directory`` in full (after drop_caches)."""
-    drop_caches(3)
-    others = Others(mount and mount.pid)
-    d0, c0, t0 = _daemon_cpu(mount), time.thread_time(), time.perf_counter()
-    n = 0
-    for name in names:
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-        try:
-            while True:
-                b = os.read(fd, 65536)
-                if not b:
-                    break
-                n += len(b)
-        finally:
-            os.close(fd)
-    t1, c1, d1 = time.perf_counter(), time.thread_time(), _daemon_cpu(mount)
-    return Pass(t1 - t0, c1 - c0, d1 - d0, nbytes=n, count=len(names), others=others.stop())
 
 
 def aligned_buffer(size=MiB):

@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 
-from common import Others, percentile, settle
+from common import percentile
+from passlog import Others, settle
 
 LOADER = r"""
 import json, mmap, os, signal, sys, time
@@ -69,10 +70,11 @@ def under_load(mount, big_name, count, tag):
         if loader.stdout.readline().strip() != "ready":
             raise RuntimeError("the loader did not start")
         time.sleep(0.3)  # let readahead ramp up
-        others = Others(mount.pid, loader.pid)
+        others = Others(mount.pid, loader.pid, label=f"{mount.name}-loaded")
         t0 = time.perf_counter()
         lat = sample_stats(mount.mountpoint, count, tag=tag)
-        noise = Others.share(others.stop(), time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        noise = Others.share(others.stop(), wall)
     finally:
         loader.terminate()
         out, _ = loader.communicate(timeout=60)

@@ -1,0 +1,165 @@
+"""Sealing the container-start tree against `fsverity digest` over the same files.
+
+Each repeat runs, in a rotating order:
+
+- ``seal``: ``verityfuse seal CTR --store STORE`` (local mode's store, written
+  from empty: the store is removed before the pass, untimed);
+- ``seal-manifest``: ``verityfuse seal CTR --store MSTORE --manifest M
+  --sign-key K`` (what an image build does for manifest mode; store and manifest
+  removed before the pass);
+- ``fsverity``: ``fsverity digest`` over every file of the tree (4,000 paths an
+  invocation), the lower bound of hashing the same bytes with the same tree
+  format and writing nothing.
+
+Each pass records wall time, CPU seconds (user + system from wait4, threads and
+reaped children included) and peak RSS (VmHWM, polled every 20 ms from a
+thread: wait4's ru_maxrss would report the forking Python's size).  The stores
+and manifest of the last repeat are the ones the container-start mounts serve.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+
+import passlog
+from common import fmt_mmm, proc_mem, rotated, table, verityfuse_cmd
+from passlog import Others, settle
+
+BATCH = 4000
+
+
+class PeakRss(threading.Thread):
+    """Polls VmHWM of one pid until ``done`` is set; keeps the maximum (MiB)."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0.0, threading.Event()
+        self.start()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                self.peak = max(self.peak, proc_mem(self.pid).get("VmHWM", 0.0))
+            except (OSError, ValueError):
+                pass
+            self.done.wait(0.02)
+
+
+def run_measured(cmds, label, cwd=None):
+    """Run ``cmds`` one after the other: (wall s, CPU s, peak RSS MiB, others' share)."""
+    settle()
+    cpu = [0.0]
+    others = Others(label=label, extra_ours=lambda: cpu[0])
+    peak = 0.0
+    t0 = time.perf_counter()
+    for cmd in cmds:
+        with tempfile.TemporaryFile() as err:
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd)
+            poll = PeakRss(p.pid)
+            try:
+                _, status, ru = os.wait4(p.pid, 0)
+            finally:
+                poll.done.set()
+                poll.join()
+            p.returncode = os.waitstatus_to_exitcode(status)
+            cpu[0] += ru.ru_utime + ru.ru_stime
+            peak = max(peak, poll.peak)
+            if p.returncode:
+                err.seek(0)
+                raise RuntimeError(f"{cmd[:4]} ... failed ({p.returncode}): "
+                                   f"{err.read()[-2000:].decode(errors='replace')}")
+    wall = time.perf_counter() - t0
+    return wall, cpu[0], peak, Others.share(others.stop(), wall)
+
+
+def _clear(*paths):
+    for p in paths:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.unlink(p)
+
+
+def seal_once(ws, what):
+    vf = verityfuse_cmd()
+    if what == "seal":
+        _clear(ws.ctr_store)
+        return run_measured([vf + ["seal", ws.ctr, "--store", ws.ctr_store]], what)
+    if what == "seal-manifest":
+        _clear(ws.ctr_mstore, ws.ctr_manifest)
+        return run_measured([vf + ["seal", ws.ctr, "--store", ws.ctr_mstore, "--manifest",
+                                   ws.ctr_manifest, "--sign-key", ws.key]], what)
+    names = ws.ctr_names
+    return run_measured([["fsverity", "digest", *names[i:i + BATCH]]
+                         for i in range(0, len(names), BATCH)], what, cwd=ws.ctr)
+
+
+def phase_seal(ws, repeats, results):
+    whats = ["fsverity", "seal", "seal-manifest"]
+    runs = {w: [] for w in whats}
+    passlog.section("seal")
+    for r in range(repeats):
+        passlog.repeat(r)
+        for w in rotated(whats, r):
+            runs[w].append(seal_once(ws, w))
+    ws.measure_ctr_manifest()
+    flat = rss_in_file_count(ws)
+    flat["rss_all"] = statistics.median(x[2] for x in runs["seal-manifest"])
+    n = len(ws.ctr_names)
+    slower = {w: [runs[w][i][0] / runs["fsverity"][i][0] for i in range(repeats)]
+              for w in whats}
+    rows = []
+    for w in whats:
+        walls = [x[0] for x in runs[w]]
+        rows.append([w, fmt_mmm(walls), fmt_mmm(slower[w]),
+                     f"{statistics.median(x[1] for x in runs[w]):.2f}",
+                     f"{n / statistics.median(walls):.0f}",
+                     fmt_mmm([x[2] for x in runs[w]], "{:.0f}"),
+                     fmt_mmm([x[3] * 100 for x in runs[w]], "{:.0f}")])
+    table(f"Seal of the container-start tree ({n} files, "
+          f"{sum(ws.ctr_sizes) / (1 << 20):.0f} MiB in tmpfs) against fsverity digest, "
+          f"{repeats} repeats interleaved",
+          ["command", "wall s min/med/max", "x fsverity (time) min/med/max", "CPU s med",
+           "files/s", "peak RSS MiB min/med/max", "others' CPU %"], rows,
+          note="seal: `verityfuse seal CTR --store S` into an empty store (local mode); "
+               "seal-manifest: the same with\n--manifest M --sign-key K (manifest mode); "
+               "fsverity: `fsverity digest` over the same files.\n"
+               "x fsverity: this wall time / fsverity's in the same repeat (lower is faster; "
+               "target <= 2).\nMemory in the file count: seal-manifest's peak RSS sealing the "
+               f"first {flat['files']} files (one untimed run) against\nall {n}: "
+               f"{flat['rss_part']:.0f} -> {flat['rss_all']:.0f} MiB (flat: the same).")
+    passlog.print_passes("seal")
+    results["seal"] = {"files": n, "bytes": sum(ws.ctr_sizes),
+                       "runs": {w: [dict(zip(("wall", "cpu", "peak_rss_mib", "noise"), x))
+                                    for x in v] for w, v in runs.items()},
+                       "x_fsverity": slower, "rss_in_file_count": flat}
+    return results["seal"]
+
+
+def rss_in_file_count(ws):
+    """Peak RSS of `seal --manifest` over a tenth of the files (named on the command
+    line, relative to the tree, which is the working directory), against the median over all of them: does memory grow with the file count?"""
+    part = ws.ctr_names[:max(1, len(ws.ctr_names) // 10)]
+    store, manifest = ws.path("ctr-part-store"), ws.path("ctr-part.json")
+    try:
+        _, _, rss, _ = run_measured([verityfuse_cmd() + [
+            "seal", ws.ctr, *part, "--store", store, "--manifest", manifest,
+            "--sign-key", ws.key]], None, cwd=ws.ctr)
+    finally:
+        _clear(store, manifest)
+    return {"files": len(part), "rss_part": rss}
+
+
+def seal_untimed(ws):
+    """The stores and manifest the container-start mounts need, when the seal section
+    is not run."""
+    run_measured([verityfuse_cmd() + ["seal", ws.ctr, "--store", ws.ctr_store]], None)
+    run_measured([verityfuse_cmd() + ["seal", ws.ctr, "--store", ws.ctr_mstore, "--manifest",
+                                      ws.ctr_manifest, "--sign-key", ws.key]], None)
+    ws.measure_ctr_manifest()
