@@ -131,17 +131,33 @@ def test_hash_blocks_large_buffer_with_and_without_helper():
     data, hashes = _big(seed=2)
     for threads in (0, 1, 2):
         assert hb.hash_blocks(1, b"", data, 4096, threads) == hashes
-    spin = hb.info()["spin_us"]
-    hb.configure(1, spin_us=0)
+    hb.configure(1)
     try:
-        assert hb.info()["threads"] == 1 and hb.info()["spin_us"] == 0
+        assert hb.info()["threads"] == 1
+        jobs = hb.info()["helper_jobs"]
         assert hb.hash_blocks(1, b"", data, 4096) == hashes
         assert hb.verify_blocks(1, b"", _corrupt(data, [7]), 4096, hashes) == 7
-        hb.configure(2)  # the helper sleeps at once after each job: the wake-up path
+        assert hb.info()["helper_jobs"] == jobs  # threads=1: the helper was not asked
+        hb.configure(2)  # the helper sleeps after each job: every request wakes it
         for _ in range(5):
             assert hb.verify_blocks(1, b"", _corrupt(data, [2000]), 4096, hashes) == 2000
     finally:
-        hb.configure(2, spin_us=spin)
+        hb.configure(2)
+
+
+@needs_native
+def test_the_helper_shares_the_pieces_of_a_request():
+    """Each of 8 MiB requests is offered to the helper; pieces are counted on both
+    sides, and every piece of a request is run exactly once (or the hashes or the
+    verdict would be wrong)."""
+    data, hashes = _big(seed=3)
+    before = hb.info()["split_pieces"]
+    for _ in range(20):
+        assert hb.verify_blocks(1, b"", data, 4096, hashes, 2) == -1
+    caller, helper = (a - b for a, b in zip(hb.info()["split_pieces"], before))
+    # 8 MiB in 32 KiB pieces, all offered; the caller hands back what the helper missed.
+    assert caller + helper == 20 * 256
+    assert hb.info()["helper_running"]
 
 
 @needs_native
@@ -203,12 +219,8 @@ def test_arguments_are_checked():
         hb.hash_blocks(1, b"", d, 4096, -1)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         hb.configure(0)
-    with pytest.raises(ValueError, match="spin_us must be between 0 and 100000"):
-        hb.configure(2, spin_us=-1)
     with pytest.raises(TypeError):
-        hb.configure(2, spin_us="1")
-    with pytest.raises(TypeError):
-        hb.configure(2, 100)  # spin_us is keyword-only
+        hb.configure(2, spin_us=0)  # the helper no longer polls: no knob
     with pytest.raises(TypeError):
         hb.hash_blocks(1, b"", "text", 4096)
     with pytest.raises(TypeError):
