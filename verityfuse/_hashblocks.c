@@ -109,20 +109,11 @@ struct request {
 
 #define VERIFY_BATCH 8  /* blocks hashed per compare step: even, for the 2-way engine */
 
-static void do_piece(void *arg, size_t piece)
+/* Compare blocks [first, first + n) with their expected hashes, recording the
+ * first mismatch in r->first_bad. */
+static void verify_range(struct request *r, size_t first, size_t n)
 {
-    struct request *r = arg;
     const struct hctx *c = r->c;
-    size_t first = piece * r->piece_blocks;
-    size_t n = c->nblocks - first < r->piece_blocks ? c->nblocks - first : r->piece_blocks;
-    if (r->out != NULL) {
-        hash_range(c, first, n, r->out + first * c->ds);
-        return;
-    }
-    /* Pieces after a known mismatch cannot change the answer (the smallest
-     * bad index); pieces before it are always finished, so it is exact. */
-    if (first >= atomic_load_explicit(&r->first_bad, memory_order_relaxed))
-        return;
     unsigned char got[VERIFY_BATCH * SHA512_DIGEST_LENGTH];
     for (size_t i = 0; i < n; i += VERIFY_BATCH) {
         size_t k = n - i < VERIFY_BATCH ? n - i : VERIFY_BATCH;
@@ -137,6 +128,29 @@ static void do_piece(void *arg, size_t piece)
             }
         }
     }
+}
+
+/* Blocks [first, first + n) of piece number `piece` of r. */
+static size_t piece_blocks(const struct request *r, size_t piece, size_t *first)
+{
+    *first = piece * r->piece_blocks;
+    size_t left = r->c->nblocks - *first;
+    return left < r->piece_blocks ? left : r->piece_blocks;
+}
+
+static void do_piece(void *arg, size_t piece)
+{
+    struct request *r = arg;
+    size_t first, n = piece_blocks(r, piece, &first);
+    if (r->out != NULL) {
+        hash_range(r->c, first, n, r->out + first * r->c->ds);
+        return;
+    }
+    /* Pieces after a known mismatch cannot change the answer (the smallest
+     * bad index); pieces before it are always finished, so it is exact. */
+    if (first >= atomic_load_explicit(&r->first_bad, memory_order_relaxed))
+        return;
+    verify_range(r, first, n);
 }
 
 /* Check the common arguments and prepare the hashing context (GIL held). */
@@ -186,21 +200,25 @@ static int setup(struct hctx *c, int alg, const Py_buffer *prefix, const Py_buff
     return 0;
 }
 
-/* Run a request over all blocks, on the helper too when worth it. */
-static void run_request(struct request *r, int threads)
+/* Run a request over all blocks, in pieces of about piece_bytes, on the
+ * helper too when it has at least split_bytes; without the GIL when it has
+ * at least release_bytes. */
+static void run_request(struct request *r, int threads, void (*work)(void *, size_t),
+                        size_t piece_bytes, size_t split_bytes, size_t release_bytes)
 {
     const struct hctx *c = r->c;
     /* Whole pairs, so the 2-way engine never gets an odd block mid-request. */
-    size_t pb = PIECE_BYTES / c->bs;
+    size_t pb = piece_bytes / c->bs;
     pb = pb < 2 ? 2 : pb & ~(size_t)1;
     r->piece_blocks = pb;
     atomic_init(&r->first_bad, SIZE_MAX);
-    struct pool_job j = {.work = do_piece, .arg = r, .npieces = (c->nblocks + pb - 1) / pb};
+    struct pool_job j = {.work = work, .arg = r, .npieces = (c->nblocks + pb - 1) / pb};
     int eff = threads ? threads : g_threads;
-    int split = eff > 1 && c->nblocks * c->bs >= MIN_SPLIT_BYTES && j.npieces > 1;
+    size_t bytes = c->nblocks * c->bs;
+    int split = eff > 1 && bytes >= split_bytes && j.npieces > 1;
     if (split)
         split = pool_ensure_helper();  /* GIL still held here */
-    if (c->nblocks * c->bs < MIN_RELEASE_GIL_BYTES) {
+    if (bytes < release_bytes) {
         pool_run(&j, 0);
         return;
     }
@@ -230,7 +248,7 @@ static PyObject *hash_blocks(PyObject *self, PyObject *args)
     if (!out)
         goto done;
     struct request r = {.c = &c, .out = (unsigned char *)PyBytes_AS_STRING(out)};
-    run_request(&r, threads);
+    run_request(&r, threads, do_piece, PIECE_BYTES, MIN_SPLIT_BYTES, MIN_RELEASE_GIL_BYTES);
 done:
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&data);
@@ -258,7 +276,7 @@ static PyObject *verify_blocks(PyObject *self, PyObject *args)
         goto done;
     }
     struct request r = {.c = &c, .expected = expected.buf};
-    run_request(&r, threads);
+    run_request(&r, threads, do_piece, PIECE_BYTES, MIN_SPLIT_BYTES, MIN_RELEASE_GIL_BYTES);
     size_t bad = atomic_load(&r.first_bad);
     res = bad == SIZE_MAX ? PyLong_FromLong(-1) : PyLong_FromSize_t(bad);
 done:
@@ -298,6 +316,8 @@ static PyObject *info(PyObject *self, PyObject *unused)
                          (unsigned long)atomic_load(&g_split_pieces_helper));
 }
 
+#include "_readverify.c"
+
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS,
      "hash_blocks(alg, prefix, data, block_size, threads=0) -> bytes\n\n"
@@ -307,6 +327,7 @@ static PyMethodDef methods[] = {
      "verify_blocks(alg, prefix, data, block_size, expected, threads=0) -> int\n\n"
      "Hash every block of data and compare with expected (the concatenated hashes).\n"
      "Returns -1 if all match, else the index of the first mismatching block."},
+    {"read_verify", read_verify, METH_VARARGS, READ_VERIFY_DOC},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(threads) -> None\n\n"
      "threads: 1 = never use the helper thread, 2 = use it for large requests."},
