@@ -19,7 +19,9 @@
  *
  * A failed read (an errno, or end of file before `length`) wins over any
  * mismatch, as it would in a read-then-verify sequence: the failure at the
- * lowest buffer offset is reported (pieces after a failure are skipped).
+ * lowest buffer offset is reported.  So a mismatch only stops the hashing of
+ * later pieces, never their reads, and a failure skips only the pieces that
+ * start after it (those before it always run, so the lowest one is exact).
  */
 #include <errno.h>
 #include <pthread.h>
@@ -37,7 +39,7 @@ struct readreq {
     long long offset;     /* file offset of buf[0] */
     size_t length;        /* bytes to read; the rest of buf is zero-filled */
     unsigned char *buf;
-    atomic_int failed;    /* a failure was recorded: skip the remaining pieces */
+    atomic_size_t fail_hint; /* lowest failure offset so far, for skipping; SIZE_MAX = none */
     pthread_mutex_t lock; /* fail_at, fail_errno: written only on failure */
     size_t fail_at;       /* buffer offset of the lowest failure; SIZE_MAX = none */
     int fail_errno;       /* its errno; 0 = end of file */
@@ -51,7 +53,9 @@ static void read_failed(struct readreq *q, size_t at, int err)
         q->fail_errno = err;
     }
     pthread_mutex_unlock(&q->lock);
-    atomic_store(&q->failed, 1);
+    size_t cur = atomic_load(&q->fail_hint);
+    while (at < cur && !atomic_compare_exchange_weak(&q->fail_hint, &cur, at))
+        ;
 }
 
 static void read_piece(void *arg, size_t piece)
@@ -59,10 +63,9 @@ static void read_piece(void *arg, size_t piece)
     struct readreq *q = arg;
     const struct hctx *c = q->r.c;
     size_t first, n = piece_blocks(&q->r, piece, &first);
-    if (atomic_load_explicit(&q->failed, memory_order_relaxed) ||
-        first >= atomic_load_explicit(&q->r.first_bad, memory_order_relaxed))
-        return;
     size_t lo = first * c->bs, hi = lo + n * c->bs;
+    if (lo >= atomic_load_explicit(&q->fail_hint, memory_order_relaxed))
+        return;
     size_t stop = hi < q->length ? hi : (lo < q->length ? q->length : lo);
     for (size_t pos = lo; pos < stop;) {
         struct iovec iov = {.iov_base = q->buf + pos, .iov_len = stop - pos};
@@ -77,7 +80,8 @@ static void read_piece(void *arg, size_t piece)
     }
     if (stop < hi)
         memset(q->buf + stop, 0, hi - stop);
-    verify_range(&q->r, first, n);
+    if (first < atomic_load_explicit(&q->r.first_bad, memory_order_relaxed))
+        verify_range(&q->r, first, n);
 }
 
 #define READ_VERIFY_DOC \
@@ -126,7 +130,7 @@ static PyObject *read_verify(PyObject *self, PyObject *args)
         .fd = fd, .flags = flags, .offset = offset, .length = (size_t)length,
         .buf = buf.buf, .fail_at = SIZE_MAX,
     };
-    atomic_init(&q.failed, 0);
+    atomic_init(&q.fail_hint, SIZE_MAX);
     pthread_mutex_init(&q.lock, NULL);
     /* With RWF_NOWAIT a small read cannot block: keep the GIL (see
      * MIN_RELEASE_GIL_BYTES); without it the read may wait for the disk. */
