@@ -29,7 +29,9 @@
 
 /* Pieces: a pread of this size costs ~1 us of syscall on top of the copy,
  * and ~30 us of copy and hashing, so the threads still finish close together. */
+#ifndef READ_PIECE_BYTES
 #define READ_PIECE_BYTES (64 * 1024)
+#endif
 /* Below this the caller works alone (see MIN_SPLIT_BYTES; the copy shares too). */
 #define MIN_READ_SPLIT_BYTES (128 * 1024)
 
