@@ -499,3 +499,38 @@ def test_read_verify_arguments_are_checked(tmp_path, monkeypatch):
                 rv(bytes(8192), bytes(64), fd, 0, 8192)  # the buffer must be writable
     finally:
         os.close(fd)
+
+
+@needs_native
+def test_read_verify_from_four_python_threads_at_once(tmp_path):
+    """The daemon's request thread and its worker threads read at the same time: each
+    call gets its own bytes and verdict (one of them at most shares the helper)."""
+    data = random.Random(21).randbytes(4 << 20)
+    hashes = ref_hashes(merkle.Params(), data)
+    fd = _file(tmp_path, data)
+    errors = []
+
+    def run(t):
+        try:
+            first, n = 128 * t, 256 + 64 * t  # 1-1.75 MiB each, overlapping
+            exp = bytearray(hashes[first * 32:(first + n) * 32])
+            if t % 2:
+                exp[(n - 5 - t) * 32] ^= 1
+            want = n - 5 - t if t % 2 else -1
+            for _ in range(20):
+                buf = bytearray(n * 4096)
+                got = hb.read_verify(1, b"", buf, 4096, bytes(exp), fd, first * 4096, n * 4096)
+                assert got == want, (t, got, want)
+                assert buf[:(n - 6 - t) * 4096] == data[first * 4096:(first + n - 6 - t) * 4096]
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        os.close(fd)
+    assert not errors, errors

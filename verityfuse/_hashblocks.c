@@ -16,7 +16,9 @@
  *    where OpenSSL finds it), from a copy of the state after the prefix.
  * verityfuse falls back to hashlib when this module is not built.
  *
- * Large requests are shared with one helper thread (_hbpool.c).
+ * Large requests are shared with one helper thread (_hbpool.c).  The
+ * common verified read (pread + hash + compare) is one call: read_verify
+ * (_readverify.c).
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
  * SHA-256 (to compare).
