@@ -151,12 +151,13 @@ def test_the_helper_shares_the_pieces_of_a_request():
     sides, and every piece of a request is run exactly once (or the hashes or the
     verdict would be wrong)."""
     data, hashes = _big(seed=3)
-    before = hb.info()["split_pieces"]
+    before, alone = hb.info()["split_pieces"], hb.info()["jobs_alone"]
     for _ in range(20):
         assert hb.verify_blocks(1, b"", data, 4096, hashes, 2) == -1
     caller, helper = (a - b for a, b in zip(hb.info()["split_pieces"], before))
-    # 8 MiB in 32 KiB pieces, all offered; the caller hands back what the helper missed.
-    assert caller + helper == 20 * 256
+    alone = hb.info()["jobs_alone"] - alone  # on a busy machine, after a slow helper
+    # 8 MiB in 32 KiB pieces; the caller does what the helper did not claim.
+    assert caller + helper == (20 - alone) * 256
     assert hb.info()["helper_running"]
 
 

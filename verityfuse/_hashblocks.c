@@ -307,7 +307,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:i,s:O,s:O,s:k,s:(kk)}",
+    return Py_BuildValue("{s:s,s:s,s:i,s:O,s:O,s:k,s:(kk),s:k}",
                          "sha256", g_shani ? "sha-ni-2way" : "openssl",
                          "sha512", "openssl",
                          "threads", g_threads,
@@ -315,7 +315,8 @@ static PyObject *info(PyObject *self, PyObject *unused)
                          "helper_running", g_helper_started ? Py_True : Py_False,
                          "helper_jobs", (unsigned long)atomic_load(&g_helper_jobs),
                          "split_pieces", (unsigned long)atomic_load(&g_split_pieces_caller),
-                         (unsigned long)atomic_load(&g_split_pieces_helper));
+                         (unsigned long)atomic_load(&g_split_pieces_helper),
+                         "jobs_alone", (unsigned long)atomic_load(&g_jobs_alone));
 }
 
 #include "_readverify.c"
@@ -336,7 +337,8 @@ static PyMethodDef methods[] = {
     {"info", info, METH_NOARGS,
      "info() -> dict: the engines in use, the thread setting, and the helper's share:\n"
      "helper_jobs (requests it joined), split_pieces ((caller, helper) pieces of the\n"
-     "requests offered to it)."},
+     "requests offered to it), jobs_alone (large requests not offered to it because\n"
+     "it had been slow to help: the machine's other CPU was busy)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,6 +18,11 @@
  *    helper tens of microseconds of latency, which the pieces absorb;
  *  - the only spinning is the caller's, after its last piece, while the
  *    helper still has one in flight (a piece is a few microseconds of work);
+ *  - on a busy machine the helper may not run beside the caller at all (the
+ *    other CPU runs other work, or the helper was woken on the caller's
+ *    CPU): then the caller ends up waiting for the helper's piece instead of
+ *    doing it, so after such a wait the caller works alone for a while
+ *    (exponential back-off, see SLOW_HELPER_NS);
  *  - one slot: when another job already sits in it, the caller does all of
  *    its own work; several Python threads never queue behind each other.
  *
@@ -49,9 +54,20 @@
 #endif
 
 /* A caller whose pieces are done waits this long (spinning) for the helper
- * to finish its last piece before sleeping on a futex: a piece takes a few
- * microseconds, unless the helper was preempted. */
-#define CALLER_SPIN_NS 100000
+ * to finish its last piece before sleeping on a futex: a running helper
+ * finishes a piece within ~30 us; one that takes longer was most likely
+ * preempted, maybe on this very CPU, and spinning would only keep it off. */
+#ifndef CALLER_SPIN_NS
+#define CALLER_SPIN_NS 30000
+#endif
+/* When the caller had to wait longer than this for the helper's last piece,
+ * the helper was not running beside it (the other CPU is busy with other
+ * work, or the two threads share one): sharing cost more than it saved.
+ * The next BACKOFF_MIN jobs, doubling up to BACKOFF_MAX while it goes on,
+ * are run by the caller alone; one prompt helper resets that. */
+#define SLOW_HELPER_NS 60000
+#define BACKOFF_MIN 4
+#define BACKOFF_MAX 256
 
 struct pool_job {
     void (*work)(void *arg, size_t piece);
@@ -73,6 +89,12 @@ static int g_atfork_done;
 /* For info(): jobs the helper joined, and how the pieces of every job that
  * was offered to it were shared (the split the pool achieves). */
 static atomic_ulong g_helper_jobs, g_split_pieces_caller, g_split_pieces_helper;
+/* Back-off after slow helpers: jobs still to run alone, and the current run
+ * length.  Concurrent callers may overwrite each other's updates, which is
+ * harmless (a hint, nothing depends on its exact value); g_skip is only ever
+ * decremented from a nonzero value, so it cannot wrap. */
+static atomic_uint g_skip, g_backoff;
+static atomic_ulong g_jobs_alone;  /* info(): jobs not offered because of it */
 
 static void futex_wait(atomic_uint *word, unsigned expected)
 {
@@ -187,6 +209,18 @@ static void pool_run(struct pool_job *j, int use_helper)
     j->helper_pieces = 0;
     int posted = 0;
     if (use_helper && j->npieces > 1) {
+        /* Take one job off the back-off; never below zero with concurrent callers. */
+        unsigned k = atomic_load_explicit(&g_skip, memory_order_relaxed);
+        while (k && !atomic_compare_exchange_weak_explicit(&g_skip, &k, k - 1,
+                                                           memory_order_relaxed,
+                                                           memory_order_relaxed))
+            ;
+        if (k) {
+            atomic_fetch_add_explicit(&g_jobs_alone, 1, memory_order_relaxed);
+            use_helper = 0;
+        }
+    }
+    if (use_helper && j->npieces > 1) {
         struct pool_job *empty = NULL;
         if (atomic_compare_exchange_strong(&g_posted, &empty, j)) {
             posted = 1;
@@ -203,7 +237,7 @@ static void pool_run(struct pool_job *j, int use_helper)
     if (atomic_compare_exchange_strong(&g_posted, &mine, NULL))
         return;  /* the helper never took it */
     /* The helper has it: it finishes at most the piece it is on. */
-    uint64_t start = now_ns();
+    uint64_t start = now_ns(), waited;
     while (atomic_load(&j->state) != JOB_HELPER_DONE) {
         if (now_ns() - start >= CALLER_SPIN_NS) {
             unsigned expect = JOB_RUNNING;
@@ -216,5 +250,14 @@ static void pool_run(struct pool_job *j, int use_helper)
         for (int i = 0; i < 8; i++)
             cpu_relax();
     }
+    waited = now_ns() - start;
     atomic_fetch_add_explicit(&g_split_pieces_helper, j->helper_pieces, memory_order_relaxed);
+    if (waited > SLOW_HELPER_NS) {
+        unsigned b = atomic_load_explicit(&g_backoff, memory_order_relaxed) * 2;
+        b = b < BACKOFF_MIN ? BACKOFF_MIN : b > BACKOFF_MAX ? BACKOFF_MAX : b;
+        atomic_store_explicit(&g_backoff, b, memory_order_relaxed);
+        atomic_store_explicit(&g_skip, b, memory_order_relaxed);
+    } else {
+        atomic_store_explicit(&g_backoff, 0, memory_order_relaxed);
+    }
 }
