@@ -307,7 +307,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:i,s:O,s:O,s:k,s:(kk),s:k}",
+    return Py_BuildValue("{s:s,s:s,s:i,s:O,s:O,s:k,s:(kk),s:k,s:K}",
                          "sha256", g_shani ? "sha-ni-2way" : "openssl",
                          "sha512", "openssl",
                          "threads", g_threads,
@@ -316,7 +316,8 @@ static PyObject *info(PyObject *self, PyObject *unused)
                          "helper_jobs", (unsigned long)atomic_load(&g_helper_jobs),
                          "split_pieces", (unsigned long)atomic_load(&g_split_pieces_caller),
                          (unsigned long)atomic_load(&g_split_pieces_helper),
-                         "jobs_alone", (unsigned long)atomic_load(&g_jobs_alone));
+                         "jobs_alone", (unsigned long)atomic_load(&g_jobs_alone),
+                         "wait_us", (unsigned long long)(atomic_load(&g_wait_ns) / 1000));
 }
 
 #include "_readverify.c"
@@ -338,7 +339,8 @@ static PyMethodDef methods[] = {
      "info() -> dict: the engines in use, the thread setting, and the helper's share:\n"
      "helper_jobs (requests it joined), split_pieces ((caller, helper) pieces of the\n"
      "requests offered to it), jobs_alone (large requests not offered to it because\n"
-     "it had been slow to help: the machine's other CPU was busy)."},
+     "it had been slow to help: the machine's other CPU was busy), wait_us (total time\n"
+     "callers waited for the helper's last piece: how close together the two finish)."},
     {NULL, NULL, 0, NULL},
 };
 

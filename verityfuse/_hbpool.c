@@ -95,6 +95,7 @@ static atomic_ulong g_helper_jobs, g_split_pieces_caller, g_split_pieces_helper;
  * decremented from a nonzero value, so it cannot wrap. */
 static atomic_uint g_skip, g_backoff;
 static atomic_ulong g_jobs_alone;  /* info(): jobs not offered because of it */
+static atomic_ulong g_wait_ns;     /* info(): the callers' waits for the helper's last piece */
 
 static void futex_wait(atomic_uint *word, unsigned expected)
 {
@@ -251,6 +252,7 @@ static void pool_run(struct pool_job *j, int use_helper)
             cpu_relax();
     }
     waited = now_ns() - start;
+    atomic_fetch_add_explicit(&g_wait_ns, waited, memory_order_relaxed);
     atomic_fetch_add_explicit(&g_split_pieces_helper, j->helper_pieces, memory_order_relaxed);
     if (waited > SLOW_HELPER_NS) {
         unsigned b = atomic_load_explicit(&g_backoff, memory_order_relaxed) * 2;
