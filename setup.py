@@ -36,9 +36,11 @@ DATA_FILES = [
 setup(
     data_files=DATA_FILES,
     ext_modules=[
-        # _hashblocks.c #includes the SHA-NI engine and the helper-thread pool.
+        # _hashblocks.c #includes the SHA-NI engine, the helper-thread pool and
+        # read_verify (pread + hash + compare in one call).
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
-                  depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c"],
+                  depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
+                           "verityfuse/_readverify.c"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],

@@ -131,17 +131,36 @@ def test_hash_blocks_large_buffer_with_and_without_helper():
     data, hashes = _big(seed=2)
     for threads in (0, 1, 2):
         assert hb.hash_blocks(1, b"", data, 4096, threads) == hashes
-    spin = hb.info()["spin_us"]
-    hb.configure(1, spin_us=0)
+    hb.configure(1)
     try:
-        assert hb.info()["threads"] == 1 and hb.info()["spin_us"] == 0
+        assert hb.info()["threads"] == 1
+        jobs = hb.info()["helper_jobs"]
         assert hb.hash_blocks(1, b"", data, 4096) == hashes
         assert hb.verify_blocks(1, b"", _corrupt(data, [7]), 4096, hashes) == 7
-        hb.configure(2)  # the helper sleeps at once after each job: the wake-up path
+        assert hb.info()["helper_jobs"] == jobs  # threads=1: the helper was not asked
+        hb.configure(2)  # the helper sleeps after each job: every request wakes it
         for _ in range(5):
             assert hb.verify_blocks(1, b"", _corrupt(data, [2000]), 4096, hashes) == 2000
     finally:
-        hb.configure(2, spin_us=spin)
+        hb.configure(2)
+
+
+@needs_native
+def test_the_helper_shares_the_pieces_of_a_request():
+    """Each of 8 MiB requests is offered to the helper; pieces are counted on both
+    sides, and every piece of a request is run exactly once (or the hashes or the
+    verdict would be wrong)."""
+    data, hashes = _big(seed=3)
+    before, alone = hb.info()["split_pieces"], hb.info()["jobs_alone"]
+    for _ in range(20):
+        assert hb.verify_blocks(1, b"", data, 4096, hashes, 2) == -1
+    caller, helper = (a - b for a, b in zip(hb.info()["split_pieces"], before))
+    alone = hb.info()["jobs_alone"] - alone  # on a busy machine, after a slow helper
+    # 8 MiB in 32 KiB pieces; the caller does what the helper did not claim.
+    assert caller + helper == (20 - alone) * 256
+    assert sorted(hb.info()) == ["cpu_sha_ni", "helper_jobs", "helper_running", "jobs_alone",
+                                 "sha256", "sha512", "split_pieces", "threads", "wait_us"]
+    assert hb.info()["helper_running"]
 
 
 @needs_native
@@ -203,12 +222,8 @@ def test_arguments_are_checked():
         hb.hash_blocks(1, b"", d, 4096, -1)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         hb.configure(0)
-    with pytest.raises(ValueError, match="spin_us must be between 0 and 100000"):
-        hb.configure(2, spin_us=-1)
     with pytest.raises(TypeError):
-        hb.configure(2, spin_us="1")
-    with pytest.raises(TypeError):
-        hb.configure(2, 100)  # spin_us is keyword-only
+        hb.configure(2, spin_us=0)  # the helper no longer polls: no knob
     with pytest.raises(TypeError):
         hb.hash_blocks(1, b"", "text", 4096)
     with pytest.raises(TypeError):
@@ -349,3 +364,176 @@ def test_known_answers_in_process_big_chunks():
     padded = data.ljust(geo.num_data_blocks * bs, b"\0")
     expected = leaves[:geo.num_data_blocks * params.alg.digest_size]
     assert params.blocks_verifier()(padded, expected) == -1
+
+
+# -- read_verify: pread + hash + compare in one call --------------------------
+
+def _file(tmp_path, data, name="f"):
+    """A regular file on the test's filesystem (RWF_NOWAIT needs one, not a memfd)."""
+    p = tmp_path / name
+    p.write_bytes(data)
+    return os.open(p, os.O_RDONLY)
+
+
+def _both_read_verifiers(monkeypatch, p, threads=0):
+    """The native and the pure-Python read_verifier of p (native None if not built)."""
+    monkeypatch.setattr(merkle, "NATIVE", False)
+    pure = p.read_verifier(threads)
+    monkeypatch.setattr(merkle, "NATIVE", hb is not None)
+    return (p.read_verifier(threads) if hb is not None else None), pure
+
+
+def _outcome(rv, nbuf, expected, fd, offset, length, flags=0):
+    """(result or exception type and message, the buffer's bytes) of one call."""
+    buf = bytearray(b"\xee" * nbuf)
+    try:
+        r = rv(buf, expected, fd, offset, length, flags)
+    except (OSError, EOFError, ValueError, TypeError) as e:
+        return (type(e), str(e)), None
+    return r, bytes(buf)
+
+
+@pytest.mark.parametrize("p", [merkle.Params(), merkle.Params(merkle.SHA256, 1024, b"salt"),
+                               merkle.Params(merkle.SHA512, 4096, b"x" * 32),
+                               merkle.Params(merkle.SHA256, 65536)])
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_read_verify_native_and_pure_python_agree_with_hashlib(tmp_path, monkeypatch, p, threads):
+    bs, ds = p.block_size, p.alg.digest_size
+    nblocks = max(8, (1536 << 10) // bs)  # past the split threshold: both threads read
+    size = nblocks * bs - 777               # the last block is short, zero-padded
+    data = random.Random(bs + threads).randbytes(size)
+    padded = data.ljust(nblocks * bs, b"\0")
+    hashes = ref_hashes(p, padded)
+    fd = _file(tmp_path, data)
+    try:
+        native, pure = _both_read_verifiers(monkeypatch, p, threads)
+        cases = [(0, nblocks, size), (3, 2, 2 * bs), (nblocks - 1, 1, bs - 777),
+                 (nblocks - 3, 3, 3 * bs - 777), (1, nblocks - 1, size - bs), (5, 0, 0)]
+        for first, n, length in cases:
+            exp = hashes[first * ds:(first + n) * ds]
+            want = _outcome(pure, n * bs, exp, fd, first * bs, length)
+            assert want == (-1, padded[first * bs:(first + n) * bs]), (first, n)
+            if native:
+                assert _outcome(native, n * bs, exp, fd, first * bs, length) == want, (first, n)
+        # Wrong bytes read (the expected hashes of other blocks): the first block, named.
+        for rv in filter(None, (native, pure)):
+            assert _outcome(rv, 2 * bs, hashes[:2 * ds], fd, 2 * bs, 2 * bs)[0] == 0
+        # One bad expected hash deep in a large request: its index, from both.
+        for bad in ([nblocks - 2], [nblocks // 2, nblocks - 1], [1, 2]):
+            exp = bytearray(hashes)
+            for i in bad:
+                exp[i * ds + ds // 2] ^= 0x10
+            for rv in filter(None, (native, pure)):
+                got = _outcome(rv, nblocks * bs, bytes(exp), fd, 0, size)
+                assert got[0] == min(bad)
+                # The bytes up to the bad block were read and are the file's.
+                assert got[1][:min(bad) * bs] == padded[:min(bad) * bs]
+    finally:
+        os.close(fd)
+
+
+def test_read_verify_failed_reads_win_over_mismatches(tmp_path, monkeypatch):
+    p = merkle.Params()
+    data = random.Random(9).randbytes(300 * 4096)
+    hashes = ref_hashes(p, data)
+    fd = _file(tmp_path, data)
+    try:
+        native, pure = _both_read_verifiers(monkeypatch, p)
+        exp = hashes[250 * 32:] + bytes(32 * 50)  # 100 blocks at 250: 50 past the end
+        for rv in filter(None, (native, pure)):
+            # The file ends at block 300: EOF at its exact offset, whatever the hashes,
+            # also when an earlier piece (block 250, or 251 on the other thread) mismatches.
+            for bad in (None, 0, 1):
+                e = bytearray(exp)
+                if bad is not None:
+                    e[bad * 32] ^= 1
+                for flags in (0, os.RWF_NOWAIT):
+                    assert _outcome(rv, 100 * 4096, bytes(e), fd, 250 * 4096, 100 * 4096,
+                                    flags)[0] == (
+                        EOFError, f"end of file at byte {300 * 4096}: {100 * 4096} bytes "
+                        f"wanted at offset {250 * 4096}")
+            assert _outcome(rv, 4096, bytes(32), fd, 400 * 4096, 4096)[0] == (
+                EOFError, f"end of file at byte {400 * 4096}: 4096 bytes wanted at offset "
+                f"{400 * 4096}")
+            # Reading nothing past the end is no read: all-zero blocks, hashed.
+            zero = hashlib.sha256(bytes(4096)).digest()
+            assert _outcome(rv, 4096, zero, fd, 400 * 4096, 0) == (-1, bytes(4096))
+        bad_fd = os.open(tmp_path, os.O_RDONLY)  # a directory: EISDIR from the read
+        mem = os.memfd_create("verityfuse-test")  # shmem: RWF_NOWAIT is not supported
+        os.write(mem, data)
+        try:
+            outs = [(_outcome(rv, 8192, hashes[:64], bad_fd, 0, 8192),
+                     _outcome(rv, 8192, hashes[:64], mem, 0, 8192, os.RWF_NOWAIT),
+                     _outcome(rv, 8192, hashes[:64], mem, 0, 8192),
+                     _outcome(rv, 8192, hashes[:64], fd, 0, 8192, os.RWF_NOWAIT))
+                    for rv in filter(None, (native, pure))]
+        finally:
+            os.close(bad_fd)
+            os.close(mem)
+        assert outs[0][0][0][0] is IsADirectoryError
+        assert outs[0][1][0][0] is OSError and "Errno 95" in outs[0][1][0][1]
+        assert outs[0][2] == outs[0][3] == (-1, data[:8192])  # just written: cached
+        assert all(o == outs[0] for o in outs)
+    finally:
+        os.close(fd)
+
+
+def test_read_verify_arguments_are_checked(tmp_path, monkeypatch):
+    p = merkle.Params()
+    fd = _file(tmp_path, bytes(8192))
+    try:
+        native, pure = _both_read_verifiers(monkeypatch, p)
+        for rv in filter(None, (native, pure)):
+            def err(buf, exp, offset, length):
+                with pytest.raises(ValueError) as e:
+                    rv(buf, exp, fd, offset, length)
+                return str(e.value)
+
+            assert err(bytearray(5000), bytes(32), 0, 10) == \
+                "data (5000 bytes) is not a whole number of 4096-byte blocks"
+            assert err(bytearray(8192), bytes(32), 0, 10) == \
+                "expected hashes are 32 bytes, but 2 blocks need 64 bytes of hashes"
+            assert err(bytearray(8192), bytes(64), 0, 8193) == \
+                "length 8193 is not between 0 and the buffer's 8192 bytes"
+            assert err(bytearray(8192), bytes(64), 0, -1) == \
+                "length -1 is not between 0 and the buffer's 8192 bytes"
+            assert err(bytearray(8192), bytes(64), -4096, 10) == "offset -4096 is out of range"
+            with pytest.raises(TypeError):
+                rv(bytes(8192), bytes(64), fd, 0, 8192)  # the buffer must be writable
+    finally:
+        os.close(fd)
+
+
+@needs_native
+def test_read_verify_from_four_python_threads_at_once(tmp_path):
+    """The daemon's request thread and its worker threads read at the same time: each
+    call gets its own bytes and verdict (one of them at most shares the helper)."""
+    data = random.Random(21).randbytes(4 << 20)
+    hashes = ref_hashes(merkle.Params(), data)
+    fd = _file(tmp_path, data)
+    errors = []
+
+    def run(t):
+        try:
+            first, n = 128 * t, 256 + 64 * t  # 1-1.75 MiB each, overlapping
+            exp = bytearray(hashes[first * 32:(first + n) * 32])
+            if t % 2:
+                exp[(n - 5 - t) * 32] ^= 1
+            want = n - 5 - t if t % 2 else -1
+            for _ in range(20):
+                buf = bytearray(n * 4096)
+                got = hb.read_verify(1, b"", buf, 4096, bytes(exp), fd, first * 4096, n * 4096)
+                assert got == want, (t, got, want)
+                assert buf[:(n - 6 - t) * 4096] == data[first * 4096:(first + n - 6 - t) * 4096]
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    try:
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        os.close(fd)
+    assert not errors, errors

@@ -88,3 +88,56 @@ def test_whole_file_digests_agree_with_fsverity_utils(tmp_path):
                               text=True).stdout.split()[0]
         got = str(verityfuse.digest(f, hash_alg=alg, block_size=bs, salt=salt))
         assert got == want, f"seed {SEED} iteration {it}: {alg}, {bs}, salt {salt.hex()}, {size} bytes"
+
+
+@needs_native
+def test_native_read_verify_agrees_with_pure_python_and_hashlib(tmp_path, monkeypatch):
+    """read_verify on random files, ranges, short tails and corruptions: the native call
+    and the pure-Python fallback give the same answer, the same bytes and the same errors,
+    and an answer of -1 means every block hashed (hashlib) to its expected value."""
+    rng = random.Random(SEED)
+    for it in range(max(20, ITERATIONS // 10)):
+        p, n = random_case(rng)
+        bs, ds = p.block_size, p.alg.digest_size
+        size = rng.choice((n * bs, max(0, n * bs - rng.randint(1, bs)), n * bs + rng.randint(1, bs)))
+        content = rng.randbytes(size)
+        path = tmp_path / f"f{it}"
+        path.write_bytes(content)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            first = rng.randint(0, n)
+            count = rng.randint(0, n - first)
+            offset = first * bs
+            length = rng.choice((count * bs, max(0, count * bs - rng.randint(0, bs)),
+                                 rng.randint(0, count * bs)))
+            # The blocks as the file holds them (zero-padded past its end), their hashes.
+            padded = content[offset:offset + length].ljust(count * bs, b"\0")
+            expected = bytearray(reference(p, padded))
+            if count and rng.random() < 0.5:
+                for i in rng.sample(range(count), rng.randint(1, min(count, 3))):
+                    expected[i * ds + rng.randrange(ds)] ^= 1 << rng.randrange(8)
+            threads = rng.choice((0, 1, 2))
+            flags = rng.choice((0, os.RWF_NOWAIT))
+            where = (f"seed {SEED} iteration {it}: {p.describe()}, file {size} bytes, blocks "
+                     f"{first}+{count}, length {length}, {threads} threads, flags {flags}")
+            outs = []
+            for native in (True, False):
+                monkeypatch.setattr(merkle, "NATIVE", native)
+                buf = bytearray(b"\xa5" * (count * bs))
+                try:
+                    r = p.read_verifier(threads)(buf, bytes(expected), fd, offset, length, flags)
+                except (OSError, EOFError) as e:
+                    outs.append((type(e), str(e)))
+                    continue
+                # Blocks before the answer are the file's bytes and hash as expected.
+                good = count if r == -1 else r
+                assert bytes(buf[:good * bs]) == padded[:good * bs], where
+                assert reference(p, buf[:good * bs]) == bytes(expected[:good * ds]), where
+                if r >= 0:
+                    assert reference(p, buf[r * bs:(r + 1) * bs]) != bytes(expected[r * ds:(r + 1) * ds]), where
+                outs.append(r)
+            assert outs[0] == outs[1], where
+            if length and offset + length > size:  # (reading nothing is no read)
+                assert outs[0][0] is EOFError, where
+        finally:
+            os.close(fd)

@@ -16,11 +16,12 @@
  *    where OpenSSL finds it), from a copy of the state after the prefix.
  * verityfuse falls back to hashlib when this module is not built.
  *
- * Large requests are shared with one helper thread (_hbpool.c).
+ * Large requests are shared with one helper thread (_hbpool.c).  The
+ * common verified read (pread + hash + compare) is one call: read_verify
+ * (_readverify.c).
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
- * SHA-256 (to compare); VERITYFUSE_HELPER_SPIN_US=N sets how long the idle
- * helper polls for work before sleeping (as configure(spin_us=N)).
+ * SHA-256 (to compare).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -39,10 +40,11 @@
 #include "_hbpool.c"
 
 /* Split a request into pieces of about this many bytes (whole pairs of
- * blocks): small enough that the two threads finish close together, large
- * enough that claiming a piece costs nothing. */
+ * blocks): small enough that the two threads finish close together (a piece
+ * is ~15 us of hashing), large enough that claiming one costs nothing (an
+ * atomic add on a shared line, well under 1% of a piece). */
 #ifndef PIECE_BYTES
-#define PIECE_BYTES (64 * 1024)
+#define PIECE_BYTES (32 * 1024)
 #endif
 /* Below this the caller hashes alone: the helper would not even have
  * noticed the post before the caller is done. */
@@ -109,20 +111,11 @@ struct request {
 
 #define VERIFY_BATCH 8  /* blocks hashed per compare step: even, for the 2-way engine */
 
-static void do_piece(void *arg, size_t piece)
+/* Compare blocks [first, first + n) with their expected hashes, recording the
+ * first mismatch in r->first_bad. */
+static void verify_range(struct request *r, size_t first, size_t n)
 {
-    struct request *r = arg;
     const struct hctx *c = r->c;
-    size_t first = piece * r->piece_blocks;
-    size_t n = c->nblocks - first < r->piece_blocks ? c->nblocks - first : r->piece_blocks;
-    if (r->out != NULL) {
-        hash_range(c, first, n, r->out + first * c->ds);
-        return;
-    }
-    /* Pieces after a known mismatch cannot change the answer (the smallest
-     * bad index); pieces before it are always finished, so it is exact. */
-    if (first >= atomic_load_explicit(&r->first_bad, memory_order_relaxed))
-        return;
     unsigned char got[VERIFY_BATCH * SHA512_DIGEST_LENGTH];
     for (size_t i = 0; i < n; i += VERIFY_BATCH) {
         size_t k = n - i < VERIFY_BATCH ? n - i : VERIFY_BATCH;
@@ -137,6 +130,29 @@ static void do_piece(void *arg, size_t piece)
             }
         }
     }
+}
+
+/* Blocks [first, first + n) of piece number `piece` of r. */
+static size_t piece_blocks(const struct request *r, size_t piece, size_t *first)
+{
+    *first = piece * r->piece_blocks;
+    size_t left = r->c->nblocks - *first;
+    return left < r->piece_blocks ? left : r->piece_blocks;
+}
+
+static void do_piece(void *arg, size_t piece)
+{
+    struct request *r = arg;
+    size_t first, n = piece_blocks(r, piece, &first);
+    if (r->out != NULL) {
+        hash_range(r->c, first, n, r->out + first * r->c->ds);
+        return;
+    }
+    /* Pieces after a known mismatch cannot change the answer (the smallest
+     * bad index); pieces before it are always finished, so it is exact. */
+    if (first >= atomic_load_explicit(&r->first_bad, memory_order_relaxed))
+        return;
+    verify_range(r, first, n);
 }
 
 /* Check the common arguments and prepare the hashing context (GIL held). */
@@ -186,21 +202,25 @@ static int setup(struct hctx *c, int alg, const Py_buffer *prefix, const Py_buff
     return 0;
 }
 
-/* Run a request over all blocks, on the helper too when worth it. */
-static void run_request(struct request *r, int threads)
+/* Run a request over all blocks, in pieces of about piece_bytes, on the
+ * helper too when it has at least split_bytes; without the GIL when it has
+ * at least release_bytes. */
+static void run_request(struct request *r, int threads, void (*work)(void *, size_t),
+                        size_t piece_bytes, size_t split_bytes, size_t release_bytes)
 {
     const struct hctx *c = r->c;
     /* Whole pairs, so the 2-way engine never gets an odd block mid-request. */
-    size_t pb = PIECE_BYTES / c->bs;
+    size_t pb = piece_bytes / c->bs;
     pb = pb < 2 ? 2 : pb & ~(size_t)1;
     r->piece_blocks = pb;
     atomic_init(&r->first_bad, SIZE_MAX);
-    struct pool_job j = {.work = do_piece, .arg = r, .npieces = (c->nblocks + pb - 1) / pb};
+    struct pool_job j = {.work = work, .arg = r, .npieces = (c->nblocks + pb - 1) / pb};
     int eff = threads ? threads : g_threads;
-    int split = eff > 1 && c->nblocks * c->bs >= MIN_SPLIT_BYTES && j.npieces > 1;
+    size_t bytes = c->nblocks * c->bs;
+    int split = eff > 1 && bytes >= split_bytes && j.npieces > 1;
     if (split)
         split = pool_ensure_helper();  /* GIL still held here */
-    if (c->nblocks * c->bs < MIN_RELEASE_GIL_BYTES) {
+    if (bytes < release_bytes) {
         pool_run(&j, 0);
         return;
     }
@@ -230,7 +250,7 @@ static PyObject *hash_blocks(PyObject *self, PyObject *args)
     if (!out)
         goto done;
     struct request r = {.c = &c, .out = (unsigned char *)PyBytes_AS_STRING(out)};
-    run_request(&r, threads);
+    run_request(&r, threads, do_piece, PIECE_BYTES, MIN_SPLIT_BYTES, MIN_RELEASE_GIL_BYTES);
 done:
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&data);
@@ -258,7 +278,7 @@ static PyObject *verify_blocks(PyObject *self, PyObject *args)
         goto done;
     }
     struct request r = {.c = &c, .expected = expected.buf};
-    run_request(&r, threads);
+    run_request(&r, threads, do_piece, PIECE_BYTES, MIN_SPLIT_BYTES, MIN_RELEASE_GIL_BYTES);
     size_t bad = atomic_load(&r.first_bad);
     res = bad == SIZE_MAX ? PyLong_FromLong(-1) : PyLong_FromSize_t(bad);
 done:
@@ -271,28 +291,15 @@ done:
 static PyObject *configure(PyObject *self, PyObject *args, PyObject *kw)
 {
     (void)self;
-    static char *names[] = {"threads", "spin_us", NULL};
+    static char *names[] = {"threads", NULL};
     int threads;
-    PyObject *spin = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "i|$O:configure", names, &threads, &spin))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i:configure", names, &threads))
         return NULL;
     if (threads < 1) {
         PyErr_Format(PyExc_ValueError, "threads must be >= 1, not %d", threads);
         return NULL;
     }
-    long spin_us = -1;
-    if (spin != Py_None) {
-        spin_us = PyLong_AsLong(spin);
-        if (spin_us == -1 && PyErr_Occurred())
-            return NULL;
-        if (spin_us < 0 || spin_us > 100000) {
-            PyErr_Format(PyExc_ValueError, "spin_us must be between 0 and 100000, not %ld", spin_us);
-            return NULL;
-        }
-    }
     g_threads = threads > 2 ? 2 : threads;  /* one helper: at most two threads per request */
-    if (spin_us >= 0)
-        atomic_store(&g_helper_spin_ns, (uint64_t)spin_us * 1000);
     Py_RETURN_NONE;
 }
 
@@ -300,15 +307,20 @@ static PyObject *info(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:i,s:K,s:O,s:O,s:k}",
+    return Py_BuildValue("{s:s,s:s,s:i,s:O,s:O,s:k,s:(kk),s:k,s:K}",
                          "sha256", g_shani ? "sha-ni-2way" : "openssl",
                          "sha512", "openssl",
                          "threads", g_threads,
-                         "spin_us", (unsigned long long)(atomic_load(&g_helper_spin_ns) / 1000),
                          "cpu_sha_ni", g_cpu_shani ? Py_True : Py_False,
                          "helper_running", g_helper_started ? Py_True : Py_False,
-                         "helper_jobs", (unsigned long)atomic_load(&g_helper_jobs));
+                         "helper_jobs", (unsigned long)atomic_load(&g_helper_jobs),
+                         "split_pieces", (unsigned long)atomic_load(&g_split_pieces_caller),
+                         (unsigned long)atomic_load(&g_split_pieces_helper),
+                         "jobs_alone", (unsigned long)atomic_load(&g_jobs_alone),
+                         "wait_us", (unsigned long long)(atomic_load(&g_wait_ns) / 1000));
 }
+
+#include "_readverify.c"
 
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS,
@@ -319,11 +331,16 @@ static PyMethodDef methods[] = {
      "verify_blocks(alg, prefix, data, block_size, expected, threads=0) -> int\n\n"
      "Hash every block of data and compare with expected (the concatenated hashes).\n"
      "Returns -1 if all match, else the index of the first mismatching block."},
+    {"read_verify", read_verify, METH_VARARGS, READ_VERIFY_DOC},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(threads, *, spin_us=None) -> None\n\n"
-     "threads: 1 = never use the helper thread, 2 = use it for large requests.\n"
-     "spin_us: how long the idle helper polls for work before it sleeps."},
-    {"info", info, METH_NOARGS, "info() -> dict: the engines in use and the thread setting."},
+     "configure(threads) -> None\n\n"
+     "threads: 1 = never use the helper thread, 2 = use it for large requests."},
+    {"info", info, METH_NOARGS,
+     "info() -> dict: the engines in use, the thread setting, and the helper's share:\n"
+     "helper_jobs (requests it joined), split_pieces ((caller, helper) pieces of the\n"
+     "requests offered to it), jobs_alone (large requests not offered to it because\n"
+     "it had been slow to help: the machine's other CPU was busy), wait_us (total time\n"
+     "callers waited for the helper's last piece: how close together the two finish)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -338,14 +355,6 @@ PyMODINIT_FUNC PyInit__hashblocks(void)
 #endif
     const char *off = getenv("VERITYFUSE_NO_SHANI");
     g_shani = g_cpu_shani && !(off && *off && strcmp(off, "0") != 0);
-    /* For tuning a deployed daemon without code changes; configure() wins. */
-    const char *spin = getenv("VERITYFUSE_HELPER_SPIN_US");
-    if (spin && *spin) {
-        char *end;
-        long us = strtol(spin, &end, 10);
-        if (*end == '\0' && us >= 0 && us <= 100000)
-            atomic_store(&g_helper_spin_ns, (uint64_t)us * 1000);
-    }
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) < 2)
         g_threads = 1;

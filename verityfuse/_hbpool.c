@@ -3,18 +3,26 @@
  *
  * Included by _hashblocks.c (one translation unit, everything static).
  *
- * A request is cut into pieces numbered 0..npieces-1; the caller posts it in
- * a one-job slot and both threads claim pieces from the job's atomic counter
- * until none is left.  Why this shape:
+ * A request is cut into small pieces numbered 0..npieces-1; the caller posts
+ * it in a one-job slot, wakes the helper, and both threads claim pieces from
+ * the job's atomic counter until none is left (work stealing): however late
+ * the helper joins, the two finish within one piece of each other.  Why this
+ * shape:
  *  - no per-request thread hand-off: the caller never waits for the helper
- *    to start, it starts on piece 0 itself, and the helper joins whenever it
- *    notices the post;
- *  - reads of a file arrive back to back (1 MiB every ~0.5 ms), and waking a
- *    sleeping thread costs a futex syscall on both sides plus the scheduler's
- *    wake-up latency (tens of us), a good part of what the second core saves
- *    on 1 MiB.  So after a job the helper spins on the slot for a bounded
- *    while (spin_us) before it sleeps on a futex, and a caller only
- *    issues FUTEX_WAKE when the helper has said it is asleep;
+ *    to start, it starts on piece 0 itself, and the helper joins when it wakes;
+ *  - the idle helper sleeps on a futex at once, it never polls: an earlier
+ *    version polled for up to 400 us after each job (sched_yield and
+ *    clock_gettime), which was a third of a daemon's CPU for sequential reads
+ *    and bought them 1% of throughput.  The wake-up costs the caller one
+ *    FUTEX_WAKE (issued only when the helper has said it is asleep) and the
+ *    helper tens of microseconds of latency, which the pieces absorb;
+ *  - the only spinning is the caller's, after its last piece, while the
+ *    helper still has one in flight (a piece is a few microseconds of work);
+ *  - on a busy machine the helper may not run beside the caller at all (the
+ *    other CPU runs other work, or the helper was woken on the caller's
+ *    CPU): then the caller ends up waiting for the helper's piece instead of
+ *    doing it, so after such a wait the caller works alone for a while
+ *    (exponential back-off, see SLOW_HELPER_NS);
  *  - one slot: when another job already sits in it, the caller does all of
  *    its own work; several Python threads never queue behind each other.
  *
@@ -45,23 +53,21 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* The helper polls this long after its last job before it sleeps.  Reads
- * of 1 MiB arrive about every 0.5 ms and take ~0.2 ms to verify on two
- * cores, so the helper is idle ~0.3 ms between them: measured on the
- * project's VM (verify_blocks of 1 MiB with 300 us of busy work between
- * calls), 200 us missed the next request and paid the futex wake-up (median
- * 278 us per request), 400 us did not (224 us; 400 us alone, one thread).
- * The first HELPER_PAUSE_NS it polls with PAUSE only (fastest reaction);
- * after that it calls sched_yield() between polls, so a reader process or
- * kernel thread that needs this core gets it; the rest of the time the
- * core was idle anyway.  configure(spin_us=) changes it. */
-#define HELPER_SPIN_NS_DEFAULT 400000
-#define HELPER_PAUSE_NS 50000
-static atomic_uint_fast64_t g_helper_spin_ns = HELPER_SPIN_NS_DEFAULT;  /* configure(spin_us=) */
 /* A caller whose pieces are done waits this long (spinning) for the helper
- * to finish its last piece before sleeping on a futex: a piece takes tens of
- * microseconds, unless the helper was preempted. */
-#define CALLER_SPIN_NS 200000
+ * to finish its last piece before sleeping on a futex: a running helper
+ * finishes a piece within ~30 us; one that takes longer was most likely
+ * preempted, maybe on this very CPU, and spinning would only keep it off. */
+#ifndef CALLER_SPIN_NS
+#define CALLER_SPIN_NS 30000
+#endif
+/* When the caller had to wait longer than this for the helper's last piece,
+ * the helper was not running beside it (the other CPU is busy with other
+ * work, or the two threads share one): sharing cost more than it saved.
+ * The next BACKOFF_MIN jobs, doubling up to BACKOFF_MAX while it goes on,
+ * are run by the caller alone; one prompt helper resets that. */
+#define SLOW_HELPER_NS 60000
+#define BACKOFF_MIN 4
+#define BACKOFF_MAX 256
 
 struct pool_job {
     void (*work)(void *arg, size_t piece);
@@ -69,6 +75,7 @@ struct pool_job {
     size_t npieces;
     atomic_size_t next;   /* next piece to claim */
     atomic_uint state;    /* futex word: JOB_RUNNING, JOB_CALLER_ASLEEP, JOB_HELPER_DONE */
+    size_t helper_pieces; /* written by the helper before JOB_HELPER_DONE */
 };
 
 enum { JOB_RUNNING, JOB_CALLER_ASLEEP, JOB_HELPER_DONE };
@@ -79,7 +86,16 @@ static atomic_int g_helper_asleep;           /* helper is (about to be) in FUTEX
 static int g_helper_started;                 /* in this process; changed under the GIL */
 static pid_t g_helper_pid;                   /* the process that started it */
 static int g_atfork_done;
-static atomic_ulong g_helper_jobs;           /* jobs the helper joined: info() */
+/* For info(): jobs the helper joined, and how the pieces of every job that
+ * was offered to it were shared (the split the pool achieves). */
+static atomic_ulong g_helper_jobs, g_split_pieces_caller, g_split_pieces_helper;
+/* Back-off after slow helpers: jobs still to run alone, and the current run
+ * length.  Concurrent callers may overwrite each other's updates, which is
+ * harmless (a hint, nothing depends on its exact value); g_skip is only ever
+ * decremented from a nonzero value, so it cannot wrap. */
+static atomic_uint g_skip, g_backoff;
+static atomic_ulong g_jobs_alone;  /* info(): jobs not offered because of it */
+static atomic_ulong g_wait_ns;     /* info(): the callers' waits for the helper's last piece */
 
 static void futex_wait(atomic_uint *word, unsigned expected)
 {
@@ -101,45 +117,32 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void run_pieces(struct pool_job *j)
+/* Claim and run pieces until none is left; returns how many this thread ran. */
+static size_t run_pieces(struct pool_job *j)
 {
+    size_t ran = 0;
     for (;;) {
         /* Relaxed is enough: the job's fields were published by the slot's
          * seq_cst operations, and each piece writes disjoint output. */
         size_t p = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (p >= j->npieces)
-            return;
+            return ran;
         j->work(j->arg, p);
+        ran++;
     }
 }
 
 static void *helper_main(void *unused)
 {
     (void)unused;
-    uint64_t idle_since = now_ns();
     for (;;) {
-        struct pool_job *j = NULL;
-        /* Plain load first: spinning on a read keeps the cache line shared
-         * instead of stealing it from the caller at every iteration. */
-        if (atomic_load_explicit(&g_posted, memory_order_relaxed) != NULL)
-            j = atomic_exchange(&g_posted, NULL);
+        struct pool_job *j = atomic_exchange(&g_posted, NULL);
         if (j != NULL) {
             atomic_fetch_add_explicit(&g_helper_jobs, 1, memory_order_relaxed);
-            run_pieces(j);
+            j->helper_pieces = run_pieces(j);
             /* The last access to *j; the caller may return right after. */
             if (atomic_exchange(&j->state, JOB_HELPER_DONE) == JOB_CALLER_ASLEEP)
                 futex_wake(&j->state);
-            idle_since = now_ns();
-            continue;
-        }
-        uint64_t idle = now_ns() - idle_since;
-        if (idle < atomic_load_explicit(&g_helper_spin_ns, memory_order_relaxed)) {
-            if (idle < HELPER_PAUSE_NS) {
-                for (int i = 0; i < 8; i++)
-                    cpu_relax();
-            } else {
-                sched_yield();
-            }
             continue;
         }
         /* Sleep.  With seq_cst, either we see the post below, or the poster
@@ -150,7 +153,6 @@ static void *helper_main(void *unused)
         if (atomic_load(&g_posted) == NULL)
             futex_wait(&g_post_seq, seq);
         atomic_store(&g_helper_asleep, 0);
-        idle_since = now_ns();
     }
     return NULL;
 }
@@ -205,7 +207,20 @@ static void pool_run(struct pool_job *j, int use_helper)
 {
     atomic_init(&j->next, 0);
     atomic_init(&j->state, JOB_RUNNING);
+    j->helper_pieces = 0;
     int posted = 0;
+    if (use_helper && j->npieces > 1) {
+        /* Take one job off the back-off; never below zero with concurrent callers. */
+        unsigned k = atomic_load_explicit(&g_skip, memory_order_relaxed);
+        while (k && !atomic_compare_exchange_weak_explicit(&g_skip, &k, k - 1,
+                                                           memory_order_relaxed,
+                                                           memory_order_relaxed))
+            ;
+        if (k) {
+            atomic_fetch_add_explicit(&g_jobs_alone, 1, memory_order_relaxed);
+            use_helper = 0;
+        }
+    }
     if (use_helper && j->npieces > 1) {
         struct pool_job *empty = NULL;
         if (atomic_compare_exchange_strong(&g_posted, &empty, j)) {
@@ -215,14 +230,15 @@ static void pool_run(struct pool_job *j, int use_helper)
                 futex_wake(&g_post_seq);
         }
     }
-    run_pieces(j);
+    size_t mine_ran = run_pieces(j);
     if (!posted)
         return;
+    atomic_fetch_add_explicit(&g_split_pieces_caller, mine_ran, memory_order_relaxed);
     struct pool_job *mine = j;
     if (atomic_compare_exchange_strong(&g_posted, &mine, NULL))
         return;  /* the helper never took it */
     /* The helper has it: it finishes at most the piece it is on. */
-    uint64_t start = now_ns();
+    uint64_t start = now_ns(), waited;
     while (atomic_load(&j->state) != JOB_HELPER_DONE) {
         if (now_ns() - start >= CALLER_SPIN_NS) {
             unsigned expect = JOB_RUNNING;
@@ -234,5 +250,16 @@ static void pool_run(struct pool_job *j, int use_helper)
         }
         for (int i = 0; i < 8; i++)
             cpu_relax();
+    }
+    waited = now_ns() - start;
+    atomic_fetch_add_explicit(&g_wait_ns, waited, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_split_pieces_helper, j->helper_pieces, memory_order_relaxed);
+    if (waited > SLOW_HELPER_NS) {
+        unsigned b = atomic_load_explicit(&g_backoff, memory_order_relaxed) * 2;
+        b = b < BACKOFF_MIN ? BACKOFF_MIN : b > BACKOFF_MAX ? BACKOFF_MAX : b;
+        atomic_store_explicit(&g_backoff, b, memory_order_relaxed);
+        atomic_store_explicit(&g_skip, b, memory_order_relaxed);
+    } else {
+        atomic_store_explicit(&g_backoff, 0, memory_order_relaxed);
     }
 }
