@@ -16,7 +16,7 @@ E2E_DIR ?= build/e2e
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py verityfuse/_hashblocks.c verityfuse/_fuseshim.c
+$(STAMP): pyproject.toml setup.py $(wildcard verityfuse/*.c)
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \

@@ -146,10 +146,16 @@ class Verifier:
     def verify(self, first_block: int, data) -> None:
         """Check whole blocks ``data`` (zero-padded) starting at data block ``first_block``:
         one native call hashes and compares them all (GIL released, both cores)."""
-        bs, ds = self.params.block_size, self.ds
+        bs = self.params.block_size
         expected = self.expected_hashes(first_block, len(data) // bs)
         bad = self.verify_blocks(data, expected)
         if bad >= 0:
-            block = memoryview(data)[bad * bs:(bad + 1) * bs]
-            raise IntegrityError(self.label, (first_block + bad) * bs,
-                                 bytes(expected[bad * ds:(bad + 1) * ds]), self.hasher(block))
+            self.mismatch(first_block, data, expected, bad)
+
+    def mismatch(self, first_block: int, data, expected, bad: int):
+        """Raise the IntegrityError for block ``bad`` of ``data`` (a native call found it
+        does not hash to its entry of ``expected``): offset and both hashes."""
+        bs, ds = self.params.block_size, self.ds
+        block = memoryview(data)[bad * bs:(bad + 1) * bs]
+        raise IntegrityError(self.label, (first_block + bad) * bs,
+                             bytes(expected[bad * ds:(bad + 1) * ds]), self.hasher(block))
