@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Callable, Dict, Hashable, List
+from typing import Callable, Dict, Hashable, List, Optional
 
 from . import merkle, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
@@ -28,12 +28,13 @@ MAX_BLOCK_SIZE = merkle.MAX_BLOCK_SIZE  # larger trees are refused as corrupt
 class StoredTree:
     """An open, validated object: descriptor in memory, tree read block by block."""
 
-    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes):
+    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes,
+                 geometry: Optional[merkle.Geometry] = None):
         self.fd = fd
         self.name = name
         self.descriptor = descriptor
         self.digest = digest
-        self.geometry = descriptor.geometry
+        self.geometry = geometry or descriptor.geometry  # computed on each access: once here
         self.block_size = descriptor.params.block_size
 
     def read_tree_block(self, index: int) -> bytes:
@@ -198,14 +199,15 @@ def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> 
                 f"{merkle.format_digest(alg, digest)}, actual "
                 f"{merkle.format_digest(desc.params.alg, actual)}"
             )
-        want = desc.geometry.tree_size
+        geometry = desc.geometry
+        want = geometry.tree_size
         size = os.fstat(fd).st_size
         if tree_size != want or size != TREE_OFFSET + want:
             raise StoreCorrupt(
                 f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
                 f"expected {want}"
             )
-        return StoredTree(fd, name, desc, digest)
+        return StoredTree(fd, name, desc, digest, geometry)
     except BaseException:
         os.close(fd)
         raise
