@@ -134,6 +134,7 @@ class Store:
     # -- plumbing -------------------------------------------------------
 
     def close(self):
+        self._trees.close()
         if self.rootfd >= 0:
             os.close(self.rootfd)
             self.rootfd = -1
