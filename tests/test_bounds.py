@@ -225,6 +225,7 @@ def test_running_out_of_fds_is_emfile_never_corruption(tmp_path, mode):
 
     view, store = _views(tmp_path, mode)
     ino = view.lookup(1, b"a").ino
+    store._trees.drop_idle()  # local mode's lookup kept the tree open: make the open need it
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     handles, errs = [], set()
     try:
@@ -260,8 +261,10 @@ def test_running_out_of_fds_is_emfile_never_corruption(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["manifest", "local"])
 def test_handles_of_one_file_share_one_tree_fd(tmp_path, mode):
+    at_start = len(os.listdir("/proc/self/fd"))
     view, store = _views(tmp_path, mode)
     ino = view.lookup(1, b"a").ino
+    store._trees.drop_idle()  # local mode's lookup kept the tree open: count it below
     before = len(os.listdir("/proc/self/fd"))
     handles = [view.open(ino, os.O_RDONLY) for _ in range(50)]
     try:
@@ -273,9 +276,13 @@ def test_handles_of_one_file_share_one_tree_fd(tmp_path, mode):
             view.release(h)
     assert handles[-1].reader.read(0, 10000) == b"a" * 10000  # the last one still reads
     view.release(handles[-1])
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # the tree, kept for the next open
+    h = view.open(ino, os.O_RDONLY)
+    assert h.closers[0].fd in trees and len(os.listdir("/proc/self/fd")) == before + 2
+    view.release(h)
     view.close()
-    store.close()
+    store.close()  # and the kept tree with it
+    assert len(os.listdir("/proc/self/fd")) == at_start
 
 
 # -- memory per directory handle (issue 16 item 7) ------------------------------------

@@ -116,6 +116,42 @@ def test_symlink_planted_in_store_is_refused(src, tmp_path):
             st.open_object(e.alg, e.digest)
 
 
+def test_a_kept_object_changed_on_disk_still_fails_its_reads(src, tmp_path):
+    """A released object stays open (kept) for the next open of its digest; what the
+    disk says later is still checked: every tree block read is hashed up to the
+    descriptor validated at the first open."""
+    with Store(str(tmp_path / "store"), create=True) as st:
+        e = seal(st, src, "big")
+        with st.open_object(e.alg, e.digest) as t:
+            fd = t.fd
+        flip(object_path(st, e), TREE_OFFSET + 1024 + 7)  # a leaf block
+        flip(object_path(st, e), 10)  # the header: not read again while kept
+        with st.open_object(e.alg, e.digest) as t:
+            assert t.fd == fd  # the kept one
+        res = verify_file(st, str(src), "big", TreeBlockCache())
+        assert "Merkle tree block (level 0, index 0)" in str(res.error)
+        st._trees.drop_idle()
+        with pytest.raises(StoreCorrupt, match="bad object header"):  # read again: refused
+            st.open_object(e.alg, e.digest)
+
+
+def test_kept_objects_are_bounded_and_closed_with_the_store(src, tmp_path):
+    from verityfuse.store_object import KEEP_IDLE
+
+    at_start = len(os.listdir("/proc/self/fd"))
+    st = Store(str(tmp_path / "store"), create=True)
+    entries = []
+    for i in range(KEEP_IDLE + 5):
+        write(src / f"f{i}", b"%d" % i * 3000)
+        entries.append(seal(st, src, f"f{i}"))
+    base = len(os.listdir("/proc/self/fd"))
+    for e in entries:
+        st.open_object(e.alg, e.digest).close()
+    assert len(os.listdir("/proc/self/fd")) == base + KEEP_IDLE
+    st.close()
+    assert len(os.listdir("/proc/self/fd")) == at_start
+
+
 BAD_ENTRIES = [b"{not json", b"\xff\xfe", b"[]", b'{"version": 1, "path": "a", "digest": "sha256:00"}',
                b'{"version": 2, "path": 7, "digest": "sha256:' + b"00" * 32 + b'"}',
                b'{"version": 2, "path": "a", "digest": ["x"]}',

@@ -30,7 +30,7 @@ from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
 from .tripwire import Tripwire
-from .view import XATTR_PREFIX, Attr, FileHandle, Handle, View
+from .view import XATTR_PREFIX, Attr, FileHandle, Handle, ReadOnlyView, View
 
 log = logging.getLogger("verityfuse")
 
@@ -306,6 +306,10 @@ class VerityOperations(pyfuse3.Operations):
         return await self._run(os.pwrite, self.handles[fh].fd, buf, off)
 
     async def flush(self, fh):
+        if isinstance(self.view, ReadOnlyView):
+            # Nothing is written through it, so a close has no error to report: ENOSYS
+            # tells the kernel to send no FLUSH again (one request less per close).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         # Report close-time errors of the backing fs (as passthrough_hp does).
         fd = self.handles[fh].fd
         if fd >= 0:  # an OCI view's handles have no backing fd

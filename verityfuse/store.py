@@ -14,8 +14,10 @@ filesystem and file handle, see identity.py) to a digest: verity belongs to
 the inode, so renames and links keep it and nothing is ever walked.
 Every write goes to tmp/, is fsynced and renamed into place, then the directory
 is fsynced: a crash leaves either the old entry or the new one, never half of
-one.  Every open walks from the store's root fd with O_NOFOLLOW, so a symlink
-planted inside the store is refused instead of followed.
+one.  Every open resolves from the store's root fd and follows no symlink (a
+read: one openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; a write: each
+directory with O_NOFOLLOW), so a symlink planted inside the store is refused
+instead of followed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ VERSION_TEXT = b"verityfuse-store 2\n"
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 INDEX_DIR = "inodes"
 INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
+_HEX = frozenset("0123456789abcdef")
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -131,6 +134,7 @@ class Store:
     # -- plumbing -------------------------------------------------------
 
     def close(self):
+        self._trees.close()
         if self.rootfd >= 0:
             os.close(self.rootfd)
             self.rootfd = -1
@@ -142,7 +146,7 @@ class Store:
         self.close()
 
     def _where(self, *parts) -> str:
-        return os.path.join(self.path, *parts)
+        return "/".join((self.path,) + parts)  # parts are single names: no os.path.join needed
 
     def _check_version(self, create: bool, objects_only: bool) -> int:
         fd = self._open_file(("VERSION",))
@@ -207,25 +211,31 @@ class Store:
     def _open_file(self, parts) -> Optional[int]:
         """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd.
 
-        Opened O_PATH first: a FIFO or device planted in the store is refused
-        without blocking on it or running a driver's open.
+        One openat2 from the root fd, O_PATH, following no symlink anywhere below
+        the root (fsutil.open_beneath: a symlinked shard or object is refused, not
+        followed), instead of a walk of one open and close per directory; then the
+        regular-file check: a FIFO or device planted in the store is refused without
+        blocking on it or running a driver's open.
         """
+        if self.rootfd < 0:
+            return None  # a lazy store not created yet: nothing in it
+        what = self._where(*parts)
         try:
-            dirfd = self._open_dirs(parts[:-1])
+            pfd = fsutil.open_beneath(self.rootfd, "/".join(parts).encode())
         except FileNotFoundError:
             return None
-        try:
-            return fsutil.open_regular(parts[-1], dir_fd=dirfd, what=self._where(*parts))
-        except FileNotFoundError:
-            return None
-        except fsutil.NotRegular as e:
-            raise StoreCorrupt(e.strerror) from None
         except OSError as e:
             if e.errno in RESOURCE_ERRNOS:
                 raise  # out of fds or memory: not a damaged store
             raise self._refused(parts, e) from None
-        finally:
-            os.close(dirfd)
+        try:
+            return fsutil.reopen_regular(pfd, what)
+        except fsutil.NotRegular as e:
+            raise StoreCorrupt(e.strerror) from None
+        except OSError as e:
+            if e.errno in RESOURCE_ERRNOS:
+                raise
+            raise self._refused(parts, e) from None
 
     def _create_tmp(self):
         tmpfd = self._open_dirs(("tmp",), create=True)
@@ -317,7 +327,7 @@ class Store:
 
     @staticmethod
     def _index_parts(key: str):
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        if len(key) != 64 or not _HEX.issuperset(key):
             raise ValueError(f"invalid index key {key!r}")
         return (INDEX_DIR, key[:2], key)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Callable, Dict, Hashable, List
+from collections import OrderedDict
+from typing import Callable, Dict, Hashable, List, Optional
 
 from . import merkle, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
@@ -28,12 +29,13 @@ MAX_BLOCK_SIZE = merkle.MAX_BLOCK_SIZE  # larger trees are refused as corrupt
 class StoredTree:
     """An open, validated object: descriptor in memory, tree read block by block."""
 
-    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes):
+    def __init__(self, fd: int, name: str, descriptor: merkle.Descriptor, digest: bytes,
+                 geometry: Optional[merkle.Geometry] = None):
         self.fd = fd
         self.name = name
         self.descriptor = descriptor
         self.digest = digest
-        self.geometry = descriptor.geometry
+        self.geometry = geometry or descriptor.geometry  # computed on each access: once here
         self.block_size = descriptor.params.block_size
 
     def read_tree_block(self, index: int) -> bytes:
@@ -92,38 +94,84 @@ class TreeRef:
         self.close()
 
 
-class SharedTrees:
-    """Open StoredTrees by key, each shared by its holders (thread-safe)."""
+# How many released objects stay open (the most recently released): the lookup that
+# reads a file's descriptor and the open that follows it, or a file opened again
+# soon, cost one object open.  Bounded: these fds come out of the daemon's FD_RESERVE.
+KEEP_IDLE = 16
 
-    def __init__(self):
+
+class SharedTrees:
+    """Open StoredTrees by key, each shared by its holders (thread-safe).
+
+    The last holder's release keeps the tree open among the ``keep`` most recently
+    released (closed when it falls out, or on ``close``).  That is safe because a
+    tree is validated once, when it is opened, against the digest it is looked up
+    by: its descriptor is in memory, and every tree block read through it is still
+    hashed up to that descriptor's root hash.  So an object changed on disk after it
+    was opened (a flipped tree block, a truncation) still fails each read it
+    touches, as it does under a handle held open; one replaced or removed is read
+    from the inode that was validated; one whose header or descriptor bytes are
+    changed later is not read again while it is kept, as under an open handle.
+    """
+
+    def __init__(self, keep: int = KEEP_IDLE):
+        self.keep = keep
         self._held: Dict[Hashable, List] = {}  # key -> [tree, references]
+        self._idle: "OrderedDict[Hashable, StoredTree]" = OrderedDict()  # no references
         self._lock = threading.Lock()
+
+    def _take(self, key: Hashable) -> Optional[TreeRef]:
+        """A new reference to an open tree of ``key`` (caller holds the lock)."""
+        held = self._held.get(key)
+        if held is None:
+            tree = self._idle.pop(key, None)
+            if tree is None:
+                return None
+            held = self._held[key] = [tree, 0]
+        held[1] += 1
+        return TreeRef(held[0], lambda: self._release(key))
 
     def open(self, key: Hashable, opener: Callable[[], StoredTree]) -> TreeRef:
         """A reference to the tree of ``key``, opened (and validated) by ``opener``
-        when no holder has it open."""
+        when no holder has it open and it is not kept."""
         with self._lock:
-            held = self._held.get(key)
-            if held is not None:
-                held[1] += 1
-                return TreeRef(held[0], lambda: self._release(key))
+            ref = self._take(key)
+        if ref is not None:
+            return ref
         tree = opener()  # it reads: outside the lock
         with self._lock:
-            held = self._held.get(key)
-            if held is None:
-                held = self._held[key] = [tree, 0]
-            else:  # another thread opened it meanwhile: keep one
-                tree.close()
-            held[1] += 1
-            return TreeRef(held[0], lambda: self._release(key))
+            ref = self._take(key)
+            if ref is None:
+                self._held[key] = [tree, 0]
+                return self._take(key)
+        tree.close()  # another thread opened it meanwhile: keep one
+        return ref
 
     def _release(self, key: Hashable):
+        closing = None
         with self._lock:
             held = self._held[key]
             held[1] -= 1
             if held[1] == 0:
                 del self._held[key]
-                held[0].close()
+                self._idle[key] = held[0]
+                if len(self._idle) > self.keep:
+                    closing = self._idle.popitem(last=False)[1]
+        if closing is not None:
+            closing.close()
+
+    def drop_idle(self):
+        """Close the kept trees (held ones close with their last holder)."""
+        with self._lock:
+            idle, self._idle = list(self._idle.values()), OrderedDict()
+        for tree in idle:
+            tree.close()
+
+    def close(self):
+        """Close the kept trees and keep none from now on."""
+        with self._lock:
+            self.keep = 0
+        self.drop_idle()
 
 
 class ObjectWriter:
@@ -198,14 +246,15 @@ def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> 
                 f"{merkle.format_digest(alg, digest)}, actual "
                 f"{merkle.format_digest(desc.params.alg, actual)}"
             )
-        want = desc.geometry.tree_size
+        geometry = desc.geometry
+        want = geometry.tree_size
         size = os.fstat(fd).st_size
         if tree_size != want or size != TREE_OFFSET + want:
             raise StoreCorrupt(
                 f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
                 f"expected {want}"
             )
-        return StoredTree(fd, name, desc, digest)
+        return StoredTree(fd, name, desc, digest, geometry)
     except BaseException:
         os.close(fd)
         raise
