@@ -92,12 +92,15 @@ class Attr:
 class FileHandle:
     """An open file: its backing fd and, for a verity file, the reader that checks it."""
 
-    __slots__ = ("fd", "node", "reader", "writable", "closers")
+    __slots__ = ("fd", "node", "reader", "writable", "closers", "inline_reads")
 
     def __init__(self, fd: int, node, writable: bool = False) -> None:
         self.fd, self.node, self.writable = fd, node, writable
         self.reader: Optional[VerifiedReader] = None
         self.closers: list = []  # what else to close with it (a tree object)
+        # Without a reader: how a small read may be served on the request thread
+        # (ops_read decides on the first one).
+        self.inline_reads: Optional[str] = None
 
     @property
     def keep_cache(self) -> bool:
