@@ -32,10 +32,12 @@ assert IN.size == 24 and OUT.size == 16
 
 @dataclass
 class Metadata:
-    """What a verity file offers: the descriptor, the tree (pread-like) and the signature."""
+    """What a verity file offers: the descriptor, the tree (pread-like) and the signature.
+
+    The file digest is ``descriptor.digest``: a holder passes the descriptor of the tree
+    object opened by the trusted digest, which hashes to it."""
 
     descriptor: merkle.Descriptor
-    digest: bytes
     read_tree: Callable[[int, int], bytes]
     signature: bytes = b""
 
@@ -101,8 +103,8 @@ def handle(request: bytes, target: Target) -> bytes:
     if op == OP_MEASURE:
         if offset:
             raise Errno(errno.EINVAL, "MEASURE: offset must be 0")
-        alg = md.descriptor.params.alg
-        body = ioctl.measure_reply(struct.pack("<HH", 0, min(size, 0xFFFF)), alg, md.digest)
+        d = md.descriptor
+        body = ioctl.measure_reply(struct.pack("<HH", 0, min(size, 0xFFFF)), d.params.alg, d.digest)
         return OUT.pack(len(body), 0, 0) + body
     if op == OP_GET_DESCRIPTOR:
         raw = md.descriptor.raw
@@ -149,4 +151,4 @@ class MemoryTarget(Target):
         finally:
             os.close(fd)
         tree = bytes(tree)
-        self.md = Metadata(desc, desc.digest, lambda o, n: tree[o:o + n], signature)
+        self.md = Metadata(desc, lambda o, n: tree[o:o + n], signature)

@@ -58,9 +58,9 @@ class LocalVerity:
         """The verity state an index entry describes (its tree object opened, its signature
         checked)."""
         with self.store.open_object(entry.alg, entry.digest) as tree:
-            d = tree.descriptor
+            d = tree.descriptor  # hashes to entry.digest: open_object checked it
         self.check_signature(entry.signature, entry.alg, entry.digest)
-        return VerityInfo(entry.alg, entry.digest, d.params, d.data_size, entry.signature)
+        return VerityInfo(d.tree_id, entry.signature)
 
     def is_verity(self, inode: Inode) -> bool:
         """Verity, even if its metadata is damaged (it stays read-only)."""

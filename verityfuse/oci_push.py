@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import IO, Callable, Optional
 
 from . import fsutil, manifest, manifest_tree, oci_artifact
-from .errors import VerityError
+from .errors import Corruption, VerityError
 from .oci_artifact import Artifact, Blob
 from .oci_client import Client, sha256_digest
 from .store import Store
@@ -104,10 +104,10 @@ def push(source: str, manifest_path: str, client: Client, tag: Optional[str],
             if fsv in art.trees:
                 continue
             with store.open_object(node.alg, node.digest) as obj:
-                d = obj.descriptor
-                if d.data_size != node.size or d.params != node.params:
-                    raise PushError(f"{node.path}: the manifest's size or tree parameters "
-                                    f"disagree with its digest {fsv}")
+                try:
+                    node.tree.check(obj.descriptor, node.path)
+                except Corruption as e:  # the publisher's manifest, not the store, is wrong
+                    raise PushError(str(e)) from None
                 size = TREE_OFFSET + obj.geometry.tree_size
                 obj_bytes = os.pread(obj.fd, size, 0)
                 art.trees[fsv] = Blob(sha256_digest(obj_bytes), size)

@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import os
-import select
 from typing import Dict, Optional
 
 import pyfuse3
@@ -29,14 +28,11 @@ from .handle_budget import HandleBudget
 from .logs import escape
 from .logs import requests as ratelog
 from .ops_ioctl import IoctlHandlers
+from .ops_read import Reads, fuse_device_poll
 from .tripwire import Tripwire
 from .view import XATTR_PREFIX, Attr, FileHandle, Handle, ReadOnlyView, View
 
 log = logging.getLogger("verityfuse")
-
-# Unverified reads up to this size are served on the trio thread: a thread
-# round trip costs more than copying a few pages.
-INLINE_READ = 16 * 1024
 
 # The running mount's status, as JSON, on the mount root only (not listed).
 XATTR_STATUS = b"user.verityfuse.status"
@@ -44,20 +40,6 @@ XATTR_STATUS = b"user.verityfuse.status"
 RESERVED = (XATTR_PREFIX, b"user.verityfuse.")
 # Handlers whose first argument is a file handle, not an inode.
 _FH_HANDLERS = {"read", "write", "flush", "fsync", "release"}
-
-
-def _fuse_device_poll() -> Optional[select.poll]:
-    """A poll object on this process's /dev/fuse fd (pyfuse3 keeps it to itself): the
-    read path asks it whether a request is waiting before it yields."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                p = select.poll()
-                p.register(int(name), select.POLLIN)
-                return p
-        except OSError:
-            continue
-    return None
 
 
 def _fail(err: int):
@@ -140,11 +122,10 @@ class VerityOperations(pyfuse3.Operations):
         self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
-        self._read_turn = trio.Lock()  # one verified read on this thread at a time (fair)
+        self.reads = Reads(self._run)  # inline or in a worker thread (ops_read)
         self.handles: Dict[int, Handle] = {}
         self._next_fh = 1
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
-        self.fuse_poll: Optional[select.poll] = None  # /dev/fuse, once FUSE_INIT came through it
         self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
         self.budget = HandleBudget(max_handles_per_uid,
@@ -184,10 +165,6 @@ class VerityOperations(pyfuse3.Operations):
             h = self.handles.get(args[0])
             return getattr(getattr(h, "node", None), "path", None) or f"{handler} request"
         return path_of(args[0]) or f"{handler} request"
-
-    def _request_waiting(self) -> bool:
-        """Whether another request is queued on /dev/fuse (True if that cannot be told)."""
-        return self.fuse_poll is None or bool(self.fuse_poll.poll(0))
 
     def _new_fh(self, h, ctx) -> int:
         fh = self._next_fh
@@ -272,35 +249,7 @@ class VerityOperations(pyfuse3.Operations):
         return self._file_info(h, ctx), _entry(attrs)
 
     async def read(self, fh, off, size):
-        h = self.handles[fh]
-        reader = h.reader
-        if reader is None:
-            if size <= INLINE_READ:
-                return os.pread(h.fd, size, off)
-            return await self._run(os.pread, h.fd, size, off)
-        # Most reads are one piece of data in memory: answered at once, without
-        # waiting for a long read's turn (as a stat would be).
-        data = reader.read_one(off, size)
-        if data is not None:
-            return data
-        # Verified on this thread, piece by piece, when the data is in memory.  Between
-        # pieces a request waiting on /dev/fuse is let in: a stat is answered at once,
-        # another read waits for this one (interleaving reads only delays every reply).
-        try:
-            self._read_turn.acquire_nowait()  # no scheduler round trip when it is free
-        except trio.WouldBlock:
-            await self._read_turn.acquire()
-        try:
-            steps = reader.read_steps(off, size)
-            while True:
-                next(steps)
-                if self._request_waiting():
-                    await trio.lowlevel.checkpoint()
-        except StopIteration as done:
-            data = done.value
-        finally:
-            self._read_turn.release()
-        return data if data is not None else await self._run(reader.read, off, size)
+        return await self.reads.read(self.handles[fh], off, size)
 
     async def write(self, fh, off, buf):
         return await self._run(os.pwrite, self.handles[fh].fd, buf, off)
@@ -339,7 +288,8 @@ class VerityOperations(pyfuse3.Operations):
         self.view.releasedir(self._pop_fh(fh))
 
     async def fsyncdir(self, fh, datasync):
-        os.fsync(self.handles[fh].fd)
+        # As fsync: a slow disk must not stall the request loop.
+        await self._run(os.fsync, self.handles[fh].fd)
 
     # -- extended attributes ------------------------------------------------------------
 
@@ -403,7 +353,7 @@ class VerityOperations(pyfuse3.Operations):
     def init(self):
         """FUSE_INIT: libfuse writes its reply as soon as this returns, on this thread, so a
         task woken by ``init_done`` runs after it."""
-        self.fuse_poll = _fuse_device_poll()
+        self.reads.fuse_poll = fuse_device_poll()
         self.init_done.set()
 
     def shutdown(self) -> int:

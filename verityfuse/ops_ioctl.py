@@ -57,8 +57,8 @@ class _Target(fsverity_op.Target):
         # block that does not: IntegrityError, EIO and one log line, as a read).
         verifier = self.view.tree_verifier(self.ino)
         self.trees.append(verifier.tree)
-        return fsverity_op.Metadata(verifier.tree.descriptor, info.digest, verifier.read_tree,
-                                    info.signature)
+        # The descriptor hashes to info.digest: the view opened the tree object by it.
+        return fsverity_op.Metadata(verifier.tree.descriptor, verifier.read_tree, info.signature)
 
     def enable(self, arg):
         self.enable_arg = arg

@@ -20,8 +20,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, NoReturn, Optional, Protocol, Union
 
-# Verity state of a regular file: the descriptor, the trusted digest, the tree
-# reader and the signature, as fsverity_op.Metadata carries them.
 from . import merkle
 from .reader import VerifiedReader, attach_reader
 from .verifier import TreeBlockCache, Verifier
@@ -31,17 +29,35 @@ XATTR_PREFIX = b"user.fsverity."
 
 @dataclass(frozen=True)
 class VerityInfo:
-    """A verity file's trusted identity: what MEASURE, GETFLAGS and the xattrs report."""
+    """A verity file's trusted identity: what MEASURE, GETFLAGS and the xattrs report.
 
-    alg: merkle.HashAlg
-    digest: bytes
-    params: merkle.Params
-    size: int               # the sealed size: st_size of a verity file
+    ``tree`` is the one record of which tree the file has (``merkle.TreeId``); the view
+    adds only what travels with it, the signature given at enable.
+    """
+
+    tree: merkle.TreeId
     signature: bytes = b""
 
     @property
+    def alg(self) -> merkle.HashAlg:
+        return self.tree.alg
+
+    @property
+    def digest(self) -> bytes:
+        return self.tree.digest
+
+    @property
+    def params(self) -> merkle.Params:
+        return self.tree.params
+
+    @property
+    def size(self) -> int:
+        """The sealed size: st_size of a verity file."""
+        return self.tree.data_size
+
+    @property
     def digest_text(self) -> str:
-        return merkle.format_digest(self.alg, self.digest)
+        return self.tree.text
 
     def xattrs(self) -> dict:
         return {
@@ -76,12 +92,15 @@ class Attr:
 class FileHandle:
     """An open file: its backing fd and, for a verity file, the reader that checks it."""
 
-    __slots__ = ("fd", "node", "reader", "writable", "closers")
+    __slots__ = ("fd", "node", "reader", "writable", "closers", "inline_reads")
 
     def __init__(self, fd: int, node, writable: bool = False) -> None:
         self.fd, self.node, self.writable = fd, node, writable
         self.reader: Optional[VerifiedReader] = None
         self.closers: list = []  # what else to close with it (a tree object)
+        # Without a reader: how a small read may be served on the request thread
+        # (ops_read decides on the first one).
+        self.inline_reads: Optional[str] = None
 
     @property
     def keep_cache(self) -> bool:

@@ -5,7 +5,8 @@ backing inode numbers, a bounded number of fds.  Verity belongs to the inode
 (local_verity.py).  A verity file is read-only (EPERM for write opens and
 truncation), as on ext4; everything else passes through to SOURCE with the
 caller's ownership and the kernel's modes (the daemon runs with umask 0: the
-kernel already applied the caller's).
+kernel already applied the caller's).  Directories are listed in place
+(view_local_dirs.py).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from typing import Callable, Optional
 
 from . import creds
 from .errors import VerityError
-from .inodes import NOT_VERITY, ROOT_INO, Inode, InodeTable
+from .inodes import NOT_VERITY, Inode, InodeTable
 from .enable import Caller, EnableJob, Enabler
 from .ioctl import EnableArg
 from .local_verity import LocalVerity
+from .view_local_dirs import LocalDirs
 from .view_local_meta import LocalMetadata
 from .logs import escape
 from .logs import requests as ratelog
-from .dirstream import DirStream
-from .view import Attr, DirHandle, FileHandle
+from .view import Attr, FileHandle
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Never passed to the backing open: creation is done explicitly, and O_DIRECT
@@ -79,7 +80,8 @@ class LocalView:
         self.inodes = InodeTable(os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                                  max_fds)
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
-        # The metadata requests and enable are objects of their own: these members are theirs.
+        # The metadata requests, enable and the directories (below) are objects of their
+        # own: these members are theirs.
         self.meta = m = LocalMetadata(self.inodes, self.verity, cache, self.relpath)
         self.verity_info = m.verity_info
         self.tree_verifier = m.tree_verifier
@@ -105,6 +107,11 @@ class LocalView:
             finally:
                 os.close(pfd)
             self.hidden = (key, os.fsencode(os.path.basename(sp)))
+        self.dirs = d = LocalDirs(self.inodes, timeout, self.hidden, self._lookup,
+                                  lambda path, flags: _open_backing(path, flags, self.noatime))
+        self.opendir = d.opendir
+        self.readdir = d.readdir
+        self.releasedir = d.releasedir
 
     def close(self) -> int:
         outstanding = self.inodes.outstanding()
@@ -344,62 +351,7 @@ class LocalView:
         i.files.discard(fh)
         self.inodes.maybe_drop(i)
 
-    # -- directories --------------------------------------------------------------------
-
-    def opendir(self, ino: int, ctx=None) -> DirHandle:
-        i = self.inodes[ino]
-        fd = _open_backing(i.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                           self.noatime)
-        i.handles += 1
-        return DirHandle(i, fd)
-
-    def _dots(self, dh: DirHandle):
-        """``.`` and ``..``, not counted as lookups (the kernel links neither)."""
-        d = dh.node
-        yield b".", Attr.from_stat(d.ino, os.stat(d.fd), self.timeout)
-        if d.ino == ROOT_INO:  # never above SOURCE
-            yield b"..", Attr.from_stat(ROOT_INO, os.stat(d.fd), self.timeout)
-            return
-        pfd = os.open("..", _O_PATH, dir_fd=dh.fd)
-        try:
-            st = os.fstat(pfd)
-            known = self.inodes.by_key.get(self.inodes._identify(pfd, st)[0])
-        finally:
-            os.close(pfd)
-        yield b"..", Attr.from_stat(known.ino if known else st.st_ino, st, self.timeout)
-
-    def readdir(self, dh: DirHandle, start: int):
-        """(name, Attr, next offset) from ``start``, read from the backing directory in
-        place (dirstream.py): the offsets are its cookies, and a handle holds no copy of
-        the listing however big the directory is."""
-        if dh.stream is None:
-            dh.stream = DirStream(dh.fd)
-        stream = dh.stream
-        stream.seek(start)
-        hidden = self.hidden[1] if self.hidden and dh.node.key == self.hidden[0] else None
-        dots = None
-        for name, off in stream.entries():
-            if name in (b".", b".."):
-                dots = dots or dict(self._dots(dh))
-                attr = dots[name]
-            elif name == hidden:
-                stream.pos = off
-                continue
-            else:
-                try:
-                    attr = self._lookup(dh.node, name)
-                except FileNotFoundError:
-                    stream.pos = off
-                    continue  # removed since it was read
-            yield name, attr, off
-            stream.pos = off  # delivered: the next listing goes on from here
-
-    def releasedir(self, dh: DirHandle):
-        dh.close()
-        dh.node.handles -= 1
-        self.inodes.maybe_drop(dh.node)
-
-    # -- enable (enable.py; the metadata requests are bound to ``meta`` in __init__) -----
+    # -- enable (enable.py; the metadata and directory requests are bound in __init__) ---
 
     def enable_check(self, ino: int, fh: Optional[FileHandle], arg: EnableArg,
                      caller: Optional[Caller] = None) -> EnableJob:

@@ -199,8 +199,7 @@ class ManifestView(ReadOnlyView):
         node = self._node(ino)
         if node.kind != stat.S_IFREG:
             return None
-        t = node.tree
-        return VerityInfo(t.alg, t.digest, t.params, t.data_size)
+        return VerityInfo(node.tree)
 
     def tree_verifier(self, ino: int) -> Verifier:
         """The file's tree object, read only through a verifier (the caller closes
