@@ -1,0 +1,146 @@
+"""Sealing writes exactly the bytes it always wrote: the store's objects and index
+entries, the manifest file and its digest.  The expected manifest values were
+computed by the sealing code before it was batched and streamed (commit e9838e0);
+the objects are checked against the real `fsverity digest`.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from conftest import fsverity_digest, pattern, write
+from verityfuse import identity
+from verityfuse.store_object import HEADER_SIZE, OBJECT_HEADER, OBJECT_MAGIC
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+T0 = 1_700_000_000_123_456_789  # every mtime, in ns, is T0 + its position below
+
+# (path, kind, content or target, mode): names chosen so that path-byte order is not
+# the order of a depth-first walk ("a-b" and "a.txt" sort between "a" and "a/x").
+TREE = [
+    ("a", "dir", None, 0o755),
+    ("a/x", "file", pattern(4097), 0o644),
+    ("a/y", "symlink", "../b", 0o777),
+    ("a-b", "file", b"", 0o600),
+    ("a.txt", "file", b"1", 0o640),
+    ("b", "file", pattern(100000), 0o755),
+    ("c", "file", pattern(4096), 0o644),
+    ("deep", "dir", None, 0o750),
+    ("deep/er", "dir", None, 0o700),
+    ("deep/er/z", "file", pattern(5000)[::-1], 0o444),
+    ("\u00e9t\u00e9", "file", pattern(16384), 0o644),
+]
+FILES = [p for p, kind, _, _ in TREE if kind == "file"]
+
+# seal options -> (manifest digest, SHA-256 of the unsigned manifest file, of the signed one)
+EXPECTED = {
+    (): ("sha256:ac3329b07e7745159c7e0885d2426905b9a3645936d51abc4eac528c8d0b0231",
+         "24803ad090e54d92a39e89ff715dfd5b5da82c02c456bfd6cace646bd17fe469",
+         "d498012d2437313a05909fc0f8c7fe3aa744e34d2e325f73c1dd2ce775043174"),
+    ("--block-size=1024", "--salt=00ff", "--hash-alg=sha512"): (
+        "sha256:e6a85b6bcc7d59c3898fe15f8a72721d0ed24ad23a06dddd5a588f39732bcad8",
+        "0f6e66f50d1c062c251a9490715548bb7bc03f288638acb7f0fcf3e74db191ee",
+        "67952beef83a03dfbf92b7a1b97a7981396afc98aa3975af48ffe7c6fc10e2a1"),
+}
+
+
+def make_tree(root):
+    if os.geteuid() != 0:
+        pytest.skip("the expected manifest records uid and gid 0")
+    root.mkdir()
+    for path, kind, data, _ in TREE:
+        p = root / path
+        if kind == "dir":
+            p.mkdir()
+        elif kind == "file":
+            write(p, data)
+        else:
+            os.symlink(data, p)
+    for n, (path, kind, _, mode) in enumerate(reversed(TREE)):  # children before parents
+        p = root / path
+        if kind != "symlink":
+            os.chmod(p, mode)
+        os.chown(p, 0, 0, follow_symlinks=False)
+        os.utime(p, ns=(T0, T0 + len(TREE) - n), follow_symlinks=False)
+    os.chmod(root, 0o755)
+    os.utime(root, ns=(T0, T0))
+
+
+def run(*args):
+    r = subprocess.run([*VF, *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def key_file(tmp_path):
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # Ed25519 signs deterministically
+    path = tmp_path / "key.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+def check_store(src, store, opts):
+    """Every object is header || fsverity's descriptor || fsverity's tree, and every index
+    entry is the JSON it always was; nothing else is in the store."""
+    objects, entries = set(), set()
+    for rel in FILES:
+        line, tree, desc = fsverity_digest(src / rel, *opts)
+        digest = line.split()[0]
+        alg, hexd = digest.split(":")
+        obj = store / "objects" / alg / hexd[:2] / hexd
+        header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, len(tree), b"")
+        assert obj.read_bytes() == header + desc + tree, rel
+        objects.add(str(obj.relative_to(store)))
+        fd = os.open(src / rel, os.O_RDONLY)
+        try:
+            key = identity.key_of(fd)
+        finally:
+            os.close(fd)
+        doc = {"digest": digest, "path": rel, "version": 2}
+        index = store / "inodes" / key[:2] / key
+        assert index.read_bytes() == json.dumps(doc, sort_keys=True).encode() + b"\n", rel
+        entries.add(str(index.relative_to(store)))
+        os.unlink(src / rel.rpartition("/")[0] / ".oracle.tree" if "/" in rel else src / ".oracle.tree")
+        os.unlink(src / rel.rpartition("/")[0] / ".oracle.desc" if "/" in rel else src / ".oracle.desc")
+    found = {str(p.relative_to(store)) for p in store.rglob("*") if p.is_file()}
+    assert found == objects | entries | {"VERSION"}
+    assert os.listdir(store / "tmp") == []
+
+
+@pytest.mark.parametrize("opts", list(EXPECTED))
+def test_seal_writes_the_same_store_as_fsverity_digest(tmp_path, opts):
+    src = tmp_path / "src"
+    make_tree(src)
+    r = run("seal", src, *opts)
+    lines = r.stdout.splitlines()
+    # A directory's files, then its subdirectories, each in name order.
+    order = ["a-b", "a.txt", "b", "c", "\u00e9t\u00e9", "a/x", "deep/er/z"]
+    assert [ln.split(" ", 1)[1] for ln in lines] == [str(src / p) for p in order]
+    for ln in lines:
+        digest, path = ln.split(" ", 1)
+        assert digest == fsverity_digest(path, *opts)[0].split()[0]
+    check_store(src, src / ".verityfuse", opts)
+
+
+@pytest.mark.parametrize("opts", list(EXPECTED))
+def test_seal_manifest_bytes_are_unchanged(tmp_path, opts):
+    digest, unsigned, signed = EXPECTED[opts]
+    src = tmp_path / "src"
+    make_tree(src)
+    m = tmp_path / "m.json"
+    r = run("seal", src, *opts, "--manifest", m, "--unsigned", "--sequence", "7",
+            "--store", tmp_path / "store")
+    assert f", {digest}, sequence 7" in r.stderr
+    assert hashlib.sha256(m.read_bytes()).hexdigest() == unsigned
+    run("seal", src, *opts, "--manifest", m, "--sign-key", key_file(tmp_path), "--sequence", "8",
+        "--store", tmp_path / "store")
+    assert hashlib.sha256(m.read_bytes()).hexdigest() == signed
+    check_store(src, tmp_path / "store", opts)  # last: the oracle's files change mtimes
+    assert sorted(os.listdir(tmp_path)) == ["key.pem", "m.json", "src", "store"]
