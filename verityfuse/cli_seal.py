@@ -104,42 +104,50 @@ def _tree_sizes(root: str):
 
 def cmd_seal(args, params, key, rels) -> int:
     from .sealing import seal_path, walk_files
+    from .store_batch import Batch
 
     with open_store(args, create=True) as store:
         store.cleanup_tmp()
         if args.manifest:
             return seal_manifest(args, store, params, key, rels)
-        if rels is None:
-            rels = list(walk_files(args.source, store))
-        progress = Progress(*(_sizes(os.path.join(args.source, r) for r in rels)
-                              if sys.stderr.isatty() else (0, 0)))
-        status = 0
+        tty = sys.stderr.isatty()
+        if rels is None:  # walked as sealed: memory does not grow with the number of files
+            total = _tree_sizes(args.source) if tty else (0, 0)
+            rels = walk_files(args.source, store)
+        else:
+            total = _sizes(os.path.join(args.source, r) for r in rels) if tty else (0, 0)
+        progress = Progress(*total)
+        failed = []
+
+        def say(obj, line, to=sys.stdout):
+            # Once the file's batch is durable: a printed digest is a sealed file.
+            return lambda: emit(obj) if args.json else print(line, file=to, flush=True)
+
         try:
-            for rel in rels:
-                full = os.path.join(args.source, rel)
-                try:
-                    fp = progress.for_file(full, os.lstat(full).st_size)
+            with Batch(store) as batch:
+                for rel in rels:
+                    full = os.path.join(args.source, rel)
                     try:
-                        entry = seal_path(store, args.source, rel, params, threads=args.threads,
-                                          progress=fp)
-                    finally:
-                        fp.close()
-                except OSError as e:
-                    progress.close()
-                    if args.json:
-                        emit({"file": full, "error": e.strerror or str(e)})
+                        fp = progress.for_file(full, os.lstat(full).st_size)
+                        try:
+                            entry = seal_path(store, args.source, rel, params, threads=args.threads,
+                                              progress=fp, batch=batch)
+                        finally:
+                            fp.close()
+                    except OSError as e:
+                        failed.append(full)
+                        batch.then(say({"file": full, "error": e.strerror or str(e)},
+                                       f"ERROR: can't seal '{full}': {e.strerror or e}", sys.stderr))
                     else:
-                        error(f"can't seal '{full}': {e.strerror or e}")
-                    status = EXIT_ERROR
-                    continue
+                        batch.then(say({"file": full, "digest": entry.digest_text},
+                                       f"{entry.digest_text} {full}"))
+                    if batch.full:
+                        progress.close()
+                        batch.commit()
                 progress.close()
-                if args.json:
-                    emit({"file": full, "digest": entry.digest_text})
-                else:
-                    print(f"{entry.digest_text} {full}", flush=True)
         finally:
             progress.close()
-    return status
+    return EXIT_ERROR if failed else 0
 
 
 class _Previous:

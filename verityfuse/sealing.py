@@ -11,6 +11,7 @@ from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import VerifiedReader
 from .store import IndexEntry, Store
+from .store_batch import Batch
 from .verifier import TreeBlockCache, Verifier
 
 
@@ -23,22 +24,30 @@ def open_regular(path: str) -> int:
 
 
 def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signature: bytes = b"",
-            check=None, **build_kw) -> IndexEntry:
+            check=None, batch: Optional[Batch] = None, **build_kw) -> IndexEntry:
     """Build the tree of open file ``fd`` into ``store`` and index its inode.
 
     ``relpath`` is recorded for messages only.  ``check(descriptor)`` may refuse
     the result (a signature that does not verify) before anything is committed.
-    The object is committed before the index entry, each atomically: a crash
-    leaves the file unsealed or sealed, never half.
+    Without ``batch``, the object is committed before the index entry, each
+    atomically and durably: a crash leaves the file unsealed or sealed, never
+    half.  With one, both are staged and the batch publishes them (in the same
+    order, see store_batch.py): the file is sealed once the batch is committed.
     """
     key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
     with store.new_object() as obj:
         desc = treebuild.build_tree(fd, params, data_size=os.fstat(fd).st_size,
-                                 write_block=obj.write_block, **build_kw)
+                                    write_block=obj.write_block, **build_kw)
         if check is not None:
             check(desc)
-        obj.commit(desc)
-    store.set_entry(key, params.alg, desc.digest, signature, relpath)
+        if batch is None:
+            obj.commit(desc)
+        else:
+            tmp_object = obj.stage(desc)
+    if batch is None:
+        store.set_entry(key, params.alg, desc.digest, signature, relpath)
+    else:
+        batch.add(tmp_object, params.alg, desc.digest, desc.data_size, key, signature, relpath)
     return IndexEntry(key, params.alg, desc.digest, signature, relpath)
 
 

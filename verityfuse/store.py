@@ -12,14 +12,17 @@ proves itself: H(descriptor) must equal its name, and every tree block hashes
 up to the descriptor's root hash.  The index maps an inode's identity (its
 filesystem and file handle, see identity.py) to a digest: verity belongs to
 the inode, so renames and links keep it and nothing is ever walked.
-Every write goes to tmp/, is fsynced and renamed into place, then the directory
-is fsynced: a crash leaves either the old entry or the new one, never half of
-one.  Every open walks from the store's root fd with O_NOFOLLOW, so a symlink
+Every write goes to tmp/, is made durable and renamed into place, then the
+directory is made durable: a crash leaves either the old entry or the new one,
+never half of one.  One file is fsynced on its own (``set_entry``,
+``ObjectWriter.commit``); a batch of files is synced once (store_batch.py).
+Every open walks from the store's root fd with O_NOFOLLOW, so a symlink
 planted inside the store is refused instead of followed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -36,6 +39,7 @@ VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 INDEX_DIR = "inodes"
 INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def default_store(source: str) -> str:
@@ -79,6 +83,7 @@ class Store:
         self.path = os.path.abspath(path)
         self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
+        self._tmpfd = -1  # tmp/, opened by the first write
         self.version = 2
         self._trees = SharedTrees()  # open tree objects by digest
         if create:
@@ -131,9 +136,10 @@ class Store:
     # -- plumbing -------------------------------------------------------
 
     def close(self):
-        if self.rootfd >= 0:
-            os.close(self.rootfd)
-            self.rootfd = -1
+        for name in ("_tmpfd", "rootfd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
     def __enter__(self):
         return self
@@ -227,48 +233,61 @@ class Store:
         finally:
             os.close(dirfd)
 
-    def _create_tmp(self):
-        tmpfd = self._open_dirs(("tmp",), create=True)
-        try:
-            name = f"{os.getpid()}.{os.urandom(8).hex()}"
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=tmpfd)
-        finally:
-            os.close(tmpfd)
+    def _tmp_dir(self) -> int:
+        if self._tmpfd < 0:
+            self._tmpfd = self._open_dirs(("tmp",), create=True)
+        return self._tmpfd
+
+    # -- writing: the interface of ObjectWriter and store_batch ------------------
+
+    def create_tmp(self):
+        """(name, fd) of a new empty file in tmp/, for ``place`` or ``discard_tmp``."""
+        name = f"{os.getpid()}.{os.urandom(8).hex()}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self._tmp_dir())
         return name, fd
 
-    def _unlink_tmp(self, name):
-        tmpfd = self._open_dirs(("tmp",), create=True)
+    def discard_tmp(self, name: str):
         try:
-            os.unlink(name, dir_fd=tmpfd)
+            os.unlink(name, dir_fd=self._tmp_dir())
         except FileNotFoundError:
             pass
-        finally:
-            os.close(tmpfd)
 
-    def _rename_from_tmp(self, tmpname: str, dirfd: int, name: str):
-        tmpfd = self._open_dirs(("tmp",))
-        try:
-            os.rename(tmpname, name, src_dir_fd=tmpfd, dst_dir_fd=dirfd)
-        finally:
-            os.close(tmpfd)
-        os.fsync(dirfd)
+    def open_dir(self, parts) -> int:
+        """A new fd of directory STORE/parts..., created if missing (for ``place``)."""
+        return self._open_dirs(parts, create=True)
+
+    def place(self, tmpname: str, dirfd: int, name: str, sync: bool = True):
+        """Rename tmp/``tmpname`` to ``name`` in ``dirfd``; ``sync``: fsync the directory
+        (the caller made the file durable first).  Without it, the caller syncs later."""
+        os.rename(tmpname, name, src_dir_fd=self._tmp_dir(), dst_dir_fd=dirfd)
+        if sync:
+            os.fsync(dirfd)
+
+    def sync(self):
+        """Everything written to the store's filesystem, durable: one syncfs(2), which
+        reports writeback errors (Linux 5.8 and later) where fsync of each file would."""
+        self._ensure()
+        if _libc.syncfs(self.rootfd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"syncfs: {os.strerror(e)}", self.path)
 
     def _atomic_write(self, dirparts, name: str, data: bytes):
-        tmpname, fd = self._create_tmp()
+        tmpname, fd = self.create_tmp()
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        dirfd = self._open_dirs(dirparts, create=True)
         try:
-            self._rename_from_tmp(tmpname, dirfd, name)
+            dirfd = self._open_dirs(dirparts, create=True)
+            try:
+                self.place(tmpname, dirfd, name)
+            finally:
+                os.close(dirfd)
         except BaseException:
-            self._unlink_tmp(tmpname)
+            self.discard_tmp(tmpname)
             raise
-        finally:
-            os.close(dirfd)
 
     def cleanup_tmp(self) -> int:
         """Remove tmp files left by dead processes (a crash mid-write)."""
@@ -291,6 +310,11 @@ class Store:
 
     def new_object(self) -> ObjectWriter:
         return ObjectWriter(self)
+
+    def object_parts(self, alg: merkle.HashAlg, digest: bytes):
+        """(directory parts, name) of the object of ``digest``, for ``open_dir`` and ``place``."""
+        parts = self._object_parts(alg, digest)
+        return parts[:-1], parts[-1]
 
     def _object_parts(self, alg: merkle.HashAlg, digest: bytes):
         hexd = digest.hex()
@@ -321,14 +345,33 @@ class Store:
             raise ValueError(f"invalid index key {key!r}")
         return (INDEX_DIR, key[:2], key)
 
-    def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
-                  path: str = ""):
+    @staticmethod
+    def _entry_bytes(alg: merkle.HashAlg, digest: bytes, signature: bytes, path: str) -> bytes:
         doc = {"version": 2, "path": path, "digest": merkle.format_digest(alg, digest)}
         if signature:
             doc["signature"] = signature.hex()
+        return json.dumps(doc, sort_keys=True).encode() + b"\n"
+
+    def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
+                  path: str = ""):
+        """Write the index entry of ``key``, durably, now."""
         parts = self._index_parts(key)
-        data = json.dumps(doc, sort_keys=True).encode() + b"\n"
-        self._atomic_write(parts[:-1], parts[-1], data)
+        self._atomic_write(parts[:-1], parts[-1], self._entry_bytes(alg, digest, signature, path))
+
+    def stage_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
+                    path: str = ""):
+        """The index entry of ``key`` written to tmp/, not synced, not yet in place:
+        (tmp name, directory parts, name) for store_batch to publish."""
+        parts = self._index_parts(key)
+        tmpname, fd = self.create_tmp()
+        try:
+            os.write(fd, self._entry_bytes(alg, digest, signature, path))
+        except BaseException:
+            os.close(fd)
+            self.discard_tmp(tmpname)
+            raise
+        os.close(fd)
+        return tmpname, parts[:-1], parts[-1]
 
     def get_entry(self, key: str) -> Optional[IndexEntry]:
         parts = self._index_parts(key)

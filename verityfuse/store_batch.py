@@ -1,0 +1,112 @@
+"""Many objects and index entries made durable together: one sync per step of a batch,
+not four fsyncs per file.
+
+The crash-ordering rule (protocol/store-format.md, "Guarantees"): a name that
+refers to something is never durable before what it refers to.
+
+1. Every object and index entry of the batch is written under tmp/, unsynced
+   (nothing outside tmp/ names them: a crash now leaves only tmp/ files, which
+   the next seal or mount removes).
+2. ``Store.sync`` (syncfs): their bytes are on disk.
+3. The objects are renamed into objects/, then synced: an object's name is
+   durable only with its bytes, so an index entry or manifest written later
+   never names a missing or half-written object.
+4. The index entries are renamed into inodes/, then synced.
+5. Only then is the batch reported done (its files printed); a manifest naming
+   the objects is written after the last batch.
+
+A batch is bounded (files and bytes), so memory and the work a crash can lose
+stay bounded whatever the number of files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Tuple
+
+from . import merkle
+from .store import Store
+
+MAX_FILES = 4096
+MAX_BYTES = 256 << 20  # data sealed: the dirty pages the first sync writes are a fraction of it
+
+
+class Batch:
+    """Objects and index entries staged in ``store``'s tmp/, published by ``commit``.
+
+    ``then(callback)`` runs callback after the batch's files are durable (in the
+    order added); ``full`` says when the caller should commit."""
+
+    def __init__(self, store: Store, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES):
+        self.store = store
+        self.max_files, self.max_bytes = max_files, max_bytes
+        self._objects: List[Tuple[str, tuple, str]] = []  # (tmp name, dir parts, name)
+        self._entries: List[Tuple[str, tuple, str]] = []
+        self._after: List[Callable[[], None]] = []
+        self._bytes = 0
+
+    def add(self, tmp_object: str, alg: merkle.HashAlg, digest: bytes, data_size: int,
+            key: str, signature: bytes = b"", path: str = ""):
+        """A staged object (``ObjectWriter.stage``) and the index entry of inode ``key``."""
+        dirparts, name = self.store.object_parts(alg, digest)
+        self._objects.append((tmp_object, dirparts, name))
+        try:
+            self._entries.append(self.store.stage_entry(key, alg, digest, signature, path))
+        except BaseException:
+            self.store.discard_tmp(tmp_object)
+            self._objects.pop()
+            raise
+        self._bytes += data_size
+
+    def then(self, callback: Callable[[], None]):
+        self._after.append(callback)
+
+    @property
+    def full(self) -> bool:
+        return len(self._objects) >= self.max_files or self._bytes >= self.max_bytes
+
+    def _place_all(self, staged):
+        """Rename each staged file into place, opening each directory once."""
+        staged.sort(key=lambda s: s[1])
+        dirparts, dirfd = None, -1
+        try:
+            while staged:
+                tmpname, parts, name = staged[-1]
+                if parts != dirparts:
+                    if dirfd >= 0:
+                        os.close(dirfd)
+                        dirfd = -1
+                    dirfd, dirparts = self.store.open_dir(parts), parts
+                self.store.place(tmpname, dirfd, name, sync=False)
+                staged.pop()
+        finally:
+            if dirfd >= 0:
+                os.close(dirfd)
+
+    def commit(self):
+        """Publish the batch in the crash-safe order above, then run its callbacks."""
+        if self._objects:
+            self.store.sync()
+            self._place_all(self._objects)
+            self.store.sync()
+            self._place_all(self._entries)
+            self.store.sync()
+        self._bytes = 0
+        after, self._after = self._after, []
+        for callback in after:
+            callback()
+
+    def discard(self):
+        """Forget the batch, its tmp/ files removed (after an error: nothing is published)."""
+        for tmpname, _, _ in self._objects + self._entries:
+            self.store.discard_tmp(tmpname)
+        self._objects, self._entries, self._after, self._bytes = [], [], [], 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
