@@ -215,8 +215,10 @@ def _next_header(args, key, prev: _Previous):
 
 def seal_manifest(args, store, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
-    from . import fsutil, manifest, manifest_header, manifest_tree
-    from .sealing import ManifestRecorder
+    from . import manifest, manifest_header, manifest_tree
+    from .manifest_record import ManifestRecorder
+    from .manifest_writer import ManifestWriter
+    from .store_batch import Batch
 
     prev = _Previous(args.manifest)
     header = _next_header(args, key, prev)  # refused before anything is hashed
@@ -234,39 +236,41 @@ def seal_manifest(args, store, params, key, rels) -> int:
         else:
             print(f"{entry['digest']} {full}", flush=True)
 
-    rec = ManifestRecorder(args.source, store, params, skip_paths=[args.manifest], warn=warn,
-                           report=report, progress=progress.for_file, threads=args.threads)
-    try:
-        if rels is None or "." in rels:
-            rec.add(".")
-        else:
-            existing = []
-            if prev.exists:
-                if prev.error is not None:
-                    raise prev.error  # its entries are what we would keep
-                if key is not None and prev.env is not None:
-                    # Re-signing must not launder entries this key never vouched for.
-                    manifest.check_signatures(args.manifest, prev.env, prev.payload,
-                                              [key.public_key()])
-                existing = list(manifest_tree.iter_entries(prev.payload, args.manifest))
-            rec.update(existing, rels)
-    finally:
-        progress.close()
-    if rec.failed:
-        error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
-        return EXIT_ERROR
-    payload = manifest_tree.make_payload(rec.entries.values(), header)
-    manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
-    fsutil.atomic_write(args.manifest, manifest.sign(payload, key), 0o644)
-    files = sum(1 for e in rec.entries.values() if e["type"] == "file")
-    digest = manifest.manifest_digest(payload)
+    with Batch(store) as batch, ManifestWriter(args.manifest, header) as out:
+        rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],
+                               skip_ids=[out.file_id], warn=warn, report=report,
+                               progress=progress.for_file, threads=args.threads)
+        try:
+            if rels is None or "." in rels:
+                entries = rec.walk(".")
+            else:
+                existing = []
+                if prev.exists:
+                    if prev.error is not None:
+                        raise prev.error  # its entries are what we would keep
+                    if key is not None and prev.env is not None:
+                        # Re-signing must not launder entries this key never vouched for.
+                        manifest.check_signatures(args.manifest, prev.env, prev.payload,
+                                                  [key.public_key()])
+                    existing = list(manifest_tree.iter_entries(prev.payload, args.manifest))
+                entries = rec.update(existing, rels)
+            for entry in entries:
+                out.add(entry)
+        finally:
+            progress.close()
+        batch.commit()  # the manifest names only durable objects
+        if rec.failed:
+            error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
+            return EXIT_ERROR
+        out.publish(key)
+    digest, entries, files = out.digest, out.entries, out.files
     expires = None if header.expires is None else manifest_header.format_time(header.expires)
     if args.json:
-        emit({"manifest": args.manifest, "digest": digest, "entries": len(rec.entries),
+        emit({"manifest": args.manifest, "digest": digest, "entries": entries,
               "files": files, "signed": key is not None, "sequence": header.sequence,
               "expires": expires})
     else:
-        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}, "
+        print(f"manifest {args.manifest}: {entries} entries ({files} files), {digest}, "
               f"sequence {header.sequence}" + (f", expires {expires}" if expires else "")
               + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Iterator, Optional
 
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
@@ -143,110 +143,3 @@ def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
     finally:
         os.close(fd)
     return res
-
-
-class ManifestRecorder:
-    """Records SOURCE into manifest entries (format 2), sealing every regular file.
-
-    ``report(entry_dict, full_path)`` is called for each sealed file; ``warn``
-    for what is left out (other file types, names that are not UTF-8).
-    """
-
-    def __init__(self, source: str, store: Store, params: merkle.Params, skip_paths=(),
-                 warn=print, report=None, progress=None, **seal_kw):
-        self.source, self.store, self.params = source, store, params
-        self.warn, self.report, self.seal_kw = warn, report, seal_kw
-        self.progress = progress  # progress(label, size) -> callable with .close()
-        self.failed = 0
-        st = os.stat(store.path)
-        self._skip = {(st.st_dev, st.st_ino)}
-        for p in skip_paths:
-            try:
-                s = os.stat(p)
-                self._skip.add((s.st_dev, s.st_ino))
-            except FileNotFoundError:
-                pass
-        self.entries: Dict[str, dict] = {}
-
-    def skip(self, rel: str, st: os.stat_result) -> bool:
-        return (st.st_dev, st.st_ino) in self._skip
-
-    def _entry(self, rel: str, st: os.stat_result) -> Optional[dict]:
-        from . import manifest_tree
-
-        full = os.path.join(self.source, rel)
-        if stat.S_ISREG(st.st_mode):
-            try:
-                fd = open_regular(full)
-                try:
-                    st = os.fstat(fd)  # what is sealed is what is recorded
-                    prog = self.progress(full, st.st_size) if self.progress else None
-                    try:
-                        e = seal_fd(self.store, fd, rel, self.params, progress=prog, **self.seal_kw)
-                    finally:
-                        if prog is not None:
-                            prog.close()
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                self.warn(f"can't seal '{full}': {err.strerror or err}")
-                self.failed += 1
-                return None
-            entry = manifest_tree.entry_of(rel, st, sealed=(e.alg, e.digest, self.params))
-            if self.report:
-                self.report(entry, full)
-            return entry
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
-            try:
-                target.encode("utf-8")
-            except UnicodeEncodeError:
-                self.warn(f"skipping {full!r}: its target is not UTF-8")
-                return None
-            return manifest_tree.entry_of(rel, st, target=target)
-        return manifest_tree.entry_of(rel, st)
-
-    def add(self, rel: str = "."):
-        """Record ``rel`` and, for a directory, everything under it."""
-        from . import manifest_tree
-
-        full = self.source if rel == "." else os.path.join(self.source, rel)
-        if rel != ".":
-            st = os.lstat(full)
-            if self.skip(rel, st):
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                e = self._entry(rel, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else None
-                if e is not None:
-                    self.entries[rel] = e
-                elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                    self.warn(f"skipping {full}: not a directory, regular file or symlink")
-                return
-        for sub, st in manifest_tree.scan(full, self.skip, self.warn):
-            path = rel if sub == "." else (sub if rel == "." else f"{rel}/{sub}")
-            e = self._entry(path, st)
-            if e is not None:
-                self.entries[path] = e
-
-    def update(self, existing, rels):
-        """Start from ``existing`` entries, re-record ``rels`` (removing those
-        gone from SOURCE), keep every other entry."""
-        from . import manifest_tree
-
-        self.entries = {e["path"]: e for e in existing}
-        for rel in rels:
-            prefix = rel + "/"
-            for p in [p for p in self.entries if p == rel or p.startswith(prefix)]:
-                del self.entries[p]
-            full = os.path.join(self.source, rel)
-            if not os.path.lexists(full):
-                continue
-            parts = rel.split("/")
-            for n in range(len(parts)):
-                anc = "/".join(parts[:n]) or "."
-                if anc not in self.entries:
-                    st = os.stat(self.source) if anc == "." else os.lstat(os.path.join(self.source, anc))
-                    if not stat.S_ISDIR(st.st_mode):
-                        raise NotADirectoryError(20, "not a directory", os.path.join(self.source, anc))
-                    self.entries[anc] = manifest_tree.entry_of(anc, st)
-            self.add(rel)
