@@ -7,13 +7,13 @@ output is unchanged without it.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
 from .errors import IntegrityError
 from .jsonout import emit
+from .seal_progress import Progress, paths_size, tree_size
 
 if TYPE_CHECKING:
     from .manifest_header import Header
@@ -36,72 +36,6 @@ def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
                  objects_only=objects_only)
 
 
-class Progress:
-    """One progress line for a whole run, on a terminal only: bytes and files done
-    out of the total, the rate, and the time left."""
-
-    MIN_TOTAL = 16 << 20  # shorter runs finish before a line would help
-
-    def __init__(self, total_bytes: int, total_files: int, stream=sys.stderr):
-        self.enabled = stream.isatty() and total_bytes >= self.MIN_TOTAL
-        self.total, self.files, self.stream = total_bytes, total_files, stream
-        self.done = self.done_files = 0
-        self.start = time.monotonic()
-        self.last = float("-inf")  # the first update draws at once
-
-    def for_file(self, label: str, size: int):
-        """A callable for treebuild.build_tree's progress(bytes_done_in_this_file)."""
-        base = self.done
-        outer = self
-
-        class FileProgress:
-            def __call__(self, done: int):
-                outer.done = base + min(done, size)
-                outer.show()
-
-            def close(self):
-                outer.done = base + size
-                outer.done_files += 1
-                outer.show(force=True)
-
-        return FileProgress()
-
-    def show(self, force: bool = False):
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and not force):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else 0
-        self.stream.write(f"\r[{100 * self.done // max(self.total, 1):3d}%] "
-                          f"{self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB, "
-                          f"{self.done_files}/{self.files} files, {rate / 2**20:.0f} MiB/s, "
-                          f"ETA {int(left) // 60}:{int(left) % 60:02d}\033[K")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-def _sizes(paths):
-    total = count = 0
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            total, count = total + st.st_size, count + 1
-    return total, count
-
-
-def _tree_sizes(root: str):
-    return _sizes(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
-
-
 def cmd_seal(args, params, key, rels) -> int:
     from .sealing import seal_path, walk_files
     from .store_batch import Batch
@@ -112,10 +46,10 @@ def cmd_seal(args, params, key, rels) -> int:
             return seal_manifest(args, store, params, key, rels)
         tty = sys.stderr.isatty()
         if rels is None:  # walked as sealed: memory does not grow with the number of files
-            total = _tree_sizes(args.source) if tty else (0, 0)
+            total = tree_size(args.source) if tty else (0, 0)
             rels = walk_files(args.source, store)
         else:
-            total = _sizes(os.path.join(args.source, r) for r in rels) if tty else (0, 0)
+            total = paths_size(os.path.join(args.source, r) for r in rels) if tty else (0, 0)
         progress = Progress(*total)
         failed = []
 
@@ -222,7 +156,7 @@ def seal_manifest(args, store, params, key, rels) -> int:
 
     prev = _Previous(args.manifest)
     header = _next_header(args, key, prev)  # refused before anything is hashed
-    progress = Progress(*(_tree_sizes(args.source) if sys.stderr.isatty() and (
+    progress = Progress(*(tree_size(args.source) if sys.stderr.isatty() and (
         rels is None or "." in rels) else (0, 0)))
 
     def warn(msg):

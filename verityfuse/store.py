@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
+from .store_index import INDEX_ENTRY_MAX, IndexEntry, entry_bytes, parse_entry
 from .store_object import ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
+
+__all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
 
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 INDEX_DIR = "inodes"
-INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -53,19 +53,6 @@ def default_store(source: str) -> str:
 
 class StoreFormat(VerityError):
     """A store of another format than this operation needs."""
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    key: str                # the inode's identity (identity.key_of)
-    alg: merkle.HashAlg
-    digest: bytes
-    signature: bytes = b""
-    path: str = ""          # where the file was when it was sealed: for messages only
-
-    @property
-    def digest_text(self) -> str:
-        return merkle.format_digest(self.alg, self.digest)
 
 
 class Store:
@@ -345,18 +332,11 @@ class Store:
             raise ValueError(f"invalid index key {key!r}")
         return (INDEX_DIR, key[:2], key)
 
-    @staticmethod
-    def _entry_bytes(alg: merkle.HashAlg, digest: bytes, signature: bytes, path: str) -> bytes:
-        doc = {"version": 2, "path": path, "digest": merkle.format_digest(alg, digest)}
-        if signature:
-            doc["signature"] = signature.hex()
-        return json.dumps(doc, sort_keys=True).encode() + b"\n"
-
     def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
                   path: str = ""):
         """Write the index entry of ``key``, durably, now."""
         parts = self._index_parts(key)
-        self._atomic_write(parts[:-1], parts[-1], self._entry_bytes(alg, digest, signature, path))
+        self._atomic_write(parts[:-1], parts[-1], entry_bytes(alg, digest, signature, path))
 
     def stage_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
                     path: str = ""):
@@ -365,7 +345,7 @@ class Store:
         parts = self._index_parts(key)
         tmpname, fd = self.create_tmp()
         try:
-            os.write(fd, self._entry_bytes(alg, digest, signature, path))
+            os.write(fd, entry_bytes(alg, digest, signature, path))
         except BaseException:
             os.close(fd)
             self.discard_tmp(tmpname)
@@ -382,29 +362,7 @@ class Store:
             data = os.read(fd, INDEX_ENTRY_MAX + 1)
         finally:
             os.close(fd)
-        return self._parse_entry(key, data)
-
-    def _parse_entry(self, key: str, data: bytes) -> IndexEntry:
-        name = self._where(*self._index_parts(key))
-        if len(data) > INDEX_ENTRY_MAX:
-            raise StoreCorrupt(f"{name}: index entry larger than {INDEX_ENTRY_MAX} bytes")
-        try:
-            doc = json.loads(data.decode("utf-8"))
-            if not isinstance(doc, dict) or doc.get("version") != 2:
-                raise ValueError("unsupported or missing version")
-            extra = set(doc) - {"version", "path", "digest", "signature"}
-            if extra:
-                raise ValueError(f"unknown keys {sorted(extra)}")
-            path, digest, sig = doc.get("path"), doc.get("digest"), doc.get("signature", "")
-            if not isinstance(path, str) or not isinstance(digest, str) or not isinstance(sig, str):
-                raise ValueError("path, digest and signature must be strings")
-            alg, raw = merkle.parse_digest(digest)
-            signature = bytes.fromhex(sig)
-        except UnicodeDecodeError as e:
-            raise StoreCorrupt(f"{name}: malformed index entry: not UTF-8 at byte {e.start}") from None
-        except (ValueError, RecursionError) as e:
-            raise StoreCorrupt(f"{name}: malformed index entry: {e}") from None
-        return IndexEntry(key, alg, raw, signature, path)
+        return parse_entry(self._where(*self._index_parts(key)), key, data)
 
     def remove_entry(self, key: str) -> bool:
         """False if there was no entry (or not even its shard)."""

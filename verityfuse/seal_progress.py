@@ -1,0 +1,80 @@
+"""The one progress line of `seal`, on a terminal only."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+
+
+class Progress:
+    """One progress line for a whole run, on a terminal only: bytes and files done
+    out of the total, the rate, and the time left."""
+
+    MIN_TOTAL = 16 << 20  # shorter runs finish before a line would help
+
+    def __init__(self, total_bytes: int, total_files: int, stream=sys.stderr):
+        self.enabled = stream.isatty() and total_bytes >= self.MIN_TOTAL
+        self.total, self.files, self.stream = total_bytes, total_files, stream
+        self.done = self.done_files = 0
+        self.start = time.monotonic()
+        self.last = float("-inf")  # the first update draws at once
+
+    def for_file(self, label: str, size: int) -> "FileProgress":
+        """A callable for treebuild.build_tree's progress(bytes_done_in_this_file)."""
+        return FileProgress(self, size)
+
+    def show(self, force: bool = False):
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and not force):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else 0
+        self.stream.write(f"\r[{100 * self.done // max(self.total, 1):3d}%] "
+                          f"{self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB, "
+                          f"{self.done_files}/{self.files} files, {rate / 2**20:.0f} MiB/s, "
+                          f"ETA {int(left) // 60}:{int(left) % 60:02d}\033[K")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def paths_size(paths):
+    total = count = 0
+    for p in paths:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total, count = total + st.st_size, count + 1
+    return total, count
+
+
+def tree_size(root: str):
+    return paths_size(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+
+
+class FileProgress:
+    """One file's part of a Progress: ``progress(done)`` as build_tree calls it, then
+    ``close()`` once the file is done."""
+
+    __slots__ = ("outer", "base", "size")
+
+    def __init__(self, outer: Progress, size: int):
+        self.outer, self.base, self.size = outer, outer.done, size
+
+    def __call__(self, done: int):
+        self.outer.done = self.base + min(done, self.size)
+        self.outer.show()
+
+    def close(self):
+        self.outer.done = self.base + self.size
+        self.outer.done_files += 1
+        self.outer.show(force=True)
