@@ -37,7 +37,8 @@ def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
 
 
 def cmd_seal(args, params, key, rels) -> int:
-    from .sealing import seal_path, walk_files
+    from .seal_pool import file_threads, in_order
+    from .sealing import stage_path, walk_files
     from .store_batch import Batch
 
     with open_store(args, create=True) as store:
@@ -51,34 +52,35 @@ def cmd_seal(args, params, key, rels) -> int:
         else:
             total = paths_size(os.path.join(args.source, r) for r in rels) if tty else (0, 0)
         progress = Progress(*total)
-        failed = []
+        failed = 0
+
+        def stage(rel):
+            return stage_path(store, args.source, rel, params, threads=args.threads,
+                              progress=progress.for_file if progress.enabled else None)
 
         def say(obj, line, to=sys.stdout):
-            # Once the file's batch is durable: a printed digest is a sealed file.
-            return lambda: emit(obj) if args.json else print(line, file=to, flush=True)
+            def show():
+                progress.close()
+                emit(obj) if args.json else print(line, file=to, flush=True)
+            return show
 
         try:
             with Batch(store) as batch:
-                for rel in rels:
+                # A file's line is printed once its batch is durable: a printed digest is
+                # a sealed file.
+                for rel, done, e in in_order(rels, stage, file_threads(args.threads),
+                                             lambda r: r[0].drop(store)):
                     full = os.path.join(args.source, rel)
-                    try:
-                        fp = progress.for_file(full, os.lstat(full).st_size)
-                        try:
-                            entry = seal_path(store, args.source, rel, params, threads=args.threads,
-                                              progress=fp, batch=batch)
-                        finally:
-                            fp.close()
-                    except OSError as e:
-                        failed.append(full)
+                    if e is not None:
+                        failed += 1
                         batch.then(say({"file": full, "error": e.strerror or str(e)},
                                        f"ERROR: can't seal '{full}': {e.strerror or e}", sys.stderr))
-                    else:
-                        batch.then(say({"file": full, "digest": entry.digest_text},
-                                       f"{entry.digest_text} {full}"))
+                        continue
+                    batch.add(done[0])
+                    digest = done[0].entry.digest_text
+                    batch.then(say({"file": full, "digest": digest}, f"{digest} {full}"))
                     if batch.full:
-                        progress.close()
                         batch.commit()
-                progress.close()
         finally:
             progress.close()
     return EXIT_ERROR if failed else 0

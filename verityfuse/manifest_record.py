@@ -13,7 +13,8 @@ import stat
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import manifest_tree, merkle
-from .sealing import open_regular, seal_fd
+from .seal_pool import file_threads, in_order
+from .sealing import stage_path
 from .store import Store
 from .store_batch import Batch
 
@@ -72,7 +73,8 @@ def _payload_order(e: dict) -> bytes:
 
 
 class ManifestRecorder:
-    """Records SOURCE into manifest entries, sealing every regular file into ``batch``.
+    """Records SOURCE into manifest entries, sealing every regular file into ``batch``
+    (``threads`` files at once, seal_pool).
 
     ``report(entry_dict, full_path)`` is called for each sealed file once its batch
     is durable; ``warn`` for what is left out (other file types, names that are not
@@ -80,9 +82,10 @@ class ManifestRecorder:
     """
 
     def __init__(self, source: str, store: Store, params: merkle.Params, batch: Batch,
-                 skip_paths=(), skip_ids=(), warn=print, report=None, progress=None, **seal_kw):
+                 skip_paths=(), skip_ids=(), warn=print, report=None, progress=None,
+                 threads: Optional[int] = None):
         self.source, self.store, self.params, self.batch = source, store, params, batch
-        self.warn, self.report, self.seal_kw = warn, report, seal_kw
+        self.warn, self.report, self.threads = warn, report, threads
         self.progress = progress  # progress(label, size) -> callable with .close()
         self.failed = 0
         st = os.stat(store.path)
@@ -97,27 +100,32 @@ class ManifestRecorder:
     def skip(self, rel: str, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) in self._skip
 
-    def _entry(self, rel: str, st: os.stat_result) -> Optional[dict]:
+    def _stage(self, item):
+        """In a pool thread: seal a regular file into tmp/."""
+        rel, st = item
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return stage_path(self.store, self.source, rel, self.params, progress=self.progress,
+                          threads=self.threads)
+
+    def _entries(self, items) -> Iterator[dict]:
+        for (rel, st), done, err in in_order(items, self._stage, file_threads(self.threads),
+                                             lambda r: r[0].drop(self.store)):
+            e = self._entry(rel, st, done, err)
+            if e is not None:
+                yield e
+
+    def _entry(self, rel: str, st: os.stat_result, done, err) -> Optional[dict]:
         full = os.path.join(self.source, rel)
         if stat.S_ISREG(st.st_mode):
-            try:
-                fd = open_regular(full)
-                try:
-                    st = os.fstat(fd)  # what is sealed is what is recorded
-                    prog = self.progress(full, st.st_size) if self.progress else None
-                    try:
-                        e = seal_fd(self.store, fd, rel, self.params, progress=prog,
-                                    batch=self.batch, **self.seal_kw)
-                    finally:
-                        if prog is not None:
-                            prog.close()
-                finally:
-                    os.close(fd)
-            except OSError as err:
+            if err is not None:
                 self.warn(f"can't seal '{full}': {err.strerror or err}")
                 self.failed += 1
                 return None
-            entry = manifest_tree.entry_of(rel, st, sealed=(e.alg, e.digest, self.params))
+            staged, st = done  # what is sealed is what is recorded
+            self.batch.add(staged)
+            entry = manifest_tree.entry_of(rel, st, sealed=(staged.entry.alg, staged.entry.digest,
+                                                            self.params))
             if self.report:
                 report = self.report
                 self.batch.then(lambda: report(entry, full))
@@ -144,16 +152,11 @@ class ManifestRecorder:
                 return
             if not stat.S_ISDIR(st.st_mode):
                 if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                    e = self._entry(rel, st)
-                    if e is not None:
-                        yield e
+                    yield from self._entries([(rel, st)])
                 else:
                     self.warn(f"skipping {full}: not a directory, regular file or symlink")
                 return
-        for path, st in scan_sorted(self.source, self.skip, self.warn, rel):
-            e = self._entry(path, st)
-            if e is not None:
-                yield e
+        yield from self._entries(scan_sorted(self.source, self.skip, self.warn, rel))
 
     def update(self, existing: Iterable[dict], rels) -> List[dict]:
         """``existing`` entries with ``rels`` re-recorded (removing those gone from

@@ -1,10 +1,12 @@
-"""The one progress line of `seal`, on a terminal only."""
+"""The one progress line of `seal`, on a terminal only (files are sealed by several
+threads: every update takes the line's lock)."""
 
 from __future__ import annotations
 
 import os
 import stat
 import sys
+import threading
 import time
 
 
@@ -20,12 +22,19 @@ class Progress:
         self.done = self.done_files = 0
         self.start = time.monotonic()
         self.last = float("-inf")  # the first update draws at once
+        self._lock = threading.Lock()
 
     def for_file(self, label: str, size: int) -> "FileProgress":
         """A callable for treebuild.build_tree's progress(bytes_done_in_this_file)."""
         return FileProgress(self, size)
 
-    def show(self, force: bool = False):
+    def advance(self, nbytes: int, files: int = 0):
+        with self._lock:
+            self.done += nbytes
+            self.done_files += files
+            self._show(force=files > 0)
+
+    def _show(self, force: bool):
         now = time.monotonic()
         if not self.enabled or (now - self.last < 0.2 and not force):
             return
@@ -41,8 +50,9 @@ class Progress:
 
     def close(self):
         if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+            with self._lock:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
 
 
 def paths_size(paths):
@@ -65,16 +75,16 @@ class FileProgress:
     """One file's part of a Progress: ``progress(done)`` as build_tree calls it, then
     ``close()`` once the file is done."""
 
-    __slots__ = ("outer", "base", "size")
+    __slots__ = ("outer", "size", "seen")
 
     def __init__(self, outer: Progress, size: int):
-        self.outer, self.base, self.size = outer, outer.done, size
+        self.outer, self.size, self.seen = outer, size, 0
 
     def __call__(self, done: int):
-        self.outer.done = self.base + min(done, self.size)
-        self.outer.show()
+        done = min(done, self.size)
+        self.outer.advance(done - self.seen)
+        self.seen = done
 
     def close(self):
-        self.outer.done = self.base + self.size
-        self.outer.done_files += 1
-        self.outer.show(force=True)
+        self.outer.advance(self.size - self.seen, files=1)
+        self.seen = self.size

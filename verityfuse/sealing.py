@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import VerifiedReader
 from .store import IndexEntry, Store
-from .store_batch import Batch
+from .store_batch import Staged
 from .verifier import TreeBlockCache, Verifier
 
 
@@ -24,15 +23,13 @@ def open_regular(path: str) -> int:
 
 
 def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signature: bytes = b"",
-            check=None, batch: Optional[Batch] = None, **build_kw) -> IndexEntry:
-    """Build the tree of open file ``fd`` into ``store`` and index its inode.
+            check=None, **build_kw) -> IndexEntry:
+    """Build the tree of open file ``fd`` into ``store`` and index its inode, durably.
 
     ``relpath`` is recorded for messages only.  ``check(descriptor)`` may refuse
     the result (a signature that does not verify) before anything is committed.
-    Without ``batch``, the object is committed before the index entry, each
-    atomically and durably: a crash leaves the file unsealed or sealed, never
-    half.  With one, both are staged and the batch publishes them (in the same
-    order, see store_batch.py): the file is sealed once the batch is committed.
+    The object is committed before the index entry, each atomically: a crash
+    leaves the file unsealed or sealed, never half.  (Many files: stage_fd.)
     """
     key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
     with store.new_object() as obj:
@@ -40,15 +37,31 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
                                     write_block=obj.write_block, **build_kw)
         if check is not None:
             check(desc)
-        if batch is None:
-            obj.commit(desc)
-        else:
-            tmp_object = obj.stage(desc)
-    if batch is None:
-        store.set_entry(key, params.alg, desc.digest, signature, relpath)
-    else:
-        batch.add(tmp_object, params.alg, desc.digest, desc.data_size, key, signature, relpath)
+        obj.commit(desc)
+    store.set_entry(key, params.alg, desc.digest, signature, relpath)
     return IndexEntry(key, params.alg, desc.digest, signature, relpath)
+
+
+def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: int,
+             signature: bytes = b"", threads: Optional[int] = None, **build_kw) -> Staged:
+    """seal_fd without publishing: the object and the index entry are left in tmp/,
+    unsynced, for a store_batch.Batch (thread-safe: seal_pool stages files at once).
+    ``size`` is the file's fstat size.  A file of one chunk is hashed in this thread
+    (the other files in flight keep the other cores busy); a larger one with
+    ``threads``."""
+    key = identity.key_of(fd)
+    with store.new_object() as obj:
+        desc = treebuild.build_tree(fd, params, data_size=size, write_block=obj.write_block,
+                                    threads=1 if size <= treebuild.CHUNK_SIZE else threads,
+                                    **build_kw)
+        tmp_object = obj.stage(desc)
+    try:
+        index = store.stage_entry(key, params.alg, desc.digest, signature, relpath)
+    except BaseException:
+        store.discard_tmp(tmp_object)
+        raise
+    return Staged(IndexEntry(key, params.alg, desc.digest, signature, relpath), size,
+                  (tmp_object, *store.object_parts(params.alg, desc.digest)), index)
 
 
 def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
@@ -56,6 +69,25 @@ def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **
     fd = open_regular(os.path.join(source, relpath))
     try:
         return seal_fd(store, fd, relpath, params, **kw)
+    finally:
+        os.close(fd)
+
+
+def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
+               progress=None, **kw) -> Tuple[Staged, os.stat_result]:
+    """Stage the regular file SOURCE/relpath (never through a final symlink); its fstat
+    too (what is sealed is what a manifest records).  ``progress(label, size)`` gives
+    the file's progress callable (closed when it is staged)."""
+    full = os.path.join(source, relpath)
+    fd = open_regular(full)
+    try:
+        st = os.fstat(fd)
+        prog = progress(full, st.st_size) if progress is not None else None
+        try:
+            return stage_fd(store, fd, relpath, params, st.st_size, progress=prog, **kw), st
+        finally:
+            if prog is not None:
+                prog.close()
     finally:
         os.close(fd)
 
@@ -70,20 +102,29 @@ def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:
 
 
 def walk_files(source: str, store: Store) -> Iterator[str]:
-    """Relative paths of every regular file under ``source``, store excluded."""
+    """Relative paths of every regular file under ``source``, store excluded: a
+    directory's files, then each subdirectory's, in name order (os.walk's order;
+    unreadable directories are skipped as os.walk does).  File types come from
+    the directory entries, without a stat per file."""
     st = os.stat(store.path)
     store_id = (st.st_dev, st.st_ino)
-    for dirpath, dirnames, filenames in os.walk(source):
-        keep = []
-        for d in sorted(dirnames):
-            s = os.lstat(os.path.join(dirpath, d))
-            if (s.st_dev, s.st_ino) != store_id:
-                keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            full = os.path.join(dirpath, f)
-            if stat.S_ISREG(os.lstat(full).st_mode):
-                yield os.path.relpath(full, source)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(source, rel) if rel else source) as it:
+                found = sorted(it, key=lambda d: d.name)
+        except OSError:
+            continue
+        subdirs = []
+        for d in found:
+            if d.is_dir(follow_symlinks=False):
+                s = d.stat(follow_symlinks=False)
+                if (s.st_dev, s.st_ino) != store_id:
+                    subdirs.append(rel + d.name + "/")
+            elif d.is_file(follow_symlinks=False):
+                yield rel + d.name
+        stack.extend(reversed(subdirs))
 
 
 @dataclass

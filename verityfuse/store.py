@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from typing import Iterator, Optional
 
 from . import fsutil, merkle
@@ -71,6 +72,7 @@ class Store:
         self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
         self._tmpfd = -1  # tmp/, opened by the first write
+        self._tmp_lock = threading.Lock()
         self.version = 2
         self._trees = SharedTrees()  # open tree objects by digest
         if create:
@@ -221,9 +223,10 @@ class Store:
             os.close(dirfd)
 
     def _tmp_dir(self) -> int:
-        if self._tmpfd < 0:
-            self._tmpfd = self._open_dirs(("tmp",), create=True)
-        return self._tmpfd
+        with self._tmp_lock:  # threads stage files at once (seal_pool): open it once
+            if self._tmpfd < 0:
+                self._tmpfd = self._open_dirs(("tmp",), create=True)
+            return self._tmpfd
 
     # -- writing: the interface of ObjectWriter and store_batch ------------------
 

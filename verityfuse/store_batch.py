@@ -22,13 +22,29 @@ stay bounded whatever the number of files.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
-from . import merkle
-from .store import Store
+from .store import IndexEntry, Store
 
 MAX_FILES = 4096
 MAX_BYTES = 256 << 20  # data sealed: the dirty pages the first sync writes are a fraction of it
+
+
+@dataclass
+class Staged:
+    """A file sealed into tmp/ (any thread may stage), waiting for a batch: its entry,
+    its size, and (tmp name, directory parts, name) of its object and of its index entry."""
+
+    entry: IndexEntry
+    data_size: int
+    obj: Tuple[str, tuple, str]
+    index: Tuple[str, tuple, str]
+
+    def drop(self, store: Store):
+        """Remove its tmp/ files (it will never be published)."""
+        store.discard_tmp(self.obj[0])
+        store.discard_tmp(self.index[0])
 
 
 class Batch:
@@ -45,18 +61,11 @@ class Batch:
         self._after: List[Callable[[], None]] = []
         self._bytes = 0
 
-    def add(self, tmp_object: str, alg: merkle.HashAlg, digest: bytes, data_size: int,
-            key: str, signature: bytes = b"", path: str = ""):
-        """A staged object (``ObjectWriter.stage``) and the index entry of inode ``key``."""
-        dirparts, name = self.store.object_parts(alg, digest)
-        self._objects.append((tmp_object, dirparts, name))
-        try:
-            self._entries.append(self.store.stage_entry(key, alg, digest, signature, path))
-        except BaseException:
-            self.store.discard_tmp(tmp_object)
-            self._objects.pop()
-            raise
-        self._bytes += data_size
+    def add(self, staged: Staged):
+        """Publish ``staged`` with this batch (called in file order, from one thread)."""
+        self._objects.append(staged.obj)
+        self._entries.append(staged.index)
+        self._bytes += staged.data_size
 
     def then(self, callback: Callable[[], None]):
         self._after.append(callback)
