@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import threading
 from typing import Iterator, Optional
 
@@ -41,6 +42,7 @@ VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 INDEX_DIR = "inodes"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
+_KEY = re.compile(r"[0-9a-f]{64}")  # identity.store_key's hex SHA-256
 
 
 def default_store(source: str) -> str:
@@ -331,7 +333,7 @@ class Store:
 
     @staticmethod
     def _index_parts(key: str):
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+        if _KEY.fullmatch(key) is None:
             raise ValueError(f"invalid index key {key!r}")
         return (INDEX_DIR, key[:2], key)
 
