@@ -115,7 +115,8 @@ class Batch:
         return self
 
     def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()  # nothing left after a commit; what was not published after an error
