@@ -58,11 +58,19 @@ def cmd_seal(args, params, key, rels) -> int:
             return stage_path(store, args.source, rel, params, threads=args.threads,
                               progress=progress.for_file if progress.enabled else None)
 
-        def say(obj, line, to=sys.stdout):
-            def show():
-                progress.close()
-                emit(obj) if args.json else print(line, file=to, flush=True)
-            return show
+        def sealed(full, digest):
+            progress.close()
+            if args.json:
+                emit({"file": full, "digest": digest})
+            else:
+                print(f"{digest} {full}", flush=True)
+
+        def not_sealed(full, why):
+            progress.close()
+            if args.json:
+                emit({"file": full, "error": why})
+            else:
+                error(f"can't seal '{full}': {why}")
 
         try:
             with Batch(store) as batch:
@@ -73,12 +81,10 @@ def cmd_seal(args, params, key, rels) -> int:
                     full = os.path.join(args.source, rel)
                     if e is not None:
                         failed += 1
-                        batch.then(say({"file": full, "error": e.strerror or str(e)},
-                                       f"ERROR: can't seal '{full}': {e.strerror or e}", sys.stderr))
+                        batch.then(not_sealed, full, e.strerror or str(e))
                         continue
                     batch.add(done[0])
-                    digest = done[0].entry.digest_text
-                    batch.then(say({"file": full, "digest": digest}, f"{digest} {full}"))
+                    batch.then(sealed, full, done[0].entry.digest_text)
                     if batch.full:
                         batch.commit()
         finally:
@@ -165,12 +171,12 @@ def seal_manifest(args, store, params, key, rels) -> int:
         progress.close()
         print(f"WARNING: {msg}", file=sys.stderr)
 
-    def report(entry, full):
+    def report(digest, full):
         progress.close()
         if args.json:
-            emit({"file": full, "digest": entry["digest"]})
+            emit({"file": full, "digest": digest})
         else:
-            print(f"{entry['digest']} {full}", flush=True)
+            print(f"{digest} {full}", flush=True)
 
     with Batch(store) as batch, ManifestWriter(args.manifest, header) as out:
         rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],

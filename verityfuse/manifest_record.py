@@ -76,7 +76,7 @@ class ManifestRecorder:
     """Records SOURCE into manifest entries, sealing every regular file into ``batch``
     (``threads`` files at once, seal_pool).
 
-    ``report(entry_dict, full_path)`` is called for each sealed file once its batch
+    ``report(digest_text, full_path)`` is called for each sealed file once its batch
     is durable; ``warn`` for what is left out (other file types, names that are not
     UTF-8).  ``skip_paths`` and ``skip_ids`` ((st_dev, st_ino) pairs) are left out.
     """
@@ -127,8 +127,7 @@ class ManifestRecorder:
             entry = manifest_tree.entry_of(rel, st, sealed=(staged.entry.alg, staged.entry.digest,
                                                             self.params))
             if self.report:
-                report = self.report
-                self.batch.then(lambda: report(entry, full))
+                self.batch.then(self.report, entry["digest"], full)
             if self.batch.full:
                 self.batch.commit()
             return entry

@@ -24,7 +24,7 @@ from typing import Optional
 from . import manifest, manifest_header, manifest_tree
 from .errors import ManifestError
 
-_B64_PIECE = 3 << 18  # bytes of payload per base64 piece: a multiple of 3, so pieces join
+_B64_PIECE = 3 << 14  # bytes of payload per base64 piece: a multiple of 3, so pieces join
 
 
 def _create_beside(dfd: int, name: str) -> tuple:

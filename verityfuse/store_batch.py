@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .store import IndexEntry, Store
 
@@ -50,15 +50,19 @@ class Staged:
 class Batch:
     """Objects and index entries staged in ``store``'s tmp/, published by ``commit``.
 
-    ``then(callback)`` runs callback after the batch's files are durable (in the
-    order added); ``full`` says when the caller should commit."""
+    ``then(callback, *args)`` runs callback(*args) after the batch's files are
+    durable (in the order added); ``full`` says when the caller should commit.
+    What a batch holds per file is kept small (names and a callback's arguments,
+    no closures), as it holds up to ``max_files`` of them."""
 
-    def __init__(self, store: Store, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES):
+    def __init__(self, store: Store, max_files: Optional[int] = None,
+                 max_bytes: Optional[int] = None):
         self.store = store
-        self.max_files, self.max_bytes = max_files, max_bytes
+        self.max_files = max_files or MAX_FILES
+        self.max_bytes = max_bytes or MAX_BYTES
         self._objects: List[Tuple[str, tuple, str]] = []  # (tmp name, dir parts, name)
         self._entries: List[Tuple[str, tuple, str]] = []
-        self._after: List[Callable[[], None]] = []
+        self._after: List[tuple] = []  # (callback, args)
         self._bytes = 0
 
     def add(self, staged: Staged):
@@ -67,8 +71,8 @@ class Batch:
         self._entries.append(staged.index)
         self._bytes += staged.data_size
 
-    def then(self, callback: Callable[[], None]):
-        self._after.append(callback)
+    def then(self, callback: Callable[..., None], *args):
+        self._after.append((callback, args))
 
     @property
     def full(self) -> bool:
@@ -102,8 +106,8 @@ class Batch:
             self.store.sync()
         self._bytes = 0
         after, self._after = self._after, []
-        for callback in after:
-            callback()
+        for callback, args in after:
+            callback(*args)
 
     def discard(self):
         """Forget the batch, its tmp/ files removed (after an error: nothing is published)."""
