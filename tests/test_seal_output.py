@@ -183,3 +183,21 @@ def test_seal_manifest_memory_does_not_grow_with_the_number_of_files(tmp_path, o
     # Ed25519 needs the whole payload: signing maps the file (page cache, not a copy).
     mapped = len(mf.read_envelope(str(tmp_path / "m6000.json"))[1]) >> 10 if "--sign-key" in opts else 0
     assert large - small < (1 << 10) + mapped, (small, large, mapped)
+
+
+def test_an_entry_the_format_cannot_hold_is_refused_and_nothing_is_written(tmp_path):
+    """Checked as each entry is written: a path whose line would pass 16 KiB (control
+    characters are escaped six bytes each) is refused naming it, escaped; M is not written
+    and no temporary file is left beside it."""
+    src = tmp_path / "src"
+    deep = src.joinpath(*["\x01" * 200] * 14)
+    deep.mkdir(parents=True)
+    write(deep / "f", b"data")
+    m = tmp_path / "m.json"
+    r = subprocess.run([*VF, "seal", str(src), "--manifest", str(m), "--unsigned",
+                        "--store", str(tmp_path / "store")], capture_output=True, text=True)
+    assert r.returncode == 1
+    bad = "/".join(["\x01" * 200] * 14)  # the first entry too long: 14 * 201 - 1 bytes, escaped
+    assert r.stderr.endswith(f"ERROR: {bad!r} cannot be recorded in a manifest: its entry is "
+                             f"longer than 16384 bytes\n"), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src", "store"]
