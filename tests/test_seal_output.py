@@ -35,19 +35,20 @@ TREE = [
     ("deep", "dir", None, 0o750),
     ("deep/er", "dir", None, 0o700),
     ("deep/er/z", "file", pattern(5000)[::-1], 0o444),
+    ("deep/large", "file", pattern(1 << 21), 0o644),  # a tree over 64 KiB at 1 KiB blocks
     ("\u00e9t\u00e9", "file", pattern(16384), 0o644),
 ]
 FILES = [p for p, kind, _, _ in TREE if kind == "file"]
 
 # seal options -> (manifest digest, SHA-256 of the unsigned manifest file, of the signed one)
 EXPECTED = {
-    (): ("sha256:ac3329b07e7745159c7e0885d2426905b9a3645936d51abc4eac528c8d0b0231",
-         "24803ad090e54d92a39e89ff715dfd5b5da82c02c456bfd6cace646bd17fe469",
-         "d498012d2437313a05909fc0f8c7fe3aa744e34d2e325f73c1dd2ce775043174"),
+    (): ("sha256:02ce8cd6f7e93a4f8e4fb59eb463aabe2759bea1b7a670b7f4d55849e02e1d5b",
+         "908ec3121172e49cf81f7408b9aa97213981fbe0cb446c48ce3da2f9f037a066",
+         "5b19c1fbbce6541a4481b135e2cf62c939749cbfc8b5e8517dc2077962feebbb"),
     ("--block-size=1024", "--salt=00ff", "--hash-alg=sha512"): (
-        "sha256:e6a85b6bcc7d59c3898fe15f8a72721d0ed24ad23a06dddd5a588f39732bcad8",
-        "0f6e66f50d1c062c251a9490715548bb7bc03f288638acb7f0fcf3e74db191ee",
-        "67952beef83a03dfbf92b7a1b97a7981396afc98aa3975af48ffe7c6fc10e2a1"),
+        "sha256:13cac900e081eae50c13da5b5bdf19eb33672350c3bde56e45d0fc3341306916",
+        "5953df236b5e4f6f41d9f8ee11a9876a5bb43c94bfda862e55309114d1287888",
+        "316109c97a3dbd4ccc8cdd8d490b8a2469d2a493744577b85ee982473b2004b0"),
 }
 
 
@@ -122,7 +123,7 @@ def test_seal_writes_the_same_store_as_fsverity_digest(tmp_path, opts):
     r = run("seal", src, *opts)
     lines = r.stdout.splitlines()
     # A directory's files, then its subdirectories, each in name order.
-    order = ["a-b", "a.txt", "b", "c", "\u00e9t\u00e9", "a/x", "deep/er/z"]
+    order = ["a-b", "a.txt", "b", "c", "\u00e9t\u00e9", "a/x", "deep/large", "deep/er/z"]
     assert [ln.split(" ", 1)[1] for ln in lines] == [str(src / p) for p in order]
     for ln in lines:
         digest, path = ln.split(" ", 1)
