@@ -348,3 +348,15 @@ def test_seal_cli_reports_files_in_order_and_seals_the_others_after_a_failure(tm
     with Store(str(src / ".verityfuse")) as st:
         assert len(list(st.keys())) == 40
         assert os.listdir(os.path.join(st.path, "tmp")) == []
+
+
+def test_the_first_write_to_a_lazy_store_creates_it(src, tmp_path):
+    """A local mount's store is lazy: the first object written creates the store (VERSION
+    included, written through the same tmp/ directory) instead of waiting on itself."""
+    store_dir = str(tmp_path / "lazy")
+    with Store(store_dir, lazy=True) as st:
+        assert not st.exists
+        e = seal(st, src, "small")
+        assert st.get_entry(e.key) == e
+    with open(os.path.join(store_dir, "VERSION"), "rb") as f:
+        assert f.read() == b"verityfuse-store 2\n"

@@ -225,10 +225,14 @@ class Store:
             os.close(dirfd)
 
     def _tmp_dir(self) -> int:
-        with self._tmp_lock:  # threads stage files at once (seal_pool): open it once
-            if self._tmpfd < 0:
-                self._tmpfd = self._open_dirs(("tmp",), create=True)
-            return self._tmpfd
+        if self._tmpfd < 0:
+            # A lazy store's first write creates it, which writes VERSION through here:
+            # before the lock, which that nested call takes too.
+            self._ensure()
+            with self._tmp_lock:  # threads stage files at once (seal_pool): open it once
+                if self._tmpfd < 0:
+                    self._tmpfd = self._open_dirs(("tmp",), create=True)
+        return self._tmpfd
 
     # -- writing: the interface of ObjectWriter and store_batch ------------------
 
