@@ -293,7 +293,8 @@ def test_a_batch_names_nothing_before_it_is_durable(src, tmp_path, monkeypatch):
             batch.add(s)
             batch.then(lambda s=s: events.append(("done", s.entry.path)))
         batch.commit()
-        objects = sorted(f"sha256/{s.entry.digest.hex()[:2]}/{s.entry.digest.hex()}" for s in staged)
+        hexes = [s.entry.digest.hex() for s in staged]
+        objects = sorted(f"sha256/{h[:2]}/{h}" for h in hexes)
         entries = sorted(f"{s.entry.key[:2]}/{s.entry.key}" for s in staged)
         assert events == [("sync", ([], []), 6), ("sync", (objects, []), 3),
                           ("sync", (objects, entries), 0),
