@@ -295,3 +295,105 @@ os._exit(9)  # die before commit
         assert list(st.keys()) == []
         assert st.cleanup_tmp() == 1
         assert os.listdir(os.path.join(store, "tmp")) == []
+
+
+# -- batches: durable once per batch, in crash-safe order (store_batch.py) ----------------
+
+def _published(store_dir):
+    """(objects, index entries) in place: every file below objects/ and inodes/."""
+    found = []
+    for part in ("objects", "inodes"):
+        top = os.path.join(store_dir, part)
+        found.append(sorted(os.path.relpath(os.path.join(d, f), top)
+                            for d, _, files in os.walk(top) for f in files))
+    return tuple(found)
+
+
+def test_a_batch_names_nothing_before_it_is_durable(src, tmp_path, monkeypatch):
+    """At each sync of a commit the store is in the state the crash-ordering rule allows: first
+    nothing is published (all under tmp/), then the objects only, then the entries too; the
+    files are reported only after the last sync."""
+    from verityfuse.sealing import stage_path
+    from verityfuse.store_batch import Batch
+
+    store_dir = str(tmp_path / "store")
+    events = []
+    with Store(store_dir, create=True) as st:
+        real_sync = st.sync
+        monkeypatch.setattr(st, "sync", lambda: (events.append(("sync", _published(store_dir),
+                                                                len(os.listdir(st.path + "/tmp")))),
+                                                 real_sync()))
+        staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in ("big", "small", "sub/empty")]
+        batch = Batch(st)
+        for s in staged:
+            batch.add(s)
+            batch.then(lambda s=s: events.append(("done", s.entry.path)))
+        batch.commit()
+        hexes = [s.entry.digest.hex() for s in staged]
+        objects = sorted(f"sha256/{h[:2]}/{h}" for h in hexes)
+        entries = sorted(f"{s.entry.key[:2]}/{s.entry.key}" for s in staged)
+        assert events == [("sync", ([], []), 6), ("sync", (objects, []), 3),
+                          ("sync", (objects, entries), 0),
+                          ("done", "big"), ("done", "small"), ("done", "sub/empty")]
+        for s in staged:
+            assert st.get_entry(s.entry.key) == s.entry
+            with st.open_object(s.entry.alg, s.entry.digest):
+                pass
+
+
+def test_a_failed_sync_publishes_nothing_and_leaves_no_tmp_file(src, tmp_path, monkeypatch):
+    """syncfs reporting a writeback error: no object and no entry is renamed into place, the
+    staged files are removed, and the error (with the store's name) reaches the caller."""
+    import errno as errno_mod
+
+    from verityfuse.sealing import stage_path
+    from verityfuse.store_batch import Batch
+
+    store_dir = str(tmp_path / "store")
+    with Store(store_dir, create=True) as st:
+        def fail():
+            raise OSError(errno_mod.EIO, "syncfs: Input/output error", store_dir)
+        monkeypatch.setattr(st, "sync", fail)
+        with pytest.raises(OSError) as e:
+            with Batch(st) as batch:
+                batch.add(stage_path(st, str(src), "small", PARAMS)[0])
+                batch.then(lambda: pytest.fail("reported although not durable"))
+        assert e.value.errno == errno_mod.EIO and e.value.filename == store_dir
+        assert _published(store_dir) == ([], [])
+        assert os.listdir(os.path.join(store_dir, "tmp")) == []
+
+
+def test_seal_cli_reports_files_in_order_and_seals_the_others_after_a_failure(tmp_path):
+    """A file that cannot be sealed is reported in its place among the others (files are
+    sealed by several threads, reported in order), every other file is sealed and indexed,
+    exit 1."""
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"f{i:03d}" for i in range(40)]
+    for i, name in enumerate(names):
+        write(src / name, pattern(i * 700))
+    asked = names[:20] + ["missing"] + names[20:]
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src),
+                        *(str(src / n) for n in asked), "--json", "--threads", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["file"] for o in got] == [str(src / n) for n in asked]
+    assert got[20]["error"] == "No such file or directory" and "digest" not in got[20]
+    for o in got[:20] + got[21:]:
+        assert o["digest"] == fsverity_digest(o["file"])[0].split()[0]
+    with Store(str(src / ".verityfuse")) as st:
+        assert len(list(st.keys())) == 40
+        assert os.listdir(os.path.join(st.path, "tmp")) == []
+
+
+def test_the_first_write_to_a_lazy_store_creates_it(src, tmp_path):
+    """A local mount's store is lazy: the first object written creates the store (VERSION
+    included, written through the same tmp/ directory) instead of waiting on itself."""
+    store_dir = str(tmp_path / "lazy")
+    with Store(store_dir, lazy=True) as st:
+        assert not st.exists
+        e = seal(st, src, "small")
+        assert st.get_entry(e.key) == e
+    with open(os.path.join(store_dir, "VERSION"), "rb") as f:
+        assert f.read() == b"verityfuse-store 2\n"

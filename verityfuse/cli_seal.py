@@ -7,13 +7,13 @@ output is unchanged without it.
 from __future__ import annotations
 
 import os
-import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
 from .errors import IntegrityError
 from .jsonout import emit
+from .seal_progress import Progress, paths_size, tree_size
 
 if TYPE_CHECKING:
     from .manifest_header import Header
@@ -36,110 +36,60 @@ def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
                  objects_only=objects_only)
 
 
-class Progress:
-    """One progress line for a whole run, on a terminal only: bytes and files done
-    out of the total, the rate, and the time left."""
-
-    MIN_TOTAL = 16 << 20  # shorter runs finish before a line would help
-
-    def __init__(self, total_bytes: int, total_files: int, stream=sys.stderr):
-        self.enabled = stream.isatty() and total_bytes >= self.MIN_TOTAL
-        self.total, self.files, self.stream = total_bytes, total_files, stream
-        self.done = self.done_files = 0
-        self.start = time.monotonic()
-        self.last = float("-inf")  # the first update draws at once
-
-    def for_file(self, label: str, size: int):
-        """A callable for treebuild.build_tree's progress(bytes_done_in_this_file)."""
-        base = self.done
-        outer = self
-
-        class FileProgress:
-            def __call__(self, done: int):
-                outer.done = base + min(done, size)
-                outer.show()
-
-            def close(self):
-                outer.done = base + size
-                outer.done_files += 1
-                outer.show(force=True)
-
-        return FileProgress()
-
-    def show(self, force: bool = False):
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and not force):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else 0
-        self.stream.write(f"\r[{100 * self.done // max(self.total, 1):3d}%] "
-                          f"{self.done / 2**20:.0f}/{self.total / 2**20:.0f} MiB, "
-                          f"{self.done_files}/{self.files} files, {rate / 2**20:.0f} MiB/s, "
-                          f"ETA {int(left) // 60}:{int(left) % 60:02d}\033[K")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-def _sizes(paths):
-    total = count = 0
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            total, count = total + st.st_size, count + 1
-    return total, count
-
-
-def _tree_sizes(root: str):
-    return _sizes(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
-
-
 def cmd_seal(args, params, key, rels) -> int:
-    from .sealing import seal_path, walk_files
+    from .seal_pool import file_threads, in_order
+    from .sealing import stage_path, walk_files
+    from .store_batch import Batch
 
     with open_store(args, create=True) as store:
         store.cleanup_tmp()
         if args.manifest:
             return seal_manifest(args, store, params, key, rels)
-        if rels is None:
-            rels = list(walk_files(args.source, store))
-        progress = Progress(*(_sizes(os.path.join(args.source, r) for r in rels)
-                              if sys.stderr.isatty() else (0, 0)))
-        status = 0
+        tty = sys.stderr.isatty()
+        if rels is None:  # walked as sealed: memory does not grow with the number of files
+            total = tree_size(args.source) if tty else (0, 0)
+            rels = walk_files(args.source, store)
+        else:
+            total = paths_size(os.path.join(args.source, r) for r in rels) if tty else (0, 0)
+        progress = Progress(*total)
+        failed = 0
+
+        def stage(rel):
+            return stage_path(store, args.source, rel, params, threads=args.threads,
+                              progress=progress.for_file if progress.enabled else None)
+
+        def sealed(full, digest):
+            progress.close()
+            if args.json:
+                emit({"file": full, "digest": digest})
+            else:
+                print(f"{digest} {full}", flush=True)
+
+        def not_sealed(full, why):
+            progress.close()
+            if args.json:
+                emit({"file": full, "error": why})
+            else:
+                error(f"can't seal '{full}': {why}")
+
         try:
-            for rel in rels:
-                full = os.path.join(args.source, rel)
-                try:
-                    fp = progress.for_file(full, os.lstat(full).st_size)
-                    try:
-                        entry = seal_path(store, args.source, rel, params, threads=args.threads,
-                                          progress=fp)
-                    finally:
-                        fp.close()
-                except OSError as e:
-                    progress.close()
-                    if args.json:
-                        emit({"file": full, "error": e.strerror or str(e)})
-                    else:
-                        error(f"can't seal '{full}': {e.strerror or e}")
-                    status = EXIT_ERROR
-                    continue
-                progress.close()
-                if args.json:
-                    emit({"file": full, "digest": entry.digest_text})
-                else:
-                    print(f"{entry.digest_text} {full}", flush=True)
+            with Batch(store) as batch:
+                # A file's line is printed once its batch is durable: a printed digest is
+                # a sealed file.
+                for rel, done, e in in_order(rels, stage, file_threads(args.threads),
+                                             lambda r: r[0].drop(store)):
+                    full = os.path.join(args.source, rel)
+                    if e is not None:
+                        failed += 1
+                        batch.then(not_sealed, full, e.strerror or str(e))
+                        continue
+                    batch.add(done[0])
+                    batch.then(sealed, full, done[0].entry.digest_text)
+                    if batch.full:
+                        batch.commit()
         finally:
             progress.close()
-    return status
+    return EXIT_ERROR if failed else 0
 
 
 class _Previous:
@@ -207,58 +157,62 @@ def _next_header(args, key, prev: _Previous):
 
 def seal_manifest(args, store, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
-    from . import fsutil, manifest, manifest_header, manifest_tree
-    from .sealing import ManifestRecorder
+    from . import manifest, manifest_header, manifest_tree
+    from .manifest_record import ManifestRecorder
+    from .manifest_writer import ManifestWriter
+    from .store_batch import Batch
 
     prev = _Previous(args.manifest)
     header = _next_header(args, key, prev)  # refused before anything is hashed
-    progress = Progress(*(_tree_sizes(args.source) if sys.stderr.isatty() and (
+    progress = Progress(*(tree_size(args.source) if sys.stderr.isatty() and (
         rels is None or "." in rels) else (0, 0)))
 
     def warn(msg):
         progress.close()
         print(f"WARNING: {msg}", file=sys.stderr)
 
-    def report(entry, full):
+    def report(digest, full):
         progress.close()
         if args.json:
-            emit({"file": full, "digest": entry["digest"]})
+            emit({"file": full, "digest": digest})
         else:
-            print(f"{entry['digest']} {full}", flush=True)
+            print(f"{digest} {full}", flush=True)
 
-    rec = ManifestRecorder(args.source, store, params, skip_paths=[args.manifest], warn=warn,
-                           report=report, progress=progress.for_file, threads=args.threads)
-    try:
-        if rels is None or "." in rels:
-            rec.add(".")
-        else:
-            existing = []
-            if prev.exists:
-                if prev.error is not None:
-                    raise prev.error  # its entries are what we would keep
-                if key is not None and prev.env is not None:
-                    # Re-signing must not launder entries this key never vouched for.
-                    manifest.check_signatures(args.manifest, prev.env, prev.payload,
-                                              [key.public_key()])
-                existing = list(manifest_tree.iter_entries(prev.payload, args.manifest))
-            rec.update(existing, rels)
-    finally:
-        progress.close()
-    if rec.failed:
-        error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
-        return EXIT_ERROR
-    payload = manifest_tree.make_payload(rec.entries.values(), header)
-    manifest_tree.parse_payload(payload, "the new manifest")  # what we write must load
-    fsutil.atomic_write(args.manifest, manifest.sign(payload, key), 0o644)
-    files = sum(1 for e in rec.entries.values() if e["type"] == "file")
-    digest = manifest.manifest_digest(payload)
+    with Batch(store) as batch, ManifestWriter(args.manifest, header) as out:
+        rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],
+                               skip_ids=[out.file_id], warn=warn, report=report,
+                               progress=progress.for_file, threads=args.threads)
+        try:
+            if rels is None or "." in rels:
+                entries = rec.walk(".")
+            else:
+                existing = []
+                if prev.exists:
+                    if prev.error is not None:
+                        raise prev.error  # its entries are what we would keep
+                    if key is not None and prev.env is not None:
+                        # Re-signing must not launder entries this key never vouched for.
+                        manifest.check_signatures(args.manifest, prev.env, prev.payload,
+                                                  [key.public_key()])
+                    existing = list(manifest_tree.iter_entries(prev.payload, args.manifest))
+                entries = rec.update(existing, rels)
+            for entry in entries:
+                out.add(entry)
+        finally:
+            progress.close()
+        batch.commit()  # the manifest names only durable objects
+        if rec.failed:
+            error(f"manifest {args.manifest} not written: {rec.failed} file(s) could not be sealed")
+            return EXIT_ERROR
+        out.publish(key)
+    digest, entries, files = out.digest, out.entries, out.files
     expires = None if header.expires is None else manifest_header.format_time(header.expires)
     if args.json:
-        emit({"manifest": args.manifest, "digest": digest, "entries": len(rec.entries),
+        emit({"manifest": args.manifest, "digest": digest, "entries": entries,
               "files": files, "signed": key is not None, "sequence": header.sequence,
               "expires": expires})
     else:
-        print(f"manifest {args.manifest}: {len(rec.entries)} entries ({files} files), {digest}, "
+        print(f"manifest {args.manifest}: {entries} entries ({files} files), {digest}, "
               f"sequence {header.sequence}" + (f", expires {expires}" if expires else "")
               + ("" if key else " (unsigned: mount it with --manifest-digest)"), file=sys.stderr)
     return 0

@@ -130,15 +130,29 @@ def generate_key(private_path: str, public_path: str):
 
 # -- the envelope ---------------------------------------------------------------
 
+def signatures(payload, key: Ed25519PrivateKey) -> list:
+    """The envelope's ``signatures`` list for ``payload`` (bytes or any buffer)."""
+    return [{"algorithm": "ed25519", "key_id": key_id(key.public_key()),
+             "signature": base64.b64encode(key.sign(payload)).decode()}]
+
+
+_CUT = '"payload": ""'
+
+
+def envelope_text(sigs: list):
+    """The envelope's bytes before and after the base64 payload (manifest_writer
+    streams the payload between them)."""
+    text = json.dumps({"format": ENVELOPE_FORMAT, "version": ENVELOPE_VERSION, "payload": "",
+                       "signatures": sigs}, indent=1) + "\n"
+    head, _, tail = text.partition(_CUT)
+    return (head + _CUT[:-1]).encode(), ('"' + tail).encode()
+
+
 def sign(payload: bytes, key: Optional[Ed25519PrivateKey]) -> bytes:
     """The manifest file: the payload and its signature (none without a key:
     such a manifest is usable only with a pinned digest)."""
-    sigs = [] if key is None else [
-        {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
-         "signature": base64.b64encode(key.sign(payload)).decode()}]
-    envelope = {"format": ENVELOPE_FORMAT, "version": ENVELOPE_VERSION,
-                "payload": base64.b64encode(payload).decode(), "signatures": sigs}
-    return json.dumps(envelope, indent=1).encode() + b"\n"
+    head, tail = envelope_text([] if key is None else signatures(payload, key))
+    return head + base64.b64encode(payload) + tail
 
 
 def read_envelope(path: str):

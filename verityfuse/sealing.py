@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import VerifiedReader
 from .store import IndexEntry, Store
+from .store_batch import Staged
 from .verifier import TreeBlockCache, Verifier
 
 
@@ -24,17 +24,17 @@ def open_regular(path: str) -> int:
 
 def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signature: bytes = b"",
             check=None, **build_kw) -> IndexEntry:
-    """Build the tree of open file ``fd`` into ``store`` and index its inode.
+    """Build the tree of open file ``fd`` into ``store`` and index its inode, durably.
 
     ``relpath`` is recorded for messages only.  ``check(descriptor)`` may refuse
     the result (a signature that does not verify) before anything is committed.
     The object is committed before the index entry, each atomically: a crash
-    leaves the file unsealed or sealed, never half.
+    leaves the file unsealed or sealed, never half.  (Many files: stage_fd.)
     """
     key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
     with store.new_object() as obj:
         desc = treebuild.build_tree(fd, params, data_size=os.fstat(fd).st_size,
-                                 write_block=obj.write_block, **build_kw)
+                                    write_block=obj.write_block, **build_kw)
         if check is not None:
             check(desc)
         obj.commit(desc)
@@ -42,11 +42,52 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     return IndexEntry(key, params.alg, desc.digest, signature, relpath)
 
 
+def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: int,
+             signature: bytes = b"", threads: Optional[int] = None, **build_kw) -> Staged:
+    """seal_fd without publishing: the object and the index entry are left in tmp/,
+    unsynced, for a store_batch.Batch (thread-safe: seal_pool stages files at once).
+    ``size`` is the file's fstat size.  A file of one chunk is hashed in this thread
+    (the other files in flight keep the other cores busy); a larger one with
+    ``threads``."""
+    key = identity.key_of(fd)
+    with store.new_object() as obj:
+        desc = treebuild.build_tree(fd, params, data_size=size, write_block=obj.write_block,
+                                    threads=1 if size <= treebuild.CHUNK_SIZE else threads,
+                                    **build_kw)
+        tmp_object = obj.stage(desc)
+    try:
+        index = store.stage_entry(key, params.alg, desc.digest, signature, relpath)
+    except BaseException:
+        store.discard_tmp(tmp_object)
+        raise
+    return Staged(IndexEntry(key, params.alg, desc.digest, signature, relpath), size,
+                  (tmp_object, *store.object_parts(params.alg, desc.digest)), index)
+
+
 def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
     """Seal the regular file SOURCE/relpath (never through a final symlink)."""
     fd = open_regular(os.path.join(source, relpath))
     try:
         return seal_fd(store, fd, relpath, params, **kw)
+    finally:
+        os.close(fd)
+
+
+def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
+               progress=None, **kw) -> Tuple[Staged, os.stat_result]:
+    """Stage the regular file SOURCE/relpath (never through a final symlink); its fstat
+    too (what is sealed is what a manifest records).  ``progress(label, size)`` gives
+    the file's progress callable (closed when it is staged)."""
+    full = os.path.join(source, relpath)
+    fd = open_regular(full)
+    try:
+        st = os.fstat(fd)
+        prog = progress(full, st.st_size) if progress is not None else None
+        try:
+            return stage_fd(store, fd, relpath, params, st.st_size, progress=prog, **kw), st
+        finally:
+            if prog is not None:
+                prog.close()
     finally:
         os.close(fd)
 
@@ -61,20 +102,29 @@ def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:
 
 
 def walk_files(source: str, store: Store) -> Iterator[str]:
-    """Relative paths of every regular file under ``source``, store excluded."""
+    """Relative paths of every regular file under ``source``, store excluded: a
+    directory's files, then each subdirectory's, in name order (os.walk's order;
+    unreadable directories are skipped as os.walk does).  File types come from
+    the directory entries, without a stat per file."""
     st = os.stat(store.path)
     store_id = (st.st_dev, st.st_ino)
-    for dirpath, dirnames, filenames in os.walk(source):
-        keep = []
-        for d in sorted(dirnames):
-            s = os.lstat(os.path.join(dirpath, d))
-            if (s.st_dev, s.st_ino) != store_id:
-                keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            full = os.path.join(dirpath, f)
-            if stat.S_ISREG(os.lstat(full).st_mode):
-                yield os.path.relpath(full, source)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(source, rel) if rel else source) as it:
+                found = sorted(it, key=lambda d: d.name)
+        except OSError:
+            continue
+        subdirs = []
+        for d in found:
+            if d.is_dir(follow_symlinks=False):
+                s = d.stat(follow_symlinks=False)
+                if (s.st_dev, s.st_ino) != store_id:
+                    subdirs.append(rel + d.name + "/")
+            elif d.is_file(follow_symlinks=False):
+                yield rel + d.name
+        stack.extend(reversed(subdirs))
 
 
 @dataclass
@@ -134,110 +184,3 @@ def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
     finally:
         os.close(fd)
     return res
-
-
-class ManifestRecorder:
-    """Records SOURCE into manifest entries (format 2), sealing every regular file.
-
-    ``report(entry_dict, full_path)`` is called for each sealed file; ``warn``
-    for what is left out (other file types, names that are not UTF-8).
-    """
-
-    def __init__(self, source: str, store: Store, params: merkle.Params, skip_paths=(),
-                 warn=print, report=None, progress=None, **seal_kw):
-        self.source, self.store, self.params = source, store, params
-        self.warn, self.report, self.seal_kw = warn, report, seal_kw
-        self.progress = progress  # progress(label, size) -> callable with .close()
-        self.failed = 0
-        st = os.stat(store.path)
-        self._skip = {(st.st_dev, st.st_ino)}
-        for p in skip_paths:
-            try:
-                s = os.stat(p)
-                self._skip.add((s.st_dev, s.st_ino))
-            except FileNotFoundError:
-                pass
-        self.entries: Dict[str, dict] = {}
-
-    def skip(self, rel: str, st: os.stat_result) -> bool:
-        return (st.st_dev, st.st_ino) in self._skip
-
-    def _entry(self, rel: str, st: os.stat_result) -> Optional[dict]:
-        from . import manifest_tree
-
-        full = os.path.join(self.source, rel)
-        if stat.S_ISREG(st.st_mode):
-            try:
-                fd = open_regular(full)
-                try:
-                    st = os.fstat(fd)  # what is sealed is what is recorded
-                    prog = self.progress(full, st.st_size) if self.progress else None
-                    try:
-                        e = seal_fd(self.store, fd, rel, self.params, progress=prog, **self.seal_kw)
-                    finally:
-                        if prog is not None:
-                            prog.close()
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                self.warn(f"can't seal '{full}': {err.strerror or err}")
-                self.failed += 1
-                return None
-            entry = manifest_tree.entry_of(rel, st, sealed=(e.alg, e.digest, self.params))
-            if self.report:
-                self.report(entry, full)
-            return entry
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
-            try:
-                target.encode("utf-8")
-            except UnicodeEncodeError:
-                self.warn(f"skipping {full!r}: its target is not UTF-8")
-                return None
-            return manifest_tree.entry_of(rel, st, target=target)
-        return manifest_tree.entry_of(rel, st)
-
-    def add(self, rel: str = "."):
-        """Record ``rel`` and, for a directory, everything under it."""
-        from . import manifest_tree
-
-        full = self.source if rel == "." else os.path.join(self.source, rel)
-        if rel != ".":
-            st = os.lstat(full)
-            if self.skip(rel, st):
-                return
-            if not stat.S_ISDIR(st.st_mode):
-                e = self._entry(rel, st) if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else None
-                if e is not None:
-                    self.entries[rel] = e
-                elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                    self.warn(f"skipping {full}: not a directory, regular file or symlink")
-                return
-        for sub, st in manifest_tree.scan(full, self.skip, self.warn):
-            path = rel if sub == "." else (sub if rel == "." else f"{rel}/{sub}")
-            e = self._entry(path, st)
-            if e is not None:
-                self.entries[path] = e
-
-    def update(self, existing, rels):
-        """Start from ``existing`` entries, re-record ``rels`` (removing those
-        gone from SOURCE), keep every other entry."""
-        from . import manifest_tree
-
-        self.entries = {e["path"]: e for e in existing}
-        for rel in rels:
-            prefix = rel + "/"
-            for p in [p for p in self.entries if p == rel or p.startswith(prefix)]:
-                del self.entries[p]
-            full = os.path.join(self.source, rel)
-            if not os.path.lexists(full):
-                continue
-            parts = rel.split("/")
-            for n in range(len(parts)):
-                anc = "/".join(parts[:n]) or "."
-                if anc not in self.entries:
-                    st = os.stat(self.source) if anc == "." else os.lstat(os.path.join(self.source, anc))
-                    if not stat.S_ISDIR(st.st_mode):
-                        raise NotADirectoryError(20, "not a directory", os.path.join(self.source, anc))
-                    self.entries[anc] = manifest_tree.entry_of(anc, st)
-            self.add(rel)

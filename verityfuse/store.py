@@ -12,33 +12,37 @@ proves itself: H(descriptor) must equal its name, and every tree block hashes
 up to the descriptor's root hash.  The index maps an inode's identity (its
 filesystem and file handle, see identity.py) to a digest: verity belongs to
 the inode, so renames and links keep it and nothing is ever walked.
-Every write goes to tmp/, is fsynced and renamed into place, then the directory
-is fsynced: a crash leaves either the old entry or the new one, never half of
-one.  Every open resolves from the store's root fd and follows no symlink (a
-read: one openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; a write: each
-directory with O_NOFOLLOW), so a symlink planted inside the store is refused
-instead of followed.
+Every write goes to tmp/, is made durable and renamed into place, then the
+directory is made durable: a crash leaves either the old entry or the new one,
+never half of one.  One file is fsynced on its own (``set_entry``,
+``ObjectWriter.commit``); a batch of files is synced once (store_batch.py).
+Every open resolves from the store's root fd and follows no symlink (a read: one
+openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; a write: each directory with
+O_NOFOLLOW), so a symlink planted inside the store is refused instead of followed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import json
 import os
-from dataclasses import dataclass
+import threading
 from typing import Iterator, Optional
 
 from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
+from .store_index import INDEX_ENTRY_MAX, IndexEntry, entry_bytes, parse_entry
 from .store_object import ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
+
+__all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
 
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 INDEX_DIR = "inodes"
-INDEX_ENTRY_MAX = 64 * 1024  # a path (4 KiB) plus a hex signature (32 KiB) fit
 _HEX = frozenset("0123456789abcdef")
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def default_store(source: str) -> str:
@@ -52,19 +56,6 @@ def default_store(source: str) -> str:
 
 class StoreFormat(VerityError):
     """A store of another format than this operation needs."""
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    key: str                # the inode's identity (identity.key_of)
-    alg: merkle.HashAlg
-    digest: bytes
-    signature: bytes = b""
-    path: str = ""          # where the file was when it was sealed: for messages only
-
-    @property
-    def digest_text(self) -> str:
-        return merkle.format_digest(self.alg, self.digest)
 
 
 class Store:
@@ -82,6 +73,8 @@ class Store:
         self.path = os.path.abspath(path)
         self.in_share = in_share  # the root is the host's too: never reached through a symlink
         self.rootfd = -1
+        self._tmpfd = -1  # tmp/, opened by the first write
+        self._tmp_lock = threading.Lock()
         self.version = 2
         self._trees = SharedTrees()  # open tree objects by digest
         if create:
@@ -135,9 +128,10 @@ class Store:
 
     def close(self):
         self._trees.close()
-        if self.rootfd >= 0:
-            os.close(self.rootfd)
-            self.rootfd = -1
+        for name in ("_tmpfd", "rootfd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
     def __enter__(self):
         return self
@@ -237,48 +231,66 @@ class Store:
                 raise
             raise self._refused(parts, e) from None
 
-    def _create_tmp(self):
-        tmpfd = self._open_dirs(("tmp",), create=True)
-        try:
-            name = f"{os.getpid()}.{os.urandom(8).hex()}"
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=tmpfd)
-        finally:
-            os.close(tmpfd)
+    def _tmp_dir(self) -> int:
+        if self._tmpfd < 0:
+            # A lazy store's first write creates it, which writes VERSION through here:
+            # before the lock, which that nested call takes too.
+            self._ensure()
+            with self._tmp_lock:  # threads stage files at once (seal_pool): open it once
+                if self._tmpfd < 0:
+                    self._tmpfd = self._open_dirs(("tmp",), create=True)
+        return self._tmpfd
+
+    # -- writing: the interface of ObjectWriter and store_batch ------------------
+
+    def create_tmp(self):
+        """(name, fd) of a new empty file in tmp/, for ``place`` or ``discard_tmp``."""
+        name = f"{os.getpid()}.{os.urandom(8).hex()}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self._tmp_dir())
         return name, fd
 
-    def _unlink_tmp(self, name):
-        tmpfd = self._open_dirs(("tmp",), create=True)
+    def discard_tmp(self, name: str):
         try:
-            os.unlink(name, dir_fd=tmpfd)
+            os.unlink(name, dir_fd=self._tmp_dir())
         except FileNotFoundError:
             pass
-        finally:
-            os.close(tmpfd)
 
-    def _rename_from_tmp(self, tmpname: str, dirfd: int, name: str):
-        tmpfd = self._open_dirs(("tmp",))
-        try:
-            os.rename(tmpname, name, src_dir_fd=tmpfd, dst_dir_fd=dirfd)
-        finally:
-            os.close(tmpfd)
-        os.fsync(dirfd)
+    def open_dir(self, parts) -> int:
+        """A new fd of directory STORE/parts..., created if missing (for ``place``)."""
+        return self._open_dirs(parts, create=True)
+
+    def place(self, tmpname: str, dirfd: int, name: str, sync: bool = True):
+        """Rename tmp/``tmpname`` to ``name`` in ``dirfd``; ``sync``: fsync the directory
+        (the caller made the file durable first).  Without it, the caller syncs later."""
+        os.rename(tmpname, name, src_dir_fd=self._tmp_dir(), dst_dir_fd=dirfd)
+        if sync:
+            os.fsync(dirfd)
+
+    def sync(self):
+        """Everything written to the store's filesystem, durable: one syncfs(2), which
+        reports writeback errors (Linux 5.8 and later) where fsync of each file would."""
+        self._ensure()
+        if _libc.syncfs(self.rootfd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"syncfs: {os.strerror(e)}", self.path)
 
     def _atomic_write(self, dirparts, name: str, data: bytes):
-        tmpname, fd = self._create_tmp()
+        tmpname, fd = self.create_tmp()
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        dirfd = self._open_dirs(dirparts, create=True)
         try:
-            self._rename_from_tmp(tmpname, dirfd, name)
+            dirfd = self._open_dirs(dirparts, create=True)
+            try:
+                self.place(tmpname, dirfd, name)
+            finally:
+                os.close(dirfd)
         except BaseException:
-            self._unlink_tmp(tmpname)
+            self.discard_tmp(tmpname)
             raise
-        finally:
-            os.close(dirfd)
 
     def cleanup_tmp(self) -> int:
         """Remove tmp files left by dead processes (a crash mid-write)."""
@@ -301,6 +313,11 @@ class Store:
 
     def new_object(self) -> ObjectWriter:
         return ObjectWriter(self)
+
+    def object_parts(self, alg: merkle.HashAlg, digest: bytes):
+        """(directory parts, name) of the object of ``digest``, for ``open_dir`` and ``place``."""
+        parts = self._object_parts(alg, digest)
+        return parts[:-1], parts[-1]
 
     def _object_parts(self, alg: merkle.HashAlg, digest: bytes):
         hexd = digest.hex()
@@ -333,12 +350,24 @@ class Store:
 
     def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
                   path: str = ""):
-        doc = {"version": 2, "path": path, "digest": merkle.format_digest(alg, digest)}
-        if signature:
-            doc["signature"] = signature.hex()
+        """Write the index entry of ``key``, durably, now."""
         parts = self._index_parts(key)
-        data = json.dumps(doc, sort_keys=True).encode() + b"\n"
-        self._atomic_write(parts[:-1], parts[-1], data)
+        self._atomic_write(parts[:-1], parts[-1], entry_bytes(alg, digest, signature, path))
+
+    def stage_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
+                    path: str = ""):
+        """The index entry of ``key`` written to tmp/, not synced, not yet in place:
+        (tmp name, directory parts, name) for store_batch to publish."""
+        parts = self._index_parts(key)
+        tmpname, fd = self.create_tmp()
+        try:
+            os.write(fd, entry_bytes(alg, digest, signature, path))
+        except BaseException:
+            os.close(fd)
+            self.discard_tmp(tmpname)
+            raise
+        os.close(fd)
+        return tmpname, parts[:-1], parts[-1]
 
     def get_entry(self, key: str) -> Optional[IndexEntry]:
         parts = self._index_parts(key)
@@ -349,29 +378,7 @@ class Store:
             data = os.read(fd, INDEX_ENTRY_MAX + 1)
         finally:
             os.close(fd)
-        return self._parse_entry(key, data)
-
-    def _parse_entry(self, key: str, data: bytes) -> IndexEntry:
-        name = self._where(*self._index_parts(key))
-        if len(data) > INDEX_ENTRY_MAX:
-            raise StoreCorrupt(f"{name}: index entry larger than {INDEX_ENTRY_MAX} bytes")
-        try:
-            doc = json.loads(data.decode("utf-8"))
-            if not isinstance(doc, dict) or doc.get("version") != 2:
-                raise ValueError("unsupported or missing version")
-            extra = set(doc) - {"version", "path", "digest", "signature"}
-            if extra:
-                raise ValueError(f"unknown keys {sorted(extra)}")
-            path, digest, sig = doc.get("path"), doc.get("digest"), doc.get("signature", "")
-            if not isinstance(path, str) or not isinstance(digest, str) or not isinstance(sig, str):
-                raise ValueError("path, digest and signature must be strings")
-            alg, raw = merkle.parse_digest(digest)
-            signature = bytes.fromhex(sig)
-        except UnicodeDecodeError as e:
-            raise StoreCorrupt(f"{name}: malformed index entry: not UTF-8 at byte {e.start}") from None
-        except (ValueError, RecursionError) as e:
-            raise StoreCorrupt(f"{name}: malformed index entry: {e}") from None
-        return IndexEntry(key, alg, raw, signature, path)
+        return parse_entry(self._where(*self._index_parts(key)), key, data)
 
     def remove_entry(self, key: str) -> bool:
         """False if there was no entry (or not even its shard)."""

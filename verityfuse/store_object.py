@@ -175,38 +175,64 @@ class SharedTrees:
 
 
 class ObjectWriter:
-    """A tree being built into tmp/; ``commit`` makes it an object."""
+    """A tree being built into the store's tmp/.  ``commit`` makes it an object now,
+    durably; ``stage`` leaves it in tmp/, unsynced, for a store_batch.Batch to
+    publish with others.  Only the store's public writing interface is used."""
+
+    # The first this many bytes of a tree are kept and written with the header in one
+    # write: a small file's object costs one write, not one per block.
+    BUFFERED = 64 << 10
 
     def __init__(self, store):
         self.store = store
-        self.tmpname, self.fd = store._create_tmp()
+        self.tmpname, self.fd = store.create_tmp()
+        self._head = bytearray()  # tree bytes [0, BUFFERED)
+        self._end = 0             # the end of the tree bytes written so far
 
     def write_block(self, offset: int, block: bytes):
-        os.pwrite(self.fd, block, TREE_OFFSET + offset)
+        end = offset + len(block)
+        self._end = max(self._end, end)
+        if end <= self.BUFFERED:
+            if len(self._head) < end:
+                self._head.extend(bytes(end - len(self._head)))
+            self._head[offset:end] = block
+        else:
+            os.pwrite(self.fd, block, TREE_OFFSET + offset)
 
-    def commit(self, desc: merkle.Descriptor) -> str:
+    def _finish(self, desc: merkle.Descriptor, durable: bool):
         tree_size = desc.geometry.tree_size
         header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"")
-        os.pwrite(self.fd, header + desc.raw, 0)
-        os.ftruncate(self.fd, TREE_OFFSET + tree_size)
-        os.fsync(self.fd)
+        os.pwrite(self.fd, header + desc.raw + self._head, 0)
+        if self._end != tree_size:  # never after a whole build; the size is the format's
+            os.ftruncate(self.fd, TREE_OFFSET + tree_size)
+        if durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        hexd = desc.digest.hex()
-        dirfd = self.store._open_dirs(("objects", desc.params.alg.name, hexd[:2]), create=True)
+
+    def commit(self, desc: merkle.Descriptor) -> str:
+        self._finish(desc, durable=True)
+        dirparts, name = self.store.object_parts(desc.params.alg, desc.digest)
+        dirfd = self.store.open_dir(dirparts)
         try:
-            self.store._rename_from_tmp(self.tmpname, dirfd, hexd)
+            self.store.place(self.tmpname, dirfd, name)
         finally:
             os.close(dirfd)
         self.tmpname = None
-        return hexd
+        return name
+
+    def stage(self, desc: merkle.Descriptor) -> str:
+        """The tmp name of the finished object, now the caller's to place or discard."""
+        self._finish(desc, durable=False)
+        name, self.tmpname = self.tmpname, None
+        return name
 
     def abort(self):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         if self.tmpname:
-            self.store._unlink_tmp(self.tmpname)
+            self.store.discard_tmp(self.tmpname)
             self.tmpname = None
 
     def __enter__(self):

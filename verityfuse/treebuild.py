@@ -8,7 +8,9 @@ where the native module has it); the caller takes the hashes in file order.
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 from typing import Callable, Optional, Union
 
 from .merkle import Descriptor, Geometry, Params, make_descriptor
@@ -84,7 +86,15 @@ def read_full(fd: int, buf: Union[bytearray, memoryview], offset: int) -> int:
 
 
 def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return _DEFAULT_THREADS
+
+
+_DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Files up to this size are read into a buffer kept by the thread: sealing many
+# small files maps no new buffer per file.  Larger ones map their own (the cost
+# vanishes next to hashing them), so no thread keeps more than this.
+SMALL_BUFFER = 64 << 10
+_local = threading.local()
 
 
 def _read_buffer(size: int) -> memoryview:
@@ -96,7 +106,11 @@ def _read_buffer(size: int) -> memoryview:
     machine (measured with bench/hashspeed.py's read test), more than the
     hashing itself costs.
     """
-    import mmap
+    if size <= SMALL_BUFFER:
+        buf = getattr(_local, "buf", None)
+        if buf is None:
+            buf = _local.buf = memoryview(mmap.mmap(-1, SMALL_BUFFER))
+        return buf[:size]
     return memoryview(mmap.mmap(-1, size))
 
 
@@ -197,8 +211,6 @@ def _hash_chunks_in_workers(nworkers, nchunks, read_chunk, hash_chunk, chunk, da
     No buffer crosses threads: a worker hands over only the chunk's hashes
     (1/128 of its size), so the data is read and hashed on the same core.
     """
-    import threading  # here: only multi-chunk, multi-thread builds pay for it
-
     cond = threading.Condition()
     results = {}          # chunk index -> hashes, or the exception that stopped its worker
     state = {"consumed": 0, "stop": False}

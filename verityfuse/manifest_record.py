@@ -1,0 +1,182 @@
+"""Recording SOURCE into manifest entries (format 2), sealing every regular file.
+
+A whole tree is walked in payload order (the bytes of each path, the root
+first) and each entry is produced as its file is sealed, so a caller can write
+it at once (manifest_writer): memory is one directory listing per level of the
+walk, not one entry per file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import manifest_tree, merkle
+from .seal_pool import file_threads, in_order
+from .sealing import stage_path
+from .store import Store
+from .store_batch import Batch
+
+
+def scan_sorted(source: str, skip: Callable[[str, os.stat_result], bool],
+                warn: Callable[[str], None], base: str = "."
+                ) -> Iterator[Tuple[str, os.stat_result]]:
+    """(path, lstat) of ``base`` (relative to ``source``, "." for the root) and of every
+    directory, file and symlink under it, in increasing order of the path's bytes, never
+    following symlinks; ``skip`` prunes (the store, the manifest).  Other types and names
+    that are not UTF-8 are reported through ``warn`` and left out.
+
+    A directory's subtree sorts where "name/" does among its siblings, which is not
+    right after "name" ("name-2" and "name.txt" come between), so each listing is sorted
+    with one key for the directory and one for what is below it."""
+    top = source if base == "." else os.path.join(source, base)
+    yield base, os.stat(top) if base == "." else os.lstat(top)
+    stack: List[Iterator] = [_listing(source, "" if base == "." else base, skip, warn)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif item[2] is None:  # the subtree of a directory listed before
+            stack.append(_listing(source, item[1], skip, warn))
+        else:
+            yield item[1], item[2]
+
+
+def _listing(source: str, rel: str, skip, warn) -> Iterator[tuple]:
+    with os.scandir(os.path.join(source, rel) if rel else source) as it:
+        found = list(it)
+    items = []
+    for d in found:
+        path = f"{rel}/{d.name}" if rel else d.name
+        try:
+            raw = path.encode("utf-8")
+        except UnicodeEncodeError:
+            warn(f"skipping {os.path.join(source, path)!r}: its name is not UTF-8")
+            continue
+        st = d.stat(follow_symlinks=False)
+        if skip(path, st):
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            items.append((raw + b"/", path, None))
+        elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            warn(f"skipping {os.path.join(source, path)}: not a directory, regular file "
+                 f"or symlink")
+            continue
+        items.append((raw, path, st))
+    items.sort(key=lambda i: i[0])
+    return iter(items)
+
+
+def _payload_order(e: dict) -> bytes:
+    return b"" if e["path"] == "." else e["path"].encode()
+
+
+class ManifestRecorder:
+    """Records SOURCE into manifest entries, sealing every regular file into ``batch``
+    (``threads`` files at once, seal_pool).
+
+    ``report(digest_text, full_path)`` is called for each sealed file once its batch
+    is durable; ``warn`` for what is left out (other file types, names that are not
+    UTF-8).  ``skip_paths`` and ``skip_ids`` ((st_dev, st_ino) pairs) are left out.
+    """
+
+    def __init__(self, source: str, store: Store, params: merkle.Params, batch: Batch,
+                 skip_paths=(), skip_ids=(), warn=print, report=None, progress=None,
+                 threads: Optional[int] = None):
+        self.source, self.store, self.params, self.batch = source, store, params, batch
+        self.warn, self.report, self.threads = warn, report, threads
+        self.progress = progress  # progress(label, size) -> callable with .close()
+        self.failed = 0
+        st = os.stat(store.path)
+        self._skip = {(st.st_dev, st.st_ino), *skip_ids}
+        for p in skip_paths:
+            try:
+                s = os.stat(p)
+                self._skip.add((s.st_dev, s.st_ino))
+            except FileNotFoundError:
+                pass
+
+    def skip(self, rel: str, st: os.stat_result) -> bool:
+        return (st.st_dev, st.st_ino) in self._skip
+
+    def _stage(self, item):
+        """In a pool thread: seal a regular file into tmp/."""
+        rel, st = item
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return stage_path(self.store, self.source, rel, self.params, progress=self.progress,
+                          threads=self.threads)
+
+    def _entries(self, items) -> Iterator[dict]:
+        for (rel, st), done, err in in_order(items, self._stage, file_threads(self.threads),
+                                             lambda r: r[0].drop(self.store)):
+            e = self._entry(rel, st, done, err)
+            if e is not None:
+                yield e
+
+    def _entry(self, rel: str, st: os.stat_result, done, err) -> Optional[dict]:
+        full = os.path.join(self.source, rel)
+        if stat.S_ISREG(st.st_mode):
+            if err is not None:
+                self.warn(f"can't seal '{full}': {err.strerror or err}")
+                self.failed += 1
+                return None
+            staged, st = done  # what is sealed is what is recorded
+            self.batch.add(staged)
+            entry = manifest_tree.entry_of(rel, st, sealed=(staged.entry.alg, staged.entry.digest,
+                                                            self.params))
+            if self.report:
+                self.batch.then(self.report, entry["digest"], full)
+            if self.batch.full:
+                self.batch.commit()
+            return entry
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(full)
+            try:
+                target.encode("utf-8")
+            except UnicodeEncodeError:
+                self.warn(f"skipping {full!r}: its target is not UTF-8")
+                return None
+            return manifest_tree.entry_of(rel, st, target=target)
+        return manifest_tree.entry_of(rel, st)
+
+    def walk(self, rel: str = ".") -> Iterator[dict]:
+        """The entries of ``rel`` and, for a directory, of everything under it, in
+        payload order, each file sealed as it comes."""
+        if rel != ".":
+            full = os.path.join(self.source, rel)
+            st = os.lstat(full)
+            if self.skip(rel, st):
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                    yield from self._entries([(rel, st)])
+                else:
+                    self.warn(f"skipping {full}: not a directory, regular file or symlink")
+                return
+        yield from self._entries(scan_sorted(self.source, self.skip, self.warn, rel))
+
+    def update(self, existing: Iterable[dict], rels) -> List[dict]:
+        """``existing`` entries with ``rels`` re-recorded (removing those gone from
+        SOURCE), every other entry kept, in payload order.  This holds every entry: an
+        update starts from a manifest read whole (at most manifest.MAX_BYTES)."""
+        entries: Dict[str, dict] = {e["path"]: e for e in existing}
+        for rel in rels:
+            prefix = rel + "/"
+            for p in [p for p in entries if p == rel or p.startswith(prefix)]:
+                del entries[p]
+            full = os.path.join(self.source, rel)
+            if not os.path.lexists(full):
+                continue
+            parts = rel.split("/")
+            for n in range(len(parts)):
+                anc = "/".join(parts[:n]) or "."
+                if anc not in entries:
+                    st = os.stat(self.source) if anc == "." else os.lstat(os.path.join(self.source, anc))
+                    if not stat.S_ISDIR(st.st_mode):
+                        raise NotADirectoryError(20, "not a directory", os.path.join(self.source, anc))
+                    entries[anc] = manifest_tree.entry_of(anc, st)
+            for e in self.walk(rel):
+                entries[e["path"]] = e
+        return sorted(entries.values(), key=_payload_order)
