@@ -144,6 +144,8 @@ class VerityOperations(pyfuse3.Operations):
         self.handles: Dict[int, Handle] = {}
         self._next_fh = 1
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
+        if shim is not None:
+            shim.set_noflush_ro(True)  # flush has nothing to do for a read-only handle
         self.fuse_poll: Optional[select.poll] = None  # /dev/fuse, once FUSE_INIT came through it
         self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
@@ -310,10 +312,12 @@ class VerityOperations(pyfuse3.Operations):
             # Nothing is written through it, so a close has no error to report: ENOSYS
             # tells the kernel to send no FLUSH again (one request less per close).
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        # Report close-time errors of the backing fs (as passthrough_hp does).
-        fd = self.handles[fh].fd
-        if fd >= 0:  # an OCI view's handles have no backing fd
-            os.close(os.dup(fd))
+        # Report close-time errors of the backing fs (as passthrough_hp does) for what
+        # was written through this handle.  Nothing is written through a read-only one
+        # (which the shim marks FOPEN_NOFLUSH, so the kernel sends no FLUSH for it).
+        h = self.handles[fh]
+        if getattr(h, "writable", False) and h.fd >= 0:  # an OCI view's have no backing fd
+            os.close(os.dup(h.fd))
 
     async def fsync(self, fh, datasync):
         await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
