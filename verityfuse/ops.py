@@ -316,7 +316,7 @@ class VerityOperations(pyfuse3.Operations):
         # was written through this handle.  Nothing is written through a read-only one
         # (which the shim marks FOPEN_NOFLUSH, so the kernel sends no FLUSH for it).
         h = self.handles[fh]
-        if getattr(h, "writable", False) and h.fd >= 0:  # an OCI view's have no backing fd
+        if h.writable and h.fd >= 0:  # an OCI view's handles have no backing fd
             os.close(os.dup(h.fd))
 
     async def fsync(self, fh, datasync):
