@@ -144,8 +144,6 @@ class VerityOperations(pyfuse3.Operations):
         self.handles: Dict[int, Handle] = {}
         self._next_fh = 1
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
-        if shim is not None:
-            shim.set_noflush_ro(True)  # flush has nothing to do for a read-only handle
         self.fuse_poll: Optional[select.poll] = None  # /dev/fuse, once FUSE_INIT came through it
         self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
