@@ -43,6 +43,13 @@ class Shim:
         so that a default ACL wins over it); before pyfuse3.init."""
         self.lib.vf_set_dont_mask(int(on))
 
+    def set_noflush_ro(self, on: bool):
+        """Mark handles opened read-only FOPEN_NOFLUSH: their close sends no FLUSH.
+        A shim built before this existed lacks it: then FLUSH comes, as before."""
+        fn = getattr(self.lib, "vf_set_noflush_ro", None)
+        if fn is not None:
+            fn(int(on))
+
     def set_handler(self, fn):
         """fn(req, ino, cmd, fh, flags, data: bytes, out_size) -> 0 or errno."""
 

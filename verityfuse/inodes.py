@@ -148,8 +148,9 @@ class InodeTable:
             self._next_synthetic += 1
         return n
 
-    def _new(self, ino: int, fd: int, st: os.stat_result) -> Inode:
-        key, handle = self._identify(fd, st)
+    def _new(self, ino: int, fd: int, st: os.stat_result, ident=None) -> Inode:
+        """``ident``: what ``_identify`` said of ``fd`` (asked here if not given)."""
+        key, handle = ident or self._identify(fd, st)
         inode = Inode(self, ino, key, handle, st)
         self.by_ino[ino] = inode
         self.by_key[key] = inode
@@ -169,15 +170,15 @@ class InodeTable:
         fd = os.open(name, _O_PATH, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
-            key, _ = self._identify(fd, st)
+            ident = self._identify(fd, st)  # one name_to_handle_at per lookup
         except BaseException:
             os.close(fd)
             raise
         if st.st_dev not in self.mount_fds and stat.S_ISDIR(st.st_mode):
             self._add_mount(st.st_dev, fd)
-        inode = self.by_key.get(key)
+        inode = self.by_key.get(ident[0])
         if inode is None:
-            inode = self._new(self._node_id(st), fd, st)
+            inode = self._new(self._node_id(st), fd, st, ident)
         elif inode._fd < 0:
             self._cache(inode, fd)  # saves a reopen
         else:

@@ -259,10 +259,12 @@ class VerityOperations(pyfuse3.Operations):
             # Nothing is written through it, so a close has no error to report: ENOSYS
             # tells the kernel to send no FLUSH again (one request less per close).
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        # Report close-time errors of the backing fs (as passthrough_hp does).
-        fd = self.handles[fh].fd
-        if fd >= 0:  # an OCI view's handles have no backing fd
-            os.close(os.dup(fd))
+        # Report close-time errors of the backing fs (as passthrough_hp does) for what
+        # was written through this handle.  Nothing is written through a read-only one
+        # (which the shim marks FOPEN_NOFLUSH, so the kernel sends no FLUSH for it).
+        h = self.handles[fh]
+        if h.writable and h.fd >= 0:  # an OCI view's handles have no backing fd
+            os.close(os.dup(h.fd))
 
     async def fsync(self, fh, datasync):
         await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
