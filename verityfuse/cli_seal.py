@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from .errors import IntegrityError
 from .jsonout import emit
@@ -83,6 +83,7 @@ def cmd_seal(args, params, key, rels) -> int:
                         failed += 1
                         batch.then(not_sealed, full, e.strerror or str(e))
                         continue
+                    assert done is not None  # in_order: a result when there is no error
                     batch.add(done[0])
                     batch.then(sealed, full, done[0].entry.digest_text)
                     if batch.full:
@@ -184,7 +185,7 @@ def seal_manifest(args, store, params, key, rels) -> int:
                                progress=progress.for_file, threads=args.threads)
         try:
             if rels is None or "." in rels:
-                entries = rec.walk(".")
+                entries: Iterable[dict] = rec.walk(".")
             else:
                 existing = []
                 if prev.exists:

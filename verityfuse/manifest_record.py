@@ -46,7 +46,7 @@ def scan_sorted(source: str, skip: Callable[[str, os.stat_result], bool],
 def _listing(source: str, rel: str, skip, warn) -> Iterator[tuple]:
     with os.scandir(os.path.join(source, rel) if rel else source) as it:
         found = list(it)
-    items = []
+    items: List[Tuple[bytes, str, Optional[os.stat_result]]] = []
     for d in found:
         path = f"{rel}/{d.name}" if rel else d.name
         try:

@@ -142,8 +142,8 @@ class SharedTrees:
         with self._lock:
             ref = self._take(key)
             if ref is None:
-                self._held[key] = [tree, 0]
-                return self._take(key)
+                self._held[key] = [tree, 1]
+                return TreeRef(tree, lambda: self._release(key))
         tree.close()  # another thread opened it meanwhile: keep one
         return ref
 
