@@ -52,7 +52,7 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from verityfuse.daemon import set_readahead  # noqa: E402
 
-INLINE_READ = 16 * 1024  # as verityfuse.ops.INLINE_READ
+INLINE_READ = 16 * 1024  # as verityfuse.ops_read.INLINE_READ
 TIMEOUT = 1.0            # as local mode's entry/attr timeout
 
 
