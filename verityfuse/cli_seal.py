@@ -47,7 +47,9 @@ def cmd_seal(args, params, key, rels) -> int:
             return seal_manifest(args, store, params, key, rels)
         tty = sys.stderr.isatty()
         if rels is None:  # walked as sealed: memory does not grow with the number of files
-            total = tree_size(args.source) if tty else (0, 0)
+            # On a terminal, one walk more for the totals (the store excluded, as sealed).
+            total = paths_size(os.path.join(args.source, r)
+                               for r in walk_files(args.source, store)) if tty else (0, 0)
             rels = walk_files(args.source, store)
         else:
             total = paths_size(os.path.join(args.source, r) for r in rels) if tty else (0, 0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import manifest_header, merkle
 from .errors import ManifestError, VerityError
@@ -344,34 +344,3 @@ def _params(e: list, where: str, n: int) -> merkle.Params:
     except (ValueError, VerityError):
         raise _explain(e, where, n) from None
 
-
-# -- recording a source tree -----------------------------------------------------
-
-def scan(source: str, skip: Callable[[str, os.stat_result], bool],
-         warn: Callable[[str], None]) -> Iterator[Tuple[str, os.stat_result]]:
-    """(relative path, lstat) of the root and every directory, file and symlink under
-    ``source``, never following symlinks; ``skip`` prunes (the store, the manifest).
-    Other types and names that are not UTF-8 are reported through ``warn`` and left out."""
-    yield ".", os.stat(source)  # the root the caller named, even through a symlink
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(source, rel) if rel else source) as it:
-            found = sorted(it, key=lambda d: d.name)
-        for d in found:
-            path = f"{rel}/{d.name}" if rel else d.name
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:
-                warn(f"skipping {os.path.join(source, path)!r}: its name is not UTF-8")
-                continue
-            st = d.stat(follow_symlinks=False)
-            if skip(path, st):
-                continue
-            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                warn(f"skipping {os.path.join(source, path)}: not a directory, regular file "
-                     f"or symlink")
-                continue
-            yield path, st
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(path)

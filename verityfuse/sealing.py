@@ -8,18 +8,10 @@ from typing import Iterator, Optional, Tuple
 
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
-from .reader import VerifiedReader
+from .reader import attach_reader
 from .store import IndexEntry, Store
 from .store_batch import Staged
-from .verifier import TreeBlockCache, Verifier
-
-
-def open_regular(path: str) -> int:
-    """A regular file for reading, never through a final symlink, never blocking."""
-    try:
-        return fsutil.open_regular(path)
-    except fsutil.NotRegular as e:
-        raise IsADirectoryError(21, e.strerror, path) from None
+from .verifier import TreeBlockCache
 
 
 def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signature: bytes = b"",
@@ -66,7 +58,7 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
 
 def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
     """Seal the regular file SOURCE/relpath (never through a final symlink)."""
-    fd = open_regular(os.path.join(source, relpath))
+    fd = fsutil.open_regular(os.path.join(source, relpath))
     try:
         return seal_fd(store, fd, relpath, params, **kw)
     finally:
@@ -79,7 +71,7 @@ def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
     too (what is sealed is what a manifest records).  ``progress(label, size)`` gives
     the file's progress callable (closed when it is staged)."""
     full = os.path.join(source, relpath)
-    fd = open_regular(full)
+    fd = fsutil.open_regular(full)
     try:
         st = os.fstat(fd)
         prog = progress(full, st.st_size) if progress is not None else None
@@ -94,7 +86,7 @@ def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
 
 def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:
     """The index entry of the regular file at ``path`` (never through a symlink)."""
-    fd = open_regular(path)
+    fd = fsutil.open_regular(path)
     try:
         return store.get_entry(identity.key_of(fd))
     finally:
@@ -159,7 +151,7 @@ def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
     label = os.path.join(source, rel)
     res = VerifyResult(rel)
     try:
-        fd = open_regular(label)
+        fd = fsutil.open_regular(label)
     except OSError as e:
         res.error = e
         return res
@@ -174,7 +166,8 @@ def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
         if entry is None:
             return res
         with store.open_object(entry.alg, entry.digest) as tree:
-            reader = VerifiedReader(fd, Verifier(tree, cache, label), label)
+            # The whole file is read: a changed block before a truncation is reported first.
+            reader = attach_reader(fd, tree, cache, label, check_size=False)
             off = 0
             # The read at EOF returns nothing and checks nothing follows it.
             while reader.read(off, chunk):

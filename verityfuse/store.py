@@ -256,9 +256,18 @@ class Store:
         except FileNotFoundError:
             pass
 
-    def open_dir(self, parts) -> int:
+    def open_dir(self, parts, create: bool = True) -> int:
         """A new fd of directory STORE/parts..., created if missing (for ``place``)."""
-        return self._open_dirs(parts, create=True)
+        return self._open_dirs(parts, create=create)
+
+    def open_file(self, parts) -> Optional[int]:
+        """A regular file STORE/parts... for reading (no symlink followed); None if absent."""
+        return self._open_file(parts)
+
+    def mark_current(self):
+        """Record that the store is in the current format (after store_upgrade converted it)."""
+        self._atomic_write((), "VERSION", VERSION_TEXT)
+        self.version = 2
 
     def place(self, tmpname: str, dirfd: int, name: str, sync: bool = True):
         """Rename tmp/``tmpname`` to ``name`` in ``dirfd``; ``sync``: fsync the directory

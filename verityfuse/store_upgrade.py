@@ -18,7 +18,7 @@ from typing import Callable, Tuple
 from . import fsutil, identity
 from .errors import StoreCorrupt
 from .merkle import parse_digest
-from .store import INDEX_ENTRY_MAX, VERSION_TEXT, Store, normalize_relpath
+from .store import INDEX_ENTRY_MAX, Store, normalize_relpath
 
 V1_INDEX = "index"
 
@@ -32,9 +32,8 @@ def upgrade(source: str, store: Store, warn: Callable[[str], None]) -> Tuple[int
         converted, dropped = _convert(srcfd, store, warn)
     finally:
         os.close(srcfd)
-    store._atomic_write((), "VERSION", VERSION_TEXT)
+    store.mark_current()
     shutil.rmtree(os.path.join(store.path, V1_INDEX), ignore_errors=True)
-    store.version = 2
     return converted, dropped
 
 
@@ -42,14 +41,14 @@ def _convert(srcfd: int, store: Store, warn: Callable[[str], None]) -> Tuple[int
     converted = dropped = 0
     v1 = os.path.join(store.path, V1_INDEX)
     for shard in sorted(os.listdir(v1)) if os.path.isdir(v1) else ():
-        dirfd = store._open_dirs((V1_INDEX, shard))
+        dirfd = store.open_dir((V1_INDEX, shard), create=False)
         try:
             names = sorted(os.listdir(dirfd))
         finally:
             os.close(dirfd)
         for n in names:
             where = os.path.join(v1, shard, n)
-            fd = store._open_file((V1_INDEX, shard, n))
+            fd = store.open_file((V1_INDEX, shard, n))
             if fd is None:  # removed meanwhile
                 continue
             try:
