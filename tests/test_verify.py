@@ -5,7 +5,7 @@ import os
 import pytest
 
 from verityfuse import merkle
-from verityfuse.errors import IntegrityError
+from verityfuse.errors import IntegrityError, SizeMismatch
 from verityfuse.reader import ONE_CALL, VerifiedReader
 from verityfuse.sealing import seal_path
 from verityfuse.store import Store
@@ -105,18 +105,18 @@ def test_blast_radius_of_a_corrupt_data_block(sealed):
 
 
 def test_read_one_agrees_with_read_and_leaves_the_edges_to_it(sealed):
-    """The short path answers only reads of up to ONE_CALL bytes inside the file's body,
-    each byte verified; the last block (EOF check) and longer reads go the long way (None)."""
+    """The short path answers reads of up to ONE_CALL bytes inside the file, the last block
+    too, each byte verified; reads at the end and longer ones go the long way (None)."""
     path, data, tree = sealed
     fd = os.open(path, os.O_RDONLY)
     try:
         r = VerifiedReader(fd, Verifier(tree, TreeBlockCache(), "f"), "f")
         last = len(data) // B * B  # the partial last block starts here
         for off, size in [(0, 1), (0, B), (5, 3 * B), (31 * B + 7, 2 * B), (last - B, B),
-                          (last - 10, 10), (100 * B, 256 * 1024), (100 * B, ONE_CALL)]:
+                          (last - 10, 10), (100 * B, 256 * 1024), (100 * B, ONE_CALL),
+                          (last, 10), (last - 1, 2), (len(data) - 1, 1), (last - B, 5 * B)]:
             assert bytes(r.read_one(off, size)) == data[off:off + size], (off, size)
-        for off, size in [(last, 10), (last - 1, 2), (len(data) - 1, 1), (len(data), 1),
-                          (0, ONE_CALL + 1), (0, 0)]:
+        for off, size in [(len(data), 1), (len(data) + 5, 1), (0, ONE_CALL + 1), (0, 0)]:
             assert r.read_one(off, size) is None, (off, size)
         with open(path, "r+b") as f:  # a flipped byte fails the short path too
             f.seek(700 * B)
@@ -124,6 +124,11 @@ def test_read_one_agrees_with_read_and_leaves_the_edges_to_it(sealed):
         with pytest.raises(IntegrityError) as e:
             r.read_one(699 * B + 1, 2 * B)
         assert e.value.offset == 700 * B
+        with open(path, "ab") as f:  # extended: a read of the last block says so
+            f.write(b"!")
+        with pytest.raises(SizeMismatch, match="extended past its sealed size"):
+            r.read_one(last, 10)
+        assert bytes(r.read_one(0, B)) == data[:B]  # the body still reads
         os.truncate(path, 1000 * B)  # short: left to read_steps, which names the truncation
         assert r.read_one(1000 * B - 1, 2) is None
     finally:

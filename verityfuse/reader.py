@@ -5,8 +5,8 @@ call per piece (hashes of every block compared with the verified leaf hashes,
 split across two cores), then sliced: only bytes that were hashed are ever
 returned.
 
-Most requests are data in memory (up to 1 MiB) that does not reach the file's
-last block: ``read_one`` answers them in one native call that reads, hashes and
+Most requests are up to 1 MiB of data in memory (a small file's whole read
+among them): ``read_one`` answers them in one native call that reads, hashes and
 compares (``Params.read_verifier``: the GIL released, the copy and the hashing
 shared by both cores), with nothing else in the way (a 4 KiB read costs ~6 us).
 
@@ -115,8 +115,7 @@ class VerifiedReader:
         self.read_verify = verifier.params.read_verifier()
 
     def _check_eof(self):
-        if os.pread(self.fd, 1, self.data_size):
-            raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size {self.data_size}")
+        self._ends_here(0)
 
     def span(self, offset: int, size: int) -> Tuple[int, int, int]:
         """The one block alignment of a request, ``(start, end, stop)``: ``[offset, end)``
@@ -143,20 +142,21 @@ class VerifiedReader:
             return done.value
 
     def read_one(self, offset: int, size: int) -> Optional[Data]:
-        """The common read on the request thread, in as few steps as possible: whole
-        blocks inside the file's body, one piece, data in memory.  None when the read
-        is not of that kind or would wait on I/O: then use ``read_steps``."""
+        """The common read on the request thread, in one native call: up to ONE_CALL
+        bytes inside the file (a small file's whole read too), data in memory.  None
+        when the read is not of that kind or would wait on I/O: then use ``read_steps``."""
+        if offset >= self.data_size or size <= 0 or not (self.in_memory or self.nowait):
+            return None  # at or past the end: read_steps' end-of-file check answers
         start, end, stop = self.span(offset, size)
         n = stop - start
-        # The last block (zero-padded, followed by the end-of-file check) takes the long way.
-        if stop == self.data_size or n > ONE_CALL or size <= 0 or \
-                not (self.in_memory or self.nowait):
+        padded = n + (-n) % self.bs  # the file's last block is hashed zero-padded
+        if padded > ONE_CALL:
             return None
         first = start // self.bs
-        buf = POOL.take(n)
+        buf = POOL.take(padded)
         try:
-            mv = memoryview(buf)[:n]
-            expected = self.verifier.expected_hashes(first, n // self.bs)
+            mv = memoryview(buf)[:padded]
+            expected = self.verifier.expected_hashes(first, padded // self.bs)
             try:  # pread, hash and compare in one native call, both cores, no GIL
                 bad = self.read_verify(mv, expected, self.fd, start, n,
                                        0 if self.in_memory else os.RWF_NOWAIT)
@@ -169,11 +169,26 @@ class VerifiedReader:
                 return None
             if bad >= 0:
                 self.verifier.mismatch(first, mv, expected, bad)
+            if stop == self.data_size and \
+                    not self._ends_here(0 if self.in_memory else os.RWF_NOWAIT):
+                return None  # not cached past the end: read_steps finds out in a thread
         finally:
             POOL.give(buf)  # reused only after this read's reply is sent
         if self.stats is not None:
-            self.stats.verified(n // self.bs, size)
-        return mv[offset - start: offset - start + size]
+            self.stats.verified(padded // self.bs, end - offset)
+        return mv[offset - start: end - start]
+
+    def _ends_here(self, flags: int) -> bool:
+        """True if the file ends at its sealed size (with RWF_NOWAIT in ``flags``: False
+        when that cannot be told without waiting); SizeMismatch if it goes on."""
+        try:
+            more = os.preadv(self.fd, [bytearray(1)], self.data_size, flags)
+        except BlockingIOError:
+            return False
+        if more:
+            raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size "
+                               f"{self.data_size}")
+        return True
 
     def read_steps(self, offset: int, size: int) -> Generator[None, None, Optional[Data]]:
         """``read`` one piece per step, for the request thread; returns None if the
