@@ -1,4 +1,4 @@
-"""The manifest view's semantics, called directly (no mount, so in the fast tier): what each
+"""The views' semantics, called directly (no mount, so in the fast tier): what each
 request answers, as a table of (request, exact errno), and what the host's changes to the
 share do to an open and a read.  One mount test per wire path lives elsewhere
 (test_manifest.py, test_manifest_attacks.py); these are the rules where they are decided."""
@@ -172,5 +172,129 @@ def test_a_change_after_open_fails_the_read_not_the_bytes(view):
             fh.reader.read(2 * BS, BS)
         assert e.value.offset == 2 * BS
         assert bytes(fh.reader.read(BS, BS)) == FILES["app.bin"][BS:2 * BS]
+    finally:
+        v.release(fh)
+
+
+# -- the local view: a passthrough, with a plain directory as the oracle ------------------
+
+class Ctx:
+    """What a request's context gives the view (pyfuse3's RequestContext): root here."""
+    uid = gid = 0
+    umask = 0o022
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+
+class Fields:
+    update_size = update_mode = update_uid = update_gid = False
+    update_atime = update_mtime = update_ctime = False
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _tree(root):
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "inner").write_bytes(b"x")
+    (root / "f").write_bytes(FILES["app.bin"])
+    (root / "sealed").write_bytes(FILES["app.bin"])
+    (root / "e").mkdir()
+
+
+@pytest.fixture
+def local(tmp_path):
+    from verityfuse.view_local import LocalView
+    src, oracle = tmp_path / "src", tmp_path / "oracle"
+    _tree(src)
+    _tree(oracle)
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), str(src / "sealed")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    store = Store(str(src / ".verityfuse"))
+    v = LocalView(str(src), store, TreeBlockCache())
+    yield v, src, oracle
+    v.close()
+    store.close()
+
+
+# (operation, what the view is asked, what the oracle directory is asked): the same errno
+# from both, or success from both.
+POSIX = [
+    ("lookup a missing name", lambda v: v.lookup(ROOT_INO, b"nope"),
+     lambda o: os.lstat(o / "nope")),
+    ("mkdir over a file", lambda v: v.mkdir(ROOT_INO, b"f", 0o755, Ctx()),
+     lambda o: os.mkdir(o / "f")),
+    ("rmdir a non-empty directory", lambda v: v.rmdir(ROOT_INO, b"d"), lambda o: os.rmdir(o / "d")),
+    ("rmdir a file", lambda v: v.rmdir(ROOT_INO, b"f"), lambda o: os.rmdir(o / "f")),
+    ("unlink a directory", lambda v: v.unlink(ROOT_INO, b"d"), lambda o: os.unlink(o / "d")),
+    ("unlink a missing name", lambda v: v.unlink(ROOT_INO, b"nope"),
+     lambda o: os.unlink(o / "nope")),
+    ("rename a directory over a file", lambda v: v.rename(ROOT_INO, b"e", ROOT_INO, b"f", 0),
+     lambda o: os.rename(o / "e", o / "f")),
+    ("rename a file over a directory", lambda v: v.rename(ROOT_INO, b"f", ROOT_INO, b"e", 0),
+     lambda o: os.rename(o / "f", o / "e")),
+    ("rename a directory into itself", lambda v: v.rename(ROOT_INO, b"d", ino(v, "d"), b"x", 0),
+     lambda o: os.rename(o / "d", o / "d" / "x")),
+    ("rename over a non-empty directory", lambda v: v.rename(ROOT_INO, b"e", ROOT_INO, b"d", 0),
+     lambda o: os.rename(o / "e", o / "d")),
+    ("link a directory", lambda v: v.link(ino(v, "d"), ROOT_INO, b"l"),
+     lambda o: os.link(o / "d", o / "l")),
+    ("a name longer than 255 bytes", lambda v: v.mkdir(ROOT_INO, b"n" * 256, 0o755, Ctx()),
+     lambda o: os.mkdir(o / ("n" * 256))),
+    ("lookup below a file", lambda v: v.lookup(ino(v, "f"), b"x"), lambda o: os.lstat(o / "f" / "x")),
+    ("mkdir, then rmdir it", lambda v: (v.mkdir(ROOT_INO, b"n", 0o755, Ctx()),
+                                        v.rmdir(ROOT_INO, b"n")),
+     lambda o: (os.mkdir(o / "n"), os.rmdir(o / "n"))),
+]
+
+
+def _outcome(call):
+    try:
+        call()
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+@pytest.mark.parametrize("name,view_call,oracle_call", POSIX, ids=[p[0] for p in POSIX])
+def test_local_view_answers_as_the_backing_directory(local, name, view_call, oracle_call):
+    v, src, oracle = local
+    assert _outcome(lambda: view_call(v)) == _outcome(lambda: oracle_call(oracle))
+    assert sorted(os.listdir(src)) == sorted(os.listdir(oracle) + [".verityfuse"])
+
+
+# What verity adds to the passthrough: the kernel's errnos for a verity file.
+VERITY = [
+    ("open for write", lambda v: v.open(ino(v, "sealed"), os.O_WRONLY), errno.EPERM),
+    ("open for read+write", lambda v: v.open(ino(v, "sealed"), os.O_RDWR), errno.EPERM),
+    ("truncate", lambda v: v.setattr(ino(v, "sealed"), os.stat_result((0,) * 10),
+                                     Fields(update_size=True), None, Ctx()), errno.EPERM),
+]
+
+
+@pytest.mark.parametrize("name,call,want", VERITY, ids=[c[0] for c in VERITY])
+def test_local_view_verity_rules(local, name, call, want):
+    v, src, _ = local
+    assert errno_of(lambda: call(v)) == want
+    assert (src / "sealed").read_bytes() == FILES["app.bin"]
+    # the same operations on the unsealed twin pass through
+    fh = v.open(ino(v, "f"), os.O_RDWR)
+    v.release(fh)
+
+
+def test_local_view_reads_verified_and_fails_a_changed_block(local):
+    v, src, _ = local
+    assert _read_all(v, "sealed") == FILES["app.bin"]
+    with open(src / "sealed", "r+b") as f:  # behind the view's back, as a tampering process
+        f.seek(3 * BS + 1)
+        f.write(b"\xff\xfe")
+    with pytest.raises(IntegrityError) as e:
+        _read_all(v, "sealed")
+    assert (e.value.offset, e.value.errno) == (3 * BS, errno.EIO)
+    fh = v.open(ino(v, "f"), os.O_RDONLY)  # the unsealed twin: no reader, passed through
+    try:
+        assert fh.reader is None and os.pread(fh.fd, 1 << 20, 0) == FILES["app.bin"]
     finally:
         v.release(fh)
