@@ -202,6 +202,17 @@ static int setup(struct hctx *c, int alg, const Py_buffer *prefix, const Py_buff
     return 0;
 }
 
+/* One hash per block of the request: what verify_blocks and read_verify both require. */
+static int check_expected(const struct hctx *c, const Py_buffer *expected)
+{
+    if ((size_t)expected->len == c->nblocks * c->ds)
+        return 0;
+    PyErr_Format(PyExc_ValueError,
+                 "expected hashes are %zd bytes, but %zu blocks need %zu bytes of hashes",
+                 expected->len, c->nblocks, c->nblocks * c->ds);
+    return -1;
+}
+
 /* Run a request over all blocks, in pieces of about piece_bytes, on the
  * helper too when it has at least split_bytes; without the GIL when it has
  * at least release_bytes. */
@@ -271,12 +282,8 @@ static PyObject *verify_blocks(PyObject *self, PyObject *args)
         return NULL;
     if (setup(&c, alg, &prefix, &data, bs, threads) < 0)
         goto done;
-    if ((size_t)expected.len != c.nblocks * c.ds) {
-        PyErr_Format(PyExc_ValueError,
-                     "expected hashes are %zd bytes, but %zu blocks need %zu bytes of hashes",
-                     expected.len, c.nblocks, c.nblocks * c.ds);
+    if (check_expected(&c, &expected) < 0)
         goto done;
-    }
     struct request r = {.c = &c, .expected = expected.buf};
     run_request(&r, threads, do_piece, PIECE_BYTES, MIN_SPLIT_BYTES, MIN_RELEASE_GIL_BYTES);
     size_t bad = atomic_load(&r.first_bad);

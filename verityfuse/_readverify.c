@@ -112,12 +112,8 @@ static PyObject *read_verify(PyObject *self, PyObject *args)
         return NULL;
     if (setup(&c, alg, &prefix, &buf, bs, threads) < 0)
         goto done;
-    if ((size_t)expected.len != c.nblocks * c.ds) {
-        PyErr_Format(PyExc_ValueError,
-                     "expected hashes are %zd bytes, but %zu blocks need %zu bytes of hashes",
-                     expected.len, c.nblocks, c.nblocks * c.ds);
+    if (check_expected(&c, &expected) < 0)
         goto done;
-    }
     if (length < 0 || length > buf.len) {
         PyErr_Format(PyExc_ValueError, "length %zd is not between 0 and the buffer's %zd bytes",
                      length, buf.len);

@@ -36,6 +36,15 @@ def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
                  objects_only=objects_only)
 
 
+def _report_sealed(args, progress, full: str, digest: str):
+    """A sealed file's line (once its batch is durable), in both seal modes."""
+    progress.close()
+    if args.json:
+        emit({"file": full, "digest": digest})
+    else:
+        print(f"{digest} {full}", flush=True)
+
+
 def cmd_seal(args, params, key, rels) -> int:
     from .seal_pool import file_threads, in_order
     from .sealing import stage_path, walk_files
@@ -60,13 +69,6 @@ def cmd_seal(args, params, key, rels) -> int:
             return stage_path(store, args.source, rel, params, threads=args.threads,
                               progress=progress.for_file if progress.enabled else None)
 
-        def sealed(full, digest):
-            progress.close()
-            if args.json:
-                emit({"file": full, "digest": digest})
-            else:
-                print(f"{digest} {full}", flush=True)
-
         def not_sealed(full, why):
             progress.close()
             if args.json:
@@ -87,7 +89,7 @@ def cmd_seal(args, params, key, rels) -> int:
                         continue
                     assert done is not None  # in_order: a result when there is no error
                     batch.add(done[0])
-                    batch.then(sealed, full, done[0].entry.digest_text)
+                    batch.then(_report_sealed, args, progress, full, done[0].entry.digest_text)
                     if batch.full:
                         batch.commit()
         finally:
@@ -175,11 +177,7 @@ def seal_manifest(args, store, params, key, rels) -> int:
         print(f"WARNING: {msg}", file=sys.stderr)
 
     def report(digest, full):
-        progress.close()
-        if args.json:
-            emit({"file": full, "digest": digest})
-        else:
-            print(f"{digest} {full}", flush=True)
+        _report_sealed(args, progress, full, digest)
 
     with Batch(store) as batch, ManifestWriter(args.manifest, header) as out:
         rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],
