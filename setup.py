@@ -36,11 +36,12 @@ DATA_FILES = [
 setup(
     data_files=DATA_FILES,
     ext_modules=[
-        # _hashblocks.c #includes the SHA-NI engine, the helper-thread pool and
-        # read_verify (pread + hash + compare in one call).
+        # _hashblocks.c #includes the SHA-NI engine, the helper-thread pool,
+        # read_verify (pread + hash + compare in one call) and fast_read (reads
+        # answered from the FUSE request, through _fuseshim).
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
-                           "verityfuse/_readverify.c"],
+                           "verityfuse/_readverify.c", "verityfuse/_fastread.c"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],

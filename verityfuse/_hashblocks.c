@@ -18,7 +18,8 @@
  *
  * Large requests are shared with one helper thread (_hbpool.c).  The
  * common verified read (pread + hash + compare) is one call: read_verify
- * (_readverify.c).
+ * (_readverify.c); the FUSE shim answers most reads through fast_read
+ * (_fastread.c) without entering Python.
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
  * SHA-256 (to compare).
@@ -155,6 +156,35 @@ static void do_piece(void *arg, size_t piece)
     verify_range(r, first, n);
 }
 
+/* Prepare the hashing context for arguments already checked: alg is known, bs > 0
+ * and divides len. */
+static void hctx_init(struct hctx *c, int alg, const void *prefix, size_t prefix_len,
+                      const void *data, size_t len, size_t bs)
+{
+    c->bs = bs;
+    c->nblocks = len / bs;
+    c->data = data;
+    if (alg == ALG_SHA512) {
+        c->engine = ENG_OSSL512;
+        c->ds = SHA512_DIGEST_LENGTH;
+        SHA512_Init(&c->s512);
+        SHA512_Update(&c->s512, prefix, prefix_len);
+        return;
+    }
+    c->ds = SHA256_DIGEST_LENGTH;
+#ifdef HAVE_SHANI_CODE
+    /* The engine relies on whole 64-byte blocks for prefix and data. */
+    if (g_shani && prefix_len % 64 == 0 && bs % 64 == 0) {
+        c->engine = ENG_SHANI;
+        sha256ni_setup(&c->ni, prefix, prefix_len, c->bs);
+        return;
+    }
+#endif
+    c->engine = ENG_OSSL256;
+    SHA256_Init(&c->s256);
+    SHA256_Update(&c->s256, prefix, prefix_len);
+}
+
 /* Check the common arguments and prepare the hashing context (GIL held). */
 static int setup(struct hctx *c, int alg, const Py_buffer *prefix, const Py_buffer *data,
                  Py_ssize_t bs, int threads)
@@ -177,28 +207,8 @@ static int setup(struct hctx *c, int alg, const Py_buffer *prefix, const Py_buff
                      threads);
         return -1;
     }
-    c->bs = (size_t)bs;
-    c->nblocks = (size_t)(data->len / bs);
-    c->data = data->buf;
-    if (alg == ALG_SHA512) {
-        c->engine = ENG_OSSL512;
-        c->ds = SHA512_DIGEST_LENGTH;
-        SHA512_Init(&c->s512);
-        SHA512_Update(&c->s512, prefix->buf, (size_t)prefix->len);
-        return 0;
-    }
-    c->ds = SHA256_DIGEST_LENGTH;
-#ifdef HAVE_SHANI_CODE
-    /* The engine relies on whole 64-byte blocks for prefix and data. */
-    if (g_shani && prefix->len % 64 == 0 && bs % 64 == 0) {
-        c->engine = ENG_SHANI;
-        sha256ni_setup(&c->ni, prefix->buf, (size_t)prefix->len, c->bs);
-        return 0;
-    }
-#endif
-    c->engine = ENG_OSSL256;
-    SHA256_Init(&c->s256);
-    SHA256_Update(&c->s256, prefix->buf, (size_t)prefix->len);
+    hctx_init(c, alg, prefix->buf, (size_t)prefix->len, data->buf, (size_t)data->len,
+              (size_t)bs);
     return 0;
 }
 
@@ -328,6 +338,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 }
 
 #include "_readverify.c"
+#include "_fastread.c"
 
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS,
@@ -339,6 +350,7 @@ static PyMethodDef methods[] = {
      "Hash every block of data and compare with expected (the concatenated hashes).\n"
      "Returns -1 if all match, else the index of the first mismatching block."},
     {"read_verify", read_verify, METH_VARARGS, READ_VERIFY_DOC},
+    FAST_METHODS
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(threads) -> None\n\n"
      "threads: 1 = never use the helper thread, 2 = use it for large requests."},

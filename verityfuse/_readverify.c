@@ -86,6 +86,32 @@ static void read_piece(void *arg, size_t piece)
         verify_range(&q->r, first, n);
 }
 
+/* Read `length` bytes of fd at `offset` into buf (c->nblocks whole blocks; the tail
+ * zeroed), hash and compare with expected.  Returns the first mismatching block
+ * (SIZE_MAX: none); a failed read sets *fail_at (buffer offset; SIZE_MAX: none) and
+ * *fail_errno (0: end of file), and then the mismatch does not count.  With the GIL
+ * held; released while it works unless the request is small and cannot block. */
+static size_t read_verify_core(const struct hctx *c, const unsigned char *expected, int fd,
+                               int flags, long long offset, size_t length, unsigned char *buf,
+                               int threads, size_t *fail_at, int *fail_errno)
+{
+    struct readreq q = {
+        .r = {.c = c, .expected = expected},
+        .fd = fd, .flags = flags, .offset = offset, .length = length,
+        .buf = buf, .fail_at = SIZE_MAX,
+    };
+    atomic_init(&q.fail_hint, SIZE_MAX);
+    pthread_mutex_init(&q.lock, NULL);
+    /* With RWF_NOWAIT a small read cannot block: keep the GIL (see
+     * MIN_RELEASE_GIL_BYTES); without it the read may wait for the disk. */
+    size_t release = (flags & RWF_NOWAIT) ? MIN_RELEASE_GIL_BYTES : 0;
+    run_request(&q.r, threads, read_piece, READ_PIECE_BYTES, MIN_READ_SPLIT_BYTES, release);
+    pthread_mutex_destroy(&q.lock);
+    *fail_at = q.fail_at;
+    *fail_errno = q.fail_errno;
+    return atomic_load(&q.r.first_bad);
+}
+
 #define READ_VERIFY_DOC \
     "read_verify(alg, prefix, buf, block_size, expected, fd, offset, length, flags=0,\n" \
     "            threads=0) -> int\n\n" \
@@ -123,29 +149,20 @@ static PyObject *read_verify(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "offset %lld is out of range", offset);
         goto done;
     }
-    struct readreq q = {
-        .r = {.c = &c, .expected = expected.buf},
-        .fd = fd, .flags = flags, .offset = offset, .length = (size_t)length,
-        .buf = buf.buf, .fail_at = SIZE_MAX,
-    };
-    atomic_init(&q.fail_hint, SIZE_MAX);
-    pthread_mutex_init(&q.lock, NULL);
-    /* With RWF_NOWAIT a small read cannot block: keep the GIL (see
-     * MIN_RELEASE_GIL_BYTES); without it the read may wait for the disk. */
-    size_t release = (flags & RWF_NOWAIT) ? MIN_RELEASE_GIL_BYTES : 0;
-    run_request(&q.r, threads, read_piece, READ_PIECE_BYTES, MIN_READ_SPLIT_BYTES, release);
-    pthread_mutex_destroy(&q.lock);
-    if (q.fail_at != SIZE_MAX) {
-        if (q.fail_errno) {
-            errno = q.fail_errno;
+    size_t fail_at;
+    int fail_errno;
+    size_t bad = read_verify_core(&c, expected.buf, fd, flags, offset, (size_t)length,
+                                  buf.buf, threads, &fail_at, &fail_errno);
+    if (fail_at != SIZE_MAX) {
+        if (fail_errno) {
+            errno = fail_errno;
             PyErr_SetFromErrno(PyExc_OSError);
         } else {
             PyErr_Format(PyExc_EOFError, "end of file at byte %lld: %zd bytes wanted at offset %lld",
-                         offset + (long long)q.fail_at, length, offset);
+                         offset + (long long)fail_at, length, offset);
         }
         goto done;
     }
-    size_t bad = atomic_load(&q.r.first_bad);
     res = bad == SIZE_MAX ? PyLong_FromLong(-1) : PyLong_FromSize_t(bad);
 done:
     PyBuffer_Release(&prefix);

@@ -246,6 +246,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         ops.info["ioctl_shim"] = False
     else:
         shim.set_handler(ops.ioctls.ioctl)
+    ops.info["fast_reads"] = ops.use_fast_reads(shim)
     log.info("serving %s on %s (store %s, %s)", source, mountpoint, store.path,
              f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {s.policy}")
     if on_ready is not None:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+from typing import Optional
 
 log = logging.getLogger("verityfuse")
 
@@ -49,6 +50,15 @@ class Shim:
         fn = getattr(self.lib, "vf_set_noflush_ro", None)
         if fn is not None:
             fn(int(on))
+
+    def set_fast_read(self, address: Optional[int]) -> bool:
+        """Hand every FUSE_READ to the C function at ``address`` first (None: none);
+        False if the shim cannot (built before this existed, or libfuse not hooked)."""
+        fn = getattr(self.lib, "vf_set_fast_read", None)
+        if fn is None:
+            return False
+        fn.argtypes = [ctypes.c_void_p]
+        return bool(fn(address))
 
     def set_handler(self, fn):
         """fn(req, ino, cmd, fh, flags, data: bytes, out_size) -> 0 or errno."""

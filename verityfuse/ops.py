@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from .errors import Corruption, Errno, VerityError
+from .fast_reads import FastReads
 from .fuseshim import Shim
 from .handle_budget import HandleBudget
 from .logs import escape
@@ -123,6 +124,7 @@ class VerityOperations(pyfuse3.Operations):
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
         self.limiter = trio.CapacityLimiter(threads)
         self.reads = Reads(self._run)  # inline or in a worker thread (ops_read)
+        self.fast: Optional[FastReads] = None  # reads answered natively (use_fast_reads)
         self.handles: Dict[int, Handle] = {}
         self._next_fh = 1
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
@@ -232,7 +234,10 @@ class VerityOperations(pyfuse3.Operations):
     # -- files --------------------------------------------------------------------------
 
     def _file_info(self, h: FileHandle, ctx) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=self._new_fh(h, ctx), keep_cache=h.keep_cache, direct_io=False)
+        fh = self._new_fh(h, ctx)
+        if self.fast is not None:
+            self.fast.register(fh, h)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=h.keep_cache, direct_io=False)
 
     async def open(self, inode, flags, ctx):
         if self.tripwire.refusing:
@@ -249,7 +254,10 @@ class VerityOperations(pyfuse3.Operations):
         return self._file_info(h, ctx), _entry(attrs)
 
     async def read(self, fh, off, size):
-        return await self.reads.read(self.handles[fh], off, size)
+        h = self.handles[fh]
+        if self.fast is not None and fh not in self.fast.registered:
+            self.fast.register(fh, h)  # a reader attached since the open (an enable)
+        return await self.reads.read(h, off, size)
 
     async def write(self, fh, off, buf):
         return await self._run(os.pwrite, self.handles[fh].fd, buf, off)
@@ -270,6 +278,8 @@ class VerityOperations(pyfuse3.Operations):
         await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
 
     async def release(self, fh):
+        if self.fast is not None:
+            self.fast.forget(fh)  # before the view closes the fd it holds
         self.view.release(self._pop_fh(fh))
 
     # -- directories --------------------------------------------------------------------
@@ -310,6 +320,12 @@ class VerityOperations(pyfuse3.Operations):
         if self.stats is not None:
             out.update(self.stats.snapshot())
         out["tree_cache"] = self.view.cache.snapshot()
+        if self.fast is not None:  # reads answered natively are verified reads too
+            native = self.fast.counts()
+            out["blocks_verified"] = out.get("blocks_verified", 0) + native["blocks"]
+            out["bytes_served"] = out.get("bytes_served", 0) + native["bytes"]
+            out["verified_reads"] = out.get("verified_reads", 0) + native["reads"]
+            out["fast_reads"] = native
         if hasattr(self.view, "status"):  # an OCI view: registry requests and data cache
             out.update(self.view.status())
         out["tripwire"] = self.tripwire.snapshot()
@@ -358,9 +374,17 @@ class VerityOperations(pyfuse3.Operations):
         self.reads.fuse_poll = fuse_device_poll()
         self.init_done.set()
 
+    def use_fast_reads(self, shim: Optional[Shim]) -> bool:
+        """Let the shim answer the common verified reads natively (fast_reads), once
+        pyfuse3 has hooked libfuse; False when it cannot (then Python serves all)."""
+        self.fast = FastReads.load(shim, self.view.cache)
+        return self.fast is not None
+
     def shutdown(self) -> int:
         """Close every handle and the view; returns how many inodes the kernel
         still held (should be 0 after a clean unmount)."""
+        if self.fast is not None:
+            self.fast.close()
         for h in list(self.handles.values()):
             h.close()
         self.handles.clear()

@@ -25,6 +25,9 @@ class TreeBlockCache:
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_bytes = max_bytes
+        # Told of every verified leaf block a read uses: (tree key, index, block) ->
+        # None (the native read path's table, fast_reads.FastReads.put_leaf).
+        self.leaf_sink = None
         self.bytes = 0
         self.hits = self.misses = 0
         self._d: "OrderedDict[tuple, bytes]" = OrderedDict()
@@ -76,12 +79,20 @@ class Verifier:
         self.hpb = self.params.hashes_per_block
         self.top = self.geo.num_levels - 1
         self._key = (self.params.alg.number, tree.digest)
+        self.tree_key = bytes([self.params.alg.number]) + tree.digest  # as the native table's
+        self._sink = getattr(cache, "leaf_sink", None)
 
     def _verified_tree_block(self, level: int, index: int) -> bytes:
         key = self._key + (level, index)
         block = self.cache.get(key)
-        if block is not None:
-            return block
+        if block is None:
+            block = self._verify_tree_block(level, index, key)
+        if level == 0 and self._sink is not None:
+            # On a hit too: the native table is smaller and may have dropped it.
+            self._sink(self.tree_key, index, block)
+        return block
+
+    def _verify_tree_block(self, level: int, index: int, key: tuple) -> bytes:
         pos = self.geo.level_start[level] + index
         block = self.tree.read_tree_block(pos)
         actual = self.hasher(block)

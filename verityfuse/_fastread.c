@@ -1,0 +1,434 @@
+/*
+ * fast_read: the common verified read answered from the FUSE request itself,
+ * without entering Python.
+ *
+ * Included by _hashblocks.c after _readverify.c (one translation unit).
+ *
+ * A read request costs pyfuse3 a coroutine, a trio task and the handler's
+ * Python (~15-40 us), more than reading and hashing 4 KiB (~3 us).  The FUSE
+ * shim (_fuseshim.c) calls fast_read (its address handed over by Python) for
+ * every FUSE_READ before pyfuse3 sees it; fast_read answers the read when
+ * everything it needs is at hand, and otherwise declines, and the request
+ * goes to Python exactly as before.  It answers only the happy path:
+ *
+ *   - the handle was registered by Python (fast_register) when it was opened
+ *     with a verified reader: backing fd, sealed size, hash parameters and the
+ *     tree's key (the hash algorithm and the file's digest);
+ *   - the read lies inside the sealed size and spans at most FR_MAX_READ
+ *     bytes of whole blocks;
+ *   - every leaf tree block it needs is in the leaf table (fast_put_leaf),
+ *     where Python puts only blocks it has verified up to the root hash (a
+ *     one-block file's expected hash is its root hash, given at registration);
+ *   - the data is in memory (RWF_NOWAIT where the file system can wait);
+ *   - every block hashes to its expected hash, and a read of the last block
+ *     finds the file ending at its sealed size.
+ *
+ * Anything else (a mismatch, a truncated or extended file, a read that would
+ * wait, a missing leaf) declines: Python repeats the read on its own and
+ * reports what it finds, with its one error boundary, messages and counters.
+ * So the trust rule is unchanged: the bytes replied are the ones copied into
+ * this process's buffer and hashed there, against hashes verified to the root.
+ *
+ * Threads: all of this state is touched with the GIL held (Python calls
+ * these functions, and pyfuse3 processes requests with the GIL), so the GIL
+ * orders it.  fast_read copies what it needs (the handle's fields and the
+ * expected hashes) before it may release the GIL to hash, and it is only ever
+ * called on pyfuse3's request thread (one request at a time), which is also
+ * the thread that forgets a handle before closing its fd.
+ *
+ * Bounds: FR_HANDLES registered handles (a handle past that is served by
+ * Python), FR_SETS x FR_WAYS leaf slots within g_leaf_budget bytes, one
+ * buffer of FR_MAX_READ plus a block.
+ */
+#include <sys/mman.h>
+
+#define FR_HANDLES 4096          /* a power of two */
+#define FR_SETS 1024             /* a power of two */
+#define FR_WAYS 4
+#define FR_MAX_READ (1 << 20)    /* the kernel's largest read (max_pages 256) */
+#define FR_MAX_BLOCK (64 * 1024) /* fs-verity's largest block size */
+#define FR_MIN_BLOCK 1024
+#define FR_KEY 65                /* the algorithm's number, then the digest */
+#define FR_PREFIX 128            /* a padded salt: one SHA-512 block at most */
+
+struct fr_file {
+    uint64_t fh;
+    int used, fd, alg, flags, single;
+    size_t bs, hpb, prefix_len, key_len;
+    long long data_size;
+    unsigned char prefix[FR_PREFIX], key[FR_KEY], root[SHA512_DIGEST_LENGTH];
+};
+
+struct fr_leaf {
+    unsigned char *block;        /* NULL: a free slot */
+    uint64_t index, stamp;
+    size_t size, key_len;
+    unsigned char key[FR_KEY];
+};
+
+static struct fr_file g_files[FR_HANDLES];
+static size_t g_nfiles;
+static struct fr_leaf *g_leaves;  /* FR_SETS * FR_WAYS, on the first put */
+static size_t g_leaf_bytes, g_leaf_budget = 16 << 20;
+static uint64_t g_stamp;
+static unsigned char *g_frbuf;    /* FR_MAX_READ + FR_MAX_BLOCK, page-aligned */
+static unsigned char g_expected[(FR_MAX_READ + FR_MAX_BLOCK) / FR_MIN_BLOCK * SHA512_DIGEST_LENGTH];
+/* What fast_read did: answered (reads, bytes, blocks), or why it declined. */
+static unsigned long long g_fr_reads, g_fr_bytes, g_fr_blocks, g_fr_no_handle, g_fr_no_leaf,
+    g_fr_unfit, g_fr_would_wait, g_fr_failed;
+
+static size_t fr_slot(uint64_t fh)
+{
+    return (size_t)((fh * 0x9E3779B97F4A7C15ull) >> 52) & (FR_HANDLES - 1);
+}
+
+static struct fr_file *fr_find(uint64_t fh)
+{
+    for (size_t i = fr_slot(fh), n = 0; n < FR_HANDLES; i = (i + 1) & (FR_HANDLES - 1), n++) {
+        if (!g_files[i].used)
+            return NULL;
+        if (g_files[i].fh == fh)
+            return &g_files[i];
+    }
+    return NULL;
+}
+
+/* Remove slot i of the linear-probing table, moving later entries of its run back. */
+static void fr_remove(size_t i)
+{
+    g_files[i].used = 0;
+    g_nfiles--;
+    for (size_t j = (i + 1) & (FR_HANDLES - 1); g_files[j].used; j = (j + 1) & (FR_HANDLES - 1)) {
+        size_t home = fr_slot(g_files[j].fh);
+        /* j may move to the hole i unless its home lies cyclically in (i, j]. */
+        int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            g_files[i] = g_files[j];
+            g_files[j].used = 0;
+            i = j;
+        }
+    }
+}
+
+static size_t fr_set(const unsigned char *key, size_t key_len, uint64_t index)
+{
+    uint64_t h = 0;
+    /* The key ends with a digest: its bytes are already uniform. */
+    memcpy(&h, key + key_len - sizeof h, sizeof h);
+    h ^= index * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 29;
+    return (size_t)(h * 0xBF58476D1CE4E5B9ull >> 32) & (FR_SETS - 1);
+}
+
+static struct fr_leaf *fr_leaf_get(const unsigned char *key, size_t key_len, uint64_t index)
+{
+    if (g_leaves == NULL)
+        return NULL;
+    struct fr_leaf *set = g_leaves + fr_set(key, key_len, index) * FR_WAYS;
+    for (int w = 0; w < FR_WAYS; w++) {
+        struct fr_leaf *l = &set[w];
+        if (l->block && l->index == index && l->key_len == key_len
+            && memcmp(l->key, key, key_len) == 0) {
+            l->stamp = ++g_stamp;
+            return l;
+        }
+    }
+    return NULL;
+}
+
+/* Answer the read of `size` bytes at `off` of handle fh: 0 with *out and *len set
+ * (valid until the next call), or -1: the caller hands the request to Python. */
+static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, size_t *len)
+{
+    struct fr_file *f = fr_find(fh);
+    if (f == NULL) {
+        g_fr_no_handle++;
+        return -1;
+    }
+    long long data_size = f->data_size, bs = (long long)f->bs;
+    if (off < 0 || off >= data_size || size == 0 || size > FR_MAX_READ) {
+        g_fr_unfit++;  /* at or past the end: Python's end-of-file check answers */
+        return -1;
+    }
+    long long end = off + (long long)size < data_size ? off + (long long)size : data_size;
+    long long start = off - off % bs, stop = end + (bs - end % bs) % bs;
+    if (stop > data_size)
+        stop = data_size;  /* the last block is short, hashed zero-padded */
+    size_t n = (size_t)(stop - start), padded = (n + f->bs - 1) / f->bs * f->bs;
+    size_t first = (size_t)(start / bs), nb = padded / f->bs, ds = f->alg == ALG_SHA512
+        ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
+    if (padded > FR_MAX_READ + FR_MAX_BLOCK || g_frbuf == NULL) {
+        g_fr_unfit++;
+        return -1;
+    }
+    if (f->single) {
+        if (first != 0 || nb != 1) {
+            g_fr_unfit++;
+            return -1;
+        }
+        memcpy(g_expected, f->root, ds);
+    } else {
+        for (size_t b = first; b < first + nb;) {
+            size_t leaf = b / f->hpb, slot = b % f->hpb, count = f->hpb - slot;
+            if (count > first + nb - b)
+                count = first + nb - b;
+            struct fr_leaf *l = fr_leaf_get(f->key, f->key_len, leaf);
+            if (l == NULL || (slot + count) * ds > l->size) {
+                g_fr_no_leaf++;
+                return -1;
+            }
+            memcpy(g_expected + (b - first) * ds, l->block + slot * ds, count * ds);
+            b += count;
+        }
+    }
+    /* Copies: the GIL may be released while the blocks are read and hashed. */
+    int fd = f->fd, flags = f->flags;
+    struct hctx c;
+    hctx_init(&c, f->alg, f->prefix, f->prefix_len, g_frbuf, padded, f->bs);
+    size_t fail_at;
+    int fail_errno;
+    size_t bad = read_verify_core(&c, g_expected, fd, flags, start, n, g_frbuf, 0, &fail_at,
+                                  &fail_errno);
+    if (fail_at != SIZE_MAX) {
+        if (fail_errno == EAGAIN)
+            g_fr_would_wait++;
+        else
+            g_fr_failed++;  /* an error or a truncated file: Python names it */
+        return -1;
+    }
+    if (bad != SIZE_MAX) {
+        g_fr_failed++;  /* Python reads it again and reports the mismatch */
+        return -1;
+    }
+    if (stop == data_size) {
+        /* The file must end at its sealed size (Python names an extension). */
+        unsigned char one;
+        struct iovec iov = {.iov_base = &one, .iov_len = 1};
+        ssize_t more = preadv2(fd, &iov, 1, (off_t)data_size, flags);
+        if (more != 0) {
+            if (more < 0 && errno == EAGAIN)
+                g_fr_would_wait++;
+            else
+                g_fr_failed++;
+            return -1;
+        }
+    }
+    g_fr_reads++;
+    g_fr_blocks += nb;
+    g_fr_bytes += (unsigned long long)(end - off);
+    *out = g_frbuf + (off - start);
+    *len = (size_t)(end - off);
+    return 0;
+}
+
+/* The shim's entry: the FUSE read, on pyfuse3's request thread, GIL held. */
+static int fast_read_entry(uint64_t fh, size_t size, int64_t off, const void **out, size_t *len)
+{
+    return fast_read(fh, size, off, out, len);
+}
+
+/* --- Python interface --- */
+
+static PyObject *fast_register(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long fh;
+    int fd, alg, flags;
+    Py_ssize_t bs;
+    long long data_size;
+    Py_buffer prefix, key, root;
+    PyObject *res = NULL;
+    if (!PyArg_ParseTuple(args, "Kiiy*nLy*y*i:fast_register", &fh, &fd, &alg, &prefix, &bs,
+                          &data_size, &key, &root, &flags))
+        return NULL;
+    size_t ds = alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
+    if ((alg != ALG_SHA256 && alg != ALG_SHA512) || bs < FR_MIN_BLOCK || bs > FR_MAX_BLOCK
+        || (bs & (bs - 1)) || data_size <= 0 || prefix.len > FR_PREFIX
+        || key.len < 9 || key.len > FR_KEY || (root.len != 0 && (size_t)root.len != ds)) {
+        PyErr_SetString(PyExc_ValueError, "fast_register: parameters out of range");
+        goto done;
+    }
+    if (g_frbuf == NULL) {
+        void *p = mmap(NULL, FR_MAX_READ + FR_MAX_BLOCK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        g_frbuf = p;
+    }
+    struct fr_file *f = fr_find(fh);
+    if (f == NULL) {
+        if (g_nfiles >= FR_HANDLES / 2) {  /* full enough: Python serves this one */
+            res = Py_NewRef(Py_False);
+            goto done;
+        }
+        size_t i = fr_slot(fh);
+        while (g_files[i].used)
+            i = (i + 1) & (FR_HANDLES - 1);
+        f = &g_files[i];
+        g_nfiles++;
+    }
+    *f = (struct fr_file){
+        .fh = fh, .used = 1, .fd = fd, .alg = alg, .flags = flags, .single = root.len != 0,
+        .bs = (size_t)bs, .hpb = (size_t)bs / ds, .prefix_len = (size_t)prefix.len,
+        .key_len = (size_t)key.len, .data_size = data_size,
+    };
+    memcpy(f->prefix, prefix.buf, (size_t)prefix.len);
+    memcpy(f->key, key.buf, (size_t)key.len);
+    memcpy(f->root, root.buf, (size_t)root.len);
+    res = Py_NewRef(Py_True);
+done:
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&root);
+    return res;
+}
+
+static PyObject *fast_forget(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
+    if (fh == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    struct fr_file *f = fr_find(fh);
+    if (f != NULL)
+        fr_remove((size_t)(f - g_files));
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer key, block;
+    unsigned long long index;
+    if (!PyArg_ParseTuple(args, "y*Ky*:fast_put_leaf", &key, &index, &block))
+        return NULL;
+    PyObject *res = NULL;
+    if (key.len < 9 || key.len > FR_KEY || block.len < FR_MIN_BLOCK || block.len > FR_MAX_BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "fast_put_leaf: key or block out of range");
+        goto done;
+    }
+    if (fr_leaf_get(key.buf, (size_t)key.len, index) != NULL) {
+        res = Py_NewRef(Py_None);  /* already there (and now the most recent) */
+        goto done;
+    }
+    if (g_leaves == NULL && (g_leaves = calloc(FR_SETS * FR_WAYS, sizeof *g_leaves)) == NULL) {
+        res = PyErr_NoMemory();
+        goto done;
+    }
+    struct fr_leaf *set = g_leaves + fr_set(key.buf, (size_t)key.len, index) * FR_WAYS;
+    struct fr_leaf *victim = &set[0];
+    for (int w = 0; w < FR_WAYS; w++) {
+        if (set[w].block == NULL) {
+            victim = &set[w];
+            break;
+        }
+        if (set[w].stamp < victim->stamp)
+            victim = &set[w];
+    }
+    size_t freed = victim->block ? victim->size : 0;
+    if (g_leaf_bytes - freed + (size_t)block.len > g_leaf_budget) {
+        res = Py_NewRef(Py_None);  /* over budget: reads of it stay with Python */
+        goto done;
+    }
+    unsigned char *copy = malloc((size_t)block.len);
+    if (copy == NULL) {
+        res = PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(copy, block.buf, (size_t)block.len);
+    free(victim->block);
+    g_leaf_bytes = g_leaf_bytes - freed + (size_t)block.len;
+    victim->block = copy;
+    victim->size = (size_t)block.len;
+    victim->index = index;
+    victim->stamp = ++g_stamp;
+    victim->key_len = (size_t)key.len;
+    memcpy(victim->key, key.buf, (size_t)key.len);
+    res = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&block);
+    return res;
+}
+
+static PyObject *fast_configure(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    static char *names[] = {"leaf_bytes", NULL};
+    Py_ssize_t budget;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "n:fast_configure", names, &budget))
+        return NULL;
+    if (budget < 0) {
+        PyErr_SetString(PyExc_ValueError, "leaf_bytes must be >= 0");
+        return NULL;
+    }
+    g_leaf_budget = (size_t)budget;
+    /* Drop what is over the new budget, oldest first within each set. */
+    for (size_t i = 0; g_leaves && g_leaf_bytes > g_leaf_budget && i < FR_SETS * FR_WAYS; i++) {
+        if (g_leaves[i].block) {
+            g_leaf_bytes -= g_leaves[i].size;
+            free(g_leaves[i].block);
+            g_leaves[i].block = NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_read_py(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long fh;
+    Py_ssize_t size;
+    long long off;
+    if (!PyArg_ParseTuple(args, "KnL:fast_read", &fh, &size, &off))
+        return NULL;
+    const void *out;
+    size_t len;
+    if (size < 0 || fast_read(fh, (size_t)size, off, &out, &len) != 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(out, (Py_ssize_t)len);
+}
+
+static PyObject *fast_info(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    size_t leaves = 0;
+    for (size_t i = 0; g_leaves && i < FR_SETS * FR_WAYS; i++)
+        leaves += g_leaves[i].block != NULL;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n}",
+                         "reads", g_fr_reads, "bytes", g_fr_bytes, "blocks", g_fr_blocks,
+                         "declined_no_handle", g_fr_no_handle, "declined_no_leaf", g_fr_no_leaf,
+                         "declined_unfit", g_fr_unfit, "declined_would_wait", g_fr_would_wait,
+                         "declined_failed", g_fr_failed, "handles", (Py_ssize_t)g_nfiles,
+                         "leaves", (Py_ssize_t)leaves, "leaf_bytes", (Py_ssize_t)g_leaf_bytes,
+                         "leaf_budget", (Py_ssize_t)g_leaf_budget);
+}
+
+static PyObject *fast_entry(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromVoidPtr((void *)fast_read_entry);
+}
+
+#define FAST_METHODS \
+    {"fast_register", fast_register, METH_VARARGS, \
+     "fast_register(fh, fd, alg, prefix, block_size, data_size, key, root, flags) -> bool\n\n" \
+     "Let fast_read answer reads of handle fh: fd (open for the handle's life, until\n" \
+     "fast_forget), the sealed size, the tree's key (algorithm number + digest), root =\n" \
+     "the root hash for a one-block file (else b''), flags for preadv2 (RWF_NOWAIT\n" \
+     "where a read could wait).  False when the table is full (Python serves it)."}, \
+    {"fast_forget", fast_forget, METH_O, "fast_forget(fh): before its fd is closed."}, \
+    {"fast_put_leaf", fast_put_leaf, METH_VARARGS, \
+     "fast_put_leaf(key, index, block): a leaf tree block verified to the root hash."}, \
+    {"fast_configure", (PyCFunction)(void (*)(void))fast_configure, \
+     METH_VARARGS | METH_KEYWORDS, "fast_configure(leaf_bytes): the leaf table's budget."}, \
+    {"fast_read", fast_read_py, METH_VARARGS, \
+     "fast_read(fh, size, offset) -> bytes or None: what the FUSE hook would reply\n" \
+     "(None: it declines, Python serves the read)."}, \
+    {"fast_info", fast_info, METH_NOARGS, "fast_info() -> dict: counters and sizes."}, \
+    {"fast_entry", fast_entry, METH_NOARGS, \
+     "fast_entry() -> int: the address of the C function the FUSE shim calls."},

@@ -1,0 +1,102 @@
+"""Verified reads answered in native code, from the FUSE request, without Python.
+
+Most reads of a verity file are alike: data in memory, under leaf tree blocks
+already verified.  For those a request's cost was mostly pyfuse3's and trio's
+(a coroutine, a task, the handler: ~15-40 us), not the reading and hashing
+(~3 us for 4 KiB).  The FUSE shim now hands each FUSE_READ to the native
+``fast_read`` (``_fastread.c``) first; it answers what it can and declines the
+rest, which pyfuse3 then serves through ``ops_read`` exactly as before.  What
+it may answer is told here:
+
+- a handle, when it has a ``reader.VerifiedReader`` (``register``; the first
+  read of a handle that got its reader later, after an enable, registers it),
+  until it is released (``forget``, before its fd is closed);
+- each leaf tree block the verifier has verified up to the root hash, as a read
+  uses it (the tree block cache's ``leaf_sink``), into a table of its own with a
+  byte budget.
+
+It declines every failure (a mismatch, a truncated or extended file, data not in
+memory, a missing leaf), so a failure is found again and reported by the Python
+path, with its message, errno, log line and counters: one error boundary.
+
+Pure: this module neither imports pyfuse3 nor trio (the shim is passed in).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from . import merkle
+from .errors import VerityError
+from .reader import VerifiedReader
+
+# The native leaf table's budget: a 4 KiB leaf block of SHA-256 hashes covers 512 KiB
+# of data, so 16 MiB of leaves covers 2 GiB of files read at random.
+LEAF_BYTES = 16 << 20
+
+
+class FastReads:
+    """The native read path of one mount (one per process: pyfuse3 serves one)."""
+
+    def __init__(self, native: Any, shim, leaf_bytes: int = LEAF_BYTES):
+        self.native, self.shim = native, shim
+        native.fast_configure(leaf_bytes=leaf_bytes)
+        self.registered: set = set()  # the handles the native table holds
+
+    @classmethod
+    def load(cls, shim, cache) -> "Optional[FastReads]":
+        """Hook the shim's read to the native engine and feed it ``cache``'s leaf
+        blocks; None when either is missing (or VERITYFUSE_NO_FAST_READ is set): then
+        every read is Python's, as before."""
+        native = merkle._hashblocks
+        if (shim is None or native is None or not hasattr(native, "fast_entry")
+                or os.environ.get("VERITYFUSE_NO_FAST_READ")):
+            return None
+        fast = cls(native, shim)
+        if not shim.set_fast_read(native.fast_entry()):
+            return None
+        cache.leaf_sink = native.fast_put_leaf
+        return fast
+
+    def register(self, fh: int, h) -> None:
+        """Let the native path answer reads of handle ``fh`` if it has a plain verified
+        reader whose reads can be done without waiting (while the table is full, the
+        handle stays Python's)."""
+        reader = h.reader
+        if fh in self.registered or type(reader) is not VerifiedReader:
+            return
+        if reader.data_size == 0 or not (reader.in_memory or reader.nowait):
+            return
+        v = reader.verifier
+        root = v.root_hash if v.top < 0 else b""  # one block: its hash is the root hash
+        if v.top == 0:
+            # One leaf block holds every hash (a file of up to 512 KiB with SHA-256 and
+            # 4 KiB blocks): verify it now, so that even the first read is answered
+            # natively (a small file is often read once, whole).  The read would
+            # fetch it anyway; a failure is left for the read to find and report.
+            try:
+                v.expected_hashes(0, 1)
+            except (VerityError, OSError):
+                pass
+        if self.native.fast_register(fh, reader.fd, v.params.alg.number,
+                                     merkle.padded_salt(v.params), v.params.block_size,
+                                     reader.data_size, v.tree_key, root,
+                                     0 if reader.in_memory else os.RWF_NOWAIT):
+            self.registered.add(fh)
+
+    def forget(self, fh: int) -> None:
+        """Before the handle's fd is closed (the native table holds it)."""
+        if fh in self.registered:
+            self.registered.discard(fh)
+            self.native.fast_forget(fh)
+
+    def close(self) -> None:
+        """Every read is Python's again; the table forgets every handle."""
+        self.shim.set_fast_read(None)
+        for fh in list(self.registered):
+            self.forget(fh)
+
+    def counts(self) -> dict:
+        """What the native path answered and why it declined (``verityfuse status``)."""
+        return self.native.fast_info()
