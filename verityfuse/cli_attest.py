@@ -10,7 +10,6 @@ import argparse
 import re
 import sys
 
-from . import attest_replay as ar
 from . import measure_event as me
 from .jsonout import emit
 
@@ -53,6 +52,10 @@ def _int_range(lo: int, hi: int, what: str):
 
 
 def cmd_replay(args) -> int:
+    # Here, not at the top: it needs cryptography (~20 ms to import), and every other
+    # command builds this module's parser.
+    from . import attest_replay as ar
+
     quote_opts = (args.signature, args.ak_public, args.nonce)
     if args.quote is None and any(o is not None for o in quote_opts):
         return _usage("--signature, --ak-public and --nonce go with --quote")
