@@ -223,7 +223,7 @@ def add_commands(sub):
     p.add_argument("--max-handles-per-uid", type=_positive("max-handles-per-uid"), metavar="N",
                    help="open files and directories one user may hold on the mount; more are "
                         "refused with EMFILE (default: an eighth of the daemon's fd limit)")
-    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("--debug", action="store_true", help="log every request (all reads then go through Python: slower)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say where the logs go (said anyway when it is not the documented place)")
     from .cli_oci import add_registry_options

@@ -1,0 +1,246 @@
+"""The native read path (``_fastread.c`` through ``fast_reads.FastReads``) without FUSE:
+what the FUSE hook would reply for a read, called through ``fast_read(fh, size, off)``.
+
+It must answer exactly the bytes the Python reader returns, and only when every hash
+it compares with came from a leaf block Python verified to the root; everything else
+(a changed block, a truncated or extended file, a missing leaf, an unknown handle, a
+read at or past the end) it declines, so that Python serves it and reports it."""
+
+import os
+import random
+
+import pytest
+
+from verityfuse import merkle
+from verityfuse.errors import IntegrityError, SizeMismatch
+from verityfuse.fast_reads import FastReads
+from verityfuse.reader import attach_reader
+from verityfuse.sealing import seal_path
+from verityfuse.store import Store
+from verityfuse.verifier import TreeBlockCache
+from verityfuse.view import FileHandle
+from conftest import write
+
+native = merkle._hashblocks
+pytestmark = pytest.mark.skipif(native is None or not hasattr(native, "fast_read"),
+                                reason="native module not built")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fast():
+    """A FastReads whose handles and counters are gone after the test (the table is the
+    process's)."""
+    f = FastReads(native, shim=None)
+    yield f
+    for fh in list(f.registered):
+        f.forget(fh)
+    native.fast_configure(leaf_bytes=16 << 20)
+
+
+class Sealed:
+    """A sealed file, open, with a reader whose verified leaves go to the native table."""
+
+    def __init__(self, tmp_path, data, params=merkle.Params(merkle.SHA256, 4096), name="f"):
+        self.path = write(tmp_path / name, data)
+        self.data = data
+        store = Store(str(tmp_path / "store"), create=True)
+        e = seal_path(store, str(tmp_path), name, params)
+        self.tree = store.open_object(e.alg, e.digest)
+        store.close()
+        self.cache = TreeBlockCache()
+        self.cache.leaf_sink = native.fast_put_leaf
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.h = FileHandle(self.fd, None)
+        self.h.reader = attach_reader(self.fd, self.tree, self.cache, name)
+
+    @property
+    def reader(self):
+        return self.h.reader
+
+    def warm(self):
+        """Python reads the whole file once: every leaf verified and handed over."""
+        assert bytes(self.reader.read(0, len(self.data))) == self.data
+
+    def close(self):
+        os.close(self.fd)
+        self.tree.close()
+
+
+@pytest.fixture
+def sealed(tmp_path):
+    made = []
+
+    def make(data, **kw):
+        d = tmp_path / f"s{len(made)}"
+        d.mkdir()
+        made.append(Sealed(d, data, **kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def _requests(size, rng, n=300):
+    """Reads a kernel sends, and others: aligned pages, 1 MiB, odd offsets and sizes."""
+    out = [(0, 4096), (0, MiB), (0, size), (size - 1, 1), (max(0, size - 4096), 4096)]
+    for _ in range(n):
+        off = rng.randrange(size)
+        out.append((off, rng.choice([1, 100, 4096, 4096 * 3 + 7, 65536, MiB])))
+    return out
+
+
+PARAMS = [
+    merkle.Params(merkle.SHA256, 4096),
+    merkle.Params(merkle.SHA256, 1024, salt=b"salty"),
+    merkle.Params(merkle.SHA512, 4096, salt=b"x" * 32),
+    merkle.Params(merkle.SHA256, 65536),
+]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: f"{p.alg.name}-{p.block_size}"
+                         f"{'-salt' if p.salt else ''}")
+@pytest.mark.parametrize("size", [1, 4096, 3 * MiB + 123])
+def test_answers_exactly_what_python_reads(fast, sealed, params, size):
+    s = sealed(os.urandom(size), params=params)
+    fast.register(7, s.h)
+    assert 7 in fast.registered
+    s.warm()
+    rng = random.Random(size)
+    before = native.fast_info()["reads"]
+    answered = 0
+    for off, n in _requests(size, rng):
+        got = native.fast_read(7, n, off)
+        want = s.data[off:off + n]
+        span = s.reader.span(off, n)
+        if span[2] - span[0] <= MiB:  # within the hook's limit: it must answer
+            assert got == want, (off, n)
+            answered += 1
+        else:
+            assert got in (None, want), (off, n)
+    assert native.fast_info()["reads"] - before >= answered > 0
+
+
+def test_a_small_file_is_answered_from_its_first_read(fast, sealed):
+    """A one-block file's hash is its root hash; a one-leaf file's leaf is verified at
+    registration: neither needs a Python read first."""
+    one = sealed(os.urandom(3000))
+    fast.register(1, one.h)
+    assert native.fast_read(1, 4096, 0) == one.data
+    leafy = sealed(os.urandom(100_000))
+    fast.register(2, leafy.h)
+    assert native.fast_read(2, 131072, 0) == leafy.data
+
+
+def test_declines_without_a_verified_leaf(fast, sealed):
+    s = sealed(os.urandom(3 * MiB))  # three leaf blocks: none verified at registration
+    fast.register(3, s.h)
+    before = native.fast_info()["declined_no_leaf"]
+    assert native.fast_read(3, 4096, MiB) is None
+    assert native.fast_info()["declined_no_leaf"] == before + 1
+    s.reader.read(MiB, 4096)  # Python verifies the leaf that covers it
+    assert native.fast_read(3, 4096, MiB) == s.data[MiB:MiB + 4096]
+    assert native.fast_read(3, 4096, 2 * MiB + 600_000) is None  # another leaf: not yet
+
+
+def test_declines_at_and_past_the_end_and_for_unknown_handles(fast, sealed):
+    s = sealed(os.urandom(10_000))
+    fast.register(4, s.h)
+    assert native.fast_read(4, 4096, 10_000) is None  # Python's end-of-file check answers
+    assert native.fast_read(4, 4096, 50_000) is None
+    assert native.fast_read(4, 0, 0) is None
+    assert native.fast_read(5, 4096, 0) is None  # never registered
+    fast.forget(4)
+    assert native.fast_read(4, 4096, 0) is None
+
+
+def test_a_changed_block_is_declined_and_python_reports_it(fast, sealed):
+    s = sealed(os.urandom(2 * MiB))
+    fast.register(6, s.h)
+    s.warm()
+    assert native.fast_read(6, 4096, MiB) == s.data[MiB:MiB + 4096]
+    with open(s.path, "r+b") as f:
+        f.seek(MiB + 10)
+        f.write(bytes([s.data[MiB + 10] ^ 1]))
+    before = native.fast_info()["declined_failed"]
+    assert native.fast_read(6, 4096, MiB) is None
+    assert native.fast_read(6, MiB, MiB // 2) is None  # a 1 MiB read that reaches it too
+    assert native.fast_info()["declined_failed"] == before + 2
+    assert native.fast_read(6, 4096, 0) == s.data[:4096]  # other blocks still answered
+    with pytest.raises(IntegrityError) as e:
+        s.reader.read(MiB, 4096)
+    assert e.value.offset == MiB
+
+
+def test_a_truncated_or_extended_file_is_declined(fast, sealed):
+    s = sealed(os.urandom(20_000))
+    fast.register(8, s.h)
+    assert native.fast_read(8, 4096, 16384) == s.data[16384:]
+    with open(s.path, "ab") as f:
+        f.write(b"more")
+    assert native.fast_read(8, 4096, 16384) is None  # the last block: the end is checked
+    assert native.fast_read(8, 4096, 0) == s.data[:4096]  # not the last block: no change
+    with pytest.raises(SizeMismatch):
+        s.reader.read(16384, 4096)
+    os.truncate(s.path, 10_000)
+    assert native.fast_read(8, 4096, 8192) is None
+    assert native.fast_read(8, 4096, 16384) is None
+
+
+def test_the_leaf_budget_bounds_the_table(fast, sealed):
+    native.fast_configure(leaf_bytes=0)
+    assert native.fast_info()["leaf_bytes"] == 0
+    s = sealed(os.urandom(3 * MiB))
+    fast.register(9, s.h)
+    s.warm()
+    assert native.fast_info()["leaf_bytes"] == 0
+    assert native.fast_read(9, 4096, 0) is None  # nothing kept: Python serves it
+    native.fast_configure(leaf_bytes=8192)
+    s.warm()
+    info = native.fast_info()
+    assert info["leaf_bytes"] <= 8192 and info["leaves"] <= 2
+
+
+def test_handle_table_insert_and_forget_keep_every_other_handle(fast, sealed):
+    """Linear probing with removal by back-shifting: a random history of registrations
+    and releases, checked against a set after every step."""
+    s = sealed(os.urandom(5000))
+    rng = random.Random(5)
+    live = set()
+    for step in range(3000):
+        fh = rng.randrange(1, 1500)
+        if fh in live and rng.random() < 0.5:
+            fast.forget(fh)
+            live.discard(fh)
+        else:
+            fast.register(fh, s.h)
+            live.add(fh)
+        if step % 100 == 0:
+            assert native.fast_info()["handles"] == len(live)
+            for probe in rng.sample(range(1, 1500), 50):
+                assert (native.fast_read(probe, 4096, 0) is not None) == (probe in live)
+    assert fast.registered == live
+
+
+def test_the_handle_table_is_bounded(fast, sealed):
+    s = sealed(os.urandom(5000))
+    for fh in range(1, 2100):
+        fast.register(fh, s.h)
+    assert len(fast.registered) == native.fast_info()["handles"] == 2048
+    assert native.fast_read(2099, 4096, 0) is None  # served by Python
+    fast.forget(1)
+    fast.register(2099, s.h)
+    assert native.fast_read(2099, 4096, 0) == s.data[:4096]
+
+
+def test_only_plain_verified_readers_are_registered(fast, sealed, tmp_path):
+    fd = os.open(write(tmp_path / "plain", b"abc"), os.O_RDONLY)
+    try:
+        fast.register(10, FileHandle(fd, None))  # no reader: a file without verity
+    finally:
+        os.close(fd)
+    assert 10 not in fast.registered
+    empty = sealed(b"")
+    fast.register(11, empty.h)  # nothing to read: Python answers the end of file
+    assert 11 not in fast.registered

@@ -1,0 +1,136 @@
+"""The native read path on a real mount: reads answered without Python are the same
+bytes, counted in the status, and a block changed behind a warm daemon's back (its
+leaves verified and held natively) still fails its read with EIO, reported once by
+Python, in local and in manifest mode.  With VERITYFUSE_NO_FAST_READ every read is
+Python's."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import manifest as mf
+from conftest import flip, write
+
+MiB = 1 << 20
+
+
+def status(m):
+    return json.loads(os.getxattr(m.mountpoint, "user.verityfuse.status"))
+
+
+def read_all(path):
+    """Read with 1 MiB reads after dropping the file's pages: every read reaches the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = bytearray()
+        while chunk := os.read(fd, MiB):
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def read_at(path, offset, size=4096):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"big": os.urandom(3 * MiB + 5), "small": os.urandom(3000),
+             "mid": os.urandom(100_000)}
+    for name, data in files.items():
+        write(src / name, data)
+    return src, files
+
+
+def _manifest(tmp_path, src):
+    """Seal ``src`` with a signed manifest; the guest's mount arguments."""
+    mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "seal", src, "--manifest",
+                        tmp_path / "m.json", "--sign-key", tmp_path / "key.pem"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return ["--manifest", str(tmp_path / "m.json"), "--trust-key", str(tmp_path / "pub.pem")]
+
+
+@pytest.mark.parametrize("mode", ["local", "manifest"])
+def test_native_reads_and_a_block_changed_behind_their_back(tree, tmp_path, verified_mount,
+                                                            mode):
+    src, files = tree
+    if mode == "local":
+        m = verified_mount(src)
+    else:
+        m = verified_mount(src, seal=False, extra_args=_manifest(tmp_path, src))
+    assert status(m)["fast_reads"] is not False
+    for rep in range(2):
+        for name, data in files.items():
+            assert read_all(m.mountpoint / name) == data, (name, rep)
+    st = status(m)
+    fast = st["fast_reads"]
+    # The small files from their first read; the big one once its leaves were verified.
+    assert fast["reads"] >= 2 * 2 + 4, fast
+    assert fast["declined_failed"] == 0 and st["integrity_failures"] == 0
+    assert st["bytes_served"] == 2 * sum(len(d) for d in files.values())
+
+    # The host changes one byte of the big file: the warm daemon holds its leaves.
+    off = 2 * MiB + 4096 * 3 + 17
+    flip(src / "big", off)
+    block = off - off % 4096
+    with pytest.raises(OSError) as e:
+        read_at(m.mountpoint / "big", block)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:
+        read_all(m.mountpoint / "big")
+    assert e.value.errno == errno.EIO
+    # Its other blocks, and the other files, still read.
+    assert read_at(m.mountpoint / "big", block + 4096) == files["big"][block + 4096:block + 8192]
+    assert read_all(m.mountpoint / "mid") == files["mid"]
+    st = status(m)
+    assert st["integrity_failures"] >= 1
+    assert st["failures"][0]["offset"] == block
+    assert st["fast_reads"]["declined_failed"] >= 1
+
+
+def test_a_file_extended_behind_an_open_handle_fails_its_last_block(tree, verified_mount):
+    """An open fails on a file whose size changed; a handle opened before still reads its
+    other blocks, and the read of its last block checks where the file ends."""
+    src, files = tree
+    data = files["mid"]
+    m = verified_mount(src)
+    fd = os.open(m.mountpoint / "mid", os.O_RDONLY)
+    try:
+        assert os.pread(fd, MiB, 0) == data
+        with open(src / "mid", "ab") as f:
+            f.write(b"appended by the host")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        last = len(data) - len(data) % 4096
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, last)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 4096, 0) == data[:4096]  # not its end: unchanged
+    finally:
+        os.close(fd)
+    assert "backing file was extended past its sealed size 100000" in m.log()
+
+
+def test_without_the_native_path_python_serves_every_read(tree, verified_mount, monkeypatch):
+    monkeypatch.setenv("VERITYFUSE_NO_FAST_READ", "1")
+    src, files = tree
+    m = verified_mount(src)
+    for name, data in files.items():
+        assert read_all(m.mountpoint / name) == data
+    st = status(m)
+    assert st["fast_reads"] is False
+    assert st["verified_reads"] >= 3 and st["bytes_served"] == sum(map(len, files.values()))
