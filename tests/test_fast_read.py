@@ -244,3 +244,15 @@ def test_only_plain_verified_readers_are_registered(fast, sealed, tmp_path):
     empty = sealed(b"")
     fast.register(11, empty.h)  # nothing to read: Python answers the end of file
     assert 11 not in fast.registered
+
+
+def test_a_handle_whose_reads_must_wait_is_forgotten(fast, sealed):
+    """A file system that cannot say whether a read would wait (RWF_NOWAIT refused):
+    the reader turns to a worker thread, and the native path stops trying."""
+    s = sealed(os.urandom(5000))
+    fast.came_to_python(12, s.h)  # the first read of a handle opened before its enable
+    assert 12 in fast.registered
+    s.reader.in_memory = s.reader.nowait = False
+    fast.came_to_python(12, s.h)
+    assert 12 not in fast.registered
+    assert native.fast_read(12, 4096, 0) is None

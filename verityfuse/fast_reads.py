@@ -85,6 +85,16 @@ class FastReads:
                                      0 if reader.in_memory else os.RWF_NOWAIT):
             self.registered.add(fh)
 
+    def came_to_python(self, fh: int, h) -> None:
+        """A read of ``fh`` is Python's (declined, or never offered): register the handle
+        if it got its reader after its open (an enable); forget it if its file system
+        turned out unable to say whether a read would wait (the reader then reads in a
+        thread, and every native attempt would only fail)."""
+        if fh not in self.registered:
+            self.register(fh, h)
+        elif not (h.reader.in_memory or h.reader.nowait):
+            self.forget(fh)
+
     def forget(self, fh: int) -> None:
         """Before the handle's fd is closed (the native table holds it)."""
         if fh in self.registered:

@@ -255,8 +255,8 @@ class VerityOperations(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         h = self.handles[fh]
-        if self.fast is not None and fh not in self.fast.registered:
-            self.fast.register(fh, h)  # a reader attached since the open (an enable)
+        if self.fast is not None:
+            self.fast.came_to_python(fh, h)
         return await self.reads.read(h, off, size)
 
     async def write(self, fh, off, buf):
