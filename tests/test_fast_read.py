@@ -13,7 +13,7 @@ import pytest
 
 from verityfuse import merkle
 from verityfuse.errors import IntegrityError, SizeMismatch
-from verityfuse.fast_reads import FastReads
+from verityfuse.fast_reads import FastReads, LeafTable
 from verityfuse.reader import attach_reader
 from verityfuse.sealing import seal_path
 from verityfuse.store import Store
@@ -29,17 +29,18 @@ MiB = 1 << 20
 
 @pytest.fixture
 def fast():
-    """A FastReads whose handles and counters are gone after the test (the table is the
+    """A FastReads whose handles and leaves are gone after the test (the tables are the
     process's)."""
     f = FastReads(native, shim=None)
     yield f
     for fh in list(f.registered):
         f.forget(fh)
+    native.fast_configure(leaf_bytes=0)  # empties the leaf table
     native.fast_configure(leaf_bytes=16 << 20)
 
 
 class Sealed:
-    """A sealed file, open, with a reader whose verified leaves go to the native table."""
+    """A sealed file, open, with a reader whose cache keeps its leaves in the native table."""
 
     def __init__(self, tmp_path, data, params=merkle.Params(merkle.SHA256, 4096), name="f"):
         self.path = write(tmp_path / name, data)
@@ -49,7 +50,7 @@ class Sealed:
         self.tree = store.open_object(e.alg, e.digest)
         store.close()
         self.cache = TreeBlockCache()
-        self.cache.leaf_sink = native.fast_put_leaf
+        self.cache.use_leaf_table(LeafTable(native), 16 << 20)
         self.fd = os.open(self.path, os.O_RDONLY)
         self.h = FileHandle(self.fd, None)
         self.h.reader = attach_reader(self.fd, self.tree, self.cache, name)
@@ -256,3 +257,39 @@ def test_a_handle_whose_reads_must_wait_is_forgotten(fast, sealed):
     fast.came_to_python(12, s.h)
     assert 12 not in fast.registered
     assert native.fast_read(12, 4096, 0) is None
+
+
+def test_a_full_leaf_table_keeps_taking_the_leaves_read_now(fast, sealed):
+    """Over the byte budget, old leaves make room (a clock over the table): a daemon that
+    served other files first still answers the file read now."""
+    native.fast_configure(leaf_bytes=3 * 4096)
+    a, b = sealed(os.urandom(3 * MiB)), sealed(os.urandom(3 * MiB))
+    fast.register(13, a.h)
+    fast.register(14, b.h)
+    a.warm()
+    assert native.fast_info()["leaves"] == 3
+    b.warm()  # six leaves: the last ones verified are kept
+    info = native.fast_info()
+    assert info["leaves"] == 3 and info["leaf_bytes"] == 3 * 4096
+    last = 3 * MiB - 4096
+    assert native.fast_read(14, 4096, last) == b.data[last:last + 4096]
+    assert native.fast_read(13, 4096, last) is None  # a's leaves made room
+
+
+def test_the_tree_block_cache_keeps_one_copy_of_each_leaf_within_its_budget(fast, sealed):
+    """With the native table, leaves live only there (Python reads them back from it);
+    the upper levels stay in the LRU, and both together stay within --cache-size."""
+    s = sealed(os.urandom(3 * MiB))  # six leaves under one upper block
+    cache = TreeBlockCache(max_bytes=10 * 4096)
+    cache.use_leaf_table(LeafTable(native), 8 * 4096)
+    native.fast_configure(leaf_bytes=8 * 4096)
+    s.h.reader = attach_reader(s.fd, s.tree, cache, "f")
+    fast.register(15, s.h)
+    s.warm()
+    assert all(key[2] != 0 for key in cache._d)  # no leaf in the LRU
+    snap = cache.snapshot()
+    assert snap["blocks"] == 6 + 1 and snap["bytes"] == 7 * 4096 <= snap["max_bytes"]
+    misses = snap["misses"]
+    assert bytes(s.reader.read(MiB, 4096)) == s.data[MiB:MiB + 4096]  # Python: a leaf hit
+    assert cache.snapshot()["misses"] == misses
+    assert native.fast_read(15, 4096, 2 * MiB) == s.data[2 * MiB:2 * MiB + 4096]

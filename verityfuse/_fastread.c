@@ -38,13 +38,16 @@
  *
  * Bounds: FR_HANDLES registered handles (a handle past that is served by
  * Python), FR_SETS x FR_WAYS leaf slots within g_leaf_budget bytes, one
- * buffer of FR_MAX_READ plus a block.
+ * buffer of FR_MAX_READ plus a block.  A new leaf takes the least recently
+ * used slot of its set; over the byte budget, a clock hand over all slots
+ * frees blocks not used since its last pass (a full table keeps taking new
+ * leaves: the files read now are the ones worth answering natively).
  */
 #include <sys/mman.h>
 
 #define FR_HANDLES 4096          /* a power of two */
-#define FR_SETS 1024             /* a power of two */
-#define FR_WAYS 4
+#define FR_SETS 2048             /* a power of two */
+#define FR_WAYS 8                /* 16384 slots: few conflicts below the byte budget */
 #define FR_MAX_READ (1 << 20)    /* the kernel's largest read (max_pages 256) */
 #define FR_MAX_BLOCK (64 * 1024) /* fs-verity's largest block size */
 #define FR_MIN_BLOCK 1024
@@ -61,8 +64,9 @@ struct fr_file {
 
 struct fr_leaf {
     unsigned char *block;        /* NULL: a free slot */
-    uint64_t index, stamp;
+    uint64_t index, stamp;       /* stamp: last use, for the set's LRU */
     size_t size, key_len;
+    int used;                    /* used since the clock hand last passed */
     unsigned char key[FR_KEY];
 };
 
@@ -71,6 +75,7 @@ static size_t g_nfiles;
 static struct fr_leaf *g_leaves;  /* FR_SETS * FR_WAYS, on the first put */
 static size_t g_leaf_bytes, g_leaf_budget = 16 << 20;
 static uint64_t g_stamp;
+static size_t g_hand, g_nleaves;
 static unsigned char *g_frbuf;    /* FR_MAX_READ + FR_MAX_BLOCK, page-aligned */
 static unsigned char g_expected[(FR_MAX_READ + FR_MAX_BLOCK) / FR_MIN_BLOCK * SHA512_DIGEST_LENGTH];
 /* What fast_read did: answered (reads, bytes, blocks), or why it declined. */
@@ -130,10 +135,40 @@ static struct fr_leaf *fr_leaf_get(const unsigned char *key, size_t key_len, uin
         if (l->block && l->index == index && l->key_len == key_len
             && memcmp(l->key, key, key_len) == 0) {
             l->stamp = ++g_stamp;
+            l->used = 1;
             return l;
         }
     }
     return NULL;
+}
+
+static void fr_leaf_free(struct fr_leaf *l)
+{
+    g_leaf_bytes -= l->size;
+    g_nleaves--;
+    free(l->block);
+    l->block = NULL;
+}
+
+/* Free one block the clock hand finds unused since its last pass (clearing the
+ * marks it passes); 0 if there is none to free. */
+static int fr_evict_one(void)
+{
+    if (g_leaves == NULL || g_nleaves == 0)
+        return 0;
+    for (size_t steps = 0; steps < 2 * FR_SETS * FR_WAYS; steps++) {
+        struct fr_leaf *l = &g_leaves[g_hand];
+        g_hand = (g_hand + 1) % (FR_SETS * FR_WAYS);
+        if (l->block == NULL)
+            continue;
+        if (l->used) {
+            l->used = 0;
+            continue;
+        }
+        fr_leaf_free(l);
+        return 1;
+    }
+    return 0;
 }
 
 /* Answer the read of `size` bytes at `off` of handle fh: 0 with *out and *len set
@@ -327,10 +362,13 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
         if (set[w].stamp < victim->stamp)
             victim = &set[w];
     }
-    size_t freed = victim->block ? victim->size : 0;
-    if (g_leaf_bytes - freed + (size_t)block.len > g_leaf_budget) {
-        res = Py_NewRef(Py_None);  /* over budget: reads of it stay with Python */
-        goto done;
+    if (victim->block != NULL)
+        fr_leaf_free(victim);
+    while (g_leaf_bytes + (size_t)block.len > g_leaf_budget) {
+        if (!fr_evict_one()) {
+            res = Py_NewRef(Py_None);  /* the budget is below one block: Python's reads */
+            goto done;
+        }
     }
     unsigned char *copy = malloc((size_t)block.len);
     if (copy == NULL) {
@@ -338,9 +376,10 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
         goto done;
     }
     memcpy(copy, block.buf, (size_t)block.len);
-    free(victim->block);
-    g_leaf_bytes = g_leaf_bytes - freed + (size_t)block.len;
+    g_leaf_bytes += (size_t)block.len;
+    g_nleaves++;
     victim->block = copy;
+    victim->used = 1;
     victim->size = (size_t)block.len;
     victim->index = index;
     victim->stamp = ++g_stamp;
@@ -351,6 +390,21 @@ done:
     PyBuffer_Release(&key);
     PyBuffer_Release(&block);
     return res;
+}
+
+static PyObject *fast_get_leaf(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer key;
+    unsigned long long index;
+    if (!PyArg_ParseTuple(args, "y*K:fast_get_leaf", &key, &index))
+        return NULL;
+    struct fr_leaf *l = key.len >= 9 && key.len <= FR_KEY
+        ? fr_leaf_get(key.buf, (size_t)key.len, index) : NULL;
+    PyBuffer_Release(&key);
+    if (l == NULL)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)l->block, (Py_ssize_t)l->size);
 }
 
 static PyObject *fast_configure(PyObject *self, PyObject *args, PyObject *kw)
@@ -365,14 +419,8 @@ static PyObject *fast_configure(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     g_leaf_budget = (size_t)budget;
-    /* Drop what is over the new budget, oldest first within each set. */
-    for (size_t i = 0; g_leaves && g_leaf_bytes > g_leaf_budget && i < FR_SETS * FR_WAYS; i++) {
-        if (g_leaves[i].block) {
-            g_leaf_bytes -= g_leaves[i].size;
-            free(g_leaves[i].block);
-            g_leaves[i].block = NULL;
-        }
-    }
+    while (g_leaf_bytes > g_leaf_budget && fr_evict_one())
+        ;
     Py_RETURN_NONE;
 }
 
@@ -395,9 +443,7 @@ static PyObject *fast_info(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    size_t leaves = 0;
-    for (size_t i = 0; g_leaves && i < FR_SETS * FR_WAYS; i++)
-        leaves += g_leaves[i].block != NULL;
+    size_t leaves = g_nleaves;
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n}",
                          "reads", g_fr_reads, "bytes", g_fr_bytes, "blocks", g_fr_blocks,
                          "declined_no_handle", g_fr_no_handle, "declined_no_leaf", g_fr_no_leaf,
@@ -423,7 +469,10 @@ static PyObject *fast_entry(PyObject *self, PyObject *unused)
      "where a read could wait).  False when the table is full (Python serves it)."}, \
     {"fast_forget", fast_forget, METH_O, "fast_forget(fh): before its fd is closed."}, \
     {"fast_put_leaf", fast_put_leaf, METH_VARARGS, \
-     "fast_put_leaf(key, index, block): a leaf tree block verified to the root hash."}, \
+     "fast_put_leaf(key, index, block): a leaf tree block verified to the root hash\n" \
+     "(the table's one copy: Python's tree-block cache keeps no leaves beside it)."}, \
+    {"fast_get_leaf", fast_get_leaf, METH_VARARGS, \
+     "fast_get_leaf(key, index) -> bytes or None: a leaf block put there."}, \
     {"fast_configure", (PyCFunction)(void (*)(void))fast_configure, \
      METH_VARARGS | METH_KEYWORDS, "fast_configure(leaf_bytes): the leaf table's budget."}, \
     {"fast_read", fast_read_py, METH_VARARGS, \

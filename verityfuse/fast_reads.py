@@ -8,12 +8,12 @@ already verified.  For those a request's cost was mostly pyfuse3's and trio's
 rest, which pyfuse3 then serves through ``ops_read`` exactly as before.  What
 it may answer is told here:
 
-- a handle, when it has a ``reader.VerifiedReader`` (``register``; the first
-  read of a handle that got its reader later, after an enable, registers it),
-  until it is released (``forget``, before its fd is closed);
-- each leaf tree block the verifier has verified up to the root hash, as a read
-  uses it (the tree block cache's ``leaf_sink``), into a table of its own with a
-  byte budget.
+- a handle, when it has a ``reader.VerifiedReader`` (``register`` at its open;
+  ``came_to_python`` at the first read of a handle that got its reader later,
+  after an enable), until it is released (``forget``, before its fd is closed);
+- each leaf tree block the verifier has verified up to the root hash: the tree
+  block cache keeps leaf blocks in the native table (``use_leaf_table``), in a
+  share of its budget (one copy, where the native path finds it and Python too).
 
 It declines every failure (a mismatch, a truncated or extended file, data not in
 memory, a missing leaf), so a failure is found again and reported by the Python
@@ -31,15 +31,23 @@ from . import merkle
 from .errors import VerityError
 from .reader import VerifiedReader
 
-# The native leaf table's budget: a 4 KiB leaf block of SHA-256 hashes covers 512 KiB
-# of data, so 16 MiB of leaves covers 2 GiB of files read at random.
-LEAF_BYTES = 16 << 20
+# The native leaf table's share of the tree-block cache's budget (--cache-size): the
+# leaves are all but 1/128 of a SHA-256 tree's blocks (4 KiB).  A 4 KiB leaf block covers
+# 512 KiB of data, so 24 MiB of leaves (of the default 32) covers 3 GiB read at random.
+LEAF_SHARE = 0.75
+
+
+class LeafTable:
+    """The native leaf table, as the tree-block cache uses it."""
+
+    def __init__(self, native: Any):
+        self.get, self.put, self.info = native.fast_get_leaf, native.fast_put_leaf, native.fast_info
 
 
 class FastReads:
     """The native read path of one mount (one per process: pyfuse3 serves one)."""
 
-    def __init__(self, native: Any, shim, leaf_bytes: int = LEAF_BYTES):
+    def __init__(self, native: Any, shim, leaf_bytes: int = 16 << 20):
         self.native, self.shim = native, shim
         native.fast_configure(leaf_bytes=leaf_bytes)
         self.registered: set = set()  # the handles the native table holds
@@ -53,10 +61,11 @@ class FastReads:
         if (shim is None or native is None or not hasattr(native, "fast_entry")
                 or os.environ.get("VERITYFUSE_NO_FAST_READ")):
             return None
-        fast = cls(native, shim)
+        leaf_bytes = int(cache.max_bytes * LEAF_SHARE)
+        fast = cls(native, shim, leaf_bytes=leaf_bytes)
         if not shim.set_fast_read(native.fast_entry()):
             return None
-        cache.leaf_sink = native.fast_put_leaf
+        cache.use_leaf_table(LeafTable(native), leaf_bytes)
         return fast
 
     def register(self, fh: int, h) -> None:
@@ -79,9 +88,10 @@ class FastReads:
                 v.expected_hashes(0, 1)
             except (VerityError, OSError):
                 pass
+        tree_key = bytes((v.params.alg.number,)) + v.tree.digest  # as the cache's leaves
         if self.native.fast_register(fh, reader.fd, v.params.alg.number,
                                      merkle.padded_salt(v.params), v.params.block_size,
-                                     reader.data_size, v.tree_key, root,
+                                     reader.data_size, tree_key, root,
                                      0 if reader.in_memory else os.RWF_NOWAIT):
             self.registered.add(fh)
 

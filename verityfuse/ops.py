@@ -377,8 +377,9 @@ class VerityOperations(pyfuse3.Operations):
     def use_fast_reads(self, shim: Optional[Shim]) -> bool:
         """Let the shim answer the common verified reads natively (fast_reads), once
         pyfuse3 has hooked libfuse; False when it cannot (then Python serves all), or
-        with --debug, which logs every request (a native read never reaches the log)."""
-        if log.isEnabledFor(logging.DEBUG):
+        with --debug, which logs every request (a native read never reaches the log), or
+        for an OCI view, whose reads fetch from a registry."""
+        if log.isEnabledFor(logging.DEBUG) or getattr(self.view, "open_blocks", False):
             return False
         self.fast = FastReads.load(shim, self.view.cache)
         return self.fast is not None

@@ -21,23 +21,44 @@ DEFAULT_CACHE_BYTES = 32 << 20
 
 
 class TreeBlockCache:
-    """Thread-safe LRU of verified tree blocks, bounded by total bytes."""
+    """Thread-safe LRU of verified tree blocks, bounded by total bytes.
+
+    With a leaf table (``use_leaf_table``: the native read path's, fast_reads) the
+    leaf blocks (level 0, one in 128 of a SHA-256 tree's blocks is above them) live
+    there instead, in a share of the same budget, where native reads find them: one
+    copy of each block, and the whole stays within ``max_bytes``.
+    """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_bytes = max_bytes
-        # Told of every verified leaf block a read uses: (tree key, index, block) ->
-        # None (the native read path's table, fast_reads.FastReads.put_leaf).
-        self.leaf_sink = None
+        self._own_max = max_bytes  # this LRU's share of the budget
+        self.leaves = None  # the leaf table, if any
         self.bytes = 0
         self.hits = self.misses = 0
         self._d: "OrderedDict[tuple, bytes]" = OrderedDict()
         self._lock = threading.Lock()
 
+    def use_leaf_table(self, table, leaf_bytes: int) -> None:
+        """Keep leaf blocks in ``table`` from now on (``get(tree_key, index)``,
+        ``put(tree_key, index, block)``, ``info()`` with its ``leaves`` and
+        ``leaf_bytes``; tree_key is the algorithm's number then the file digest),
+        which holds at most ``leaf_bytes``; this LRU keeps the rest of the budget."""
+        with self._lock:
+            self.leaves = table
+            self._own_max = max(0, self.max_bytes - leaf_bytes)
+            for key in [k for k in self._d if k[2] == 0]:
+                self.bytes -= len(self._d.pop(key))
+            self._shrink()
+
     def get(self, key):
         with self._lock:
-            block = self._d.get(key)
+            if key[2] == 0 and self.leaves is not None:
+                block = self.leaves.get(bytes((key[0],)) + key[1], key[3])
+            else:
+                block = self._d.get(key)
+                if block is not None:
+                    self._d.move_to_end(key)
             if block is not None:
-                self._d.move_to_end(key)
                 self.hits += 1
             else:
                 self.misses += 1
@@ -45,18 +66,28 @@ class TreeBlockCache:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "blocks": len(self._d),
-                    "bytes": self.bytes, "max_bytes": self.max_bytes}
+            blocks, nbytes = len(self._d), self.bytes
+            if self.leaves is not None:
+                info = self.leaves.info()
+                blocks, nbytes = blocks + info["leaves"], nbytes + info["leaf_bytes"]
+            return {"hits": self.hits, "misses": self.misses, "blocks": blocks,
+                    "bytes": nbytes, "max_bytes": self.max_bytes}
 
     def put(self, key, block: bytes):
         with self._lock:
+            if key[2] == 0 and self.leaves is not None:
+                self.leaves.put(bytes((key[0],)) + key[1], key[3], block)
+                return
             if key in self._d:
                 return
             self._d[key] = block
             self.bytes += len(block)
-            while self.bytes > self.max_bytes and self._d:
-                _, old = self._d.popitem(last=False)
-                self.bytes -= len(old)
+            self._shrink()
+
+    def _shrink(self):
+        while self.bytes > self._own_max and self._d:
+            _, old = self._d.popitem(last=False)
+            self.bytes -= len(old)
 
     def __len__(self):
         return len(self._d)
@@ -79,20 +110,12 @@ class Verifier:
         self.hpb = self.params.hashes_per_block
         self.top = self.geo.num_levels - 1
         self._key = (self.params.alg.number, tree.digest)
-        self.tree_key = bytes([self.params.alg.number]) + tree.digest  # as the native table's
-        self._sink = getattr(cache, "leaf_sink", None)
 
     def _verified_tree_block(self, level: int, index: int) -> bytes:
         key = self._key + (level, index)
         block = self.cache.get(key)
-        if block is None:
-            block = self._verify_tree_block(level, index, key)
-        if level == 0 and self._sink is not None:
-            # On a hit too: the native table is smaller and may have dropped it.
-            self._sink(self.tree_key, index, block)
-        return block
-
-    def _verify_tree_block(self, level: int, index: int, key: tuple) -> bytes:
+        if block is not None:
+            return block
         pos = self.geo.level_start[level] + index
         block = self.tree.read_tree_block(pos)
         actual = self.hasher(block)
