@@ -293,3 +293,35 @@ def test_the_tree_block_cache_keeps_one_copy_of_each_leaf_within_its_budget(fast
     assert bytes(s.reader.read(MiB, 4096)) == s.data[MiB:MiB + 4096]  # Python: a leaf hit
     assert cache.snapshot()["misses"] == misses
     assert native.fast_read(15, 4096, 2 * MiB) == s.data[2 * MiB:2 * MiB + 4096]
+
+
+def test_block_sizes_the_native_path_does_not_serve_stay_with_python(fast, sealed):
+    """Below 1 KiB (which the kernel refuses, and `seal --block-size` allows): not
+    registered, and the cache keeps such leaves itself; the reads are Python's and right."""
+    s = sealed(os.urandom(100_000), params=merkle.Params(merkle.SHA256, 512))
+    fast.register(16, s.h)
+    assert 16 not in fast.registered
+    s.warm()
+    assert any(key[2] == 0 for key in s.cache._d)
+    assert bytes(s.reader.read(50_000, 3000)) == s.data[50_000:53_000]
+
+
+def test_the_leaf_table_grows_with_its_budget(fast):
+    native.fast_configure(leaf_bytes=256 << 20)
+    assert native.fast_info()["leaf_slots"] >= 2 * (256 << 20) // 4096
+    native.fast_configure(leaf_bytes=16 << 20)
+    assert native.fast_info()["leaf_slots"] >= 2 * (16 << 20) // 4096
+
+
+def test_offsets_near_the_largest_file_size_are_declined(fast, tmp_path):
+    """A sealed size near 2**63: the span arithmetic must not overflow (no leaf is
+    there, so it declines)."""
+    fd = os.open(write(tmp_path / "x", b"x"), os.O_RDONLY)
+    try:
+        huge = (1 << 63) - 1
+        assert native.fast_register(17, fd, 1, b"", 4096, huge, b"\x01" + b"\x00" * 32, b"", 0)
+        for off in (huge - 1, huge - 4096, huge - (1 << 20) + 5):
+            assert native.fast_read(17, 1 << 20, off) is None
+    finally:
+        native.fast_forget(17)
+        os.close(fd)

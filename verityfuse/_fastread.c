@@ -37,7 +37,7 @@
  * the thread that forgets a handle before closing its fd.
  *
  * Bounds: FR_HANDLES registered handles (a handle past that is served by
- * Python), FR_SETS x FR_WAYS leaf slots within g_leaf_budget bytes, one
+ * Python), g_nsets x FR_WAYS leaf slots within g_leaf_budget bytes, one
  * buffer of FR_MAX_READ plus a block.  A new leaf takes the least recently
  * used slot of its set; over the byte budget, a clock hand over all slots
  * frees blocks not used since its last pass (a full table keeps taking new
@@ -46,8 +46,8 @@
 #include <sys/mman.h>
 
 #define FR_HANDLES 4096          /* a power of two */
-#define FR_SETS 2048             /* a power of two */
-#define FR_WAYS 8                /* 16384 slots: few conflicts below the byte budget */
+#define FR_WAYS 8
+#define FR_MIN_SETS 64
 #define FR_MAX_READ (1 << 20)    /* the kernel's largest read (max_pages 256) */
 #define FR_MAX_BLOCK (64 * 1024) /* fs-verity's largest block size */
 #define FR_MIN_BLOCK 1024
@@ -72,7 +72,10 @@ struct fr_leaf {
 
 static struct fr_file g_files[FR_HANDLES];
 static size_t g_nfiles;
-static struct fr_leaf *g_leaves;  /* FR_SETS * FR_WAYS, on the first put */
+static struct fr_leaf *g_leaves;  /* g_nsets * FR_WAYS, on the first put */
+/* Sets (a power of two): twice as many slots as 4 KiB leaves fit in the budget, so
+ * that few leaves meet a full set below it (fr_size_table). */
+static size_t g_nsets = 1024;
 static size_t g_leaf_bytes, g_leaf_budget = 16 << 20;
 static uint64_t g_stamp;
 static size_t g_hand, g_nleaves;
@@ -122,7 +125,7 @@ static size_t fr_set(const unsigned char *key, size_t key_len, uint64_t index)
     memcpy(&h, key + key_len - sizeof h, sizeof h);
     h ^= index * 0x9E3779B97F4A7C15ull;
     h ^= h >> 29;
-    return (size_t)(h * 0xBF58476D1CE4E5B9ull >> 32) & (FR_SETS - 1);
+    return (size_t)(h * 0xBF58476D1CE4E5B9ull >> 32) & (g_nsets - 1);
 }
 
 static struct fr_leaf *fr_leaf_get(const unsigned char *key, size_t key_len, uint64_t index)
@@ -156,9 +159,9 @@ static int fr_evict_one(void)
 {
     if (g_leaves == NULL || g_nleaves == 0)
         return 0;
-    for (size_t steps = 0; steps < 2 * FR_SETS * FR_WAYS; steps++) {
+    for (size_t steps = 0; steps < 2 * g_nsets * FR_WAYS; steps++) {
         struct fr_leaf *l = &g_leaves[g_hand];
-        g_hand = (g_hand + 1) % (FR_SETS * FR_WAYS);
+        g_hand = (g_hand + 1) % (g_nsets * FR_WAYS);
         if (l->block == NULL)
             continue;
         if (l->used) {
@@ -169,6 +172,23 @@ static int fr_evict_one(void)
         return 1;
     }
     return 0;
+}
+
+/* Size the slot table from the budget (emptying it when that changes its size). */
+static void fr_size_table(void)
+{
+    size_t want = FR_MIN_SETS;
+    while (want * FR_WAYS < 2 * (g_leaf_budget / 4096))
+        want *= 2;
+    if (want == g_nsets)
+        return;
+    for (size_t i = 0; g_leaves && i < g_nsets * FR_WAYS; i++)
+        if (g_leaves[i].block)
+            fr_leaf_free(&g_leaves[i]);
+    free(g_leaves);
+    g_leaves = NULL;  /* allocated again by the next put */
+    g_nsets = want;
+    g_hand = 0;
 }
 
 /* Answer the read of `size` bytes at `off` of handle fh: 0 with *out and *len set
@@ -185,10 +205,11 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
         g_fr_unfit++;  /* at or past the end: Python's end-of-file check answers */
         return -1;
     }
-    long long end = off + (long long)size < data_size ? off + (long long)size : data_size;
-    long long start = off - off % bs, stop = end + (bs - end % bs) % bs;
-    if (stop > data_size)
-        stop = data_size;  /* the last block is short, hashed zero-padded */
+    /* Without overflow: off < data_size, and nothing is added past data_size. */
+    long long end = (long long)size > data_size - off ? data_size : off + (long long)size;
+    long long start = off - off % bs, rem = end % bs, stop = end;
+    if (rem != 0)  /* up to a whole block, or to the short last block (hashed zero-padded) */
+        stop = data_size - end > bs - rem ? end + (bs - rem) : data_size;
     size_t n = (size_t)(stop - start), padded = (n + f->bs - 1) / f->bs * f->bs;
     size_t first = (size_t)(start / bs), nb = padded / f->bs, ds = f->alg == ALG_SHA512
         ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
@@ -222,7 +243,8 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
     hctx_init(&c, f->alg, f->prefix, f->prefix_len, g_frbuf, padded, f->bs);
     size_t fail_at;
     int fail_errno;
-    size_t bad = read_verify_core(&c, g_expected, fd, flags, start, n, g_frbuf, 0, &fail_at,
+    /* It cannot block: RWF_NOWAIT, or a file in memory (flags 0). */
+    size_t bad = read_verify_core(&c, g_expected, fd, flags, 0, start, n, g_frbuf, 0, &fail_at,
                                   &fail_errno);
     if (fail_at != SIZE_MAX) {
         if (fail_errno == EAGAIN)
@@ -340,15 +362,19 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*Ky*:fast_put_leaf", &key, &index, &block))
         return NULL;
     PyObject *res = NULL;
-    if (key.len < 9 || key.len > FR_KEY || block.len < FR_MIN_BLOCK || block.len > FR_MAX_BLOCK) {
-        PyErr_SetString(PyExc_ValueError, "fast_put_leaf: key or block out of range");
+    if (key.len < 9 || key.len > FR_KEY) {
+        PyErr_SetString(PyExc_ValueError, "fast_put_leaf: key out of range");
+        goto done;
+    }
+    if (block.len < FR_MIN_BLOCK || block.len > FR_MAX_BLOCK) {
+        res = Py_NewRef(Py_False);  /* a block size fast_read never serves: kept by Python */
         goto done;
     }
     if (fr_leaf_get(key.buf, (size_t)key.len, index) != NULL) {
-        res = Py_NewRef(Py_None);  /* already there (and now the most recent) */
+        res = Py_NewRef(Py_True);  /* already there (and now the most recent) */
         goto done;
     }
-    if (g_leaves == NULL && (g_leaves = calloc(FR_SETS * FR_WAYS, sizeof *g_leaves)) == NULL) {
+    if (g_leaves == NULL && (g_leaves = calloc(g_nsets * FR_WAYS, sizeof *g_leaves)) == NULL) {
         res = PyErr_NoMemory();
         goto done;
     }
@@ -366,7 +392,7 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
         fr_leaf_free(victim);
     while (g_leaf_bytes + (size_t)block.len > g_leaf_budget) {
         if (!fr_evict_one()) {
-            res = Py_NewRef(Py_None);  /* the budget is below one block: Python's reads */
+            res = Py_NewRef(Py_False);  /* the budget is below one block: kept by Python */
             goto done;
         }
     }
@@ -385,7 +411,7 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
     victim->stamp = ++g_stamp;
     victim->key_len = (size_t)key.len;
     memcpy(victim->key, key.buf, (size_t)key.len);
-    res = Py_NewRef(Py_None);
+    res = Py_NewRef(Py_True);
 done:
     PyBuffer_Release(&key);
     PyBuffer_Release(&block);
@@ -401,10 +427,10 @@ static PyObject *fast_get_leaf(PyObject *self, PyObject *args)
         return NULL;
     struct fr_leaf *l = key.len >= 9 && key.len <= FR_KEY
         ? fr_leaf_get(key.buf, (size_t)key.len, index) : NULL;
+    PyObject *res = l == NULL ? Py_NewRef(Py_None)
+        : PyBytes_FromStringAndSize((const char *)l->block, (Py_ssize_t)l->size);
     PyBuffer_Release(&key);
-    if (l == NULL)
-        Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize((const char *)l->block, (Py_ssize_t)l->size);
+    return res;
 }
 
 static PyObject *fast_configure(PyObject *self, PyObject *args, PyObject *kw)
@@ -421,6 +447,7 @@ static PyObject *fast_configure(PyObject *self, PyObject *args, PyObject *kw)
     g_leaf_budget = (size_t)budget;
     while (g_leaf_bytes > g_leaf_budget && fr_evict_one())
         ;
+    fr_size_table();
     Py_RETURN_NONE;
 }
 
@@ -444,13 +471,14 @@ static PyObject *fast_info(PyObject *self, PyObject *unused)
     (void)self;
     (void)unused;
     size_t leaves = g_nleaves;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n,s:n}",
                          "reads", g_fr_reads, "bytes", g_fr_bytes, "blocks", g_fr_blocks,
                          "declined_no_handle", g_fr_no_handle, "declined_no_leaf", g_fr_no_leaf,
                          "declined_unfit", g_fr_unfit, "declined_would_wait", g_fr_would_wait,
                          "declined_failed", g_fr_failed, "handles", (Py_ssize_t)g_nfiles,
                          "leaves", (Py_ssize_t)leaves, "leaf_bytes", (Py_ssize_t)g_leaf_bytes,
-                         "leaf_budget", (Py_ssize_t)g_leaf_budget);
+                         "leaf_budget", (Py_ssize_t)g_leaf_budget,
+                         "leaf_slots", (Py_ssize_t)(g_nsets * FR_WAYS));
 }
 
 static PyObject *fast_entry(PyObject *self, PyObject *unused)
@@ -469,15 +497,18 @@ static PyObject *fast_entry(PyObject *self, PyObject *unused)
      "where a read could wait).  False when the table is full (Python serves it)."}, \
     {"fast_forget", fast_forget, METH_O, "fast_forget(fh): before its fd is closed."}, \
     {"fast_put_leaf", fast_put_leaf, METH_VARARGS, \
-     "fast_put_leaf(key, index, block): a leaf tree block verified to the root hash\n" \
-     "(the table's one copy: Python's tree-block cache keeps no leaves beside it)."}, \
+     "fast_put_leaf(key, index, block) -> bool: keep a leaf tree block verified to the\n" \
+     "root hash (the one copy: Python's tree-block cache keeps no leaf beside it); False\n" \
+     "when it is not kept (a block size fast_read does not serve, or a budget below a\n" \
+     "block): then the caller keeps it."}, \
     {"fast_get_leaf", fast_get_leaf, METH_VARARGS, \
      "fast_get_leaf(key, index) -> bytes or None: a leaf block put there."}, \
     {"fast_configure", (PyCFunction)(void (*)(void))fast_configure, \
      METH_VARARGS | METH_KEYWORDS, "fast_configure(leaf_bytes): the leaf table's budget."}, \
     {"fast_read", fast_read_py, METH_VARARGS, \
      "fast_read(fh, size, offset) -> bytes or None: what the FUSE hook would reply\n" \
-     "(None: it declines, Python serves the read)."}, \
+     "(None: it declines, Python serves the read).  For tests, on the one thread that\n" \
+     "serves FUSE requests (it shares their buffer)."}, \
     {"fast_info", fast_info, METH_NOARGS, "fast_info() -> dict: counters and sizes."}, \
     {"fast_entry", fast_entry, METH_NOARGS, \
      "fast_entry() -> int: the address of the C function the FUSE shim calls."},

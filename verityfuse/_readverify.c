@@ -90,10 +90,12 @@ static void read_piece(void *arg, size_t piece)
  * zeroed), hash and compare with expected.  Returns the first mismatching block
  * (SIZE_MAX: none); a failed read sets *fail_at (buffer offset; SIZE_MAX: none) and
  * *fail_errno (0: end of file), and then the mismatch does not count.  With the GIL
- * held; released while it works unless the request is small and cannot block. */
+ * held; released while it works unless the request is small and cannot block
+ * (may_block 0: RWF_NOWAIT in flags, or a file in memory). */
 static size_t read_verify_core(const struct hctx *c, const unsigned char *expected, int fd,
-                               int flags, long long offset, size_t length, unsigned char *buf,
-                               int threads, size_t *fail_at, int *fail_errno)
+                               int flags, int may_block, long long offset, size_t length,
+                               unsigned char *buf, int threads, size_t *fail_at,
+                               int *fail_errno)
 {
     struct readreq q = {
         .r = {.c = c, .expected = expected},
@@ -102,9 +104,9 @@ static size_t read_verify_core(const struct hctx *c, const unsigned char *expect
     };
     atomic_init(&q.fail_hint, SIZE_MAX);
     pthread_mutex_init(&q.lock, NULL);
-    /* With RWF_NOWAIT a small read cannot block: keep the GIL (see
-     * MIN_RELEASE_GIL_BYTES); without it the read may wait for the disk. */
-    size_t release = (flags & RWF_NOWAIT) ? MIN_RELEASE_GIL_BYTES : 0;
+    /* A small read that cannot block keeps the GIL (see MIN_RELEASE_GIL_BYTES); one
+     * that may wait for the disk releases it. */
+    size_t release = may_block ? 0 : MIN_RELEASE_GIL_BYTES;
     run_request(&q.r, threads, read_piece, READ_PIECE_BYTES, MIN_READ_SPLIT_BYTES, release);
     pthread_mutex_destroy(&q.lock);
     *fail_at = q.fail_at;
@@ -151,8 +153,8 @@ static PyObject *read_verify(PyObject *self, PyObject *args)
     }
     size_t fail_at;
     int fail_errno;
-    size_t bad = read_verify_core(&c, expected.buf, fd, flags, offset, (size_t)length,
-                                  buf.buf, threads, &fail_at, &fail_errno);
+    size_t bad = read_verify_core(&c, expected.buf, fd, flags, !(flags & RWF_NOWAIT), offset,
+                                  (size_t)length, buf.buf, threads, &fail_at, &fail_errno);
     if (fail_at != SIZE_MAX) {
         if (fail_errno) {
             errno = fail_errno;

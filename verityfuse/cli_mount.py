@@ -205,8 +205,7 @@ def add_commands(sub):
     p.add_argument("--require-signatures", action="store_true",
                    help="like fs.verity.require_signatures=1: unsigned verity files are refused")
     p.add_argument("--cache-size", type=_positive("cache-size"), metavar="MIB",
-                   help="memory for verified Merkle tree blocks (default 32 MiB), and up to "
-                   "half as much again for the native read path's copies of leaf blocks")
+                   help="memory for verified Merkle tree blocks (default 32 MiB)")
     p.add_argument("--readahead-kb", type=_non_negative, default=1024, metavar="KIB",
                    help="kernel readahead window of the mount (default 1024; 0 keeps 128)")
     p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the "

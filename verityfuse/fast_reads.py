@@ -37,6 +37,11 @@ from .reader import VerifiedReader
 LEAF_SHARE = 0.75
 
 
+# The block sizes the native path serves (the kernel's fs-verity: 1 KiB up to the page
+# size; the store's limit: 64 KiB); a file of another block size is read by Python.
+MIN_BLOCK, MAX_BLOCK = 1024, 65536
+
+
 class LeafTable:
     """The native leaf table, as the tree-block cache uses it."""
 
@@ -75,9 +80,10 @@ class FastReads:
         reader = h.reader
         if fh in self.registered or type(reader) is not VerifiedReader:
             return
-        if reader.data_size == 0 or not (reader.in_memory or reader.nowait):
-            return
         v = reader.verifier
+        if reader.data_size == 0 or not (reader.in_memory or reader.nowait) or \
+                not MIN_BLOCK <= v.params.block_size <= MAX_BLOCK:
+            return
         root = v.root_hash if v.top < 0 else b""  # one block: its hash is the root hash
         if v.top == 0:
             # One leaf block holds every hash (a file of up to 512 KiB with SHA-256 and

@@ -236,7 +236,11 @@ class VerityOperations(pyfuse3.Operations):
     def _file_info(self, h: FileHandle, ctx) -> pyfuse3.FileInfo:
         fh = self._new_fh(h, ctx)
         if self.fast is not None:
-            self.fast.register(fh, h)
+            try:
+                self.fast.register(fh, h)
+            except BaseException:
+                self.view.release(self._pop_fh(fh))  # the open fails: nothing kept
+                raise
         return pyfuse3.FileInfo(fh=fh, keep_cache=h.keep_cache, direct_io=False)
 
     async def open(self, inode, flags, ctx):

@@ -40,9 +40,10 @@ class TreeBlockCache:
 
     def use_leaf_table(self, table, leaf_bytes: int) -> None:
         """Keep leaf blocks in ``table`` from now on (``get(tree_key, index)``,
-        ``put(tree_key, index, block)``, ``info()`` with its ``leaves`` and
-        ``leaf_bytes``; tree_key is the algorithm's number then the file digest),
-        which holds at most ``leaf_bytes``; this LRU keeps the rest of the budget."""
+        ``put(tree_key, index, block)`` -> False if it did not keep it (then this LRU
+        does), ``info()`` with its ``leaves`` and ``leaf_bytes``; tree_key is the
+        algorithm's number then the file digest), which holds at most ``leaf_bytes``;
+        this LRU keeps the rest of the budget."""
         with self._lock:
             self.leaves = table
             self._own_max = max(0, self.max_bytes - leaf_bytes)
@@ -52,9 +53,10 @@ class TreeBlockCache:
 
     def get(self, key):
         with self._lock:
+            block = None
             if key[2] == 0 and self.leaves is not None:
                 block = self.leaves.get(bytes((key[0],)) + key[1], key[3])
-            else:
+            if block is None:
                 block = self._d.get(key)
                 if block is not None:
                     self._d.move_to_end(key)
@@ -75,9 +77,9 @@ class TreeBlockCache:
 
     def put(self, key, block: bytes):
         with self._lock:
-            if key[2] == 0 and self.leaves is not None:
-                self.leaves.put(bytes((key[0],)) + key[1], key[3], block)
-                return
+            if key[2] == 0 and self.leaves is not None and \
+                    self.leaves.put(bytes((key[0],)) + key[1], key[3], block):
+                return  # else a block size the table does not take: kept here
             if key in self._d:
                 return
             self._d[key] = block
