@@ -41,7 +41,8 @@ setup(
         # answered from the FUSE request, through _fuseshim).
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
-                           "verityfuse/_readverify.c", "verityfuse/_fastread.c"],
+                           "verityfuse/_readverify.c", "verityfuse/_leaftable.c",
+                           "verityfuse/_fastread.c"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],

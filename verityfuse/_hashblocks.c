@@ -19,7 +19,7 @@
  * Large requests are shared with one helper thread (_hbpool.c).  The
  * common verified read (pread + hash + compare) is one call: read_verify
  * (_readverify.c); the FUSE shim answers most reads through fast_read
- * (_fastread.c) without entering Python.
+ * (_fastread.c, its leaf table in _leaftable.c) without entering Python.
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
  * SHA-256 (to compare).
@@ -338,6 +338,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 }
 
 #include "_readverify.c"
+#include "_leaftable.c"
 #include "_fastread.c"
 
 static PyMethodDef methods[] = {
