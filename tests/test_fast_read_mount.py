@@ -134,3 +134,70 @@ def test_without_the_native_path_python_serves_every_read(tree, verified_mount, 
     st = status(m)
     assert st["fast_reads"] is False
     assert st["verified_reads"] >= 3 and st["bytes_served"] == sum(map(len, files.values()))
+
+
+@pytest.fixture
+def fuse_source(tmp_path):
+    """SOURCE seen through an unverified FUSE passthrough (bench/plain_passthrough.py), as
+    a confidential guest sees its virtio-fs share: a file system that refuses
+    RWF_NOWAIT.  Yields (backing dir, the passthrough's mount point)."""
+    import pathlib
+
+    backing, pt = tmp_path / "backing", tmp_path / "pt"
+    backing.mkdir()
+    pt.mkdir()
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "plain_passthrough.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(backing), str(pt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield backing, pt
+    finally:
+        if os.path.ismount(pt):
+            subprocess.run(["umount", "-l", str(pt)], check=False)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_mounted(path):
+    import time
+
+    for _ in range(100):
+        if os.path.ismount(path):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not mounted")
+
+
+def test_a_fuse_source_is_read_natively_where_its_pages_are_cached(fuse_source, tmp_path,
+                                                                  verified_mount):
+    """RWF_NOWAIT is refused on a FUSE source: the page cache is asked (cachestat), cached
+    pages are read and verified natively, and a block the host changes and evicts is read
+    again by Python and fails with EIO."""
+    backing, pt = fuse_source
+    data = os.urandom(4 * MiB)
+    write(backing / "big", data)
+    args = _manifest(tmp_path, backing) + ["--store", str(backing / ".verityfuse")]
+    _wait_mounted(pt)
+    m = verified_mount(pt, seal=False, extra_args=args)
+    fd = os.open(m.mountpoint / "big", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4 * MiB, 0) == data  # Python, in a thread: fills the caches
+        before = status(m)["fast_reads"]["reads"]
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the mount's pages, not pt's
+        for off in range(0, 3 * MiB, 256 * 1024):
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+        assert status(m)["fast_reads"]["reads"] - before == 12
+        # The host changes a block and it leaves the guest's cache: Python reads it again.
+        off = MiB + 8192
+        flip(backing / "big", off + 5)
+        pfd = os.open(pt / "big", os.O_RDONLY)
+        os.posix_fadvise(pfd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(pfd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, off)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, 4096, off + 4096) == data[off + 4096:off + 8192]
+    finally:
+        os.close(fd)
+    assert status(m)["failures"][0]["offset"] == off

@@ -19,7 +19,9 @@
  *   - every leaf tree block it needs is in the leaf table (fast_put_leaf),
  *     where Python puts only blocks it has verified up to the root hash (a
  *     one-block file's expected hash is its root hash, given at registration);
- *   - the data is in memory (RWF_NOWAIT where the file system can wait);
+ *   - the data is in memory (RWF_NOWAIT where the file system can wait; where
+ *     it refuses that, as FUSE and virtio-fs do, cachestat(2) says whether every
+ *     page is cached, and the file's last block is left to Python);
  *   - every block hashes to its expected hash, and a read of the last block
  *     finds the file ending at its sealed size.
  *
@@ -95,6 +97,26 @@ static void fr_remove(size_t i)
     }
 }
 
+#define FR_CACHESTAT (-1)  /* fast_register's flags: ask cachestat(2), then read with 0 */
+
+struct fr_cachestat_range { uint64_t off, len; };
+struct fr_cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
+
+/* Whether every page of [off, off + len) of fd is in the page cache now. */
+static int fr_all_cached(int fd, long long off, size_t len)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    uint64_t first = (uint64_t)off / (uint64_t)page;
+    uint64_t last = ((uint64_t)off + len - 1) / (uint64_t)page;
+    struct fr_cachestat_range r = {first * (uint64_t)page, (last + 1 - first) * (uint64_t)page};
+    struct fr_cachestat cs;
+    if (len == 0)
+        return 1;
+    if (syscall(451 /* cachestat */, fd, &r, &cs, 0) != 0)
+        return 0;
+    return cs.nr_cache >= last + 1 - first;
+}
+
 /* Answer the read of `size` bytes at `off` of handle fh: 0 with *out and *len set
  * (valid until the next call), or -1: the caller hands the request to Python.  The
  * shim's entry (fast_entry): on pyfuse3's request thread, with the GIL held. */
@@ -143,14 +165,24 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
         }
     }
     /* Copies: the GIL may be released while the blocks are read and hashed. */
-    int fd = f->fd, flags = f->flags;
+    int fd = f->fd, flags = f->flags, may_block = 0;
+    if (flags == FR_CACHESTAT) {
+        /* RWF_NOWAIT refused (FUSE, virtio-fs): the page cache must hold every page, and
+         * never the last block, whose end-of-file check could ask the file system.  A
+         * page evicted in between makes the read wait: the GIL is released for it. */
+        if (stop == data_size || !fr_all_cached(fd, start, n)) {
+            g_fr_would_wait++;
+            return -1;
+        }
+        flags = 0;
+        may_block = 1;
+    }
     struct hctx c;
     hctx_init(&c, f->alg, f->prefix, f->prefix_len, g_frbuf, padded, f->bs);
     size_t fail_at;
     int fail_errno;
-    /* It cannot block: RWF_NOWAIT, or a file in memory (flags 0). */
-    size_t bad = read_verify_core(&c, g_expected, fd, flags, 0, start, n, g_frbuf, 0, &fail_at,
-                                  &fail_errno);
+    size_t bad = read_verify_core(&c, g_expected, fd, flags, may_block, start, n, g_frbuf, 0,
+                                  &fail_at, &fail_errno);
     if (fail_at != SIZE_MAX) {
         if (fail_errno == EAGAIN)
             g_fr_would_wait++;
@@ -296,7 +328,8 @@ static PyObject *fast_entry(PyObject *self, PyObject *unused)
      "Let fast_read answer reads of handle fh: fd (open for the handle's life, until\n" \
      "fast_forget), the sealed size, the tree's key (algorithm number + digest), root =\n" \
      "the root hash for a one-block file (else b''), flags for preadv2 (RWF_NOWAIT\n" \
-     "where a read could wait).  False when the table is full (Python serves it)."}, \
+     "where a read could wait; -1: ask cachestat(2) first, where RWF_NOWAIT is refused).\n" \
+     "False when the table is full (Python serves it)."}, \
     {"fast_forget", fast_forget, METH_O, "fast_forget(fh): before its fd is closed."}, \
     {"fast_read", fast_read_py, METH_VARARGS, \
      "fast_read(fh, size, offset) -> bytes or None: what the FUSE hook would reply\n" \

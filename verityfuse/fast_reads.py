@@ -42,6 +42,19 @@ LEAF_SHARE = 0.75
 MIN_BLOCK, MAX_BLOCK = 1024, 65536
 
 
+# How the native path may read a handle's file without waiting (fast_register's flags):
+CACHESTAT = -1  # RWF_NOWAIT refused (FUSE, virtio-fs): ask the page cache, never the end
+
+
+def _how(reader) -> Optional[int]:
+    """0 (in memory), RWF_NOWAIT, CACHESTAT, or None: the native path cannot tell."""
+    if reader.in_memory:
+        return 0
+    if reader.nowait:
+        return os.RWF_NOWAIT
+    return CACHESTAT if reader.uses_cachestat() else None
+
+
 class LeafTable:
     """The native leaf table, as the tree-block cache uses it."""
 
@@ -55,7 +68,7 @@ class FastReads:
     def __init__(self, native: Any, shim, leaf_bytes: int = 16 << 20):
         self.native, self.shim = native, shim
         native.fast_configure(leaf_bytes=leaf_bytes)
-        self.registered: set = set()  # the handles the native table holds
+        self.registered: dict = {}  # the handles the native table holds: fh -> _how
 
     @classmethod
     def load(cls, shim, cache) -> "Optional[FastReads]":
@@ -80,8 +93,8 @@ class FastReads:
         reader = h.reader
         if fh in self.registered or type(reader) is not VerifiedReader:
             return
-        v = reader.verifier
-        if reader.data_size == 0 or not (reader.in_memory or reader.nowait) or \
+        v, how = reader.verifier, _how(reader)
+        if reader.data_size == 0 or how is None or \
                 not MIN_BLOCK <= v.params.block_size <= MAX_BLOCK:
             return
         root = v.root_hash if v.top < 0 else b""  # one block: its hash is the root hash
@@ -97,24 +110,22 @@ class FastReads:
         tree_key = bytes((v.params.alg.number,)) + v.tree.digest  # as the cache's leaves
         if self.native.fast_register(fh, reader.fd, v.params.alg.number,
                                      merkle.padded_salt(v.params), v.params.block_size,
-                                     reader.data_size, tree_key, root,
-                                     0 if reader.in_memory else os.RWF_NOWAIT):
-            self.registered.add(fh)
+                                     reader.data_size, tree_key, root, how):
+            self.registered[fh] = how
 
     def came_to_python(self, fh: int, h) -> None:
         """A read of ``fh`` is Python's (declined, or never offered): register the handle
-        if it got its reader after its open (an enable); forget it if its file system
-        turned out unable to say whether a read would wait (the reader then reads in a
-        thread, and every native attempt would only fail)."""
-        if fh not in self.registered:
-            self.register(fh, h)
-        elif not (h.reader.in_memory or h.reader.nowait):
+        if it got its reader after its open (an enable); when its file system turned
+        out to refuse RWF_NOWAIT, register it again to ask the page cache instead
+        (cachestat), or forget it if that cannot be told either (the reader then reads
+        in a thread, and every native attempt would only fail)."""
+        if fh in self.registered and self.registered[fh] != _how(h.reader):
             self.forget(fh)
+        self.register(fh, h)
 
     def forget(self, fh: int) -> None:
         """Before the handle's fd is closed (the native table holds it)."""
-        if fh in self.registered:
-            self.registered.discard(fh)
+        if self.registered.pop(fh, None) is not None:
             self.native.fast_forget(fh)
 
     def close(self) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import secrets
 import stat
+from typing import Optional
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -202,6 +204,33 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644, replace: bool = True
 
 # Filesystems whose reads never wait for a device (statfs f_type).
 _MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
+
+
+_SYS_cachestat = 451  # Linux >= 6.5, every architecture
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback",
+                                               "nr_evicted", "nr_recently_evicted")]
+
+
+def all_cached(fd: int, offset: int, length: int) -> Optional[bool]:
+    """Whether every page of ``[offset, offset + length)`` of ``fd`` is in the page cache
+    now (cachestat(2)); None if the kernel cannot tell (before 6.5).  For a file system
+    that refuses RWF_NOWAIT (FUSE, virtio-fs): a read of cached pages does not wait,
+    unless memory pressure evicts one in between."""
+    if length <= 0:
+        return True
+    page = mmap.PAGESIZE
+    first, last = offset // page, (offset + length - 1) // page
+    rng, cs = _CachestatRange(first * page, (last + 1 - first) * page), _Cachestat()
+    if _libc.syscall(_SYS_cachestat, fd, ctypes.byref(rng), ctypes.byref(cs), 0) != 0:
+        return None
+    return cs.nr_cache >= last + 1 - first
 
 
 def in_memory(fd: int) -> bool:

@@ -109,9 +109,11 @@ class VerifiedReader:
         self.data_size = verifier.tree.descriptor.data_size
         self.bs = verifier.params.block_size
         self.step = max(self.bs, STEP // self.bs * self.bs)
-        # Memory-backed files never wait; elsewhere, ask the kernel (RWF_NOWAIT).
+        # Memory-backed files never wait; elsewhere, ask the kernel (RWF_NOWAIT); where it
+        # refuses that (FUSE, virtio-fs), ask the page cache (cachestat, decided then).
         self.in_memory = fsutil.in_memory(fd)
         self.nowait = not self.in_memory
+        self.cachestat: Optional[bool] = None
         self.read_verify = verifier.params.read_verifier()
 
     def _check_eof(self):
@@ -145,12 +147,15 @@ class VerifiedReader:
         """The common read on the request thread, in one native call: up to ONE_CALL
         bytes inside the file (a small file's whole read too), data in memory.  None
         when the read is not of that kind or would wait on I/O: then use ``read_steps``."""
-        if offset >= self.data_size or size <= 0 or not (self.in_memory or self.nowait):
+        if offset >= self.data_size or size <= 0:
             return None  # at or past the end: read_steps' end-of-file check answers
         start, end, stop = self.span(offset, size)
         n = stop - start
         padded = n + (-n) % self.bs  # the file's last block is hashed zero-padded
         if padded > ONE_CALL:
+            return None
+        flags = self.inline_flags(start, n, stop)
+        if flags is None:
             return None
         first = start // self.bs
         buf = POOL.take(padded)
@@ -158,8 +163,7 @@ class VerifiedReader:
             mv = memoryview(buf)[:padded]
             expected = self.verifier.expected_hashes(first, padded // self.bs)
             try:  # pread, hash and compare in one native call, both cores, no GIL
-                bad = self.read_verify(mv, expected, self.fd, start, n,
-                                       0 if self.in_memory else os.RWF_NOWAIT)
+                bad = self.read_verify(mv, expected, self.fd, start, n, flags)
             except (BlockingIOError, EOFError):
                 return None  # would wait, or short: read_steps retries (names a truncation)
             except OSError as e:
@@ -169,14 +173,38 @@ class VerifiedReader:
                 return None
             if bad >= 0:
                 self.verifier.mismatch(first, mv, expected, bad)
-            if stop == self.data_size and \
-                    not self._ends_here(0 if self.in_memory else os.RWF_NOWAIT):
+            if stop == self.data_size and not self._ends_here(flags):
                 return None  # not cached past the end: read_steps finds out in a thread
         finally:
             POOL.give(buf)  # reused only after this read's reply is sent
         if self.stats is not None:
             self.stats.verified(padded // self.bs, end - offset)
         return mv[offset - start: end - start]
+
+    def inline_flags(self, start: int, n: int, stop: int) -> Optional[int]:
+        """preadv2 flags to read ``n`` bytes at ``start`` on the request thread without
+        waiting, or None: the read goes to a worker thread.
+
+        Where RWF_NOWAIT is refused (a FUSE or virtio-fs source: a confidential guest's
+        share), the page cache says whether the pages are there (cachestat); never for
+        the file's last block, whose end-of-file check could ask the file system.  A page
+        evicted between that answer and the read makes it wait for the file system, as
+        the store's reads on the request thread can already: availability is the host's
+        to give anyway; integrity is unchanged (the bytes are hashed either way)."""
+        if self.in_memory:
+            return 0
+        if self.nowait:
+            return os.RWF_NOWAIT
+        if self.uses_cachestat() and stop < self.data_size and \
+                fsutil.all_cached(self.fd, start, n):
+            return 0
+        return None
+
+    def uses_cachestat(self) -> bool:
+        """Whether the page cache can say if a read would wait (cachestat: Linux 6.5)."""
+        if self.cachestat is None:
+            self.cachestat = fsutil.all_cached(self.fd, 0, 1) is not None
+        return self.cachestat
 
     def _ends_here(self, flags: int) -> bool:
         """True if the file ends at its sealed size (with RWF_NOWAIT in ``flags``: False
