@@ -20,7 +20,10 @@ verityfuse local mode, manifest mode):
     `fsverity digest` over it (bench/seal.py);
  8. ctr: container start, open+read+close of every file and of a random 5%
     on a fresh mount (bench/ctrstart.py);
- 9. manifest: mount time and RSS of a 200k-entry manifest.
+ 9. manifest: mount time and RSS of a 200k-entry manifest;
+10. fusesrc: random 4 KiB reads over a FUSE source (a guest's virtio-fs share,
+    which refuses RWF_NOWAIT), verityfuse against the plain passthrough
+    (bench/fusesrc.py).
 Every pass records the 1-minute load and the CPU others used meanwhile
 (bench/passlog.py); a pass where others used over 0.10 of a core is BUSY.  The
 summary gives min / median / max of every ratio against the targets.  Exit 0
@@ -51,6 +54,7 @@ import passlog  # noqa: E402
 import seal  # noqa: E402
 from common import table  # noqa: E402
 from ctrstart import phase_ctr  # noqa: E402
+from fusesrc import phase_fusesrc  # noqa: E402
 from mounts import MountSet  # noqa: E402
 from passlog import SETTLE  # noqa: E402
 from phases import (phase_manifest_mount, phase_memory, phase_random, phase_seq,  # noqa: E402
@@ -58,7 +62,8 @@ from phases import (phase_manifest_mount, phase_memory, phase_random, phase_seq,
 from summary import summary  # noqa: E402
 from workspace import Workspace  # noqa: E402
 
-SECTIONS = ("hash", "build", "memory", "seq", "random", "stat", "seal", "ctr", "manifest")
+SECTIONS = ("hash", "build", "memory", "seq", "random", "stat", "seal", "ctr", "manifest",
+            "fusesrc")
 
 
 def parse_args(argv=None):
@@ -169,6 +174,8 @@ def main(argv=None):
             ws.create_tree(log=lambda s: print(s, flush=True))
         big_sections(args, ws, results)
         ceil = results.get("ceiling")
+        if "fusesrc" in args.sections:
+            phase_fusesrc(ws, args.repeats, args.random_reads, results)
         if "seal" in args.sections:
             seal.phase_seal(ws, args.repeats, results)
         if "ctr" in args.sections:

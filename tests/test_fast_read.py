@@ -336,3 +336,16 @@ def test_offsets_near_the_largest_file_size_are_declined(fast, tmp_path):
     finally:
         native.fast_forget(17)
         os.close(fd)
+
+
+def test_whether_a_file_system_answers_nowait_is_asked_once_at_open(tmp_path):
+    """A file system that can say (tmpfs, ext4) answers RWF_NOWAIT; FUSE sources refuse it
+    (tests/test_fast_read_mount.py reads through one)."""
+    from verityfuse import fsutil
+
+    fd = os.open(write(tmp_path / "f", b"x" * 10), os.O_RDONLY)
+    try:
+        assert fsutil.nowait_supported(fd) is True
+        assert fsutil.all_cached(fd, 0, 10) is True
+    finally:
+        os.close(fd)

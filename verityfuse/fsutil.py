@@ -206,6 +206,16 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644, replace: bool = True
 _MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 
 
+def nowait_supported(fd: int) -> bool:
+    """Whether ``fd``'s file system answers RWF_NOWAIT (a read that would wait fails with
+    EAGAIN instead); FUSE and virtio-fs refuse it (EOPNOTSUPP).  One byte, never waits."""
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError as e:
+        return e.errno not in (errno.EOPNOTSUPP, errno.EINVAL)
+    return True
+
+
 _SYS_cachestat = 451  # Linux >= 6.5, every architecture
 
 

@@ -112,7 +112,7 @@ class VerifiedReader:
         # Memory-backed files never wait; elsewhere, ask the kernel (RWF_NOWAIT); where it
         # refuses that (FUSE, virtio-fs), ask the page cache (cachestat, decided then).
         self.in_memory = fsutil.in_memory(fd)
-        self.nowait = not self.in_memory
+        self.nowait = not self.in_memory and fsutil.nowait_supported(fd)
         self.cachestat: Optional[bool] = None
         self.read_verify = verifier.params.read_verifier()
 
