@@ -30,6 +30,7 @@ from typing import Any, Optional
 from . import merkle
 from .errors import VerityError
 from .reader import VerifiedReader
+from .verifier import leaf_table_key
 
 # The native leaf table's share of the tree-block cache's budget (--cache-size): the
 # leaves are all but 1/128 of a SHA-256 tree's blocks (4 KiB).  A 4 KiB leaf block covers
@@ -98,20 +99,22 @@ class FastReads:
                 not MIN_BLOCK <= v.params.block_size <= MAX_BLOCK:
             return
         root = v.root_hash if v.top < 0 else b""  # one block: its hash is the root hash
+        if not self.native.fast_register(fh, reader.fd, v.params.alg.number,
+                                         merkle.padded_salt(v.params), v.params.block_size,
+                                         reader.data_size,
+                                         leaf_table_key(v.params.alg.number, v.tree.digest),
+                                         root, how):
+            return  # the table is full
+        self.registered[fh] = how
         if v.top == 0:
             # One leaf block holds every hash (a file of up to 512 KiB with SHA-256 and
-            # 4 KiB blocks): verify it now, so that even the first read is answered
-            # natively (a small file is often read once, whole).  The read would
-            # fetch it anyway; a failure is left for the read to find and report.
+            # 4 KiB blocks): verify it now, before any read of the handle, so that even
+            # the first is answered natively (a small file is often read once, whole).
+            # The read would fetch it anyway; a failure is left for the read to report.
             try:
                 v.expected_hashes(0, 1)
             except (VerityError, OSError):
                 pass
-        tree_key = bytes((v.params.alg.number,)) + v.tree.digest  # as the cache's leaves
-        if self.native.fast_register(fh, reader.fd, v.params.alg.number,
-                                     merkle.padded_salt(v.params), v.params.block_size,
-                                     reader.data_size, tree_key, root, how):
-            self.registered[fh] = how
 
     def came_to_python(self, fh: int, h) -> None:
         """A read of ``fh`` is Python's (declined, or never offered): register the handle

@@ -20,6 +20,12 @@ from .errors import IntegrityError
 DEFAULT_CACHE_BYTES = 32 << 20
 
 
+def leaf_table_key(alg_number: int, digest: bytes) -> bytes:
+    """How the leaf table names a tree: the hash algorithm's number, then the file digest
+    (the cache's own keys start with the same two, as a tuple)."""
+    return bytes((alg_number,)) + digest
+
+
 class TreeBlockCache:
     """Thread-safe LRU of verified tree blocks, bounded by total bytes.
 
@@ -55,7 +61,7 @@ class TreeBlockCache:
         with self._lock:
             block = None
             if key[2] == 0 and self.leaves is not None:
-                block = self.leaves.get(bytes((key[0],)) + key[1], key[3])
+                block = self.leaves.get(leaf_table_key(key[0], key[1]), key[3])
             if block is None:
                 block = self._d.get(key)
                 if block is not None:
@@ -78,7 +84,7 @@ class TreeBlockCache:
     def put(self, key, block: bytes):
         with self._lock:
             if key[2] == 0 and self.leaves is not None and \
-                    self.leaves.put(bytes((key[0],)) + key[1], key[3], block):
+                    self.leaves.put(leaf_table_key(key[0], key[1]), key[3], block):
                 return  # else a block size the table does not take: kept here
             if key in self._d:
                 return
