@@ -134,3 +134,39 @@ def test_every_json_line_goes_through_jsonout():
                             for a in node.args)):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, f"print(json.dumps(...)) outside jsonout.emit: {offenders}"
+
+
+def _subparsers(parser):
+    import argparse
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("name", __import__("verityfuse.cli").cli.COMMANDS)
+def test_a_command_parsed_alone_has_the_whole_parsers_options(name, monkeypatch):
+    """main() builds only the command's group; --help, errors and defaults must be
+    those of the whole parser (from which the man page and completion are made)."""
+    from verityfuse import cli
+
+    monkeypatch.setenv("COLUMNS", "100")
+    alone, whole = _subparsers(cli.build_parser(name)), _subparsers(cli.build_parser())
+    assert name in alone and set(alone) < set(whole)
+    assert alone[name].format_help() == whole[name].format_help()
+    assert alone[name]._defaults.keys() == whole[name]._defaults.keys()
+
+
+def test_digest_imports_no_mount_attest_or_oci_code(tmp_path):
+    """Start-up counts in `digest` (bench `build`): the other commands' modules stay out."""
+    f = write(tmp_path / "f", b"x")
+    code = ("import sys, runpy; sys.argv = ['verityfuse', 'digest', %r]\n"
+            "try:\n    runpy.run_module('verityfuse.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('verityfuse.cli_')"
+            " or m in ('verityfuse.mountopts', 'verityfuse.measure_event')))" % str(f))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    digest_line, imported = out.stdout.splitlines()
+    assert digest_line == f"sha256:{FILE_X_DIGEST} {f}"
+    assert imported == "[]"
+
+
+# `printf x | fsverity digest /dev/stdin` (SHA-256, 4096-byte blocks, no salt)
+FILE_X_DIGEST = "dbbdfa9d606f7adeaa7f16dcfb0d49161c4cfb82d9d51cfb5cb43fa3dacb9e5b"
