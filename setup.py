@@ -45,6 +45,9 @@ setup(
                            "verityfuse/_fastread.c"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
+        # The open path's system calls without ctypes (fsutil and identity fall back).
+        Extension("verityfuse._sysopen", ["verityfuse/_sysopen.c"],
+                  extra_compile_args=["-O2", "-Wall", "-Wextra"], optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],
                   extra_compile_args=pkg_config("--cflags") or ["-I/usr/include/fuse3"],
                   # DT_NEEDED on libfuse3: RTLD_NEXT searches our own dependencies.

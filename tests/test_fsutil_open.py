@@ -4,6 +4,9 @@ A symlink not followed: ELOOP; a directory: EISDIR (also an IsADirectoryError); 
 socket or device: EINVAL, without ever opening it (a FIFO would block, a device's driver
 would run); a missing file and a file the caller may not read: what open(2) says, naming
 the file. The message names the file and what it is.
+
+Every test runs twice: with the native system calls (``_sysopen``) and with ctypes,
+the fallback where the module is not built: the two must not differ in any answer.
 """
 
 import errno
@@ -13,8 +16,75 @@ import threading
 
 import pytest
 
-from verityfuse import fsutil
+from verityfuse import fsutil, identity
 from conftest import write
+
+IMPLEMENTATIONS = ["native", "ctypes"] if fsutil.native_sys is not None else ["ctypes"]
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS)
+def implementation(request, monkeypatch):
+    if request.param == "ctypes":
+        monkeypatch.setattr(fsutil, "native_sys", None)
+    return request.param
+
+
+def test_the_native_module_is_built():
+    """A silent build failure of the optional extension would leave every test here on
+    ctypes: the install must have built it where _hashblocks was built."""
+    from verityfuse import merkle
+    assert fsutil._load_native() is not None or not merkle.NATIVE
+
+
+@pytest.mark.parametrize("path, err", [
+    (b"a/link/f", errno.ELOOP),     # a symlink in the middle: never followed
+    (b"link", None),                # a final symlink: the O_PATH fd is the link itself
+    (b"../escape", errno.EXDEV),    # out of the base
+    (b"a/f/x", errno.ENOTDIR),
+    (b"a/missing", errno.ENOENT),
+])
+def test_open_beneath(tmp_path, path, err):
+    base = tmp_path / "base"
+    (base / "a" / "d").mkdir(parents=True)
+    write(base / "a" / "f", b"data")
+    os.symlink("d", base / "a" / "link")
+    os.symlink("a/f", base / "link")
+    dfd = os.open(base, os.O_PATH | os.O_DIRECTORY)
+    try:
+        if err is None:
+            pfd = fsutil.open_beneath(dfd, path)
+            with pytest.raises(fsutil.NotRegular) as e:
+                fsutil.reopen_regular(pfd, "it")
+            assert (e.value.errno, e.value.strerror) == (errno.ELOOP, "it is a symlink, not a regular file")
+            return
+        with pytest.raises(OSError) as e:
+            fsutil.open_beneath(dfd, path)
+        assert (e.value.errno, e.value.filename) == (err, path.decode())
+    finally:
+        os.close(dfd)
+
+
+def test_handle_and_filesystem_type(tmp_path):
+    write(tmp_path / "f", b"data")
+    os.link(tmp_path / "f", tmp_path / "g")
+    fds = [os.open(tmp_path / n, os.O_RDONLY) for n in ("f", "g")]
+    try:
+        htype, raw = identity.handle_of(fds[0])
+        assert identity.handle_of(fds[1]) == (htype, raw) and isinstance(raw, bytes) and raw
+        assert os.fstat(identity.open_by_handle(fds[0], (htype, raw), os.O_RDONLY)).st_ino == \
+            os.stat(tmp_path / "f").st_ino
+        with pytest.raises(OSError) as e:
+            identity.handle_of(-1)
+        assert (e.value.errno, e.value.strerror) == (errno.EBADF, "name_to_handle_at: Bad file descriptor")
+        shm = os.open("/dev/shm", os.O_PATH)
+        try:
+            assert fsutil.in_memory(shm) is True
+        finally:
+            os.close(shm)
+        assert fsutil.in_memory(-1) is False
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _regular(d):

@@ -1,4 +1,5 @@
-"""Opening files that an attacker may swap for something else (pure, stdlib + ctypes).
+"""Opening files that an attacker may swap for something else (pure, stdlib + ctypes;
+the native ``_sysopen`` makes the same system calls faster where it is built).
 
 The rule everywhere: open with O_PATH first (which neither blocks on a FIFO
 nor runs a device driver's open), check the type of what was opened, and only
@@ -27,6 +28,19 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 
 
+def _load_native():
+    if os.environ.get("VERITYFUSE_PURE_PYTHON"):
+        return None
+    try:
+        from . import _sysopen
+    except ImportError:  # not built (no compiler at install time): ctypes does the same
+        return None
+    return _sysopen
+
+
+native_sys = _load_native()
+
+
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
@@ -35,6 +49,8 @@ _have_openat2 = True
 
 
 def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+    if native_sys is not None:
+        return native_sys.openat2(dirfd, path, flags, resolve)
     how = _OpenHow(flags, 0, resolve)
     fd = _libc.syscall(_SYS_openat2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
@@ -99,20 +115,32 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
     is walked again, nothing can be swapped in between); an error there (EACCES) names
     ``what``, not the /proc path.
     """
+    if native_sys is not None:
+        try:
+            fd, mode, regular = native_sys.reopen(path_fd, flags)  # closes path_fd
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, what) from None
+        if not regular:
+            raise _not_regular(mode, what)
+        return fd
     try:
         st = os.fstat(path_fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = stat.S_IFMT(st.st_mode)
-            msg = f"{what} is {type_name(st.st_mode)}, not a regular file"
-            if kind == stat.S_IFDIR:
-                raise NotRegularDirectory(errno.EISDIR, msg)
-            raise NotRegular(errno.ELOOP if kind == stat.S_IFLNK else errno.EINVAL, msg)
+            raise _not_regular(st.st_mode, what)
         try:
             return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
             raise type(e)(e.errno, e.strerror, what) from None
     finally:
         os.close(path_fd)
+
+
+def _not_regular(mode: int, what: str) -> NotRegular:
+    msg = f"{what} is {type_name(mode)}, not a regular file"
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFDIR:
+        return NotRegularDirectory(errno.EISDIR, msg)
+    return NotRegular(errno.ELOOP if kind == stat.S_IFLNK else errno.EINVAL, msg)
 
 
 def open_regular(path, dir_fd=None, follow: bool = False, what: str = "") -> int:
@@ -245,6 +273,11 @@ def all_cached(fd: int, offset: int, length: int) -> Optional[bool]:
 
 def in_memory(fd: int) -> bool:
     """Whether ``fd``'s file lives in memory (tmpfs, ramfs): reading it never waits."""
+    if native_sys is not None:
+        try:
+            return native_sys.fs_type(fd) in _MEMORY_FS
+        except OSError:
+            return False
     buf = ctypes.create_string_buffer(128)  # struct statfs; f_type comes first
     if _libc.fstatfs(fd, buf) != 0:
         return False

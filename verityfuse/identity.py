@@ -16,6 +16,8 @@ import os
 import struct
 from typing import Tuple
 
+from . import fsutil
+
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_EMPTY_PATH = 0x1000
 MAX_HANDLE_SZ = 128
@@ -35,6 +37,8 @@ def handle_of(fd: int) -> Tuple[int, bytes]:
     """(handle type, handle bytes) of the inode ``fd`` refers to (O_PATH is fine).
 
     OSError EOPNOTSUPP when the filesystem cannot export handles."""
+    if fsutil.native_sys is not None:
+        return fsutil.native_sys.handle_of(fd)
     h = _FileHandle()
     h.handle_bytes = MAX_HANDLE_SZ
     mount_id = ctypes.c_int()

@@ -1,0 +1,171 @@
+/*
+ * The system calls of the per-file open path, without ctypes.
+ *
+ * Why native: a container start opens ~100k small files once each, and each
+ * open in local mode resolves an index entry and a tree object in the store
+ * (openat2 O_PATH, fstat, reopen through /proc/self/fd, close), takes a file
+ * handle (name_to_handle_at) and asks statfs where the file lives.  Through
+ * ctypes each call builds argument objects and a structure and fetches errno:
+ * ~10 us of interpreter work per store file, more than the system calls cost.
+ *
+ * Policy stays in Python (fsutil.py, identity.py): these functions make the
+ * same calls in the same order and report what they found, and fsutil falls
+ * back to ctypes when this module is not built or VERITYFUSE_PURE_PYTHON is
+ * set.  Every call that can wait on a file system (a virtio-fs share, a disk)
+ * releases the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h> /* first: it defines _GNU_SOURCE (name_to_handle_at) */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_openat2
+#define SYS_openat2 437 /* x86_64, aarch64 and the generic table agree */
+#endif
+
+struct vf_open_how {
+    unsigned long long flags, mode, resolve;
+};
+
+#define VF_MAX_HANDLE 128
+
+static PyObject *os_error(int e, const char *path, Py_ssize_t len)
+{
+    PyObject *name = path ? PyUnicode_DecodeUTF8(path, len, "replace") : NULL;
+    if (path && !name)
+        return NULL;
+    PyObject *exc = name ? PyObject_CallFunction(PyExc_OSError, "isO", e, strerror(e), name)
+                         : PyObject_CallFunction(PyExc_OSError, "is", e, strerror(e));
+    Py_XDECREF(name);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *sys_openat2(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int dirfd;
+    const char *path;
+    Py_ssize_t len;
+    unsigned long long flags, resolve;
+    if (!PyArg_ParseTuple(args, "iy#KK", &dirfd, &path, &len, &flags, &resolve))
+        return NULL;
+    struct vf_open_how how = {flags, 0, resolve};
+    long fd;
+    int e = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    if (fd < 0)
+        e = errno;
+    Py_END_ALLOW_THREADS
+    if (fd < 0)
+        return os_error(e, path, len);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *sys_reopen(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int pfd, flags;
+    if (!PyArg_ParseTuple(args, "ii", &pfd, &flags))
+        return NULL;
+    struct stat st;
+    int fd = -1, e = 0, regular = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (fstat(pfd, &st) != 0) {
+        e = errno;
+    } else if (S_ISREG(st.st_mode)) {
+        regular = 1;
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+        fd = open(proc, flags | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+            e = errno;
+    }
+    close(pfd);
+    Py_END_ALLOW_THREADS
+    if (e)
+        return os_error(e, NULL, 0);
+    return Py_BuildValue("(iIi)", fd, (unsigned int)st.st_mode, regular);
+}
+
+static PyObject *sys_handle_of(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int fd;
+    if (!PyArg_Parse(arg, "i", &fd))
+        return NULL;
+    struct {
+        struct file_handle h;
+        unsigned char room[VF_MAX_HANDLE];
+    } fh;
+    int mount_id, rc, e = 0;
+    fh.h.handle_bytes = VF_MAX_HANDLE;
+    Py_BEGIN_ALLOW_THREADS
+    rc = name_to_handle_at(fd, "", &fh.h, &mount_id, AT_EMPTY_PATH);
+    if (rc != 0)
+        e = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {  /* identity.py's message; callers tell "no handles here" by errno */
+        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iN", e,
+                                              PyUnicode_FromFormat("name_to_handle_at: %s",
+                                                                   strerror(e)));
+        if (exc) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return Py_BuildValue("(iy#)", fh.h.handle_type, (const char *)fh.h.f_handle,
+                         (Py_ssize_t)fh.h.handle_bytes);
+}
+
+static PyObject *sys_fs_type(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int fd;
+    if (!PyArg_Parse(arg, "i", &fd))
+        return NULL;
+    struct statfs sf;
+    int rc, e = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fstatfs(fd, &sf);
+    if (rc != 0)
+        e = errno;
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return os_error(e, NULL, 0);
+    return PyLong_FromUnsignedLong((unsigned long)sf.f_type);
+}
+
+static PyMethodDef methods[] = {
+    {"openat2", sys_openat2, METH_VARARGS,
+     "openat2(dirfd, path, flags, resolve) -> fd; OSError naming path."},
+    {"reopen", sys_reopen, METH_VARARGS,
+     "reopen(path_fd, flags) -> (fd, st_mode, regular)\n\n"
+     "fstat the O_PATH fd; if it is a regular file, open /proc/self/fd/N with flags\n"
+     "(| O_CLOEXEC | O_NOCTTY), else fd is -1 and nothing is opened.  path_fd is\n"
+     "closed in every case.  OSError (no file name) if fstat or the open fails."},
+    {"handle_of", sys_handle_of, METH_O,
+     "handle_of(fd) -> (handle type, handle bytes), by name_to_handle_at(AT_EMPTY_PATH)."},
+    {"fs_type", sys_fs_type, METH_O, "fs_type(fd) -> fstatfs's f_type."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_sysopen", .m_size = -1, .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__sysopen(void)
+{
+    return PyModule_Create(&module);
+}
