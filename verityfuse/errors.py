@@ -51,7 +51,7 @@ class IntegrityError(Corruption):
     """Data or tree bytes do not hash to what the trusted digest says."""
 
     def __init__(self, path, offset, expected, actual, what="data block at offset"):
-        self.path = path
+        self.path = str(path)  # a name found on demand is fixed now, while its file is open
         self.offset = offset
         self.expected = expected
         self.actual = actual
