@@ -60,3 +60,14 @@ def test_doctor_reports_the_measurement_registers():
         "/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
     text = subprocess.run([*VF, "doctor"], capture_output=True, text=True).stdout
     assert "measure: TPM" in text and "measure: TDX RTMR" in text
+
+
+def test_doctor_says_whether_the_open_path_is_native():
+    from verityfuse import fsutil
+
+    out = {}
+    for env in ({}, {"VERITYFUSE_PURE_PYTHON": "1"}):
+        r = subprocess.run([*VF, "doctor", "--json"], capture_output=True, text=True,
+                           env={**os.environ, **env})
+        out[bool(env)] = json.loads(r.stdout)["native_open"]
+    assert out == {False: fsutil._load_native() is not None, True: False}

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from . import __version__, jsonout, merkle, uapi
+from . import __version__, fsutil, jsonout, merkle, uapi
 
 
 def _hashing() -> dict:
@@ -154,7 +154,7 @@ def report() -> dict:
     can_probe = (os.geteuid() == 0 and os.path.exists("/dev/fuse") and shim.get("loads", False)
                  and shutil.which("fusermount3") is not None)
     return {"version": __version__, "python": platform.python_version(), "kernel": release,
-            "hashing": _hashing(), "ioctl_shim": shim, "libfuse": _libfuse(),
+            "hashing": _hashing(), "native_open": fsutil.native_sys is not None, "ioctl_shim": shim, "libfuse": _libfuse(),
             "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe),
             "mounting": {"dev_fuse": _device(), "fusermount3": _fusermount(),
                          "allow_other": _allow_other(), "helper": _helper()},
@@ -171,6 +171,8 @@ def run(json_out: bool = False) -> int:
                if h["native"] else "hashlib (the native module is not built: slower, same bytes)")
     rows = [("verityfuse", r["version"]), ("python", r["python"]), ("kernel", r["kernel"]),
             ("hashing", hashing.rstrip(": ")),
+            ("open path", "native system calls" if r["native_open"] else
+             "ctypes (the native module is not built: slower, same calls)"),
             ("ioctl shim", "loads" if shim.get("loads") else f"unavailable: {shim.get('why')}"),
             ("libfuse", r["libfuse"]),
             ("fs-verity ioctls via FUSE",
