@@ -8,7 +8,6 @@ cli_mount, seal/verify in cli_seal; this module parses and dispatches.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
@@ -182,45 +181,13 @@ def cmd_seal(args) -> int:
 
 
 def cmd_measure_manifest(args) -> int:
-    """The manifest digest, the one value a remote verifier pins."""
-    import time
-
-    from . import manifest, manifest_header, manifest_tree
-
-    env, payload = manifest.read_envelope(args.manifest)
-    if args.trust_key:  # the signature as a mount checks it, before the payload is parsed
-        manifest.check_signatures(args.manifest, env, payload,
-                                  [manifest.load_public_key(k) for k in args.trust_key])
-    tree = manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
-    digest = manifest.manifest_digest(payload)
-    head = tree.header
-    expires = None if head.expires is None else manifest_header.format_time(head.expires)
-    expired = head.expires is not None and time.time() >= head.expires
-    if args.json:
-        sigs = env.get("signatures") if isinstance(env.get("signatures"), list) else []
-        emit({"manifest": args.manifest, "digest": digest, "entries": len(tree.nodes),
-              "files": sum(1 for _ in tree.files()), "sequence": head.sequence,
-              "expires": expires, "expired": expired,
-              "signatures": [{"algorithm": g.get("algorithm"), "key_id": g.get("key_id")}
-                             for g in sigs if isinstance(g, dict)]})
-    else:
-        print(digest)  # the one line scripts read; the rest on stderr
-        print(f"sequence {head.sequence}, " + ("no expiry" if expires is None else
-              f"{'expired' if expired else 'expires'} at {expires}"), file=sys.stderr)
-    return 0
+    from . import cli_seal
+    return cli_seal.cmd_measure_manifest(args)
 
 
 def cmd_keygen(args) -> int:
-    from . import manifest
-
-    try:
-        key = manifest.generate_key(args.private, args.public)
-    except FileExistsError as e:
-        error(f"'{e.filename}' exists; not overwriting a key")
-        return EXIT_ERROR
-    print(f"ed25519 key {manifest.key_id(key.public_key())}: private {args.private}, "
-          f"public {args.public}")
-    return 0
+    from . import cli_seal
+    return cli_seal.cmd_keygen(args)
 
 
 def cmd_doctor(args) -> int:
@@ -332,21 +299,35 @@ def _add_doctor(sub):
     p.set_defaults(func=cmd_doctor)
 
 
-def _add_from(module: str):
-    def add(sub):
-        importlib.import_module(f".{module}", __package__).add_commands(sub)
-    return add
+def _add_fsverity(sub):
+    from . import cli_fsverity
+    cli_fsverity.add_commands(sub)
+
+
+def _add_mount(sub):
+    from . import cli_mount
+    cli_mount.add_commands(sub)
+
+
+def _add_attest(sub):
+    from . import cli_attest
+    cli_attest.add_commands(sub)
+
+
+def _add_oci(sub):
+    from . import cli_oci
+    cli_oci.add_commands(sub)
 
 
 # Every command's group, in the order --help and the docs list them.
 _GROUPS = (
     (("digest", "seal", "measure-manifest", "keygen"), _add_tree_commands),
     (("verify", "upgrade-store"), _add_store_commands),
-    (("dump-metadata", "dump_metadata", "measure", "enable"), _add_from("cli_fsverity")),
+    (("dump-metadata", "dump_metadata", "measure", "enable"), _add_fsverity),
     (("doctor",), _add_doctor),
-    (("mount", "umount", "status", "install-helper", "uninstall-helper"), _add_from("cli_mount")),
-    (("attest",), _add_from("cli_attest")),
-    (("push",), _add_from("cli_oci")),
+    (("mount", "umount", "status", "install-helper", "uninstall-helper"), _add_mount),
+    (("attest",), _add_attest),
+    (("push",), _add_oci),
 )
 
 

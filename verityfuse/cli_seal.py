@@ -1,4 +1,5 @@
-"""Command line for offline work on a tree: seal, verify, upgrade-store.
+"""Command line for offline work on a tree: seal, verify, upgrade-store, and the
+manifest's digest and signing keys (measure-manifest, keygen).
 
 ``--json`` prints one JSON object per line (protocol/cli-json.md); the human
 output is unchanged without it.
@@ -348,4 +349,46 @@ def cmd_upgrade_store(args) -> int:
                                      lambda m: print(f"WARNING: {m}", file=sys.stderr))
     print(f"store {store.path}: format 2, {converted} entries converted, {dropped} dropped",
           file=sys.stderr)
+    return 0
+
+
+# -- manifests ------------------------------------------------------------
+
+def cmd_measure_manifest(args) -> int:
+    """The manifest digest, the one value a remote verifier pins."""
+    from . import manifest, manifest_header, manifest_tree
+
+    env, payload = manifest.read_envelope(args.manifest)
+    if args.trust_key:  # the signature as a mount checks it, before the payload is parsed
+        manifest.check_signatures(args.manifest, env, payload,
+                                  [manifest.load_public_key(k) for k in args.trust_key])
+    tree = manifest_tree.parse_payload(payload, args.manifest)  # refuse to measure garbage
+    digest = manifest.manifest_digest(payload)
+    head = tree.header
+    expires = None if head.expires is None else manifest_header.format_time(head.expires)
+    expired = head.expires is not None and time.time() >= head.expires
+    if args.json:
+        sigs = env.get("signatures") if isinstance(env.get("signatures"), list) else []
+        emit({"manifest": args.manifest, "digest": digest, "entries": len(tree.nodes),
+              "files": sum(1 for _ in tree.files()), "sequence": head.sequence,
+              "expires": expires, "expired": expired,
+              "signatures": [{"algorithm": g.get("algorithm"), "key_id": g.get("key_id")}
+                             for g in sigs if isinstance(g, dict)]})
+    else:
+        print(digest)  # the one line scripts read; the rest on stderr
+        print(f"sequence {head.sequence}, " + ("no expiry" if expires is None else
+              f"{'expired' if expired else 'expires'} at {expires}"), file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from . import manifest
+
+    try:
+        key = manifest.generate_key(args.private, args.public)
+    except FileExistsError as e:
+        error(f"'{e.filename}' exists; not overwriting a key")
+        return EXIT_ERROR
+    print(f"ed25519 key {manifest.key_id(key.public_key())}: private {args.private}, "
+          f"public {args.public}")
     return 0

@@ -16,7 +16,7 @@ import errno
 import os
 import stat
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import creds
 from .errors import VerityError
@@ -68,12 +68,14 @@ class _NameOnDemand:
     __slots__ = ("_view", "_fd", "_name")
 
     def __init__(self, view, fd: int):
-        self._view, self._fd, self._name = view, fd, None
+        self._view, self._fd = view, fd
+        self._name: Optional[str] = None
 
     def __str__(self) -> str:
-        if self._name is None:
-            self._name = self._view.fd_relpath(self._fd)
-        return self._name
+        name = self._name
+        if name is None:
+            name = self._name = self._view.fd_relpath(self._fd)
+        return name
 
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
@@ -353,7 +355,7 @@ class LocalView:
         return fh
 
     def _attach_reader(self, fh: FileHandle, v):
-        label = _NameOnDemand(self, fh.fd)
+        label: Any = _NameOnDemand(self, fh.fd)  # every label is only formatted: as a str
         fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats)
 
     def open(self, ino: int, flags: int, ctx=None) -> FileHandle:
