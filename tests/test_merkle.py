@@ -245,3 +245,21 @@ for params in (merkle.Params(), merkle.Params(merkle.SHA512, 4096, b"abcd")):
                        env=dict(os.environ, VERITYFUSE_PURE_PYTHON="1"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [UTILS_VECTORS[0][4], UTILS_VECTORS[-1][4]]
+
+
+def test_parameters_and_descriptors_are_immutable_values():
+    """Params, TreeId, Descriptor...: equal and hashed by their fields (dict keys, set
+    members, comparisons with a manifest's record), never changed after creation."""
+    a, b = merkle.Params(merkle.SHA256, 1024, b"ab"), merkle.Params(block_size=1024, salt=b"ab")
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != merkle.Params(merkle.SHA256, 1024, b"ac") and a != (merkle.SHA256, 1024, b"ab")
+    t = merkle.TreeId(a, 5, b"\1" * 32)
+    assert t == merkle.TreeId(b, 5, b"\1" * 32) != merkle.TreeId(a, 6, b"\1" * 32)
+    assert repr(t).startswith("TreeId(params=Params(alg=HashAlg(name='sha256'")
+    for obj, field in ((a, "salt"), (t, "digest"), (merkle.SHA256, "name"),
+                       (merkle.Geometry.compute(a, 5000), "data_size")):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(obj, field, None)
+        with pytest.raises(AttributeError, match="immutable"):
+            delattr(obj, field)
+    assert not hasattr(a, "__dict__")  # slots: nothing else can be attached either

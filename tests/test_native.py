@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from verityfuse import merkle, treebuild
+from verityfuse import hashers, merkle, treebuild
 from test_merkle import UTILS_VECTORS
 from conftest import pattern
 
@@ -262,7 +262,7 @@ print("ok")
 def test_blocks_verifier_native_and_pure_python(monkeypatch, native):
     if native and hb is None:
         pytest.skip("native module not built")
-    monkeypatch.setattr(merkle, "NATIVE", native)
+    monkeypatch.setattr(hashers, "NATIVE", native)
     for p in (merkle.Params(), merkle.Params(merkle.SHA256, 1024, b"salt"),
               merkle.Params(merkle.SHA512, 2048, b"x" * 32)):
         data = random.Random(p.block_size).randbytes(40 * p.block_size)
@@ -377,9 +377,9 @@ def _file(tmp_path, data, name="f"):
 
 def _both_read_verifiers(monkeypatch, p, threads=0):
     """The native and the pure-Python read_verifier of p (native None if not built)."""
-    monkeypatch.setattr(merkle, "NATIVE", False)
+    monkeypatch.setattr(hashers, "NATIVE", False)
     pure = p.read_verifier(threads)
-    monkeypatch.setattr(merkle, "NATIVE", hb is not None)
+    monkeypatch.setattr(hashers, "NATIVE", hb is not None)
     return (p.read_verifier(threads) if hb is not None else None), pure
 
 

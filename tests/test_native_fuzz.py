@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 import verityfuse
-from verityfuse import merkle
+from verityfuse import hashers, merkle
 from conftest import FSVERITY
 
 hb = merkle._hashblocks
@@ -122,7 +122,7 @@ def test_native_read_verify_agrees_with_pure_python_and_hashlib(tmp_path, monkey
                      f"{first}+{count}, length {length}, {threads} threads, flags {flags}")
             outs = []
             for native in (True, False):
-                monkeypatch.setattr(merkle, "NATIVE", native)
+                monkeypatch.setattr(hashers, "NATIVE", native)
                 buf = bytearray(b"\xa5" * (count * bs))
                 try:
                     r = p.read_verifier(threads)(buf, bytes(expected), fd, offset, length, flags)

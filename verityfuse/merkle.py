@@ -13,32 +13,58 @@ Building a tree from a file is treebuild's.
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
-from . import uapi
+from . import hashers, uapi
 from .errors import Corruption, FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
 
-# The native batch hasher (same bytes, GIL released per batch); hashlib if absent.
-def _load_native() -> Any:
-    try:
-        from . import _hashblocks as native
-    except ImportError:  # not built: no compiler or OpenSSL headers at install time
-        return None
-    return None if os.environ.get("VERITYFUSE_PURE_PYTHON") else native
+# Re-exported: which engine the hashers use, and the salt as they hash it.
+NATIVE = hashers.NATIVE
+_hashblocks = hashers._hashblocks
+padded_salt = hashers.padded_salt
 
 
-_hashblocks: Any = _load_native()
-NATIVE = _hashblocks is not None
+class _Value:
+    """Immutable, equal and hashed by its fields (``__slots__``): what a frozen
+    dataclass gives, without importing dataclasses and generating code (~9 ms of
+    every command's start-up, `digest` among them), and faster to create (one
+    per tree object, descriptor and geometry of every file opened)."""
+
+    __slots__: Tuple[str, ...] = ()
+
+    def _set(self, *values) -> None:
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}")
 
 
-@dataclass(frozen=True)
-class HashAlg:
+class HashAlg(_Value):
+    __slots__ = ("name", "number", "digest_size", "block_size")
     name: str
     number: int  # FS_VERITY_HASH_ALG_*
     digest_size: int
     block_size: int  # the compression function's block: the salt pads to it
+
+    def __init__(self, name: str, number: int, digest_size: int, block_size: int):
+        self._set(name, number, digest_size, block_size)
 
     def new(self):
         return hashlib.new(self.name)
@@ -73,16 +99,18 @@ def hash_alg(name_or_number) -> HashAlg:
     return alg
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Value):
     """Tree parameters: what `fsverity digest --hash-alg --block-size --salt` sets."""
 
-    alg: HashAlg = SHA256
-    block_size: int = DEFAULT_BLOCK_SIZE
-    salt: bytes = b""
+    __slots__ = ("alg", "block_size", "salt")
+    alg: HashAlg
+    block_size: int
+    salt: bytes
 
-    def __post_init__(self):
-        bs = self.block_size
+    def __init__(self, alg: HashAlg = SHA256, block_size: int = DEFAULT_BLOCK_SIZE,
+                 salt: bytes = b""):
+        self._set(alg, block_size, salt)
+        bs = block_size
         if not isinstance(bs, int) or bs <= 0 or bs & (bs - 1):
             raise InvalidParameters(f"invalid block size {bs}: must be a power of 2")
         if bs < 2 * self.alg.digest_size:
@@ -106,136 +134,28 @@ class Params:
     def hashes_per_block(self) -> int:
         return self.block_size // self.alg.digest_size
 
+    # The hashing engines (hashers.py): native where built, else hashlib.
     def block_hasher(self) -> Callable[[bytes], bytes]:
-        """Return h(block) -> H(padded_salt || block).
-
-        The salted prefix is hashed once; each block copies that state, which
-        costs the same as hashing from scratch but skips the prefix.
-        """
-        if not self.salt:
-            ctor = getattr(hashlib, self.alg.name)
-            return lambda block: ctor(block).digest()
-        base = self.alg.new()
-        base.update(padded_salt(self))
-
-        def h(block):
-            c = base.copy()
-            c.update(block)
-            return c.digest()
-
-        return h
+        """h(block) -> H(padded_salt || block)."""
+        return hashers.block_hasher(self)
 
     def blocks_hasher(self, threads: int = 0) -> Callable[[Any], bytes]:
-        """Return hb(buf) -> the concatenated block hashes of every whole block in ``buf``.
-
-        ``threads``: 0 lets the native module share a large buffer with its
-        helper thread (its configured default), 1 keeps the work in the
-        calling thread (for callers that run their own threads).
-        """
-        bs = self.block_size
-        if NATIVE:
-            alg, prefix, hb = self.alg.number, padded_salt(self), _hashblocks.hash_blocks
-            return lambda buf: hb(alg, prefix, buf, bs, threads)
-        h = self.block_hasher()
-
-        def hash_all(buf):
-            mv = memoryview(buf)
-            return b"".join(h(mv[off: off + bs]) for off in range(0, len(mv) - bs + 1, bs))
-
-        return hash_all
+        """hb(buf) -> the concatenated hashes of every whole block of ``buf``."""
+        return hashers.blocks_hasher(self, threads)
 
     def blocks_verifier(self, threads: int = 0) -> Callable[[Any, Any], int]:
-        """Return vb(buf, expected) -> -1 if every block of ``buf`` hashes to its
-        entry in ``expected`` (the concatenated hashes), else the index of the
-        first block that does not.
-
-        ``buf`` must be whole blocks and ``expected`` exactly one digest per
-        block (ValueError otherwise).  Natively this is one call with the GIL
-        released, split across two cores for large buffers; ``threads`` as
-        for blocks_hasher.
-        """
-        bs, ds = self.block_size, self.alg.digest_size
-        if NATIVE:
-            alg, prefix, vb = self.alg.number, padded_salt(self), _hashblocks.verify_blocks
-            return lambda buf, expected: vb(alg, prefix, buf, bs, expected, threads)
-        h = self.block_hasher()
-
-        def verify_all(buf, expected):
-            mv, exp = memoryview(buf), memoryview(expected)
-            _check_blocks(len(mv), bs, len(exp), ds)
-            for i in range(len(mv) // bs):
-                if h(mv[i * bs:(i + 1) * bs]) != exp[i * ds:(i + 1) * ds]:
-                    return i
-            return -1
-
-        return verify_all
+        """vb(buf, expected) -> -1, or the index of the first block not matching."""
+        return hashers.blocks_verifier(self, threads)
 
     def read_verifier(self, threads: int = 0) -> Callable[..., int]:
-        """Return rv(buf, expected, fd, offset, length, flags=0) -> -1 or the index of
-        the first block of ``buf`` that does not hash to its entry in ``expected``,
-        after reading ``length`` bytes of ``fd`` at ``offset`` into ``buf`` (preadv2
-        ``flags``, e.g. os.RWF_NOWAIT) and zeroing the rest of ``buf``.
-
-        The common verified read in one native call (GIL released, the copy and the
-        hashing shared by two cores).  A failed read raises OSError
-        (BlockingIOError when RWF_NOWAIT finds the data not cached) and a file that
-        ends before offset + length raises EOFError, whatever the hashes say;
-        ValueError as for blocks_verifier, or if ``length`` exceeds ``buf``.
-        """
-        if NATIVE:
-            alg, prefix, bs, rv = (self.alg.number, padded_salt(self), self.block_size,
-                                   _hashblocks.read_verify)
-            return lambda buf, expected, fd, offset, length, flags=0: rv(
-                alg, prefix, buf, bs, expected, fd, offset, length, flags, threads)
-        verify_all = self.blocks_verifier(threads)
-
-        def read_verify(buf, expected, fd, offset, length, flags=0):
-            mv = memoryview(buf)
-            if mv.readonly:
-                raise TypeError("read_verify() needs a writable buffer")
-            _check_blocks(len(mv), self.block_size, len(memoryview(expected)),
-                          self.alg.digest_size)
-            if not 0 <= length <= len(mv):
-                raise ValueError(f"length {length} is not between 0 and the buffer's "
-                                 f"{len(mv)} bytes")
-            if not 0 <= offset <= (1 << 63) - 1 - len(mv):
-                raise ValueError(f"offset {offset} is out of range")
-            pos = 0
-            while pos < length:
-                got = os.preadv(fd, [mv[pos:length]], offset + pos, flags)
-                if got == 0:
-                    raise EOFError(f"end of file at byte {offset + pos}: {length} bytes "
-                                   f"wanted at offset {offset}")
-                pos += got
-            mv[length:] = bytes(len(mv) - length)
-            return verify_all(mv, expected)
-
-        return read_verify
+        """rv(buf, expected, fd, offset, length, flags=0): pread, then as blocks_verifier."""
+        return hashers.read_verifier(self, threads)
 
     def describe(self) -> str:
         return f"{self.alg.name}, block size {self.block_size}, salt {self.salt.hex() or '(none)'}"
 
 
-def _check_blocks(data_len: int, bs: int, expected_len: int, ds: int) -> None:
-    """The native module's argument checks, with its messages."""
-    if data_len % bs:
-        raise ValueError(f"data ({data_len} bytes) is not a whole number of {bs}-byte blocks")
-    n = data_len // bs
-    if expected_len != n * ds:
-        raise ValueError(f"expected hashes are {expected_len} bytes, but {n} blocks "
-                         f"need {n * ds} bytes of hashes")
-
-
-def padded_salt(params: Params) -> bytes:
-    """The salt zero-padded to a multiple of the hash's compression block."""
-    if not params.salt:
-        return b""
-    n = -(-len(params.salt) // params.alg.block_size) * params.alg.block_size
-    return params.salt.ljust(n, b"\0")
-
-
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(_Value):
     """Where every level of a file's tree lives.
 
     ``level_start[i]`` is the index (in tree blocks, from the start of the
@@ -243,11 +163,16 @@ class Geometry:
     stored last, the top level is stored first.
     """
 
+    __slots__ = ("params", "data_size", "num_data_blocks", "level_blocks", "level_start")
     params: Params
     data_size: int
     num_data_blocks: int
     level_blocks: tuple  # blocks per level, level 0 first
     level_start: tuple
+
+    def __init__(self, params: Params, data_size: int, num_data_blocks: int,
+                 level_blocks: tuple, level_start: tuple):
+        self._set(params, data_size, num_data_blocks, level_blocks, level_start)
 
     @classmethod
     def compute(cls, params: Params, data_size: int) -> "Geometry":
@@ -294,8 +219,7 @@ def make_descriptor(params: Params, data_size: int, root_hash: bytes, sig_size: 
     )
 
 
-@dataclass(frozen=True)
-class TreeId:
+class TreeId(_Value):
     """Which Merkle tree a file has: its parameters, the data size it covers and the
     fs-verity file digest (the hash of the descriptor those make with the root hash).
 
@@ -309,6 +233,9 @@ class TreeId:
     params: Params
     data_size: int
     digest: bytes
+
+    def __init__(self, params: Params, data_size: int, digest: bytes):
+        self._set(params, data_size, digest)
 
     @property
     def alg(self) -> HashAlg:
@@ -329,12 +256,15 @@ class TreeId:
                              f"({self.params.describe()})")
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(_Value):
+    __slots__ = ("params", "data_size", "root_hash", "raw")
     params: Params
     data_size: int
     root_hash: bytes
     raw: bytes  # exactly 256 bytes, sig_size 0: what the digest covers
+
+    def __init__(self, params: Params, data_size: int, root_hash: bytes, raw: bytes):
+        self._set(params, data_size, root_hash, raw)
 
     @property
     def digest(self) -> bytes:
