@@ -175,18 +175,18 @@ class LocalView:
             return f"inode {inode.ino}"
         if name is not None:
             path = os.path.join(path, os.fsdecode(name))
-        # Every open names its file: a prefix cut, not os.path.relpath (~8 us a call).
-        if path == self.source:
-            return "."
-        return path[len(self._prefix):] if path.startswith(self._prefix) else path
+        return self._under_source(path)
 
     def fd_relpath(self, fd: int) -> str:
         """relpath of the file open as ``fd``: a handle's own fd, which no other thread
         closes while a read on it is reported (an inode's O_PATH fd may be evicted)."""
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
+            return self._under_source(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
             return f"fd {fd}"
+
+    def _under_source(self, path: str) -> str:
+        # Every open named its file: a prefix cut, not os.path.relpath (~8 us a call).
         if path == self.source:
             return "."
         return path[len(self._prefix):] if path.startswith(self._prefix) else path
