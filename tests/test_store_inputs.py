@@ -242,4 +242,4 @@ def test_the_object_is_not_kept_open_after_a_refusal(sealed):
     assert set(os.listdir("/proc/self/fd")) == before
     os.replace(tmp / "good", p)
     with st.open_object(e.alg, e.digest) as t:
-        assert t.descriptor.tree_id == merkle.TreeId(PARAMS, 300000, e.digest)
+        assert t.tree_id == merkle.TreeId(PARAMS, 300000, e.digest)

@@ -43,7 +43,8 @@ def test_a_descriptor_and_a_manifest_entry_give_the_same_record(sealed):
     src, st, e = sealed
     node = _tree(src, e).node(2)
     with st.open_object(e.alg, e.digest) as obj:
-        assert obj.descriptor.tree_id == node.tree == merkle.TreeId(PARAMS, SIZE, e.digest)
+        assert obj.tree_id == node.tree == merkle.TreeId(PARAMS, SIZE, e.digest)
+        assert obj.descriptor.digest == e.digest  # the record's digest is its descriptor's
     assert node.tree.text == node.digest_text == e.digest_text
     assert (node.tree.alg, node.alg, node.size) == (merkle.SHA256, merkle.SHA256, SIZE)
     assert hash(node.tree) == hash(merkle.TreeId(PARAMS, SIZE, e.digest))

@@ -58,9 +58,9 @@ class LocalVerity:
         """The verity state an index entry describes (its tree object opened, its signature
         checked)."""
         with self.store.open_object(entry.alg, entry.digest) as tree:
-            d = tree.descriptor  # hashes to entry.digest: open_object checked it
+            tree_id = tree.tree_id  # its descriptor hashes to entry.digest: checked at open
         self.check_signature(entry.signature, entry.alg, entry.digest)
-        return VerityInfo(d.tree_id, entry.signature)
+        return VerityInfo(tree_id, entry.signature)
 
     def is_verity(self, inode: Inode) -> bool:
         """Verity, even if its metadata is damaged (it stays read-only)."""

@@ -387,7 +387,7 @@ class Store:
             data = os.read(fd, INDEX_ENTRY_MAX + 1)
         finally:
             os.close(fd)
-        return parse_entry(self._where(*self._index_parts(key)), key, data)
+        return parse_entry(self._where(*parts), key, data)
 
     def remove_entry(self, key: str) -> bool:
         """False if there was no entry (or not even its shard)."""

@@ -38,6 +38,13 @@ class StoredTree:
         self.geometry = geometry or descriptor.geometry  # computed on each access: once here
         self.block_size = descriptor.params.block_size
 
+    @property
+    def tree_id(self) -> merkle.TreeId:
+        """Its descriptor's record, with the digest it was opened by (which the
+        descriptor hashes to: checked at open, not hashed again)."""
+        d = self.descriptor
+        return merkle.TreeId(d.params, d.data_size, self.digest)
+
     def read_tree_block(self, index: int) -> bytes:
         bs = self.block_size
         block = os.pread(self.fd, bs, TREE_OFFSET + index * bs)
@@ -77,6 +84,10 @@ class TreeRef:
         self.name, self.descriptor, self.digest = tree.name, tree.descriptor, tree.digest
         self.geometry, self.block_size = tree.geometry, tree.block_size
         self.read_tree_block, self.read_tree = tree.read_tree_block, tree.read_tree
+
+    @property
+    def tree_id(self) -> merkle.TreeId:
+        return self._tree.tree_id
 
     @property
     def fd(self) -> int:
