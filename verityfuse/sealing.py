@@ -47,13 +47,14 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
                                     threads=1 if size <= treebuild.CHUNK_SIZE else threads,
                                     **build_kw)
         tmp_object = obj.stage(desc)
+    digest = desc.digest  # a hash of the descriptor at each use: once
     try:
-        index = store.stage_entry(key, params.alg, desc.digest, signature, relpath)
+        index = store.stage_entry(key, params.alg, digest, signature, relpath)
     except BaseException:
         store.discard_tmp(tmp_object)
         raise
-    return Staged(IndexEntry(key, params.alg, desc.digest, signature, relpath), size,
-                  (tmp_object, *store.object_parts(params.alg, desc.digest)), index)
+    return Staged(IndexEntry(key, params.alg, digest, signature, relpath), size,
+                  (tmp_object, *store.object_parts(params.alg, digest)), index)
 
 
 def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
