@@ -75,15 +75,14 @@ def parse_hash_alg(text: str):
         f"unknown hash algorithm: '{text}'\nAvailable hash algorithms: {' '.join(merkle.ALGORITHMS)}")
 
 
-def add_tree_options(p):
+def add_tree_options(p, threads_help: str = "hashing threads (default: number of CPUs, at most 4)"):
     p.add_argument("--hash-alg", type=parse_hash_alg, action=Once, metavar="HASH_ALG",
                    help="sha256 (default) or sha512, or an fs-verity algorithm number")
     p.add_argument("--block-size", type=parse_block_size, action=Once, metavar="BLOCK_SIZE",
                    help="Merkle tree block size, a power of 2 (default 4096)")
     p.add_argument("--salt", type=parse_salt, action=Once, metavar="SALT",
                    help="salt, in hex (at most 32 bytes)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="hashing threads (default: number of CPUs, at most 4)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
 
 
 def params_from(args) -> merkle.Params:
@@ -250,7 +249,8 @@ def _add_tree_commands(sub):
                    help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
                         "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
-    add_tree_options(p)
+    add_tree_options(p, threads_help="files sealed at once, and hashing threads of a file "
+                     "over 1 MiB (default: one file at a time; a large file on every CPU, at most 4)")
     p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("measure-manifest", help="print a manifest's digest (the value to pin)")
