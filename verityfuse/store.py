@@ -19,6 +19,7 @@ never half of one.  One file is fsynced on its own (``set_entry``,
 Every open resolves from the store's root fd and follows no symlink (a read: one
 openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS; a write: each directory with
 O_NOFOLLOW), so a symlink planted inside the store is refused instead of followed.
+The index's entries and methods are store_index.py's, tree objects store_object.py's.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import ctypes
 import errno
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Optional
 
 from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
-from .store_index import INDEX_ENTRY_MAX, IndexEntry, entry_bytes, parse_entry
+from .store_index import INDEX_ENTRY_MAX, IndexEntry, StoreIndex
 from .store_object import ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
 
 __all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
@@ -39,8 +40,6 @@ __all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree
 STORE_DIRNAME = ".verityfuse"
 VERSION_TEXT = b"verityfuse-store 2\n"
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
-INDEX_DIR = "inodes"
-_HEX = frozenset("0123456789abcdef")
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -58,7 +57,7 @@ class StoreFormat(VerityError):
     """A store of another format than this operation needs."""
 
 
-class Store:
+class Store(StoreIndex):
     """A store rooted at ``path``.  ``create=True`` makes it if missing.
 
     ``objects_only=True`` (manifest mode) reads tree objects only, which format
@@ -348,85 +347,3 @@ class Store:
         if fd is None:
             raise StoreCorrupt(f"{name}: missing tree object for {merkle.format_digest(alg, digest)}")
         return open_stored_tree(fd, name, alg, digest)
-
-    # -- index: inode identity -> digest ------------------------------------------------
-
-    @staticmethod
-    def _index_parts(key: str):
-        if len(key) != 64 or not _HEX.issuperset(key):
-            raise ValueError(f"invalid index key {key!r}")
-        return (INDEX_DIR, key[:2], key)
-
-    def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
-                  path: str = ""):
-        """Write the index entry of ``key``, durably, now."""
-        parts = self._index_parts(key)
-        self._atomic_write(parts[:-1], parts[-1], entry_bytes(alg, digest, signature, path))
-
-    def stage_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
-                    path: str = ""):
-        """The index entry of ``key`` written to tmp/, not synced, not yet in place:
-        (tmp name, directory parts, name) for store_batch to publish."""
-        parts = self._index_parts(key)
-        tmpname, fd = self.create_tmp()
-        try:
-            os.write(fd, entry_bytes(alg, digest, signature, path))
-        except BaseException:
-            os.close(fd)
-            self.discard_tmp(tmpname)
-            raise
-        os.close(fd)
-        return tmpname, parts[:-1], parts[-1]
-
-    def get_entry(self, key: str) -> Optional[IndexEntry]:
-        parts = self._index_parts(key)
-        fd = self._open_file(parts)
-        if fd is None:
-            return None
-        try:
-            data = os.read(fd, INDEX_ENTRY_MAX + 1)
-        finally:
-            os.close(fd)
-        return parse_entry(self._where(*parts), key, data)
-
-    def remove_entry(self, key: str) -> bool:
-        """False if there was no entry (or not even its shard)."""
-        parts = self._index_parts(key)
-        try:
-            dirfd = self._open_dirs(parts[:-1])
-        except FileNotFoundError:
-            return False
-        try:
-            os.unlink(parts[-1], dir_fd=dirfd)
-            os.fsync(dirfd)
-            return True
-        except FileNotFoundError:
-            return False
-        finally:
-            os.close(dirfd)
-
-    def keys(self) -> Iterator[str]:
-        """Every index key (for verify's stale-entry count)."""
-        try:
-            idxfd = self._open_dirs((INDEX_DIR,))
-        except FileNotFoundError:
-            return
-        try:
-            shards = sorted(os.listdir(idxfd))
-        finally:
-            os.close(idxfd)
-        for shard in shards:
-            dirfd = self._open_dirs((INDEX_DIR, shard))
-            try:
-                names = sorted(os.listdir(dirfd))
-            finally:
-                os.close(dirfd)
-            yield from (n for n in names if len(n) == 64)
-
-
-def normalize_relpath(relpath: str) -> str:
-    """A canonical relative path: no leading '/', no '.', '..' or empty parts."""
-    parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts) or not parts:
-        raise ValueError(f"invalid relative path {relpath!r}")
-    return "/".join(parts)

@@ -18,7 +18,7 @@ from typing import Callable, Tuple
 from . import fsutil, identity
 from .errors import StoreCorrupt
 from .merkle import parse_digest
-from .store import INDEX_ENTRY_MAX, Store, normalize_relpath
+from .store import INDEX_ENTRY_MAX, Store
 
 V1_INDEX = "index"
 
@@ -76,3 +76,11 @@ def _convert(srcfd: int, store: Store, warn: Callable[[str], None]) -> Tuple[int
             finally:
                 os.close(ffd)
     return converted, dropped
+
+
+def normalize_relpath(relpath: str) -> str:
+    """A canonical relative path: no leading '/', no '.', '..' or empty parts."""
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts) or not parts:
+        raise ValueError(f"invalid relative path {relpath!r}")
+    return "/".join(parts)
