@@ -35,9 +35,6 @@ LATE_CYCLES = {
     # cli dispatches to cli_fsverity's subcommands, loading it only when one runs; cli_fsverity
     # uses cli's shared option and error helpers.
     ("cli", "cli_fsverity"),
-    # oci_source picks the disk cache only when one is configured; the disk cache subclasses
-    # oci_source's BlockCache.
-    ("oci_disk_cache", "oci_source"),
 }
 
 

@@ -29,12 +29,12 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from . import manifest, merkle, oci_artifact
 from .errors import IntegrityError, ManifestError, VerityError
 from .logs import requests as ratelog
+from .oci_block_cache import BlockCache, DiskBlockCache
 from .oci_client import Client, RegistryError, parse_ref
 from .reader import VerifiedReader
 from .store_object import TREE_OFFSET, open_stored_tree
@@ -82,11 +82,9 @@ class Remote:
         raw = client.get_blob(blob.digest, blob.size, f"{ref}: the signed manifest")
         self.manifest = _authenticate(raw, f"{ref} (manifest blob {blob.digest})",
                                       trust_keys, pinned_digest, min_sequence)
-        if cache_dir:
-            from .oci_disk_cache import DiskBlockCache
-            self.blocks: BlockCache = DiskBlockCache(cache_dir, cache_bytes)
-        else:
-            self.blocks = BlockCache(cache_bytes)
+        room = max(cache_bytes, MAX_RUN)  # one read's blocks must fit
+        self.blocks: BlockCache = (DiskBlockCache(cache_dir, room) if cache_dir
+                                   else BlockCache(room))
         # Readahead of sequential reads runs here, so that the network works while a
         # read is answered (two workers: readahead never takes the request threads).
         self.readahead = concurrent.futures.ThreadPoolExecutor(
@@ -174,61 +172,6 @@ def _authenticate(raw: bytes, where: str, trust_keys, pinned: Optional[str], min
         raise ManifestError(str(e).replace(path, where)) from None
     finally:
         os.close(fd)
-
-
-class BlockCache:
-    """Verified data blocks keyed by (fs-verity digest, block index), LRU-bounded in bytes,
-    with claims so that concurrent readers of one block fetch it once."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max(max_bytes, MAX_RUN)  # one read's blocks must fit
-        self.bytes = 0
-        self.hits = self.misses = 0
-        self._d: "OrderedDict[tuple, bytes]" = OrderedDict()
-        self.cond = threading.Condition()
-        self.inflight: set = set()
-
-    def take(self, keys: List[tuple], out: Dict[tuple, bytes]) -> Tuple[List[tuple], bool]:
-        """Under the lock: copy cached blocks into ``out``; claim the missing ones nobody
-        fetches (returned); True if some are being fetched by another reader."""
-        mine, waiting = [], False
-        for k in keys:
-            if k in out:
-                continue
-            block = self._get(k)
-            if block is not None:
-                self._d.move_to_end(k)
-                self.hits += 1
-                out[k] = block
-            elif k in self.inflight:
-                waiting = True
-            else:
-                self.misses += 1
-                self.inflight.add(k)
-                mine.append(k)
-        return mine, waiting
-
-    def _get(self, k: tuple) -> Optional[bytes]:
-        """A cached block, or None (a cache on disk reads it back)."""
-        return self._d.get(k)
-
-    def put(self, key: tuple, block: bytes, offset: int = 0):
-        """Cache ``block`` (``offset``: its place in the file, for a cache on disk)."""
-        if key in self._d:
-            return
-        self._d[key] = block
-        self.bytes += len(block)
-        while self.bytes > self.max_bytes:
-            _, old = self._d.popitem(last=False)
-            self.bytes -= len(old)
-
-    def snapshot(self) -> dict:
-        with self.cond:
-            return {"hits": self.hits, "misses": self.misses, "blocks": len(self._d),
-                    "bytes": self.bytes, "max_bytes": self.max_bytes}
-
-    def close(self):
-        pass  # memory only
 
 
 class OciReader(VerifiedReader):

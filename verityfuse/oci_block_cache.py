@@ -1,7 +1,8 @@
-"""Verified data blocks of an OCI mount kept on disk (``--cache DIR``); pure.
+"""Verified data blocks of an OCI mount, kept in memory (``BlockCache``) or on disk
+(``DiskBlockCache``, ``--cache DIR``); pure.
 
-The same bounded LRU as ``oci_source.BlockCache``, with the blocks in sparse
-files instead of memory: one file per fs-verity digest, each block at its own
+The disk cache is the same bounded LRU, with the blocks in sparse files instead of
+memory: one file per fs-verity digest, each block at its own
 offset, in a directory private to this mount (made 0700 under DIR at mount,
 removed at unmount: nothing is reused across mounts).  Evicting a block
 punches a hole, so the disk used stays within the budget.  Memory: the index,
@@ -20,9 +21,9 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional, Tuple
-
-from .oci_source import BlockCache
+import threading
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
 
 log = logging.getLogger("verityfuse")
 
@@ -30,6 +31,61 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class BlockCache:
+    """Verified data blocks keyed by (fs-verity digest, block index), LRU-bounded in bytes,
+    with claims so that concurrent readers of one block fetch it once."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._d: "OrderedDict[tuple, bytes]" = OrderedDict()
+        self.cond = threading.Condition()
+        self.inflight: set = set()
+
+    def take(self, keys: List[tuple], out: Dict[tuple, bytes]) -> Tuple[List[tuple], bool]:
+        """Under the lock: copy cached blocks into ``out``; claim the missing ones nobody
+        fetches (returned); True if some are being fetched by another reader."""
+        mine, waiting = [], False
+        for k in keys:
+            if k in out:
+                continue
+            block = self._get(k)
+            if block is not None:
+                self._d.move_to_end(k)
+                self.hits += 1
+                out[k] = block
+            elif k in self.inflight:
+                waiting = True
+            else:
+                self.misses += 1
+                self.inflight.add(k)
+                mine.append(k)
+        return mine, waiting
+
+    def _get(self, k: tuple) -> Optional[bytes]:
+        """A cached block, or None (a cache on disk reads it back)."""
+        return self._d.get(k)
+
+    def put(self, key: tuple, block: bytes, offset: int = 0):
+        """Cache ``block`` (``offset``: its place in the file, for a cache on disk)."""
+        if key in self._d:
+            return
+        self._d[key] = block
+        self.bytes += len(block)
+        while self.bytes > self.max_bytes:
+            _, old = self._d.popitem(last=False)
+            self.bytes -= len(old)
+
+    def snapshot(self) -> dict:
+        with self.cond:
+            return {"hits": self.hits, "misses": self.misses, "blocks": len(self._d),
+                    "bytes": self.bytes, "max_bytes": self.max_bytes}
+
+    def close(self):
+        pass  # memory only
 
 
 def punch_hole(fd: int, offset: int, length: int):
