@@ -125,7 +125,8 @@ def lazy_sequential(ref, mnt, pub, cache_mib, size):
 
 
 def client_for(host, ref):
-    from verityfuse.oci_client import Client, parse_ref
+    from verityfuse.oci_client import Client
+    from verityfuse.oci_ref import parse_ref
     return Client(parse_ref(f"{host}/{ref.split('/', 1)[1]}"), timeout=30)
 
 

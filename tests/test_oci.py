@@ -583,7 +583,7 @@ def test_a_failing_tree_fetch_fails_only_that_open(pushed, proxy, oci_mount):
 # -- references and hostile OCI manifests (no registry needed) ---------------------------
 
 def test_references():
-    from verityfuse.oci_client import parse_ref
+    from verityfuse.oci_ref import parse_ref
     r = parse_ref("oci://127.0.0.1:5000/a/b-c:v1.2")
     assert (r.host, r.repo, r.tag, r.digest) == ("127.0.0.1:5000", "a/b-c", "v1.2", None)
     r = parse_ref("reg.example/app@sha256:" + "ab" * 32)
@@ -680,7 +680,8 @@ def test_chunked_and_monolithic_uploads_and_range_reads(registry):  # noqa: F811
     """The client against the registry alone: a chunked upload (PATCH with Content-Range,
     then PUT ?digest=), a monolithic one, HEAD, whole and ranged GETs."""
     import io
-    from verityfuse.oci_client import Client, RegistryError, parse_ref, sha256_digest
+    from verityfuse.oci_client import Client, RegistryError, sha256_digest
+    from verityfuse.oci_ref import parse_ref
     c = Client(parse_ref(f"{registry.host}/vf/client"))
     try:
         data = content(300_000, 9)

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from verityfuse import manifest, manifest_tree, merkle
-from verityfuse.oci_client import Client, parse_ref
+from verityfuse.oci_client import Client
+from verityfuse.oci_ref import parse_ref
 from verityfuse.oci_push import PushError, push
 from verityfuse.sealing import seal_path
 from verityfuse.store import Store

@@ -79,8 +79,9 @@ def add_registry_options(p):
 
 
 def cmd_push(args) -> int:
-    from .oci_client import RegistryError, parse_ref
+    from .oci_client import RegistryError
     from .oci_push import push
+    from .oci_ref import parse_ref
 
     try:
         ref = parse_ref(args.ref)

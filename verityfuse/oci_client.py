@@ -28,7 +28,6 @@ import re
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 try:
@@ -38,14 +37,11 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
+from .oci_ref import Ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _RETRY_STATUS = {500, 502, 503, 504}
 _CHUNK = 1 << 16
-_REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HOST = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
 
 class RegistryError(VerityError):
@@ -54,48 +50,6 @@ class RegistryError(VerityError):
 
 class BodyBroken(RegistryError):
     """The connection failed in the middle of a body: worth another try."""
-
-
-@dataclass(frozen=True)
-class Ref:
-    """``HOST[:PORT]/REPO[:TAG|@DIGEST]``."""
-
-    host: str
-    repo: str
-    tag: Optional[str] = None
-    digest: Optional[str] = None
-
-    @property
-    def reference(self) -> str:
-        """What goes after /manifests/: the digest if pinned, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        return f"{self.host}/{self.repo}" + (f"@{self.digest}" if self.digest
-                                             else f":{self.tag or 'latest'}")
-
-
-def parse_ref(text: str) -> Ref:
-    """Parse a reference (an ``oci://`` prefix is allowed); ValueError names what is wrong."""
-    rest = text[len("oci://"):] if text.startswith("oci://") else text
-    host, slash, path = rest.partition("/")
-    if not slash or not _HOST.match(host) or not path:
-        raise ValueError(f"{text!r} is not HOST[:PORT]/REPO[:TAG|@DIGEST]")
-    digest = tag = None
-    if "@" in path:
-        path, digest = path.split("@", 1)
-        if not _DIGEST.match(digest):
-            raise ValueError(f"{text!r}: {digest!r} is not sha256:<64 hex digits>")
-    else:
-        last = path.rsplit("/", 1)[-1]
-        if ":" in last:
-            path, tag = path.rsplit(":", 1)
-            if not _TAG.match(tag):
-                raise ValueError(f"{text!r}: {tag!r} is not a valid tag")
-    if not _REPO.match(path):
-        raise ValueError(f"{text!r}: {path!r} is not a repository name (lower case, digits, "
-                         f"separators . _ -, components joined by /)")
-    return Ref(host, path, tag, digest)
 
 
 def sha256_digest(data) -> str:

@@ -35,7 +35,8 @@ from . import manifest, merkle, oci_artifact
 from .errors import IntegrityError, ManifestError, VerityError
 from .logs import requests as ratelog
 from .oci_block_cache import BlockCache, DiskBlockCache
-from .oci_client import Client, RegistryError, parse_ref
+from .oci_client import Client, RegistryError
+from .oci_ref import parse_ref
 from .reader import VerifiedReader
 from .store_object import TREE_OFFSET, open_stored_tree
 from .verifier import TreeBlockCache
