@@ -224,15 +224,45 @@ def test_handle_table_insert_and_forget_keep_every_other_handle(fast, sealed):
     assert set(fast.registered) == live
 
 
-def test_the_handle_table_is_bounded(fast, sealed):
+class _CountingEngine:
+    """The native engine, counting the registrations offered to it."""
+
+    def __init__(self):
+        self.offered = 0
+
+    def __getattr__(self, name):
+        return getattr(native, name)
+
+    def fast_register(self, *args):
+        self.offered += 1
+        return native.fast_register(*args)
+
+
+def test_the_handle_table_is_bounded(sealed):
+    """At most half the table's slots are used; a handle it turned away is not offered
+    again at each of its reads (each comes to Python) until a handle is forgotten."""
+    engine = _CountingEngine()
+    fast = FastReads(engine, shim=None)
     s = sealed(os.urandom(5000))
-    for fh in range(1, 2100):
-        fast.register(fh, s.h)
-    assert len(fast.registered) == native.fast_info()["handles"] == 2048
-    assert native.fast_read(2099, 4096, 0) is None  # served by Python
-    fast.forget(1)
-    fast.register(2099, s.h)
-    assert native.fast_read(2099, 4096, 0) == s.data[:4096]
+    try:
+        for fh in range(1, 2100):
+            fast.register(fh, s.h)
+        assert len(fast.registered) == native.fast_info()["handles"] == 2048
+        assert engine.offered == 2099 and fast.refused == set(range(2049, 2100))
+        assert native.fast_read(2099, 4096, 0) is None  # served by Python
+        for _ in range(5):
+            fast.came_to_python(2099, s.h)
+        assert engine.offered == 2099  # not offered again: the table is still full
+        fast.forget(2050)  # a turned-away handle released: forgotten, no slot freed
+        assert 2050 not in fast.refused and native.fast_info()["handles"] == 2048
+        fast.forget(1)  # a slot frees: the turned-away handles may try once more
+        fast.came_to_python(2099, s.h)
+        assert engine.offered == 2100
+        assert native.fast_read(2099, 4096, 0) == s.data[:4096]
+    finally:
+        for fh in list(fast.registered):
+            fast.forget(fh)
+    assert native.fast_info()["handles"] == 0 and not fast.refused
 
 
 def test_only_plain_verified_readers_are_registered(fast, sealed, tmp_path):

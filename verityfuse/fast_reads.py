@@ -70,6 +70,9 @@ class FastReads:
         self.native, self.shim = native, shim
         native.fast_configure(leaf_bytes=leaf_bytes)
         self.registered: dict = {}  # the handles the native table holds: fh -> _how
+        # Handles a full table turned away: not offered again at each of their reads
+        # (every one would come to Python and be turned away again) until a slot frees.
+        self.refused: set = set()
 
     @classmethod
     def load(cls, shim, cache) -> "Optional[FastReads]":
@@ -92,7 +95,7 @@ class FastReads:
         reader whose reads can be done without waiting (while the table is full, the
         handle stays Python's)."""
         reader = h.reader
-        if fh in self.registered or type(reader) is not VerifiedReader:
+        if fh in self.registered or fh in self.refused or type(reader) is not VerifiedReader:
             return
         v, how = reader.verifier, _how(reader)
         if reader.data_size == 0 or how is None or \
@@ -104,7 +107,8 @@ class FastReads:
                                          reader.data_size,
                                          leaf_table_key(v.params.alg.number, v.tree.digest),
                                          root, how):
-            return  # the table is full
+            self.refused.add(fh)  # the table is full
+            return
         self.registered[fh] = how
         if v.top == 0:
             # One leaf block holds every hash (a file of up to 512 KiB with SHA-256 and
@@ -130,6 +134,9 @@ class FastReads:
         """Before the handle's fd is closed (the native table holds it)."""
         if self.registered.pop(fh, None) is not None:
             self.native.fast_forget(fh)
+            self.refused.clear()  # a slot is free: each may try once more
+        else:
+            self.refused.discard(fh)
 
     def close(self) -> None:
         """Every read is Python's again; the table forgets every handle."""
