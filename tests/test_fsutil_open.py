@@ -55,7 +55,8 @@ def test_open_beneath(tmp_path, path, err):
             pfd = fsutil.open_beneath(dfd, path)
             with pytest.raises(fsutil.NotRegular) as e:
                 fsutil.reopen_regular(pfd, "it")
-            assert (e.value.errno, e.value.strerror) == (errno.ELOOP, "it is a symlink, not a regular file")
+            assert (e.value.errno, e.value.strerror) == (
+                errno.ELOOP, "it is a symlink, not a regular file")
             return
         with pytest.raises(OSError) as e:
             fsutil.open_beneath(dfd, path)
@@ -75,7 +76,8 @@ def test_handle_and_filesystem_type(tmp_path):
             os.stat(tmp_path / "f").st_ino
         with pytest.raises(OSError) as e:
             identity.handle_of(-1)
-        assert (e.value.errno, e.value.strerror) == (errno.EBADF, "name_to_handle_at: Bad file descriptor")
+        assert (e.value.errno, e.value.strerror) == (
+            errno.EBADF, "name_to_handle_at: Bad file descriptor")
         shm = os.open("/dev/shm", os.O_PATH)
         try:
             assert fsutil.in_memory(shm) is True

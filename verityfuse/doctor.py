@@ -154,7 +154,8 @@ def report() -> dict:
     can_probe = (os.geteuid() == 0 and os.path.exists("/dev/fuse") and shim.get("loads", False)
                  and shutil.which("fusermount3") is not None)
     return {"version": __version__, "python": platform.python_version(), "kernel": release,
-            "hashing": _hashing(), "native_open": fsutil.native_sys is not None, "ioctl_shim": shim, "libfuse": _libfuse(),
+            "hashing": _hashing(), "native_open": fsutil.native_sys is not None,
+            "ioctl_shim": shim, "libfuse": _libfuse(),
             "kernel_fsverity_ioctls": _kernel_forwards(release, can_probe),
             "mounting": {"dev_fuse": _device(), "fusermount3": _fusermount(),
                          "allow_other": _allow_other(), "helper": _helper()},
