@@ -65,6 +65,16 @@ def test_open_beneath(tmp_path, path, err):
         os.close(dfd)
 
 
+def test_a_path_with_a_nul_is_refused_not_cut_short(tmp_path):
+    write(tmp_path / "a", b"data")
+    dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(ValueError, match="embedded null byte"):
+            fsutil.open_beneath(dfd, b"a\0/../b")
+    finally:
+        os.close(dfd)
+
+
 def test_handle_and_filesystem_type(tmp_path):
     write(tmp_path / "f", b"data")
     os.link(tmp_path / "f", tmp_path / "g")

@@ -265,6 +265,25 @@ def test_upgrade_never_indexes_a_file_through_a_symlinked_directory(src, tmp_pat
         assert entry_of_path(st, outside / "big") is None
 
 
+def test_upgrade_refuses_a_path_with_a_nul(src, tmp_path):
+    """A format-1 entry "big\\0x" names no file: refused as malformed, never cut at the
+    NUL to index "big" instead."""
+    store = tmp_path / "store"
+    with Store(str(store), create=True) as st:
+        e = seal(st, src, "big")
+        os.remove(os.path.join(st.path, *st._index_parts(e.key)))
+    (store / "VERSION").write_bytes(b"verityfuse-store 1\n")
+    h = hashlib.sha256(b"big").hexdigest()
+    (store / "index" / h[:2]).mkdir(parents=True)
+    (store / "index" / h[:2] / h).write_text(
+        json.dumps({"version": 1, "path": "big\0x", "digest": e.digest_text}))
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "upgrade-store", src, "--store",
+                        store], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "malformed format-1 index entry: invalid relative path 'big\\x00x'" in r.stderr
+    assert (store / "VERSION").read_bytes() == b"verityfuse-store 1\n"  # not converted
+
+
 def test_store_version_is_checked(tmp_path):
     Store(str(tmp_path / "s"), create=True).close()
     with open(tmp_path / "s" / "VERSION", "wb") as f:

@@ -55,9 +55,9 @@ static PyObject *sys_openat2(PyObject *self, PyObject *args)
     (void)self;
     int dirfd;
     const char *path;
-    Py_ssize_t len;
     unsigned long long flags, resolve;
-    if (!PyArg_ParseTuple(args, "iy#KK", &dirfd, &path, &len, &flags, &resolve))
+    /* "y": a path with an embedded NUL is a ValueError, as os.open says, not cut short */
+    if (!PyArg_ParseTuple(args, "iyKK", &dirfd, &path, &flags, &resolve))
         return NULL;
     struct vf_open_how how = {flags, 0, resolve};
     long fd;
@@ -68,8 +68,11 @@ static PyObject *sys_openat2(PyObject *self, PyObject *args)
         e = errno;
     Py_END_ALLOW_THREADS
     if (fd < 0)
-        return os_error(e, path, len);
-    return PyLong_FromLong(fd);
+        return os_error(e, path, (Py_ssize_t)strlen(path));
+    PyObject *out = PyLong_FromLong(fd);
+    if (!out)
+        close((int)fd);
+    return out;
 }
 
 static PyObject *sys_reopen(PyObject *self, PyObject *args)
@@ -95,7 +98,10 @@ static PyObject *sys_reopen(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     if (e)
         return os_error(e, NULL, 0);
-    return Py_BuildValue("(iIi)", fd, (unsigned int)st.st_mode, regular);
+    PyObject *out = Py_BuildValue("(iIi)", fd, (unsigned int)st.st_mode, regular);
+    if (!out && fd >= 0)
+        close(fd);
+    return out;
 }
 
 static PyObject *sys_handle_of(PyObject *self, PyObject *arg)

@@ -51,6 +51,8 @@ _have_openat2 = True
 def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     if native_sys is not None:
         return native_sys.openat2(dirfd, path, flags, resolve)
+    if b"\0" in path:  # ctypes would cut the path there
+        raise ValueError("embedded null byte")
     how = _OpenHow(flags, 0, resolve)
     fd = _libc.syscall(_SYS_openat2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:

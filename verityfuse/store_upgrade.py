@@ -79,8 +79,8 @@ def _convert(srcfd: int, store: Store, warn: Callable[[str], None]) -> Tuple[int
 
 
 def normalize_relpath(relpath: str) -> str:
-    """A canonical relative path: no leading '/', no '.', '..' or empty parts."""
+    """A canonical relative path: no leading '/', no '.', '..' or empty parts, no NUL."""
     parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    if any(p == ".." for p in parts) or not parts:
+    if any(p == ".." for p in parts) or not parts or "\0" in relpath:
         raise ValueError(f"invalid relative path {relpath!r}")
     return "/".join(parts)
