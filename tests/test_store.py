@@ -239,6 +239,21 @@ def test_format_1_store_is_refused_then_upgraded(src, tmp_path):
     assert r.returncode == 0 and f"OK {e.digest_text} {src}/big" in r.stdout
 
 
+def _upgrade_one_format_1_entry(src, store, path: str):
+    """Seal SOURCE/big, turn the store into format 1 with one path entry ``path`` for its
+    digest, and run `verityfuse upgrade-store` on it."""
+    with Store(str(store), create=True) as st:
+        e = seal(st, src, "big")
+        os.remove(os.path.join(st.path, *st._index_parts(e.key)))
+    (store / "VERSION").write_bytes(b"verityfuse-store 1\n")
+    h = hashlib.sha256(path.encode()).hexdigest()
+    (store / "index" / h[:2]).mkdir(parents=True)
+    (store / "index" / h[:2] / h).write_text(
+        json.dumps({"version": 1, "path": path, "digest": e.digest_text}))
+    return subprocess.run([sys.executable, "-m", "verityfuse.cli", "upgrade-store", src,
+                           "--store", store], capture_output=True, text=True)
+
+
 def test_upgrade_never_indexes_a_file_through_a_symlinked_directory(src, tmp_path):
     """A format-1 entry "link/big" where link is now a symlink to a directory outside
     SOURCE: the upgrade must not index the inode out there (a later read of whatever
@@ -248,16 +263,7 @@ def test_upgrade_never_indexes_a_file_through_a_symlinked_directory(src, tmp_pat
     outside.mkdir()
     shutil.copy(src / "big", outside / "big")
     os.symlink(outside, src / "link")
-    with Store(str(store), create=True) as st:
-        e = seal(st, src, "big")
-        os.remove(os.path.join(st.path, *st._index_parts(e.key)))
-    (store / "VERSION").write_bytes(b"verityfuse-store 1\n")
-    h = hashlib.sha256(b"link/big").hexdigest()
-    (store / "index" / h[:2]).mkdir(parents=True)
-    (store / "index" / h[:2] / h).write_text(
-        json.dumps({"version": 1, "path": "link/big", "digest": e.digest_text}))
-    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "upgrade-store", src, "--store",
-                        store], capture_output=True, text=True)
+    r = _upgrade_one_format_1_entry(src, store, "link/big")
     assert r.returncode == 0, r.stderr
     assert "link/big: Too many levels of symbolic links; its entry is dropped" in r.stderr
     assert "0 entries converted, 1 dropped" in r.stderr
@@ -269,16 +275,7 @@ def test_upgrade_refuses_a_path_with_a_nul(src, tmp_path):
     """A format-1 entry "big\\0x" names no file: refused as malformed, never cut at the
     NUL to index "big" instead."""
     store = tmp_path / "store"
-    with Store(str(store), create=True) as st:
-        e = seal(st, src, "big")
-        os.remove(os.path.join(st.path, *st._index_parts(e.key)))
-    (store / "VERSION").write_bytes(b"verityfuse-store 1\n")
-    h = hashlib.sha256(b"big").hexdigest()
-    (store / "index" / h[:2]).mkdir(parents=True)
-    (store / "index" / h[:2] / h).write_text(
-        json.dumps({"version": 1, "path": "big\0x", "digest": e.digest_text}))
-    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "upgrade-store", src, "--store",
-                        store], capture_output=True, text=True)
+    r = _upgrade_one_format_1_entry(src, store, "big\0x")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "malformed format-1 index entry: invalid relative path 'big\\x00x'" in r.stderr
     assert (store / "VERSION").read_bytes() == b"verityfuse-store 1\n"  # not converted
