@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-from verityfuse import fast_reads, merkle
+from verityfuse import merkle
 from verityfuse.errors import IntegrityError, SizeMismatch
 from verityfuse.fast_reads import FastReads, LeafTable
-from verityfuse.reader import attach_reader
+from verityfuse.reader import CACHESTAT, attach_reader
 from verityfuse.sealing import seal_path
 from verityfuse.store import Store
 from verityfuse.verifier import TreeBlockCache
@@ -287,7 +287,7 @@ def test_a_handle_whose_file_system_refuses_nowait_asks_the_page_cache(fast, sea
     s.warm()
     s.reader.in_memory = s.reader.nowait = False
     fast.came_to_python(12, s.h)
-    assert fast.registered[12] == fast_reads.CACHESTAT
+    assert fast.registered[12] == CACHESTAT
     assert native.fast_read(12, 4096, MiB) == s.data[MiB:MiB + 4096]  # tmpfs: all cached
     last = 3 * MiB - 4096
     assert native.fast_read(12, 4096, last) is None  # the end: Python's, in a thread

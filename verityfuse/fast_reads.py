@@ -43,19 +43,6 @@ LEAF_SHARE = 0.75
 MIN_BLOCK, MAX_BLOCK = 1024, 65536
 
 
-# How the native path may read a handle's file without waiting (fast_register's flags):
-CACHESTAT = -1  # RWF_NOWAIT refused (FUSE, virtio-fs): ask the page cache, never the end
-
-
-def _how(reader) -> Optional[int]:
-    """0 (in memory), RWF_NOWAIT, CACHESTAT, or None: the native path cannot tell."""
-    if reader.in_memory:
-        return 0
-    if reader.nowait:
-        return os.RWF_NOWAIT
-    return CACHESTAT if reader.uses_cachestat() else None
-
-
 class LeafTable:
     """The native leaf table, as the tree-block cache uses it."""
 
@@ -69,7 +56,7 @@ class FastReads:
     def __init__(self, native: Any, shim, leaf_bytes: int = 16 << 20):
         self.native, self.shim = native, shim
         native.fast_configure(leaf_bytes=leaf_bytes)
-        self.registered: dict = {}  # the handles the native table holds: fh -> _how
+        self.registered: dict = {}  # the handles the native table holds: fh -> read_mode
         # Handles a full table turned away: not offered again at each of their reads
         # (every one would come to Python and be turned away again) until a slot frees.
         self.refused: set = set()
@@ -97,7 +84,7 @@ class FastReads:
         reader = h.reader
         if fh in self.registered or fh in self.refused or type(reader) is not VerifiedReader:
             return
-        v, how = reader.verifier, _how(reader)
+        v, how = reader.verifier, reader.read_mode()
         if reader.data_size == 0 or how is None or \
                 not MIN_BLOCK <= v.params.block_size <= MAX_BLOCK:
             return
@@ -126,7 +113,7 @@ class FastReads:
         out to refuse RWF_NOWAIT, register it again to ask the page cache instead
         (cachestat), or forget it if that cannot be told either (the reader then reads
         in a thread, and every native attempt would only fail)."""
-        if fh in self.registered and self.registered[fh] != _how(h.reader):
+        if fh in self.registered and self.registered[fh] != h.reader.read_mode():
             self.forget(fh)
         self.register(fh, h)
 

@@ -44,6 +44,7 @@ STEP = 256 * 1024  # a piece: ~0.1-0.2 ms of pread and hashing on one core
 # reader's 1 MiB requests then cost one call instead of four steps.
 ONE_CALL = 1 << 20
 ALIGN_FROM = 64 * 1024  # below this, a misaligned copy costs less than an mmap
+CACHESTAT = -1  # read_mode: RWF_NOWAIT refused; ask the page cache, never for the end
 Data = Union[bytes, memoryview]
 
 
@@ -181,6 +182,19 @@ class VerifiedReader:
             self.stats.verified(padded // self.bs, end - offset)
         return mv[offset - start: end - start]
 
+    def read_mode(self) -> Optional[int]:
+        """How this file can be read without waiting: 0 (in memory), RWF_NOWAIT, CACHESTAT
+        (its file system refuses RWF_NOWAIT: FUSE, virtio-fs; the page cache says, from
+        Linux 6.5), or None (it cannot be told: reads go to a worker thread).  The native
+        path is registered with the same answer."""
+        if self.in_memory:
+            return 0
+        if self.nowait:
+            return os.RWF_NOWAIT
+        if self.cachestat is None:
+            self.cachestat = fsutil.all_cached(self.fd, 0, 1) is not None
+        return CACHESTAT if self.cachestat else None
+
     def inline_flags(self, start: int, n: int, stop: int) -> Optional[int]:
         """preadv2 flags to read ``n`` bytes at ``start`` on the request thread without
         waiting, or None: the read goes to a worker thread.
@@ -191,20 +205,12 @@ class VerifiedReader:
         evicted between that answer and the read makes it wait for the file system, as
         the store's reads on the request thread can already: availability is the host's
         to give anyway; integrity is unchanged (the bytes are hashed either way)."""
-        if self.in_memory:
-            return 0
-        if self.nowait:
-            return os.RWF_NOWAIT
-        if self.uses_cachestat() and stop < self.data_size and \
-                fsutil.all_cached(self.fd, start, n):
+        mode = self.read_mode()
+        if mode != CACHESTAT:
+            return mode
+        if stop < self.data_size and fsutil.all_cached(self.fd, start, n):
             return 0
         return None
-
-    def uses_cachestat(self) -> bool:
-        """Whether the page cache can say if a read would wait (cachestat: Linux 6.5)."""
-        if self.cachestat is None:
-            self.cachestat = fsutil.all_cached(self.fd, 0, 1) is not None
-        return self.cachestat
 
     def _ends_here(self, flags: int) -> bool:
         """True if the file ends at its sealed size (with RWF_NOWAIT in ``flags``: False
