@@ -210,6 +210,26 @@ def test_descriptor_validation():
             merkle.parse_descriptor(b)
 
 
+def test_descriptor_parameters_are_shared_and_bounded():
+    """parse_descriptor makes each Params once (one store or manifest has few), but
+    never keeps more than _PARAMS_MAX of them: a salt per file must not grow memory."""
+    merkle._PARAMS.clear()
+    for i in range(3 * merkle._PARAMS_MAX):
+        p = merkle.Params(salt=i.to_bytes(2, "big"))
+        d = merkle.parse_descriptor(merkle.make_descriptor(p, i, bytes(32)))
+        assert d.params == p and d.data_size == i
+        assert len(merkle._PARAMS) <= merkle._PARAMS_MAX
+    a = merkle.parse_descriptor(merkle.make_descriptor(merkle.Params(), 1, bytes(32)))
+    b = merkle.parse_descriptor(merkle.make_descriptor(merkle.Params(), 2, bytes(32)))
+    assert a.params is b.params
+    # A refused parameter set raises every time; it is not remembered.
+    raw = merkle.make_descriptor(merkle.Params(), 1, bytes(32))
+    small = raw[:2] + b"\x05" + raw[3:]  # 32-byte blocks: too small for SHA-256
+    for _ in range(2):
+        with pytest.raises(InvalidDescriptor, match="too small"):
+            merkle.parse_descriptor(small)
+
+
 def test_file_changing_size_while_hashing_is_an_error(tmp_path):
     p = write(tmp_path / "f", bytes(10000))
     fd = os.open(p, os.O_RDONLY)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from operator import attrgetter
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import hashers, uapi
 from .errors import Corruption, FileTooLarge, InvalidDescriptor, InvalidParameters, SaltTooLong
@@ -279,6 +279,28 @@ class Descriptor(_Value):
         return Geometry.compute(self.params, self.data_size)
 
 
+def _nonzero(b: bytes) -> bool:
+    # A compare with zeros, not any(): one memcmp instead of a loop over the bytes.
+    return b != bytes(len(b))
+
+
+# Every descriptor of one store or manifest has the same few parameters: each Params
+# is made (and checked) once.  Bounded: cleared when full (salts may differ per file).
+_PARAMS: Dict[tuple, Params] = {}
+_PARAMS_MAX = 64
+
+
+def _params(alg_no: int, log_bs: int, salt: bytes) -> Params:
+    key = (alg_no, log_bs, salt)
+    params = _PARAMS.get(key)
+    if params is None:
+        params = Params(hash_alg(alg_no), 1 << log_bs, salt)
+        if len(_PARAMS) >= _PARAMS_MAX:
+            _PARAMS.clear()
+        _PARAMS[key] = params
+    return params
+
+
 def parse_descriptor(raw: bytes) -> Descriptor:
     """Validate a descriptor as the kernel does on open; InvalidDescriptor if not."""
     if len(raw) != uapi.FS_VERITY_DESCRIPTOR_SIZE:
@@ -287,19 +309,19 @@ def parse_descriptor(raw: bytes) -> Descriptor:
      root, salt, reserved) = uapi.DESCRIPTOR_STRUCT.unpack(raw)
     if version != 1:
         raise InvalidDescriptor(f"unsupported descriptor version {version}, expected 1")
-    if sig_size != 0 or any(reserved):
+    if sig_size != 0 or _nonzero(reserved):
         raise InvalidDescriptor("reserved descriptor bytes are not zero")
     if salt_size > uapi.FS_VERITY_MAX_SALT_SIZE:
         raise InvalidDescriptor(f"invalid salt size {salt_size}, at most {uapi.FS_VERITY_MAX_SALT_SIZE}")
-    if any(salt[salt_size:]):
+    if _nonzero(salt[salt_size:]):
         raise InvalidDescriptor(f"invalid salt: bytes past its size {salt_size} are not zero")
     if log_bs > 31:
         raise InvalidDescriptor(f"invalid log_blocksize {log_bs}, at most 31")
     try:
-        params = Params(hash_alg(alg_no), 1 << log_bs, salt[:salt_size])
+        params = _params(alg_no, log_bs, salt[:salt_size])
     except InvalidParameters as e:
         raise InvalidDescriptor(f"invalid descriptor parameters: {e}") from None
-    if any(root[params.alg.digest_size:]):
+    if _nonzero(root[params.alg.digest_size:]):
         raise InvalidDescriptor("root hash padding is not zero")
     return Descriptor(params, data_size, root[: params.alg.digest_size], bytes(raw))
 

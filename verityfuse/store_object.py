@@ -254,6 +254,20 @@ class ObjectWriter:
             self.abort()
 
 
+# What every right header starts with (magic, header size, flags) and ends with.
+_HEADER_START = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, 0, b"")[:16]
+_RESERVED = bytes(40)
+
+
+def _bad_header(name: str, magic: bytes, hsize: int, flags: int):
+    for field, actual, expected in (("magic", magic, OBJECT_MAGIC),
+                                    ("header size", hsize, HEADER_SIZE), ("flags", flags, 0)):
+        if actual != expected:
+            raise StoreCorrupt(f"{name}: bad object header: {field} {actual!r}, "
+                               f"expected {expected!r}")
+    raise StoreCorrupt(f"{name}: bad object header: reserved bytes are not zero")
+
+
 def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
     """Validate the object open as ``fd`` (consumed) against ``digest``."""
     try:
@@ -261,13 +275,8 @@ def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> 
         if len(head) != TREE_OFFSET:
             raise StoreCorrupt(f"{name}: truncated header ({len(head)} of {TREE_OFFSET} bytes)")
         magic, hsize, flags, tree_size, reserved = OBJECT_HEADER.unpack_from(head)
-        for field, actual, expected in (("magic", magic, OBJECT_MAGIC),
-                                        ("header size", hsize, HEADER_SIZE), ("flags", flags, 0)):
-            if actual != expected:
-                raise StoreCorrupt(f"{name}: bad object header: {field} {actual!r}, "
-                                   f"expected {expected!r}")
-        if any(reserved):
-            raise StoreCorrupt(f"{name}: bad object header: reserved bytes are not zero")
+        if head[:16] != _HEADER_START or reserved != _RESERVED:  # one compare when right
+            _bad_header(name, magic, hsize, flags)
         try:
             desc = merkle.parse_descriptor(head[HEADER_SIZE:])
         except InvalidDescriptor as e:
