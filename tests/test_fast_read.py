@@ -347,6 +347,49 @@ def test_block_sizes_the_native_path_does_not_serve_stay_with_python(fast, seale
     assert bytes(s.reader.read(50_000, 3000)) == s.data[50_000:53_000]
 
 
+def test_a_leaf_larger_than_the_whole_budget_evicts_nothing(fast):
+    """Refused before anything is evicted (it could never fit)."""
+    native.fast_configure(leaf_bytes=6000)
+    keys = [b"\x01" + bytes([i]) * 32 for i in range(4)]
+    for i, key in enumerate(keys):
+        assert native.fast_put_leaf(key, i, bytes(1024))
+    assert native.fast_info()["leaves"] == 4
+    assert native.fast_put_leaf(b"\x01" + b"\x09" * 32, 0, bytes(8192)) is False
+    assert native.fast_info()["leaves"] == 4
+
+
+def test_a_root_hash_is_only_for_a_one_block_file(fast, tmp_path):
+    """Registered with a root hash (the one-block form), a file longer than one block
+    would have its first block checked against the root: refused."""
+    fd = os.open(write(tmp_path / "x", bytes(8192)), os.O_RDONLY)
+    try:
+        key, root = b"\x01" + bytes(32), bytes(32)
+        with pytest.raises(ValueError, match="out of range"):
+            native.fast_register(18, fd, 1, b"", 4096, 4097, key, root, 0)
+        assert native.fast_register(18, fd, 1, b"", 4096, 4096, key, root, 0)
+    finally:
+        native.fast_forget(18)
+        os.close(fd)
+
+
+def test_an_open_that_fails_after_registering_keeps_no_slot(fast, sealed, monkeypatch):
+    """Out of memory while its leaf block is verified at open: the open fails (ops
+    releases the handle and closes its fd), so the native table must forget it too."""
+    s = sealed(os.urandom(100_000))
+    assert s.reader.verifier.top == 0  # one leaf block: verified at registration
+
+    def oom(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(s.reader.verifier, "expected_hashes", oom)
+    before = native.fast_info()["handles"]
+    with pytest.raises(MemoryError):
+        fast.register(19, s.h)
+    assert 19 not in fast.registered
+    assert native.fast_info()["handles"] == before
+    assert native.fast_read(19, 4096, 0) is None
+
+
 def test_the_leaf_table_grows_with_its_budget(fast):
     native.fast_configure(leaf_bytes=256 << 20)
     assert native.fast_info()["leaf_slots"] >= 2 * (256 << 20) // 4096

@@ -36,14 +36,24 @@ def test_the_native_module_is_built():
     assert fsutil._load_native() is not None or not merkle.NATIVE
 
 
+@pytest.mark.parametrize("route", ["openat2", "walk"])
 @pytest.mark.parametrize("path, err", [
-    (b"a/link/f", errno.ELOOP),     # a symlink in the middle: never followed
+    (b"a/link/f", None),            # a symlink in the middle: never followed (errno below)
     (b"link", None),                # a final symlink: the O_PATH fd is the link itself
     (b"../escape", errno.EXDEV),    # out of the base
+    (b"a/../../escape", errno.EXDEV),
+    (b"a/../a/f", errno.EXDEV),     # a '..' is refused even inside: the walk could not tell
     (b"a/f/x", errno.ENOTDIR),
     (b"a/missing", errno.ENOENT),
 ])
-def test_open_beneath(tmp_path, path, err):
+def test_open_beneath(tmp_path, monkeypatch, route, path, err):
+    """Both routes: openat2 (RESOLVE_BENEATH, no symlinks) and the walk one directory at a
+    time that kernels without openat2 get.  They refuse the same paths, with the errno
+    the kernel gives, naming the whole path."""
+    if route == "walk":
+        monkeypatch.setattr(fsutil, "_have_openat2", False)
+    if path == b"a/link/f":  # openat2 says ELOOP; the walk opens the link O_PATH, then ENOTDIR
+        err = errno.ELOOP if route == "openat2" else errno.ENOTDIR
     base = tmp_path / "base"
     (base / "a" / "d").mkdir(parents=True)
     write(base / "a" / "f", b"data")
@@ -70,7 +80,7 @@ def test_a_path_with_a_nul_is_refused_not_cut_short(tmp_path):
     dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:
         with pytest.raises(ValueError, match="embedded null byte"):
-            fsutil.open_beneath(dfd, b"a\0/../b")
+            fsutil.open_beneath(dfd, b"a\0/x")  # cut at the NUL, it would open "a"
     finally:
         os.close(dfd)
 
@@ -220,6 +230,25 @@ def test_what_names_the_file_and_dir_fd_is_the_base(tmp_path):
             errno.EINVAL, "STORE/objects/p is a FIFO, not a regular file")
     finally:
         os.close(dfd)
+
+
+def test_reopen_regular_consumes_the_path_fd_even_with_bad_flags(tmp_path):
+    """Flags out of range: the caller handed the fd over, so it is closed all the same."""
+    write(tmp_path / "f", b"data")
+    pfd = os.open(tmp_path / "f", os.O_PATH)
+    with pytest.raises(OverflowError):
+        fsutil.reopen_regular(pfd, "f", flags=1 << 40)
+    with pytest.raises(OSError) as e:
+        os.fstat(pfd)
+    assert e.value.errno == errno.EBADF
+
+
+def test_reopen_regular_names_the_file_when_fstat_fails(tmp_path):
+    pfd = os.open(tmp_path, os.O_PATH)
+    os.close(pfd)  # a stale fd: fstat fails with EBADF
+    with pytest.raises(OSError) as e:
+        fsutil.reopen_regular(pfd, "the file")
+    assert (e.value.errno, e.value.filename) == (errno.EBADF, "the file")
 
 
 def test_reopen_regular_consumes_the_path_fd_on_every_outcome(tmp_path):

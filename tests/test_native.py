@@ -281,6 +281,12 @@ def test_blocks_verifier_native_and_pure_python(monkeypatch, native):
             v(data[:-1], want)
         with pytest.raises(ValueError):
             v(data, want[:-1])
+        # A partial last block is refused by both engines, never silently dropped.
+        with pytest.raises(ValueError, match="not a whole number"):
+            p.blocks_hasher()(data[:-1])
+        for make in (p.blocks_hasher, p.blocks_verifier, p.read_verifier):
+            with pytest.raises(ValueError, match="threads must be >= 0"):
+                make(threads=-1)
 
 
 def _memfd(data):

@@ -232,7 +232,9 @@ static PyObject *fast_register(PyObject *self, PyObject *args)
     size_t ds = alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
     if ((alg != ALG_SHA256 && alg != ALG_SHA512) || bs < FR_MIN_BLOCK || bs > FR_MAX_BLOCK
         || (bs & (bs - 1)) || data_size <= 0 || prefix.len > FR_PREFIX
-        || key.len < 9 || key.len > FR_KEY || (root.len != 0 && (size_t)root.len != ds)) {
+        || key.len < 9 || key.len > FR_KEY || (root.len != 0 && (size_t)root.len != ds)
+        /* the root hash is the one block's hash only for a file of one block */
+        || (root.len != 0 && data_size > bs)) {
         PyErr_SetString(PyExc_ValueError, "fast_register: parameters out of range");
         goto done;
     }

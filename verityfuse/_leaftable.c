@@ -131,6 +131,10 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
         res = Py_NewRef(Py_False);  /* a block size fast_read never serves: kept by Python */
         goto done;
     }
+    if ((size_t)block.len > g_leaf_budget) {
+        res = Py_NewRef(Py_False);  /* never fits: refused before anything is evicted */
+        goto done;
+    }
     if (fr_leaf_get(key.buf, (size_t)key.len, index) != NULL) {
         res = Py_NewRef(Py_True);  /* already there (and now the most recent) */
         goto done;
@@ -153,7 +157,7 @@ static PyObject *fast_put_leaf(PyObject *self, PyObject *args)
         fr_leaf_free(victim);
     while (g_leaf_bytes + (size_t)block.len > g_leaf_budget) {
         if (!fr_evict_one()) {
-            res = Py_NewRef(Py_False);  /* the budget is below one block: kept by Python */
+            res = Py_NewRef(Py_False);  /* cannot happen (checked above): kept by Python */
             goto done;
         }
     }

@@ -18,6 +18,7 @@
 #include <Python.h> /* first: it defines _GNU_SOURCE (name_to_handle_at) */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -78,9 +79,22 @@ static PyObject *sys_openat2(PyObject *self, PyObject *args)
 static PyObject *sys_reopen(PyObject *self, PyObject *args)
 {
     (void)self;
-    int pfd, flags;
-    if (!PyArg_ParseTuple(args, "ii", &pfd, &flags))
+    int pfd;
+    PyObject *flags_arg;
+    if (!PyArg_ParseTuple(args, "iO", &pfd, &flags_arg))
         return NULL;
+    /* From here the fd is ours (the caller handed it over): closed on every path, bad
+     * flags included. */
+    long flags = PyLong_AsLong(flags_arg);
+    if (flags == -1 && PyErr_Occurred()) {
+        close(pfd);
+        return NULL;
+    }
+    if (flags < INT_MIN || flags > INT_MAX) {
+        close(pfd);
+        PyErr_SetString(PyExc_OverflowError, "flags out of range");
+        return NULL;
+    }
     struct stat st;
     int fd = -1, e = 0, regular = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -90,7 +104,7 @@ static PyObject *sys_reopen(PyObject *self, PyObject *args)
         regular = 1;
         char proc[64];
         snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
-        fd = open(proc, flags | O_CLOEXEC | O_NOCTTY);
+        fd = open(proc, (int)flags | O_CLOEXEC | O_NOCTTY);
         if (fd < 0)
             e = errno;
     }

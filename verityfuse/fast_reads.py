@@ -106,6 +106,9 @@ class FastReads:
                 v.expected_hashes(0, 1)
             except (VerityError, OSError):
                 pass
+            except BaseException:  # out of memory: the open fails, and keeps no slot
+                self.forget(fh)
+                raise
 
     def came_to_python(self, fh: int, h) -> None:
         """A read of ``fh`` is Python's (declined, or never offered): register the handle

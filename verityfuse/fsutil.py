@@ -64,8 +64,12 @@ def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
 def open_beneath(dirfd: int, path: bytes) -> int:
     """O_PATH fd of ``path`` (relative, normalized) under ``dirfd``, following no
     symlink anywhere: a symlink as the last component is returned as itself (the
-    caller checks the type), one in the middle fails with ELOOP or ENOTDIR."""
+    caller checks the type), one in the middle fails with ELOOP or ENOTDIR.  A ``..``
+    is refused (EXDEV) on both routes: the kernel's refuses one that leaves ``dirfd``,
+    and the walk below, for kernels without openat2, could not tell."""
     global _have_openat2
+    if b".." in path and b".." in path.split(b"/"):
+        raise OSError(errno.EXDEV, "a path with '..' is refused here", path.decode(errors="replace"))
     if _have_openat2:
         try:
             return _openat2(dirfd, path, O_PATH_NOFOLLOW,
@@ -82,6 +86,8 @@ def open_beneath(dirfd: int, path: bytes) -> int:
             os.close(fd)
             fd = nfd
         return os.open(parts[-1], O_PATH_NOFOLLOW, dir_fd=fd)
+    except OSError as e:  # the whole path named, as openat2's error names it
+        raise type(e)(e.errno, e.strerror, path.decode(errors="replace")) from None
     finally:
         os.close(fd)
 
@@ -126,7 +132,10 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
             raise _not_regular(mode, what)
         return fd
     try:
-        st = os.fstat(path_fd)
+        try:
+            st = os.fstat(path_fd)
+        except OSError as e:  # named as the native path names it
+            raise type(e)(e.errno, e.strerror, what) from None
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(st.st_mode, what)
         try:
@@ -134,7 +143,10 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
         except OSError as e:
             raise type(e)(e.errno, e.strerror, what) from None
     finally:
-        os.close(path_fd)
+        try:
+            os.close(path_fd)
+        except OSError:
+            pass  # a stale fd (EBADF): its fstat's error, naming the file, is the answer
 
 
 def _not_regular(mode: int, what: str) -> NotRegular:

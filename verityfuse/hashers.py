@@ -67,14 +67,21 @@ def block_hasher(params: Params) -> Callable[[bytes], bytes]:
 
     return h
 
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = the configured default), not {threads}")
+
+
 def blocks_hasher(params: Params, threads: int = 0) -> Callable[[Any], bytes]:
-    """Return hb(buf) -> the concatenated block hashes of every whole block in ``buf``.
+    """Return hb(buf) -> the concatenated block hashes of the blocks of ``buf``, which
+    must be whole blocks (ValueError otherwise, as a negative ``threads``).
 
     ``threads``: 0 lets the native module share a large buffer with its
     helper thread (its configured default), 1 keeps the work in the
     calling thread (for callers that run their own threads).
     """
     bs = params.block_size
+    _check_threads(threads)
     if NATIVE:
         alg, prefix, hb = params.alg.number, padded_salt(params), _hashblocks.hash_blocks
         return lambda buf: hb(alg, prefix, buf, bs, threads)
@@ -82,7 +89,9 @@ def blocks_hasher(params: Params, threads: int = 0) -> Callable[[Any], bytes]:
 
     def hash_all(buf):
         mv = memoryview(buf)
-        return b"".join(h(mv[off: off + bs]) for off in range(0, len(mv) - bs + 1, bs))
+        if len(mv) % bs:  # as the native module: a partial block is refused, not dropped
+            raise ValueError(f"data ({len(mv)} bytes) is not a whole number of {bs}-byte blocks")
+        return b"".join(h(mv[off: off + bs]) for off in range(0, len(mv), bs))
 
     return hash_all
 
@@ -97,6 +106,7 @@ def blocks_verifier(params: Params, threads: int = 0) -> Callable[[Any, Any], in
     for blocks_hasher.
     """
     bs, ds = params.block_size, params.alg.digest_size
+    _check_threads(threads)
     if NATIVE:
         alg, prefix, vb = params.alg.number, padded_salt(params), _hashblocks.verify_blocks
         return lambda buf, expected: vb(alg, prefix, buf, bs, expected, threads)
@@ -124,6 +134,7 @@ def read_verifier(params: Params, threads: int = 0) -> Callable[..., int]:
     ends before offset + length raises EOFError, whatever the hashes say;
     ValueError as for blocks_verifier, or if ``length`` exceeds ``buf``.
     """
+    _check_threads(threads)
     if NATIVE:
         alg, prefix, bs, rv = (params.alg.number, padded_salt(params), params.block_size,
                                _hashblocks.read_verify)
