@@ -18,6 +18,7 @@ keep_cache; ``check_same_settings`` reads them back from the kernel.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,14 @@ class Mount:
 
     def mem(self):
         return proc_mem(self.pid)
+
+    def tree_cache(self):
+        """verityfuse's tree-block cache ({"bytes", "max_bytes"}: the LRU and the native
+        leaf table), from its status attribute; None for the plain passthrough."""
+        try:
+            return json.loads(os.getxattr(self.mountpoint, "user.verityfuse.status"))["tree_cache"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def stop(self):
         if self.proc is None:

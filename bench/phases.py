@@ -25,7 +25,12 @@ def phase_memory(ms, ws, results):
     snaps = {}
 
     def snap(label):
-        snaps[label] = {m.name: m.mem() for m in ms.mounts}
+        snaps[label] = {}
+        for m in ms.mounts:
+            mem = snaps[label][m.name] = m.mem()
+            cache = m.tree_cache()
+            if cache is not None:  # what of VmHWM is the bounded tree-block cache
+                mem["cache_mib"], mem["cache_max_mib"] = cache["bytes"] / MiB, cache["max_bytes"] / MiB
 
     snap("at mount")
     buf = reads.aligned_buffer()
@@ -40,14 +45,20 @@ def phase_memory(ms, ws, results):
 
 def print_memory(ms, snaps, big_mib):
     labels = list(snaps)
-    rows = [[m.name] + [f"{snaps[lb][m.name]['VmHWM']:.1f}" for lb in labels] +
+    def cell(mem):
+        cache = f" ({mem['cache_mib']:.1f})" if "cache_mib" in mem else ""
+        return f"{mem['VmHWM']:.1f}{cache}"
+
+    rows = [[m.name] + [cell(snaps[lb][m.name]) for lb in labels] +
             [f"{snaps[labels[-1]][m.name]['VmRSS']:.1f}"] for m in ms.mounts]
-    table("Daemon memory: VmHWM (MiB) after each step, all daemons mounted at once",
+    table("Daemon memory: VmHWM (MiB) after each step, all daemons mounted at once; "
+          "(in brackets: the tree-block cache's bytes then)",
           ["daemon"] + labels + ["VmRSS now"], rows,
           note=f"Steps in order: fresh mount; read the medium file ({MEDIUM_MIB} MiB); read the "
-               f"big file ({big_mib} MiB).\nFlat = the same VmHWM whatever the file size: "
-               f"verityfuse keeps verified Merkle tree blocks in an LRU\nbounded at 32 MiB "
-               f"(--cache-size).  After many small files: see the container-start table.")
+               f"big file ({big_mib} MiB).\nFlat = the same VmHWM whatever the file size, "
+               f"apart from the cache of verified Merkle tree blocks,\nwhich fills up to its "
+               f"bound (--cache-size, 32 MiB) and no further.  After many small files: see the "
+               f"container-start table.")
     passlog.print_passes("memory")
 
 
