@@ -135,6 +135,30 @@ def test_a_kept_object_changed_on_disk_still_fails_its_reads(src, tmp_path):
             st.open_object(e.alg, e.digest)
 
 
+def test_an_object_whose_block_failed_is_not_kept_so_a_repair_is_seen(src, tmp_path):
+    """Once a block of an object failed, its last release closes it instead of keeping
+    it: an object repaired by renaming a good copy over it (as the store's own writes,
+    rsync or a restore do) is read at the next open, not the damaged inode kept open."""
+    with Store(str(tmp_path / "store"), create=True) as st:
+        e = seal(st, src, "big")
+        path = object_path(st, e)
+        good = open(path, "rb").read()
+        flip(path, TREE_OFFSET + 1024 + 7)  # a leaf block
+        for _ in range(2):  # failing again and again does not keep it either
+            res = verify_file(st, str(src), "big", TreeBlockCache())
+            assert "Merkle tree block (level 0, index 0)" in str(res.error)
+        write(path + ".new", good)
+        os.rename(path + ".new", path)
+        assert verify_file(st, str(src), "big", TreeBlockCache()).error is None
+        # A truncated tree block fails the object too.
+        with open(path, "r+b") as f:
+            f.truncate(TREE_OFFSET + 1024 + 100)
+        with st.open_object(e.alg, e.digest) as t:
+            with pytest.raises(StoreCorrupt, match="truncated"):
+                t.read_tree_block(1)
+        assert st._trees._idle == {}
+
+
 def test_kept_objects_are_bounded_and_closed_with_the_store(src, tmp_path):
     from verityfuse.store_object import KEEP_IDLE
 

@@ -27,6 +27,9 @@ class CountingTree:
         self.reads.append(index)
         return self.tree.read_tree_block(index)
 
+    def mark_failed(self):
+        self.tree.mark_failed()
+
 
 @pytest.fixture
 def sealed(tmp_path):

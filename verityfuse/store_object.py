@@ -37,6 +37,13 @@ class StoredTree:
         self.digest = digest
         self.geometry = geometry or descriptor.geometry  # computed on each access: once here
         self.block_size = descriptor.params.block_size
+        self.failed = False  # a block of it failed: never kept open once released
+
+    def mark_failed(self):
+        """A tree block read through it failed (a hash mismatch, a truncation): when
+        its last holder lets it go it is closed, not kept, so that the next open reads
+        the store again (an object repaired by a rename over it is then seen)."""
+        self.failed = True
 
     @property
     def tree_id(self) -> merkle.TreeId:
@@ -49,6 +56,7 @@ class StoredTree:
         bs = self.block_size
         block = os.pread(self.fd, bs, TREE_OFFSET + index * bs)
         if len(block) != bs:
+            self.failed = True
             raise StoreCorrupt(
                 f"{self.name}: tree block {index} is truncated "
                 f"({len(block)} of {bs} bytes)"
@@ -84,6 +92,7 @@ class TreeRef:
         self.name, self.descriptor, self.digest = tree.name, tree.descriptor, tree.digest
         self.geometry, self.block_size = tree.geometry, tree.block_size
         self.read_tree_block, self.read_tree = tree.read_tree_block, tree.read_tree
+        self.mark_failed = tree.mark_failed
 
     @property
     def tree_id(self) -> merkle.TreeId:
@@ -123,6 +132,8 @@ class SharedTrees:
     touches, as it does under a handle held open; one replaced or removed is read
     from the inode that was validated; one whose header or descriptor bytes are
     changed later is not read again while it is kept, as under an open handle.
+    A tree a block of which failed is not kept: the next open reads the store again
+    (and finds a repaired object, or fails again).
     """
 
     def __init__(self, keep: int = KEEP_IDLE):
@@ -165,9 +176,12 @@ class SharedTrees:
             held[1] -= 1
             if held[1] == 0:
                 del self._held[key]
-                self._idle[key] = held[0]
-                if len(self._idle) > self.keep:
-                    closing = self._idle.popitem(last=False)[1]
+                if held[0].failed:
+                    closing = held[0]  # read from the store again at the next open
+                else:
+                    self._idle[key] = held[0]
+                    if len(self._idle) > self.keep:
+                        closing = self._idle.popitem(last=False)[1]
         if closing is not None:
             closing.close()
 
