@@ -120,3 +120,44 @@ def test_mount_takes_a_pinned_digest_from_a_file(tree, verified_mount):
     src, m, tmp = tree
     mnt = verified_mount(src, seal=False, options=[f"manifest={m},manifest_digest=@{tmp}/pin"])
     assert (mnt.mountpoint / "d" / "b").read_bytes() == b"b"
+
+
+def test_human_output_escapes_names_a_host_chose(tree):
+    """A name with a newline or a terminal escape, from the walked tree (the host's),
+    never reaches the human output raw: it cannot forge an OK line or erase the
+    CORRUPT one.  seal, verify and verify --manifest, digest and its errors."""
+    src, m, tmp = tree
+    flip(src / "a", 5000)
+    forged = ["zz\nOK sha256:0000 a", "zz\x1b[1A\x1b[2K\rOK a", os.fsdecode(b"bad\\name\xff")]
+    for name in forged:
+        write(os.path.join(os.fsencode(src), os.fsencode(name)), b"x")
+    shown = ["zz\\nOK sha256:0000 a", "zz\\x1b[1A\\x1b[2K\\rOK a", "bad\\\\name\\xff"]
+
+    def out(*args):
+        argv = [a if isinstance(a, bytes) else os.fsencode(str(a)) for a in args]
+        r = subprocess.run([*VF, *argv], capture_output=True)
+        assert b"\x1b" not in r.stdout + r.stderr and b"\r" not in r.stdout + r.stderr
+        return r.returncode, r.stdout.decode("utf-8", "surrogateescape").splitlines()
+
+    rc, lines = out("verify", src, "--manifest", m, "--trust-key", tmp / "p.pem", "-v")
+    assert rc == 1
+    assert [ln for ln in lines if ln.startswith("OK ")] == [
+        ln for ln in lines if ln.startswith("OK ") and "zz" not in ln]
+    for s in shown:
+        assert f"UNLISTED {src}/{s}: " in "\n".join(lines)
+    assert any(ln.startswith(f"CORRUPT {src}/a: ") for ln in lines)
+
+    store = tmp / "store"
+    rc, lines = out("seal", src, "--store", store)
+    assert rc == 0
+    ours = [ln.split(" ", 1)[1] for ln in lines if ln.split(" ", 1)[1] in
+            {f"{src}/{s}" for s in shown}]
+    assert sorted(ours) == sorted(f"{src}/{s}" for s in shown)
+    flip(src / "d" / "b", 0)
+    write(os.path.join(os.fsencode(src), os.fsencode(forged[0])), b"y")  # changed after sealing
+    rc, lines = out("verify", src, "--store", store, "-v")
+    assert rc == 1 and f"CORRUPT {src}/{shown[0]}: " in "\n".join(lines)
+    assert not [ln for ln in lines if ln.startswith("OK sha256:0000")]
+
+    rc, lines = out("digest", os.path.join(os.fsencode(src), os.fsencode(forged[1])))
+    assert rc == 0 and lines[0].endswith(f" {src}/{shown[1]}")

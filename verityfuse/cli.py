@@ -15,7 +15,7 @@ from typing import Optional
 
 from . import __version__, merkle, treebuild
 from .errors import InvalidParameters, VerityError
-from .jsonout import emit
+from .jsonout import emit, shown
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -109,7 +109,7 @@ def cmd_digest(args) -> int:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
-                error(f"can't open '{path}' for reading: {e.strerror}")
+                error(f"can't open '{shown(path)}' for reading: {e.strerror}")
                 if args.json:
                     emit({"file": path, "error": f"can't open for reading: {e.strerror}"})
                 return EXIT_ERROR
@@ -117,7 +117,7 @@ def cmd_digest(args) -> int:
                 desc = treebuild.build_tree(fd, params, write_block=write_block if tree_out else None,
                                          threads=args.threads)
             except OSError as e:
-                error(f"error reading '{path}': {e.strerror or e}")
+                error(f"error reading '{shown(path)}': {e.strerror or e}")
                 return EXIT_ERROR
             finally:
                 os.close(fd)
@@ -128,11 +128,11 @@ def cmd_digest(args) -> int:
                       "hash_algorithm": params.alg.name, "block_size": params.block_size,
                       "salt": params.salt.hex(), "size": desc.data_size})
             elif args.for_builtin_sig:
-                print(f"{merkle.formatted_digest(params.alg, desc.digest).hex()} {path}")
+                print(f"{merkle.formatted_digest(params.alg, desc.digest).hex()} {shown(path)}")
             elif args.compact:
                 print(desc.digest.hex())
             else:
-                print(f"{merkle.format_digest(params.alg, desc.digest)} {path}")
+                print(f"{merkle.format_digest(params.alg, desc.digest)} {shown(path)}")
     finally:
         for f in (tree_out, desc_out):
             if f:

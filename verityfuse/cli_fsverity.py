@@ -10,6 +10,7 @@ import sys
 
 from . import merkle
 from .cli import EXIT_ERROR, EXIT_USAGE, add_tree_options, error, params_from
+from .jsonout import shown
 
 
 # -- dump-metadata --------------------------------------------------------
@@ -60,7 +61,7 @@ def cmd_measure(args) -> int:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            error(f"can't open '{path}' for reading: {e.strerror}")
+            error(f"can't open '{shown(path)}' for reading: {e.strerror}")
             status = EXIT_ERROR
             continue
         try:
@@ -74,9 +75,9 @@ def cmd_measure(args) -> int:
                 if e.errno != errno.ENOTTY:
                     raise
                 text = os.getxattr(path, "user.fsverity.digest").decode()
-            print(f"{text} {path}")
+            print(f"{text} {shown(path)}")
         except OSError as e:
-            error(f"FS_IOC_MEASURE_VERITY failed on '{path}': {e.strerror}")
+            error(f"FS_IOC_MEASURE_VERITY failed on '{shown(path)}': {e.strerror}")
             status = EXIT_ERROR
         finally:
             os.close(fd)

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from .errors import IntegrityError
-from .jsonout import emit
+from .jsonout import emit, shown, shown_text
 from .seal_progress import Progress, paths_size, tree_size
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _report_sealed(args, progress, full: str, digest: str):
     if args.json:
         emit({"file": full, "digest": digest})
     else:
-        print(f"{digest} {full}", flush=True)
+        print(f"{digest} {shown(full)}", flush=True)
 
 
 def cmd_seal(args, params, key, rels) -> int:
@@ -268,9 +268,9 @@ def cmd_verify_manifest(args) -> int:
                     obj["error"] = res.message
                 emit(obj)
             elif res.status != "ok":
-                print(f"{res.status.upper()} {name}: {res.message}")
+                print(f"{res.status.upper()} {shown(name)}: {shown_text(res.message)}")
             elif args.verbose:
-                print(f"OK {res.digest or ''} {name}".replace("OK  ", "OK "))
+                print(f"OK {res.digest or ''} {shown(name)}".replace("OK  ", "OK "))
     failed = sum(n for k, n in counts.items() if k != "ok")
     listed = sum(n for k, n in counts.items() if k != "unlisted")
     if args.json:
@@ -314,11 +314,11 @@ def cmd_verify(args) -> int:
                     obj.update(_failure_json(res.error))
                 emit(obj)
             elif res.error is not None:
-                print(f"{status.upper()} {name}: {describe_failure(res.error)}")
+                print(f"{status.upper()} {shown(name)}: {shown_text(describe_failure(res.error))}")
             elif status == "unsealed" and (args.strict or args.verbose):
-                print(f"UNSEALED {name}")
+                print(f"UNSEALED {shown(name)}")
             elif status == "ok" and args.verbose:
-                print(f"OK {digest} {name}")
+                print(f"OK {digest} {shown(name)}")
         stale = sum(1 for k in store.keys() if k not in seen)
     nothing = counts["sealed"] == 0 and not counts["unreadable"]
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])
