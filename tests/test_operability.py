@@ -395,6 +395,38 @@ def test_status_counts_verified_and_failed_blocks(tree, tmp_path):
     assert "\x1b" not in r.stdout and r.stdout.count("\n") == len(r.stdout.splitlines())
 
 
+@pytest.mark.mount
+def test_status_names_the_file_of_every_kind_of_failure(tree, tmp_path):
+    """Not only hash mismatches: a size changed behind the tree's back and a damaged
+    store object are grouped under their own file in the status, not one nameless
+    group (which kept only the latest message)."""
+    from verityfuse import merkle
+
+    src, mnt = tree
+    write(src / "grown", b"g" * 9000)
+    write(src / "damaged", b"d" * 9000)
+    assert vf("seal", src, src / "grown", src / "damaged").returncode == 0
+    digest = vf("digest", src / "damaged").stdout.split()[0]
+    alg, raw = merkle.parse_digest(digest)
+    obj = src / ".verityfuse" / "objects" / alg.name / raw.hex()[:2] / raw.hex()
+    assert obj.is_file()
+    obj.unlink()
+    os.mkfifo(obj)
+    with open(src / "grown", "ab") as f:
+        f.write(b"x")
+    assert vf("mount", src, mnt, "--log-file", tmp_path / "log").returncode == 0
+    for name in ("grown", "damaged", "grown"):
+        with pytest.raises(OSError) as e:
+            open(mnt / name, "rb").close()
+        assert e.value.errno == errno.EIO
+    st = json.loads(vf("status", mnt, "--json").stdout)
+    files = sorted((f["file"], f["count"]) for f in st["failures"])
+    assert files == [("damaged", 1), ("grown", 2)]
+    messages = {f["file"]: f["message"] for f in st["failures"]}
+    assert messages["grown"] == "grown: backing file is 9001 bytes, sealed size 9000"
+    assert messages["damaged"].startswith("damaged: ") and "a FIFO" in messages["damaged"]
+
+
 def test_json_outputs(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -42,9 +42,16 @@ class InvalidDescriptor(VerityError):
 
 
 class Corruption(VerityError):
-    """Base of everything that means "this does not match what was sealed" (EIO)."""
+    """Base of everything that means "this does not match what was sealed" (EIO).
+
+    ``path``: the file on the mount it is about, where the raiser knows it (the status
+    groups failures by it); "" when not."""
 
     errno = _errno.EIO
+
+    def __init__(self, message: object = "", path=""):
+        super().__init__(message)
+        self.path = str(path)  # a name found on demand is fixed now
 
 
 class IntegrityError(Corruption):
@@ -59,8 +66,8 @@ class IntegrityError(Corruption):
         # Where in the file's data it failed; None for a tree block (the offset is the tree's).
         self.data_offset = offset if what.startswith("data block") else None
         super().__init__(
-            f"{path}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}"
-        )
+            f"{path}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}",
+            self.path)
 
 
 class SizeMismatch(Corruption):

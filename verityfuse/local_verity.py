@@ -46,7 +46,8 @@ class LocalVerity:
                     if entry is not None:
                         v = self.load(entry)
                 except StoreCorrupt as e:  # every open fails with it: name the file too
-                    v = StoreCorrupt(f"{self.label(inode)}: {e}")
+                    name = self.label(inode)
+                    v = StoreCorrupt(f"{name}: {e}", name)
                 except VerityError as e:
                     v = e
             inode.verity = v
@@ -76,7 +77,7 @@ class LocalVerity:
         try:
             return self.store.open_object(info.alg, info.digest)
         except StoreCorrupt as e:
-            raise StoreCorrupt(f"{label}: {e}") from None
+            raise StoreCorrupt(f"{label}: {e}", label) from None
 
     def check_signature(self, sig: bytes, alg, digest: bytes):
         """Built-in signature rules, as the kernel applies them on open."""

@@ -257,7 +257,7 @@ class TreeId(_Value):
         if desc.data_size != self.data_size or desc.params != self.params:
             raise Corruption(f"{label}: its digest {self.text} names a tree of {desc.data_size} "
                              f"bytes ({desc.params.describe()}), not {self.data_size} bytes "
-                             f"({self.params.describe()})")
+                             f"({self.params.describe()})", label)
 
 
 class Descriptor(_Value):

@@ -91,7 +91,7 @@ def attach_reader(fd: int, tree, cache, label: str, stats=None, *, check_size: b
     if check_size:
         size, want = os.fstat(fd).st_size, tree.descriptor.data_size
         if size != want:
-            raise SizeMismatch(f"{label}: {what} is {size} bytes, {sealed} {want}")
+            raise SizeMismatch(f"{label}: {what} is {size} bytes, {sealed} {want}", label)
     return VerifiedReader(fd, Verifier(tree, cache, label), label, stats)
 
 
@@ -221,7 +221,7 @@ class VerifiedReader:
             return False
         if more:
             raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size "
-                               f"{self.data_size}")
+                               f"{self.data_size}", self.label)
         return True
 
     def read_steps(self, offset: int, size: int) -> Generator[None, None, Optional[Data]]:
@@ -281,7 +281,7 @@ class VerifiedReader:
             got = read_full(self.fd, piece[:want], at)
             if got != want:
                 raise SizeMismatch(f"{self.label}: backing file was truncated to {at + got} "
-                                   f"bytes, sealed size {self.data_size}")
+                                   f"bytes, sealed size {self.data_size}", self.label)
         if want < len(piece):
             piece[want:] = bytes(len(piece) - want)
         return True

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from .errors import IntegrityError
+from .errors import IntegrityError, StoreCorrupt
 
 DEFAULT_CACHE_BYTES = 32 << 20
 
@@ -125,7 +125,10 @@ class Verifier:
         if block is not None:
             return block
         pos = self.geo.level_start[level] + index
-        block = self.tree.read_tree_block(pos)
+        try:
+            block = self.tree.read_tree_block(pos)
+        except StoreCorrupt as e:  # a truncated object: its message names the store file
+            raise StoreCorrupt(f"{self.label}: {e}", self.label) from None
         actual = self.hasher(block)
         if level == self.top:
             expected = self.root_hash

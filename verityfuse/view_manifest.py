@@ -153,18 +153,19 @@ class ManifestView(ReadOnlyView):
             if e.errno in RESOURCE_ERRNOS:
                 raise  # the daemon is out of fds or memory: not the share's doing
             raise Corruption(f"{node.path}: listed in the manifest, but the share has no "
-                             f"regular file there ({e.strerror}; symlinks are not followed)") from None
+                             f"regular file there ({e.strerror}; symlinks are not followed)",
+                             node.path) from None
         try:
             return fsutil.reopen_regular(pfd, f"{node.path}: in the share, it")
         except fsutil.NotRegular as e:
-            raise Corruption(e.strerror) from None
+            raise Corruption(e.strerror, node.path) from None
 
     def _fetch_tree(self, node: manifest_tree.Node):
         """The tree object the manifest digest names, validated as a store object."""
         try:
             return self.store.open_object(node.alg, node.digest)
         except StoreCorrupt as e:  # the object's name alone would not say which file
-            raise StoreCorrupt(f"{node.path}: {e}") from None
+            raise StoreCorrupt(f"{node.path}: {e}", node.path) from None
 
     def open_tree(self, node: manifest_tree.Node):
         """The tree object the manifest digest names, consistent with the entry (one rule
