@@ -360,3 +360,64 @@ def test_policy_require_refuses_every_way_to_create_a_regular_file(src, verified
     assert "WARNING: policy require: refusing to create new\n" in m.log()
     os.mknod(m.mountpoint / "fifo", stat.S_IFIFO | 0o600)  # not a regular file: allowed
     assert stat.S_ISFIFO(os.lstat(src / "fifo").st_mode)
+
+
+_LEASE_HOLDER = r"""
+import fcntl, os, signal, sys
+r, w = int(sys.argv[2]), int(sys.argv[3])
+signal.signal(signal.SIGIO, lambda *a: os.write(w, b"B"))  # asked to give it up: says so, keeps it
+fd = os.open(sys.argv[1], os.O_WRONLY)
+fcntl.fcntl(fd, 1024, fcntl.F_WRLCK)  # F_SETLEASE
+os.write(w, b"L")
+os.read(r, 1)  # until the test says so
+fcntl.fcntl(fd, 1024, fcntl.F_UNLCK)
+os.write(w, b"U")
+"""
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("mode", ["local", "manifest"])
+def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, mode):
+    """A file's owner may take a write lease on it; an open of it then waits until the
+    lease is given up or lease-break-time (45 s) passes.  The daemon's open of the
+    backing file must not wait on the request thread: meanwhile every other request
+    of the mount is answered, and the waiting open completes once the lease is gone."""
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "leased", b"L" * 10000)
+    write(src / "other", b"O" * 10000)
+    if mode == "local":
+        m = verified_mount(src)
+    else:
+        from verityfuse import manifest as mf
+        mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+        r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "seal", str(src), "--manifest",
+                            str(tmp_path / "m.json"), "--sign-key", str(tmp_path / "key.pem")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        m = verified_mount(src, seal=False, extra_args=["--manifest", str(tmp_path / "m.json"),
+                                                         "--trust-key", str(tmp_path / "pub.pem")])
+    to_child, from_test = os.pipe()
+    from_child, to_test = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(src / "leased"),
+                               str(to_child), str(to_test)], pass_fds=(to_child, to_test))
+    got = {}
+    try:
+        assert os.read(from_child, 1) == b"L"
+        reader = threading.Thread(target=lambda: got.update(data=(m.mountpoint / "leased").read_bytes()))
+        reader.start()
+        assert os.read(from_child, 1) == b"B"  # the daemon's open asked for the lease
+        assert (m.mountpoint / "other").read_bytes() == b"O" * 10000
+        assert os.stat(m.mountpoint / "other").st_size == 10000
+        assert reader.is_alive()  # still waiting for the lease, off the request thread
+        os.write(from_test, b"go")
+        assert os.read(from_child, 1) == b"U"
+        reader.join(timeout=60)
+        assert got["data"] == b"L" * 10000
+    finally:
+        holder.kill()
+        holder.wait()
+        for fd in (to_child, from_test, from_child, to_test):
+            os.close(fd)

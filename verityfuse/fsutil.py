@@ -17,7 +17,7 @@ import mmap
 import os
 import secrets
 import stat
-from typing import Optional
+from typing import Callable, Optional
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -96,6 +96,64 @@ def type_name(mode: int) -> str:
     return {stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink", stat.S_IFIFO: "a FIFO",
             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFSOCK: "a socket", stat.S_IFREG: "a regular file"}.get(stat.S_IFMT(mode), "unknown")
+
+
+class WouldWait(Exception):
+    """Opening a file would wait for another process: a lease on it being broken (a
+    file's owner may take one; the open then waits up to lease-break-time, 45 s).  On
+    the request thread that would stall every request of the mount, so the open is
+    made with O_NONBLOCK, and this says so: ``finish()`` opens the same file again,
+    waiting, from state of its own (safe in a worker thread), and returns the fd."""
+
+    def __init__(self, finish: Callable[[], int]):
+        super().__init__("the open would wait for a lease to be broken")
+        self.finish = finish
+
+
+def open_nowait(opener: Callable[[int], int], flags: int,
+                finish: Callable[[], Callable[[], int]]) -> int:
+    """``opener(flags | O_NONBLOCK)`` on a regular file, its fd made blocking again (a
+    regular file's reads ignore the flag, but a FUSE or virtio-fs server sees it); when
+    it would wait, WouldWait with ``finish()``'s closure (made now, on this thread)."""
+    try:
+        fd = opener(flags | os.O_NONBLOCK)
+    except BlockingIOError:
+        raise WouldWait(finish()) from None
+    try:
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_noatime(path: str, flags: int, noatime: bool) -> int:
+    """O_NOATIME when asked for.  It needs the file's owner or CAP_FOWNER (EPERM
+    otherwise): a daemon without either reads as the kernel would without noatime."""
+    if noatime:
+        try:
+            return os.open(path, flags | os.O_NOATIME)
+        except PermissionError as e:
+            if e.errno != errno.EPERM:
+                raise
+    return os.open(path, flags)
+
+
+def reopen_nowait(path_fd: int, flags: int, noatime: bool = False) -> int:
+    """The regular file behind O_PATH ``path_fd`` (kept) opened with ``flags`` through
+    /proc/self/fd, without waiting (``open_nowait``).  The WouldWait's ``finish`` opens
+    from a copy of ``path_fd``, so the caller may close its own meanwhile."""
+    def finish():
+        copy = os.dup(path_fd)
+
+        def open_waiting() -> int:
+            try:
+                return open_noatime(f"/proc/self/fd/{copy}", flags, noatime)
+            finally:
+                os.close(copy)
+        return open_waiting
+    return open_nowait(lambda f: open_noatime(f"/proc/self/fd/{path_fd}", f, noatime),
+                       flags, finish)
 
 
 class NotRegular(OSError):

@@ -22,6 +22,7 @@ from typing import Dict, Optional
 import pyfuse3
 import trio
 
+from . import fsutil
 from .errors import Corruption, Errno, VerityError
 from .fast_reads import FastReads
 from .fuseshim import Shim
@@ -250,7 +251,11 @@ class VerityOperations(pyfuse3.Operations):
         if getattr(self.view, "open_blocks", False):
             # An OCI view fetches the tree object at open: never on this thread.
             return self._file_info(await self._run(self.view.open, inode, flags, ctx), ctx)
-        return self._file_info(self.view.open(inode, flags, ctx), ctx)
+        try:
+            h = self.view.open(inode, flags, ctx)
+        except fsutil.WouldWait as w:  # a lease on the file: wait off this thread
+            h = self.view.open(inode, flags, ctx, fd=await self._run(w.finish))
+        return self._file_info(h, ctx)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         self.budget.admit(ctx.uid)

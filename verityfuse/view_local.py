@@ -18,7 +18,7 @@ import stat
 import time
 from typing import Any, Callable, Optional
 
-from . import creds
+from . import creds, fsutil
 from .errors import VerityError
 from .inodes import NOT_VERITY, Inode, InodeTable
 from .enable import Caller, EnableJob, Enabler
@@ -43,18 +43,6 @@ def _renameat2(olddirfd, oldname, newdirfd, newname, flags):
     if _libc.renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def _open_backing(path: str, flags: int, noatime: bool) -> int:
-    """O_NOATIME when asked for.  It needs the file's owner or CAP_FOWNER (EPERM
-    otherwise): a daemon without either reads as the kernel would without noatime."""
-    if noatime:
-        try:
-            return os.open(path, flags | os.O_NOATIME)
-        except PermissionError as e:
-            if e.errno != errno.EPERM:
-                raise
-    return os.open(path, flags)
 
 
 class _NameOnDemand:
@@ -133,7 +121,7 @@ class LocalView:
                 os.close(pfd)
             self.hidden = (key, os.fsencode(os.path.basename(sp)))
         self.dirs = d = LocalDirs(self.inodes, timeout, self.hidden, self._lookup,
-                                  lambda path, flags: _open_backing(path, flags, self.noatime))
+                                  lambda path, flags: fsutil.open_noatime(path, flags, self.noatime))
         self.opendir = d.opendir
         self.readdir = d.readdir
         self.releasedir = d.releasedir
@@ -327,8 +315,29 @@ class LocalView:
     # -- files ------------------------------------------------------------------------
 
     def _open(self, i: Inode, flags: int, fd: Optional[int] = None) -> FileHandle:
+        """``fd``: the backing file, opened already: taken (closed if the open fails)."""
         acc = flags & os.O_ACCMODE
-        writing = acc != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        try:
+            v = self._may_open(i, acc != os.O_RDONLY or bool(flags & os.O_TRUNC))
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is None:
+            fd = fsutil.reopen_nowait(i.fd, (flags & ~_STRIP) | os.O_CLOEXEC, self.noatime)
+        fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
+        try:
+            if v is not NOT_VERITY:
+                self._attach_reader(fh, v)
+        except BaseException:
+            fh.close()  # the fd, and the tree if it was opened
+            raise
+        i.handles += 1
+        i.files.add(fh)
+        return fh
+
+    def _may_open(self, i: Inode, writing: bool):
+        """The open's rules (its verity state, or the error that refuses it)."""
         v = self.verity.info(i) if i.is_reg else NOT_VERITY
         if v is not NOT_VERITY:
             if writing:
@@ -341,25 +350,15 @@ class LocalView:
                 raise OSError(errno.EPERM, "not a verity file")
             if writing and i.enabling:
                 raise OSError(errno.ETXTBSY, "enable running")  # as the kernel
-        if fd is None:
-            fd = _open_backing(i.proc_path, (flags & ~_STRIP) | os.O_CLOEXEC, self.noatime)
-        fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
-        try:
-            if v is not NOT_VERITY:
-                self._attach_reader(fh, v)
-        except BaseException:
-            fh.close()  # the fd, and the tree if it was opened
-            raise
-        i.handles += 1
-        i.files.add(fh)
-        return fh
+        return v
 
     def _attach_reader(self, fh: FileHandle, v):
         label: Any = _NameOnDemand(self, fh.fd)  # every label is only formatted: as a str
         fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats)
 
-    def open(self, ino: int, flags: int, ctx=None) -> FileHandle:
-        return self._open(self.inodes[ino], flags)
+    def open(self, ino: int, flags: int, ctx=None, fd: Optional[int] = None) -> FileHandle:
+        """``fd``: what a WouldWait's ``finish`` opened (taken)."""
+        return self._open(self.inodes[ino], flags, fd)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx):
         p = self.inodes[parent]

@@ -146,7 +146,9 @@ class ManifestView(ReadOnlyView):
                           "not a regular file")
         return node
 
-    def _open_backing(self, node: manifest_tree.Node) -> int:
+    def _open_backing(self, node: manifest_tree.Node, wait: bool = False) -> int:
+        """The share's file at the manifest path, regular, opened without waiting unless
+        ``wait`` (a WouldWait's ``finish``, in a worker thread: it needs only root_fd)."""
         try:
             pfd = fsutil.open_beneath(self.root_fd, node.path.encode())
         except OSError as e:
@@ -155,8 +157,12 @@ class ManifestView(ReadOnlyView):
             raise Corruption(f"{node.path}: listed in the manifest, but the share has no "
                              f"regular file there ({e.strerror}; symlinks are not followed)",
                              node.path) from None
+        what = f"{node.path}: in the share, it"
         try:
-            return fsutil.reopen_regular(pfd, f"{node.path}: in the share, it")
+            if wait:
+                return fsutil.reopen_regular(pfd, what)
+            return fsutil.open_nowait(lambda f: fsutil.reopen_regular(pfd, what, f), os.O_RDONLY,
+                                      lambda: lambda: self._open_backing(node, wait=True))
         except fsutil.NotRegular as e:
             raise Corruption(e.strerror, node.path) from None
 
@@ -178,11 +184,17 @@ class ManifestView(ReadOnlyView):
             raise
         return tree
 
-    def open(self, ino: int, flags: int, caller=None) -> FileHandle:
-        node = self._file(ino)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            erofs()
-        fh = FileHandle(self._open_backing(node), node)
+    def open(self, ino: int, flags: int, caller=None, fd: Optional[int] = None) -> FileHandle:
+        """``fd``: what a WouldWait's ``finish`` opened (taken)."""
+        try:
+            node = self._file(ino)
+            if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+                erofs()
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        fh = FileHandle(self._open_backing(node) if fd is None else fd, node)
         try:  # open_tree made the sealed size the manifest's
             fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats,
                            what="the share's file", sealed="the manifest says")

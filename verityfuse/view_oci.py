@@ -32,7 +32,8 @@ class OciView(ManifestView):
     def _fetch_tree(self, node):
         return self.remote.open_tree(node, node.path)
 
-    def open(self, ino: int, flags: int, caller=None) -> FileHandle:
+    def open(self, ino: int, flags: int, caller=None, fd=None) -> FileHandle:
+        assert fd is None  # no backing file: an OCI open never raises WouldWait
         node = self._file(ino)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             erofs()
