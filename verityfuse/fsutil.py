@@ -112,19 +112,14 @@ class WouldWait(Exception):
 
 def open_nowait(opener: Callable[[int], int], flags: int,
                 finish: Callable[[], Callable[[], int]]) -> int:
-    """``opener(flags | O_NONBLOCK)`` on a regular file, its fd made blocking again (a
-    regular file's reads ignore the flag, but a FUSE or virtio-fs server sees it); when
-    it would wait, WouldWait with ``finish()``'s closure (made now, on this thread)."""
+    """``opener(flags | O_NONBLOCK)`` on a regular file; when it would wait, WouldWait
+    with ``finish()``'s closure (made now, on this thread).  The flag stays on the fd:
+    reads and writes of a regular file ignore it (it sets no IOCB_NOWAIT; only
+    RWF_NOWAIT does), so clearing it would cost two system calls an open for nothing."""
     try:
-        fd = opener(flags | os.O_NONBLOCK)
+        return opener(flags | os.O_NONBLOCK)
     except BlockingIOError:
         raise WouldWait(finish()) from None
-    try:
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def open_noatime(path: str, flags: int, noatime: bool) -> int:
