@@ -30,7 +30,8 @@ def phase_memory(ms, ws, results):
             mem = snaps[label][m.name] = m.mem()
             cache = m.tree_cache()
             if cache is not None:  # what of VmHWM is the bounded tree-block cache
-                mem["cache_mib"], mem["cache_max_mib"] = cache["bytes"] / MiB, cache["max_bytes"] / MiB
+                mem["cache_mib"] = cache["bytes"] / MiB
+                mem["cache_max_mib"] = cache["max_bytes"] / MiB
 
     snap("at mount")
     buf = reads.aligned_buffer()

@@ -406,7 +406,8 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
     got = {}
     try:
         assert os.read(from_child, 1) == b"L"
-        reader = threading.Thread(target=lambda: got.update(data=(m.mountpoint / "leased").read_bytes()))
+        leased = m.mountpoint / "leased"
+        reader = threading.Thread(target=lambda: got.update(data=leased.read_bytes()))
         reader.start()
         assert os.read(from_child, 1) == b"B"  # the daemon's open asked for the lease
         assert (m.mountpoint / "other").read_bytes() == b"O" * 10000

@@ -69,7 +69,8 @@ def open_beneath(dirfd: int, path: bytes) -> int:
     and the walk below, for kernels without openat2, could not tell."""
     global _have_openat2
     if b".." in path and b".." in path.split(b"/"):
-        raise OSError(errno.EXDEV, "a path with '..' is refused here", path.decode(errors="replace"))
+        raise OSError(errno.EXDEV, "a path with '..' is refused here",
+                      path.decode(errors="replace"))
     if _have_openat2:
         try:
             return _openat2(dirfd, path, O_PATH_NOFOLLOW,

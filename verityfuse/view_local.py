@@ -120,8 +120,9 @@ class LocalView:
             finally:
                 os.close(pfd)
             self.hidden = (key, os.fsencode(os.path.basename(sp)))
-        self.dirs = d = LocalDirs(self.inodes, timeout, self.hidden, self._lookup,
-                                  lambda path, flags: fsutil.open_noatime(path, flags, self.noatime))
+        self.dirs = d = LocalDirs(
+            self.inodes, timeout, self.hidden, self._lookup,
+            lambda path, flags: fsutil.open_noatime(path, flags, self.noatime))
         self.opendir = d.opendir
         self.readdir = d.readdir
         self.releasedir = d.releasedir
@@ -323,7 +324,7 @@ class LocalView:
             if fd is not None:
                 os.close(fd)
             raise
-        if fd is None:
+        if fd is None:  # (FUSE opens only regular files: the kernel serves FIFOs, devices)
             fd = fsutil.reopen_nowait(i.fd, (flags & ~_STRIP) | os.O_CLOEXEC, self.noatime)
         fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
         try:
