@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import inspect
 import json
 import logging
@@ -338,6 +339,7 @@ class VerityOperations(pyfuse3.Operations):
         if hasattr(self.view, "status"):  # an OCI view: registry requests and data cache
             out.update(self.view.status())
         out["tripwire"] = self.tripwire.snapshot()
+        out["gc_frozen"] = gc.get_freeze_count()
         return out
 
     async def getxattr(self, inode, name, ctx):
