@@ -13,22 +13,27 @@ def emit(obj: dict):
     print(json.dumps(dict(obj, schema=SCHEMA), sort_keys=True), flush=True)
 
 
-# The human output escapes names as protocol/cli-json.md says, so that a name from a
-# walked tree (the host's, in a confidential guest) can never forge a line or drive
-# the terminal.  The check is here and the escaping in logs, imported only for a name
-# that needs it (`digest`'s start-up stays free of logging).
+# Names are escaped as protocol/cli-json.md says, so that a name from a walked tree
+# (the host's, in a confidential guest) can never forge a line or drive the terminal:
+# in the human output and in every log record (logs.escape and logs.one_line are
+# these).  The check is cheap; stats' escaping is imported only for a name that needs
+# it (`digest`'s start-up stays free of it).
 
 def shown(name: str) -> str:
-    """A file name for a human line: logs.escape's notation (``\\n``, ``\\xNN``, ...)."""
+    """A file name for a human line or a log record, in the notation `verityfuse status`
+    prints names with (``stats.escape_name``: backslash doubled, ``\\n``, ``\\t``,
+    ``\\r``, other unprintables and bytes that are not UTF-8 as ``\\xNN``/``\\uNNNN``).
+    Unambiguous, and always one line."""
     if name.isprintable() and "\\" not in name:
-        return name
-    from .logs import escape
-    return escape(name)
+        return name  # nearly every name: no copy
+    from .stats import escape_name
+    return escape_name(name)
 
 
 def shown_text(text: str) -> str:
-    """A message for a human line (it may quote names): unprintables escaped."""
+    """``text`` (a message, which may quote names) with its unprintable characters
+    escaped, backslashes kept: always one line, and idempotent on escaped text."""
     if text.isprintable():
         return text
-    from .logs import one_line
-    return one_line(text)
+    from .stats import escape_name
+    return "".join(ch if ch.isprintable() else escape_name(ch) for ch in text)

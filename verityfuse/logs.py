@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from typing import Dict, Union
 
-from .stats import escape_name
+from .jsonout import shown, shown_text
 
 log = logging.getLogger("verityfuse")
 
@@ -34,24 +34,15 @@ REQUEST = "request-triggered"
 
 
 def escape(name: Union[str, bytes]) -> str:
-    """``name`` for a log line, in the notation `verityfuse status` prints names with
-    (``stats.escape_name``: backslash doubled, ``\\n``, ``\\t``, ``\\r``, other
-    unprintable characters and bytes that are not UTF-8 as ``\\xNN``/``\\uNNNN``).
-    Unambiguous, and always one line."""
+    """``name`` (str or bytes) for a log line: jsonout.shown's notation."""
     if isinstance(name, (bytes, bytearray, memoryview)):
         name = os.fsdecode(bytes(name))
-    if name.isprintable() and "\\" not in name:
-        return name  # nearly every name: no copy
-    return escape_name(name)
+    return shown(name)
 
 
-def one_line(text: str) -> str:
-    """``text`` with its unprintable characters escaped (backslashes kept): applied to
-    every record, so even a message that formats a name without ``escape`` stays one
-    line.  Idempotent on escaped text."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else escape_name(ch) for ch in text)
+# Applied to every record, so even a message that formats a name without ``escape``
+# stays one line.
+one_line = shown_text
 
 
 class _OneLine(logging.Filter):
