@@ -45,7 +45,8 @@ class Corruption(VerityError):
     """Base of everything that means "this does not match what was sealed" (EIO).
 
     ``path``: the file on the mount it is about, where the raiser knows it (the status
-    groups failures by it); "" when not."""
+    groups failures by it); "" when not.  A raiser with a name found on demand (local
+    mode's handles) passes the str it put in the message, so both say the same."""
 
     errno = _errno.EIO
 
@@ -58,7 +59,7 @@ class IntegrityError(Corruption):
     """Data or tree bytes do not hash to what the trusted digest says."""
 
     def __init__(self, path, offset, expected, actual, what="data block at offset"):
-        self.path = str(path)  # a name found on demand is fixed now, while its file is open
+        name = str(path)  # a name found on demand: looked up once, while its file is open
         self.offset = offset
         self.expected = expected
         self.actual = actual
@@ -66,8 +67,8 @@ class IntegrityError(Corruption):
         # Where in the file's data it failed; None for a tree block (the offset is the tree's).
         self.data_offset = offset if what.startswith("data block") else None
         super().__init__(
-            f"{path}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}",
-            self.path)
+            f"{name}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}",
+            name)
 
 
 class SizeMismatch(Corruption):

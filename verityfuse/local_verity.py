@@ -77,7 +77,8 @@ class LocalVerity:
         try:
             return self.store.open_object(info.alg, info.digest)
         except StoreCorrupt as e:
-            raise StoreCorrupt(f"{label}: {e}", label) from None
+            name = str(label)
+            raise StoreCorrupt(f"{name}: {e}", name) from None
 
     def check_signature(self, sig: bytes, alg, digest: bytes):
         """Built-in signature rules, as the kernel applies them on open."""

@@ -91,7 +91,8 @@ def attach_reader(fd: int, tree, cache, label: str, stats=None, *, check_size: b
     if check_size:
         size, want = os.fstat(fd).st_size, tree.descriptor.data_size
         if size != want:
-            raise SizeMismatch(f"{label}: {what} is {size} bytes, {sealed} {want}", label)
+            name = str(label)
+            raise SizeMismatch(f"{name}: {what} is {size} bytes, {sealed} {want}", name)
     return VerifiedReader(fd, Verifier(tree, cache, label), label, stats)
 
 
@@ -220,8 +221,9 @@ class VerifiedReader:
         except BlockingIOError:
             return False
         if more:
-            raise SizeMismatch(f"{self.label}: backing file was extended past its sealed size "
-                               f"{self.data_size}", self.label)
+            name = str(self.label)
+            raise SizeMismatch(f"{name}: backing file was extended past its sealed size "
+                               f"{self.data_size}", name)
         return True
 
     def read_steps(self, offset: int, size: int) -> Generator[None, None, Optional[Data]]:
@@ -280,8 +282,9 @@ class VerifiedReader:
             # Regular files only read short at EOF, unless interrupted: retry once fully.
             got = read_full(self.fd, piece[:want], at)
             if got != want:
-                raise SizeMismatch(f"{self.label}: backing file was truncated to {at + got} "
-                                   f"bytes, sealed size {self.data_size}", self.label)
+                name = str(self.label)
+                raise SizeMismatch(f"{name}: backing file was truncated to {at + got} "
+                                   f"bytes, sealed size {self.data_size}", name)
         if want < len(piece):
             piece[want:] = bytes(len(piece) - want)
         return True

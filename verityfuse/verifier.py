@@ -128,7 +128,8 @@ class Verifier:
         try:
             block = self.tree.read_tree_block(pos)
         except StoreCorrupt as e:  # a truncated object: its message names the store file
-            raise StoreCorrupt(f"{self.label}: {e}", self.label) from None
+            name = str(self.label)
+            raise StoreCorrupt(f"{name}: {e}", name) from None
         actual = self.hasher(block)
         if level == self.top:
             expected = self.root_hash
