@@ -230,16 +230,42 @@ def test_descriptor_parameters_are_shared_and_bounded():
             merkle.parse_descriptor(small)
 
 
-def test_file_changing_size_while_hashing_is_an_error(tmp_path):
-    p = write(tmp_path / "f", bytes(10000))
+@pytest.mark.parametrize("size", [10000, 100])  # a tree; one block (one pread)
+def test_file_changing_size_while_hashing_is_an_error(tmp_path, size):
+    p = write(tmp_path / "f", bytes(size))
     fd = os.open(p, os.O_RDONLY)
     try:
-        with pytest.raises(OSError, match="shrank"):
-            treebuild.build_tree(fd, merkle.Params(), data_size=20000)
-        with pytest.raises(OSError, match="grew"):
-            treebuild.build_tree(fd, merkle.Params(), data_size=5000)
+        with pytest.raises(OSError, match=f"shrank while hashing: expected {2 * size} bytes, "
+                                          f"got {size}"):
+            treebuild.build_tree(fd, merkle.Params(), data_size=2 * size)
+        with pytest.raises(OSError, match=f"grew while hashing: more than {size // 2} bytes"):
+            treebuild.build_tree(fd, merkle.Params(), data_size=size // 2)
     finally:
         os.close(fd)
+
+
+def test_a_small_file_read_in_short_pieces_gives_the_same_digest(tmp_path, monkeypatch):
+    """A FUSE or network source may return less than asked before the end: the one-block
+    path reads on until it has the whole file, and still sees its end."""
+    p = write(tmp_path / "f", pattern(3000))
+    want = fsverity_digest(p)[0].split()[0]
+    real = os.pread
+    calls = []
+
+    def short(fd, n, off):
+        calls.append(n)
+        return real(fd, min(n, 700), off)
+
+    monkeypatch.setattr(treebuild.os, "pread", short)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert merkle.format_digest(merkle.SHA256, treebuild.build_tree(
+            fd, merkle.Params()).digest) == want
+        with pytest.raises(OSError, match="grew while hashing: more than 2999 bytes"):
+            treebuild.build_tree(fd, merkle.Params(), data_size=2999)
+    finally:
+        os.close(fd)
+    assert len(calls) >= 5  # the pieces were really short
 
 
 def test_native_hasher_is_built():

@@ -337,6 +337,36 @@ os._exit(9)  # die before commit
         assert os.listdir(os.path.join(store, "tmp")) == []
 
 
+def test_tmp_names_are_unique_and_name_their_process_across_a_fork(tmp_path):
+    """tmp/ names are drawn without a system call each (a counter after a random part
+    drawn per process): a forked child (a seal worker) draws its own, and each name
+    starts with its maker's pid, which cleanup_tmp reads."""
+    with Store(str(tmp_path / "s"), create=True) as st:
+        made = [st.create_tmp() for _ in range(3)]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                name, fd = st.create_tmp()
+                os.write(w, name.encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        child = os.read(r, 200).decode()
+        os.close(r)
+        made.append(st.create_tmp())
+        for _, fd in made:
+            os.close(fd)
+        ours = [name for name, _ in made]
+        assert len(set(ours + [child])) == 5
+        assert {n.split(".")[0] for n in ours} == {str(os.getpid())}
+        assert child.split(".")[0] == str(pid) and child.split(".")[1][:12] != ours[0].split(".")[1][:12]
+        assert sorted(os.listdir(os.path.join(st.path, "tmp"))) == sorted(ours + [child])
+        assert st.cleanup_tmp() == 1  # the child's: its process is gone
+        assert sorted(os.listdir(os.path.join(st.path, "tmp"))) == sorted(ours)
+
+
 # -- batches: durable once per batch, in crash-safe order (store_batch.py) ----------------
 
 def _published(store_dir):
@@ -364,7 +394,7 @@ def test_a_batch_names_nothing_before_it_is_durable(src, tmp_path, monkeypatch):
                                                                 len(os.listdir(st.path + "/tmp")))),
                                                  real_sync()))
         staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in ("big", "small", "sub/empty")]
-        batch = Batch(st)
+        batch = Batch(st, flush=lambda: events.append(("flush",)))
         for s in staged:
             batch.add(s)
             batch.then(lambda s=s: events.append(("done", s.entry.path)))
@@ -374,7 +404,7 @@ def test_a_batch_names_nothing_before_it_is_durable(src, tmp_path, monkeypatch):
         entries = sorted(f"{s.entry.key[:2]}/{s.entry.key}" for s in staged)
         assert events == [("sync", ([], []), 6), ("sync", (objects, []), 3),
                           ("sync", (objects, entries), 0),
-                          ("done", "big"), ("done", "small"), ("done", "sub/empty")]
+                          ("done", "big"), ("done", "small"), ("done", "sub/empty"), ("flush",)]
         for s in staged:
             assert st.get_entry(s.entry.key) == s.entry
             with st.open_object(s.entry.alg, s.entry.digest):
@@ -401,6 +431,29 @@ def test_a_failed_sync_publishes_nothing_and_leaves_no_tmp_file(src, tmp_path, m
         assert e.value.errno == errno_mod.EIO and e.value.filename == store_dir
         assert _published(store_dir) == ([], [])
         assert os.listdir(os.path.join(store_dir, "tmp")) == []
+
+
+def test_a_batch_refuses_a_symlinked_shard_and_names_it_whole(src, tmp_path):
+    """A batch opens objects/<alg> once and each shard below it: a shard planted as a
+    symlink (to a directory outside) is refused by its whole name in the store, and
+    nothing is written through it."""
+    from verityfuse.sealing import stage_path
+    from verityfuse.store_batch import Batch
+
+    store_dir = str(tmp_path / "store")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with Store(store_dir, create=True) as st:
+        staged = stage_path(st, str(src), "small", PARAMS)[0]
+        hh = staged.entry.digest.hex()[:2]
+        os.makedirs(os.path.join(store_dir, "objects", "sha256"))
+        os.symlink(outside, os.path.join(store_dir, "objects", "sha256", hh))
+        with pytest.raises(StoreCorrupt) as e:
+            with Batch(st) as batch:
+                batch.add(staged)
+        assert str(e.value) == (f"{store_dir}/objects/sha256/{hh}: refusing a symlink or "
+                                f"non-directory inside the store")
+        assert os.listdir(outside) == []
 
 
 def test_seal_cli_reports_files_in_order_and_seals_the_others_after_a_failure(tmp_path):

@@ -40,13 +40,16 @@ def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
 def _report_sealed(args, progress, full: str, digest: str):
     """A sealed file's line (once its batch is durable), in both seal modes."""
     progress.close()
+    # Not flushed: the batch flushes its lines at once (Batch(flush=...)), one write
+    # for up to thousands of files instead of one or two each.
     if args.json:
-        emit({"file": full, "digest": digest})
+        emit({"file": full, "digest": digest}, flush=False)
     else:
-        print(f"{digest} {shown(full)}", flush=True)
+        sys.stdout.write(f"{digest} {shown(full)}\n")
 
 
 def cmd_seal(args, params, key, rels) -> int:
+    from . import identity
     from .seal_pool import file_threads, in_order
     from .sealing import stage_path, walk_files
     from .store_batch import Batch
@@ -66,9 +69,12 @@ def cmd_seal(args, params, key, rels) -> int:
         progress = Progress(*total)
         failed = 0
 
+        keys = identity.Keys()
+
         def stage(rel):
             return stage_path(store, args.source, rel, params, threads=args.threads,
-                              progress=progress.for_file if progress.enabled else None)
+                              progress=progress.for_file if progress.enabled else None,
+                              keys=keys)
 
         def not_sealed(full, why):
             progress.close()
@@ -78,7 +84,7 @@ def cmd_seal(args, params, key, rels) -> int:
                 error(f"can't seal '{full}': {why}")
 
         try:
-            with Batch(store) as batch:
+            with Batch(store, flush=sys.stdout.flush) as batch:
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
                 for rel, done, e in in_order(rels, stage, file_threads(args.threads),
@@ -180,7 +186,8 @@ def seal_manifest(args, store, params, key, rels) -> int:
     def report(digest, full):
         _report_sealed(args, progress, full, digest)
 
-    with Batch(store) as batch, ManifestWriter(args.manifest, header) as out:
+    with Batch(store, flush=sys.stdout.flush) as batch, \
+            ManifestWriter(args.manifest, header) as out:
         rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],
                                skip_ids=[out.file_id], warn=warn, report=report,
                                progress=progress.for_file, threads=args.threads)

@@ -14,7 +14,7 @@ import errno
 import hashlib
 import os
 import struct
-from typing import Tuple
+from typing import Dict, Tuple
 
 from . import fsutil
 
@@ -71,6 +71,23 @@ def store_key(fs: int, handle: Tuple[int, bytes]) -> str:
 def key_of(fd: int) -> str:
     """store_key of the inode behind ``fd``; EOPNOTSUPP if its filesystem has no handles."""
     return store_key(fsid(fd), handle_of(fd))
+
+
+class Keys:
+    """``key_of`` for the many files of one run (a seal): each filesystem's fsid is asked
+    once, by device number, instead of a statfs per file.  A device number names
+    another filesystem only after an unmount and a new mount, which one run does not
+    outlive (the inode table keeps its fsids for a mount's life the same way)."""
+
+    def __init__(self):
+        self._fsids: Dict[int, int] = {}
+
+    def of(self, fd: int, dev: int) -> str:
+        """key_of(fd), for ``fd`` on device ``dev`` (its st_dev)."""
+        fs = self._fsids.get(dev)
+        if fs is None:
+            fs = self._fsids[dev] = fsid(fd)
+        return store_key(fs, handle_of(fd))
 
 
 def can_reopen(fd: int) -> bool:

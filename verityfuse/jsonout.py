@@ -4,13 +4,17 @@ line, keys sorted, each carrying the schema version its reader can check."""
 from __future__ import annotations
 
 import json
+import sys
 
 # Bumped only when a key changes meaning or is removed; adding keys keeps it.
 SCHEMA = 1
 
 
-def emit(obj: dict):
-    print(json.dumps(dict(obj, schema=SCHEMA), sort_keys=True), flush=True)
+def emit(obj: dict, flush: bool = True):
+    """One JSON line on stdout; ``flush=False``: the caller flushes (once for many lines)."""
+    sys.stdout.write(json.dumps(dict(obj, schema=SCHEMA), sort_keys=True) + "\n")
+    if flush:
+        sys.stdout.flush()
 
 
 # Names are escaped as protocol/cli-json.md says, so that a name from a walked tree

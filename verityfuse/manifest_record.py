@@ -12,7 +12,7 @@ import os
 import stat
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from . import manifest_tree, merkle
+from . import identity, manifest_tree, merkle
 from .seal_pool import file_threads, in_order
 from .sealing import stage_path
 from .store import Store
@@ -88,6 +88,7 @@ class ManifestRecorder:
         self.warn, self.report, self.threads = warn, report, threads
         self.progress = progress  # progress(label, size) -> callable with .close()
         self.failed = 0
+        self.keys = identity.Keys()
         st = os.stat(store.path)
         self._skip = {(st.st_dev, st.st_ino), *skip_ids}
         for p in skip_paths:
@@ -106,7 +107,7 @@ class ManifestRecorder:
         if not stat.S_ISREG(st.st_mode):
             return None
         return stage_path(self.store, self.source, rel, self.params, progress=self.progress,
-                          threads=self.threads)
+                          threads=self.threads, keys=self.keys)
 
     def _entries(self, items) -> Iterator[dict]:
         for (rel, st), done, err in in_order(items, self._stage, file_threads(self.threads),

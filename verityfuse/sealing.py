@@ -35,13 +35,15 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
 
 
 def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: int,
-             signature: bytes = b"", threads: Optional[int] = None, **build_kw) -> Staged:
+             signature: bytes = b"", threads: Optional[int] = None, key: Optional[str] = None,
+             **build_kw) -> Staged:
     """seal_fd without publishing: the object and the index entry are left in tmp/,
     unsynced, for a store_batch.Batch (thread-safe: seal_pool stages files at once).
-    ``size`` is the file's fstat size.  A file of one chunk is hashed in this thread
-    (the other files in flight keep the other cores busy); a larger one with
-    ``threads``."""
-    key = identity.key_of(fd)
+    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here).  A
+    file of one chunk is hashed in this thread (the other files in flight keep the
+    other cores busy); a larger one with ``threads``."""
+    if key is None:
+        key = identity.key_of(fd)
     with store.new_object() as obj:
         desc = treebuild.build_tree(fd, params, data_size=size, write_block=obj.write_block,
                                     threads=1 if size <= treebuild.CHUNK_SIZE else threads,
@@ -67,17 +69,21 @@ def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **
 
 
 def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
-               progress=None, **kw) -> Tuple[Staged, os.stat_result]:
+               progress=None, keys: Optional[identity.Keys] = None,
+               **kw) -> Tuple[Staged, os.stat_result]:
     """Stage the regular file SOURCE/relpath (never through a final symlink); its fstat
     too (what is sealed is what a manifest records).  ``progress(label, size)`` gives
-    the file's progress callable (closed when it is staged)."""
+    the file's progress callable (closed when it is staged); ``keys``, the run's
+    identity.Keys (one statfs per filesystem)."""
     full = os.path.join(source, relpath)
     fd = fsutil.open_regular(full)
     try:
         st = os.fstat(fd)
+        key = keys.of(fd, st.st_dev) if keys is not None else None
         prog = progress(full, st.st_size) if progress is not None else None
         try:
-            return stage_fd(store, fd, relpath, params, st.st_size, progress=prog, **kw), st
+            return stage_fd(store, fd, relpath, params, st.st_size, progress=prog, key=key,
+                            **kw), st
         finally:
             if prog is not None:
                 prog.close()

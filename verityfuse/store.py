@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import threading
 from typing import Optional
@@ -42,6 +43,27 @@ VERSION_TEXT = b"verityfuse-store 2\n"
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _TmpNames:
+    """Names for tmp/ files: ``<pid>.<unique>``, the pid telling ``cleanup_tmp`` whose
+    file it is.  The random part is drawn once per process and followed by a counter:
+    a name costs no getpid or getrandom system call (four per sealed file otherwise).
+    A forked child draws its own (the counter alone would repeat the parent's names)."""
+
+    def __init__(self):
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self):
+        self.prefix = f"{os.getpid()}.{os.urandom(6).hex()}"
+        self.counter = itertools.count()  # next() is atomic: threads stage at once
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_tmp_names = _TmpNames()
 
 
 def default_store(source: str) -> str:
@@ -171,13 +193,15 @@ class Store(StoreIndex):
             return StoreCorrupt(f"{self._where(*parts)}: refusing a symlink or non-directory inside the store")
         return StoreCorrupt(f"{self._where(*parts)}: {e.strerror}")
 
-    def _open_dirs(self, parts, create: bool = False) -> int:
-        """Open STORE/parts... as a directory fd, never following a symlink."""
+    def _open_dirs(self, parts, create: bool = False, at=None) -> int:
+        """Open STORE/parts... as a new directory fd, never following a symlink; ``at``:
+        (fd, its parts) of a directory already open, which ``parts`` continue (kept
+        open: a batch opens objects/<alg> once for all its shards)."""
         if create:
             self._ensure()
         elif self.rootfd < 0:
             raise FileNotFoundError(2, "store does not exist yet", self.path)
-        fd = os.dup(self.rootfd)
+        fd, above = (self.rootfd, ()) if at is None else at
         try:
             for i, part in enumerate(parts):
                 try:
@@ -192,13 +216,15 @@ class Store(StoreIndex):
                     nfd = os.open(part, _O_DIR, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise self._refused(parts[: i + 1], e) from None
+                        raise self._refused((*above, *parts[: i + 1]), e) from None
                     raise
-                os.close(fd)
+                if i:  # the first fd is the root's or the caller's
+                    os.close(fd)
                 fd = nfd
-            return fd
+            return fd if parts else os.dup(fd)
         except BaseException:
-            os.close(fd)
+            if parts and fd not in (self.rootfd, at and at[0]):
+                os.close(fd)
             raise
 
     def _open_file(self, parts) -> Optional[int]:
@@ -244,7 +270,7 @@ class Store(StoreIndex):
 
     def create_tmp(self):
         """(name, fd) of a new empty file in tmp/, for ``place`` or ``discard_tmp``."""
-        name = f"{os.getpid()}.{os.urandom(8).hex()}"
+        name = _tmp_names.next()
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self._tmp_dir())
         return name, fd
@@ -255,9 +281,10 @@ class Store(StoreIndex):
         except FileNotFoundError:
             pass
 
-    def open_dir(self, parts, create: bool = True) -> int:
-        """A new fd of directory STORE/parts..., created if missing (for ``place``)."""
-        return self._open_dirs(parts, create=create)
+    def open_dir(self, parts, create: bool = True, at=None) -> int:
+        """A new fd of directory STORE/parts..., created if missing (for ``place``); ``at``
+        as for ``_open_dirs``."""
+        return self._open_dirs(parts, create=create, at=at)
 
     def open_file(self, parts) -> Optional[int]:
         """A regular file STORE/parts... for reading (no symlink followed); None if absent."""

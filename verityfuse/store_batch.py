@@ -51,13 +51,15 @@ class Batch:
     """Objects and index entries staged in ``store``'s tmp/, published by ``commit``.
 
     ``then(callback, *args)`` runs callback(*args) after the batch's files are
-    durable (in the order added); ``full`` says when the caller should commit.
+    durable (in the order added), then ``flush()``; ``full`` says when the caller
+    should commit.
     What a batch holds per file is kept small (names and a callback's arguments,
     no closures), as it holds up to ``max_files`` of them."""
 
     def __init__(self, store: Store, max_files: Optional[int] = None,
-                 max_bytes: Optional[int] = None):
+                 max_bytes: Optional[int] = None, flush: Optional[Callable[[], None]] = None):
         self.store = store
+        self.flush = flush  # run after each commit's callbacks: their output, written at once
         self.max_files = max_files or MAX_FILES
         self.max_bytes = max_bytes or MAX_BYTES
         self._objects: List[Tuple[str, tuple, str]] = []  # (tmp name, dir parts, name)
@@ -79,9 +81,10 @@ class Batch:
         return len(self._objects) >= self.max_files or self._bytes >= self.max_bytes
 
     def _place_all(self, staged):
-        """Rename each staged file into place, opening each directory once."""
+        """Rename each staged file into place, opening each directory once (and the
+        shards' parent, objects/<alg> or inodes, once)."""
         staged.sort(key=lambda s: s[1])
-        dirparts, dirfd = None, -1
+        dirparts, dirfd, upparts, upfd = None, -1, None, -1
         try:
             while staged:
                 tmpname, parts, name = staged[-1]
@@ -89,12 +92,19 @@ class Batch:
                     if dirfd >= 0:
                         os.close(dirfd)
                         dirfd = -1
-                    dirfd, dirparts = self.store.open_dir(parts), parts
+                    if parts[:-1] != upparts:
+                        if upfd >= 0:
+                            os.close(upfd)
+                            upfd = -1
+                        upfd, upparts = self.store.open_dir(parts[:-1]), parts[:-1]
+                    dirfd = self.store.open_dir(parts[-1:], at=(upfd, upparts))
+                    dirparts = parts
                 self.store.place(tmpname, dirfd, name, sync=False)
                 staged.pop()
         finally:
-            if dirfd >= 0:
-                os.close(dirfd)
+            for fd in (dirfd, upfd):
+                if fd >= 0:
+                    os.close(fd)
 
     def commit(self):
         """Publish the batch in the crash-safe order above, then run its callbacks."""
@@ -108,6 +118,8 @@ class Batch:
         after, self._after = self._after, []
         for callback, args in after:
             callback(*args)
+        if self.flush is not None:
+            self.flush()
 
     def discard(self):
         """Forget the batch, its tmp/ files removed (after an error: nothing is published)."""

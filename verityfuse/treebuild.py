@@ -85,6 +85,21 @@ def read_full(fd: int, buf: Union[bytearray, memoryview], offset: int) -> int:
     return got
 
 
+def read_small(fd: int, size: int) -> bytes:
+    """The ``size`` bytes of a small file from offset 0, and proof that it has no more:
+    one pread of a byte more than ``size`` (two system calls for a small file's read
+    and end check would be one)."""
+    data = os.pread(fd, size + 1, 0)
+    while len(data) < size:  # a short read before the end (a FUSE or network source)
+        more = os.pread(fd, size + 1 - len(data), len(data))
+        if not more:
+            raise OSError(f"file shrank while hashing: expected {size} bytes, got {len(data)}")
+        data += more
+    if len(data) > size:
+        raise OSError(f"file grew while hashing: more than {size} bytes")
+    return data
+
+
 def default_threads() -> int:
     return _DEFAULT_THREADS
 
@@ -137,12 +152,15 @@ def build_tree(
     """
     if data_size is None:
         data_size = os.fstat(fd).st_size
-    geo = Geometry.compute(params, data_size)
     bs = params.block_size
-    if geo.num_data_blocks == 0:
-        return Descriptor(params, 0, bytes(params.alg.digest_size),
-                          make_descriptor(params, 0, bytes(params.alg.digest_size)))
+    if data_size <= bs:  # no tree: the root is the one block's hash (zeros: no block)
+        if cancel is not None and cancel():
+            raise Cancelled()
+        root = (params.block_hasher()(read_small(fd, data_size).ljust(bs, b"\0"))
+                if data_size else bytes(params.alg.digest_size))
+        return Descriptor(params, data_size, root, make_descriptor(params, data_size, root))
 
+    geo = Geometry.compute(params, data_size)
     builder = TreeBuilder(geo, write_block)
     chunk = max(bs, CHUNK_SIZE // bs * bs)
     nchunks = -(-data_size // chunk)
@@ -166,14 +184,7 @@ def build_tree(
         if os.pread(fd, 1, data_size):
             raise OSError(f"file grew while hashing: more than {data_size} bytes")
 
-    if geo.num_data_blocks == 1:
-        # One block: no tree, the root is that block's hash.
-        if cancel is not None and cancel():
-            raise Cancelled()
-        block = bytes(read_chunk(0, memoryview(bytearray(bs))))
-        check_not_grown()
-        root = builder.hasher(block)
-    elif threads == 1 or nchunks == 1:
+    if threads == 1 or nchunks == 1:
         # One thread: no workers.  The native module may still share a lone
         # chunk with its helper thread unless the caller asked for one thread.
         hash_chunk = params.blocks_hasher(threads=1 if threads == 1 else 0)
