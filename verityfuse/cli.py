@@ -249,8 +249,9 @@ def _add_tree_commands(sub):
                    help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
                         "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
-    add_tree_options(p, threads_help="files sealed at once, and hashing threads of a file "
-                     "over 1 MiB (default: one file at a time; a large file on every CPU, at most 4)")
+    add_tree_options(p, threads_help="worker processes sealing files at once, and hashing "
+                     "threads of a file over 1 MiB (default: one per CPU, at most 4; 1: no "
+                     "worker process)")
     p.set_defaults(func=cmd_seal)
 
     p = sub.add_parser("measure-manifest", help="print a manifest's digest (the value to pin)")
@@ -376,7 +377,7 @@ def main(argv=None) -> int:
             error("failed to compute digest")
         return EXIT_ERROR
     except OSError as e:  # a missing key, manifest or store file, a full disk...
-        error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+        error(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -50,7 +50,7 @@ def _report_sealed(args, progress, full: str, digest: str):
 
 def cmd_seal(args, params, key, rels) -> int:
     from . import identity
-    from .seal_pool import file_threads, in_order
+    from .seal_pool import SMALL, in_order
     from .sealing import stage_path, walk_files
     from .store_batch import Batch
 
@@ -71,10 +71,11 @@ def cmd_seal(args, params, key, rels) -> int:
 
         keys = identity.Keys()
 
-        def stage(rel):
+        def stage(rel, here):
+            """In a worker (``here`` False) a small file; here any, with its progress."""
             return stage_path(store, args.source, rel, params, threads=args.threads,
-                              progress=progress.for_file if progress.enabled else None,
-                              keys=keys)
+                              progress=progress.for_file if here and progress.enabled else None,
+                              keys=keys, max_size=None if here else SMALL)
 
         def not_sealed(full, why):
             progress.close()
@@ -87,8 +88,9 @@ def cmd_seal(args, params, key, rels) -> int:
             with Batch(store, flush=sys.stdout.flush) as batch:
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
-                for rel, done, e in in_order(rels, stage, file_threads(args.threads),
-                                             lambda r: r[0].drop(store)):
+                for rel, done, e in in_order(rels, stage, args.threads,
+                                             lambda r: r[0].drop(store),
+                                             progress.worker_done if progress.enabled else None):
                     full = os.path.join(args.source, rel)
                     if e is not None:
                         failed += 1
@@ -190,7 +192,7 @@ def seal_manifest(args, store, params, key, rels) -> int:
             ManifestWriter(args.manifest, header) as out:
         rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],
                                skip_ids=[out.file_id], warn=warn, report=report,
-                               progress=progress.for_file, threads=args.threads)
+                               progress=progress, threads=args.threads)
         try:
             if rels is None or "." in rels:
                 entries: Iterable[dict] = rec.walk(".")

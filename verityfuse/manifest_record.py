@@ -13,7 +13,7 @@ import stat
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import identity, manifest_tree, merkle
-from .seal_pool import file_threads, in_order
+from .seal_pool import SMALL, in_order
 from .sealing import stage_path
 from .store import Store
 from .store_batch import Batch
@@ -74,10 +74,10 @@ def _payload_order(e: dict) -> bytes:
 
 class ManifestRecorder:
     """Records SOURCE into manifest entries, sealing every regular file into ``batch``
-    (``threads`` files at once, seal_pool).
+    (by ``threads`` worker processes at once, seal_pool).
 
     ``report(digest_text, full_path)`` is called for each sealed file once its batch
-    is durable; ``warn`` for what is left out (other file types, names that are not
+    is durable; ``progress`` is the run's seal_progress.Progress; ``warn`` for what is left out (other file types, names that are not
     UTF-8).  ``skip_paths`` and ``skip_ids`` ((st_dev, st_ino) pairs) are left out.
     """
 
@@ -86,7 +86,7 @@ class ManifestRecorder:
                  threads: Optional[int] = None):
         self.source, self.store, self.params, self.batch = source, store, params, batch
         self.warn, self.report, self.threads = warn, report, threads
-        self.progress = progress  # progress(label, size) -> callable with .close()
+        self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
         self.keys = identity.Keys()
         st = os.stat(store.path)
@@ -101,17 +101,28 @@ class ManifestRecorder:
     def skip(self, rel: str, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) in self._skip
 
-    def _stage(self, item):
-        """In a pool thread: seal a regular file into tmp/."""
+    def _stage(self, item, here: bool):
+        """Seal a regular file into tmp/: in a seal_pool worker (``here`` False) a small
+        one, here any, with its progress."""
         rel, st = item
         if not stat.S_ISREG(st.st_mode):
             return None
-        return stage_path(self.store, self.source, rel, self.params, progress=self.progress,
-                          threads=self.threads, keys=self.keys)
+        return stage_path(self.store, self.source, rel, self.params,
+                          progress=self.progress.for_file if here and self.progress else None,
+                          threads=self.threads, keys=self.keys,
+                          max_size=None if here else SMALL)
+
+    def _worker_done(self, result):
+        if result is not None and self.progress is not None:
+            self.progress.worker_done(result)
+
+    def _abandon(self, result):
+        if result is not None:
+            result[0].drop(self.store)
 
     def _entries(self, items) -> Iterator[dict]:
-        for (rel, st), done, err in in_order(items, self._stage, file_threads(self.threads),
-                                             lambda r: r[0].drop(self.store)):
+        for (rel, st), done, err in in_order(items, self._stage, self.threads, self._abandon,
+                                             self._worker_done):
             e = self._entry(rel, st, done, err)
             if e is not None:
                 yield e

@@ -73,6 +73,9 @@ class HashAlg(_Value):
     def new(self):
         return hashlib.new(self.name)
 
+    def __reduce__(self):  # through a pipe (seal_pool's workers): the one object of its name
+        return hash_alg, (self.name,)
+
 
 SHA256 = HashAlg("sha256", uapi.FS_VERITY_HASH_ALG_SHA256, 32, 64)
 SHA512 = HashAlg("sha512", uapi.FS_VERITY_HASH_ALG_SHA512, 64, 128)

@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Tuple
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import attach_reader
+from .seal_pool import Here
 from .store import IndexEntry, Store
 from .store_batch import Staged
 from .verifier import TreeBlockCache
@@ -38,7 +39,7 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
              signature: bytes = b"", threads: Optional[int] = None, key: Optional[str] = None,
              **build_kw) -> Staged:
     """seal_fd without publishing: the object and the index entry are left in tmp/,
-    unsynced, for a store_batch.Batch (thread-safe: seal_pool stages files at once).
+    unsynced, for a store_batch.Batch (seal_pool's workers stage files at once).
     ``size`` is the file's fstat size, ``key`` its inode's (default: asked here).  A
     file of one chunk is hashed in this thread (the other files in flight keep the
     other cores busy); a larger one with ``threads``."""
@@ -70,15 +71,18 @@ def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **
 
 def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
                progress=None, keys: Optional[identity.Keys] = None,
-               **kw) -> Tuple[Staged, os.stat_result]:
+               max_size: Optional[int] = None, **kw) -> Tuple[Staged, os.stat_result]:
     """Stage the regular file SOURCE/relpath (never through a final symlink); its fstat
     too (what is sealed is what a manifest records).  ``progress(label, size)`` gives
     the file's progress callable (closed when it is staged); ``keys``, the run's
-    identity.Keys (one statfs per filesystem)."""
+    identity.Keys (one statfs per filesystem).  A file over ``max_size`` bytes raises
+    seal_pool.Here (a pool's worker leaves it to the caller)."""
     full = os.path.join(source, relpath)
     fd = fsutil.open_regular(full)
     try:
         st = os.fstat(fd)
+        if max_size is not None and st.st_size > max_size:
+            raise Here()
         key = keys.of(fd, st.st_dev) if keys is not None else None
         prog = progress(full, st.st_size) if progress is not None else None
         try:

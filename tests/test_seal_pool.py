@@ -1,0 +1,232 @@
+"""seal_pool: files staged by worker processes, results taken in order by the caller.
+
+The pool itself with small work functions (a fork inherits them), then `seal` with
+its workers interrupted, killed, and handed a large file."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from verityfuse import seal_pool
+from verityfuse.errors import IntegrityError, VerityError
+from verityfuse.seal_pool import Here, in_order
+from conftest import fsverity_digest, pattern, write
+
+
+def children_of(pid):
+    """Live processes whose parent is ``pid``."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(d))
+    return found
+
+
+def test_results_come_in_input_order_with_failures_and_items_handed_back():
+    me = os.getpid()
+
+    def work(item, here):
+        if item % 17 == 0:
+            raise OSError(errno.ENOENT, f"gone {item}")
+        if item % 50 == 0 and not here:
+            raise Here()
+        return item, here, os.getpid()
+
+    after = []
+    got = list(in_order(range(300), work, 2, lambda r: pytest.fail("nothing is abandoned"),
+                        after.append))
+    assert [item for item, _, _ in got] == list(range(300))
+    workers = set()
+    for item, result, err in got:
+        if item % 17 == 0:
+            assert result is None and err.errno == errno.ENOENT and err.strerror == f"gone {item}"
+        elif item % 50 == 0:  # a worker handed it back: done here, with here=True
+            assert result == (item, True, me) and err is None
+        else:
+            assert result[:2] == (item, False) and result[2] != me and err is None
+            workers.add(result[2])
+    assert len(workers) == 2
+    assert after == [r for i, r, _ in got if r is not None and i % 50]  # the workers' results
+    assert children_of(me) == []  # the pool is gone
+
+
+@pytest.mark.parametrize("count,threads", [(seal_pool.FIRST_CHUNK - 1, 2), (100, 1)])
+def test_few_items_or_one_thread_are_done_here_without_workers(count, threads):
+    got = list(in_order(range(count), lambda item, here: (item, here, os.getpid()), threads,
+                        lambda r: None))
+    assert got == [(i, (i, True, os.getpid()), None) for i in range(count)]
+
+
+def test_the_input_is_read_a_bounded_window_ahead_of_the_caller():
+    """Memory does not grow with the number of items: at most AHEAD_PER_WORKER tasks per
+    worker, and the one being handed out, are taken from the input beyond the caller."""
+    taken = [0]
+
+    def source():
+        for i in range(6000):
+            taken[0] += 1
+            yield i
+
+    bound = (seal_pool.AHEAD_PER_WORKER * 2 + 1) * seal_pool.CHUNK
+    most = 0
+    for consumed, (item, result, err) in enumerate(
+            in_order(source(), lambda item, here: item, 2, lambda r: None), 1):
+        assert result == item
+        most = max(most, taken[0] - consumed)
+    assert consumed == 6000 and 0 < most <= bound, (most, bound)
+
+
+def test_a_caller_that_stops_early_gets_every_unused_result_abandoned():
+    made = []
+    gen = in_order(range(3000), lambda item, here: item, 2, made.append)
+    used = [next(gen)[1] for _ in range(100)]
+    gen.close()
+    assert used == list(range(100))
+    assert made and min(made) >= 100 and len(set(made)) == len(made)
+    assert children_of(os.getpid()) == []
+
+
+def test_an_error_that_cannot_cross_the_pipe_arrives_as_its_kind_with_its_message():
+    """IntegrityError's constructor does not take its message: it would break the pool;
+    it arrives as a VerityError saying what it was (the CLI reports VerityErrors)."""
+    def work(item, here):
+        if item == 77:
+            raise IntegrityError("f", 4096, b"\1" * 32, b"\2" * 32)
+        return item
+
+    abandoned = []
+    with pytest.raises(VerityError) as e:
+        for _ in in_order(range(1000), work, 2, abandoned.append):
+            pass
+    assert type(e.value) is VerityError
+    assert str(e.value) == (f"IntegrityError: f: data block at offset 4096: expected hash "
+                            f"{'01' * 32}, actual {'02' * 32}")
+    assert all(a > 77 for a in abandoned)
+    assert children_of(os.getpid()) == []
+
+
+def test_a_worker_killed_is_a_clear_error():
+    def work(item, here):
+        if item == 500:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return item
+
+    got = []
+    with pytest.raises(OSError) as e:
+        for item, result, err in in_order(range(2000), work, 2, lambda r: None):
+            got.append(result)
+    assert e.value.errno == errno.ECHILD
+    assert "a seal worker process ended abruptly" in e.value.strerror
+    assert got == list(range(len(got))) and len(got) < 500
+    assert children_of(os.getpid()) == []
+
+
+# -- seal with its workers -------------------------------------------------------------
+
+HOOKED = """
+import os, signal, sys
+from verityfuse import cli, sealing, store_batch
+store_batch.MAX_FILES = 64
+what = sys.argv.pop(1)
+if what == "interrupt":  # Ctrl-C once the first batch is durable: the whole group
+    real_commit = store_batch.Batch.commit
+    def commit(self):
+        real_commit(self)
+        os.killpg(0, signal.SIGINT)
+    store_batch.Batch.commit = commit
+elif what == "kill":  # a worker killed while it stages f0150
+    real_stage = sealing.stage_path
+    def stage_path(store, source, rel, *a, **kw):
+        if rel.endswith("f0150") and kw.get("max_size") is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_stage(store, source, rel, *a, **kw)
+    sealing.stage_path = stage_path
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+BYTES = pattern(9000)
+
+
+def tree(root, count):
+    for i in range(count):
+        d = root / f"d{i // 100}"
+        d.mkdir(parents=True, exist_ok=True)
+        write(d / f"f{i:04d}", BYTES[:i * 131 % 9000] + i.to_bytes(4, "little"))
+    return root
+
+
+def store_pairs(store):
+    """(index entries, objects) now in the store, and its tmp/ files."""
+    def files(part):
+        top = os.path.join(store, part)
+        return [f for _, _, fs in os.walk(top) for f in fs]
+    return files("inodes"), files("objects"), files("tmp")
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_only_what_was_reported(tmp_path):
+    src = tree(tmp_path / "src", 3000)
+    store = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", HOOKED, "interrupt", "seal", str(src), "--store",
+                        str(store), "--threads", "2", "--json"],
+                       capture_output=True, text=True, start_new_session=True)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr == ""
+    reported = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(reported) == 64  # the first batch, durable before the interrupt
+    entries, objects, tmp = store_pairs(store)
+    assert (len(entries), len(objects), tmp) == (64, 64, [])  # what was staged: removed
+    assert children_of(os.getpid()) == []
+    # A second seal finds the rest; every digest is the oracle's.
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), "--store",
+                        str(store), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(store_pairs(store)[0]) == 3000
+    for line in r.stdout.splitlines()[::97]:
+        out = json.loads(line)
+        assert out["digest"] == fsverity_digest(out["file"])[0].split()[0]
+
+
+def test_a_killed_worker_fails_the_seal_clearly_and_the_next_seal_cleans_up(tmp_path):
+    src = tree(tmp_path / "src", 400)
+    store = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", HOOKED, "kill", "seal", str(src), "--store",
+                        str(store), "--threads", "2"], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    assert p.stderr == ("ERROR: a seal worker process ended abruptly (killed, or out of memory?): "
+                        "nothing after the files reported was sealed\n")
+    entries, objects, tmp = store_pairs(store)
+    assert len(entries) == len(p.stdout.splitlines()) < 150  # only reported files are indexed
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), "--store",
+                        str(store)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    entries, objects, tmp = store_pairs(store)
+    assert (len(entries), len(objects), tmp) == (400, 400, [])  # the dead workers' tmp/ removed
+
+
+def test_seal_with_workers_hands_large_files_to_the_caller_and_matches_the_oracle(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    names = []
+    for i in range(120):
+        size = 3 << 20 if i in (5, 70) else i * 173 % 20000
+        names.append(write(src / f"f{i:03d}", pattern(size) + bytes([i])))
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [g["file"] for g in got] == [str(n) for n in names]
+    for g in got:
+        assert g["digest"] == fsverity_digest(g["file"])[0].split()[0], g["file"]
