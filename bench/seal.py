@@ -34,29 +34,56 @@ from passlog import Others, settle
 BATCH = 4000
 
 
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _pss_mib(pid):
+    """Proportional set size: shared pages split among their processes, so a seal's
+    worker processes (forks of it) add only what they do not share."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 class PeakRss(threading.Thread):
-    """Polls VmHWM of one pid until ``done`` is set; keeps the maximum (MiB)."""
+    """Polls VmHWM of one pid (every 20 ms) and the PSS of it and its children (its
+    worker processes, every 100 ms) until ``done`` is set; keeps the maxima (MiB)."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.done = pid, 0.0, threading.Event()
+        self.pid, self.peak, self.pss, self.done = pid, 0.0, 0.0, threading.Event()
         self.start()
 
     def run(self):
+        n = 0
         while not self.done.is_set():
             try:
                 self.peak = max(self.peak, proc_mem(self.pid).get("VmHWM", 0.0))
             except (OSError, ValueError):
                 pass
+            if n % 5 == 0:
+                self.pss = max(self.pss, sum(_pss_mib(p) for p in [self.pid, *_children(self.pid)]))
+            n += 1
             self.done.wait(0.02)
 
 
 def run_measured(cmds, label, cwd=None):
-    """Run ``cmds`` one after the other: (wall s, CPU s, peak RSS MiB, others' share)."""
+    """Run ``cmds`` one after the other: (wall s, CPU s, peak RSS MiB, others' share, peak
+    PSS MiB of the command and its worker processes)."""
     settle()
     cpu = [0.0]
     others = Others(label=label, extra_ours=lambda: cpu[0])
-    peak = 0.0
+    peak = pss = 0.0
     t0 = time.perf_counter()
     for cmd in cmds:
         with tempfile.TemporaryFile() as err:
@@ -69,13 +96,13 @@ def run_measured(cmds, label, cwd=None):
                 poll.join()
             p.returncode = os.waitstatus_to_exitcode(status)
             cpu[0] += ru.ru_utime + ru.ru_stime
-            peak = max(peak, poll.peak)
+            peak, pss = max(peak, poll.peak), max(pss, poll.pss)
             if p.returncode:
                 err.seek(0)
                 raise RuntimeError(f"{cmd[:4]} ... failed ({p.returncode}): "
                                    f"{err.read()[-2000:].decode(errors='replace')}")
     wall = time.perf_counter() - t0
-    return wall, cpu[0], peak, Others.share(others.stop(), wall)
+    return wall, cpu[0], peak, Others.share(others.stop(), wall), pss
 
 
 def _clear(*paths):
@@ -121,22 +148,27 @@ def phase_seal(ws, repeats, results):
                      f"{statistics.median(x[1] for x in runs[w]):.2f}",
                      f"{n / statistics.median(walls):.0f}",
                      fmt_mmm([x[2] for x in runs[w]], "{:.0f}"),
+                     fmt_mmm([x[4] for x in runs[w]], "{:.0f}"),
                      fmt_mmm([x[3] * 100 for x in runs[w]], "{:.0f}")])
     table(f"Seal of the container-start tree ({n} files, "
           f"{sum(ws.ctr_sizes) / (1 << 20):.0f} MiB in tmpfs) against fsverity digest, "
           f"{repeats} repeats interleaved",
           ["command", "wall s min/med/max", "x fsverity (time) min/med/max", "CPU s med",
-           "files/s", "peak RSS MiB min/med/max", "others' CPU %"], rows,
+           "files/s", "peak RSS MiB min/med/max", "peak PSS with workers MiB",
+           "others' CPU %"], rows,
           note="seal: `verityfuse seal CTR --store S` into an empty store (local mode); "
                "seal-manifest: the same with\n--manifest M --sign-key K (manifest mode); "
                "fsverity: `fsverity digest` over the same files.\n"
                "x fsverity: this wall time / fsverity's in the same repeat (lower is faster; "
-               "target <= 2).\nMemory in the file count: seal-manifest's peak RSS sealing the "
+               "target <= 2).\nPeak RSS: the command's process; PSS with workers: it and "
+               "its worker processes (forks sharing most pages), shared pages split among "
+               "them.\nMemory in the file count: seal-manifest's peak RSS sealing the "
                f"first {flat['files']} files (one untimed run) against\nall {n}: "
                f"{flat['rss_part']:.0f} -> {flat['rss_all']:.0f} MiB (flat: the same).")
     passlog.print_passes("seal")
     results["seal"] = {"files": n, "bytes": sum(ws.ctr_sizes),
-                       "runs": {w: [dict(zip(("wall", "cpu", "peak_rss_mib", "noise"), x))
+                       "runs": {w: [dict(zip(("wall", "cpu", "peak_rss_mib", "noise",
+                                              "peak_pss_mib"), x))
                                     for x in v] for w, v in runs.items()},
                        "x_fsverity": slower, "rss_in_file_count": flat}
     return results["seal"]
@@ -148,7 +180,7 @@ def rss_in_file_count(ws):
     part = ws.ctr_names[:max(1, len(ws.ctr_names) // 10)]
     store, manifest = ws.path("ctr-part-store"), ws.path("ctr-part.json")
     try:
-        _, _, rss, _ = run_measured([verityfuse_cmd() + [
+        _, _, rss, _, _ = run_measured([verityfuse_cmd() + [
             "seal", ws.ctr, *part, "--store", store, "--manifest", manifest,
             "--sign-key", ws.key]], None, cwd=ws.ctr)
     finally:

@@ -83,8 +83,10 @@ def summary(results, ceil):
     if sl:
         for w in ("seal", "seal-manifest"):
             rss = statistics.median(r["peak_rss_mib"] for r in sl["runs"][w])
+            pss = statistics.median(r.get("peak_pss_mib", 0.0) for r in sl["runs"][w])
             add(f"(c) {w} of {sl['files']} files, time x fsverity", sl["x_fsverity"][w],
-                "<= 2.0x", lambda x: x <= 2.0, "seal", note=f" (peak RSS {rss:.0f} MiB)")
+                "<= 2.0x", lambda x: x <= 2.0, "seal",
+                note=f" (peak RSS {rss:.0f} MiB, PSS with workers {pss:.0f} MiB)")
         f = sl["rss_in_file_count"]
         grow = f["rss_all"] - f["rss_part"]
         rows.append([f"(c) seal-manifest peak RSS, {f['files']} -> {sl['files']} files",

@@ -56,7 +56,7 @@ def test_results_come_in_input_order_with_failures_and_items_handed_back():
         else:
             assert result[:2] == (item, False) and result[2] != me and err is None
             workers.add(result[2])
-    assert len(workers) == 2
+    assert 1 <= len(workers) <= 2  # which worker takes which task is the scheduler's
     assert after == [r for i, r, _ in got if r is not None and i % 50]  # the workers' results
     assert children_of(me) == []  # the pool is gone
 

@@ -490,3 +490,20 @@ def test_the_first_write_to_a_lazy_store_creates_it(src, tmp_path):
         assert st.get_entry(e.key) == e
     with open(os.path.join(store_dir, "VERSION"), "rb") as f:
         assert f.read() == b"verityfuse-store 2\n"
+
+
+@pytest.mark.parametrize("path", ["docs/hello.txt", "", 'w\u00e9"ird\n\\ name\x01\u2028'])
+@pytest.mark.parametrize("signature", [b"", b"\x01\x02\xff"])
+def test_an_index_entry_is_the_json_the_format_gives(path, signature):
+    """Entries are formatted by hand (once per sealed file): the same bytes as json.dumps
+    with sorted keys, whatever the path holds, and parse_entry reads them back."""
+    from verityfuse.store_index import IndexEntry, entry_bytes, parse_entry
+
+    digest = bytes(range(64))
+    doc = {"version": 2, "path": path, "digest": "sha512:" + digest.hex()}
+    if signature:
+        doc["signature"] = signature.hex()
+    raw = entry_bytes(merkle.SHA512, digest, signature, path)
+    assert raw == json.dumps(doc, sort_keys=True).encode() + b"\n"
+    assert parse_entry("e", "k" * 64, raw) == IndexEntry("k" * 64, merkle.SHA512, digest,
+                                                         signature, path)

@@ -31,11 +31,12 @@ class IndexEntry:
 
 
 def entry_bytes(alg: merkle.HashAlg, digest: bytes, signature: bytes, path: str) -> bytes:
-    """The bytes of an index entry: sorted keys, one line."""
-    doc = {"version": 2, "path": path, "digest": merkle.format_digest(alg, digest)}
-    if signature:
-        doc["signature"] = signature.hex()
-    return json.dumps(doc, sort_keys=True).encode() + b"\n"
+    """The bytes of an index entry: sorted keys, one line, as json.dumps(sort_keys=True)
+    writes it (formatted here: a third of the cost, and this runs once per sealed file);
+    only the path needs JSON's quoting."""
+    sig = f', "signature": "{signature.hex()}"' if signature else ""
+    return (f'{{"digest": "{alg.name}:{digest.hex()}", "path": {json.dumps(path)}{sig}, '
+            f'"version": 2}}\n').encode()
 
 
 def parse_entry(name: str, key: str, data: bytes) -> IndexEntry:

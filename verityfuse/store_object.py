@@ -225,7 +225,8 @@ class ObjectWriter:
             os.pwrite(self.fd, block, TREE_OFFSET + offset)
 
     def _finish(self, desc: merkle.Descriptor, durable: bool):
-        tree_size = desc.geometry.tree_size
+        # A file of one block has no tree (most of a container image's files): no geometry.
+        tree_size = 0 if desc.data_size <= desc.params.block_size else desc.geometry.tree_size
         header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"")
         os.pwrite(self.fd, header + desc.raw + self._head, 0)
         if self._end != tree_size:  # never after a whole build; the size is the format's
