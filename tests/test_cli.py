@@ -57,6 +57,26 @@ def test_digest_bad_parameters(tmp_path, opts, code, msg):
     assert subprocess.run([FSVERITY, "digest", f, *opts], capture_output=True).returncode == code
 
 
+@pytest.mark.parametrize("command", ["digest", "seal"])
+@pytest.mark.parametrize("value", ["-2", "257", "two"])
+def test_a_thread_count_out_of_range_is_a_usage_error(tmp_path, command, value):
+    """A negative count hung the hashing of a large file; a huge one would fork that
+    many seal workers."""
+    write(tmp_path / "big", pattern(3 << 20))
+    r = run(command, tmp_path / "big" if command == "digest" else tmp_path, "--threads", value,
+            timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "--threads must be an integer from 0 to 256 (0: the default)" in r.stderr
+
+
+def test_seal_with_stdout_closed_seals_and_says_nothing(tmp_path):
+    write(tmp_path / "f", pattern(5000))
+    r = subprocess.run([*VF, "seal", str(tmp_path), "--threads", "0"], stderr=subprocess.PIPE,
+                       text=True, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and r.stderr == ""
+    assert run("verify", tmp_path).stderr == "1 of 1 sealed files intact\n"
+
+
 def test_digest_missing_file(tmp_path):
     r = run("digest", tmp_path / "nope")
     assert r.returncode == 1

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -132,6 +133,60 @@ def test_a_worker_killed_is_a_clear_error():
     assert children_of(os.getpid()) == []
 
 
+def test_worker_tmp_files_are_the_callers_and_outlive_the_workers(tmp_path):
+    """Files a worker stages carry the caller's pid: once the workers have exited (the
+    walk is over, the last batch not yet published), another process's cleanup_tmp
+    must keep them while the caller lives."""
+    from verityfuse.store import Store
+
+    with Store(str(tmp_path / "s"), create=True) as st:
+        def work(item, here):
+            name, fd = st.create_tmp()
+            os.close(fd)
+            return name
+
+        names = [r for _, r, _ in in_order(range(200), work, 2, lambda r: None)]
+        assert children_of(os.getpid()) == []  # the workers are gone
+        assert len(set(names)) == 200
+        assert {n.split(".")[0] for n in names} == {str(os.getpid())}
+        other = subprocess.run([sys.executable, "-c", "import sys; from verityfuse.store import "
+                                f"Store; print(Store({st.path!r}).cleanup_tmp())"],
+                               capture_output=True, text=True, check=True)
+        assert other.stdout == "0\n"
+        assert sorted(os.listdir(os.path.join(st.path, "tmp"))) == sorted(names)
+
+
+@pytest.mark.parametrize("when", ["stopped early", "at the end"])
+def test_a_second_ctrl_c_while_the_pool_stops_kills_the_workers(monkeypatch, when):
+    """Ctrl-C again while the workers are being stopped: no hang, no second traceback;
+    the workers are killed.  Stopped early, the caller's own error goes on; at the end,
+    the Ctrl-C does."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    real = ProcessPoolExecutor.shutdown
+    calls = []
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        calls.append(wait)
+        if wait:
+            raise KeyboardInterrupt()
+        real(self, wait=wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "shutdown", shutdown)
+    gen = in_order(range(2000), lambda item, here: item, 2, lambda r: None)
+    if when == "stopped early":
+        with pytest.raises(ValueError):
+            for item, _, _ in gen:
+                if item == 100:
+                    raise ValueError("the caller's error")
+        gen.close()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            list(gen)
+    assert calls == [True, False]
+    assert children_of(os.getpid()) == []
+
+
 # -- seal with its workers -------------------------------------------------------------
 
 HOOKED = """
@@ -145,6 +200,16 @@ if what == "interrupt":  # Ctrl-C once the first batch is durable: the whole gro
         real_commit(self)
         os.killpg(0, signal.SIGINT)
     store_batch.Batch.commit = commit
+elif what == "hang":  # a worker stuck on f0150 (it says where, then waits)
+    real_stage = sealing.stage_path
+    def stage_path(store, source, rel, *a, **kw):
+        if rel.endswith("f0150") and kw.get("max_size") is not None:
+            with open(os.environ["MARK"], "w") as f:
+                f.write(f"{os.getpid()} {os.getppid()}")
+            import time
+            time.sleep(120)
+        return real_stage(store, source, rel, *a, **kw)
+    sealing.stage_path = stage_path
 elif what == "kill":  # a worker killed while it stages f0150
     real_stage = sealing.stage_path
     def stage_path(store, source, rel, *a, **kw):
@@ -230,3 +295,61 @@ def test_seal_with_workers_hands_large_files_to_the_caller_and_matches_the_oracl
     assert [g["file"] for g in got] == [str(n) for n in names]
     for g in got:
         assert g["digest"] == fsverity_digest(g["file"])[0].split()[0], g["file"]
+
+
+def eof_within(pipe, seconds):
+    """Whether reading ``pipe`` reaches its end within ``seconds`` (every writer gone)."""
+    import select
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if select.select([pipe], [], [], 0.1)[0] and not os.read(pipe.fileno(), 65536):
+            return True
+    return False
+
+
+def test_workers_die_with_a_killed_seal(tmp_path):
+    """seal killed (SIGKILL, as the OOM killer does): its workers die too, instead of
+    living on with the store and seal's output open (a pipe's reader would wait for
+    ever), and the next seal removes their staged files."""
+    src = tree(tmp_path / "src", 400)
+    store, mark = tmp_path / "store", tmp_path / "mark"
+    workers = []
+    p = subprocess.Popen([sys.executable, "-c", HOOKED, "hang", "seal", str(src), "--store",
+                          str(store), "--threads", "2"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=dict(os.environ, MARK=str(mark)))
+    try:
+        for _ in range(600):
+            if mark.exists() and mark.read_text():
+                break
+            p.poll()
+            assert p.returncode is None, p.stderr.read()
+            time.sleep(0.05)
+        worker, parent = map(int, mark.read_text().split())
+        assert parent == p.pid
+        workers = children_of(p.pid)
+        assert worker in workers
+        p.kill()
+        p.wait()
+        assert eof_within(p.stdout, 10)  # no worker holds seal's output open any more
+        for _ in range(100):
+            if not any(os.path.exists(f"/proc/{w}") for w in workers):
+                break
+            time.sleep(0.05)
+        assert [w for w in workers if os.path.exists(f"/proc/{w}")] == []
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+        for w in workers:  # left alive only if the test failed: not for the next one
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert store_pairs(store)[2]  # staged files left, named by the dead seal
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), "--store",
+                        str(store)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    entries, objects, tmp = store_pairs(store)
+    assert (len(entries), len(objects), tmp) == (400, 400, [])

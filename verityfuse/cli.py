@@ -82,7 +82,19 @@ def add_tree_options(p, threads_help: str = "hashing threads (default: number of
                    help="Merkle tree block size, a power of 2 (default 4096)")
     p.add_argument("--salt", type=parse_salt, action=Once, metavar="SALT",
                    help="salt, in hex (at most 32 bytes)")
-    p.add_argument("--threads", type=int, default=None, help=threads_help)
+    p.add_argument("--threads", type=_threads, default=None, metavar="N", help=threads_help)
+
+
+MAX_THREADS = 256
+
+
+def _threads(text: str) -> int:
+    # A negative count used to hang the hashing of a large file; a huge one would fork
+    # that many seal workers.  0 is the default, as when the option is not given.
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"--threads must be an integer from 0 to {MAX_THREADS} "
+                                         f"(0: the default)")
+    return int(text)
 
 
 def params_from(args) -> merkle.Params:
@@ -360,6 +372,8 @@ def main(argv=None) -> int:
         # mount.fuse3's convention: verityfuse SOURCE MOUNTPOINT -o OPTIONS
         from .cli_mount import helper_main
         return helper_main(argv)
+    if sys.stdout is None:  # started with stdout closed: output goes nowhere, as print's
+        sys.stdout = open(os.devnull, "w")
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.version:

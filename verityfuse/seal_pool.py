@@ -24,6 +24,7 @@ caller leaves tmp/ files named by its pid, which the next seal removes.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple, T
 
 from . import treebuild
 from .errors import VerityError
+from .store import name_tmp_files_for
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,8 +78,19 @@ def build_threads(size: int, threads: Optional[int]) -> int:
 _work: Optional[Callable] = None  # in a worker: the work function, inherited at fork
 
 
-def _start_worker():
+_PR_SET_PDEATHSIG = 1
+
+
+def _start_worker(parent: int):
+    """A worker's set-up: Ctrl-C is the caller's to handle; the worker dies with the
+    caller (killed, or out of memory: nothing else would tell it, as it holds both
+    ends of its pipes) and names its tmp/ files by the caller's pid, so that another
+    seal's cleanup keeps them while the caller lives, after this worker exits too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0 \
+            or os.getppid() != parent:  # no death signal, or the caller already gone
+        os._exit(1)
+    name_tmp_files_for(parent)
 
 
 def _portable(e: BaseException) -> BaseException:
@@ -138,7 +151,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
     pending: Deque[Tuple[list, Future]] = deque()
     unread: Deque[tuple] = deque()  # results of the chunk being handed out
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_start_worker)
+                               initializer=_start_worker, initargs=(os.getpid(),))
     size = FIRST_CHUNK
 
     def feed() -> bool:
@@ -170,17 +183,51 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
                         yield item, work(item, True), None
                     except OSError as e:
                         yield item, None, e
-    except BrokenProcessPool:
-        raise OSError(errno.ECHILD, "a seal worker process ended abruptly (killed, or out of "
-                                    "memory?): nothing after the files reported was sealed") from None
+    except BaseException as e:
+        # Stopped early (the caller's error or Ctrl-C, or closed): the rest is abandoned.
+        # Another Ctrl-C meanwhile must not leave the pool half stopped (a hang at exit)
+        # or print a traceback: the workers are killed and the first error goes on.
+        try:
+            _stop(pool, pending, unread, abandon)
+        except KeyboardInterrupt:
+            _kill_workers(pool)
+        if isinstance(e, BrokenProcessPool):
+            raise OSError(errno.ECHILD, "a seal worker process ended abruptly (killed, or out "
+                                        "of memory?): nothing after the files reported was "
+                                        "sealed") from None
+        raise
+    else:
+        try:
+            _stop(pool, pending, unread, abandon)
+        except KeyboardInterrupt:
+            _kill_workers(pool)
+            raise
     finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True)
-        made = [value for tag, value in unread if tag == _DONE]
-        for _, fut in pending:
-            if not fut.cancelled() and fut.exception() is None:
-                made.extend(value for tag, value in fut.result() if tag == _DONE)
-        for value in made:
-            abandon(value)
         _work = None
+
+
+def _stop(pool: ProcessPoolExecutor, pending, unread, abandon):
+    """Stop the workers (after the tasks they are running) and abandon every result not
+    handed out."""
+    for _, fut in pending:
+        fut.cancel()
+    pool.shutdown(wait=True)
+    made = [value for tag, value in unread if tag == _DONE]
+    unread.clear()
+    while pending:
+        _, fut = pending.popleft()
+        if not fut.cancelled() and fut.exception() is None:
+            made.extend(value for tag, value in fut.result() if tag == _DONE)
+    for value in made:
+        abandon(value)
+
+
+def _kill_workers(pool: ProcessPoolExecutor):
+    """Kill the workers at once: their staged files carry this process's pid and go at
+    the next seal's cleanup once it has exited."""
+    procs = multiprocessing.active_children()
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.join()  # reaped: none outlives seal, not even as a zombie
+    pool.shutdown(wait=False, cancel_futures=True)

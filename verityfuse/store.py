@@ -55,8 +55,8 @@ class _TmpNames:
         self.reset()
         os.register_at_fork(after_in_child=self.reset)
 
-    def reset(self):
-        self.prefix = f"{os.getpid()}.{os.urandom(6).hex()}"
+    def reset(self, owner: Optional[int] = None):
+        self.prefix = f"{owner or os.getpid()}.{os.urandom(6).hex()}"
         self.counter = itertools.count()  # next() is atomic: threads stage at once
 
     def next(self) -> str:
@@ -64,6 +64,13 @@ class _TmpNames:
 
 
 _tmp_names = _TmpNames()
+
+
+def name_tmp_files_for(pid: int):
+    """In a worker process of ``pid`` (seal_pool): the tmp/ files it stages are ``pid``'s
+    until ``pid`` publishes or removes them, so another seal's or a mount's
+    ``cleanup_tmp`` keeps them while ``pid`` lives, also once the worker has exited."""
+    _tmp_names.reset(owner=pid)
 
 
 def default_store(source: str) -> str:
