@@ -77,8 +77,9 @@ class ManifestRecorder:
     (by ``threads`` worker processes at once, seal_pool).
 
     ``report(digest_text, full_path)`` is called for each sealed file once its batch
-    is durable; ``progress`` is the run's seal_progress.Progress; ``warn`` for what is left out (other file types, names that are not
-    UTF-8).  ``skip_paths`` and ``skip_ids`` ((st_dev, st_ino) pairs) are left out.
+    is durable; ``progress`` is the run's seal_progress.Progress; ``warn`` for what is
+    left out (other file types, names that are not UTF-8).  ``skip_paths`` and
+    ``skip_ids`` ((st_dev, st_ino) pairs) are left out.
     """
 
     def __init__(self, source: str, store: Store, params: merkle.Params, batch: Batch,

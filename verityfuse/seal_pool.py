@@ -18,8 +18,9 @@ and manifests are what one process would make, and at most ``AHEAD_PER_WORKER``
 chunks per worker are in flight: memory does not grow with the number of files.
 
 A worker ignores SIGINT: Ctrl-C reaches the caller, which stops the pool and
-removes what was staged for nothing (``abandon``).  A worker that dies with its
-caller leaves tmp/ files named by its pid, which the next seal removes.
+removes what was staged for nothing (``abandon``).  A worker dies with the caller,
+and names the files it stages by the caller's pid: they are the caller's until it
+publishes or removes them, and the next seal removes them once the caller is gone.
 """
 
 from __future__ import annotations
@@ -67,12 +68,6 @@ def workers(threads: Optional[int]) -> int:
     if threads:
         return threads
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
-
-
-def build_threads(size: int, threads: Optional[int]) -> int:
-    """Hashing threads for one file of ``size`` bytes: one for a file of one chunk,
-    the caller's choice (default: every CPU, at most 4) for a larger one."""
-    return 1 if size <= treebuild.CHUNK_SIZE else (threads or 0)
 
 
 _work: Optional[Callable] = None  # in a worker: the work function, inherited at fork
