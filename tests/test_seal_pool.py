@@ -353,3 +353,29 @@ def test_workers_die_with_a_killed_seal(tmp_path):
     assert r.returncode == 0, r.stderr
     entries, objects, tmp = store_pairs(store)
     assert (len(entries), len(objects), tmp) == (400, 400, [])
+
+
+def test_paths_named_for_a_manifest_update_share_one_pool(tmp_path, monkeypatch):
+    """`seal SRC P1 P2 ... --manifest M` walks every path in one stream: one set of
+    workers, not one for each path (each costs forks and a shutdown), and the manifest
+    entries are the ones a single process records."""
+    from verityfuse import cli, manifest, manifest_tree
+
+    src = tree(tmp_path / "src", 400)
+    made = []
+
+    class Counted(seal_pool.ProcessPoolExecutor):
+        def __init__(self, *a, **kw):
+            made.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(seal_pool, "ProcessPoolExecutor", Counted)
+    paths = [str(src / f"d{i}") for i in range(4)] + [str(src / "d3" / "f0350")]
+    entries = {}
+    for threads in ("2", "1"):
+        m = tmp_path / f"m{threads}.json"
+        assert cli.main(["seal", str(src), *paths, "--manifest", str(m), "--unsigned",
+                         "--store", str(tmp_path / f"s{threads}"), "--threads", threads]) == 0
+        entries[threads] = list(manifest_tree.iter_entries(manifest.read_envelope(str(m))[1]))
+    assert made == [1]
+    assert entries["2"] == entries["1"] and len(entries["1"]) == 1 + 4 + 400

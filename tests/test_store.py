@@ -8,6 +8,7 @@ import stat
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -365,6 +366,28 @@ def test_tmp_names_are_unique_and_name_their_process_across_a_fork(tmp_path):
         assert sorted(os.listdir(os.path.join(st.path, "tmp"))) == sorted(ours + [child])
         assert st.cleanup_tmp() == 1  # the child's: its process is gone
         assert sorted(os.listdir(os.path.join(st.path, "tmp"))) == sorted(ours)
+
+
+def test_tmp_files_of_a_zombie_are_removed(tmp_path):
+    """A process that has exited but is not reaped yet (a zombie, as seal's workers are
+    for a while under a slow init) will never finish its tmp/ files."""
+    with Store(str(tmp_path / "s"), create=True) as st:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        try:
+            for _ in range(200):  # until it has exited (state Z), without reaping it
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+                time.sleep(0.01)
+            write(os.path.join(st.path, "tmp", f"{pid}.abc"), b"x")
+            ours, fd = st.create_tmp()
+            os.close(fd)
+            assert st.cleanup_tmp() == 1
+            assert os.listdir(os.path.join(st.path, "tmp")) == [ours]
+        finally:
+            os.waitpid(pid, 0)
 
 
 # -- batches: durable once per batch, in crash-safe order (store_batch.py) ----------------

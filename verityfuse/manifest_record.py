@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from itertools import chain
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import identity, manifest_tree, merkle
@@ -157,6 +158,10 @@ class ManifestRecorder:
     def walk(self, rel: str = ".") -> Iterator[dict]:
         """The entries of ``rel`` and, for a directory, of everything under it, in
         payload order, each file sealed as it comes."""
+        return self._entries(self._items(rel))
+
+    def _items(self, rel: str) -> Iterator[Tuple[str, os.stat_result]]:
+        """(path, lstat) of ``rel`` and of everything under it, in payload order."""
         if rel != ".":
             full = os.path.join(self.source, rel)
             st = os.lstat(full)
@@ -164,17 +169,18 @@ class ManifestRecorder:
                 return
             if not stat.S_ISDIR(st.st_mode):
                 if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                    yield from self._entries([(rel, st)])
+                    yield rel, st
                 else:
                     self.warn(f"skipping {full}: not a directory, regular file or symlink")
                 return
-        yield from self._entries(scan_sorted(self.source, self.skip, self.warn, rel))
+        yield from scan_sorted(self.source, self.skip, self.warn, rel)
 
     def update(self, existing: Iterable[dict], rels) -> List[dict]:
         """``existing`` entries with ``rels`` re-recorded (removing those gone from
         SOURCE), every other entry kept, in payload order.  This holds every entry: an
         update starts from a manifest read whole (at most manifest.MAX_BYTES)."""
         entries: Dict[str, dict] = {e["path"]: e for e in existing}
+        walked = []
         for rel in rels:
             prefix = rel + "/"
             for p in [p for p in entries if p == rel or p.startswith(prefix)]:
@@ -190,6 +196,9 @@ class ManifestRecorder:
                     if not stat.S_ISDIR(st.st_mode):
                         raise NotADirectoryError(20, "not a directory", os.path.join(self.source, anc))
                     entries[anc] = manifest_tree.entry_of(anc, st)
-            for e in self.walk(rel):
-                entries[e["path"]] = e
+            walked.append(rel)
+        # Every path's files in one stream (one pool of workers, not one for each path);
+        # overlapping paths end as they would one after the other: all were removed above.
+        for e in self._entries(chain.from_iterable(self._items(rel) for rel in walked)):
+            entries[e["path"]] = e
         return sorted(entries.values(), key=_payload_order)

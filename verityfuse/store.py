@@ -66,6 +66,16 @@ class _TmpNames:
 _tmp_names = _TmpNames()
 
 
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` runs: a zombie (exited, not yet reaped by a parent that
+    may never reap it) does not, and will never finish its tmp/ files."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def name_tmp_files_for(pid: int):
     """In a worker process of ``pid`` (seal_pool): the tmp/ files it stages are ``pid``'s
     until ``pid`` publishes or removes them, so another seal's or a mount's
@@ -344,7 +354,7 @@ class Store(StoreIndex):
         try:
             for name in os.listdir(tmpfd):
                 pid = name.split(".", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                if pid.isdigit() and int(pid) != os.getpid() and not _alive(pid):
                     os.unlink(name, dir_fd=tmpfd)
                     removed += 1
         finally:
