@@ -126,6 +126,30 @@ def test_seal_selected_paths_and_external_store(tmp_path):
     assert r.returncode == 0 and r.stdout.count("OK ") == 1
 
 
+def test_seal_of_named_directories_seals_the_files_under_them_in_order(tmp_path):
+    """A directory named to `seal` (local mode) means every regular file under it, as in
+    manifest mode and the library; a missing path is reported in its place."""
+    import json
+
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    for name in ("d/b", "d/a", "d/e/c", "top"):
+        write(src / name, name.encode() * 3000)
+    os.symlink("top", src / "d" / "link")
+    r = run("seal", src, src / "d", src / "missing", src / "top", "--json")
+    assert r.returncode == 1
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(g["file"], "digest" in g) for g in got] == [
+        (f"{src}/d/a", True), (f"{src}/d/b", True), (f"{src}/d/e/c", True),
+        (f"{src}/missing", False), (f"{src}/top", True)]
+    assert got[3]["error"] == "No such file or directory"
+    for g in got[:3] + got[4:]:
+        want = subprocess.run([FSVERITY, "digest", g["file"]], capture_output=True,
+                              text=True).stdout.split()[0]
+        assert g["digest"] == want
+    assert run("verify", src).stderr == "4 of 4 sealed files intact\n"
+
+
 def test_verify_reports_truncated_file(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -248,7 +248,8 @@ def _add_tree_commands(sub):
 
     p = sub.add_parser("seal", help="enable verity offline: build trees into the store")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="files to seal (default: all)")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="files or directories to seal, inside SOURCE (default: all of SOURCE)")
     p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
     p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files; "
                    "its sequence is one above M's (1 for a new M)")

@@ -8,6 +8,7 @@ output is unchanged without it.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Iterable, Optional
@@ -48,10 +49,28 @@ def _report_sealed(args, progress, full: str, digest: str):
         sys.stdout.write(f"{digest} {shown(full)}\n")
 
 
+def _expand(source: str, store: Store, rels):
+    """``rels`` with each directory replaced by the regular files under it (walk_files'
+    order, the store excluded); anything else as it is (sealing it says what is wrong)."""
+    from .sealing import walk_files
+
+    for rel in rels:
+        full = os.path.join(source, rel)
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(full).st_mode)
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            yield rel
+            continue
+        for sub in walk_files(full, store):
+            yield os.path.normpath(os.path.join(rel, sub))
+
+
 def cmd_seal(args, params, key, rels) -> int:
     from . import identity
     from .seal_pool import SMALL, in_order
-    from .sealing import stage_path, walk_files
+    from .sealing import stage_path
     from .store_batch import Batch
 
     with open_store(args, create=True) as store:
@@ -59,13 +78,15 @@ def cmd_seal(args, params, key, rels) -> int:
         if args.manifest:
             return seal_manifest(args, store, params, key, rels)
         tty = sys.stderr.isatty()
-        if rels is None:  # walked as sealed: memory does not grow with the number of files
-            # On a terminal, one walk more for the totals (the store excluded, as sealed).
-            total = paths_size(os.path.join(args.source, r)
-                               for r in walk_files(args.source, store)) if tty else (0, 0)
-            rels = walk_files(args.source, store)
-        else:
-            total = paths_size(os.path.join(args.source, r) for r in rels) if tty else (0, 0)
+        named = ["."] if rels is None else rels
+
+        def files():
+            """The files to seal, walked as they are sealed: memory does not grow with
+            their number.  A directory named means every regular file under it."""
+            return _expand(args.source, store, named)
+
+        # On a terminal, one walk more for the totals (the store excluded, as sealed).
+        total = paths_size(os.path.join(args.source, r) for r in files()) if tty else (0, 0)
         progress = Progress(*total)
         failed = 0
 
@@ -88,7 +109,7 @@ def cmd_seal(args, params, key, rels) -> int:
             with Batch(store, flush=sys.stdout.flush) as batch:
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
-                for rel, done, e in in_order(rels, stage, args.threads,
+                for rel, done, e in in_order(files(), stage, args.threads,
                                              lambda r: r[0].drop(store),
                                              progress.worker_done if progress.enabled else None):
                     full = os.path.join(args.source, rel)
