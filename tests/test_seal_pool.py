@@ -98,12 +98,19 @@ def test_a_caller_that_stops_early_gets_every_unused_result_abandoned():
     assert children_of(os.getpid()) == []
 
 
+class TwoArgs(VerityError):
+    """An error whose constructor does not take its message: it cannot be unpickled."""
+
+    def __init__(self, what, where):
+        super().__init__(f"{what} at {where}")
+
+
 def test_an_error_that_cannot_cross_the_pipe_arrives_as_its_kind_with_its_message():
-    """IntegrityError's constructor does not take its message: it would break the pool;
-    it arrives as a VerityError saying what it was (the CLI reports VerityErrors)."""
+    """It would break the pool; it arrives as a VerityError saying what it was (the CLI
+    reports VerityErrors)."""
     def work(item, here):
         if item == 77:
-            raise IntegrityError("f", 4096, b"\1" * 32, b"\2" * 32)
+            raise TwoArgs("odd", 77)
         return item
 
     abandoned = []
@@ -111,10 +118,41 @@ def test_an_error_that_cannot_cross_the_pipe_arrives_as_its_kind_with_its_messag
         for _ in in_order(range(1000), work, 2, abandoned.append):
             pass
     assert type(e.value) is VerityError
-    assert str(e.value) == (f"IntegrityError: f: data block at offset 4096: expected hash "
-                            f"{'01' * 32}, actual {'02' * 32}")
+    assert str(e.value) == "TwoArgs: odd at 77"
     assert all(a > 77 for a in abandoned)
     assert children_of(os.getpid()) == []
+
+
+def test_an_integrity_error_crosses_the_pipe_whole():
+    """verify's workers send IntegrityErrors inside their results."""
+    import pickle
+
+    e = IntegrityError("d/f", 8192, b"\1" * 32, b"\2" * 32, what="tree block")
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is IntegrityError and str(back) == str(e)
+    assert (back.path, back.offset, back.expected, back.actual, back.what, back.data_offset) == (
+        "d/f", 8192, b"\1" * 32, b"\2" * 32, "tree block", None)
+
+
+def test_buffers_made_before_a_fork_are_not_shared_with_it():
+    """Python maps anonymous memory shared: a read buffer made before the workers fork
+    was one buffer for all of them, and two workers reading into it at once hashed each
+    other's bytes (wrong digests, seen under load)."""
+    from verityfuse import reader, treebuild
+
+    small = treebuild._read_buffer(8192)  # the thread's own, kept for the next file
+    pooled = reader.POOL.take(4096)
+    small[0] = pooled[0] = 1
+    pid = os.fork()
+    if pid == 0:
+        try:
+            treebuild._read_buffer(8192)[0] = 2
+            pooled[0] = 2
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert (small[0], pooled[0]) == (1, 1)
+    reader.POOL.give(pooled)
 
 
 def test_a_worker_killed_is_a_clear_error():
@@ -379,3 +417,43 @@ def test_paths_named_for_a_manifest_update_share_one_pool(tmp_path, monkeypatch)
         entries[threads] = list(manifest_tree.iter_entries(manifest.read_envelope(str(m))[1]))
     assert made == [1]
     assert entries["2"] == entries["1"] and len(entries["1"]) == 1 + 4 + 400
+
+
+def test_verify_with_workers_reports_every_kind_of_failure_as_one_process_does(tmp_path):
+    """`verify` checks files in worker processes: a hash mismatch, a changed size, a
+    damaged store object and an unreadable file cross the pipe with their messages
+    (IntegrityError pickles with its own arguments), in walk order, with the same
+    output and exit status as one process."""
+    src = tree(tmp_path / "src", 300)
+    assert subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), "--threads", "1"],
+                          capture_output=True).returncode == 0
+    with open(src / "d0" / "f0040", "r+b") as f:  # 5240 bytes: flip a byte of block 1
+        f.seek(4100)
+        b = f.read(1)
+        f.seek(4100)
+        f.write(bytes([b[0] ^ 1]))
+    with open(src / "d1" / "f0150", "ab") as f:
+        f.write(b"more")
+    os.unlink(src / "d2" / "f0250")
+    os.mkfifo(src / "d2" / "f0250")  # a FIFO where a sealed file was: a stale entry
+    digest = fsverity_digest(src / "d2" / "f0260")[0].split()[0].split(":")[1]
+    with open(src / ".verityfuse" / "objects" / "sha256" / digest[:2] / digest, "r+b") as f:
+        f.truncate(100)  # its store object damaged
+    outs = {}
+    for threads in ("1", "2"):
+        for fmt in ([], ["--json"]):
+            outs[threads, bool(fmt)] = subprocess.run(
+                [sys.executable, "-m", "verityfuse", "verify", str(src), "--threads", threads,
+                 *fmt], capture_output=True, text=True)
+    for fmt in (False, True):
+        one, two = outs["1", fmt], outs["2", fmt]
+        assert (two.returncode, two.stdout, two.stderr) == (one.returncode, one.stdout, one.stderr)
+        assert one.returncode == 1
+    lines = [json.loads(line) for line in outs["2", True].stdout.splitlines()]
+    bad = {g["file"][len(str(src)) + 1:]: g["status"] for g in lines
+           if g.get("status") in ("corrupt", "error")}  # (the oracle's files are unsealed)
+    assert bad == {"d0/f0040": "corrupt", "d1/f0150": "corrupt", "d2/f0260": "corrupt"}
+    text = outs["2", False]
+    assert f"CORRUPT {src}/d0/f0040: data block at offset 4096: expected " in text.stdout
+    assert f"CORRUPT {src}/d2/f0260: " in text.stdout and "truncated header" in text.stdout
+    assert "1 index entries name no file" in text.stderr

@@ -291,6 +291,9 @@ def _add_store_commands(sub):
     p.add_argument("--strict", action="store_true",
                    help="unsealed regular files are failures too (listed as UNSEALED)")
     p.add_argument("--json", action="store_true", help="one JSON object per file, then a summary")
+    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="worker processes verifying files at once (default: one per CPU, at "
+                        "most 4; 1: no worker process)")
     p.add_argument("--manifest", metavar="M", help="check SOURCE against this manifest instead: "
                    "every listed entry's type, metadata and content, and what it does not list "
                    "(the host's CI gate before shipping a share)")

@@ -319,6 +319,7 @@ def cmd_verify(args) -> int:
     if args.trust_key or args.manifest_digest:
         error("--trust-key and --manifest-digest need --manifest")
         return EXIT_USAGE
+    from .seal_pool import in_order
     from .sealing import describe_failure, verify_file, walk_files
     from .verifier import TreeBlockCache
 
@@ -326,8 +327,13 @@ def cmd_verify(args) -> int:
     counts = dict(sealed=0, corrupt=0, unsealed=0, unreadable=0)
     seen = set()
     with open_store(args, create=False) as store:
-        for rel in walk_files(args.source, store):
-            res = verify_file(store, args.source, rel, cache)
+        def check(rel, here):  # in seal_pool's workers, files of any size
+            return verify_file(store, args.source, rel, cache)
+
+        for rel, res, _ in in_order(walk_files(args.source, store), check, args.threads,
+                                    abandon=lambda res: None, command="verify",
+                                    done="verified"):
+            assert res is not None  # verify_file reports every OSError in its result
             name = os.path.join(args.source, rel)
             if res.sealed:
                 seen.add(res.key)

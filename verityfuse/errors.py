@@ -70,6 +70,9 @@ class IntegrityError(Corruption):
             f"{name}: {what} {offset}: expected hash {expected.hex()}, actual {actual.hex()}",
             name)
 
+    def __reduce__(self):  # through a pipe (verify's worker processes): its own arguments
+        return type(self), (self.path, self.offset, self.expected, self.actual, self.what)
+
 
 class SizeMismatch(Corruption):
     """The backing file was truncated or extended after sealing."""

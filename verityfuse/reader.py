@@ -35,7 +35,7 @@ from typing import Generator, List, Optional, Tuple, Union
 
 from . import fsutil
 from .errors import SizeMismatch
-from .treebuild import read_full
+from .treebuild import private_map, read_full
 from .verifier import Verifier
 
 STEP = 256 * 1024  # a piece: ~0.1-0.2 ms of pread and hashing on one core
@@ -64,7 +64,7 @@ class BufferPool:
         for i, buf in enumerate(self.free):
             if len(buf) >= n:
                 return self.free.pop(i)
-        return mmap.mmap(-1, max(n, 1 << 20))
+        return private_map(max(n, 1 << 20))
 
     def give(self, buf: mmap.mmap):
         if len(self.free) < self.keep:
@@ -247,7 +247,7 @@ class VerifiedReader:
         if inline:
             buf = POOL.take(padded)
         else:  # a buffer of its own (page-aligned where the copy is large enough to care)
-            buf = mmap.mmap(-1, padded) if padded >= ALIGN_FROM else bytearray(padded)
+            buf = private_map(padded) if padded >= ALIGN_FROM else bytearray(padded)
         try:
             mv = memoryview(buf)[:padded]
             step = self.step

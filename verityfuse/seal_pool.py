@@ -1,5 +1,5 @@
-"""Files sealed by a few worker processes at once, their results taken in order by
-the calling process.
+"""Files sealed (or verified) by a few worker processes at once, their results taken
+in order by the calling process.
 
 Why processes: sealing a small file is mostly Python around a dozen system calls
 (open and read it, create, write and close its tree object and its index entry).
@@ -118,6 +118,7 @@ def _run(items: list) -> List[tuple]:
 
 def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional[int],
              abandon: Callable[[R], None], after_worker: Optional[Callable[[R], None]] = None,
+             command: str = "seal", done: str = "sealed",
              ) -> Iterator[Tuple[T, Optional[R], Optional[OSError]]]:
     """(item, result, None), or (item, None, the OSError it raised), for each item in
     order; any other exception is raised here.
@@ -127,7 +128,8 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
     worker, and for the items a worker handed back.  ``after_worker(result)`` is
     called here, in order, for each result a worker made (its progress).  When the
     caller stops early, ``abandon(result)`` is called on every result made for
-    nothing (staged files to remove)."""
+    nothing (staged files to remove).  ``command`` and ``done`` word the error of a
+    worker that died ("seal", "sealed")."""
     source = iter(items)
     first = list(islice(source, FIRST_CHUNK))
     n = workers(threads)
@@ -187,9 +189,9 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
         except KeyboardInterrupt:
             _kill_workers(pool)
         if isinstance(e, BrokenProcessPool):
-            raise OSError(errno.ECHILD, "a seal worker process ended abruptly (killed, or out "
-                                        "of memory?): nothing after the files reported was "
-                                        "sealed") from None
+            raise OSError(errno.ECHILD, f"a {command} worker process ended abruptly (killed, "
+                                        f"or out of memory?): nothing after the files reported "
+                                        f"was {done}") from None
         raise
     else:
         try:

@@ -124,9 +124,16 @@ def _read_buffer(size: int) -> memoryview:
     if size <= SMALL_BUFFER:
         buf = getattr(_local, "buf", None)
         if buf is None:
-            buf = _local.buf = memoryview(mmap.mmap(-1, SMALL_BUFFER))
+            buf = _local.buf = memoryview(private_map(SMALL_BUFFER))
         return buf[:size]
-    return memoryview(mmap.mmap(-1, size))
+    return memoryview(private_map(size))
+
+
+def private_map(size: int) -> mmap.mmap:
+    """Anonymous memory of this process's own.  Python maps anonymous memory shared by
+    default, and a fork (seal_pool's workers) would then share a buffer made before it:
+    two workers reading different files into one buffer hashed each other's bytes."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
 def build_tree(
