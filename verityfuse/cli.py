@@ -2,7 +2,7 @@
 
 Exit codes follow fsverity-utils: 0 success, 1 error, 2 usage error.  Errors
 are printed as ``ERROR: <message>`` on stderr.  Mount commands live in
-cli_mount, seal/verify in cli_seal; this module parses and dispatches.
+cli_mount, seal in cli_seal, verify in cli_verify; this module parses and dispatches.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def _add_tree_commands(sub):
 
 
 def _add_store_commands(sub):
-    from . import cli_seal
+    from . import cli_seal, cli_verify
 
     p = sub.add_parser("verify", help="check every sealed file under SOURCE against its tree")
     p.add_argument("source", metavar="SOURCE")
@@ -301,7 +301,7 @@ def _add_store_commands(sub):
                    help="with --manifest: the key it must be signed with (repeatable)")
     p.add_argument("--manifest-digest", metavar="sha256:HEX|@FILE", type=_pinned_digest,
                    help="with --manifest: its pinned digest (or @FILE holding it)")
-    p.set_defaults(func=cli_seal.cmd_verify)
+    p.set_defaults(func=cli_verify.cmd_verify)
 
     p = sub.add_parser("upgrade-store", help="convert a format-1 store (indexed by path) to format 2")
     p.add_argument("source", metavar="SOURCE")
