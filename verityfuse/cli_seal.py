@@ -62,8 +62,9 @@ def _expand(source: str, store: Store, rels):
         if not is_dir:
             yield rel
             continue
-        for sub in walk_files(full, store):
-            yield os.path.normpath(os.path.join(rel, sub))
+        # rel is relpath's (normal): joined as it is, and "." (all of SOURCE) not at all.
+        yield from (walk_files(full, store) if rel == "." else
+                    (os.path.join(rel, sub) for sub in walk_files(full, store)))
 
 
 def cmd_seal(args, params, key, rels) -> int:
