@@ -457,3 +457,19 @@ def test_verify_with_workers_reports_every_kind_of_failure_as_one_process_does(t
     assert f"CORRUPT {src}/d0/f0040: data block at offset 4096: expected " in text.stdout
     assert f"CORRUPT {src}/d2/f0260: " in text.stdout and "truncated header" in text.stdout
     assert "1 index entries name no file" in text.stderr
+
+
+@pytest.mark.parametrize("result", ["unreadable", "unpicklable"])
+def test_a_result_that_cannot_cross_the_pipe_is_an_error_saying_so(result):
+    """Not 'a worker ended abruptly (killed?)': the pool is fine, a result is not."""
+    def work(item, here):
+        if item == 77:
+            return TwoArgs("odd", 77) if result == "unreadable" else (lambda: None)
+        return item
+
+    with pytest.raises(OSError) as e:
+        for _ in in_order(range(1000), work, 2, lambda r: None):
+            pass
+    assert e.value.errno == errno.EPROTO
+    assert e.value.strerror.startswith("a worker process's results could not be passed back: ")
+    assert children_of(os.getpid()) == []

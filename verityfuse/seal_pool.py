@@ -100,8 +100,10 @@ def _portable(e: BaseException) -> BaseException:
         return kind(f"{type(e).__name__}: {e}")
 
 
-def _run(items: list) -> List[tuple]:
-    """In a worker: (tag, result or error) for each item of a chunk."""
+def _run(items: list) -> bytes:
+    """In a worker: (tag, result or error) for each item of a chunk, pickled here, so
+    that a result that cannot cross the pipe is an error saying so (the executor would
+    instead report its pool broken, as if a worker had been killed)."""
     assert _work is not None
     out: List[tuple] = []
     for item in items:
@@ -113,7 +115,15 @@ def _run(items: list) -> List[tuple]:
             out.append((_FAILED, _portable(e)))
         except Exception as e:
             raise _portable(e) from None
-    return out
+    try:
+        return pickle.dumps(out)
+    except Exception as e:
+        raise _unreadable(e) from None
+
+
+def _unreadable(e: Exception) -> OSError:
+    return OSError(errno.EPROTO, f"a worker process's results could not be passed back: "
+                                 f"{type(e).__name__}: {e}")
 
 
 def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional[int],
@@ -164,7 +174,11 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
             pass
         while pending:
             chunk, fut = pending[0]
-            unread.extend(fut.result())
+            blob = fut.result()  # what a worker raised is raised here as it is
+            try:
+                unread.extend(pickle.loads(blob))
+            except Exception as e:  # a result of a kind that cannot be rebuilt here
+                raise _unreadable(e) from None
             pending.popleft()
             feed()
             for item in chunk:
@@ -214,7 +228,10 @@ def _stop(pool: ProcessPoolExecutor, pending, unread, abandon):
     while pending:
         _, fut = pending.popleft()
         if not fut.cancelled() and fut.exception() is None:
-            made.extend(value for tag, value in fut.result() if tag == _DONE)
+            try:
+                made.extend(value for tag, value in pickle.loads(fut.result()) if tag == _DONE)
+            except Exception:
+                pass  # not readable here: its staged files go with this process (cleanup)
     for value in made:
         abandon(value)
 
