@@ -161,3 +161,37 @@ def test_human_output_escapes_names_a_host_chose(tree):
 
     rc, lines = out("digest", os.path.join(os.fsencode(src), os.fsencode(forged[1])))
     assert rc == 0 and lines[0].endswith(f" {src}/{shown[1]}")
+
+
+def test_worker_processes_report_what_one_process_does(tmp_path):
+    """verify --manifest checks entries in worker processes (by index into the tree each
+    inherited): every kind of result, in manifest order, the same bytes and exit status
+    as with one process."""
+    src = tmp_path / "src"
+    for i in range(60):
+        (src / f"d{i // 20}").mkdir(parents=True, exist_ok=True)
+        write(src / f"d{i // 20}" / f"f{i:02d}", bytes([i]) * (i * 397))
+    os.symlink("d0/f01", src / "l")
+    assert vf("keygen", tmp_path / "k.pem", tmp_path / "p.pem").returncode == 0
+    m = tmp_path / "m.json"
+    assert vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "k.pem").returncode == 0
+    st = os.stat(src / "d0" / "f15")
+    flip(src / "d0" / "f15", 4200)                         # corrupt
+    os.utime(src / "d0" / "f15", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(src / "d1" / "f21", 0o600)                    # differs
+    os.unlink(src / "d1" / "f22")                          # missing
+    os.unlink(src / "d2" / "f45")
+    os.mkdir(src / "d2" / "f45")                           # a directory where a file was
+    os.unlink(src / "l")
+    os.symlink("elsewhere", src / "l")                     # another target
+    write(src / "d2" / "new", b"n")                        # unlisted
+    outs = {t: [vf("verify", src, "--manifest", m, "--trust-key", tmp_path / "p.pem", "--threads",
+                   t, *fmt) for fmt in ([], ["--json"])] for t in ("1", "2")}
+    for one, two in zip(outs["1"], outs["2"]):
+        assert (two.returncode, two.stdout, two.stderr) == (one.returncode, one.stdout, one.stderr)
+    status = {os.path.relpath(o["file"], src): o["status"]
+              for o in map(json.loads, outs["2"][1].stdout.splitlines()) if "file" in o}
+    assert {p: s for p, s in status.items() if s != "ok"} == {
+        ".": "differs", "d0/f15": "corrupt", "d1": "differs", "d1/f21": "differs",
+        "d1/f22": "missing", "d2": "differs", "d2/f45": "differs", "l": "differs",
+        "d2/new": "unlisted"}

@@ -292,8 +292,8 @@ def _add_store_commands(sub):
                    help="unsealed regular files are failures too (listed as UNSEALED)")
     p.add_argument("--json", action="store_true", help="one JSON object per file, then a summary")
     p.add_argument("--threads", type=_threads, default=None, metavar="N",
-                   help="worker processes verifying files at once (default: one per CPU, at "
-                        "most 4; 1: no worker process)")
+                   help="worker processes verifying files (or manifest entries) at once "
+                        "(default: one per CPU, at most 4; 1: no worker process)")
     p.add_argument("--manifest", metavar="M", help="check SOURCE against this manifest instead: "
                    "every listed entry's type, metadata and content, and what it does not list "
                    "(the host's CI gate before shipping a share)")

@@ -51,7 +51,8 @@ def cmd_verify_manifest(args) -> int:
         return EXIT_ERROR
     counts = dict.fromkeys(("ok", "corrupt", "differs", "missing", "unlisted", "error"), 0)
     with open_store(args, objects_only=True) as store:
-        for res in check_tree(args.source, m.tree, store, skip=(store.path, args.manifest)):
+        for res in check_tree(args.source, m.tree, store, skip=(store.path, args.manifest),
+                              threads=args.threads):
             counts[res.status] += 1
             name = os.path.normpath(os.path.join(args.source, res.path))
             if args.json:

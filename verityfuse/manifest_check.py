@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional, Set, Tuple
 from . import fsutil, manifest_tree
 from .errors import VerityError
 from .reader import attach_reader
+from .seal_pool import in_order
 from .sealing import describe_failure
 from .treebuild import CHUNK_SIZE
 from .verifier import TreeBlockCache
@@ -131,14 +132,23 @@ def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str
         dirnames[:] = keep  # an unlisted directory is reported once, not walked
 
 
-def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str] = ()
-               ) -> Iterator[EntryResult]:
-    """Every manifest entry in manifest order, then every unlisted path."""
+def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str] = (),
+               threads: Optional[int] = None) -> Iterator[EntryResult]:
+    """Every manifest entry in manifest order, then every unlisted path.  Entries are
+    checked by seal_pool's worker processes (``threads``); each worker finds the node
+    by its index in the tree it inherited, so only numbers and results cross the pipe."""
     cache = TreeBlockCache()
+    nodes = tree.nodes
     root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def check(i: int, here: bool) -> EntryResult:
+        return check_node(root_fd, nodes[i], store, cache)
+
     try:
-        for node in tree.nodes:
-            yield check_node(root_fd, node, store, cache)
+        for _, res, err in in_order(range(len(nodes)), check, threads, lambda res: None,
+                                    command="verify", done="verified"):
+            assert res is not None, err  # check_node reports every OSError in its result
+            yield res
     finally:
         os.close(root_fd)
     for rel in unlisted(source, {n.path for n in tree.nodes}, skip):
