@@ -14,7 +14,7 @@ import errno
 import hashlib
 import os
 import struct
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from . import fsutil
 
@@ -74,20 +74,21 @@ def key_of(fd: int) -> str:
 
 
 class Keys:
-    """``key_of`` for the many files of one run (a seal): each filesystem's fsid is asked
-    once, by device number, instead of a statfs per file.  A device number names
-    another filesystem only after an unmount and a new mount, which one run does not
-    outlive (the inode table keeps its fsids for a mount's life the same way)."""
+    """``key_of`` for the many files of one run (a seal) or one mount (the inode table):
+    each filesystem's fsid is asked once, by device number, instead of a statfs per
+    file.  A device number names another filesystem only after an unmount and a new
+    mount, which neither outlives."""
 
     def __init__(self):
         self._fsids: Dict[int, int] = {}
 
-    def of(self, fd: int, dev: int) -> str:
-        """key_of(fd), for ``fd`` on device ``dev`` (its st_dev)."""
+    def of(self, fd: int, dev: int, handle: Optional[Tuple[int, bytes]] = None) -> str:
+        """key_of(fd), for ``fd`` on device ``dev`` (its st_dev); ``handle``: its handle,
+        when the caller has it already."""
         fs = self._fsids.get(dev)
         if fs is None:
             fs = self._fsids[dev] = fsid(fd)
-        return store_key(fs, handle_of(fd))
+        return store_key(fs, handle if handle is not None else handle_of(fd))
 
 
 def can_reopen(fd: int) -> bool:

@@ -115,7 +115,7 @@ class InodeTable:
         self.mount_fds: Dict[int, int] = {}
         self._add_mount(st.st_dev, root_fd)
         self.reopen = identity.can_reopen(self.mount_fds[st.st_dev])
-        self.fsids: Dict[int, int] = {}
+        self.keys = identity.Keys()
         self._next_synthetic = SYNTHETIC
         self.root = self._new(ROOT_INO, root_fd, st)
         self.root.lookups = 1  # never forgotten (and its fd is pinned: see _cache)
@@ -136,10 +136,7 @@ class InodeTable:
                                       os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def store_key(self, inode: Inode) -> str:
-        fs = self.fsids.get(inode.dev)
-        if fs is None:
-            fs = self.fsids[inode.dev] = identity.fsid(inode.fd)
-        return identity.store_key(fs, inode.handle)
+        return self.keys.of(inode.fd, inode.dev, inode.handle)
 
     def _node_id(self, st: os.stat_result) -> int:
         n = st.st_ino
