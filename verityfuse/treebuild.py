@@ -85,6 +85,14 @@ def read_full(fd: int, buf: Union[bytearray, memoryview], offset: int) -> int:
     return got
 
 
+def _shrank(size: int, got: int) -> OSError:
+    return OSError(f"file shrank while hashing: expected {size} bytes, got {got}")
+
+
+def _grew(size: int) -> OSError:
+    return OSError(f"file grew while hashing: more than {size} bytes")
+
+
 def read_small(fd: int, size: int) -> bytes:
     """The ``size`` bytes of a small file from offset 0, and proof that it has no more:
     one pread of a byte more than ``size`` (two system calls for a small file's read
@@ -93,10 +101,10 @@ def read_small(fd: int, size: int) -> bytes:
     while len(data) < size:  # a short read before the end (a FUSE or network source)
         more = os.pread(fd, size + 1 - len(data), len(data))
         if not more:
-            raise OSError(f"file shrank while hashing: expected {size} bytes, got {len(data)}")
+            raise _shrank(size, len(data))
         data += more
     if len(data) > size:
-        raise OSError(f"file grew while hashing: more than {size} bytes")
+        raise _grew(size)
     return data
 
 
@@ -181,15 +189,14 @@ def build_tree(
         mv = buf[:padded]
         got = read_full(fd, mv[:want], offset)
         if got != want:
-            raise OSError(f"file shrank while hashing: expected {data_size} bytes, "
-                          f"got {offset + got}")
+            raise _shrank(data_size, offset + got)
         if padded != want:
             mv[want:] = bytes(padded - want)  # the buffer is reused: clear the padding
         return mv
 
     def check_not_grown():
         if os.pread(fd, 1, data_size):
-            raise OSError(f"file grew while hashing: more than {data_size} bytes")
+            raise _grew(data_size)
 
     if threads == 1 or nchunks == 1:
         # One thread: no workers.  The native module may still share a lone
