@@ -473,3 +473,26 @@ def test_a_result_that_cannot_cross_the_pipe_is_an_error_saying_so(result):
     assert e.value.errno == errno.EPROTO
     assert e.value.strerror.startswith("a worker process's results could not be passed back: ")
     assert children_of(os.getpid()) == []
+
+
+def test_workers_refuse_what_is_not_a_regular_file_without_blocking(tmp_path):
+    """Paths named to seal with workers: a FIFO (which an open could block on), a
+    symlink and a device are refused in place by the worker's O_PATH check, each with
+    its kind named, and every other file is sealed."""
+    src = tree(tmp_path / "src", 100)
+    os.mkfifo(src / "fifo")
+    os.symlink("d0/f0001", src / "link")
+    os.mknod(src / "null", 0o600 | 0o020000, os.makedev(1, 3))
+    names = [f"d{i // 100}/f{i:04d}" for i in range(40)]
+    odd = ["fifo", "link", "null"]
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src),
+                        *(str(src / n) for n in names[:20] + odd + names[20:]), "--json",
+                        "--threads", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [g["file"] for g in got] == [str(src / n) for n in names[:20] + odd + names[20:]]
+    errors = {os.path.basename(g["file"]): g["error"] for g in got if "error" in g}
+    assert errors == {"fifo": f"{src}/fifo is a FIFO, not a regular file",
+                      "link": f"{src}/link is a symlink, not a regular file",
+                      "null": f"{src}/null is a character device, not a regular file"}
+    assert sum("digest" in g for g in got) == 40
