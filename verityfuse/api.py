@@ -23,6 +23,7 @@ from .api_core import (Digest, HashAlgArg, NotSealedError, PathArg, digest_of, e
 from .verified_file import VerifiedFile, open_verified
 
 if TYPE_CHECKING:
+    from .source_dir import SourceDir
     from .store import Store
 
 __all__ = [
@@ -105,10 +106,11 @@ def _inside(path: str, directory: str) -> bool:
     return rel != ".." and not rel.startswith("../")
 
 
-def _seal_targets(source: str, store: "Store", paths: Iterable[PathArg]) -> List[str]:
+def _seal_targets(src: "SourceDir", store: "Store", paths: Iterable[PathArg]) -> List[str]:
     from .sealing import walk_files
 
     rels: Dict[str, None] = {}
+    source = src.path
     src_abs = os.path.abspath(source)
     for p in paths:
         full = os.path.abspath(os.path.join(source, fspath(p)))
@@ -117,10 +119,10 @@ def _seal_targets(source: str, store: "Store", paths: Iterable[PathArg]) -> List
         if _inside(full, store.path):
             raise ValueError(f"{fspath(p)!r} is inside the store {store.path!r}")
         rel = os.path.relpath(full, src_abs)
-        st = os.lstat(full)
+        st = src.lstat(rel)
         if stat.S_ISDIR(st.st_mode):
-            for sub in walk_files(full, store):
-                rels[os.path.normpath(os.path.join(rel, sub))] = None
+            for sub in walk_files(src, store, rel):
+                rels[sub] = None
         else:
             rels[rel] = None
     return list(rels)
@@ -158,6 +160,7 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
         (``verityfuse upgrade-store``).
     """
     from .sealing import seal_path, walk_files
+    from .source_dir import SourceDir
     from .store import Store
 
     src = fspath(source)
@@ -166,12 +169,13 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     params = _params(hash_alg, block_size, salt)
     threads = _threads(threads)
     out: Dict[str, Digest] = {}
-    with Store(fspath(store) if store is not None else _default_store(src), create=True) as st:
+    with Store(fspath(store) if store is not None else _default_store(src), create=True) as st, \
+            SourceDir(src) as sd:
         st.cleanup_tmp()
-        rels = list(walk_files(src, st)) if paths is None else _seal_targets(src, st, paths)
+        rels = list(walk_files(sd, st)) if paths is None else _seal_targets(sd, st, paths)
         for rel in rels:
             built: List[merkle.Descriptor] = []
-            seal_path(st, src, rel, params, check=built.append, threads=threads)
+            seal_path(st, sd, rel, params, check=built.append, threads=threads)
             out[rel] = digest_of(built[-1])
     return out
 
@@ -264,6 +268,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1.
     """
     from .sealing import describe_failure, verify_file, walk_files
+    from .source_dir import SourceDir
     from .store import Store
     from .verifier import TreeBlockCache
 
@@ -274,9 +279,9 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     cache = TreeBlockCache()
     results: List[FileResult] = []
     seen: set[str] = set()
-    with Store(store_path) as st:
-        for rel in walk_files(src, st):
-            res = verify_file(st, src, rel, cache)
+    with Store(store_path) as st, SourceDir(src) as sd:
+        for rel in walk_files(sd, st):
+            res = verify_file(st, sd, rel, cache)
             d = Digest(res.entry.alg.name, res.entry.digest) if res.entry is not None else None
             if res.sealed and res.key is not None:
                 seen.add(res.key)

@@ -18,6 +18,7 @@ from .seal_progress import Progress, paths_size, tree_size
 
 if TYPE_CHECKING:
     from .manifest_header import Header
+    from .source_dir import SourceDir
     from .store import Store
 
 EXIT_ERROR = 1
@@ -48,42 +49,41 @@ def _report_sealed(args, progress, full: str, digest: str):
         sys.stdout.write(f"{digest} {shown(full)}\n")
 
 
-def _expand(source: str, store: Store, rels):
+def _expand(src: SourceDir, store: Store, rels):
     """``rels`` with each directory replaced by the regular files under it (walk_files'
     order, the store excluded); anything else as it is (sealing it says what is wrong)."""
     from .sealing import walk_files
 
     for rel in rels:
-        full = os.path.join(source, rel)
         try:
-            is_dir = stat.S_ISDIR(os.lstat(full).st_mode)
+            is_dir = stat.S_ISDIR(src.lstat(rel).st_mode)
         except OSError:
             is_dir = False
-        if not is_dir:
+        if is_dir:
+            yield from walk_files(src, store, rel)  # rel is relpath's (normal)
+        else:
             yield rel
-            continue
-        # rel is relpath's (normal): joined as it is, and "." (all of SOURCE) not at all.
-        yield from (walk_files(full, store) if rel == "." else
-                    (os.path.join(rel, sub) for sub in walk_files(full, store)))
 
 
 def cmd_seal(args, params, key, rels) -> int:
     from . import identity
     from .seal_pool import SMALL, in_order
     from .sealing import stage_path
+    from .source_dir import SourceDir
     from .store_batch import Batch
 
-    with open_store(args, create=True) as store:
+    # SOURCE is opened once, before the workers fork: every path is resolved beneath it.
+    with open_store(args, create=True) as store, SourceDir(args.source) as src:
         store.cleanup_tmp()
         if args.manifest:
-            return seal_manifest(args, store, params, key, rels)
+            return seal_manifest(args, store, src, params, key, rels)
         tty = sys.stderr.isatty()
         named = ["."] if rels is None else rels
 
         def files():
             """The files to seal, walked as they are sealed: memory does not grow with
             their number.  A directory named means every regular file under it."""
-            return _expand(args.source, store, named)
+            return _expand(src, store, named)
 
         # On a terminal, one walk more for the totals (the store excluded, as sealed).
         total = paths_size(os.path.join(args.source, r) for r in files()) if tty else (0, 0)
@@ -94,7 +94,7 @@ def cmd_seal(args, params, key, rels) -> int:
 
         def stage(rel, here):
             """In a worker (``here`` False) a small file; here any, with its progress."""
-            return stage_path(store, args.source, rel, params, threads=args.threads,
+            return stage_path(store, src, rel, params, threads=args.threads,
                               progress=progress.for_file if here and progress.enabled else None,
                               keys=keys, max_size=None if here else SMALL)
 
@@ -112,7 +112,7 @@ def cmd_seal(args, params, key, rels) -> int:
                 for rel, done, e in in_order(files(), stage, args.threads,
                                              lambda r: r[0].drop(store),
                                              progress.worker_done if progress.enabled else None):
-                    full = os.path.join(args.source, rel)
+                    full = src.full(rel)
                     if e is not None:
                         failed += 1
                         batch.then(not_sealed, full, e.strerror or str(e))
@@ -190,7 +190,7 @@ def _next_header(args, key, prev: _Previous):
     return manifest_header.Header(sequence, expires)
 
 
-def seal_manifest(args, store, params, key, rels) -> int:
+def seal_manifest(args, store, src, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
     from . import manifest, manifest_header, manifest_tree
     from .manifest_record import ManifestRecorder
@@ -211,7 +211,7 @@ def seal_manifest(args, store, params, key, rels) -> int:
 
     with Batch(store, flush=sys.stdout.flush) as batch, \
             ManifestWriter(args.manifest, header) as out:
-        rec = ManifestRecorder(args.source, store, params, batch, skip_paths=[args.manifest],
+        rec = ManifestRecorder(src, store, params, batch, skip_paths=[args.manifest],
                                skip_ids=[out.file_id], warn=warn, report=report,
                                progress=progress, threads=args.threads)
         try:

@@ -88,16 +88,17 @@ def cmd_verify(args) -> int:
         return EXIT_USAGE
     from .seal_pool import in_order
     from .sealing import describe_failure, verify_file, walk_files
+    from .source_dir import SourceDir
     from .verifier import TreeBlockCache
 
     cache = TreeBlockCache()
     counts = dict(sealed=0, corrupt=0, unsealed=0, unreadable=0)
     seen = set()
-    with open_store(args, create=False) as store:
+    with open_store(args, create=False) as store, SourceDir(args.source) as src:
         def check(rel, here):  # in seal_pool's workers, files of any size
-            return verify_file(store, args.source, rel, cache)
+            return verify_file(store, src, rel, cache)
 
-        for rel, res, _ in in_order(walk_files(args.source, store), check, args.threads,
+        for rel, res, _ in in_order(walk_files(src, store), check, args.threads,
                                     abandon=lambda res: None, command="verify",
                                     done="verified"):
             assert res is not None  # verify_file reports every OSError in its result

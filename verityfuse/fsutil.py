@@ -61,19 +61,21 @@ def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
     return fd
 
 
-def open_beneath(dirfd: int, path: bytes) -> int:
+def open_beneath(dirfd: int, path: bytes, flags: int = O_PATH_NOFOLLOW) -> int:
     """O_PATH fd of ``path`` (relative, normalized) under ``dirfd``, following no
     symlink anywhere: a symlink as the last component is returned as itself (the
     caller checks the type), one in the middle fails with ELOOP or ENOTDIR.  A ``..``
     is refused (EXDEV) on both routes: the kernel's refuses one that leaves ``dirfd``,
-    and the walk below, for kernels without openat2, could not tell."""
+    and the walk below, for kernels without openat2, could not tell.  ``flags``: other
+    open flags for what the last component must be (O_DIRECTORY | O_NOFOLLOW for a
+    directory to list: a symlink there is then ELOOP too)."""
     global _have_openat2
     if b".." in path and b".." in path.split(b"/"):
         raise OSError(errno.EXDEV, "a path with '..' is refused here",
                       path.decode(errors="replace"))
     if _have_openat2:
         try:
-            return _openat2(dirfd, path, O_PATH_NOFOLLOW,
+            return _openat2(dirfd, path, flags,
                             RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
         except OSError as e:
             if e.errno != errno.ENOSYS:
@@ -86,7 +88,7 @@ def open_beneath(dirfd: int, path: bytes) -> int:
             nfd = os.open(part, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        return os.open(parts[-1], O_PATH_NOFOLLOW, dir_fd=fd)
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
     except OSError as e:  # the whole path named, as openat2's error names it
         raise type(e)(e.errno, e.strerror, path.decode(errors="replace")) from None
     finally:

@@ -16,23 +16,24 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 from . import identity, manifest_tree, merkle
 from .seal_pool import SMALL, in_order
 from .sealing import stage_path
+from .source_dir import SourceDir
 from .store import Store
 from .store_batch import Batch
 
 
-def scan_sorted(source: str, skip: Callable[[str, os.stat_result], bool],
+def scan_sorted(source: SourceDir, skip: Callable[[str, os.stat_result], bool],
                 warn: Callable[[str], None], base: str = "."
                 ) -> Iterator[Tuple[str, os.stat_result]]:
     """(path, lstat) of ``base`` (relative to ``source``, "." for the root) and of every
     directory, file and symlink under it, in increasing order of the path's bytes, never
-    following symlinks; ``skip`` prunes (the store, the manifest).  Other types and names
+    following symlinks (a directory swapped for one while it is walked raises ELOOP:
+    SourceDir); ``skip`` prunes (the store, the manifest).  Other types and names
     that are not UTF-8 are reported through ``warn`` and left out.
 
     A directory's subtree sorts where "name/" does among its siblings, which is not
     right after "name" ("name-2" and "name.txt" come between), so each listing is sorted
     with one key for the directory and one for what is below it."""
-    top = source if base == "." else os.path.join(source, base)
-    yield base, os.stat(top) if base == "." else os.lstat(top)
+    yield base, source.lstat(base)
     stack: List[Iterator] = [_listing(source, "" if base == "." else base, skip, warn)]
     while stack:
         item = next(stack[-1], None)
@@ -44,27 +45,25 @@ def scan_sorted(source: str, skip: Callable[[str, os.stat_result], bool],
             yield item[1], item[2]
 
 
-def _listing(source: str, rel: str, skip, warn) -> Iterator[tuple]:
-    with os.scandir(os.path.join(source, rel) if rel else source) as it:
-        found = list(it)
+def _listing(source: SourceDir, rel: str, skip, warn) -> Iterator[tuple]:
     items: List[Tuple[bytes, str, Optional[os.stat_result]]] = []
-    for d in found:
-        path = f"{rel}/{d.name}" if rel else d.name
-        try:
-            raw = path.encode("utf-8")
-        except UnicodeEncodeError:
-            warn(f"skipping {os.path.join(source, path)!r}: its name is not UTF-8")
-            continue
-        st = d.stat(follow_symlinks=False)
-        if skip(path, st):
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            items.append((raw + b"/", path, None))
-        elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            warn(f"skipping {os.path.join(source, path)}: not a directory, regular file "
-                 f"or symlink")
-            continue
-        items.append((raw, path, st))
+    with source.listing(rel) as found:
+        for d in found:
+            path = f"{rel}/{d.name}" if rel else d.name
+            try:
+                raw = path.encode("utf-8")
+            except UnicodeEncodeError:
+                warn(f"skipping {source.full(path)!r}: its name is not UTF-8")
+                continue
+            st = d.stat(follow_symlinks=False)
+            if skip(path, st):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                items.append((raw + b"/", path, None))
+            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                warn(f"skipping {source.full(path)}: not a directory, regular file or symlink")
+                continue
+            items.append((raw, path, st))
     items.sort(key=lambda i: i[0])
     return iter(items)
 
@@ -80,10 +79,11 @@ class ManifestRecorder:
     ``report(digest_text, full_path)`` is called for each sealed file once its batch
     is durable; ``progress`` is the run's seal_progress.Progress; ``warn`` for what is
     left out (other file types, names that are not UTF-8).  ``skip_paths`` and
-    ``skip_ids`` ((st_dev, st_ino) pairs) are left out.
+    ``skip_ids`` ((st_dev, st_ino) pairs) are left out.  ``source`` stays the caller's
+    to close (seal's workers inherit it).
     """
 
-    def __init__(self, source: str, store: Store, params: merkle.Params, batch: Batch,
+    def __init__(self, source: SourceDir, store: Store, params: merkle.Params, batch: Batch,
                  skip_paths=(), skip_ids=(), warn=print, report=None, progress=None,
                  threads: Optional[int] = None):
         self.source, self.store, self.params, self.batch = source, store, params, batch
@@ -130,7 +130,7 @@ class ManifestRecorder:
                 yield e
 
     def _entry(self, rel: str, st: os.stat_result, done, err) -> Optional[dict]:
-        full = os.path.join(self.source, rel)
+        full = self.source.full(rel)
         if stat.S_ISREG(st.st_mode):
             if err is not None:
                 self.warn(f"can't seal '{full}': {err.strerror or err}")
@@ -146,7 +146,12 @@ class ManifestRecorder:
                 self.batch.commit()
             return entry
         if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
+            try:
+                target = self.source.readlink(rel)
+            except OSError as e:
+                self.warn(f"can't record '{full}': {e.strerror}")
+                self.failed += 1
+                return None
             try:
                 target.encode("utf-8")
             except UnicodeEncodeError:
@@ -163,8 +168,8 @@ class ManifestRecorder:
     def _items(self, rel: str) -> Iterator[Tuple[str, os.stat_result]]:
         """(path, lstat) of ``rel`` and of everything under it, in payload order."""
         if rel != ".":
-            full = os.path.join(self.source, rel)
-            st = os.lstat(full)
+            full = self.source.full(rel)
+            st = self.source.lstat(rel)
             if self.skip(rel, st):
                 return
             if not stat.S_ISDIR(st.st_mode):
@@ -185,16 +190,17 @@ class ManifestRecorder:
             prefix = rel + "/"
             for p in [p for p in entries if p == rel or p.startswith(prefix)]:
                 del entries[p]
-            full = os.path.join(self.source, rel)
-            if not os.path.lexists(full):
+            try:
+                self.source.lstat(rel)
+            except FileNotFoundError:
                 continue
             parts = rel.split("/")
             for n in range(len(parts)):
                 anc = "/".join(parts[:n]) or "."
                 if anc not in entries:
-                    st = os.stat(self.source) if anc == "." else os.lstat(os.path.join(self.source, anc))
+                    st = self.source.lstat(anc)
                     if not stat.S_ISDIR(st.st_mode):
-                        raise NotADirectoryError(20, "not a directory", os.path.join(self.source, anc))
+                        raise NotADirectoryError(20, "not a directory", self.source.full(anc))
                     entries[anc] = manifest_tree.entry_of(anc, st)
             walked.append(rel)
         # Every path's files in one stream (one pool of workers, not one for each path);

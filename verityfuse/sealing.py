@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import attach_reader
 from .seal_pool import Here
+from .source_dir import SourceDir, opened
 from .store import IndexEntry, Store
 from .store_batch import Staged
 from .verifier import TreeBlockCache
@@ -60,25 +61,28 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
                   (tmp_object, *store.object_parts(params.alg, digest)), index)
 
 
-def seal_path(store: Store, source: str, relpath: str, params: merkle.Params, **kw) -> IndexEntry:
-    """Seal the regular file SOURCE/relpath (never through a final symlink)."""
-    fd = fsutil.open_regular(os.path.join(source, relpath))
+def seal_path(store: Store, source: Union[str, SourceDir], relpath: str, params: merkle.Params,
+              **kw) -> IndexEntry:
+    """Seal the regular file SOURCE/relpath (through no symlink: SourceDir)."""
+    with opened(source) as src:
+        fd = src.open_regular(relpath)
     try:
         return seal_fd(store, fd, relpath, params, **kw)
     finally:
         os.close(fd)
 
 
-def stage_path(store: Store, source: str, relpath: str, params: merkle.Params,
+def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params: merkle.Params,
                progress=None, keys: Optional[identity.Keys] = None,
                max_size: Optional[int] = None, **kw) -> Tuple[Staged, os.stat_result]:
-    """Stage the regular file SOURCE/relpath (never through a final symlink); its fstat
+    """Stage the regular file SOURCE/relpath (through no symlink: SourceDir); its fstat
     too (what is sealed is what a manifest records).  ``progress(label, size)`` gives
     the file's progress callable (closed when it is staged); ``keys``, the run's
     identity.Keys (one statfs per filesystem).  A file over ``max_size`` bytes raises
     seal_pool.Here (a pool's worker leaves it to the caller)."""
-    full = os.path.join(source, relpath)
-    fd = fsutil.open_regular(full)
+    with opened(source) as src:
+        full = src.full(relpath)
+        fd = src.open_regular(relpath)
     try:
         st = os.fstat(fd)
         if max_size is not None and st.st_size > max_size:
@@ -104,29 +108,30 @@ def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:
         os.close(fd)
 
 
-def walk_files(source: str, store: Store) -> Iterator[str]:
-    """Relative paths of every regular file under ``source``, store excluded: a
-    directory's files, then each subdirectory's, in name order (os.walk's order;
-    unreadable directories are skipped as os.walk does).  File types come from
-    the directory entries, without a stat per file."""
+def walk_files(source: SourceDir, store: Store, top: str = "") -> Iterator[str]:
+    """Paths (relative to SOURCE) of every regular file under SOURCE/top, store
+    excluded: a directory's files, then each subdirectory's, in name order (os.walk's
+    order; unreadable directories are skipped as os.walk does, and so is one swapped
+    for a symlink while it is walked).  File types come from the directory entries,
+    without a stat per file."""
     st = os.stat(store.path)
     store_id = (st.st_dev, st.st_ino)
-    stack = [""]
+    stack = [top.rstrip("/") + "/" if top not in ("", ".") else ""]
     while stack:
         rel = stack.pop()
+        subdirs, files = [], []
         try:
-            with os.scandir(os.path.join(source, rel) if rel else source) as it:
-                found = sorted(it, key=lambda d: d.name)
+            with source.listing(rel) as found:
+                for d in sorted(found, key=lambda d: d.name):
+                    if d.is_dir(follow_symlinks=False):
+                        s = d.stat(follow_symlinks=False)
+                        if (s.st_dev, s.st_ino) != store_id:
+                            subdirs.append(rel + d.name + "/")
+                    elif d.is_file(follow_symlinks=False):
+                        files.append(rel + d.name)
         except OSError:
             continue
-        subdirs = []
-        for d in found:
-            if d.is_dir(follow_symlinks=False):
-                s = d.stat(follow_symlinks=False)
-                if (s.st_dev, s.st_ino) != store_id:
-                    subdirs.append(rel + d.name + "/")
-            elif d.is_file(follow_symlinks=False):
-                yield rel + d.name
+        yield from files
         stack.extend(reversed(subdirs))
 
 
@@ -156,13 +161,14 @@ def describe_failure(e: BaseException) -> str:
     return str(e)
 
 
-def verify_file(store: Store, source: str, rel: str, cache: TreeBlockCache,
+def verify_file(store: Store, source: Union[str, SourceDir], rel: str, cache: TreeBlockCache,
                 chunk: int = treebuild.CHUNK_SIZE) -> VerifyResult:
     """Read SOURCE/rel whole through a VerifiedReader if it is sealed; report the first failure."""
-    label = os.path.join(source, rel)
     res = VerifyResult(rel)
     try:
-        fd = fsutil.open_regular(label)
+        with opened(source) as src:
+            label = src.full(rel)
+            fd = src.open_regular(rel)
     except OSError as e:
         res.error = e
         return res

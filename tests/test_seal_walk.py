@@ -1,0 +1,138 @@
+"""Seal and verify walk SOURCE beneath one directory fd, following no symlink.
+
+The attack: a process that may write in SOURCE (a build step sealed by root)
+swaps a directory for a symlink to a directory outside SOURCE between two of
+seal's system calls: after the walk listed the directory and before it lists it
+or stages a file in it.  Walking by path followed the symlink, so a file from
+outside SOURCE (here `secret`) was sealed under the directory's name, and in
+manifest mode a signed manifest vouched for its bytes.  Now each path is
+resolved beneath SOURCE's fd with no symlink anywhere on it: the swapped path is
+refused, by name, and nothing outside SOURCE is read.
+"""
+
+import errno
+import os
+
+import pytest
+
+from verityfuse import api, merkle
+from verityfuse.manifest_record import ManifestRecorder
+from verityfuse.sealing import stage_path, verify_file, walk_files, seal_path
+from verityfuse.source_dir import SourceDir
+from verityfuse.store import Store
+from verityfuse.store_batch import Batch
+from verityfuse.verifier import TreeBlockCache
+
+PARAMS = merkle.Params(merkle.SHA256, 4096)
+SECRET = b"root's secret, outside SOURCE\n"
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """SOURCE with a/x and f; OUT (outside SOURCE) with x and secret."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "x").write_bytes(b"inside\n")
+    (src / "f").write_bytes(b"top\n")
+    out.mkdir()
+    (out / "x").write_bytes(SECRET)
+    (out / "secret").write_bytes(SECRET)
+    return src, out
+
+
+def swap(src, out):
+    """SOURCE/a becomes a symlink to OUT (the attacker's move)."""
+    os.rename(src / "a", src / "a.orig")
+    os.symlink(out, src / "a")
+
+
+class Swapping(ManifestRecorder):
+    """Swaps a for a symlink when the walk reaches path ``at`` (deterministic race)."""
+
+    def __init__(self, *a, at, src, out, **kw):
+        super().__init__(*a, **kw)
+        self.at, self.src, self.out = at, src, out
+
+    def skip(self, rel, st):
+        if rel == self.at and not os.path.islink(self.src / "a"):
+            swap(self.src, self.out)
+        return super().skip(rel, st)
+
+
+def record(tmp_path, src, out, at):
+    warnings = []
+    with Store(str(tmp_path / "store"), create=True) as store, SourceDir(str(src)) as s:
+        with Batch(store) as batch:
+            rec = Swapping(s, store, PARAMS, batch, warn=warnings.append, threads=1,
+                           at=at, src=src, out=out)
+            try:
+                entries = list(rec.walk("."))
+            except OSError as e:
+                return None, warnings, e, rec
+    return entries, warnings, None, rec
+
+
+def test_manifest_seal_never_lists_a_directory_swapped_for_a_symlink(tree, tmp_path):
+    src, out = tree
+    # "a" is listed by the root's listing, then swapped before its own listing.
+    entries, warnings, err, _ = record(tmp_path, src, out, at="a")
+    assert entries is None, [e["path"] for e in entries]  # no manifest of a changed tree
+    assert err.errno == errno.ELOOP
+    assert err.filename == os.path.join(str(src), "a")
+    assert "symlink" in err.strerror
+
+
+def test_manifest_seal_never_stages_a_file_through_a_swapped_directory(tree, tmp_path):
+    src, out = tree
+    # a/x is listed (inside SOURCE), then a is swapped before a/x is staged.
+    entries, warnings, err, rec = record(tmp_path, src, out, at="a/x")
+    assert err is None
+    paths = {e["path"]: e for e in entries}
+    assert "a/x" not in paths  # refused, not sealed with OUT/x's bytes
+    outside = str(api.digest(out / "x"))
+    assert all(e.get("digest") != outside for e in entries)
+    assert rec.failed == 1
+    assert len(warnings) == 1 and f"'{src}/a/x'" in warnings[0] and "symlink" in warnings[0], warnings
+    assert paths["f"]["digest"].startswith("sha256:")
+
+
+def test_local_walk_skips_a_directory_swapped_for_a_symlink(tree, tmp_path):
+    src, out = tree
+    with Store(str(tmp_path / "store"), create=True) as store, SourceDir(str(src)) as s:
+        found = []
+        for rel in walk_files(s, store):
+            found.append(rel)
+            if rel == "f":  # the root's files come before its subdirectories
+                swap(src, out)
+    assert found == ["f"]  # never OUT's x or secret under a/
+
+
+def test_stage_and_seal_refuse_a_path_through_a_swapped_directory(tree, tmp_path):
+    src, out = tree
+    swap(src, out)
+    with Store(str(tmp_path / "store"), create=True) as store, SourceDir(str(src)) as s:
+        for call in (lambda: stage_path(store, s, "a/x", PARAMS),
+                     lambda: seal_path(store, s, "a/x", PARAMS),
+                     lambda: stage_path(store, str(src), "a/x", PARAMS)):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.ELOOP
+            assert e.value.filename == f"{src}/a/x"
+        res = verify_file(store, s, "a/secret", TreeBlockCache())
+        assert res.error is not None and res.error.errno == errno.ELOOP
+        assert not res.sealed
+    inodes = tmp_path / "store" / "inodes"
+    assert not inodes.exists() or [p for p in inodes.rglob("*") if p.is_file()] == []
+
+
+def test_a_symlink_swapped_in_for_a_recorded_symlink_target_is_read_beneath(tree, tmp_path):
+    """A symlink's target is read from the link beneath SOURCE: a directory on its
+    path swapped for a symlink refuses it instead of reading OUT's link."""
+    src, out = tree
+    os.symlink("target-in", src / "a" / "l")
+    os.symlink("target-out", out / "l")
+    entries, warnings, err, rec = record(tmp_path, src, out, at="a/l")
+    assert err is None
+    paths = {e["path"]: e for e in entries}
+    assert "a/l" not in paths
+    assert any("'%s/a/l'" % src in w and "symlink" in w for w in warnings), warnings
