@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -71,6 +72,12 @@ def workers(threads: Optional[int]) -> int:
 
 
 _work: Optional[Callable] = None  # in a worker: the work function, inherited at fork
+# One byte shared with the workers (an anonymous mapping is MAP_SHARED, inherited at
+# fork): set when the caller stops early, so that queued tasks end at once.  Stopping
+# never cancels a future: Python 3.11's pool manager, finding the pool broken (a
+# worker killed), sets an error on every queued future and dies of InvalidStateError
+# at a cancelled one, leaving the rest unset (a hang in the caller; fixed in 3.12).
+_stopping: Optional[mmap.mmap] = None
 
 
 _PR_SET_PDEATHSIG = 1
@@ -104,9 +111,11 @@ def _run(items: list) -> bytes:
     """In a worker: (tag, result or error) for each item of a chunk, pickled here, so
     that a result that cannot cross the pipe is an error saying so (the executor would
     instead report its pool broken, as if a worker had been killed)."""
-    assert _work is not None
+    assert _work is not None and _stopping is not None
     out: List[tuple] = []
     for item in items:
+        if _stopping[0]:
+            break  # the caller stopped: what is done is abandoned, the rest not begun
         try:
             out.append((_DONE, _work(item, False)))
         except Here:
@@ -150,8 +159,9 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
             except OSError as e:
                 yield item, None, e
         return
-    global _work
+    global _work, _stopping
     _work = work
+    _stopping = mmap.mmap(-1, 1)
     # A fork copies unwritten output, which the worker would write again at its exit.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -214,20 +224,20 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
             _kill_workers(pool)
             raise
     finally:
-        _work = None
+        _work = _stopping = None
 
 
 def _stop(pool: ProcessPoolExecutor, pending, unread, abandon):
-    """Stop the workers (after the tasks they are running) and abandon every result not
-    handed out."""
-    for _, fut in pending:
-        fut.cancel()
+    """Stop the workers (each task ends after the item it is at) and abandon every
+    result not handed out."""
+    assert _stopping is not None
+    _stopping[0] = 1
     pool.shutdown(wait=True)
     made = [value for tag, value in unread if tag == _DONE]
     unread.clear()
     while pending:
         _, fut = pending.popleft()
-        if not fut.cancelled() and fut.exception() is None:
+        if fut.exception() is None:
             try:
                 made.extend(value for tag, value in pickle.loads(fut.result()) if tag == _DONE)
             except Exception:
@@ -244,4 +254,4 @@ def _kill_workers(pool: ProcessPoolExecutor):
         proc.kill()
     for proc in procs:
         proc.join()  # reaped: none outlives seal, not even as a zombie
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool.shutdown(wait=False)
