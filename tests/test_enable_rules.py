@@ -332,3 +332,61 @@ def test_signature_rules(setup, certs, tmp_path):
     assert os.listdir(s.store.path + "/tmp") == []
     assert attempt(s, data=ioctl.pack_enable(merkle.Params(), good)) is None
     assert s.inode().verity.signature == good
+
+
+def test_fuse_fsverity_enable_of_a_leased_file_does_not_wait_on_the_request_thread(setup):
+    """FUSE_FSVERITY brings no file, so the enabler opens it; a write lease on it made
+    that open wait (up to lease-break-time, 45 s) on the request thread, stalling the
+    mount.  The check now says WouldWait at once; its ``finish`` waits in a worker
+    thread, and the check goes on with the file it opened."""
+    import sys
+    import threading
+
+    from test_local_edges import _LEASE_HOLDER
+    from verityfuse.fsutil import WouldWait
+
+    s = setup()
+    s.start()
+    to_child, from_test = os.pipe()
+    from_child, to_test = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(s.src / "f"),
+                               str(to_child), str(to_test)], pass_fds=(to_child, to_test))
+    try:
+        assert os.read(from_child, 1) == b"L"
+        arg = ioctl.parse_enable(GOOD)
+        got = {}
+
+        def check():
+            try:
+                got["job"] = s.view.enable_check(s.inode().ino, None, arg, None)
+            except WouldWait as w:
+                got["wait"] = w
+        t = threading.Thread(target=check, daemon=True)
+        t.start()
+        t.join(10)
+        blocked = t.is_alive()
+        if blocked:
+            os.write(from_test, b"go")  # let the blocked open end
+            t.join(60)
+        assert not blocked, "the enable's open waited for the lease on the request thread"
+        assert list(got) == ["wait"] and not s.inode().enabling
+        opened = {}
+        waiter = threading.Thread(target=lambda: opened.update(fd=got["wait"].finish()))
+        waiter.start()
+        assert os.read(from_child, 1) == b"B"  # asked to give the lease up
+        os.write(from_test, b"go")
+        assert os.read(from_child, 1) == b"U"
+        waiter.join(60)
+        job = s.view.enable_check(s.inode().ino, None, arg, None, opened["fd"])
+        s.view.enabler.build(job)
+        s.view.enabler.commit(job)
+        s.view.enabler.finish(job)
+    finally:
+        holder.kill()
+        holder.wait()
+        for fd in (to_child, from_test, from_child, to_test):
+            os.close(fd)
+    if FSVERITY is not None:
+        want = subprocess.run([FSVERITY, "digest", s.src / "f"], check=True, capture_output=True,
+                              text=True).stdout.split()[0]
+        assert s.inode().verity.digest_text == want

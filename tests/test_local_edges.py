@@ -376,12 +376,14 @@ os.write(w, b"U")
 
 
 @pytest.mark.mount
-@pytest.mark.parametrize("mode", ["local", "manifest"])
-def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, mode):
-    """A file's owner may take a write lease on it; an open of it then waits until the
-    lease is given up or lease-break-time (45 s) passes.  The daemon's open of the
-    backing file must not wait on the request thread: meanwhile every other request
-    of the mount is answered, and the waiting open completes once the lease is gone."""
+@pytest.mark.parametrize("mode,what", [("local", "read"), ("manifest", "read"),
+                                       ("local", "truncate")])
+def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, mode, what):
+    """A file's owner may take a write lease on it; an open or a truncate(2) of it then
+    waits until the lease is given up or lease-break-time (45 s) passes.  The daemon's
+    open or truncate of the backing file must not wait on the request thread: meanwhile
+    every other request of the mount is answered, and the waiting one completes once
+    the lease is gone.  (The daemon truncated by path on the request thread before.)"""
     import threading
 
     src = tmp_path / "src"
@@ -389,7 +391,7 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
     write(src / "leased", b"L" * 10000)
     write(src / "other", b"O" * 10000)
     if mode == "local":
-        m = verified_mount(src)
+        m = verified_mount(src, seal=what == "read")  # a verity file cannot be truncated
     else:
         from verityfuse import manifest as mf
         mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
@@ -407,7 +409,8 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
     try:
         assert os.read(from_child, 1) == b"L"
         leased = m.mountpoint / "leased"
-        reader = threading.Thread(target=lambda: got.update(data=leased.read_bytes()))
+        reader = threading.Thread(target=lambda: got.update(
+            data=leased.read_bytes() if what == "read" else os.truncate(leased, 5)))
         reader.start()
         assert os.read(from_child, 1) == b"B"  # the daemon's open asked for the lease
         assert (m.mountpoint / "other").read_bytes() == b"O" * 10000
@@ -416,7 +419,11 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
         os.write(from_test, b"go")
         assert os.read(from_child, 1) == b"U"
         reader.join(timeout=60)
-        assert got["data"] == b"L" * 10000
+        if what == "read":
+            assert got["data"] == b"L" * 10000
+        else:
+            assert got == {"data": None}
+            assert (src / "leased").read_bytes() == b"L" * 5
     finally:
         holder.kill()
         holder.wait()

@@ -32,7 +32,7 @@ import os
 import stat
 from typing import Callable, Optional, Set, Tuple
 
-from . import merkle, treebuild, uapi
+from . import fsutil, merkle, treebuild, uapi
 from .errors import Errno
 from .inodes import Inode
 from .ioctl import EnableArg, enable_params
@@ -90,18 +90,22 @@ class Enabler:
         self.attach_reader = attach_reader
 
     def check(self, inode: Inode, fh: Optional[FileHandle], arg: EnableArg,
-              caller: Optional[Caller] = None) -> EnableJob:
+              caller: Optional[Caller] = None, opened: Optional[int] = None) -> EnableJob:
         """Every rule, in the kernel's order; returns the job with the inode marked busy.
 
         ``fh`` is the caller's open file (FS_IOC_ENABLE_VERITY), None when the request
-        brings none (FUSE_FSVERITY): the file is then opened here, read-only.  ``caller``
-        None skips the permission rule (FUSE_FSVERITY carries no credentials).  The job
-        builds from its own fd: the same inode, whatever happens to its names.
+        brings none (FUSE_FSVERITY): the file is then opened here, read-only, without
+        waiting for a lease on it to be broken (fsutil.WouldWait; ``opened`` is then what
+        its ``finish`` opened, taken).  ``caller`` None skips the permission rule
+        (FUSE_FSVERITY carries no credentials).  The job builds from its own fd: the
+        same inode, whatever happens to its names.
         """
         if fh is not None:
             fd = os.dup(fh.fd)
+        elif opened is not None:
+            fd = opened
         elif inode.is_reg or stat.S_ISDIR(inode.mode):
-            fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = fsutil.reopen_nowait(inode.fd, os.O_RDONLY | os.O_CLOEXEC)
         else:  # never open a FIFO or a device (it could block): rule 5 answers for it
             raise Errno(errno.EINVAL, "not a regular file")
         try:

@@ -198,8 +198,11 @@ class VerityOperations(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         h = self.handles.get(fh) if fh is not None else None
-        return _entry(self.view.setattr(inode, attr, fields, h if isinstance(h, FileHandle) else None,
-                                        ctx))
+        h = h if isinstance(h, FileHandle) else None
+        try:
+            return _entry(self.view.setattr(inode, attr, fields, h, ctx))
+        except fsutil.WouldWait as w:  # a truncate of a leased file: wait off this thread
+            return _entry(self.view.setattr(inode, attr, fields, h, ctx, await self._run(w.finish)))
 
     async def readlink(self, inode, ctx):
         return self.view.readlink(inode)

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import pyfuse3
 import trio
 
-from . import fsverity_op
+from . import fsutil, fsverity_op
 from . import ioctl as vioctl
 from . import creds, uapi
 from .enable import Caller
@@ -156,7 +156,11 @@ class IoctlHandlers:
     async def _enable(self, ino: int, arg: vioctl.EnableArg):
         """FUSE_FSVERITY ENABLE, which brings no file (the view opens one) and no
         credentials: the same rules, build and commit as FS_IOC_ENABLE_VERITY."""
-        job = self.view.enable_check(ino, None, arg, None)
+        try:
+            job = self.view.enable_check(ino, None, arg, None)
+        except fsutil.WouldWait as w:  # a lease on the file: its open waits off this thread
+            job = self.view.enable_check(ino, None, arg, None,
+                                         await trio.to_thread.run_sync(w.finish))
         await self._complete_enable(ino, job, _never)
 
     async def _complete_enable(self, ino: int, job, interrupted: Callable[[], bool]):

@@ -195,17 +195,24 @@ class LocalView:
         i = self.inodes[ino]
         return self._attr(i, os.stat(i.fd))
 
-    def setattr(self, ino, attr, fields, fh: Optional[FileHandle], ctx) -> Attr:
+    def setattr(self, ino, attr, fields, fh: Optional[FileHandle], ctx,
+                fd: Optional[int] = None) -> Attr:
+        """``fd``: the file opened for a truncate by a WouldWait's ``finish`` (taken)."""
         i = self.inodes[ino]
-        if fields.update_size:
-            if self.verity.is_verity(i):
-                raise OSError(errno.EPERM, "a verity file cannot be truncated")
-            if i.enabling:
-                raise OSError(errno.ETXTBSY, "enable running")  # as ext4
-            if fh is not None:
-                os.ftruncate(fh.fd, attr.st_size)
-            else:
-                os.truncate(i.proc_path, attr.st_size)
+        try:
+            if fields.update_size:
+                if self.verity.is_verity(i):
+                    raise OSError(errno.EPERM, "a verity file cannot be truncated")
+                if i.enabling:
+                    raise OSError(errno.ETXTBSY, "enable running")  # as ext4
+                if fh is not None:
+                    os.ftruncate(fh.fd, attr.st_size)
+                else:
+                    given, fd = fd, None
+                    self._truncate(i, attr.st_size, given)
+        finally:
+            if fd is not None:
+                os.close(fd)
         if fields.update_mode:
             if stat.S_ISLNK(i.mode):
                 raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
@@ -228,6 +235,22 @@ class LocalView:
                     raise
                 os.utime(i.proc_path)
         return self._attr(i, os.stat(i.fd))
+
+    def _truncate(self, i: Inode, size: int, fd: Optional[int]):
+        """truncate(2) without a handle.  By path it would wait on the request thread (up
+        to lease-break-time, 45 s) for a lease on the file to be broken, stalling every
+        request of the mount: the file is opened for writing without waiting (WouldWait,
+        whose ``finish`` opens it in a worker thread; ``fd`` is then that, taken) and
+        truncated through the fd.  Only a regular file is opened (never a device)."""
+        if fd is None:
+            if not i.is_reg:
+                raise OSError(errno.EISDIR if stat.S_ISDIR(i.mode) else errno.EINVAL,
+                              "not a regular file")  # as truncate(2)
+            fd = fsutil.reopen_nowait(i.fd, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
     def readlink(self, ino: int) -> bytes:
         return os.fsencode(os.readlink("", dir_fd=self.inodes[ino].fd))
@@ -393,8 +416,8 @@ class LocalView:
     # -- enable (enable.py; the metadata and directory requests are bound in __init__) ---
 
     def enable_check(self, ino: int, fh: Optional[FileHandle], arg: EnableArg,
-                     caller: Optional[Caller] = None) -> EnableJob:
-        return self.enabler.check(self.inodes[ino], fh, arg, caller)
+                     caller: Optional[Caller] = None, opened: Optional[int] = None) -> EnableJob:
+        return self.enabler.check(self.inodes[ino], fh, arg, caller, opened)
 
     def enable_sync(self, ino: int, arg: EnableArg):
         self.enabler.enable(self.inodes[ino], arg)
