@@ -15,11 +15,9 @@ import ctypes
 import errno
 import os
 import stat
-import time
 from typing import Any, Callable, Optional
 
 from . import creds, fsutil
-from .errors import VerityError
 from .inodes import NOT_VERITY, Inode, InodeTable
 from .enable import Caller, EnableJob, Enabler
 from .ioctl import EnableArg
@@ -95,7 +93,9 @@ class LocalView:
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
         # The metadata requests, enable and the directories (below) are objects of their
         # own: these members are theirs.
-        self.meta = m = LocalMetadata(self.inodes, self.verity, cache, self.relpath)
+        self.meta = m = LocalMetadata(self.inodes, self.verity, cache, self.relpath, timeout)
+        self.getattr = m.getattr
+        self.setattr = m.setattr
         self.verity_info = m.verity_info
         self.tree_verifier = m.tree_verifier
         self.getxattr = m.getxattr
@@ -138,23 +138,11 @@ class LocalView:
         if self.hidden and parent.key == self.hidden[0] and name == self.hidden[1]:
             raise OSError(err, "reserved for the store")
 
-    def _attr(self, inode: Inode, st: os.stat_result) -> Attr:
-        size = None
-        if inode.is_reg:
-            try:
-                v = self.verity.info(inode)
-                size = v.size if v is not None else None  # the sealed size, whatever the disk says
-            except (VerityError, OSError):
-                # Damaged metadata (VerityError) or an unreadable store entry: stat works
-                # with the disk's size, and open fails with the same error.
-                pass
-        return Attr.from_stat(inode.ino, st, self.timeout, size)
-
     def _lookup(self, parent: Inode, name: bytes) -> Attr:
         """Look ``name`` up in ``parent`` and count one kernel lookup."""
         self._check_name(parent, name)
         inode, st = self.inodes.lookup(parent, name)
-        return self._attr(inode, st)
+        return self.meta.attr(inode, st)
 
     def relpath(self, inode: Inode, name: Optional[bytes] = None) -> str:
         """A name for messages (never for a decision): the inode's path under SOURCE now."""
@@ -190,67 +178,6 @@ class LocalView:
 
     def unlookup(self, ino: int):
         self.inodes.forget(ino, 1)
-
-    def getattr(self, ino: int, fh=None) -> Attr:
-        i = self.inodes[ino]
-        return self._attr(i, os.stat(i.fd))
-
-    def setattr(self, ino, attr, fields, fh: Optional[FileHandle], ctx,
-                fd: Optional[int] = None) -> Attr:
-        """``fd``: the file opened for a truncate by a WouldWait's ``finish`` (taken)."""
-        i = self.inodes[ino]
-        try:
-            if fields.update_size:
-                if self.verity.is_verity(i):
-                    raise OSError(errno.EPERM, "a verity file cannot be truncated")
-                if i.enabling:
-                    raise OSError(errno.ETXTBSY, "enable running")  # as ext4
-                if fh is not None:
-                    os.ftruncate(fh.fd, attr.st_size)
-                else:
-                    given, fd = fd, None
-                    self._truncate(i, attr.st_size, given)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        if fields.update_mode:
-            if stat.S_ISLNK(i.mode):
-                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-            os.chmod(i.proc_path, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            os.chown(i.proc_path, attr.st_uid if fields.update_uid else -1,
-                     attr.st_gid if fields.update_gid else -1)
-        if fields.update_atime or fields.update_mtime:
-            st = os.stat(i.fd)
-            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
-            try:
-                os.utime(i.proc_path, ns=times)
-            except PermissionError:
-                # pyfuse3 turns utimes(NULL) into explicit "now" times, which an
-                # append-only file refuses; ask for "now" when that is what came.
-                now = time.time_ns()
-                if not (fields.update_atime and fields.update_mtime
-                        and all(abs(t - now) < 1_000_000_000 for t in times)):
-                    raise
-                os.utime(i.proc_path)
-        return self._attr(i, os.stat(i.fd))
-
-    def _truncate(self, i: Inode, size: int, fd: Optional[int]):
-        """truncate(2) without a handle.  By path it would wait on the request thread (up
-        to lease-break-time, 45 s) for a lease on the file to be broken, stalling every
-        request of the mount: the file is opened for writing without waiting (WouldWait,
-        whose ``finish`` opens it in a worker thread; ``fd`` is then that, taken) and
-        truncated through the fd.  Only a regular file is opened (never a device)."""
-        if fd is None:
-            if not i.is_reg:
-                raise OSError(errno.EISDIR if stat.S_ISDIR(i.mode) else errno.EINVAL,
-                              "not a regular file")  # as truncate(2)
-            fd = fsutil.reopen_nowait(i.fd, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
 
     def readlink(self, ino: int) -> bytes:
         return os.fsencode(os.readlink("", dir_fd=self.inodes[ino].fd))

@@ -1,4 +1,5 @@
-"""The local view's metadata requests: verity state, xattrs, inode flags (chattr/lsattr).
+"""The local view's metadata requests: attributes (getattr, setattr and truncate),
+verity state, xattrs, inode flags (chattr/lsattr).
 
 view_local.LocalView holds one and hands these requests to it; enabling verity is enable.py's.
 """
@@ -10,26 +11,107 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from typing import Callable, Optional
 
+from . import fsutil, uapi
 from . import ioctl as vioctl
-from . import uapi
 from .enable import backing_flags
+from .errors import VerityError
 from .inodes import Inode, InodeTable
 from .local_verity import LocalVerity
 from .verifier import TreeBlockCache, Verifier
-from .view import Handle, VerityInfo
+from .view import Attr, FileHandle, Handle, VerityInfo
 
 
 ACL_ACCESS = b"system.posix_acl_access"
 
 
 class LocalMetadata:
-    """``relpath(inode)`` names an inode in messages (never in a decision)."""
+    """``relpath(inode)`` names an inode in messages (never in a decision); ``timeout``
+    is the attributes' (seconds)."""
 
     def __init__(self, inodes: InodeTable, verity: LocalVerity, cache: TreeBlockCache,
-                 relpath: Callable[[Inode], str]):
+                 relpath: Callable[[Inode], str], timeout: float):
         self.inodes, self.verity, self.cache, self.relpath = inodes, verity, cache, relpath
+        self.timeout = timeout
+
+    # -- attributes -------------------------------------------------------------------
+
+    def attr(self, inode: Inode, st: os.stat_result) -> Attr:
+        size = None
+        if inode.is_reg:
+            try:
+                v = self.verity.info(inode)
+                size = v.size if v is not None else None  # the sealed size, whatever the disk says
+            except (VerityError, OSError):
+                # Damaged metadata (VerityError) or an unreadable store entry: stat works
+                # with the disk's size, and open fails with the same error.
+                pass
+        return Attr.from_stat(inode.ino, st, self.timeout, size)
+
+    def getattr(self, ino: int, fh=None) -> Attr:
+        i = self.inodes[ino]
+        return self.attr(i, os.stat(i.fd))
+
+    def setattr(self, ino, attr, fields, fh: Optional[FileHandle], ctx,
+                fd: Optional[int] = None) -> Attr:
+        """``fd``: the file opened for a truncate by a WouldWait's ``finish`` (taken)."""
+        i = self.inodes[ino]
+        try:
+            if fields.update_size:
+                if self.verity.is_verity(i):
+                    raise OSError(errno.EPERM, "a verity file cannot be truncated")
+                if i.enabling:
+                    raise OSError(errno.ETXTBSY, "enable running")  # as ext4
+                if fh is not None:
+                    os.ftruncate(fh.fd, attr.st_size)
+                else:
+                    given, fd = fd, None
+                    self._truncate(i, attr.st_size, given)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if fields.update_mode:
+            if stat.S_ISLNK(i.mode):
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+            os.chmod(i.proc_path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            os.chown(i.proc_path, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = os.stat(i.fd)
+            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            try:
+                os.utime(i.proc_path, ns=times)
+            except PermissionError:
+                # pyfuse3 turns utimes(NULL) into explicit "now" times, which an
+                # append-only file refuses; ask for "now" when that is what came.
+                now = time.time_ns()
+                if not (fields.update_atime and fields.update_mtime
+                        and all(abs(t - now) < 1_000_000_000 for t in times)):
+                    raise
+                os.utime(i.proc_path)
+        return self.attr(i, os.stat(i.fd))
+
+    def _truncate(self, i: Inode, size: int, fd: Optional[int]):
+        """truncate(2) without a handle.  By path it would wait on the request thread (up
+        to lease-break-time, 45 s) for a lease on the file to be broken, stalling every
+        request of the mount: the file is opened for writing without waiting (WouldWait,
+        whose ``finish`` opens it in a worker thread; ``fd`` is then that, taken) and
+        truncated through the fd.  Only a regular file is opened (never a device)."""
+        if fd is None:
+            if not i.is_reg:
+                raise OSError(errno.EISDIR if stat.S_ISDIR(i.mode) else errno.EINVAL,
+                              "not a regular file")  # as truncate(2)
+            fd = fsutil.reopen_nowait(i.fd, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+
 
     # -- xattrs and flags -------------------------------------------------------------
     # Through the O_PATH fd's /proc link, which reaches a symlink itself: xattrs
