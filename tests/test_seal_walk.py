@@ -136,3 +136,29 @@ def test_a_symlink_swapped_in_for_a_recorded_symlink_target_is_read_beneath(tree
     paths = {e["path"]: e for e in entries}
     assert "a/l" not in paths
     assert any("'%s/a/l'" % src in w and "symlink" in w for w in warnings), warnings
+
+
+
+def test_verify_manifest_never_lists_unlisted_names_through_a_swapped_directory(tree, monkeypatch):
+    """verify --manifest reports the paths in SOURCE its manifest does not list; a
+    directory swapped for a symlink while it walks must not make it list (and name in
+    its report) what is outside SOURCE.  The swap comes at the walk's second listing
+    (a's); the code before listed OUT through the symlink: a/not-yours, a/secret."""
+    from verityfuse import manifest_check
+
+    src, out = tree
+    (out / "not-yours").write_bytes(b"x")
+    listed = {".", "a", "a/x", "f"}
+    assert list(manifest_check.unlisted(str(src), listed, skip=())) == []
+    real_scandir, calls = os.scandir, []
+
+    def scandir(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            swap(src, out)
+        return real_scandir(*a)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = list(manifest_check.unlisted(str(src), listed, skip=()))
+    assert len(calls) == 2 and os.path.islink(src / "a")
+    assert found == []  # a was opened (beneath SOURCE) before the swap: its own entries

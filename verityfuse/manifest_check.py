@@ -24,6 +24,7 @@ from .errors import VerityError
 from .reader import attach_reader
 from .seal_pool import in_order
 from .sealing import describe_failure
+from .source_dir import SourceDir
 from .treebuild import CHUNK_SIZE
 from .verifier import TreeBlockCache
 
@@ -107,8 +108,11 @@ def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryRes
 
 
 def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str]:
-    """Paths under ``source`` (not following symlinks) that the manifest does not list;
-    ``skip`` names files or directories to leave out (the store, the manifest itself)."""
+    """Paths under ``source`` that the manifest does not list, walked as os.walk would
+    (a directory's names, its subdirectories sorted first, then those it lists), each
+    directory opened beneath SOURCE with no symlink on its path (source_dir): one
+    swapped for a symlink meanwhile is skipped, never listed.  ``skip`` names files
+    or directories to leave out (the store, the manifest itself)."""
     skip_ids: Set[Tuple[int, int]] = set()
     for p in skip:
         try:
@@ -116,20 +120,32 @@ def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str
             skip_ids.add((s.st_dev, s.st_ino))
         except OSError:
             pass
-    for dirpath, dirnames, filenames in os.walk(source):
-        rel_dir = os.path.relpath(dirpath, source)
-        keep = []
-        for name in sorted(dirnames) + sorted(filenames):
-            full = os.path.join(dirpath, name)
-            s = os.lstat(full)
-            if (s.st_dev, s.st_ino) in skip_ids:
-                continue
-            rel = name if rel_dir == "." else os.path.join(rel_dir, name)
-            if rel not in listed:
-                yield rel
-            elif name in dirnames:
-                keep.append(name)
-        dirnames[:] = keep  # an unlisted directory is reported once, not walked
+    with SourceDir(source) as src:
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            found, descend = [], []
+            try:
+                with src.listing(rel_dir) as entries:
+                    for d in entries:
+                        try:
+                            s = d.stat(follow_symlinks=False)
+                            # os.walk's order: what stats as a directory (a link to one
+                            # too) among the directories; only real ones are walked.
+                            kind = 0 if d.is_dir() else 1
+                        except OSError:
+                            continue  # gone meanwhile
+                        if (s.st_dev, s.st_ino) not in skip_ids:
+                            found.append((kind, d.name, stat.S_ISDIR(s.st_mode)))
+            except OSError:
+                continue  # unreadable, gone, or no longer a directory: as os.walk
+            for _, name, is_dir in sorted(found):
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                if rel not in listed:
+                    yield rel
+                elif is_dir:
+                    descend.append(rel)  # an unlisted directory is reported once, not walked
+            stack.extend(reversed(descend))
 
 
 def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str] = (),
