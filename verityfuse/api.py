@@ -270,13 +270,13 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     from .sealing import describe_failure, verify_file, walk_files
     from .source_dir import SourceDir
     from .store import Store
-    from .verifier import TreeBlockCache
+    from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
     src = fspath(source)
     if not os.path.isdir(src):
         raise FileNotFoundError(_errno.ENOENT, "No such directory", src)
     store_path = existing_store(fspath(store) if store is not None else _default_store(src))
-    cache = TreeBlockCache()
+    cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     results: List[FileResult] = []
     seen: set[str] = set()
     with Store(store_path) as st, SourceDir(src) as sd:

@@ -89,9 +89,9 @@ def cmd_verify(args) -> int:
     from .seal_pool import in_order
     from .sealing import describe_failure, verify_file, walk_files
     from .source_dir import SourceDir
-    from .verifier import TreeBlockCache
+    from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
-    cache = TreeBlockCache()
+    cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     counts = dict(sealed=0, corrupt=0, unsealed=0, unreadable=0)
     seen = set()
     with open_store(args, create=False) as store, SourceDir(args.source) as src:

@@ -26,7 +26,7 @@ from .seal_pool import in_order
 from .sealing import describe_failure
 from .source_dir import SourceDir
 from .treebuild import CHUNK_SIZE
-from .verifier import TreeBlockCache
+from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
 # Statuses (protocol/cli-json.md): ok; corrupt (content does not hash up to the digest);
 # differs (type or metadata); missing; unlisted; error (could not be read).
@@ -153,7 +153,7 @@ def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str]
     """Every manifest entry in manifest order, then every unlisted path.  Entries are
     checked by seal_pool's worker processes (``threads``); each worker finds the node
     by its index in the tree it inherited, so only numbers and results cross the pipe."""
-    cache = TreeBlockCache()
+    cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     nodes = tree.nodes
     root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import mmap
 import multiprocessing
 import os
@@ -167,6 +168,10 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
     sys.stderr.flush()
     pending: Deque[Tuple[list, Future]] = deque()
     unread: Deque[tuple] = deque()  # results of the chunk being handed out
+    # Everything the caller holds (verify --manifest: the whole manifest tree) is left
+    # out of the collector's passes until the pool ends: a collection in a worker
+    # writes to every object it traverses, copying the caller's memory into each.
+    gc.freeze()
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(os.getpid(),))
     size = FIRST_CHUNK
@@ -225,6 +230,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
             raise
     finally:
         _work = _stopping = None
+        gc.unfreeze()
 
 
 def _stop(pool: ProcessPoolExecutor, pending, unread, abandon):
