@@ -108,11 +108,12 @@ def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryRes
 
 
 def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str]:
-    """Paths under ``source`` that the manifest does not list, walked as os.walk would
-    (a directory's names, its subdirectories sorted first, then those it lists), each
-    directory opened beneath SOURCE with no symlink on its path (source_dir): one
-    swapped for a symlink meanwhile is skipped, never listed.  ``skip`` names files
-    or directories to leave out (the store, the manifest itself)."""
+    """Paths under ``source`` that the manifest does not list, in os.walk's order (in
+    each directory, what stats as a directory first, each group sorted; then the listed
+    subdirectories, depth first).  Each directory is opened beneath SOURCE with no
+    symlink on its path (source_dir): one swapped for a symlink meanwhile is skipped,
+    never listed.  ``skip`` names files or directories to leave out (the store, the
+    manifest itself)."""
     skip_ids: Set[Tuple[int, int]] = set()
     for p in skip:
         try:

@@ -168,10 +168,6 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
     sys.stderr.flush()
     pending: Deque[Tuple[list, Future]] = deque()
     unread: Deque[tuple] = deque()  # results of the chunk being handed out
-    # Everything the caller holds (verify --manifest: the whole manifest tree) is left
-    # out of the collector's passes until the pool ends: a collection in a worker
-    # writes to every object it traverses, copying the caller's memory into each.
-    gc.freeze()
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(os.getpid(),))
     size = FIRST_CHUNK
@@ -184,6 +180,11 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
             pending.append((chunk, pool.submit(_run, chunk)))
         return bool(chunk)
 
+    # Everything the caller holds (verify --manifest: the whole manifest tree) is left
+    # out of the collector's passes until the pool ends (the workers fork at the first
+    # submit): a collection in a worker writes to every object it traverses, copying
+    # the caller's memory into each.
+    gc.freeze()
     try:
         while len(pending) < AHEAD_PER_WORKER * n and feed():
             pass
