@@ -390,3 +390,42 @@ def test_fuse_fsverity_enable_of_a_leased_file_does_not_wait_on_the_request_thre
         want = subprocess.run([FSVERITY, "digest", s.src / "f"], check=True, capture_output=True,
                               text=True).stdout.split()[0]
         assert s.inode().verity.digest_text == want
+
+
+def test_an_enable_without_a_request_loop_waits_for_the_lease_itself(setup):
+    """Enabler.enable runs every step on the calling thread (a caller with no request
+    loop): on a leased file it waits for the lease to be given up, as the kernel would,
+    instead of passing the request thread's WouldWait up to its caller."""
+    import sys
+    import threading
+
+    from test_local_edges import _LEASE_HOLDER
+
+    s = setup()
+    s.start()
+    to_child, from_test = os.pipe()
+    from_child, to_test = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(s.src / "f"),
+                               str(to_child), str(to_test)], pass_fds=(to_child, to_test))
+    got = {}
+    try:
+        assert os.read(from_child, 1) == b"L"
+
+        def enable():
+            try:
+                got["info"] = s.view.enabler.enable(s.inode(), ioctl.parse_enable(GOOD))
+            except BaseException as e:
+                got["error"] = e
+        t = threading.Thread(target=enable, daemon=True)
+        t.start()
+        assert os.read(from_child, 1) == b"B"  # its open asked for the lease
+        os.write(from_test, b"go")
+        assert os.read(from_child, 1) == b"U"
+        t.join(60)
+    finally:
+        holder.kill()
+        holder.wait()
+        for fd in (to_child, from_test, from_child, to_test):
+            os.close(fd)
+    assert "error" not in got, got
+    assert s.inode().verity == got["info"]

@@ -558,3 +558,19 @@ def test_a_worker_killed_while_tasks_are_queued_stops_without_a_hang_or_tracebac
                        timeout=30)  # the code before hung here
     assert (p.returncode, p.stdout, p.stderr) == (0, f"{errno.ECHILD}\n", "")
 
+
+
+def test_two_pools_at_once_each_stop_their_own():
+    """Two callers' pools alive at once in one process: the first stopping early must
+    not stop the second's workers (a shared stop byte did: the second then failed)."""
+    abandoned = []
+    a = in_order(range(3000), lambda item, here: item, 2, abandoned.append)
+    first_a = [next(a)[0] for _ in range(10)]
+    b = in_order(range(100000, 103000), lambda item, here: item, 2, abandoned.append)
+    first_b = [next(b)[0] for _ in range(10)]
+    a.close()
+    rest_b = [item for item, result, err in b]
+    assert first_a == list(range(10))
+    assert first_b + rest_b == list(range(100000, 103000))
+    assert all(r < 3000 for r in abandoned)  # only the first's results were abandoned
+    assert children_of(os.getpid()) == []

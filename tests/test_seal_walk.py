@@ -12,6 +12,8 @@ refused, by name, and nothing outside SOURCE is read.
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -96,15 +98,68 @@ def test_manifest_seal_never_stages_a_file_through_a_swapped_directory(tree, tmp
     assert paths["f"]["digest"].startswith("sha256:")
 
 
-def test_local_walk_skips_a_directory_swapped_for_a_symlink(tree, tmp_path):
+def test_local_walk_reports_a_directory_swapped_for_a_symlink(tree, tmp_path):
     src, out = tree
     with Store(str(tmp_path / "store"), create=True) as store, SourceDir(str(src)) as s:
-        found = []
-        for rel in walk_files(s, store):
+        found, unreadable = [], []
+        for rel in walk_files(s, store, unreadable=lambda r, e: unreadable.append((r, e.errno))):
             found.append(rel)
             if rel == "f":  # the root's files come before its subdirectories
                 swap(src, out)
     assert found == ["f"]  # never OUT's x or secret under a/
+    assert unreadable == [("a", errno.ELOOP)]
+
+
+def deep_tree(root, depth=500):
+    """root/d/d/.../leaf with a path longer than PATH_MAX (4096) below root, and root/top."""
+    root.mkdir()
+    (root / "top").write_bytes(b"top\n")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("dir000000", dir_fd=fd)
+            nfd = os.open("dir000000", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"deep\n")
+    finally:
+        os.close(fd)
+
+
+def remove_deep(root):
+    subprocess.run(["rm", "-rf", str(root)], check=True)  # rmtree fails on such paths
+
+
+def test_seal_and_verify_say_which_directory_they_could_not_list(tmp_path):
+    """A directory that cannot be listed (here: its path is longer than PATH_MAX) is an
+    error that names it, and the exit status says so: what is under it is neither
+    sealed nor verified, which a silent skip would hide (verify --strict said all was
+    intact)."""
+    src = tmp_path / "src"
+    deep_tree(src)
+    try:
+        store = str(tmp_path / "store")
+        cli = [sys.executable, "-m", "verityfuse"]
+        r = subprocess.run(cli + ["seal", str(src), "--store", store], capture_output=True,
+                           text=True)
+        assert r.returncode == 1
+        assert r.stdout.endswith(f" {src}/top\n") and r.stdout.count("\n") == 1
+        assert r.stderr.startswith(f"ERROR: can't seal '{src}/dir000000/"), r.stderr
+        assert r.stderr.endswith("': File name too long\n") and r.stderr.count("\n") == 1
+        r = subprocess.run(cli + ["verify", str(src), "--store", store, "--strict"],
+                           capture_output=True, text=True)
+        assert r.returncode == 1
+        assert r.stdout.startswith(f"ERROR {src}/dir000000/") and \
+            r.stdout.endswith(": File name too long\n"), r.stdout
+        assert "1 of 1 sealed files intact, 1 unreadable" in r.stderr
+        report = api.verify(src, store=store)
+        assert not report.ok and [f.status for f in report.files] == ["error", "ok"]
+        with pytest.raises(OSError) as e:
+            api.seal(src, store=store)
+        assert e.value.errno == errno.ENAMETOOLONG
+    finally:
+        remove_deep(src)
 
 
 def test_stage_and_seal_refuse_a_path_through_a_swapped_directory(tree, tmp_path):
@@ -162,3 +217,18 @@ def test_verify_manifest_never_lists_unlisted_names_through_a_swapped_directory(
     found = list(manifest_check.unlisted(str(src), listed, skip=()))
     assert len(calls) == 2 and os.path.islink(src / "a")
     assert found == []  # a was opened (beneath SOURCE) before the swap: its own entries
+
+
+def test_a_path_named_through_a_symlink_is_refused_as_in_manifest_mode(tmp_path):
+    """seal never follows a symlink under SOURCE, not even in the middle of a path the
+    user named (manifest mode refused it already): the message says why."""
+    src = tmp_path / "src"
+    (src / "real" / "e").mkdir(parents=True)
+    (src / "real" / "e" / "f").write_bytes(b"f\n")
+    os.symlink("real", src / "ld")
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "seal", str(src), str(src / "ld/e/f"),
+                        "--store", str(tmp_path / "store")], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"ERROR: can't seal '{src}/ld/e/f': it or a directory on its path is a "
+                        "symlink, and no symlink is followed under the source directory (a "
+                        "path named through one, or a tree that changed while it was read)\n")

@@ -154,8 +154,9 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     :raises NotADirectoryError: ``source`` is not a directory.
     :raises ValueError: a path is outside ``source`` or inside the store; bad
         parameters (``verityfuse.errors.InvalidParameters``).
-    :raises OSError: a file cannot be read, or a named path is missing, a symlink
-        or not a regular file (files sealed before it stay sealed).
+    :raises OSError: a file cannot be read, a directory cannot be listed, or a named
+        path is missing, a symlink, under a symlink or not a regular file (files sealed
+        before it stay sealed).
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1
         (``verityfuse upgrade-store``).
     """
@@ -185,7 +186,8 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
 
 @dataclass(frozen=True)
 class FileResult:
-    """What :func:`verify` found for one regular file."""
+    """What :func:`verify` found for one regular file (or for a directory it could not
+    list: an ``"error"``, as nothing under it was verified)."""
 
     path: str
     """Relative to the source directory."""
@@ -280,7 +282,10 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     results: List[FileResult] = []
     seen: set[str] = set()
     with Store(store_path) as st, SourceDir(src) as sd:
-        for rel in walk_files(sd, st):
+        def unreadable(rel: str, e: OSError) -> None:  # a directory: nothing under it verified
+            results.append(FileResult(rel, "error", describe_failure(e), None, e))
+
+        for rel in walk_files(sd, st, unreadable=unreadable):
             res = verify_file(st, sd, rel, cache)
             d = Digest(res.entry.alg.name, res.entry.digest) if res.entry is not None else None
             if res.sealed and res.key is not None:

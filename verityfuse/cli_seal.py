@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from .jsonout import emit, shown
-from .seal_progress import Progress, paths_size, tree_size
+from .seal_progress import Progress
 
 if TYPE_CHECKING:
     from .manifest_header import Header
@@ -49,9 +49,10 @@ def _report_sealed(args, progress, full: str, digest: str):
         sys.stdout.write(f"{digest} {shown(full)}\n")
 
 
-def _expand(src: SourceDir, store: Store, rels):
+def _expand(src: SourceDir, store: Store, rels, unreadable):
     """``rels`` with each directory replaced by the regular files under it (walk_files'
-    order, the store excluded); anything else as it is (sealing it says what is wrong)."""
+    order, the store excluded; a directory that cannot be listed goes to
+    ``unreadable``); anything else as it is (sealing it says what is wrong)."""
     from .sealing import walk_files
 
     for rel in rels:
@@ -60,9 +61,22 @@ def _expand(src: SourceDir, store: Store, rels):
         except OSError:
             is_dir = False
         if is_dir:
-            yield from walk_files(src, store, rel)  # rel is relpath's (normal)
+            yield from walk_files(src, store, rel, unreadable)  # rel is relpath's (normal)
         else:
             yield rel
+
+
+def _size_of(src: SourceDir, rels):
+    """(bytes, files) of the regular files among ``rels``: a progress line's totals."""
+    total = count = 0
+    for rel in rels:
+        try:
+            st = src.lstat(rel)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total, count = total + st.st_size, count + 1
+    return total, count
 
 
 def cmd_seal(args, params, key, rels) -> int:
@@ -80,13 +94,13 @@ def cmd_seal(args, params, key, rels) -> int:
         tty = sys.stderr.isatty()
         named = ["."] if rels is None else rels
 
-        def files():
+        def files(unreadable=lambda rel, e: None):
             """The files to seal, walked as they are sealed: memory does not grow with
             their number.  A directory named means every regular file under it."""
-            return _expand(src, store, named)
+            return _expand(src, store, named, unreadable)
 
         # On a terminal, one walk more for the totals (the store excluded, as sealed).
-        total = paths_size(os.path.join(args.source, r) for r in files()) if tty else (0, 0)
+        total = _size_of(src, files()) if tty else (0, 0)
         progress = Progress(*total)
         failed = 0
 
@@ -107,9 +121,14 @@ def cmd_seal(args, params, key, rels) -> int:
 
         try:
             with Batch(store, flush=sys.stdout.flush) as batch:
+                def unreadable(rel, e):  # a directory: nothing under it is sealed
+                    nonlocal failed
+                    failed += 1
+                    batch.then(not_sealed, src.full(rel), e.strerror or str(e))
+
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
-                for rel, done, e in in_order(files(), stage, args.threads,
+                for rel, done, e in in_order(files(unreadable), stage, args.threads,
                                              lambda r: r[0].drop(store),
                                              progress.worker_done if progress.enabled else None):
                     full = src.full(rel)
@@ -199,8 +218,10 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
 
     prev = _Previous(args.manifest)
     header = _next_header(args, key, prev)  # refused before anything is hashed
-    progress = Progress(*(tree_size(args.source) if sys.stderr.isatty() and (
-        rels is None or "." in rels) else (0, 0)))
+    from .sealing import walk_files
+
+    progress = Progress(*(_size_of(src, walk_files(src, store, unreadable=lambda r, e: None))
+                          if sys.stderr.isatty() and (rels is None or "." in rels) else (0, 0)))
 
     def warn(msg):
         progress.close()

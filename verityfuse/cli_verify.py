@@ -98,31 +98,35 @@ def cmd_verify(args) -> int:
         def check(rel, here):  # in seal_pool's workers, files of any size
             return verify_file(store, src, rel, cache)
 
-        for rel, res, _ in in_order(walk_files(src, store), check, args.threads,
-                                    abandon=lambda res: None, command="verify",
-                                    done="verified"):
-            assert res is not None  # verify_file reports every OSError in its result
-            name = os.path.join(args.source, rel)
-            if res.sealed:
-                seen.add(res.key)
-                counts["sealed"] += 1
-            status = res.status
+        def report(name, status, digest=None, error=None):
             if status != "ok":
                 counts["unreadable" if status == "error" else status] += 1
-            digest = res.entry.digest_text if res.entry is not None else None
             if args.json:
                 obj = {"file": name, "status": status}
                 if digest:
                     obj["digest"] = digest
-                if res.error is not None:
-                    obj.update(_failure_json(res.error))
+                if error is not None:
+                    obj.update(_failure_json(error))
                 emit(obj)
-            elif res.error is not None:
-                print(f"{status.upper()} {shown(name)}: {shown_text(describe_failure(res.error))}")
+            elif error is not None:
+                print(f"{status.upper()} {shown(name)}: {shown_text(describe_failure(error))}")
             elif status == "unsealed" and (args.strict or args.verbose):
                 print(f"UNSEALED {shown(name)}")
             elif status == "ok" and args.verbose:
                 print(f"OK {digest} {shown(name)}")
+
+        unlistable = []  # directories that could not be listed: nothing under them verified
+        files = walk_files(src, store, unreadable=lambda rel, e: unlistable.append((rel, e)))
+        for rel, res, _ in in_order(files, check, args.threads, abandon=lambda res: None,
+                                    command="verify", done="verified"):
+            assert res is not None  # verify_file reports every OSError in its result
+            if res.sealed:
+                seen.add(res.key)
+                counts["sealed"] += 1
+            report(os.path.join(args.source, rel), res.status,
+                   res.entry.digest_text if res.entry is not None else None, res.error)
+        for rel, e in unlistable:
+            report(src.full(rel), "error", error=e)
         stale = sum(1 for k in store.keys() if k not in seen)
     nothing = counts["sealed"] == 0 and not counts["unreadable"]
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])

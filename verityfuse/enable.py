@@ -187,7 +187,10 @@ class Enabler:
     def enable(self, inode: Inode, arg: EnableArg) -> VerityInfo:
         """All of it on the calling thread, the file opened here: for a caller with no
         request loop to keep answering (a request handler runs the steps itself)."""
-        job = self.check(inode, None, arg)
+        try:
+            job = self.check(inode, None, arg)
+        except fsutil.WouldWait as w:  # a lease on the file: this caller may wait for it
+            job = self.check(inode, None, arg, opened=w.finish())
         try:
             self.build(job)
             return self.commit(job)

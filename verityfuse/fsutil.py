@@ -85,7 +85,12 @@ def open_beneath(dirfd: int, path: bytes, flags: int = O_PATH_NOFOLLOW) -> int:
     fd = os.dup(dirfd)
     try:
         for part in parts[:-1]:
-            nfd = os.open(part, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
+            try:
+                nfd = os.open(part, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
+            except NotADirectoryError:  # ELOOP for a symlink, as openat2 says
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+                raise
             os.close(fd)
             fd = nfd
         return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=fd)

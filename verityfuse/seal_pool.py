@@ -160,9 +160,11 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
             except OSError as e:
                 yield item, None, e
         return
+    # The workers read these two at the first submit, which forks them all; this call's
+    # own stop byte stays in a local (another call may set the globals meanwhile).
     global _work, _stopping
     _work = work
-    _stopping = mmap.mmap(-1, 1)
+    _stopping = stopping = mmap.mmap(-1, 1)
     # A fork copies unwritten output, which the worker would write again at its exit.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -215,7 +217,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
         # Another Ctrl-C meanwhile must not leave the pool half stopped (a hang at exit)
         # or print a traceback: the workers are killed and the first error goes on.
         try:
-            _stop(pool, pending, unread, abandon)
+            _stop(pool, pending, unread, abandon, stopping)
         except KeyboardInterrupt:
             _kill_workers(pool)
         if isinstance(e, BrokenProcessPool):
@@ -225,20 +227,20 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
         raise
     else:
         try:
-            _stop(pool, pending, unread, abandon)
+            _stop(pool, pending, unread, abandon, stopping)
         except KeyboardInterrupt:
             _kill_workers(pool)
             raise
     finally:
-        _work = _stopping = None
+        if _stopping is stopping:
+            _work = _stopping = None
         gc.unfreeze()
 
 
-def _stop(pool: ProcessPoolExecutor, pending, unread, abandon):
+def _stop(pool: ProcessPoolExecutor, pending, unread, abandon, stopping: mmap.mmap):
     """Stop the workers (each task ends after the item it is at) and abandon every
     result not handed out."""
-    assert _stopping is not None
-    _stopping[0] = 1
+    stopping[0] = 1
     pool.shutdown(wait=True)
     made = [value for tag, value in unread if tag == _DONE]
     unread.clear()

@@ -3,8 +3,6 @@ threads: every update takes the line's lock)."""
 
 from __future__ import annotations
 
-import os
-import stat
 import sys
 import threading
 import time
@@ -57,22 +55,6 @@ class Progress:
             with self._lock:
                 self.stream.write("\r\033[K")
                 self.stream.flush()
-
-
-def paths_size(paths):
-    total = count = 0
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            total, count = total + st.st_size, count + 1
-    return total, count
-
-
-def tree_size(root: str):
-    return paths_size(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
 
 
 class FileProgress:

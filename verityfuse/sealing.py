@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
@@ -108,12 +108,16 @@ def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:
         os.close(fd)
 
 
-def walk_files(source: SourceDir, store: Store, top: str = "") -> Iterator[str]:
+def walk_files(source: SourceDir, store: Store, top: str = "",
+               unreadable: Optional[Callable[[str, OSError], None]] = None) -> Iterator[str]:
     """Paths (relative to SOURCE) of every regular file under SOURCE/top, store
     excluded: a directory's files, then each subdirectory's, in name order (os.walk's
-    order; unreadable directories are skipped as os.walk does, and so is one swapped
-    for a symlink while it is walked).  File types come from the directory entries,
-    without a stat per file."""
+    order).  File types come from the directory entries, without a stat per file.
+
+    A directory that cannot be listed (unreadable, a path too long, swapped for a
+    symlink while it is walked) is ``unreadable(its path, the error)``'s to report,
+    or raised without it: what is under it would otherwise be left out unsaid.  One
+    gone meanwhile (ENOENT) holds nothing to seal."""
     st = os.stat(store.path)
     store_id = (st.st_dev, st.st_ino)
     stack = [top.rstrip("/") + "/" if top not in ("", ".") else ""]
@@ -123,13 +127,21 @@ def walk_files(source: SourceDir, store: Store, top: str = "") -> Iterator[str]:
         try:
             with source.listing(rel) as found:
                 for d in sorted(found, key=lambda d: d.name):
-                    if d.is_dir(follow_symlinks=False):
-                        s = d.stat(follow_symlinks=False)
-                        if (s.st_dev, s.st_ino) != store_id:
-                            subdirs.append(rel + d.name + "/")
-                    elif d.is_file(follow_symlinks=False):
-                        files.append(rel + d.name)
-        except OSError:
+                    try:
+                        if d.is_dir(follow_symlinks=False):
+                            s = d.stat(follow_symlinks=False)
+                            if (s.st_dev, s.st_ino) != store_id:
+                                subdirs.append(rel + d.name + "/")
+                        elif d.is_file(follow_symlinks=False):
+                            files.append(rel + d.name)
+                    except FileNotFoundError:
+                        pass  # gone since the directory was listed
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if unreadable is None:
+                raise
+            unreadable(rel.rstrip("/") or ".", e)
             continue
         yield from files
         stack.extend(reversed(subdirs))

@@ -24,8 +24,9 @@ from . import fsutil
 
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-SYMLINK_ON_PATH = ("it or a directory on its path is a symlink, which is not followed "
-                   "under the source directory (did the tree change while it was read?)")
+SYMLINK_ON_PATH = ("it or a directory on its path is a symlink, and no symlink is followed "
+                   "under the source directory (a path named through one, or a tree that "
+                   "changed while it was read)")
 
 
 class SourceDir:

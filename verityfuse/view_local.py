@@ -344,7 +344,14 @@ class LocalView:
 
     def enable_check(self, ino: int, fh: Optional[FileHandle], arg: EnableArg,
                      caller: Optional[Caller] = None, opened: Optional[int] = None) -> EnableJob:
-        return self.enabler.check(self.inodes[ino], fh, arg, caller, opened)
+        """``opened``: what a WouldWait's ``finish`` opened (taken, closed on failure)."""
+        try:
+            inode = self.inodes[ino]
+        except BaseException:
+            if opened is not None:
+                os.close(opened)
+            raise
+        return self.enabler.check(inode, fh, arg, caller, opened)
 
     def enable_sync(self, ino: int, arg: EnableArg):
         self.enabler.enable(self.inodes[ino], arg)

@@ -57,8 +57,8 @@ class LocalMetadata:
     def setattr(self, ino, attr, fields, fh: Optional[FileHandle], ctx,
                 fd: Optional[int] = None) -> Attr:
         """``fd``: the file opened for a truncate by a WouldWait's ``finish`` (taken)."""
-        i = self.inodes[ino]
         try:
+            i = self.inodes[ino]
             if fields.update_size:
                 if self.verity.is_verity(i):
                     raise OSError(errno.EPERM, "a verity file cannot be truncated")
