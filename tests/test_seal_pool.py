@@ -574,3 +574,29 @@ def test_two_pools_at_once_each_stop_their_own():
     assert first_b + rest_b == list(range(100000, 103000))
     assert all(r < 3000 for r in abandoned)  # only the first's results were abandoned
     assert children_of(os.getpid()) == []
+
+
+def test_a_second_ctrl_c_kills_only_the_pools_own_workers(monkeypatch):
+    """The workers are killed at a second Ctrl-C; another child process of the caller's
+    (here one of multiprocessing's, as an API user might have) is left alone."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    other = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    other.start()
+    real = ProcessPoolExecutor.shutdown
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        if wait:
+            raise KeyboardInterrupt()
+        real(self, wait=wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "shutdown", shutdown)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(in_order(range(2000), lambda item, here: item, 2, lambda r: None))
+        assert other.is_alive()
+        assert children_of(os.getpid()) == [other.pid]
+    finally:
+        other.kill()
+        other.join()

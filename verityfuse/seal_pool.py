@@ -187,7 +187,11 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
     # submit): a collection in a worker writes to every object it traverses, copying
     # the caller's memory into each.
     gc.freeze()
+    others = {p.pid for p in multiprocessing.active_children()}
+    mine: List[multiprocessing.process.BaseProcess] = []
     try:
+        feed()  # the first submit forks every worker (the fork start method)
+        mine = [p for p in multiprocessing.active_children() if p.pid not in others]
         while len(pending) < AHEAD_PER_WORKER * n and feed():
             pass
         while pending:
@@ -219,7 +223,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
         try:
             _stop(pool, pending, unread, abandon, stopping)
         except KeyboardInterrupt:
-            _kill_workers(pool)
+            _kill_workers(pool, mine)
         if isinstance(e, BrokenProcessPool):
             raise OSError(errno.ECHILD, f"a {command} worker process ended abruptly (killed, "
                                         f"or out of memory?): nothing after the files reported "
@@ -229,7 +233,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
         try:
             _stop(pool, pending, unread, abandon, stopping)
         except KeyboardInterrupt:
-            _kill_workers(pool)
+            _kill_workers(pool, mine)
             raise
     finally:
         if _stopping is stopping:
@@ -255,10 +259,10 @@ def _stop(pool: ProcessPoolExecutor, pending, unread, abandon, stopping: mmap.mm
         abandon(value)
 
 
-def _kill_workers(pool: ProcessPoolExecutor):
-    """Kill the workers at once: their staged files carry this process's pid and go at
-    the next seal's cleanup once it has exited."""
-    procs = multiprocessing.active_children()
+def _kill_workers(pool: ProcessPoolExecutor, procs):
+    """Kill the workers ``procs`` at once (this pool's: not another child of the caller's):
+    their staged files carry this process's pid and go at the next seal's cleanup once it
+    has exited."""
     for proc in procs:
         proc.kill()
     for proc in procs:
