@@ -11,6 +11,7 @@ refused, by name, and nothing outside SOURCE is read.
 """
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -138,13 +139,22 @@ def test_seal_and_verify_say_which_directory_they_could_not_list(tmp_path):
     intact)."""
     src = tmp_path / "src"
     deep_tree(src)
+    (src / "zz").mkdir()
+    (src / "zz" / "x").write_bytes(b"x\n")
     try:
         store = str(tmp_path / "store")
         cli = [sys.executable, "-m", "verityfuse"]
+        r = subprocess.run(cli + ["seal", str(src), "--store", store, "--json"],
+                           capture_output=True, text=True)
+        assert r.returncode == 1
+        out = [json.loads(line) for line in r.stdout.splitlines()]
+        # In walk order, the directory after the files (the walk runs ahead of the results).
+        assert [o["file"] for o in out[:2]] == [f"{src}/top", f"{src}/zz/x"]
+        assert out[2]["file"].startswith(f"{src}/dir000000/")
+        assert out[2]["error"] == "File name too long" and len(out) == 3
         r = subprocess.run(cli + ["seal", str(src), "--store", store], capture_output=True,
                            text=True)
-        assert r.returncode == 1
-        assert r.stdout.endswith(f" {src}/top\n") and r.stdout.count("\n") == 1
+        assert r.returncode == 1 and r.stdout.count("\n") == 2
         assert r.stderr.startswith(f"ERROR: can't seal '{src}/dir000000/"), r.stderr
         assert r.stderr.endswith("': File name too long\n") and r.stderr.count("\n") == 1
         r = subprocess.run(cli + ["verify", str(src), "--store", store, "--strict"],
@@ -152,9 +162,9 @@ def test_seal_and_verify_say_which_directory_they_could_not_list(tmp_path):
         assert r.returncode == 1
         assert r.stdout.startswith(f"ERROR {src}/dir000000/") and \
             r.stdout.endswith(": File name too long\n"), r.stdout
-        assert "1 of 1 sealed files intact, 1 unreadable" in r.stderr
+        assert "2 of 2 sealed files intact, 1 unreadable" in r.stderr
         report = api.verify(src, store=store)
-        assert not report.ok and [f.status for f in report.files] == ["error", "ok"]
+        assert not report.ok and [f.status for f in report.files] == ["error", "ok", "ok"]
         with pytest.raises(OSError) as e:
             api.seal(src, store=store)
         assert e.value.errno == errno.ENAMETOOLONG

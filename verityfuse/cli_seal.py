@@ -121,14 +121,14 @@ def cmd_seal(args, params, key, rels) -> int:
 
         try:
             with Batch(store, flush=sys.stdout.flush) as batch:
-                def unreadable(rel, e):  # a directory: nothing under it is sealed
-                    nonlocal failed
-                    failed += 1
-                    batch.then(not_sealed, src.full(rel), e.strerror or str(e))
+                # Directories that could not be listed (nothing under them sealed): said
+                # after the files, as verify does (the walk runs ahead of the results).
+                unlistable: list = []
 
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
-                for rel, done, e in in_order(files(unreadable), stage, args.threads,
+                for rel, done, e in in_order(files(lambda rel, e: unlistable.append((rel, e))),
+                                             stage, args.threads,
                                              lambda r: r[0].drop(store),
                                              progress.worker_done if progress.enabled else None):
                     full = src.full(rel)
@@ -141,6 +141,9 @@ def cmd_seal(args, params, key, rels) -> int:
                     batch.then(_report_sealed, args, progress, full, done[0].entry.digest_text)
                     if batch.full:
                         batch.commit()
+                for rel, e in unlistable:
+                    failed += 1
+                    batch.then(not_sealed, src.full(rel), e.strerror or str(e))
         finally:
             progress.close()
     return EXIT_ERROR if failed else 0
