@@ -255,6 +255,23 @@ elif what == "kill":  # a worker killed while it stages f0150
             os.kill(os.getpid(), signal.SIGKILL)
         return real_stage(store, source, rel, *a, **kw)
     sealing.stage_path = stage_path
+elif what == "stuck":  # Ctrl-C twice, and a thread of the pool's that never ends
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+    # What a worker killed while it sent a result leaves: the pool's manager thread
+    # waiting for the rest of the message, for ever (a thread that is not a daemon).
+    threading.Thread(target=threading.Event().wait, name="stuck").start()
+    real_commit = store_batch.Batch.commit
+    def commit(self):
+        real_commit(self)
+        raise KeyboardInterrupt()  # the first Ctrl-C
+    store_batch.Batch.commit = commit
+    real_shutdown = ProcessPoolExecutor.shutdown
+    def shutdown(self, wait=True, **kw):
+        if wait:
+            raise KeyboardInterrupt()  # the second, while the pool stops
+        real_shutdown(self, wait=wait, **kw)
+    ProcessPoolExecutor.shutdown = shutdown
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -600,3 +617,17 @@ def test_a_second_ctrl_c_kills_only_the_pools_own_workers(monkeypatch):
     finally:
         other.kill()
         other.join()
+
+
+def test_a_second_ctrl_c_ends_seal_even_with_a_pool_thread_stuck(tmp_path):
+    """After a second Ctrl-C the workers are killed; a worker killed while it sent a
+    result leaves the pool's manager thread waiting for the rest for ever, and the
+    interpreter's exit waited for it (a hang 3 times in 20 with two Ctrl-C 2 ms
+    apart).  seal now leaves at once, its output flushed, exit status 130."""
+    src = tree(tmp_path / "src", 400)
+    p = subprocess.run([sys.executable, "-c", HOOKED, "stuck", "seal", str(src), "--store",
+                        str(tmp_path / "store"), "--threads", "2", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stderr) == (130, "")
+    assert len(p.stdout.splitlines()) == 64  # the first batch, reported before the Ctrl-C
+    assert children_of(os.getpid()) == []

@@ -387,6 +387,19 @@ def main(argv=None) -> int:
         parser.print_usage(sys.stderr)
         error("a command is needed (see verityfuse --help)")
         return EXIT_USAGE
+    pool = sys.modules.get("verityfuse.seal_pool")
+    if pool is not None:
+        pool.workers_killed = False  # this command's workers, not an earlier caller's
+    rc = _run(args)
+    pool = sys.modules.get("verityfuse.seal_pool")
+    if pool is not None and pool.workers_killed:  # Ctrl-C twice: out now (seal_pool)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except VerityError as e:

@@ -259,10 +259,18 @@ def _stop(pool: ProcessPoolExecutor, pending, unread, abandon, stopping: mmap.mm
         abandon(value)
 
 
+# Set once workers were killed: a worker killed while it sent a result leaves the pool's
+# manager thread waiting for the rest of the message for ever, and the interpreter's exit
+# waits for that thread.  A command that sees it set leaves with os._exit (cli.main).
+workers_killed = False
+
+
 def _kill_workers(pool: ProcessPoolExecutor, procs):
     """Kill the workers ``procs`` at once (this pool's: not another child of the caller's):
     their staged files carry this process's pid and go at the next seal's cleanup once it
     has exited."""
+    global workers_killed
+    workers_killed = True
     for proc in procs:
         proc.kill()
     for proc in procs:
