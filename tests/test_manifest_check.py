@@ -195,3 +195,31 @@ def test_worker_processes_report_what_one_process_does(tmp_path):
         ".": "differs", "d0/f15": "corrupt", "d1": "differs", "d1/f21": "differs",
         "d1/f22": "missing", "d2": "differs", "d2/f45": "differs", "l": "differs",
         "d2/new": "unlisted"}
+
+
+def test_a_directory_that_cannot_be_listed_is_reported_not_skipped(tree, monkeypatch):
+    """The walk for unlisted paths reports a listed directory it cannot list (here: d,
+    as if unreadable), where os.walk's silent skip hid what was under it; verify
+    --manifest then says ERROR for it, and fails."""
+    import errno
+
+    from verityfuse import manifest_check
+    from verityfuse.source_dir import SourceDir
+
+    src, m, tmp = tree
+    real = SourceDir.listing
+
+    def listing(self, rel):
+        if rel == "d":
+            raise PermissionError(errno.EACCES, "Permission denied", self.full(rel))
+        return real(self, rel)
+
+    monkeypatch.setattr(SourceDir, "listing", listing)
+    listed = {".", "a", "d", "d/b", "l"}
+    failed = []
+    skip = [str(src / ".verityfuse")]  # the store
+    assert list(manifest_check.unlisted(str(src), listed, skip, lambda r, e: failed.append(
+        (r, e.errno)))) == []
+    assert failed == [("d", errno.EACCES)]
+    with pytest.raises(PermissionError):
+        list(manifest_check.unlisted(str(src), listed, skip))

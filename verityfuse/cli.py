@@ -389,7 +389,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     pool = sys.modules.get("verityfuse.seal_pool")
     if pool is not None:
-        pool.workers_killed = False  # this command's workers, not an earlier caller's
+        setattr(pool, "workers_killed", False)  # this command's workers, not an earlier caller's
     rc = _run(args)
     pool = sys.modules.get("verityfuse.seal_pool")
     if pool is not None and pool.workers_killed:  # Ctrl-C twice: out now (seal_pool)

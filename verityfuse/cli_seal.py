@@ -82,6 +82,7 @@ def _size_of(src: SourceDir, rels):
 def cmd_seal(args, params, key, rels) -> int:
     from . import identity
     from .seal_pool import SMALL, in_order
+    from . import source_dir
     from .sealing import stage_path
     from .source_dir import SourceDir
     from .store_batch import Batch
@@ -123,12 +124,12 @@ def cmd_seal(args, params, key, rels) -> int:
             with Batch(store, flush=sys.stdout.flush) as batch:
                 # Directories that could not be listed (nothing under them sealed): said
                 # after the files, as verify does (the walk runs ahead of the results).
-                unlistable: list = []
+                unlistable_dirs: list = []
+                walk = files(lambda rel, e: unlistable_dirs.append((rel, e)))
 
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
-                for rel, done, e in in_order(files(lambda rel, e: unlistable.append((rel, e))),
-                                             stage, args.threads,
+                for rel, done, e in in_order(walk, stage, args.threads,
                                              lambda r: r[0].drop(store),
                                              progress.worker_done if progress.enabled else None):
                     full = src.full(rel)
@@ -141,9 +142,9 @@ def cmd_seal(args, params, key, rels) -> int:
                     batch.then(_report_sealed, args, progress, full, done[0].entry.digest_text)
                     if batch.full:
                         batch.commit()
-                for rel, e in unlistable:
+                for rel, e in unlistable_dirs:
                     failed += 1
-                    batch.then(not_sealed, src.full(rel), e.strerror or str(e))
+                    batch.then(not_sealed, src.full(rel), source_dir.unlistable(e).strerror)
         finally:
             progress.close()
     return EXIT_ERROR if failed else 0

@@ -88,6 +88,7 @@ def cmd_verify(args) -> int:
         return EXIT_USAGE
     from .seal_pool import in_order
     from .sealing import describe_failure, verify_file, walk_files
+    from . import source_dir
     from .source_dir import SourceDir
     from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
@@ -115,8 +116,8 @@ def cmd_verify(args) -> int:
             elif status == "ok" and args.verbose:
                 print(f"OK {digest} {shown(name)}")
 
-        unlistable = []  # directories that could not be listed: nothing under them verified
-        files = walk_files(src, store, unreadable=lambda rel, e: unlistable.append((rel, e)))
+        unlistable_dirs = []  # directories that could not be listed: nothing under them verified
+        files = walk_files(src, store, unreadable=lambda rel, e: unlistable_dirs.append((rel, e)))
         for rel, res, _ in in_order(files, check, args.threads, abandon=lambda res: None,
                                     command="verify", done="verified"):
             assert res is not None  # verify_file reports every OSError in its result
@@ -125,8 +126,8 @@ def cmd_verify(args) -> int:
                 counts["sealed"] += 1
             report(os.path.join(args.source, rel), res.status,
                    res.entry.digest_text if res.entry is not None else None, res.error)
-        for rel, e in unlistable:
-            report(src.full(rel), "error", error=e)
+        for rel, e in unlistable_dirs:
+            report(src.full(rel), "error", error=source_dir.unlistable(e))
         stale = sum(1 for k in store.keys() if k not in seen)
     nothing = counts["sealed"] == 0 and not counts["unreadable"]
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])
@@ -138,7 +139,11 @@ def cmd_verify(args) -> int:
               + (f", {counts['unsealed']} unsealed" if counts["unsealed"] else "")
               + (f", {counts['unreadable']} unreadable" if counts["unreadable"] else ""),
               file=sys.stderr)
-        if stale:
+        if stale and unlistable_dirs:  # the entries of what was under them are among these
+            print(f"{stale} index entries name no file found under {args.source} (files "
+                  f"removed or replaced, or under a directory that could not be listed)",
+                  file=sys.stderr)
+        elif stale:
             print(f"{stale} index entries name no file under {args.source} (files removed or "
                   f"replaced; harmless)", file=sys.stderr)
     if nothing:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Set, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Set, Tuple
 
 from . import fsutil, manifest_tree
 from .errors import VerityError
 from .reader import attach_reader
 from .seal_pool import in_order
 from .sealing import describe_failure
-from .source_dir import SourceDir
+from .source_dir import SourceDir, unlistable
 from .treebuild import CHUNK_SIZE
 from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
@@ -107,13 +107,15 @@ def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryRes
     return res
 
 
-def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str]:
+def unlisted(source: str, listed: Set[str], skip: Iterable[str],
+             unreadable: Optional[Callable[[str, OSError], None]] = None) -> Iterator[str]:
     """Paths under ``source`` that the manifest does not list, in os.walk's order (in
     each directory, what stats as a directory first, each group sorted; then the listed
     subdirectories, depth first).  Each directory is opened beneath SOURCE with no
-    symlink on its path (source_dir): one swapped for a symlink meanwhile is skipped,
-    never listed.  ``skip`` names files or directories to leave out (the store, the
-    manifest itself)."""
+    symlink on its path (source_dir): one swapped for a symlink meanwhile is never
+    listed.  A directory that cannot be listed goes to ``unreadable`` (raised without
+    it); one gone meanwhile holds nothing.  ``skip`` names files or directories to
+    leave out (the store, the manifest itself)."""
     skip_ids: Set[Tuple[int, int]] = set()
     for p in skip:
         try:
@@ -138,8 +140,13 @@ def unlisted(source: str, listed: Set[str], skip: Iterable[str]) -> Iterator[str
                             continue  # gone meanwhile
                         if (s.st_dev, s.st_ino) not in skip_ids:
                             found.append((kind, d.name, stat.S_ISDIR(s.st_mode)))
-            except OSError:
-                continue  # unreadable, gone, or no longer a directory: as os.walk
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if unreadable is None:
+                    raise
+                unreadable(rel_dir or ".", e)
+                continue
             for _, name, is_dir in sorted(found):
                 rel = f"{rel_dir}/{name}" if rel_dir else name
                 if rel not in listed:
@@ -168,5 +175,10 @@ def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str]
             yield res
     finally:
         os.close(root_fd)
-    for rel in unlisted(source, {n.path for n in tree.nodes}, skip):
+    unlistable_dirs: list = []
+    for rel in unlisted(source, {n.path for n in tree.nodes}, skip,
+                        lambda rel, e: unlistable_dirs.append((rel, e))):
         yield EntryResult(rel, "unlisted", "in SOURCE, not in the manifest (a mount hides it)")
+    for rel, e in unlistable_dirs:
+        e = unlistable(e)
+        yield EntryResult(rel, "error", describe_failure(e), error=e)

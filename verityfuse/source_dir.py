@@ -24,6 +24,12 @@ from . import fsutil
 
 _LIST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+def unlistable(e: OSError) -> OSError:
+    """``e``, raised listing a directory, saying so: what seal and verify report for it."""
+    return type(e)(e.errno, f"{e.strerror or e} (a directory that could not be listed: "
+                            f"nothing under it was read)", e.filename)
+
+
 SYMLINK_ON_PATH = ("it or a directory on its path is a symlink, and no symlink is followed "
                    "under the source directory (a path named through one, or a tree that "
                    "changed while it was read)")
@@ -53,8 +59,9 @@ class SourceDir:
         return self.path if rel in ("", ".") else os.path.join(self.path, rel)
 
     def _beneath(self, rel: str, flags: int) -> int:
+        rel = rel.rstrip("/")
         try:
-            return fsutil.open_beneath(self.fd, os.fsencode(rel.rstrip("/") or "."), flags)
+            return fsutil.open_beneath(self.fd, os.fsencode(rel or "."), flags)
         except OSError as e:
             why = SYMLINK_ON_PATH if e.errno == errno.ELOOP else e.strerror
             raise type(e)(e.errno, why, self.full(rel)) from None
