@@ -339,20 +339,15 @@ def test_fuse_fsverity_enable_of_a_leased_file_does_not_wait_on_the_request_thre
     that open wait (up to lease-break-time, 45 s) on the request thread, stalling the
     mount.  The check now says WouldWait at once; its ``finish`` waits in a worker
     thread, and the check goes on with the file it opened."""
-    import sys
     import threading
 
-    from test_local_edges import _LEASE_HOLDER
+    from test_local_edges import Lease
     from verityfuse.fsutil import WouldWait
 
     s = setup()
     s.start()
-    to_child, from_test = os.pipe()
-    from_child, to_test = os.pipe()
-    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(s.src / "f"),
-                               str(to_child), str(to_test)], pass_fds=(to_child, to_test))
-    try:
-        assert os.read(from_child, 1) == b"L"
+    with Lease(s.src / "f") as lease:
+        assert lease.said() == b"L"
         arg = ioctl.parse_enable(GOOD)
         got = {}
 
@@ -366,26 +361,21 @@ def test_fuse_fsverity_enable_of_a_leased_file_does_not_wait_on_the_request_thre
         t.join(10)
         blocked = t.is_alive()
         if blocked:
-            os.write(from_test, b"go")  # let the blocked open end
+            lease.release()  # let the blocked open end
             t.join(60)
         assert not blocked, "the enable's open waited for the lease on the request thread"
         assert list(got) == ["wait"] and not s.inode().enabling
         opened = {}
         waiter = threading.Thread(target=lambda: opened.update(fd=got["wait"].finish()))
         waiter.start()
-        assert os.read(from_child, 1) == b"B"  # asked to give the lease up
-        os.write(from_test, b"go")
-        assert os.read(from_child, 1) == b"U"
+        assert lease.said() == b"B"  # asked to give the lease up
+        lease.release()
+        assert lease.said() == b"U"
         waiter.join(60)
         job = s.view.enable_check(s.inode().ino, None, arg, None, opened["fd"])
         s.view.enabler.build(job)
         s.view.enabler.commit(job)
         s.view.enabler.finish(job)
-    finally:
-        holder.kill()
-        holder.wait()
-        for fd in (to_child, from_test, from_child, to_test):
-            os.close(fd)
     if FSVERITY is not None:
         want = subprocess.run([FSVERITY, "digest", s.src / "f"], check=True, capture_output=True,
                               text=True).stdout.split()[0]
@@ -396,20 +386,15 @@ def test_an_enable_without_a_request_loop_waits_for_the_lease_itself(setup):
     """Enabler.enable runs every step on the calling thread (a caller with no request
     loop): on a leased file it waits for the lease to be given up, as the kernel would,
     instead of passing the request thread's WouldWait up to its caller."""
-    import sys
     import threading
 
-    from test_local_edges import _LEASE_HOLDER
+    from test_local_edges import Lease
 
     s = setup()
     s.start()
-    to_child, from_test = os.pipe()
-    from_child, to_test = os.pipe()
-    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(s.src / "f"),
-                               str(to_child), str(to_test)], pass_fds=(to_child, to_test))
     got = {}
-    try:
-        assert os.read(from_child, 1) == b"L"
+    with Lease(s.src / "f") as lease:
+        assert lease.said() == b"L"
 
         def enable():
             try:
@@ -418,14 +403,9 @@ def test_an_enable_without_a_request_loop_waits_for_the_lease_itself(setup):
                 got["error"] = e
         t = threading.Thread(target=enable, daemon=True)
         t.start()
-        assert os.read(from_child, 1) == b"B"  # its open asked for the lease
-        os.write(from_test, b"go")
-        assert os.read(from_child, 1) == b"U"
+        assert lease.said() == b"B"  # its open asked for the lease
+        lease.release()
+        assert lease.said() == b"U"
         t.join(60)
-    finally:
-        holder.kill()
-        holder.wait()
-        for fd in (to_child, from_test, from_child, to_test):
-            os.close(fd)
     assert "error" not in got, got
     assert s.inode().verity == got["info"]

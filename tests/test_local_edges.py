@@ -375,6 +375,33 @@ os.write(w, b"U")
 """
 
 
+class Lease:
+    """A write lease on ``path``, held by another process (_LEASE_HOLDER) until
+    ``release``: ``said()`` reads what it says (L taken, B asked to give it up, U gone)."""
+
+    def __init__(self, path):
+        self._to_child, self._from_test = os.pipe()
+        self._from_child, self._to_test = os.pipe()
+        self._holder = subprocess.Popen(
+            [sys.executable, "-c", _LEASE_HOLDER, str(path), str(self._to_child),
+             str(self._to_test)], pass_fds=(self._to_child, self._to_test))
+
+    def said(self) -> bytes:
+        return os.read(self._from_child, 1)
+
+    def release(self):
+        os.write(self._from_test, b"go")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._holder.kill()
+        self._holder.wait()
+        for fd in (self._to_child, self._from_test, self._from_child, self._to_test):
+            os.close(fd)
+
+
 @pytest.mark.mount
 @pytest.mark.parametrize("mode,what", [("local", "read"), ("manifest", "read"),
                                        ("local", "truncate")])
@@ -401,31 +428,22 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
         assert r.returncode == 0, r.stderr
         m = verified_mount(src, seal=False, extra_args=["--manifest", str(tmp_path / "m.json"),
                                                          "--trust-key", str(tmp_path / "pub.pem")])
-    to_child, from_test = os.pipe()
-    from_child, to_test = os.pipe()
-    holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, str(src / "leased"),
-                               str(to_child), str(to_test)], pass_fds=(to_child, to_test))
     got = {}
-    try:
-        assert os.read(from_child, 1) == b"L"
+    with Lease(src / "leased") as lease:
+        assert lease.said() == b"L"
         leased = m.mountpoint / "leased"
         reader = threading.Thread(target=lambda: got.update(
             data=leased.read_bytes() if what == "read" else os.truncate(leased, 5)))
         reader.start()
-        assert os.read(from_child, 1) == b"B"  # the daemon's open asked for the lease
+        assert lease.said() == b"B"  # the daemon's open asked for the lease
         assert (m.mountpoint / "other").read_bytes() == b"O" * 10000
         assert os.stat(m.mountpoint / "other").st_size == 10000
         assert reader.is_alive()  # still waiting for the lease, off the request thread
-        os.write(from_test, b"go")
-        assert os.read(from_child, 1) == b"U"
+        lease.release()
+        assert lease.said() == b"U"
         reader.join(timeout=60)
-        if what == "read":
-            assert got["data"] == b"L" * 10000
-        else:
-            assert got == {"data": None}
-            assert (src / "leased").read_bytes() == b"L" * 5
-    finally:
-        holder.kill()
-        holder.wait()
-        for fd in (to_child, from_test, from_child, to_test):
-            os.close(fd)
+    if what == "read":
+        assert got["data"] == b"L" * 10000
+    else:
+        assert got == {"data": None}
+        assert (src / "leased").read_bytes() == b"L" * 5
