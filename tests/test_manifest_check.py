@@ -223,3 +223,35 @@ def test_a_directory_that_cannot_be_listed_is_reported_not_skipped(tree, monkeyp
     assert failed == [("d", errno.EACCES)]
     with pytest.raises(PermissionError):
         list(manifest_check.unlisted(str(src), listed, skip))
+
+
+def test_an_entry_that_cannot_be_reached_for_another_reason_is_an_error(tree, monkeypatch):
+    """Only a symlink or a file on an entry's way is a difference from the manifest; a
+    directory the checker may not search (EACCES) is an error, said as it is (it was
+    reported as 'cannot be reached without following a symlink')."""
+    import errno
+
+    from verityfuse import fsutil, manifest_check, manifest_tree
+
+    src, m, tmp = tree
+    real = fsutil.open_beneath
+
+    def open_beneath(dirfd, path, *a):
+        if path == b"d/b":
+            raise PermissionError(errno.EACCES, "Permission denied", "d/b")
+        if path == b"a":
+            raise OSError(errno.ELOOP, "Too many levels of symbolic links", "a")
+        return real(dirfd, path, *a)
+
+    monkeypatch.setattr(fsutil, "open_beneath", open_beneath)
+    root = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    try:  # (directory entries: the check ends before any content is read)
+        node = manifest_tree.Node(0, 0, "d/b", 0o040755, 0, 0, 0)
+        res = manifest_check.check_node(root, node, None, None)
+        assert (res.status, res.message) == ("error", "Permission denied")
+        node = manifest_tree.Node(0, 0, "a", 0o040755, 0, 0, 0)
+        res = manifest_check.check_node(root, node, None, None)
+        assert res.status == "differs"
+        assert res.message.startswith("cannot be reached without following a symlink")
+    finally:
+        os.close(root)

@@ -14,6 +14,7 @@ Nothing is written.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -83,8 +84,11 @@ def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryRes
         res.status, res.message = "missing", "listed in the manifest, not in SOURCE"
         return res
     except OSError as e:
-        res.status, res.message, res.error = "differs", (
-            f"cannot be reached without following a symlink ({e.strerror})"), e
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink or a file on the way
+            res.status, res.message, res.error = "differs", (
+                f"cannot be reached without following a symlink ({e.strerror})"), e
+        else:  # unreadable (EACCES), an I/O error: not a difference from the manifest
+            res.status, res.message, res.error = "error", describe_failure(e), e
         return res
     try:
         st = os.fstat(pfd)
