@@ -270,7 +270,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1.
     """
     from .sealing import describe_failure, verify_file, walk_files
-    from .source_dir import SourceDir, unlistable
+    from .source_dir import SourceDir
     from .store import Store
     from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
@@ -283,7 +283,6 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     seen: set[str] = set()
     with Store(store_path) as st, SourceDir(src) as sd:
         def unreadable(rel: str, e: OSError) -> None:  # a directory: nothing under it verified
-            e = unlistable(e)
             results.append(FileResult(rel, "error", describe_failure(e), None, e))
 
         for rel in walk_files(sd, st, unreadable=unreadable):

@@ -82,7 +82,6 @@ def _size_of(src: SourceDir, rels):
 def cmd_seal(args, params, key, rels) -> int:
     from . import identity
     from .seal_pool import SMALL, in_order
-    from . import source_dir
     from .sealing import stage_path
     from .source_dir import SourceDir
     from .store_batch import Batch
@@ -144,7 +143,7 @@ def cmd_seal(args, params, key, rels) -> int:
                         batch.commit()
                 for rel, e in unlistable_dirs:
                     failed += 1
-                    batch.then(not_sealed, src.full(rel), source_dir.unlistable(e).strerror)
+                    batch.then(not_sealed, src.full(rel), e.strerror)
         finally:
             progress.close()
     return EXIT_ERROR if failed else 0

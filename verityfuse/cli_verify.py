@@ -88,7 +88,6 @@ def cmd_verify(args) -> int:
         return EXIT_USAGE
     from .seal_pool import in_order
     from .sealing import describe_failure, verify_file, walk_files
-    from . import source_dir
     from .source_dir import SourceDir
     from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
@@ -127,7 +126,7 @@ def cmd_verify(args) -> int:
             report(os.path.join(args.source, rel), res.status,
                    res.entry.digest_text if res.entry is not None else None, res.error)
         for rel, e in unlistable_dirs:
-            report(src.full(rel), "error", error=source_dir.unlistable(e))
+            report(src.full(rel), "error", error=e)
         stale = sum(1 for k in store.keys() if k not in seen)
     nothing = counts["sealed"] == 0 and not counts["unreadable"]
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])

@@ -18,14 +18,14 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Set, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Set, Tuple, Union
 
 from . import fsutil, manifest_tree
 from .errors import VerityError
 from .reader import attach_reader
 from .seal_pool import in_order
 from .sealing import describe_failure
-from .source_dir import SourceDir, unlistable
+from .source_dir import SourceDir, opened, unlistable
 from .treebuild import CHUNK_SIZE
 from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
@@ -111,15 +111,15 @@ def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryRes
     return res
 
 
-def unlisted(source: str, listed: Set[str], skip: Iterable[str],
+def unlisted(source: Union[str, SourceDir], listed: Set[str], skip: Iterable[str],
              unreadable: Optional[Callable[[str, OSError], None]] = None) -> Iterator[str]:
     """Paths under ``source`` that the manifest does not list, in os.walk's order (in
     each directory, what stats as a directory first, each group sorted; then the listed
     subdirectories, depth first).  Each directory is opened beneath SOURCE with no
     symlink on its path (source_dir): one swapped for a symlink meanwhile is never
-    listed.  A directory that cannot be listed goes to ``unreadable`` (raised without
-    it); one gone meanwhile holds nothing.  ``skip`` names files or directories to
-    leave out (the store, the manifest itself)."""
+    listed.  A directory that cannot be listed goes to ``unreadable``, with an error
+    saying so (raised as it is without it); one gone meanwhile holds nothing.
+    ``skip`` names files or directories to leave out (the store, the manifest itself)."""
     skip_ids: Set[Tuple[int, int]] = set()
     for p in skip:
         try:
@@ -127,7 +127,7 @@ def unlisted(source: str, listed: Set[str], skip: Iterable[str],
             skip_ids.add((s.st_dev, s.st_ino))
         except OSError:
             pass
-    with SourceDir(source) as src:
+    with opened(source) as src:
         stack = [""]
         while stack:
             rel_dir = stack.pop()
@@ -149,7 +149,7 @@ def unlisted(source: str, listed: Set[str], skip: Iterable[str],
             except OSError as e:
                 if unreadable is None:
                     raise
-                unreadable(rel_dir or ".", e)
+                unreadable(rel_dir or ".", unlistable(e))
                 continue
             for _, name, is_dir in sorted(found):
                 rel = f"{rel_dir}/{name}" if rel_dir else name
@@ -167,22 +167,18 @@ def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str]
     by its index in the tree it inherited, so only numbers and results cross the pipe."""
     cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     nodes = tree.nodes
-    root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    with SourceDir(source) as src:  # one SOURCE for the entries and the unlisted walk
 
-    def check(i: int, here: bool) -> EntryResult:
-        return check_node(root_fd, nodes[i], store, cache)
+        def check(i: int, here: bool) -> EntryResult:
+            return check_node(src.fd, nodes[i], store, cache)
 
-    try:
         for _, res, err in in_order(range(len(nodes)), check, threads, lambda res: None,
                                     command="verify", done="verified"):
             assert res is not None, err  # check_node reports every OSError in its result
             yield res
-    finally:
-        os.close(root_fd)
-    unlistable_dirs: list = []
-    for rel in unlisted(source, {n.path for n in tree.nodes}, skip,
-                        lambda rel, e: unlistable_dirs.append((rel, e))):
-        yield EntryResult(rel, "unlisted", "in SOURCE, not in the manifest (a mount hides it)")
-    for rel, e in unlistable_dirs:
-        e = unlistable(e)
-        yield EntryResult(rel, "error", describe_failure(e), error=e)
+        unlistable_dirs: list = []
+        for rel in unlisted(src, {n.path for n in tree.nodes}, skip,
+                            lambda rel, e: unlistable_dirs.append((rel, e))):
+            yield EntryResult(rel, "unlisted", "in SOURCE, not in the manifest (a mount hides it)")
+        for rel, e in unlistable_dirs:
+            yield EntryResult(rel, "error", describe_failure(e), error=e)

@@ -10,7 +10,7 @@ from . import fsutil, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import attach_reader
 from .seal_pool import Here
-from .source_dir import SourceDir, opened
+from .source_dir import SourceDir, opened, unlistable
 from .store import IndexEntry, Store
 from .store_batch import Staged
 from .verifier import TreeBlockCache
@@ -115,9 +115,9 @@ def walk_files(source: SourceDir, store: Store, top: str = "",
     order).  File types come from the directory entries, without a stat per file.
 
     A directory that cannot be listed (unreadable, a path too long, swapped for a
-    symlink while it is walked) is ``unreadable(its path, the error)``'s to report,
-    or raised without it: what is under it would otherwise be left out unsaid.  One
-    gone meanwhile (ENOENT) holds nothing to seal."""
+    symlink while it is walked) is ``unreadable(its path, the error saying so)``'s to
+    report, or raised without it: what is under it would otherwise be left out
+    unsaid.  One gone meanwhile (ENOENT) holds nothing to seal."""
     st = os.stat(store.path)
     store_id = (st.st_dev, st.st_ino)
     stack = [top.rstrip("/") + "/" if top not in ("", ".") else ""]
@@ -141,7 +141,7 @@ def walk_files(source: SourceDir, store: Store, top: str = "",
         except OSError as e:
             if unreadable is None:
                 raise
-            unreadable(rel.rstrip("/") or ".", e)
+            unreadable(rel.rstrip("/") or ".", unlistable(e))
             continue
         yield from files
         stack.extend(reversed(subdirs))
