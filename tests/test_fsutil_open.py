@@ -299,3 +299,53 @@ def test_permission_is_open2s_answer_naming_the_file(tmp_path):
         os.close(r)
         os.waitpid(pid, 0)
     assert got == f"PermissionError|{errno.EACCES}|Permission denied|secret"
+
+
+def _open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("route", ["openat2", "walk"])
+def test_read_beneath_reads_a_regular_file_and_opens_nothing_else(tmp_path, monkeypatch, route):
+    """The store's one-call read (an index entry, an object header): the first bytes and
+    the size of a regular file, its fd kept only when asked for; anything else is
+    reported by its type and never opened (a FIFO would block: the test would hang);
+    a symlink is not followed, at the end or in the middle.  The same answers on every
+    route, and no fd left behind by any of them."""
+    if route == "walk":
+        monkeypatch.setattr(fsutil, "_have_openat2", False)
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    write(base / "d" / "f", b"0123456789")
+    os.mkfifo(base / "d" / "fifo")
+    os.symlink("f", base / "d" / "link")
+    os.symlink("d", base / "dlink")
+    if os.geteuid() == 0:
+        os.mknod(base / "d" / "null", 0o600 | 0o020000, os.makedev(1, 3))  # /dev/null's
+    dfd = os.open(base, os.O_PATH | os.O_DIRECTORY)
+    before = _open_fds()
+    try:
+        assert fsutil.read_beneath(dfd, b"d/f", 4) == (-1, os.stat(base / "d" / "f").st_mode,
+                                                       10, b"0123")
+        assert fsutil.read_beneath(dfd, b"d/f", 100)[2:] == (10, b"0123456789")
+        assert fsutil.read_beneath(dfd, b"d/f", 0)[2:] == (10, b"")
+        fd, mode, size, head = fsutil.read_beneath(dfd, b"d/f", 2, keep=True)
+        try:
+            assert (size, head, os.pread(fd, 3, 7), os.get_inheritable(fd)) == (10, b"01", b"789", False)
+            assert os.fstat(fd).st_ino == os.stat(base / "d" / "f").st_ino
+        finally:
+            os.close(fd)
+        kinds = {"d/fifo": 0o010000, "d/link": 0o120000, "d": 0o040000}
+        if os.geteuid() == 0:
+            kinds["d/null"] = 0o020000
+        for path, kind in kinds.items():
+            fd, mode, size, head = fsutil.read_beneath(dfd, path.encode(), 10, keep=True)
+            assert (fd, mode & 0o170000, size, head) == (-1, kind, 0, None), path
+        for path, err in ((b"dlink/f", errno.ELOOP), (b"d/missing", errno.ENOENT),
+                          (b"d/f/x", errno.ENOTDIR), (b"d/../d/f", errno.EXDEV)):
+            with pytest.raises(OSError) as e:
+                fsutil.read_beneath(dfd, path, 10)
+            assert (e.value.errno, e.value.filename) == (err, path.decode())
+        assert _open_fds() == before
+    finally:
+        os.close(dfd)

@@ -167,6 +167,83 @@ static PyObject *sys_fs_type(PyObject *self, PyObject *arg)
     return PyLong_FromUnsignedLong((unsigned long)sf.f_type);
 }
 
+/* read_beneath: open_beneath + reopen + pread of the head in one call: the store's
+ * per-file read (an index entry, an object's header), whose Python around four
+ * separate calls cost more than its system calls.  Same calls, same order, same
+ * policy: O_PATH first, the type from its fstat, only a regular file reopened. */
+static PyObject *sys_read_beneath(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int dirfd, keep;
+    const char *path;
+    unsigned long long flags, resolve;
+    Py_ssize_t nbytes;
+    if (!PyArg_ParseTuple(args, "iyKKnp", &dirfd, &path, &flags, &resolve, &nbytes, &keep))
+        return NULL;
+    if (nbytes < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative byte count");
+        return NULL;
+    }
+    PyObject *buf = PyBytes_FromStringAndSize(NULL, nbytes);
+    if (!buf)
+        return NULL;
+    struct vf_open_how how = {flags, 0, resolve};
+    struct stat st;
+    int pfd, fd = -1, e = 0, step = 0, regular = 0;
+    ssize_t got = 0;
+    char *dst = PyBytes_AS_STRING(buf);
+    Py_BEGIN_ALLOW_THREADS
+    pfd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    if (pfd < 0) {
+        e = errno;
+    } else {
+        step = 1; /* errors from here on are the reopen's: named by the caller */
+        if (fstat(pfd, &st) != 0) {
+            e = errno;
+        } else if (S_ISREG(st.st_mode)) {
+            regular = 1;
+            char proc[64];
+            snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+            fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+            if (fd < 0) {
+                e = errno;
+            } else {
+                got = nbytes ? pread(fd, dst, (size_t)nbytes, 0) : 0;
+                if (got < 0) {
+                    e = errno;
+                    close(fd);
+                    fd = -1;
+                } else if (!keep) {
+                    close(fd);
+                    fd = -1;
+                }
+            }
+        }
+        close(pfd);
+    }
+    Py_END_ALLOW_THREADS
+    if (e) {
+        Py_DECREF(buf);
+        if (step == 0)
+            return os_error(e, path, (Py_ssize_t)strlen(path));
+        return os_error(e, NULL, 0);
+    }
+    if (!regular) {
+        Py_DECREF(buf);
+        return Py_BuildValue("(iIKO)", -1, (unsigned int)st.st_mode, 0ULL, Py_None);
+    }
+    if (got != nbytes && _PyBytes_Resize(&buf, got) != 0) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    PyObject *out = Py_BuildValue("(iIKN)", fd, (unsigned int)st.st_mode,
+                                  (unsigned long long)st.st_size, buf);
+    if (!out && fd >= 0)
+        close(fd);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"openat2", sys_openat2, METH_VARARGS,
      "openat2(dirfd, path, flags, resolve) -> fd; OSError naming path."},
@@ -175,6 +252,12 @@ static PyMethodDef methods[] = {
      "fstat the O_PATH fd; if it is a regular file, open /proc/self/fd/N with flags\n"
      "(| O_CLOEXEC | O_NOCTTY), else fd is -1 and nothing is opened.  path_fd is\n"
      "closed in every case.  OSError (no file name) if fstat or the open fails."},
+    {"read_beneath", sys_read_beneath, METH_VARARGS,
+     "read_beneath(dirfd, path, flags, resolve, nbytes, keep) -> (fd, st_mode, st_size, head)\n\n"
+     "openat2(flags, resolve) (O_PATH), fstat; a regular file is reopened through\n"
+     "/proc/self/fd and its first nbytes read (one pread); its fd is returned if keep,\n"
+     "else closed (-1).  Not a regular file: (-1, st_mode, 0, None), nothing opened.\n"
+     "OSError naming path if openat2 fails, naming nothing if a later call does."},
     {"handle_of", sys_handle_of, METH_O,
      "handle_of(fd) -> (handle type, handle bytes), by name_to_handle_at(AT_EMPTY_PATH)."},
     {"fs_type", sys_fs_type, METH_O, "fs_type(fd) -> fstatfs's f_type."},

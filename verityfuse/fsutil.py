@@ -46,6 +46,7 @@ class _OpenHow(ctypes.Structure):
 
 
 _have_openat2 = True
+_BENEATH = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
 
 
 def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
@@ -75,8 +76,7 @@ def open_beneath(dirfd: int, path: bytes, flags: int = O_PATH_NOFOLLOW) -> int:
                       path.decode(errors="replace"))
     if _have_openat2:
         try:
-            return _openat2(dirfd, path, flags,
-                            RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+            return _openat2(dirfd, path, flags, _BENEATH)
         except OSError as e:
             if e.errno != errno.ENOSYS:
                 raise
@@ -190,7 +190,7 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
         except OSError as e:
             raise type(e)(e.errno, e.strerror, what) from None
         if not regular:
-            raise _not_regular(mode, what)
+            raise not_regular(mode, what)
         return fd
     try:
         try:
@@ -198,7 +198,7 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
         except OSError as e:  # named as the native path names it
             raise type(e)(e.errno, e.strerror, what) from None
         if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(st.st_mode, what)
+            raise not_regular(st.st_mode, what)
         try:
             return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
@@ -210,7 +210,47 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
             pass  # a stale fd (EBADF): its fstat's error, naming the file, is the answer
 
 
-def _not_regular(mode: int, what: str) -> NotRegular:
+def read_beneath(dirfd: int, path: bytes, nbytes: int, keep: bool = False):
+    """``(fd, mode, size, head)`` of ``path`` under ``dirfd``: resolved as ``open_beneath``
+    resolves it, opened by ``reopen_regular``'s policy, and its first ``nbytes`` read
+    (one pread).  ``fd`` is -1 unless ``keep`` (then it is the caller's).  What is not a
+    regular file is never opened: ``head`` is None and ``mode`` says what it is.
+
+    One native call where built: a store reads an index entry and an object header
+    per file opened, and four calls' worth of interpreter cost more than the system
+    calls.  Errors are ``open_beneath``'s, then ``reopen_regular``'s (naming no file)."""
+    global _have_openat2
+    if native_sys is not None and _have_openat2 and b".." not in path:
+        try:
+            return native_sys.read_beneath(dirfd, path, O_PATH_NOFOLLOW, _BENEATH, nbytes, keep)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _have_openat2 = False  # kernel < 5.6: the walk below
+    pfd = open_beneath(dirfd, path)
+    try:
+        mode = os.fstat(pfd).st_mode
+    except BaseException:
+        os.close(pfd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(pfd)
+        return -1, mode, 0, None
+    fd = reopen_regular(pfd, "")
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, nbytes, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not keep:
+        os.close(fd)
+        fd = -1
+    return fd, mode, size, head
+
+
+def not_regular(mode: int, what: str) -> NotRegular:
+
     msg = f"{what} is {type_name(mode)}, not a regular file"
     kind = stat.S_IFMT(mode)
     if kind == stat.S_IFDIR:

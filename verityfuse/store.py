@@ -34,7 +34,7 @@ from typing import Optional
 from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
 from .store_index import INDEX_ENTRY_MAX, IndexEntry, StoreIndex
-from .store_object import ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
+from .store_object import TREE_OFFSET, ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
 
 __all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
 
@@ -245,33 +245,34 @@ class Store(StoreIndex):
             raise
 
     def _open_file(self, parts) -> Optional[int]:
-        """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd.
+        """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd."""
+        got = self._read_file(parts, 0, keep=True)
+        return None if got is None else got[0]
+
+    def _read_file(self, parts, nbytes: int, keep: bool = False):
+        """``(fd, size, head)`` of the regular file STORE/parts and its first ``nbytes``
+        (``fd`` -1 unless ``keep``); None if absent, StoreCorrupt if odd.
 
         One openat2 from the root fd, O_PATH, following no symlink anywhere below
-        the root (fsutil.open_beneath: a symlinked shard or object is refused, not
+        the root (fsutil.read_beneath: a symlinked shard or object is refused, not
         followed), instead of a walk of one open and close per directory; then the
         regular-file check: a FIFO or device planted in the store is refused without
         blocking on it or running a driver's open.
         """
         if self.rootfd < 0:
             return None  # a lazy store not created yet: nothing in it
-        what = self._where(*parts)
         try:
-            pfd = fsutil.open_beneath(self.rootfd, "/".join(parts).encode())
+            fd, mode, size, head = fsutil.read_beneath(
+                self.rootfd, "/".join(parts).encode(), nbytes, keep)
         except FileNotFoundError:
             return None
         except OSError as e:
             if e.errno in RESOURCE_ERRNOS:
                 raise  # out of fds or memory: not a damaged store
             raise self._refused(parts, e) from None
-        try:
-            return fsutil.reopen_regular(pfd, what)
-        except fsutil.NotRegular as e:
-            raise StoreCorrupt(e.strerror) from None
-        except OSError as e:
-            if e.errno in RESOURCE_ERRNOS:
-                raise
-            raise self._refused(parts, e) from None
+        if head is None:
+            raise StoreCorrupt(fsutil.not_regular(mode, self._where(*parts)).strerror)
+        return fd, size, head
 
     def _tmp_dir(self) -> int:
         if self._tmpfd < 0:
@@ -386,8 +387,10 @@ class Store(StoreIndex):
         return self._trees.open((alg.name, digest), lambda: self._open_object(alg, digest))
 
     def _open_object(self, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
-        name = self.object_path(alg, digest)
-        fd = self._open_file(self._object_parts(alg, digest))
-        if fd is None:
-            raise StoreCorrupt(f"{name}: missing tree object for {merkle.format_digest(alg, digest)}")
-        return open_stored_tree(fd, name, alg, digest)
+        parts = self._object_parts(alg, digest)
+        got = self._read_file(parts, TREE_OFFSET, keep=True)
+        if got is None:
+            raise StoreCorrupt(f"{self._where(*parts)}: missing tree object for "
+                               f"{merkle.format_digest(alg, digest)}")
+        fd, size, head = got
+        return open_stored_tree(fd, self._where(*parts), alg, digest, head, size)

@@ -68,7 +68,7 @@ class StoreIndex:
 
     if TYPE_CHECKING:  # what Store provides
         def _where(self, *parts) -> str: ...
-        def _open_file(self, parts) -> Optional[int]: ...
+        def _read_file(self, parts, nbytes: int, keep: bool = False): ...
         def _open_dirs(self, parts, create: bool = False) -> int: ...
         def _atomic_write(self, dirparts, name: str, data: bytes) -> None: ...
         def create_tmp(self): ...
@@ -103,14 +103,10 @@ class StoreIndex:
 
     def get_entry(self, key: str) -> Optional[IndexEntry]:
         parts = self._index_parts(key)
-        fd = self._open_file(parts)
-        if fd is None:
+        got = self._read_file(parts, INDEX_ENTRY_MAX + 1)
+        if got is None:
             return None
-        try:
-            data = os.read(fd, INDEX_ENTRY_MAX + 1)
-        finally:
-            os.close(fd)
-        return parse_entry(self._where(*parts), key, data)
+        return parse_entry(self._where(*parts), key, got[2])
 
     def remove_entry(self, key: str) -> bool:
         """False if there was no entry (or not even its shard)."""

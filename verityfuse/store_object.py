@@ -283,10 +283,13 @@ def _bad_header(name: str, magic: bytes, hsize: int, flags: int):
     raise StoreCorrupt(f"{name}: bad object header: reserved bytes are not zero")
 
 
-def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> StoredTree:
-    """Validate the object open as ``fd`` (consumed) against ``digest``."""
+def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes,
+                     head: Optional[bytes] = None, size: Optional[int] = None) -> StoredTree:
+    """Validate the object open as ``fd`` (consumed) against ``digest``; ``head`` and
+    ``size``: its first TREE_OFFSET bytes and its size, when the caller has them."""
     try:
-        head = os.pread(fd, TREE_OFFSET, 0)
+        if head is None:
+            head = os.pread(fd, TREE_OFFSET, 0)
         if len(head) != TREE_OFFSET:
             raise StoreCorrupt(f"{name}: truncated header ({len(head)} of {TREE_OFFSET} bytes)")
         magic, hsize, flags, tree_size, reserved = OBJECT_HEADER.unpack_from(head)
@@ -309,7 +312,8 @@ def open_stored_tree(fd: int, name: str, alg: merkle.HashAlg, digest: bytes) -> 
             )
         geometry = desc.geometry
         want = geometry.tree_size
-        size = os.fstat(fd).st_size
+        if size is None:
+            size = os.fstat(fd).st_size
         if tree_size != want or size != TREE_OFFSET + want:
             raise StoreCorrupt(
                 f"{name}: tree is {size - TREE_OFFSET} bytes (header says {tree_size}), "
