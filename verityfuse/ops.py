@@ -1,6 +1,6 @@
 """pyfuse3 request handlers: a thin adapter from pyfuse3 to a view (see view.py).
 
-Every handler runs behind one error boundary (``_boundary``): core errors
+Every handler runs behind one error boundary (ops_boundary): core errors
 become their errno, OSError its errno, anything unexpected is logged (one
 line, rate-limited) and answered EIO.  Nothing escapes: in pyfuse3 an
 exception ends the daemon.
@@ -12,9 +12,7 @@ FUSE.
 from __future__ import annotations
 
 import errno
-import functools
 import gc
-import inspect
 import json
 import logging
 import os
@@ -24,12 +22,11 @@ import pyfuse3
 import trio
 
 from . import fsutil
-from .errors import Corruption, Errno, VerityError
+from .errors import Corruption, Errno
 from .fast_reads import FastReads
 from .fuseshim import Shim
 from .handle_budget import HandleBudget
-from .logs import escape
-from .logs import requests as ratelog
+from .ops_boundary import errno_of, fail, with_boundary
 from .ops_ioctl import IoctlHandlers
 from .ops_read import Reads, fuse_device_poll
 from .tripwire import Tripwire
@@ -43,58 +40,6 @@ XATTR_STATUS = b"user.verityfuse.status"
 RESERVED = (XATTR_PREFIX, b"user.verityfuse.")
 # Handlers whose first argument is a file handle, not an inode.
 _FH_HANDLERS = {"read", "write", "flush", "fsync", "release"}
-
-
-def _fail(err: int):
-    raise pyfuse3.FUSEError(err)
-
-
-def _brief(a):
-    """A request argument for the debug log (no buffers, no contexts)."""
-    if isinstance(a, (bytes, bytearray, memoryview)):
-        return bytes(a) if len(a) <= 64 else f"<{len(a)} bytes>"
-    return a if isinstance(a, (int, str, type(None))) else type(a).__name__
-
-
-def _boundary(fn):
-    """Every handler's errors become errnos here (see ``_errno_of``); with
-    --debug every request is logged with its outcome."""
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self, *args):
-        debug = log.isEnabledFor(logging.DEBUG)
-        try:
-            result = await fn(self, *args)
-            if debug:
-                log.debug("%s%r: ok", name, tuple(map(_brief, args)))
-            return result
-        except pyfuse3.FUSEError as e:
-            if debug:
-                log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(e.errno))
-            raise
-        except (VerityError, OSError) as e:
-            if isinstance(e, Corruption):
-                await self._tripwire_hit(name, args, e)
-            err = self._errno_of(e, fn.__name__)
-            if debug:
-                log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(err))
-            raise pyfuse3.FUSEError(err) from None
-        except MemoryError:  # out of memory is a resource error, as ENOMEM from a syscall
-            raise pyfuse3.FUSEError(errno.ENOMEM) from None
-        except Exception as e:  # a bug: one line, never a traceback per request
-            ratelog.log(logging.ERROR, (fn.__name__, type(e).__name__),
-                             f"unexpected error in {fn.__name__}: {type(e).__name__}: {e}")
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-def with_boundary(cls):
-    for name, fn in list(vars(cls).items()):
-        if inspect.iscoroutinefunction(fn) and not name.startswith("_"):
-            setattr(cls, name, _boundary(fn))
-    return cls
 
 
 def _entry(a: Attr) -> pyfuse3.EntryAttributes:
@@ -138,19 +83,7 @@ class VerityOperations(pyfuse3.Operations):
     # -- helpers ----------------------------------------------------------------------
 
     def _errno_of(self, e: Exception, what: str) -> int:
-        """The one mapping from a core error or OSError to an errno.
-
-        Integrity failures are logged here, once per block, whichever request
-        (read, open, ioctl, enable) ran into them.
-        """
-        if isinstance(e, Corruption):
-            # The message names the file: escaped here, exact in the status.
-            ratelog.integrity((type(e).__name__, str(e)), f"integrity failure: {escape(str(e))}")
-            if self.stats is not None:
-                self.stats.failure(str(e), getattr(e, "path", ""), getattr(e, "offset", None))
-        elif isinstance(e, VerityError):
-            log.debug("%s: %s", what, e)
-        return getattr(e, "errno", None) or errno.EIO
+        return errno_of(e, what, self.stats)
 
     async def _tripwire_hit(self, handler: str, args, e: Corruption):
         """The first integrity failure of a manifest path is measured (off this thread)
@@ -348,7 +281,7 @@ class VerityOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if name == XATTR_STATUS and inode == pyfuse3.ROOT_INODE:
             if ctx.uid not in (0, os.getuid()):
-                _fail(errno.EPERM)  # failure names and paths are for the owner and root
+                fail(errno.EPERM)  # failure names and paths are for the owner and root
             return json.dumps(self.status(), sort_keys=True).encode()
         if name.startswith(RESERVED):
             # Exporting metadata opens and verifies a tree object, which an OCI view
@@ -362,7 +295,7 @@ class VerityOperations(pyfuse3.Operations):
                 return value
             value = self.ioctls.verity_xattrs(inode).get(name)
             if value is None:
-                _fail(errno.ENODATA)
+                fail(errno.ENODATA)
             return value
         return self.view.getxattr(inode, name)
 
@@ -372,12 +305,12 @@ class VerityOperations(pyfuse3.Operations):
 
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(RESERVED):
-            _fail(errno.EPERM)
+            fail(errno.EPERM)
         self.view.setxattr(inode, name, value, 0, ctx)  # ctx: the ACL rule of S_ISGID
 
     async def removexattr(self, inode, name, ctx):
         if name.startswith(RESERVED):
-            _fail(errno.EPERM)
+            fail(errno.EPERM)
         self.view.removexattr(inode, name)
 
     # -- lifecycle ----------------------------------------------------------------------
