@@ -349,3 +349,48 @@ def test_read_beneath_reads_a_regular_file_and_opens_nothing_else(tmp_path, monk
         assert _open_fds() == before
     finally:
         os.close(dfd)
+
+
+def test_read_beneath_says_a_failed_read_is_the_reads_and_closes_the_file():
+    """A regular file that opens but cannot be read (/proc/self/mem at address 0: EIO)
+    raises ReadFailed, which the store reports as the I/O error it is, never as a
+    damaged store; the file is closed either way."""
+    dfd = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY)
+    before = _open_fds()
+    try:
+        for keep in (False, True):
+            with pytest.raises(fsutil.ReadFailed) as e:
+                fsutil.read_beneath(dfd, b"mem", 10, keep=keep)
+            assert e.value.errno == errno.EIO
+        assert _open_fds() == before
+    finally:
+        os.close(dfd)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_only_openat2s_own_enosys_turns_openat2_off(tmp_path, monkeypatch, named):
+    """ENOSYS from openat2 (it names the path) means a kernel without it: the walk takes
+    over.  ENOSYS from a later call (a file system's fstat or open) is that file's
+    error, and every later open still uses openat2."""
+    class Native:
+        ReadError = type("ReadError", (OSError,), {})
+
+        @staticmethod
+        def read_beneath(*args):
+            raise OSError(errno.ENOSYS, "Function not implemented", "f" if named else None)
+
+    write(tmp_path / "f", b"data")
+    monkeypatch.setattr(fsutil, "native_sys", Native)
+    monkeypatch.setattr(fsutil, "_have_openat2", True)
+    dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        if named:
+            assert fsutil.read_beneath(dfd, b"f", 10)[2:] == (4, b"data")
+            assert fsutil._have_openat2 is False
+        else:
+            with pytest.raises(OSError) as e:
+                fsutil.read_beneath(dfd, b"f", 10)
+            assert e.value.errno == errno.ENOSYS
+            assert fsutil._have_openat2 is True
+    finally:
+        os.close(dfd)

@@ -6,6 +6,7 @@ tests/test_store.py covers a few of these through sealing and verify with partia
 store_object.open_stored_tree and Store._open_file, in the order they run.
 """
 
+import errno
 import os
 import shutil
 import struct
@@ -241,5 +242,34 @@ def test_the_object_is_not_kept_open_after_a_refusal(sealed):
         st.open_object(e.alg, e.digest)
     assert set(os.listdir("/proc/self/fd")) == before
     os.replace(tmp / "good", p)
+    with st.open_object(e.alg, e.digest) as t:
+        assert t.tree_id == merkle.TreeId(PARAMS, 300000, e.digest)
+
+
+def test_a_failed_read_is_an_io_error_naming_the_file_not_a_damaged_store(sealed, monkeypatch):
+    """An index entry or object whose read fails (EIO from the disk, an interrupted read
+    on a network share) is reported as that error, naming the file: not as corruption,
+    which a local mount keeps on the inode until it is forgotten.  The next read, once
+    it works, finds the file.  (fsutil.read_beneath's ReadFailed itself is tested on a
+    real failing read in test_fsutil_open.)"""
+    from verityfuse import fsutil
+    st, e, p, src, tmp = sealed
+    real = fsutil.read_beneath
+
+    def failing(*args, **kw):
+        raise fsutil.ReadFailed(errno.EIO, "Input/output error")
+
+    st._trees.drop_idle()
+    entry = st.get_entry(e.key)
+    entry_path = st._where("inodes", e.key[:2], e.key)
+    for call, where in ((lambda: st.get_entry(e.key), entry_path),
+                        (lambda: st.open_object(e.alg, e.digest), p)):
+        monkeypatch.setattr(fsutil, "read_beneath", failing)
+        with pytest.raises(OSError) as err:
+            call()
+        assert not isinstance(err.value, StoreCorrupt)
+        assert (err.value.errno, err.value.filename) == (errno.EIO, where)
+        monkeypatch.setattr(fsutil, "read_beneath", real)
+    assert st.get_entry(e.key) == entry
     with st.open_object(e.alg, e.digest) as t:
         assert t.tree_id == merkle.TreeId(PARAMS, 300000, e.digest)

@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -76,6 +77,30 @@ static PyObject *sys_openat2(PyObject *self, PyObject *args)
     return out;
 }
 
+/* fstat the O_PATH fd pfd into *st; a regular file is opened through /proc/self/fd
+ * with flags and the new fd returned.  -1 otherwise: *e is the errno, or 0 when it
+ * is not a regular file (nothing was opened).  pfd stays open.  No Python API: called
+ * with the GIL released.  An interrupted open is retried (as os.open does). */
+static int reopen_if_regular(int pfd, int flags, struct stat *st, int *e)
+{
+    *e = 0;
+    if (fstat(pfd, st) != 0) {
+        *e = errno;
+        return -1;
+    }
+    if (!S_ISREG(st->st_mode))
+        return -1;
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+    int fd;
+    do
+        fd = open(proc, flags | O_CLOEXEC | O_NOCTTY);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        *e = errno;
+    return fd;
+}
+
 static PyObject *sys_reopen(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -96,23 +121,14 @@ static PyObject *sys_reopen(PyObject *self, PyObject *args)
         return NULL;
     }
     struct stat st;
-    int fd = -1, e = 0, regular = 0;
+    int fd, e;
     Py_BEGIN_ALLOW_THREADS
-    if (fstat(pfd, &st) != 0) {
-        e = errno;
-    } else if (S_ISREG(st.st_mode)) {
-        regular = 1;
-        char proc[64];
-        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
-        fd = open(proc, (int)flags | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-            e = errno;
-    }
+    fd = reopen_if_regular(pfd, (int)flags, &st, &e);
     close(pfd);
     Py_END_ALLOW_THREADS
     if (e)
         return os_error(e, NULL, 0);
-    PyObject *out = Py_BuildValue("(iIi)", fd, (unsigned int)st.st_mode, regular);
+    PyObject *out = Py_BuildValue("(iIi)", fd, (unsigned int)st.st_mode, S_ISREG(st.st_mode));
     if (!out && fd >= 0)
         close(fd);
     return out;
@@ -170,7 +186,12 @@ static PyObject *sys_fs_type(PyObject *self, PyObject *arg)
 /* read_beneath: open_beneath + reopen + pread of the head in one call: the store's
  * per-file read (an index entry, an object's header), whose Python around four
  * separate calls cost more than its system calls.  Same calls, same order, same
- * policy: O_PATH first, the type from its fstat, only a regular file reopened. */
+ * policy: O_PATH first, the type from its fstat, only a regular file reopened.
+ * Errors name the path only when openat2 failed (an ENOSYS then means no openat2);
+ * a failed read raises ReadError: the file was there and opened, so the error is
+ * the read's (EIO, ...), never a statement about what the store holds. */
+static PyObject *ReadError;
+
 static PyObject *sys_read_beneath(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -184,61 +205,64 @@ static PyObject *sys_read_beneath(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "negative byte count");
         return NULL;
     }
-    PyObject *buf = PyBytes_FromStringAndSize(NULL, nbytes);
-    if (!buf)
-        return NULL;
     struct vf_open_how how = {flags, 0, resolve};
     struct stat st;
-    int pfd, fd = -1, e = 0, step = 0, regular = 0;
+    int pfd, fd = -1, e = 0, opened = 0, read_failed = 0;
     ssize_t got = 0;
-    char *dst = PyBytes_AS_STRING(buf);
+    char *buf = NULL;
     Py_BEGIN_ALLOW_THREADS
-    pfd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    do
+        pfd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    while (pfd < 0 && errno == EINTR);
     if (pfd < 0) {
         e = errno;
     } else {
-        step = 1; /* errors from here on are the reopen's: named by the caller */
-        if (fstat(pfd, &st) != 0) {
-            e = errno;
-        } else if (S_ISREG(st.st_mode)) {
-            regular = 1;
-            char proc[64];
-            snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
-            fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-            if (fd < 0) {
+        opened = 1;
+        fd = reopen_if_regular(pfd, O_RDONLY, &st, &e);
+        close(pfd);
+    }
+    if (fd >= 0) {
+        /* No more than the file holds, and one byte more: a file that grew since the
+         * fstat shows it.  malloc, not a bytes object: no Python API here (its failure
+         * is ENOMEM, a resource error as the kernel's would be). */
+        size_t want = (size_t)nbytes;
+        if (st.st_size >= 0 && (unsigned long long)st.st_size < (unsigned long long)nbytes)
+            want = (size_t)st.st_size + 1;
+        buf = malloc(want ? want : 1);
+        if (!buf) {
+            e = ENOMEM;
+        } else if (want) {
+            do
+                got = pread(fd, buf, want, 0);
+            while (got < 0 && errno == EINTR);
+            if (got < 0) {
                 e = errno;
-            } else {
-                got = nbytes ? pread(fd, dst, (size_t)nbytes, 0) : 0;
-                if (got < 0) {
-                    e = errno;
-                    close(fd);
-                    fd = -1;
-                } else if (!keep) {
-                    close(fd);
-                    fd = -1;
-                }
+                read_failed = 1;
             }
         }
-        close(pfd);
+        if (e || !keep) {
+            close(fd);
+            fd = -1;
+        }
     }
     Py_END_ALLOW_THREADS
     if (e) {
-        Py_DECREF(buf);
-        if (step == 0)
-            return os_error(e, path, (Py_ssize_t)strlen(path));
-        return os_error(e, NULL, 0);
+        free(buf);
+        if (read_failed) {
+            PyObject *exc = PyObject_CallFunction(ReadError, "is", e, strerror(e));
+            if (exc) {
+                PyErr_SetObject(ReadError, exc);
+                Py_DECREF(exc);
+            }
+            return NULL;
+        }
+        return opened ? os_error(e, NULL, 0) : os_error(e, path, (Py_ssize_t)strlen(path));
     }
-    if (!regular) {
-        Py_DECREF(buf);
+    if (!buf)  /* not a regular file: nothing was opened */
         return Py_BuildValue("(iIKO)", -1, (unsigned int)st.st_mode, 0ULL, Py_None);
-    }
-    if (got != nbytes && _PyBytes_Resize(&buf, got) != 0) {
-        if (fd >= 0)
-            close(fd);
-        return NULL;
-    }
-    PyObject *out = Py_BuildValue("(iIKN)", fd, (unsigned int)st.st_mode,
-                                  (unsigned long long)st.st_size, buf);
+    PyObject *out = Py_BuildValue("(iIKy#)", fd, (unsigned int)st.st_mode,
+                                  (unsigned long long)st.st_size, buf, (Py_ssize_t)got);
+    free(buf);
     if (!out && fd >= 0)
         close(fd);
     return out;
@@ -257,7 +281,8 @@ static PyMethodDef methods[] = {
      "openat2(flags, resolve) (O_PATH), fstat; a regular file is reopened through\n"
      "/proc/self/fd and its first nbytes read (one pread); its fd is returned if keep,\n"
      "else closed (-1).  Not a regular file: (-1, st_mode, 0, None), nothing opened.\n"
-     "OSError naming path if openat2 fails, naming nothing if a later call does."},
+     "OSError naming path if openat2 fails, naming nothing if fstat or the reopen\n"
+     "does; ReadError (an OSError) if the read does.  EINTR is retried."},
     {"handle_of", sys_handle_of, METH_O,
      "handle_of(fd) -> (handle type, handle bytes), by name_to_handle_at(AT_EMPTY_PATH)."},
     {"fs_type", sys_fs_type, METH_O, "fs_type(fd) -> fstatfs's f_type."},
@@ -270,5 +295,13 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__sysopen(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    ReadError = PyErr_NewException("verityfuse._sysopen.ReadError", PyExc_OSError, NULL);
+    if (!ReadError || PyModule_AddObjectRef(m, "ReadError", ReadError) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -210,43 +210,53 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
             pass  # a stale fd (EBADF): its fstat's error, naming the file, is the answer
 
 
+class ReadFailed(OSError):
+    """``read_beneath`` opened the file and reading it failed (EIO, ...): an error of the
+    read, to report as such, never a statement about what the file holds."""
+
+
 def read_beneath(dirfd: int, path: bytes, nbytes: int, keep: bool = False):
     """``(fd, mode, size, head)`` of ``path`` under ``dirfd``: resolved as ``open_beneath``
     resolves it, opened by ``reopen_regular``'s policy, and its first ``nbytes`` read
-    (one pread).  ``fd`` is -1 unless ``keep`` (then it is the caller's).  What is not a
-    regular file is never opened: ``head`` is None and ``mode`` says what it is.
+    (one pread, of at most one byte more than its fstat size).  ``fd`` is -1 unless
+    ``keep`` (then it is the caller's).  What is not a regular file is never opened:
+    ``head`` is None and ``mode`` says what it is.
 
     One native call where built: a store reads an index entry and an object header
     per file opened, and four calls' worth of interpreter cost more than the system
-    calls.  Errors are ``open_beneath``'s, then ``reopen_regular``'s (naming no file)."""
+    calls.  Errors: ``open_beneath``'s (naming ``path``), then the fstat's or reopen's
+    (naming no file), then ReadFailed; either way no fd is left open."""
     global _have_openat2
+    if nbytes < 0:
+        raise ValueError("negative byte count")
     if native_sys is not None and _have_openat2 and b".." not in path:
         try:
             return native_sys.read_beneath(dirfd, path, O_PATH_NOFOLLOW, _BENEATH, nbytes, keep)
+        except native_sys.ReadError as e:
+            raise ReadFailed(e.errno, e.strerror) from None
         except OSError as e:
-            if e.errno != errno.ENOSYS:
+            if e.errno != errno.ENOSYS or e.filename is None:  # named: openat2's own error
                 raise
             _have_openat2 = False  # kernel < 5.6: the walk below
     pfd = open_beneath(dirfd, path)
     try:
-        mode = os.fstat(pfd).st_mode
-    except BaseException:
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            return -1, st.st_mode, 0, None
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror) from None  # not the /proc path: as natively
+    finally:
         os.close(pfd)
-        raise
-    if not stat.S_ISREG(mode):
-        os.close(pfd)
-        return -1, mode, 0, None
-    fd = reopen_regular(pfd, "")
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, nbytes, 0)
-    except BaseException:
+        head = os.pread(fd, min(nbytes, st.st_size + 1), 0)
+    except OSError as e:
         os.close(fd)
-        raise
+        raise ReadFailed(e.errno, e.strerror) from None
     if not keep:
         os.close(fd)
         fd = -1
-    return fd, mode, size, head
+    return fd, st.st_mode, st.st_size, head
 
 
 def not_regular(mode: int, what: str) -> NotRegular:

@@ -264,6 +264,8 @@ class Store(StoreIndex):
         try:
             fd, mode, size, head = fsutil.read_beneath(
                 self.rootfd, "/".join(parts).encode(), nbytes, keep)
+        except fsutil.ReadFailed as e:  # the file's read failed, not its content
+            raise OSError(e.errno, e.strerror, self._where(*parts)) from None
         except FileNotFoundError:
             return None
         except OSError as e:
