@@ -70,10 +70,11 @@ def phase_seq(ms, ws, repeats, results):
     copies = []
     buf = reads.aligned_buffer()
     scratch = ws.path("scratch")
-    # One untimed pass through each mount first, so that no timed pass pays a daemon's
-    # first use (its tree blocks read from the store, its buffers allocated) that the
-    # others do not: run alone (--sections seq), the first repeat's pass through the
-    # first mount read 0.17x or 4.85x plain where the others read 0.55-0.61x.
+    # One untimed pass through each mount first.  A daemon's first pass is served by
+    # Python (its leaf blocks are not loaded yet), the others natively: without this a
+    # run of the seq section alone timed that one as a repeat of the rest.  (What still
+    # varies from pass to pass is this VM's memory: perf shows the kernel's copy into
+    # fresh page-cache pages up to 5x slower in some passes, in any mount.)
     for m in ms.mounts:
         reads.seq_pass(os.path.join(m.mountpoint, "big"), m, buf, size)
     passlog.section("seq")
