@@ -109,6 +109,22 @@ def test_a_failed_extend_fails_the_mount_and_serves_nothing(share, tmp_path):
     assert not os.path.ismount(mnt)
 
 
+def test_a_mount_that_fails_is_not_measured(share, tmp_path):
+    """The MountManifest event says the manifest is served at the mount point: a FUSE
+    mount that fails (here an option libfuse refuses) must leave no such event, or a
+    verifier would attest a tree that the mount point does not show."""
+    src, m, pub, digest = share
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    r = vf("mount", src, mnt, *mount_args(m, pub, digest, "--measure", f"file:{reg}",
+                                          "--event-log", str(log)),
+           "-o", "nosuchoption", "--log-file", tmp_path / "daemon.log", "-f")
+    assert r.returncode != 0
+    assert not os.path.ismount(mnt)
+    assert not log.exists() and not reg.exists()
+
+
 def test_measure_needs_a_manifest(share, tmp_path):
     src, *_ = share
     mnt = tmp_path / "mnt"

@@ -128,17 +128,15 @@ def is_oci(source: str) -> bool:
 
 
 def measure_mount(mountpoint: str, s: Settings, trust: Trust):
-    """A measured mount records its MountManifest event before it serves anything (a
-    failed extend fails the mount: closed, as an image pull is); returns the mount's
-    Tripwire, which measures violations into the same register and log."""
+    """A measured mount records its MountManifest event once it is mounted and before it
+    serves anything (a failed extend fails the mount: closed, as an image pull is);
+    returns the mount's Tripwire, which measures violations into the same register and
+    log.  ``serve`` has checked that a measured mount has a manifest."""
     from .tripwire import Tripwire
 
     m = trust.manifest
-    if not s.measure:
+    if not s.measure or m is None:
         return Tripwire(m.digest if m else None, None, s.on_corruption)
-    if m is None:
-        raise MountError("measure needs a manifest: a measured mount attests the manifest's "
-                         "digest (local mode has none)")
     from . import measure_event
     from .measure import Measurer, MeasureError, open_register
 
@@ -219,16 +217,13 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
     if trust.manifest is not None and ("ro", None) not in s.fuse:
         # The manifest defines the tree: mount it read-only (the caller's settings stay as given).
         s = dataclasses.replace(s, fuse=[o for o in s.fuse if o[0] != "rw"] + [("ro", None)])
+    if s.measure and trust.manifest is None:
+        raise MountError("measure needs a manifest: a measured mount attests the manifest's "
+                         "digest (local mode has none)")
     stats = Stats()
     view, store = make_view(source, mountpoint, s, trust, stats)
-    try:
-        tripwire = measure_mount(mountpoint, s, trust)
-    except BaseException:
-        view.close()
-        store.close()
-        raise
     ops = VerityOperations(view, threads=getattr(view, "threads", 4), stats=stats,
-                           tripwire=tripwire, max_handles_per_uid=s.max_handles_per_uid, info={
+                           max_handles_per_uid=s.max_handles_per_uid, info={
         "source": source, "mountpoint": mountpoint, "store": store.path, "pid": os.getpid(),
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,
@@ -241,6 +236,16 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         # A list, not the set pyfuse3's stubs name: libfuse gets them in a fixed order.
         pyfuse3.init(ops, mountpoint, mountopts.fuse_options(s, source))  # type: ignore[arg-type]
     except BaseException:
+        ops.shutdown()
+        store.close()
+        raise
+    try:
+        # Measured once the mount exists (a mount that failed must not be attested as
+        # serving the manifest) and before any request is answered: requests are only
+        # read in trio.run below.  A failed measurement unmounts.
+        ops.tripwire = measure_mount(mountpoint, s, trust)
+    except BaseException:
+        pyfuse3.close(unmount=True)
         ops.shutdown()
         store.close()
         raise
