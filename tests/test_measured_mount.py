@@ -125,6 +125,29 @@ def test_a_mount_that_fails_is_not_measured(share, tmp_path):
     assert not log.exists() and not reg.exists()
 
 
+def test_relative_paths_name_files_under_the_callers_directory(share, tmp_path):
+    """The daemon moves to / before it opens the register and the event log: relative
+    paths (and a relative --log-file) are the caller's, as for every other command,
+    not files under /."""
+    src, m, pub, digest = share
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "out").mkdir()
+    r = vf("mount", "share", "mnt", "--manifest", "m.json", "--trust-key", "pub.pem",
+           "--manifest-digest", digest, "--measure", "file:sha384:out/reg",
+           "--event-log", "out/events.log", "--log-file", "out/daemon.log", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (tmp_path / "mnt" / "config").read_bytes() == b"trusted configuration\n"
+        assert sorted(os.listdir(tmp_path / "out")) == [
+            "daemon.log", "events.log", "reg", "reg.lock"]
+        alg, _, [(_, op, content, _)] = events(tmp_path / "out" / "events.log")
+        assert (alg, op, content["mountpoint"]) == ("sha384", "MountManifest",
+                                                    str(tmp_path / "mnt"))
+        assert register_value(tmp_path / "out" / "reg") == replayed(tmp_path / "out" / "events.log")
+    finally:
+        assert vf("umount", tmp_path / "mnt").returncode == 0
+
+
 def test_measure_needs_a_manifest(share, tmp_path):
     src, *_ = share
     mnt = tmp_path / "mnt"

@@ -301,6 +301,7 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
     Raises MountError before anything is mounted.  Says nothing on success (as
     mount(8) helpers and kernel filesystems), except where the logs go when that is
     not where the documentation says they go, or when ``verbose``."""
+    s = mountopts.absolute_paths(s)
     for w in check(source, mountpoint, s):
         print(f"WARNING: {w}", file=err)
     try:

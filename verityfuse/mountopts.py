@@ -10,8 +10,12 @@ time), and refuses nonsense with a message naming the option.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
+
+from .measure_event import ALGS
 
 # Options of mount(8), fstab and systemd that are not for the filesystem.
 IGNORED = {"_netdev", "nofail", "noauto", "auto", "defaults", "user", "users", "nouser",
@@ -116,6 +120,28 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
 REPEATED = {"trust_key": "trust_key", "trust_cert": "trust_cert"}
 FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foreground": "foreground",
          "plain_http": "plain_http"}
+
+
+def absolute_paths(s: Settings) -> Settings:
+    """``s`` with every path made absolute against the current directory: the daemon
+    moves to / before it opens the store, the register and the event log (it must not
+    keep a directory busy), where a relative path would name a file under / instead."""
+    def ab(path: Optional[str]) -> Optional[str]:
+        return os.path.abspath(path) if path else path
+
+    measure = s.measure
+    if measure and measure.startswith("file:"):
+        alg, sep, rest = measure[5:].partition(":")
+        if sep and alg in ALGS:
+            measure = f"file:{alg}:{ab(rest)}" if rest else measure
+        elif measure[5:]:
+            measure = f"file:{ab(measure[5:])}"
+    return dataclasses.replace(
+        s, store=ab(s.store), manifest=ab(s.manifest), log_file=ab(s.log_file),
+        event_log=ab(s.event_log), measure=measure, registry_ca=ab(s.registry_ca),
+        registry_auth=ab(s.registry_auth), cache_dir=ab(s.cache_dir),
+        trust_key=[os.path.abspath(k) for k in s.trust_key],
+        trust_cert=[os.path.abspath(c) for c in s.trust_cert])
 
 
 def split(options: str) -> List[str]:
