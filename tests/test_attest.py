@@ -147,6 +147,9 @@ GOOD = me.mount_manifest(M1, KEY, 3, "enforce", "/m").line()
     (INIT + GOOD.replace("MountManifest", "Unmount") + "\n", "unknown github.com/verityfuse/"
      "verityfuse operation 'Unmount'"),
     (INIT + GOOD.replace('"sequence":3', '"sequence":3,"sequence":3') + "\n", "not canonical"),
+    # Deeper than the JSON parser's stack: a clear rejection, not a RecursionError.
+    (INIT + me.DOMAIN + " MountManifest " + "[" * 100000 + "\n",
+     "line 2: MountManifest content is nested too deeply"),
 ])
 def test_parse_log_is_strict(text, why):
     with pytest.raises(me.EventLogError) as e:
@@ -161,6 +164,12 @@ def test_other_domains_are_kept_verbatim():
     assert events[1].content == {"image": "a b", "digest": "sha256:00"}
     assert events[1].line() == coco  # hashed as written, not re-serialized
     assert me.replay(alg, init, events) == chain("sha256", bytes(32), [GOOD, coco])
+
+
+def test_another_domains_content_nested_too_deeply_is_kept_raw():
+    deep = "[" * 100000 + "]" * 100000
+    alg, init, events = me.parse_log(INIT + "example.com/x Op " + deep + "\n")
+    assert (events[0].content, events[0].line()) == ({}, "example.com/x Op " + deep)
 
 
 # -- registers --------------------------------------------------------------------
@@ -710,3 +719,26 @@ def test_every_flipped_quote_byte_is_refused(quoted):
                 changed[which] = bytes(b)
                 with pytest.raises(tpm_quote.QuoteError):
                     tpm_quote.verify_quote(*changed, ak, nonce, 23, value)
+
+
+def test_a_violation_that_cannot_be_measured_for_any_reason_refuses_opens(caplog):
+    """Tripwire.record runs on a worker thread of the daemon: whatever the measurer raises
+    (a malformed log, a register backend's own exception) is logged on one line, escaped,
+    and makes the mount refuse every open; it never reaches the request loop, where it
+    would end the daemon."""
+    from verityfuse.tripwire import Tripwire
+
+    class Broken:
+        register = None
+
+        def record(self, event):
+            raise RuntimeError("backend gone \x1b[2J")
+
+    t = Tripwire(M1, Broken(), "eio")
+    assert t.first_time("a/b") is True
+    with caplog.at_level("ERROR", logger="verityfuse"):
+        t.record("a/b", 4096)
+    snap = t.snapshot()
+    assert (snap["violations_unmeasured"], snap["refusing_opens"]) == (1, True)
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert "RuntimeError: backend gone \\x1b[2J" in msg and "\x1b" not in msg

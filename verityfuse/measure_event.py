@@ -219,6 +219,8 @@ def _parse_ours(n: int, operation: str, text: str) -> Event:
         content = json.loads(text)
     except ValueError as e:
         raise EventLogError(f"line {n}: {operation} content is not JSON: {e}") from None
+    except RecursionError:  # nested deeper than the parser's stack
+        raise EventLogError(f"line {n}: {operation} content is nested too deeply") from None
     if not isinstance(content, dict) or set(content) != _SCHEMAS[operation]:
         keys = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise EventLogError(f"line {n}: {operation} content must have exactly the keys "
@@ -271,7 +273,7 @@ def parse_log(text: str) -> tuple[str, bytes, list[Event]]:
             continue
         try:
             parsed = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):  # another domain's content: kept raw
             parsed = None
         events.append(Event(domain, operation, parsed if isinstance(parsed, dict) else {},
                             raw=content))

@@ -68,11 +68,12 @@ class Tripwire:
         event = measure_event.integrity_violation(self.manifest_digest or "", path, offset)
         try:
             self.measurer.record(event)
-        except MeasureError as e:
+        except Exception as e:  # MeasureError, or any other: never a daemon's end
+            why = str(e) if isinstance(e, MeasureError) else f"{type(e).__name__}: {e}"
             with self._lock:
                 self.unmeasured += 1
             log.error("cannot measure the integrity violation of %s: %s; refusing every open "
-                      "from now on (a verifier could not see it)", escape(path), e)
+                      "from now on (a verifier could not see it)", escape(path), escape(why))
             return
         with self._lock:
             self.measured += 1
