@@ -742,3 +742,42 @@ def test_a_violation_that_cannot_be_measured_for_any_reason_refuses_opens(caplog
     assert (snap["violations_unmeasured"], snap["refusing_opens"]) == (1, True)
     [msg] = [r.getMessage() for r in caplog.records]
     assert "RuntimeError: backend gone \\x1b[2J" in msg and "\x1b" not in msg
+
+
+@pytest.mark.parametrize("took_effect", [True, False])
+def test_an_extend_of_unknown_outcome_keeps_log_and_register_in_agreement(tmp_path, took_effect):
+    """An extend that reports failure (a TPM command timed out) and a read-back that
+    fails too: whether the register took the event cannot be told, so its line stays in
+    the log, and the next record extends it only if the register lacks it.  Cutting the
+    line away (as before) left the two disagreeing for good when the extend had taken
+    effect: every later measured mount was refused."""
+    class Flaky(measure.FileRegister):
+        mode = ""
+
+        def extend(self, digest):
+            if Flaky.mode == "fail" and not took_effect:
+                Flaky.mode = "read"
+                raise measure.MeasureError("TPM2_PCR_Extend: timeout")
+            super().extend(digest)
+            if Flaky.mode == "fail":
+                Flaky.mode = "read"
+                raise measure.MeasureError("TPM2_PCR_Extend: timeout")
+
+        def read(self):
+            if Flaky.mode == "read":
+                Flaky.mode = ""
+                raise measure.MeasureError("TPM2_PCR_Read: timeout")
+            return super().read()
+
+    reg, log = Flaky(str(tmp_path / "reg")), tmp_path / "events.log"
+    meas = measure.Measurer(reg, str(log))
+    events = [me.mount_manifest(M1, KEY, 1, "enforce", p) for p in ("/one", "/two", "/three")]
+    meas.record(events[0])
+    Flaky.mode = "fail"
+    with pytest.raises(measure.MeasureError) as e:
+        meas.record(events[1])
+    assert "the event stays in" in str(e.value)
+    meas.record(events[2])
+    alg, init, logged = me.parse_log(log.read_text())
+    assert [ev.line() for ev in logged] == [ev.line() for ev in events]
+    assert me.replay(alg, init, logged) == reg.read()

@@ -369,7 +369,9 @@ class Measurer:
         The order keeps log and register in agreement: the line is written and fsynced first;
         if the extend then fails, the register is read back, and unless it shows the extend
         the line is truncated away and MeasureError raised (the event did not happen).  A crash
-        between the two leaves a logged, unextended line that the next record extends."""
+        between the two leaves a logged, unextended line that the next record extends; so does
+        a register that cannot be read back (the extend may have taken effect: a line cut
+        away then would leave log and register disagreeing for good)."""
         alg = self.register.alg
         try:
             line = event.line()
@@ -386,8 +388,11 @@ class Measurer:
             except MeasureError as e:
                 try:
                     done = self.register.read() == me.extend(alg, old, digest)
-                except MeasureError:
-                    done = False
+                except MeasureError as r:
+                    raise MeasureError(
+                        f"{e}; reading the register back failed too ({r}), so the event "
+                        f"stays in {self.log_path}: the next record extends it unless the "
+                        f"register already holds it") from None
                 if done:
                     return
                 try:
