@@ -665,7 +665,7 @@ def test_bearer_token_authentication(tree, proxy, tmp_path, oci_mount):
     r = vf("push", tree["src"], ref, "--manifest", tree["manifest"], "--plain-http",
            "--registry-auth", creds)
     assert r.returncode == 1
-    assert f"registry API check: token from http://{proxy.host}/token: answered 401" in r.stderr
+    assert f"registry API check: token from 'http://{proxy.host}/token': answered 401" in r.stderr
     creds.write_text("pusher:s3cret\n")
     r = vf("push", tree["src"], ref, "--manifest", tree["manifest"], "--plain-http",
            "--registry-auth", creds)

@@ -16,17 +16,13 @@ from . import __version__, merkle, treebuild
 from .argtypes import (Once, _pinned_digest, _sequence, _threads, add_tree_options,
                        params_from)
 from .errors import InvalidParameters, VerityError
-from .jsonout import emit, shown
+from .jsonout import emit, error, shown
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 COMMANDS = ("digest", "seal", "verify", "upgrade-store", "measure-manifest", "keygen", "mount",
             "umount", "status", "install-helper", "uninstall-helper", "dump-metadata", "dump_metadata", "measure",
             "enable", "doctor", "attest", "push")
-
-
-def error(msg: str):
-    print(f"ERROR: {msg}", file=sys.stderr)
 
 
 # -- digest ---------------------------------------------------------------

@@ -18,10 +18,7 @@ from . import mountopts
 from .mountopts import OptionError, Settings
 
 from .helper_link import HELPER_NAME
-
-
-def error(msg: str):
-    print(f"ERROR: {msg}", file=sys.stderr)
+from .jsonout import error
 
 
 def _positive(name):

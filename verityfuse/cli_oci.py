@@ -8,13 +8,10 @@ by default the user's docker config.json, if it names the registry).
 
 from __future__ import annotations
 
-import sys
+
+from .jsonout import error
 
 EXIT_ERROR = 1
-
-
-def error(msg: str):
-    print(f"ERROR: {msg}", file=sys.stderr)
 
 
 def _docker_auth(config: dict, host: str):

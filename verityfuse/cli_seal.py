@@ -13,7 +13,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from .jsonout import emit, shown
+from .jsonout import emit, error, shown
 from .seal_progress import Progress
 
 if TYPE_CHECKING:
@@ -23,10 +23,6 @@ if TYPE_CHECKING:
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-
-
-def error(msg: str):
-    print(f"ERROR: {msg}", file=sys.stderr)
 
 
 def open_store(args, create: bool = False, objects_only: bool = False) -> Store:

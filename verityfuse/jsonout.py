@@ -41,3 +41,9 @@ def shown_text(text: str) -> str:
         return text
     from .stats import escape_name
     return "".join(ch if ch.isprintable() else escape_name(ch) for ch in text)
+
+
+def error(msg: str):
+    """A command's error line on stderr.  Escaped: it may quote what a registry, a
+    manifest or a file name said, which must not drive the terminal."""
+    print(f"ERROR: {shown_text(msg)}", file=sys.stderr)

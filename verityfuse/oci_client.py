@@ -116,12 +116,24 @@ class Client:
             except urllib3.exceptions.HTTPError as e:
                 if last:
                     raise RegistryError(f"{what}: {self.ref.host}: {_reason(e)}") from None
+            except (ValueError, UnicodeError) as e:  # a Location or header urllib3 refuses
+                raise RegistryError(f"{what}: {self.ref.host}: a malformed answer "
+                                    f"({type(e).__name__}: {str(e)[:200]!r})") from None
             else:
                 if r.status in ok:
                     return r
                 challenge = r.headers.get("WWW-Authenticate", "")
                 if r.status == 401 and challenge.startswith("Bearer ") and not renewed:
                     _discard(r)
+                    # After a redirect to another host urllib3 gives its absolute URL;
+                    # otherwise a path (the host asked).
+                    answered = r.url if r.url and "://" in r.url else url
+                    if _origin(answered) != _origin(self.base):
+                        # A redirect's target (a blob store) asking for a token: the
+                        # registry's credentials and tokens are the registry's only.
+                        raise RegistryError(f"{what}: {_origin(answered)[1]!r}, where "
+                                            f"{self.ref.host} redirected, asks for a token; "
+                                            f"credentials are given to the registry only")
                     self._bearer(challenge, h.get("Authorization"), what)
                     renewed = True
                     continue  # at once, with the token: not a failed attempt
@@ -141,6 +153,7 @@ class Client:
         if not realm.startswith(("https://", "http://")):
             raise RegistryError(f"{what}: {self.ref.host} asks for a token from {realm!r}, "
                                 f"not an http(s) URL")
+        where = f"{what}: token from {realm!r}"  # the registry's text: quoted, escaped
         with self.token_lock:
             if self.headers.get("Authorization") != used:
                 return
@@ -148,7 +161,11 @@ class Client:
                                             if k in ("service", "scope")})
             url = f"{realm}{'&' if '?' in realm else '?'}{query}"
             h = {"User-Agent": "verityfuse"}
-            if self.basic:
+            # The password goes to a token service over TLS, or to the registry's own host
+            # (a plain-http registry of one's own); elsewhere the token is asked for
+            # anonymously.
+            if self.basic and (realm.startswith("https://")
+                               or _origin(realm) == _origin(self.base)):
                 h["Authorization"] = self.basic
             try:
                 self._count("token")
@@ -156,18 +173,20 @@ class Client:
                                       retries=urllib3.Retry(total=None, connect=0, read=0,
                                                             status=0, other=0, redirect=3))
             except urllib3.exceptions.HTTPError as e:
-                raise RegistryError(f"{what}: token from {realm}: {_reason(e)}") from None
+                raise RegistryError(f"{where}: {_reason(e)}") from None
+            except (ValueError, UnicodeError) as e:
+                raise RegistryError(f"{where}: {type(e).__name__}: {str(e)[:200]!r}") from None
             if r.status != 200:
-                raise RegistryError(f"{what}: token from {realm}: answered {r.status}"
-                                    f"{_error_text(r)}")
-            body = self.read_body(r, f"{what}: token from {realm}", 1 << 20)
+                raise RegistryError(f"{where}: answered {r.status}{_error_text(r)}")
+            body = self.read_body(r, where, 1 << 20)
             try:
                 doc = json.loads(body)
                 token = doc.get("token") or doc.get("access_token")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 token = None
-            if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
-                raise RegistryError(f"{what}: token from {realm}: no token in the answer")
+            # An HTTP header value: printable ASCII only (no CR/LF, nothing urllib3 cannot send).
+            if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]+", token):
+                raise RegistryError(f"{where}: no token in the answer")
             self.headers["Authorization"] = f"Bearer {token}"
 
     def read_body(self, r: urllib3.BaseHTTPResponse, what: str, limit: int,
@@ -216,7 +235,11 @@ class Client:
         _discard(r)
         if r.status == 404:
             return None
-        return int(r.headers.get("Content-Length", "-1"))
+        size = r.headers.get("Content-Length", "")
+        if not re.fullmatch(r"\d{1,20}", size):
+            raise RegistryError(f"blob {digest}: {self.ref.host} answered a HEAD with "
+                                f"Content-Length {size[:40]!r}")
+        return int(size)
 
     def upload_blob(self, digest: str, size: int, open_body: Callable[[], IO[bytes]],
                     chunk_size: int = 64 << 20):
@@ -322,16 +345,22 @@ class Client:
             r = self.request("GET", self._blob_path(digest), what, ok=(206,),
                              headers={"Range": f"bytes={start}-{end}"})
             cr = r.headers.get("Content-Range", "")
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", cr.strip())
+            m = re.fullmatch(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20}|\*)", cr.strip())
             if not m or int(m.group(1)) != start or int(m.group(2)) != end:
                 r.close()
                 raise RegistryError(f"{what}: asked for bytes {start}-{end}, the registry "
-                                    f"answered Content-Range {cr!r}")
+                                    f"answered Content-Range {cr[:80]!r}")
             return self.read_body(r, what, length, exact=length)
         return self._again(fetch)
 
     def close(self):
         self.http.clear()
+
+
+def _origin(url: str) -> Tuple[str, str]:
+    """(scheme, host[:port]) of a URL: who a credential or token would be given to."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _discard(r):

@@ -1,0 +1,167 @@
+"""oci_client.Client against registries that lie, on 127.0.0.1 (no mount, no real registry).
+
+Each test serves a few hand-written answers from a tiny HTTP server and checks what the
+client sends back (credentials above all) and that every bad answer is a RegistryError,
+never another exception (which the daemon would report as a bug) or a credential given
+away.  tests/test_oci.py covers the same client through mounts and the real registry.
+"""
+
+import base64
+import http.server
+import json
+import threading
+
+import pytest
+
+pytest.importorskip("urllib3")
+
+from verityfuse.jsonout import error  # noqa: E402
+from verityfuse.oci_client import Client, RegistryError  # noqa: E402
+from verityfuse.oci_ref import parse_ref  # noqa: E402
+
+BLOB = "sha256:" + "cd" * 32
+ALICE = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+
+class Server:
+    """Answers each request with ``answer(path) -> (status, headers, body)`` and records
+    (method, path, Authorization) of each."""
+
+    def __init__(self):
+        self.answer = lambda path: (404, [], b"")
+        self.seen = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self):
+                owner.seen.append((self.command, self.path, self.headers.get("Authorization")))
+                status, headers, body = owner.answer(self.path)
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                if not any(k.lower() == "content-length" for k, _ in headers):
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make():
+        made.append(Server())
+        return made[-1]
+    yield make
+    for s in made:
+        s.stop()
+
+
+def client(reg, **kw):
+    return Client(parse_ref(f"{reg.host}/vf/t"), timeout=2, retries=0, **kw)
+
+
+def test_a_redirect_target_asking_for_a_token_gets_no_credentials(servers):
+    """A registry may send blob reads to a blob store on another host (urllib3 gives that
+    host no Authorization); if that host answers with a token challenge naming a token
+    service of its choosing, the registry's password must not go there, and no token
+    from there may be sent to the registry."""
+    reg, store, thief = servers(), servers(), servers()
+    reg.answer = lambda p: (307, [("Location", f"http://{store.host}{p}")], b"")
+    store.answer = lambda p: (401, [("WWW-Authenticate",
+                                     f'Bearer realm="http://{thief.host}/token",service="x"')],
+                              b"")
+    thief.answer = lambda p: (200, [], json.dumps({"token": "evil"}).encode())
+    c = client(reg, auth=("alice", "s3cret"))
+    with pytest.raises(RegistryError) as e:
+        c.get_range(BLOB, 0, 10, "blob")
+    assert f"'{store.host}', where {reg.host} redirected, asks for a token" in str(e.value)
+    assert thief.seen == []
+    assert [a for *_, a in store.seen] == [None]
+    assert c.headers["Authorization"] == ALICE
+
+
+@pytest.mark.parametrize("realm_on", ["registry", "other host"])
+def test_basic_credentials_go_to_the_registrys_own_token_service_only(servers, realm_on):
+    """Over plain http the password goes to a token service on the registry's own host
+    only; another host's (named by the registry's challenge) is asked anonymously."""
+    reg, other = servers(), servers()
+    svc = reg if realm_on == "registry" else other
+
+    def registry(path):
+        if path.startswith("/token"):
+            return 200, [], json.dumps({"token": "tok"}).encode()
+        if reg.seen[-1][2] == "Bearer tok":
+            return 200, [], b"{}"
+        return 401, [("WWW-Authenticate", f'Bearer realm="http://{svc.host}/token"')], b""
+    reg.answer = registry
+    other.answer = lambda p: (200, [], json.dumps({"token": "tok"}).encode())
+    c = client(reg, auth=("alice", "s3cret"))
+    c.check()
+    [(_, path, auth)] = [s for s in svc.seen if s[1].startswith("/token")]
+    assert auth == (ALICE if realm_on == "registry" else None)
+    assert reg.seen[-1][2] == "Bearer tok"
+
+
+@pytest.mark.parametrize("token", ["t\u20ac", "a b", "", "x\x1b[2J"])
+def test_a_token_that_is_not_printable_ascii_is_refused(servers, token):
+    reg = servers()
+    reg.answer = lambda p: ((200, [], json.dumps({"token": token}).encode())
+                            if p.startswith("/token") else
+                            (401, [("WWW-Authenticate", f'Bearer realm="http://{reg.host}/token"')],
+                             b""))
+    c = client(reg)
+    with pytest.raises(RegistryError) as e:
+        c.check()
+    assert str(e.value).endswith("/token': no token in the answer")
+    assert "Authorization" not in c.headers
+
+
+def test_a_realm_with_control_characters_is_quoted_escaped(servers):
+    reg = servers()
+    reg.answer = lambda p: (401, [("WWW-Authenticate",
+                                   'Bearer realm="http://127.0.0.1:1/\x1b]0;PWNED\x07"')], b"")
+    with pytest.raises(RegistryError) as e:
+        client(reg).check()
+    assert "token from 'http://127.0.0.1:1/\\x1b]0;PWNED\\x07'" in str(e.value)
+    assert "\x1b" not in str(e.value)
+
+
+@pytest.mark.parametrize("what, answer", [
+    ("range", (206, [("Content-Range", "bytes " + "9" * 5000 + "-9/10")], b"0123456789")),
+    ("head", (200, [("Content-Length", "12abc")], b"")),
+    ("redirect", (307, [("Location", "http://\x1b[31mevil/")], b"")),
+])
+def test_malformed_answers_are_registry_errors(servers, what, answer):
+    """Numbers Python refuses to parse, a Location urllib3 refuses: each a RegistryError
+    (the block's EIO and its one log line), not a ValueError reported as a bug."""
+    reg = servers()
+    reg.answer = lambda p: answer
+    c = client(reg)
+    with pytest.raises(RegistryError):
+        if what == "head":
+            c.blob_size(BLOB)
+        else:
+            c.get_range(BLOB, 0, 10, "blob")
+
+
+def test_a_commands_error_line_is_escaped(capsys):
+    """What a registry or a manifest said may reach `mount`'s error line at start-up."""
+    error("token from 'x\x1b]0;PWNED\x07\x1b[2J'")
+    assert capsys.readouterr().err == "ERROR: token from 'x\\x1b]0;PWNED\\x07\\x1b[2J'\n"
