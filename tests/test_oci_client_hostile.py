@@ -10,6 +10,7 @@ import base64
 import http.server
 import json
 import threading
+import time
 
 import pytest
 
@@ -73,8 +74,8 @@ def servers():
         s.stop()
 
 
-def client(reg, **kw):
-    return Client(parse_ref(f"{reg.host}/vf/t"), timeout=2, retries=0, **kw)
+def client(reg, timeout=2, retries=0, **kw):
+    return Client(parse_ref(f"{reg.host}/vf/t"), timeout=timeout, retries=retries, **kw)
 
 
 def test_a_redirect_target_asking_for_a_token_gets_no_credentials(servers):
@@ -159,6 +160,50 @@ def test_malformed_answers_are_registry_errors(servers, what, answer):
             c.blob_size(BLOB)
         else:
             c.get_range(BLOB, 0, 10, "blob")
+
+
+class Dripping(Server):
+    """A registry that sends its answer one byte at a time, each well within the read
+    timeout, until the client hangs up (or 30 s have passed)."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+        handler = self.httpd.RequestHandlerClass
+
+        def drip(h):
+            head = (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/8192\r\n"
+                    b"Content-Length: 4096\r\n\r\n")
+            data = (head + b"x" * 4096) if self.what == "headers" else b"x" * 4096
+            if self.what == "body":
+                h.wfile.write(head)
+            try:
+                for i in range(len(data)):
+                    h.wfile.write(data[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(0.25)
+                    if i > 120:
+                        break  # 30 s: the client did not give up
+            except OSError:
+                pass  # it hung up: as it should
+            h.close_connection = True
+        handler.do_GET = drip
+
+
+@pytest.mark.parametrize("what", ["headers", "body"])
+def test_a_registry_that_drips_its_answer_is_cut_at_the_deadline(what):
+    """Each byte arrives within the read timeout (1 s), so no socket timeout fires: the
+    answer as a whole must still be complete within 3 read timeouts, or the request
+    fails (EIO for the read behind it), naming why, and is not tried again."""
+    reg = Dripping(what)
+    try:
+        c = client(reg, timeout=1, retries=2)
+        with pytest.raises(RegistryError) as e:
+            c.get_range(BLOB, 0, 4096, "blob")
+        assert str(e.value).endswith("the answer took longer than 3s")
+        assert c.requests == {"GET": 1}
+    finally:
+        reg.stop()
 
 
 def test_a_commands_error_line_is_escaped(capsys):

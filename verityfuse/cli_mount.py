@@ -226,8 +226,9 @@ def add_commands(sub):
     from .cli_oci import add_registry_options
     add_registry_options(p)  # SOURCE oci://HOST[:PORT]/REPO[:TAG|@DIGEST]
     p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
-                   metavar="S", help="oci:// sources: seconds a registry request may take "
-                   "before the reads waiting on it fail with EIO (default 10)")
+                   metavar="S", help="oci:// sources: the registry's connect and read "
+                   "timeout; a whole answer may take 3 times this, then the reads waiting on "
+                   "it fail with EIO (default 10)")
     p.add_argument("--cache", metavar="DIR", help="oci:// sources: keep verified data blocks "
                    "in a private directory under DIR (removed at unmount), within --cache-size, "
                    "instead of in memory")

@@ -12,8 +12,9 @@ do not hash to its name) so that the error names the cause.  What makes a
 byte trustworthy is decided by the caller (oci_source: the Merkle tree of the
 signed manifest).
 
-Each request has a connect and a read timeout, and a whole-body deadline (a
-server dripping one byte per read timeout cannot hold a reader for longer);
+Each request has a connect and a read timeout, and its whole answer a deadline
+(oci_deadline: a server dripping its headers or body one byte per read timeout
+cannot hold a reader for longer);
 5xx answers and connection errors are retried a bounded number of times with
 exponential backoff.
 """
@@ -37,6 +38,7 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
+from .oci_deadline import READ_TIMEOUTS, cut, watched
 from .oci_ref import Ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -74,10 +76,12 @@ class Client:
             self.headers["Authorization"] = self.basic
         self.token_lock = threading.Lock()
         # HTTPS always verifies the certificate: against ca_file, else the system's CAs.
-        self.http = urllib3.PoolManager(
+        # Each answer must arrive whole within a few read timeouts (oci_deadline).
+        self.http = watched(urllib3.PoolManager(
             maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED" if https else None,
             ca_certs=ca_file if https else None,
-            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout))
+            timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout)),
+            READ_TIMEOUTS * timeout)
         self.lock = threading.Lock()
         self.requests: Dict[str, int] = {}  # method -> count, for tests and status
         self.bytes_fetched = 0
@@ -120,6 +124,9 @@ class Client:
                 raise RegistryError(f"{what}: {self.ref.host}: a malformed answer "
                                     f"({type(e).__name__}: {str(e)[:200]!r})") from None
             else:
+                if cut(r.connection):  # headers dripped past the deadline: refused, no retry
+                    _discard(r)
+                    raise RegistryError(f"{what}: {self.ref.host}: {self._too_slow()}")
                 if r.status in ok:
                     return r
                 challenge = r.headers.get("WWW-Authenticate", "")
@@ -189,11 +196,15 @@ class Client:
                 raise RegistryError(f"{where}: no token in the answer")
             self.headers["Authorization"] = f"Bearer {token}"
 
+    def _too_slow(self) -> str:
+        return f"the answer took longer than {READ_TIMEOUTS * self.timeout:g}s"
+
     def read_body(self, r: urllib3.BaseHTTPResponse, what: str, limit: int,
                   exact: Optional[int] = None) -> bytes:
         """The response's body, at most ``limit`` bytes (exactly ``exact`` if given), read
-        before a deadline of a few read timeouts."""
-        deadline = time.monotonic() + 3 * self.timeout
+        before the response's deadline (oci_deadline: a few read timeouts)."""
+        deadline = time.monotonic() + READ_TIMEOUTS * self.timeout
+        conn = r.connection  # (released, and None, if a read fails)
         parts, n = [], 0
         want = limit if exact is None else exact
         try:
@@ -207,8 +218,10 @@ class Client:
                     raise RegistryError(f"{what}: the body is longer than the {want} bytes "
                                         f"{'asked for' if exact is not None else 'allowed'}")
                 if time.monotonic() > deadline:
-                    raise RegistryError(f"{what}: the body took longer than {3 * self.timeout:g}s")
+                    raise RegistryError(f"{what}: {self._too_slow()}")
         except urllib3.exceptions.HTTPError as e:
+            if cut(conn):  # the watchdog's doing: not worth another try
+                raise RegistryError(f"{what}: {self._too_slow()}") from None
             raise BodyBroken(f"{what}: {_reason(e)}") from None
         finally:
             # A body read to its end returns the connection to the pool; any other is
@@ -347,7 +360,7 @@ class Client:
             cr = r.headers.get("Content-Range", "")
             m = re.fullmatch(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20}|\*)", cr.strip())
             if not m or int(m.group(1)) != start or int(m.group(2)) != end:
-                r.close()
+                _discard(r)
                 raise RegistryError(f"{what}: asked for bytes {start}-{end}, the registry "
                                     f"answered Content-Range {cr[:80]!r}")
             return self.read_body(r, what, length, exact=length)
@@ -365,7 +378,8 @@ def _origin(url: str) -> Tuple[str, str]:
 
 def _discard(r):
     """Done with a response: its connection goes back to the pool if the body was read
-    to its end (a small rest is read first), else it is closed, never reused mid-body."""
+    to its end (a small rest is read first, within the response's deadline), else it is
+    closed, never reused mid-body."""
     try:
         if not r.isclosed():
             r.read(1 << 16)

@@ -1,0 +1,129 @@
+"""A wall-clock deadline for each registry request (pure: urllib3 and threading only).
+
+urllib3's timeouts bound each socket operation, not a request: a registry that drips its
+status line, its headers or its body one byte per read timeout keeps a reader (and the
+FUSE request behind it) waiting for as long as it likes.  Here every connection the
+client's pools make arms a deadline once it has sent a request; the response's status
+line, headers and body must be complete by then, or one watchdog thread shuts the socket down, and the
+blocked read fails at once (the caller reports it as a RegistryError: EIO).  The
+deadline is disarmed when the connection goes back to its pool (the response read, or
+drained after a redirect) or is closed.
+
+A deadline is kept per connection object, not per socket or response: arming again
+(the connection reused for the next request) replaces it, so a watchdog that fires late
+can never cut a request that started after the one it was set for.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from typing import Dict, List, Tuple
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+
+
+class Watchdog:
+    """Shuts down the socket of each armed connection whose deadline passes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._armed: Dict[int, Tuple[int, object]] = {}  # id(conn) -> (arming, conn)
+        self._heap: List[Tuple[float, int, int]] = []    # (deadline, arming, id(conn))
+        self._arming = itertools.count()
+        self._thread = None
+        self.fired = 0
+
+    def arm(self, conn, seconds: float) -> None:
+        with self._cond:
+            n = next(self._arming)
+            self._armed[id(conn)] = (n, conn)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, n, id(conn)))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="registry-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self, conn) -> None:
+        with self._cond:
+            self._armed.pop(id(conn), None)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._armed.get(self._heap[0][2], (None,))[0] \
+                            != self._heap[0][1]:
+                        heapq.heappop(self._heap)  # disarmed or armed again since
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    deadline, n, key = self._heap[0]
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        heapq.heappop(self._heap)
+                        conn = self._armed.pop(key)[1]
+                        self.fired += 1
+                        break
+                    self._cond.wait(left)
+            conn.deadline_passed = True  # read by cut()
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns at once
+                except OSError:
+                    pass
+
+
+WATCHDOG = Watchdog()
+# A response's whole answer (status line, headers, body) within this many read timeouts.
+READ_TIMEOUTS = 3
+
+
+def cut(conn) -> bool:
+    """Whether the watchdog cut ``conn``'s last response (its deadline passed)."""
+    return bool(getattr(conn, "deadline_passed", False))
+
+
+class _Watched:
+    budget = 30.0  # seconds: set per client by ``watched``
+    deadline_passed = False
+
+    def getresponse(self):
+        # From the request sent (an upload's body is not timed: push may send large
+        # chunks) to the response's last byte.
+        self.deadline_passed = False
+        WATCHDOG.arm(self, self.budget)
+        try:
+            return super().getresponse()
+        except BaseException:
+            WATCHDOG.disarm(self)
+            raise
+
+    def close(self):
+        WATCHDOG.disarm(self)
+        super().close()
+
+
+class _WatchedPool:
+    def _put_conn(self, conn):
+        if conn is not None:  # its response is done with (read, drained after a redirect)
+            WATCHDOG.disarm(conn)
+        super()._put_conn(conn)
+
+
+def watched(pool_manager: urllib3.PoolManager, seconds: float) -> urllib3.PoolManager:
+    """``pool_manager``, whose connections give each response ``seconds`` to arrive whole."""
+    http = type("WatchedHTTPConnection", (_Watched, HTTPConnection), {"budget": seconds})
+    https = type("WatchedHTTPSConnection", (_Watched, HTTPSConnection), {"budget": seconds})
+    pool_manager.pool_classes_by_scheme = {
+        "http": type("WatchedPool", (_WatchedPool, urllib3.HTTPConnectionPool),
+                     {"ConnectionCls": http}),
+        "https": type("WatchedHTTPSPool", (_WatchedPool, urllib3.HTTPSConnectionPool),
+                      {"ConnectionCls": https})}
+    return pool_manager
