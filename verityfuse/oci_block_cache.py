@@ -10,7 +10,8 @@ about 150 bytes per cached block.
 
 Only verified blocks are written, and every block read back is verified again
 by ``VerifiedReader`` before it is served: a cache directory someone else can
-write to costs availability (EIO), never integrity.  Use guest-private storage.
+write to costs a fetch from the registry again (``OciReader.read`` drops the
+blocks that failed), never integrity.  Use guest-private storage.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ class BlockCache:
         while self.bytes > self.max_bytes:
             _, old = self._d.popitem(last=False)
             self.bytes -= len(old)
+
+    def drop(self, keys: List[tuple]):
+        """Under the lock: forget ``keys`` (the next read fetches them again)."""
+        for k in keys:
+            block = self._d.pop(k, None)
+            if block is not None:
+                self.bytes -= len(block)
 
     def snapshot(self) -> dict:
         with self.cond:
@@ -151,6 +159,14 @@ class DiskBlockCache(BlockCache):
             off, length = self._where.pop(old)
             punch_hole(self._fd(old[0]), off, length)
             self.bytes -= length
+
+    def drop(self, keys: List[tuple]):
+        for k in keys:
+            where = self._where.pop(k, None)
+            if where is not None:
+                del self._d[k]
+                punch_hole(self._fd(k[0]), where[0], where[1])
+                self.bytes -= where[1]
 
     def snapshot(self) -> dict:
         snap = super().snapshot()

@@ -13,7 +13,7 @@ byte trustworthy is decided by the caller (oci_source: the Merkle tree of the
 signed manifest).
 
 Each request has a connect and a read timeout, and its whole answer a deadline
-(oci_deadline: a server dripping its headers or body one byte per read timeout
+(oci_http: a server dripping its headers or body one byte per read timeout
 cannot hold a reader for longer);
 5xx answers and connection errors are retried a bounded number of times with
 exponential backoff.
@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
-from .oci_deadline import READ_TIMEOUTS, cut, watched
+from .oci_http import READ_TIMEOUTS, cut, discard, error_text, origin, reason, watched
 from .oci_ref import Ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -63,7 +63,7 @@ class Client:
 
     def __init__(self, ref: Ref, *, https: bool = False, ca_file: Optional[str] = None,
                  auth: Optional[Tuple[str, str]] = None, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.2, pool_size: int = 8):
+                 retries: int = 3, backoff: float = 0.2, pool_size: int = 24):
         self.ref = ref
         self.base = f"{'https' if https else 'http'}://{ref.host}"
         self.timeout = timeout
@@ -75,8 +75,11 @@ class Client:
             self.basic = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             self.headers["Authorization"] = self.basic
         self.token_lock = threading.Lock()
+        # pool_size: connections kept for reuse, at least the threads that may use them at
+        # once (a mount's 16 readers and its readahead): a full pool closes a connection
+        # when it is given back, and urllib3 warns each time.
         # HTTPS always verifies the certificate: against ca_file, else the system's CAs.
-        # Each answer must arrive whole within a few read timeouts (oci_deadline).
+        # Each answer must arrive whole within a few read timeouts (oci_http).
         self.http = watched(urllib3.PoolManager(
             maxsize=pool_size, block=False, cert_reqs="CERT_REQUIRED" if https else None,
             ca_certs=ca_file if https else None,
@@ -119,32 +122,32 @@ class Client:
                                                             status=0, other=0, redirect=3))
             except urllib3.exceptions.HTTPError as e:
                 if last:
-                    raise RegistryError(f"{what}: {self.ref.host}: {_reason(e)}") from None
+                    raise RegistryError(f"{what}: {self.ref.host}: {reason(e)}") from None
             except (ValueError, UnicodeError) as e:  # a Location or header urllib3 refuses
                 raise RegistryError(f"{what}: {self.ref.host}: a malformed answer "
                                     f"({type(e).__name__}: {str(e)[:200]!r})") from None
             else:
                 if cut(r.connection):  # headers dripped past the deadline: refused, no retry
-                    _discard(r)
+                    discard(r)
                     raise RegistryError(f"{what}: {self.ref.host}: {self._too_slow()}")
                 if r.status in ok:
                     return r
                 challenge = r.headers.get("WWW-Authenticate", "")
                 if r.status == 401 and challenge.startswith("Bearer ") and not renewed:
-                    _discard(r)
+                    discard(r)
                     # After a redirect to another host urllib3 gives its absolute URL;
                     # otherwise a path (the host asked).
                     answered = r.url if r.url and "://" in r.url else url
-                    if _origin(answered) != _origin(self.base):
+                    if origin(answered) != origin(self.base):
                         # A redirect's target (a blob store) asking for a token: the
                         # registry's credentials and tokens are the registry's only.
-                        raise RegistryError(f"{what}: {_origin(answered)[1]!r}, where "
+                        raise RegistryError(f"{what}: {origin(answered)[1]!r}, where "
                                             f"{self.ref.host} redirected, asks for a token; "
                                             f"credentials are given to the registry only")
                     self._bearer(challenge, h.get("Authorization"), what)
                     renewed = True
                     continue  # at once, with the token: not a failed attempt
-                text = _error_text(r)
+                text = error_text(r)
                 if r.status not in _RETRY_STATUS or last:
                     raise RegistryError(f"{what}: {self.ref.host} answered {r.status}{text}")
             time.sleep(delay)
@@ -172,7 +175,7 @@ class Client:
             # (a plain-http registry of one's own); elsewhere the token is asked for
             # anonymously.
             if self.basic and (realm.startswith("https://")
-                               or _origin(realm) == _origin(self.base)):
+                               or origin(realm) == origin(self.base)):
                 h["Authorization"] = self.basic
             try:
                 self._count("token")
@@ -180,11 +183,11 @@ class Client:
                                       retries=urllib3.Retry(total=None, connect=0, read=0,
                                                             status=0, other=0, redirect=3))
             except urllib3.exceptions.HTTPError as e:
-                raise RegistryError(f"{where}: {_reason(e)}") from None
+                raise RegistryError(f"{where}: {reason(e)}") from None
             except (ValueError, UnicodeError) as e:
                 raise RegistryError(f"{where}: {type(e).__name__}: {str(e)[:200]!r}") from None
             if r.status != 200:
-                raise RegistryError(f"{where}: answered {r.status}{_error_text(r)}")
+                raise RegistryError(f"{where}: answered {r.status}{error_text(r)}")
             body = self.read_body(r, where, 1 << 20)
             try:
                 doc = json.loads(body)
@@ -202,7 +205,7 @@ class Client:
     def read_body(self, r: urllib3.BaseHTTPResponse, what: str, limit: int,
                   exact: Optional[int] = None) -> bytes:
         """The response's body, at most ``limit`` bytes (exactly ``exact`` if given), read
-        before the response's deadline (oci_deadline: a few read timeouts)."""
+        before the response's deadline (oci_http: a few read timeouts)."""
         deadline = time.monotonic() + READ_TIMEOUTS * self.timeout
         conn = r.connection  # (released, and None, if a read fails)
         parts, n = [], 0
@@ -222,11 +225,11 @@ class Client:
         except urllib3.exceptions.HTTPError as e:
             if cut(conn):  # the watchdog's doing: not worth another try
                 raise RegistryError(f"{what}: {self._too_slow()}") from None
-            raise BodyBroken(f"{what}: {_reason(e)}") from None
+            raise BodyBroken(f"{what}: {reason(e)}") from None
         finally:
             # A body read to its end returns the connection to the pool; any other is
             # closed (its rest is not worth reading).
-            _discard(r)
+            discard(r)
             with self.lock:
                 self.bytes_fetched += n
         if exact is not None and n != exact:
@@ -240,12 +243,12 @@ class Client:
 
     def check(self):
         """GET /v2/: the registry speaks the API (and the credentials are accepted)."""
-        _discard(self.request("GET", "/v2/", "registry API check"))
+        discard(self.request("GET", "/v2/", "registry API check"))
 
     def blob_size(self, digest: str) -> Optional[int]:
         """HEAD a blob: its size if the repository has it, None if not."""
         r = self.request("HEAD", self._blob_path(digest), f"blob {digest}", ok=(200, 404))
-        _discard(r)
+        discard(r)
         if r.status == 404:
             return None
         size = r.headers.get("Content-Length", "")
@@ -261,7 +264,7 @@ class Client:
         (PATCH with Content-Range per chunk, then PUT ?digest=)."""
         what = f"upload of blob {digest}"
         r = self.request("POST", f"/v2/{self.ref.repo}/blobs/uploads/", what, ok=(202,))
-        _discard(r)
+        discard(r)
         location = self._location(r, what)
         if size > chunk_size:
             with open_body() as f:
@@ -273,7 +276,7 @@ class Client:
                                      headers={"Content-Type": "application/octet-stream",
                                               "Content-Range": f"{start}-{start + len(data) - 1}",
                                               "Content-Length": str(len(data))})
-                    _discard(r)
+                    discard(r)
                     location = self._location(r, what)
             body, length = None, 0
         else:
@@ -291,7 +294,7 @@ class Client:
                              body=(lambda: b"") if body is None else stream,
                              headers={"Content-Type": "application/octet-stream",
                                       "Content-Length": str(length)})
-            _discard(r)
+            discard(r)
         finally:
             for f in files:
                 f.close()
@@ -308,7 +311,7 @@ class Client:
         r = self.request("PUT", f"/v2/{self.ref.repo}/manifests/{reference}",
                          f"manifest {reference}", body=lambda: body, ok=(201,),
                          headers={"Content-Type": media_type})
-        _discard(r)
+        discard(r)
         said = r.headers.get("Docker-Content-Digest")
         if said and said != digest:
             raise RegistryError(f"manifest {reference}: the registry says its digest is {said}, "
@@ -360,7 +363,7 @@ class Client:
             cr = r.headers.get("Content-Range", "")
             m = re.fullmatch(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20}|\*)", cr.strip())
             if not m or int(m.group(1)) != start or int(m.group(2)) != end:
-                _discard(r)
+                discard(r)
                 raise RegistryError(f"{what}: asked for bytes {start}-{end}, the registry "
                                     f"answered Content-Range {cr[:80]!r}")
             return self.read_body(r, what, length, exact=length)
@@ -370,45 +373,6 @@ class Client:
         self.http.clear()
 
 
-def _origin(url: str) -> Tuple[str, str]:
-    """(scheme, host[:port]) of a URL: who a credential or token would be given to."""
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme.lower(), parts.netloc.lower()
-
-
-def _discard(r):
-    """Done with a response: its connection goes back to the pool if the body was read
-    to its end (a small rest is read first, within the response's deadline), else it is
-    closed, never reused mid-body."""
-    try:
-        if not r.isclosed():
-            r.read(1 << 16)
-    except Exception:
-        pass
-    if r.isclosed():
-        r.release_conn()
-    else:
-        r.close()
-        r.release_conn()
-
-
 def _add_query(url: str, key: str, value: str) -> str:
     sep = "&" if urllib.parse.urlsplit(url).query else "?"
     return f"{url}{sep}{urllib.parse.urlencode({key: value})}"
-
-
-def _reason(e: Exception) -> str:
-    inner = getattr(e, "reason", None)
-    return str(inner or e) or type(e).__name__
-
-
-def _error_text(r) -> str:
-    """A short excerpt of an error body (OCI errors are JSON with a code and message)."""
-    try:
-        text = r.read(512).decode("utf-8", "replace")
-    except Exception:
-        return ""
-    finally:
-        _discard(r)
-    text = " ".join(text.split())
-    return f": {text[:200]!r}" if text else ""

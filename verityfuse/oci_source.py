@@ -196,6 +196,24 @@ class OciReader(VerifiedReader):
         pass  # the sealed size is authoritative; bytes past it are never fetched
 
     def read(self, offset: int, size: int):
+        """A verified read; one whose blocks, read back from a disk cache, no longer
+        verify (its storage was changed or damaged since they were cached) forgets them
+        and fetches them once more, instead of failing until they are evicted."""
+        try:
+            return self._read(offset, size)
+        except IntegrityError:
+            if not isinstance(self.remote.blocks, DiskBlockCache):
+                raise  # blocks in memory were verified when fetched: a registry's fault
+            bs = self.bs
+            keys = [(self.fsv, b) for b in range(offset // bs, -(-(offset + size) // bs))]
+            with self.remote.blocks.cond:
+                self.remote.blocks.drop(keys)
+            ratelog.warning(("cache", self.fsv, offset),
+                            f"{self.label}: blocks of the disk cache at offset {offset} no "
+                            f"longer verify (its storage changed): fetched again")
+            return self._read(offset, size)
+
+    def _read(self, offset: int, size: int):
         """The reader verifies a read piece by piece (``STEP``); the blocks of the whole
         read are fetched first, in as few range requests as possible (one for a 1 MiB
         read), since a request's latency costs more than its bytes."""

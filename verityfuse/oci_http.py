@@ -1,11 +1,12 @@
-"""A wall-clock deadline for each registry request (pure: urllib3 and threading only).
+"""The HTTP layer under oci_client: a deadline for each registry answer, and the few
+things done with any response (pure: urllib3 and threading only).
 
 urllib3's timeouts bound each socket operation, not a request: a registry that drips its
 status line, its headers or its body one byte per read timeout keeps a reader (and the
 FUSE request behind it) waiting for as long as it likes.  Here every connection the
 client's pools make arms a deadline once it has sent a request; the response's status
-line, headers and body must be complete by then, or one watchdog thread shuts the socket down, and the
-blocked read fails at once (the caller reports it as a RegistryError: EIO).  The
+line, headers and body must be complete by then, or one watchdog thread shuts the socket
+down, and the blocked read fails at once (the caller reports it as a RegistryError: EIO).  The
 deadline is disarmed when the connection goes back to its pool (the response read, or
 drained after a redirect) or is closed.
 
@@ -21,6 +22,7 @@ import itertools
 import socket
 import threading
 import time
+import urllib.parse
 from typing import Dict, List, Tuple
 
 import urllib3
@@ -127,3 +129,44 @@ def watched(pool_manager: urllib3.PoolManager, seconds: float) -> urllib3.PoolMa
         "https": type("WatchedHTTPSPool", (_WatchedPool, urllib3.HTTPSConnectionPool),
                       {"ConnectionCls": https})}
     return pool_manager
+
+
+# -- responses --------------------------------------------------------------------------
+
+def origin(url: str) -> Tuple[str, str]:
+    """(scheme, host[:port]) of a URL: who a credential or token would be given to."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def discard(r):
+    """Done with a response: its connection goes back to the pool if the body was read
+    to its end (a small rest is read first, within the response's deadline), else it is
+    closed, never reused mid-body."""
+    try:
+        if not r.isclosed():
+            r.read(1 << 16)
+    except Exception:
+        pass
+    if r.isclosed():
+        r.release_conn()
+    else:
+        r.close()
+        r.release_conn()
+
+
+def reason(e: Exception) -> str:
+    inner = getattr(e, "reason", None)
+    return str(inner or e) or type(e).__name__
+
+
+def error_text(r) -> str:
+    """A short excerpt of an error body (OCI errors are JSON with a code and message)."""
+    try:
+        text = r.read(512).decode("utf-8", "replace")
+    except Exception:
+        return ""
+    finally:
+        discard(r)
+    text = " ".join(text.split())
+    return f": {text[:200]!r}" if text else ""
