@@ -781,3 +781,18 @@ def test_an_extend_of_unknown_outcome_keeps_log_and_register_in_agreement(tmp_pa
     alg, init, logged = me.parse_log(log.read_text())
     assert [ev.line() for ev in logged] == [ev.line() for ev in events]
     assert me.replay(alg, init, logged) == reg.read()
+
+
+def test_a_pem_public_key_of_an_unknown_algorithm_is_a_quote_error():
+    """An AK given as PEM whose algorithm cryptography does not know (OID 1.2.3.4): a
+    QuoteError the verifier reports (FAIL, exit 1), not an UnsupportedAlgorithm traceback."""
+    import base64
+
+    def der(tag, body):
+        return bytes([tag, len(body)]) + body
+    spki = der(0x30, der(0x30, der(0x06, bytes([0x2A, 0x03, 0x04]))) + der(0x03, b"\x00\x01\x02"))
+    pem = (b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(spki)
+           + b"-----END PUBLIC KEY-----\n")
+    with pytest.raises(tpm_quote.QuoteError) as e:
+        tpm_quote.load_ak_public(pem)
+    assert str(e.value).startswith("AK public key: not a PEM public key: ")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -73,7 +73,7 @@ def load_ak_public(data: bytes, what: str = "AK public key"):
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(data)
-        except ValueError as e:
+        except (ValueError, UnsupportedAlgorithm) as e:
             raise QuoteError(f"{what}: not a PEM public key: {e}") from None
         return key, "pem", None
     c, t = _tss()
