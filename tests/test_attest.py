@@ -16,6 +16,7 @@ import pytest
 
 import tpmsim
 from verityfuse import measure, tpm_quote
+from verityfuse import measure_registers as registers
 from verityfuse import measure_event as me
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -177,7 +178,7 @@ def test_another_domains_content_nested_too_deeply_is_kept_raw():
 @pytest.mark.parametrize("spec_alg", ["", "sha256:", "sha384:", "sha512:"])
 def test_file_register(tmp_path, spec_alg):
     path = tmp_path / "reg"
-    r = measure.open_register(f"file:{spec_alg}{path}")
+    r = registers.open_register(f"file:{spec_alg}{path}")
     alg = spec_alg[:-1] or "sha256"
     n = me.ALGS[alg]
     assert r.alg == alg and not path.exists()
@@ -189,18 +190,18 @@ def test_file_register(tmp_path, spec_alg):
     want = hashlib.new(alg, hashlib.new(alg, bytes(n) + d1).digest() + d2).digest()
     assert r.read() == want and path.read_text() == want.hex() + "\n"
     assert sorted(os.listdir(tmp_path)) == ["reg", "reg.lock"]  # no temporaries left
-    with pytest.raises(measure.MeasureError, match="takes %d bytes, not 3" % n):
+    with pytest.raises(registers.MeasureError, match="takes %d bytes, not 3" % n):
         r.extend(b"abc")
     other = "sha384" if alg != "sha384" else "sha256"
-    with pytest.raises(measure.MeasureError, match=f"does not hold a {other} value"):
-        measure.open_register(f"file:{other}:{path}").read()
+    with pytest.raises(registers.MeasureError, match=f"does not hold a {other} value"):
+        registers.open_register(f"file:{other}:{path}").read()
 
 
 def test_file_register_refuses_a_planted_symlink(tmp_path):
     (tmp_path / "target").write_text("x")
     os.symlink(tmp_path / "target", tmp_path / "reg")
-    with pytest.raises(measure.MeasureError, match="reg: Too many levels of symbolic links"):
-        measure.open_register(f"file:{tmp_path}/reg").read()
+    with pytest.raises(registers.MeasureError, match="reg: Too many levels of symbolic links"):
+        registers.open_register(f"file:{tmp_path}/reg").read()
     assert (tmp_path / "target").read_text() == "x"
 
 
@@ -211,24 +212,24 @@ def test_file_register_refuses_a_planted_symlink(tmp_path):
     ("ima", "unknown backend"),
 ])
 def test_register_specs(spec, why):
-    with pytest.raises(measure.MeasureError, match=why):
-        measure.open_register(spec)
+    with pytest.raises(registers.MeasureError, match=why):
+        registers.open_register(spec)
 
 
 def test_default_log_paths():
-    assert measure.default_log_path(measure.open_register("tpm")) == \
+    assert measure.default_log_path(registers.open_register("tpm")) == \
         "/run/verityfuse/events-tpm-pcr23.log"
-    assert measure.default_log_path(measure.open_register("rtmr")) == \
+    assert measure.default_log_path(registers.open_register("rtmr")) == \
         "/run/verityfuse/events-rtmr3.log"
-    a = measure.default_log_path(measure.open_register("file:/x/reg"))
-    b = measure.default_log_path(measure.open_register("file:/y/reg"))
+    a = measure.default_log_path(registers.open_register("file:/x/reg"))
+    b = measure.default_log_path(registers.open_register("file:/y/reg"))
     assert a.startswith("/run/verityfuse/events-file-sha256-") and a != b
 
 
 # -- the log writer -----------------------------------------------------------------
 
 def test_measurer_log_matches_register(tmp_path):
-    r = measure.open_register(f"file:sha384:{tmp_path}/reg")
+    r = registers.open_register(f"file:sha384:{tmp_path}/reg")
     log = tmp_path / "run" / "verityfuse" / "events.log"
     m = measure.Measurer(r, str(log))
     e1 = me.mount_manifest(M1, KEY, 3, "enforce", "/mnt/a b")
@@ -242,7 +243,7 @@ def test_measurer_log_matches_register(tmp_path):
 
 
 def test_new_log_starts_at_the_registers_value(tmp_path):
-    r = measure.open_register(f"file:{tmp_path}/reg")
+    r = registers.open_register(f"file:{tmp_path}/reg")
     r.extend(hashlib.sha256(b"earlier").digest())
     before = r.read()
     m = measure.Measurer(r, str(tmp_path / "log"))
@@ -252,7 +253,7 @@ def test_new_log_starts_at_the_registers_value(tmp_path):
 
 
 def _record_many(reg_spec, log, who, n):
-    m = measure.Measurer(measure.open_register(reg_spec), log)
+    m = measure.Measurer(registers.open_register(reg_spec), log)
     for i in range(n):
         m.record(me.integrity_violation(M1, f"p{who}/f{i}", i))
 
@@ -269,14 +270,14 @@ def test_concurrent_records_keep_log_order_equal_to_extend_order(tmp_path):
     alg, init, events = me.parse_log(pathlib.Path(log).read_text())
     assert len(events) == 60 and init == bytes(32)
     assert len({e.content["path"] for e in events}) == 60
-    assert me.replay(alg, init, events) == measure.open_register(spec).read()
+    assert me.replay(alg, init, events) == registers.open_register(spec).read()
 
 
 class FailingRegister:
     """A file register whose next extend fails, before or after the value changed."""
 
     def __init__(self, path, after=False):
-        self.inner = measure.FileRegister(path)
+        self.inner = registers.FileRegister(path)
         self.alg, self.name, self.after, self.armed = "sha256", "flaky", after, False
 
     def read(self):
@@ -287,7 +288,7 @@ class FailingRegister:
             self.armed = False
             if self.after:
                 self.inner.extend(digest)
-            raise measure.MeasureError("TPM2_PCR_Extend of PCR 23 (sha256) failed: tpm:timeout")
+            raise registers.MeasureError("TPM2_PCR_Extend of PCR 23 (sha256) failed: tpm:timeout")
         self.inner.extend(digest)
 
 
@@ -297,7 +298,7 @@ def test_failed_extend_leaves_log_and_register_consistent(tmp_path):
     e1, e2, e3 = (me.integrity_violation(M1, f"f{i}", i) for i in range(3))
     m.record(e1)
     r.armed = True
-    with pytest.raises(measure.MeasureError) as exc:
+    with pytest.raises(registers.MeasureError) as exc:
         m.record(e2)
     assert str(exc.value) == ("TPM2_PCR_Extend of PCR 23 (sha256) failed: tpm:timeout; the event "
                               "was not recorded")
@@ -319,7 +320,7 @@ def test_extend_that_reported_failure_but_happened_is_kept(tmp_path):
 
 
 def test_crash_between_log_and_extend_is_completed_by_the_next_record(tmp_path):
-    r = measure.open_register(f"file:{tmp_path}/reg")
+    r = registers.open_register(f"file:{tmp_path}/reg")
     m = measure.Measurer(r, str(tmp_path / "log"))
     e1, e2, e3 = (me.integrity_violation(M1, f"f{i}", i) for i in range(3))
     m.record(e1)
@@ -336,16 +337,16 @@ def _record_with_file_size_limit(reg_spec, log, limit, q):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is then EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     try:
-        measure.Measurer(measure.open_register(reg_spec), log).record(
+        measure.Measurer(registers.open_register(reg_spec), log).record(
             me.integrity_violation(M1, "too/long", 1))
         q.put("recorded")
-    except measure.MeasureError as e:
+    except registers.MeasureError as e:
         q.put(str(e))
 
 
 def test_failed_log_write_leaves_no_torn_line(tmp_path):
     spec, log = f"file:{tmp_path}/reg", str(tmp_path / "log")
-    m = measure.Measurer(measure.open_register(spec), log)
+    m = measure.Measurer(registers.open_register(spec), log)
     e1, e3 = me.integrity_violation(M1, "a", 0), me.integrity_violation(M1, "c", 2)
     m.record(e1)
     before = pathlib.Path(log).read_text()
@@ -356,36 +357,36 @@ def test_failed_log_write_leaves_no_torn_line(tmp_path):
     p.join(60)
     assert q.get(timeout=5) == f"writing event log {log} failed: short write (20 of 180 bytes)"
     assert pathlib.Path(log).read_text() == before
-    assert measure.open_register(spec).read() == chain("sha256", bytes(32), [e1.line()])
+    assert registers.open_register(spec).read() == chain("sha256", bytes(32), [e1.line()])
     m.record(e3)
     assert log_lines(log)[1:] == [e1.line(), e3.line()]
-    assert measure.open_register(spec).read() == chain("sha256", bytes(32), [e1.line(), e3.line()])
+    assert registers.open_register(spec).read() == chain("sha256", bytes(32), [e1.line(), e3.line()])
 
 
 def test_foreign_extend_makes_record_fail_closed(tmp_path):
-    r = measure.open_register(f"file:{tmp_path}/reg")
+    r = registers.open_register(f"file:{tmp_path}/reg")
     m = measure.Measurer(r, str(tmp_path / "log"))
     m.record(me.integrity_violation(M1, "f", 1))
     r.extend(hashlib.sha256(b"someone else").digest())
     before = (tmp_path / "log").read_text(), r.read()
-    with pytest.raises(measure.MeasureError, match="does not replay to file-sha256-.*something "
+    with pytest.raises(registers.MeasureError, match="does not replay to file-sha256-.*something "
                        "else extends this register"):
         m.record(me.integrity_violation(M1, "g", 2))
     assert ((tmp_path / "log").read_text(), r.read()) == before
 
 
 def test_unusable_log_paths(tmp_path):
-    r = measure.open_register(f"file:{tmp_path}/reg")
+    r = registers.open_register(f"file:{tmp_path}/reg")
     (tmp_path / "file").write_text("")
-    with pytest.raises(measure.MeasureError, match="cannot create the event log's directory "
+    with pytest.raises(registers.MeasureError, match="cannot create the event log's directory "
                        ".*/file: File exists"):
         measure.Measurer(r, str(tmp_path / "file" / "log")).record(me.integrity_violation(M1, "f", 1))
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
-    with pytest.raises(measure.MeasureError, match="link: Too many levels of symbolic links"):
+    with pytest.raises(registers.MeasureError, match="link: Too many levels of symbolic links"):
         measure.Measurer(r, str(tmp_path / "link")).record(me.integrity_violation(M1, "f", 1))
     assert not (tmp_path / "elsewhere").exists()
     (tmp_path / "garbage").write_text("not a log\n")
-    with pytest.raises(measure.MeasureError, match="garbage is malformed .*line 1: expected"):
+    with pytest.raises(registers.MeasureError, match="garbage is malformed .*line 1: expected"):
         measure.Measurer(r, str(tmp_path / "garbage")).record(me.integrity_violation(M1, "f", 1))
     assert r.read() == bytes(32)
 
@@ -416,7 +417,7 @@ def fake_tsm(tmp_path, monkeypatch):
 
 
 def test_rtmr_backend(fake_tsm, tmp_path):
-    r = measure.open_register("rtmr")
+    r = registers.open_register("rtmr")
     assert (r.alg, r.name) == ("sha384", "rtmr3")
     m = measure.Measurer(r, str(tmp_path / "log"))
     e1, e2 = me.mount_manifest(M1, KEY, 9, "enforce", "/srv"), me.integrity_violation(M1, "x", 0)
@@ -427,15 +428,15 @@ def test_rtmr_backend(fake_tsm, tmp_path):
     assert (fake_tsm / "rtmr2:sha384").read_bytes() == bytes(48)
     alg, init, events = me.parse_log((tmp_path / "log").read_text())
     assert alg == "sha384" and me.replay(alg, init, events) == want
-    with pytest.raises(measure.MeasureError, match="takes 48 bytes, not 32"):
+    with pytest.raises(registers.MeasureError, match="takes 48 bytes, not 32"):
         r.extend(bytes(32))
 
 
 def test_rtmr_backend_without_tdx(tmp_path, monkeypatch):
     monkeypatch.setenv("VERITYFUSE_TSM_MEASUREMENTS", str(tmp_path / "none"))
-    with pytest.raises(measure.MeasureError, match=r"no TDX RTMR interface: .*/none/rtmr1:sha384 "
+    with pytest.raises(registers.MeasureError, match=r"no TDX RTMR interface: .*/none/rtmr1:sha384 "
                        r"does not exist \(needs a TDX guest with Linux >= 6.16"):
-        measure.open_register("rtmr:1").read()
+        registers.open_register("rtmr:1").read()
     assert not (tmp_path / "none").exists()
 
 
@@ -444,7 +445,7 @@ def test_rtmr_backend_without_tdx(tmp_path, monkeypatch):
 def test_tpm_backend(tmp_path, monkeypatch):
     with tpmsim.swtpm(tmp_path) as tpm:
         monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
-        r = measure.open_register("tpm")
+        r = registers.open_register("tpm")
         assert (r.alg, r.name, r.read()) == ("sha256", "tpm-pcr23", bytes(32))
         m = measure.Measurer(r, str(tmp_path / "log"))
         e1, e2 = me.mount_manifest(M1, KEY, 1, "enforce", "/m"), me.integrity_violation(M1, "y", 8)
@@ -459,17 +460,17 @@ def test_tpm_backend(tmp_path, monkeypatch):
 
 def test_tpm_backend_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("TPM2TOOLS_TCTI", f"device:{tmp_path}/tpmrm0")
-    with pytest.raises(measure.MeasureError, match=f"no TPM: {tmp_path}/tpmrm0 does not exist"):
-        measure.open_register("tpm").read()
+    with pytest.raises(registers.MeasureError, match=f"no TPM: {tmp_path}/tpmrm0 does not exist"):
+        registers.open_register("tpm").read()
     monkeypatch.setenv("TPM2TOOLS_TCTI", "swtpm:host=127.0.0.1,port=1")
-    with pytest.raises(measure.MeasureError, match="cannot open the TPM through TCTI "
+    with pytest.raises(registers.MeasureError, match="cannot open the TPM through TCTI "
                        "'swtpm:host=127.0.0.1,port=1'"):
-        measure.Measurer(measure.open_register("tpm:16"), str(tmp_path / "log")).record(
+        measure.Measurer(registers.open_register("tpm:16"), str(tmp_path / "log")).record(
             me.integrity_violation(M1, "f", 1))
     assert not (tmp_path / "log").read_text()  # nothing recorded (the log stays empty)
     monkeypatch.setitem(sys.modules, "tpm2_pytss", None)
-    with pytest.raises(measure.MeasureError, match=r"pip install verityfuse\[tpm\]"):
-        measure.open_register("tpm").read()
+    with pytest.raises(registers.MeasureError, match=r"pip install verityfuse\[tpm\]"):
+        registers.open_register("tpm").read()
 
 
 # -- quotes and `attest replay` ------------------------------------------------------
@@ -484,7 +485,7 @@ def quoted(tmp_path_factory):
     with tpmsim.swtpm(d) as tpm:
         os.environ["TPM2TOOLS_TCTI"] = tpm.tcti
         try:
-            m = measure.Measurer(measure.open_register("tpm"), str(d / "log"))
+            m = measure.Measurer(registers.open_register("tpm"), str(d / "log"))
             m.record(me.mount_manifest(M1, KEY, 7, "enforce", "/srv/app data"))
             m.record(me.mount_manifest(M2, None, 0, "require", "/srv/other"))
         finally:
@@ -578,7 +579,7 @@ def test_replay_quote_failures(quoted, tmp_path):
 
 
 def test_replay_register_and_appraisal(tmp_path):
-    r = measure.open_register(f"file:{tmp_path}/reg")
+    r = registers.open_register(f"file:{tmp_path}/reg")
     m = measure.Measurer(r, str(tmp_path / "log"))
     m.record(me.mount_manifest(M1, KEY, 4, "enforce", "/srv"))
     reg = r.read().hex()
@@ -613,7 +614,7 @@ def test_replay_register_and_appraisal(tmp_path):
 
 
 def test_replay_non_zero_init(tmp_path):
-    r = measure.open_register(f"file:{tmp_path}/reg")
+    r = registers.open_register(f"file:{tmp_path}/reg")
     r.extend(hashlib.sha256(b"unlogged").digest())
     init = r.read().hex()
     m = measure.Measurer(r, str(tmp_path / "log"))
@@ -686,7 +687,7 @@ def test_verifier_guide_runs_as_written(tmp_path, monkeypatch):
     example = VECTORS["events"][0]
     with tpmsim.swtpm(tmp_path) as tpm:
         monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
-        reg = measure.open_register("tpm")
+        reg = registers.open_register("tpm")
         measure.Measurer(reg, str(run_dir / "events-tpm-pcr23.log")).record(
             me.mount_manifest(**example["args"]))
         assert reg.read() == chain("sha256", bytes(32), [example["line"]])
@@ -751,22 +752,22 @@ def test_an_extend_of_unknown_outcome_keeps_log_and_register_in_agreement(tmp_pa
     the log, and the next record extends it only if the register lacks it.  Cutting the
     line away (as before) left the two disagreeing for good when the extend had taken
     effect: every later measured mount was refused."""
-    class Flaky(measure.FileRegister):
+    class Flaky(registers.FileRegister):
         mode = ""
 
         def extend(self, digest):
             if Flaky.mode == "fail" and not took_effect:
                 Flaky.mode = "read"
-                raise measure.MeasureError("TPM2_PCR_Extend: timeout")
+                raise registers.MeasureError("TPM2_PCR_Extend: timeout")
             super().extend(digest)
             if Flaky.mode == "fail":
                 Flaky.mode = "read"
-                raise measure.MeasureError("TPM2_PCR_Extend: timeout")
+                raise registers.MeasureError("TPM2_PCR_Extend: timeout")
 
         def read(self):
             if Flaky.mode == "read":
                 Flaky.mode = ""
-                raise measure.MeasureError("TPM2_PCR_Read: timeout")
+                raise registers.MeasureError("TPM2_PCR_Read: timeout")
             return super().read()
 
     reg, log = Flaky(str(tmp_path / "reg")), tmp_path / "events.log"
@@ -774,7 +775,7 @@ def test_an_extend_of_unknown_outcome_keeps_log_and_register_in_agreement(tmp_pa
     events = [me.mount_manifest(M1, KEY, 1, "enforce", p) for p in ("/one", "/two", "/three")]
     meas.record(events[0])
     Flaky.mode = "fail"
-    with pytest.raises(measure.MeasureError) as e:
+    with pytest.raises(registers.MeasureError) as e:
         meas.record(events[1])
     assert "the event stays in" in str(e.value)
     meas.record(events[2])

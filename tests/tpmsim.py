@@ -3,7 +3,7 @@
     with tpmsim.swtpm(tmp_path) as tpm:
         tpm.run("tpm2_pcrread", "sha256:23")             # tpm2-tools against this TPM
         os.environ.update(tpm.env)                        # or: TPM2TOOLS_TCTI for a daemon
-        register = measure.open_register("tpm:23")        # reads TPM2TOOLS_TCTI
+        register = measure_registers.open_register("tpm:23")  # reads TPM2TOOLS_TCTI
         tpm.make_ak(tmp_path); tpm.quote(tmp_path, NONCE)  # ak.pub, ak.msg, ak.sig
 
 Each TPM has a fresh state directory (so PCR 23 starts at zero and keys are new), free

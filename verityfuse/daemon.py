@@ -138,7 +138,8 @@ def measure_mount(mountpoint: str, s: Settings, trust: Trust):
     if not s.measure or m is None:
         return Tripwire(m.digest if m else None, None, s.on_corruption)
     from . import measure_event
-    from .measure import Measurer, MeasureError, open_register
+    from .measure import Measurer
+    from .measure_registers import MeasureError, open_register
 
     # protocol/attestation.md: what authenticated the manifest and what the mount enforces.
     trust_by = "+".join(w for w, on in (("pinned", s.manifest_digest), ("key", s.trust_key)) if on)

@@ -137,7 +137,7 @@ def _helper() -> dict:
 
 def _measurement() -> dict:
     """Which registers `mount --measure` could extend here (nothing is extended)."""
-    from .measure import TDX_MEASUREMENTS
+    from .measure_registers import TDX_MEASUREMENTS
 
     tss = importlib.util.find_spec("tpm2_pytss") is not None
     tpm_dev = os.path.exists("/dev/tpmrm0")

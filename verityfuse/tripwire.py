@@ -63,7 +63,7 @@ class Tripwire:
         """Extend the violation of ``path`` (after ``first_time`` said so).  Never raises:
         a failure is logged and stops the mount's opens."""
         from . import measure_event
-        from .measure import MeasureError
+        from .measure_registers import MeasureError
 
         event = measure_event.integrity_violation(self.manifest_digest or "", path, offset)
         try:
