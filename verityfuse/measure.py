@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import stat
+from typing import List, Optional, Tuple
 
 from . import measure_event as me
 from .measure_registers import MeasureError, Register
@@ -28,6 +29,10 @@ class Measurer:
     def __init__(self, register: Register, log_path: str | None = None):
         self.register = register
         self.log_path = log_path or default_log_path(register)
+        # The log as this Measurer last left it, checked: (st_dev, st_ino, size, the value
+        # its lines replay to).  The next record parses only what was appended since (one
+        # line per violated file: reparsing it all made each record cost the whole log).
+        self._seen: Optional[Tuple[int, int, int, bytes]] = None
 
     def _open_locked(self) -> int:
         """The log, open for append and exclusively locked; created (dirs 0755, file 0644) if new."""
@@ -68,22 +73,14 @@ class Measurer:
         register's value.  A trailing line that a crashed writer logged but never extended
         is extended now (the event happened; the verifier should see it)."""
         alg = self.register.alg
-        size = os.fstat(fd).st_size
-        if size == 0:
+        st = os.fstat(fd)
+        if st.st_size == 0:
             value = self.register.read()
             self._append(fd, me.init_line(alg, value) + "\n", 0)
             return value
-        if size > MAX_LOG:
+        if st.st_size > MAX_LOG:
             raise MeasureError(f"event log {self.log_path} is larger than {MAX_LOG} bytes")
-        text = os.pread(fd, size, 0)
-        try:
-            log_alg, init, events = me.parse_log(text.decode("ascii"))
-        except (UnicodeDecodeError, me.EventLogError) as e:
-            raise MeasureError(f"event log {self.log_path} is malformed ({e}); not measuring "
-                               f"into {self.register.name}") from None
-        if log_alg != alg:
-            raise MeasureError(f"event log {self.log_path} is {log_alg}, but register "
-                               f"{self.register.name} is {alg}: give each register its own log")
+        init, events = self._parse(fd, st)
         value = self.register.read()
         if me.replay(alg, init, events) == value:
             return value
@@ -94,6 +91,30 @@ class Measurer:
             f"event log {self.log_path} does not replay to {self.register.name} "
             f"({me.replay(alg, init, events).hex()} vs {value.hex()}): something else extends "
             f"this register. Give verityfuse a register of its own, or keep one log for it")
+
+    def _parse(self, fd: int, st: os.stat_result) -> Tuple[bytes, List[me.Event]]:
+        """(the value to replay from, the events after it) of the log open as ``fd``: the
+        lines appended since this Measurer last left it (the same file, not shorter:
+        appended to, by it or other writers), from the value they started at; else, or if
+        those lines do not parse, all of it (whose error then names the right line)."""
+        alg, seen = self.register.alg, self._seen
+        if seen is not None and seen[:2] == (st.st_dev, st.st_ino) and seen[2] <= st.st_size:
+            tail = os.pread(fd, st.st_size - seen[2], seen[2])
+            try:
+                _, _, events = me.parse_log(me.init_line(alg, seen[3]) + "\n" + tail.decode("ascii"))
+                return seen[3], events
+            except (UnicodeDecodeError, me.EventLogError):
+                pass
+        text = os.pread(fd, st.st_size, 0)
+        try:
+            log_alg, init, events = me.parse_log(text.decode("ascii"))
+        except (UnicodeDecodeError, me.EventLogError) as e:
+            raise MeasureError(f"event log {self.log_path} is malformed ({e}); not measuring "
+                               f"into {self.register.name}") from None
+        if log_alg != alg:
+            raise MeasureError(f"event log {self.log_path} is {log_alg}, but register "
+                               f"{self.register.name} is {alg}: give each register its own log")
+        return init, events
 
     def _append(self, fd: int, text: str, size: int):
         """Append and fsync; on failure, cut the log back to ``size`` (never leave half a line)."""
@@ -128,10 +149,12 @@ class Measurer:
         fd = self._open_locked()
         try:
             old = self._reconcile(fd)
+            self._seen = None  # set again once this record leaves log and register agreeing
             size = os.fstat(fd).st_size
             self._append(fd, line + "\n", size)
             try:
                 self.register.extend(digest)
+                self._left(fd, me.extend(alg, old, digest))
             except MeasureError as e:
                 try:
                     done = self.register.read() == me.extend(alg, old, digest)
@@ -141,6 +164,7 @@ class Measurer:
                         f"stays in {self.log_path}: the next record extends it unless the "
                         f"register already holds it") from None
                 if done:
+                    self._left(fd, me.extend(alg, old, digest))
                     return
                 try:
                     os.ftruncate(fd, size)
@@ -153,3 +177,7 @@ class Measurer:
             raise MeasureError(f"writing event log {self.log_path} failed: {e.strerror}") from None
         finally:
             os.close(fd)
+
+    def _left(self, fd: int, value: bytes):
+        st = os.fstat(fd)
+        self._seen = (st.st_dev, st.st_ino, st.st_size, value)
