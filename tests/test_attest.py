@@ -821,3 +821,31 @@ def test_a_record_reads_only_what_was_appended_since_the_last(tmp_path, monkeypa
     reg.extend(bytes(32))
     with pytest.raises(registers.MeasureError, match="does not replay"):
         mine.record(me.integrity_violation(M1, "after", 0))
+
+
+def test_a_log_from_a_previous_boot_is_moved_aside_not_replayed_into_this_one(tmp_path,
+                                                                          monkeypatch):
+    """A log kept on persistent storage outlives a reboot; the register does not.  Its one
+    event then looks like one a crashed writer logged but never extended, and was extended
+    again, as if the previous boot's mount had happened in this one (a verifier would pass
+    it).  The boot id kept beside the log tells: the old log is moved to LOG.previous-boot
+    and a new one begins at the register's value."""
+    reg_path, log = tmp_path / "reg", tmp_path / "events.log"
+    old_event = me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app")
+    new_event = me.mount_manifest(M1, KEY, 2, "enforce", "/srv/other")
+    monkeypatch.setattr(measure, "boot_id", lambda: "boot-1")
+    measure.Measurer(registers.open_register(f"file:{reg_path}"), str(log)).record(old_event)
+    assert (tmp_path / "events.log.boot").read_text() == "boot-1\n"
+    old_text = log.read_text()
+    # Reboot: the register starts again at zero, the log stays.
+    for p in (reg_path, tmp_path / "reg.lock"):
+        p.unlink()
+    monkeypatch.setattr(measure, "boot_id", lambda: "boot-2")
+    reg = registers.open_register(f"file:{reg_path}")
+    measure.Measurer(reg, str(log)).record(new_event)
+    assert (tmp_path / "events.log.previous-boot").read_text() == old_text
+    assert (tmp_path / "events.log.boot").read_text() == "boot-2\n"
+    alg, init, events = me.parse_log(log.read_text())
+    assert [e.line() for e in events] == [new_event.line()]
+    assert me.replay(alg, init, events) == reg.read() == chain("sha256", bytes(32),
+                                                               [new_event.line()])

@@ -139,7 +139,7 @@ def test_relative_paths_name_files_under_the_callers_directory(share, tmp_path):
     try:
         assert (tmp_path / "mnt" / "config").read_bytes() == b"trusted configuration\n"
         assert sorted(os.listdir(tmp_path / "out")) == [
-            "daemon.log", "events.log", "reg", "reg.lock"]
+            "daemon.log", "events.log", "events.log.boot", "reg", "reg.lock"]
         alg, _, [(_, op, content, _)] = events(tmp_path / "out" / "events.log")
         assert (alg, op, content["mountpoint"]) == ("sha384", "MountManifest",
                                                     str(tmp_path / "mnt"))

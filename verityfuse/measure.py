@@ -16,6 +16,20 @@ from .measure_registers import MeasureError, Register
 
 RUN_DIR = "/run/verityfuse"
 MAX_LOG = 64 << 20  # one line per mount and per corrupt file: far below this
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str | None:
+    """This boot's id (None if the kernel does not say)."""
+    try:
+        with open(BOOT_ID, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+class _PreviousBoot(Exception):
+    """The log was moved aside (another boot's): open the new one."""
 
 
 def default_log_path(register: Register) -> str:
@@ -74,10 +88,14 @@ class Measurer:
         is extended now (the event happened; the verifier should see it)."""
         alg = self.register.alg
         st = os.fstat(fd)
+        boot = boot_id()
         if st.st_size == 0:
             value = self.register.read()
+            self._write_boot(boot)
             self._append(fd, me.init_line(alg, value) + "\n", 0)
             return value
+        if boot is not None and self._read_boot() not in (None, boot):
+            self._move_aside()
         if st.st_size > MAX_LOG:
             raise MeasureError(f"event log {self.log_path} is larger than {MAX_LOG} bytes")
         init, events = self._parse(fd, st)
@@ -91,6 +109,45 @@ class Measurer:
             f"event log {self.log_path} does not replay to {self.register.name} "
             f"({me.replay(alg, init, events).hex()} vs {value.hex()}): something else extends "
             f"this register. Give verityfuse a register of its own, or keep one log for it")
+
+    # A log replays to its register in the boot it was written in only: after a reboot the
+    # register starts again, and the one-event-ahead recovery would extend an event of the
+    # previous boot as if it had happened in this one (a log kept on persistent storage).
+    # The boot id is kept beside the log (LOG.boot); a log another boot wrote is moved to
+    # LOG.previous-boot and a new one begun.  A log without LOG.boot (an older verityfuse's)
+    # is not checked.
+
+    def _read_boot(self) -> str | None:
+        try:
+            fd = os.open(self.log_path + ".boot", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.read(fd, 64).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+
+    def _write_boot(self, boot: str | None):
+        path = self.log_path + ".boot"
+        if boot is None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        try:
+            os.write(fd, boot.encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _move_aside(self):
+        os.replace(self.log_path, self.log_path + ".previous-boot")
+        os.unlink(self.log_path + ".boot")
+        self._seen = None
+        raise _PreviousBoot()
 
     def _parse(self, fd: int, st: os.stat_result) -> Tuple[bytes, List[me.Event]]:
         """(the value to replay from, the events after it) of the log open as ``fd``: the
@@ -148,7 +205,13 @@ class Measurer:
         digest = me.event_digest(alg, event)
         fd = self._open_locked()
         try:
-            old = self._reconcile(fd)
+            try:
+                old = self._reconcile(fd)
+            except _PreviousBoot:
+                os.close(fd)
+                fd = -1
+                fd = self._open_locked()  # a new log, begun by this record
+                old = self._reconcile(fd)
             self._seen = None  # set again once this record leaves log and register agreeing
             size = os.fstat(fd).st_size
             self._append(fd, line + "\n", size)
@@ -176,7 +239,8 @@ class Measurer:
         except OSError as e:
             raise MeasureError(f"writing event log {self.log_path} failed: {e.strerror}") from None
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def _left(self, fd: int, value: bytes):
         st = os.fstat(fd)
