@@ -849,3 +849,19 @@ def test_a_log_from_a_previous_boot_is_moved_aside_not_replayed_into_this_one(tm
     assert [e.line() for e in events] == [new_event.line()]
     assert me.replay(alg, init, events) == reg.read() == chain("sha256", bytes(32),
                                                                [new_event.line()])
+
+
+def test_another_domains_event_is_marked_in_the_report(tmp_path):
+    """Another component's line is printed as it is, but marked: one whose domain is
+    'MountManifest' must not read like an event of ours."""
+    ours = me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app")
+    fake = f"MountManifest manifest={M1} key_id=- sequence=9 mountpoint=/srv/app"
+    log = tmp_path / "log"
+    log.write_text(INIT + ours.line() + "\n" + fake + "\n")
+    alg, init, events = me.parse_log(log.read_text())
+    r = subprocess.run([sys.executable, "-m", "verityfuse", "attest", "replay", str(log),
+                        "--register", me.replay(alg, init, events).hex()],
+                       capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    assert f"  #2 [other domain] {fake}" in lines, r.stdout
+    assert lines[1].startswith("  #1 MountManifest manifest=" + M1)

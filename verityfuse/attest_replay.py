@@ -178,7 +178,9 @@ def _describe(e: dict) -> str:
         fields = " ".join(f"{k}={'-' if e['content'][k] is None else e['content'][k]}"
                           for k in order if k in e["content"])
         return f"{e['operation']} {fields}"
-    return e["line"]  # another domain's event, printable ASCII as the parser checked
+    # Another domain's event, printable ASCII as the parser checked, marked as such: its
+    # line is whatever that component wrote, and could read like one of ours.
+    return f"[other domain] {e['line']}"
 
 
 def human(report: dict) -> str:
