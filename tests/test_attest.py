@@ -865,3 +865,20 @@ def test_another_domains_event_is_marked_in_the_report(tmp_path):
     lines = r.stdout.splitlines()
     assert f"  #2 [other domain] {fake}" in lines, r.stdout
     assert lines[1].startswith("  #1 MountManifest manifest=" + M1)
+
+
+def test_without_tpm2_pytss_the_tpm_register_says_how_to_get_it(monkeypatch):
+    """read() and extend() both: a MeasureError naming the package, not a
+    ModuleNotFoundError escaping a record."""
+    import builtins
+    real = builtins.__import__
+
+    def no_tss(name, *args, **kw):
+        if name.startswith("tpm2_pytss"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_tss)
+    reg = registers.open_register("tpm:23")
+    for call in (reg.read, lambda: reg.extend(bytes(32))):
+        with pytest.raises(registers.MeasureError, match=r"pip install verityfuse\[tpm\]"):
+            call()

@@ -70,11 +70,10 @@ class TpmRegister:
             raise MeasureError(f"cannot open the TPM through TCTI {self.tcti!r}: {e}") from None
 
     def extend(self, digest: bytes) -> None:
-        from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
-        from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
-
         _check_digest(self, digest)
-        with self._esapi() as esapi:
+        with self._esapi() as esapi:  # first: without tpm2-pytss, its message says so
+            from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+            from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
             try:
                 esapi.pcr_extend(ESYS_TR.PCR0 + self.pcr, TPML_DIGEST_VALUES(
                     [TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))]))
@@ -82,9 +81,8 @@ class TpmRegister:
                 raise MeasureError(f"TPM2_PCR_Extend of PCR {self.pcr} (sha256) failed: {e}") from None
 
     def read(self) -> bytes:
-        from tpm2_pytss.types import TPML_PCR_SELECTION
-
-        with self._esapi() as esapi:
+        with self._esapi() as esapi:  # first: without tpm2-pytss, its message says so
+            from tpm2_pytss.types import TPML_PCR_SELECTION
             try:
                 _, sel, values = esapi.pcr_read(TPML_PCR_SELECTION.parse(f"sha256:{self.pcr}"))
             except Exception as e:
