@@ -882,3 +882,10 @@ def test_without_tpm2_pytss_the_tpm_register_says_how_to_get_it(monkeypatch):
     for call in (reg.read, lambda: reg.extend(bytes(32))):
         with pytest.raises(registers.MeasureError, match=r"pip install verityfuse\[tpm\]"):
             call()
+
+
+def test_the_largest_manifest_sequence_can_be_measured():
+    from verityfuse.manifest_header import MAX_SEQUENCE
+    event = me.mount_manifest(M1, KEY, MAX_SEQUENCE, "enforce", "/m")
+    alg, init, [parsed] = me.parse_log(INIT + event.line() + "\n")
+    assert parsed.content["sequence"] == MAX_SEQUENCE

@@ -27,7 +27,9 @@ from .errors import ManifestError
 FORMAT = "verityfuse-manifest"
 VERSION = 2
 KEYS = ("format", "version", "sequence", "expires")
-MAX_SEQUENCE = (1 << 63) - 1
+# The largest integer an RFC 8785 (JSON) number holds exactly: a measured mount records the
+# sequence in an attestation event (measure_event.MAX_INT), so every manifest can be measured.
+MAX_SEQUENCE = (1 << 53) - 1
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 TIME_RANGE = (0, calendar.timegm((9999, 12, 31, 23, 59, 59)))  # 1970 to 9999: one spelling each
