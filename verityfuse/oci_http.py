@@ -25,8 +25,12 @@ import time
 import urllib.parse
 from typing import Dict, List, Tuple
 
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
+try:
+    import urllib3
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+except ModuleNotFoundError:  # the [oci] extra, as oci_client says
+    raise ImportError("serving from or pushing to an OCI registry needs urllib3: "
+                      "pip install 'verityfuse[oci]'") from None
 
 
 class Watchdog:
