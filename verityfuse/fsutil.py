@@ -260,7 +260,6 @@ def read_beneath(dirfd: int, path: bytes, nbytes: int, keep: bool = False):
 
 
 def not_regular(mode: int, what: str) -> NotRegular:
-
     msg = f"{what} is {type_name(mode)}, not a regular file"
     kind = stat.S_IFMT(mode)
     if kind == stat.S_IFDIR:

@@ -118,11 +118,14 @@ class Measurer:
     # is not checked.
 
     def _read_boot(self) -> str | None:
-        try:
-            fd = os.open(self.log_path + ".boot", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        path = self.log_path + ".boot"
+        try:  # O_NONBLOCK: a FIFO planted there is refused below, never waited on
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MeasureError(f"{path} is not a regular file")
             return os.read(fd, 64).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
@@ -135,9 +138,11 @@ class Measurer:
             except FileNotFoundError:
                 pass
             return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MeasureError(f"{path} is not a regular file")
             os.write(fd, boot.encode("ascii") + b"\n")
             os.fsync(fd)
         finally:
