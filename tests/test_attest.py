@@ -833,18 +833,19 @@ def test_a_log_from_a_previous_boot_is_moved_aside_not_replayed_into_this_one(tm
     reg_path, log = tmp_path / "reg", tmp_path / "events.log"
     old_event = me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app")
     new_event = me.mount_manifest(M1, KEY, 2, "enforce", "/srv/other")
-    monkeypatch.setattr(measure, "boot_id", lambda: "boot-1")
+    boot1, boot2 = ("11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222")
+    monkeypatch.setattr(measure, "boot_id", lambda: boot1)
     measure.Measurer(registers.open_register(f"file:{reg_path}"), str(log)).record(old_event)
-    assert (tmp_path / "events.log.boot").read_text() == "boot-1\n"
+    assert (tmp_path / "events.log.boot").read_text() == boot1 + "\n"
     old_text = log.read_text()
     # Reboot: the register starts again at zero, the log stays.
     for p in (reg_path, tmp_path / "reg.lock"):
         p.unlink()
-    monkeypatch.setattr(measure, "boot_id", lambda: "boot-2")
+    monkeypatch.setattr(measure, "boot_id", lambda: boot2)
     reg = registers.open_register(f"file:{reg_path}")
     measure.Measurer(reg, str(log)).record(new_event)
     assert (tmp_path / "events.log.previous-boot").read_text() == old_text
-    assert (tmp_path / "events.log.boot").read_text() == "boot-2\n"
+    assert (tmp_path / "events.log.boot").read_text() == boot2 + "\n"
     alg, init, events = me.parse_log(log.read_text())
     assert [e.line() for e in events] == [new_event.line()]
     assert me.replay(alg, init, events) == reg.read() == chain("sha256", bytes(32),
@@ -889,3 +890,17 @@ def test_the_largest_manifest_sequence_can_be_measured():
     event = me.mount_manifest(M1, KEY, MAX_SEQUENCE, "enforce", "/m")
     alg, init, [parsed] = me.parse_log(INIT + event.line() + "\n")
     assert parsed.content["sequence"] == MAX_SEQUENCE
+
+
+def test_a_boot_file_that_holds_no_boot_id_is_refused(tmp_path, monkeypatch):
+    """LOG.boot is written with the log's first line; one that holds no boot id was
+    written by something else: refused (a verifier should look), not taken for another
+    boot's (which would move a good log aside)."""
+    monkeypatch.setattr(measure, "boot_id", lambda: "0" * 8 + "-0000-0000-0000-" + "0" * 12)
+    reg = registers.open_register(f"file:{tmp_path}/reg")
+    log = tmp_path / "events.log"
+    measure.Measurer(reg, str(log)).record(me.integrity_violation(M1, "a", 0))
+    (tmp_path / "events.log.boot").write_text("garbage\n")
+    with pytest.raises(registers.MeasureError, match="does not hold a boot id"):
+        measure.Measurer(reg, str(log)).record(me.integrity_violation(M1, "b", 0))
+    assert not (tmp_path / "events.log.previous-boot").exists()

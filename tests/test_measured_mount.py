@@ -148,6 +148,45 @@ def test_relative_paths_name_files_under_the_callers_directory(share, tmp_path):
         assert vf("umount", tmp_path / "mnt").returncode == 0
 
 
+@pytest.mark.parametrize("inside", ["event log", "register file", "log file"])
+def test_files_the_daemon_writes_under_its_own_mount_point_are_refused(share, tmp_path, inside):
+    """The daemon writes its log, the event log and a file: register while it mounts and
+    serves: under its own mount point each write would be a request to itself, which it
+    cannot answer (the measurement, after the mount exists, waited for ever)."""
+    src, m, pub, digest = share
+    mnt = tmp_path / "mnt"
+    (mnt / "sub").mkdir(parents=True)
+    where = {k: tmp_path / k.replace(" ", "-") for k in ("event log", "register file", "log file")}
+    where[inside] = mnt / "sub" / "x"
+    try:
+        r = vf("mount", src, mnt, *mount_args(m, pub, digest, "--measure",
+                                              f"file:{where['register file']}",
+                                              "--event-log", where["event log"]),
+               "--log-file", where["log file"], timeout=60)
+        assert r.returncode != 0
+        assert f"{inside} '{where[inside]}' is under the mount point '{mnt}'" in r.stderr
+        assert not (tmp_path / "event-log").exists()
+    finally:
+        _abort_mount(mnt)  # a regression: a daemon waiting on itself, whose mount hangs
+
+
+def _abort_mount(mnt):
+    """End a daemon serving ``mnt``, if any, and unmount it, without touching the mount
+    itself (a stat would wait on a daemon that cannot answer): kill -9 ends a daemon
+    even while it waits on its own mount, and its closed /dev/fuse aborts the mount."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and os.fsencode(mnt) in argv and int(pid) != os.getpid():
+            os.kill(int(pid), 9)
+    if any(l.split()[4] == str(mnt) for l in open("/proc/self/mountinfo").read().splitlines()):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert not any(l.split()[4] == str(mnt)
+                   for l in open("/proc/self/mountinfo").read().splitlines()), "left mounted"
+
+
 def test_measure_needs_a_manifest(share, tmp_path):
     src, *_ = share
     mnt = tmp_path / "mnt"

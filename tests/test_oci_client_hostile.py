@@ -98,6 +98,22 @@ def test_a_redirect_target_asking_for_a_token_gets_no_credentials(servers):
     assert c.headers["Authorization"] == ALICE
 
 
+def test_a_relative_redirect_stays_with_the_host_that_sent_it(servers):
+    """The registry sends a read to a blob store, which redirects to itself with a
+    relative Location and then asks for a token: still the blob store's challenge (urllib3
+    reports only the last Location, as written), so no credential or token goes there."""
+    reg, store, thief = servers(), servers(), servers()
+    reg.answer = lambda p: (307, [("Location", f"http://{store.host}/x")], b"")
+    store.answer = lambda p: ((302, [("Location", "/y")], b"") if p == "/x" else
+                              (401, [("WWW-Authenticate",
+                                      f'Bearer realm="https://{thief.host}/token"')], b""))
+    c = client(reg, auth=("alice", "s3cret"))
+    with pytest.raises(RegistryError) as e:
+        c.get_range(BLOB, 0, 10, "blob")
+    assert f"'{store.host}', where {reg.host} redirected, asks for a token" in str(e.value)
+    assert thief.seen == [] and c.headers["Authorization"] == ALICE
+
+
 @pytest.mark.parametrize("realm_on", ["registry", "other host"])
 def test_basic_credentials_go_to_the_registrys_own_token_service_only(servers, realm_on):
     """Over plain http the password goes to a token service on the registry's own host
@@ -174,15 +190,18 @@ class Dripping(Server):
         def drip(h):
             head = (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4095/8192\r\n"
                     b"Content-Length: 4096\r\n\r\n")
-            data = (head + b"x" * 4096) if self.what == "headers" else b"x" * 4096
+            data = (head + b"x" * 4096) if self.what != "body" else b"x" * 4096
             if self.what == "body":
                 h.wfile.write(head)
+            # "status": so slowly that the deadline falls inside the status line, which
+            # http.client then cannot parse (an exception inside urllib3, not a response).
+            pause = 0.9 if self.what == "status" else 0.25
             try:
                 for i in range(len(data)):
                     h.wfile.write(data[i:i + 1])
                     h.wfile.flush()
-                    time.sleep(0.25)
-                    if i > 120:
+                    time.sleep(pause)
+                    if i * pause > 30:
                         break  # 30 s: the client did not give up
             except OSError:
                 pass  # it hung up: as it should
@@ -190,7 +209,7 @@ class Dripping(Server):
         handler.do_GET = drip
 
 
-@pytest.mark.parametrize("what", ["headers", "body"])
+@pytest.mark.parametrize("what", ["status", "headers", "body"])
 def test_a_registry_that_drips_its_answer_is_cut_at_the_deadline(what):
     """Each byte arrives within the read timeout (1 s), so no socket timeout fires: the
     answer as a whole must still be complete within 3 read timeouts, or the request
@@ -200,7 +219,7 @@ def test_a_registry_that_drips_its_answer_is_cut_at_the_deadline(what):
         c = client(reg, timeout=1, retries=2)
         with pytest.raises(RegistryError) as e:
             c.get_range(BLOB, 0, 4096, "blob")
-        assert str(e.value).endswith("the answer took longer than 3s")
+        assert "the answer took longer than 3" in str(e.value)
         assert c.requests == {"GET": 1}
     finally:
         reg.stop()

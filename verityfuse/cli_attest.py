@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 
 from . import measure_event as me
-from .jsonout import emit
+from .jsonout import emit, error
 
 EXIT_USAGE = 2
 
@@ -74,7 +73,7 @@ def cmd_replay(args) -> int:
     try:
         report, status = ar.replay(args.log, exp, register=args.register, quote=quote)
     except ar.InputError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+        error(str(e))
         return EXIT_USAGE
     if args.json:
         emit(report)
@@ -84,7 +83,7 @@ def cmd_replay(args) -> int:
 
 
 def _usage(msg: str) -> int:
-    print(f"ERROR: attest replay: {msg}", file=sys.stderr)
+    error(f"attest replay: {msg}")
     return EXIT_USAGE
 
 

@@ -290,11 +290,34 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     if s.store and not os.path.isdir(s.store):
         raise MountError(f"store '{s.store}' does not exist (a typo? without store= the store is "
                          f"SOURCE/.verityfuse)")
+    for what, path in _files_written(s):
+        real = os.path.realpath(path)
+        if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
+            # Written by the daemon while it mounts and serves: through its own mount, a
+            # request it cannot answer (it would wait on itself).
+            raise MountError(f"{what} '{path}' is under the mount point '{mountpoint}'")
     warnings = []
     if mountinfo.is_mounted(mnt):
         warnings.append(f"'{mountpoint}' is already a mount point ({mountinfo.fstype(mnt)}); "
                         f"mounting over it")
     return warnings
+
+
+def _files_written(s: Settings):
+    """(what, path) of each file the daemon writes: its log, a measured mount's event log
+    and an emulated register."""
+    if s.log_file:
+        yield "log file", s.log_file
+    if s.measure:
+        from .measure import default_log_path
+        from .measure_registers import FileRegister, MeasureError, open_register
+        try:
+            register = open_register(s.measure)
+        except MeasureError as e:
+            raise MountError(f"refusing to mount: {e}") from None
+        yield "event log", s.event_log or default_log_path(register)
+        if isinstance(register, FileRegister):
+            yield "register file", register.path
 
 
 def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bool = False) -> int:

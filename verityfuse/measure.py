@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 from typing import List, Optional, Tuple
 
@@ -17,6 +18,7 @@ from .measure_registers import MeasureError, Register
 RUN_DIR = "/run/verityfuse"
 MAX_LOG = 64 << 20  # one line per mount and per corrupt file: far below this
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def boot_id() -> str | None:
@@ -94,8 +96,13 @@ class Measurer:
             self._write_boot(boot)
             self._append(fd, me.init_line(alg, value) + "\n", 0)
             return value
-        if boot is not None and self._read_boot() not in (None, boot):
-            self._move_aside()
+        if boot is not None:
+            written = self._read_boot()
+            if written is not None and not _BOOT_ID.fullmatch(written):
+                raise MeasureError(f"{self.log_path}.boot does not hold a boot id "
+                                   f"({written[:40]!r}); not measuring into {self.log_path}")
+            if written not in (None, boot):
+                self._move_aside()
         if st.st_size > MAX_LOG:
             raise MeasureError(f"event log {self.log_path} is larger than {MAX_LOG} bytes")
         init, events = self._parse(fd, st)

@@ -38,7 +38,8 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
-from .oci_http import READ_TIMEOUTS, cut, discard, error_text, origin, reason, watched
+from .oci_http import (MIN_RATE, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow, answered_by, cut,
+                       discard, error_text, origin, reason, watched)
 from .oci_ref import Ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -123,6 +124,8 @@ class Client:
             except urllib3.exceptions.HTTPError as e:
                 if last:
                     raise RegistryError(f"{what}: {self.ref.host}: {reason(e)}") from None
+            except AnswerTooSlow:  # headers dripped past the deadline: refused, no retry
+                raise RegistryError(f"{what}: {self.ref.host}: {self._too_slow()}") from None
             except (ValueError, UnicodeError) as e:  # a Location or header urllib3 refuses
                 raise RegistryError(f"{what}: {self.ref.host}: a malformed answer "
                                     f"({type(e).__name__}: {str(e)[:200]!r})") from None
@@ -135,9 +138,7 @@ class Client:
                 challenge = r.headers.get("WWW-Authenticate", "")
                 if r.status == 401 and challenge.startswith("Bearer ") and not renewed:
                     discard(r)
-                    # After a redirect to another host urllib3 gives its absolute URL;
-                    # otherwise a path (the host asked).
-                    answered = r.url if r.url and "://" in r.url else url
+                    answered = answered_by(r, url)
                     if origin(answered) != origin(self.base):
                         # A redirect's target (a blob store) asking for a token: the
                         # registry's credentials and tokens are the registry's only.
@@ -199,17 +200,25 @@ class Client:
                 raise RegistryError(f"{where}: no token in the answer")
             self.headers["Authorization"] = f"Bearer {token}"
 
-    def _too_slow(self) -> str:
-        return f"the answer took longer than {READ_TIMEOUTS * self.timeout:g}s"
+    def _too_slow(self, seconds: Optional[float] = None) -> str:
+        return f"the answer took longer than {seconds or READ_TIMEOUTS * self.timeout:.3g}s"
 
     def read_body(self, r: urllib3.BaseHTTPResponse, what: str, limit: int,
                   exact: Optional[int] = None) -> bytes:
         """The response's body, at most ``limit`` bytes (exactly ``exact`` if given), read
-        before the response's deadline (oci_http: a few read timeouts)."""
-        deadline = time.monotonic() + READ_TIMEOUTS * self.timeout
-        conn = r.connection  # (released, and None, if a read fails)
-        parts, n = [], 0
+        before the response's deadline (oci_http: a few read timeouts, and more for a
+        large body)."""
         want = limit if exact is None else exact
+        # The answer's deadline, extended by what its announced size (at most ``want``)
+        # needs at MIN_RATE: a large blob over a slow but honest link is not cut.
+        announced = r.headers.get("Content-Length", "")
+        size = min(int(announced), want) if re.fullmatch(r"\d{1,20}", announced) else 0
+        seconds = READ_TIMEOUTS * self.timeout + size / MIN_RATE
+        deadline = time.monotonic() + seconds
+        conn = r.connection  # (released, and None, if a read fails)
+        if conn is not None:
+            WATCHDOG.arm(conn, seconds)
+        parts, n = [], 0
         try:
             while True:
                 chunk = r.read(min(_CHUNK, want + 1 - n))
@@ -221,10 +230,10 @@ class Client:
                     raise RegistryError(f"{what}: the body is longer than the {want} bytes "
                                         f"{'asked for' if exact is not None else 'allowed'}")
                 if time.monotonic() > deadline:
-                    raise RegistryError(f"{what}: {self._too_slow()}")
+                    raise RegistryError(f"{what}: {self._too_slow(seconds)}")
         except urllib3.exceptions.HTTPError as e:
             if cut(conn):  # the watchdog's doing: not worth another try
-                raise RegistryError(f"{what}: {self._too_slow()}") from None
+                raise RegistryError(f"{what}: {self._too_slow(seconds)}") from None
             raise BodyBroken(f"{what}: {reason(e)}") from None
         finally:
             # A body read to its end returns the connection to the pool; any other is

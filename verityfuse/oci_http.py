@@ -75,25 +75,34 @@ class Watchdog:
                         heapq.heappop(self._heap)
                         conn = self._armed.pop(key)[1]
                         self.fired += 1
-                        break
+                        # Under the lock, so that the connection cannot be given back and
+                        # armed for another request in between (shutdown never blocks).
+                        conn.deadline_passed = True  # read by cut()
+                        sock = getattr(conn, "sock", None)
+                        if sock is not None:
+                            try:
+                                sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns
+                            except OSError:
+                                pass
+                        continue
                     self._cond.wait(left)
-            conn.deadline_passed = True  # read by cut()
-            sock = getattr(conn, "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # the blocked recv returns at once
-                except OSError:
-                    pass
 
 
 WATCHDOG = Watchdog()
-# A response's whole answer (status line, headers, body) within this many read timeouts.
+# A response's whole answer (status line, headers, body) within this many read timeouts,
+# and a body of N bytes N / MIN_RATE seconds more (oci_client.read_body extends it).
 READ_TIMEOUTS = 3
+MIN_RATE = 64 << 10  # bytes a second
 
 
 def cut(conn) -> bool:
     """Whether the watchdog cut ``conn``'s last response (its deadline passed)."""
     return bool(getattr(conn, "deadline_passed", False))
+
+
+class AnswerTooSlow(Exception):
+    """The watchdog cut a response's status line or headers.  Not an OSError nor an HTTP
+    error, so that urllib3 does not take it for a broken connection and try again."""
 
 
 class _Watched:
@@ -109,6 +118,8 @@ class _Watched:
             return super().getresponse()
         except BaseException:
             WATCHDOG.disarm(self)
+            if self.deadline_passed:
+                raise AnswerTooSlow() from None
             raise
 
     def close(self):
@@ -136,6 +147,17 @@ def watched(pool_manager: urllib3.PoolManager, seconds: float) -> urllib3.PoolMa
 
 
 # -- responses --------------------------------------------------------------------------
+
+def answered_by(r, url: str) -> str:
+    """The URL that gave response ``r`` to a request for ``url``: each redirect's Location
+    resolved against the URL before it (a relative one stays on the host that sent it;
+    urllib3's ``r.url`` is only the last Location as written)."""
+    retries = getattr(r, "retries", None)
+    for step in (retries.history if retries is not None else ()):
+        if step.redirect_location:
+            url = urllib.parse.urljoin(url, step.redirect_location)
+    return url
+
 
 def origin(url: str) -> Tuple[str, str]:
     """(scheme, host[:port]) of a URL: who a credential or token would be given to."""
