@@ -227,8 +227,8 @@ def add_commands(sub):
     add_registry_options(p)  # SOURCE oci://HOST[:PORT]/REPO[:TAG|@DIGEST]
     p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
                    metavar="S", help="oci:// sources: the registry's connect and read "
-                   "timeout; a whole answer may take 3 times this, then the reads waiting on "
-                   "it fail with EIO (default 10)")
+                   "timeout; a whole answer may take 3 times this (more for a large body), "
+                   "then the reads waiting on it fail with EIO (default 10)")
     p.add_argument("--cache", metavar="DIR", help="oci:// sources: keep verified data blocks "
                    "in a private directory under DIR (removed at unmount), within --cache-size, "
                    "instead of in memory")
