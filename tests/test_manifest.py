@@ -357,19 +357,19 @@ def test_seal_writes_the_manifest_through_no_planted_symlink(tmp_path, key, monk
 
 
 def test_atomic_write_never_writes_through_a_name_it_finds(tmp_path, monkeypatch):
-    from verityfuse import fsutil
+    from verityfuse import wholefile
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"untouched")
     tokens = iter(["guessed", "fresh"])
-    monkeypatch.setattr(fsutil.secrets, "token_hex", lambda n: next(tokens))
+    monkeypatch.setattr(wholefile.secrets, "token_hex", lambda n: next(tokens))
     os.symlink(victim, tmp_path / ".out.guessed.tmp")  # as if the attacker guessed the name
-    fsutil.atomic_write(str(tmp_path / "out"), b"data", 0o600)
+    wholefile.atomic_write(str(tmp_path / "out"), b"data", 0o600)
     assert (tmp_path / "out").read_bytes() == b"data" and victim.read_bytes() == b"untouched"
     assert sorted(os.listdir(tmp_path)) == [".out.guessed.tmp", "out", "victim"]
     tokens = iter(["t2"])
     with pytest.raises(FileExistsError):
-        fsutil.atomic_write(str(tmp_path / "out"), b"other", 0o600, replace=False)
+        wholefile.atomic_write(str(tmp_path / "out"), b"other", 0o600, replace=False)
     assert (tmp_path / "out").read_bytes() == b"data"
     assert sorted(os.listdir(tmp_path)) == [".out.guessed.tmp", "out", "victim"]  # no temp left
 

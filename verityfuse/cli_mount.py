@@ -70,7 +70,8 @@ def settings_from(args) -> Settings:
 
 def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
               verbose: bool = False) -> int:
-    from .daemon import MountError, mount, remount
+    from .daemon import mount, remount
+    from .mountopts import MountError
 
     try:
         if s.remount:

@@ -35,14 +35,14 @@ def credentials(host: str, path=None):
     import json
     import os
 
-    from . import fsutil
+    from . import wholefile
 
     if path is None:
         home = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
         path = os.path.join(home, "config.json")
         if not os.path.exists(path):
             return None
-    text = fsutil.read_regular(path, 1 << 20, what=path).decode("utf-8", "replace")
+    text = wholefile.read_regular(path, 1 << 20, what=path).decode("utf-8", "replace")
     if text.lstrip().startswith("{"):
         try:
             return _docker_auth(json.loads(text), host)

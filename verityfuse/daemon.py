@@ -21,16 +21,13 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from . import logs, mountinfo, mountopts
-from .mountopts import Settings
+from .mount_measure import files_written, measure_mount
+from .mountopts import MountError, Settings
 
 if TYPE_CHECKING:
     from .view import View
 
 log = logging.getLogger("verityfuse")
-
-
-class MountError(Exception):
-    """A mount refused before anything was mounted; the message says why."""
 
 
 def set_readahead(mountpoint: str, kb: int):
@@ -125,36 +122,6 @@ class Trust:
 def is_oci(source: str) -> bool:
     """A tree served from an OCI registry (oci://HOST[:PORT]/REPO[:TAG|@DIGEST])."""
     return source.startswith("oci://")
-
-
-def measure_mount(mountpoint: str, s: Settings, trust: Trust):
-    """A measured mount records its MountManifest event once it is mounted and before it
-    serves anything (a failed extend fails the mount: closed, as an image pull is);
-    returns the mount's Tripwire, which measures violations into the same register and
-    log.  ``serve`` has checked that a measured mount has a manifest."""
-    from .tripwire import Tripwire
-
-    m = trust.manifest
-    if not s.measure or m is None:
-        return Tripwire(m.digest if m else None, None, s.on_corruption)
-    from . import measure_event
-    from .measure import Measurer
-    from .measure_registers import MeasureError, open_register
-
-    # protocol/attestation.md: what authenticated the manifest and what the mount enforces.
-    trust_by = "+".join(w for w, on in (("pinned", s.manifest_digest), ("key", s.trust_key)) if on)
-    policy = (f"min_sequence={s.min_sequence or 0},on_corruption={s.on_corruption},"
-              f"trust={trust_by}")
-    try:
-        register = open_register(s.measure)
-        measurer = Measurer(register, s.event_log)
-        measurer.record(measure_event.mount_manifest(m.digest, m.key_id, m.sequence, policy,
-                                                     mountpoint))
-    except MeasureError as e:
-        raise MountError(f"refusing to mount: the measurement failed ({e})") from None
-    log.info("measured manifest %s (sequence %d) into %s; event log %s", m.digest, m.sequence,
-             register.name, measurer.log_path)
-    return Tripwire(m.digest, measurer, s.on_corruption)
 
 
 def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats) -> Tuple["View", Any]:
@@ -290,7 +257,7 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     if s.store and not os.path.isdir(s.store):
         raise MountError(f"store '{s.store}' does not exist (a typo? without store= the store is "
                          f"SOURCE/.verityfuse)")
-    for what, path in _files_written(s):
+    for what, path in files_written(s):
         real = os.path.realpath(path)
         if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
             # Written by the daemon while it mounts and serves: through its own mount, a
@@ -301,23 +268,6 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
         warnings.append(f"'{mountpoint}' is already a mount point ({mountinfo.fstype(mnt)}); "
                         f"mounting over it")
     return warnings
-
-
-def _files_written(s: Settings):
-    """(what, path) of each file the daemon writes: its log, a measured mount's event log
-    and an emulated register."""
-    if s.log_file:
-        yield "log file", s.log_file
-    if s.measure:
-        from .measure import default_log_path
-        from .measure_registers import FileRegister, MeasureError, open_register
-        try:
-            register = open_register(s.measure)
-        except MeasureError as e:
-            raise MountError(f"refusing to mount: {e}") from None
-        yield "event log", s.event_log or default_log_path(register)
-        if isinstance(register, FileRegister):
-            yield "register file", register.path
 
 
 def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bool = False) -> int:

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import fsutil, manifest_header, manifest_tree, merkle
+from . import manifest_header, manifest_tree, merkle, wholefile
 from .errors import ManifestError
 
 ENVELOPE_FORMAT = "verityfuse-signed-manifest"
@@ -76,8 +76,8 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 def _read_limited(path: str, limit: int, what: str) -> bytes:
     try:
-        data = fsutil.read_regular(path, limit, what=path)
-    except fsutil.TooLarge as e:  # refused on its fstat size, unread
+        data = wholefile.read_regular(path, limit, what=path)
+    except wholefile.TooLarge as e:  # refused on its fstat size, unread
         raise ManifestError(f"{path}: {what} larger than {limit} bytes ({e.strerror}): "
                             f"refused unread") from None
     except OSError as e:
@@ -121,8 +121,8 @@ def generate_key(private_path: str, public_path: str):
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fsutil.atomic_write(private_path, pem, 0o600, replace=False)
-    fsutil.atomic_write(public_path, key.public_key().public_bytes(
+    wholefile.atomic_write(private_path, pem, 0o600, replace=False)
+    wholefile.atomic_write(public_path, key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644,
         replace=False)
     return key

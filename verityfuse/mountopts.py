@@ -29,6 +29,10 @@ class OptionError(ValueError):
     pass
 
 
+class MountError(Exception):
+    """A mount refused before anything was mounted; the message says why."""
+
+
 @dataclass
 class Settings:
     """What `verityfuse mount` needs beyond SOURCE and MOUNTPOINT."""
