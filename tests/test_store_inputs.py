@@ -3,7 +3,7 @@ wrong is refused with StoreCorrupt, naming the object file and what was expected
 
 tests/test_store.py covers a few of these through sealing and verify with partial matches
 (and the index entries); this table pins the exact message of each check in
-store_object.open_stored_tree and Store._open_file, in the order they run.
+store_object.open_stored_tree and Store._read_file, in the order they run.
 """
 
 import errno

@@ -193,20 +193,27 @@ def reopen_regular(path_fd: int, what: str, flags: int = os.O_RDONLY) -> int:
         return fd
     try:
         try:
-            st = os.fstat(path_fd)
+            fd, st = _reopen_if_regular(path_fd, flags)
         except OSError as e:  # named as the native path names it
             raise type(e)(e.errno, e.strerror, what) from None
-        if not stat.S_ISREG(st.st_mode):
+        if fd < 0:
             raise not_regular(st.st_mode, what)
-        try:
-            return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError as e:
-            raise type(e)(e.errno, e.strerror, what) from None
+        return fd
     finally:
         try:
             os.close(path_fd)
         except OSError:
             pass  # a stale fd (EBADF): its fstat's error, naming the file, is the answer
+
+
+def _reopen_if_regular(path_fd: int, flags: int):
+    """``(fd, stat)``: the file behind O_PATH ``path_fd`` (kept open) opened with ``flags``
+    through /proc/self/fd if its fstat says it is a regular file, else ``(-1, stat)`` and
+    nothing opened: the native reopen's steps, for the pure-Python routes."""
+    st = os.fstat(path_fd)
+    if not stat.S_ISREG(st.st_mode):
+        return -1, st
+    return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_CLOEXEC | os.O_NOCTTY), st
 
 
 class ReadFailed(OSError):
@@ -239,14 +246,13 @@ def read_beneath(dirfd: int, path: bytes, nbytes: int, keep: bool = False):
             _have_openat2 = False  # kernel < 5.6: the walk below
     pfd = open_beneath(dirfd, path)
     try:
-        st = os.fstat(pfd)
-        if not stat.S_ISREG(st.st_mode):
-            return -1, st.st_mode, 0, None
-        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        fd, st = _reopen_if_regular(pfd, os.O_RDONLY)
     except OSError as e:
         raise type(e)(e.errno, e.strerror) from None  # not the /proc path: as natively
     finally:
         os.close(pfd)
+    if fd < 0:
+        return -1, st.st_mode, 0, None
     try:
         head = os.pread(fd, min(nbytes, st.st_size + 1), 0)
     except OSError as e:

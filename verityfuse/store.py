@@ -181,16 +181,13 @@ class Store(StoreIndex):
         return "/".join((self.path,) + parts)  # parts are single names: no os.path.join needed
 
     def _check_version(self, create: bool, objects_only: bool) -> int:
-        fd = self._open_file(("VERSION",))
-        if fd is None:
+        got = self._read_file(("VERSION",), 64)
+        if got is None:
             if not create:
                 raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
             self._atomic_write((), "VERSION", VERSION_TEXT)
             return 2
-        try:
-            text = os.read(fd, 64)
-        finally:
-            os.close(fd)
+        text = got[2]
         if text == VERSION_TEXT:
             return 2
         if text == VERSION_1_TEXT:
@@ -243,11 +240,6 @@ class Store(StoreIndex):
             if parts and fd not in (self.rootfd, at and at[0]):
                 os.close(fd)
             raise
-
-    def _open_file(self, parts) -> Optional[int]:
-        """fd of a regular file STORE/parts, None if absent, StoreCorrupt if odd."""
-        got = self._read_file(parts, 0, keep=True)
-        return None if got is None else got[0]
 
     def _read_file(self, parts, nbytes: int, keep: bool = False):
         """``(fd, size, head)`` of the regular file STORE/parts and its first ``nbytes``
@@ -307,8 +299,10 @@ class Store(StoreIndex):
         return self._open_dirs(parts, create=create, at=at)
 
     def open_file(self, parts) -> Optional[int]:
-        """A regular file STORE/parts... for reading (no symlink followed); None if absent."""
-        return self._open_file(parts)
+        """A regular file STORE/parts... for reading (no symlink followed); None if absent,
+        StoreCorrupt if odd."""
+        got = self._read_file(parts, 0, keep=True)
+        return None if got is None else got[0]
 
     def mark_current(self):
         """Record that the store is in the current format (after store_upgrade converted it)."""
