@@ -38,8 +38,8 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
-from .oci_http import (MIN_RATE, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow, answered_by, cut,
-                       discard, error_text, origin, reason, watched)
+from .oci_http import (MIN_RATE, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow, answered_by,
+                       content_length, cut, discard, error_text, origin, reason, watched)
 from .oci_ref import Ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -121,6 +121,9 @@ class Client:
                                       preload_content=False, redirect=True,
                                       retries=urllib3.Retry(total=None, connect=0, read=0,
                                                             status=0, other=0, redirect=3))
+                if cut(r.connection):  # cut inside the headers, yet parsed: as below
+                    discard(r)
+                    raise AnswerTooSlow()
             except urllib3.exceptions.HTTPError as e:
                 if last:
                     raise RegistryError(f"{what}: {self.ref.host}: {reason(e)}") from None
@@ -130,9 +133,6 @@ class Client:
                 raise RegistryError(f"{what}: {self.ref.host}: a malformed answer "
                                     f"({type(e).__name__}: {str(e)[:200]!r})") from None
             else:
-                if cut(r.connection):  # headers dripped past the deadline: refused, no retry
-                    discard(r)
-                    raise RegistryError(f"{what}: {self.ref.host}: {self._too_slow()}")
                 if r.status in ok:
                     return r
                 challenge = r.headers.get("WWW-Authenticate", "")
@@ -211,9 +211,7 @@ class Client:
         want = limit if exact is None else exact
         # The answer's deadline, extended by what its announced size (at most ``want``)
         # needs at MIN_RATE: a large blob over a slow but honest link is not cut.
-        announced = r.headers.get("Content-Length", "")
-        size = min(int(announced), want) if re.fullmatch(r"\d{1,20}", announced) else 0
-        seconds = READ_TIMEOUTS * self.timeout + size / MIN_RATE
+        seconds = READ_TIMEOUTS * self.timeout + min(content_length(r) or 0, want) / MIN_RATE
         deadline = time.monotonic() + seconds
         conn = r.connection  # (released, and None, if a read fails)
         if conn is not None:
@@ -260,11 +258,11 @@ class Client:
         discard(r)
         if r.status == 404:
             return None
-        size = r.headers.get("Content-Length", "")
-        if not re.fullmatch(r"\d{1,20}", size):
+        size = content_length(r)
+        if size is None:
             raise RegistryError(f"blob {digest}: {self.ref.host} answered a HEAD with "
-                                f"Content-Length {size[:40]!r}")
-        return int(size)
+                                f"Content-Length {r.headers.get('Content-Length', '')[:40]!r}")
+        return size
 
     def upload_blob(self, digest: str, size: int, open_body: Callable[[], IO[bytes]],
                     chunk_size: int = 64 << 20):

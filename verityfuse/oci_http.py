@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 import socket
 import threading
 import time
 import urllib.parse
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 try:
     import urllib3
@@ -157,6 +158,13 @@ def answered_by(r, url: str) -> str:
         if step.redirect_location:
             url = urllib.parse.urljoin(url, step.redirect_location)
     return url
+
+
+def content_length(r) -> Optional[int]:
+    """The response's Content-Length, None if absent or not a number (of at most 20
+    digits: what Python parses without complaint)."""
+    text = r.headers.get("Content-Length", "")
+    return int(text) if re.fullmatch(r"\d{1,20}", text) else None
 
 
 def origin(url: str) -> Tuple[str, str]:
