@@ -15,8 +15,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .measure_event import ALGS
-
 # Options of mount(8), fstab and systemd that are not for the filesystem.
 IGNORED = {"_netdev", "nofail", "noauto", "auto", "defaults", "user", "users", "nouser",
            "owner", "group", "comment", "x-mount.mkdir"}
@@ -134,12 +132,14 @@ def absolute_paths(s: Settings) -> Settings:
         return os.path.abspath(path) if path else path
 
     measure = s.measure
-    if measure and measure.startswith("file:"):
-        alg, sep, rest = measure[5:].partition(":")
-        if sep and alg in ALGS:
-            measure = f"file:{alg}:{ab(rest)}" if rest else measure
-        elif measure[5:]:
-            measure = f"file:{ab(measure[5:])}"
+    if measure and measure.startswith("file:"):  # read by the one parser of register specs
+        from .measure_registers import FileRegister, MeasureError, open_register
+        try:
+            register = open_register(measure)  # a FileRegister's path is absolute
+        except MeasureError:
+            register = None  # a bad spec: check() refuses it, saying why
+        if isinstance(register, FileRegister):
+            measure = f"file:{register.alg}:{register.path}"
     return dataclasses.replace(
         s, store=ab(s.store), manifest=ab(s.manifest), log_file=ab(s.log_file),
         event_log=ab(s.event_log), measure=measure, registry_ca=ab(s.registry_ca),
