@@ -904,3 +904,40 @@ def test_a_boot_file_that_holds_no_boot_id_is_refused(tmp_path, monkeypatch):
     with pytest.raises(registers.MeasureError, match="does not hold a boot id"):
         measure.Measurer(reg, str(log)).record(me.integrity_violation(M1, "b", 0))
     assert not (tmp_path / "events.log.previous-boot").exists()
+
+
+@pytest.mark.parametrize("log_exists", [True, False])
+def test_a_fifo_at_the_boot_file_is_refused_never_waited_on(tmp_path, monkeypatch, log_exists):
+    """LOG.boot is opened O_NONBLOCK and must be a regular file: a FIFO planted there
+    (beside a log in use, or before the first record) fails the record at once."""
+    monkeypatch.setattr(measure, "boot_id", lambda: "1" * 8 + "-1111-1111-1111-" + "1" * 12)
+    reg = registers.open_register(f"file:{tmp_path}/reg")
+    log = tmp_path / "events.log"
+    if log_exists:
+        measure.Measurer(reg, str(log)).record(me.integrity_violation(M1, "a", 0))
+        (tmp_path / "events.log.boot").unlink()
+    os.mkfifo(tmp_path / "events.log.boot")
+    with pytest.raises(registers.MeasureError):
+        measure.Measurer(reg, str(log)).record(me.integrity_violation(M1, "b", 0))
+
+
+def test_a_log_cut_short_or_replaced_is_read_whole_again(tmp_path):
+    """The incremental parse holds only for the file this Measurer left, no shorter: a
+    log cut back (a line the register holds is gone) is parsed whole and refused; a log
+    replaced by a copy (another inode) is parsed whole and accepted."""
+    reg = registers.open_register(f"file:{tmp_path}/reg")
+    log = tmp_path / "events.log"
+    m = measure.Measurer(reg, str(log))
+    for p in ("a", "b"):
+        m.record(me.integrity_violation(M1, p, 0))
+    whole = log.read_text()
+    log.write_text(whole[:whole.rindex("github.com")])  # the last line cut away
+    with pytest.raises(registers.MeasureError, match="does not replay"):
+        m.record(me.integrity_violation(M1, "c", 0))
+    copy = tmp_path / "copy"
+    copy.write_text(whole)
+    os.replace(copy, log)  # the whole log back, as a new file
+    m.record(me.integrity_violation(M1, "d", 0))
+    alg, init, events = me.parse_log(log.read_text())
+    assert [e.content["path"] for e in events] == ["a", "b", "d"]
+    assert me.replay(alg, init, events) == reg.read()
