@@ -225,21 +225,22 @@ class Measurer:
                 fd = self._open_locked()  # a new log, begun by this record
                 old = self._reconcile(fd)
             self._seen = None  # set again once this record leaves log and register agreeing
+            new = me.extend(alg, old, digest)  # the register's value once the event is in
             size = os.fstat(fd).st_size
             self._append(fd, line + "\n", size)
             try:
                 self.register.extend(digest)
-                self._left(fd, me.extend(alg, old, digest))
+                self._left(fd, new)
             except MeasureError as e:
                 try:
-                    done = self.register.read() == me.extend(alg, old, digest)
+                    done = self.register.read() == new
                 except MeasureError as r:
                     raise MeasureError(
                         f"{e}; reading the register back failed too ({r}), so the event "
                         f"stays in {self.log_path}: the next record extends it unless the "
                         f"register already holds it") from None
                 if done:
-                    self._left(fd, me.extend(alg, old, digest))
+                    self._left(fd, new)
                     return
                 try:
                     os.ftruncate(fd, size)
