@@ -47,7 +47,7 @@ class Sealed:
         self.data = data
         store = Store(str(tmp_path / "store"), create=True)
         e = seal_path(store, str(tmp_path), name, params)
-        self.tree = store.open_object(e.alg, e.digest)
+        self.tree = store.open_tree(e)
         store.close()
         self.cache = TreeBlockCache()
         self.cache.use_leaf_table(LeafTable(native), 16 << 20)

@@ -22,7 +22,7 @@ def _sealed(tmp_path, data):
     path = write(tmp_path / "f", data)
     with Store(str(tmp_path / "store"), create=True) as st:
         e = seal_path(st, str(tmp_path), "f", merkle.Params(merkle.SHA256, B))
-        return path, st.open_object(e.alg, e.digest)
+        return path, st.open_tree(e)
 
 
 @pytest.fixture(params=[5 * B + 100, 6 * B], ids=["short-last-block", "whole-blocks"])

@@ -203,7 +203,7 @@ def _open_without_blocking(st, e, p):
 
     def run():
         try:
-            out["tree"] = st.open_object(e.alg, e.digest)
+            out["tree"] = st.open_tree(e)
         except BaseException as err:  # handed to the test thread
             out["error"] = err
 
@@ -223,7 +223,7 @@ def _open_without_blocking(st, e, p):
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_a_bad_object_is_refused_naming_it(sealed, case):
     st, e, p, src, tmp = sealed
-    with st.open_object(e.alg, e.digest):  # intact, it opens
+    with st.open_tree(e):  # intact, it opens
         pass
     st._trees.drop_idle()  # released, it was kept open: the next open reads the file again
     want = case(st, e, p, src, tmp)
@@ -239,10 +239,10 @@ def test_the_object_is_not_kept_open_after_a_refusal(sealed):
     before = set(os.listdir("/proc/self/fd"))
     _poke(p, 0, b"VFSTREE2")
     with pytest.raises(StoreCorrupt):
-        st.open_object(e.alg, e.digest)
+        st.open_tree(e)
     assert set(os.listdir("/proc/self/fd")) == before
     os.replace(tmp / "good", p)
-    with st.open_object(e.alg, e.digest) as t:
+    with st.open_tree(e) as t:
         assert t.tree_id == merkle.TreeId(PARAMS, 300000, e.digest)
 
 
@@ -263,7 +263,7 @@ def test_a_failed_read_is_an_io_error_naming_the_file_not_a_damaged_store(sealed
     entry = st.get_entry(e.key)
     entry_path = st._where("inodes", e.key[:2], e.key)
     for call, where in ((lambda: st.get_entry(e.key), entry_path),
-                        (lambda: st.open_object(e.alg, e.digest), p)):
+                        (lambda: st.open_tree(e), p)):
         monkeypatch.setattr(fsutil, "read_beneath", failing)
         with pytest.raises(OSError) as err:
             call()
@@ -271,5 +271,5 @@ def test_a_failed_read_is_an_io_error_naming_the_file_not_a_damaged_store(sealed
         assert (err.value.errno, err.value.filename) == (errno.EIO, where)
         monkeypatch.setattr(fsutil, "read_beneath", real)
     assert st.get_entry(e.key) == entry
-    with st.open_object(e.alg, e.digest) as t:
+    with st.open_tree(e) as t:
         assert t.tree_id == merkle.TreeId(PARAMS, 300000, e.digest)

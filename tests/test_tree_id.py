@@ -42,7 +42,7 @@ def _tree(src, e, **change):
 def test_a_descriptor_and_a_manifest_entry_give_the_same_record(sealed):
     src, st, e = sealed
     node = _tree(src, e).node(2)
-    with st.open_object(e.alg, e.digest) as obj:
+    with st.open_tree(e) as obj:
         assert obj.tree_id == node.tree == merkle.TreeId(PARAMS, SIZE, e.digest)
         assert obj.descriptor.digest == e.digest  # the record's digest is its descriptor's
     assert node.tree.text == node.digest_text == e.digest_text

@@ -37,7 +37,7 @@ def sealed(tmp_path):
     path = write(tmp_path / "f", data)
     with Store(str(tmp_path / "store"), create=True) as st:
         e = seal_path(st, str(tmp_path), "f", PARAMS)
-        tree = st.open_object(e.alg, e.digest)
+        tree = st.open_tree(e)
     yield path, data, tree
     tree.close()
 

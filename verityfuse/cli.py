@@ -218,7 +218,7 @@ def _add_store_commands(sub):
                    help="with --manifest: its pinned digest (or @FILE holding it)")
     p.set_defaults(func=cli_verify.cmd_verify)
 
-    p = sub.add_parser("upgrade-store", help="convert a format-1 store (indexed by path) to format 2")
+    p = sub.add_parser("upgrade-store", help="convert a store of format 1 (indexed by path) or 2 to format 3")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--store", metavar="DIR")
     p.set_defaults(func=cli_seal.cmd_upgrade_store)

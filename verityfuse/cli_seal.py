@@ -274,13 +274,14 @@ def cmd_upgrade_store(args) -> int:
     from .store_upgrade import upgrade
 
     with open_store(args, objects_only=True) as store:
-        if store.version == 2:
-            print(f"store {store.path} is already format 2", file=sys.stderr)
+        was = store.version
+        if was == 3:
+            print(f"store {store.path} is already format 3", file=sys.stderr)
             return 0
         converted, dropped = upgrade(args.source, store,
                                      lambda m: print(f"WARNING: {m}", file=sys.stderr))
-    print(f"store {store.path}: format 2, {converted} entries converted, {dropped} dropped",
-          file=sys.stderr)
+    print(f"store {store.path}: format {was} to 3, {converted} entries converted, "
+          f"{dropped} dropped", file=sys.stderr)
     return 0
 
 

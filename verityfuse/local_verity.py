@@ -14,10 +14,11 @@ import os
 import stat
 from typing import Any, Callable, Optional
 
-from . import identity
+from . import identity, merkle
 from .errors import Errno, StoreCorrupt, VerityError
 from .inodes import NOT_VERITY, UNKNOWN, Inode
 from .store import IndexEntry, Store
+from .store_object import inline_tree
 from .view import VerityInfo
 
 
@@ -56,12 +57,13 @@ class LocalVerity:
         return v
 
     def load(self, entry: IndexEntry) -> VerityInfo:
-        """The verity state an index entry describes (its tree object opened, its signature
-        checked)."""
-        with self.store.open_object(entry.alg, entry.digest) as tree:
+        """The verity state an index entry describes (its tree object opened, or the
+        descriptor it keeps; its signature checked)."""
+        with self.store.open_tree(entry) as tree:
             tree_id = tree.tree_id  # its descriptor hashes to entry.digest: checked at open
         self.check_signature(entry.signature, entry.alg, entry.digest)
-        return VerityInfo(tree_id, entry.signature)
+        root = entry.descriptor.root_hash if entry.descriptor is not None else b""
+        return VerityInfo(tree_id, entry.signature, root)
 
     def is_verity(self, inode: Inode) -> bool:
         """Verity, even if its metadata is damaged (it stays read-only)."""
@@ -73,7 +75,14 @@ class LocalVerity:
             return True
 
     def tree(self, info: VerityInfo, label: str):
-        """The tree object of ``info``; a corrupt one names the file ``label`` too."""
+        """The tree of ``info``: its object (a corrupt one names the file ``label`` too),
+        or, for a file whose index entry keeps its descriptor, that descriptor rebuilt
+        from what ``load`` kept (a root hash, not a descriptor, per inode)."""
+        if info.inline_root:
+            t = info.tree
+            raw = merkle.make_descriptor(t.params, t.data_size, info.inline_root)
+            desc = merkle.Descriptor(t.params, t.data_size, info.inline_root, raw)
+            return inline_tree(str(label), desc, t.digest)
         try:
             return self.store.open_object(info.alg, info.digest)
         except StoreCorrupt as e:

@@ -105,14 +105,15 @@ class ManifestRecorder:
 
     def _stage(self, item, here: bool):
         """Seal a regular file into tmp/: in a seal_pool worker (``here`` False) a small
-        one, here any, with its progress."""
+        one, here any, with its progress.  Every file gets an object, one of one block
+        too: a manifest mount reads objects only."""
         rel, st = item
         if not stat.S_ISREG(st.st_mode):
             return None
         return stage_path(self.store, self.source, rel, self.params,
                           progress=self.progress.for_file if here and self.progress else None,
                           threads=self.threads, keys=self.keys,
-                          max_size=None if here else SMALL)
+                          max_size=None if here else SMALL, objects=True)
 
     def _worker_done(self, result):
         if result is not None and self.progress is not None:

@@ -59,6 +59,15 @@ class _Value:
     def __delattr__(self, name):
         raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}")
 
+    def __reduce__(self):  # through a pipe (seal_pool's workers): the fields, set again
+        return _rebuilt, (type(self), tuple(getattr(self, n) for n in self.__slots__))
+
+
+def _rebuilt(cls, values):
+    value = object.__new__(cls)
+    value._set(*values)
+    return value
+
 
 class HashAlg(_Value):
     __slots__ = ("name", "number", "digest_size", "block_size")

@@ -12,6 +12,7 @@ from .reader import attach_reader
 from .seal_pool import Here
 from .source_dir import SourceDir, opened, unlistable
 from .store import IndexEntry, Store
+from .store_index import inline
 from .store_batch import Staged
 from .verifier import TreeBlockCache
 
@@ -23,42 +24,73 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     ``relpath`` is recorded for messages only.  ``check(descriptor)`` may refuse
     the result (a signature that does not verify) before anything is committed.
     The object is committed before the index entry, each atomically: a crash
-    leaves the file unsealed or sealed, never half.  (Many files: stage_fd.)
+    leaves the file unsealed or sealed, never half.  A file of one block in a
+    format-3 store has no object: its entry keeps the descriptor.  (Many files:
+    stage_fd.)
     """
     key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
-    with store.new_object() as obj:
-        desc = treebuild.build_tree(fd, params, data_size=os.fstat(fd).st_size,
-                                    write_block=obj.write_block, **build_kw)
+    size = os.fstat(fd).st_size
+    if _inline(store, params, size, objects=False):
+        desc = treebuild.build_tree(fd, params, data_size=size, **build_kw)
         if check is not None:
             check(desc)
-        obj.commit(desc)
-    store.set_entry(key, params.alg, desc.digest, signature, relpath)
-    return IndexEntry(key, params.alg, desc.digest, signature, relpath)
+    else:
+        with store.new_object() as obj:
+            desc = treebuild.build_tree(fd, params, data_size=size, write_block=obj.write_block,
+                                        **build_kw)
+            if check is not None:
+                check(desc)
+            obj.commit(desc)
+    entry = _entry(store, key, desc, signature, relpath)
+    store.set_entry(entry)
+    return entry
+
+
+def _inline(store: Store, params: merkle.Params, size: int, objects: bool) -> bool:
+    """Whether a file of ``size`` bytes gets no object, its descriptor kept in its index
+    entry: a file of one block in a format-3 store, unless ``objects`` (a manifest's
+    files: a manifest mount reads objects only)."""
+    return store.inline and not objects and size <= params.block_size
+
+
+def _entry(store: Store, key: str, desc: merkle.Descriptor, signature: bytes,
+           relpath: str) -> IndexEntry:
+    """The index entry of a file sealed as ``desc``: with the descriptor where the store
+    keeps it (also beside an object written for a manifest: a lookup reads one file)."""
+    kept = desc if store.inline and inline(desc) else None
+    return IndexEntry(key, desc.params.alg, desc.digest, signature, relpath, kept)
 
 
 def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: int,
              signature: bytes = b"", threads: Optional[int] = None, key: Optional[str] = None,
-             **build_kw) -> Staged:
+             objects: bool = False, **build_kw) -> Staged:
     """seal_fd without publishing: the object and the index entry are left in tmp/,
     unsynced, for a store_batch.Batch (seal_pool's workers stage files at once).
-    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here).  A
-    file of one chunk is hashed in this thread (the other files in flight keep the
-    other cores busy); a larger one with ``threads``."""
+    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here);
+    ``objects``: write an object even for a file of one block.  A file of one chunk
+    is hashed in this thread (the other files in flight keep the other cores busy);
+    a larger one with ``threads``."""
     if key is None:
         key = identity.key_of(fd)
-    with store.new_object() as obj:
-        desc = treebuild.build_tree(fd, params, data_size=size, write_block=obj.write_block,
-                                    threads=1 if size <= treebuild.CHUNK_SIZE else threads,
-                                    **build_kw)
-        tmp_object = obj.stage(desc)
-    digest = desc.digest  # a hash of the descriptor at each use: once
+    tmp_object = None
+    if _inline(store, params, size, objects):
+        desc = treebuild.build_tree(fd, params, data_size=size, **build_kw)
+    else:
+        with store.new_object() as obj:
+            desc = treebuild.build_tree(fd, params, data_size=size, write_block=obj.write_block,
+                                        threads=1 if size <= treebuild.CHUNK_SIZE else threads,
+                                        **build_kw)
+            tmp_object = obj.stage(desc)
+    entry = _entry(store, key, desc, signature, relpath)
     try:
-        index = store.stage_entry(key, params.alg, digest, signature, relpath)
+        index = store.stage_entry(entry)
     except BaseException:
-        store.discard_tmp(tmp_object)
+        if tmp_object is not None:
+            store.discard_tmp(tmp_object)
         raise
-    return Staged(IndexEntry(key, params.alg, digest, signature, relpath), size,
-                  (tmp_object, *store.object_parts(params.alg, digest)), index)
+    obj_parts = (None if tmp_object is None
+                 else (tmp_object, *store.object_parts(params.alg, entry.digest)))
+    return Staged(entry, size, obj_parts, index)
 
 
 def seal_path(store: Store, source: Union[str, SourceDir], relpath: str, params: merkle.Params,
@@ -194,7 +226,7 @@ def verify_file(store: Store, source: Union[str, SourceDir], rel: str, cache: Tr
         res.sealed = entry is not None
         if entry is None:
             return res
-        with store.open_object(entry.alg, entry.digest) as tree:
+        with store.open_tree(entry) as tree:
             # The whole file is read: a changed block before a truncation is reported first.
             reader = attach_reader(fd, tree, cache, label, check_size=False)
             off = 0

@@ -2,14 +2,16 @@
 
 Layout (documented in protocol/store-format.md)::
 
-    STORE/VERSION                      "verityfuse-store 2\n"
+    STORE/VERSION                      "verityfuse-store 3\n"
     STORE/objects/<alg>/<hh>/<digest>  header(64) || descriptor(256) || tree
-    STORE/inodes/<hh>/<key>            JSON: {"version": 2, "digest", "path", "signature"?}
+    STORE/inodes/<hh>/<key>            JSON: {"version": 2, "digest", "path", "signature"?,
+                                              "descriptor"?}
     STORE/tmp/                         half-written files; never read
 
 Objects are content-addressed by the fs-verity file digest, so an object
 proves itself: H(descriptor) must equal its name, and every tree block hashes
-up to the descriptor's root hash.  The index maps an inode's identity (its
+up to the descriptor's root hash (a file of one block, which has no tree, may
+have none: its index entry keeps the descriptor).  The index maps an inode's identity (its
 filesystem and file handle, see identity.py) to a digest: verity belongs to
 the inode, so renames and links keep it and nothing is ever walked.
 Every write goes to tmp/, is made durable and renamed into place, then the
@@ -39,7 +41,8 @@ from .store_object import TREE_OFFSET, ObjectWriter, SharedTrees, StoredTree, Tr
 __all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
 
 STORE_DIRNAME = ".verityfuse"
-VERSION_TEXT = b"verityfuse-store 2\n"
+VERSION_TEXT = b"verityfuse-store 3\n"
+VERSION_2_TEXT = b"verityfuse-store 2\n"  # every file has an object; entries keep no descriptor
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -100,7 +103,8 @@ class Store(StoreIndex):
     """A store rooted at ``path``.  ``create=True`` makes it if missing.
 
     ``objects_only=True`` (manifest mode) reads tree objects only, which format
-    1 stores have too; every other use needs the format-2 index.  ``lazy=True``
+    1 stores have too; every other use needs the index of format 2 or 3.  A
+    format-2 store stays one: what is written to it has an object per file.  ``lazy=True``
     (a local mount's default store): a missing store reads as empty and is
     created by the first write, so that mounting writes nothing to SOURCE.
     Only the store's own directory is ever created: its parent must exist.
@@ -113,7 +117,7 @@ class Store(StoreIndex):
         self.rootfd = -1
         self._tmpfd = -1  # tmp/, opened by the first write
         self._tmp_lock = threading.Lock()
-        self.version = 2
+        self.version = 3
         self._trees = SharedTrees()  # open tree objects by digest
         if create:
             self._make_root()
@@ -155,12 +159,17 @@ class Store(StoreIndex):
     def exists(self) -> bool:
         return self.rootfd >= 0
 
+    @property
+    def inline(self) -> bool:
+        """Whether a file of one block is sealed without an object (format 3)."""
+        return self.version >= 3
+
     def _ensure(self):
         """Before a write: a lazy store that does not exist yet is created now."""
         if self.rootfd < 0:
             self._make_root()
             self._open_root()
-            self._check_version(True, False)
+            self.version = self._check_version(True, False)
 
     # -- plumbing -------------------------------------------------------
 
@@ -186,16 +195,16 @@ class Store(StoreIndex):
             if not create:
                 raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
             self._atomic_write((), "VERSION", VERSION_TEXT)
-            return 2
+            return 3
         text = got[2]
-        if text == VERSION_TEXT:
-            return 2
+        if text in (VERSION_TEXT, VERSION_2_TEXT):
+            return 3 if text == VERSION_TEXT else 2
         if text == VERSION_1_TEXT:
             if objects_only:
                 return 1
             raise StoreFormat(
                 f"store {self.path} is format 1 (verity indexed by path); this verityfuse keeps "
-                f"verity with the inode (format 2). Convert it with: verityfuse upgrade-store "
+                f"verity with the inode (format 3). Convert it with: verityfuse upgrade-store "
                 f"SOURCE --store {self.path}")
         raise StoreCorrupt(
             f"{self._where('VERSION')}: unsupported store version {text[:32]!r}, "
@@ -307,7 +316,7 @@ class Store(StoreIndex):
     def mark_current(self):
         """Record that the store is in the current format (after store_upgrade converted it)."""
         self._atomic_write((), "VERSION", VERSION_TEXT)
-        self.version = 2
+        self.version = 3
 
     def place(self, tmpname: str, dirfd: int, name: str, sync: bool = True):
         """Rename tmp/``tmpname`` to ``name`` in ``dirfd``; ``sync``: fsync the directory

@@ -34,16 +34,18 @@ MAX_BYTES = 256 << 20  # data sealed: the dirty pages the first sync writes are 
 @dataclass
 class Staged:
     """A file sealed into tmp/ (any thread may stage), waiting for a batch: its entry,
-    its size, and (tmp name, directory parts, name) of its object and of its index entry."""
+    its size, and (tmp name, directory parts, name) of its object (None: its entry
+    keeps its descriptor) and of its index entry."""
 
     entry: IndexEntry
     data_size: int
-    obj: Tuple[str, tuple, str]
+    obj: Optional[Tuple[str, tuple, str]]
     index: Tuple[str, tuple, str]
 
     def drop(self, store: Store):
         """Remove its tmp/ files (it will never be published)."""
-        store.discard_tmp(self.obj[0])
+        if self.obj is not None:
+            store.discard_tmp(self.obj[0])
         store.discard_tmp(self.index[0])
 
 
@@ -69,7 +71,8 @@ class Batch:
 
     def add(self, staged: Staged):
         """Publish ``staged`` with this batch (called in file order, from one thread)."""
-        self._objects.append(staged.obj)
+        if staged.obj is not None:
+            self._objects.append(staged.obj)
         self._entries.append(staged.index)
         self._bytes += staged.data_size
 
@@ -78,7 +81,7 @@ class Batch:
 
     @property
     def full(self) -> bool:
-        return len(self._objects) >= self.max_files or self._bytes >= self.max_bytes
+        return len(self._entries) >= self.max_files or self._bytes >= self.max_bytes
 
     def _place_all(self, staged):
         """Rename each staged file into place, opening each directory once (and the
@@ -108,10 +111,11 @@ class Batch:
 
     def commit(self):
         """Publish the batch in the crash-safe order above, then run its callbacks."""
-        if self._objects:
+        if self._entries:
             self.store.sync()
-            self._place_all(self._objects)
-            self.store.sync()
+            if self._objects:  # none when every file's entry keeps its descriptor
+                self._place_all(self._objects)
+                self.store.sync()
             self._place_all(self._entries)
             self.store.sync()
         self._bytes = 0

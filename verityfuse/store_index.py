@@ -1,5 +1,11 @@
 """The store's index (protocol/store-format.md, "The index"): an inode's key to its
-digest, as one small JSON file each under STORE/inodes/<2 hex>/<key>."""
+digest, as one small JSON file each under STORE/inodes/<2 hex>/<key>.
+
+In a format-3 store the entry of a file of at most one block (most of a container
+image's files) also holds the file's descriptor: such a file has no tree, so the
+descriptor is all its object would hold, and sealing it writes one store file, a
+lookup reads one.  The descriptor proves itself as an object does: it must hash
+to the entry's digest."""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from . import merkle
-from .errors import StoreCorrupt
+from .errors import InvalidDescriptor, StoreCorrupt
+from .store_object import inline_tree
 
 INDEX_DIR = "inodes"
 _HEX = frozenset("0123456789abcdef")
@@ -24,19 +31,48 @@ class IndexEntry:
     digest: bytes
     signature: bytes = b""
     path: str = ""          # where the file was when it was sealed: for messages only
+    descriptor: Optional[merkle.Descriptor] = None  # kept inline: a file of one block at most
 
     @property
     def digest_text(self) -> str:
         return merkle.format_digest(self.alg, self.digest)
 
 
-def entry_bytes(alg: merkle.HashAlg, digest: bytes, signature: bytes, path: str) -> bytes:
+def inline(desc: merkle.Descriptor) -> bool:
+    """Whether a format-3 store keeps ``desc`` in its index entry instead of an object:
+    a file of one block at most, which has no tree."""
+    return desc.data_size <= desc.params.block_size
+
+
+def entry_bytes(alg: merkle.HashAlg, digest: bytes, signature: bytes, path: str,
+                descriptor: Optional[merkle.Descriptor] = None) -> bytes:
     """The bytes of an index entry: sorted keys, one line, as json.dumps(sort_keys=True)
     writes it (formatted here: a third of the cost, and this runs once per sealed file);
     only the path needs JSON's quoting."""
+    desc = f'"descriptor": "{descriptor.raw.hex()}", ' if descriptor is not None else ""
     sig = f', "signature": "{signature.hex()}"' if signature else ""
-    return (f'{{"digest": "{alg.name}:{digest.hex()}", "path": {json.dumps(path)}{sig}, '
+    return (f'{{{desc}"digest": "{alg.name}:{digest.hex()}", "path": {json.dumps(path)}{sig}, '
             f'"version": 2}}\n').encode()
+
+
+def _inline_descriptor(text, alg: merkle.HashAlg, digest: bytes) -> merkle.Descriptor:
+    """The descriptor an entry keeps, checked as an object's is: it must parse, hash to
+    the entry's digest and describe a file of one block (a larger one has a tree,
+    which only an object holds).  ValueError says what is wrong."""
+    if not isinstance(text, str) or len(text) != 2 * 256:
+        raise ValueError("descriptor must be 256 bytes in hex")
+    try:
+        desc = merkle.parse_descriptor(bytes.fromhex(text))
+    except InvalidDescriptor as e:
+        raise ValueError(f"descriptor: {e}") from None
+    if desc.params.alg != alg or desc.digest != digest:
+        raise ValueError(f"descriptor does not match the digest: expected "
+                         f"{merkle.format_digest(alg, digest)}, actual "
+                         f"{merkle.format_digest(desc.params.alg, desc.digest)}")
+    if not inline(desc):
+        raise ValueError(f"descriptor of {desc.data_size} bytes in blocks of "
+                         f"{desc.params.block_size}: a file with a tree needs an object")
+    return desc
 
 
 def parse_entry(name: str, key: str, data: bytes) -> IndexEntry:
@@ -47,7 +83,7 @@ def parse_entry(name: str, key: str, data: bytes) -> IndexEntry:
         doc = json.loads(data.decode("utf-8"))
         if not isinstance(doc, dict) or doc.get("version") != 2:
             raise ValueError("unsupported or missing version")
-        extra = set(doc) - {"version", "path", "digest", "signature"}
+        extra = set(doc) - {"version", "path", "digest", "signature", "descriptor"}
         if extra:
             raise ValueError(f"unknown keys {sorted(extra)}")
         path, digest, sig = doc.get("path"), doc.get("digest"), doc.get("signature", "")
@@ -55,11 +91,18 @@ def parse_entry(name: str, key: str, data: bytes) -> IndexEntry:
             raise ValueError("path, digest and signature must be strings")
         alg, raw = merkle.parse_digest(digest)
         signature = bytes.fromhex(sig)
+        desc = None
+        if "descriptor" in doc:
+            desc = _inline_descriptor(doc["descriptor"], alg, raw)
     except UnicodeDecodeError as e:
         raise StoreCorrupt(f"{name}: malformed index entry: not UTF-8 at byte {e.start}") from None
     except (ValueError, RecursionError) as e:
         raise StoreCorrupt(f"{name}: malformed index entry: {e}") from None
-    return IndexEntry(key, alg, raw, signature, path)
+    return IndexEntry(key, alg, raw, signature, path, desc)
+
+
+def _bytes_of(e: IndexEntry) -> bytes:
+    return entry_bytes(e.alg, e.digest, e.signature, e.path, e.descriptor)
 
 
 class StoreIndex:
@@ -73,6 +116,7 @@ class StoreIndex:
         def _atomic_write(self, dirparts, name: str, data: bytes) -> None: ...
         def create_tmp(self): ...
         def discard_tmp(self, name: str) -> None: ...
+        def open_object(self, alg: merkle.HashAlg, digest: bytes): ...
 
     @staticmethod
     def _index_parts(key: str):
@@ -80,20 +124,18 @@ class StoreIndex:
             raise ValueError(f"invalid index key {key!r}")
         return (INDEX_DIR, key[:2], key)
 
-    def set_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
-                  path: str = ""):
-        """Write the index entry of ``key``, durably, now."""
-        parts = self._index_parts(key)
-        self._atomic_write(parts[:-1], parts[-1], entry_bytes(alg, digest, signature, path))
+    def set_entry(self, entry: IndexEntry):
+        """Write ``entry``, durably, now."""
+        parts = self._index_parts(entry.key)
+        self._atomic_write(parts[:-1], parts[-1], _bytes_of(entry))
 
-    def stage_entry(self, key: str, alg: merkle.HashAlg, digest: bytes, signature: bytes = b"",
-                    path: str = ""):
-        """The index entry of ``key`` written to tmp/, not synced, not yet in place:
+    def stage_entry(self, entry: IndexEntry):
+        """``entry`` written to tmp/, not synced, not yet in place:
         (tmp name, directory parts, name) for store_batch to publish."""
-        parts = self._index_parts(key)
+        parts = self._index_parts(entry.key)
         tmpname, fd = self.create_tmp()
         try:
-            os.write(fd, entry_bytes(alg, digest, signature, path))
+            os.write(fd, _bytes_of(entry))
         except BaseException:
             os.close(fd)
             self.discard_tmp(tmpname)
@@ -107,6 +149,14 @@ class StoreIndex:
         if got is None:
             return None
         return parse_entry(self._where(*parts), key, got[2])
+
+    def open_tree(self, entry: IndexEntry):
+        """The tree of ``entry`` (a store_object.TreeRef): the descriptor it keeps, or
+        its object."""
+        if entry.descriptor is None:
+            return self.open_object(entry.alg, entry.digest)
+        return inline_tree(self._where(*self._index_parts(entry.key)), entry.descriptor,
+                           entry.digest)
 
     def remove_entry(self, key: str) -> bool:
         """False if there was no entry (or not even its shard)."""

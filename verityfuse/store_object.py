@@ -114,6 +114,12 @@ class TreeRef:
         self.close()
 
 
+def inline_tree(name: str, desc: merkle.Descriptor, digest: bytes) -> TreeRef:
+    """The tree of a file of one block whose index entry ``name`` keeps its descriptor,
+    which hashes to ``digest`` (checked when the entry was read): no tree block, no fd."""
+    return TreeRef(StoredTree(-1, name, desc, digest), lambda: None)
+
+
 # How many released objects stay open (the most recently released): the lookup that
 # reads a file's descriptor and the open that follows it, or a file opened again
 # soon, cost one object open.  Bounded: these fds come out of the daemon's FD_RESERVE.

@@ -1,10 +1,15 @@
-"""Converting a format-1 store (verity indexed by path) to format 2 (by inode).
+"""Converting a store of an older format to format 3.
 
-Each format-1 entry names a path under SOURCE; the file there now is opened
-(never through a symlink) and its inode indexed with the entry's digest and
-signature.  Objects are shared by both formats and stay as they are.  Entries
-whose file is gone are reported and dropped.  The format-2 VERSION is written
-last: a crash midway leaves a format-1 store that the command can finish.
+Format 1 indexed verity by path: each of its entries names a path under SOURCE;
+the file there now is opened (never through a symlink) and its inode indexed
+with the entry's digest and signature.  Objects are shared by every format and
+stay as they are.  Entries whose file is gone are reported and dropped.  The
+new VERSION is written last: a crash midway leaves a format-1 store that the
+command can finish.
+
+Format 2 is format 3 without descriptors in index entries: every entry and
+object of it is valid as it is, so only VERSION changes (files of one block
+sealed from then on get no object).
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ from typing import Callable, Tuple
 from . import fsutil, identity
 from .errors import StoreCorrupt
 from .merkle import parse_digest
-from .store import INDEX_ENTRY_MAX, Store
+from .store import INDEX_ENTRY_MAX, IndexEntry, Store
 
 V1_INDEX = "index"
 
 
 def upgrade(source: str, store: Store, warn: Callable[[str], None]) -> Tuple[int, int]:
     """(entries converted, entries dropped).  ``store`` is opened objects_only."""
+    if store.version == 3:
+        return 0, 0
     if store.version == 2:
+        store.mark_current()
         return 0, 0
     srcfd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -71,7 +79,7 @@ def _convert(srcfd: int, store: Store, warn: Callable[[str], None]) -> Tuple[int
                     warn(f"{path}: not a regular file; its entry is dropped")
                     dropped += 1
                     continue
-                store.set_entry(identity.key_of(ffd), alg, digest, sig, path)
+                store.set_entry(IndexEntry(identity.key_of(ffd), alg, digest, sig, path))
                 converted += 1
             finally:
                 os.close(ffd)

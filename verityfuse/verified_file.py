@@ -253,9 +253,10 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
 
     The trusted digest is the store's: the one recorded for the file's inode when it
     was sealed (``seal``, ``verityfuse seal``, ``fsverity enable`` on a mount).  With
-    ``digest=``, it is yours instead: the store's index is not consulted, and only the
-    tree object named by that digest is used (objects are content-addressed, so the
-    store need not be trusted): the file reads only if its bytes hash to ``digest``.
+    ``digest=``, it is yours instead: only the tree object named by that digest is used
+    (objects are content-addressed, so the store need not be trusted), or, for a file of
+    one block sealed without an object, the descriptor its inode's index entry keeps if
+    that hashes to ``digest``: the file reads only if its bytes hash to ``digest``.
 
     :param path: the file (symlinks are followed).
     :param store: the store directory; default: the nearest ``.verityfuse`` directory
@@ -298,10 +299,9 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                     entry = st.get_entry(identity.key_of(fd))
                     if entry is None:
                         raise NotSealedError(f"{label} is not sealed in the store {st.path}")
-                    alg, raw = entry.alg, entry.digest
+                    tree = st.open_tree(entry)
                 else:
-                    alg, raw = merkle.hash_alg(pinned.algorithm), pinned.digest
-                tree = st.open_object(alg, raw)
+                    tree = _pinned_tree(st, fd, merkle.hash_alg(pinned.algorithm), pinned.digest)
             try:
                 reader = attach_reader(fd, tree, _cache(), label)
             except BaseException:
@@ -313,3 +313,24 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     except BaseException:
         os.close(fd)
         raise
+
+
+def _pinned_tree(st, fd: int, alg, digest: bytes):
+    """The tree of the pinned ``digest``: its object, or, for a file of one block sealed
+    without one (a format-3 store), the descriptor its inode's index entry keeps.  The
+    entry is not trusted: its descriptor hashes to ``digest`` or it is not used."""
+    from . import identity
+    from .errors import StoreCorrupt
+
+    try:
+        return st.open_object(alg, digest)
+    except StoreCorrupt:
+        if st.version < 3:
+            raise
+        try:
+            entry = st.get_entry(identity.key_of(fd))
+        except (OSError, StoreCorrupt):
+            entry = None
+        if entry is None or entry.descriptor is None or (entry.alg, entry.digest) != (alg, digest):
+            raise
+        return st.open_tree(entry)

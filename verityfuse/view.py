@@ -32,11 +32,14 @@ class VerityInfo:
     """A verity file's trusted identity: what MEASURE, GETFLAGS and the xattrs report.
 
     ``tree`` is the one record of which tree the file has (``merkle.TreeId``); the view
-    adds only what travels with it, the signature given at enable.
+    adds only what travels with it: the signature given at enable and, in local mode,
+    the root hash of a file of one block whose index entry keeps its descriptor (it
+    has no object to open: local_verity rebuilds the descriptor from these).
     """
 
     tree: merkle.TreeId
     signature: bytes = b""
+    inline_root: bytes = b""
 
     @property
     def alg(self) -> merkle.HashAlg:
