@@ -22,8 +22,9 @@ if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != ROOT:
 
 
 def verityfuse_cmd():
-    """How to run the CLI of this checkout."""
-    return [sys.executable, "-m", "verityfuse.cli"]
+    """How to run the CLI of this checkout: ``-P``, or ``-m`` would import the package
+    of the directory the bench was started in first (another checkout's, in an A/B)."""
+    return [sys.executable, "-P", "-m", "verityfuse.cli"]
 
 
 def drop_caches(level: int = 3):

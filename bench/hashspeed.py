@@ -169,7 +169,7 @@ def bench_digest(path, runs):
     print(f"4. tree build of {size / MiB:.0f} MiB (SHA-256/4096), median of {runs} runs, interleaved")
     # The entry point beside this interpreter (the venv's), as a user runs it.
     script = os.path.join(os.path.dirname(sys.executable), "verityfuse")
-    vf = [script] if os.path.exists(script) else [sys.executable, "-m", "verityfuse.cli"]
+    vf = [script] if os.path.exists(script) else [sys.executable, "-P", "-m", "verityfuse.cli"]
     cmds = {"fsverity digest": ["fsverity", "digest", path]}
     for t in (1, 2):
         cmds[f"verityfuse digest --threads {t}"] = vf + ["digest", f"--threads={t}", path]

@@ -10,10 +10,10 @@ Layout (documented in protocol/store-format.md)::
 
 Objects are content-addressed by the fs-verity file digest, so an object
 proves itself: H(descriptor) must equal its name, and every tree block hashes
-up to the descriptor's root hash (a file of one block, which has no tree, may
-have none: its index entry keeps the descriptor).  The index maps an inode's identity (its
+up to the descriptor's root hash.  The index maps an inode's identity (its
 filesystem and file handle, see identity.py) to a digest: verity belongs to
-the inode, so renames and links keep it and nothing is ever walked.
+the inode, so renames and links keep it and nothing is ever walked.  A file of
+one block has no tree: in format 3 its entry keeps its descriptor, no object.
 Every write goes to tmp/, is made durable and renamed into place, then the
 directory is made durable: a crash leaves either the old entry or the new one,
 never half of one.  One file is fsynced on its own (``set_entry``,
@@ -103,8 +103,8 @@ class Store(StoreIndex):
     """A store rooted at ``path``.  ``create=True`` makes it if missing.
 
     ``objects_only=True`` (manifest mode) reads tree objects only, which format
-    1 stores have too; every other use needs the index of format 2 or 3.  A
-    format-2 store stays one: what is written to it has an object per file.  ``lazy=True``
+    1 stores have too; every other use needs the index of format 2 or 3 (a
+    format-2 store stays one: what is written to it has an object per file).  ``lazy=True``
     (a local mount's default store): a missing store reads as empty and is
     created by the first write, so that mounting writes nothing to SOURCE.
     Only the store's own directory is ever created: its parent must exist.
