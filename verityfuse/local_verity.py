@@ -82,7 +82,7 @@ class LocalVerity:
             t = info.tree
             raw = merkle.make_descriptor(t.params, t.data_size, info.inline_root)
             desc = merkle.Descriptor(t.params, t.data_size, info.inline_root, raw)
-            return inline_tree(str(label), desc, t.digest)
+            return inline_tree(label, desc, t.digest)  # a label formats its name only if needed
         try:
             return self.store.open_object(info.alg, info.digest)
         except StoreCorrupt as e:
