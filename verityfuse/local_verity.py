@@ -59,10 +59,13 @@ class LocalVerity:
     def load(self, entry: IndexEntry) -> VerityInfo:
         """The verity state an index entry describes (its tree object opened, or the
         descriptor it keeps; its signature checked)."""
-        with self.store.open_tree(entry) as tree:
-            tree_id = tree.tree_id  # its descriptor hashes to entry.digest: checked at open
+        d, root = entry.descriptor, b""
+        if d is not None:  # it hashes to entry.digest: checked when the entry was read
+            tree_id, root = merkle.TreeId(d.params, d.data_size, entry.digest), d.root_hash
+        else:
+            with self.store.open_object(entry.alg, entry.digest) as tree:
+                tree_id = tree.tree_id  # its descriptor hashes to entry.digest: checked at open
         self.check_signature(entry.signature, entry.alg, entry.digest)
-        root = entry.descriptor.root_hash if entry.descriptor is not None else b""
         return VerityInfo(tree_id, entry.signature, root)
 
     def is_verity(self, inode: Inode) -> bool:
