@@ -105,8 +105,8 @@ def _tampered(src, key, **change):
     return json.dumps(doc).encode()
 
 
-def _descriptor(size, *, reserved=b"", alg=merkle.SHA256):
-    params = merkle.Params(alg)
+def _descriptor(size, *, reserved=b"", alg=merkle.SHA256, block_size=B):
+    params = merkle.Params(alg, block_size)
     raw = merkle.make_descriptor(params, size, bytes(alg.digest_size))
     if reserved:
         raw = raw[:-len(reserved)] + reserved
@@ -121,6 +121,8 @@ def test_a_kept_descriptor_that_does_not_prove_itself_is_named_corruption(src):
     two_blocks, two_digest = _descriptor(B + 1)
     reserved, reserved_digest = _descriptor(5, reserved=b"\1")
     sha512, sha512_digest = _descriptor(5, alg=merkle.SHA512)
+    # A block of 512 KiB would be read and hashed whole at every read: refused, as in an object.
+    huge, huge_digest = _descriptor(300000, block_size=1 << 19)
     one_digest = oracle(src / "one")[0]
     cases = [
         (dict(descriptor="00" * 255), "descriptor must be 256 bytes in hex"),
@@ -132,6 +134,8 @@ def test_a_kept_descriptor_that_does_not_prove_itself_is_named_corruption(src):
          "descriptor of 4097 bytes in blocks of 4096: a file with a tree needs an object"),
         (dict(descriptor=reserved.hex(), digest=reserved_digest),
          "descriptor: reserved descriptor bytes are not zero"),
+        (dict(descriptor=huge.hex(), digest=huge_digest),
+         "descriptor: block size 524288 is larger than 65536"),
         (dict(descriptor=sha512.hex()),
          f"descriptor does not match the digest: expected {one_digest}, actual {sha512_digest}"),
     ]
@@ -178,6 +182,26 @@ def test_a_format_2_store_stays_format_2_until_upgraded(src, tmp_path):
     (store / "VERSION").write_bytes(b"verityfuse-store 4\n")
     r = vf("verify", src, "--store", store)
     assert r.returncode != 0 and "unsupported store version b'verityfuse-store 4\\n'" in r.stderr
+
+
+def test_a_format_2_store_keeps_no_descriptor(src, tmp_path):
+    """A lazy store (a local mount's default) created as format 2 by someone else after it
+    was opened gets an object per file, as format 2 says; an entry with a descriptor in a
+    format-2 store is corruption, named."""
+    store = str(tmp_path / "store")
+    with Store(store, lazy=True) as st:
+        assert not st.exists
+        Store(store, create=True).close()
+        write(os.path.join(store, "VERSION"), b"verityfuse-store 2\n")
+        e = seal_path(st, str(src), "one", PARAMS)
+        assert e.descriptor is None and os.path.exists(st.object_path(e.alg, e.digest))
+        assert st.get_entry(e.key) == e and st.version == 2
+    with Store(store, create=True) as st:
+        write(os.path.join(store, "inodes", e.key[:2], e.key), _tampered(src, e.key))
+        with pytest.raises(StoreCorrupt) as err:
+            st.get_entry(e.key)
+        assert str(err.value) == (f"{store}/inodes/{e.key[:2]}/{e.key}: malformed index entry: "
+                                  f"a descriptor in a format-2 store (format 3 only)")
 
 
 def test_the_library_reads_a_file_whose_entry_keeps_its_descriptor(src, tmp_path):

@@ -50,14 +50,14 @@ def _inline(store: Store, params: merkle.Params, size: int, objects: bool) -> bo
     """Whether a file of ``size`` bytes gets no object, its descriptor kept in its index
     entry: a file of one block in a format-3 store, unless ``objects`` (a manifest's
     files: a manifest mount reads objects only)."""
-    return store.inline and not objects and size <= params.block_size
+    return not objects and size <= params.block_size and store.inline()
 
 
 def _entry(store: Store, key: str, desc: merkle.Descriptor, signature: bytes,
            relpath: str) -> IndexEntry:
     """The index entry of a file sealed as ``desc``: with the descriptor where the store
     keeps it (also beside an object written for a manifest: a lookup reads one file)."""
-    kept = desc if store.inline and inline(desc) else None
+    kept = desc if inline(desc) and store.inline() else None
     return IndexEntry(key, desc.params.alg, desc.digest, signature, relpath, kept)
 
 

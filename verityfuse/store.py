@@ -159,9 +159,11 @@ class Store(StoreIndex):
     def exists(self) -> bool:
         return self.rootfd >= 0
 
-    @property
     def inline(self) -> bool:
-        """Whether a file of one block is sealed without an object (format 3)."""
+        """Whether a file of one block is sealed without an object (format 3), asked
+        before writing one: a lazy store is created first, or found as another process
+        created it meanwhile (format 2 perhaps)."""
+        self._ensure()
         return self.version >= 3
 
     def _ensure(self):

@@ -72,6 +72,9 @@ def _inline_descriptor(text, alg: merkle.HashAlg, digest: bytes) -> merkle.Descr
     if not inline(desc):
         raise ValueError(f"descriptor of {desc.data_size} bytes in blocks of "
                          f"{desc.params.block_size}: a file with a tree needs an object")
+    if desc.params.block_size > merkle.MAX_BLOCK_SIZE:  # as in an object: read whole per read
+        raise ValueError(f"descriptor: block size {desc.params.block_size} is larger than "
+                         f"{merkle.MAX_BLOCK_SIZE}")
     return desc
 
 
@@ -110,6 +113,7 @@ class StoreIndex:
     (one openat2 without symlinks, atomic writes through tmp/)."""
 
     if TYPE_CHECKING:  # what Store provides
+        version: int
         def _where(self, *parts) -> str: ...
         def _read_file(self, parts, nbytes: int, keep: bool = False): ...
         def _open_dirs(self, parts, create: bool = False) -> int: ...
@@ -148,7 +152,11 @@ class StoreIndex:
         got = self._read_file(parts, INDEX_ENTRY_MAX + 1)
         if got is None:
             return None
-        return parse_entry(self._where(*parts), key, got[2])
+        entry = parse_entry(self._where(*parts), key, got[2])
+        if entry.descriptor is not None and self.version < 3:
+            raise StoreCorrupt(f"{self._where(*parts)}: malformed index entry: a descriptor in "
+                               f"a format-2 store (format 3 only)")
+        return entry
 
     def open_tree(self, entry: IndexEntry):
         """The tree of ``entry`` (a store_object.TreeRef): the descriptor it keeps, or
