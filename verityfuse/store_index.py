@@ -5,7 +5,7 @@ In a format-3 store the entry of a file of at most one block (most of a containe
 image's files) also holds the file's descriptor: such a file has no tree, so the
 descriptor is all its object would hold, and sealing it writes one store file, a
 lookup reads one.  The descriptor proves itself as an object does: it must hash
-to the entry's digest."""
+to the entry's digest (``_inline_descriptor``)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def entry_bytes(alg: merkle.HashAlg, digest: bytes, signature: bytes, path: str,
 
 def _inline_descriptor(text, alg: merkle.HashAlg, digest: bytes) -> merkle.Descriptor:
     """The descriptor an entry keeps, checked as an object's is: it must parse, hash to
-    the entry's digest and describe a file of one block (a larger one has a tree,
-    which only an object holds).  ValueError says what is wrong."""
+    the entry's digest, describe a file of one block (a larger one has a tree, which
+    only an object holds) and have a block size of at most MAX_BLOCK_SIZE.  ValueError
+    says what is wrong."""
     if not isinstance(text, str) or len(text) != 2 * 256:
         raise ValueError("descriptor must be 256 bytes in hex")
     try:

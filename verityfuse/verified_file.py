@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import fsutil, merkle
 from .api_core import Digest, NotSealedError, PathArg, as_digest, digest_of, existing_store, fspath
-from .errors import Corruption, VerityError
+from .errors import Corruption, StoreCorrupt, VerityError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -320,7 +320,6 @@ def _pinned_tree(st, fd: int, alg, digest: bytes):
     without one (a format-3 store), the descriptor its inode's index entry keeps.  The
     entry is not trusted: its descriptor hashes to ``digest`` or it is not used."""
     from . import identity
-    from .errors import StoreCorrupt
 
     try:
         return st.open_object(alg, digest)
