@@ -260,3 +260,15 @@ def test_a_mount_serves_and_exports_files_whose_entry_keeps_their_descriptor(src
     assert err.value.errno == errno.EIO
     assert f"one: {path}: malformed index entry: descriptor does not match the digest" in m.log()
     assert (m.mountpoint / "b").read_bytes() == (src / "b").read_bytes()
+
+
+def test_seal_refuses_a_block_size_no_mount_reads(src, tmp_path):
+    """A tree block above 65536 bytes is refused by every reader (it would be read and
+    hashed whole at every read): seal says so before hashing anything."""
+    store = tmp_path / "store"
+    r = vf("seal", src, "--block-size", "131072", "--store", store)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == ("ERROR: --block-size 131072: a store keeps Merkle trees of blocks of at "
+                        "most 65536 bytes (each read hashes a tree block whole)\n")
+    assert not store.exists()
+    assert vf("seal", src, "--block-size", "65536", "--store", store).returncode == 0

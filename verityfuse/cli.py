@@ -81,6 +81,10 @@ def cmd_seal(args) -> int:
     from . import cli_seal
 
     params = params_from(args)
+    if params.block_size > merkle.MAX_BLOCK_SIZE:  # every reader refuses such a tree
+        error(f"--block-size {params.block_size}: a store keeps Merkle trees of blocks of at "
+              f"most {merkle.MAX_BLOCK_SIZE} bytes (each read hashes a tree block whole)")
+        return EXIT_USAGE
     if not os.path.isdir(args.source):
         error(f"'{args.source}' is not a directory")
         return EXIT_ERROR
