@@ -220,6 +220,21 @@ def test_the_library_reads_a_file_whose_entry_keeps_its_descriptor(src, tmp_path
     with pytest.raises(OSError) as e:
         verityfuse.open_verified(src / "bm1", store=store, digest=other)
     assert e.value.errno == errno.EIO and "missing tree object for " + other in str(e.value)
+    # A copy (another inode, no entry, no object) reads against the pinned digest, as a copy
+    # of a file with an object does: a file of one block needs no tree.
+    write(tmp_path / "copy", data)
+    with verityfuse.open_verified(tmp_path / "copy", store=store, digest=digest) as f:
+        assert f.read() == data
+    write(tmp_path / "copy", data[:-1] + b"?")
+    with pytest.raises(OSError) as e:
+        verityfuse.open_verified(tmp_path / "copy", store=store, digest=digest)
+    assert e.value.errno == errno.EIO and "missing tree object for " + digest in str(e.value)
+    # Other parameters are tried as its inode's entry names them (a copy has none).
+    with Store(str(store)) as st:
+        seal_path(st, str(src), "one", merkle.Params(merkle.SHA512, 1024, b"\x01\x02"))
+    salted = oracle(src / "one", "--hash-alg=sha512", "--block-size=1024", "--salt=0102")[0]
+    with verityfuse.open_verified(src / "one", store=store, digest=salted) as f:
+        assert f.read() == (src / "one").read_bytes()
     flip(src / "bm1", 100)
     with verityfuse.open_verified(src / "bm1", store=store) as f:
         with pytest.raises(OSError) as e:

@@ -255,8 +255,8 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     was sealed (``seal``, ``verityfuse seal``, ``fsverity enable`` on a mount).  With
     ``digest=``, it is yours instead: only the tree object named by that digest is used
     (objects are content-addressed, so the store need not be trusted), or, for a file of
-    one block sealed without an object, the descriptor its inode's index entry keeps if
-    that hashes to ``digest``: the file reads only if its bytes hash to ``digest``.
+    at most one block (which has no tree), the descriptor of its bytes if it hashes to
+    ``digest``: the file reads only if its bytes hash to ``digest``.
 
     :param path: the file (symlinks are followed).
     :param store: the store directory; default: the nearest ``.verityfuse`` directory
@@ -301,7 +301,8 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                         raise NotSealedError(f"{label} is not sealed in the store {st.path}")
                     tree = st.open_tree(entry)
                 else:
-                    tree = _pinned_tree(st, fd, merkle.hash_alg(pinned.algorithm), pinned.digest)
+                    tree = _pinned_tree(st, fd, label, merkle.hash_alg(pinned.algorithm),
+                                        pinned.digest)
             try:
                 reader = attach_reader(fd, tree, _cache(), label)
             except BaseException:
@@ -315,21 +316,38 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
         raise
 
 
-def _pinned_tree(st, fd: int, alg, digest: bytes):
-    """The tree of the pinned ``digest``: its object, or, for a file of one block sealed
-    without one (a format-3 store), the descriptor its inode's index entry keeps.  The
-    entry is not trusted: its descriptor hashes to ``digest`` or it is not used."""
-    from . import identity
+def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
+    """The tree of the pinned ``digest``: its object, or, for a file of at most one
+    block, which has no tree (sealed without an object in a format-3 store, or a copy of
+    one), the descriptor of its bytes now if that hashes to ``digest``."""
+    from .store_object import inline_tree
 
     try:
         return st.open_object(alg, digest)
     except StoreCorrupt:
-        if st.version < 3:
+        desc = _one_block_descriptor(st, fd, alg, digest)
+        if desc is None:
             raise
-        try:
-            entry = st.get_entry(identity.key_of(fd))
-        except (OSError, StoreCorrupt):
-            entry = None
-        if entry is None or entry.descriptor is None or (entry.alg, entry.digest) != (alg, digest):
-            raise
-        return st.open_tree(entry)
+        return inline_tree(label, desc, digest)
+
+
+def _one_block_descriptor(st, fd: int, alg, digest: bytes):
+    """The descriptor of the file of one block at ``fd`` if it hashes to ``digest``, built
+    from its bytes with the parameters its inode's index entry names (the store is not
+    trusted: they are only tried) or the defaults; None otherwise."""
+    from . import identity, treebuild
+
+    candidates = [merkle.Params(alg)]
+    try:
+        entry = st.get_entry(identity.key_of(fd))
+        if entry is not None and entry.descriptor is not None:
+            candidates.insert(0, entry.descriptor.params)
+        size = os.fstat(fd).st_size
+        for params in candidates:
+            if size <= params.block_size:
+                desc = treebuild.build_tree(fd, params, data_size=size)
+                if desc.digest == digest:
+                    return desc
+    except (OSError, VerityError):  # no handle, a damaged entry, a file changing: no tree
+        pass
+    return None
