@@ -342,12 +342,15 @@ def _one_block_descriptor(st, fd: int, alg, digest: bytes):
         entry = st.get_entry(identity.key_of(fd))
         if entry is not None and entry.descriptor is not None:
             candidates.insert(0, entry.descriptor.params)
+    except (OSError, VerityError):  # no file handles, a damaged entry: the defaults only
+        pass
+    try:
         size = os.fstat(fd).st_size
         for params in candidates:
             if size <= params.block_size:
                 desc = treebuild.build_tree(fd, params, data_size=size)
                 if desc.digest == digest:
                     return desc
-    except (OSError, VerityError):  # no handle, a damaged entry, a file changing: no tree
+    except OSError:  # unreadable, or changing as it is read: no descriptor
         pass
     return None
