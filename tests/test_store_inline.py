@@ -97,7 +97,7 @@ def test_a_batch_of_files_of_one_block_publishes_entries_only(src, tmp_path, mon
     assert not os.path.exists(os.path.join(store, "objects"))
 
 
-def _tampered(src, key, **change):
+def _tampered(src, **change):
     """The bytes of an entry of ``src/one``'s inode with ``change`` applied to its JSON."""
     digest, desc = oracle(src / "one")
     doc = {"descriptor": desc.hex(), "digest": digest, "path": "one", "version": 2}
@@ -141,15 +141,15 @@ def test_a_kept_descriptor_that_does_not_prove_itself_is_named_corruption(src):
     ]
     for change, why in cases:
         with pytest.raises(StoreCorrupt) as e:
-            parse_entry("STORE/inodes/ab/" + key, key, _tampered(src, key, **change))
+            parse_entry("STORE/inodes/ab/" + key, key, _tampered(src, **change))
         assert str(e.value) == f"STORE/inodes/ab/{key}: malformed index entry: {why}", change
     # The untampered entry is what entry_bytes writes, and it parses.
     digest, desc = oracle(src / "one")
-    parsed = parse_entry("e", key, _tampered(src, key))
+    parsed = parse_entry("e", key, _tampered(src))
     assert parsed == IndexEntry(key, merkle.SHA256, merkle.parse_digest(digest)[1], b"", "one",
                                 merkle.parse_descriptor(desc))
     assert entry_bytes(parsed.alg, parsed.digest, b"", "one", parsed.descriptor) == \
-        json.dumps(json.loads(_tampered(src, key)), sort_keys=True).encode() + b"\n"
+        json.dumps(json.loads(_tampered(src)), sort_keys=True).encode() + b"\n"
 
 
 def test_a_format_2_store_stays_format_2_until_upgraded(src, tmp_path):
@@ -197,7 +197,7 @@ def test_a_format_2_store_keeps_no_descriptor(src, tmp_path):
         assert e.descriptor is None and os.path.exists(st.object_path(e.alg, e.digest))
         assert st.get_entry(e.key) == e and st.version == 2
     with Store(store, create=True) as st:
-        write(os.path.join(store, "inodes", e.key[:2], e.key), _tampered(src, e.key))
+        write(os.path.join(store, "inodes", e.key[:2], e.key), _tampered(src))
         with pytest.raises(StoreCorrupt) as err:
             st.get_entry(e.key)
         assert str(err.value) == (f"{store}/inodes/{e.key[:2]}/{e.key}: malformed index entry: "
