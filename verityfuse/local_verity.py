@@ -83,8 +83,7 @@ class LocalVerity:
         from what ``load`` kept (a root hash, not a descriptor, per inode)."""
         if info.inline_root:
             t = info.tree
-            raw = merkle.make_descriptor(t.params, t.data_size, info.inline_root)
-            desc = merkle.Descriptor(t.params, t.data_size, info.inline_root, raw)
+            desc = merkle.Descriptor.build(t.params, t.data_size, info.inline_root)
             return inline_tree(label, desc, t.digest)  # a label formats its name only if needed
         try:
             return self.store.open_object(info.alg, info.digest)

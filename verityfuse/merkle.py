@@ -282,6 +282,11 @@ class Descriptor(_Value):
     def __init__(self, params: Params, data_size: int, root_hash: bytes, raw: bytes):
         self._set(params, data_size, root_hash, raw)
 
+    @classmethod
+    def build(cls, params: Params, data_size: int, root_hash: bytes) -> "Descriptor":
+        """The descriptor of a tree built (or rebuilt) from its parts, its bytes packed."""
+        return cls(params, data_size, root_hash, make_descriptor(params, data_size, root_hash))
+
     @property
     def digest(self) -> bytes:
         return file_digest(self.params.alg, self.raw)

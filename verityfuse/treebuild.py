@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Callable, Optional, Union
 
-from .merkle import Descriptor, Geometry, Params, make_descriptor
+from .merkle import Descriptor, Geometry, Params
 
 class Cancelled(Exception):
     """A build stopped because its cancel callback said so."""
@@ -173,7 +173,7 @@ def build_tree(
             raise Cancelled()
         root = (params.block_hasher()(read_small(fd, data_size).ljust(bs, b"\0"))
                 if data_size else bytes(params.alg.digest_size))
-        return Descriptor(params, data_size, root, make_descriptor(params, data_size, root))
+        return Descriptor.build(params, data_size, root)
 
     geo = Geometry.compute(params, data_size)
     builder = TreeBuilder(geo, write_block)
@@ -218,8 +218,7 @@ def build_tree(
         check_not_grown()
         root = builder.finish()
 
-    raw = make_descriptor(params, data_size, root)
-    return Descriptor(params, data_size, root, raw)
+    return Descriptor.build(params, data_size, root)
 
 
 # How many chunks the workers may run ahead of the consumer, per worker: a
