@@ -530,3 +530,34 @@ def test_an_index_entry_is_the_json_the_format_gives(path, signature):
     assert raw == json.dumps(doc, sort_keys=True).encode() + b"\n"
     assert parse_entry("e", "k" * 64, raw) == IndexEntry("k" * 64, merkle.SHA512, digest,
                                                          signature, path)
+
+
+def test_a_staged_file_crosses_a_pipe_whole(tmp_path):
+    """seal_pool's workers hand back Staged results pickled as one flat tuple: what
+    arrives is equal to what was staged, descriptor (a file of one block in a format-3
+    store), object parts (a larger one) and all, and is published as it would be."""
+    import pickle
+    from verityfuse.sealing import stage_path
+    from verityfuse.store_batch import Batch
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "small", b"s" * 100)
+    write(src / "big", pattern(3 * 4096 + 5))
+    write(src / "empty", b"")
+    st = Store(str(tmp_path / "store"), create=True)
+    staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in ("small", "big", "empty")]
+    back = pickle.loads(pickle.dumps(staged))
+    assert back == staged
+    assert [s.entry.descriptor is not None for s in back] == [True, False, True]
+    assert back[0].entry.descriptor.raw == staged[0].entry.descriptor.raw
+    assert back[1].obj == staged[1].obj and back[1].obj is not None
+    with Batch(st) as batch:
+        for s in back:
+            batch.add(s)
+    for rel, s in zip(("small", "big", "empty"), staged):
+        assert entry_of_path(st, str(src / rel)) == s.entry
+        line, _, desc = fsverity_digest(src / rel, "--block-size=1024")
+        assert line.split()[0] == s.entry.digest_text
+        if s.entry.descriptor is not None:
+            assert s.entry.descriptor.raw == desc
+    st.close()

@@ -103,10 +103,11 @@ def cmd_seal(args, params, key, rels) -> int:
         keys = identity.Keys()
 
         def stage(rel, here):
-            """In a worker (``here`` False) a small file; here any, with its progress."""
+            """In a worker (``here`` False) a small file; here any, with its progress.
+            Its Staged only: the caller has no use for its stat (less to pickle)."""
             return stage_path(store, src, rel, params, threads=args.threads,
                               progress=progress.for_file if here and progress.enabled else None,
-                              keys=keys, max_size=None if here else SMALL)
+                              keys=keys, max_size=None if here else SMALL)[0]
 
         def not_sealed(full, why):
             progress.close()
@@ -125,7 +126,7 @@ def cmd_seal(args, params, key, rels) -> int:
                 # A file's line is printed once its batch is durable: a printed digest is
                 # a sealed file.
                 for rel, done, e in in_order(walk, stage, args.threads,
-                                             lambda r: r[0].drop(store),
+                                             lambda staged: staged.drop(store),
                                              progress.worker_done if progress.enabled else None):
                     full = src.full(rel)
                     if e is not None:
@@ -133,8 +134,8 @@ def cmd_seal(args, params, key, rels) -> int:
                         batch.then(not_sealed, full, e.strerror or str(e))
                         continue
                     assert done is not None  # in_order: a result when there is no error
-                    batch.add(done[0])
-                    batch.then(_report_sealed, args, progress, full, done[0].entry.digest_text)
+                    batch.add(done)
+                    batch.then(_report_sealed, args, progress, full, done.entry.digest_text)
                     if batch.full:
                         batch.commit()
                 for rel, e in unlistable_dirs:

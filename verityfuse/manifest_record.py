@@ -117,7 +117,7 @@ class ManifestRecorder:
 
     def _worker_done(self, result):
         if result is not None and self.progress is not None:
-            self.progress.worker_done(result)
+            self.progress.worker_done(result[0])
 
     def _abandon(self, result):
         if result is not None:

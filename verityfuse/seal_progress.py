@@ -26,9 +26,9 @@ class Progress:
         """A callable for treebuild.build_tree's progress(bytes_done_in_this_file)."""
         return FileProgress(self, size)
 
-    def worker_done(self, staged_and_stat):
+    def worker_done(self, staged):
         """A file a seal_pool worker staged (it had no progress line there): counted whole."""
-        self.advance(staged_and_stat[1].st_size, files=1)
+        self.advance(staged.data_size, files=1)
 
     def advance(self, nbytes: int, files: int = 0):
         with self._lock:

@@ -112,15 +112,19 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
     the file's progress callable (closed when it is staged); ``keys``, the run's
     identity.Keys (one statfs per filesystem).  A file over ``max_size`` bytes raises
     seal_pool.Here (a pool's worker leaves it to the caller)."""
-    with opened(source) as src:
-        full = src.full(relpath)
-        fd = src.open_regular(relpath)
+    if isinstance(source, SourceDir):  # seal's many files: no context manager per file
+        fd = source.open_regular(relpath)
+        full = source.full
+    else:
+        with opened(source) as src:
+            fd = src.open_regular(relpath)
+            full = src.full
     try:
         st = os.fstat(fd)
         if max_size is not None and st.st_size > max_size:
             raise Here()
         key = keys.of(fd, st.st_dev) if keys is not None else None
-        prog = progress(full, st.st_size) if progress is not None else None
+        prog = progress(full(relpath), st.st_size) if progress is not None else None
         try:
             return stage_fd(store, fd, relpath, params, st.st_size, progress=prog, key=key,
                             **kw), st
