@@ -50,6 +50,7 @@ sys.path.insert(1, os.path.dirname(HERE))
 import build  # noqa: E402
 import ceiling  # noqa: E402
 import manifest_mount  # noqa: E402
+import memwarm  # noqa: E402
 import passlog  # noqa: E402
 import seal  # noqa: E402
 from common import table  # noqa: E402
@@ -87,6 +88,10 @@ def parse_args(argv=None):
     ap.add_argument("--settle", type=float, default=0.0, metavar="S",
                     help="before each timed pass, wait up to S seconds for the rest of the "
                          "machine to use < 15%% of the CPUs (default 0: off)")
+    ap.add_argument("--warm-mib", type=int, default=None, metavar="MIB",
+                    help="memory populated and freed right before every pass, so that what the "
+                         "pass allocates is backed by the host (memwarm.py; default 1.5 x the "
+                         "big file, at least 512; 0: none)")
     ap.add_argument("--busy-cores", type=float, default=0.10, metavar="C",
                     help="a pass is BUSY when the rest of the machine used more than C cores "
                          "meanwhile (0.10)")
@@ -129,7 +134,8 @@ def machine():
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "cpu": cpu, "cpus": os.cpu_count(), "mem_mib": mem, "kernel": platform.release(),
             "python": platform.python_version(), "pyfuse3": pyfuse, "fusermount3": fuse,
-            "hashblocks": build.native_info(), "loadavg_start": os.getloadavg()}
+            "hashblocks": build.native_info(), "loadavg_start": os.getloadavg(),
+            "free_page_reporting": memwarm.free_page_reporting()}
 
 
 def main(argv=None):
@@ -143,6 +149,8 @@ def main(argv=None):
         signal.signal(s, on_signal)
     manifest_mount.become_subreaper()
     SETTLE["max_s"] = args.settle
+    warm_mib = args.warm_mib if args.warm_mib is not None else max(512, args.size_mib * 3 // 2)
+    memwarm.WARM["bytes"] = warm_mib << 20
     passlog.LIMITS["busy_cores"] = args.busy_cores
     results = {"args": {k: (sorted(v) if isinstance(v, set) else v)
                         for k, v in vars(args).items()},
@@ -153,6 +161,8 @@ def main(argv=None):
           f"Linux {mc['kernel']}, Python {mc['python']}, pyfuse3 {mc['pyfuse3']}, "
           f"{mc['fusermount3']}")
     print(f"hashing module: {mc['hashblocks']}")
+    print(f"free page reporting to the host: {mc['free_page_reporting']}; before every pass "
+          f"{warm_mib} MiB populated and freed (--warm-mib: memwarm.py)")
     load0 = mc["loadavg_start"][0]
     busy_start = load0 > passlog.LIMITS["load_max"]
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in mc['loadavg_start'])}"
@@ -194,12 +204,15 @@ def main(argv=None):
     results["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - t_start
     results["settle_waited_s"] = SETTLE["waited"]
+    results["warm"] = dict(memwarm.WARM)
     line = (f"busy passes: {busy} of {total} (others used over {args.busy_cores:.2f} core)"
             + (": " + ", ".join(f"{k} {v}" for k, v in per.items() if v) if busy else ""))
     print("\n" + (passlog.red(line) if busy else line))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in results['loadavg_end'])}; "
           f"bench took {results['seconds']:.0f} s"
-          + (f" ({SETTLE['waited']:.0f} s of it settling)" if args.settle else ""))
+          + (f" ({SETTLE['waited']:.0f} s of it settling)" if args.settle else "")
+          + f"; memory warm-up {memwarm.WARM['seconds']:.0f} s over {memwarm.WARM['passes']} "
+            f"passes")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
