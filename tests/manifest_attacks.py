@@ -83,6 +83,13 @@ FILES: Dict[str, Tuple[int, int]] = {
     "tree/big.bin": (3 * HASHES_PER_BLOCK * BS, 0o644),  # 1.5 MiB: three leaf tree blocks
     "tree/cold.bin": (3 * HASHES_PER_BLOCK * BS, 0o644),  # never read before its attack
     "fifo/file.bin": (5000, 0o644),
+    # Files of one block have no tree: the daemon reads them against a descriptor made
+    # from the manifest's entry and their one block, used only if it hashes to the
+    # manifest's digest, and reads the store's object only if it does not.
+    "one-block/flip.txt": (3000, 0o644),
+    "one-block/no-object.txt": (2000, 0o644),
+    "one-block/both.txt": (2500, 0o644),
+    "one-block/held.txt": (3500, 0o644),
 }
 
 
@@ -819,13 +826,102 @@ def _fifo_check(ctx):
 attack("fifo-at-file", ["fifo/file.bin"], _fifo_host, _fifo_check, violates=["fifo/file.bin"])
 
 
+# files of one block ---------------------------------------------------------------------
+def _one_flip_host(src, exp):
+    flip_byte(src / "one-block/flip.txt", 1000)
+
+
+def _one_flip_check(ctx):
+    """A flipped byte in a file of one block: the open succeeds (its object is still
+    read) and the read gives EIO, as on ext4."""
+    ctx.drop_caches()
+    out = expect_eio(ctx, "one-block/flip.txt", at=("read",))
+    expect_logged(ctx, "one-block/flip.txt")
+    return out
+
+
+attack("one-block-flipped", ["one-block/flip.txt"], _one_flip_host, _one_flip_check,
+       violates=["one-block/flip.txt"])
+
+
+def _one_no_object_host(src, exp):
+    os.unlink(tree_object(src, exp["files"]["one-block/no-object.txt"]["digest"]))
+
+
+def _one_no_object_check(ctx):
+    """The store's object of a file of one block removed: the file reads back intact,
+    its one block hashing to the manifest's digest (the manifest vouches for it, the
+    store adds nothing a file of one block needs)."""
+    ctx.drop_caches()
+    expect_intact(ctx, "one-block/no-object.txt")
+    return "one-block/no-object.txt: its original bytes"
+
+
+attack("one-block-without-object", ["one-block/no-object.txt"], _one_no_object_host,
+       _one_no_object_check)
+
+
+def _one_both_host(src, exp):
+    os.unlink(tree_object(src, exp["files"]["one-block/both.txt"]["digest"]))
+    flip_byte(src / "one-block/both.txt", 7)
+
+
+def _one_both_check(ctx):
+    """A file of one block flipped, and its object removed: EIO at open (no descriptor
+    the manifest's digest vouches for can be had), never its bytes."""
+    ctx.drop_caches()
+    out = expect_eio(ctx, "one-block/both.txt", at=("open",))
+    expect_logged(ctx, "one-block/both.txt")
+    return out
+
+
+attack("one-block-flipped-without-object", ["one-block/both.txt"], _one_both_host,
+       _one_both_check, violates=["one-block/both.txt"])
+
+
+def _one_held_prepare(ctx):
+    fd = os.open(ctx.p("one-block/held.txt"), os.O_RDONLY | os.O_CLOEXEC)
+    ctx.state["fd"] = fd
+    read_fd(fd)  # opened and read: its descriptor was made from its bytes at this open
+
+
+def _one_held_host(src, exp):
+    flip_byte(src / "one-block/held.txt", 3000)
+
+
+def _one_held_check(ctx):
+    """A file of one block changed while a reader holds it open (its descriptor made at
+    that open, from the bytes then): once its pages are dropped, the read gives EIO."""
+    rel = "one-block/held.txt"
+    fd = ctx.state.pop("fd")
+    try:
+        ctx.drop_caches()
+        try:
+            data = read_fd(fd)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise Failed(f"{rel}: read failed with {errname(e.errno)}, expected EIO")
+        else:
+            raise Failed(f"{rel}: read {len(data)} bytes ({ctx.identify(data)}), expected EIO")
+    finally:
+        os.close(fd)
+    expect_logged(ctx, rel)
+    return f"{rel}: EIO at read"
+
+
+attack("one-block-changed-while-open", ["one-block/held.txt"], _one_held_host, _one_held_check,
+       prepare=_one_held_prepare, violates=["one-block/held.txt"])
+
+
 # -- checks without an attack ----------------------------------------------------------
 
 # Files no check reads before the attack that corrupts their tree: the daemon keeps
 # verified tree blocks (keyed by digest, as the kernel keeps verified pages), so
 # corruption of a block it verified earlier is caught only once that block leaves
-# its cache; a cold file's blocks are verified fresh.
-COLD = {"tree/cold.bin"}
+# its cache; a cold file's blocks are verified fresh.  Likewise the files of one
+# block whose object an attack removes: the daemon keeps the last objects it opened
+# open a while (store_object.KEEP_IDLE), so only a cold file's open would read one.
+COLD = {"tree/cold.bin", "one-block/no-object.txt", "one-block/both.txt"}
 
 
 def check_read_all(ctx, exclude=()):

@@ -131,9 +131,14 @@ def test_tree_and_descriptor_attacks(share, verified_mount):
     flip(obj, TREE_OFFSET + 3)  # its only tree block
     drop_caches()
     assert open_errno(g.mountpoint / "app.bin") == errno.EIO
-    flip(object_file(src, "config"), TREE_OFFSET - 256 + 30)  # descriptor
+    flip(object_file(src, "lib/x.so"), TREE_OFFSET - 256 + 30)  # descriptor
     drop_caches()
-    assert open_errno(g.mountpoint / "config") == errno.EIO
+    assert open_errno(g.mountpoint / "lib/x.so") == errno.EIO
+    # A file of one block needs no object: one damaged does not matter, its bytes
+    # hash to the manifest's digest (test_files_of_one_block_read_...).
+    flip(object_file(src, "config"), TREE_OFFSET - 256 + 30)
+    drop_caches()
+    assert (g.mountpoint / "config").read_bytes() == b"trusted configuration\n"
 
 
 def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
@@ -253,3 +258,44 @@ def test_fsverity_signatures_generic_577(tmp_path, certs, verified_mount):
     write(src / "new", b"n")
     r = subprocess.run(["fsverity", "enable", m3.mountpoint / "new"], capture_output=True, text=True)
     assert "Operation not permitted" in r.stderr
+
+
+@pytest.mark.parametrize("alg,block,salt", [("sha256", 4096, ""), ("sha512", 1024, "0a0b0c")])
+def test_files_of_one_block_read_against_the_manifest_alone(tmp_path, key, verified_mount,
+                                                            alg, block, salt):
+    """A file of at most one block has no tree: a manifest mount reads it against the
+    descriptor of the manifest's parameters, size and its one block, used only if that
+    hashes to the manifest's digest.  With the sealing parameters of the manifest (hash,
+    block size, salt), with its store objects gone, `fsverity measure` still says
+    `fsverity digest`'s digest and the bytes are the sealed ones; a flipped byte there
+    is EIO (nothing else could vouch for it), and a larger file without its object is
+    EIO as before."""
+    src = tmp_path / "share"
+    src.mkdir()
+    sizes = {"empty": 0, "one": 1, "part": block - 1, "block": block, "two": block + 1}
+    data = {n: os.urandom(s) for n, s in sizes.items()}
+    for n, b in data.items():
+        write(src / n, b)
+    opts = [f"--hash-alg={alg}", f"--block-size={block}"] + ([f"--salt={salt}"] if salt else [])
+    r = vf("seal", src, *opts, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 0, r.stderr
+    oracle = {n: subprocess.run(["fsverity", "digest", str(src / n), *opts], check=True,
+                                capture_output=True, text=True).stdout.split()[0]
+              for n in sizes}
+    for n in sizes:
+        os.unlink(object_file(src, n))  # the store's index still names them: that is all
+    m = verified_mount(src, seal=False, policy="require",
+                       extra_args=["--manifest", str(tmp_path / "m.json"),
+                                   "--trust-key", str(tmp_path / "pub.pem")])
+    for n, size in sizes.items():
+        if size > block:
+            assert open_errno(m.mountpoint / n) == errno.EIO, n  # a tree needs its object
+            continue
+        assert (m.mountpoint / n).read_bytes() == data[n], n
+        out = subprocess.run(["fsverity", "measure", str(m.mountpoint / n)], check=True,
+                             capture_output=True, text=True).stdout.split()[0]
+        assert out == oracle[n], n
+    flip(src / "part", block // 2)
+    drop_caches()
+    assert open_errno(m.mountpoint / "part") == errno.EIO
+    assert (m.mountpoint / "one").read_bytes() == data["one"]

@@ -108,6 +108,16 @@ def read_small(fd: int, size: int) -> bytes:
     return data
 
 
+def one_block_descriptor(params: Params, data: bytes) -> Descriptor:
+    """The descriptor of a file whose bytes are ``data``, at most one block: it has no
+    tree, its root hash is the hash of its one block, zero-padded (zeros: no block)."""
+    bs = params.block_size
+    if len(data) > bs:
+        raise ValueError(f"{len(data)} bytes are more than one block of {bs}")
+    root = params.block_hasher()(data.ljust(bs, b"\0")) if data else bytes(params.alg.digest_size)
+    return Descriptor.build(params, len(data), root)
+
+
 def default_threads() -> int:
     return _DEFAULT_THREADS
 
@@ -168,12 +178,10 @@ def build_tree(
     if data_size is None:
         data_size = os.fstat(fd).st_size
     bs = params.block_size
-    if data_size <= bs:  # no tree: the root is the one block's hash (zeros: no block)
+    if data_size <= bs:  # no tree
         if cancel is not None and cancel():
             raise Cancelled()
-        root = (params.block_hasher()(read_small(fd, data_size).ljust(bs, b"\0"))
-                if data_size else bytes(params.alg.digest_size))
-        return Descriptor.build(params, data_size, root)
+        return one_block_descriptor(params, read_small(fd, data_size))
 
     geo = Geometry.compute(params, data_size)
     builder = TreeBuilder(geo, write_block)

@@ -21,9 +21,10 @@ import os
 import stat
 from typing import Dict, Optional, Tuple
 
-from . import fsutil, manifest_tree, uapi
+from . import fsutil, manifest_tree, treebuild, uapi
 from . import ioctl as vioctl
 from .errors import RESOURCE_ERRNOS, Corruption, StoreCorrupt
+from .store_object import inline_tree
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
@@ -48,6 +49,9 @@ class ManifestView(ReadOnlyView):
         # nothing below it is followed.
         self.root_fd = -1 if source is None else os.open(
             source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # RWF_NOWAIT until the share refuses it (tmpfs, FUSE, virtio-fs): a share is one
+        # file system, so a refusal is not asked again per file (_one_block_tree).
+        self._nowait = os.RWF_NOWAIT
 
     @functools.cached_property
     def blocks(self) -> int:
@@ -184,6 +188,41 @@ class ManifestView(ReadOnlyView):
             raise
         return tree
 
+    def _one_block_tree(self, node: manifest_tree.Node, fd: int, wait: bool):
+        """A file of at most one block has no tree: its descriptor is the manifest's
+        parameters and size with the hash of its one block.  Computed from what the
+        share's file ``fd`` holds now, it is used only if it hashes to the manifest's
+        digest, which makes that root hash the sealed one (the digest covers it), so
+        every read is then checked against it as against an object's; the store is not
+        read at all (on a virtio-fs share: one read of the open file instead of an
+        object's lookup, open, read and release on the host).
+
+        None when the file is larger or its bytes do not match (then the object is
+        read, and the reads report the mismatch, as on ext4).  Unless ``wait`` (no
+        object would do), also None when the read would wait where the file system
+        can tell: the object's read then, as before.  A share that cannot tell (tmpfs,
+        FUSE and virtio-fs refuse RWF_NOWAIT) is read as the object it replaces would
+        be: a read that may wait, on the request thread."""
+        if node.size > node.params.block_size:
+            return None
+        buf = bytearray(node.size + 1)  # a byte more: a file longer than sealed shows
+        try:
+            try:
+                n = os.preadv(fd, [buf], 0, 0 if wait else self._nowait)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    return None  # it would wait (EAGAIN), or fails: the object's path
+                self._nowait = 0
+                n = os.preadv(fd, [buf], 0)
+        except OSError:
+            return None
+        if n != node.size:
+            return None
+        desc = treebuild.one_block_descriptor(node.params, bytes(buf[:n]))
+        if desc.digest != node.digest:
+            return None
+        return inline_tree(node.path, desc, node.digest)
+
     def open(self, ino: int, flags: int, caller=None, fd: Optional[int] = None) -> FileHandle:
         """``fd``: what a WouldWait's ``finish`` opened (taken)."""
         try:
@@ -196,7 +235,15 @@ class ManifestView(ReadOnlyView):
             raise
         fh = FileHandle(self._open_backing(node) if fd is None else fd, node)
         try:  # open_tree made the sealed size the manifest's
-            fh.verify_with(self.open_tree(node), self.cache, node.path, self.stats,
+            tree = self._one_block_tree(node, fh.fd, wait=False)
+            if tree is None:
+                try:
+                    tree = self.open_tree(node)
+                except (StoreCorrupt, Corruption):  # no object that will do: its bytes may
+                    tree = self._one_block_tree(node, fh.fd, wait=True)
+                    if tree is None:
+                        raise
+            fh.verify_with(tree, self.cache, node.path, self.stats,
                            what="the share's file", sealed="the manifest says")
         except BaseException:
             fh.close()
