@@ -26,6 +26,7 @@ import glob
 import mmap
 import os
 import time
+from typing import Optional
 
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 MARGIN = 2 << 30  # left available to everything else
@@ -59,7 +60,7 @@ def available() -> int:
     return 0
 
 
-def warm(nbytes: int = None) -> float:
+def warm(nbytes: Optional[int] = None) -> float:
     """Populate and free up to ``nbytes`` (default WARM["bytes"]) of memory; seconds spent."""
     nbytes = WARM["bytes"] if nbytes is None else nbytes
     nbytes = min(nbytes, available() - MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
