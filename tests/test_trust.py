@@ -295,7 +295,22 @@ def test_files_of_one_block_read_against_the_manifest_alone(tmp_path, key, verif
         out = subprocess.run(["fsverity", "measure", str(m.mountpoint / n)], check=True,
                              capture_output=True, text=True).stdout.split()[0]
         assert out == oracle[n], n
+        # What the mount exports of its metadata needs no object either: the descriptor
+        # fsverity-utils computes, and an empty tree.
+        subprocess.run(["fsverity", "digest", str(src / n), *opts,
+                        f"--out-descriptor={tmp_path / 'oracle.desc'}"], check=True,
+                       capture_output=True)
+        for kind, want in (("descriptor", (tmp_path / "oracle.desc").read_bytes()),
+                           ("merkle_tree", b"")):
+            r = subprocess.run([*VF, "dump-metadata", kind, str(m.mountpoint / n)],
+                               capture_output=True)
+            assert (r.returncode, r.stdout) == (0, want), (n, kind, r.stderr)
+    failures = [line for line in m.log().splitlines() if "integrity failure" in line]
+    assert failures and all("integrity failure: two:" in line for line in failures), failures
     flip(src / "part", block // 2)
     drop_caches()
     assert open_errno(m.mountpoint / "part") == errno.EIO
+    assert any("integrity failure: part:" in line and "missing tree object" in line
+               and "do not hash to the manifest's digest" in line
+               for line in m.log().splitlines()), m.log()
     assert (m.mountpoint / "one").read_bytes() == data["one"]

@@ -49,8 +49,10 @@ class ManifestView(ReadOnlyView):
         # nothing below it is followed.
         self.root_fd = -1 if source is None else os.open(
             source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        # RWF_NOWAIT until the share refuses it (tmpfs, FUSE, virtio-fs): a share is one
-        # file system, so a refusal is not asked again per file (_one_block_tree).
+        # RWF_NOWAIT until the share refuses it (tmpfs, FUSE, virtio-fs), then not asked
+        # again per file (_one_block_tree).  A share is one file system, mostly; a file
+        # on a submount of another kind is then read as the object it replaces would be
+        # (a read that may wait), never with weaker checks.
         self._nowait = os.RWF_NOWAIT
 
     @functools.cached_property
@@ -223,6 +225,24 @@ class ManifestView(ReadOnlyView):
             return None
         return inline_tree(node.path, desc, node.digest)
 
+    def _tree(self, node: manifest_tree.Node, fd: int):
+        """The tree ``node``'s reads are checked against, for its share file ``fd``: a file
+        of one block's own descriptor when that does, else the object."""
+        tree = self._one_block_tree(node, fd, wait=False)
+        if tree is not None:
+            return tree
+        try:
+            return self.open_tree(node)
+        except (StoreCorrupt, Corruption) as e:  # no object that will do: its bytes may
+            tree = self._one_block_tree(node, fd, wait=True)
+            if tree is not None:
+                return tree
+            if node.size > node.params.block_size:
+                raise
+            kind = StoreCorrupt if isinstance(e, StoreCorrupt) else Corruption
+            raise kind(f"{e}; and its bytes in the share do not hash to the manifest's digest",
+                       node.path) from None
+
     def open(self, ino: int, flags: int, caller=None, fd: Optional[int] = None) -> FileHandle:
         """``fd``: what a WouldWait's ``finish`` opened (taken)."""
         try:
@@ -235,15 +255,7 @@ class ManifestView(ReadOnlyView):
             raise
         fh = FileHandle(self._open_backing(node) if fd is None else fd, node)
         try:  # open_tree made the sealed size the manifest's
-            tree = self._one_block_tree(node, fh.fd, wait=False)
-            if tree is None:
-                try:
-                    tree = self.open_tree(node)
-                except (StoreCorrupt, Corruption):  # no object that will do: its bytes may
-                    tree = self._one_block_tree(node, fh.fd, wait=True)
-                    if tree is None:
-                        raise
-            fh.verify_with(tree, self.cache, node.path, self.stats,
+            fh.verify_with(self._tree(node, fh.fd), self.cache, node.path, self.stats,
                            what="the share's file", sealed="the manifest says")
         except BaseException:
             fh.close()
@@ -265,7 +277,17 @@ class ManifestView(ReadOnlyView):
         """The file's tree object, read only through a verifier (the caller closes
         ``.tree``): what the mount exports of it is checked as reads are."""
         node = self._file(ino)
-        return Verifier(self.open_tree(node), self.cache, node.path)
+        if node.size > node.params.block_size:
+            return Verifier(self.open_tree(node), self.cache, node.path)
+        # A file of one block needs no object here either (what open reads it against).
+        try:
+            fd = self._open_backing(node, wait=True)
+        except Corruption:  # no file in the share: its object may still say
+            return Verifier(self.open_tree(node), self.cache, node.path)
+        try:
+            return Verifier(self._tree(node, fd), self.cache, node.path)
+        finally:
+            os.close(fd)
 
     def flags(self, ino: int, fh=None) -> int:
         return uapi.FS_VERITY_FL if self._node(ino).kind == stat.S_IFREG else 0
