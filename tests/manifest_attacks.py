@@ -274,6 +274,22 @@ def expect_eio(ctx: Ctx, rel: str, at=("open", "read")) -> str:
     return f"{rel}: EIO at {where}"
 
 
+def expect_eio_after_drop(ctx: Ctx, rel: str, fd: int):
+    """Reading open ``fd`` (taken: closed here) from its start, once caches are dropped
+    so that the read reaches the daemon, must fail with EIO."""
+    try:
+        ctx.drop_caches()
+        try:
+            data = read_fd(fd)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise Failed(f"{rel}: read failed with {errname(e.errno)}, expected EIO")
+        else:
+            raise Failed(f"{rel}: read {len(data)} bytes ({ctx.identify(data)}), expected EIO")
+    finally:
+        os.close(fd)
+
+
 def expect_logged(ctx: Ctx, rel: str):
     if rel not in ctx.new_log():
         raise Failed(f"the daemon's log does not name {rel} since the attack")
@@ -560,18 +576,7 @@ def _rename_check(ctx):
     reads that reach the daemon (caches dropped after the open) give EIO; what the
     page cache still holds are P's own verified bytes."""
     fd = os.open(ctx.p("rename/victim.bin"), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        ctx.drop_caches()
-        try:
-            data = os.pread(fd, 12_000, 0)
-        except OSError as e:
-            if e.errno != errno.EIO:
-                raise Failed(f"rename/victim.bin: read failed with {errname(e.errno)}, expected EIO")
-        else:
-            raise Failed(f"rename/victim.bin: read {len(data)} bytes ({ctx.identify(data)}), "
-                         f"expected EIO")
-    finally:
-        os.close(fd)
+    expect_eio_after_drop(ctx, "rename/victim.bin", fd)
     expect_logged(ctx, "rename/victim.bin")
     return "EIO"
 
@@ -893,18 +898,7 @@ def _one_held_check(ctx):
     """A file of one block changed while a reader holds it open (its descriptor made at
     that open, from the bytes then): once its pages are dropped, the read gives EIO."""
     rel = "one-block/held.txt"
-    fd = ctx.state.pop("fd")
-    try:
-        ctx.drop_caches()
-        try:
-            data = read_fd(fd)
-        except OSError as e:
-            if e.errno != errno.EIO:
-                raise Failed(f"{rel}: read failed with {errname(e.errno)}, expected EIO")
-        else:
-            raise Failed(f"{rel}: read {len(data)} bytes ({ctx.identify(data)}), expected EIO")
-    finally:
-        os.close(fd)
+    expect_eio_after_drop(ctx, rel, ctx.state.pop("fd"))
     expect_logged(ctx, rel)
     return f"{rel}: EIO at read"
 
