@@ -314,3 +314,29 @@ def test_files_of_one_block_read_against_the_manifest_alone(tmp_path, key, verif
                and "do not hash to the manifest's digest" in line
                for line in m.log().splitlines()), m.log()
     assert (m.mountpoint / "one").read_bytes() == data["one"]
+
+
+@pytest.mark.parametrize("change", ["truncate", "extend"])
+def test_a_file_of_one_block_resized_while_open_is_eio(share, verified_mount, change):
+    """The host truncates or extends a file of one block after the open that made its
+    descriptor from its bytes: its size stays the manifest's, and a read that reaches
+    the daemon gives EIO (the first is the truncation-while-open check of
+    manifest_attacks for a file without a tree)."""
+    src = share[0]
+    g = guest(verified_mount, share)
+    want = b"trusted configuration\n"
+    fd = os.open(g.mountpoint / "config", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == want
+        if change == "truncate":
+            os.truncate(src / "config", len(want) - 1)
+        else:
+            with open(src / "config", "ab") as f:
+                f.write(b"x")
+        drop_caches()
+        assert os.fstat(fd).st_size == len(want)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 0)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
