@@ -83,6 +83,8 @@ def test_native_reads_and_a_block_changed_behind_their_back(tree, tmp_path, veri
     assert fast["reads"] >= 2 * 2 + 4, fast
     assert fast["declined_failed"] == 0 and st["integrity_failures"] == 0
     assert st["bytes_served"] == 2 * sum(len(d) for d in files.values())
+    # The big file's second round of 1 MiB reads: sent by the shim's reply thread.
+    assert fast["replies_apart"] >= 1, fast
 
     # The host changes one byte of the big file: the warm daemon holds its leaves.
     off = 2 * MiB + 4096 * 3 + 17
@@ -101,6 +103,39 @@ def test_native_reads_and_a_block_changed_behind_their_back(tree, tmp_path, veri
     assert st["integrity_failures"] >= 1
     assert st["failures"][0]["offset"] == block
     assert st["fast_reads"]["declined_failed"] >= 1
+
+
+def test_large_replies_sent_apart_from_concurrent_readers_are_exact(tmp_path, verified_mount):
+    """Large native answers are sent from the shim's reply thread while the next request
+    is read and hashed: with four readers at once, the reply buffers are all in use, and
+    every byte must still be the file's (no buffer filled again before it was sent)."""
+    import threading
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {f"f{i}": os.urandom(8 * MiB + 4096 * i + 1) for i in range(4)}
+    for name, data in files.items():
+        write(src / name, data)
+    m = verified_mount(src)
+    for name, data in files.items():  # first round: Python verifies the leaves
+        assert read_all(m.mountpoint / name) == data
+    wrong = []
+
+    def reader(name):
+        for _ in range(3):
+            if read_all(m.mountpoint / name) != files[name]:
+                wrong.append(name)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    st = status(m)
+    assert st["integrity_failures"] == 0 and st["fast_reads"]["declined_failed"] == 0
+    assert st["fast_reads"]["replies_apart"] >= 4 * 3 * 4, st["fast_reads"]
+    assert st["bytes_served"] == 4 * sum(map(len, files.values()))
 
 
 def test_a_file_extended_behind_an_open_handle_fails_its_last_block(tree, verified_mount):

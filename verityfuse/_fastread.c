@@ -38,10 +38,19 @@
  * called on pyfuse3's request thread (one request at a time), which is also
  * the thread that forgets a handle before closing its fd.
  *
+ * Replies: the answer stays in one of FR_BUFS reply buffers until the shim says
+ * it was sent (fast_done).  The shim sends a large answer from its own thread,
+ * so that the kernel's copy of one reply overlaps the reading and hashing of
+ * the next request (readahead keeps more than one in flight); the buffer is
+ * not written again before then, so what is sent is what was hashed.  When
+ * every buffer is still being sent, fast_read waits for one (without the GIL).
+ *
  * Bounds: FR_HANDLES registered handles, at most half of them in use (a
- * handle past that is served by Python), the leaf table's (_leaftable.c), one
- * buffer of FR_MAX_READ plus a block.
+ * handle past that is served by Python), the leaf table's (_leaftable.c),
+ * FR_BUFS buffers of FR_MAX_READ plus a block (the first one only, unless
+ * replies overlap).
  */
+#include <pthread.h>
 #include <sys/mman.h>
 
 #define FR_HANDLES 4096          /* a power of two */
@@ -56,13 +65,66 @@ struct fr_file {
     unsigned char prefix[FR_PREFIX], key[FR_KEY], root[SHA512_DIGEST_LENGTH];
 };
 
+#define FR_BUFS 4                /* one being filled, up to three being sent */
+#define FR_BUF_BYTES (FR_MAX_READ + FR_MAX_BLOCK)
+
 static struct fr_file g_files[FR_HANDLES];
 static size_t g_nfiles;
-static unsigned char *g_frbuf;    /* FR_MAX_READ + FR_MAX_BLOCK, page-aligned */
+static unsigned char *g_frbuf;    /* FR_BUFS buffers of FR_BUF_BYTES, page-aligned */
+/* Which buffers hold an answer not yet sent; only the lock orders it (fast_done
+ * runs on the shim's reply thread, without the GIL). */
+static int g_frbusy[FR_BUFS];
+static pthread_mutex_t g_frlock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_frfreed = PTHREAD_COND_INITIALIZER;
+static unsigned long long g_fr_buf_waits;
 static unsigned char g_expected[(FR_MAX_READ + FR_MAX_BLOCK) / FR_MIN_BLOCK * SHA512_DIGEST_LENGTH];
 /* What fast_read did: answered (reads, bytes, blocks), or why it declined. */
 static unsigned long long g_fr_reads, g_fr_bytes, g_fr_blocks, g_fr_no_handle, g_fr_no_leaf,
     g_fr_unfit, g_fr_would_wait, g_fr_failed;
+
+/* The first free reply buffer marked busy, or -1; g_frlock held. */
+static int fr_take_locked(void)
+{
+    for (int i = 0; i < FR_BUFS; i++) {
+        if (!g_frbusy[i]) {
+            g_frbusy[i] = 1;
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* The first free reply buffer, marked busy: waits (without the GIL) while every
+ * one is still being sent.  The lowest is taken, so without overlapping replies
+ * only the first buffer is ever touched. */
+static int fr_take(void)
+{
+    pthread_mutex_lock(&g_frlock);
+    int got = fr_take_locked();
+    pthread_mutex_unlock(&g_frlock);
+    if (got >= 0)
+        return got;
+    g_fr_buf_waits++;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&g_frlock);
+    while ((got = fr_take_locked()) < 0)
+        pthread_cond_wait(&g_frfreed, &g_frlock);
+    pthread_mutex_unlock(&g_frlock);
+    Py_END_ALLOW_THREADS
+    return got;
+}
+
+/* Reply buffer `token` was sent (or its answer declined): it may be filled again.
+ * The shim's vf_fast_done_fn; any thread, GIL or not. */
+static void fast_done(int token)
+{
+    if (token < 0 || token >= FR_BUFS)
+        return;
+    pthread_mutex_lock(&g_frlock);
+    g_frbusy[token] = 0;
+    pthread_cond_signal(&g_frfreed);
+    pthread_mutex_unlock(&g_frlock);
+}
 
 static size_t fr_slot(uint64_t fh)
 {
@@ -117,10 +179,11 @@ static int fr_all_cached(int fd, long long off, size_t len)
     return cs.nr_cache >= last + 1 - first;
 }
 
-/* Answer the read of `size` bytes at `off` of handle fh: 0 with *out and *len set
- * (valid until the next call), or -1: the caller hands the request to Python.  The
- * shim's entry (fast_entry): on pyfuse3's request thread, with the GIL held. */
-static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, size_t *len)
+/* Answer the read of `size` bytes at `off` of handle fh: 0 with *out and *len set, in
+ * reply buffer *token (kept until fast_done(*token)), or -1: the caller hands the request
+ * to Python.  The shim's entry (fast_entry): on pyfuse3's request thread, GIL held. */
+static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, size_t *len,
+                     int *token)
 {
     struct fr_file *f = fr_find(fh);
     if (f == NULL) {
@@ -140,14 +203,17 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
     size_t n = (size_t)(stop - start), padded = (n + f->bs - 1) / f->bs * f->bs;
     size_t first = (size_t)(start / bs), nb = padded / f->bs, ds = f->alg == ALG_SHA512
         ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
-    if (padded > FR_MAX_READ + FR_MAX_BLOCK || g_frbuf == NULL) {
+    if (padded > FR_BUF_BYTES || g_frbuf == NULL) {
         g_fr_unfit++;
         return -1;
     }
+    /* Taken before the expected hashes are copied: a wait for a buffer releases the GIL. */
+    int slot_buf = fr_take();
+    unsigned char *buf = g_frbuf + (size_t)slot_buf * FR_BUF_BYTES;
     if (f->single) {
         if (first != 0 || nb != 1) {
             g_fr_unfit++;
-            return -1;
+            goto decline;
         }
         memcpy(g_expected, f->root, ds);
     } else {
@@ -158,7 +224,7 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
             struct fr_leaf *l = fr_leaf_get(f->key, f->key_len, leaf);
             if (l == NULL || (slot + count) * ds > l->size) {
                 g_fr_no_leaf++;
-                return -1;
+                goto decline;
             }
             memcpy(g_expected + (b - first) * ds, l->block + slot * ds, count * ds);
             b += count;
@@ -172,27 +238,27 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
          * page evicted in between makes the read wait: the GIL is released for it. */
         if (stop == data_size || !fr_all_cached(fd, start, n)) {
             g_fr_would_wait++;
-            return -1;
+            goto decline;
         }
         flags = 0;
         may_block = 1;
     }
     struct hctx c;
-    hctx_init(&c, f->alg, f->prefix, f->prefix_len, g_frbuf, padded, f->bs);
+    hctx_init(&c, f->alg, f->prefix, f->prefix_len, buf, padded, f->bs);
     size_t fail_at;
     int fail_errno;
-    size_t bad = read_verify_core(&c, g_expected, fd, flags, may_block, start, n, g_frbuf, 0,
+    size_t bad = read_verify_core(&c, g_expected, fd, flags, may_block, start, n, buf, 0,
                                   &fail_at, &fail_errno);
     if (fail_at != SIZE_MAX) {
         if (fail_errno == EAGAIN)
             g_fr_would_wait++;
         else
             g_fr_failed++;  /* an error or a truncated file: Python names it */
-        return -1;
+        goto decline;
     }
     if (bad != SIZE_MAX) {
         g_fr_failed++;  /* Python reads it again and reports the mismatch */
-        return -1;
+        goto decline;
     }
     if (stop == data_size) {
         /* The file must end at its sealed size (Python names an extension). */
@@ -204,15 +270,19 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
                 g_fr_would_wait++;
             else
                 g_fr_failed++;
-            return -1;
+            goto decline;
         }
     }
     g_fr_reads++;
     g_fr_blocks += nb;
     g_fr_bytes += (unsigned long long)(end - off);
-    *out = g_frbuf + (off - start);
+    *out = buf + (off - start);
     *len = (size_t)(end - off);
+    *token = slot_buf;
     return 0;
+decline:
+    fast_done(slot_buf);
+    return -1;
 }
 
 /* --- Python interface --- */
@@ -239,7 +309,7 @@ static PyObject *fast_register(PyObject *self, PyObject *args)
         goto done;
     }
     if (g_frbuf == NULL) {
-        void *p = mmap(NULL, FR_MAX_READ + FR_MAX_BLOCK, PROT_READ | PROT_WRITE,
+        void *p = mmap(NULL, (size_t)FR_BUFS * FR_BUF_BYTES, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) {
             PyErr_SetFromErrno(PyExc_OSError);
@@ -297,9 +367,12 @@ static PyObject *fast_read_py(PyObject *self, PyObject *args)
         return NULL;
     const void *out;
     size_t len;
-    if (size < 0 || fast_read(fh, (size_t)size, off, &out, &len) != 0)
+    int token;
+    if (size < 0 || fast_read(fh, (size_t)size, off, &out, &len, &token) != 0)
         Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize(out, (Py_ssize_t)len);
+    PyObject *res = PyBytes_FromStringAndSize(out, (Py_ssize_t)len);
+    fast_done(token);
+    return res;
 }
 
 static PyObject *fast_info(PyObject *self, PyObject *unused)
@@ -307,8 +380,9 @@ static PyObject *fast_info(PyObject *self, PyObject *unused)
     (void)self;
     (void)unused;
     size_t leaves = g_nleaves;
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n,s:n}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:n,s:n,s:n}",
                          "reads", g_fr_reads, "bytes", g_fr_bytes, "blocks", g_fr_blocks,
+                         "buffer_waits", g_fr_buf_waits,
                          "declined_no_handle", g_fr_no_handle, "declined_no_leaf", g_fr_no_leaf,
                          "declined_unfit", g_fr_unfit, "declined_would_wait", g_fr_would_wait,
                          "declined_failed", g_fr_failed, "handles", (Py_ssize_t)g_nfiles,
@@ -321,7 +395,9 @@ static PyObject *fast_entry(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyLong_FromVoidPtr((void *)fast_read);  /* the shim's vf_fast_read_fn */
+    /* the shim's vf_fast_read_fn and vf_fast_done_fn */
+    return Py_BuildValue("(NN)", PyLong_FromVoidPtr((void *)fast_read),
+                         PyLong_FromVoidPtr((void *)fast_done));
 }
 
 #define FAST_METHODS LEAF_METHODS \
@@ -336,7 +412,8 @@ static PyObject *fast_entry(PyObject *self, PyObject *unused)
     {"fast_read", fast_read_py, METH_VARARGS, \
      "fast_read(fh, size, offset) -> bytes or None: what the FUSE hook would reply\n" \
      "(None: it declines, Python serves the read).  For tests, on the one thread that\n" \
-     "serves FUSE requests (it shares their buffer)."}, \
+     "serves FUSE requests (it shares their buffers)."}, \
     {"fast_info", fast_info, METH_NOARGS, "fast_info() -> dict: counters and sizes."}, \
     {"fast_entry", fast_entry, METH_NOARGS, \
-     "fast_entry() -> int: the address of the C function the FUSE shim calls."},
+     "fast_entry() -> (int, int): the addresses of the C functions the FUSE shim calls\n" \
+     "(fast_read, and fast_done once a reply buffer was sent)."},

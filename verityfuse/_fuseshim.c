@@ -37,6 +37,7 @@
 #undef fuse_session_new
 
 #include <dlfcn.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stddef.h>
@@ -57,18 +58,116 @@ static int noflush_ro;
 static void (*orig_init)(void *userdata, struct fuse_conn_info *conn);
 
 typedef int (*vf_fast_read_fn)(uint64_t fh, size_t size, int64_t off, const void **out,
-                               size_t *len);
+                               size_t *len, int *token);
+typedef void (*vf_fast_done_fn)(int token);
 static vf_fast_read_fn fast_read;
+static vf_fast_done_fn fast_done;
 static void (*orig_read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                          struct fuse_file_info *fi);
+
+/*
+ * The replies of large fast reads are sent from a thread of their own.  Sending
+ * one is the kernel copying it into the page cache (~180 us a MiB here); on
+ * pyfuse3's one request thread that copy kept the next request (readahead sends
+ * several) from being read and hashed meanwhile.  Small replies are sent at once:
+ * a thread hand-off costs more than their copy, and a lone 4 KiB read would wait
+ * for it.  The queue holds no more entries than fast_read has buffers, so it
+ * never fills; its thread starts with the first large reply (after any fork of
+ * the daemon), and replies still queued are sent before the session goes.
+ */
+#define RQ_SIZE 8                   /* >= fast_read's reply buffers */
+#define RQ_MIN_BYTES (256 * 1024)   /* smaller replies are sent on the request thread */
+
+struct rq_item { fuse_req_t req; const void *buf; size_t len; int token; };
+static struct rq_item rq[RQ_SIZE];
+static unsigned rq_head, rq_tail;   /* queued: rq_tail .. rq_head - 1 */
+static int rq_sending, rq_started, rq_failed, rq_atfork_set;
+static unsigned long long rq_sent;  /* replies the thread sent (the status shows it) */
+static pthread_mutex_t rq_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t rq_more = PTHREAD_COND_INITIALIZER, rq_idle = PTHREAD_COND_INITIALIZER;
+
+static void *rq_loop(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&rq_lock);
+    for (;;) {
+        while (rq_head == rq_tail)
+            pthread_cond_wait(&rq_more, &rq_lock);
+        struct rq_item it = rq[rq_tail % RQ_SIZE];
+        rq_tail++;
+        rq_sending = 1;
+        pthread_mutex_unlock(&rq_lock);
+        fuse_reply_buf(it.req, it.buf, it.len);
+        fast_done(it.token);
+        pthread_mutex_lock(&rq_lock);
+        rq_sending = 0;
+        rq_sent++;
+        if (rq_head == rq_tail)
+            pthread_cond_broadcast(&rq_idle);
+    }
+    return NULL;
+}
+
+static void rq_atfork_child(void)
+{
+    /* The thread is not in the child: a child that serves starts its own. */
+    rq_head = rq_tail = 0;
+    rq_sending = rq_started = rq_failed = 0;
+    pthread_mutex_init(&rq_lock, NULL);
+    pthread_cond_init(&rq_more, NULL);
+    pthread_cond_init(&rq_idle, NULL);
+}
+
+/* Queue a reply for the reply thread; 0 if it must be sent here instead. */
+static int rq_push(fuse_req_t req, const void *buf, size_t len, int token)
+{
+    int queued = 0;
+    pthread_mutex_lock(&rq_lock);
+    if (!rq_started && !rq_failed) {
+        pthread_t t;
+        pthread_attr_t attr;
+        rq_failed = 1;
+        if (pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&t, &attr, rq_loop, NULL) == 0) {
+                rq_started = 1;
+                rq_failed = 0;
+                if (!rq_atfork_set)
+                    rq_atfork_set = pthread_atfork(NULL, NULL, rq_atfork_child) == 0;
+            }
+            pthread_attr_destroy(&attr);
+        }
+    }
+    if (rq_started && rq_head - rq_tail < RQ_SIZE) {
+        rq[rq_head % RQ_SIZE] = (struct rq_item){req, buf, len, token};
+        rq_head++;
+        pthread_cond_signal(&rq_more);
+        queued = 1;
+    }
+    pthread_mutex_unlock(&rq_lock);
+    return queued;
+}
+
+/* Every queued reply sent: before the session (which the requests refer to) goes. */
+static void rq_drain(void)
+{
+    pthread_mutex_lock(&rq_lock);
+    while (rq_started && (rq_head != rq_tail || rq_sending))
+        pthread_cond_wait(&rq_idle, &rq_lock);
+    pthread_mutex_unlock(&rq_lock);
+}
 
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
     const void *buf;
     size_t len;
-    if (fast_read != NULL && fi != NULL && fast_read(fi->fh, size, off, &buf, &len) == 0) {
-        fuse_reply_buf(req, buf, len);
+    int token;
+    if (fast_read != NULL && fi != NULL && fast_read(fi->fh, size, off, &buf, &len, &token) == 0) {
+        if (len < RQ_MIN_BYTES || !rq_push(req, buf, len, token)) {
+            fuse_reply_buf(req, buf, len);
+            fast_done(token);
+        }
         return;
     }
     orig_read(req, ino, size, off, fi);
@@ -157,6 +256,17 @@ EXPORT struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
     return se;
 }
 
+typedef void (*destroy_fn)(struct fuse_session *);
+
+/* Interposed too: replies still queued refer to the session, so they go first. */
+EXPORT void fuse_session_destroy(struct fuse_session *se)
+{
+    destroy_fn real = (destroy_fn)dlvsym(RTLD_NEXT, "fuse_session_destroy", "FUSE_3.0");
+    rq_drain();
+    if (real != NULL)
+        real(se);
+}
+
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
 
 EXPORT int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
@@ -184,13 +294,24 @@ EXPORT void vf_set_dont_mask(int on) { want_dont_mask = on; }
 
 EXPORT void vf_set_noflush_ro(int on) { noflush_ro = on; }
 
-/* NULL: every read goes to pyfuse3.  Only with a session hooked (orig_read set). */
-EXPORT int vf_set_fast_read(vf_fast_read_fn fn)
+/* NULL: every read goes to pyfuse3.  Only with a session hooked (orig_read set).
+ * done: called with a reply's token once it was sent. */
+EXPORT int vf_set_fast_read(vf_fast_read_fn fn, vf_fast_done_fn done)
 {
-    if (orig_read == NULL)
+    if (orig_read == NULL || (fn != NULL && done == NULL))
         return 0;
+    rq_drain();
+    fast_done = done;
     fast_read = fn;
     return 1;
+}
+
+EXPORT unsigned long long vf_replies_sent_apart(void)
+{
+    pthread_mutex_lock(&rq_lock);
+    unsigned long long n = rq_sent;
+    pthread_mutex_unlock(&rq_lock);
+    return n;
 }
 
 EXPORT int vf_reply_ioctl(void *req, int result, const void *buf, size_t size)

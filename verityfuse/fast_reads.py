@@ -135,5 +135,7 @@ class FastReads:
             self.forget(fh)
 
     def counts(self) -> dict:
-        """What the native path answered and why it declined (``verityfuse status``)."""
-        return self.native.fast_info()
+        """What the native path answered and why it declined (``verityfuse status``);
+        ``replies_apart``: answers the shim's reply thread sent (large ones)."""
+        apart = self.shim.replies_sent_apart() if self.shim is not None else 0
+        return dict(self.native.fast_info(), replies_apart=apart)

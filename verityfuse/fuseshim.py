@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 log = logging.getLogger("verityfuse")
 
@@ -51,14 +51,24 @@ class Shim:
         if fn is not None:
             fn(int(on))
 
-    def set_fast_read(self, address: Optional[int]) -> bool:
-        """Hand every FUSE_READ to the C function at ``address`` first (None: none);
-        False if the shim cannot (built before this existed, or libfuse not hooked)."""
+    def set_fast_read(self, entry: Optional[Tuple[int, int]]) -> bool:
+        """Hand every FUSE_READ to the C function at ``entry[0]`` first, which
+        ``entry[1]`` tells when a reply it made was sent (None: no function); False if
+        the shim cannot (built before this existed, or libfuse not hooked)."""
         fn = getattr(self.lib, "vf_set_fast_read", None)
         if fn is None:
             return False
-        fn.argtypes = [ctypes.c_void_p]
-        return bool(fn(address))
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        read, done = entry if entry is not None else (None, None)
+        return bool(fn(read, done))
+
+    def replies_sent_apart(self) -> int:
+        """Fast reads whose reply the shim's reply thread sent (0 if it has none)."""
+        fn = getattr(self.lib, "vf_replies_sent_apart", None)
+        if fn is None:
+            return 0
+        fn.restype = ctypes.c_ulonglong
+        return int(fn())
 
     def set_handler(self, fn):
         """fn(req, ino, cmd, fh, flags, data: bytes, out_size) -> 0 or errno."""
