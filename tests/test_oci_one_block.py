@@ -1,0 +1,80 @@
+"""An ``oci://`` mount opens a file of one block without its tree object: the block is
+fetched at open, the descriptor made from it must hash to the manifest's digest, and
+the read that follows is served from the cache.  What the registry can do to such a
+file (damage its block, its tree object, or both) costs what it did before, never
+integrity: a damaged block still reads EIO."""
+
+import errno
+import subprocess
+
+import pytest
+
+from verityfuse.oci_client import sha256_digest
+from registry import registry  # noqa: F401  (the fixture)
+from test_oci import VF, _through, oci_mount, proxy, pushed, status, tree, tree_object_blob  # noqa: F401
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_file_of_one_block_is_opened_and_read_with_one_request(pushed, proxy, oci_mount,  # noqa: F811
+                                                                  tmp_path):
+    m = _through(pushed, proxy, oci_mount)
+    data_blob, tree_blob = sha256_digest(b"hello\n"), tree_object_blob(pushed, "small")
+    before = len(proxy.requests)
+    assert _read(m.mountpoint / "small") == b"hello\n"
+    assert _read(m.mountpoint / "empty") == b""
+    assert [(r.method, r.blob, r.range) for r in proxy.requests[before:]] == \
+        [("GET", data_blob, (0, 5))]
+    # Its measure and exported descriptor are fsverity-utils', without the object.
+    desc = tmp_path / "desc"
+    want = subprocess.run(["fsverity", "digest", pushed["src"] / "small", "--out-descriptor",
+                           desc], capture_output=True, text=True, check=True).stdout.split()[0]
+    got = subprocess.run(["fsverity", "measure", m.mountpoint / "small"],
+                         capture_output=True, text=True)
+    assert got.returncode == 0 and got.stdout.split()[0] == want, got.stderr
+    dumped = subprocess.run([*VF, "dump-metadata", "descriptor", m.mountpoint / "small"],
+                            capture_output=True)
+    assert dumped.returncode == 0 and dumped.stdout == desc.read_bytes(), dumped.stderr
+    assert proxy.count("GET", lambda r: r.blob == tree_blob) == 0
+    st = status(m)
+    assert st["integrity_failures"] == 0
+
+
+def test_a_file_of_one_block_reads_without_its_tree_object(pushed, proxy, oci_mount):  # noqa: F811
+    """Before, a tree object the registry would not serve made the open fail; its block
+    alone vouches for the file now."""
+    tree_blob = tree_object_blob(pushed, "small")
+    proxy.rule = lambda r: "500" if r.blob == tree_blob else None
+    m = _through(pushed, proxy, oci_mount)
+    assert _read(m.mountpoint / "small") == b"hello\n"
+    assert proxy.count("GET", lambda r: r.blob == tree_blob) == 0
+
+
+@pytest.mark.parametrize("tree_too", [False, True])
+def test_a_damaged_block_of_a_one_block_file_is_eio(pushed, proxy, oci_mount, tree_too):  # noqa: F811
+    """The registry flips a byte of the block: the descriptor it gives does not match, so
+    the tree object is fetched and the read fails its check (EIO, logged once); without
+    the tree object too, the open fails (EIO)."""
+    data_blob, tree_blob = sha256_digest(b"hello\n"), tree_object_blob(pushed, "small")
+
+    def rule(r):
+        if r.blob == data_blob:
+            return "flip"
+        return "500" if tree_too and r.blob == tree_blob else None
+    proxy.rule = rule
+    m = _through(pushed, proxy, oci_mount)
+    with pytest.raises(OSError) as e:
+        _read(m.mountpoint / "small")
+    assert e.value.errno == errno.EIO
+    assert _read(m.mountpoint / "sub/odd") == pushed["files"]["sub/odd"]  # others unharmed
+    m.unmount()
+    log = m.log()
+    if tree_too:
+        assert f"registry failure: small: tree object (blob {tree_blob})" in log, log
+    else:
+        assert log.count("integrity failure: small: data block at offset 0: expected hash") \
+            == 1, log
+    assert "hello" not in log
