@@ -294,6 +294,10 @@ EXPORT void vf_set_dont_mask(int on) { want_dont_mask = on; }
 
 EXPORT void vf_set_noflush_ro(int on) { noflush_ro = on; }
 
+/* The fast_read signature this shim calls (with a token, and fast_done): Python hands
+ * the native entry only to a shim that says it, never to one built before. */
+EXPORT int vf_fast_read_abi(void) { return 2; }
+
 /* NULL: every read goes to pyfuse3.  Only with a session hooked (orig_read set).
  * done: called with a reply's token once it was sent. */
 EXPORT int vf_set_fast_read(vf_fast_read_fn fn, vf_fast_done_fn done)

@@ -56,7 +56,8 @@ class Shim:
         ``entry[1]`` tells when a reply it made was sent (None: no function); False if
         the shim cannot (built before this existed, or libfuse not hooked)."""
         fn = getattr(self.lib, "vf_set_fast_read", None)
-        if fn is None:
+        abi = getattr(self.lib, "vf_fast_read_abi", None)
+        if fn is None or abi is None or abi() != 2:  # a shim that would call it wrongly
             return False
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         read, done = entry if entry is not None else (None, None)
