@@ -73,7 +73,8 @@ static void (*orig_read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
  * a thread hand-off costs more than their copy, and a lone 4 KiB read would wait
  * for it.  The queue holds no more entries than fast_read has buffers, so it
  * never fills; its thread starts with the first large reply (after any fork of
- * the daemon), and replies still queued are sent before the session goes.
+ * the daemon), and replies still queued are sent before the session is unmounted
+ * (which closes its fd) or destroyed.
  */
 #define RQ_SIZE 8                   /* >= fast_read's reply buffers */
 #define RQ_MIN_BYTES (256 * 1024)   /* smaller replies are sent on the request thread */
@@ -256,12 +257,23 @@ EXPORT struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
     return se;
 }
 
-typedef void (*destroy_fn)(struct fuse_session *);
+typedef void (*session_fn)(struct fuse_session *);
 
-/* Interposed too: replies still queued refer to the session, so they go first. */
+/* Interposed too, as fuse_session_destroy below: replies still queued are sent first.
+ * Unmounting closes the session's /dev/fuse fd, whose number a later open may take:
+ * a reply written after that could land in another file. */
+EXPORT void fuse_session_unmount(struct fuse_session *se)
+{
+    session_fn real = (session_fn)dlvsym(RTLD_NEXT, "fuse_session_unmount", "FUSE_3.0");
+    rq_drain();
+    if (real != NULL)
+        real(se);
+}
+
+/* The queued requests refer to the session. */
 EXPORT void fuse_session_destroy(struct fuse_session *se)
 {
-    destroy_fn real = (destroy_fn)dlvsym(RTLD_NEXT, "fuse_session_destroy", "FUSE_3.0");
+    session_fn real = (session_fn)dlvsym(RTLD_NEXT, "fuse_session_destroy", "FUSE_3.0");
     rq_drain();
     if (real != NULL)
         real(se);
