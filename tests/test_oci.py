@@ -197,7 +197,7 @@ def test_the_data_cache_is_bounded(pushed, oci_mount):
 def test_concurrent_reads_of_a_block_fetch_it_once(pushed, proxy):
     """Many threads read the same range through one reader: one range request."""
     import threading
-    from verityfuse import oci_source
+    from verityfuse import oci_reader, oci_source
     from verityfuse.mountopts import Settings
     from verityfuse.verifier import TreeBlockCache, Verifier
     from verityfuse.oci_client import sha256_digest
@@ -208,7 +208,7 @@ def test_concurrent_reads_of_a_block_fetch_it_once(pushed, proxy):
     try:
         node = next(n for n in remote.manifest.tree.files() if n.path == "big")
         tree = remote.open_tree(node, "big")
-        reader = oci_source.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
+        reader = oci_reader.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
                                       "big")
         gate = threading.Barrier(8)
         out = []
@@ -711,7 +711,7 @@ def test_sequential_reads_are_read_ahead(pushed, proxy):
     background: the third of three sequential 256 KiB reads was requested before the
     read was made, and no range is requested twice."""
     import time
-    from verityfuse import oci_source
+    from verityfuse import oci_reader, oci_source
     from verityfuse.mountopts import Settings
     from verityfuse.verifier import TreeBlockCache, Verifier
 
@@ -726,7 +726,7 @@ def test_sequential_reads_are_read_ahead(pushed, proxy):
     try:
         node = next(n for n in remote.manifest.tree.files() if n.path == "big")
         tree = remote.open_tree(node, "big")
-        reader = oci_source.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
+        reader = oci_reader.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
                                       "big")
         assert bytes(reader.read(0, piece)) == big[:piece]
         assert bytes(reader.read(piece, piece)) == big[piece:2 * piece]

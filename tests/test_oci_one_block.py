@@ -78,3 +78,47 @@ def test_a_damaged_block_of_a_one_block_file_is_eio(pushed, proxy, oci_mount, tr
         assert log.count("integrity failure: small: data block at offset 0: expected hash") \
             == 1, log
     assert "hello" not in log
+
+
+def test_a_block_the_registry_fails_to_send_fails_the_open(pushed, proxy, oci_mount):  # noqa: F811
+    """The read right after would fail the same way: the open says so at once, without
+    fetching the tree object (and a second round of retries at the read)."""
+    data_blob, tree_blob = sha256_digest(b"hello\n"), tree_object_blob(pushed, "small")
+    proxy.rule = lambda r: "500" if r.blob == data_blob else None
+    m = _through(pushed, proxy, oci_mount)
+    with pytest.raises(OSError) as e:
+        open(m.mountpoint / "small", "rb")
+    assert e.value.errno == errno.EIO
+    assert proxy.count("GET", lambda r: r.blob == data_blob) == 4  # 1 + 3 retries
+    assert proxy.count("GET", lambda r: r.blob == tree_blob) == 0
+    m.unmount()
+    assert m.log().count(f"registry failure: small: offset 0: bytes 0-5 of blob {data_blob}: "
+                         f"{proxy.host} answered 500") == 1, m.log()
+
+
+def test_concurrent_opens_of_a_one_block_file_fetch_its_block_once(pushed, proxy):  # noqa: F811
+    import threading
+
+    from verityfuse import oci_source
+    from verityfuse.mountopts import Settings
+
+    ref = "oci://" + proxy.host + "/" + pushed["ref"].split("/", 1)[1]
+    remote = oci_source.remote_from_settings(ref, Settings(trust_key=[str(pushed["pub"])],
+                                                           plain_http=True))
+    try:
+        node = next(n for n in remote.manifest.tree.files() if n.path == "small")
+        gate, trees = threading.Barrier(8), []
+
+        def opener():
+            gate.wait()
+            trees.append(remote.open_tree(node, "small"))
+        threads = [threading.Thread(target=opener) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(trees) == 8 and all(t.descriptor.data_size == 6 for t in trees)
+        assert proxy.count("GET", lambda r: r.blob == sha256_digest(b"hello\n")) == 1
+        assert proxy.count("GET", lambda r: r.blob == tree_object_blob(pushed, "small")) == 0
+    finally:
+        remote.close()

@@ -16,15 +16,14 @@ wrong bytes, a wrong length or a failing registry therefore cost availability
 - except for a file of at most one block, which has no tree: its one block is
   fetched instead, and the descriptor made from it is used only if it hashes to
   the manifest digest (the block is then the root hash's preimage, and cached
-  for the read that follows): one request per small file instead of two;
-- on read (in a worker thread, never on the request thread), the blocks not
-  in the cache are fetched by HTTP range from the data blob, verified against
-  the tree, and only then cached and served; ``VerifiedReader`` verifies them
-  once more on the way out, so the read path itself is unchanged.
+  for the read that follows): one request per small file instead of two (a
+  registry that fails to send the block fails the open, as it would the read);
+- on read, ``oci_reader.OciReader`` fetches the blocks not in the cache (by
+  HTTP range from the data blob), verifies, caches and serves them.
 
-Concurrent readers of one block fetch it once (in-flight claims).  Every
-request has a timeout, so a stalled registry fails the reads that wait on it
-and nothing else.  Each failure is logged once per file and offset.
+Every request has a timeout, so a stalled registry fails the opens and reads
+that wait on it and nothing else.  Each failure is logged once per file and
+offset.
 """
 
 from __future__ import annotations
@@ -32,16 +31,14 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import threading
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from . import manifest, merkle, oci_artifact
-from .errors import IntegrityError, ManifestError, VerityError
+from .errors import ManifestError, VerityError
 from .logs import requests as ratelog
 from .oci_block_cache import BlockCache, DiskBlockCache
 from .oci_client import Client, RegistryError
 from .oci_ref import parse_ref
-from .reader import VerifiedReader
 from .store_object import TREE_OFFSET, inline_tree, open_stored_tree
 from .treebuild import one_block_descriptor
 from .verifier import TreeBlockCache
@@ -133,43 +130,50 @@ class Remote:
         """A file of at most one block: the descriptor made from its block (cached, or
         fetched now), used only if it hashes to the manifest digest; then the block is
         cached, verified, and the read that follows fetches nothing.  None when the block
-        cannot be had or does not match: the tree object is fetched as for any file, and
-        the read reports what is wrong with the block (EIO on a mismatch, as on ext4)."""
-        data = self._first_block(node) if node.size else b""
-        if data is None:
-            return None
-        desc = one_block_descriptor(node.params, data)
-        if desc.digest != node.digest:
-            return None
-        if node.size:
-            with self.blocks.cond:
-                self.blocks.put((node.digest_text, 0), data, 0)
-        return inline_tree(label, desc, node.digest)
+        does not match, or the artifact names no blob of its size for it: the tree object
+        is fetched as for any file, and the read reports what is wrong (EIO on a
+        mismatch, as on ext4).  A registry that fails to send the block fails the open
+        (EIO, logged at offset 0), as it would the read right after.
 
-    def _first_block(self, node) -> Optional[bytes]:
-        """Block 0 of ``node`` as the cache has it, else as the registry sends it (not
-        yet verified); None if it cannot be had.  Claimed while it is fetched, so that
-        concurrent readers of the block wait for it instead of fetching it too."""
-        fsv = node.digest_text
-        key = (fsv, 0)
+        The block is claimed in the block cache while it is fetched and checked, so that
+        concurrent opens and reads of it wait for this fetch instead of repeating it."""
+        if not node.size:
+            return self._inline_if_match(node, label, b"")
+        cache, key = self.blocks, (node.digest_text, 0)
         got: Dict[tuple, bytes] = {}
-        with self.blocks.cond:
-            mine, _ = self.blocks.take([key], got)
-        if key in got:
-            return got[key]
+        with cache.cond:
+            mine, waiting = cache.take([key], got)
+            if waiting:  # another open or read fetches it; its request has a timeout
+                cache.cond.wait(self.client.timeout)
+                mine, waiting = cache.take([key], got)
         try:
-            blob = self.artifact.data.get(fsv)
-            if blob is None or blob.size != node.size:
+            if key in got:
+                return self._inline_if_match(node, label, got[key])
+            blob = self.artifact.data.get(node.digest_text)
+            if not mine or blob is None or blob.size != node.size:
                 return None
-            return self.client.get_range(blob.digest, 0, node.size,
-                                         f"bytes 0-{node.size - 1} of blob {blob.digest}")
-        except RegistryError:
-            return None
+            try:
+                data = self.client.get_range(blob.digest, 0, node.size,
+                                             f"bytes 0-{node.size - 1} of blob {blob.digest}")
+            except RegistryError as e:
+                raise self.failed(e, label, 0) from None
+            tree = self._inline_if_match(node, label, data)
+            if tree is not None:
+                with cache.cond:
+                    cache.put(key, data, 0)
+            return tree
         finally:
             if mine:
-                with self.blocks.cond:
-                    self.blocks.inflight.difference_update(mine)
-                    self.blocks.cond.notify_all()
+                with cache.cond:
+                    cache.inflight.difference_update(mine)
+                    cache.cond.notify_all()
+
+    @staticmethod
+    def _inline_if_match(node, label: str, data: bytes):
+        """The tree of a file whose one block is ``data``, if its descriptor hashes to the
+        manifest digest; else None."""
+        desc = one_block_descriptor(node.params, data)
+        return inline_tree(label, desc, node.digest) if desc.digest == node.digest else None
 
     def _lazy_tree(self, node, blob, size: int, name: str, label: str):
         """A large tree object: its header now, its blocks as they are used (oci_tree)."""
@@ -225,176 +229,6 @@ def _authenticate(raw: bytes, where: str, trust_keys, pinned: Optional[str], min
         raise ManifestError(str(e).replace(path, where)) from None
     finally:
         os.close(fd)
-
-
-class OciReader(VerifiedReader):
-    """A VerifiedReader whose bytes come from the registry instead of a backing fd.
-
-    ``_pread`` is the one hook: the reader asks for block-aligned bytes, this
-    fills them with verified blocks (cache, else range requests).  Inline reads
-    (the request thread) are always declined, so the daemon runs every read in
-    a worker thread: network I/O never blocks the request loop."""
-
-    def __init__(self, remote: Remote, node, verifier, label: str, stats=None):
-        super().__init__(-1, verifier, label, stats)
-        self.nowait = False  # no inline attempt: read_one and read_steps return None
-        self.remote = remote
-        self.fsv = node.digest_text
-        self.blob = remote.artifact.data.get(self.fsv)
-        self._local = threading.local()  # the blocks of each thread's current read
-        self._next = -1  # the block after the last read: the next read is sequential there
-
-    def _check_eof(self):
-        pass  # the sealed size is authoritative; bytes past it are never fetched
-
-    def read(self, offset: int, size: int):
-        """A verified read; one whose blocks, read back from a disk cache, no longer
-        verify (its storage was changed or damaged since they were cached) forgets them
-        and fetches them once more, instead of failing until they are evicted."""
-        try:
-            return self._read(offset, size)
-        except IntegrityError:
-            if not isinstance(self.remote.blocks, DiskBlockCache):
-                raise  # blocks in memory were verified when fetched: a registry's fault
-            bs = self.bs
-            keys = [(self.fsv, b) for b in range(offset // bs, -(-(offset + size) // bs))]
-            with self.remote.blocks.cond:
-                self.remote.blocks.drop(keys)
-            ratelog.warning(("cache", self.fsv, offset),
-                            f"{self.label}: blocks of the disk cache at offset {offset} no "
-                            f"longer verify (its storage changed): fetched again")
-            return self._read(offset, size)
-
-    def _read(self, offset: int, size: int):
-        """The reader verifies a read piece by piece (``STEP``); the blocks of the whole
-        read are fetched first, in as few range requests as possible (one for a 1 MiB
-        read), since a request's latency costs more than its bytes."""
-        if size > 0 and offset < self.data_size:
-            bs = self.bs
-            first = offset // bs
-            last = (min(offset + size, self.data_size) - 1) // bs
-            self._local.got = self._blocks(first, last - first + 1)
-            self._read_ahead(first, last - first + 1)
-        try:
-            return super().read(offset, size)
-        finally:
-            self._local.got = {}
-
-    def _pread(self, mv: memoryview, start: int, inline: bool) -> Optional[int]:
-        if inline:
-            return None
-        bs = self.bs
-        first = start // bs
-        count = -(-len(mv) // bs)
-        got = getattr(self._local, "got", {})
-        if any((self.fsv, b) not in got for b in range(first, first + count)):
-            got = self._blocks(first, count)
-        for i in range(count):
-            block = got[(self.fsv, first + i)]
-            mv[i * bs: i * bs + len(block)] = block
-        return len(mv)
-
-    def _read_ahead(self, first: int, count: int):
-        """A read that starts where the previous one ended: the next as many blocks (at
-        most MAX_RUN bytes) are fetched in the background, into the cache."""
-        sequential, self._next = first == self._next, first + count
-        left = -(-self.data_size // self.bs) - (first + count)
-        n = min(count, MAX_RUN // self.bs, left)
-        if sequential and n > 0:
-            self.remote.readahead.submit(self._quietly, first + count, n)
-
-    def _quietly(self, first: int, count: int):
-        """Readahead: fetch what nobody fetches yet; a failure is nobody's (not raised,
-        not logged): the read that needs the blocks fetches, and reports, again.  The
-        handle may have been closed meanwhile: then its tree cannot be read, and nothing
-        is cached."""
-        try:
-            self._blocks(first, count, quiet=True)
-        except Exception:
-            pass
-
-    def _blocks(self, first: int, count: int, quiet: bool = False) -> Dict[tuple, bytes]:
-        """Verified blocks [first, first+count): from the cache, else fetched (once, however
-        many readers want them); raises the error of the first block that cannot be had.
-        ``quiet`` (readahead): only the blocks nobody fetches, no errors."""
-        keys = [(self.fsv, b) for b in range(first, first + count)]
-        got: Dict[tuple, bytes] = {}
-        cache = self.remote.blocks
-        while len(got) < count:
-            with cache.cond:
-                mine, waiting = cache.take(keys, got)
-                if quiet and not mine:
-                    return got
-                if not mine:
-                    if waiting:
-                        # Another reader fetches them; its request has a timeout.
-                        cache.cond.wait(self.remote.client.timeout)
-                    continue
-            try:
-                errors = self._fetch([k[1] for k in mine], got, quiet)
-            finally:
-                with cache.cond:
-                    cache.inflight.difference_update(mine)
-                    cache.cond.notify_all()
-            if quiet:
-                return got
-            for k in mine:
-                if k not in got:
-                    raise errors[k[1]]
-        return got
-
-    def _fetch(self, blocks: List[int], got: Dict[tuple, bytes],
-               quiet: bool = False) -> Dict[int, VerityError]:
-        """Fetch ``blocks`` (sorted) in runs of consecutive ones, verify, cache the good
-        ones into ``got``; the error of each block that could not be had."""
-        errors: Dict[int, VerityError] = {}
-        bs, size = self.bs, self.data_size
-        runs: List[List[int]] = []
-        for b in blocks:
-            if runs and runs[-1][-1] == b - 1 and len(runs[-1]) * bs < MAX_RUN:
-                runs[-1].append(b)
-            else:
-                runs.append([b])
-        for run in runs:
-            start = run[0] * bs
-            end = min((run[-1] + 1) * bs, size)
-            try:
-                if self.blob is None:
-                    raise RegistryError(f"the artifact names no data blob for {self.fsv}")
-                if self.blob.size != size:
-                    raise RegistryError(f"the artifact says the data blob for {self.fsv} is "
-                                        f"{self.blob.size} bytes, the manifest {size}")
-                data = self.remote.client.get_range(
-                    self.blob.digest, start, end - start,
-                    f"bytes {start}-{end - 1} of blob {self.blob.digest}")
-            except RegistryError as e:
-                err = e if quiet else self.remote.failed(e, self.label, start)
-                errors.update((b, err) for b in run)
-                continue
-            self._verify_run(run, data, got, errors)
-        return errors
-
-    def _verify_run(self, run: List[int], data: bytes, got, errors):
-        bs = self.bs
-        padded = data + bytes(-len(data) % bs)
-        try:
-            self.verifier.verify(run[0], padded)
-            good = run
-        except IntegrityError:
-            good = []  # find which blocks are bad: the others are still good
-            for i, b in enumerate(run):
-                try:
-                    self.verifier.verify(b, padded[i * bs:(i + 1) * bs])
-                    good.append(b)
-                except IntegrityError as e:
-                    errors[b] = e
-        cache = self.remote.blocks
-        with cache.cond:
-            for b in good:
-                i = b - run[0]
-                block = data[i * bs:(i + 1) * bs]
-                cache.put((self.fsv, b), block, b * bs)
-                got[(self.fsv, b)] = block
 
 
 def remote_from_settings(source: str, s) -> Remote:

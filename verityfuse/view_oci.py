@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .oci_source import OciReader, Remote
+from .oci_reader import OciReader
+from .oci_source import Remote
 from .verifier import Verifier
 from .view import FileHandle, erofs
 from .view_manifest import ManifestView
