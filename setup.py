@@ -42,7 +42,7 @@ setup(
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
                            "verityfuse/_readverify.c", "verityfuse/_leaftable.c",
-                           "verityfuse/_fastread.c"],
+                           "verityfuse/_replybufs.c", "verityfuse/_fastread.c"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         # The open path's system calls without ctypes (fsutil and identity fall back).

@@ -38,23 +38,14 @@
  * called on pyfuse3's request thread (one request at a time), which is also
  * the thread that forgets a handle before closing its fd.
  *
- * Replies: the answer stays in one of FR_BUFS reply buffers until the shim says
- * it was sent (fast_done).  The shim sends a large answer from its own thread,
- * so that the kernel's copy of one reply overlaps the reading and hashing of
- * the next request (readahead keeps more than one in flight); the buffer is
- * not written again before then, so what is sent is what was hashed.  When
- * every buffer is still being sent, fast_read waits for one (without the GIL).
+ * Replies: the answer is made in a reply buffer (_replybufs.c), kept until the
+ * shim says it was sent.
  *
  * Bounds: FR_HANDLES registered handles, at most half of them in use (a
- * handle past that is served by Python), the leaf table's (_leaftable.c),
- * FR_BUFS buffers of FR_MAX_READ plus a block (the first one only, unless
- * replies overlap).
+ * handle past that is served by Python), the leaf table's (_leaftable.c), the
+ * reply buffers'.
  */
-#include <pthread.h>
-#include <sys/mman.h>
-
 #define FR_HANDLES 4096          /* a power of two */
-#define FR_MAX_READ (1 << 20)    /* the kernel's largest read (max_pages 256) */
 #define FR_PREFIX 128            /* a padded salt: one SHA-512 block at most */
 
 struct fr_file {
@@ -65,66 +56,12 @@ struct fr_file {
     unsigned char prefix[FR_PREFIX], key[FR_KEY], root[SHA512_DIGEST_LENGTH];
 };
 
-#define FR_BUFS 4                /* one being filled, up to three being sent */
-#define FR_BUF_BYTES (FR_MAX_READ + FR_MAX_BLOCK)
-
 static struct fr_file g_files[FR_HANDLES];
 static size_t g_nfiles;
-static unsigned char *g_frbuf;    /* FR_BUFS buffers of FR_BUF_BYTES, page-aligned */
-/* Which buffers hold an answer not yet sent; only the lock orders it (fast_done
- * runs on the shim's reply thread, without the GIL). */
-static int g_frbusy[FR_BUFS];
-static pthread_mutex_t g_frlock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t g_frfreed = PTHREAD_COND_INITIALIZER;
-static unsigned long long g_fr_buf_waits;
 static unsigned char g_expected[(FR_MAX_READ + FR_MAX_BLOCK) / FR_MIN_BLOCK * SHA512_DIGEST_LENGTH];
 /* What fast_read did: answered (reads, bytes, blocks), or why it declined. */
 static unsigned long long g_fr_reads, g_fr_bytes, g_fr_blocks, g_fr_no_handle, g_fr_no_leaf,
     g_fr_unfit, g_fr_would_wait, g_fr_failed;
-
-/* The first free reply buffer marked busy, or -1; g_frlock held. */
-static int fr_take_locked(void)
-{
-    for (int i = 0; i < FR_BUFS; i++) {
-        if (!g_frbusy[i]) {
-            g_frbusy[i] = 1;
-            return i;
-        }
-    }
-    return -1;
-}
-
-/* The first free reply buffer, marked busy: waits (without the GIL) while every
- * one is still being sent.  The lowest is taken, so without overlapping replies
- * only the first buffer is ever touched. */
-static int fr_take(void)
-{
-    pthread_mutex_lock(&g_frlock);
-    int got = fr_take_locked();
-    pthread_mutex_unlock(&g_frlock);
-    if (got >= 0)
-        return got;
-    g_fr_buf_waits++;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&g_frlock);
-    while ((got = fr_take_locked()) < 0)
-        pthread_cond_wait(&g_frfreed, &g_frlock);
-    pthread_mutex_unlock(&g_frlock);
-    Py_END_ALLOW_THREADS
-    return got;
-}
-
-/* Reply buffer `token` was sent (or its answer declined): it may be filled again.
- * The shim's vf_fast_done_fn; any thread, GIL or not. */
-static void fast_done(int token)
-{
-    if (token < 0 || token >= FR_BUFS)
-        return;
-    pthread_mutex_lock(&g_frlock);
-    g_frbusy[token] = 0;
-    pthread_cond_signal(&g_frfreed);
-    pthread_mutex_unlock(&g_frlock);
-}
 
 static size_t fr_slot(uint64_t fh)
 {
@@ -308,15 +245,8 @@ static PyObject *fast_register(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "fast_register: parameters out of range");
         goto done;
     }
-    if (g_frbuf == NULL) {
-        void *p = mmap(NULL, (size_t)FR_BUFS * FR_BUF_BYTES, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto done;
-        }
-        g_frbuf = p;
-    }
+    if (fr_map_buffers() < 0)
+        goto done;
     struct fr_file *f = fr_find(fh);
     if (f == NULL) {
         if (g_nfiles >= FR_HANDLES / 2) {  /* full enough: Python serves this one */

@@ -339,6 +339,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 
 #include "_readverify.c"
 #include "_leaftable.c"
+#include "_replybufs.c"
 #include "_fastread.c"
 
 static PyMethodDef methods[] = {
