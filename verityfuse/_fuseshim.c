@@ -67,9 +67,9 @@ static void (*orig_read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 /*
  * The replies of large fast reads are sent from a thread of their own.  Sending
- * one is the kernel copying it into the page cache (~180 us a MiB here); on
- * pyfuse3's one request thread that copy kept the next request (readahead sends
- * several) from being read and hashed meanwhile.  Small replies are sent at once:
+ * one is the kernel copying it into the page cache (~150 us a MiB here); on
+ * pyfuse3's one request thread that copy kept the next readahead request from
+ * being read and hashed meanwhile.  Small replies are sent at once:
  * a thread hand-off costs more than their copy, and a lone 4 KiB read would wait
  * for it.  The queue holds no more entries than fast_read has buffers, so it
  * never fills; its thread starts with the first large reply (after any fork of
