@@ -39,8 +39,7 @@ from .logs import requests as ratelog
 from .oci_block_cache import BlockCache, DiskBlockCache
 from .oci_client import Client, RegistryError
 from .oci_ref import parse_ref
-from .store_object import TREE_OFFSET, inline_tree, open_stored_tree
-from .treebuild import one_block_descriptor
+from .store_object import TREE_OFFSET, one_block_tree, open_stored_tree
 from .verifier import TreeBlockCache
 
 log = logging.getLogger("verityfuse")
@@ -138,7 +137,7 @@ class Remote:
         The block is claimed in the block cache while it is fetched and checked, so that
         concurrent opens and reads of it wait for this fetch instead of repeating it."""
         if not node.size:
-            return self._inline_if_match(node, label, b"")
+            return one_block_tree(label, node.params, b"", node.digest)
         cache, key = self.blocks, (node.digest_text, 0)
         got: Dict[tuple, bytes] = {}
         with cache.cond:
@@ -148,7 +147,7 @@ class Remote:
                 mine, waiting = cache.take([key], got)
         try:
             if key in got:
-                return self._inline_if_match(node, label, got[key])
+                return one_block_tree(label, node.params, got[key], node.digest)
             blob = self.artifact.data.get(node.digest_text)
             if not mine or blob is None or blob.size != node.size:
                 return None
@@ -157,7 +156,7 @@ class Remote:
                                              f"bytes 0-{node.size - 1} of blob {blob.digest}")
             except RegistryError as e:
                 raise self.failed(e, label, 0) from None
-            tree = self._inline_if_match(node, label, data)
+            tree = one_block_tree(label, node.params, data, node.digest)
             if tree is not None:
                 with cache.cond:
                     cache.put(key, data, 0)
@@ -167,13 +166,6 @@ class Remote:
                 with cache.cond:
                     cache.inflight.difference_update(mine)
                     cache.cond.notify_all()
-
-    @staticmethod
-    def _inline_if_match(node, label: str, data: bytes):
-        """The tree of a file whose one block is ``data``, if its descriptor hashes to the
-        manifest digest; else None."""
-        desc = one_block_descriptor(node.params, data)
-        return inline_tree(label, desc, node.digest) if desc.digest == node.digest else None
 
     def _lazy_tree(self, node, blob, size: int, name: str, label: str):
         """A large tree object: its header now, its blocks as they are used (oci_tree)."""

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Dict, Hashable, List, Optional
 
-from . import merkle, uapi
+from . import merkle, treebuild, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
 
 OBJECT_MAGIC = b"VFSTREE1"
@@ -118,6 +118,15 @@ def inline_tree(name: str, desc: merkle.Descriptor, digest: bytes) -> TreeRef:
     """The tree of a file of one block whose index entry ``name`` keeps its descriptor,
     which hashes to ``digest`` (checked when the entry was read): no tree block, no fd."""
     return TreeRef(StoredTree(-1, name, desc, digest), lambda: None)
+
+
+def one_block_tree(name: str, params: merkle.Params, data: bytes,
+                   digest: bytes) -> Optional[TreeRef]:
+    """The tree of a file of at most one block whose bytes are ``data``, if the
+    descriptor they give with ``params`` hashes to the trusted ``digest`` (which then
+    vouches for its root hash); None if it does not."""
+    desc = treebuild.one_block_descriptor(params, data)
+    return inline_tree(name, desc, digest) if desc.digest == digest else None
 
 
 # How many released objects stay open (the most recently released): the lookup that

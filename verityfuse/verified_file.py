@@ -320,22 +320,21 @@ def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
     """The tree of the pinned ``digest``: its object, or, for a file of at most one
     block, which has no tree (sealed without an object in a format-3 store, or a copy of
     one), the descriptor of its bytes now if that hashes to ``digest``."""
-    from .store_object import inline_tree
-
     try:
         return st.open_object(alg, digest)
     except StoreCorrupt:
-        desc = _one_block_descriptor(st, fd, alg, digest)
-        if desc is None:
+        tree = _one_block_tree(st, fd, label, alg, digest)
+        if tree is None:
             raise
-        return inline_tree(label, desc, digest)
+        return tree
 
 
-def _one_block_descriptor(st, fd: int, alg, digest: bytes):
-    """The descriptor of the file of one block at ``fd`` if it hashes to ``digest``, built
-    from its bytes with the parameters its inode's index entry names (the store is not
-    trusted: they are only tried) or the defaults; None otherwise."""
+def _one_block_tree(st, fd: int, label: str, alg, digest: bytes):
+    """The tree of the file of one block at ``fd`` if its descriptor hashes to ``digest``,
+    built from its bytes with the parameters its inode's index entry names (the store is
+    not trusted: they are only tried) or the defaults; None otherwise."""
     from . import identity, treebuild
+    from .store_object import one_block_tree
 
     candidates = [merkle.Params(alg)]
     try:
@@ -348,9 +347,9 @@ def _one_block_descriptor(st, fd: int, alg, digest: bytes):
         size = os.fstat(fd).st_size
         for params in candidates:
             if size <= params.block_size:
-                desc = treebuild.build_tree(fd, params, data_size=size)
-                if desc.digest == digest:
-                    return desc
+                tree = one_block_tree(label, params, treebuild.read_small(fd, size), digest)
+                if tree is not None:
+                    return tree
     except OSError:  # unreadable, or changing as it is read: no descriptor
         pass
     return None

@@ -21,10 +21,10 @@ import os
 import stat
 from typing import Dict, Optional, Tuple
 
-from . import fsutil, manifest_tree, treebuild, uapi
+from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import RESOURCE_ERRNOS, Corruption, StoreCorrupt
-from .store_object import inline_tree
+from .store_object import one_block_tree
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
@@ -220,10 +220,7 @@ class ManifestView(ReadOnlyView):
             return None
         if n != node.size:
             return None
-        desc = treebuild.one_block_descriptor(node.params, bytes(buf[:n]))
-        if desc.digest != node.digest:
-            return None
-        return inline_tree(node.path, desc, node.digest)
+        return one_block_tree(node.path, node.params, bytes(buf[:n]), node.digest)
 
     def _tree(self, node: manifest_tree.Node, fd: int):
         """The tree ``node``'s reads are checked against, for its share file ``fd``: a file
