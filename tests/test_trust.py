@@ -19,7 +19,7 @@ from verityfuse import manifest as mf
 
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
-from verityfuse.store_object import TREE_OFFSET
+from verityfuse.store_object import SMALL_TREE_BYTES, TREE_OFFSET
 from conftest import drop_caches, flip, write
 from test_mount import object_file
 
@@ -131,14 +131,18 @@ def test_tree_and_descriptor_attacks(share, verified_mount):
     flip(obj, TREE_OFFSET + 3)  # its only tree block
     drop_caches()
     assert open_errno(g.mountpoint / "app.bin") == errno.EIO
-    flip(object_file(src, "lib/x.so"), TREE_OFFSET - 256 + 30)  # descriptor
+    flip(obj, TREE_OFFSET + 3)  # mended: a tree that failed is read again at the next open
+    flip(obj, TREE_OFFSET - 256 + 30)  # its descriptor
     drop_caches()
-    assert open_errno(g.mountpoint / "lib/x.so") == errno.EIO
-    # A file of one block needs no object: one damaged does not matter, its bytes
-    # hash to the manifest's digest (test_files_of_one_block_read_...).
+    assert open_errno(g.mountpoint / "app.bin") == errno.EIO
+    # A small file's tree is made from its bytes, which hash to the manifest's digest:
+    # its object damaged does not matter (one block: none; 9000 bytes: one tree block).
     flip(object_file(src, "config"), TREE_OFFSET - 256 + 30)
+    flip(object_file(src, "lib/x.so"), TREE_OFFSET - 256 + 30)
+    flip(object_file(src, "lib/x.so"), TREE_OFFSET + 3)
     drop_caches()
     assert (g.mountpoint / "config").read_bytes() == b"trusted configuration\n"
+    assert (g.mountpoint / "lib/x.so").read_bytes() == (src / "lib/x.so").read_bytes()
 
 
 def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
@@ -261,18 +265,21 @@ def test_fsverity_signatures_generic_577(tmp_path, certs, verified_mount):
 
 
 @pytest.mark.parametrize("alg,block,salt", [("sha256", 4096, ""), ("sha512", 1024, "0a0b0c")])
-def test_files_of_one_block_read_against_the_manifest_alone(tmp_path, key, verified_mount,
-                                                            alg, block, salt):
-    """A file of at most one block has no tree: a manifest mount reads it against the
-    descriptor of the manifest's parameters, size and its one block, used only if that
-    hashes to the manifest's digest.  With the sealing parameters of the manifest (hash,
-    block size, salt), with its store objects gone, `fsverity measure` still says
-    `fsverity digest`'s digest and the bytes are the sealed ones; a flipped byte there
-    is EIO (nothing else could vouch for it), and a larger file without its object is
-    EIO as before."""
+def test_small_files_read_against_the_manifest_alone(tmp_path, key, verified_mount,
+                                                     alg, block, salt):
+    """A small file's tree is made from its bytes: a file of at most one block has none,
+    one of up to SMALL_TREE_BYTES one block of its blocks' hashes.  A manifest mount reads
+    it against the descriptor of the manifest's parameters, size and that root hash, used
+    only if it hashes to the manifest's digest.  With the sealing parameters of the
+    manifest (hash, block size, salt), with its store objects gone, `fsverity measure`
+    still says `fsverity digest`'s digest, the exported descriptor and tree are
+    fsverity-utils', and the bytes are the sealed ones; a flipped byte there is EIO
+    (nothing else could vouch for it), and a larger file without its object is EIO as
+    before."""
     src = tmp_path / "share"
     src.mkdir()
-    sizes = {"empty": 0, "one": 1, "part": block - 1, "block": block, "two": block + 1}
+    sizes = {"empty": 0, "one": 1, "part": block - 1, "block": block, "two": block + 1,
+             "small": 3 * block + 5, "limit": SMALL_TREE_BYTES, "big": SMALL_TREE_BYTES + 1}
     data = {n: os.urandom(s) for n, s in sizes.items()}
     for n, b in data.items():
         write(src / n, b)
@@ -288,55 +295,65 @@ def test_files_of_one_block_read_against_the_manifest_alone(tmp_path, key, verif
                        extra_args=["--manifest", str(tmp_path / "m.json"),
                                    "--trust-key", str(tmp_path / "pub.pem")])
     for n, size in sizes.items():
-        if size > block:
-            assert open_errno(m.mountpoint / n) == errno.EIO, n  # a tree needs its object
+        if size > SMALL_TREE_BYTES:
+            assert open_errno(m.mountpoint / n) == errno.EIO, n  # its tree needs its object
             continue
         assert (m.mountpoint / n).read_bytes() == data[n], n
         out = subprocess.run(["fsverity", "measure", str(m.mountpoint / n)], check=True,
                              capture_output=True, text=True).stdout.split()[0]
         assert out == oracle[n], n
         # What the mount exports of its metadata needs no object either: the descriptor
-        # fsverity-utils computes, and an empty tree.
+        # and the tree fsverity-utils computes (none for a file of one block).
         subprocess.run(["fsverity", "digest", str(src / n), *opts,
-                        f"--out-descriptor={tmp_path / 'oracle.desc'}"], check=True,
+                        f"--out-descriptor={tmp_path / 'oracle.desc'}",
+                        f"--out-merkle-tree={tmp_path / 'oracle.tree'}"], check=True,
                        capture_output=True)
         for kind, want in (("descriptor", (tmp_path / "oracle.desc").read_bytes()),
-                           ("merkle_tree", b"")):
+                           ("merkle_tree", (tmp_path / "oracle.tree").read_bytes())):
             r = subprocess.run([*VF, "dump-metadata", kind, str(m.mountpoint / n)],
                                capture_output=True)
             assert (r.returncode, r.stdout) == (0, want), (n, kind, r.stderr)
+        assert (size > block) == (len(want) == block), n  # one tree block, or none
     failures = [line for line in m.log().splitlines() if "integrity failure" in line]
-    assert failures and all("integrity failure: two:" in line for line in failures), failures
+    assert failures and all("integrity failure: big:" in line for line in failures), failures
     flip(src / "part", block // 2)
     drop_caches()
     assert open_errno(m.mountpoint / "part") == errno.EIO
     assert any("integrity failure: part:" in line and "missing tree object" in line
                and "do not hash to the manifest's digest" in line
                for line in m.log().splitlines()), m.log()
+    flip(src / "small", 2 * block + 7)
+    drop_caches()
+    assert open_errno(m.mountpoint / "small") == errno.EIO
+    assert any("integrity failure: small:" in line and "missing tree object" in line
+               and "do not hash to the manifest's digest" in line
+               for line in m.log().splitlines()), m.log()
     assert (m.mountpoint / "one").read_bytes() == data["one"]
+    assert (m.mountpoint / "two").read_bytes() == data["two"]
 
 
+@pytest.mark.parametrize("name", ["config", "lib/x.so"])
 @pytest.mark.parametrize("change", ["truncate", "extend"])
-def test_a_file_of_one_block_resized_while_open_is_eio(share, verified_mount, change):
-    """The host truncates or extends a file of one block after the open that made its
-    descriptor from its bytes: its size stays the manifest's, and a read that reaches
-    the daemon gives EIO (the first is the truncation-while-open check of
-    manifest_attacks for a file without a tree)."""
+def test_a_small_file_resized_while_open_is_eio(share, verified_mount, change, name):
+    """The host truncates or extends a small file (of one block; of three, with a tree
+    block) after the open that made its tree from its bytes: its size stays the
+    manifest's, and a read of its end that reaches the daemon gives EIO (the first is
+    the truncation-while-open check of manifest_attacks for a tree made at open)."""
     src = share[0]
     g = guest(verified_mount, share)
-    want = b"trusted configuration\n"
-    fd = os.open(g.mountpoint / "config", os.O_RDONLY)
+    want = (src / name).read_bytes()
+    fd = os.open(g.mountpoint / name, os.O_RDONLY)
     try:
-        assert os.pread(fd, 4096, 0) == want
+        assert os.pread(fd, 16384, 0) == want
         if change == "truncate":
-            os.truncate(src / "config", len(want) - 1)
+            os.truncate(src / name, len(want) - 1)
         else:
-            with open(src / "config", "ab") as f:
+            with open(src / name, "ab") as f:
                 f.write(b"x")
         drop_caches()
         assert os.fstat(fd).st_size == len(want)
         with pytest.raises(OSError) as e:
-            os.pread(fd, 4096, 0)
+            os.pread(fd, 4096, len(want) - 1)
         assert e.value.errno == errno.EIO
     finally:
         os.close(fd)

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import RESOURCE_ERRNOS, Corruption, StoreCorrupt
-from .store_object import one_block_tree
+from .store_object import small_tree, small_tree_fits
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
@@ -50,7 +50,7 @@ class ManifestView(ReadOnlyView):
         self.root_fd = -1 if source is None else os.open(
             source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         # RWF_NOWAIT until the share refuses it (tmpfs, FUSE, virtio-fs), then not asked
-        # again per file (_one_block_tree).  A share is one file system, mostly; a file
+        # again per file (_small_tree).  A share is one file system, mostly; a file
         # on a submount of another kind is then read as the object it replaces would be
         # (a read that may wait), never with weaker checks.
         self._nowait = os.RWF_NOWAIT
@@ -190,14 +190,16 @@ class ManifestView(ReadOnlyView):
             raise
         return tree
 
-    def _one_block_tree(self, node: manifest_tree.Node, fd: int, wait: bool):
-        """A file of at most one block has no tree: its descriptor is the manifest's
-        parameters and size with the hash of its one block.  Computed from what the
-        share's file ``fd`` holds now, it is used only if it hashes to the manifest's
-        digest, which makes that root hash the sealed one (the digest covers it), so
-        every read is then checked against it as against an object's; the store is not
-        read at all (on a virtio-fs share: one read of the open file instead of an
-        object's lookup, open, read and release on the host).
+    def _small_tree(self, node: manifest_tree.Node, fd: int, wait: bool):
+        """A small file's tree is made from its bytes (store_object.small_tree): a file
+        of at most one block has none (its descriptor is the manifest's parameters and
+        size with the hash of its one block), one of up to SMALL_TREE_BYTES has one
+        block of its blocks' hashes.  Made from what the share's file ``fd`` holds now,
+        it is used only if its descriptor hashes to the manifest's digest, which makes
+        that root hash the sealed one (the digest covers it), so every read is then
+        checked against it as against an object's; the store is not read at all (on a
+        virtio-fs share: one read of the open file instead of an object's lookup, open,
+        read and release on the host).
 
         None when the file is larger or its bytes do not match (then the object is
         read, and the reads report the mismatch, as on ext4).  Unless ``wait`` (no
@@ -205,7 +207,7 @@ class ManifestView(ReadOnlyView):
         can tell: the object's read then, as before.  A share that cannot tell (tmpfs,
         FUSE and virtio-fs refuse RWF_NOWAIT) is read as the object it replaces would
         be: a read that may wait, on the request thread."""
-        if node.size > node.params.block_size:
+        if not small_tree_fits(node.params, node.size):
             return None
         buf = bytearray(node.size + 1)  # a byte more: a file longer than sealed shows
         try:
@@ -220,21 +222,21 @@ class ManifestView(ReadOnlyView):
             return None
         if n != node.size:
             return None
-        return one_block_tree(node.path, node.params, bytes(buf[:n]), node.digest)
+        return small_tree(node.path, node.params, bytes(buf[:n]), node.digest)
 
     def _tree(self, node: manifest_tree.Node, fd: int):
-        """The tree ``node``'s reads are checked against, for its share file ``fd``: a file
-        of one block's own descriptor when that does, else the object."""
-        tree = self._one_block_tree(node, fd, wait=False)
+        """The tree ``node``'s reads are checked against, for its share file ``fd``: a small
+        file's own when that does, else the object."""
+        tree = self._small_tree(node, fd, wait=False)
         if tree is not None:
             return tree
         try:
             return self.open_tree(node)
         except (StoreCorrupt, Corruption) as e:  # no object that will do: its bytes may
-            tree = self._one_block_tree(node, fd, wait=True)
+            tree = self._small_tree(node, fd, wait=True)
             if tree is not None:
                 return tree
-            if node.size > node.params.block_size:
+            if not small_tree_fits(node.params, node.size):
                 raise
             kind = StoreCorrupt if isinstance(e, StoreCorrupt) else Corruption
             raise kind(f"{e}; and its bytes in the share do not hash to the manifest's digest",
@@ -274,9 +276,9 @@ class ManifestView(ReadOnlyView):
         """The file's tree object, read only through a verifier (the caller closes
         ``.tree``): what the mount exports of it is checked as reads are."""
         node = self._file(ino)
-        if node.size > node.params.block_size:
+        if not small_tree_fits(node.params, node.size):
             return Verifier(self.open_tree(node), self.cache, node.path)
-        # A file of one block needs no object here either (what open reads it against).
+        # A small file needs no object here either (what open reads it against).
         try:
             fd = self._open_backing(node, wait=True)
         except Corruption:  # no file in the share: its object may still say
