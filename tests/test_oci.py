@@ -45,7 +45,7 @@ def tree(tmp_path):
     src = tmp_path / "src"
     (src / "sub" / "deep").mkdir(parents=True)
     files = {"small": b"hello\n", "empty": b"", "big": content(BIG, 1),
-             "sub/odd": content(3 * 4096 + 17, 2), "sub/deep/copy": content(BIG, 1),
+             "sub/odd": content(5 * 4096 + 17, 2), "sub/deep/copy": content(BIG, 1),
              "sub/deep/exact": content(2 * 4096, 3)}
     for rel, data in files.items():
         (src / rel).write_bytes(data)
@@ -573,7 +573,7 @@ def test_a_failing_tree_fetch_fails_only_that_open(pushed, proxy, oci_mount):
         open(m.mountpoint / "sub/odd", "rb")
     assert e.value.errno == errno.EIO
     assert (m.mountpoint / "small").read_bytes() == b"hello\n"
-    assert os.stat(m.mountpoint / "sub/odd").st_size == 3 * 4096 + 17  # metadata still served
+    assert os.stat(m.mountpoint / "sub/odd").st_size == 5 * 4096 + 17  # metadata still served
     assert proxy.count("GET", lambda r: r.blob == tree_blob) == 4  # 1 + 3 retries
     m.unmount()
     assert m.log().count(f"registry failure: sub/odd: tree object (blob {tree_blob}): "

@@ -1,6 +1,7 @@
-"""An ``oci://`` mount opens a file of one block without its tree object: the block is
-fetched at open, the descriptor made from it must hash to the manifest's digest, and
-the read that follows is served from the cache.  What the registry can do to such a
+"""An ``oci://`` mount opens a small file without its tree object (one of one block; one
+of up to 16 KiB whose tree is one block): its blocks are fetched at open, the tree made
+from them must give a descriptor that hashes to the manifest's digest, and the reads
+that follow are served from the cache.  What the registry can do to such a
 file (damage its block, its tree object, or both) costs what it did before, never
 integrity: a damaged block still reads EIO."""
 
@@ -122,3 +123,38 @@ def test_concurrent_opens_of_a_one_block_file_fetch_its_block_once(pushed, proxy
         assert proxy.count("GET", lambda r: r.blob == tree_object_blob(pushed, "small")) == 0
     finally:
         remote.close()
+
+
+def test_a_small_file_of_blocks_is_opened_and_read_with_one_request(pushed, proxy,  # noqa: F811
+                                                                    oci_mount, tmp_path):
+    """A file of two blocks (its tree: one block of their hashes) costs one request for
+    all its bytes, none for its tree object; what it exports is fsverity-utils'."""
+    data = pushed["files"]["sub/deep/exact"]
+    data_blob, tree_blob = sha256_digest(data), tree_object_blob(pushed, "sub/deep/exact")
+    m = _through(pushed, proxy, oci_mount)
+    before = len(proxy.requests)
+    assert _read(m.mountpoint / "sub/deep/exact") == data
+    assert [(r.method, r.blob, r.range) for r in proxy.requests[before:]] == \
+        [("GET", data_blob, (0, len(data) - 1))]
+    tree_file = tmp_path / "tree"
+    subprocess.run(["fsverity", "digest", pushed["src"] / "sub/deep/exact", "--out-merkle-tree",
+                    tree_file], capture_output=True, check=True)
+    dumped = subprocess.run([*VF, "dump-metadata", "merkle_tree", m.mountpoint / "sub/deep/exact"],
+                            capture_output=True)
+    assert dumped.returncode == 0 and dumped.stdout == tree_file.read_bytes(), dumped.stderr
+    assert proxy.count("GET", lambda r: r.blob == tree_blob) == 0
+    assert status(m)["integrity_failures"] == 0
+
+
+def test_a_damaged_block_of_a_small_file_is_eio(pushed, proxy, oci_mount):  # noqa: F811
+    """The registry flips a byte of the blocks: the tree they give does not match, so the
+    tree object is fetched and the read fails its check (EIO)."""
+    data = pushed["files"]["sub/deep/exact"]
+    data_blob, tree_blob = sha256_digest(data), tree_object_blob(pushed, "sub/deep/exact")
+    proxy.rule = lambda r: "flip" if r.blob == data_blob else None
+    m = _through(pushed, proxy, oci_mount)
+    with pytest.raises(OSError) as e:
+        _read(m.mountpoint / "sub/deep/exact")
+    assert e.value.errno == errno.EIO
+    assert proxy.count("GET", lambda r: r.blob == tree_blob) == 1
+    assert _read(m.mountpoint / "small") == b"hello\n"  # others unharmed

@@ -39,7 +39,7 @@ from .logs import requests as ratelog
 from .oci_block_cache import BlockCache, DiskBlockCache
 from .oci_client import Client, RegistryError
 from .oci_ref import parse_ref
-from .store_object import TREE_OFFSET, one_block_tree, open_stored_tree
+from .store_object import TREE_OFFSET, open_stored_tree, small_tree, small_tree_fits
 from .verifier import TreeBlockCache
 
 log = logging.getLogger("verityfuse")
@@ -96,11 +96,11 @@ class Remote:
         self.trees = TreeBlockCache(cache_bytes // 4)  # a byte-bounded LRU, keyed by digest
 
     def open_tree(self, node, label: str):
-        """The tree object for ``node``'s digest, validated as a store object (for a file
-        of one block, the descriptor its block gives, when that does)."""
+        """The tree object for ``node``'s digest, validated as a store object (for a small
+        file, the tree its bytes give, when that does)."""
         fsv = node.digest_text
-        if node.size <= node.params.block_size:
-            tree = self._one_block_tree(node, label)
+        if small_tree_fits(node.params, node.size):
+            tree = self._small_tree(node, label)
             if tree is not None:
                 return tree
         blob = self.artifact.trees.get(fsv)
@@ -125,41 +125,47 @@ class Remote:
         self._keep_tree(fsv, data)
         return tree
 
-    def _one_block_tree(self, node, label: str):
-        """A file of at most one block: the descriptor made from its block (cached, or
-        fetched now), used only if it hashes to the manifest digest; then the block is
-        cached, verified, and the read that follows fetches nothing.  None when the block
-        does not match, or the artifact names no blob of its size for it: the tree object
-        is fetched as for any file, and the read reports what is wrong (EIO on a
-        mismatch, as on ext4).  A registry that fails to send the block fails the open
-        (EIO, logged at offset 0), as it would the read right after.
+    def _small_tree(self, node, label: str):
+        """A small file (store_object.small_tree_fits: of one block, or of up to 16 KiB
+        with one tree block): the tree made from its blocks (cached, or fetched now in one
+        request), used only if its descriptor hashes to the manifest digest; then the
+        blocks are cached, verified, and the reads that follow fetch nothing.  None when
+        the blocks do not match, or the artifact names no blob of its size for it: the
+        tree object is fetched as for any file, and the read reports what is wrong (EIO
+        on a mismatch, as on ext4).  A registry that fails to send the blocks fails the
+        open (EIO, logged at offset 0), as it would the read right after.
 
-        The block is claimed in the block cache while it is fetched and checked, so that
-        concurrent opens and reads of it wait for this fetch instead of repeating it."""
+        The blocks are claimed in the block cache while they are fetched and checked, so
+        that concurrent opens and reads of them wait for this fetch instead of repeating
+        it."""
         if not node.size:
-            return one_block_tree(label, node.params, b"", node.digest)
-        cache, key = self.blocks, (node.digest_text, 0)
+            return small_tree(label, node.params, b"", node.digest)
+        bs, fsv = node.params.block_size, node.digest_text
+        cache, keys = self.blocks, [(fsv, b) for b in range(-(-node.size // bs))]
         got: Dict[tuple, bytes] = {}
         with cache.cond:
-            mine, waiting = cache.take([key], got)
-            if waiting:  # another open or read fetches it; its request has a timeout
+            mine, waiting = cache.take(keys, got)
+            if waiting:  # another open or read fetches some; its request has a timeout
                 cache.cond.wait(self.client.timeout)
-                mine, waiting = cache.take([key], got)
+                more, waiting = cache.take(keys, got)
+                mine += more
         try:
-            if key in got:
-                return one_block_tree(label, node.params, got[key], node.digest)
-            blob = self.artifact.data.get(node.digest_text)
-            if not mine or blob is None or blob.size != node.size:
+            if len(got) == len(keys):
+                return small_tree(label, node.params, b"".join(got[k] for k in keys),
+                                  node.digest)
+            blob = self.artifact.data.get(fsv)
+            if waiting or blob is None or blob.size != node.size:
                 return None
             try:
                 data = self.client.get_range(blob.digest, 0, node.size,
                                              f"bytes 0-{node.size - 1} of blob {blob.digest}")
             except RegistryError as e:
                 raise self.failed(e, label, 0) from None
-            tree = one_block_tree(label, node.params, data, node.digest)
+            tree = small_tree(label, node.params, data, node.digest)
             if tree is not None:
                 with cache.cond:
-                    cache.put(key, data, 0)
+                    for b, key in enumerate(keys):
+                        cache.put(key, data[b * bs:(b + 1) * bs], b * bs)
             return tree
         finally:
             if mine:
