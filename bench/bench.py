@@ -161,8 +161,8 @@ def main(argv=None):
           f"Linux {mc['kernel']}, Python {mc['python']}, pyfuse3 {mc['pyfuse3']}, "
           f"{mc['fusermount3']}")
     print(f"hashing module: {mc['hashblocks']}")
-    print(f"bytecode: {compile_package()} verityfuse modules compiled (as a package install "
-          f"does), so that no timed command compiles its modules at start")
+    print(f"bytecode: the {compile_package()} verityfuse modules compiled (as a package "
+          f"install does): no timed command compiles its modules at start")
     print(f"free page reporting to the host: {mc['free_page_reporting']}; before every pass "
           f"{warm_mib} MiB populated and freed (--warm-mib: memwarm.py)")
     load0 = mc["loadavg_start"][0]
