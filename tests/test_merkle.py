@@ -311,26 +311,31 @@ def test_parameters_and_descriptors_are_immutable_values():
     assert not hasattr(a, "__dict__")  # slots: nothing else can be attached either
 
 
-@pytest.mark.parametrize("alg,bs,salt", [("sha256", 4096, b""), ("sha512", 1024, b"\x0a\x0b\x0c")])
-def test_small_tree_is_the_tree_sealing_builds(tmp_path, alg, bs, salt):
+@pytest.mark.parametrize("alg,bs,salt", [("sha256", 4096, ""), ("sha512", 1024, "0a0b0c"),
+                                         ("sha256", 1024, "00" * 32), ("sha512", 65536, "")])
+def test_small_tree_is_fsverity_utils_tree(tmp_path, alg, bs, salt):
     """store_object.small_tree, the tree a manifest mount makes of a small file's bytes at
-    open, is the one sealing builds (descriptor and tree block) for every size it serves,
-    and is refused (None) for bytes that are not the sealed ones."""
+    open, is fsverity-utils' (descriptor and tree block) for every size it serves around
+    block boundaries, and is refused (None) for bytes that are not the sealed ones."""
     from verityfuse.store_object import SMALL_TREE_BYTES, small_tree, small_tree_fits
 
-    params = merkle.Params(merkle.ALGORITHMS[alg], bs, salt)
-    largest = min(SMALL_TREE_BYTES, params.hashes_per_block * bs)
+    params = merkle.Params(merkle.ALGORITHMS[alg], bs, bytes.fromhex(salt))
+    opts = [f"--hash-alg={alg}", f"--block-size={bs}"] + ([f"--salt={salt}"] if salt else [])
+    largest = max(bs, min(SMALL_TREE_BYTES, params.hashes_per_block * bs))
     assert not small_tree_fits(params, largest + 1) and small_tree_fits(params, largest)
-    for size in (0, 1, bs - 1, bs, bs + 1, 2 * bs, 3 * bs + 5, largest - 1, largest):
+    sizes = {0, 1, largest - 1, largest} | {k * bs + d for k in range(1, largest // bs + 1)
+                                            for d in (-1, 0, 1) if 0 < k * bs + d <= largest}
+    for size in sorted(sizes):
         data = os.urandom(size)
         write(tmp_path / "f", data)
-        desc, tree_bytes = build(tmp_path / "f", params)
-        tree = small_tree("f", params, data, desc.digest)
+        line, tree_bytes, desc = fsverity_digest(tmp_path / "f", *opts)
+        digest = bytes.fromhex(line.split()[0].split(":")[1])
+        tree = small_tree("f", params, data, digest)
         assert tree is not None, size
-        assert tree.descriptor.raw == desc.raw, size
+        assert tree.descriptor.raw == desc, size
         assert tree.read_tree(0, 1 << 20) == tree_bytes, size
         if size:
-            other = bytes([data[0] ^ 1]) + data[1:]
-            assert small_tree("f", params, other, desc.digest) is None, size
+            other = data[:-1] + bytes([data[-1] ^ 1])
+            assert small_tree("f", params, other, digest) is None, size
     with pytest.raises(ValueError):
-        small_tree("f", params, bytes(largest + 1), desc.digest)
+        small_tree("f", params, bytes(largest + 1), digest)

@@ -158,3 +158,51 @@ def test_a_damaged_block_of_a_small_file_is_eio(pushed, proxy, oci_mount):  # no
     assert e.value.errno == errno.EIO
     assert proxy.count("GET", lambda r: r.blob == tree_blob) == 1
     assert _read(m.mountpoint / "small") == b"hello\n"  # others unharmed
+
+
+def test_an_open_waiting_for_one_block_of_a_small_file_still_needs_one_request(  # noqa: F811
+        pushed, proxy):
+    """Another reader fetches block 0 of a two-block file when it is opened: the open
+    claims block 1, waits for block 0, then fetches only its bytes (one request, the tree
+    made from them), instead of taking its own claim for another reader's and falling
+    back to the tree object (review of s32: one more request, and block 1 fetched twice)."""
+    import threading
+    import time
+
+    from verityfuse import oci_source
+    from verityfuse.mountopts import Settings
+    from verityfuse.store_object import MemoryTree
+
+    name = "sub/deep/exact"
+    data = pushed["files"][name]
+    ref = "oci://" + proxy.host + "/" + pushed["ref"].split("/", 1)[1]
+    remote = oci_source.remote_from_settings(ref, Settings(trust_key=[str(pushed["pub"])],
+                                                           plain_http=True))
+    try:
+        node = next(n for n in remote.manifest.tree.files() if n.path == name)
+        fsv, cache = node.digest_text, remote.blocks
+        with cache.cond:
+            cache.inflight.add((fsv, 0))  # another reader's claim
+        before = len(proxy.requests)
+        opened = []
+        t = threading.Thread(target=lambda: opened.append(remote.open_tree(node, name)))
+        t.start()
+        for _ in range(3000):  # until the open has claimed block 1: it then waits, unlocked
+            with cache.cond:
+                if (fsv, 1) in cache.inflight:
+                    cache.put((fsv, 0), data[:4096], 0)  # the other reader is done
+                    cache.inflight.discard((fsv, 0))
+                    cache.cond.notify_all()
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the open never claimed block 1")
+        t.join(30)
+        assert len(opened) == 1
+        assert isinstance(getattr(opened[0], "_tree", opened[0]), MemoryTree), opened[0]
+        opened[0].close()
+        assert [(r.method, r.blob, r.range) for r in proxy.requests[before:]] == \
+            [("GET", sha256_digest(data), (0, len(data) - 1))]
+        assert not cache.inflight
+    finally:
+        remote.close()

@@ -147,7 +147,9 @@ class Remote:
             mine, waiting = cache.take(keys, got)
             if waiting:  # another open or read fetches some; its request has a timeout
                 cache.cond.wait(self.client.timeout)
-                more, waiting = cache.take(keys, got)
+                # Again for what is neither had nor claimed here (a claim of ours would
+                # look like another reader's fetch).
+                more, waiting = cache.take([k for k in keys if k not in mine], got)
                 mine += more
         try:
             if len(got) == len(keys):

@@ -136,9 +136,11 @@ SMALL_TREE_BYTES = 16 << 10
 
 
 def small_tree_fits(params: merkle.Params, size: int) -> bool:
-    """Whether small_tree serves a file of ``size`` bytes: at most SMALL_TREE_BYTES, and
-    a tree of at most one block (no tree, or one block of its blocks' hashes)."""
-    return size <= SMALL_TREE_BYTES and -(-size // params.block_size) <= params.hashes_per_block
+    """Whether small_tree serves a file of ``size`` bytes: one of at most one block (no
+    tree, whatever the block size), or one of at most SMALL_TREE_BYTES whose tree is one
+    block of its blocks' hashes."""
+    bs = params.block_size
+    return size <= bs or (size <= SMALL_TREE_BYTES and -(-size // bs) <= params.hashes_per_block)
 
 
 class MemoryTree(StoredTree):
