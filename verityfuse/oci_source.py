@@ -13,11 +13,12 @@ wrong bytes, a wrong length or a failing registry therefore cost availability
   its header, its blocks as they are used: oci_tree) and validated by
   ``store_object.open_stored_tree`` against the manifest digest, as a store
   object is; its tree blocks are verified as they are used;
-- except for a file of at most one block, which has no tree: its one block is
-  fetched instead, and the descriptor made from it is used only if it hashes to
-  the manifest digest (the block is then the root hash's preimage, and cached
-  for the read that follows): one request per small file instead of two (a
-  registry that fails to send the block fails the open, as it would the read);
+- except for a small file (of one block, which has no tree, or of up to 16 KiB
+  whose tree is one block): its bytes are fetched instead, and the tree made from
+  them (store_object.small_tree) is used only if its descriptor hashes to the
+  manifest digest (the bytes are then the root hash's preimage, and cached for the
+  reads that follow): one request per small file instead of two (a registry that
+  fails to send the bytes fails the open, as it would the read);
 - on read, ``oci_reader.OciReader`` fetches the blocks not in the cache (by
   HTTP range from the data blob), verifies, caches and serves them.
 
@@ -138,8 +139,6 @@ class Remote:
         The blocks are claimed in the block cache while they are fetched and checked, so
         that concurrent opens and reads of them wait for this fetch instead of repeating
         it."""
-        if not node.size:
-            return small_tree(label, node.params, b"", node.digest)
         bs, fsv = node.params.block_size, node.digest_text
         cache, keys = self.blocks, [(fsv, b) for b in range(-(-node.size // bs))]
         got: Dict[tuple, bytes] = {}
@@ -152,7 +151,7 @@ class Remote:
                 more, waiting = cache.take([k for k in keys if k not in mine], got)
                 mine += more
         try:
-            if len(got) == len(keys):
+            if len(got) == len(keys):  # an empty file too: no block, no request
                 return small_tree(label, node.params, b"".join(got[k] for k in keys),
                                   node.digest)
             blob = self.artifact.data.get(fsv)
