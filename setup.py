@@ -37,12 +37,14 @@ setup(
     data_files=DATA_FILES,
     ext_modules=[
         # _hashblocks.c #includes the SHA-NI engine, the helper-thread pool,
-        # read_verify (pread + hash + compare in one call) and fast_read (reads
-        # answered from the FUSE request, through _fuseshim).
+        # read_verify (pread + hash + compare in one call), fast_read (reads
+        # answered from the FUSE request, through _fuseshim) and seal_small (a
+        # seal worker's small file in one call).
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
                            "verityfuse/_readverify.c", "verityfuse/_leaftable.c",
-                           "verityfuse/_replybufs.c", "verityfuse/_fastread.c"],
+                           "verityfuse/_replybufs.c", "verityfuse/_fastread.c",
+                           "verityfuse/_sealsmall.c"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         # The open path's system calls without ctypes (fsutil and identity fall back).

@@ -238,23 +238,25 @@ if what == "interrupt":  # Ctrl-C once the first batch is durable: the whole gro
         real_commit(self)
         os.killpg(0, signal.SIGINT)
     store_batch.Batch.commit = commit
-elif what == "hang":  # a worker stuck on f0150 (it says where, then waits)
-    real_stage = sealing.stage_path
-    def stage_path(store, source, rel, *a, **kw):
-        if rel.endswith("f0150") and kw.get("max_size") is not None:
+elif what in ("hang", "kill"):  # a worker stuck on f0150 (it says where), or killed
+    caller = os.getpid()
+    def at(rel):
+        if rel.endswith("f0150") and os.getpid() != caller:
+            if what == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
             with open(os.environ["MARK"], "w") as f:
                 f.write(f"{os.getpid()} {os.getppid()}")
             import time
             time.sleep(120)
-        return real_stage(store, source, rel, *a, **kw)
-    sealing.stage_path = stage_path
-elif what == "kill":  # a worker killed while it stages f0150
-    real_stage = sealing.stage_path
+    # Both ways a file is staged: the native call and the Python path.
+    real_stage, real_stager = sealing.stage_path, sealing.native_stager
     def stage_path(store, source, rel, *a, **kw):
-        if rel.endswith("f0150") and kw.get("max_size") is not None:
-            os.kill(os.getpid(), signal.SIGKILL)
+        at(rel)
         return real_stage(store, source, rel, *a, **kw)
-    sealing.stage_path = stage_path
+    def native_stager(*a, **kw):
+        stage = real_stager(*a, **kw)
+        return stage and (lambda rel: (at(rel), stage(rel))[1])
+    sealing.stage_path, sealing.native_stager = stage_path, native_stager
 elif what == "stuck":  # Ctrl-C twice, and a thread of the pool's that never ends
     import threading
     from concurrent.futures import ProcessPoolExecutor

@@ -20,6 +20,8 @@
  * common verified read (pread + hash + compare) is one call: read_verify
  * (_readverify.c); the FUSE shim answers most reads through fast_read
  * (_fastread.c, its leaf table in _leaftable.c) without entering Python.
+ * A seal worker's small file is sealed into tmp/ in one call: seal_small
+ * (_sealsmall.c).
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
  * SHA-256 (to compare).
@@ -341,6 +343,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 #include "_leaftable.c"
 #include "_replybufs.c"
 #include "_fastread.c"
+#include "_sealsmall.c"
 
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS,
@@ -352,6 +355,7 @@ static PyMethodDef methods[] = {
      "Hash every block of data and compare with expected (the concatenated hashes).\n"
      "Returns -1 if all match, else the index of the first mismatching block."},
     {"read_verify", read_verify, METH_VARARGS, READ_VERIFY_DOC},
+    {"seal_small", seal_small, METH_VARARGS, SEAL_SMALL_DOC},
     FAST_METHODS
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(threads) -> None\n\n"

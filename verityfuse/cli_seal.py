@@ -78,7 +78,7 @@ def _size_of(src: SourceDir, rels):
 def cmd_seal(args, params, key, rels) -> int:
     from . import identity
     from .seal_pool import SMALL, in_order
-    from .sealing import stage_path
+    from .sealing import native_stager, stage_path
     from .source_dir import SourceDir
     from .store_batch import Batch
 
@@ -101,10 +101,18 @@ def cmd_seal(args, params, key, rels) -> int:
         failed = 0
 
         keys = identity.Keys()
+        small = native_stager(store, src, params)
 
         def stage(rel, here):
             """In a worker (``here`` False) a small file; here any, with its progress.
-            Its Staged only: the caller has no use for its stat (less to pickle)."""
+            Its Staged only: the caller has no use for its stat (less to pickle).  A
+            small file in one native call where it can be."""
+            if small is not None:
+                got = small(rel)
+                if got is not None:
+                    if here and progress.enabled:
+                        progress.worker_done(got[0])
+                    return got[0]
             return stage_path(store, src, rel, params, threads=args.threads,
                               progress=progress.for_file if here and progress.enabled else None,
                               keys=keys, max_size=None if here else SMALL)[0]

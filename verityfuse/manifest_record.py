@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import identity, manifest_tree, merkle
 from .seal_pool import SMALL, in_order
-from .sealing import stage_path
+from .sealing import native_stager, stage_path
 from .source_dir import SourceDir
 from .store import Store
 from .store_batch import Batch
@@ -91,6 +91,7 @@ class ManifestRecorder:
         self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
         self.keys = identity.Keys()
+        self._small = native_stager(store, source, params, objects=True)
         st = os.stat(store.path)
         self._skip = {(st.st_dev, st.st_ino), *skip_ids}
         for p in skip_paths:
@@ -110,6 +111,12 @@ class ManifestRecorder:
         rel, st = item
         if not stat.S_ISREG(st.st_mode):
             return None
+        if self._small is not None:
+            got = self._small(rel)
+            if got is not None:
+                if here and self.progress:
+                    self.progress.worker_done(got[0])
+                return got
         return stage_path(self.store, self.source, rel, self.params,
                           progress=self.progress.for_file if here and self.progress else None,
                           threads=self.threads, keys=self.keys,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Tuple, Union
 
-from . import fsutil, identity, merkle, treebuild
+from . import fsutil, hashers, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import attach_reader
 from .seal_pool import Here
 from .source_dir import SourceDir, opened, unlistable
 from .store import IndexEntry, Store
-from .store_index import inline
+from .store_index import INDEX_DIR, inline
 from .store_batch import Staged
 from .verifier import TreeBlockCache
 
@@ -133,6 +134,49 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
                 prog.close()
     finally:
         os.close(fd)
+
+
+def native_stager(store: Store, source: SourceDir, params: merkle.Params, objects: bool = False
+                  ) -> Optional[Callable[[str], Optional[Tuple[Staged, Optional[os.stat_result]]]]]:
+    """stage_path's common case in one native call (``_sealsmall.c``), for a seal
+    worker's files of up to seal_pool.SMALL bytes; None without the native module.
+    The stager returns the
+    (Staged, fstat) stage_path would have (the fstat only with ``objects``, for a
+    manifest's record), or None when it declined a file (not
+    regular, another filesystem, over 1 MiB, changed while read, an error):
+    stage_path then seals it and says what is wrong.  Its bytes
+    are stage_fd's exactly (tests/test_seal_native.py).  SOURCE's device and fsid are
+    asked once, here; a file elsewhere is declined."""
+    seal_small = getattr(hashers._hashblocks, "seal_small", None)
+    if seal_small is None or not 1024 <= params.block_size <= 65536 or len(params.salt) > 32:
+        return None
+    st = os.fstat(source.fd)
+    dev, fsid = st.st_dev, identity.fsid(source.fd) & (2**64 - 1)
+    inline_store = store.inline()
+    make_object = objects or not inline_store
+    alg, bs, ds = params.alg, params.block_size, params.alg.digest_size
+    fixed = (alg.number, params.log_blocksize, params.salt, hashers.padded_salt(params))
+
+    def stage(rel: str) -> Optional[Tuple[Staged, Optional[os.stat_result]]]:
+        tmp_fd, idx_name, obj_name = store.tmp_names()
+        got = seal_small(source.fd, os.fsencode(rel.rstrip("/")), dev, fsid, *fixed, tmp_fd,
+                         idx_name.encode(), obj_name.encode(), make_object, inline_store,
+                         json.dumps(rel).encode(), alg.name)
+        if got is None:
+            return None
+        size, key, digest, raw, wrote_object, (mode, ino, sdev, nlink, uid, gid, a, ans, m,
+                                               mns, c, cns) = got
+        desc = merkle.Descriptor(params, size, raw[16:16 + ds], raw)
+        entry = IndexEntry(key, alg, digest, b"", rel,
+                           desc if size <= bs and inline_store else None)
+        obj = (obj_name, *store.object_parts(alg, digest)) if wrote_object else None
+        stat = None if not objects else os.stat_result((mode, ino, sdev, nlink, uid, gid, size, a, m, c), {
+            "st_atime": a + ans * 1e-9, "st_mtime": m + mns * 1e-9, "st_ctime": c + cns * 1e-9,
+            "st_atime_ns": a * 10**9 + ans, "st_mtime_ns": m * 10**9 + mns,
+            "st_ctime_ns": c * 10**9 + cns})
+        return Staged(entry, size, obj, (idx_name, (INDEX_DIR, key[:2]), key)), stat
+
+    return stage
 
 
 def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:

@@ -31,7 +31,7 @@ import errno
 import itertools
 import os
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
@@ -297,6 +297,10 @@ class Store(StoreIndex):
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self._tmp_dir())
         return name, fd
+
+    def tmp_names(self) -> Tuple[int, str, str]:
+        """(tmp/'s fd, two new names there) for files written natively (sealing)."""
+        return self._tmp_dir(), _tmp_names.next(), _tmp_names.next()
 
     def discard_tmp(self, name: str):
         try:

@@ -1,0 +1,183 @@
+"""seal_small (_sealsmall.c): a small file sealed into tmp/ in one native call.
+
+It must write exactly the bytes the Python path writes (the same run with
+VERITYFUSE_PURE_PYTHON=1 is the oracle for the store and the manifest,
+fsverity-utils for the digests), and decline what it does not handle with
+nothing left behind, so that the Python path seals it and words any error."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import fsverity_digest, pattern, write
+from verityfuse import hashers, identity, merkle
+from verityfuse.sealing import native_stager
+from verityfuse.source_dir import SourceDir
+from verityfuse.store import Store
+
+VF = [sys.executable, "-m", "verityfuse.cli"]
+MIB = 1 << 20
+SIZES = [0, 1, 1023, 1024, 1025, 4095, 4096, 4097, 8192, 16384, 16385, 65536,
+         128 * 1024 + 5, MIB - 1, MIB, MIB + 1]
+PARAMS = [
+    [],
+    ["--hash-alg", "sha512"],
+    ["--block-size", "1024", "--salt", "00112233"],
+    ["--block-size", "65536", "--hash-alg", "sha512", "--salt", "ab" * 32],
+    ["--block-size", "2048", "--salt", "ff" * 7],
+]
+
+needs_native = pytest.mark.skipif(getattr(hashers._hashblocks, "seal_small", None) is None,
+                                  reason="the native module is not built")
+
+
+def make_tree(src):
+    """SIZES at the top, 40 more small files below (enough for the worker processes),
+    names JSON has to quote, and what is not a regular file."""
+    os.makedirs(src / "many")
+    for i, n in enumerate(SIZES):
+        write(src / f"s{n:08d}", pattern(n + i)[i:])
+    for i in range(40):
+        write(src / "many" / f"f{i:02d}", pattern(3000 + 97 * i)[i:])
+    write(src / 'quo"te\\back', b"q" * 5000)
+    write(src / "\u00e9t\u00e9\u2603", b"u" * 4097)
+    os.makedirs(os.fsencode(src / "odd"), exist_ok=True)
+    with open(os.path.join(os.fsencode(src / "odd"), b"caf\xe9\x01"), "wb") as f:
+        f.write(b"latin-1 name")
+    os.mkfifo(src / "fifo")
+    os.symlink("s00004096", src / "link")
+
+
+def seal(src, store, params, pure, *extra):
+    env = dict(os.environ)
+    env.pop("VERITYFUSE_PURE_PYTHON", None)
+    if pure:
+        env["VERITYFUSE_PURE_PYTHON"] = "1"
+    return subprocess.run(VF + ["seal", str(src), "--store", str(store), *params, *extra],
+                          env=env, capture_output=True, check=True).stdout
+
+
+def contents(root):
+    """{relative path: bytes} of every file under root (tmp/ must be empty)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("params", PARAMS, ids=lambda p: "-".join(p) or "default")
+def test_a_seal_writes_the_python_paths_bytes(tmp_path, params):
+    src = tmp_path / "src"
+    make_tree(src)
+    native = seal(src, tmp_path / "native", params, False, "--threads", "2")
+    python = seal(src, tmp_path / "python", params, True, "--threads", "2")
+    assert native == python  # the same digests, names and order
+    got, want = contents(tmp_path / "native"), contents(tmp_path / "python")
+    assert sorted(got) == sorted(want) and got == want
+    assert not any(k.startswith("tmp/") for k in got)
+    assert len([k for k in got if k.startswith("inodes/")]) == len(SIZES) + 40 + 3
+    opts = {"--hash-alg": "--hash-alg", "--block-size": "--block-size", "--salt": "--salt"}
+    oracle = [f"{opts[params[i]]}={params[i + 1]}" for i in range(0, len(params), 2)]
+    lines = dict(reversed(line.split(" ", 1)) for line in native.decode().splitlines())
+    for n in SIZES:
+        path = src / f"s{n:08d}"
+        want_line = fsverity_digest(path, *oracle)[0]
+        assert lines[str(path)] == want_line.split(" ")[0], n
+
+
+@needs_native
+@pytest.mark.parametrize("params", PARAMS[:3], ids=lambda p: "-".join(p) or "default")
+def test_a_manifest_seal_writes_the_python_paths_bytes(tmp_path, params):
+    src = tmp_path / "src"
+    make_tree(src)
+    os.unlink(src / "fifo")  # a manifest refuses it (its own test): the run must succeed
+    out = {}
+    for kind, pure in (("native", False), ("python", True)):
+        m = tmp_path / f"{kind}.json"
+        out[kind] = seal(src, tmp_path / kind, params, pure, "--manifest", str(m), "--unsigned")
+    assert out["native"] == out["python"]
+    assert (tmp_path / "native.json").read_bytes() == (tmp_path / "python.json").read_bytes()
+    assert contents(tmp_path / "native") == contents(tmp_path / "python")
+
+
+@pytest.fixture
+def stager(tmp_path):
+    src = tmp_path / "src"
+    os.mkdir(src)
+    write(src / "small", pattern(3000))
+    write(src / "big", pattern(MIB + 1))
+    os.mkfifo(src / "fifo")
+    os.symlink("small", src / "link")
+    os.mkdir(src / "dir")
+    os.mkdir(src / "other")
+    with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
+        stage = native_stager(store, sd, merkle.Params())
+        if stage is None:
+            pytest.skip("the native module is not built")
+        yield src, store, stage
+
+
+def tmp_files(store):
+    return sorted(os.listdir(os.path.join(store.path, "tmp")))
+
+
+def test_what_it_declines_leaves_nothing_behind(stager):
+    src, store, stage = stager
+    for rel in ["fifo", "link", "dir", "big", "missing", "../src/small", "dir/../small"]:
+        assert stage(rel) is None, rel
+    assert tmp_files(store) == []
+    staged, st = stage("small")
+    assert st is None  # asked only with objects (a manifest's record)
+    assert staged.obj is None and staged.data_size == 3000  # one block, format 3: no object
+    assert tmp_files(store) == [staged.index[0]]
+    fd = os.open(src / "small", os.O_RDONLY)
+    try:
+        assert staged.entry.key == identity.key_of(fd)
+    finally:
+        os.close(fd)
+    assert staged.index[1:] == (("inodes", staged.entry.key[:2]), staged.entry.key)
+    staged.drop(store)
+    assert tmp_files(store) == []
+
+
+def test_a_file_on_another_filesystem_is_declined(stager):
+    """Its fsid is not SOURCE's: the Python path keys it with its own."""
+    src, store, stage = stager
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vf-test", str(src / "other")],
+                   check=True)
+    try:
+        write(src / "other" / "f", b"elsewhere")
+        assert stage("other/f") is None
+        assert tmp_files(store) == []
+    finally:
+        subprocess.run(["umount", str(src / "other")], check=True)
+
+
+def test_its_stat_is_the_files(tmp_path):
+    """With objects (seal --manifest), the fstat a manifest records comes back too."""
+    src = tmp_path / "src"
+    os.mkdir(src)
+    write(src / "f", pattern(4097))
+    os.chmod(src / "f", 0o640)
+    os.utime(src / "f", ns=(1_600_000_000_123_456_789, 1_700_000_000_987_654_321))
+    with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
+        stage = native_stager(store, sd, merkle.Params(), objects=True)
+        if stage is None:
+            pytest.skip("the native module is not built")
+        staged, st = stage("f")
+        want = os.stat(src / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o640 and stat.S_ISREG(st.st_mode)
+        assert (st.st_size, st.st_uid, st.st_gid, st.st_ino, st.st_dev, st.st_nlink) == (
+            4097, want.st_uid, want.st_gid, want.st_ino, want.st_dev, 1)
+        assert st.st_mtime_ns == 1_700_000_000_987_654_321
+        assert st.st_ctime_ns == want.st_ctime_ns  # (the atime is before its own read)
+        assert staged.obj is not None and len(tmp_files(store)) == 2
+        staged.drop(store)
+        assert tmp_files(store) == []

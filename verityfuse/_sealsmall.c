@@ -1,0 +1,368 @@
+/*
+ * seal_small: a small file sealed into a store's tmp/ in one call.
+ *
+ * Included by _hashblocks.c after the hashing core (one translation unit).
+ *
+ * Why native: a seal worker's small file is a dozen system calls (~30 us in
+ * tmpfs) wrapped in ~45 us of Python (open policy, tree, descriptor, key,
+ * entry text, tmp files).  Here it is the same calls and the same bytes with
+ * no interpreter in between; sealing.stage_small builds the Staged from what
+ * it returns.
+ *
+ * It handles the common case only and declines everything else (returns
+ * None, with every tmp file it made removed): sealing.stage_path then seals
+ * the file as before, and reports any error with its own message.  Declined:
+ * a path with a "..", anything but a regular file, a file on another device
+ * than the caller named (its fsid would differ), one over SEAL_SMALL_MAX
+ * bytes, a file that changed size while it was read, no file handle, and any
+ * failing system call.
+ *
+ * The bytes are sealing.py's exactly (tests/test_seal_native.py compares
+ * whole stores): the file is opened as fsutil.open_beneath +
+ * reopen_regular do (openat2 O_PATH beneath SOURCE with no symlink, fstat,
+ * reopen through /proc/self/fd: a FIFO or device is never opened), its
+ * index key is identity.store_key, its descriptor merkle.make_descriptor,
+ * its object store_object.ObjectWriter's, its entry store_index.entry_bytes.
+ */
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#define SS_RESOLVE (0x08 | 0x04 | 0x02) /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+#define SEAL_SMALL_MAX (1 << 20) /* seal_pool.SMALL: what a worker seals */
+#define SS_MAX_LEVELS 8
+#define SS_MAX_HANDLE 128
+#define SS_DESC 256
+#define SS_HEADER 64
+
+struct ss_in {
+    int root_fd, tmp_fd, alg, log_bs, make_object, keep_desc;
+    const char *path, *idx_name, *obj_name, *alg_name;
+    const unsigned char *salt, *prefix, *path_json;
+    size_t salt_len, prefix_len, path_json_len;
+    unsigned long long dev, fsid;
+};
+
+struct ss_out {
+    long long size;
+    char key[65];
+    unsigned char digest[SHA512_DIGEST_LENGTH], desc[SS_DESC];
+    int wrote_object;
+    struct stat st;  /* the reopened file's fstat: what a manifest records */
+};
+
+static void ss_hex(const unsigned char *p, size_t n, char *out)
+{
+    static const char x[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = x[p[i] >> 4];
+        out[2 * i + 1] = x[p[i] & 15];
+    }
+}
+
+static int ss_has_dotdot(const char *p)
+{
+    for (const char *s = p; (s = strstr(s, "..")) != NULL; s += 2)
+        if ((s == p || s[-1] == '/') && (s[2] == '\0' || s[2] == '/'))
+            return 1;
+    return 0;
+}
+
+/* Write all of buf to a new tmp file; 0, or -1 with the file removed. */
+static int ss_write_tmp(int tmp_fd, const char *name, const void *buf, size_t len)
+{
+    int fd = openat(tmp_fd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    const unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t w = write(fd, p, len);
+        if (w <= 0) {
+            close(fd);
+            unlinkat(tmp_fd, name, 0);
+            return -1;
+        }
+        p += w;
+        len -= (size_t)w;
+    }
+    if (close(fd) != 0) {
+        unlinkat(tmp_fd, name, 0);
+        return -1;
+    }
+    return 0;
+}
+
+/* Open the regular file beneath root_fd as SourceDir.open_regular does: -1 to decline. */
+static int ss_open(const struct ss_in *in, struct stat *st)
+{
+    struct { unsigned long long flags, mode, resolve; } how = {
+        O_PATH | O_NOFOLLOW | O_CLOEXEC, 0, SS_RESOLVE};
+    int pfd = (int)syscall(SYS_openat2, in->root_fd, in->path, &how, sizeof how);
+    if (pfd < 0)
+        return -1;
+    int fd = -1;
+    if (fstat(pfd, st) == 0 && S_ISREG(st->st_mode)) {
+        char proc[64];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
+        fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    }
+    close(pfd);
+    if (fd >= 0 && fstat(fd, st) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+/* The tree of data (len bytes, zero-padded to whole blocks in buf) into tree
+ * (tree_size bytes, zeroed here), in the kernel's layout (the level nearest the root
+ * first); its descriptor and file digest into out. */
+static void ss_tree(const struct ss_in *in, const unsigned char *buf, size_t len, size_t bs,
+                    size_t ds, const size_t *level_blocks, int levels, unsigned char *tree,
+                    size_t tree_size, struct ss_out *out)
+{
+    size_t nblocks = (len + bs - 1) / bs, start[SS_MAX_LEVELS];
+    unsigned char root[SHA512_DIGEST_LENGTH] = {0};
+    struct hctx c;
+    size_t at = 0;
+    for (int k = levels - 1; k >= 0; k--) {
+        start[k] = at;
+        at += level_blocks[k] * bs;
+    }
+    memset(tree, 0, tree_size);
+    const unsigned char *below = buf;  /* the blocks level k hashes */
+    size_t n = nblocks;
+    for (int k = 0; k < levels; k++) {
+        hctx_init(&c, in->alg, in->prefix, in->prefix_len, below, n * bs, bs);
+        hash_range(&c, 0, n, tree + start[k]);
+        below = tree + start[k];
+        n = level_blocks[k];
+    }
+    if (nblocks > 0) {  /* the top level's one block, or the file's one block */
+        hctx_init(&c, in->alg, in->prefix, in->prefix_len, below, bs, bs);
+        hash_range(&c, 0, 1, root);
+    }
+    unsigned char *d = out->desc;  /* uapi.DESCRIPTOR_STRUCT: "<BBBBIQ64s32s144s" */
+    memset(d, 0, SS_DESC);
+    d[0] = 1;
+    d[1] = (unsigned char)in->alg;
+    d[2] = (unsigned char)in->log_bs;
+    d[3] = (unsigned char)in->salt_len;
+    for (int i = 0; i < 8; i++)
+        d[8 + i] = (unsigned char)((unsigned long long)len >> (8 * i));
+    memcpy(d + 16, root, ds);
+    memcpy(d + 80, in->salt, in->salt_len);
+    if (in->alg == ALG_SHA512)
+        SHA512(d, SS_DESC, out->digest);
+    else
+        SHA256(d, SS_DESC, out->digest);
+}
+
+/* merkle.Geometry: blocks per tree level, level 0 (the data's hashes) first. */
+static int ss_levels(size_t nblocks, size_t hpb, size_t *level_blocks)
+{
+    int levels = 0;
+    while (nblocks > 1) {
+        if (levels == SS_MAX_LEVELS)
+            return -1;
+        nblocks = (nblocks + hpb - 1) / hpb;
+        level_blocks[levels++] = nblocks;
+    }
+    return levels;
+}
+
+/* A buffer of at least n bytes, page-aligned (the copy from the page cache into an
+ * unaligned one is several times slower), kept by the thread for its next files. */
+static unsigned char *ss_buffer(size_t n)
+{
+    static __thread unsigned char *buf;
+    static __thread size_t cap;
+    if (n > cap) {
+        free(buf);
+        cap = 0;
+        if (posix_memalign((void **)&buf, 4096, n) != 0)
+            return buf = NULL;
+        cap = n;
+    }
+    return buf;
+}
+
+/* The index key: SHA-256(le64 fsid || le32 handle type || handle). */
+static int ss_key(int fd, unsigned long long fsid, char *key)
+{
+    struct {
+        struct file_handle h;
+        unsigned char room[SS_MAX_HANDLE];
+    } fh;
+    int mount_id;
+    fh.h.handle_bytes = SS_MAX_HANDLE;
+    if (name_to_handle_at(fd, "", &fh.h, &mount_id, AT_EMPTY_PATH) != 0)
+        return -1;
+    unsigned char msg[12 + SS_MAX_HANDLE], md[SHA256_DIGEST_LENGTH];
+    for (int i = 0; i < 8; i++)
+        msg[i] = (unsigned char)(fsid >> (8 * i));
+    for (int i = 0; i < 4; i++)
+        msg[8 + i] = (unsigned char)((unsigned int)fh.h.handle_type >> (8 * i));
+    memcpy(msg + 12, fh.h.f_handle, fh.h.handle_bytes);
+    SHA256(msg, 12 + fh.h.handle_bytes, md);
+    ss_hex(md, sizeof md, key);
+    key[64] = '\0';
+    return 0;
+}
+
+/* Seal in->path into tmp/: 0, or -1 to decline (nothing left behind).  No Python API. */
+static int ss_seal(const struct ss_in *in, struct ss_out *out)
+{
+    size_t bs = (size_t)1 << in->log_bs;
+    if (ss_has_dotdot(in->path))
+        return -1;
+    struct stat st;
+    int fd = ss_open(in, &st);
+    if (fd < 0)
+        return -1;
+    int rc = -1;
+    unsigned char *buf, *obj = NULL;
+    char *entry = NULL;
+    size_t len = (size_t)st.st_size, ds = in->alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH
+                                                               : SHA256_DIGEST_LENGTH;
+    size_t level_blocks[SS_MAX_LEVELS], tree_size = 0;
+    int levels = ss_levels((len + bs - 1) / bs, bs / ds, level_blocks);
+    if ((unsigned long long)st.st_dev != in->dev || st.st_size > SEAL_SMALL_MAX || levels < 0
+        || ss_key(fd, in->fsid, out->key) != 0)
+        goto done;
+    for (int k = 0; k < levels; k++)
+        tree_size += level_blocks[k] * bs;
+    /* Whole blocks, zero-padded, plus one byte to see a file that grew. */
+    size_t room = (len + bs - 1) / bs * bs + 1;
+    if ((buf = ss_buffer(room)) == NULL)
+        goto done;
+    size_t got = 0;
+    for (;;) {  /* as treebuild.read_small: short reads go on, the end must be at len */
+        ssize_t r = pread(fd, buf + got, len + 1 - got, (off_t)got);
+        if (r < 0)
+            goto done;
+        if (r == 0 || (got += (size_t)r) > len)
+            break;
+    }
+    if (got != len)
+        goto done;
+    memset(buf + len, 0, room - 1 - len);
+    if ((obj = malloc(SS_HEADER + SS_DESC + tree_size)) == NULL)
+        goto done;
+    ss_tree(in, buf, len, bs, ds, level_blocks, levels, obj + SS_HEADER + SS_DESC, tree_size,
+            out);
+    out->size = (long long)len;
+    out->st = st;
+    out->wrote_object = in->make_object || len > bs;
+    if (out->wrote_object) {
+        unsigned char *h = obj;  /* store_object.OBJECT_HEADER: "<8sIIQ40s" */
+        memset(h, 0, SS_HEADER);
+        memcpy(h, "VFSTREE1", 8);
+        h[8] = SS_HEADER;
+        for (int i = 0; i < 8; i++)
+            h[16 + i] = (unsigned char)((unsigned long long)tree_size >> (8 * i));
+        memcpy(h + SS_HEADER, out->desc, SS_DESC);
+        if (ss_write_tmp(in->tmp_fd, in->obj_name, obj, SS_HEADER + SS_DESC + tree_size) != 0)
+            goto done;
+    }
+    /* store_index.entry_bytes, byte for byte. */
+    int keep = in->keep_desc && len <= bs;
+    size_t cap = 64 + 2 * SS_DESC + 16 + 2 * ds + in->path_json_len + 32;
+    entry = malloc(cap);
+    if (!entry)
+        goto drop_object;
+    size_t n = 0;
+    entry[n++] = '{';
+    if (keep) {
+        n += (size_t)sprintf(entry + n, "\"descriptor\": \"");
+        ss_hex(out->desc, SS_DESC, entry + n);
+        n += 2 * SS_DESC;
+        n += (size_t)sprintf(entry + n, "\", ");
+    }
+    n += (size_t)sprintf(entry + n, "\"digest\": \"%s:", in->alg_name);
+    ss_hex(out->digest, ds, entry + n);
+    n += 2 * ds;
+    n += (size_t)sprintf(entry + n, "\", \"path\": ");
+    memcpy(entry + n, in->path_json, in->path_json_len);
+    n += in->path_json_len;
+    n += (size_t)sprintf(entry + n, ", \"version\": 2}\n");
+    if (ss_write_tmp(in->tmp_fd, in->idx_name, entry, n) == 0) {
+        rc = 0;
+        goto done;
+    }
+drop_object:
+    if (out->wrote_object)
+        unlinkat(in->tmp_fd, in->obj_name, 0);
+done:
+    free(entry);
+    free(obj);
+    close(fd);
+    return rc;
+}
+
+static PyObject *seal_small(PyObject *self, PyObject *args)
+{
+    (void)self;
+    struct ss_in in;
+    Py_buffer salt, prefix, path_json;
+    struct ss_out out;
+    if (!PyArg_ParseTuple(args, "iyKKiiy*y*iyyipy*s:seal_small", &in.root_fd, &in.path,
+                          &in.dev, &in.fsid, &in.alg, &in.log_bs, &salt, &prefix, &in.tmp_fd,
+                          &in.idx_name, &in.obj_name, &in.make_object, &in.keep_desc,
+                          &path_json, &in.alg_name))
+        return NULL;
+    PyObject *res = NULL;
+    if ((in.alg != ALG_SHA256 && in.alg != ALG_SHA512) || in.log_bs < 10 || in.log_bs > 16
+        || salt.len > 32 || strlen(in.alg_name) > 16) {
+        PyErr_SetString(PyExc_ValueError, "seal_small: unsupported parameters");
+        goto end;
+    }
+    in.salt = salt.buf;
+    in.salt_len = (size_t)salt.len;
+    in.prefix = prefix.buf;
+    in.prefix_len = (size_t)prefix.len;
+    in.path_json = path_json.buf;
+    in.path_json_len = (size_t)path_json.len;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ss_seal(&in, &out);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        res = Py_NewRef(Py_None);
+        goto end;
+    }
+    const struct stat *t = &out.st;
+    res = Py_BuildValue("(Lsy#y#O(IKKKIILLLLLL))", out.size, out.key, (const char *)out.digest,
+                        (Py_ssize_t)(in.alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH
+                                                          : SHA256_DIGEST_LENGTH),
+                        (const char *)out.desc, (Py_ssize_t)SS_DESC,
+                        out.wrote_object ? Py_True : Py_False,
+                        (unsigned int)t->st_mode, (unsigned long long)t->st_ino,
+                        (unsigned long long)t->st_dev, (unsigned long long)t->st_nlink,
+                        (unsigned int)t->st_uid, (unsigned int)t->st_gid,
+                        (long long)t->st_atim.tv_sec, (long long)t->st_atim.tv_nsec,
+                        (long long)t->st_mtim.tv_sec, (long long)t->st_mtim.tv_nsec,
+                        (long long)t->st_ctim.tv_sec, (long long)t->st_ctim.tv_nsec);
+    if (!res) {  /* nothing may be left that no Staged names */
+        unlinkat(in.tmp_fd, in.idx_name, 0);
+        if (out.wrote_object)
+            unlinkat(in.tmp_fd, in.obj_name, 0);
+    }
+end:
+    PyBuffer_Release(&salt);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&path_json);
+    return res;
+}
+
+#define SEAL_SMALL_DOC \
+    "seal_small(root_fd, path, dev, fsid, alg, log_blocksize, salt, padded_salt, tmp_fd,\n" \
+    "           index_name, object_name, objects, keep_descriptor, path_json, alg_name)\n" \
+    "-> (size, key, digest, descriptor, object_written, (mode, ino, dev, nlink, uid,\n" \
+    "    gid, atime s, ns, mtime s, ns, ctime s, ns)) or None\n\n" \
+    "Seal the small regular file root_fd/path into tmp/ (see _sealsmall.c); None\n" \
+    "when it declines, with nothing left behind."
