@@ -9,7 +9,11 @@ Each repeat runs, in a rotating order:
   removed before the pass);
 - ``fsverity``: ``fsverity digest`` over every file of the tree (4,000 paths an
   invocation), the lower bound of hashing the same bytes with the same tree
-  format and writing nothing.
+  format and writing nothing;
+- ``floor``: ``sealfloor`` (bench/sealfloor.c, compiled here; left out without a
+  compiler or OpenSSL's headers), the system calls store format 3 needs per file
+  and nothing else, in as many processes as seal has workers: the least a seal
+  into this format can cost.
 
 Each pass records wall time, CPU seconds (user + system from wait4, threads and
 reaped children included) and peak RSS (VmHWM, polled every 20 ms from a
@@ -113,8 +117,30 @@ def _clear(*paths):
             os.unlink(p)
 
 
-def seal_once(ws, what):
+def build_floor(ws):
+    """The sealfloor binary, compiled into the workspace; None if it cannot be."""
+    out = ws.path("sealfloor")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sealfloor.c")
+    try:
+        r = subprocess.run(["gcc", "-O2", "-o", out, src, "-lcrypto"], capture_output=True)
+    except OSError:  # no compiler
+        return None
+    return out if r.returncode == 0 else None
+
+
+def seal_once(ws, what, floor=None):
     vf = verityfuse_cmd()
+    if what == "floor":
+        out, names = ws.path("floor-store"), ws.path("floor-names")
+        _clear(out)
+        if not os.path.exists(names):
+            with open(names, "w") as f:
+                f.write("".join(n + "\n" for n in ws.ctr_names))
+        workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))  # seal's default
+        try:
+            return run_measured([[floor, ws.ctr, names, out, workers]], what)
+        finally:
+            _clear(out)
     if what == "seal":
         _clear(ws.ctr_store)
         return run_measured([vf + ["seal", ws.ctr, "--store", ws.ctr_store]], what)
@@ -128,13 +154,14 @@ def seal_once(ws, what):
 
 
 def phase_seal(ws, repeats, results):
-    whats = ["fsverity", "seal", "seal-manifest"]
+    floor = build_floor(ws)
+    whats = ["fsverity", "seal", "seal-manifest"] + (["floor"] if floor else [])
     runs = {w: [] for w in whats}
     passlog.section("seal")
     for r in range(repeats):
         passlog.repeat(r)
         for w in rotated(whats, r):
-            runs[w].append(seal_once(ws, w))
+            runs[w].append(seal_once(ws, w, floor))
     ws.measure_ctr_manifest()
     flat = rss_in_file_count(ws)
     flat["rss_all"] = statistics.median(x[2] for x in runs["seal-manifest"])
@@ -158,7 +185,10 @@ def phase_seal(ws, repeats, results):
            "others' CPU %"], rows,
           note="seal: `verityfuse seal CTR --store S` into an empty store (local mode); "
                "seal-manifest: the same with\n--manifest M --sign-key K (manifest mode); "
-               "fsverity: `fsverity digest` over the same files.\n"
+               "fsverity: `fsverity digest` over the same files; floor: bench/sealfloor.c,\n"
+               "the system calls store format 3 needs per file and nothing else (the least "
+               "a seal into it can cost)" + ("" if floor else ": not built here (gcc, "
+               "libssl-dev)") + ".\n"
                "x fsverity: this wall time / fsverity's in the same repeat (lower is faster; "
                "target <= 2).\nPeak RSS: the command's process; PSS with workers: it and "
                "its worker processes (forks sharing most pages), shared pages split among "

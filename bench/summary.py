@@ -87,6 +87,8 @@ def summary(results, ceil):
             add(f"(c) {w} of {sl['files']} files, time x fsverity", sl["x_fsverity"][w],
                 "<= 2.0x", lambda x: x <= 2.0, "seal",
                 note=f" (peak RSS {rss:.0f} MiB, PSS with workers {pss:.0f} MiB)")
+        add("(c) floor of store format 3 (bench/sealfloor.c), time x fsverity",
+            sl["x_fsverity"].get("floor"), "(the least a seal can cost)", None, "seal")
         f = sl["rss_in_file_count"]
         mapped = f.get("mapped_all", 0.0) - f.get("mapped_part", 0.0)
         grow = f["rss_all"] - f["rss_part"] - mapped
