@@ -8,6 +8,7 @@ away.  tests/test_oci.py covers the same client through mounts and the real regi
 
 import base64
 import http.server
+import io
 import json
 import threading
 import time
@@ -28,7 +29,7 @@ class Server:
     """Answers each request with ``answer(path) -> (status, headers, body)`` and records
     (method, path, Authorization) of each."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.answer = lambda path: (404, [], b"")
         self.seen = []
         owner = self
@@ -36,6 +37,7 @@ class Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def _any(self):
                 owner.seen.append((self.command, self.path, self.headers.get("Authorization")))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status, headers, body = owner.answer(self.path)
                 self.send_response(status)
                 for k, v in headers:
@@ -46,12 +48,14 @@ class Server:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            do_GET = do_HEAD = _any
+            do_GET = do_HEAD = do_POST = do_PATCH = do_PUT = _any
 
             def log_message(self, *args):
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:  # an ssl.SSLContext: this server speaks HTTPS
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -66,8 +70,8 @@ class Server:
 def servers():
     made = []
 
-    def make():
-        made.append(Server())
+    def make(tls=None):
+        made.append(Server(tls))
         return made[-1]
     yield make
     for s in made:
@@ -112,6 +116,87 @@ def test_a_relative_redirect_stays_with_the_host_that_sent_it(servers):
         c.get_range(BLOB, 0, 10, "blob")
     assert f"'{store.host}', where {reg.host} redirected, asks for a token" in str(e.value)
     assert thief.seen == [] and c.headers["Authorization"] == ALICE
+
+
+def test_an_upload_location_elsewhere_gets_no_credentials(servers):
+    """The registry's answer to an upload's POST names where the bytes go; on another
+    host, the registry's credentials must not follow them there."""
+    reg, other = servers(), servers()
+    reg.answer = lambda p: (202, [("Location", f"http://{other.host}/up/1?state=x")], b"")
+    other.answer = lambda p: (201, [], b"")
+    c = client(reg, auth=("alice", "s3cret"))
+    c.upload_blob(BLOB, 3, lambda: io.BytesIO(b"abc"))
+    assert reg.seen == [("POST", "/v2/vf/t/blobs/uploads/", ALICE)]
+    assert other.seen == [("PUT", f"/up/1?state=x&digest={BLOB.replace(':', '%3A')}", None)]
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    """(server context, CA file) of a self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vf-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    d = tmp_path_factory.mktemp("tls")
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+    return ctx, str(d / "cert.pem")
+
+
+@pytest.mark.parametrize("how", ["blob redirect", "upload location", "token realm"])
+def test_an_https_registry_is_never_left_for_plain_http(servers, tls, how):
+    """A registry reached over HTTPS that sends a read, an upload or a token request to
+    plain HTTP: refused before anything is sent there (the image's bytes, its uploads,
+    a token or a password would cross the network in clear)."""
+    ctx, ca = tls
+    reg, plain = servers(ctx), servers()
+    target = f"http://{plain.host}/elsewhere"
+    reg.answer = {
+        "blob redirect": lambda p: (307, [("Location", target)], b""),
+        "upload location": lambda p: (202, [("Location", target)], b""),
+        "token realm": lambda p: (401, [("WWW-Authenticate", f'Bearer realm="{target}"')],
+                                  b""),
+    }[how]
+    plain.answer = lambda p: (200, [], json.dumps({"token": "t"}).encode())
+    c = client(reg, auth=("alice", "s3cret"), https=True, ca_file=ca)
+    with pytest.raises(RegistryError) as e:
+        if how == "upload location":
+            c.upload_blob(BLOB, 3, lambda: io.BytesIO(b"abc"))
+        else:
+            c.get_range(BLOB, 0, 10, "blob")
+    assert f"{target!r}" in str(e.value) and "plain HTTP" in str(e.value), str(e.value)
+    assert plain.seen == []
+    assert len(reg.seen) == 1
+
+
+def test_an_https_registry_may_redirect_to_another_https_host(servers, tls):
+    ctx, ca = tls
+    reg, store = servers(ctx), servers(ctx)
+    reg.answer = lambda p: (307, [("Location", f"https://{store.host}/b")], b"")
+    store.answer = lambda p: (206, [("Content-Range", "bytes 0-2/3")], b"abc")
+    c = client(reg, auth=("alice", "s3cret"), https=True, ca_file=ca)
+    assert c.get_range(BLOB, 0, 3, "blob") == b"abc"
+    assert [a for *_, a in store.seen] == [None]  # urllib3 strips it across hosts
 
 
 @pytest.mark.parametrize("realm_on", ["registry", "other host"])

@@ -12,6 +12,9 @@ do not hash to its name) so that the error names the cause.  What makes a
 byte trustworthy is decided by the caller (oci_source: the Merkle tree of the
 signed manifest).
 
+Credentials and tokens go to the registry's own origin only, and a registry reached
+over HTTPS is never left for plain HTTP (a redirect, an upload Location, a token realm).
+
 Each request has a connect and a read timeout, and its whole answer a deadline
 (oci_http: a server dripping its headers or body one byte per read timeout
 cannot hold a reader for longer);
@@ -38,8 +41,9 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .errors import VerityError
-from .oci_http import (MIN_RATE, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow, answered_by,
-                       content_length, cut, discard, error_text, origin, reason, watched)
+from .oci_http import (MIN_RATE, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow, PlainHTTP,
+                       answered_by, content_length, cut, discard, error_text, leaves_tls,
+                       origin, reason, redirects, watched)
 from .oci_ref import Ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -113,14 +117,16 @@ class Client:
         while True:
             last = attempt == self.retries
             h = dict(self.headers)
+            if origin(url) != origin(self.base):
+                # Another host's URL (an upload Location): the registry's credentials and
+                # tokens are the registry's only (urllib3 drops them on redirects).
+                h.pop("Authorization", None)
             h.update(headers or {})
             try:
                 self._count(method)
                 r = self.http.request(method, url, headers=h,
                                       body=None if body is None else body(),
-                                      preload_content=False, redirect=True,
-                                      retries=urllib3.Retry(total=None, connect=0, read=0,
-                                                            status=0, other=0, redirect=3))
+                                      preload_content=False, redirect=True, retries=redirects())
                 if cut(r.connection):  # cut inside the headers, yet parsed: as below
                     discard(r)
                     raise AnswerTooSlow()
@@ -129,6 +135,8 @@ class Client:
                     raise RegistryError(f"{what}: {self.ref.host}: {reason(e)}") from None
             except AnswerTooSlow:  # headers dripped past the deadline: refused, no retry
                 raise RegistryError(f"{what}: {self.ref.host}: {self._too_slow()}") from None
+            except PlainHTTP as e:
+                raise self._plain(what, e.url) from None
             except (ValueError, UnicodeError) as e:  # a Location or header urllib3 refuses
                 raise RegistryError(f"{what}: {self.ref.host}: a malformed answer "
                                     f"({type(e).__name__}: {str(e)[:200]!r})") from None
@@ -155,6 +163,11 @@ class Client:
             delay *= 2
             attempt += 1
 
+    def _plain(self, what: str, url: str) -> RegistryError:
+        """The error of a request an HTTPS registry sent to plain HTTP (``url``)."""
+        return RegistryError(f"{what}: {self.ref.host} sent it to {url[:200]!r}, over plain "
+                             f"HTTP: refused, the registry is reached over HTTPS")
+
     def _bearer(self, challenge: str, used: Optional[str], what: str):
         """Token authentication (the distribution spec's): ask the challenge's realm for a
         token for its service and scope, with the basic credentials if any; later requests
@@ -164,6 +177,8 @@ class Client:
         if not realm.startswith(("https://", "http://")):
             raise RegistryError(f"{what}: {self.ref.host} asks for a token from {realm!r}, "
                                 f"not an http(s) URL")
+        if leaves_tls(self.base, realm):
+            raise self._plain(what, realm)
         where = f"{what}: token from {realm!r}"  # the registry's text: quoted, escaped
         with self.token_lock:
             if self.headers.get("Authorization") != used:
@@ -181,10 +196,11 @@ class Client:
             try:
                 self._count("token")
                 r = self.http.request("GET", url, headers=h, preload_content=False,
-                                      retries=urllib3.Retry(total=None, connect=0, read=0,
-                                                            status=0, other=0, redirect=3))
+                                      retries=redirects())
             except urllib3.exceptions.HTTPError as e:
                 raise RegistryError(f"{where}: {reason(e)}") from None
+            except PlainHTTP as e:
+                raise self._plain(where, e.url) from None
             except (ValueError, UnicodeError) as e:
                 raise RegistryError(f"{where}: {type(e).__name__}: {str(e)[:200]!r}") from None
             if r.status != 200:
@@ -310,7 +326,10 @@ class Client:
         loc = r.headers.get("Location")
         if not loc:
             raise RegistryError(f"{what}: the registry gave no upload Location")
-        return urllib.parse.urljoin(self.base + "/", loc)
+        url = urllib.parse.urljoin(self.base + "/", loc)
+        if leaves_tls(self.base, url):
+            raise self._plain(what, url)
+        return url
 
     def put_manifest(self, reference: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
         """PUT a manifest by tag or digest; returns its digest."""

@@ -147,6 +147,43 @@ def watched(pool_manager: urllib3.PoolManager, seconds: float) -> urllib3.PoolMa
     return pool_manager
 
 
+# -- redirects --------------------------------------------------------------------------
+
+class PlainHTTP(Exception):
+    """A registry reached over HTTPS sent a request to plain HTTP (``url``)."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.url = url
+
+
+class Redirects(urllib3.Retry):
+    """urllib3's redirect handling, except that a redirect from HTTPS to plain HTTP is
+    refused (``PlainHTTP``) before anything is sent there: what TLS protects (a blob's
+    bytes, an upload, a token) would otherwise cross the network in clear."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None,
+                  _stacktrace=None):
+        loc = response.get_redirect_location() if response is not None else None
+        if loc and url and _pool is not None and _pool.scheme == "https":
+            here = url if "://" in url else f"https://{_pool.host}:{_pool.port}{url}"
+            target = urllib.parse.urljoin(here, loc)
+            if leaves_tls(here, target):
+                raise PlainHTTP(target)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+def leaves_tls(base: str, url: str) -> bool:
+    """Whether ``url`` takes a client of the registry at ``base`` from HTTPS to plain HTTP."""
+    return origin(base)[0] == "https" and origin(url)[0] != "https"
+
+
+def redirects(n: int = 3) -> Redirects:
+    """A request's retry policy: no retries of urllib3's own (the client retries), up to
+    ``n`` redirects, never from HTTPS to plain HTTP."""
+    return Redirects(total=None, connect=0, read=0, status=0, other=0, redirect=n)
+
+
 # -- responses --------------------------------------------------------------------------
 
 def answered_by(r, url: str) -> str:
