@@ -596,6 +596,27 @@ def test_a_pinned_digest_needs_no_trusted_store(app):
     assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)
 
 
+@pytest.mark.parametrize("size", [1, 4096, 4097, 14000, 16384])
+def test_a_pinned_small_file_needs_no_object(tmp_path, size):
+    """A file of up to 16 KiB (a tree of one block at most) reads against a pinned digest
+    from a store without its object: its tree is made from its bytes, as a manifest mount
+    does, and serves only if it gives that digest; a larger one needs its object."""
+    empty = tmp_path / "store"
+    os.mkdir(tmp_path / "s")
+    write(tmp_path / "s" / "x", b"x")
+    verityfuse.seal(tmp_path / "s", store=empty)  # a store, but with none of these files
+    small, big = tmp_path / "small", tmp_path / "big"
+    write(small, pattern(size))
+    write(big, pattern(16385))
+    with verityfuse.open_verified(small, digest=verityfuse.digest(small), store=empty) as f:
+        assert f.read() == pattern(size)
+    for path, digest in ((big, verityfuse.digest(big)),
+                         (small, verityfuse.digest(write(tmp_path / "other", b"y" * size)))):
+        with pytest.raises(OSError) as e:
+            verityfuse.open_verified(path, digest=digest, store=empty)
+        assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)
+
+
 def test_docs_api_signatures_match_the_code():
     """docs/api.md's signature lines name exactly the parameters (and defaults) the functions
     take: the reference cannot drift from the code (issue 17 item 11)."""

@@ -254,9 +254,10 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     The trusted digest is the store's: the one recorded for the file's inode when it
     was sealed (``seal``, ``verityfuse seal``, ``fsverity enable`` on a mount).  With
     ``digest=``, it is yours instead: only the tree object named by that digest is used
-    (objects are content-addressed, so the store need not be trusted), or, for a file of
-    at most one block (which has no tree), the descriptor of its bytes if it hashes to
-    ``digest``: the file reads only if its bytes hash to ``digest``.
+    (objects are content-addressed, so the store need not be trusted), or, without it,
+    for a small file (at most one block, which has no tree, or at most 16 KiB with a tree
+    of one block) the tree of its bytes if its descriptor hashes to ``digest``: the file
+    reads only if its bytes hash to ``digest``.
 
     :param path: the file (symlinks are followed).
     :param store: the store directory; default: the nearest ``.verityfuse`` directory
@@ -317,24 +318,25 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
 
 
 def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
-    """The tree of the pinned ``digest``: its object, or, for a file of at most one
-    block, which has no tree (sealed without an object in a format-3 store, or a copy of
-    one), the descriptor of its bytes now if that hashes to ``digest``."""
+    """The tree of the pinned ``digest``: its object, or, for a small file without one
+    (one of at most one block sealed into a format-3 store, a copy of a small file, a
+    store without its objects), the tree of its bytes now if it gives ``digest``."""
     try:
         return st.open_object(alg, digest)
     except StoreCorrupt:
-        tree = _one_block_tree(st, fd, label, alg, digest)
+        tree = _small_tree(st, fd, label, alg, digest)
         if tree is None:
             raise
         return tree
 
 
-def _one_block_tree(st, fd: int, label: str, alg, digest: bytes):
-    """The tree of the file of one block at ``fd`` if its descriptor hashes to ``digest``,
-    built from its bytes with the parameters its inode's index entry names (the store is
-    not trusted: they are only tried) or the defaults; None otherwise."""
+def _small_tree(st, fd: int, label: str, alg, digest: bytes):
+    """The tree of the small file at ``fd`` (store_object.small_tree_fits) if its
+    descriptor hashes to ``digest``, made from its bytes with the parameters its inode's
+    index entry names (the store is not trusted: they are only tried) or the defaults, as
+    a manifest mount does; None otherwise."""
     from . import identity, treebuild
-    from .store_object import one_block_tree
+    from .store_object import small_tree, small_tree_fits
 
     candidates = [merkle.Params(alg)]
     try:
@@ -346,8 +348,8 @@ def _one_block_tree(st, fd: int, label: str, alg, digest: bytes):
     try:
         size = os.fstat(fd).st_size
         for params in candidates:
-            if size <= params.block_size:
-                tree = one_block_tree(label, params, treebuild.read_small(fd, size), digest)
+            if small_tree_fits(params, size):
+                tree = small_tree(label, params, treebuild.read_small(fd, size), digest)
                 if tree is not None:
                     return tree
     except OSError:  # unreadable, or changing as it is read: no descriptor
