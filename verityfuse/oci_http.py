@@ -169,6 +169,7 @@ class Redirects(urllib3.Retry):
             here = url if "://" in url else f"https://{_pool.host}:{_pool.port}{url}"
             target = urllib.parse.urljoin(here, loc)
             if leaves_tls(here, target):
+                discard(response)  # its connection back to the pool, or closed
                 raise PlainHTTP(target)
         return super().increment(method, url, response, error, _pool, _stacktrace)
 

@@ -138,15 +138,13 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
 
 def native_stager(store: Store, source: SourceDir, params: merkle.Params, objects: bool = False
                   ) -> Optional[Callable[[str], Optional[Tuple[Staged, Optional[os.stat_result]]]]]:
-    """stage_path's common case in one native call (``_sealsmall.c``), for a seal
-    worker's files of up to seal_pool.SMALL bytes; None without the native module.
-    The stager returns the
-    (Staged, fstat) stage_path would have (the fstat only with ``objects``, for a
-    manifest's record), or None when it declined a file (not
-    regular, another filesystem, over 1 MiB, changed while read, an error):
-    stage_path then seals it and says what is wrong.  Its bytes
-    are stage_fd's exactly (tests/test_seal_native.py).  SOURCE's device and fsid are
-    asked once, here; a file elsewhere is declined."""
+    """stage_path's common case in one native call (``_sealsmall.c``); None without the
+    native module.  The stager takes a path relative to SOURCE and returns the (Staged,
+    fstat) stage_path would give (the fstat only with ``objects``: a manifest records
+    it), with the same bytes (tests/test_seal_native.py), or None when it declines the
+    file (not regular, on another filesystem, over seal_pool.SMALL bytes, changed while
+    it was read, any error): stage_path then seals it, and says what is wrong.  SOURCE's
+    device and fsid are asked once, here."""
     seal_small = getattr(hashers._hashblocks, "seal_small", None)
     if seal_small is None or not 1024 <= params.block_size <= 65536 or len(params.salt) > 32:
         return None
@@ -170,10 +168,12 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
         entry = IndexEntry(key, alg, digest, b"", rel,
                            desc if size <= bs and inline_store else None)
         obj = (obj_name, *store.object_parts(alg, digest)) if wrote_object else None
-        stat = None if not objects else os.stat_result((mode, ino, sdev, nlink, uid, gid, size, a, m, c), {
-            "st_atime": a + ans * 1e-9, "st_mtime": m + mns * 1e-9, "st_ctime": c + cns * 1e-9,
-            "st_atime_ns": a * 10**9 + ans, "st_mtime_ns": m * 10**9 + mns,
-            "st_ctime_ns": c * 10**9 + cns})
+        stat = None
+        if objects:
+            stat = os.stat_result((mode, ino, sdev, nlink, uid, gid, size, a, m, c), {
+                "st_atime": a + ans * 1e-9, "st_mtime": m + mns * 1e-9,
+                "st_ctime": c + cns * 1e-9, "st_atime_ns": a * 10**9 + ans,
+                "st_mtime_ns": m * 10**9 + mns, "st_ctime_ns": c * 10**9 + cns})
         return Staged(entry, size, obj, (idx_name, (INDEX_DIR, key[:2]), key)), stat
 
     return stage
