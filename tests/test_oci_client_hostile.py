@@ -189,6 +189,27 @@ def test_an_https_registry_is_never_left_for_plain_http(servers, tls, how):
     assert len(reg.seen) == 1
 
 
+def test_a_plain_http_registrys_redirects_are_followed_whatever_their_scheme():
+    """The HTTPS rule is the client's: one of a plain-HTTP registry follows a blob store's
+    redirect from HTTPS to HTTP (as before), each redirect keeping the rule."""
+    from verityfuse.oci_http import Redirects, redirects
+
+    class Pool:
+        scheme, host, port = "https", "store.example", 443
+
+    class Response:
+        status = 307
+
+        def get_redirect_location(self):
+            return "http://plain.example/b"
+
+    for tls in (False, True):
+        r = redirects(tls)
+        assert type(r) is Redirects and r.tls is tls
+    after = redirects(False).increment("GET", "https://store.example/a", Response(), _pool=Pool())
+    assert type(after) is Redirects and after.tls is False and len(after.history) == 1
+
+
 def test_an_https_registry_may_redirect_to_another_https_host(servers, tls):
     ctx, ca = tls
     reg, store = servers(ctx), servers(ctx)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import fsverity_digest, pattern, write
-from verityfuse import hashers, identity, merkle
+from verityfuse import hashers, identity, merkle, seal_pool
 from verityfuse.sealing import native_stager
 from verityfuse.source_dir import SourceDir
 from verityfuse.store import Store
@@ -112,7 +112,8 @@ def stager(tmp_path):
     src = tmp_path / "src"
     os.mkdir(src)
     write(src / "small", pattern(3000))
-    write(src / "big", pattern(MIB + 1))
+    write(src / "big", pattern(seal_pool.SMALL + 1))  # a worker's files end at SMALL
+    write(src / "edge", pattern(seal_pool.SMALL))
     os.mkfifo(src / "fifo")
     os.symlink("small", src / "link")
     os.mkdir(src / "dir")
@@ -145,6 +146,9 @@ def test_what_it_declines_leaves_nothing_behind(stager):
     assert staged.index[1:] == (("inodes", staged.entry.key[:2]), staged.entry.key)
     staged.drop(store)
     assert tmp_files(store) == []
+    staged, _ = stage("edge")  # the largest file a worker seals: natively too
+    assert staged.data_size == seal_pool.SMALL and len(tmp_files(store)) == 2
+    staged.drop(store)
 
 
 def test_a_file_on_another_filesystem_is_declined(stager):

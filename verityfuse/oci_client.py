@@ -71,6 +71,7 @@ class Client:
                  retries: int = 3, backoff: float = 0.2, pool_size: int = 24):
         self.ref = ref
         self.base = f"{'https' if https else 'http'}://{ref.host}"
+        self.tls = https
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -126,7 +127,8 @@ class Client:
                 self._count(method)
                 r = self.http.request(method, url, headers=h,
                                       body=None if body is None else body(),
-                                      preload_content=False, redirect=True, retries=redirects())
+                                      preload_content=False, redirect=True,
+                                      retries=redirects(self.tls))
                 if cut(r.connection):  # cut inside the headers, yet parsed: as below
                     discard(r)
                     raise AnswerTooSlow()
@@ -165,8 +167,8 @@ class Client:
 
     def _plain(self, what: str, url: str) -> RegistryError:
         """The error of a request an HTTPS registry sent to plain HTTP (``url``)."""
-        return RegistryError(f"{what}: {self.ref.host} sent it to {url[:200]!r}, over plain "
-                             f"HTTP: refused, the registry is reached over HTTPS")
+        return RegistryError(f"{what}: sent to {url[:200]!r}, over plain HTTP: refused, the "
+                             f"registry {self.ref.host} is reached over HTTPS")
 
     def _bearer(self, challenge: str, used: Optional[str], what: str):
         """Token authentication (the distribution spec's): ask the challenge's realm for a
@@ -174,7 +176,7 @@ class Client:
         carry it.  Another thread may have renewed it meanwhile: then nothing is asked."""
         fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
         realm = fields.pop("realm", "")
-        if not realm.startswith(("https://", "http://")):
+        if not realm.lower().startswith(("https://", "http://")):
             raise RegistryError(f"{what}: {self.ref.host} asks for a token from {realm!r}, "
                                 f"not an http(s) URL")
         if leaves_tls(self.base, realm):
@@ -196,7 +198,7 @@ class Client:
             try:
                 self._count("token")
                 r = self.http.request("GET", url, headers=h, preload_content=False,
-                                      retries=redirects())
+                                      retries=redirects(self.tls))
             except urllib3.exceptions.HTTPError as e:
                 raise RegistryError(f"{where}: {reason(e)}") from None
             except PlainHTTP as e:

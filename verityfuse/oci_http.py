@@ -158,14 +158,22 @@ class PlainHTTP(Exception):
 
 
 class Redirects(urllib3.Retry):
-    """urllib3's redirect handling, except that a redirect from HTTPS to plain HTTP is
-    refused (``PlainHTTP``) before anything is sent there: what TLS protects (a blob's
-    bytes, an upload, a token) would otherwise cross the network in clear."""
+    """urllib3's redirect handling, except that for a client of a registry reached over
+    HTTPS (``tls``) a redirect from HTTPS to plain HTTP is refused (``PlainHTTP``) before
+    anything is sent there: what TLS protects (a blob's bytes, an upload, a token) would
+    otherwise cross the network in clear."""
+
+    tls = False
+
+    def new(self, **kw):  # each redirect makes a new one: it keeps the client's rule
+        made = super().new(**kw)
+        made.tls = self.tls
+        return made
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None,
                   _stacktrace=None):
         loc = response.get_redirect_location() if response is not None else None
-        if loc and url and _pool is not None and _pool.scheme == "https":
+        if self.tls and loc and url and _pool is not None and _pool.scheme == "https":
             here = url if "://" in url else f"https://{_pool.host}:{_pool.port}{url}"
             target = urllib.parse.urljoin(here, loc)
             if leaves_tls(here, target):
@@ -179,10 +187,13 @@ def leaves_tls(base: str, url: str) -> bool:
     return origin(base)[0] == "https" and origin(url)[0] != "https"
 
 
-def redirects(n: int = 3) -> Redirects:
+def redirects(tls: bool, n: int = 3) -> Redirects:
     """A request's retry policy: no retries of urllib3's own (the client retries), up to
-    ``n`` redirects, never from HTTPS to plain HTTP."""
-    return Redirects(total=None, connect=0, read=0, status=0, other=0, redirect=n)
+    ``n`` redirects; with ``tls`` (the registry is reached over HTTPS) never from HTTPS to
+    plain HTTP."""
+    r = Redirects(total=None, connect=0, read=0, status=0, other=0, redirect=n)
+    r.tls = tls
+    return r
 
 
 # -- responses --------------------------------------------------------------------------

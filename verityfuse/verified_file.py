@@ -320,7 +320,9 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
 def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
     """The tree of the pinned ``digest``: its object, or, for a small file without one
     (one of at most one block sealed into a format-3 store, a copy of a small file, a
-    store without its objects), the tree of its bytes now if it gives ``digest``."""
+    store without its objects), the tree of its bytes now if it gives ``digest`` with
+    the parameters tried (``_small_tree``: a file of more than one block sealed with
+    other than the defaults needs its object)."""
     try:
         return st.open_object(alg, digest)
     except StoreCorrupt:
