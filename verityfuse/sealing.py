@@ -13,7 +13,7 @@ from .reader import attach_reader
 from .seal_pool import Here
 from .source_dir import SourceDir, opened, unlistable
 from .store import IndexEntry, Store
-from .store_index import INDEX_DIR, inline
+from .store_index import inline
 from .store_batch import Staged
 from .verifier import TreeBlockCache
 
@@ -174,7 +174,7 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
                 "st_atime": a + ans * 1e-9, "st_mtime": m + mns * 1e-9,
                 "st_ctime": c + cns * 1e-9, "st_atime_ns": a * 10**9 + ans,
                 "st_mtime_ns": m * 10**9 + mns, "st_ctime_ns": c * 10**9 + cns})
-        return Staged(entry, size, obj, (idx_name, (INDEX_DIR, key[:2]), key)), stat
+        return Staged(entry, size, obj, (idx_name, *store.index_parts(key))), stat
 
     return stage
 

@@ -134,10 +134,16 @@ class StoreIndex:
         parts = self._index_parts(entry.key)
         self._atomic_write(parts[:-1], parts[-1], _bytes_of(entry))
 
+    def index_parts(self, key: str):
+        """(directory parts, name) of the index entry of ``key``, for store_batch to place
+        a staged entry (as ``Store.object_parts`` for an object)."""
+        parts = self._index_parts(key)
+        return parts[:-1], parts[-1]
+
     def stage_entry(self, entry: IndexEntry):
         """``entry`` written to tmp/, not synced, not yet in place:
         (tmp name, directory parts, name) for store_batch to publish."""
-        parts = self._index_parts(entry.key)
+        dirparts, name = self.index_parts(entry.key)
         tmpname, fd = self.create_tmp()
         try:
             os.write(fd, _bytes_of(entry))
@@ -146,7 +152,7 @@ class StoreIndex:
             self.discard_tmp(tmpname)
             raise
         os.close(fd)
-        return tmpname, parts[:-1], parts[-1]
+        return tmpname, dirparts, name
 
     def get_entry(self, key: str) -> Optional[IndexEntry]:
         parts = self._index_parts(key)
