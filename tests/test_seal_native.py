@@ -136,14 +136,13 @@ def test_what_it_declines_leaves_nothing_behind(stager):
     assert tmp_files(store) == []
     staged, st = stage("small")
     assert st is None  # asked only with objects (a manifest's record)
-    assert staged.obj is None and staged.data_size == 3000  # one block, format 3: no object
-    assert tmp_files(store) == [staged.index[0]]
+    assert staged.obj_tmp is None and staged.data_size == 3000  # one block, format 3: no object
+    assert tmp_files(store) == [staged.index_tmp]
     fd = os.open(src / "small", os.O_RDONLY)
     try:
-        assert staged.entry.key == identity.key_of(fd)
+        assert staged.key == identity.key_of(fd)
     finally:
         os.close(fd)
-    assert staged.index[1:] == (("inodes", staged.entry.key[:2]), staged.entry.key)
     staged.drop(store)
     assert tmp_files(store) == []
     staged, _ = stage("edge")  # the largest file a worker seals: natively too
@@ -182,6 +181,6 @@ def test_its_stat_is_the_files(tmp_path):
             4097, want.st_uid, want.st_gid, want.st_ino, want.st_dev, 1)
         assert st.st_mtime_ns == 1_700_000_000_987_654_321
         assert st.st_ctime_ns == want.st_ctime_ns  # (the atime is before its own read)
-        assert staged.obj is not None and len(tmp_files(store)) == 2
+        assert staged.obj_tmp is not None and len(tmp_files(store)) == 2
         staged.drop(store)
         assert tmp_files(store) == []

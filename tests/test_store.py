@@ -416,21 +416,23 @@ def test_a_batch_names_nothing_before_it_is_durable(src, tmp_path, monkeypatch):
         monkeypatch.setattr(st, "sync", lambda: (events.append(("sync", _published(store_dir),
                                                                 len(os.listdir(st.path + "/tmp")))),
                                                  real_sync()))
-        staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in ("big", "small", "sub/empty")]
+        rels = ("big", "small", "sub/empty")
+        staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in rels]
         batch = Batch(st, flush=lambda: events.append(("flush",)))
-        for s in staged:
+        for rel, s in zip(rels, staged):
             batch.add(s)
-            batch.then(lambda s=s: events.append(("done", s.entry.path)))
+            batch.then(lambda rel=rel: events.append(("done", rel)))
         batch.commit()
-        h = staged[0].entry.digest.hex()
+        h = staged[0].digest.hex()
         objects = [f"sha256/{h[:2]}/{h}"]  # the files of one block keep theirs in their entries
-        entries = sorted(f"{s.entry.key[:2]}/{s.entry.key}" for s in staged)
+        entries = sorted(f"{s.key[:2]}/{s.key}" for s in staged)
         assert events == [("sync", ([], []), 4), ("sync", (objects, []), 3),
                           ("sync", (objects, entries), 0),
                           ("done", "big"), ("done", "small"), ("done", "sub/empty"), ("flush",)]
-        for s in staged:
-            assert st.get_entry(s.entry.key) == s.entry
-            with st.open_tree(s.entry):
+        for rel, s in zip(rels, staged):
+            entry = st.get_entry(s.key)
+            assert (entry.alg, entry.digest, entry.path) == (s.alg, s.digest, rel)
+            with st.open_tree(entry):
                 pass
 
 
@@ -468,7 +470,7 @@ def test_a_batch_refuses_a_symlinked_shard_and_names_it_whole(src, tmp_path):
     outside.mkdir()
     with Store(store_dir, create=True) as st:
         staged = stage_path(st, str(src), "big", PARAMS)[0]  # more than a block: an object
-        hh = staged.entry.digest.hex()[:2]
+        hh = staged.digest.hex()[:2]
         os.makedirs(os.path.join(store_dir, "objects", "sha256"))
         os.symlink(outside, os.path.join(store_dir, "objects", "sha256", hh))
         with pytest.raises(StoreCorrupt) as e:
@@ -533,9 +535,9 @@ def test_an_index_entry_is_the_json_the_format_gives(path, signature):
 
 
 def test_a_staged_file_crosses_a_pipe_whole(tmp_path):
-    """seal_pool's workers hand back Staged results pickled as one flat tuple: what
-    arrives is equal to what was staged, descriptor (a file of one block in a format-3
-    store), object parts (a larger one) and all, and is published as it would be."""
+    """seal_pool's workers hand back Staged results through a pipe: what arrives is
+    equal to what was staged (no object for a file of one block in a format-3 store,
+    one for a larger one), and is published as it would be."""
     import pickle
     from verityfuse.sealing import stage_path
     from verityfuse.store_batch import Batch
@@ -548,16 +550,16 @@ def test_a_staged_file_crosses_a_pipe_whole(tmp_path):
     staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in ("small", "big", "empty")]
     back = pickle.loads(pickle.dumps(staged))
     assert back == staged
-    assert [s.entry.descriptor is not None for s in back] == [True, False, True]
-    assert back[0].entry.descriptor.raw == staged[0].entry.descriptor.raw
-    assert back[1].obj == staged[1].obj and back[1].obj is not None
+    assert [s.obj_tmp is None for s in back] == [True, False, True]
     with Batch(st) as batch:
         for s in back:
             batch.add(s)
     for rel, s in zip(("small", "big", "empty"), staged):
-        assert entry_of_path(st, str(src / rel)) == s.entry
+        entry = entry_of_path(st, str(src / rel))
+        assert (entry.key, entry.alg, entry.digest, entry.path) == (s.key, s.alg, s.digest, rel)
+        assert (entry.descriptor is not None) == (s.obj_tmp is None)  # kept inline, or an object
         line, _, desc = fsverity_digest(src / rel, "--block-size=1024")
-        assert line.split()[0] == s.entry.digest_text
-        if s.entry.descriptor is not None:
-            assert s.entry.descriptor.raw == desc
+        assert line.split()[0] == s.digest_text
+        if entry.descriptor is not None:
+            assert entry.descriptor.raw == desc
     st.close()

@@ -336,10 +336,9 @@ static PyObject *seal_small(PyObject *self, PyObject *args)
         goto end;
     }
     const struct stat *t = &out.st;
-    res = Py_BuildValue("(Lsy#y#O(IKKKIILLLLLL))", out.size, out.key, (const char *)out.digest,
+    res = Py_BuildValue("(Lsy#O(IKKKIILLLLLL))", out.size, out.key, (const char *)out.digest,
                         (Py_ssize_t)(in.alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH
                                                           : SHA256_DIGEST_LENGTH),
-                        (const char *)out.desc, (Py_ssize_t)SS_DESC,
                         out.wrote_object ? Py_True : Py_False,
                         (unsigned int)t->st_mode, (unsigned long long)t->st_ino,
                         (unsigned long long)t->st_dev, (unsigned long long)t->st_nlink,
@@ -362,7 +361,7 @@ end:
 #define SEAL_SMALL_DOC \
     "seal_small(root_fd, path, dev, fsid, alg, log_blocksize, salt, padded_salt, tmp_fd,\n" \
     "           index_name, object_name, objects, keep_descriptor, path_json, alg_name)\n" \
-    "-> (size, key, digest, descriptor, object_written, (mode, ino, dev, nlink, uid,\n" \
+    "-> (size, key, digest, object_written, (mode, ino, dev, nlink, uid,\n" \
     "    gid, atime s, ns, mtime s, ns, ctime s, ns)) or None\n\n" \
     "Seal the small regular file root_fd/path into tmp/ (see _sealsmall.c); None\n" \
     "when it declines, with nothing left behind."

@@ -143,7 +143,7 @@ def cmd_seal(args, params, key, rels) -> int:
                         continue
                     assert done is not None  # in_order: a result when there is no error
                     batch.add(done)
-                    batch.then(_report_sealed, args, progress, full, done.entry.digest_text)
+                    batch.then(_report_sealed, args, progress, full, done.digest_text)
                     if batch.full:
                         batch.commit()
                 for rel, e in unlistable_dirs:

@@ -146,7 +146,7 @@ class ManifestRecorder:
                 return None
             staged, st = done  # what is sealed is what is recorded
             self.batch.add(staged)
-            entry = manifest_tree.entry_of(rel, st, sealed=(staged.entry.alg, staged.entry.digest,
+            entry = manifest_tree.entry_of(rel, st, sealed=(staged.alg, staged.digest,
                                                             self.params))
             if self.report:
                 self.batch.then(self.report, entry["digest"], full)

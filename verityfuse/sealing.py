@@ -84,14 +84,12 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
             tmp_object = obj.stage(desc)
     entry = _entry(store, key, desc, signature, relpath)
     try:
-        index = store.stage_entry(entry)
+        index_tmp = store.stage_entry(entry)
     except BaseException:
         if tmp_object is not None:
             store.discard_tmp(tmp_object)
         raise
-    obj_parts = (None if tmp_object is None
-                 else (tmp_object, *store.object_parts(params.alg, entry.digest)))
-    return Staged(entry, size, obj_parts, index)
+    return Staged(params.alg, desc.digest, size, tmp_object, index_tmp, key)
 
 
 def seal_path(store: Store, source: Union[str, SourceDir], relpath: str, params: merkle.Params,
@@ -152,7 +150,7 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
     dev, fsid = st.st_dev, identity.fsid(source.fd) & (2**64 - 1)
     inline_store = store.inline()
     make_object = objects or not inline_store
-    alg, bs, ds = params.alg, params.block_size, params.alg.digest_size
+    alg = params.alg
     fixed = (alg.number, params.log_blocksize, params.salt, hashers.padded_salt(params))
 
     def stage(rel: str) -> Optional[Tuple[Staged, Optional[os.stat_result]]]:
@@ -162,19 +160,15 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
                          json.dumps(rel).encode(), alg.name)
         if got is None:
             return None
-        size, key, digest, raw, wrote_object, (mode, ino, sdev, nlink, uid, gid, a, ans, m,
-                                               mns, c, cns) = got
-        desc = merkle.Descriptor(params, size, raw[16:16 + ds], raw)
-        entry = IndexEntry(key, alg, digest, b"", rel,
-                           desc if size <= bs and inline_store else None)
-        obj = (obj_name, *store.object_parts(alg, digest)) if wrote_object else None
+        size, key, digest, wrote_object, (mode, ino, sdev, nlink, uid, gid, a, ans, m, mns,
+                                          c, cns) = got
         stat = None
         if objects:
             stat = os.stat_result((mode, ino, sdev, nlink, uid, gid, size, a, m, c), {
                 "st_atime": a + ans * 1e-9, "st_mtime": m + mns * 1e-9,
                 "st_ctime": c + cns * 1e-9, "st_atime_ns": a * 10**9 + ans,
                 "st_mtime_ns": m * 10**9 + mns, "st_ctime_ns": c * 10**9 + cns})
-        return Staged(entry, size, obj, (idx_name, *store.index_parts(key))), stat
+        return Staged(alg, digest, size, obj_name if wrote_object else None, idx_name, key), stat
 
     return stage
 

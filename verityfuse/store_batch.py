@@ -22,49 +22,38 @@ stay bounded whatever the number of files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional
 
 from . import merkle
-from .store import IndexEntry, Store
+from .store import Store
 
 MAX_FILES = 4096
 MAX_BYTES = 256 << 20  # data sealed: the dirty pages the first sync writes are a fraction of it
 
 
-@dataclass
-class Staged:
-    """A file sealed into tmp/ (any thread may stage), waiting for a batch: its entry,
-    its size, and (tmp name, directory parts, name) of its object (None: its entry
-    keeps its descriptor) and of its index entry."""
+class Staged(NamedTuple):
+    """A file sealed into tmp/ (any thread or seal_pool worker may stage), waiting for
+    a batch: its digest, its size, the tmp/ names of its object (None: its index entry
+    keeps its descriptor) and of its index entry, and its index key.  Only what
+    publishing and reporting need: a worker's results cross a pipe, and a tuple of
+    plain values pickles in a tenth of the time the entry and descriptor took."""
 
-    entry: IndexEntry
+    alg: merkle.HashAlg
+    digest: bytes
     data_size: int
-    obj: Optional[Tuple[str, tuple, str]]
-    index: Tuple[str, tuple, str]
+    obj_tmp: Optional[str]
+    index_tmp: str
+    key: str
+
+    @property
+    def digest_text(self) -> str:
+        return merkle.format_digest(self.alg, self.digest)
 
     def drop(self, store: Store):
         """Remove its tmp/ files (it will never be published)."""
-        if self.obj is not None:
-            store.discard_tmp(self.obj[0])
-        store.discard_tmp(self.index[0])
-
-    def __reduce__(self):
-        # A seal_pool worker's result crosses a pipe: as one flat tuple it pickles in
-        # a quarter of the time the dataclasses take by default (which was ~10 us of a
-        # sealed file's ~100 us of CPU, in the worker and in the caller).  The hash
-        # parameters are the same object in every file of a chunk: pickled once.
-        e, d = self.entry, self.entry.descriptor
-        return _staged, (e.key, e.alg, e.digest, e.signature, e.path,
-                         None if d is None else (d.params, d.data_size, d.root_hash, d.raw),
-                         self.data_size, self.obj, self.index)
-
-
-def _staged(key, alg, digest, signature, path, desc, data_size, obj, index) -> Staged:
-    """A Staged from ``Staged.__reduce__``'s tuple (what one of our own workers made:
-    its descriptor was built there, not read from anywhere)."""
-    descriptor = None if desc is None else merkle.Descriptor(*desc)
-    return Staged(IndexEntry(key, alg, digest, signature, path, descriptor), data_size, obj, index)
+        if self.obj_tmp is not None:
+            store.discard_tmp(self.obj_tmp)
+        store.discard_tmp(self.index_tmp)
 
 
 class Batch:
@@ -82,16 +71,13 @@ class Batch:
         self.flush = flush  # run after each commit's callbacks: their output, written at once
         self.max_files = max_files or MAX_FILES
         self.max_bytes = max_bytes or MAX_BYTES
-        self._objects: List[Tuple[str, tuple, str]] = []  # (tmp name, dir parts, name)
-        self._entries: List[Tuple[str, tuple, str]] = []
+        self._staged: List[Staged] = []
         self._after: List[tuple] = []  # (callback, args)
         self._bytes = 0
 
     def add(self, staged: Staged):
         """Publish ``staged`` with this batch (called in file order, from one thread)."""
-        if staged.obj is not None:
-            self._objects.append(staged.obj)
-        self._entries.append(staged.index)
+        self._staged.append(staged)
         self._bytes += staged.data_size
 
     def then(self, callback: Callable[..., None], *args):
@@ -99,7 +85,7 @@ class Batch:
 
     @property
     def full(self) -> bool:
-        return len(self._entries) >= self.max_files or self._bytes >= self.max_bytes
+        return len(self._staged) >= self.max_files or self._bytes >= self.max_bytes
 
     def _place_all(self, staged):
         """Rename each staged file into place, opening each directory once (and the
@@ -129,14 +115,17 @@ class Batch:
 
     def commit(self):
         """Publish the batch in the crash-safe order above, then run its callbacks."""
-        if self._entries:
-            self.store.sync()
-            if self._objects:  # none when every file's entry keeps its descriptor
-                self._place_all(self._objects)
-                self.store.sync()
-            self._place_all(self._entries)
-            self.store.sync()
-        self._bytes = 0
+        if self._staged:
+            store = self.store
+            store.sync()
+            objects = [(s.obj_tmp, *store.object_parts(s.alg, s.digest))
+                       for s in self._staged if s.obj_tmp is not None]
+            if objects:  # none when every file's entry keeps its descriptor
+                self._place_all(objects)
+                store.sync()
+            self._place_all([(s.index_tmp, *store.index_parts(s.key)) for s in self._staged])
+            store.sync()
+        self._staged, self._bytes = [], 0
         after, self._after = self._after, []
         for callback, args in after:
             callback(*args)
@@ -145,9 +134,9 @@ class Batch:
 
     def discard(self):
         """Forget the batch, its tmp/ files removed (after an error: nothing is published)."""
-        for tmpname, _, _ in self._objects + self._entries:
-            self.store.discard_tmp(tmpname)
-        self._objects, self._entries, self._after, self._bytes = [], [], [], 0
+        for staged in self._staged:
+            staged.drop(self.store)
+        self._staged, self._after, self._bytes = [], [], 0
 
     def __enter__(self):
         return self

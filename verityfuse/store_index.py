@@ -141,9 +141,8 @@ class StoreIndex:
         return parts[:-1], parts[-1]
 
     def stage_entry(self, entry: IndexEntry):
-        """``entry`` written to tmp/, not synced, not yet in place:
-        (tmp name, directory parts, name) for store_batch to publish."""
-        dirparts, name = self.index_parts(entry.key)
+        """``entry`` written to tmp/, not synced, not yet in place: its tmp name, for
+        store_batch to publish at ``index_parts(entry.key)``."""
         tmpname, fd = self.create_tmp()
         try:
             os.write(fd, _bytes_of(entry))
@@ -152,7 +151,7 @@ class StoreIndex:
             self.discard_tmp(tmpname)
             raise
         os.close(fd)
-        return tmpname, dirparts, name
+        return tmpname
 
     def get_entry(self, key: str) -> Optional[IndexEntry]:
         parts = self._index_parts(key)
