@@ -54,7 +54,10 @@ SMALL = treebuild.CHUNK_SIZE  # a worker's files: hashed in one chunk, on one th
 # 64, 1.27 s of 512).  Fewer items than the first task's are done here, without workers.
 FIRST_CHUNK = 32
 CHUNK = 512
-AHEAD_PER_WORKER = 2
+# Chunks in flight per worker: enough for the workers to go on while the caller
+# publishes a batch (4,096 renames, ~40 ms); with 2, they waited for it (100,000
+# files: 3.15-3.31 s with 2, 2.86-3.00 with 8, the same with 16).
+AHEAD_PER_WORKER = 8
 MAX_WORKERS = 4
 
 _DONE, _FAILED, _HERE = 0, 1, 2
