@@ -52,7 +52,7 @@ struct ss_out {
     char key[65];
     unsigned char digest[SHA512_DIGEST_LENGTH], desc[SS_DESC];
     int wrote_object;
-    struct stat st;  /* the reopened file's fstat: what a manifest records */
+    struct stat st;  /* the file's fstat (of its O_PATH fd): what a manifest records */
 };
 
 static void ss_hex(const unsigned char *p, size_t n, char *out)
@@ -334,16 +334,12 @@ static PyObject *seal_small(PyObject *self, PyObject *args)
         goto end;
     }
     const struct stat *t = &out.st;
-    res = Py_BuildValue("(Lsy#O(IKKKIILLLLLL))", out.size, out.key, (const char *)out.digest,
+    res = Py_BuildValue("(Lsy#OIIIL)", out.size, out.key, (const char *)out.digest,
                         (Py_ssize_t)(in.alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH
                                                           : SHA256_DIGEST_LENGTH),
-                        out.wrote_object ? Py_True : Py_False,
-                        (unsigned int)t->st_mode, (unsigned long long)t->st_ino,
-                        (unsigned long long)t->st_dev, (unsigned long long)t->st_nlink,
+                        out.wrote_object ? Py_True : Py_False, (unsigned int)t->st_mode,
                         (unsigned int)t->st_uid, (unsigned int)t->st_gid,
-                        (long long)t->st_atim.tv_sec, (long long)t->st_atim.tv_nsec,
-                        (long long)t->st_mtim.tv_sec, (long long)t->st_mtim.tv_nsec,
-                        (long long)t->st_ctim.tv_sec, (long long)t->st_ctim.tv_nsec);
+                        (long long)t->st_mtim.tv_sec * 1000000000LL + t->st_mtim.tv_nsec);
     if (!res) {  /* nothing may be left that no Staged names */
         unlinkat(in.tmp_fd, in.idx_name, 0);
         if (out.wrote_object)
@@ -359,7 +355,6 @@ end:
 #define SEAL_SMALL_DOC \
     "seal_small(root_fd, path, dev, fsid, alg, log_blocksize, salt, padded_salt, tmp_fd,\n" \
     "           index_name, object_name, objects, keep_descriptor, path_json, alg_name)\n" \
-    "-> (size, key, digest, object_written, (mode, ino, dev, nlink, uid,\n" \
-    "    gid, atime s, ns, mtime s, ns, ctime s, ns)) or None\n\n" \
+    "-> (size, key, digest, object_written, mode, uid, gid, mtime_ns) or None\n\n" \
     "Seal the small regular file root_fd/path into tmp/ (see _sealsmall.c); None\n" \
     "when it declines, with nothing left behind."

@@ -104,12 +104,17 @@ class ManifestRecorder:
     def skip(self, rel: str, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) in self._skip
 
-    def _stage(self, item, here: bool):
-        """Seal a regular file into tmp/: in a seal_pool worker (``here`` False) a small
-        one, here any, with its progress.  Every file gets an object, one of one block
-        too: a manifest mount reads objects only."""
-        rel, st = item
-        if not stat.S_ISREG(st.st_mode):
+    @staticmethod
+    def _shipped(item) -> Optional[str]:
+        """What a seal_pool worker is given for (path, lstat): the path of a regular file
+        (its lstat stays here: a worker's fstat replaces it), None for anything else."""
+        return item[0] if stat.S_ISREG(item[1].st_mode) else None
+
+    def _stage(self, rel: Optional[str], here: bool):
+        """Seal regular file ``rel`` into tmp/: in a seal_pool worker (``here`` False) a
+        small one, here any, with its progress.  Every file gets an object, one of one
+        block too: a manifest mount reads objects only."""
+        if rel is None:
             return None
         if self._small is not None:
             got = self._small(rel)
@@ -132,7 +137,7 @@ class ManifestRecorder:
 
     def _entries(self, items) -> Iterator[dict]:
         for (rel, st), done, err in in_order(items, self._stage, self.threads, self._abandon,
-                                             self._worker_done):
+                                             self._worker_done, shipped=self._shipped):
             e = self._entry(rel, st, done, err)
             if e is not None:
                 yield e

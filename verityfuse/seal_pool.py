@@ -38,7 +38,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import chain, islice
-from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import treebuild
 from .errors import VerityError
@@ -99,6 +99,10 @@ def _start_worker(parent: int):
     name_tmp_files_for(parent)
 
 
+def _itself(item):
+    return item
+
+
 def _portable(e: BaseException) -> BaseException:
     """``e`` if it survives the pipe, else an error of its kind with its message (an
     exception whose constructor takes other arguments than its message does not)."""
@@ -139,9 +143,10 @@ def _unreadable(e: Exception) -> OSError:
                                  f"{type(e).__name__}: {e}")
 
 
-def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional[int],
+def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Optional[int],
              abandon: Callable[[R], None], after_worker: Optional[Callable[[R], None]] = None,
              command: str = "seal", done: str = "sealed",
+             shipped: Optional[Callable[[T], Any]] = None,
              ) -> Iterator[Tuple[T, Optional[R], Optional[OSError]]]:
     """(item, result, None), or (item, None, the OSError it raised), for each item in
     order; any other exception is raised here.
@@ -152,14 +157,17 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
     called here, in order, for each result a worker made (its progress).  When the
     caller stops early, ``abandon(result)`` is called on every result made for
     nothing (staged files to remove).  ``command`` and ``done`` word the error of a
-    worker that died ("seal", "sealed")."""
+    worker that died ("seal", "sealed").  ``shipped(item)`` is what ``work`` is given
+    for an item (default: the item itself): only what it needs goes to a worker."""
+    if shipped is None:
+        shipped = _itself
     source = iter(items)
     first = list(islice(source, FIRST_CHUNK))
     n = workers(threads)
     if n <= 1 or len(first) < FIRST_CHUNK:
         for item in chain(first, source):
             try:
-                yield item, work(item, True), None
+                yield item, work(shipped(item), True), None
             except OSError as e:
                 yield item, None, e
         return
@@ -182,7 +190,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
         chunk, first = first or list(islice(source, size)), []
         size = min(CHUNK, size * 2)
         if chunk:
-            pending.append((chunk, pool.submit(_run, chunk)))
+            pending.append((chunk, pool.submit(_run, [shipped(item) for item in chunk])))
         return bool(chunk)
 
     # Everything the caller holds (verify --manifest: the whole manifest tree) is left
@@ -216,7 +224,7 @@ def in_order(items: Iterable[T], work: Callable[[T, bool], R], threads: Optional
                     yield item, None, value
                 else:
                     try:
-                        yield item, work(item, True), None
+                        yield item, work(shipped(item), True), None
                     except OSError as e:
                         yield item, None, e
     except BaseException as e:

@@ -15,6 +15,7 @@ from .source_dir import SourceDir, opened, unlistable
 from .store import IndexEntry, Store
 from .store_index import inline
 from .store_batch import Staged
+from .manifest_tree import Recorded
 from .verifier import TreeBlockCache
 
 
@@ -135,14 +136,14 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
 
 
 def native_stager(store: Store, source: SourceDir, params: merkle.Params, objects: bool = False
-                  ) -> Optional[Callable[[str], Optional[Tuple[Staged, Optional[os.stat_result]]]]]:
+                  ) -> Optional[Callable[[str], Optional[Tuple[Staged, Optional[Recorded]]]]]:
     """stage_path's common case in one native call (``_sealsmall.c``); None without the
-    native module.  The stager takes a path relative to SOURCE and returns the (Staged,
-    fstat) stage_path would give (the fstat only with ``objects``: a manifest records
-    it), with the same bytes (tests/test_seal_native.py), or None when it declines the
-    file (not regular, on another filesystem, over seal_pool.SMALL bytes, changed while
-    it was read, any error): stage_path then seals it, and says what is wrong.  SOURCE's
-    device and fsid are asked once, here."""
+    native module.  The stager takes a path relative to SOURCE and returns the Staged
+    stage_path would give, with the same bytes (tests/test_seal_native.py), and with
+    ``objects`` (a manifest's files) what a manifest records of its fstat; or None
+    when it declines the file (not regular, on another filesystem, over
+    seal_pool.SMALL bytes, changed while it was read, any error): stage_path then
+    seals it, and says what is wrong.  SOURCE's device and fsid are asked once, here."""
     seal_small = getattr(hashers._hashblocks, "seal_small", None)
     if seal_small is None or not 1024 <= params.block_size <= 65536 or len(params.salt) > 32:
         return None
@@ -153,22 +154,16 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
     alg = params.alg
     fixed = (alg.number, params.log_blocksize, params.salt, hashers.padded_salt(params))
 
-    def stage(rel: str) -> Optional[Tuple[Staged, Optional[os.stat_result]]]:
+    def stage(rel: str) -> Optional[Tuple[Staged, Optional[Recorded]]]:
         tmp_fd, idx_name, obj_name = store.tmp_names()
         got = seal_small(source.fd, os.fsencode(rel.rstrip("/")), dev, fsid, *fixed, tmp_fd,
                          idx_name.encode(), obj_name.encode(), make_object, inline_store,
                          json.dumps(rel).encode(), alg.name)
         if got is None:
             return None
-        size, key, digest, wrote_object, (mode, ino, sdev, nlink, uid, gid, a, ans, m, mns,
-                                          c, cns) = got
-        stat = None
-        if objects:
-            stat = os.stat_result((mode, ino, sdev, nlink, uid, gid, size, a, m, c), {
-                "st_atime": a + ans * 1e-9, "st_mtime": m + mns * 1e-9,
-                "st_ctime": c + cns * 1e-9, "st_atime_ns": a * 10**9 + ans,
-                "st_mtime_ns": m * 10**9 + mns, "st_ctime_ns": c * 10**9 + cns})
-        return Staged(alg, digest, size, obj_name if wrote_object else None, idx_name, key), stat
+        size, key, digest, wrote_object, mode, uid, gid, mtime_ns = got
+        return (Staged(alg, digest, size, obj_name if wrote_object else None, idx_name, key),
+                Recorded(mode, uid, gid, size, mtime_ns) if objects else None)
 
     return stage
 
