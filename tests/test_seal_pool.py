@@ -73,19 +73,39 @@ def test_the_input_is_read_a_bounded_window_ahead_of_the_caller():
     """Memory does not grow with the number of items: at most AHEAD_PER_WORKER tasks per
     worker, and the one being handed out, are taken from the input beyond the caller."""
     taken = [0]
+    bound = (seal_pool.AHEAD_PER_WORKER * 2 + 1) * seal_pool.CHUNK
+    count = 3 * bound  # more than the window: reading them all at once would show
 
     def source():
-        for i in range(6000):
+        for i in range(count):
             taken[0] += 1
             yield i
 
-    bound = (seal_pool.AHEAD_PER_WORKER * 2 + 1) * seal_pool.CHUNK
     most = 0
     for consumed, (item, result, err) in enumerate(
             in_order(source(), lambda item, here: item, 2, lambda r: None), 1):
         assert result == item
         most = max(most, taken[0] - consumed)
-    assert consumed == 6000 and 0 < most <= bound, (most, bound)
+    assert consumed == count and 0 < most <= bound, (most, bound)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_worker_is_given_what_is_shipped_and_the_caller_gets_its_items_back(threads):
+    """in_order(shipped=): ``work`` gets shipped(item), in a worker and here (an item
+    handed back, or no workers); the caller gets its own items, in order."""
+    items = [(i, "x" * 1000) for i in range(200)]  # the payload never needs to cross
+
+    def work(shipped, here):
+        assert isinstance(shipped, int)
+        if shipped % 40 == 0 and not here:
+            raise Here()
+        return shipped * 2, here
+
+    got = list(in_order(items, work, threads, lambda r: None, shipped=lambda item: item[0]))
+    assert [item for item, _, _ in got] == items
+    assert [r[0] for _, r, _ in got] == [2 * i for i in range(200)]
+    if threads == 2:
+        assert [i for (i, _), r, _ in got if r[1]] == list(range(0, 200, 40))
 
 
 def test_a_caller_that_stops_early_gets_every_unused_result_abandoned():
