@@ -107,6 +107,43 @@ def test_a_manifest_seal_writes_the_python_paths_bytes(tmp_path, params):
     assert contents(tmp_path / "native") == contents(tmp_path / "python")
 
 
+@needs_native
+def test_a_manifest_records_the_mtime_the_python_path_records(tmp_path):
+    """The mtime comes back in seconds and nanoseconds: one before 1970 is recorded to
+    the nanosecond as the Python path records it, and one past 2262 (more than 64 bits
+    of nanoseconds) is refused by both alike, never recorded wrapped around."""
+    from verityfuse import manifest, manifest_tree
+
+    src = tmp_path / "src"
+    make_tree(src)
+    os.unlink(src / "fifo")
+    write(src / "old", b"o" * 5000)
+    os.utime(src / "old", ns=(0, -1_000_000_000_123_456_789))
+    runs = {}
+    for kind, pure in (("native", False), ("python", True)):
+        m = tmp_path / f"{kind}.json"
+        seal(src, tmp_path / kind, [], pure, "--manifest", str(m), "--unsigned")
+        runs[kind] = m.read_bytes()
+    assert runs["native"] == runs["python"]
+    _, payload = manifest.read_envelope(str(tmp_path / "native.json"))
+    old = [e for e in manifest_tree.iter_entries(payload) if e["path"] == "old"]
+    assert [e["mtime"] for e in old] == [-1_000_000_000_123_456_789]
+
+    os.utime(src / "old", ns=(0, 10_413_792_000 * 10**9 + 5))  # the year 2300
+    said = {}
+    for kind, pure in (("native", False), ("python", True)):
+        env = dict(os.environ, VERITYFUSE_PURE_PYTHON="1") if pure else \
+            {k: v for k, v in os.environ.items() if k != "VERITYFUSE_PURE_PYTHON"}
+        r = subprocess.run(VF + ["seal", str(src), "--store", str(tmp_path / f"{kind}2"),
+                                 "--manifest", str(tmp_path / f"{kind}2.json"), "--unsigned"],
+                           env=env, capture_output=True, text=True)
+        said[kind] = (r.returncode, r.stderr.replace(kind, "KIND"))
+        assert not (tmp_path / f"{kind}2.json").exists()
+    assert said["native"] == said["python"]
+    assert said["native"][0] != 0 and "its mtime 10413792000000000005 is out of range" in \
+        said["native"][1], said
+
+
 @pytest.fixture
 def stager(tmp_path):
     src = tmp_path / "src"

@@ -5,9 +5,10 @@
  *
  * Why native: a seal worker's small file is a dozen system calls (~30 us in
  * tmpfs) wrapped in ~45 us of Python (open policy, tree, descriptor, key,
- * entry text, tmp files).  Here it is the same calls and the same bytes with
- * no interpreter in between; sealing.stage_small builds the Staged from what
- * it returns.
+ * entry text, tmp files).  Here it is the same calls (but one fstat: the
+ * reopened file is the inode the O_PATH fd's fstat described) and the same
+ * bytes with no interpreter in between; sealing.native_stager builds the
+ * Staged (and a manifest's Recorded) from what it returns.
  *
  * It handles the common case only and declines everything else (returns
  * None, with every tmp file it made removed): sealing.stage_path then seals
@@ -334,12 +335,14 @@ static PyObject *seal_small(PyObject *self, PyObject *args)
         goto end;
     }
     const struct stat *t = &out.st;
-    res = Py_BuildValue("(Lsy#OIIIL)", out.size, out.key, (const char *)out.digest,
+    /* The mtime's seconds and nanoseconds apart: in ns it overflows 64 bits after 2262,
+     * and Python says so (a manifest refuses it) where C would wrap silently. */
+    res = Py_BuildValue("(Lsy#OIIILL)", out.size, out.key, (const char *)out.digest,
                         (Py_ssize_t)(in.alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH
                                                           : SHA256_DIGEST_LENGTH),
                         out.wrote_object ? Py_True : Py_False, (unsigned int)t->st_mode,
                         (unsigned int)t->st_uid, (unsigned int)t->st_gid,
-                        (long long)t->st_mtim.tv_sec * 1000000000LL + t->st_mtim.tv_nsec);
+                        (long long)t->st_mtim.tv_sec, (long long)t->st_mtim.tv_nsec);
     if (!res) {  /* nothing may be left that no Staged names */
         unlinkat(in.tmp_fd, in.idx_name, 0);
         if (out.wrote_object)
@@ -355,6 +358,6 @@ end:
 #define SEAL_SMALL_DOC \
     "seal_small(root_fd, path, dev, fsid, alg, log_blocksize, salt, padded_salt, tmp_fd,\n" \
     "           index_name, object_name, objects, keep_descriptor, path_json, alg_name)\n" \
-    "-> (size, key, digest, object_written, mode, uid, gid, mtime_ns) or None\n\n" \
+    "-> (size, key, digest, object_written, mode, uid, gid, mtime s, mtime ns) or None\n\n" \
     "Seal the small regular file root_fd/path into tmp/ (see _sealsmall.c); None\n" \
     "when it declines, with nothing left behind."

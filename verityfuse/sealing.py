@@ -161,9 +161,9 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
                          json.dumps(rel).encode(), alg.name)
         if got is None:
             return None
-        size, key, digest, wrote_object, mode, uid, gid, mtime_ns = got
+        size, key, digest, wrote_object, mode, uid, gid, mtime_s, mtime_ns = got
         return (Staged(alg, digest, size, obj_name if wrote_object else None, idx_name, key),
-                Recorded(mode, uid, gid, size, mtime_ns) if objects else None)
+                Recorded(mode, uid, gid, size, mtime_s * 10**9 + mtime_ns) if objects else None)
 
     return stage
 
