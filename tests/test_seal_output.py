@@ -174,7 +174,8 @@ def peak_kib_sealing(tmp_path, files: int, batch: int, *opts) -> int:
             (src / f"d{i // 100:03d}").mkdir(parents=True)
         write(src / f"d{i // 100:03d}" / f"f{i:05d}", pattern(i * 997 % 9000))  # 0-9000 bytes
     # One process: seal_pool's workers add a fixed window of results in flight (up to
-    # ~2,000 files, ~4 MiB), which 300 files do not fill; its bound is tested on its own.
+    # 8 chunks of 512 files a worker, a few hundred bytes each), which 300 files do not
+    # fill; its bound is tested on its own.
     r = subprocess.run([sys.executable, "-c", PEAK, str(batch), "seal", str(src), "--manifest",
                         str(tmp_path / f"m{files}.json"), "--store", str(tmp_path / f"s{files}"),
                         "--threads", "1", *opts], capture_output=True, text=True)

@@ -429,11 +429,13 @@ def test_a_batch_names_nothing_before_it_is_durable(src, tmp_path, monkeypatch):
         assert events == [("sync", ([], []), 4), ("sync", (objects, []), 3),
                           ("sync", (objects, entries), 0),
                           ("done", "big"), ("done", "small"), ("done", "sub/empty"), ("flush",)]
-        for rel, s in zip(rels, staged):
-            entry = st.get_entry(s.key)
-            assert (entry.alg, entry.digest, entry.path) == (s.alg, s.digest, rel)
-            with st.open_tree(entry):
-                pass
+        with Store(str(tmp_path / "other"), create=True) as other:
+            for rel, s in zip(rels, staged):
+                entry = st.get_entry(s.key)
+                assert entry == seal(other, src, rel)  # what sealing one file publishes
+                assert (entry.key, entry.digest) == (s.key, s.digest)
+                with st.open_tree(entry):
+                    pass
 
 
 def test_a_failed_sync_publishes_nothing_and_leaves_no_tmp_file(src, tmp_path, monkeypatch):
@@ -479,6 +481,42 @@ def test_a_batch_refuses_a_symlinked_shard_and_names_it_whole(src, tmp_path):
         assert str(e.value) == (f"{store_dir}/objects/sha256/{hh}: refusing a symlink or "
                                 f"non-directory inside the store")
         assert os.listdir(outside) == []
+
+
+def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, monkeypatch):
+    """A rename failing among the index entries: the error reaches the caller, what was
+    renamed before it stays in place (objects synced first, so no entry names a missing
+    one), and nothing stays in tmp/; no callback runs."""
+    import errno as errno_mod
+    from verityfuse.sealing import stage_path
+    from verityfuse.store_batch import Batch
+
+    for i in range(4):
+        write(src / f"more{i}", pattern(5000 + i))  # objects (over one block) and entries
+    rels = ["big", "small", "sub/empty"] + [f"more{i}" for i in range(4)]
+    store_dir = str(tmp_path / "store")
+    with Store(store_dir, create=True) as st:
+        staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in rels]
+        n_objects = sum(s.obj_tmp is not None for s in staged)
+        real_place, calls = st.place, []
+
+        def place(tmpname, dirfd, name, sync=True):
+            calls.append(name)
+            if len(calls) == n_objects + 3:  # the third index entry
+                raise OSError(errno_mod.EIO, "Input/output error")
+            return real_place(tmpname, dirfd, name, sync=sync)
+
+        monkeypatch.setattr(st, "place", place)
+        done = []
+        with pytest.raises(OSError) as e:
+            with Batch(st) as batch:
+                for s in staged:
+                    batch.add(s)
+                    batch.then(done.append, s.key)
+        assert e.value.errno == errno_mod.EIO and done == []
+        objects, entries = _published(store_dir)
+        assert len(objects) == n_objects == 5 and len(entries) == 2
+        assert os.listdir(os.path.join(store_dir, "tmp")) == []
 
 
 def test_seal_cli_reports_files_in_order_and_seals_the_others_after_a_failure(tmp_path):

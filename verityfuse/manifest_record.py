@@ -18,7 +18,7 @@ from .seal_pool import SMALL, in_order
 from .sealing import native_stager, stage_path
 from .source_dir import SourceDir
 from .store import Store
-from .store_batch import Batch
+from .store_batch import Batch, Staged
 
 
 def scan_sorted(source: SourceDir, skip: Callable[[str, os.stat_result], bool],
@@ -110,22 +110,29 @@ class ManifestRecorder:
         (its lstat stays here: a worker's fstat replaces it), None for anything else."""
         return item[0] if stat.S_ISREG(item[1].st_mode) else None
 
-    def _stage(self, rel: Optional[str], here: bool):
-        """Seal regular file ``rel`` into tmp/: in a seal_pool worker (``here`` False) a
-        small one, here any, with its progress.  Every file gets an object, one of one
-        block too: a manifest mount reads objects only."""
+    def _stage(self, rel: Optional[str], here: bool
+               ) -> Optional[Tuple[Staged, manifest_tree.Recorded]]:
+        """Seal regular file ``rel`` into tmp/ (None, what ``_shipped`` gives for anything
+        else, is nothing to seal): in a seal_pool worker (``here`` False) a small one,
+        here any, with its progress.  Every file gets an object, one of one block too: a
+        manifest mount reads objects only.  With it, what the manifest records of the
+        fstat of what was sealed."""
         if rel is None:
             return None
         if self._small is not None:
             got = self._small(rel)
             if got is not None:
+                staged, recorded = got
+                assert recorded is not None  # a stager made with objects=True records it
                 if here and self.progress:
-                    self.progress.worker_done(got[0])
-                return got
-        return stage_path(self.store, self.source, rel, self.params,
-                          progress=self.progress.for_file if here and self.progress else None,
-                          threads=self.threads, keys=self.keys,
-                          max_size=None if here else SMALL, objects=True)
+                    self.progress.worker_done(staged)
+                return staged, recorded
+        staged, st = stage_path(
+            self.store, self.source, rel, self.params,
+            progress=self.progress.for_file if here and self.progress else None,
+            threads=self.threads, keys=self.keys, max_size=None if here else SMALL,
+            objects=True)
+        return staged, manifest_tree.Recorded.of(st)
 
     def _worker_done(self, result):
         if result is not None and self.progress is not None:
@@ -149,10 +156,10 @@ class ManifestRecorder:
                 self.warn(f"can't seal '{full}': {err.strerror or err}")
                 self.failed += 1
                 return None
-            staged, st = done  # what is sealed is what is recorded
+            staged, sealed_st = done  # what is sealed is what is recorded
             self.batch.add(staged)
-            entry = manifest_tree.entry_of(rel, st, sealed=(staged.alg, staged.digest,
-                                                            self.params))
+            entry = manifest_tree.entry_of(rel, sealed_st, sealed=(staged.alg, staged.digest,
+                                                                   self.params))
             if self.report:
                 self.batch.then(self.report, entry["digest"], full)
             if self.batch.full:

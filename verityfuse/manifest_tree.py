@@ -104,10 +104,15 @@ class Recorded(NamedTuple):
     st_size: int
     st_mtime_ns: int
 
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Recorded":
+        return cls(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+
 
 def entry_of(path: str, st: Union[os.stat_result, Recorded], target: Optional[str] = None,
              sealed: Optional[Tuple[merkle.HashAlg, bytes, merkle.Params]] = None) -> dict:
-    """The entry for ``path`` (relative, "." for the root) from its lstat."""
+    """The entry for ``path`` (relative, "." for the root) from its lstat (a sealed
+    file's: the fstat of what was sealed, an os.stat_result or a Recorded)."""
     fmt = stat.S_IFMT(st.st_mode)
     kind = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink"}.get(fmt)
     if kind is None:

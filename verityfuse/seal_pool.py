@@ -9,8 +9,9 @@ flight, 0.59 s one at a time); processes run side by side (the same calls in two
 processes over 20,000 files: 0.41 s against 0.79 s in one).
 
 Each worker is a fork of the caller, made before anything is staged: it inherits
-the store's open directories, the parameters and the work function, so only the
-items and the results cross its pipe, in chunks of ``CHUNK``.  A worker stages
+the store's open directories, the parameters and the work function, so only what
+the caller ships of each item (``shipped``: a path, not its lstat) and the results
+cross its pipe, in chunks of ``CHUNK``.  A worker stages
 files of up to ``SMALL`` bytes; it hands a larger one back (``Here``), and the
 caller stages it with its progress line and every hashing thread while the
 workers go on with the next files.  Results are taken in input order, so output
@@ -64,7 +65,7 @@ _DONE, _FAILED, _HERE = 0, 1, 2
 
 
 class Here(Exception):
-    """Raised by ``work(item, here=False)`` for an item the caller must do itself."""
+    """Raised by ``work(shipped item, here=False)`` for an item the caller must do itself."""
 
 
 def workers(threads: Optional[int]) -> int:
@@ -151,14 +152,14 @@ def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Option
     """(item, result, None), or (item, None, the OSError it raised), for each item in
     order; any other exception is raised here.
 
-    ``work(item, here)`` runs in ``workers(threads)`` worker processes with ``here``
-    False (it may raise ``Here``), or in this process with ``here`` True: with one
-    worker, and for the items a worker handed back.  ``after_worker(result)`` is
-    called here, in order, for each result a worker made (its progress).  When the
-    caller stops early, ``abandon(result)`` is called on every result made for
-    nothing (staged files to remove).  ``command`` and ``done`` word the error of a
-    worker that died ("seal", "sealed").  ``shipped(item)`` is what ``work`` is given
-    for an item (default: the item itself): only what it needs goes to a worker."""
+    ``work(shipped(item), here)`` runs in ``workers(threads)`` worker processes with
+    ``here`` False (it may raise ``Here``), or in this process with ``here`` True: with
+    one worker, and for the items a worker handed back.  ``shipped(item)`` is what
+    ``work`` needs of an item (default: the item itself): only that crosses a worker's
+    pipe.  ``after_worker(result)`` is called here, in order, for each result a worker
+    made (its progress).  When the caller stops early, ``abandon(result)`` is called on
+    every result made for nothing (staged files to remove).  ``command`` and ``done``
+    word the error of a worker that died ("seal", "sealed")."""
     if shipped is None:
         shipped = _itself
     source = iter(items)

@@ -87,14 +87,13 @@ class Batch:
     def full(self) -> bool:
         return len(self._staged) >= self.max_files or self._bytes >= self.max_bytes
 
-    def _place_all(self, staged):
-        """Rename each staged file into place, opening each directory once (and the
-        shards' parent, objects/<alg> or inodes, once)."""
-        staged.sort(key=lambda s: s[1])
+    def _place_all(self, places):
+        """Rename each (tmp name, directory parts, name) into place, opening each
+        directory once (and the shards' parent, objects/<alg> or inodes, once)."""
+        places.sort(key=lambda p: p[1])
         dirparts, dirfd, upparts, upfd = None, -1, None, -1
         try:
-            while staged:
-                tmpname, parts, name = staged[-1]
+            for tmpname, parts, name in places:
                 if parts != dirparts:
                     if dirfd >= 0:
                         os.close(dirfd)
@@ -107,7 +106,6 @@ class Batch:
                     dirfd = self.store.open_dir(parts[-1:], at=(upfd, upparts))
                     dirparts = parts
                 self.store.place(tmpname, dirfd, name, sync=False)
-                staged.pop()
         finally:
             for fd in (dirfd, upfd):
                 if fd >= 0:
@@ -133,7 +131,9 @@ class Batch:
             self.flush()
 
     def discard(self):
-        """Forget the batch, its tmp/ files removed (after an error: nothing is published)."""
+        """Forget the batch, its tmp/ files removed (after an error: what a commit that
+        failed half way renamed into place stays, durable or not, and its tmp/ names are
+        simply gone; a tmp/ name is never reused, so none names another file now)."""
         for staged in self._staged:
             staged.drop(self.store)
         self._staged, self._after, self._bytes = [], [], 0
