@@ -90,7 +90,7 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
         if tmp_object is not None:
             store.discard_tmp(tmp_object)
         raise
-    return Staged(params.alg, desc.digest, size, tmp_object, index_tmp, key)
+    return Staged(params.alg, entry.digest, size, tmp_object, index_tmp, key)
 
 
 def seal_path(store: Store, source: Union[str, SourceDir], relpath: str, params: merkle.Params,

@@ -35,8 +35,9 @@ class Staged(NamedTuple):
     """A file sealed into tmp/ (any thread or seal_pool worker may stage), waiting for
     a batch: its digest, its size, the tmp/ names of its object (None: its index entry
     keeps its descriptor) and of its index entry, and its index key.  Only what
-    publishing and reporting need: a worker's results cross a pipe, and a tuple of
-    plain values pickles in a tenth of the time the entry and descriptor took."""
+    publishing and reporting need: a worker's results cross a pipe, and these pickle
+    and unpickle in a third of the time an index entry with its descriptor took (1.4
+    against 4.0 us a file)."""
 
     alg: merkle.HashAlg
     digest: bytes
