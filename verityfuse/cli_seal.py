@@ -76,9 +76,8 @@ def _size_of(src: SourceDir, rels):
 
 
 def cmd_seal(args, params, key, rels) -> int:
-    from . import identity
-    from .seal_pool import SMALL, in_order
-    from .sealing import native_stager, stage_path
+    from .seal_pool import in_order
+    from .sealing import file_stager
     from .source_dir import SourceDir
     from .store_batch import Batch
 
@@ -100,22 +99,12 @@ def cmd_seal(args, params, key, rels) -> int:
         progress = Progress(*total)
         failed = 0
 
-        keys = identity.Keys()
-        small = native_stager(store, src, params)
+        stage_file = file_stager(store, src, params, threads=args.threads,
+                                 progress=progress if progress.enabled else None)
 
         def stage(rel, here):
-            """In a worker (``here`` False) a small file; here any, with its progress.
-            Its Staged only: the caller has no use for its stat (less to pickle).  A
-            small file in one native call where it can be."""
-            if small is not None:
-                got = small(rel)
-                if got is not None:
-                    if here and progress.enabled:
-                        progress.worker_done(got[0])
-                    return got[0]
-            return stage_path(store, src, rel, params, threads=args.threads,
-                              progress=progress.for_file if here and progress.enabled else None,
-                              keys=keys, max_size=None if here else SMALL)[0]
+            """In a worker (``here`` False) a small file; here any, with its progress."""
+            return stage_file(rel, here)[0]
 
         def not_sealed(full, why):
             progress.close()

@@ -13,9 +13,9 @@ import stat
 from itertools import chain
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from . import identity, manifest_tree, merkle
-from .seal_pool import SMALL, in_order
-from .sealing import native_stager, stage_path
+from . import manifest_tree, merkle
+from .seal_pool import in_order
+from .sealing import file_stager
 from .source_dir import SourceDir
 from .store import Store
 from .store_batch import Batch, Staged
@@ -90,8 +90,8 @@ class ManifestRecorder:
         self.warn, self.report, self.threads = warn, report, threads
         self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
-        self.keys = identity.Keys()
-        self._small = native_stager(store, source, params, objects=True)
+        self._stage_file = file_stager(store, source, params, objects=True, threads=threads,
+                                       progress=self.progress)
         st = os.stat(store.path)
         self._skip = {(st.st_dev, st.st_ino), *skip_ids}
         for p in skip_paths:
@@ -111,28 +111,12 @@ class ManifestRecorder:
         return item[0] if stat.S_ISREG(item[1].st_mode) else None
 
     def _stage(self, rel: Optional[str], here: bool
-               ) -> Optional[Tuple[Staged, manifest_tree.Recorded]]:
-        """Seal regular file ``rel`` into tmp/ (None, what ``_shipped`` gives for anything
-        else, is nothing to seal): in a seal_pool worker (``here`` False) a small one,
-        here any, with its progress.  Every file gets an object, one of one block too: a
-        manifest mount reads objects only.  With it, what the manifest records of the
-        fstat of what was sealed."""
-        if rel is None:
-            return None
-        if self._small is not None:
-            got = self._small(rel)
-            if got is not None:
-                staged, recorded = got
-                assert recorded is not None  # a stager made with objects=True records it
-                if here and self.progress:
-                    self.progress.worker_done(staged)
-                return staged, recorded
-        staged, st = stage_path(
-            self.store, self.source, rel, self.params,
-            progress=self.progress.for_file if here and self.progress else None,
-            threads=self.threads, keys=self.keys, max_size=None if here else SMALL,
-            objects=True)
-        return staged, manifest_tree.Recorded.of(st)
+               ) -> Optional[Tuple[Staged, Optional[manifest_tree.Recorded]]]:
+        """Seal regular file ``rel`` (None, what ``_shipped`` gives for anything else, is
+        nothing to seal) with an object, one of one block too: a manifest mount reads
+        objects only.  With it, what the manifest records of the fstat of what was
+        sealed (sealing.file_stager)."""
+        return None if rel is None else self._stage_file(rel, here)
 
     def _worker_done(self, result):
         if result is not None and self.progress is not None:
@@ -157,6 +141,7 @@ class ManifestRecorder:
                 self.failed += 1
                 return None
             staged, sealed_st = done  # what is sealed is what is recorded
+            assert sealed_st is not None  # file_stager(objects=True) gives it
             self.batch.add(staged)
             entry = manifest_tree.entry_of(rel, sealed_st, sealed=(staged.alg, staged.digest,
                                                                    self.params))

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 from . import fsutil, hashers, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
 from .reader import attach_reader
-from .seal_pool import Here
+from .seal_pool import SMALL, Here
 from .source_dir import SourceDir, opened, unlistable
 from .store import IndexEntry, Store
 from .store_index import inline
@@ -164,6 +164,33 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
         size, key, digest, wrote_object, mode, uid, gid, mtime_s, mtime_ns = got
         return (Staged(alg, digest, size, obj_name if wrote_object else None, idx_name, key),
                 Recorded(mode, uid, gid, size, mtime_s * 10**9 + mtime_ns) if objects else None)
+
+    return stage
+
+
+def file_stager(store: Store, source: SourceDir, params: merkle.Params, *, objects: bool = False,
+                threads: Optional[int] = None, progress=None
+                ) -> Callable[[str, bool], Tuple[Staged, Optional[Recorded]]]:
+    """seal_pool's work for one regular file of SOURCE: ``stage(rel, here)`` stages it
+    and gives its Staged, and with ``objects`` (a manifest's files: an object each)
+    what a manifest records of the fstat of what was sealed.  A small file in one
+    native call where it can be, else stage_path; in a worker (``here`` False) a file
+    over seal_pool.SMALL raises Here.  ``progress``: the run's seal_progress.Progress
+    when it draws (a file done here counts on it)."""
+    small = native_stager(store, source, params, objects)
+    keys = identity.Keys()
+
+    def stage(rel: str, here: bool) -> Tuple[Staged, Optional[Recorded]]:
+        if small is not None:
+            got = small(rel)
+            if got is not None:
+                if here and progress is not None:
+                    progress.worker_done(got[0])
+                return got
+        staged, st = stage_path(store, source, rel, params, threads=threads, keys=keys,
+                                progress=progress.for_file if here and progress else None,
+                                max_size=None if here else SMALL, objects=objects)
+        return staged, Recorded.of(st) if objects else None
 
     return stage
 
