@@ -136,7 +136,8 @@ def seal_once(ws, what, floor=None):
         if not os.path.exists(names):
             with open(names, "w") as f:
                 f.write("".join(n + "\n" for n in ws.ctr_names))
-        workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))  # seal's default
+        from verityfuse.seal_pool import workers as seal_workers
+        workers = str(seal_workers(None))  # as many as seal has by default
         try:
             return run_measured([[floor, ws.ctr, names, out, workers]], what)
         finally:
