@@ -106,7 +106,23 @@ def cmd_seal(args, params, key, rels) -> int:
             """In a worker (``here`` False) a small file; here any, with its progress."""
             return stage_file(rel, here)[0]
 
+        # The human lines of a durable batch's files, written at once when it is done (or
+        # before an error line, which keeps their order): one write for up to thousands of
+        # files, and no call a file (--json prints each with emit).
+        lines: list = []
+
+        def write_lines():
+            if lines:
+                progress.close()
+                sys.stdout.write("".join(lines))
+                lines.clear()
+
+        def flush():
+            write_lines()
+            sys.stdout.flush()
+
         def not_sealed(full, why):
+            write_lines()
             progress.close()
             if args.json:
                 emit({"file": full, "error": why})
@@ -114,7 +130,7 @@ def cmd_seal(args, params, key, rels) -> int:
                 error(f"can't seal '{full}': {why}")
 
         try:
-            with Batch(store, flush=sys.stdout.flush) as batch:
+            with Batch(store, flush=flush) as batch:
                 # Directories that could not be listed (nothing under them sealed): said
                 # after the files, as verify does (the walk runs ahead of the results).
                 unlistable_dirs: list = []
@@ -132,7 +148,10 @@ def cmd_seal(args, params, key, rels) -> int:
                         continue
                     assert done is not None  # in_order: a result when there is no error
                     batch.add(done)
-                    batch.then(_report_sealed, args, progress, full, done.digest_text)
+                    if args.json:
+                        batch.then(_report_sealed, args, progress, full, done.digest_text)
+                    else:
+                        batch.then(lines.append, f"{done.digest_text} {shown(full)}\n")
                     if batch.full:
                         batch.commit()
                 for rel, e in unlistable_dirs:
