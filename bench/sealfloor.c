@@ -97,6 +97,7 @@ static void place(int tmp, int dst, char kind)
     struct dirent *e;
     if (!d)
         die("list", "tmp");
+    rewinddir(d);  /* a dup shares the offset, which the last listing left at the end */
     while ((e = readdir(d)) != NULL) {
         if (e->d_name[0] != kind)
             continue;

@@ -15,8 +15,8 @@
  * the file as before, and reports any error with its own message.  Declined:
  * a path with a "..", anything but a regular file, a file on another device
  * than the caller named (its fsid would differ), one over SEAL_SMALL_MAX
- * bytes, a file that changed size while it was read, no file handle, and any
- * failing system call.
+ * bytes, a file that changed size while it was read (or read short), no file
+ * handle, and any failing system call.
  *
  * The bytes are sealing.py's exactly (tests/test_seal_native.py compares
  * whole stores): the file is opened as fsutil.open_beneath +
@@ -239,15 +239,12 @@ static int ss_seal(const struct ss_in *in, struct ss_out *out)
     size_t room = (len + bs - 1) / bs * bs + 1;
     if ((buf = ss_buffer(room)) == NULL)
         goto done;
-    size_t got = 0;
-    for (;;) {  /* as treebuild.read_small: short reads go on, the end must be at len */
-        ssize_t r = pread(fd, buf + got, len + 1 - got, (off_t)got);
-        if (r < 0)
-            goto done;
-        if (r == 0 || (got += (size_t)r) > len)
-            break;
-    }
-    if (got != len)
+    /* One read of a byte more than the fstat's size: a regular file's read stops short
+     * only at its end, so exactly len bytes is the whole file, unchanged in size.  Any
+     * other count (grown, truncated, or a file system that reads short) declines: the
+     * Python path (treebuild.read_small) reads on and says what changed.  One pread a
+     * file, not a second one to see the end. */
+    if (pread(fd, buf, len + 1, 0) != (ssize_t)len)
         goto done;
     memset(buf + len, 0, room - 1 - len);
     if ((obj = malloc(SS_HEADER + SS_DESC + tree_size)) == NULL)
