@@ -152,5 +152,15 @@ int main(int argc, char **argv)
     syncfs(tmp);
     place(tmp, idx, 'i');
     syncfs(tmp);
+    /* Every file placed: tmp/ holds nothing now (a floor that skipped work would lie). */
+    DIR *d = fdopendir(dup(tmp));
+    struct dirent *e;
+    if (!d)
+        die("list", "tmp");
+    rewinddir(d);
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            die("left in tmp:", e->d_name);
+    closedir(d);
     return 0;
 }
