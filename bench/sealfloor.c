@@ -159,8 +159,10 @@ int main(int argc, char **argv)
         die("list", "tmp");
     rewinddir(d);
     while ((e = readdir(d)) != NULL)
-        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
-            die("left in tmp:", e->d_name);
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) {
+            fprintf(stderr, "sealfloor: %s was never placed (left in tmp/)\n", e->d_name);
+            return 1;
+        }
     closedir(d);
     return 0;
 }
