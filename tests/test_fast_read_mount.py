@@ -80,11 +80,17 @@ def test_native_reads_and_a_block_changed_behind_their_back(tree, tmp_path, veri
     st = status(m)
     fast = st["fast_reads"]
     # The small files from their first read; the big one once its leaves were verified.
-    assert fast["reads"] >= 2 * 2 + 4, fast
+    # A read whose backing pages were dropped meanwhile (/tmp on a disk, another test's
+    # load) is declined as one that would wait, and Python serves it off the request
+    # thread: one in ~40 runs under two busy CPUs.
+    assert fast["reads"] + fast["declined_would_wait"] >= 2 * 2 + 4, f"{fast}"
     assert fast["declined_failed"] == 0 and st["integrity_failures"] == 0
-    assert st["bytes_served"] == 2 * sum(len(d) for d in files.values())
+    # At least: the kernel may ask again for a page it dropped meanwhile (reclaim, or
+    # another test's load), so the daemon's count only has a floor (one run in ~25 under
+    # two busy CPUs served a 4 KiB page more).
+    assert st["bytes_served"] >= 2 * sum(len(d) for d in files.values())
     # The big file's second round of 1 MiB reads: sent by the shim's reply thread.
-    assert fast["replies_apart"] >= 1, fast
+    assert fast["replies_apart"] >= 1, f"{fast}"
 
     # The host changes one byte of the big file: the warm daemon holds its leaves.
     off = 2 * MiB + 4096 * 3 + 17
@@ -134,8 +140,8 @@ def test_large_replies_sent_apart_from_concurrent_readers_are_exact(tmp_path, ve
     assert wrong == []
     st = status(m)
     assert st["integrity_failures"] == 0 and st["fast_reads"]["declined_failed"] == 0
-    assert st["fast_reads"]["replies_apart"] >= 4 * 3 * 4, st["fast_reads"]
-    assert st["bytes_served"] == 4 * sum(map(len, files.values()))
+    assert st["fast_reads"]["replies_apart"] >= 4 * 3 * 4, f"{st['fast_reads']}"
+    assert st["bytes_served"] >= 4 * sum(map(len, files.values()))  # at least: see above
 
 
 def test_a_file_extended_behind_an_open_handle_fails_its_last_block(tree, verified_mount):
@@ -168,7 +174,7 @@ def test_without_the_native_path_python_serves_every_read(tree, verified_mount, 
         assert read_all(m.mountpoint / name) == data
     st = status(m)
     assert st["fast_reads"] is False
-    assert st["verified_reads"] >= 3 and st["bytes_served"] == sum(map(len, files.values()))
+    assert st["verified_reads"] >= 3 and st["bytes_served"] >= sum(map(len, files.values()))
 
 
 @pytest.fixture
