@@ -44,11 +44,12 @@ setup(
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
                            "verityfuse/_readverify.c", "verityfuse/_leaftable.c",
                            "verityfuse/_replybufs.c", "verityfuse/_fastread.c",
-                           "verityfuse/_sealsmall.c"],
+                           "verityfuse/_sealsmall.c", "verityfuse/_regular.h"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         # The open path's system calls without ctypes (fsutil and identity fall back).
         Extension("verityfuse._sysopen", ["verityfuse/_sysopen.c"],
+                  depends=["verityfuse/_regular.h"],
                   extra_compile_args=["-O2", "-Wall", "-Wextra"], optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],
                   extra_compile_args=pkg_config("--cflags") or ["-I/usr/include/fuse3"],

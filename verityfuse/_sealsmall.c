@@ -30,9 +30,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_openat2
-#define SYS_openat2 437
-#endif
+#include "_regular.h"
 #define SS_RESOLVE (0x08 | 0x04 | 0x02) /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
 #define SEAL_SMALL_MAX (1 << 20) /* seal_pool.SMALL: what a worker seals */
 #define SS_MAX_LEVELS 8
@@ -97,20 +95,15 @@ static int ss_write_tmp(int tmp_fd, const char *name, const void *buf, size_t le
     return 0;
 }
 
-/* Open the regular file beneath root_fd as SourceDir.open_regular does: -1 to decline. */
+/* Open the regular file beneath root_fd as SourceDir.open_regular does (_regular.h):
+ * -1 to decline. */
 static int ss_open(const struct ss_in *in, struct stat *st)
 {
-    struct { unsigned long long flags, mode, resolve; } how = {
-        O_PATH | O_NOFOLLOW | O_CLOEXEC, 0, SS_RESOLVE};
-    int pfd = (int)syscall(SYS_openat2, in->root_fd, in->path, &how, sizeof how);
+    int pfd = openat2_retry(in->root_fd, in->path, O_PATH | O_NOFOLLOW | O_CLOEXEC,
+                            SS_RESOLVE), e;
     if (pfd < 0)
         return -1;
-    int fd = -1;
-    if (fstat(pfd, st) == 0 && S_ISREG(st->st_mode)) {
-        char proc[64];
-        snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
-        fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-    }
+    int fd = reopen_if_regular(pfd, O_RDONLY, st, &e);
     close(pfd);
     /* No fstat of fd: it is that very inode, and a size changed since the one above
      * is seen by the read (one byte more is asked). */

@@ -27,13 +27,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_openat2
-#define SYS_openat2 437 /* x86_64, aarch64 and the generic table agree */
-#endif
-
-struct vf_open_how {
-    unsigned long long flags, mode, resolve;
-};
+#include "_regular.h"
 
 #define VF_MAX_HANDLE 128
 
@@ -75,30 +69,6 @@ static PyObject *sys_openat2(PyObject *self, PyObject *args)
     if (!out)
         close((int)fd);
     return out;
-}
-
-/* fstat the O_PATH fd pfd into *st; a regular file is opened through /proc/self/fd
- * with flags and the new fd returned.  -1 otherwise: *e is the errno, or 0 when it
- * is not a regular file (nothing was opened).  pfd stays open.  No Python API: called
- * with the GIL released.  An interrupted open is retried (as os.open does). */
-static int reopen_if_regular(int pfd, int flags, struct stat *st, int *e)
-{
-    *e = 0;
-    if (fstat(pfd, st) != 0) {
-        *e = errno;
-        return -1;
-    }
-    if (!S_ISREG(st->st_mode))
-        return -1;
-    char proc[64];
-    snprintf(proc, sizeof proc, "/proc/self/fd/%d", pfd);
-    int fd;
-    do
-        fd = open(proc, flags | O_CLOEXEC | O_NOCTTY);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0)
-        *e = errno;
-    return fd;
 }
 
 static PyObject *sys_reopen(PyObject *self, PyObject *args)
@@ -205,15 +175,12 @@ static PyObject *sys_read_beneath(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "negative byte count");
         return NULL;
     }
-    struct vf_open_how how = {flags, 0, resolve};
     struct stat st;
     int pfd, fd = -1, e = 0, opened = 0, read_failed = 0;
     ssize_t got = 0;
     char *buf = NULL;
     Py_BEGIN_ALLOW_THREADS
-    do
-        pfd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
-    while (pfd < 0 && errno == EINTR);
+    pfd = openat2_retry(dirfd, path, flags, resolve);
     if (pfd < 0) {
         e = errno;
     } else {
