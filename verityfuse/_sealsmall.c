@@ -100,9 +100,10 @@ static int ss_write_tmp(int tmp_fd, const char *name, const void *buf, size_t le
 static int ss_open(const struct ss_in *in, struct stat *st)
 {
     int pfd = openat2_retry(in->root_fd, in->path, O_PATH | O_NOFOLLOW | O_CLOEXEC,
-                            SS_RESOLVE), e;
+                            SS_RESOLVE);
     if (pfd < 0)
         return -1;
+    int e;  /* why it failed: the Python path finds out again, and says it */
     int fd = reopen_if_regular(pfd, O_RDONLY, st, &e);
     close(pfd);
     /* No fstat of fd: it is that very inode, and a size changed since the one above
