@@ -219,3 +219,48 @@ def test_its_stat_is_the_files(tmp_path):
         assert staged.obj_tmp is not None and len(tmp_files(store)) == 2
         staged.drop(store)
         assert tmp_files(store) == []
+
+
+@pytest.mark.mount
+@needs_native
+def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
+    """A file whose reads end before the size its file system gives (a FUSE or network
+    source answering so, or a file truncated between the fstat and the read): the native
+    stager declines it with nothing left behind, and the Python path refuses it, naming
+    both counts.  It is never sealed as its size with the missing bytes made up."""
+    import time
+
+    mnt = tmp_path / "src"
+    mnt.mkdir()
+    fs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "short_read_fs.py")
+    proc = subprocess.Popen([sys.executable, fs, mnt, "short=3000:2999", "whole=3000:3000"],
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):
+            if os.path.ismount(mnt) or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        if not os.path.ismount(mnt):
+            pytest.fail(f"the short-read file system did not mount: {proc.stderr.read().decode()}")
+        assert os.stat(mnt / "short").st_size == 3000
+        with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
+            stage = native_stager(store, sd, merkle.Params())
+            assert stage("short") is None
+            assert tmp_files(store) == []
+            staged, _ = stage("whole")
+            assert staged.data_size == 3000
+            staged.drop(store)
+        r = subprocess.run(VF + ["seal", str(mnt), "--store", str(tmp_path / "st")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1, r
+        assert r.stderr == (f"ERROR: can't seal '{mnt}/short': file shrank while hashing: "
+                            f"expected 3000 bytes, got 2999\n")
+        expected = fsverity_digest(write(tmp_path / "whole", pattern(3000)))[0].split()[0]
+        assert r.stdout == f"{expected} {mnt}/whole\n"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,92 @@
+"""A FUSE file system whose files read shorter than their size says, for tests.
+
+    python tests/short_read_fs.py MOUNTPOINT NAME=SIZE:LENGTH ...
+
+serves one directory of regular files: NAME's getattr says SIZE bytes (cached by the
+kernel for a minute), and its reads return the first LENGTH bytes of
+``conftest.pattern`` -- so a reader that trusts the size over what it read is caught
+(a network or FUSE source can answer like this; so can a file truncated between a
+stat and a read).  direct_io: every read reaches here, as asked.  Only tests use it.
+"""
+
+import errno
+import os
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+from conftest import pattern
+
+
+class ShortReads(pyfuse3.Operations):
+    def __init__(self, files):
+        super().__init__()
+        self.names = [name for name, _, _ in files]
+        self.sizes = [size for _, size, _ in files]
+        self.data = [pattern(length) for _, _, length in files]
+
+    def _index(self, ino):
+        i = ino - pyfuse3.ROOT_INODE - 1
+        if not 0 <= i < len(self.names):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return i
+
+    def _attr(self, ino):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        if ino == pyfuse3.ROOT_INODE:
+            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
+        else:
+            a.st_mode, a.st_nlink = stat.S_IFREG | 0o644, 1
+            a.st_size = self.sizes[self._index(ino)]
+        a.attr_timeout = a.entry_timeout = 60  # the size said stays what the kernel knows
+        return a
+
+    async def getattr(self, ino, ctx=None):
+        return self._attr(ino)
+
+    async def lookup(self, parent, name, ctx=None):
+        if parent != pyfuse3.ROOT_INODE or name not in self.names:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(pyfuse3.ROOT_INODE + 1 + self.names.index(name))
+
+    async def opendir(self, ino, ctx):
+        return ino
+
+    async def readdir(self, fh, start, token):
+        for i in range(start, len(self.names)):
+            if not pyfuse3.readdir_reply(token, self.names[i],
+                                         self._attr(pyfuse3.ROOT_INODE + 1 + i), i + 1):
+                break
+
+    async def open(self, ino, flags, ctx):
+        self._index(ino)
+        return pyfuse3.FileInfo(fh=ino, direct_io=True)
+
+    async def read(self, fh, off, size):
+        return self.data[self._index(fh)][off:off + size]
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+
+def main(mountpoint, specs):
+    files = []
+    for spec in specs:
+        name, _, sizes = spec.partition("=")
+        size, _, length = sizes.partition(":")
+        files.append((os.fsencode(name), int(size), int(length)))
+    pyfuse3.init(ShortReads(files), mountpoint, {"fsname=shortreads", "ro"})
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
