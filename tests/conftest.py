@@ -12,9 +12,12 @@
   the session if a mount or a process the tests started is left.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -28,6 +31,30 @@ MOUNT_FIXTURES = frozenset({
     "sides",  # test_conformance: one mount for the module
     "fake_tsm",  # test_attest: the configfs-tsm stand-in is a FUSE file system
 })
+
+
+@contextlib.contextmanager
+def fuse_helper(script, mnt, *args, what="the test file system"):
+    """``python tests/SCRIPT MNT ARGS...`` (a pyfuse3 file system of the tests') mounted on
+    ``mnt`` while the block runs; unmounted and its process reaped after, failed or not."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, script), str(mnt), *args],
+                            stderr=subprocess.PIPE)
+    try:
+        for _ in range(500):
+            if os.path.ismount(mnt) or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        if not os.path.ismount(mnt):
+            pytest.fail(f"{what} did not mount: {proc.stderr.read().decode()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -10,11 +10,11 @@ import pathlib
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
 import tpmsim
+from conftest import fuse_helper
 from verityfuse import measure, tpm_quote
 from verityfuse import measure_registers as registers
 from verityfuse import measure_event as me
@@ -397,23 +397,9 @@ def test_unusable_log_paths(tmp_path):
 def fake_tsm(tmp_path, monkeypatch):
     mnt = tmp_path / "measurements"
     mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, HERE / "fake_tsm.py", mnt], stderr=subprocess.PIPE)
-    try:
-        for _ in range(500):
-            if os.path.ismount(mnt) or proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        if not os.path.ismount(mnt):
-            pytest.fail(f"the fake TSM tree did not mount: {proc.stderr.read().decode()}")
+    with fuse_helper("fake_tsm.py", mnt, what="the fake TSM tree"):
         monkeypatch.setenv("VERITYFUSE_TSM_MEASUREMENTS", str(mnt))
         yield mnt
-    finally:
-        subprocess.run(["umount", mnt], capture_output=True)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_rtmr_backend(fake_tsm, tmp_path):

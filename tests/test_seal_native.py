@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import fsverity_digest, pattern, write
+from conftest import fsverity_digest, fuse_helper, pattern, write
 from verityfuse import hashers, identity, merkle, seal_pool
 from verityfuse.sealing import native_stager
 from verityfuse.source_dir import SourceDir
@@ -228,20 +228,10 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
     source answering so, or a file truncated between the fstat and the read): the native
     stager declines it with nothing left behind, and the Python path refuses it, naming
     both counts.  It is never sealed as its size with the missing bytes made up."""
-    import time
-
     mnt = tmp_path / "src"
     mnt.mkdir()
-    fs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "short_read_fs.py")
-    proc = subprocess.Popen([sys.executable, fs, mnt, "short=3000:2999", "whole=3000:3000"],
-                            stderr=subprocess.PIPE)
-    try:
-        for _ in range(500):
-            if os.path.ismount(mnt) or proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        if not os.path.ismount(mnt):
-            pytest.fail(f"the short-read file system did not mount: {proc.stderr.read().decode()}")
+    with fuse_helper("short_read_fs.py", mnt, "short=3000:2999", "whole=3000:3000",
+                     what="the short-read file system"):
         assert os.stat(mnt / "short").st_size == 3000
         with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
             stage = native_stager(store, sd, merkle.Params())
@@ -257,10 +247,3 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
                             f"expected 3000 bytes, got 2999\n")
         expected = fsverity_digest(write(tmp_path / "whole", pattern(3000)))[0].split()[0]
         assert r.stdout == f"{expected} {mnt}/whole\n"
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

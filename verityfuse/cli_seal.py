@@ -34,15 +34,33 @@ def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
                  objects_only=objects_only)
 
 
-def _report_sealed(args, progress, full: str, digest: str):
-    """A sealed file's line (once its batch is durable), in both seal modes."""
-    progress.close()
-    # Not flushed: the batch flushes its lines at once (Batch(flush=...)), one write
-    # for up to thousands of files instead of one or two each.
-    if args.json:
-        emit({"file": full, "digest": digest}, flush=False)
-    else:
-        sys.stdout.write(f"{digest} {shown(full)}\n")
+class _Sealed:
+    """What both seal modes print of a sealed file, once its batch is durable: ``add``
+    is the batch's callback.  A human line is gathered and written with the rest of its
+    batch in one write (``flush``, the batch's; ``write`` before an error or warning
+    line keeps their order): not one call and write a file, for up to thousands of
+    files.  With --json each record is emitted, unflushed, as it comes."""
+
+    def __init__(self, args, progress: Progress):
+        self.json, self.progress = args.json, progress
+        self.lines: list = []
+
+    def add(self, digest: str, full: str):
+        if self.json:
+            self.progress.close()
+            emit({"file": full, "digest": digest}, flush=False)
+        else:
+            self.lines.append(f"{digest} {shown(full)}\n")
+
+    def write(self):
+        if self.lines:
+            self.progress.close()
+            sys.stdout.write("".join(self.lines))
+            self.lines.clear()
+
+    def flush(self):
+        self.write()
+        sys.stdout.flush()
 
 
 def _expand(src: SourceDir, store: Store, rels, unreadable):
@@ -106,23 +124,10 @@ def cmd_seal(args, params, key, rels) -> int:
             """In a worker (``here`` False) a small file; here any, with its progress."""
             return stage_file(rel, here)[0]
 
-        # The human lines of a durable batch's files, written at once when it is done (or
-        # before an error line, which keeps their order): one write for up to thousands of
-        # files, and no call a file (--json prints each with emit).
-        lines: list = []
-
-        def write_lines():
-            if lines:
-                progress.close()
-                sys.stdout.write("".join(lines))
-                lines.clear()
-
-        def flush():
-            write_lines()
-            sys.stdout.flush()
+        sealed = _Sealed(args, progress)
 
         def not_sealed(full, why):
-            write_lines()
+            sealed.write()
             progress.close()
             if args.json:
                 emit({"file": full, "error": why})
@@ -130,7 +135,7 @@ def cmd_seal(args, params, key, rels) -> int:
                 error(f"can't seal '{full}': {why}")
 
         try:
-            with Batch(store, flush=flush) as batch:
+            with Batch(store, flush=sealed.flush) as batch:
                 # Directories that could not be listed (nothing under them sealed): said
                 # after the files, as verify does (the walk runs ahead of the results).
                 unlistable_dirs: list = []
@@ -148,10 +153,7 @@ def cmd_seal(args, params, key, rels) -> int:
                         continue
                     assert done is not None  # in_order: a result when there is no error
                     batch.add(done)
-                    if args.json:
-                        batch.then(_report_sealed, args, progress, full, done.digest_text)
-                    else:
-                        batch.then(lines.append, f"{done.digest_text} {shown(full)}\n")
+                    batch.then(sealed.add, done.digest_text, full)
                     if batch.full:
                         batch.commit()
                 for rel, e in unlistable_dirs:
@@ -239,17 +241,17 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
     progress = Progress(*(_size_of(src, walk_files(src, store, unreadable=lambda r, e: None))
                           if sys.stderr.isatty() and (rels is None or "." in rels) else (0, 0)))
 
+    sealed = _Sealed(args, progress)
+
     def warn(msg):
+        sealed.write()
         progress.close()
         print(f"WARNING: {msg}", file=sys.stderr)
 
-    def report(digest, full):
-        _report_sealed(args, progress, full, digest)
-
-    with Batch(store, flush=sys.stdout.flush) as batch, \
+    with Batch(store, flush=sealed.flush) as batch, \
             ManifestWriter(args.manifest, header) as out:
         rec = ManifestRecorder(src, store, params, batch, skip_paths=[args.manifest],
-                               skip_ids=[out.file_id], warn=warn, report=report,
+                               skip_ids=[out.file_id], warn=warn, report=sealed.add,
                                progress=progress, threads=args.threads)
         try:
             if rels is None or "." in rels:
