@@ -64,14 +64,17 @@ def make_files(src):
 
 def tamper(src):
     """Rewrite tree block BAD_BLOCK of bad.bin's store object (header and descriptor
-    kept), and a root hash byte in desc.bin's descriptor."""
-    for rel, at, data in [("bad.bin", TREE_OFFSET + BAD_BLOCK * B, bytes(range(256)) * (B // 256)),
-                          ("desc.bin", HEADER_SIZE + 16, b"\xff")]:
+    kept), and flip a root hash byte in desc.bin's descriptor.  Each new value is made
+    from the old one, so it differs whatever the random data hashed to (a fixed 0xff
+    written over the root hash's first byte changed nothing 1 time in 256)."""
+    for rel, at, size in [("bad.bin", TREE_OFFSET + BAD_BLOCK * B, B),
+                          ("desc.bin", HEADER_SIZE + 16, 1)]:
         obj = object_file(src, rel)
         os.chmod(obj, 0o644)
         with open(obj, "r+b") as f:
-            f.seek(at)
-            f.write(data)
+            old = os.pread(f.fileno(), size, at)
+            assert len(old) == size
+            os.pwrite(f.fileno(), bytes(b ^ 0xFF for b in old), at)
 
 
 def check(mnt, log, tree, bad_tree, desc):
