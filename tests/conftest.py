@@ -97,6 +97,17 @@ def drop_caches():
         f.write("3\n")
 
 
+def wait_building(src, p, timeout=30):
+    """Until the enable started by ``p`` has an object in the making."""
+    tmp = src / ".verityfuse" / "tmp"
+    deadline = time.monotonic() + timeout
+    while not (tmp.exists() and os.listdir(tmp)):
+        assert p.poll() is None, p.stderr.read()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the enable never started building")
+        time.sleep(0.01)
+
+
 def flip(path, offset, data=None):
     """Overwrite bytes at ``offset`` with ``data``, or invert the byte there."""
     with open(path, "r+b") as f:
@@ -147,11 +158,11 @@ def _machine_state(basetemp: str):
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if basetemp in cmd and int(pid) != os.getpid():
+        if basetemp + os.sep in cmd and int(pid) != os.getpid():  # not popen-gw1 for gw10
             procs.add((int(pid), cmd[:120]))
     with open("/proc/self/mountinfo") as f:
         mounts = {line.split()[4] for line in f
-                  if "fuse.verityfuse" in line and line.split()[4].startswith(basetemp)}
+                  if "fuse.verityfuse" in line and line.split()[4].startswith(basetemp + os.sep)}
     return procs, mounts
 
 

@@ -224,11 +224,15 @@ def test_a_fuse_source_is_read_natively_where_its_pages_are_cached(fuse_source, 
     fd = os.open(m.mountpoint / "big", os.O_RDONLY)
     try:
         assert os.pread(fd, 4 * MiB, 0) == data  # Python, in a thread: fills the caches
-        before = status(m)["fast_reads"]["reads"]
+        before = status(m)["fast_reads"]
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the mount's pages, not pt's
         for off in range(0, 3 * MiB, 256 * 1024):
             assert os.pread(fd, 4096, off) == data[off:off + 4096]
-        assert status(m)["fast_reads"]["reads"] - before == 12
+        after = status(m)["fast_reads"]
+        native, waited = (after[k] - before[k] for k in ("reads", "declined_would_wait"))
+        # Every read natively, but one whose page of pt's the kernel dropped meanwhile
+        # (memory pressure, another test's drop_caches) is declined as one that would wait.
+        assert native + waited == 12 and native >= 1, (before, after)
         # The host changes a block and it leaves the guest's cache: Python reads it again.
         off = MiB + 8192
         flip(backing / "big", off + 5)

@@ -11,7 +11,6 @@ import sys
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -20,7 +19,7 @@ from verityfuse.sealing import entry_of_path
 from verityfuse import ioctl, merkle, uapi
 from verityfuse.errors import Errno
 from verityfuse.store import Store
-from conftest import drop_caches, flip, pattern, write
+from conftest import drop_caches, flip, pattern, wait_building, write
 from test_mount import pread_errno
 
 
@@ -207,8 +206,7 @@ def test_interrupted_enable_and_concurrent_requests(mnt):
         f.truncate(16 << 30)
     write(src / "other", b"other data")
     p = subprocess.Popen(["fsverity", "enable", mp / "huge"], stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    assert p.poll() is None  # still building
+    wait_building(src, p)  # the daemon has the enable: 16 GiB takes seconds to hash
     assert enable_error(mp / "huge") == "Device or resource busy"
     # other requests go on while the build runs
     assert (mp / "other").read_bytes() == b"other data"
@@ -236,7 +234,7 @@ def test_daemon_killed_mid_enable_damages_nothing(tmp_path, verified_mount):
     seal_tree(src, ["keep"])
     m = verified_mount(src, seal=False)
     p = subprocess.Popen(["fsverity", "enable", m.mountpoint / "huge"], stderr=subprocess.PIPE)
-    time.sleep(0.5)
+    wait_building(src, p)  # killed with a tree half built in tmp/
     m.process.kill()  # SIGKILL: no cleanup code runs
     m.process.wait(10)
     p.wait(10)

@@ -11,13 +11,12 @@ import errno
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
-from conftest import drop_caches, write
+from conftest import drop_caches, wait_building, write
 from test_ioctl import enable_error, fsv
 from test_mount import object_file
 
@@ -42,17 +41,6 @@ VF = [sys.executable, "-m", "verityfuse.cli"]
 def sparse(path, size):
     with open(path, "wb") as f:
         f.truncate(size)
-
-
-def wait_building(src, p, timeout=30):
-    """Until the enable started by ``p`` has an object in the making."""
-    tmp = src / ".verityfuse" / "tmp"
-    deadline = time.monotonic() + timeout
-    while not (tmp.exists() and os.listdir(tmp)):
-        assert p.poll() is None, p.stderr.read()
-        if time.monotonic() > deadline:
-            raise TimeoutError("the enable never started building")
-        time.sleep(0.01)
 
 
 def enable_bg(path):

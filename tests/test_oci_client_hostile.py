@@ -299,9 +299,11 @@ class Dripping(Server):
             data = (head + b"x" * 4096) if self.what != "body" else b"x" * 4096
             if self.what == "body":
                 h.wfile.write(head)
-            # "status": so slowly that the deadline falls inside the status line, which
-            # http.client then cannot parse (an exception inside urllib3, not a response).
-            pause = 0.9 if self.what == "status" else 0.25
+            # "status": the deadline (3 s) falls inside the status line (30 bytes, 7.5 s),
+            # which http.client then cannot parse (an exception inside urllib3, not a
+            # response).  A pause well within the read timeout (1 s), for every case: a
+            # pause near it is a socket timeout, and a retry, whenever this thread is late.
+            pause = 0.25
             try:
                 for i in range(len(data)):
                     h.wfile.write(data[i:i + 1])

@@ -19,6 +19,7 @@ from verityfuse.store import Store
 from verityfuse.verifier import TreeBlockCache
 from verityfuse.inodes import ROOT_INO
 from verityfuse.view_manifest import ManifestView
+from conftest import flip
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -138,7 +139,7 @@ def test_intact_files_read_exactly(view, path):
 # What the host does to the share between two requests, and the exception each open or
 # read raises (the adapter turns every one of them into EIO).
 HOST_CHANGES = [
-    ("a flipped byte", lambda p: p.write_bytes(b"X" + p.read_bytes()[1:]), IntegrityError),
+    ("a flipped byte", lambda p: flip(p, 0), IntegrityError),
     ("truncated", lambda p: os.truncate(p, BS), SizeMismatch),
     ("extended", lambda p: p.write_bytes(p.read_bytes() + b"!"), SizeMismatch),
     ("deleted", lambda p: p.unlink(), Corruption),
@@ -287,9 +288,7 @@ def test_local_view_verity_rules(local, name, call, want):
 def test_local_view_reads_verified_and_fails_a_changed_block(local):
     v, src, _ = local
     assert _read_all(v, "sealed") == FILES["app.bin"]
-    with open(src / "sealed", "r+b") as f:  # behind the view's back, as a tampering process
-        f.seek(3 * BS + 1)
-        f.write(b"\xff\xfe")
+    flip(src / "sealed", 3 * BS + 1)  # behind the view's back, as a tampering process
     with pytest.raises(IntegrityError) as e:
         _read_all(v, "sealed")
     assert (e.value.offset, e.value.errno) == (3 * BS, errno.EIO)
