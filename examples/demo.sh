@@ -13,6 +13,12 @@ cleanup() {
 }
 trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Invert the byte at OFFSET of FILE: random data may hold any fixed byte already.
+flip_byte() {
+    local old
+    old=$(od -An -tu1 -j "$2" -N1 "$1")
+    printf "$(printf '\\%03o' $((old ^ 255)))" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
 
 step "A source directory"
 head -c $((1024 * 1024)) /dev/urandom > "$src/data.bin"     # 256 blocks of 4 KiB
@@ -40,7 +46,7 @@ echo more >> "$mnt/docs/hello.txt" || echo "(append refused, as expected)"
 
 step "Tamper with block 100 of data.bin behind the daemon's back"
 cp "$src/data.bin" "$work/data.orig"
-printf 'X' | dd of="$src/data.bin" bs=1 seek=$((100 * 4096 + 7)) conv=notrunc status=none
+flip_byte "$src/data.bin" $((100 * 4096 + 7))
 echo 3 > /proc/sys/vm/drop_caches
 if cat "$mnt/data.bin" > /dev/null; then
     echo "UNEXPECTED: the tampered file read back"; exit 1
