@@ -288,7 +288,7 @@ def test_a_handle_whose_file_system_refuses_nowait_asks_the_page_cache(fast, sea
     s.reader.in_memory = s.reader.nowait = False
     fast.came_to_python(12, s.h)
     assert fast.registered[12] == CACHESTAT
-    assert native.fast_read(12, 4096, MiB) == s.data[MiB:MiB + 4096]  # tmpfs: all cached
+    assert native.fast_read(12, 4096, MiB) == s.data[MiB:MiB + 4096]  # warm() read it: cached
     last = 3 * MiB - 4096
     assert native.fast_read(12, 4096, last) is None  # the end: Python's, in a thread
     assert s.reader.inline_flags(MiB, 4096, MiB + 4096) == 0
