@@ -37,6 +37,10 @@ def binary() -> str:
     return str(BINARY)
 
 
+class PortTaken(RuntimeError):
+    """The port picked was bound by another process before the server bound it."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,32 +104,41 @@ class Registry:
         self.dir = tmp
         self.storage = tmp / "storage"
         self.storage.mkdir(parents=True)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
         config = tmp / "config.yml"
-        text = ("version: 0.1\n"
+        head = ("version: 0.1\n"
                 "log:\n  level: warn\n"
                 f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n"
-                "  delete:\n    enabled: true\n"
-                f"http:\n  addr: {self.host}\n")
+                "  delete:\n    enabled: true\n")
+        tail = ""
         self.ca = None
         if tls:
             self.ca, cert, key = make_tls(tmp)
-            text += f"  tls:\n    certificate: {cert}\n    key: {key}\n"
+            tail += f"  tls:\n    certificate: {cert}\n    key: {key}\n"
         if users:
             htpasswd = tmp / "htpasswd"
             htpasswd.write_text("".join(htpasswd_line(u, p) for u, p in users.items()))
-            text += f"auth:\n  htpasswd:\n    realm: verityfuse-test\n    path: {htpasswd}\n"
-        config.write_text(text)
+            tail += f"auth:\n  htpasswd:\n    realm: verityfuse-test\n    path: {htpasswd}\n"
         self.log_path = tmp / "registry.log"
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([exe, "serve", str(config)], stdin=subprocess.DEVNULL,
-                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
-        try:
-            self._wait(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        # The port is free when picked and bound by the registry a moment later: another
+        # process may take it in between (an outgoing connection's port), so a start
+        # that finds it taken picks another, twice at most.
+        for attempt in range(3):
+            self.port = free_port()
+            self.host = f"127.0.0.1:{self.port}"
+            config.write_text(f"{head}http:\n  addr: {self.host}\n{tail}")
+            self._log = open(self.log_path, "wb")
+            self.process = subprocess.Popen([exe, "serve", str(config)], stdin=subprocess.DEVNULL,
+                                            stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
+            try:
+                self._wait(timeout)
+                return
+            except PortTaken:
+                self.stop()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
 
     def _wait(self, timeout: float):
         deadline = time.monotonic() + timeout
@@ -134,8 +147,9 @@ class Registry:
             scheme, context = "https", ssl.create_default_context(cafile=str(self.ca))
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {self.process.returncode}: "
-                                   f"{self.log_path.read_text(errors='replace')}")
+                log = self.log_path.read_text(errors="replace")
+                kind = PortTaken if "address already in use" in log else RuntimeError
+                raise kind(f"docker-registry exited with {self.process.returncode}: {log}")
             try:
                 with urllib.request.urlopen(f"{scheme}://{self.host}/v2/", timeout=1,
                                             context=context) as r:

@@ -97,12 +97,18 @@ def _two_free_ports() -> int:
     raise RuntimeError("no two consecutive free TCP ports on 127.0.0.1")
 
 
+class PortTaken(RuntimeError):
+    """A port picked was bound by another process before swtpm bound it."""
+
+
 def _wait_ready(proc: subprocess.Popen, port: int, log: str):
     """Until swtpm accepts a connection on its control port (it exits on a bad setup)."""
     for _ in range(500):
         if proc.poll() is not None:
             with open(log, errors="replace") as f:
-                raise RuntimeError(f"swtpm exited with {proc.returncode}: {f.read()}")
+                text = f.read()
+            kind = PortTaken if "Address already in use" in text else RuntimeError
+            raise kind(f"swtpm exited with {proc.returncode}: {text}")
         try:
             with socket.create_connection(("127.0.0.1", port + 1), timeout=1):
                 return
@@ -119,14 +125,29 @@ def swtpm(tmp):
     state = os.path.join(str(tmp), "swtpm-state")
     os.makedirs(state, exist_ok=True)
     log = os.path.join(state, "swtpm.log")
-    port = _two_free_ports()
-    proc = subprocess.Popen(
-        [SWTPM, "socket", "--tpm2", "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-         "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1", "--flags", "startup-clear",
-         "--tpmstate", f"dir={state}", "--log", f"file={log}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The ports are free when picked and bound by swtpm a moment later: another process
+    # may take one in between, so a start that finds one taken picks others, twice at most.
+    for attempt in range(3):
+        for name in os.listdir(state):  # a fresh TPM each attempt, and only its log read
+            os.unlink(os.path.join(state, name))
+        port = _two_free_ports()
+        proc = subprocess.Popen(
+            [SWTPM, "socket", "--tpm2", "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+             "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1", "--flags", "startup-clear",
+             "--tpmstate", f"dir={state}", "--log", f"file={log}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_ready(proc, port, log)
+            break
+        except PortTaken:
+            proc.wait()
+            if attempt == 2:
+                raise
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     try:
-        _wait_ready(proc, port, log)
         yield Tpm(port, state, f"swtpm:host=127.0.0.1,port={port}")
     finally:
         proc.terminate()
