@@ -108,12 +108,15 @@ def wait_building(src, p, timeout=30):
         time.sleep(0.01)
 
 
-def flip(path, offset, data=None):
-    """Overwrite bytes at ``offset`` with ``data``, or invert the byte there."""
+def flip(path, offset, data=None, length=1):
+    """Overwrite bytes at ``offset`` with ``data``, or invert the ``length`` bytes there
+    (never a no-op, whatever random data held)."""
     with open(path, "r+b") as f:
         f.seek(offset)
         if data is None:
-            data = bytes([f.read(1)[0] ^ 0xFF])
+            old = f.read(length)
+            assert len(old) == length, f"{path}: {len(old)} bytes at {offset}, not {length}"
+            data = bytes(b ^ 0xFF for b in old)
             f.seek(offset)
         f.write(data)
 

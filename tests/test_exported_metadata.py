@@ -26,7 +26,7 @@ from verityfuse.errors import IntegrityError
 from verityfuse.store import Store
 from verityfuse.store_object import HEADER_SIZE, TREE_OFFSET
 from verityfuse.verifier import TreeBlockCache, Verifier
-from conftest import fsverity_digest, write
+from conftest import flip, fsverity_digest, write
 from test_mount import object_file
 
 B = 4096
@@ -71,10 +71,7 @@ def tamper(src):
                           ("desc.bin", HEADER_SIZE + 16, 1)]:
         obj = object_file(src, rel)
         os.chmod(obj, 0o644)
-        with open(obj, "r+b") as f:
-            old = os.pread(f.fileno(), size, at)
-            assert len(old) == size
-            os.pwrite(f.fileno(), bytes(b ^ 0xFF for b in old), at)
+        flip(obj, at, length=size)
 
 
 def check(mnt, log, tree, bad_tree, desc):
