@@ -56,10 +56,11 @@ class Swapping(ManifestRecorder):
         super().__init__(*a, **kw)
         self.at, self.src, self.out = at, src, out
 
-    def skip(self, rel, st):
-        if rel == self.at and not os.path.islink(self.src / "a"):
-            swap(self.src, self.out)
-        return super().skip(rel, st)
+    def _items(self, rel):
+        for item in super()._items(rel):
+            if item[0] == self.at and not os.path.islink(self.src / "a"):
+                swap(self.src, self.out)  # after the walk listed it, before it is used
+            yield item
 
 
 def record(tmp_path, src, out, at):

@@ -130,6 +130,27 @@ def entry_of(path: str, st: Union[os.stat_result, Recorded], target: Optional[st
     return e
 
 
+_quote = json.encoder.encode_basestring  # a JSON string as ensure_ascii=False writes it
+
+
+def line_of(e: dict) -> str:
+    """The payload line of entry ``e`` (entry_of's dict), without its newline: the
+    bytes of json.dumps([its FIELDS], separators=(",", ":"), ensure_ascii=False)
+    (tests/test_manifest_writer.py compares the two), put together directly, as
+    json.dumps took ~3.8 us of a seal's ~5 us a line for 100k lines."""
+    kind = e["type"]
+    if kind not in FIELDS:
+        raise ManifestError(f"{e['path']}: unknown entry type {kind!r}")
+    line = (f'["{kind}",{_quote(e["path"])},{e["mode"]:d},{e["uid"]:d},{e["gid"]:d},'
+            f'{e["mtime"]:d}')
+    if kind == "file":
+        return line + (f',{e["size"]:d},{_quote(e["digest"])},{e["block_size"]:d},'
+                       f'{_quote(e["salt"])}]')
+    if kind == "symlink":
+        return line + f',{_quote(e["target"])}]'
+    return line + "]"
+
+
 def _sort_key(e: dict) -> bytes:
     return b"" if e["path"] == "." else e["path"].encode()
 
@@ -138,8 +159,7 @@ def make_payload(entries: Iterable[dict], header: Header = Header()) -> bytes:
     """Canonical payload bytes: header line, entries sorted by path bytes, root first."""
     lines = [manifest_header.line(header)]
     for e in sorted(entries, key=_sort_key):
-        lines.append(json.dumps([e[k] for k in FIELDS[e["type"]]], separators=(",", ":"),
-                                ensure_ascii=False))
+        lines.append(line_of(e))
     return ("\n".join(lines) + "\n").encode()
 
 

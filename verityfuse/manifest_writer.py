@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import mmap
 import os
 import secrets
@@ -65,20 +64,23 @@ class ManifestWriter:
         self._buf = bytearray()
         self._last: Optional[bytes] = None  # the previous entry's path bytes
         self.entries = self.files = 0
-        self._write(manifest_header.line(header) + "\n")
+        self._write((manifest_header.line(header) + "\n").encode())
 
     def _new_tmp(self):
         name, fd = _create_beside(self._dfd, self._name)
         self._tmp.append(name)
         return name, fd
 
-    def _write(self, text: str):
-        data = text.encode()
-        self._hash.update(data)
+    def _write(self, data: bytes):
         self._buf += data
         if len(self._buf) >= self.BUFFER:
-            _write_all(self._fd, self._buf)
-            self._buf.clear()
+            self._flush()
+
+    def _flush(self):
+        # Hashed as written, a buffer at a time: one update per line cost ~0.3 us a line.
+        self._hash.update(self._buf)
+        _write_all(self._fd, self._buf)
+        self._buf.clear()
 
     def add(self, e: dict):
         """Append entry ``e`` (manifest_tree.entry_of's dict); ManifestError if it is out
@@ -88,10 +90,9 @@ class ManifestWriter:
         if (self._last is None) != (path == ".") or (self._last is not None and raw <= self._last):
             raise ManifestError(f"{path}: manifest entries out of order")  # a bug, not input
         self._last = raw
-        line = json.dumps([e[k] for k in manifest_tree.FIELDS[e["type"]]], separators=(",", ":"),
-                          ensure_ascii=False)
-        _check(e, raw, len(line.encode()))
-        self._write(line + "\n")
+        data = (manifest_tree.line_of(e) + "\n").encode()
+        _check(e, raw, len(data) - 1)
+        self._write(data)
         self.entries += 1
         self.files += e["type"] == "file"
 
@@ -104,12 +105,13 @@ class ManifestWriter:
     @property
     def digest(self) -> str:
         """The manifest digest of what was added so far (the payload's SHA-256)."""
-        return "sha256:" + self._hash.hexdigest()
+        h = self._hash.copy()
+        h.update(self._buf)
+        return "sha256:" + h.hexdigest()
 
     def publish(self, key=None):
         """Sign (with ``key``, or not) and rename the manifest into place, durably."""
-        _write_all(self._fd, self._buf)
-        self._buf.clear()
+        self._flush()
         size = os.fstat(self._fd).st_size
         sigs = []
         if key is not None:
