@@ -43,7 +43,7 @@ from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Tup
 
 from . import treebuild
 from .errors import VerityError
-from .store import name_tmp_files_for
+from .store_tmp import name_tmp_files_for
 
 T = TypeVar("T")
 R = TypeVar("R")

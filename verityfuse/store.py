@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import os
 import threading
 from typing import Optional, Tuple
@@ -37,6 +36,7 @@ from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
 from .store_index import INDEX_ENTRY_MAX, IndexEntry, StoreIndex
 from .store_object import TREE_OFFSET, ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
+from .store_tmp import alive, tmp_names as _names
 
 __all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
 
@@ -46,44 +46,6 @@ VERSION_2_TEXT = b"verityfuse-store 2\n"  # every file has an object; entries ke
 VERSION_1_TEXT = b"verityfuse-store 1\n"  # index by path; objects are the same
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _TmpNames:
-    """Names for tmp/ files: ``<pid>.<unique>``, the pid telling ``cleanup_tmp`` whose
-    file it is.  The random part is drawn once per process and followed by a counter:
-    a name costs no getpid or getrandom system call (four per sealed file otherwise).
-    A forked child draws its own (the counter alone would repeat the parent's names)."""
-
-    def __init__(self):
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self, owner: Optional[int] = None):
-        self.prefix = f"{owner or os.getpid()}.{os.urandom(6).hex()}"
-        self.counter = itertools.count()  # next() is atomic: threads stage at once
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):x}"
-
-
-_tmp_names = _TmpNames()
-
-
-def _alive(pid: str) -> bool:
-    """Whether process ``pid`` runs: a zombie (exited, not yet reaped by a parent that
-    may never reap it) does not, and will never finish its tmp/ files."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
-def name_tmp_files_for(pid: int):
-    """In a worker process of ``pid`` (seal_pool): the tmp/ files it stages are ``pid``'s
-    until ``pid`` publishes or removes them, so another seal's or a mount's
-    ``cleanup_tmp`` keeps them while ``pid`` lives, also once the worker has exited."""
-    _tmp_names.reset(owner=pid)
 
 
 def default_store(source: str) -> str:
@@ -293,14 +255,14 @@ class Store(StoreIndex):
 
     def create_tmp(self):
         """(name, fd) of a new empty file in tmp/, for ``place`` or ``discard_tmp``."""
-        name = _tmp_names.next()
+        name = _names.next()
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self._tmp_dir())
         return name, fd
 
     def tmp_names(self) -> Tuple[int, str, str]:
         """(tmp/'s fd, two new names there) for files written natively (sealing)."""
-        return self._tmp_dir(), _tmp_names.next(), _tmp_names.next()
+        return self._tmp_dir(), _names.next(), _names.next()
 
     def discard_tmp(self, name: str):
         try:
@@ -366,7 +328,7 @@ class Store(StoreIndex):
         try:
             for name in os.listdir(tmpfd):
                 pid = name.split(".", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and not _alive(pid):
+                if pid.isdigit() and int(pid) != os.getpid() and not alive(pid):
                     os.unlink(name, dir_fd=tmpfd)
                     removed += 1
         finally:
