@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -247,3 +248,60 @@ def test_a_path_named_through_a_symlink_is_refused_as_in_manifest_mode(tmp_path)
     assert r.stderr == (f"ERROR: can't seal '{src}/ld/e/f': it or a directory on its path is a "
                         "symlink, and no symlink is followed under the source directory (a "
                         "path named through one, or a tree that changed while it was read)\n")
+
+
+class _Renumbered:
+    """A directory entry whose inode number is not its file's stat's, as a FUSE file
+    system's readdir may give it (the number is the server's to choose)."""
+
+    def __init__(self, entry):
+        self._entry = entry
+
+    def __getattr__(self, name):
+        return getattr(self._entry, name)
+
+    def inode(self):
+        return self._entry.inode() ^ 0x5A5A5A
+
+
+def test_a_manifest_in_source_is_left_out_where_readdir_numbers_are_not_stats(tmp_path,
+                                                                              monkeypatch):
+    """The walk lstats no regular file but those it might have to skip, told by inode
+    number and by name: on a filesystem whose readdir numbers differ from its stat's,
+    the manifest being written in SOURCE (its temporary file) and the one written
+    before are still left out, not sealed into the manifest."""
+    from verityfuse import cli, manifest, manifest_tree
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    listing = SourceDir.listing
+
+    @contextmanager
+    def renumbered(self, rel):
+        with listing(self, rel) as found:
+            yield [_Renumbered(d) for d in found]
+
+    monkeypatch.setattr(SourceDir, "listing", renumbered)
+    m = src / "manifest.json"
+    for _ in range(2):  # the second run finds the first run's manifest in SOURCE
+        assert cli.main(["seal", str(src), "--manifest", str(m), "--unsigned",
+                         "--threads", "1"]) == 0
+        payload = manifest.read_envelope(str(m))[1]
+        assert [e["path"] for e in manifest_tree.iter_entries(payload)] == [".", "a"]
+
+
+def test_another_link_to_the_manifest_in_source_is_left_out(tmp_path):
+    """Told by inode number: a second name of the manifest is the manifest, which a
+    manifest cannot vouch for (sealing it changes it)."""
+    from verityfuse import cli, manifest, manifest_tree
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a" * 5000)
+    m = src / "manifest.json"
+    assert cli.main(["seal", str(src), "--manifest", str(m), "--unsigned", "--threads", "1"]) == 0
+    os.link(m, src / "b-link")
+    assert cli.main(["seal", str(src), "--manifest", str(m), "--unsigned", "--threads", "1"]) == 0
+    payload = manifest.read_envelope(str(m))[1]
+    assert [e["path"] for e in manifest_tree.iter_entries(payload)] == [".", "a"]

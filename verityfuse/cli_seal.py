@@ -250,9 +250,9 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
 
     with Batch(store, flush=sealed.flush) as batch, \
             ManifestWriter(args.manifest, header) as out:
-        rec = ManifestRecorder(src, store, params, batch, skip_paths=[args.manifest],
-                               skip_ids=[out.file_id], warn=warn, report=sealed.add,
-                               progress=progress, threads=args.threads)
+        rec = ManifestRecorder(src, store, params, batch,
+                               skip_paths=[args.manifest, out.payload_path], warn=warn,
+                               report=sealed.add, progress=progress, threads=args.threads)
         try:
             if rels is None or "." in rels:
                 entries: Iterable[dict] = rec.walk(".")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import stat
 from itertools import chain
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import (AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Optional, Set,
+                    Tuple)
 
 from . import manifest_tree, merkle
 from .seal_pool import in_order
@@ -22,7 +23,8 @@ from .store_batch import Batch, Staged
 
 
 def scan_sorted(source: SourceDir, skip_ids: Set[Tuple[int, int]],
-                warn: Callable[[str], None], base: str = "."
+                warn: Callable[[str], None], base: str = ".",
+                skip_names: AbstractSet[str] = frozenset()
                 ) -> Iterator[Tuple[str, Optional[os.stat_result]]]:
     """(path, lstat) of ``base`` (relative to ``source``, "." for the root) and of every
     directory, file and symlink under it, in increasing order of the path's bytes, never
@@ -33,8 +35,11 @@ def scan_sorted(source: SourceDir, skip_ids: Set[Tuple[int, int]],
 
     A regular file's lstat is None: what is recorded of it is the fstat of what sealing
     it opens, and its type comes from the directory entry, so the walk makes no system
-    call for it (an lstat a file was a third of this walk's time).  Only a file whose
-    inode number is one of ``skip_ids``'s is looked at to tell.
+    call for it (an lstat a file was a third of this walk's time).  A file is lstat'ed to
+    tell whether it is one of ``skip_ids`` when its name is in ``skip_names`` (the
+    basenames of what is skipped) or its directory entry's inode number is one of
+    ``skip_ids``'s: the name, for a filesystem whose readdir numbers are not its stat's
+    (a FUSE file system may number them apart); the number, for another link.
 
     A directory's subtree sorts where "name/" does among its siblings, which is not
     right after "name" ("name-2" and "name.txt" come between), so each listing is sorted
@@ -54,13 +59,14 @@ def scan_sorted(source: SourceDir, skip_ids: Set[Tuple[int, int]],
         return
     yield base, st
     inos = {ino for _, ino in skip_ids}
-    stack: List[Iterator] = [_listing(source, "" if base == "." else base, skip_ids, inos, warn)]
+    skip = (skip_ids, inos, skip_names)
+    stack: List[Iterator] = [_listing(source, "" if base == "." else base, skip, warn)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
         elif item[2] is _SUBTREE:
-            stack.append(_listing(source, item[1], skip_ids, inos, warn))
+            stack.append(_listing(source, item[1], skip, warn))
         else:
             yield item[1], item[2]
 
@@ -68,7 +74,8 @@ def scan_sorted(source: SourceDir, skip_ids: Set[Tuple[int, int]],
 _SUBTREE = object()  # in a listing: the place of a directory's subtree
 
 
-def _listing(source: SourceDir, rel: str, skip_ids, inos, warn) -> Iterator[tuple]:
+def _listing(source: SourceDir, rel: str, skip, warn) -> Iterator[tuple]:
+    skip_ids, inos, names = skip
     items: List[Tuple[bytes, str, Any]] = []
     with source.listing(rel) as found:
         for d in found:
@@ -78,7 +85,7 @@ def _listing(source: SourceDir, rel: str, skip_ids, inos, warn) -> Iterator[tupl
             except UnicodeEncodeError:
                 warn(f"skipping {source.full(path)!r}: its name is not UTF-8")
                 continue
-            if d.is_file(follow_symlinks=False) and d.inode() not in inos:
+            if d.is_file(follow_symlinks=False) and d.name not in names and d.inode() not in inos:
                 items.append((raw, path, None))
                 continue
             st = d.stat(follow_symlinks=False)
@@ -104,13 +111,13 @@ class ManifestRecorder:
 
     ``report(digest_text, full_path)`` is called for each sealed file once its batch
     is durable; ``progress`` is the run's seal_progress.Progress; ``warn`` for what is
-    left out (other file types, names that are not UTF-8).  ``skip_paths`` and
-    ``skip_ids`` ((st_dev, st_ino) pairs) are left out.  ``source`` stays the caller's
+    left out (other file types, names that are not UTF-8).  What ``skip_paths`` name
+    (the manifest, its temporary file) is left out.  ``source`` stays the caller's
     to close (seal's workers inherit it).
     """
 
     def __init__(self, source: SourceDir, store: Store, params: merkle.Params, batch: Batch,
-                 skip_paths=(), skip_ids=(), warn=print, report=None, progress=None,
+                 skip_paths=(), warn=print, report=None, progress=None,
                  threads: Optional[int] = None):
         self.source, self.store, self.params, self.batch = source, store, params, batch
         self.warn, self.report, self.threads = warn, report, threads
@@ -119,7 +126,8 @@ class ManifestRecorder:
         self._stage_file = file_stager(store, source, params, objects=True, threads=threads,
                                        progress=self.progress)
         st = os.stat(store.path)
-        self._skip = {(st.st_dev, st.st_ino), *skip_ids}
+        self._skip = {(st.st_dev, st.st_ino)}
+        self._skip_names = {os.path.basename(p) for p in skip_paths}
         for p in skip_paths:
             try:
                 s = os.stat(p)
@@ -195,7 +203,7 @@ class ManifestRecorder:
 
     def _items(self, rel: str) -> Iterator[Tuple[str, Optional[os.stat_result]]]:
         """scan_sorted's (path, lstat) of ``rel`` and of everything under it."""
-        return scan_sorted(self.source, self._skip, self.warn, rel)
+        return scan_sorted(self.source, self._skip, self.warn, rel, self._skip_names)
 
     def update(self, existing: Iterable[dict], rels) -> List[dict]:
         """``existing`` entries with ``rels`` re-recorded (removing those gone from

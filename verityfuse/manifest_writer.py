@@ -97,10 +97,10 @@ class ManifestWriter:
         self.files += e["type"] == "file"
 
     @property
-    def file_id(self) -> tuple:
-        """(st_dev, st_ino) of the payload being written: a walk of SOURCE must skip it."""
-        st = os.fstat(self._fd)
-        return st.st_dev, st.st_ino
+    def payload_path(self) -> str:
+        """The payload's temporary file, beside M until ``publish``: a walk of SOURCE
+        must skip it."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), self._payload_name)
 
     @property
     def digest(self) -> str:
