@@ -34,19 +34,22 @@ MOUNT_FIXTURES = frozenset({
 
 
 @contextlib.contextmanager
-def fuse_helper(script, mnt, *args, what="the test file system"):
-    """``python tests/SCRIPT MNT ARGS...`` (a pyfuse3 file system of the tests') mounted on
-    ``mnt`` while the block runs; unmounted and its process reaped after, failed or not."""
+def fuse_helper(script, mnt, *args, what="the test file system", before=()):
+    """``python tests/SCRIPT [BEFORE...] MNT ARGS...`` (a pyfuse3 file system of the tests',
+    or the bench's passthrough with its source ``before``) mounted on ``mnt`` while the
+    block runs; unmounted and its process reaped after, failed or not."""
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.Popen([sys.executable, os.path.join(here, script), str(mnt), *args],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, os.path.join(here, script), *before, str(mnt),
+                             *args], stderr=subprocess.PIPE)
     try:
         for _ in range(500):
             if os.path.ismount(mnt) or proc.poll() is not None:
                 break
             time.sleep(0.02)
         if not os.path.ismount(mnt):
-            pytest.fail(f"{what} did not mount: {proc.stderr.read().decode()}")
+            if proc.poll() is None:
+                proc.kill()  # running but not mounted there: its stderr would never end
+            pytest.fail(f"{what} did not mount: {proc.communicate(timeout=10)[1].decode()}")
         yield
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)

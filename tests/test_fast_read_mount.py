@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from verityfuse import manifest as mf
-from conftest import flip, write
+from conftest import flip, fuse_helper, write
 
 MiB = 1 << 20
 
@@ -182,32 +182,13 @@ def test_without_the_native_path_python_serves_every_read(tree, verified_mount, 
 def fuse_source(tmp_path):
     """SOURCE seen through an unverified FUSE passthrough (bench/plain_passthrough.py), as
     a confidential guest sees its virtio-fs share: a file system that refuses
-    RWF_NOWAIT.  Yields (backing dir, the passthrough's mount point)."""
-    import pathlib
-
+    RWF_NOWAIT.  Yields (backing dir, the passthrough's mount point), mounted."""
     backing, pt = tmp_path / "backing", tmp_path / "pt"
     backing.mkdir()
     pt.mkdir()
-    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "plain_passthrough.py"
-    proc = subprocess.Popen([sys.executable, str(script), str(backing), str(pt)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with fuse_helper(os.path.join("..", "bench", "plain_passthrough.py"), pt,
+                     before=[str(backing)], what="the FUSE source"):
         yield backing, pt
-    finally:
-        if os.path.ismount(pt):
-            subprocess.run(["umount", "-l", str(pt)], check=False)
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _wait_mounted(path):
-    import time
-
-    for _ in range(100):
-        if os.path.ismount(path):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{path} was not mounted")
 
 
 def test_a_fuse_source_is_read_natively_where_its_pages_are_cached(fuse_source, tmp_path,
@@ -219,7 +200,6 @@ def test_a_fuse_source_is_read_natively_where_its_pages_are_cached(fuse_source, 
     data = os.urandom(4 * MiB)
     write(backing / "big", data)
     args = _manifest(tmp_path, backing) + ["--store", str(backing / ".verityfuse")]
-    _wait_mounted(pt)
     m = verified_mount(pt, seal=False, extra_args=args)
     fd = os.open(m.mountpoint / "big", os.O_RDONLY)
     try:
