@@ -135,14 +135,16 @@ def test_a_small_file_is_answered_from_its_first_read(fast, sealed):
 
 
 def test_declines_without_a_verified_leaf(fast, sealed):
-    s = sealed(os.urandom(3 * MiB))  # three leaf blocks: none verified at registration
+    s = sealed(os.urandom(9 * MiB))  # 18 leaf blocks of 512 KiB: none verified at registration
     fast.register(3, s.h)
     before = native.fast_info()["declined_no_leaf"]
     assert native.fast_read(3, 4096, MiB) is None
     assert native.fast_info()["declined_no_leaf"] == before + 1
-    s.reader.read(MiB, 4096)  # Python verifies the leaf that covers it
+    s.reader.read(MiB, 4096)  # Python verifies the leaf that covers it, and its group's
     assert native.fast_read(3, 4096, MiB) == s.data[MiB:MiB + 4096]
-    assert native.fast_read(3, 4096, 2 * MiB + 600_000) is None  # another leaf: not yet
+    far = 2 * MiB + 600_000  # leaf 6: verified with leaf 2 (verifier.LEAF_GROUP, 16)
+    assert native.fast_read(3, 4096, far) == s.data[far:far + 4096]
+    assert native.fast_read(3, 4096, 8 * MiB + 4096) is None  # leaf 16: the next group, not yet
 
 
 def test_declines_at_and_past_the_end_and_for_unknown_handles(fast, sealed):

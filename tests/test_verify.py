@@ -5,10 +5,11 @@ import os
 import pytest
 
 from verityfuse import merkle
-from verityfuse.errors import IntegrityError, SizeMismatch
+from verityfuse.errors import IntegrityError, SizeMismatch, StoreCorrupt
 from verityfuse.reader import ONE_CALL, VerifiedReader
 from verityfuse.sealing import seal_path
 from verityfuse.store import Store
+from verityfuse.store_object import TREE_OFFSET
 from verityfuse.verifier import TreeBlockCache, Verifier
 from conftest import write
 
@@ -26,6 +27,11 @@ class CountingTree:
     def read_tree_block(self, index):
         self.reads.append(index)
         return self.tree.read_tree_block(index)
+
+    def read_tree_blocks(self, first, count, need):
+        start, data = self.tree.read_tree_blocks(first, count, need)
+        self.reads.extend(range(start, start + len(data) // B))
+        return start, data
 
     def mark_failed(self):
         self.tree.mark_failed()
@@ -103,6 +109,74 @@ def test_blast_radius_of_a_corrupt_data_block(sealed):
         assert e.value.offset == 500 * B
         assert bytes(r.read(499 * B, B)) == data[499 * B:500 * B]
         assert bytes(r.read(501 * B, B)) == data[501 * B:502 * B]
+    finally:
+        os.close(fd)
+
+
+def _object(tmp_path):
+    (obj,) = [p for p in (tmp_path / "store" / "objects").rglob("*") if p.is_file()]
+    return obj
+
+
+LEAF0 = 5  # the tree's position of leaf 0: the root block, then 4 level-1 blocks
+
+
+def test_a_leaf_miss_verifies_its_group_in_one_read(sealed):
+    """A leaf not verified yet is read with the rest of its aligned group (16 leaves
+    under one parent) and each cached: the next reads under those leaves read no tree."""
+    path, data, tree = sealed
+    counting = CountingTree(tree)
+    v = Verifier(counting, TreeBlockCache(), "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, v, "f")
+        assert bytes(r.read(40 * B, B)) == data[40 * B:41 * B]  # leaf 1
+        assert sorted(counting.reads) == [0, 1] + list(range(LEAF0, LEAF0 + 16))
+        for leaf in range(16):  # every leaf of the group: no tree block read again
+            off = leaf * 32 * B + 7
+            assert bytes(r.read(off, 100)) == data[off:off + 100]
+        assert len(counting.reads) == 18
+        r.read(16 * 32 * B, B)  # leaf 16: the next group, under the same parent
+        assert sorted(counting.reads)[18:] == list(range(LEAF0 + 16, LEAF0 + 32))
+    finally:
+        os.close(fd)
+
+
+def test_a_bad_leaf_in_the_group_fails_only_the_reads_it_covers(sealed, tmp_path):
+    path, data, tree = sealed
+    with open(_object(tmp_path), "r+b") as f:  # leaf 3, read with leaf 1's group
+        f.seek(TREE_OFFSET + (LEAF0 + 3) * B + 9)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    v = Verifier(tree, TreeBlockCache(), "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, v, "f")
+        assert bytes(r.read(40 * B, B)) == data[40 * B:41 * B]  # leaf 1: good
+        assert bytes(r.read(4 * 32 * B, B)) == data[4 * 32 * B:4 * 32 * B + B]  # leaf 4
+        with pytest.raises(IntegrityError) as e:
+            r.read(3 * 32 * B + 5 * B, B)  # a block under leaf 3
+        assert e.value.offset == (LEAF0 + 3) * B
+        assert "Merkle tree block (level 0, index 3) at tree offset" in str(e.value)
+    finally:
+        os.close(fd)
+
+
+def test_a_group_cut_short_by_a_truncated_object_serves_what_it_holds(sealed, tmp_path):
+    path, data, tree = sealed
+    os.truncate(_object(tmp_path), TREE_OFFSET + (LEAF0 + 8) * B + 100)  # leaf 8 cut
+    v = Verifier(tree, TreeBlockCache(), "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = VerifiedReader(fd, v, "f")
+        assert bytes(r.read(2 * 32 * B, B)) == data[2 * 32 * B:2 * 32 * B + B]  # leaf 2
+        with pytest.raises(StoreCorrupt) as e:
+            r.read(9 * 32 * B, B)  # leaf 9: past the end of the object
+        assert f"tree block {LEAF0 + 9} is truncated (0 of {B} bytes)" in str(e.value)
+        with pytest.raises(StoreCorrupt) as e:
+            r.read(8 * 32 * B, B)  # leaf 8: 100 bytes of it
+        assert f"tree block {LEAF0 + 8} is truncated (100 of {B} bytes)" in str(e.value)
     finally:
         os.close(fd)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Tuple
 
 from .store_object import TREE_OFFSET, StoredTree
 
@@ -54,6 +55,14 @@ class LazyTree(StoredTree):
     def read_tree_block(self, index: int) -> bytes:
         self._ensure(index, index)
         return super().read_tree_block(index)
+
+    def read_tree_blocks(self, first: int, count: int, need: int) -> Tuple[int, bytes]:
+        # Only ``need``'s range request: the blocks beside it in the same chunk come free,
+        # a neighbouring chunk would be a request more.
+        lo = max(first, need - need % CHUNK_BLOCKS)
+        hi = min(first + count, need - need % CHUNK_BLOCKS + CHUNK_BLOCKS)
+        self._ensure(need, need)
+        return super().read_tree_blocks(lo, hi - lo, need)
 
     def read_tree(self, offset: int, length: int) -> bytes:
         size = self.geometry.tree_size

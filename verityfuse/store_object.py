@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, List, Optional
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 from . import merkle, treebuild, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
@@ -63,6 +63,14 @@ class StoredTree:
             )
         return block
 
+    def read_tree_blocks(self, first: int, count: int, need: int) -> Tuple[int, bytes]:
+        """(start, bytes) of the tree blocks from ``start`` on, within [first, first +
+        count) and including ``need`` if the object holds it, that cost about one read
+        of ``need`` (all of them here: one pread); fewer bytes where the object ends
+        early (the caller checks each block it uses)."""
+        bs = self.block_size
+        return first, os.pread(self.fd, count * bs, TREE_OFFSET + first * bs)
+
     def read_tree(self, offset: int, length: int) -> bytes:
         """Bytes of the serialized tree, pread-like (short at the end)."""
         size = self.geometry.tree_size
@@ -92,6 +100,7 @@ class TreeRef:
         self.name, self.descriptor, self.digest = tree.name, tree.descriptor, tree.digest
         self.geometry, self.block_size = tree.geometry, tree.block_size
         self.read_tree_block, self.read_tree = tree.read_tree_block, tree.read_tree
+        self.read_tree_blocks = tree.read_tree_blocks
         self.mark_failed = tree.mark_failed
 
     @property

@@ -23,6 +23,12 @@ DEFAULT_CACHE_BYTES = 32 << 20
 # was memory for nothing (verify --manifest of 100,000 files: 239 -> 165 MiB in all,
 # the same time).
 ONE_PASS_CACHE_BYTES = 4 << 20
+# Leaf tree blocks verified per miss: the aligned group of this many around the one a
+# read needs (under one parent block; 64 KiB of 4 KiB blocks), read in one pread and
+# hashed in one native call.  A read whose leaf is not verified yet goes to Python
+# (the native path declines it); random 4 KiB reads of a 1 GiB file met 2,048 such
+# misses in 20,000 reads, ~50 us each, and a sequential one every 512 KiB.
+LEAF_GROUP = 16
 
 
 def leaf_table_key(alg_number: int, digest: bytes) -> bytes:
@@ -129,6 +135,8 @@ class Verifier:
         block = self.cache.get(key)
         if block is not None:
             return block
+        if level == 0 and self.top > 0:
+            return self._verified_leaf_group(index)
         pos = self.geo.level_start[level] + index
         try:
             block = self.tree.read_tree_block(pos)
@@ -149,6 +157,52 @@ class Verifier:
                 what=f"Merkle tree block (level {level}, index {index}) at tree offset",
             )
         self.cache.put(key, block)
+        return block
+
+    def _verified_leaf_group(self, index: int) -> bytes:
+        """Leaf block ``index``, verified with what the tree reads cheaply beside it in
+        its aligned group (LEAF_GROUP; read_tree_blocks) against their parent: each
+        that hashes to its slot is cached.  Only a failure of ``index`` itself fails the
+        read (a bad neighbour fails the read that needs it, as it would without the
+        group), and only what was read is checked: the group ends where the object does."""
+        bs, ds, base = self.params.block_size, self.ds, self.geo.level_start[0]
+        group = min(LEAF_GROUP, self.hpb)  # powers of two: a group never spans two parents
+        first = index - index % group
+        count = min(group, self.geo.level_blocks[0] - first)
+        try:
+            start, data = self.tree.read_tree_blocks(base + first, count, base + index)
+        except StoreCorrupt as e:
+            name = str(self.label)
+            raise StoreCorrupt(f"{name}: {e}", name) from None
+        lo, n = start - base, len(data) // bs  # data holds leaves [lo, lo + n)
+        if lo + n <= index:  # the one needed is cut short: as a lone read says it
+            self.tree.mark_failed()
+            got = max(0, len(data) - (index - lo) * bs)
+            name = str(self.label)
+            raise StoreCorrupt(f"{name}: {self.tree.name}: tree block {base + index} is "
+                               f"truncated ({got} of {bs} bytes)", name)
+        parent = self._verified_tree_block(1, lo // self.hpb)
+        expected = memoryview(parent)[(lo % self.hpb) * ds:]
+        view = memoryview(data)
+        k = 0
+        while k < n:
+            bad = self.verify_blocks(view[k * bs:n * bs], expected[k * ds:n * ds])
+            end = n if bad < 0 else k + bad
+            for j in range(k, end):
+                self.cache.put(self._key + (0, lo + j), bytes(view[j * bs:(j + 1) * bs]))
+            if bad < 0:
+                break
+            k = end
+            if lo + k == index:
+                self.tree.mark_failed()
+                raise IntegrityError(
+                    self.label, (base + index) * bs, bytes(expected[k * ds:(k + 1) * ds]),
+                    self.hasher(view[k * bs:(k + 1) * bs]),
+                    what=f"Merkle tree block (level 0, index {index}) at tree offset")
+            k += 1  # a neighbour that does not hash: not cached, not this read's failure
+        block = self.cache.get(self._key + (0, index))
+        if block is None:  # already evicted by its neighbours (a tiny budget)
+            block = bytes(view[(index - lo) * bs:(index - lo + 1) * bs])
         return block
 
     def _tree_block_at(self, pos: int) -> bytes:
