@@ -184,12 +184,15 @@ class Verifier:
         parent = self._verified_tree_block(1, lo // self.hpb)
         expected = memoryview(parent)[(lo % self.hpb) * ds:]
         view = memoryview(data)
-        k = 0
+        k, block = 0, b""
         while k < n:
             bad = self.verify_blocks(view[k * bs:n * bs], expected[k * ds:n * ds])
             end = n if bad < 0 else k + bad
             for j in range(k, end):
-                self.cache.put(self._key + (0, lo + j), bytes(view[j * bs:(j + 1) * bs]))
+                verified = bytes(view[j * bs:(j + 1) * bs])
+                self.cache.put(self._key + (0, lo + j), verified)
+                if lo + j == index:
+                    block = verified
             if bad < 0:
                 break
             k = end
@@ -200,10 +203,7 @@ class Verifier:
                     self.hasher(view[k * bs:(k + 1) * bs]),
                     what=f"Merkle tree block (level 0, index {index}) at tree offset")
             k += 1  # a neighbour that does not hash: not cached, not this read's failure
-        block = self.cache.get(self._key + (0, index))
-        if block is None:  # already evicted by its neighbours (a tiny budget)
-            block = bytes(view[(index - lo) * bs:(index - lo + 1) * bs])
-        return block
+        return block  # verified above: lo <= index < lo + n, and a failure of it raised
 
     def _tree_block_at(self, pos: int) -> bytes:
         """The verified tree block at position ``pos`` of the serialized tree."""
