@@ -11,7 +11,7 @@ from verityfuse.sealing import seal_path
 from verityfuse.store import Store
 from verityfuse.store_object import TREE_OFFSET
 from verityfuse.verifier import TreeBlockCache, Verifier
-from conftest import write
+from conftest import flip, write
 
 B = 1024  # small blocks: three levels on a small file
 PARAMS = merkle.Params(merkle.SHA256, B)
@@ -144,11 +144,7 @@ def test_a_leaf_miss_verifies_its_group_in_one_read(sealed):
 
 def test_a_bad_leaf_in_the_group_fails_only_the_reads_it_covers(sealed, tmp_path):
     path, data, tree = sealed
-    with open(_object(tmp_path), "r+b") as f:  # leaf 3, read with leaf 1's group
-        f.seek(TREE_OFFSET + (LEAF0 + 3) * B + 9)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip(_object(tmp_path), TREE_OFFSET + (LEAF0 + 3) * B + 9)  # leaf 3, in leaf 1's group
     v = Verifier(tree, TreeBlockCache(), "f")
     fd = os.open(path, os.O_RDONLY)
     try:

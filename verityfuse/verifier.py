@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Optional
 
 from .errors import IntegrityError, StoreCorrupt
 
@@ -136,7 +137,9 @@ class Verifier:
         if block is not None:
             return block
         if level == 0 and self.top > 0:
-            return self._verified_leaf_group(index)
+            block = self._verified_leaf_group(index)
+            if block is not None:
+                return block
         pos = self.geo.level_start[level] + index
         try:
             block = self.tree.read_tree_block(pos)
@@ -159,32 +162,23 @@ class Verifier:
         self.cache.put(key, block)
         return block
 
-    def _verified_leaf_group(self, index: int) -> bytes:
+    def _verified_leaf_group(self, index: int) -> Optional[bytes]:
         """Leaf block ``index``, verified with what the tree reads cheaply beside it in
-        its aligned group (LEAF_GROUP; read_tree_blocks) against their parent: each
-        that hashes to its slot is cached.  Only a failure of ``index`` itself fails the
-        read (a bad neighbour fails the read that needs it, as it would without the
-        group), and only what was read is checked: the group ends where the object does."""
+        its aligned group (LEAF_GROUP; read_tree_blocks) against their parent in one
+        native call; each that hashes to its slot is cached.  None if ``index`` was not
+        read (a truncated object) or does not hash: the caller reads it alone, and that
+        read says what is wrong.  A bad neighbour is not cached, and fails only the read
+        that needs it, as it would without the group."""
         bs, ds, base = self.params.block_size, self.ds, self.geo.level_start[0]
         group = min(LEAF_GROUP, self.hpb)  # powers of two: a group never spans two parents
         first = index - index % group
         count = min(group, self.geo.level_blocks[0] - first)
-        try:
-            start, data = self.tree.read_tree_blocks(base + first, count, base + index)
-        except StoreCorrupt as e:
-            name = str(self.label)
-            raise StoreCorrupt(f"{name}: {e}", name) from None
+        start, data = self.tree.read_tree_blocks(base + first, count, base + index)
         lo, n = start - base, len(data) // bs  # data holds leaves [lo, lo + n)
-        if lo + n <= index:  # the one needed is cut short: as a lone read says it
-            self.tree.mark_failed()
-            got = max(0, len(data) - (index - lo) * bs)
-            name = str(self.label)
-            raise StoreCorrupt(f"{name}: {self.tree.name}: tree block {base + index} is "
-                               f"truncated ({got} of {bs} bytes)", name)
         parent = self._verified_tree_block(1, lo // self.hpb)
         expected = memoryview(parent)[(lo % self.hpb) * ds:]
         view = memoryview(data)
-        k, block = 0, b""
+        k, block = 0, None
         while k < n:
             bad = self.verify_blocks(view[k * bs:n * bs], expected[k * ds:n * ds])
             end = n if bad < 0 else k + bad
@@ -193,17 +187,8 @@ class Verifier:
                 self.cache.put(self._key + (0, lo + j), verified)
                 if lo + j == index:
                     block = verified
-            if bad < 0:
-                break
-            k = end
-            if lo + k == index:
-                self.tree.mark_failed()
-                raise IntegrityError(
-                    self.label, (base + index) * bs, bytes(expected[k * ds:(k + 1) * ds]),
-                    self.hasher(view[k * bs:(k + 1) * bs]),
-                    what=f"Merkle tree block (level 0, index {index}) at tree offset")
-            k += 1  # a neighbour that does not hash: not cached, not this read's failure
-        return block  # verified above: lo <= index < lo + n, and a failure of it raised
+            k = end + 1  # past the block that does not hash
+        return block
 
     def _tree_block_at(self, pos: int) -> bytes:
         """The verified tree block at position ``pos`` of the serialized tree."""
