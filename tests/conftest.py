@@ -33,6 +33,11 @@ MOUNT_FIXTURES = frozenset({
 })
 
 
+class PortTaken(RuntimeError):
+    """A port picked free was bound by another process before the server started on it
+    (tests/registry.py, tests/tpmsim.py: they start again on other ports)."""
+
+
 @contextlib.contextmanager
 def fuse_helper(script, mnt, *args, what="the test file system", before=()):
     """``python tests/SCRIPT [BEFORE...] MNT ARGS...`` (a pyfuse3 file system of the tests',

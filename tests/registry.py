@@ -20,6 +20,8 @@ import urllib.request
 
 import pytest
 
+from conftest import PortTaken
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILD = pathlib.Path(os.environ.get("REGISTRY_DIR", ROOT / "build" / "registry"))
 BINARY = BUILD / "root" / "usr" / "bin" / "docker-registry"
@@ -35,10 +37,6 @@ def binary() -> str:
             pytest.skip(f"no docker-registry at {BINARY}, and `make registry-deps` could not "
                         f"fetch it: {(r.stderr or r.stdout).strip()[-300:]}")
     return str(BINARY)
-
-
-class PortTaken(RuntimeError):
-    """The port picked was bound by another process before the server bound it."""
 
 
 def free_port() -> int:

@@ -23,6 +23,8 @@ import time
 
 import pytest
 
+from conftest import PortTaken
+
 SWTPM = shutil.which("swtpm")
 
 
@@ -95,10 +97,6 @@ def _two_free_ports() -> int:
         except OSError:
             continue
     raise RuntimeError("no two consecutive free TCP ports on 127.0.0.1")
-
-
-class PortTaken(RuntimeError):
-    """A port picked was bound by another process before swtpm bound it."""
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, log: str):
