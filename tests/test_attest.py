@@ -633,6 +633,10 @@ def test_replay_usage_and_unreadable_input(tmp_path, quoted):
          f"{tmp_path}/missing: No such file or directory"),
         ([tmp_path / "log", *quote_args(quoted, msg=tmp_path / "nope")], "ERROR: cannot read quote "
          "message"),
+        # Both: the register would have been checked and the quote never (its files unread).
+        ([tmp_path / "log", "--register", "00" * 32, *quote_args(quoted)],
+         "--register and --quote are two ways to say what the log must match: give one"),
+        ([tmp_path / "log", "--register", "00" * 32, "--pcr", "16"], "--pcr goes with --quote"),
     ]
     for args, why in cases:
         rc, out, err = attest(*args)

@@ -112,7 +112,10 @@ def _quote_json(q: tpm_quote.Quote) -> dict:
 
 def replay(log_path: str, exp: Expectations, register: bytes | None = None,
            quote: QuoteFiles | None = None) -> tuple[dict, int]:
-    """The report and exit status (0 or 1); InputError for a file that cannot be read."""
+    """The report and exit status (0 or 1); InputError for a file that cannot be read.
+    ``register`` or ``quote``, not both: the log is matched against one."""
+    if (register is None) == (quote is None):
+        raise ValueError("replay: give a register value or a quote, not both or neither")
     report: dict = {"schema": REPORT_SCHEMA, "log": log_path, "algorithm": None, "init": None,
                     "replayed": None, "events": [], "match": None,
                     "appraisal": {"pass": False, "failures": [], "warnings": []}, "result": "fail"}

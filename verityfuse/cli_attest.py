@@ -60,12 +60,20 @@ def cmd_replay(args) -> int:
         return _usage("--signature, --ak-public and --nonce go with --quote")
     if args.quote is not None and any(o is None for o in quote_opts):
         return _usage("--quote needs --signature, --ak-public and --nonce")
+    if args.register is not None and args.quote is not None:
+        # Checking one would pass a log the other does not vouch for: a register value
+        # copied from untrusted evidence would stand in for a quote nobody verified.
+        return _usage("--register and --quote are two ways to say what the log must match: "
+                      "give one")
+    if args.pcr is not None and args.quote is None:
+        return _usage("--pcr goes with --quote")
     if args.register is None and args.quote is None:
         return _usage("give what the log must match: --register HEX, or --quote with "
                       "--signature, --ak-public and --nonce")
     quote = None
     if args.quote is not None:
-        quote = ar.QuoteFiles(args.quote, args.signature, args.ak_public, args.nonce, args.pcr)
+        quote = ar.QuoteFiles(args.quote, args.signature, args.ak_public, args.nonce,
+                              23 if args.pcr is None else args.pcr)
     exp = ar.Expectations(manifests=list(args.expect_manifest or ()),
                           keys=list(args.expect_key or ()),
                           min_sequence=args.min_sequence, allow_violations=args.allow_violations,
@@ -105,8 +113,8 @@ def add_commands(sub):
                    help="the trusted AK public key: TPM2B_PUBLIC (tpm2_createak -u) or PEM")
     r.add_argument("--nonce", type=_hex("--nonce"), metavar="HEX",
                    help="the nonce the verifier sent (tpm2_quote -q)")
-    r.add_argument("--pcr", type=_int_range(0, 23, "--pcr"), default=23,
-                   help="the quoted PCR, SHA-256 bank (default 23)")
+    r.add_argument("--pcr", type=_int_range(0, 23, "--pcr"),
+                   help="the quoted PCR, SHA-256 bank (default 23; with --quote only)")
     r.add_argument("--expect-manifest", type=_manifest_digest, action="append",
                    metavar="sha256:HEX", help="a manifest a mount may serve (repeatable): every "
                    "MountManifest event must name one")
