@@ -931,3 +931,33 @@ def test_a_log_cut_short_or_replaced_is_read_whole_again(tmp_path):
     alg, init, events = me.parse_log(log.read_text())
     assert [e.content["path"] for e in events] == ["a", "b", "d"]
     assert me.replay(alg, init, events) == reg.read()
+
+
+@pytest.mark.parametrize("who", ["log", "boot"])
+@pytest.mark.parametrize("how", ["owner", "mode"])
+def test_a_log_someone_else_can_write_is_refused(tmp_path, who, how):
+    """Whoever can write the log can put events into the register: a log planted where
+    the daemon would create it (a world-writable directory), one event ahead of the
+    register, would have its forged event extended by the next record as a crashed
+    writer's.  A log, or its LOG.boot, that another user owns or that group or others
+    may write is refused, and nothing is extended."""
+    reg = registers.open_register(f"file:{tmp_path}/reg")
+    log = tmp_path / "events.log"
+    forged = me.mount_manifest(M1, KEY, 9, "enforce", "/srv/secret")
+    log.write_text(me.init_line("sha256", reg.read()) + "\n" + forged.line() + "\n")
+    boot = measure.boot_id()
+    path = log if who == "log" else tmp_path / "events.log.boot"
+    if who == "boot":
+        path.write_text(f"{boot}\n")
+    if how == "owner":
+        os.chown(path, 65534, 65534)
+        why = f"belongs to uid 65534, not to this process's uid {os.geteuid()}"
+    else:
+        os.chmod(path, 0o666)
+        why = "may be written by group or others \\(mode 0666\\)"
+    before = reg.read()
+    with pytest.raises(registers.MeasureError, match=f"{path}: {why}: whoever can write it "
+                       f"can put events into"):
+        measure.Measurer(reg, str(log)).record(me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app"))
+    assert reg.read() == before
+    assert forged.line() in log.read_text()  # nothing removed either

@@ -39,6 +39,21 @@ def default_log_path(register: Register) -> str:
     return os.path.join(RUN_DIR, f"events-{register.name}.log")
 
 
+def _only_ours(st: os.stat_result, path: str, register: Register):
+    """Refuse a log (or its LOG.boot) that another user owns or that group or others may
+    write: whoever can write the log can put events into the register, as a logged line
+    one ahead of the register is extended by the next record (a crashed writer's)."""
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        why = f"belongs to uid {st.st_uid}, not to this process's uid {euid}"
+    elif st.st_mode & 0o022:
+        why = f"may be written by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    else:
+        return
+    raise MeasureError(f"{path}: {why}: whoever can write it can put events into "
+                       f"{register.name}; not measuring")
+
+
 class Measurer:
     """Records events: log line and register extend as one step (see ``record``)."""
 
@@ -72,6 +87,11 @@ class Measurer:
                 if not stat.S_ISREG(st.st_mode):
                     os.close(fd)
                     raise MeasureError(f"event log {self.log_path} is not a regular file")
+                try:
+                    _only_ours(st, self.log_path, self.register)
+                except MeasureError:
+                    os.close(fd)
+                    raise
                 try:
                     now = os.stat(self.log_path, follow_symlinks=False)
                     same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
@@ -131,8 +151,10 @@ class Measurer:
         except FileNotFoundError:
             return None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise MeasureError(f"{path} is not a regular file")
+            _only_ours(st, path, self.register)
             return os.read(fd, 64).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
@@ -145,11 +167,14 @@ class Measurer:
             except FileNotFoundError:
                 pass
             return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise MeasureError(f"{path} is not a regular file")
+            _only_ours(st, path, self.register)  # before truncating what may be another's
+            os.ftruncate(fd, 0)
             os.write(fd, boot.encode("ascii") + b"\n")
             os.fsync(fd)
         finally:
