@@ -25,6 +25,8 @@ VECTORS = json.loads((PROTO / "vectors" / "attestation.json").read_text())
 M1 = "sha256:" + "11" * 32
 M2 = "sha256:" + "22" * 32
 KEY = "ab" * 32
+POL = "min_sequence=0,on_corruption=eio,trust=key"  # a manifest a key verified
+PIN = "min_sequence=0,on_corruption=eio,trust=pinned"  # one accepted by its digest (no key)
 
 
 def chain(alg, init, lines):
@@ -90,7 +92,7 @@ NASTY = "dir with space/new\nline/caf\u00e9/\"q\"/back\\slash/100%/tab\t/\udcff"
 
 
 def test_canonical_line_is_printable_and_round_trips():
-    events = [me.mount_manifest(M1, KEY, 12, "enforce", "/mnt/" + NASTY),
+    events = [me.mount_manifest(M1, KEY, 12, POL, "/mnt/" + NASTY),
               me.integrity_violation(M2, NASTY, None), me.integrity_violation(M1, "a", 4096)]
     for e in events:
         line = e.line()
@@ -114,15 +116,40 @@ def test_canonical_line_is_printable_and_round_trips():
     (dict(sequence=True), "sequence must be an integer"),
     (dict(mountpoint="relative"), "must be an absolute path"),
     (dict(policy=""), "policy must be a non-empty string"),
+    # protocol/attestation.md, MountManifest: what a verifier must refuse as not canonical.
+    (dict(manifest_digest="sha512:" + "11" * 64), "is not sha256:<64 hex digits>"),
+    (dict(key_id="-"), "key id '-' is not 64 lowercase hex digits"),
+    (dict(key_id="AB" * 32), "is not 64 lowercase hex digits"),
+    (dict(policy="anything-at-all"), "policy 'anything-at-all' is not "
+     "min_sequence=N,on_corruption=eio\\|refuse,trust=key\\|pinned\\|pinned\\+key"),
+    (dict(policy="min_sequence=01,on_corruption=eio,trust=key"), "policy .* is not"),
+    (dict(policy="min_sequence=0,on_corruption=eio,trust=pinned"),
+     "trust=pinned, but a key id is given"),
+    (dict(key_id=None), "trust=key, but no key id is given"),
+    (dict(policy="min_sequence=2,on_corruption=eio,trust=key"),
+     "sequence 1 is below the policy's min_sequence 2"),
+    (dict(policy=f"min_sequence={2**53},on_corruption=eio,trust=key", sequence=2**53 - 1),
+     "min_sequence must be an integer from 0 to"),
+    (dict(mountpoint="/srv/../etc//x/"), "mount point '/srv/../etc//x/' is not normalized "
+     "\\(/etc/x\\)"),
+    (dict(mountpoint="/srv/"), "is not normalized"),
 ])
 def test_event_arguments_are_checked(bad, why):
-    args = dict(manifest_digest=M1, key_id=KEY, sequence=1, policy="enforce", mountpoint="/m")
+    args = dict(manifest_digest=M1, key_id=KEY, sequence=1, policy=POL, mountpoint="/m")
     with pytest.raises(ValueError, match=why):
         me.mount_manifest(**{**args, **bad})
+    # The same content read from a log: refused as not an event of this schema.
+    content = {"version": 1, "manifest": args["manifest_digest"], "key_id": args["key_id"],
+               "sequence": args["sequence"], "policy": args["policy"],
+               "mountpoint": args["mountpoint"]}
+    content.update({k.replace("manifest_digest", "manifest"): v for k, v in bad.items()})
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(me.EventLogError, match="line 2: MountManifest: "):
+        me.parse_log(f"{INIT}{me.DOMAIN} MountManifest {text}\n")
 
 
 INIT = "INIT/sha256 " + "00" * 32 + "\n"
-GOOD = me.mount_manifest(M1, KEY, 3, "enforce", "/m").line()
+GOOD = me.mount_manifest(M1, KEY, 3, POL, "/m").line()
 
 
 @pytest.mark.parametrize("text, why", [
@@ -232,7 +259,7 @@ def test_measurer_log_matches_register(tmp_path):
     r = registers.open_register(f"file:sha384:{tmp_path}/reg")
     log = tmp_path / "run" / "verityfuse" / "events.log"
     m = measure.Measurer(r, str(log))
-    e1 = me.mount_manifest(M1, KEY, 3, "enforce", "/mnt/a b")
+    e1 = me.mount_manifest(M1, KEY, 3, POL, "/mnt/a b")
     e2 = me.integrity_violation(M1, "f\n", 0)
     m.record(e1)
     m.record(e2)
@@ -247,7 +274,7 @@ def test_new_log_starts_at_the_registers_value(tmp_path):
     r.extend(hashlib.sha256(b"earlier").digest())
     before = r.read()
     m = measure.Measurer(r, str(tmp_path / "log"))
-    m.record(me.mount_manifest(M1, None, 0, "enforce", "/m"))
+    m.record(me.mount_manifest(M1, None, 0, PIN, "/m"))
     alg, init, events = me.parse_log((tmp_path / "log").read_text())
     assert init == before and me.replay(alg, init, events) == r.read()
 
@@ -406,7 +433,7 @@ def test_rtmr_backend(fake_tsm, tmp_path):
     r = registers.open_register("rtmr")
     assert (r.alg, r.name) == ("sha384", "rtmr3")
     m = measure.Measurer(r, str(tmp_path / "log"))
-    e1, e2 = me.mount_manifest(M1, KEY, 9, "enforce", "/srv"), me.integrity_violation(M1, "x", 0)
+    e1, e2 = me.mount_manifest(M1, KEY, 9, POL, "/srv"), me.integrity_violation(M1, "x", 0)
     m.record(e1)
     m.record(e2)
     want = chain("sha384", bytes(48), [e1.line(), e2.line()])
@@ -434,7 +461,7 @@ def test_tpm_backend(tmp_path, monkeypatch):
         r = registers.open_register("tpm")
         assert (r.alg, r.name, r.read()) == ("sha256", "tpm-pcr23", bytes(32))
         m = measure.Measurer(r, str(tmp_path / "log"))
-        e1, e2 = me.mount_manifest(M1, KEY, 1, "enforce", "/m"), me.integrity_violation(M1, "y", 8)
+        e1, e2 = me.mount_manifest(M1, KEY, 1, POL, "/m"), me.integrity_violation(M1, "y", 8)
         m.record(e1)
         m.record(e2)
         want = chain("sha256", bytes(32), [e1.line(), e2.line()])
@@ -472,8 +499,8 @@ def quoted(tmp_path_factory):
         os.environ["TPM2TOOLS_TCTI"] = tpm.tcti
         try:
             m = measure.Measurer(registers.open_register("tpm"), str(d / "log"))
-            m.record(me.mount_manifest(M1, KEY, 7, "enforce", "/srv/app data"))
-            m.record(me.mount_manifest(M2, None, 0, "require", "/srv/other"))
+            m.record(me.mount_manifest(M1, KEY, 7, POL, "/srv/app data"))
+            m.record(me.mount_manifest(M2, None, 0, PIN, "/srv/other"))
         finally:
             del os.environ["TPM2TOOLS_TCTI"]
         for name, alg, scheme, fmt in (("rsa", "rsa", "rsassa", "tss"), ("ecc", "ecc", "ecdsa", "pem"),
@@ -503,8 +530,8 @@ def test_replay_quote_round_trip(quoted, ak):
     assert (rc, err) == (0, ""), out
     lines = out.splitlines()
     assert lines[1] == (f"  #1 MountManifest manifest={M1} key_id={KEY} sequence=7 "
-                        f"policy=enforce mountpoint=/srv/app%20data")
-    assert lines[2] == f"  #2 MountManifest manifest={M2} key_id=- sequence=0 policy=require " \
+                        f"policy={POL} mountpoint=/srv/app%20data")
+    assert lines[2] == f"  #2 MountManifest manifest={M2} key_id=- sequence=0 policy={PIN} " \
                        f"mountpoint=/srv/other"
     assert "quote: PCR 23 matches the replayed log" in out and lines[-1] == "result: PASS"
     rc, out, _ = attest(quoted / "log", *quote_args(quoted, ak), "--json")
@@ -567,7 +594,7 @@ def test_replay_quote_failures(quoted, tmp_path):
 def test_replay_register_and_appraisal(tmp_path):
     r = registers.open_register(f"file:{tmp_path}/reg")
     m = measure.Measurer(r, str(tmp_path / "log"))
-    m.record(me.mount_manifest(M1, KEY, 4, "enforce", "/srv"))
+    m.record(me.mount_manifest(M1, KEY, 4, POL, "/srv"))
     reg = r.read().hex()
     rc, out, _ = attest(tmp_path / "log", "--register", reg, "--expect-manifest", M1,
                         "--min-sequence", 4)
@@ -604,7 +631,7 @@ def test_replay_non_zero_init(tmp_path):
     r.extend(hashlib.sha256(b"unlogged").digest())
     init = r.read().hex()
     m = measure.Measurer(r, str(tmp_path / "log"))
-    m.record(me.mount_manifest(M1, KEY, 4, "enforce", "/srv"))
+    m.record(me.mount_manifest(M1, KEY, 4, POL, "/srv"))
     reg = r.read().hex()
     rc, out, _ = attest(tmp_path / "log", "--register", reg)
     assert rc == 1 and f"(NOT zero)" in out and f"FAIL: INIT value {init} is not zero: the " \
@@ -762,7 +789,7 @@ def test_an_extend_of_unknown_outcome_keeps_log_and_register_in_agreement(tmp_pa
 
     reg, log = Flaky(str(tmp_path / "reg")), tmp_path / "events.log"
     meas = measure.Measurer(reg, str(log))
-    events = [me.mount_manifest(M1, KEY, 1, "enforce", p) for p in ("/one", "/two", "/three")]
+    events = [me.mount_manifest(M1, KEY, 1, POL, p) for p in ("/one", "/two", "/three")]
     meas.record(events[0])
     Flaky.mode = "fail"
     with pytest.raises(registers.MeasureError) as e:
@@ -821,8 +848,8 @@ def test_a_log_from_a_previous_boot_is_moved_aside_not_replayed_into_this_one(tm
     it).  The boot id kept beside the log tells: the old log is moved to LOG.previous-boot
     and a new one begins at the register's value."""
     reg_path, log = tmp_path / "reg", tmp_path / "events.log"
-    old_event = me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app")
-    new_event = me.mount_manifest(M1, KEY, 2, "enforce", "/srv/other")
+    old_event = me.mount_manifest(M1, KEY, 1, POL, "/srv/app")
+    new_event = me.mount_manifest(M1, KEY, 2, POL, "/srv/other")
     boot1, boot2 = ("11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222")
     monkeypatch.setattr(measure, "boot_id", lambda: boot1)
     measure.Measurer(registers.open_register(f"file:{reg_path}"), str(log)).record(old_event)
@@ -845,7 +872,7 @@ def test_a_log_from_a_previous_boot_is_moved_aside_not_replayed_into_this_one(tm
 def test_another_domains_event_is_marked_in_the_report(tmp_path):
     """Another component's line is printed as it is, but marked: one whose domain is
     'MountManifest' must not read like an event of ours."""
-    ours = me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app")
+    ours = me.mount_manifest(M1, KEY, 1, POL, "/srv/app")
     fake = f"MountManifest manifest={M1} key_id=- sequence=9 mountpoint=/srv/app"
     log = tmp_path / "log"
     log.write_text(INIT + ours.line() + "\n" + fake + "\n")
@@ -877,7 +904,7 @@ def test_without_tpm2_pytss_the_tpm_register_says_how_to_get_it(monkeypatch):
 
 def test_the_largest_manifest_sequence_can_be_measured():
     from verityfuse.manifest_header import MAX_SEQUENCE
-    event = me.mount_manifest(M1, KEY, MAX_SEQUENCE, "enforce", "/m")
+    event = me.mount_manifest(M1, KEY, MAX_SEQUENCE, POL, "/m")
     alg, init, [parsed] = me.parse_log(INIT + event.line() + "\n")
     assert parsed.content["sequence"] == MAX_SEQUENCE
 
@@ -943,7 +970,7 @@ def test_a_log_someone_else_can_write_is_refused(tmp_path, who, how):
     may write is refused, and nothing is extended."""
     reg = registers.open_register(f"file:{tmp_path}/reg")
     log = tmp_path / "events.log"
-    forged = me.mount_manifest(M1, KEY, 9, "enforce", "/srv/secret")
+    forged = me.mount_manifest(M1, KEY, 9, POL, "/srv/secret")
     log.write_text(me.init_line("sha256", reg.read()) + "\n" + forged.line() + "\n")
     boot = measure.boot_id()
     path = log if who == "log" else tmp_path / "events.log.boot"
@@ -958,6 +985,6 @@ def test_a_log_someone_else_can_write_is_refused(tmp_path, who, how):
     before = reg.read()
     with pytest.raises(registers.MeasureError, match=f"{path}: {why}: whoever can write it "
                        f"can put events into"):
-        measure.Measurer(reg, str(log)).record(me.mount_manifest(M1, KEY, 1, "enforce", "/srv/app"))
+        measure.Measurer(reg, str(log)).record(me.mount_manifest(M1, KEY, 1, POL, "/srv/app"))
     assert reg.read() == before
     assert forged.line() in log.read_text()  # nothing removed either

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
 import re
 
 DOMAIN = "github.com/verityfuse/verityfuse"
@@ -34,7 +35,10 @@ MAX_INT = 2**53 - 1
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("%"), ord("\\")}
 _ENCODED = re.compile(r"(?:[\x21\x23-\x24\x26-\x5b\x5d-\x7e]|%[0-9A-F]{2})*")
 _FIELD = re.compile(r"[\x21-\x7e]+")
-_DIGEST = re.compile(r"(sha256|sha384|sha512):([0-9a-f]+)")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # a manifest digest (measure-manifest)
+_KEY_ID = re.compile(r"[0-9a-f]{64}")  # SHA-256 of the raw Ed25519 public key
+_POLICY = re.compile(r"min_sequence=(0|[1-9][0-9]*),on_corruption=(eio|refuse),"
+                     r"trust=(key|pinned|pinned\+key)")
 _SCHEMAS = {
     OP_MOUNT: {"version", "manifest", "key_id", "sequence", "policy", "mountpoint"},
     OP_VIOLATION: {"version", "manifest", "path", "offset"},
@@ -124,10 +128,8 @@ class Event:
 
 
 def _digest_text(manifest_digest: str) -> str:
-    m = _DIGEST.fullmatch(manifest_digest)
-    if not m or len(m.group(2)) != 2 * ALGS[m.group(1)]:
-        raise ValueError(f"manifest digest {manifest_digest!r} is not sha256:<64 hex digits> "
-                         f"(or sha384/sha512)")
+    if not isinstance(manifest_digest, str) or not _DIGEST.fullmatch(manifest_digest):
+        raise ValueError(f"manifest digest {manifest_digest!r} is not sha256:<64 hex digits>")
     return manifest_digest
 
 
@@ -145,15 +147,42 @@ def _text(v, what: str) -> str:
     return encode_name(v)
 
 
+def _policy(policy, key_id: str | None, sequence: int) -> str:
+    """protocol/attestation.md's ``min_sequence=N,on_corruption=M,trust=T``, consistent with
+    the event: a key id exactly when a key verified the manifest, and a sequence the mount
+    accepted.  One event, one meaning: the writer cannot say what the verifier refuses."""
+    _text(policy, "policy")
+    m = _POLICY.fullmatch(policy)
+    if not m:
+        raise ValueError(f"policy {policy!r} is not min_sequence=N,on_corruption=eio|refuse,"
+                         f"trust=key|pinned|pinned+key")
+    min_sequence = _count(int(m.group(1)), "the policy's min_sequence")
+    trust = m.group(3)
+    if ("key" in trust) != (key_id is not None):
+        raise ValueError(f"trust={trust}, but " + ("no key id is given" if key_id is None
+                                                   else "a key id is given"))
+    if sequence < min_sequence:
+        raise ValueError(f"sequence {sequence} is below the policy's min_sequence "
+                         f"{min_sequence}: the mount would have refused the manifest")
+    return policy
+
+
 def mount_manifest(manifest_digest: str, key_id: str | None, sequence: int, policy: str,
                    mountpoint: str) -> Event:
-    """The event a manifest mount extends before it serves anything."""
+    """The event a manifest mount extends before it serves anything; ValueError for what
+    protocol/attestation.md's MountManifest does not allow."""
     if not isinstance(mountpoint, str) or not mountpoint.startswith("/"):
         raise ValueError(f"mount point {mountpoint!r} must be an absolute path")
+    if posixpath.normpath(mountpoint) != mountpoint:  # one mount point, one spelling
+        raise ValueError(f"mount point {mountpoint!r} is not normalized "
+                         f"({posixpath.normpath(mountpoint)})")
+    if key_id is not None and (not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id)):
+        raise ValueError(f"key id {key_id!r} is not 64 lowercase hex digits (the SHA-256 of "
+                         f"the raw Ed25519 public key)")
+    sequence = _count(sequence, "sequence")
     return Event(DOMAIN, OP_MOUNT, {
         "version": SCHEMA_VERSION, "manifest": _digest_text(manifest_digest),
-        "key_id": None if key_id is None else _text(key_id, "key id"),
-        "sequence": _count(sequence, "sequence"), "policy": _text(policy, "policy"),
+        "key_id": key_id, "sequence": sequence, "policy": _policy(policy, key_id, sequence),
         "mountpoint": encode_name(mountpoint)})
 
 
