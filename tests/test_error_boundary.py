@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from verityfuse import errors, ioctl, merkle, uapi
 from verityfuse.ops import VerityOperations
@@ -229,3 +230,58 @@ def test_unmount_stops_a_running_enable_which_answers_eintr():
     assert ops.ioctls.stopping
     assert shim.answers == [(7, "error", errno.EINTR)]
     assert view.finished == ["file5"]
+
+
+class ViolatedView:
+    """A manifest view whose every getattr fails its integrity check, for one path."""
+
+    posix_acl = False
+
+    def getattr(self, ino):
+        raise errors.IntegrityError("dir/file", 0, b"\x01" * 32, b"\x02" * 32)
+
+    def path_of(self, ino):
+        return "dir/file"
+
+
+class HeldMeasurer:
+    """A register extend that takes until the test lets it finish (a slow TPM)."""
+
+    def __init__(self, done: list):
+        self.register = SimpleNamespace(name="test-register")
+        self.release = __import__("threading").Event()
+        self.done = done
+
+    def record(self, event):
+        self.release.wait(30)
+        self.done.append("extended")
+
+
+def test_every_eio_of_a_violated_file_waits_for_its_measurement(caplog):
+    """A client that saw EIO can be quoted, and the quote shows the violation: a second
+    failing request on the same file, while the first one's extend is still running, is
+    answered only once the violation is in the register, not at once."""
+    from verityfuse.tripwire import Tripwire
+
+    done: list = []
+    ops = VerityOperations(ViolatedView())
+    measurer = HeldMeasurer(done)
+    ops.tripwire = Tripwire("sha256:" + "11" * 32, measurer, "eio")
+
+    async def failing_getattr():
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getattr(1, None)
+        done.append(f"EIO {e.value.errno == errno.EIO}")
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(failing_getattr)
+            n.start_soon(failing_getattr)
+            await trio.testing.wait_all_tasks_blocked()
+            answered_early = list(done)
+            measurer.release.set()
+        return answered_early
+
+    assert trio.run(main) == []
+    assert done == ["extended", "EIO True", "EIO True"]
+    assert ops.tripwire.measured == 1

@@ -66,6 +66,7 @@ class VerityOperations(pyfuse3.Operations):
         self.view = view
         # What an integrity failure does beyond EIO: measure it, maybe stop opens.
         self.tripwire = tripwire if tripwire is not None else Tripwire(None)
+        self._measuring: Dict[str, trio.Event] = {}  # path -> set once its violation is extended
         self.stats = stats
         self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
@@ -87,10 +88,20 @@ class VerityOperations(pyfuse3.Operations):
 
     async def _tripwire_hit(self, handler: str, args, e: Corruption):
         """The first integrity failure of a manifest path is measured (off this thread)
-        before the request is answered, so a client that saw EIO can already be quoted."""
+        before the request is answered, so a client that saw EIO can already be quoted;
+        a failure of the same path meanwhile waits for that measurement too."""
         path = self._subject(handler, args)
         if self.tripwire.first_time(path):
-            await self._run(self.tripwire.record, path, getattr(e, "data_offset", None))
+            done = self._measuring[path] = trio.Event()
+            try:
+                await self._run(self.tripwire.record, path, getattr(e, "data_offset", None))
+            finally:
+                del self._measuring[path]
+                done.set()
+        else:
+            pending = self._measuring.get(path)
+            if pending is not None:
+                await pending.wait()
 
     def _subject(self, handler: str, args) -> str:
         """The manifest path a failing request was about; in local mode (nothing is

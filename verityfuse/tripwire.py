@@ -65,9 +65,9 @@ class Tripwire:
         from . import measure_event
         from .measure_registers import MeasureError
 
-        event = measure_event.integrity_violation(self.manifest_digest or "", path, offset)
         try:
-            self.measurer.record(event)
+            self.measurer.record(
+                measure_event.integrity_violation(self.manifest_digest or "", path, offset))
         except Exception as e:  # MeasureError, or any other: never a daemon's end
             why = str(e) if isinstance(e, MeasureError) else f"{type(e).__name__}: {e}"
             with self._lock:
