@@ -63,6 +63,8 @@ def fuse_helper(script, mnt, *args, what="the test file system", before=()):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if os.path.ismount(mnt):  # busy (a mount over its files still up): never left behind
+            subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)
 
 
 @pytest.hookimpl(tryfirst=True)

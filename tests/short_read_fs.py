@@ -1,12 +1,15 @@
-"""A FUSE file system whose files read shorter than their size says, for tests.
+"""A FUSE file system whose files read shorter than their size says, or answer one
+operation with an errno of its choosing, for tests: a hostile host's share.
 
-    python tests/short_read_fs.py MOUNTPOINT NAME=SIZE:LENGTH ...
+    python tests/short_read_fs.py MOUNTPOINT NAME=SIZE:LENGTH[:OP:ERRNO] ...
 
 serves one directory of regular files: NAME's getattr says SIZE bytes (cached by the
 kernel for a minute), and its reads return the first LENGTH bytes of
 ``conftest.pattern`` -- so a reader that trusts the size over what it read is caught
 (a network or FUSE source can answer like this; so can a file truncated between a
-stat and a read).  direct_io: every read reaches here, as asked.  Only tests use it.
+stat and a read).  With OP (getattr, open or read), that request of NAME is answered
+ERRNO instead, and NAME's attributes are not cached (every fstat of it asks again).
+direct_io: every read reaches here, as asked.  Only tests use it.
 """
 
 import errno
@@ -23,9 +26,16 @@ from conftest import pattern
 class ShortReads(pyfuse3.Operations):
     def __init__(self, files):
         super().__init__()
-        self.names = [name for name, _, _ in files]
-        self.sizes = [size for _, size, _ in files]
-        self.data = [pattern(length) for _, _, length in files]
+        self.names = [f[0] for f in files]
+        self.sizes = [f[1] for f in files]
+        self.data = [pattern(f[2]) for f in files]
+        self.fails = [f[3] for f in files]  # (op, errno) or None
+
+    def _fail(self, ino, op):
+        if ino != pyfuse3.ROOT_INODE and self.fails[self._index(ino)] is not None:
+            what, err = self.fails[self._index(ino)]
+            if what == op:
+                raise pyfuse3.FUSEError(err)
 
     def _index(self, ino):
         i = ino - pyfuse3.ROOT_INODE - 1
@@ -42,9 +52,12 @@ class ShortReads(pyfuse3.Operations):
             a.st_mode, a.st_nlink = stat.S_IFREG | 0o644, 1
             a.st_size = self.sizes[self._index(ino)]
         a.attr_timeout = a.entry_timeout = 60  # the size said stays what the kernel knows
+        if ino != pyfuse3.ROOT_INODE and self.fails[self._index(ino)] is not None:
+            a.attr_timeout = 0
         return a
 
     async def getattr(self, ino, ctx=None):
+        self._fail(ino, "getattr")
         return self._attr(ino)
 
     async def lookup(self, parent, name, ctx=None):
@@ -62,10 +75,11 @@ class ShortReads(pyfuse3.Operations):
                 break
 
     async def open(self, ino, flags, ctx):
-        self._index(ino)
+        self._fail(ino, "open")
         return pyfuse3.FileInfo(fh=ino, direct_io=True)
 
     async def read(self, fh, off, size):
+        self._fail(fh, "read")
         return self.data[self._index(fh)][off:off + size]
 
     async def statfs(self, ctx):
@@ -79,8 +93,9 @@ def main(mountpoint, specs):
     files = []
     for spec in specs:
         name, _, sizes = spec.partition("=")
-        size, _, length = sizes.partition(":")
-        files.append((os.fsencode(name), int(size), int(length)))
+        size, length, *fail = sizes.split(":")
+        files.append((os.fsencode(name), int(size), int(length),
+                      (fail[0], int(fail[1])) if fail else None))
     pyfuse3.init(ShortReads(files), mountpoint, {"fsname=shortreads", "ro"})
     try:
         trio.run(pyfuse3.main)

@@ -72,6 +72,8 @@ QUIET = [
     (PermissionError(errno.EACCES, "no"), errno.EACCES),
     (OSError(errno.EROFS, "read-only"), errno.EROFS),
     (OSError(0, "no errno"), errno.EIO),
+    # ENOSYS would switch the operation off for the whole mount (OPEN, GETXATTR...)
+    (OSError(errno.ENOSYS, "a backing file system's answer"), errno.EIO),
     # resource errors: the daemon ran out of something; not the file's fault, not logged
     (OSError(errno.EMFILE, "too many open files"), errno.EMFILE),
     (OSError(errno.ENFILE, "file table full"), errno.ENFILE),

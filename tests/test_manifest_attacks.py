@@ -9,6 +9,7 @@ every file the attack did not touch reads back identical.  The fixture
 unmounts even when a check fails.
 """
 
+import errno
 import os
 import shutil
 
@@ -60,3 +61,54 @@ def test_attack(guest, attack):
     attack.host(guest.source, guest.exp)
     attack.check(guest)
     ma.check_read_all(guest, exclude=attack.touches)
+
+
+# -- the host's errnos ------------------------------------------------------------------
+
+@pytest.mark.parametrize("op, err", [("getattr", errno.ENOSYS), ("open", errno.EACCES),
+                                     ("read", errno.ENOSYS), ("read", errno.EAGAIN)])
+def test_an_errno_the_host_chooses_is_eio_for_that_file_only(tmp_path, verified_mount, op, err):
+    """The host chooses the errno of every reply of its share.  The kernel takes ENOSYS
+    to OPEN or GETXATTR as "this file system has no such operation", for the whole mount:
+    passed through, one file's ENOSYS left every other file unreadable (opens no longer
+    reached the daemon) and nothing was measured.  A blocking read answered EAGAIN
+    confuses its caller, and EACCES for a file the manifest lets everyone read says what
+    the manifest does not.  Each is EIO, for that file only.  (ENOSYS to the share's own
+    OPEN switches opens off in the share's kernel connection, the host's to break: not
+    one of these.)"""
+    from conftest import fuse_helper, pattern, write
+
+    plain, share = tmp_path / "plain", tmp_path / "share"
+    plain.mkdir()
+    share.mkdir()
+    size = 3 * 4096
+    for name in ("bad", "good", "other"):
+        write(plain / name, pattern(size))
+    ma.vf("keygen", tmp_path / "key.pem", tmp_path / "pub.pem")
+    ma.vf("seal", plain, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "key.pem")
+    args = ["--manifest", str(tmp_path / "m.json"), "--trust-key", str(tmp_path / "pub.pem"),
+            "--store", str(plain / ".verityfuse")]
+    with fuse_helper("short_read_fs.py", share, f"bad={size}:{size}:{op}:{err}",
+                     f"good={size}:{size}", f"other={size}:{size}", what="the hostile share"):
+        m = verified_mount(share, seal=False, extra_args=args)
+        try:
+            _errno_attack(m.mountpoint, op, size)
+        finally:
+            m.unmount()  # before the share's: it holds the share's files open
+
+
+def _errno_attack(mnt, op, size):
+    from conftest import pattern
+
+    with pytest.raises(OSError) as e:
+        (mnt / "bad").read_bytes()
+    assert e.value.errno == errno.EIO
+    if op == "getattr":  # a small file's tree is made from the share's bytes...
+        try:  # ...or, when those cannot be read, comes from its object
+            os.getxattr(mnt / "bad", "user.fsverity.descriptor")
+        except OSError as e:
+            assert e.errno == errno.EIO
+    assert (mnt / "good").read_bytes() == pattern(size)
+    assert (mnt / "other").read_bytes() == pattern(size)
+    assert os.getxattr(mnt / "other", "user.fsverity.digest").startswith(b"sha256:")
+    assert b'"tripwire"' in os.getxattr(mnt, "user.verityfuse.status")

@@ -67,6 +67,7 @@ class VerityOperations(pyfuse3.Operations):
         # What an integrity failure does beyond EIO: measure it, maybe stop opens.
         self.tripwire = tripwire if tripwire is not None else Tripwire(None)
         self._measuring: Dict[str, trio.Event] = {}  # path -> set once its violation is extended
+        self._untrusted = getattr(view, "untrusted_source", False)  # errnos: see errno_of
         self.stats = stats
         self.info = dict(info or {})  # what `verityfuse status` reports besides counters
         self.enable_acl = view.posix_acl  # read by pyfuse3 at FUSE_INIT
@@ -84,7 +85,7 @@ class VerityOperations(pyfuse3.Operations):
     # -- helpers ----------------------------------------------------------------------
 
     def _errno_of(self, e: Exception, what: str) -> int:
-        return errno_of(e, what, self.stats)
+        return errno_of(e, what, self.stats, self._untrusted)
 
     async def _tripwire_hit(self, handler: str, args, e: Corruption):
         """The first integrity failure of a manifest path is measured (off this thread)

@@ -16,7 +16,7 @@ import logging
 
 import pyfuse3
 
-from .errors import Corruption, VerityError
+from .errors import RESOURCE_ERRNOS, Corruption, VerityError
 from .logs import escape
 from .logs import requests as ratelog
 
@@ -27,11 +27,18 @@ def fail(err: int):
     raise pyfuse3.FUSEError(err)
 
 
-def errno_of(e: Exception, what: str, stats=None) -> int:
+def errno_of(e: Exception, what: str, stats=None, untrusted: bool = False) -> int:
     """The one mapping from a core error or OSError to an errno.
 
     Integrity failures are logged here, once per block, whichever request
     (read, open, ioctl, enable) ran into them, and counted in ``stats``.
+
+    An OSError's ENOSYS is EIO: the kernel takes ENOSYS to OPEN, GETXATTR and others as
+    "this file system has no such operation", for the whole mount, and a file's error
+    must not switch an operation off (a host's share chooses any errno it likes).  With
+    ``untrusted`` (a manifest mount: the share is the host's), a read's error other than
+    the daemon's own lack of a resource is EIO too: a blocking read answered EAGAIN, or
+    ENOENT, would mislead its caller.
     """
     if isinstance(e, Corruption):
         # The message names the file: escaped here, exact in the status.
@@ -40,7 +47,11 @@ def errno_of(e: Exception, what: str, stats=None) -> int:
             stats.failure(str(e), getattr(e, "path", ""), getattr(e, "offset", None))
     elif isinstance(e, VerityError):
         log.debug("%s: %s", what, e)
-    return getattr(e, "errno", None) or errno.EIO
+    err = getattr(e, "errno", None) or errno.EIO
+    if isinstance(e, OSError) and (err == errno.ENOSYS or (
+            untrusted and what == "read" and err not in RESOURCE_ERRNOS)):
+        return errno.EIO
+    return err
 
 
 def _brief(a):

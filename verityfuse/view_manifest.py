@@ -34,6 +34,7 @@ TIMEOUT = 3600.0
 
 class ManifestView(ReadOnlyView):
     posix_acl = False
+    untrusted_source = True  # the host's share (or registry): its errnos are not passed on
 
     def __init__(self, source: Optional[str], tree: manifest_tree.Tree, store, cache,
                  digest: str, stats=None):
@@ -171,6 +172,11 @@ class ManifestView(ReadOnlyView):
                                       lambda: lambda: self._open_backing(node, wait=True))
         except fsutil.NotRegular as e:
             raise Corruption(e.strerror, node.path) from None
+        except OSError as e:  # its fstat or open: the host's answer, whatever its errno
+            if e.errno in RESOURCE_ERRNOS:
+                raise
+            raise Corruption(f"{node.path}: listed in the manifest, but the share's file "
+                             f"cannot be opened ({e.strerror})", node.path) from None
 
     def _fetch_tree(self, node: manifest_tree.Node):
         """The tree object the manifest digest names, validated as a store object."""
@@ -256,6 +262,12 @@ class ManifestView(ReadOnlyView):
         try:  # open_tree made the sealed size the manifest's
             fh.verify_with(self._tree(node, fh.fd), self.cache, node.path, self.stats,
                            what="the share's file", sealed="the manifest says")
+        except OSError as e:  # the fstat of the share's file: the host's errno, not ours
+            fh.close()
+            if e.errno in RESOURCE_ERRNOS:
+                raise
+            raise Corruption(f"{node.path}: the share's file cannot be read ({e.strerror})",
+                             node.path) from None
         except BaseException:
             fh.close()
             raise
