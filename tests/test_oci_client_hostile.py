@@ -337,3 +337,22 @@ def test_a_commands_error_line_is_escaped(capsys):
     """What a registry or a manifest said may reach `mount`'s error line at start-up."""
     error("token from 'x\x1b]0;PWNED\x07\x1b[2J'")
     assert capsys.readouterr().err == "ERROR: token from 'x\\x1b]0;PWNED\\x07\\x1b[2J'\n"
+
+
+def test_retries_of_every_cause_share_one_budget(servers):
+    """A fetch is tried 1 + retries times in all (protocol/oci-artifact.md): 5xx answers,
+    then a body that breaks off, each retried retries times on its own made 16 requests
+    of one fetch with retries=3 (and, with answers dripped to just under the deadline,
+    ~36 read timeouts for one block)."""
+    reg = servers()
+    answers = iter([(503, [], b"busy")] * 3)
+
+    def answer(path):
+        # Then a 206 that promises 4096 bytes and sends 100: a broken body, every time.
+        return next(answers, (206, [("Content-Range", "bytes 0-4095/8192"),
+                                    ("Content-Length", "4096")], b"x" * 100))
+    reg.answer = answer
+    c = client(reg, retries=3, backoff=0)
+    with pytest.raises(RegistryError):
+        c.get_range(BLOB, 0, 4096, "blob")
+    assert c.requests == {"GET": 4}

@@ -18,21 +18,20 @@ over HTTPS is never left for plain HTTP (a redirect, an upload Location, a token
 Each request has a connect and a read timeout, and its whole answer a deadline
 (oci_http: a server dripping its headers or body one byte per read timeout
 cannot hold a reader for longer);
-5xx answers and connection errors are retried a bounded number of times with
-exponential backoff.
+5xx answers, connection errors and bodies broken off are retried with exponential
+backoff, ``retries`` times in all for one fetch, whatever the causes.  The push half
+(uploads) is oci_upload's.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
-import hashlib
 import json
 import re
 import threading
 import time
 import urllib.parse
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 try:
     import urllib3
@@ -40,30 +39,18 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
     raise ImportError("serving from or pushing to an OCI registry needs urllib3: "
                       "pip install 'verityfuse[oci]'") from None
 
-from .errors import VerityError
-from .oci_http import (MIN_RATE, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow, PlainHTTP,
-                       answered_by, content_length, cut, discard, error_text, leaves_tls,
-                       origin, reason, redirects, watched)
+from .oci_http import (MIN_RATE, OCI_MANIFEST, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow,
+                       BodyBroken, PlainHTTP, RegistryError, Tries, answered_by,
+                       content_length, cut, discard, error_text, leaves_tls, origin, reason,
+                       redirects, sha256_digest, watched)
+from .oci_upload import Uploads
 from .oci_ref import Ref
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _RETRY_STATUS = {500, 502, 503, 504}
 _CHUNK = 1 << 16
 
 
-class RegistryError(VerityError):
-    """The registry could not give what was asked (EIO): availability, never trust."""
-
-
-class BodyBroken(RegistryError):
-    """The connection failed in the middle of a body: worth another try."""
-
-
-def sha256_digest(data) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class Client:
+class Client(Uploads):
     """One repository of one registry.  Thread-safe (urllib3's pool is)."""
 
     def __init__(self, ref: Ref, *, https: bool = False, ca_file: Optional[str] = None,
@@ -107,16 +94,18 @@ class Client:
             self.requests[method] = self.requests.get(method, 0) + 1
 
     def request(self, method: str, path: str, what: str, headers=None,
-                body: Optional[Callable[[], Any]] = None, ok=(200,)) -> urllib3.BaseHTTPResponse:
+                body: Optional[Callable[[], Any]] = None, ok=(200,),
+                tries: Optional[Tries] = None) -> urllib3.BaseHTTPResponse:
         """One call, retried on 5xx and connection errors; the response's body is not
         read yet (the caller reads it with ``read_body`` and releases it).  Any status
-        not in ``ok`` is a RegistryError naming ``what``."""
+        not in ``ok`` is a RegistryError naming ``what``.  ``tries``: the attempts left
+        to the fetch this call is part of (``_again``), else ``retries`` of its own."""
         url = self._url(path)
         delay = self.backoff
         renewed = False
-        attempt = 0
+        tries = tries or Tries(self.retries)
         while True:
-            last = attempt == self.retries
+            last = tries.left == 0
             h = dict(self.headers)
             if origin(url) != origin(self.base):
                 # Another host's URL (an upload Location): the registry's credentials and
@@ -163,7 +152,7 @@ class Client:
                     raise RegistryError(f"{what}: {self.ref.host} answered {r.status}{text}")
             time.sleep(delay)
             delay *= 2
-            attempt += 1
+            tries.left -= 1
 
     def _plain(self, what: str, url: str) -> RegistryError:
         """The error of a request an HTTPS registry sent to plain HTTP (``url``)."""
@@ -270,82 +259,6 @@ class Client:
         """GET /v2/: the registry speaks the API (and the credentials are accepted)."""
         discard(self.request("GET", "/v2/", "registry API check"))
 
-    def blob_size(self, digest: str) -> Optional[int]:
-        """HEAD a blob: its size if the repository has it, None if not."""
-        r = self.request("HEAD", self._blob_path(digest), f"blob {digest}", ok=(200, 404))
-        discard(r)
-        if r.status == 404:
-            return None
-        size = content_length(r)
-        if size is None:
-            raise RegistryError(f"blob {digest}: {self.ref.host} answered a HEAD with "
-                                f"Content-Length {r.headers.get('Content-Length', '')[:40]!r}")
-        return size
-
-    def upload_blob(self, digest: str, size: int, open_body: Callable[[], IO[bytes]],
-                    chunk_size: int = 64 << 20):
-        """Upload a blob whose bytes ``open_body()`` reads from the start: monolithic
-        (POST, then PUT ?digest= with the body), or chunked for blobs over ``chunk_size``
-        (PATCH with Content-Range per chunk, then PUT ?digest=)."""
-        what = f"upload of blob {digest}"
-        r = self.request("POST", f"/v2/{self.ref.repo}/blobs/uploads/", what, ok=(202,))
-        discard(r)
-        location = self._location(r, what)
-        if size > chunk_size:
-            with open_body() as f:
-                for start in range(0, size, chunk_size):
-                    f.seek(start)
-                    data = f.read(min(chunk_size, size - start))
-                    r = self.request("PATCH", location, what, body=functools.partial(bytes, data),
-                                     ok=(202,),
-                                     headers={"Content-Type": "application/octet-stream",
-                                              "Content-Range": f"{start}-{start + len(data) - 1}",
-                                              "Content-Length": str(len(data))})
-                    discard(r)
-                    location = self._location(r, what)
-            body, length = None, 0
-        else:
-            body, length = open_body, size
-        files: List[IO[bytes]] = []
-
-        def stream():
-            for f in files:
-                f.close()
-            files.append(body())
-            return files[-1]
-
-        try:
-            r = self.request("PUT", _add_query(location, "digest", digest), what, ok=(201,),
-                             body=(lambda: b"") if body is None else stream,
-                             headers={"Content-Type": "application/octet-stream",
-                                      "Content-Length": str(length)})
-            discard(r)
-        finally:
-            for f in files:
-                f.close()
-
-    def _location(self, r, what: str) -> str:
-        loc = r.headers.get("Location")
-        if not loc:
-            raise RegistryError(f"{what}: the registry gave no upload Location")
-        url = urllib.parse.urljoin(self.base + "/", loc)
-        if leaves_tls(self.base, url):
-            raise self._plain(what, url)
-        return url
-
-    def put_manifest(self, reference: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
-        """PUT a manifest by tag or digest; returns its digest."""
-        digest = sha256_digest(body)
-        r = self.request("PUT", f"/v2/{self.ref.repo}/manifests/{reference}",
-                         f"manifest {reference}", body=lambda: body, ok=(201,),
-                         headers={"Content-Type": media_type})
-        discard(r)
-        said = r.headers.get("Docker-Content-Digest")
-        if said and said != digest:
-            raise RegistryError(f"manifest {reference}: the registry says its digest is {said}, "
-                                f"the bytes sent hash to {digest}")
-        return digest
-
     def get_manifest(self, reference: str, limit: int) -> bytes:
         """GET an OCI image manifest by tag or digest (a digest is checked)."""
         what = f"manifest {self.ref.repo}:{reference}"
@@ -356,24 +269,28 @@ class Client:
             raise RegistryError(f"{what}: the bytes hash to {sha256_digest(body)}")
         return body
 
-    def _again(self, fetch: Callable[[], bytes]) -> bytes:
-        """``fetch()``, tried again (with backoff, a bounded number of times) when the
-        connection broke in the middle of the body."""
+    def _again(self, fetch: Callable[[Tries], bytes]) -> bytes:
+        """``fetch(tries)``, tried again (with backoff) when the connection broke in the
+        middle of the body: ``retries`` more requests at most in all, whatever failed (a
+        5xx, a refused connection, a broken body), not ``retries`` for each cause."""
         delay = self.backoff
-        for attempt in range(self.retries):
+        tries = Tries(self.retries)
+        while True:
             try:
-                return fetch()
+                return fetch(tries)
             except BodyBroken:
+                if tries.left == 0:
+                    raise
+                tries.left -= 1
                 time.sleep(delay)
                 delay *= 2
-        return fetch()
 
     def get_blob(self, digest: str, size: int, what: str) -> bytes:
         """A whole blob of ``size`` bytes whose SHA-256 must be ``digest``."""
         what = f"{what} (blob {digest})"
 
-        def fetch():
-            r = self.request("GET", self._blob_path(digest), what)
+        def fetch(tries):
+            r = self.request("GET", self._blob_path(digest), what, tries=tries)
             return self.read_body(r, what, size, exact=size)
         body = self._again(fetch)
         if sha256_digest(body) != digest:
@@ -385,9 +302,9 @@ class Client:
         that range, with exactly that many bytes."""
         end = start + length - 1
 
-        def fetch():
+        def fetch(tries):
             r = self.request("GET", self._blob_path(digest), what, ok=(206,),
-                             headers={"Range": f"bytes={start}-{end}"})
+                             headers={"Range": f"bytes={start}-{end}"}, tries=tries)
             cr = r.headers.get("Content-Range", "")
             m = re.fullmatch(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20}|\*)", cr.strip())
             if not m or int(m.group(1)) != start or int(m.group(2)) != end:
@@ -400,7 +317,3 @@ class Client:
     def close(self):
         self.http.clear()
 
-
-def _add_query(url: str, key: str, value: str) -> str:
-    sep = "&" if urllib.parse.urlsplit(url).query else "?"
-    return f"{url}{sep}{urllib.parse.urlencode({key: value})}"

@@ -1,5 +1,5 @@
-"""The HTTP layer under oci_client: a deadline for each registry answer, and the few
-things done with any response (pure: urllib3 and threading only).
+"""The HTTP layer under oci_client: a deadline for each registry answer, the few things
+done with any response, and the registry's errors (pure: urllib3 and threading only).
 
 urllib3's timeouts bound each socket operation, not a request: a registry that drips its
 status line, its headers or its body one byte per read timeout keeps a reader (and the
@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 import urllib.parse
+import hashlib
 from typing import Dict, List, Optional, Tuple
 
 try:
@@ -32,6 +33,8 @@ try:
 except ModuleNotFoundError:  # the [oci] extra, as oci_client says
     raise ImportError("serving from or pushing to an OCI registry needs urllib3: "
                       "pip install 'verityfuse[oci]'") from None
+
+from .errors import VerityError
 
 
 class Watchdog:
@@ -253,3 +256,29 @@ def error_text(r) -> str:
         discard(r)
     text = " ".join(text.split())
     return f": {text[:200]!r}" if text else ""
+
+
+# -- what the client's callers see ----------------------------------------------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+class RegistryError(VerityError):
+    """The registry could not give what was asked (EIO): availability, never trust."""
+
+
+class BodyBroken(RegistryError):
+    """The connection failed in the middle of a body: worth another try."""
+
+
+def sha256_digest(data) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Tries:
+    """The requests one fetch may still retry (``Client._again`` and ``request`` share it)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int):
+        self.left = left
