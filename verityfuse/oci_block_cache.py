@@ -5,8 +5,12 @@ The disk cache is the same bounded LRU, with the blocks in sparse files instead 
 memory: one file per fs-verity digest, each block at its own
 offset, in a directory private to this mount (made 0700 under DIR at mount,
 removed at unmount: nothing is reused across mounts).  Evicting a block
-punches a hole, so the disk used stays within the budget.  Memory: the index,
-about 150 bytes per cached block.
+punches a hole, so the disk used stays within the budget; evicting a file's last
+block removes the file.  At most ``MAX_OPEN`` of the files are open at a time (the
+rest are opened again by name when used): fds stay bounded however many files are
+read.  Memory: the index, about 150 bytes per cached block.  The cache only saves
+fetches: a block it cannot write or read back (a full disk, no fd left, an I/O
+error) is simply not cached, and is fetched.
 
 Only verified blocks are written, and every block read back is verified again
 by ``VerifiedReader`` before it is served: a cache directory someone else can
@@ -17,7 +21,6 @@ blocks that failed), never integrity.  Use guest-private storage.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import shutil
@@ -32,6 +35,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+MAX_OPEN = 64  # cache files kept open (DiskBlockCache): the daemon's fds are for its users
 
 
 class BlockCache:
@@ -119,26 +124,35 @@ class DiskBlockCache(BlockCache):
         finally:
             os.close(fd)
         os.unlink(probe)
-        self.fds: Dict[str, int] = {}
+        self.fds: "OrderedDict[str, int]" = OrderedDict()  # the open ones, least recent first
         self._where: Dict[tuple, Tuple[int, int]] = {}  # key -> (offset, length) on disk
+        self._blocks: Dict[str, int] = {}  # digest -> its blocks on disk (its file exists)
+
+    def _path(self, fsv: str) -> str:
+        return os.path.join(self.dir, fsv.replace(":", "-"))  # sha256-<hex>: the manifest's
 
     def _fd(self, fsv: str) -> int:
         fd = self.fds.get(fsv)
-        if fd is None:
-            name = fsv.replace(":", "-")  # sha256-<hex>: checked by the manifest parser
-            fd = os.open(os.path.join(self.dir, name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-            self.fds[fsv] = fd
+        if fd is not None:
+            self.fds.move_to_end(fsv)
+            return fd
+        fd = os.open(self._path(fsv), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        self.fds[fsv] = fd
+        if len(self.fds) > MAX_OPEN:
+            os.close(self.fds.popitem(last=False)[1])
         return fd
 
     def _get(self, k: tuple) -> Optional[bytes]:
         where = self._where.get(k)
         if where is None:
             return None
-        block = os.pread(self._fd(k[0]), where[1], where[0])
-        if len(block) != where[1]:  # the file was cut short: forget it, fetch again
-            del self._d[k], self._where[k]
-            self.bytes -= where[1]
+        try:
+            block = os.pread(self._fd(k[0]), where[1], where[0])
+        except OSError:  # no fd left, an I/O error: a miss, never a reader's failure
+            block = b""
+        if len(block) != where[1]:  # or the file was cut short: forget it, fetch again
+            self._forget(k)
             return None
         return block
 
@@ -147,26 +161,38 @@ class DiskBlockCache(BlockCache):
             return
         try:
             os.pwrite(self._fd(key[0]), block, offset)
-        except OSError as e:  # a full disk: the block is simply not cached
-            if e.errno != errno.ENOSPC:
-                raise
+        except OSError:  # a full disk, no fd left: the block is simply not cached
             return
         self._d[key] = b""  # the LRU order; the bytes are on disk
         self._where[key] = (offset, len(block))
+        self._blocks[key[0]] = self._blocks.get(key[0], 0) + 1
         self.bytes += len(block)
         while self.bytes > self.max_bytes:
-            old, _ = self._d.popitem(last=False)
-            off, length = self._where.pop(old)
-            punch_hole(self._fd(old[0]), off, length)
-            self.bytes -= length
+            self._forget(next(iter(self._d)))
 
     def drop(self, keys: List[tuple]):
         for k in keys:
-            where = self._where.pop(k, None)
-            if where is not None:
-                del self._d[k]
-                punch_hole(self._fd(k[0]), where[0], where[1])
-                self.bytes -= where[1]
+            if k in self._where:
+                self._forget(k)
+
+    def _forget(self, k: tuple):
+        """Remove cached block ``k``: a hole punched, or its file gone with its last block."""
+        del self._d[k]
+        off, length = self._where.pop(k)
+        self.bytes -= length
+        fsv = k[0]
+        self._blocks[fsv] -= 1
+        try:
+            if self._blocks[fsv]:
+                punch_hole(self._fd(fsv), off, length)
+                return
+            del self._blocks[fsv]
+            fd = self.fds.pop(fsv, None)
+            if fd is not None:
+                os.close(fd)
+            os.unlink(self._path(fsv))
+        except OSError as e:  # the disk used may exceed the budget: say so, serve on
+            log.warning("cache %s: cannot free a block of %s: %s", self.dir, fsv, e.strerror)
 
     def snapshot(self) -> dict:
         snap = super().snapshot()
