@@ -885,6 +885,28 @@ def test_another_domains_event_is_marked_in_the_report(tmp_path):
     assert lines[1].startswith("  #1 MountManifest manifest=" + M1)
 
 
+@pytest.mark.parametrize("content, parsed", [
+    ('{"a":NaN,"b":Infinity}', None), ('{"b":1e999}', None),
+    ('{"image":"evil","image":"good"}', None), ('{"image":"good","n":1.5}', {"image": "good", "n": 1.5}),
+])
+def test_another_domains_content_is_reported_only_as_strict_json_says(tmp_path, content, parsed):
+    """The report's "content" of another component's event is its line's JSON as every
+    parser reads it, or nothing: NaN and 1e999 made the --json report itself invalid JSON,
+    and of duplicate keys it showed the last ("good") while the hashed line says "evil"
+    first, as a first-wins parser reads it.  The line is always reported as hashed."""
+    line = f"github.com/confidential-containers PullImage {content}"
+    log = tmp_path / "log"
+    log.write_text(INIT + line + "\n")
+    alg, init, events = me.parse_log(log.read_text())
+    rc, out, err = attest(log, "--register", me.replay(alg, init, events).hex(), "--json")
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    report = json.loads(out, parse_constant=refuse)
+    assert rc == 0 and report["events"][0]["line"] == line
+    assert report["events"][0]["content"] == parsed
+
+
 def test_without_tpm2_pytss_the_tpm_register_says_how_to_get_it(monkeypatch):
     """read() and extend() both: a MeasureError naming the package, not a
     ModuleNotFoundError escaping a record."""

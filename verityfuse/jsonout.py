@@ -12,7 +12,9 @@ SCHEMA = 1
 
 def emit(obj: dict, flush: bool = True):
     """One JSON line on stdout; ``flush=False``: the caller flushes (once for many lines)."""
-    sys.stdout.write(json.dumps(dict(obj, schema=SCHEMA), sort_keys=True) + "\n")
+    # allow_nan=False: a line is JSON for every parser (NaN and Infinity are not JSON).
+    sys.stdout.write(json.dumps(dict(obj, schema=SCHEMA), sort_keys=True, allow_nan=False)
+                     + "\n")
     if flush:
         sys.stdout.flush()
 

@@ -300,10 +300,37 @@ def parse_log(text: str) -> tuple[str, bytes, list[Event]]:
         if domain == DOMAIN:
             events.append(_parse_ours(n, operation, content))
             continue
-        try:
-            parsed = json.loads(content)
-        except (ValueError, RecursionError):  # another domain's content: kept raw
-            parsed = None
-        events.append(Event(domain, operation, parsed if isinstance(parsed, dict) else {},
-                            raw=content))
+        events.append(Event(domain, operation, strict_object(content) or {}, raw=content))
     return alg, init, events
+
+
+def _refuse(what):
+    raise ValueError(f"{what} is not JSON")
+
+
+def _pairs(items) -> dict:
+    out = {}
+    for k, v in items:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is beyond a double")
+    return value
+
+
+def strict_object(text: str) -> dict | None:
+    """Another domain's content as a JSON object every parser reads alike, or None (it is
+    kept raw): no duplicate key (first-wins and last-wins parsers would differ), no NaN
+    or Infinity, no number beyond a double (neither is JSON)."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_pairs, parse_constant=_refuse,
+                         parse_float=_finite)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
