@@ -361,6 +361,35 @@ def test_hostile_registry_costs_the_damaged_block_only(pushed, proxy, oci_mount,
     assert m.log().count(line) == 1, m.log()
 
 
+def test_a_registrys_damage_is_not_blamed_on_the_disk_cache(pushed, proxy, oci_mount, tmp_path):
+    """With --cache DIR, a block the registry damaged was taken for one the cache's disk
+    had changed: logged as such, which sends an operator to the wrong storage, and
+    fetched once more.  Only blocks read back from the disk are retried so."""
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    proxy.rule = lambda r: "flip" if r.blob == blob and r.range and r.range[0] == BAD else None
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    m = _through(pushed, proxy, oci_mount, "--cache", cache)
+    from conftest import drop_caches
+
+    def pread_exactly(offset, size):  # no readahead: the daemon is asked for these bytes
+        fd = os.open(m.mountpoint / "big", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+    assert pread_exactly(BAD - 4096, 4096) == big[BAD - 4096:BAD]  # now in the disk cache
+    for _ in range(2):
+        drop_caches()
+        # One read: a block from the disk, a damaged one; what the kernel makes of its
+        # EIO is the good block alone (it reads again page by page).
+        assert pread_exactly(BAD - 4096, 8192) == big[BAD - 4096:BAD]
+    m.unmount()
+    assert "no longer verify" not in m.log(), m.log()
+    assert m.log().count("integrity failure: big: data block at offset 12288") == 1, m.log()
+
+
 def test_transient_500s_are_retried(pushed, proxy, oci_mount):
     big, blob = pushed["files"]["big"], _big_blob(pushed)
     left = [2]

@@ -45,15 +45,18 @@ class OciReader(VerifiedReader):
         """A verified read; one whose blocks, read back from a disk cache, no longer
         verify (its storage was changed or damaged since they were cached) forgets them
         and fetches them once more, instead of failing until they are evicted."""
+        self._local.hits = set()
         try:
             return self._read(offset, size)
-        except IntegrityError:
-            if not isinstance(self.remote.blocks, DiskBlockCache):
-                raise  # blocks in memory were verified when fetched: a registry's fault
-            bs = self.bs
-            keys = [(self.fsv, b) for b in range(offset // bs, -(-(offset + size) // bs))]
+        except IntegrityError as e:
+            hits = self._local.hits
+            if (not isinstance(self.remote.blocks, DiskBlockCache) or e.data_offset is None
+                    or (self.fsv, e.data_offset // self.bs) not in hits):
+                # Fetched for this read (verified as it came: the registry's fault), or a
+                # block in memory, verified when it was fetched.
+                raise
             with self.remote.blocks.cond:
-                self.remote.blocks.drop(keys)
+                self.remote.blocks.drop(sorted(hits))  # what came from the disk, only
             ratelog.warning(("cache", self.fsv, offset),
                             f"{self.label}: blocks of the disk cache at offset {offset} no "
                             f"longer verify (its storage changed): fetched again")
@@ -115,8 +118,12 @@ class OciReader(VerifiedReader):
         got: Dict[tuple, bytes] = {}
         cache = self.remote.blocks
         while len(got) < count:
+            hits = None if quiet else getattr(self._local, "hits", None)
+            before = set(got) if hits is not None else ()
             with cache.cond:
                 mine, waiting = cache.take(keys, got)
+                if hits is not None:  # from the cache: a failing read drops only these
+                    hits.update(k for k in got if k not in before)
                 if quiet and not mine:
                     return got
                 if not mine:
