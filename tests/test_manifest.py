@@ -100,6 +100,11 @@ BAD = [
     (lines(d("."), s("l", target="")), "target must be a non-empty string"),
     (lines(d("."), s("l", target="\ud800")), "line 3 (l): target is not valid UTF-8"),
     (lines(d("."), s("l", target="\u00e9" * 2049)), "line 3 (l): target is longer than 4095 bytes"),
+    # A path the daemon could never open (PATH_MAX counts its NUL): not a file it vouches for.
+    (lines(d("."), *[d("/".join(["d" * 255] * k)) for k in range(1, 16)],
+           d("/".join(["d" * 255] * 15 + ["e" * 254])),
+           f("/".join(["d" * 255] * 15 + ["e" * 254, "z"]))),  # 4096 bytes
+     "path is longer than 4095 bytes"),
     (lines(d("."), f("a"), f("a")), "line 4 (a): entries must be sorted by path, each listed once (this one is a duplicate)"),
     (lines(d("."), f("b"), f("a")), "out of order"),
     (lines(f("a")), "line 2 (a): the first entry must be the root directory '.'"),

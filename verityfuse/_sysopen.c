@@ -55,11 +55,10 @@ static PyObject *sys_openat2(PyObject *self, PyObject *args)
     /* "y": a path with an embedded NUL is a ValueError, as os.open says, not cut short */
     if (!PyArg_ParseTuple(args, "iyKK", &dirfd, &path, &flags, &resolve))
         return NULL;
-    struct vf_open_how how = {flags, 0, resolve};
     long fd;
     int e = 0;
     Py_BEGIN_ALLOW_THREADS
-    fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    fd = openat2_retry(dirfd, path, flags, resolve);  /* EINTR is no answer about the path */
     if (fd < 0)
         e = errno;
     Py_END_ALLOW_THREADS

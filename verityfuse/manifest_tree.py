@@ -27,7 +27,7 @@ from .manifest_header import Header
 
 FORMAT, VERSION = manifest_header.FORMAT, manifest_header.VERSION  # the header's, kept here too
 CONVERT_HINT = manifest_header.CONVERT_HINT
-MAX_PATH_BYTES = 4096
+MAX_PATH_BYTES = 4095  # PATH_MAX counts the NUL: a longer path could never be opened
 MAX_NAME_BYTES = 255
 MAX_TARGET_BYTES = 4095
 MAX_LINE_BYTES = 16384

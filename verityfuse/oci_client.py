@@ -155,7 +155,9 @@ class Client(Uploads):
             tries.left -= 1
 
     def _plain(self, what: str, url: str) -> RegistryError:
-        """The error of a request an HTTPS registry sent to plain HTTP (``url``)."""
+        """The error of a request an HTTPS registry sent to plain HTTP (``url``, named
+        without its query: a presigned URL's signature is the registry's secret)."""
+        url = url.split("?", 1)[0].split("#", 1)[0]
         return RegistryError(f"{what}: sent to {url[:200]!r}, over plain HTTP: refused, the "
                              f"registry {self.ref.host} is reached over HTTPS")
 

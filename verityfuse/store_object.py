@@ -79,9 +79,9 @@ class StoredTree:
         return os.pread(self.fd, min(length, size - offset), TREE_OFFSET + offset)
 
     def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1  # first: a thread reading it meanwhile sees -1 (EBADF), not
+        if fd >= 0:                # the number reused by another file's open
+            os.close(fd)
 
     def __enter__(self):
         return self

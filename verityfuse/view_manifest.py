@@ -289,16 +289,23 @@ class ManifestView(ReadOnlyView):
         ``.tree``): what the mount exports of it is checked as reads are."""
         node = self._file(ino)
         if not small_tree_fits(node.params, node.size):
-            return Verifier(self.open_tree(node), self.cache, node.path)
+            return self._verifier(self.open_tree(node), node)
         # A small file needs no object here either (what open reads it against).
         try:
             fd = self._open_backing(node, wait=True)
         except Corruption:  # no file in the share: its object may still say
-            return Verifier(self.open_tree(node), self.cache, node.path)
+            return self._verifier(self.open_tree(node), node)
         try:
-            return Verifier(self._tree(node, fd), self.cache, node.path)
+            return self._verifier(self._tree(node, fd), node)
         finally:
             os.close(fd)
+
+    def _verifier(self, tree, node: manifest_tree.Node) -> Verifier:
+        try:
+            return Verifier(tree, self.cache, node.path)
+        except BaseException:  # (out of memory): the tree's fd is not left behind
+            tree.close()
+            raise
 
     def flags(self, ino: int, fh=None) -> int:
         return uapi.FS_VERITY_FL if self._node(ino).kind == stat.S_IFREG else 0
