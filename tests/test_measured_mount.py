@@ -268,6 +268,35 @@ def test_measure_options_through_dash_o(share, tmp_path, verified_mount):
     assert register_value(reg) == replayed(log)
 
 
+def test_a_remount_cannot_change_what_is_served_or_measured(share, tmp_path, verified_mount):
+    """mount(8) merges fstab's options into a remount: given again unchanged they pass.
+    A remount naming another manifest, register, event log or on_corruption exited 0
+    and changed nothing, so an operator could believe a new manifest was mounted and
+    measured: it is refused, naming what it cannot change, and nothing is measured."""
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    opts = (f"manifest={m},trust_key={pub},measure=file:sha384:{reg},event_log={log},"
+            f"on_corruption=refuse")
+    mnt = verified_mount(src, seal=False, options=[opts])
+
+    def remount(o):
+        return subprocess.run([sys.executable, "-m", "verityfuse", str(src), str(mnt.mountpoint),
+                               "-o", "remount," + o], capture_output=True, text=True)
+    r = remount("ro," + opts)
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other.json"
+    write(src / "config", b"another configuration\n")
+    assert vf("seal", src, "--manifest", other, "--sign-key", tmp_path / "key.pem").returncode == 0
+    for old, new, what in [(f"manifest={m}", f"manifest={other}", "manifest"),
+                           (f"{reg}", f"{tmp_path}/reg2", "measure"),
+                           (f"event_log={log}", f"event_log={tmp_path}/other.log", "event_log"),
+                           ("on_corruption=refuse", "on_corruption=eio", "on_corruption")]:
+        r = remount(opts.replace(old, new))
+        assert r.returncode != 0 and f"remount cannot change {what} of a running mount" \
+            in r.stderr, (what, r.stderr)
+    assert [op for _, op, _, _ in events(log)[2]] == ["MountManifest"]
+
+
 # -- the confidential-container flow against a software TPM (e2e's, without a guest) ------
 
 def test_tpm_measured_mount_quote_and_replay(share, tmp_path, verified_mount, monkeypatch):

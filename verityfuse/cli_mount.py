@@ -70,7 +70,8 @@ def settings_from(args) -> Settings:
 
 def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
               verbose: bool = False) -> int:
-    from .daemon import mount, remount
+    from .daemon import mount
+    from .mount_control import remount
     from .mountopts import MountError
 
     try:
@@ -92,7 +93,7 @@ def cmd_mount(args) -> int:
 
 
 def cmd_umount(args) -> int:
-    from .daemon import umount
+    from .mount_control import umount
     return umount(args.mountpoint)
 
 

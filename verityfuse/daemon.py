@@ -16,7 +16,6 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
@@ -350,34 +349,3 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
     os.waitpid(pid, 0)
     raise MountError(f"cannot mount '{src}' on '{mnt}': "
                      f"{text.removeprefix('error ') or 'daemon exited'}")
-
-
-def remount(mountpoint: str, s: Settings) -> int:
-    """``mount -o remount,...``: the kernel's flags (ro/rw ...) change; what the
-    daemon was started with stays.  A daemon setting given again (mount(8) merges
-    fstab's options in) must equal the running one."""
-    import json
-
-    try:
-        running = json.loads(os.getxattr(mountpoint, "user.verityfuse.status"))
-    except OSError as e:
-        raise MountError(f"'{mountpoint}' is not a running verityfuse mount ({e.strerror})") from None
-    now = {"policy": running["policy"], "manifest_digest": running["manifest_digest"],
-           "store": running["store"],
-           "cache_size": running["tree_cache"]["max_bytes"] >> 20}
-    want = {"store": os.path.abspath(s.store) if s.store else None, "policy": s.policy,
-            "manifest_digest": s.manifest_digest, "cache_size": s.cache_size}
-    if running["mode"] == "manifest":
-        del now["policy"]  # no effect in manifest mode: nothing unlisted is reachable
-    changed = [n for n in now if n in s.given and want[n] != now[n]]
-    if changed:
-        raise MountError(f"remount cannot change {', '.join(changed)} of a running mount; "
-                         f"unmount and mount again")
-    flags = [n if v is None else f"{n}={v}" for n, v in s.fuse]
-    r = subprocess.run(["mount", "-i", "-o", ",".join(["remount"] + flags), mountpoint])
-    return r.returncode
-
-
-def umount(mountpoint: str) -> int:
-    r = subprocess.run(["fusermount3", "-u", mountpoint])
-    return 0 if r.returncode == 0 else 1

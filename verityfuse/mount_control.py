@@ -1,0 +1,65 @@
+"""What `verityfuse` does to a mount that is running: ``mount -o remount`` (the kernel's
+flags change, the daemon's settings must not) and unmount."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from .mountopts import MountError, Settings
+
+
+def remount(mountpoint: str, s: Settings) -> int:
+    """``mount -o remount,...``: the kernel's flags (ro/rw ...) change; what the
+    daemon was started with stays.  A daemon setting given again (mount(8) merges
+    fstab's options in) must equal the running one."""
+    import json
+
+    try:
+        running = json.loads(os.getxattr(mountpoint, "user.verityfuse.status"))
+    except OSError as e:
+        raise MountError(f"'{mountpoint}' is not a running verityfuse mount ({e.strerror})") from None
+    now = {"policy": running["policy"], "manifest_digest": running["manifest_digest"],
+           "store": running["store"],
+           "cache_size": running["tree_cache"]["max_bytes"] >> 20}
+    want = {"store": os.path.abspath(s.store) if s.store else None, "policy": s.policy,
+            "manifest_digest": s.manifest_digest, "cache_size": s.cache_size}
+    if running["mode"] == "manifest":
+        del now["policy"]  # no effect in manifest mode: nothing unlisted is reachable
+    _measured_settings(running, s, now, want)
+    changed = [n for n in now if n in s.given and want[n] != now[n]]
+    if changed:
+        raise MountError(f"remount cannot change {', '.join(changed)} of a running mount; "
+                         f"unmount and mount again")
+    flags = [n if v is None else f"{n}={v}" for n, v in s.fuse]
+    r = subprocess.run(["mount", "-i", "-o", ",".join(["remount"] + flags), mountpoint])
+    return r.returncode
+
+
+def _measured_settings(running: dict, s: Settings, now: dict, want: dict):
+    """What a mount serves and measures, running (``now``) against given (``want``): a
+    remount that names another manifest or measurement must fail, not pass as if it
+    had mounted and measured them."""
+    from . import manifest
+    from .errors import ManifestError
+    from .measure import default_log_path
+    from .measure_registers import MeasureError, open_register
+
+    trip = running.get("tripwire") or {}
+    now.update(manifest=running["manifest_digest"], on_corruption=trip.get("on_corruption"),
+               measure=trip.get("register"), event_log=trip.get("event_log"))
+    want["on_corruption"] = s.on_corruption
+    try:
+        want["manifest"] = (manifest.manifest_digest(manifest.read_envelope(s.manifest)[1])
+                            if s.manifest else None)
+        register = open_register(s.measure) if s.measure else None
+    except (OSError, ManifestError, MeasureError) as e:
+        raise MountError(f"remount: {e}") from None
+    want["measure"] = register.name if register else None
+    want["event_log"] = (os.path.abspath(s.event_log or default_log_path(register))
+                         if register else None)
+
+
+def umount(mountpoint: str) -> int:
+    r = subprocess.run(["fusermount3", "-u", mountpoint])
+    return 0 if r.returncode == 0 else 1
