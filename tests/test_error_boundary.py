@@ -72,8 +72,9 @@ QUIET = [
     (PermissionError(errno.EACCES, "no"), errno.EACCES),
     (OSError(errno.EROFS, "read-only"), errno.EROFS),
     (OSError(0, "no errno"), errno.EIO),
-    # ENOSYS would switch the operation off for the whole mount (OPEN, GETXATTR...)
-    (OSError(errno.ENOSYS, "a backing file system's answer"), errno.EIO),
+    # ENOSYS would switch the operation off for the whole mount (OPEN, GETXATTR...): what
+    # the kernel tells a program on the backing file system instead
+    (OSError(errno.ENOSYS, "a backing file system's answer"), errno.EOPNOTSUPP),
     # resource errors: the daemon ran out of something; not the file's fault, not logged
     (OSError(errno.EMFILE, "too many open files"), errno.EMFILE),
     (OSError(errno.ENFILE, "file table full"), errno.ENFILE),

@@ -33,12 +33,13 @@ def errno_of(e: Exception, what: str, stats=None, untrusted: bool = False) -> in
     Integrity failures are logged here, once per block, whichever request
     (read, open, ioctl, enable) ran into them, and counted in ``stats``.
 
-    An OSError's ENOSYS is EIO: the kernel takes ENOSYS to OPEN, GETXATTR and others as
-    "this file system has no such operation", for the whole mount, and a file's error
-    must not switch an operation off (a host's share chooses any errno it likes).  With
-    ``untrusted`` (a manifest mount: the share is the host's), a read's error other than
-    the daemon's own lack of a resource is EIO too: a blocking read answered EAGAIN, or
-    ENOENT, would mislead its caller.
+    An OSError's ENOSYS never reaches the kernel, which takes it, to OPEN, GETXATTR and
+    others, as "this file system has no such operation" for the whole mount: a file's
+    error must not switch an operation off (a host's share chooses any errno it likes).
+    It is EOPNOTSUPP, what a program on the backing file system is told of its ENOSYS,
+    or, with ``untrusted`` (a manifest mount: the share is the host's), EIO.  There a
+    read's error other than the daemon's own lack of a resource is EIO too: a blocking
+    read answered EAGAIN, or ENOENT, would mislead its caller.
     """
     if isinstance(e, Corruption):
         # The message names the file: escaped here, exact in the status.
@@ -48,9 +49,11 @@ def errno_of(e: Exception, what: str, stats=None, untrusted: bool = False) -> in
     elif isinstance(e, VerityError):
         log.debug("%s: %s", what, e)
     err = getattr(e, "errno", None) or errno.EIO
-    if isinstance(e, OSError) and (err == errno.ENOSYS or (
-            untrusted and what == "read" and err not in RESOURCE_ERRNOS)):
-        return errno.EIO
+    if isinstance(e, OSError):
+        if untrusted and (err == errno.ENOSYS or (what == "read" and err not in RESOURCE_ERRNOS)):
+            return errno.EIO
+        if err == errno.ENOSYS:
+            return errno.EOPNOTSUPP
     return err
 
 

@@ -81,10 +81,10 @@ class Tripwire:
                     self.measurer.register.name)
 
     def snapshot(self) -> dict:
-        m = self.measurer
+        register = getattr(self.measurer, "register", None)  # (the status never fails)
         with self._lock:
             return {"on_corruption": self.mode, "tripped": self.tripped,
-                    "register": m.register.name if m else None,
-                    "event_log": m.log_path if m else None,
+                    "register": getattr(register, "name", None),
+                    "event_log": getattr(self.measurer, "log_path", None),
                     "violations_measured": self.measured, "violations_unmeasured": self.unmeasured,
                     "refusing_opens": self.refusing}
