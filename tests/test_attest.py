@@ -886,7 +886,7 @@ def test_another_domains_event_is_marked_in_the_report(tmp_path):
 
 
 @pytest.mark.parametrize("content, parsed", [
-    ('{"a":NaN,"b":Infinity}', None), ('{"b":1e999}', None),
+    ('{"a":NaN,"b":Infinity}', None), ('{"b":1e999}', None), ('{"b":1' + '0' * 400 + '}', None),
     ('{"image":"evil","image":"good"}', None), ('{"image":"good","n":1.5}', {"image": "good", "n": 1.5}),
 ])
 def test_another_domains_content_is_reported_only_as_strict_json_says(tmp_path, content, parsed):

@@ -324,13 +324,22 @@ def _finite(text: str) -> float:
     return value
 
 
+def _in_double(text: str) -> int:
+    value = int(text)  # (more than 4300 digits: ValueError, Python's own limit)
+    try:
+        float(value)
+    except OverflowError:  # JSON.parse reads it as Infinity
+        raise ValueError(f"an integer of {len(text)} digits is beyond a double") from None
+    return value
+
+
 def strict_object(text: str) -> dict | None:
     """Another domain's content as a JSON object every parser reads alike, or None (it is
     kept raw): no duplicate key (first-wins and last-wins parsers would differ), no NaN
     or Infinity, no number beyond a double (neither is JSON)."""
     try:
         doc = json.loads(text, object_pairs_hook=_pairs, parse_constant=_refuse,
-                         parse_float=_finite)
+                         parse_float=_finite, parse_int=_in_double)
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None

@@ -43,8 +43,8 @@ from .oci_http import (MIN_RATE, OCI_MANIFEST, READ_TIMEOUTS, WATCHDOG, AnswerTo
                        BodyBroken, PlainHTTP, RegistryError, Tries, answered_by,
                        content_length, cut, discard, error_text, leaves_tls, origin, reason,
                        redirects, sha256_digest, watched)
-from .oci_upload import Uploads
 from .oci_ref import Ref
+from .oci_upload import Uploads
 
 _RETRY_STATUS = {500, 502, 503, 504}
 _CHUNK = 1 << 16

@@ -17,6 +17,7 @@ can never cut a request that started after the one it was set for.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import re
@@ -24,7 +25,6 @@ import socket
 import threading
 import time
 import urllib.parse
-import hashlib
 from typing import Dict, List, Optional, Tuple
 
 try:

@@ -11,11 +11,12 @@ into the memfd (memory only for what was fetched) and, as for any store
 object, checked up to the root hash before they are trusted.
 
 At most MAX_BYTES of chunks stay in the memfd (plus a page each where one
-straddles pages), the least recently used let go (a hole punched): a pass over a large file would otherwise keep its whole tree,
-per open handle, counted by no budget.  The blocks the verifier checked stay in
-its tree-block cache; a chunk let go is fetched again when a block of it is
-needed once more.  A block is read from the memfd under the lock that fetches
-and lets go, so a read never sees the hole of a chunk let go meanwhile.
+straddles pages), the least recently used let go (a hole punched): a pass over a
+large file would otherwise keep its whole tree, per open handle, counted by no
+budget.  The blocks the verifier checked stay in its tree-block cache; a chunk let
+go is fetched again when a block of it is needed once more.  A block is read from
+the memfd under the lock that fetches and lets go, so a read never sees the hole of
+a chunk let go meanwhile.
 """
 
 from __future__ import annotations
