@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import struct
+import threading
 import time
 from types import SimpleNamespace
 
@@ -252,7 +253,7 @@ class HeldMeasurer:
 
     def __init__(self, done: list):
         self.register = SimpleNamespace(name="test-register")
-        self.release = __import__("threading").Event()
+        self.release = threading.Event()
         self.done = done
 
     def record(self, event):
