@@ -36,9 +36,11 @@ import traceback
 from pathlib import Path
 
 import plan
+import report
 import verifier
 from paths import qemu_escape, validate_paths
 from plan import ma
+from report import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -139,19 +141,6 @@ class Run:
             print(f"  {'PASS' if r['ok'] else 'FAIL'}  {r['check']:32} {r['seconds']:6.1f}s  "
                   f"{r['detail'][:160]}", flush=True)
         self.seen += end
-
-    def results(self):
-        out = {}
-        try:
-            for line in (self.ctl / "results").read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                    out[r["check"]] = r
-                except ValueError:
-                    pass
-        except FileNotFoundError:
-            pass
-        return out
 
     # -- the run ------------------------------------------------------------------
     def prepare(self):
@@ -331,38 +320,16 @@ class Run:
         return self.report(failure, boot, time.monotonic() - t_start, host)
 
     def report(self, failure, boot, total, host) -> int:
-        res = self.results()
-        for name, ok, detail in host:
-            res[name] = {"ok": ok, "detail": detail}
-        names = plan.GUEST_CHECKS + verifier.CHECKS
-        print("\ne2e summary (checks in the guest on the virtio-fs share, then the verifier's):")
-        failed = []
-        for name in names:
-            r = res.get(name)
-            if r is None:
-                status, detail = "FAIL", "no result (missing)"
-            else:
-                status, detail = ("PASS" if r["ok"] else "FAIL"), r["detail"]
-            if name in self.host_errors:
-                status, detail = "FAIL", f"host action failed: {self.host_errors[name]}; {detail}"
-            if status == "FAIL":
-                failed.append(name)
-            print(f"  {status}  {name:32} {detail[:200]}")
-        if failure:
-            print(f"\ne2e: {failure}")
-        if failed or failure:
-            tail(self.console, 60, "guest console")
-            tail(self.ctl / "verityfuse.log", 80, "guest verityfuse log")
-        if failure:
-            for log in sorted(self.dir.glob("virtiofsd-*.log")) + [self.dir / "swtpm.log",
-                                                                   self.dir / "qemu.log"]:
-                tail(log, 10, log.name)
         b = f"{boot:.1f} s" if boot is not None else "-"
         if self.boot_panic:
             b += f" (booted twice: {self.boot_panic})"
-        print(f"\ne2e: {len(names) - len(failed)}/{len(names)} checks passed; "
-              f"boot {b}, total {total:.0f} s; files in {self.dir}")
-        return 1 if failed or failure else 0
+        logs = [(self.console, 60, "guest console"),
+                (self.ctl / "verityfuse.log", 80, "guest verityfuse log")]
+        if failure:
+            logs += [(log, 10, log.name) for log in sorted(self.dir.glob("virtiofsd-*.log"))
+                     + [self.dir / "swtpm.log", self.dir / "qemu.log"]]
+        return report.summary(read_results(self.ctl), host, self.host_errors, failure, logs,
+                              f"boot {b}, total {total:.0f} s; files in {self.dir}")
 
 
 def manifest_sequence(path: Path):
@@ -371,17 +338,6 @@ def manifest_sequence(path: Path):
     envelope = json.loads(path.read_text())
     header = base64.b64decode(envelope["payload"]).split(b"\n", 1)[0]
     return json.loads(header).get("sequence")
-
-
-def tail(path: Path, n: int, what: str):
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        print(f"\n--- {what}: {path} does not exist")
-        return
-    print(f"\n--- {what} ({path}), last {min(n, len(lines))} of {len(lines)} lines:")
-    for line in lines[-n:]:
-        print("    " + line)
 
 
 def main():
