@@ -441,3 +441,31 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
     else:
         assert got == {"data": None}
         assert (src / "leased").read_bytes() == b"L" * 5
+
+
+def test_no_local_verity_on_a_file_system_whose_handles_do_not_last(tmp_path, verified_mount):
+    """Local verity is kept with the inode through its file handle.  A FUSE file system's
+    handle is the node id its server gave, which it may give again, or change, once the
+    kernel forgets the inode (after a cache eviction): a file enabled there lost its
+    verity, or a new file took a deleted one's, and its tampered bytes were served
+    unchecked.  On such a file system an enable is EOPNOTSUPP, `seal` refuses the files
+    saying why, and the mount says so when it starts."""
+    from conftest import fuse_helper, pattern
+
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    with fuse_helper("short_read_fs.py", pt, "f=12288:12288", what="the FUSE source"):
+        r = subprocess.run(VF + ["seal", str(pt), "--store", str(tmp_path / "st")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr == (
+            f"ERROR: can't seal '{pt}/f': its file system (fuse) gives no file handles that "
+            f"last: verity cannot be kept with the inode\n"), r.stderr
+        m = verified_mount(pt, seal=False)
+        try:
+            assert enable_error(m.mountpoint / "f") == "Operation not supported"
+            assert (m.mountpoint / "f").read_bytes() == pattern(3 * 4096)
+            assert (f"{pt}: its file system (fuse) gives no file handles that last: verity "
+                    f"cannot be kept with the inode: its files are served unverified and "
+                    f"fsverity enable fails (EOPNOTSUPP); use manifest mode") in m.log(), m.log()
+        finally:
+            m.unmount()

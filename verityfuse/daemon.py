@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
-from . import logs, mountinfo, mountopts
+from . import identity, logs, mountinfo, mountopts
 from .mount_measure import files_written, measure_mount
 from .mountopts import MountError, Settings
 
@@ -159,6 +159,13 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats) ->
     if not view.inodes.reopen:
         log.warning("cannot reopen files by handle (open_by_handle_at needs CAP_DAC_READ_SEARCH): "
                     "keeping one fd per inode the kernel remembers; big trees need a higher fd limit")
+    try:
+        identity.lasting_fsid(view.inodes.root.fd)
+    except identity.NoLastingHandles as e:
+        log.warning("%s: %s: its files are served unverified and fsverity enable fails "
+                    "(EOPNOTSUPP); use manifest mode", source, e.strerror)
+    except OSError:
+        pass  # no statfs: each file's key says why, when asked
     return view, store
 
 

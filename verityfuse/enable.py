@@ -142,8 +142,8 @@ class Enabler:
         if inode.enabling:
             raise Errno(errno.EBUSY, "enable already running")
         if inode.store_key is None:
-            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles to "
-                                          "keep verity with the inode")
+            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles that "
+                                          "last, to keep verity with the inode")
         return params
 
     def build(self, job: EnableJob, cancel: Optional[Callable[[], bool]] = None) -> None:

@@ -323,14 +323,20 @@ def all_cached(fd: int, offset: int, length: int) -> Optional[bool]:
     return cs.nr_cache >= last + 1 - first
 
 
-def in_memory(fd: int) -> bool:
-    """Whether ``fd``'s file lives in memory (tmpfs, ramfs): reading it never waits."""
+def fs_type(fd: int) -> int:
+    """fstatfs's f_type of ``fd``'s file system; OSError if it cannot be had."""
     if native_sys is not None:
-        try:
-            return native_sys.fs_type(fd) in _MEMORY_FS
-        except OSError:
-            return False
+        return native_sys.fs_type(fd)
     buf = ctypes.create_string_buffer(128)  # struct statfs; f_type comes first
     if _libc.fstatfs(fd, buf) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
+
+
+def in_memory(fd: int) -> bool:
+    """Whether ``fd``'s file lives in memory (tmpfs, ramfs): reading it never waits."""
+    try:
+        return fs_type(fd) in _MEMORY_FS
+    except OSError:
         return False
-    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little") in _MEMORY_FS

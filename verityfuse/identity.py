@@ -5,6 +5,14 @@ filesystem (ext4, xfs, btrfs and tmpfs encode the inode number and its
 generation, so a deleted inode's number, reused later, yields another handle).
 ``open_by_handle_at`` reopens it without any path, which needs
 CAP_DAC_READ_SEARCH.  The filesystem is named by statfs's ``f_fsid``.
+
+Not every filesystem's handles last: a FUSE filesystem's (virtio-fs too) is the node
+id its server gave, which the server may change, or give to another file, once the
+kernel forgets the inode; and a filesystem whose ``f_fsid`` is 0 cannot be told
+from another.  A key made there would let a file lose its verity, or take a deleted
+file's: where verity is kept with the inode (a local mount, a seal for one) there is
+none (``lasting=True``: NoLastingHandles).  A manifest's seal may still key such
+files: a manifest mount looks their trees up by digest, never by key.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import errno
 import hashlib
 import os
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from . import fsutil
 
@@ -58,8 +66,30 @@ def open_by_handle(mount_fd: int, handle: Tuple[int, bytes], flags: int) -> int:
     return fd
 
 
+FUSE_SUPER_MAGIC = 0x65735546
+
+
+class NoLastingHandles(OSError):
+    """The filesystem gives no file handles that name one inode for its life (EOPNOTSUPP)."""
+
+
 def fsid(fd: int) -> int:
     return os.fstatvfs(fd).f_fsid
+
+
+def lasting_fsid(fd: int) -> int:
+    """``fd``'s filesystem's fsid, if its file handles last; else NoLastingHandles."""
+    try:
+        fs, ftype = fsid(fd), fsutil.fs_type(fd)
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        fs, ftype = 0, FUSE_SUPER_MAGIC  # a FUSE server without statfs: only FUSE says so
+    kind = "fuse" if ftype == FUSE_SUPER_MAGIC else "f_fsid 0" if fs == 0 else None
+    if kind is not None:
+        raise NoLastingHandles(errno.EOPNOTSUPP, f"its file system ({kind}) gives no file "
+                               f"handles that last: verity cannot be kept with the inode")
+    return fs
 
 
 def store_key(fs: int, handle: Tuple[int, bytes]) -> str:
@@ -68,9 +98,10 @@ def store_key(fs: int, handle: Tuple[int, bytes]) -> str:
     return hashlib.sha256(struct.pack("<QI", fs & (2**64 - 1), htype & 0xFFFFFFFF) + raw).hexdigest()
 
 
-def key_of(fd: int) -> str:
-    """store_key of the inode behind ``fd``; EOPNOTSUPP if its filesystem has no handles."""
-    return store_key(fsid(fd), handle_of(fd))
+def key_of(fd: int, lasting: bool = False) -> str:
+    """store_key of the inode behind ``fd``; EOPNOTSUPP if its filesystem has no handles,
+    or, with ``lasting``, none that last (NoLastingHandles)."""
+    return store_key(lasting_fsid(fd) if lasting else fsid(fd), handle_of(fd))
 
 
 class Keys:
@@ -79,15 +110,22 @@ class Keys:
     file.  A device number names another filesystem only after an unmount and a new
     mount, which neither outlives."""
 
-    def __init__(self):
-        self._fsids: Dict[int, int] = {}
+    def __init__(self, lasting: bool = False):
+        self.lasting = lasting  # key_of's
+        self._fsids: Dict[int, Union[int, NoLastingHandles]] = {}
 
     def of(self, fd: int, dev: int, handle: Optional[Tuple[int, bytes]] = None) -> str:
         """key_of(fd), for ``fd`` on device ``dev`` (its st_dev); ``handle``: its handle,
         when the caller has it already."""
         fs = self._fsids.get(dev)
         if fs is None:
-            fs = self._fsids[dev] = fsid(fd)
+            try:
+                fs = lasting_fsid(fd) if self.lasting else fsid(fd)
+            except NoLastingHandles as e:
+                fs = e
+            self._fsids[dev] = fs
+        if isinstance(fs, NoLastingHandles):
+            raise NoLastingHandles(fs.errno, fs.strerror)
         return store_key(fs, handle if handle is not None else handle_of(fd))
 
 

@@ -93,7 +93,8 @@ class Inode:
 
     @property
     def store_key(self) -> Optional[str]:
-        """The store index's name for this inode (None without a file handle)."""
+        """The store index's name for this inode (None without a file handle, or on a
+        filesystem whose handles do not last: identity.NoLastingHandles)."""
         if self.handle is None:
             return None
         return self.table.store_key(self)
@@ -115,7 +116,7 @@ class InodeTable:
         self.mount_fds: Dict[int, int] = {}
         self._add_mount(st.st_dev, root_fd)
         self.reopen = identity.can_reopen(self.mount_fds[st.st_dev])
-        self.keys = identity.Keys()
+        self.keys = identity.Keys(lasting=True)  # verity stays with the inode: keys that last
         self._next_synthetic = SYNTHETIC
         self.root = self._new(ROOT_INO, root_fd, st)
         self.root.lookups = 1  # never forgotten (and its fd is pinned: see _cache)
@@ -135,8 +136,11 @@ class InodeTable:
         self.mount_fds[dev] = os.open(f"/proc/self/fd/{dir_fd}",
                                       os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def store_key(self, inode: Inode) -> str:
-        return self.keys.of(inode.fd, inode.dev, inode.handle)
+    def store_key(self, inode: Inode) -> Optional[str]:
+        try:
+            return self.keys.of(inode.fd, inode.dev, inode.handle)
+        except identity.NoLastingHandles:
+            return None  # no key that lasts, so no local verity here (enable: EOPNOTSUPP)
 
     def _node_id(self, st: os.stat_result) -> int:
         n = st.st_ino

@@ -30,7 +30,7 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     format-3 store has no object: its entry keeps the descriptor.  (Many files:
     stage_fd.)
     """
-    key = identity.key_of(fd)  # before hashing: a filesystem without handles costs nothing
+    key = identity.key_of(fd, lasting=True)  # first: a filesystem without them costs nothing
     size = os.fstat(fd).st_size
     if _inline(store, params, size, objects=False):
         desc = treebuild.build_tree(fd, params, data_size=size, **build_kw)
@@ -148,7 +148,11 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
     if seal_small is None or not 1024 <= params.block_size <= 65536 or len(params.salt) > 32:
         return None
     st = os.fstat(source.fd)
-    dev, fsid = st.st_dev, identity.fsid(source.fd) & (2**64 - 1)
+    try:  # a seal for local mode needs handles that last (identity)
+        fsid = (identity.fsid if objects else identity.lasting_fsid)(source.fd) & (2**64 - 1)
+    except OSError:  # none that last, no statfs: stage_path says so, file by file
+        return None
+    dev = st.st_dev
     inline_store = store.inline()
     make_object = objects or not inline_store
     alg = params.alg
@@ -178,7 +182,7 @@ def file_stager(store: Store, source: SourceDir, params: merkle.Params, *, objec
     over seal_pool.SMALL raises Here.  ``progress``: the run's seal_progress.Progress
     when it draws (a file done here counts on it)."""
     small = native_stager(store, source, params, objects)
-    keys = identity.Keys()
+    keys = identity.Keys(lasting=not objects)  # a manifest mount finds trees by digest
 
     def stage(rel: str, here: bool) -> Tuple[Staged, Optional[Recorded]]:
         if small is not None:
