@@ -13,7 +13,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from .jsonout import emit, error, shown
+from .jsonout import emit, error, shown, warning
 from .seal_progress import Progress
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
     def warn(msg):
         sealed.write()
         progress.close()
-        print(f"WARNING: {msg}", file=sys.stderr)
+        warning(msg)  # escaped: it names files of SOURCE
 
     with Batch(store, flush=sealed.flush) as batch, \
             ManifestWriter(args.manifest, header) as out:
@@ -298,7 +298,7 @@ def cmd_upgrade_store(args) -> int:
             print(f"store {store.path} is already format 3", file=sys.stderr)
             return 0
         converted, dropped = upgrade(args.source, store,
-                                     lambda m: print(f"WARNING: {m}", file=sys.stderr))
+                                     warning)
     print(f"store {store.path}: format {was} to 3, {converted} entries converted, "
           f"{dropped} dropped", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from . import identity, logs, mountinfo, mountopts
+from .jsonout import warning
 from .mount_measure import files_written, measure_mount
 from .mountopts import MountError, Settings
 
@@ -283,7 +284,7 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
     not where the documentation says they go, or when ``verbose``."""
     s = mountopts.absolute_paths(s)
     for w in check(source, mountpoint, s):
-        print(f"WARNING: {w}", file=err)
+        warning(w, err)  # escaped: it names SOURCE and the mount point
     try:
         trust = Trust(s, source)  # a bad manifest, key or cert: refuse before mounting
     except Exception as e:  # VerityError or OSError, with a message for the user

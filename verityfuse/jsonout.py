@@ -49,3 +49,8 @@ def error(msg: str):
     """A command's error line on stderr.  Escaped: it may quote what a registry, a
     manifest or a file name said, which must not drive the terminal."""
     print(f"ERROR: {shown_text(msg)}", file=sys.stderr)
+
+
+def warning(msg: str, file=None):
+    """A command's warning line on stderr (``file``), escaped as ``error``'s."""
+    print(f"WARNING: {shown_text(msg)}", file=file or sys.stderr)
