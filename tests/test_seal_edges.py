@@ -43,3 +43,29 @@ def test_an_upgrade_warning_is_escaped(tmp_path):
     assert r.returncode == 0, r.stderr
     assert b"\x1b" not in r.stderr and b"\nWARNING: forged" not in r.stderr, r.stderr
     assert b"gone\\x1b]0;PWNED\\x07\\nWARNING: forged" in r.stderr, r.stderr
+
+
+def test_two_seals_cleaning_up_after_a_crash_both_seal(tmp_path, monkeypatch):
+    """Two seals of one store after a crash both remove the dead process's tmp/ files:
+    the one that lost a race for one aborted with 'ERROR: <tmp name>: No such file or
+    directory' and sealed nothing.  Here the race is made certain: the file is gone
+    between the listing and the unlink."""
+    from verityfuse import store as store_mod
+    from verityfuse.store import Store
+
+    st = Store(str(tmp_path / "store"), create=True)
+    try:
+        for i in range(3):
+            (tmp_path / "store" / "tmp" / f"4194303.{i:x}").touch()  # a dead pid's
+        (tmp_path / "store" / "tmp" / "4194303.sub").mkdir()
+        real = store_mod.os.unlink
+
+        def raced(name, dir_fd=None):
+            real(name, dir_fd=dir_fd)  # the other seal's unlink
+            if name == "4194303.1":
+                real(name, dir_fd=dir_fd)  # ours: FileNotFoundError
+        monkeypatch.setattr(store_mod.os, "unlink", raced)
+        assert st.cleanup_tmp() == 2
+        assert os.listdir(tmp_path / "store" / "tmp") == ["4194303.sub"]
+    finally:
+        st.close()

@@ -329,8 +329,13 @@ class Store(StoreIndex):
             for name in os.listdir(tmpfd):
                 pid = name.split(".", 1)[0]
                 if pid.isdigit() and int(pid) != os.getpid() and not alive(pid):
-                    os.unlink(name, dir_fd=tmpfd)
-                    removed += 1
+                    try:
+                        os.unlink(name, dir_fd=tmpfd)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass  # another seal of this store cleaned it up first
+                    except IsADirectoryError:
+                        pass  # not ours: a tmp/ file is never a directory
         finally:
             os.close(tmpfd)
         return removed
