@@ -69,3 +69,21 @@ def test_two_seals_cleaning_up_after_a_crash_both_seal(tmp_path, monkeypatch):
         assert os.listdir(tmp_path / "store" / "tmp") == ["4194303.sub"]
     finally:
         st.close()
+
+
+def test_the_store_is_never_sealed_into_itself(tmp_path):
+    """`seal SOURCE SOURCE/.verityfuse` walked the store named as a PATH (it was skipped
+    only below one), and `--store SOURCE` was accepted: the store's own files were
+    sealed into it, more stale entries each run."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    assert vf("seal", src).returncode == 0
+    for named in (src / ".verityfuse", src / ".verityfuse" / "inodes"):
+        r = vf("seal", src, named)
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b""), r
+    r = vf("seal", src, "--store", src)
+    assert r.returncode == 2 and r.stderr.decode() == (
+        f"ERROR: the store cannot be SOURCE itself ({src}): give another directory, or none "
+        f"(SOURCE/.verityfuse)\n")
+    assert sorted(os.listdir(src)) == [".verityfuse", "f"]

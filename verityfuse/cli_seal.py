@@ -99,6 +99,11 @@ def cmd_seal(args, params, key, rels) -> int:
     from .source_dir import SourceDir
     from .store_batch import Batch
 
+    if args.store and os.path.realpath(args.store) == os.path.realpath(args.source):
+        # Its own files would be sealed into it, more each run.
+        error(f"the store cannot be SOURCE itself ({args.source}): give another directory, "
+              f"or none (SOURCE/.verityfuse)")
+        return EXIT_USAGE
     # SOURCE is opened once, before the workers fork: every path is resolved beneath it.
     with open_store(args, create=True) as store, SourceDir(args.source) as src:
         store.cleanup_tmp()

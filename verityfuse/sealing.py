@@ -220,7 +220,16 @@ def walk_files(source: SourceDir, store: Store, top: str = "",
     unsaid.  One gone meanwhile (ENOENT) holds nothing to seal."""
     st = os.stat(store.path)
     store_id = (st.st_dev, st.st_ino)
-    stack = [top.rstrip("/") + "/" if top not in ("", ".") else ""]
+    top = top.rstrip("/") if top not in ("", ".") else ""
+    parts = top.split("/") if top else []
+    for n in range(1, len(parts) + 1):  # a top in the store (named as a PATH): nothing
+        try:
+            s = source.lstat("/".join(parts[:n]))
+        except OSError:
+            break  # listing it says what is wrong
+        if (s.st_dev, s.st_ino) == store_id:
+            return
+    stack = [top + "/" if top else ""]
     while stack:
         rel = stack.pop()
         subdirs, files = [], []
