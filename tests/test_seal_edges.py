@@ -87,3 +87,38 @@ def test_the_store_is_never_sealed_into_itself(tmp_path):
         f"ERROR: the store cannot be SOURCE itself ({src}): give another directory, or none "
         f"(SOURCE/.verityfuse)\n")
     assert sorted(os.listdir(src)) == [".verityfuse", "f"]
+
+
+def test_a_manifest_inside_source_verifies_right_after_its_seal(tmp_path):
+    """M in a directory of SOURCE (the README's recipe): writing M changed that
+    directory's mtime after the walk had recorded it, so `verify --manifest` straight
+    after the seal reported the directory as differing, every time."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"a")
+    m = src / "sub" / "M"
+    for run in range(2):  # the second replaces M
+        r = vf("seal", src, "--store", tmp_path / "store", "--manifest", m, "--json")
+        assert r.returncode == 0, r.stderr
+        digest = json.loads(r.stdout.splitlines()[-1])["digest"]
+        v = vf("verify", src, "--store", tmp_path / "store", "--manifest", m,
+               "--manifest-digest", digest)
+        assert v.returncode == 0, (v.stdout, v.stderr)
+
+
+def test_what_a_killed_manifest_seal_left_is_removed_not_recorded(tmp_path):
+    """A `seal --manifest` killed mid-run leaves its temporary payload beside M; with M in
+    SOURCE the next seal recorded that partial file in the manifest (and signed it).
+    A dead writer's files are removed when the next one starts; a live one's stay."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    dead = src / ".M.4194303.0123456789abcdef.tmp"  # pid_max: no process has it
+    dead.write_bytes(b"a partial payload")
+    live = src / f".M.{os.getpid()}.fedcba9876543210.tmp"
+    live.write_bytes(b"this test's own")
+    r = vf("seal", src, "--store", tmp_path / "store", "--manifest", src / "M", "--json")
+    assert r.returncode == 0, r.stderr
+    files = [json.loads(line).get("file", "") for line in r.stdout.splitlines()]
+    assert not dead.exists() and not any(".M.4194303." in f for f in files), files
+    assert live.read_bytes() == b"this test's own"

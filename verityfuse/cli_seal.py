@@ -253,8 +253,11 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
         progress.close()
         warning(msg)  # escaped: it names files of SOURCE
 
+    # M inside SOURCE: its directory's mtime stays what the manifest records of it.
+    inside = os.path.realpath(os.path.dirname(os.path.abspath(args.manifest)))
+    in_source = (inside + "/").startswith(os.path.realpath(args.source).rstrip("/") + "/")
     with Batch(store, flush=sealed.flush) as batch, \
-            ManifestWriter(args.manifest, header) as out:
+            ManifestWriter(args.manifest, header, keep_dir_mtime=in_source) as out:
         rec = ManifestRecorder(src, store, params, batch,
                                skip_paths=[args.manifest, out.payload_path], warn=warn,
                                report=sealed.add, progress=progress, threads=args.threads)

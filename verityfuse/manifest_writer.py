@@ -3,7 +3,11 @@
 The entries go, one line each, to a temporary payload file beside M while its
 digest is computed; ``publish`` then writes the envelope (manifest.sign's exact
 bytes: the payload in base64 between the JSON before and after it) to a second
-temporary file, fsyncs it and renames it over M.  The payload is read back in
+temporary file, fsyncs it and renames it over M.  The temporary files' names hold
+the writer's pid: those of a writer that died (killed mid-seal) are removed when the
+next one starts, before a walk could record them in a manifest kept in SOURCE.  With
+``keep_dir_mtime`` (M inside SOURCE) publishing leaves M's directory's mtime as the
+walk recorded it.  The payload is read back in
 pieces; only an Ed25519 signature needs it whole (Ed25519 hashes the message
 twice), and it then reads it from a map of the file, page cache rather than a
 copy.  Entries must come in payload order (manifest_tree: sorted by path bytes,
@@ -17,11 +21,13 @@ import base64
 import hashlib
 import mmap
 import os
+import re
 import secrets
 from typing import Optional
 
 from . import manifest, manifest_header, manifest_tree
 from .errors import ManifestError
+from .store_tmp import alive
 
 _B64_PIECE = 3 << 14  # bytes of payload per base64 piece: a multiple of 3, so pieces join
 
@@ -30,12 +36,24 @@ def _create_beside(dfd: int, name: str) -> tuple:
     """A new file in ``dfd`` under an unpredictable name (O_EXCL|O_NOFOLLOW: a name an
     attacker planted is never written through): (name, fd)."""
     while True:
-        tmp = f".{name[:200]}.{secrets.token_hex(8)}.tmp"
+        tmp = f".{name[:200]}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
         try:
             return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                 | os.O_CLOEXEC, 0o644, dir_fd=dfd)
         except FileExistsError:
             continue
+
+
+def _remove_dead_writers_files(dfd: int, name: str):
+    """The temporary files of M a writer that died left in ``dfd``."""
+    shape = re.compile(rf"\.{re.escape(name[:200])}\.(\d+)\.[0-9a-f]{{16}}\.tmp")
+    for entry in os.listdir(dfd):
+        m = shape.fullmatch(entry)
+        if m and int(m.group(1)) != os.getpid() and not alive(m.group(1)):
+            try:
+                os.unlink(entry, dir_fd=dfd)
+            except (FileNotFoundError, IsADirectoryError):
+                pass  # another writer's cleanup was first; or not a file of ours
 
 
 def _write_all(fd: int, data):
@@ -50,12 +68,14 @@ class ManifestWriter:
 
     BUFFER = 1 << 16
 
-    def __init__(self, path: str, header: manifest_header.Header):
+    def __init__(self, path: str, header: manifest_header.Header, keep_dir_mtime: bool = False):
         self.path = path
+        self.keep_dir_mtime = keep_dir_mtime
         directory, self._name = os.path.split(os.path.abspath(path))
         self._dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._tmp: list = []
         try:
+            _remove_dead_writers_files(self._dfd, self._name)
             self._payload_name, self._fd = self._new_tmp()
         except BaseException:
             os.close(self._dfd)
@@ -113,6 +133,9 @@ class ManifestWriter:
         """Sign (with ``key``, or not) and rename the manifest into place, durably."""
         self._flush()
         size = os.fstat(self._fd).st_size
+        # What a walk of SOURCE recorded of M's directory: its temporary files, made
+        # and removed below, and M's rename change its mtime, not its contents.
+        before = os.fstat(self._dfd) if self.keep_dir_mtime else None
         sigs = []
         if key is not None:
             with mmap.mmap(self._fd, size, prot=mmap.PROT_READ) as payload:
@@ -132,6 +155,11 @@ class ManifestWriter:
         except OSError as e:  # name the file the caller asked for, not our temporary one
             raise type(e)(e.errno, e.strerror, self.path) from None
         self._tmp.remove(name)
+        if before is not None:
+            for tmp in self._tmp:  # the payload's (discard would remove it after)
+                os.unlink(tmp, dir_fd=self._dfd)
+            self._tmp = []
+            os.utime(self._dfd, ns=(before.st_atime_ns, before.st_mtime_ns))
         os.fsync(self._dfd)
         self.discard()
 
