@@ -122,3 +122,22 @@ def test_what_a_killed_manifest_seal_left_is_removed_not_recorded(tmp_path):
     files = [json.loads(line).get("file", "") for line in r.stdout.splitlines()]
     assert not dead.exists() and not any(".M.4194303." in f for f in files), files
     assert live.read_bytes() == b"this test's own"
+
+
+def test_a_path_not_utf8_updating_a_manifest_is_a_warning_not_a_traceback(tmp_path):
+    """`seal SOURCE PATH --manifest M` with a PATH whose name is not UTF-8 ended in a
+    UnicodeEncodeError traceback; the walk of a whole tree skips such a name, saying so."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok").write_bytes(b"a")
+    bad = os.path.join(os.fsencode(src), b"bad\xff")
+    with open(bad, "wb") as f:
+        f.write(b"b")
+    m = tmp_path / "M"
+    assert vf("seal", src, "--store", tmp_path / "store", "--manifest", m).returncode == 0
+    r = subprocess.run(VF + ["seal", os.fsencode(src), bad, b"--store",
+                             os.fsencode(tmp_path / "store"), b"--manifest", os.fsencode(m)],
+                       capture_output=True, timeout=120)
+    assert b"Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 0 and r.stderr.decode().splitlines()[0] == (
+        f"WARNING: skipping '{src}/bad\\udcff': its name is not UTF-8"), r.stderr

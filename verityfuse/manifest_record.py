@@ -212,6 +212,11 @@ class ManifestRecorder:
         entries: Dict[str, dict] = {e["path"]: e for e in existing}
         walked = []
         for rel in rels:
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # as the walk says of such a name (never a traceback)
+                self.warn(f"skipping {self.source.full(rel)!r}: its name is not UTF-8")
+                continue
             prefix = rel + "/"
             for p in [p for p in entries if p == rel or p.startswith(prefix)]:
                 del entries[p]
