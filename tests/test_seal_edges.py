@@ -141,3 +141,19 @@ def test_a_path_not_utf8_updating_a_manifest_is_a_warning_not_a_traceback(tmp_pa
     assert b"Traceback" not in r.stderr, r.stderr
     assert r.returncode == 0 and r.stderr.decode().splitlines()[0] == (
         f"WARNING: skipping '{src}/bad\\udcff': its name is not UTF-8"), r.stderr
+
+
+def test_manifest_json_has_an_error_object_for_a_file_not_sealed(tmp_path):
+    """protocol/cli-json.md: {"file", "error"} for a file that could not be sealed; with
+    --manifest --json there was none, only a WARNING line on stderr.  The file here reads
+    a byte short of the size its (FUSE) file system gives."""
+    from conftest import fuse_helper
+
+    mnt = tmp_path / "src"
+    mnt.mkdir()
+    with fuse_helper("short_read_fs.py", mnt, "short=3000:2999", "whole=3000:3000"):
+        r = vf("seal", mnt, "--store", tmp_path / "store", "--manifest", tmp_path / "M", "--json")
+    objs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 1, r
+    assert {"file": f"{mnt}/short", "error": "file shrank while hashing: expected 3000 bytes, "
+            "got 2999", "schema": 1} in objs, objs

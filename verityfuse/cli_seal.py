@@ -253,6 +253,14 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
         progress.close()
         warning(msg)  # escaped: it names files of SOURCE
 
+    def not_sealed(full, why):  # protocol/cli-json.md: an object for it with --json
+        if args.json:
+            sealed.write()
+            progress.close()
+            emit({"file": full, "error": why})
+        else:
+            warn(f"can't seal '{full}': {why}")
+
     # M inside SOURCE: its directory's mtime stays what the manifest records of it.
     inside = os.path.realpath(os.path.dirname(os.path.abspath(args.manifest)))
     in_source = (inside + "/").startswith(os.path.realpath(args.source).rstrip("/") + "/")
@@ -260,7 +268,8 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
             ManifestWriter(args.manifest, header, keep_dir_mtime=in_source) as out:
         rec = ManifestRecorder(src, store, params, batch,
                                skip_paths=[args.manifest, out.payload_path], warn=warn,
-                               report=sealed.add, progress=progress, threads=args.threads)
+                               report=sealed.add, progress=progress, threads=args.threads,
+                               not_sealed=not_sealed)
         try:
             if rels is None or "." in rels:
                 entries: Iterable[dict] = rec.walk(".")

@@ -118,9 +118,11 @@ class ManifestRecorder:
 
     def __init__(self, source: SourceDir, store: Store, params: merkle.Params, batch: Batch,
                  skip_paths=(), warn=print, report=None, progress=None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, not_sealed=None):
         self.source, self.store, self.params, self.batch = source, store, params, batch
         self.warn, self.report, self.threads = warn, report, threads
+        # (full path, why) of a file that could not be sealed: a warning, or --json's object
+        self.not_sealed = not_sealed or (lambda full, why: warn(f"can't seal '{full}': {why}"))
         self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
         self._stage_file = file_stager(store, source, params, objects=True, threads=threads,
@@ -168,7 +170,7 @@ class ManifestRecorder:
         full = self.source.full(rel)
         if st is None:  # a regular file (scan_sorted)
             if err is not None:
-                self.warn(f"can't seal '{full}': {err.strerror or err}")
+                self.not_sealed(full, err.strerror or str(err))
                 self.failed += 1
                 return None
             staged, sealed_st = done  # what is sealed is what is recorded
