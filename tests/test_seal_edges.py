@@ -157,3 +157,17 @@ def test_manifest_json_has_an_error_object_for_a_file_not_sealed(tmp_path):
     assert r.returncode == 1, r
     assert {"file": f"{mnt}/short", "error": "file shrank while hashing: expected 3000 bytes, "
             "got 2999", "schema": 1} in objs, objs
+
+
+def test_digest_refuses_what_is_not_a_regular_file_without_waiting(tmp_path):
+    """`digest FIFO` waited for a writer for ever (seal refuses one without opening it);
+    and --json printed no {"file", "error"} object for a file it could open but not
+    read (a directory)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        r = vf("digest", path, "--json", timeout=60)
+        assert r.returncode == 1 and r.stderr.decode() == (
+            f"ERROR: error reading '{path}': not a regular file\n")
+        assert json.loads(r.stdout) == {"file": str(path), "error": "error reading: not a "
+                                        "regular file", "schema": 1}

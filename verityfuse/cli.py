@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from typing import Optional
 
@@ -41,18 +42,22 @@ def cmd_digest(args) -> int:
 
     try:
         for path in args.files:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:  # O_NONBLOCK: a FIFO is refused below, never waited on
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as e:
                 error(f"can't open '{shown(path)}' for reading: {e.strerror}")
                 if args.json:
                     emit({"file": path, "error": f"can't open for reading: {e.strerror}"})
                 return EXIT_ERROR
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # its size says nothing of it
+                    raise OSError(0, "not a regular file")
                 desc = treebuild.build_tree(fd, params, write_block=write_block if tree_out else None,
                                          threads=args.threads)
             except OSError as e:
                 error(f"error reading '{shown(path)}': {e.strerror or e}")
+                if args.json:
+                    emit({"file": path, "error": f"error reading: {e.strerror or e}"})
                 return EXIT_ERROR
             finally:
                 os.close(fd)
