@@ -245,7 +245,10 @@ def test_warns_over_a_mount_point_and_finds_odd_names(tmp_path, tree):
     try:
         r = vf("mount", src, mnt, "--log-file", tmp_path / "log", "--readahead-kb", "512")
         assert r.returncode == 0, r.stderr
-        assert f"WARNING: '{mnt}' is already a mount point (tmpfs); mounting over it" in r.stderr
+        shown = str(mnt).replace("\t", "\\t")  # escaped, as every warning's names are
+        assert f"WARNING: '{shown}' is already a mount point (tmpfs); mounting over it" \
+            in r.stderr, r.stderr
+        assert "\t" not in r.stderr
         dev = os.major(os.stat(mnt).st_dev), os.minor(os.stat(mnt).st_dev)
         with open(f"/sys/class/bdi/{dev[0]}:{dev[1]}/read_ahead_kb") as f:
             assert f.read().strip() == "512"  # its escaped name was found in mountinfo
