@@ -1,4 +1,5 @@
-"""Measured-mount events in the Attestation Agent event log (AAEL) text format.  Pure: stdlib only.
+"""Measured-mount events in the Attestation Agent event log (AAEL) text format.  Pure:
+stdlib, and manifest_header's JSON hook that refuses a duplicate key.
 
 The format is confidential-containers/trustee ``kbs/docs/confidential-containers-eventlog.md``
 (the "RAW" storage of AAEL); protocol/attestation.md is the full rule, with vectors:
@@ -24,6 +25,8 @@ import hashlib
 import json
 import posixpath
 import re
+
+from .manifest_header import no_duplicates
 
 DOMAIN = "github.com/verityfuse/verityfuse"
 ALGS = {"sha256": 32, "sha384": 48, "sha512": 64}
@@ -308,15 +311,6 @@ def _refuse(what):
     raise ValueError(f"{what} is not JSON")
 
 
-def _pairs(items) -> dict:
-    out = {}
-    for k, v in items:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _finite(text: str) -> float:
     value = float(text)
     if value in (float("inf"), float("-inf")):
@@ -338,7 +332,7 @@ def strict_object(text: str) -> dict | None:
     kept raw): no duplicate key (first-wins and last-wins parsers would differ), no NaN
     or Infinity, no number beyond a double (neither is JSON)."""
     try:
-        doc = json.loads(text, object_pairs_hook=_pairs, parse_constant=_refuse,
+        doc = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_refuse,
                          parse_float=_finite, parse_int=_in_double)
     except (ValueError, RecursionError):
         return None
