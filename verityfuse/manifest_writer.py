@@ -3,16 +3,17 @@
 The entries go, one line each, to a temporary payload file beside M while its
 digest is computed; ``publish`` then writes the envelope (manifest.sign's exact
 bytes: the payload in base64 between the JSON before and after it) to a second
-temporary file, fsyncs it and renames it over M.  The temporary files' names hold
-the writer's pid: those of a writer that died (killed mid-seal) are removed when the
-next one starts, before a walk could record them in a manifest kept in SOURCE.  With
-``keep_dir_mtime`` (M inside SOURCE) publishing leaves M's directory's mtime as the
-walk recorded it.  The payload is read back in
+temporary file, fsyncs it and renames it over M.  The payload is read back in
 pieces; only an Ed25519 signature needs it whole (Ed25519 hashes the message
 twice), and it then reads it from a map of the file, page cache rather than a
 copy.  Entries must come in payload order (manifest_tree: sorted by path bytes,
 the root first), and each is checked against the format's limits as it is
 written, so what is published loads.
+
+The temporary files' names hold the writer's pid: those of a writer that died
+(killed mid-seal) are removed when the next one starts, before a walk could record
+them in a manifest kept in SOURCE.  With ``keep_dir_mtime`` (M inside SOURCE)
+publishing leaves M's directory's mtime as the walk recorded it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Optional
 
 from . import manifest, manifest_header, manifest_tree
 from .errors import ManifestError
-from .store_tmp import alive
+from .store_tmp import remove_if_dead
 
 _B64_PIECE = 3 << 14  # bytes of payload per base64 piece: a multiple of 3, so pieces join
 
@@ -49,11 +50,8 @@ def _remove_dead_writers_files(dfd: int, name: str):
     shape = re.compile(rf"\.{re.escape(name[:200])}\.(\d+)\.[0-9a-f]{{16}}\.tmp")
     for entry in os.listdir(dfd):
         m = shape.fullmatch(entry)
-        if m and int(m.group(1)) != os.getpid() and not alive(m.group(1)):
-            try:
-                os.unlink(entry, dir_fd=dfd)
-            except (FileNotFoundError, IsADirectoryError):
-                pass  # another writer's cleanup was first; or not a file of ours
+        if m:
+            remove_if_dead(dfd, entry, m.group(1))
 
 
 def _write_all(fd: int, data):

@@ -36,7 +36,7 @@ from . import fsutil, merkle
 from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
 from .store_index import INDEX_ENTRY_MAX, IndexEntry, StoreIndex
 from .store_object import TREE_OFFSET, ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
-from .store_tmp import alive, tmp_names as _names
+from .store_tmp import remove_if_dead, tmp_names as _names
 
 __all__ = ["INDEX_ENTRY_MAX", "IndexEntry", "ObjectWriter", "Store", "StoredTree", "TreeRef"]
 
@@ -328,14 +328,7 @@ class Store(StoreIndex):
         try:
             for name in os.listdir(tmpfd):
                 pid = name.split(".", 1)[0]
-                if pid.isdigit() and int(pid) != os.getpid() and not alive(pid):
-                    try:
-                        os.unlink(name, dir_fd=tmpfd)
-                        removed += 1
-                    except FileNotFoundError:
-                        pass  # another seal of this store cleaned it up first
-                    except IsADirectoryError:
-                        pass  # not ours: a tmp/ file is never a directory
+                removed += pid.isdigit() and remove_if_dead(tmpfd, name, pid)
         finally:
             os.close(tmpfd)
         return removed

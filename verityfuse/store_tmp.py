@@ -43,6 +43,19 @@ def alive(pid: str) -> bool:
         return False
 
 
+def remove_if_dead(dfd: int, name: str, pid: str) -> bool:
+    """Remove file ``name`` of ``dfd``, which process ``pid`` (digits) made, if that is
+    another process and no longer runs; True if it was removed.  One another cleanup
+    removed first, or a directory (never such a file), is left alone."""
+    if int(pid) == os.getpid() or alive(pid):
+        return False
+    try:
+        os.unlink(name, dir_fd=dfd)
+        return True
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+
+
 def name_tmp_files_for(pid: int):
     """In a worker process of ``pid`` (seal_pool): the tmp/ files it stages are ``pid``'s
     until ``pid`` publishes or removes them, so another seal's or a mount's
