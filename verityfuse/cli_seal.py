@@ -62,6 +62,16 @@ class _Sealed:
         self.write()
         sys.stdout.flush()
 
+    def failed(self, full: str, why: str, say):
+        """A file that could not be sealed: --json's object for it, else ``say``'s line
+        (an error, or in a manifest's seal a warning: the seal's summary fails it)."""
+        self.write()
+        self.progress.close()
+        if self.json:
+            emit({"file": full, "error": why})
+        else:
+            say(f"can't seal '{full}': {why}")
+
 
 def _expand(src: SourceDir, store: Store, rels, unreadable):
     """``rels`` with each directory replaced by the regular files under it (walk_files'
@@ -132,12 +142,7 @@ def cmd_seal(args, params, key, rels) -> int:
         sealed = _Sealed(args, progress)
 
         def not_sealed(full, why):
-            sealed.write()
-            progress.close()
-            if args.json:
-                emit({"file": full, "error": why})
-            else:
-                error(f"can't seal '{full}': {why}")
+            sealed.failed(full, why, error)
 
         try:
             with Batch(store, flush=sealed.flush) as batch:
@@ -253,14 +258,6 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
         progress.close()
         warning(msg)  # escaped: it names files of SOURCE
 
-    def not_sealed(full, why):  # protocol/cli-json.md: an object for it with --json
-        if args.json:
-            sealed.write()
-            progress.close()
-            emit({"file": full, "error": why})
-        else:
-            warn(f"can't seal '{full}': {why}")
-
     # M inside SOURCE: its directory's mtime stays what the manifest records of it.
     inside = os.path.realpath(os.path.dirname(os.path.abspath(args.manifest)))
     in_source = (inside + "/").startswith(os.path.realpath(args.source).rstrip("/") + "/")
@@ -269,7 +266,7 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
         rec = ManifestRecorder(src, store, params, batch,
                                skip_paths=[args.manifest, out.payload_path], warn=warn,
                                report=sealed.add, progress=progress, threads=args.threads,
-                               not_sealed=not_sealed)
+                               not_sealed=lambda full, why: sealed.failed(full, why, warning))
         try:
             if rels is None or "." in rels:
                 entries: Iterable[dict] = rec.walk(".")
