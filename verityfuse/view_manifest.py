@@ -32,6 +32,12 @@ from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 TIMEOUT = 3600.0
 
 
+def _share_fault(e: OSError, message: str, path: str) -> Exception:
+    """What the share's failure ``e`` is: the daemon's own lack of fds or memory stays
+    itself (never an integrity failure); any other answer of the host's is Corruption."""
+    return e if e.errno in RESOURCE_ERRNOS else Corruption(message, path)
+
+
 class ManifestView(ReadOnlyView):
     posix_acl = False
     untrusted_source = True  # the host's share (or registry): its errnos are not passed on
@@ -159,11 +165,9 @@ class ManifestView(ReadOnlyView):
         try:
             pfd = fsutil.open_beneath(self.root_fd, node.path.encode())
         except OSError as e:
-            if e.errno in RESOURCE_ERRNOS:
-                raise  # the daemon is out of fds or memory: not the share's doing
-            raise Corruption(f"{node.path}: listed in the manifest, but the share has no "
-                             f"regular file there ({e.strerror}; symlinks are not followed)",
-                             node.path) from None
+            raise _share_fault(e, f"{node.path}: listed in the manifest, but the share has no "
+                               f"regular file there ({e.strerror}; symlinks are not followed)",
+                               node.path) from None
         what = f"{node.path}: in the share, it"
         try:
             if wait:
@@ -173,10 +177,8 @@ class ManifestView(ReadOnlyView):
         except fsutil.NotRegular as e:
             raise Corruption(e.strerror, node.path) from None
         except OSError as e:  # its fstat or open: the host's answer, whatever its errno
-            if e.errno in RESOURCE_ERRNOS:
-                raise
-            raise Corruption(f"{node.path}: listed in the manifest, but the share's file "
-                             f"cannot be opened ({e.strerror})", node.path) from None
+            raise _share_fault(e, f"{node.path}: listed in the manifest, but the share's file "
+                               f"cannot be opened ({e.strerror})", node.path) from None
 
     def _fetch_tree(self, node: manifest_tree.Node):
         """The tree object the manifest digest names, validated as a store object."""
@@ -264,10 +266,8 @@ class ManifestView(ReadOnlyView):
                            what="the share's file", sealed="the manifest says")
         except OSError as e:  # the fstat of the share's file: the host's errno, not ours
             fh.close()
-            if e.errno in RESOURCE_ERRNOS:
-                raise
-            raise Corruption(f"{node.path}: the share's file cannot be read ({e.strerror})",
-                             node.path) from None
+            raise _share_fault(e, f"{node.path}: the share's file cannot be read "
+                               f"({e.strerror})", node.path) from None
         except BaseException:
             fh.close()
             raise
