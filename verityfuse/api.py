@@ -269,7 +269,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     :raises FileNotFoundError: ``source`` or the store does not exist.
     :raises verityfuse.errors.VerityError: the store is malformed or of format 1.
     """
-    from .sealing import describe_failure, verify_file, walk_files
+    from .sealing import StaleCount, describe_failure, verify_file, walk_files
     from .source_dir import SourceDir
     from .store import Store
     from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
@@ -280,7 +280,7 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     store_path = existing_store(fspath(store) if store is not None else _default_store(src))
     cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     results: List[FileResult] = []
-    seen: set[str] = set()
+    reached = StaleCount()
     with Store(store_path) as st, SourceDir(src) as sd:
         def unreadable(rel: str, e: OSError) -> None:  # a directory: nothing under it verified
             results.append(FileResult(rel, "error", describe_failure(e), None, e))
@@ -288,11 +288,10 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
         for rel in walk_files(sd, st, unreadable=unreadable):
             res = verify_file(st, sd, rel, cache)
             d = Digest(res.entry.alg.name, res.entry.digest) if res.entry is not None else None
-            if res.sealed and res.key is not None:
-                seen.add(res.key)
+            reached.add(res)
             msg = describe_failure(res.error) if res.error is not None else ""
             results.append(FileResult(rel, cast(Status, res.status), msg, d, res.error))
-        stale = sum(1 for k in st.keys() if k not in seen)
+        stale = reached.of(st)
     results.sort(key=lambda r: r.path)
     return VerifyReport(os.path.abspath(src), os.path.abspath(store_path), strict,
                         tuple(results), stale)

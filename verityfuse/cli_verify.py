@@ -87,13 +87,13 @@ def cmd_verify(args) -> int:
         error("--trust-key and --manifest-digest need --manifest")
         return EXIT_USAGE
     from .seal_pool import in_order
-    from .sealing import describe_failure, verify_file, walk_files
+    from .sealing import StaleCount, describe_failure, verify_file, walk_files
     from .source_dir import SourceDir
     from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
     cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     counts = dict(sealed=0, corrupt=0, unsealed=0, unreadable=0)
-    seen = set()
+    reached = StaleCount()
     with open_store(args, create=False) as store, SourceDir(args.source) as src:
         def check(rel, here):  # in seal_pool's workers, files of any size
             return verify_file(store, src, rel, cache)
@@ -120,14 +120,14 @@ def cmd_verify(args) -> int:
         for rel, res, _ in in_order(files, check, args.threads, abandon=lambda res: None,
                                     command="verify", done="verified"):
             assert res is not None  # verify_file reports every OSError in its result
+            reached.add(res)
             if res.sealed:
-                seen.add(res.key)
                 counts["sealed"] += 1
             report(os.path.join(args.source, rel), res.status,
                    res.entry.digest_text if res.entry is not None else None, res.error)
         for rel, e in unlistable_dirs:
             report(src.full(rel), "error", error=e)
-        stale = sum(1 for k in store.keys() if k not in seen)
+        stale = reached.of(store)
     nothing = counts["sealed"] == 0 and not counts["unreadable"]
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])
     if args.json:

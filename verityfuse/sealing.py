@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Set, Tuple, Union
 
 from . import fsutil, hashers, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
@@ -263,6 +263,7 @@ class VerifyResult:
     sealed: bool = False                 # it has an index entry (maybe a malformed one)
     entry: Optional[IndexEntry] = None
     error: Optional[Exception] = None    # VerityError or OSError; None = intact (or unsealed)
+    links: int = 1                       # its inode's link count, for StaleCount
 
     @property
     def status(self) -> str:
@@ -271,6 +272,28 @@ class VerifyResult:
         if self.error is None:
             return "ok" if self.sealed else "unsealed"
         return "corrupt" if self.sealed and isinstance(self.error, VerityError) else "error"
+
+
+class StaleCount:
+    """The index entries a verify walk did not reach: every entry less the inodes it
+    reached that have one.  An inode of one link is reached once, so it is only
+    counted; the keys of inodes of more links are kept, to count each once (as ``du``
+    keeps theirs): memory grows with the hard-linked files of SOURCE, never with all."""
+
+    def __init__(self):
+        self.single = 0
+        self.linked: Set[str] = set()
+
+    def add(self, res: VerifyResult) -> None:
+        if res.sealed and res.key is not None:
+            if res.links > 1:
+                self.linked.add(res.key)
+            else:
+                self.single += 1
+
+    def of(self, store: Store) -> int:
+        # A file renamed during the walk may be reached twice: never below zero.
+        return max(0, store.count_entries() - self.single - len(self.linked))
 
 
 def describe_failure(e: BaseException) -> str:
@@ -294,6 +317,7 @@ def verify_file(store: Store, source: Union[str, SourceDir], rel: str, cache: Tr
         res.error = e
         return res
     try:
+        res.links = os.fstat(fd).st_nlink
         res.key = identity.key_of(fd)
         try:
             entry = res.entry = store.get_entry(res.key)
