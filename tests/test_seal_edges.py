@@ -171,3 +171,47 @@ def test_digest_refuses_what_is_not_a_regular_file_without_waiting(tmp_path):
             f"ERROR: error reading '{path}': not a regular file\n")
         assert json.loads(r.stdout) == {"file": str(path), "error": "error reading: not a "
                                         "regular file", "schema": 1}
+
+
+def test_what_seal_skips_verify_does_not_call_unlisted(tmp_path):
+    """A FIFO, socket or device under SOURCE: `seal --manifest` skips it with a warning and
+    exits 0, and `verify --manifest` reported it unlisted (exit 1) right after, every time.
+    No manifest can list it and a mount hides it: verify warns of it as seal does, the
+    name escaped.  An unlisted regular file is still a failure."""
+    import socket
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"listed\n")
+    os.mkfifo(src / "d" / "fifo\nWARNING: forged")
+    os.mknod(src / "null", 0o600 | 0o020000, os.makedev(1, 3))
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(src / "sock"))
+        m = tmp_path / "M"
+        r = vf("seal", src, "--store", tmp_path / "store", "--manifest", m, "--json")
+        assert r.returncode == 0, r.stderr
+        digest = json.loads(r.stdout.splitlines()[-1])["digest"]
+        warned = sorted(r.stderr.decode().splitlines())
+        assert warned == [f"WARNING: skipping {src}/{name}: not a directory, regular file or "
+                          f"symlink" for name in ("d/fifo\\nWARNING: forged", "null", "sock")]
+
+        def verify():
+            return vf("verify", src, "--store", tmp_path / "store", "--manifest", m,
+                      "--manifest-digest", digest, "--json")
+
+        v = verify()
+        assert v.returncode == 0, (v.stdout, v.stderr)
+        assert sorted(v.stderr.decode().splitlines()) == warned
+        summary = json.loads(v.stdout.splitlines()[-1])["summary"]
+        assert (summary["ok"], summary["unlisted"]) == (True, 0)
+
+        (src / "d" / "new").write_bytes(b"not in M\n")
+        v = verify()
+        assert v.returncode == 1
+        unlisted = [json.loads(line) for line in v.stdout.splitlines()[:-1]
+                    if b'"unlisted"' in line]
+        assert unlisted == [{"schema": 1, "file": f"{src}/d/new", "status": "unlisted",
+                             "error": "in SOURCE, not in the manifest (a mount hides it)"}]
+    finally:
+        sock.close()

@@ -13,7 +13,7 @@ import sys
 
 from .cli_seal import EXIT_ERROR, EXIT_USAGE, error, open_store
 from .errors import IntegrityError
-from .jsonout import emit, shown, shown_text
+from .jsonout import emit, shown, shown_text, warning
 
 
 def _failure_json(e: Exception) -> dict:
@@ -50,9 +50,14 @@ def cmd_verify_manifest(args) -> int:
         error(str(e))
         return EXIT_ERROR
     counts = dict.fromkeys(("ok", "corrupt", "differs", "missing", "unlisted", "error"), 0)
+
+    def skipped(rel: str):  # as seal warns of it: no manifest lists it, a mount hides it
+        warning(f"skipping {os.path.normpath(os.path.join(args.source, rel))}: not a "
+                f"directory, regular file or symlink")
+
     with open_store(args, objects_only=True) as store:
         for res in check_tree(args.source, m.tree, store, skip=(store.path, args.manifest),
-                              threads=args.threads):
+                              threads=args.threads, skipped=skipped):
             counts[res.status] += 1
             name = os.path.normpath(os.path.join(args.source, res.path))
             if args.json:

@@ -112,14 +112,17 @@ def check_node(root_fd: int, node: manifest_tree.Node, store, cache) -> EntryRes
 
 
 def unlisted(source: Union[str, SourceDir], listed: Set[str], skip: Iterable[str],
-             unreadable: Optional[Callable[[str, OSError], None]] = None) -> Iterator[str]:
+             unreadable: Optional[Callable[[str, OSError], None]] = None,
+             skipped: Optional[Callable[[str], None]] = None) -> Iterator[str]:
     """Paths under ``source`` that the manifest does not list, in os.walk's order (in
     each directory, what stats as a directory first, each group sorted; then the listed
     subdirectories, depth first).  Each directory is opened beneath SOURCE with no
     symlink on its path (source_dir): one swapped for a symlink meanwhile is never
     listed.  A directory that cannot be listed goes to ``unreadable``, with an error
     saying so (raised as it is without it); one gone meanwhile holds nothing.
-    ``skip`` names files or directories to leave out (the store, the manifest itself)."""
+    ``skip`` names files or directories to leave out (the store, the manifest itself).
+    What no manifest can list (a FIFO, socket or device: seal skips it with a warning)
+    goes to ``skipped`` instead, if given: it is no sign that SOURCE changed."""
     skip_ids: Set[Tuple[int, int]] = set()
     for p in skip:
         try:
@@ -143,7 +146,7 @@ def unlisted(source: Union[str, SourceDir], listed: Set[str], skip: Iterable[str
                         except OSError:
                             continue  # gone meanwhile
                         if (s.st_dev, s.st_ino) not in skip_ids:
-                            found.append((kind, d.name, stat.S_ISDIR(s.st_mode)))
+                            found.append((kind, d.name, s.st_mode))
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -151,20 +154,29 @@ def unlisted(source: Union[str, SourceDir], listed: Set[str], skip: Iterable[str
                     raise
                 unreadable(rel_dir or ".", unlistable(e))
                 continue
-            for _, name, is_dir in sorted(found):
+            for _, name, mode in sorted(found):
                 rel = f"{rel_dir}/{name}" if rel_dir else name
-                if rel not in listed:
+                if rel in listed:
+                    if stat.S_ISDIR(mode):
+                        descend.append(rel)  # an unlisted directory is reported once, not walked
+                elif skipped is not None and not _recordable(mode):
+                    skipped(rel)
+                else:
                     yield rel
-                elif is_dir:
-                    descend.append(rel)  # an unlisted directory is reported once, not walked
             stack.extend(reversed(descend))
 
 
+def _recordable(mode: int) -> bool:
+    return stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+
+
 def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str] = (),
-               threads: Optional[int] = None) -> Iterator[EntryResult]:
-    """Every manifest entry in manifest order, then every unlisted path.  Entries are
-    checked by seal_pool's worker processes (``threads``); each worker finds the node
-    by its index in the tree it inherited, so only numbers and results cross the pipe."""
+               threads: Optional[int] = None,
+               skipped: Optional[Callable[[str], None]] = None) -> Iterator[EntryResult]:
+    """Every manifest entry in manifest order, then every unlisted path (``skipped``:
+    ``unlisted``'s).  Entries are checked by seal_pool's worker processes (``threads``);
+    each worker finds the node by its index in the tree it inherited, so only numbers
+    and results cross the pipe."""
     cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     nodes = tree.nodes
     with SourceDir(source) as src:  # one SOURCE for the entries and the unlisted walk
@@ -178,7 +190,7 @@ def check_tree(source: str, tree: manifest_tree.Tree, store, skip: Iterable[str]
             yield res
         unlistable_dirs: list = []
         for rel in unlisted(src, {n.path for n in tree.nodes}, skip,
-                            lambda rel, e: unlistable_dirs.append((rel, e))):
+                            lambda rel, e: unlistable_dirs.append((rel, e)), skipped):
             yield EntryResult(rel, "unlisted", "in SOURCE, not in the manifest (a mount hides it)")
         for rel, e in unlistable_dirs:
             yield EntryResult(rel, "error", describe_failure(e), error=e)
