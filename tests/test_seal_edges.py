@@ -215,3 +215,14 @@ def test_what_seal_skips_verify_does_not_call_unlisted(tmp_path):
                              "error": "in SOURCE, not in the manifest (a mount hides it)"}]
     finally:
         sock.close()
+
+
+def test_verify_of_a_source_that_is_no_directory_says_so(tmp_path):
+    """`verify /nonexistent` said the store /nonexistent/.verityfuse did not exist."""
+    (tmp_path / "file").write_bytes(b"x")
+    pin = ["--manifest", tmp_path / "M", "--manifest-digest", "sha256:" + "0" * 64]
+    for source in (tmp_path / "gone", tmp_path / "file"):
+        for extra in ([], pin):
+            r = vf("verify", source, *extra)
+            assert (r.returncode, r.stdout, r.stderr.decode()) == (
+                1, b"", f"ERROR: '{source}' is not a directory\n")
