@@ -9,6 +9,7 @@ pin the order: the first rule's errno wins, as in the kernel (reference: fsverit
 import errno
 import os
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -167,6 +168,34 @@ def _started(s):
     s.start()
 
 
+def _acl(entries):
+    """Give ``f`` an access ACL (system.posix_acl_access, as setfacl writes it) of
+    (tag, perms, id) entries; skips where the filesystem has none."""
+    def prepare(s):
+        value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, ident)
+                                                for tag, perm, ident in entries)
+        try:
+            os.setxattr(s.src / "f", "system.posix_acl_access", value)
+        except OSError as e:
+            pytest.skip(f"no POSIX ACLs here: {e}")
+        s.start()
+    return prepare
+
+
+_ALL = 0xFFFFFFFF  # ACL_UNDEFINED_ID
+# user::rw- user:nobody:r-- group::rw- mask::rw- other::rw-: a 0666 file nobody may not write
+_ACL_DENIES = _acl([(1, 6, _ALL), (2, 4, 65534), (4, 6, _ALL), (0x10, 6, _ALL), (0x20, 6, _ALL)])
+# user::rw- user:nobody:rw- group::r-- mask::rw- other::r--: a 0644 file nobody may write
+_ACL_GRANTS = _acl([(1, 6, _ALL), (2, 6, 65534), (4, 4, _ALL), (0x10, 6, _ALL), (0x20, 4, _ALL)])
+
+
+def _ioctl_only_handle(s):
+    """Another process holds the file open with access mode 3, which reads and writes
+    nothing: the kernel counts no writer for it."""
+    s.start()
+    s.open(3)
+
+
 # (name, view options, setup, attempt keywords, errno)
 RULES = [
     ("version 2", {}, _started, dict(data=arg_with(version=2)), errno.EINVAL),
@@ -176,6 +205,8 @@ RULES = [
     ("16129-byte signature", {}, _started, dict(data=arg_with(sig=16129)), errno.EMSGSIZE),
     ("immutable", {}, _immutable, {}, errno.EPERM),
     ("no write permission", {}, _mode_0444, dict(caller=NOBODY), errno.EACCES),
+    ("an ACL denies write", {}, _ACL_DENIES, dict(caller=NOBODY), errno.EACCES),
+    ("opened for ioctls only (access mode 3)", {}, _started, dict(open_flags=3), errno.EBADF),
     ("opened write-only", {}, _started, dict(open_flags=os.O_WRONLY), errno.EBADF),
     ("append-only", {}, _append, {}, errno.EPERM),
     ("directory", {}, _dir, dict(name=b"d", open_flags=None), errno.EISDIR),
@@ -205,11 +236,18 @@ PAIRS = [
      dict(open_flags=os.O_WRONLY, caller=NOBODY), errno.EACCES),
     ("opened write-only, append-only", {}, _append,
      dict(open_flags=os.O_WRONLY | os.O_APPEND), errno.EBADF),
-    ("append-only, read-only mount", dict(read_only=True), _append, {}, errno.EPERM),
+    # file_permission(MAY_WRITE) says EROFS first on a read-only mount (sb_permission),
+    # for a file, directory or symlink; a FIFO is EINVAL before the mount is asked.
+    ("no write permission, read-only mount", dict(read_only=True), _mode_0444,
+     dict(caller=NOBODY), errno.EROFS),
+    ("immutable, read-only mount", dict(read_only=True), _immutable, {}, errno.EROFS),
+    ("append-only, read-only mount", dict(read_only=True), _append, {}, errno.EROFS),
     ("no write permission, directory", {}, lambda s: (os.mkdir(s.src / "d", 0o555), s.start()),
      dict(name=b"d", open_flags=None, caller=NOBODY), errno.EACCES),
     ("directory, read-only mount", dict(read_only=True), _dir,
-     dict(name=b"d", open_flags=None), errno.EISDIR),
+     dict(name=b"d", open_flags=None), errno.EROFS),
+    ("an ACL denies write, read-only mount", dict(read_only=True), _ACL_DENIES,
+     dict(caller=NOBODY), errno.EROFS),
     ("FIFO, read-only mount", dict(read_only=True), _fifo,
      dict(name=b"p", open_flags=None), errno.EINVAL),
     ("read-only mount, open for writing", dict(read_only=True), _started,
@@ -239,6 +277,24 @@ def test_rule(setup, name, view_kw, prepare, kw, want):
         assert not inode.enabling
     # The check opened nothing it kept: only the handles this test opened are open.
     assert inode.files == {fh for fh in s.handles if fh.node is inode}
+
+
+@pytest.mark.parametrize("prepare", [_ACL_GRANTS, _ioctl_only_handle],
+                         ids=["an ACL grants write", "another handle of access mode 3"])
+def test_enables_the_mode_bits_alone_would_refuse(setup, prepare):
+    """What the kernel allows: a user an ACL lets write (the mode bits say no: EACCES
+    before), and an enable while another handle of access mode 3 is open (counted as a
+    writer before: ETXTBSY).  Then a mode-3 open of the verity file is allowed too (only
+    FMODE_WRITE is refused: EPERM before)."""
+    s = setup()
+    prepare(s)
+    assert attempt(s, caller=NOBODY if prepare is _ACL_GRANTS else ROOT) is None
+    assert s.view.verity.info(s.inode()) is not None
+    fh = s.open(3)
+    assert (fh.readable, fh.writable) == (False, False)
+    with pytest.raises(OSError) as e:
+        s.open(os.O_RDWR)
+    assert e.value.errno == errno.EPERM
 
 
 def test_too_many_tree_levels_is_efbig_before_eexist_is_looked_at(setup):

@@ -215,6 +215,58 @@ def test_ioctl_errors_are_returned_as_errnos(caplog):
                                                        measure, 68) == errno.ENOTTY
 
 
+class MeasureView:
+    posix_acl = False
+
+    def verity_info(self, ino):
+        return SimpleNamespace(alg=merkle.SHA256, digest=bytes(range(32)))
+
+
+def test_a_measure_whose_header_changed_during_the_call_is_eoverflow(caplog):
+    """The kernel sized the reply (out_size) from the caller's digest_size, then copied
+    the header again: a thread of the caller that raised digest_size in between made the
+    reply too large for out_size, a ValueError, EIO and a traceback in the log, as often
+    as any user liked.  The smaller buffer is the one there is: EOVERFLOW."""
+    caplog.set_level(logging.DEBUG, logger="verityfuse")
+    shim = FakeShim()
+    ops = VerityOperations(MeasureView(), shim=shim)
+    grown = struct.pack("<HH", 0, 64)
+    assert ops.ioctls.ioctl(1, 5, uapi.FS_IOC_MEASURE_VERITY, 0, 0, grown, 4) == errno.EOVERFLOW
+    assert ops.ioctls.ioctl(2, 5, uapi.FS_IOC_MEASURE_VERITY, 0, 0, grown, 4 + 32) == 0
+    assert shim.answers == [(2, "reply", b"\x01\x00\x20\x00" + bytes(range(32)))]
+    assert lines(caplog) == []
+
+
+def test_a_bug_in_an_ioctl_handler_is_eio_and_one_line(caplog):
+    """What escapes the ioctl handler is caught in the shim's callback (nothing may leave
+    a ctypes callback): EIO, and one line per exception type, never a traceback (there
+    was one per request)."""
+    from verityfuse.fuseshim import Shim
+
+    class Fn:  # a libfuse-shim function: records its calls; ctypes sets its argtypes
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *args):
+            self.calls.append(args)
+
+    lib = SimpleNamespace(**{name: Fn() for name in (
+        "vf_set_handler", "vf_reply_ioctl", "vf_reply_err", "vf_req_interrupted", "vf_req_ctx")})
+    caplog.set_level(logging.DEBUG, logger="verityfuse")
+    bug = type(f"IoctlBug{next(_unique)}", (Exception,), {})
+
+    def handler(*args):
+        raise bug("boom")
+
+    Shim(lib).set_handler(handler)
+    (trampoline,), = lib.vf_set_handler.calls
+    assert [trampoline(None, 1, 2, 3, 0, None, 0, 0) for _ in range(50)] == [errno.EIO] * 50
+    logged = lines(caplog)
+    assert [(r.levelno, r.getMessage()) for r in logged] == [
+        (logging.ERROR, f"ioctl handler failed, replying EIO: {bug.__name__}: boom")]
+    assert logged[0].exc_info is None and "Traceback" not in caplog.text
+
+
 def test_unmount_stops_a_running_enable_which_answers_eintr():
     """The enable task outlives its ioctl callback in IoctlHandlers.run; cancelling that (the
     daemon does at unmount) makes the build see ``stopping``: EINTR, the job finished."""

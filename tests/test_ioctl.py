@@ -5,10 +5,12 @@ Ports the behaviour checks of xfstests generic/572 (API), 573 (permissions) and
 """
 
 import errno
+import fcntl
 import os
 import pathlib
 import sys
 import shutil
+import struct
 import subprocess
 import tempfile
 
@@ -77,10 +79,14 @@ def test_enable_params_and_measure_codec():
         assert e.value.errno == errno.EINVAL
     d = bytes(range(32))
     assert ioctl.measure_reply((1).to_bytes(2, "little") + (64).to_bytes(2, "little"),
-                               merkle.SHA256, d) == b"\x01\x00\x20\x00" + d
-    with pytest.raises(Errno) as e:
-        ioctl.measure_reply(b"\x00\x00\x10\x00", merkle.SHA256, d)
-    assert e.value.errno == errno.EOVERFLOW
+                               merkle.SHA256, d, 4 + 64) == b"\x01\x00\x20\x00" + d
+    # The header's size, and what the kernel copies back (the header again after a
+    # thread of the caller changed it): the smaller one is the buffer.
+    for header, out_size in [(16, 4 + 64), (64, 4), (64, 4 + 31), (0xFFFF, 0)]:
+        with pytest.raises(Errno) as e:
+            ioctl.measure_reply(b"\x00\x00" + header.to_bytes(2, "little"), merkle.SHA256, d,
+                                out_size)
+        assert e.value.errno == errno.EOVERFLOW
 
 
 # -- through the mount --------------------------------------------------------
@@ -195,6 +201,47 @@ def test_permissions_generic_573(tmp_path, public_dir, verified_mount):
     fsv("enable", mp / "ro", check=True)  # root may
     r = subprocess.run([*as_nobody, "measure", mp / "ro"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("sha256:")
+    # POSIX ACLs count as the kernel counts them: the mode bits alone let nobody make
+    # root's 0666 file read-only for good, and refused the 0644 file its ACL lets it write.
+    undefined = 0xFFFFFFFF
+    for name, mode, nobody_perm in [("acl-denies", 0o666, 4), ("acl-grants", 0o644, 6)]:
+        write(src / name, b"c" * 5000)
+        os.chmod(src / name, mode)
+        entries = [(1, 6, undefined), (2, nobody_perm, 65534), (4, mode >> 3 & 7, undefined),
+                   (0x10, 6, undefined), (0x20, mode & 7, undefined)]
+        os.setxattr(src / name, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(
+            struct.pack("<HHI", *e) for e in entries))
+    r = subprocess.run([*as_nobody, "enable", mp / "acl-denies"], capture_output=True, text=True)
+    assert "Permission denied" in r.stderr, (r.returncode, r.stderr)
+    r = subprocess.run([*as_nobody, "enable", mp / "acl-grants"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [fsv("measure", mp / n).returncode for n in ("acl-denies", "acl-grants")] == [1, 0]
+
+
+def test_an_ioctl_only_open_is_neither_a_reader_nor_a_writer(mnt):
+    """open(2) with access mode 3 gives an fd for ioctls only: enable on it is EBADF (it
+    was ETXTBSY: counted as a writer), it keeps no one else from enabling, and a verity
+    file may be opened so (it was EPERM) and measured through it."""
+    src, mp = mnt.source, mnt.mountpoint
+    write(src / "f", pattern(9000))
+    fd = os.open(mp / "f", 3)
+    try:
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, uapi.FS_IOC_ENABLE_VERITY, ioctl.pack_enable(merkle.Params()))
+        assert e.value.errno == errno.EBADF
+        fsv("enable", mp / "f", check=True)  # while that fd is open
+    finally:
+        os.close(fd)
+    fd = os.open(mp / "f", 3)
+    try:
+        buf = bytearray(struct.pack("<HH", 0, 64) + bytes(64))
+        fcntl.ioctl(fd, uapi.FS_IOC_MEASURE_VERITY, buf)
+        assert f"sha256:{bytes(buf[4:36]).hex()}" == fsv("measure", mp / "f").stdout.split()[0]
+        with pytest.raises(OSError) as e:
+            os.read(fd, 1)
+        assert e.value.errno == errno.EBADF  # the kernel's: no FMODE_READ
+    finally:
+        os.close(fd)
 
 
 def test_interrupted_enable_and_concurrent_requests(mnt):

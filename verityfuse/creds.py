@@ -24,6 +24,8 @@ import platform
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYSCALLS = {"x86_64": (116, 122, 123), "aarch64": (159, 151, 152)}  # setgroups, setfsuid, setfsgid
 SYS_setgroups, SYS_setfsuid, SYS_setfsgid = _SYSCALLS.get(platform.machine(), (None, None, None))
+SYS_faccessat2 = 439  # the same number on every architecture (Linux >= 5.8)
+_AT_FDCWD, _AT_EACCESS = -100, 0x200
 
 
 def groups_of(pid: int):
@@ -50,24 +52,43 @@ def supported() -> bool:
 
 
 @contextlib.contextmanager
-def as_caller(ctx):
-    """Run the body with ``ctx``'s uid, gid, groups and umask (a pyfuse3 RequestContext
-    or anything with uid, gid, pid, umask).  A no-op for a daemon that is not root."""
-    umask = os.umask(getattr(ctx, "umask", 0) & 0o777)
-    if not supported() or ctx is None:
-        try:
-            yield
-        finally:
-            os.umask(umask)
+def as_ids(uid: int, gid: int, groups):
+    """Run the body with these filesystem uid, gid and supplementary groups (this thread
+    only).  A no-op for a daemon that is not root."""
+    if not supported():
+        yield
         return
     own_groups = os.getgroups()
-    _setgroups(groups_of(ctx.pid))
-    _libc.syscall(SYS_setfsgid, ctx.gid)
-    _libc.syscall(SYS_setfsuid, ctx.uid)
+    _setgroups(tuple(groups))
+    _libc.syscall(SYS_setfsgid, gid)
+    _libc.syscall(SYS_setfsuid, uid)
     try:
         yield
     finally:
         _libc.syscall(SYS_setfsuid, 0)
         _libc.syscall(SYS_setfsgid, os.getegid())
         _setgroups(own_groups)
+
+
+@contextlib.contextmanager
+def as_caller(ctx):
+    """Run the body with ``ctx``'s uid, gid, groups and umask (a pyfuse3 RequestContext
+    or anything with uid, gid, pid, umask).  A no-op for a daemon that is not root."""
+    umask = os.umask(getattr(ctx, "umask", 0) & 0o777)
+    try:
+        if ctx is None or not supported():
+            yield
+        else:
+            with as_ids(ctx.uid, ctx.gid, groups_of(ctx.pid)):
+                yield
+    finally:
         os.umask(umask)
+
+
+def access_errno(path: str, mode: int) -> int:
+    """faccessat2(path, mode, AT_EACCESS) with this thread's filesystem credentials (as
+    ``as_ids`` sets them): 0 if granted, else its errno.  The file system's own rule,
+    ACLs, the immutable flag and a read-only file system included.  glibc's faccessat
+    is not used: where the system call is missing it falls back to the real uid."""
+    r = _libc.syscall(SYS_faccessat2, _AT_FDCWD, os.fsencode(path), mode, _AT_EACCESS)
+    return 0 if r == 0 else ctypes.get_errno()

@@ -11,13 +11,16 @@ enable_verity; /work/shared/reference/fsverity.md §1.5), so a request that brea
 gets the first one's errno.  ``ioctl.parse_enable`` has already answered EINVAL (version,
 reserved fields, block size not a power of 2) and EMSGSIZE (salt, signature):
 
-1. EPERM if immutable, EACCES without write permission (file_permission(MAY_WRITE));
-2. EBADF if the caller's file is not open for reading;
-3. EPERM if append-only;  4. EISDIR;  5. EINVAL if not a regular file;
-6. EROFS on a read-only mount;  7. ETXTBSY while anything has it open for writing;
+1. EOPNOTSUPP if the backing filesystem cannot keep verity with the inode (no handles
+   that last): a filesystem without verity says so before anything else;
+2. file_permission(MAY_WRITE), asked of the backing filesystem as the caller: EROFS on a
+   read-only mount (a file or directory), EPERM if immutable, EACCES without write
+   permission (mode bits and ACLs);
+3. EBADF if the caller's file is not open for reading (access mode 3 is not);
+4. EPERM if append-only;  5. EISDIR;  6. EINVAL if not a regular file;
+7. ETXTBSY while anything has it open for writing;
 8. EINVAL for an unknown hash algorithm or block size, EFBIG if the tree is too deep;
-9. EEXIST if already verity;  10. EBUSY while another enable runs;
-11. EOPNOTSUPP if the backing filesystem cannot keep verity with the inode (no handles).
+9. EEXIST if already verity;  10. EBUSY while another enable runs.
 
 The build then answers EINTR when cancelled (nothing committed) and the signature rules
 (LocalVerity.check_signature: EPERM when signatures are required and none was given, and
@@ -32,7 +35,7 @@ import os
 import stat
 from typing import Callable, Optional, Set, Tuple
 
-from . import fsutil, merkle, treebuild, uapi
+from . import creds, fsutil, merkle, treebuild, uapi
 from .errors import Errno
 from .inodes import Inode
 from .ioctl import EnableArg, enable_params
@@ -57,17 +60,15 @@ def backing_flags(fd: int) -> int:
     return int.from_bytes(buf, "little")
 
 
-def may_write(fd: int, caller: Caller) -> bool:
-    """The kernel's inode_permission(MAY_WRITE) on the file ``fd``, from its mode bits."""
+def write_permission(fd: int, caller: Caller) -> int:
+    """The kernel's file_permission(MAY_WRITE) for ``caller`` on the file ``fd``: 0, or
+    EROFS (a read-only file system), EPERM (immutable) or EACCES, in the kernel's order.
+    The backing file system is asked, with the caller's credentials, rather than a rule
+    of mode bits rebuilt here, which gave an ACL's denial no weight: a user an ACL kept
+    from writing someone else's file could make it read-only for good."""
     uid, gid, groups = caller
-    if uid == 0:
-        return True
-    st = os.fstat(fd)
-    if uid == st.st_uid:
-        return bool(st.st_mode & stat.S_IWUSR)
-    if st.st_gid == gid or st.st_gid in groups:
-        return bool(st.st_mode & stat.S_IWGRP)
-    return bool(st.st_mode & stat.S_IWOTH)
+    with creds.as_ids(uid, gid, groups):
+        return creds.access_errno(f"/proc/self/fd/{fd}", os.W_OK)
 
 
 class EnableJob:
@@ -109,21 +110,30 @@ class Enabler:
         else:  # never open a FIFO or a device (it could block): rule 5 answers for it
             raise Errno(errno.EINVAL, "not a regular file")
         try:
-            params = self._rules(inode, fd, fh is not None, arg, caller)
+            params = self._rules(inode, fd, fh, arg, caller)
         except BaseException:
             os.close(fd)
             raise
         inode.enabling = True
         return EnableJob(inode, fd, self.verity.label(inode), params, arg.signature)
 
-    def _rules(self, inode: Inode, fd: int, callers_fd: bool, arg: EnableArg,
+    def _rules(self, inode: Inode, fd: int, callers_fh: Optional[FileHandle], arg: EnableArg,
                caller: Optional[Caller]) -> merkle.Params:
+        if inode.store_key is None:
+            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles that "
+                                          "last, to keep verity with the inode")
+        # A read-only mount is a read-only superblock: the first thing file_permission
+        # says, for a file, directory or symlink (a FIFO gets EINVAL below first).
+        if self.read_only() and (inode.is_reg or stat.S_ISDIR(inode.mode)
+                                 or stat.S_ISLNK(inode.mode)):
+            raise Errno(errno.EROFS, "read-only mount")
         flags = backing_flags(fd)
-        if flags & uapi.FS_IMMUTABLE_FL:
+        err = write_permission(fd, caller) if caller is not None else 0
+        if err == errno.EPERM or (caller is None and flags & uapi.FS_IMMUTABLE_FL):
             raise Errno(errno.EPERM, "immutable")
-        if caller is not None and not may_write(fd, caller):
-            raise Errno(errno.EACCES, "no write permission")
-        if callers_fd and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        if err:
+            raise Errno(err, "no write permission")
+        if callers_fh is not None and not callers_fh.readable:
             raise Errno(errno.EBADF, "the file is not open for reading")
         if flags & uapi.FS_APPEND_FL:
             raise Errno(errno.EPERM, "append-only")
@@ -131,8 +141,6 @@ class Enabler:
             raise Errno(errno.EISDIR, "is a directory")
         if not inode.is_reg:
             raise Errno(errno.EINVAL, "not a regular file")
-        if self.read_only():
-            raise Errno(errno.EROFS, "read-only mount")
         if any(f.writable for f in inode.files):
             raise Errno(errno.ETXTBSY, "open for writing")
         params = enable_params(arg)                                  # EINVAL
@@ -141,9 +149,6 @@ class Enabler:
             raise Errno(errno.EEXIST, "already a verity file")
         if inode.enabling:
             raise Errno(errno.EBUSY, "enable already running")
-        if inode.store_key is None:
-            raise Errno(errno.EOPNOTSUPP, "the backing filesystem has no file handles that "
-                                          "last, to keep verity with the inode")
         return params
 
     def build(self, job: EnableJob, cancel: Optional[Callable[[], bool]] = None) -> None:

@@ -104,7 +104,8 @@ def handle(request: bytes, target: Target) -> bytes:
         if offset:
             raise Errno(errno.EINVAL, "MEASURE: offset must be 0")
         d = md.descriptor
-        body = ioctl.measure_reply(struct.pack("<HH", 0, min(size, 0xFFFF)), d.params.alg, d.digest)
+        room = min(size, 0xFFFF)  # the caller's digest buffer, as FS_IOC_MEASURE_VERITY's
+        body = ioctl.measure_reply(struct.pack("<HH", 0, room), d.params.alg, d.digest, 4 + room)
         return OUT.pack(len(body), 0, 0) + body
     if op == OP_GET_DESCRIPTOR:
         raw = md.descriptor.raw

@@ -19,7 +19,8 @@ import sys
 import threading
 from typing import Optional, Tuple
 
-log = logging.getLogger("verityfuse")
+from .logs import requests as ratelog
+
 
 CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint,
                             ctypes.c_uint64, ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t,
@@ -80,8 +81,9 @@ class Shim:
             try:
                 data = ctypes.string_at(in_buf, in_size) if in_size else b""
                 return fn(req, ino, cmd, fh, flags, data, out_size)
-            except BaseException:
-                log.exception("ioctl handler failed; replying EIO")
+            except BaseException as e:  # a bug: one rate-limited line, never a traceback per request
+                ratelog.log(logging.ERROR, ("ioctl", type(e).__name__),
+                            f"ioctl handler failed, replying EIO: {type(e).__name__}: {e}")
                 return errno.EIO
 
         self._callback = CALLBACK(trampoline)

@@ -19,7 +19,10 @@ from .errors import Errno
 GETFLAGS_CMDS = (uapi.FS_IOC_GETFLAGS, uapi.FS_IOC32_GETFLAGS)
 SETFLAGS_CMDS = (uapi.FS_IOC_SETFLAGS, uapi.FS_IOC32_SETFLAGS)
 
-# Block sizes this implementation enables: the kernel takes 1 KiB up to the page size.
+# Block sizes this implementation enables.  The kernel takes 1 KiB up to the page size
+# and the file system's block size (4 KiB on x86 ext4); this takes up to 64 KiB, as a
+# kernel with 64 KiB pages does, so that such a tree can be made anywhere: a superset,
+# said in protocol/errnos.md.
 MIN_ENABLE_BLOCK_SIZE = 1024
 MAX_ENABLE_BLOCK_SIZE = merkle.MAX_BLOCK_SIZE
 
@@ -79,17 +82,21 @@ def pack_enable(params: merkle.Params, signature: bytes = b"") -> bytes:
     return head + params.salt + signature
 
 
-def measure_reply(data: bytes, alg: merkle.HashAlg, digest: bytes) -> bytes:
+def measure_reply(data: bytes, alg: merkle.HashAlg, digest: bytes, out_size: int) -> bytes:
     """struct fsverity_digest for FS_IOC_MEASURE_VERITY.
 
-    ``data`` is the caller's header (digest_size = its buffer size, any value).
-    EOVERFLOW if the buffer cannot hold the digest.
+    ``data`` is the caller's header (digest_size = its buffer size, any value) and
+    ``out_size`` what the kernel will copy back.  The kernel read digest_size to size
+    the request and copied the header again: a thread of the caller that changes it in
+    between makes the two disagree, and the smaller is the buffer there is.  EOVERFLOW
+    if it cannot hold the digest.
     """
     if len(data) < uapi.DIGEST_HEADER_STRUCT.size:
         raise Errno(errno.EINVAL, "FS_IOC_MEASURE_VERITY argument shorter than 4 bytes")
     _, size = uapi.DIGEST_HEADER_STRUCT.unpack_from(data)
+    size = min(size, out_size - uapi.DIGEST_HEADER_STRUCT.size)
     if size < len(digest):
-        raise Errno(errno.EOVERFLOW, f"digest buffer of {size} bytes, need {len(digest)}")
+        raise Errno(errno.EOVERFLOW, f"digest buffer of {max(size, 0)} bytes, need {len(digest)}")
     return uapi.DIGEST_HEADER_STRUCT.pack(alg.number, len(digest)) + digest
 
 

@@ -119,7 +119,7 @@ class IoctlHandlers:
                 v = view.verity_info(ino)
                 if v is None:
                     return errno.ENODATA
-                request.reply(vioctl.measure_reply(data, v.alg, v.digest))
+                request.reply(vioctl.measure_reply(data, v.alg, v.digest, out_size))
             elif cmd == uapi.FS_IOC_ENABLE_VERITY:
                 self._start_enable(self.shim, request, ino, h if isinstance(h, FileHandle) else None,
                                    data)

@@ -95,10 +95,12 @@ class Attr:
 class FileHandle:
     """An open file: its backing fd and, for a verity file, the reader that checks it."""
 
-    __slots__ = ("fd", "node", "reader", "writable", "closers", "inline_reads")
+    __slots__ = ("fd", "node", "reader", "writable", "readable", "closers", "inline_reads")
 
-    def __init__(self, fd: int, node, writable: bool = False) -> None:
-        self.fd, self.node, self.writable = fd, node, writable
+    def __init__(self, fd: int, node, writable: bool = False, readable: bool = True) -> None:
+        # What the kernel lets the caller do with it: access mode 3 ("ioctl only") is
+        # neither (its backing fd is opened read-only).
+        self.fd, self.node, self.writable, self.readable = fd, node, writable, readable
         self.reader: Optional[VerifiedReader] = None
         self.closers: list = []  # what else to close with it (a tree object)
         # Without a reader: how a small read may be served on the request thread

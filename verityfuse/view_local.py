@@ -32,6 +32,7 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Never passed to the backing open: creation is done explicitly, and O_DIRECT
 # reads fall back to buffered (verified) I/O as on ext4 with fs-verity.
 _STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+_IOCTL_ONLY = 3  # open(2)'s access mode 3: permission to read and write, an fd for neither
 RENAME_EXCHANGE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -268,15 +269,18 @@ class LocalView:
     def _open(self, i: Inode, flags: int, fd: Optional[int] = None) -> FileHandle:
         """``fd``: the backing file, opened already: taken (closed if the open fails)."""
         acc = flags & os.O_ACCMODE
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        if acc == _IOCTL_ONLY:  # neither read nor write: the kernel sends it ioctls only
+            flags &= ~os.O_ACCMODE  # and O_RDONLY serves those without counting as a writer
         try:
-            v = self._may_open(i, acc != os.O_RDONLY or bool(flags & os.O_TRUNC))
+            v = self._may_open(i, writable or bool(flags & os.O_TRUNC))
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
         if fd is None:  # (FUSE opens only regular files: the kernel serves FIFOs, devices)
             fd = fsutil.reopen_nowait(i.fd, (flags & ~_STRIP) | os.O_CLOEXEC, self.noatime)
-        fh = FileHandle(fd, i, writable=acc != os.O_RDONLY)
+        fh = FileHandle(fd, i, writable=writable, readable=acc in (os.O_RDONLY, os.O_RDWR))
         try:
             if v is not NOT_VERITY:
                 self._attach_reader(fh, v)
