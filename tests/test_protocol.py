@@ -167,6 +167,14 @@ def test_daemon_handler_enable_without_a_mount(tmp_path):
             with pytest.raises(Errno) as e:  # a FIFO is never opened (that would block)
                 ops.fsverity(ops.view.lookup(1, b"p").ino, enable)
             assert e.value.errno == errno.EINVAL
+            # A transport that brings the requester's credentials gets the ioctl's rule.
+            write(src / "g", pattern(5000))
+            os.chmod(src / "g", 0o644)
+            gino = ops.view.lookup(1, b"g").ino
+            with pytest.raises(Errno) as e:
+                ops.fsverity(gino, enable, caller=(65534, 65534, set()))
+            assert e.value.errno == errno.EACCES
+            ops.fsverity(gino, enable, caller=(0, 0, set()))
             desc = op.decode_reply(ops.fsverity(ino, op.encode_request(op.OP_GET_DESCRIPTOR, 0, 256)))[0]
             subprocess.run([FSVERITY, "digest", "--salt=6162", src / "f", f"--out-descriptor={tmp_path}/d"],
                            check=True, capture_output=True)

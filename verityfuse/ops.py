@@ -16,7 +16,7 @@ import gc
 import json
 import logging
 import os
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import pyfuse3
 import trio
@@ -31,6 +31,9 @@ from .ops_ioctl import IoctlHandlers
 from .ops_read import Reads, fuse_device_poll
 from .tripwire import Tripwire
 from .view import XATTR_PREFIX, Attr, FileHandle, Handle, ReadOnlyView, View
+
+if TYPE_CHECKING:
+    from .enable import Caller
 
 log = logging.getLogger("verityfuse")
 
@@ -263,11 +266,13 @@ class VerityOperations(pyfuse3.Operations):
 
     # -- extended attributes ------------------------------------------------------------
 
-    def fsverity(self, inode: int, request: bytes) -> bytes:
+    def fsverity(self, inode: int, request: bytes, caller: Optional[Caller] = None) -> bytes:
         """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out), for a caller
         outside the daemon's trio loop: it runs in a loop of its own, so an ENABLE
-        builds in a worker thread, as FS_IOC_ENABLE_VERITY does."""
-        return trio.run(self.ioctls.fsverity, inode, request)
+        builds in a worker thread, as FS_IOC_ENABLE_VERITY does.  ``caller``: the
+        requester's (uid, gid, groups), which an ENABLE needs write permission for, as
+        the ioctl's caller does; None for the daemon's own requests (root's)."""
+        return trio.run(self.ioctls.fsverity, inode, request, caller)
 
     def status(self) -> dict:
         """The running mount's state and counters (`verityfuse status`)."""

@@ -153,13 +153,13 @@ class IoctlHandlers:
             request.error(errno.EIO)
             raise
 
-    async def _enable(self, ino: int, arg: vioctl.EnableArg):
-        """FUSE_FSVERITY ENABLE, which brings no file (the view opens one) and no
-        credentials: the same rules, build and commit as FS_IOC_ENABLE_VERITY."""
+    async def _enable(self, ino: int, arg: vioctl.EnableArg, caller: Optional[Caller]):
+        """FUSE_FSVERITY ENABLE, which brings no file (the view opens one): the same rules,
+        build and commit as FS_IOC_ENABLE_VERITY, the permission rule for ``caller``."""
         try:
-            job = self.view.enable_check(ino, None, arg, None)
+            job = self.view.enable_check(ino, None, arg, caller)
         except fsutil.WouldWait as w:  # a lease on the file: its open waits off this thread
-            job = self.view.enable_check(ino, None, arg, None,
+            job = self.view.enable_check(ino, None, arg, caller,
                                          await trio.to_thread.run_sync(w.finish))
         await self._complete_enable(ino, job, _never)
 
@@ -192,12 +192,13 @@ class IoctlHandlers:
         finally:
             target.close()
 
-    async def fsverity(self, inode: int, request: bytes) -> bytes:
+    async def fsverity(self, inode: int, request: bytes, caller: Optional[Caller] = None) -> bytes:
         """The FUSE_FSVERITY operation on ``inode`` (bytes in, bytes out; Errno or another
-        core error out): metadata on this thread, an ENABLE's build in a worker thread."""
+        core error out): metadata on this thread, an ENABLE's build in a worker thread;
+        ``caller`` as for ops.VerityOperations.fsverity."""
         reply, enable = self._fsverity_now(inode, request)
         if enable is not None:
-            await self._enable(inode, enable)
+            await self._enable(inode, enable, caller)
         return reply
 
     def control_xattr(self, inode: int, name: bytes) -> Optional[bytes]:
