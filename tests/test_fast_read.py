@@ -424,3 +424,56 @@ def test_whether_a_file_system_answers_nowait_is_asked_once_at_open(tmp_path):
         assert fsutil.all_cached(fd, 0, 10) is True
     finally:
         os.close(fd)
+
+
+def test_a_handle_changed_while_a_read_waited_for_a_buffer_is_read_whole(fast, sealed):
+    """A read waits for a reply buffer (all four still being sent) without the GIL; if
+    its handle is forgotten meanwhile and the fh registered again for another file (not
+    done by today's daemon: both run on the request thread), the read used the old
+    handle's sizes with the new one's fd and hashes, and replied a stale buffer's bytes
+    that were never read or hashed.  The handle is now looked up after the wait: the
+    reply is the new file's bytes, every one read and hashed."""
+    import ctypes
+    import threading
+
+    a = sealed(b"A" * 65536, params=merkle.Params(merkle.SHA256, 1024))
+    b = sealed(b"B" * 65536)
+    c = sealed(bytes(range(256)) * 256)
+    for s in (a, b, c):
+        s.warm()
+    fast.register(1, a.h)
+    fast.register(3, c.h)
+    read_addr, done_addr = native.fast_entry()
+    # As the shim calls them: with the GIL held.
+    read = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                             ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t),
+                             ctypes.POINTER(ctypes.c_int))(read_addr)
+    done = ctypes.PYFUNCTYPE(None, ctypes.c_int)(done_addr)
+
+    def call(fh, size, off):
+        out, n, token = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_int()
+        rc = read(fh, size, off, ctypes.byref(out), ctypes.byref(n), ctypes.byref(token))
+        return rc, (ctypes.string_at(out, n.value) if rc == 0 else None), token.value
+
+    held = [call(3, 8192, 0)] + [call(3, 4096, 0) for _ in range(3)]  # four replies unsent
+    assert [rc for rc, _, _ in held] == [0] * 4
+    result = []
+    waits = native.fast_info()["buffer_waits"]
+    t = threading.Thread(target=lambda: result.append(call(1, 5120, 0)))
+    t.start()
+    for _ in range(1000):  # until it waits for a buffer (the GIL released)
+        if native.fast_info()["buffer_waits"] > waits:
+            break
+        t.join(0.01)
+    assert native.fast_info()["buffer_waits"] == waits + 1
+    fast.forget(1)
+    fast.register(1, b.h)
+    done(held[0][2])  # a reply was sent: its buffer is free
+    t.join()
+    for _, _, token in held[1:]:
+        done(token)
+    ((rc, got, token),) = result
+    if rc == 0:
+        done(token)
+        assert got == b.data[:5120]
+    assert rc in (0, -1)

@@ -33,8 +33,9 @@
  *
  * Threads: all of this state is touched with the GIL held (Python calls
  * these functions, and pyfuse3 processes requests with the GIL), so the GIL
- * orders it.  fast_read copies what it needs (the handle's fields and the
- * expected hashes) before it may release the GIL to hash, and it is only ever
+ * orders it.  fast_read takes its reply buffer (a wait for one releases the
+ * GIL) before it looks the handle up, copies what it needs (the handle's fields
+ * and the expected hashes) before it may release the GIL to hash, and it is only ever
  * called on pyfuse3's request thread (one request at a time), which is also
  * the thread that forgets a handle before closing its fd.
  *
@@ -122,15 +123,19 @@ static int fr_all_cached(int fd, long long off, size_t len)
 static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, size_t *len,
                      int *token)
 {
+    /* The buffer first: a wait for one releases the GIL, and the handle table may change
+     * meanwhile (a handle forgotten, its fh registered again for another file), so the
+     * handle is looked up, and everything of it read, only after it. */
+    int slot_buf = fr_take();
     struct fr_file *f = fr_find(fh);
     if (f == NULL) {
         g_fr_no_handle++;
-        return -1;
+        goto decline;
     }
     long long data_size = f->data_size, bs = (long long)f->bs;
     if (off < 0 || off >= data_size || size == 0 || size > FR_MAX_READ) {
         g_fr_unfit++;  /* at or past the end: Python's end-of-file check answers */
-        return -1;
+        goto decline;
     }
     /* Without overflow: off < data_size, and nothing is added past data_size. */
     long long end = (long long)size > data_size - off ? data_size : off + (long long)size;
@@ -142,10 +147,8 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
         ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
     if (padded > FR_BUF_BYTES || g_frbuf == NULL) {
         g_fr_unfit++;
-        return -1;
+        goto decline;
     }
-    /* Taken before the expected hashes are copied: a wait for a buffer releases the GIL. */
-    int slot_buf = fr_take();
     unsigned char *buf = g_frbuf + (size_t)slot_buf * FR_BUF_BYTES;
     if (f->single) {
         if (first != 0 || nb != 1) {
