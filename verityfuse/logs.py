@@ -176,6 +176,25 @@ def _fallback(mountpoint: str):
     return logging.StreamHandler(sys.stderr), f"stderr (no /dev/log, no journal; {'; '.join(why)})"
 
 
+class _GoneRequest(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel takes a reply with ENOENT, which means no one
+    waits for it any more: the request was interrupted, or the mount is going away (a
+    release sent as it is unmounted).  libfuse itself is silent about it: nothing is lost,
+    so it is a debug line, not an error an operator (or a test's log check) must read."""
+
+    GONE = os.strerror(2)  # ENOENT, as pyfuse3's strerror names it
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno >= logging.ERROR and "fuse_reply_* failed with" in str(record.msg)
+                and record.args and record.args[-1] == self.GONE):  # type: ignore[index]
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("pyfuse3").isEnabledFor(logging.DEBUG)
+        return True
+
+
+_GONE_REQUEST = _GoneRequest()
+
+
 def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str = "") -> str:
     """Send the log somewhere it is kept; returns where, for the user.
 
@@ -215,6 +234,9 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    pyfuse3_log = logging.getLogger("pyfuse3")
     if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+        pyfuse3_log.setLevel(logging.WARNING)
+    if _GONE_REQUEST not in pyfuse3_log.filters:
+        pyfuse3_log.addFilter(_GONE_REQUEST)
     return where

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from . import merkle
 from .errors import InvalidDescriptor, StoreCorrupt
@@ -189,23 +189,25 @@ class StoreIndex:
         finally:
             os.close(dirfd)
 
-    def count_entries(self) -> int:
-        """How many index entries there are (for verify's stale-entry count), listed one
-        directory entry at a time: no list of a shard's names is held."""
+    def keys(self) -> Iterator[str]:
+        """Every index key, in no order, listed one directory entry at a time: no list of
+        a shard's names is held."""
         try:
             idxfd = self._open_dirs((INDEX_DIR,))
         except FileNotFoundError:
-            return 0
+            return
         try:
             shards = [e.name for e in os.scandir(idxfd) if len(e.name) == 2]  # at most 256
         finally:
             os.close(idxfd)
-        n = 0
         for shard in shards:
             dirfd = self._open_dirs((INDEX_DIR, shard))
             try:
                 with os.scandir(dirfd) as it:
-                    n += sum(1 for e in it if len(e.name) == 64)
+                    yield from (e.name for e in it if len(e.name) == 64)
             finally:
                 os.close(dirfd)
-        return n
+
+    def count_entries(self) -> int:
+        """How many index entries there are (verify's stale-entry count)."""
+        return sum(1 for _ in self.keys())
