@@ -8,6 +8,7 @@ seconds.
 """
 
 import errno
+import hashlib
 import os
 import subprocess
 import sys
@@ -398,7 +399,7 @@ class Lease:
 
 @pytest.mark.mount
 @pytest.mark.parametrize("mode,what", [("local", "read"), ("manifest", "read"),
-                                       ("local", "truncate")])
+                                       ("local", "truncate"), ("manifest", "descriptor")])
 def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, mode, what):
     """A file's owner may take a write lease on it; an open or a truncate(2) of it then
     waits until the lease is given up or lease-break-time (45 s) passes.  The daemon's
@@ -427,7 +428,9 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
         assert lease.said() == b"L"
         leased = m.mountpoint / "leased"
         reader = threading.Thread(target=lambda: got.update(
-            data=leased.read_bytes() if what == "read" else os.truncate(leased, 5)))
+            data=leased.read_bytes() if what == "read" else
+            os.getxattr(leased, "user.fsverity.descriptor") if what == "descriptor" else
+            os.truncate(leased, 5)))
         reader.start()
         assert lease.said() == b"B"  # the daemon's open asked for the lease
         assert (m.mountpoint / "other").read_bytes() == b"O" * 10000
@@ -438,6 +441,9 @@ def test_a_lease_on_one_file_does_not_stall_the_mount(tmp_path, verified_mount, 
         reader.join(timeout=60)
     if what == "read":
         assert got["data"] == b"L" * 10000
+    elif what == "descriptor":  # a small file's, made from its bytes: it opened the file
+        digest = os.getxattr(m.mountpoint / "leased", "user.fsverity.digest").decode()
+        assert f"sha256:{hashlib.sha256(got['data']).hexdigest()}" == digest
     else:
         assert got == {"data": None}
         assert (src / "leased").read_bytes() == b"L" * 5

@@ -302,9 +302,10 @@ class VerityOperations(pyfuse3.Operations):
             return json.dumps(self.status(), sort_keys=True).encode()
         if name.startswith(RESERVED):
             # Exporting metadata opens and verifies a tree object, which an OCI view
-            # fetches from the registry: then in a worker thread (a stall must not hold
-            # up the request loop), as its opens are.
-            if getattr(self.view, "open_blocks", False):
+            # fetches from the registry, and a small file's share file in manifest mode
+            # (its tree is made from its bytes): an untrusted source's, which may wait
+            # (a lease on it: 45 s), so in a worker thread, never stalling the loop.
+            if self._untrusted:
                 value = await self._run(self.ioctls.control_xattr, inode, name)
             else:
                 value = self.ioctls.control_xattr(inode, name)
