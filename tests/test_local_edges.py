@@ -65,6 +65,24 @@ def test_remount_read_only_then_enable_is_erofs(src, verified_mount):
     fsv("enable", m.mountpoint / "f", check=True)
 
 
+@pytest.mark.daemon_errors(r"store .*/\.verityfuse: it exists but cannot be opened")
+def test_an_enable_with_a_dangling_store_symlink_fails_and_the_mount_stays(src, verified_mount):
+    """SOURCE/.verityfuse planted as a symlink to nothing before the lazy store is made:
+    the store's mkdir found the name, its open did not, and the creation recursed until
+    a RecursionError left the request loop: one user's `fsverity enable` unmounted the
+    file system for everyone (a 2,600-line traceback in the log).  Now that enable fails,
+    naming the store, and the mount goes on."""
+    write(src / "f", b"x" * 10000)
+    write(src / "g", b"g" * 100)
+    m = verified_mount(src, seal=False)
+    os.symlink(src / "nowhere", src / ".verityfuse")
+    assert enable_error(m.mountpoint / "f") == "Input/output error"
+    assert (m.mountpoint / "g").read_bytes() == b"g" * 100  # still mounted, still serving
+    assert "Traceback" not in m.log() and "RecursionError" not in m.log()
+    assert f"store {src}/.verityfuse: it exists but cannot be opened (a symlink to nothing?)" \
+        in m.log(), m.log()
+
+
 def test_truncate_during_enable_is_etxtbsy(src, verified_mount):
     sparse(src / "huge", 16 << 30)
     m = verified_mount(src, seal=False)

@@ -420,3 +420,13 @@ def test_mount_errors_are_clear(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and f"mount point '{tmp_path}/inner' is inside the source" in r.stderr
     assert not os.path.ismount(tmp_path / "inner")
+    # The source itself, or a directory holding it: its store's path would lead through the
+    # mount (the daemon recursed until it died at the first enable).
+    for src, mnt in ((tmp_path / "inner", tmp_path / "inner"), (tmp_path / "inner", tmp_path)):
+        r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "mount", src, mnt],
+                           capture_output=True, text=True)
+        if os.path.ismount(mnt):  # (what the code before did) never left behind
+            subprocess.run(["umount", mnt], check=True)
+        assert r.returncode == 1 and r.stderr == (
+            f"ERROR: mount point '{mnt}' is the source '{src}' or holds it: mount the verified "
+            f"view somewhere else\n"), r.stderr

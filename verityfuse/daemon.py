@@ -261,6 +261,11 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
         # A lookup of that directory through the mount would ask this daemon
         # to open its own mount: it would wait on itself.
         raise MountError(f"mount point '{mountpoint}' is inside the source '{source}'")
+    if not is_oci(source) and (mnt == src or src.startswith(mnt.rstrip("/") + "/")):
+        # SOURCE's paths (its store's, made on first use) would then lead through this
+        # very mount, where the store is hidden: a request it cannot answer.
+        raise MountError(f"mount point '{mountpoint}' is the source '{source}' or holds it: "
+                         f"mount the verified view somewhere else")
     if s.store and not os.path.isdir(s.store):
         raise MountError(f"store '{s.store}' does not exist (a typo? without store= the store is "
                          f"SOURCE/.verityfuse)")

@@ -132,7 +132,9 @@ class Store(StoreIndex):
         """Before a write: a lazy store that does not exist yet is created now."""
         if self.rootfd < 0:
             self._make_root()
-            self._open_root()
+            if not self._open_root():  # mkdir found a name that open does not: a dangling symlink
+                raise StoreCorrupt(f"store {self.path}: it exists but cannot be opened (a "
+                                   f"symlink to nothing?)")
             self.version = self._check_version(True, False)
 
     # -- plumbing -------------------------------------------------------
