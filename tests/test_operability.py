@@ -186,6 +186,45 @@ def test_fstab_line_and_systemd_unit(tree, helper, tmp_path):
 
 
 @pytest.mark.mount
+def test_a_remount_keeps_nosuid_nodev_and_refuses_what_it_cannot_change(tree, helper, tmp_path):
+    """mount(8) builds a remount's flags from the fstab line and the new options, not from
+    the mount: for a mount listed in /etc/fstab, `mount -o remount,ro` dropped the nosuid
+    and nodev libfuse had set, and a setuid-root file of SOURCE then ran as root for
+    anyone.  And remount accepted daemon settings it never applied (require_signatures:
+    unsigned files still read), exiting 0."""
+    src, mnt = tree
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{src} {mnt} fuse.verityfuse noauto,allow_other,log_file={tmp_path}/log 0 0\n")
+
+    def flags():
+        line = next(ln for ln in open("/proc/self/mountinfo") if f" {mnt} " in ln)
+        return set(line.split()[5].split(","))
+
+    def mount(*args):
+        return subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+
+    with privns.private_mounts() as private:
+        private("--bind", str(fstab), "/etc/fstab")  # this process's /etc/fstab only
+        try:
+            assert mount(mnt).returncode == 0
+            assert {"rw", "nosuid", "nodev"} <= flags()
+            for o in ("ro", "rw"):
+                r = mount("-o", f"remount,{o}", mnt)
+                assert r.returncode == 0, r.stderr
+                assert {o, "nosuid", "nodev"} <= flags(), flags()
+            for opt in ("require_signatures", f"trust_cert={tmp_path}/cert.pem", "debug",
+                        f"log_file={tmp_path}/other.log", "max_handles_per_uid=3"):
+                r = mount("-o", f"remount,{opt}", mnt)
+                name = opt.split("=")[0]
+                assert r.returncode != 0 and f"remount cannot change {name} of a running " \
+                    f"mount" in r.stderr, (opt, r.stderr)
+            r = mount("-o", f"remount,ro,log_file={tmp_path}/log", mnt)  # unchanged: passes
+            assert r.returncode == 0, r.stderr
+        finally:
+            unmount(mnt)
+
+
+@pytest.mark.mount
 def test_mount_fuse3_convention(tree, tmp_path):
     src, mnt = tree
     r = vf(src, mnt, "-o", f"ro,log_file={tmp_path}/log")

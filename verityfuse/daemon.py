@@ -203,7 +203,7 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         "mode": "manifest" if trust.manifest else "local",
         "policy": None if trust.manifest else s.policy,
         "manifest_digest": trust.manifest.digest if trust.manifest else None,
-        "ioctl_shim": shim is not None}, shim=shim)
+        "ioctl_shim": shim is not None, "settings": mountopts.daemon_settings(s)}, shim=shim)
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
         shim.set_noflush_ro(True)  # ops.flush has nothing to do for a read-only handle

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Dict
 
+from . import mountinfo, mountopts
 from .mountopts import MountError, Settings
 
 
@@ -22,18 +24,48 @@ def remount(mountpoint: str, s: Settings) -> int:
     now = {"policy": running["policy"], "manifest_digest": running["manifest_digest"],
            "store": running["store"],
            "cache_size": running["tree_cache"]["max_bytes"] >> 20}
-    want = {"store": os.path.abspath(s.store) if s.store else None, "policy": s.policy,
-            "manifest_digest": s.manifest_digest, "cache_size": s.cache_size}
+    want: Dict[str, object] = {"store": os.path.abspath(s.store) if s.store else None,
+                               "policy": s.policy, "manifest_digest": s.manifest_digest,
+                               "cache_size": s.cache_size}
     if running["mode"] == "manifest":
         del now["policy"]  # no effect in manifest mode: nothing unlisted is reachable
     _measured_settings(running, s, now, want)
+    # Every other daemon setting as the daemon was started with it (its status says):
+    # require_signatures, trust_cert, log_file, debug ... were accepted and ignored.
+    started = running.get("settings") or {}
+    given = mountopts.daemon_settings(mountopts.absolute_paths(s))
+    for name in s.given:
+        if name not in now and name in started:
+            now[name], want[name] = started[name], given[name]
     changed = [n for n in now if n in s.given and want[n] != now[n]]
     if changed:
         raise MountError(f"remount cannot change {', '.join(changed)} of a running mount; "
                          f"unmount and mount again")
     flags = [n if v is None else f"{n}={v}" for n, v in s.fuse]
+    flags += kept_flags(mountinfo.fields(os.path.realpath(mountpoint)), [n for n, _ in s.fuse])
     r = subprocess.run(["mount", "-i", "-o", ",".join(["remount"] + flags), mountpoint])
     return r.returncode
+
+
+# Per-mount flags a remount keeps unless it names their opposite.  mount(8) builds a
+# remount's flags from fstab's line and the new options, not from the mount as it is:
+# for a mount in fstab (without them there, as libfuse adds them) nosuid and nodev were
+# dropped, and a setuid file in SOURCE ran as root for anyone.
+_KEPT = {"nosuid": ("suid",), "nodev": ("dev",), "noexec": ("exec",),
+         "nosymfollow": ("symfollow",)}
+_ATIME = ("noatime", "relatime", "strictatime", "atime")
+
+
+def kept_flags(fields, given) -> list:
+    """The flags of a mount's mountinfo ``fields`` that a remount with FUSE/kernel options
+    ``given`` must name again to keep."""
+    if fields is None:
+        return []
+    current = fields[5].decode().split(",")
+    kept = [f for f in current if f in _KEPT and not set(_KEPT[f]) & set(given)]
+    if not set(_ATIME) & set(given):
+        kept += [f for f in current if f in _ATIME[:3] or f == "nodiratime"]
+    return kept
 
 
 def _measured_settings(running: dict, s: Settings, now: dict, want: dict):

@@ -124,6 +124,21 @@ FLAGS = {"require_signatures": "require_signatures", "debug": "debug", "foregrou
          "plain_http": "plain_http"}
 
 
+def attr_of(name: str) -> str:
+    """The Settings attribute daemon option ``name`` sets."""
+    return VALUED[name][0] if name in VALUED else REPEATED.get(name) or FLAGS[name]
+
+
+def daemon_settings(s: Settings) -> Dict[str, object]:
+    """Every daemon option's value in ``s``, as JSON values: what the daemon was started
+    with (`verityfuse status` reports it), which a remount may give again, never change."""
+    out: Dict[str, object] = {}
+    for name in (*VALUED, *REPEATED, *FLAGS):
+        v = getattr(s, attr_of(name))
+        out[name] = list(v) if isinstance(v, list) else v
+    return out
+
+
 def absolute_paths(s: Settings) -> Settings:
     """``s`` with every path made absolute against the current directory: the daemon
     moves to / before it opens the store, the register and the event log (it must not
