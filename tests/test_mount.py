@@ -6,6 +6,7 @@ assertions are on exact bytes and errnos; mounts are made through the
 """
 
 import errno
+import json
 import os
 import random
 import signal
@@ -409,6 +410,36 @@ def test_background_mount_and_umount_command(fresh, tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("daemon still running after umount")
+
+
+def test_a_mount_whose_daemon_died_is_named_as_such(tmp_path):
+    """After a daemon is killed its mount point answers ENOTCONN; mounting there again
+    said "mount point ... is not a directory"."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    write(src / "f", b"f")
+    cmd = [sys.executable, "-m", "verityfuse.cli", "mount", src, mnt, "-o",
+           f"log_file={tmp_path}/log"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    try:
+        pid = json.loads(os.getxattr(mnt, "user.verityfuse.status"))["pid"]
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):  # until it is gone (its mount stays, dead)
+            if not os.path.exists(f"/proc/{pid}") or \
+                    open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z":
+                break
+            time.sleep(0.05)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr == (
+            f"ERROR: mount point '{mnt}' is a mount whose file system daemon is gone (Transport "
+            f"endpoint is not connected): unmount it first (umount -l '{mnt}')\n"), r.stderr
+    finally:
+        for _ in range(3):  # the dead mount, and one made over it by code that let it
+            if f" {mnt} " not in open("/proc/self/mountinfo").read():
+                break
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+    assert f" {mnt} " not in open("/proc/self/mountinfo").read()
 
 
 def test_mount_errors_are_clear(tmp_path):

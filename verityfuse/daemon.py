@@ -11,11 +11,13 @@ write atomic), and never imports the command line (cli -> daemon only).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import logging
 import os
 import resource
 import signal
+import stat
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
@@ -254,7 +256,15 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     checked = (("mount point", mountpoint),) if is_oci(source) else \
         (("source", source), ("mount point", mountpoint))
     for what, path in checked:
-        if not os.path.isdir(path):
+        try:
+            os.statvfs(path)  # always asks the file system (a stat may be answered cached)
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died
+                raise MountError(f"{what} '{path}' is a mount whose file system daemon is gone "
+                                 f"({e.strerror}): unmount it first (umount -l '{path}')") from None
+            is_dir = False
+        if not is_dir:
             raise MountError(f"{what} '{path}' is not a directory")
     src, mnt = os.path.realpath(source), os.path.realpath(mountpoint)
     if not is_oci(source) and mnt.startswith(src + "/"):
