@@ -43,7 +43,13 @@ def test_doctor_tells_whose_helper_mount_runs(tmp_path):
                                       "target": "/opt/other/bin/mount.fuse.verityfuse"}
         r = subprocess.run([*VF, "doctor"], capture_output=True, text=True)
         assert "NOT this installation's" in r.stdout
-        assert subprocess.run([*VF, "install-helper", "--dir", sbin]).returncode == 0
+        os.unlink(link)
+        with open(link, "w") as f:  # another package's helper, a file: said, and how to replace it
+            f.write("#!/bin/sh\n")
+        r = subprocess.run([*VF, "doctor"], capture_output=True, text=True)
+        assert ("/sbin/mount.fuse.verityfuse is a file, not a link (another package's helper?); "
+                "verityfuse install-helper --force replaces it") in r.stdout, r.stdout
+        assert subprocess.run([*VF, "install-helper", "--dir", sbin, "--force"]).returncode == 0
         assert doctor()["helper"] == {"installed": True, "ours": True, "own_helper": OWN_HELPER,
                                       "target": OWN_HELPER}
     assert not os.path.lexists("/usr/sbin/mount.fuse.verityfuse") or \

@@ -215,6 +215,28 @@ def test_permissions_generic_573(tmp_path, public_dir, verified_mount):
     assert "Permission denied" in r.stderr, (r.returncode, r.stderr)
     r = subprocess.run([*as_nobody, "enable", mp / "acl-grants"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # `verityfuse status` as a user the status is not for says so (it said "not a running
+    # verityfuse mount"); in a child that becomes nobody (the venv is not theirs to run).
+    from verityfuse import cli, cli_mount, stats  # noqa: F401 (imported while root may read them)
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sys.stderr = os.fdopen(out_w, "w")
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            rc = cli.main(["status", str(mp)])
+            sys.stderr.flush()
+            os._exit(rc)
+        finally:
+            os._exit(99)
+    os.close(out_w)
+    with os.fdopen(out_r) as f:
+        said = f.read()
+    assert os.waitpid(pid, 0)[1] >> 8 == 1 and said == (
+        f"ERROR: the status of '{mp}' is for root and the user who mounted it (Operation not "
+        f"permitted; without allow_other only that user reaches the mount)\n"), said
     assert [fsv("measure", mp / n).returncode for n in ("acl-denies", "acl-grants")] == [1, 0]
 
 

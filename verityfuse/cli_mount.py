@@ -10,6 +10,7 @@ Three ways to mount, one code path (``mountopts.Settings`` -> ``daemon.mount``):
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -17,7 +18,7 @@ import sys
 from . import mountopts
 from .mountopts import OptionError, Settings
 
-from .helper_link import HELPER_NAME
+from .helper_link import DEFAULT_DIR, HELPER_NAME
 from .jsonout import error
 
 
@@ -104,7 +105,11 @@ def cmd_status(args) -> int:
     try:
         raw = os.getxattr(args.mountpoint, "user.verityfuse.status")
     except OSError as e:
-        error(f"'{args.mountpoint}' is not a running verityfuse mount ({e.strerror})")
+        if e.errno in (errno.EPERM, errno.EACCES):  # the status is its owner's and root's
+            error(f"the status of '{args.mountpoint}' is for root and the user who mounted it "
+                  f"({e.strerror}; without allow_other only that user reaches the mount)")
+        else:
+            error(f"'{args.mountpoint}' is not a running verityfuse mount ({e.strerror})")
         return 1
     st = json.loads(raw)
     if args.json:
@@ -247,13 +252,13 @@ def add_commands(sub):
 
     p = sub.add_parser("install-helper", help=f"link DIR/{HELPER_NAME} to this installation's "
                        f"helper, for mount(8), fstab, systemd")
-    p.add_argument("--dir", default="/usr/sbin", help="where mount(8) looks (default /usr/sbin)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where mount(8) looks (default {DEFAULT_DIR})")
     p.add_argument("--force", action="store_true", help="also replace a file that is not a link")
     p.set_defaults(func=cmd_install_helper)
 
     p = sub.add_parser("uninstall-helper", help=f"remove DIR/{HELPER_NAME} if it is this "
                        f"installation's link")
-    p.add_argument("--dir", default="/usr/sbin", help="where it was installed (default /usr/sbin)")
+    p.add_argument("--dir", default=DEFAULT_DIR, help=f"where it was installed (default {DEFAULT_DIR})")
     p.add_argument("--force", action="store_true", help="remove another installation's link too")
     p.set_defaults(func=cmd_uninstall_helper)
 

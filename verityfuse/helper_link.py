@@ -17,7 +17,7 @@ import sysconfig
 from typing import List, Optional
 
 HELPER_NAME = "mount.fuse.verityfuse"
-DEFAULT_DIR = "/usr/sbin"
+DEFAULT_DIR = "/sbin"  # libmount's search path (/sbin:/sbin/fs.d:/sbin/fs); merged /usr: /usr/sbin
 
 
 class HelperError(Exception):
