@@ -217,7 +217,10 @@ def test_permissions_generic_573(tmp_path, public_dir, verified_mount):
     assert r.returncode == 0, r.stderr
     # `verityfuse status` as a user the status is not for says so (it said "not a running
     # verityfuse mount"); in a child that becomes nobody (the venv is not theirs to run).
-    from verityfuse import cli, cli_mount, stats  # noqa: F401 (imported while root may read them)
+    import importlib
+    for module in ("cli_mount", "stats"):  # imported while root (the venv is not nobody's)
+        importlib.import_module(f"verityfuse.{module}")
+    from verityfuse import cli
     out_r, out_w = os.pipe()
     pid = os.fork()
     if pid == 0:

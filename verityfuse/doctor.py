@@ -193,8 +193,8 @@ def _mount_rows(m: dict) -> list:
     elif h["ours"]:
         helper = f"/sbin/mount.fuse.verityfuse -> {h['target']} (this installation)"
     elif h["target"] is None:  # a file, not a link: install-helper leaves it without --force
-        helper = (f"/sbin/mount.fuse.verityfuse is a file, not a link (another package's "
-                  f"helper?); verityfuse install-helper --force replaces it")
+        helper = ("/sbin/mount.fuse.verityfuse is a file, not a link (another package's "
+                  "helper?); verityfuse install-helper --force replaces it")
     else:
         helper = (f"/sbin/mount.fuse.verityfuse -> {h['target']}: NOT this installation's "
                   f"({h['own_helper'] or 'none'}); verityfuse install-helper replaces it")
