@@ -279,6 +279,18 @@ def test_new_log_starts_at_the_registers_value(tmp_path):
     assert init == before and me.replay(alg, init, events) == r.read()
 
 
+def test_a_first_record_that_fails_leaves_no_empty_log(tmp_path):
+    """A register that cannot be read (a file register in a missing directory): the record
+    fails, naming it, and the event log it had begun is not left behind, empty (a failed
+    measured mount left one in /run/verityfuse)."""
+    m = measure.Measurer(registers.open_register(f"file:{tmp_path}/missing/reg"),
+                         str(tmp_path / "events.log"))
+    with pytest.raises(registers.MeasureError) as e:
+        m.record(me.mount_manifest(M1, None, 0, PIN, "/m"))
+    assert f"{tmp_path}/missing/reg" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
 def _record_many(reg_spec, log, who, n):
     m = measure.Measurer(registers.open_register(reg_spec), log)
     for i in range(n):
@@ -480,7 +492,7 @@ def test_tpm_backend_errors(tmp_path, monkeypatch):
                        "'swtpm:host=127.0.0.1,port=1'"):
         measure.Measurer(registers.open_register("tpm:16"), str(tmp_path / "log")).record(
             me.integrity_violation(M1, "f", 1))
-    assert not (tmp_path / "log").read_text()  # nothing recorded (the log stays empty)
+    assert not (tmp_path / "log").exists()  # nothing recorded, and no empty log left
     monkeypatch.setitem(sys.modules, "tpm2_pytss", None)
     with pytest.raises(registers.MeasureError, match=r"pip install verityfuse\[tpm\]"):
         registers.open_register("tpm").read()

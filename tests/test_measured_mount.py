@@ -284,6 +284,10 @@ def test_a_remount_cannot_change_what_is_served_or_measured(share, tmp_path, ver
                                "-o", "remount," + o], capture_output=True, text=True)
     r = remount("ro," + opts)
     assert r.returncode == 0, r.stderr
+    r = remount("rw," + opts)  # a manifest mount stays read-only (it showed rw, and wrote nothing)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in open("/proc/self/mountinfo") if f" {mnt.mountpoint} " in ln)
+    assert "ro" in line.split()[5].split(","), line
     other = tmp_path / "other.json"
     write(src / "config", b"another configuration\n")
     assert vf("seal", src, "--manifest", other, "--sign-key", tmp_path / "key.pem").returncode == 0

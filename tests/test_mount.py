@@ -451,6 +451,15 @@ def test_mount_errors_are_clear(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and f"mount point '{tmp_path}/inner' is inside the source" in r.stderr
     assert not os.path.ismount(tmp_path / "inner")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    r = subprocess.run([sys.executable, "-m", "verityfuse.cli", "mount", tmp_path / "src",
+                        tmp_path / "mnt", "-o", f"log_file={tmp_path}/no/log"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (1, (  # without Python's "[Errno 2]"
+        f"ERROR: cannot mount '{tmp_path}/src' on '{tmp_path}/mnt': cannot write the log file "
+        f"{tmp_path}/no/log: No such file or directory\n")), r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
     # The source itself, or a directory holding it: its store's path would lead through the
     # mount (the daemon recursed until it died at the first enable).
     for src, mnt in ((tmp_path / "inner", tmp_path / "inner"), (tmp_path / "inner", tmp_path)):

@@ -311,8 +311,15 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
         try:
             return serve(src, mnt, s, trust)
         except Exception as e:
-            raise MountError(f"cannot mount '{source}' on '{mountpoint}': {e}") from None
+            raise MountError(f"cannot mount '{source}' on '{mountpoint}': {_reason(e)}") from None
     return _background(src, mnt, s, trust, err, verbose)
+
+
+def _reason(e: Exception) -> str:
+    """An error as a user reads it: an OSError without Python's "[Errno N]"."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror if e.filename is None else f"{e.strerror}: {e.filename}"
+    return str(e)
 
 
 def _obvious_log_place(where: str, s: Settings, mnt: str) -> bool:
@@ -352,7 +359,7 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             # Before the mount was ready: tell the parent.  After it, serve()
             # has logged the failure already.
             if pipe_open[0]:
-                os.write(wfd, f"error {e}".encode())
+                os.write(wfd, f"error {_reason(e)}".encode())
         finally:
             os._exit(code)
     os.close(wfd)

@@ -112,7 +112,11 @@ class Measurer:
         st = os.fstat(fd)
         boot = boot_id()
         if st.st_size == 0:
-            value = self.register.read()
+            try:
+                value = self.register.read()
+            except MeasureError:
+                self._remove_if_empty(fd)  # this record began it: not left behind, empty
+                raise
             self._write_boot(boot)
             self._append(fd, me.init_line(alg, value) + "\n", 0)
             return value
@@ -279,6 +283,16 @@ class Measurer:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _remove_if_empty(self, fd: int):
+        """Remove the log open (and locked) as ``fd`` if it is still empty and still at its
+        path: a first record that failed (a register that cannot be read) left it so."""
+        try:
+            st, now = os.fstat(fd), os.stat(self.log_path, follow_symlinks=False)
+            if st.st_size == 0 and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(self.log_path)
+        except OSError:
+            pass  # gone already, or not ours to remove: as it was
 
     def _left(self, fd: int, value: bytes):
         st = os.fstat(fd)

@@ -42,6 +42,8 @@ def remount(mountpoint: str, s: Settings) -> int:
         raise MountError(f"remount cannot change {', '.join(changed)} of a running mount; "
                          f"unmount and mount again")
     flags = [n if v is None else f"{n}={v}" for n, v in s.fuse]
+    if running["mode"] == "manifest":  # read-only, as its mount made it: rw changes nothing
+        flags = [f for f in flags if f not in ("rw", "ro")] + ["ro"]
     flags += kept_flags(mountinfo.fields(os.path.realpath(mountpoint)), [n for n, _ in s.fuse])
     r = subprocess.run(["mount", "-i", "-o", ",".join(["remount"] + flags), mountpoint])
     return r.returncode

@@ -159,7 +159,8 @@ class Store(StoreIndex):
         got = self._read_file(("VERSION",), 64)
         if got is None:
             if not create:
-                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store")
+                raise StoreCorrupt(f"{self._where('VERSION')}: missing; not a verityfuse store "
+                                   f"(`verityfuse seal SOURCE --store {self.path}` makes one)")
             self._atomic_write((), "VERSION", VERSION_TEXT)
             return 3
         text = got[2]
