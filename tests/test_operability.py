@@ -134,6 +134,13 @@ def test_mount_helper_exit_status_is_mount8s(tree, helper, tmp_path):
 
     r = mount(src, mnt, "-o", "cache_size=0")
     assert r.returncode == 1 and "mount option cache_size: must be a positive integer" in r.stderr
+    # An option only libfuse could know, and does not: incorrect invocation too (it was 32).
+    r = mount(src, mnt, "-o", f"bogus_opt,log_file={tmp_path}/log")
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "fuse: unknown option(s): `-o bogus_opt'",
+        f"ERROR: cannot mount '{src}' on '{mnt}': an option neither verityfuse nor libfuse "
+        f"knows (libfuse names it above)"], r.stderr
+    assert vf("mount", src, mnt, "-o", f"bogus_opt,log_file={tmp_path}/log").returncode == 2
     r = mount(tmp_path / "missing", mnt)
     assert r.returncode == 32 and f"'{tmp_path}/missing'" in r.stderr
     (src / "inner").mkdir()

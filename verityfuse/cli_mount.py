@@ -70,7 +70,9 @@ def settings_from(args) -> Settings:
 
 
 def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
-              verbose: bool = False) -> int:
+              verbose: bool = False, usage: int = 2) -> int:
+    """``failure``, ``usage``: the exit codes of a failed mount and of an option libfuse
+    refused (verityfuse's own are checked before)."""
     from .daemon import mount
     from .mount_control import remount
     from .mountopts import MountError
@@ -82,6 +84,9 @@ def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
     except MountError as e:
         error(str(e))
         return failure
+    except OptionError as e:
+        error(str(e))
+        return usage
 
 
 def cmd_mount(args) -> int:
@@ -312,4 +317,5 @@ def helper_main(argv=None) -> int:
         return HELPER_USAGE
     if args.f:
         return 0
-    return run_mount(args.source, args.mountpoint, s, failure=HELPER_MOUNT_FAILURE, verbose=args.v)
+    return run_mount(args.source, args.mountpoint, s, failure=HELPER_MOUNT_FAILURE, verbose=args.v,
+                     usage=HELPER_USAGE)

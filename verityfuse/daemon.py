@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 from . import identity, logs, mountinfo, mountopts
 from .jsonout import warning
 from .mount_measure import files_written, measure_mount
-from .mountopts import MountError, Settings
+from .mountopts import MountError, OptionError, Settings
 
 if TYPE_CHECKING:
     from .view import View
@@ -311,7 +311,7 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
         try:
             return serve(src, mnt, s, trust)
         except Exception as e:
-            raise MountError(f"cannot mount '{source}' on '{mountpoint}': {_reason(e)}") from None
+            _refuse(source, mountpoint, _reason(e))
     return _background(src, mnt, s, trust, err, verbose)
 
 
@@ -377,5 +377,17 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             print(f"verityfuse: {text[3:]}", file=err)
         return 0
     os.waitpid(pid, 0)
-    raise MountError(f"cannot mount '{src}' on '{mnt}': "
-                     f"{text.removeprefix('error ') or 'daemon exited'}")
+    _refuse(src, mnt, text.removeprefix("error ") or "daemon exited")
+
+
+# libfuse's answer to an option it does not know (it names the option on stderr first).
+_UNKNOWN_OPTION = "fuse_session_new() failed"
+
+
+def _refuse(source: str, mountpoint: str, reason: str):
+    """Raise the mount's failure: an option libfuse refused is a usage error (OptionError:
+    mount(8)'s "incorrect invocation"), anything else a failed mount."""
+    if reason == _UNKNOWN_OPTION:
+        raise OptionError(f"cannot mount '{source}' on '{mountpoint}': an option neither "
+                          f"verityfuse nor libfuse knows (libfuse names it above)")
+    raise MountError(f"cannot mount '{source}' on '{mountpoint}': {reason}")
