@@ -273,3 +273,4 @@ def test_syslog_lines_name_the_mount(tmp_path):
     server.close()
     assert line.endswith("verityfuse[%d]: /srv/a\\nb%%s: WARNING: integrity failure: x\x00"
                          % os.getpid())
+    assert line.startswith("<28>")  # LOG_DAEMON (3) * 8 + LOG_WARNING (4): it was LOG_USER's <12>

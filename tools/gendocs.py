@@ -141,7 +141,7 @@ def _mount_options(main: argparse.ArgumentParser) -> str:
     out = ["Besides the kernel's and libfuse's (ro, noatime, allow_other, ...), -o takes every "
            "setting of verityfuse mount (see verityfuse(1)):"]
     for name, attr, kind in kinds:
-        a = by_dest.get(attr)
+        a = by_dest.get(attr) or by_dest.get(name)  # (cache= sets cache_dir, as --cache does)
         if a is not None and a.choices:
             metavar = "|".join(a.choices)
         else:

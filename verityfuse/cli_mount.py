@@ -194,7 +194,9 @@ def add_commands(sub):
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--store", metavar="DIR", help="store directory (must exist; default "
                    "SOURCE/.verityfuse, made by the first enable)")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (not in fstab or a systemd unit: mount(8) would "
+                        "wait for it to end)")
     p.add_argument("-o", action="append", metavar="OPTIONS",
                    help="mount options, comma-separated: ro, allow_other, ... and every setting "
                         "below as name=value (store=, policy=, manifest=, trust_key=, ...)")

@@ -219,7 +219,8 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
     elif not background:
         handler, where = logging.StreamHandler(sys.stderr), "stderr"
     elif os.path.exists("/dev/log") and stat.S_ISSOCK(os.stat("/dev/log").st_mode):
-        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler = logging.handlers.SysLogHandler(  # a daemon's facility, as filters expect
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         # One syslog carries every mount's lines: each names its mount point.
         mnt = escape(mountpoint).replace("%", "%%")
         fmt = f"verityfuse[%(process)d]: {mnt}: %(levelname)s: %(message)s"
