@@ -287,6 +287,9 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
             raise MountError(f"{what} '{path}' is under the mount point '{mountpoint}'")
     warnings = []
     if mountinfo.is_mounted(mnt):
+        if mountinfo.fstype(mnt) == "fuse.verityfuse" and mountinfo.source(mnt) in (src, source):
+            # `mount MNT` again (fstab): a second daemon stacked on the first.
+            raise MountError(f"'{source}' is already mounted on '{mountpoint}'")
         warnings.append(f"'{mountpoint}' is already a mount point ({mountinfo.fstype(mnt)}); "
                         f"mounting over it")
     return warnings

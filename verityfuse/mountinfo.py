@@ -54,3 +54,9 @@ def read_only(mountpoint: str) -> bool:
 def fstype(mountpoint: str) -> Optional[str]:
     f = fields(mountpoint)
     return f[f.index(b"-") + 1].decode() if f else None
+
+
+def source(mountpoint: str) -> Optional[str]:
+    """The mount's source (fsname), unescaped, or None if nothing is mounted there."""
+    f = fields(mountpoint)
+    return os.fsdecode(_unescape(f[f.index(b"-") + 2])) if f else None
