@@ -258,11 +258,14 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
     for what, path in checked:
         try:
             os.statvfs(path)  # always asks the file system (a stat may be answered cached)
-            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
         except OSError as e:
             if e.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died
                 raise MountError(f"{what} '{path}' is a mount whose file system daemon is gone "
                                  f"({e.strerror}): unmount it first (umount -l '{path}')") from None
+            # any other answer (a FUSE source without statfs, say): the stat below decides
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
             is_dir = False
         if not is_dir:
             raise MountError(f"{what} '{path}' is not a directory")
