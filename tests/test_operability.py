@@ -141,6 +141,12 @@ def test_mount_helper_exit_status_is_mount8s(tree, helper, tmp_path):
         f"ERROR: cannot mount '{src}' on '{mnt}': an option neither verityfuse nor libfuse "
         f"knows (libfuse names it above)"], r.stderr
     assert vf("mount", src, mnt, "-o", f"bogus_opt,log_file={tmp_path}/log").returncode == 2
+    # Without log_file: the fallback log it made (nothing written to it) is not left behind.
+    from verityfuse import logs
+    fallback = logs.fallback_log_file(str(mnt))
+    assert not os.path.exists(fallback)
+    assert vf("mount", src, mnt, "-o", "bogus_opt").returncode == 2
+    assert not os.path.exists(fallback)
     r = mount(tmp_path / "missing", mnt)
     assert r.returncode == 32 and f"'{tmp_path}/missing'" in r.stderr
     (src / "inner").mkdir()

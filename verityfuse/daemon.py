@@ -347,6 +347,7 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
         os.setsid()
         code = 1
         pipe_open = [True]
+        where = ""
         try:
             where = logs.setup(s.debug, s.log_file, background=True, mountpoint=mnt)
             devnull = os.open(os.devnull, os.O_RDWR)
@@ -366,6 +367,10 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             # has logged the failure already.
             if pipe_open[0]:
                 os.write(wfd, f"error {_reason(e)}".encode())
+                if where.startswith("file ") and not s.log_file:
+                    # A fallback log this failed mount made, and never wrote to: not left
+                    # behind (a bad option left an empty /var/log/verityfuse/MNT.log).
+                    logs.remove_if_empty(where.removeprefix("file ").split(" (", 1)[0])
         finally:
             os._exit(code)
     os.close(wfd)

@@ -159,6 +159,19 @@ def _file_handler(path: str) -> logging.Handler:
     return logging.FileHandler(path)  # opened now: a failure shows here, not at the first line
 
 
+def remove_if_empty(path: str):
+    """Remove the log file ``path`` if nothing was written to it, and its directory if
+    that leaves it empty (both as a failed mount found them: absent)."""
+    for h in logging.getLogger().handlers:
+        h.flush()
+    try:
+        if os.path.getsize(path) == 0:
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))  # only if nothing else is in it
+    except OSError:
+        pass
+
+
 def _fallback(mountpoint: str):
     """(handler, where) for a daemon with no syslog and no journal: the documented file,
     else one in /run, else stderr (kept open by the daemon: the caller's terminal, or
