@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 from . import identity, logs, mountinfo, mountopts
 from .jsonout import warning
 from .mount_measure import files_written, measure_mount
-from .mountopts import MountError, OptionError, Settings
+from .mountopts import MountError, Settings
 
 if TYPE_CHECKING:
     from .view import View
@@ -317,15 +317,9 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
         try:
             return serve(src, mnt, s, trust)
         except Exception as e:
-            _refuse(source, mountpoint, _reason(e))
+            mountopts.refuse(source, mountpoint, mountopts.reason(e))
     return _background(src, mnt, s, trust, err, verbose)
 
-
-def _reason(e: Exception) -> str:
-    """An error as a user reads it: an OSError without Python's "[Errno N]"."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror if e.filename is None else f"{e.strerror}: {e.filename}"
-    return str(e)
 
 
 def _obvious_log_place(where: str, s: Settings, mnt: str) -> bool:
@@ -366,7 +360,7 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             # Before the mount was ready: tell the parent.  After it, serve()
             # has logged the failure already.
             if pipe_open[0]:
-                os.write(wfd, f"error {_reason(e)}".encode())
+                os.write(wfd, f"error {mountopts.reason(e)}".encode())
                 if where.startswith("file ") and not s.log_file:
                     # A fallback log this failed mount made, and never wrote to: not left
                     # behind (a bad option left an empty /var/log/verityfuse/MNT.log).
@@ -388,17 +382,5 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             print(f"verityfuse: {text[3:]}", file=err)
         return 0
     os.waitpid(pid, 0)
-    _refuse(src, mnt, text.removeprefix("error ") or "daemon exited")
+    mountopts.refuse(src, mnt, text.removeprefix("error ") or "daemon exited")
 
-
-# libfuse's answer to an option it does not know (it names the option on stderr first).
-_UNKNOWN_OPTION = "fuse_session_new() failed"
-
-
-def _refuse(source: str, mountpoint: str, reason: str):
-    """Raise the mount's failure: an option libfuse refused is a usage error (OptionError:
-    mount(8)'s "incorrect invocation"), anything else a failed mount."""
-    if reason == _UNKNOWN_OPTION:
-        raise OptionError(f"cannot mount '{source}' on '{mountpoint}': an option neither "
-                          f"verityfuse nor libfuse knows (libfuse names it above)")
-    raise MountError(f"cannot mount '{source}' on '{mountpoint}': {reason}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 # Options of mount(8), fstab and systemd that are not for the filesystem.
 IGNORED = {"_netdev", "nofail", "noauto", "auto", "defaults", "user", "users", "nouser",
@@ -61,6 +61,26 @@ class Settings:
     registry_timeout: float = 10.0       # seconds per request
     cache_dir: Optional[str] = None      # verified data blocks on disk, not in memory
     given: List[str] = field(default_factory=list)  # daemon settings named in -o
+
+
+# libfuse's answer to an option it does not know (it names the option on stderr first).
+_UNKNOWN_OPTION = "fuse_session_new() failed"
+
+
+def reason(e: Exception) -> str:
+    """An error as a user reads it: an OSError without Python's "[Errno N]"."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror if e.filename is None else f"{e.strerror}: {e.filename}"
+    return str(e)
+
+
+def refuse(source: str, mountpoint: str, why: str) -> NoReturn:
+    """Raise a mount's failure: an option libfuse refused is a usage error (OptionError:
+    mount(8)'s "incorrect invocation"), anything else a failed mount (MountError)."""
+    if why == _UNKNOWN_OPTION:
+        raise OptionError(f"cannot mount '{source}' on '{mountpoint}': an option neither "
+                          f"verityfuse nor libfuse knows (libfuse names it above)")
+    raise MountError(f"cannot mount '{source}' on '{mountpoint}': {why}")
 
 
 def positive_int(text: str, name: str) -> int:
