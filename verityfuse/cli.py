@@ -90,8 +90,7 @@ def cmd_seal(args) -> int:
         error(f"--block-size {params.block_size}: a store keeps Merkle trees of blocks of at "
               f"most {merkle.MAX_BLOCK_SIZE} bytes (each read hashes a tree block whole)")
         return EXIT_USAGE
-    if not os.path.isdir(args.source):
-        error(f"'{args.source}' is not a directory")
+    if cli_seal.no_source_dir(args):
         return EXIT_ERROR
     if args.unsigned and args.sign_key:
         error("--unsigned and --sign-key contradict each other")

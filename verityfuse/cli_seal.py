@@ -25,6 +25,14 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+def no_source_dir(args) -> bool:
+    """SOURCE is not a directory: said (before a missing store could be named instead)."""
+    if os.path.isdir(args.source):
+        return False
+    error(f"'{args.source}' is not a directory")
+    return True
+
+
 def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
     # Imported here: every command builds the parser that imports this module, and
     # `digest` (the one timed against fsverity) never needs the store.
@@ -239,7 +247,7 @@ def _next_header(args, key, prev: _Previous):
 
 def seal_manifest(args, store, src, params, key, rels) -> int:
     """Seal and record SOURCE (or update ``rels`` in it) into manifest ``args.manifest``."""
-    from . import manifest, manifest_header, manifest_tree
+    from . import fsutil, manifest, manifest_header, manifest_tree
     from .manifest_record import ManifestRecorder
     from .manifest_writer import ManifestWriter
     from .store_batch import Batch
@@ -259,8 +267,8 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
         warning(msg)  # escaped: it names files of SOURCE
 
     # M inside SOURCE: its directory's mtime stays what the manifest records of it.
-    inside = os.path.realpath(os.path.dirname(os.path.abspath(args.manifest)))
-    in_source = (inside + "/").startswith(os.path.realpath(args.source).rstrip("/") + "/")
+    in_source = fsutil.within(os.path.realpath(os.path.dirname(os.path.abspath(args.manifest))),
+                              os.path.realpath(args.source))
     with Batch(store, flush=sealed.flush) as batch, \
             ManifestWriter(args.manifest, header, keep_dir_mtime=in_source) as out:
         rec = ManifestRecorder(src, store, params, batch,

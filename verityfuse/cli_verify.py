@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .cli_seal import EXIT_ERROR, EXIT_USAGE, error, open_store
+from .cli_seal import EXIT_ERROR, EXIT_USAGE, error, no_source_dir, open_store
 from .errors import IntegrityError
 from .jsonout import emit, shown, shown_text, warning
 
@@ -34,14 +34,6 @@ def load_trusted_manifest(args):
     return manifest.load(args.manifest, keys, args.manifest_digest)
 
 
-def _no_source(args) -> bool:
-    """SOURCE is not a directory: said as seal says it (before a missing store is named)."""
-    if os.path.isdir(args.source):
-        return False
-    error(f"'{args.source}' is not a directory")
-    return True
-
-
 def cmd_verify_manifest(args) -> int:
     """verify SOURCE --manifest M: every listed entry against the manifest, then what is
     unlisted; the same report shape and exit codes as verify."""
@@ -52,7 +44,7 @@ def cmd_verify_manifest(args) -> int:
         error("--manifest needs --trust-key or --manifest-digest: a manifest is checked only "
               "once it is authenticated")
         return EXIT_USAGE
-    if _no_source(args):
+    if no_source_dir(args):
         return EXIT_ERROR
     try:
         m = load_trusted_manifest(args)
@@ -101,7 +93,7 @@ def cmd_verify(args) -> int:
     if args.trust_key or args.manifest_digest:
         error("--trust-key and --manifest-digest need --manifest")
         return EXIT_USAGE
-    if _no_source(args):
+    if no_source_dir(args):
         return EXIT_ERROR
     from .seal_pool import in_order
     from .sealing import StaleCount, describe_failure, verify_file, walk_files

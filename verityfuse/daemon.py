@@ -21,7 +21,7 @@ import stat
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
-from . import identity, logs, mountinfo, mountopts
+from . import fsutil, identity, logs, mountinfo, mountopts
 from .jsonout import warning
 from .mount_measure import files_written, measure_mount
 from .mountopts import MountError, Settings
@@ -270,11 +270,11 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
         if not is_dir:
             raise MountError(f"{what} '{path}' is not a directory")
     src, mnt = os.path.realpath(source), os.path.realpath(mountpoint)
-    if not is_oci(source) and mnt.startswith(src + "/"):
+    if not is_oci(source) and mnt != src and fsutil.within(mnt, src):
         # A lookup of that directory through the mount would ask this daemon
         # to open its own mount: it would wait on itself.
         raise MountError(f"mount point '{mountpoint}' is inside the source '{source}'")
-    if not is_oci(source) and (mnt == src or src.startswith(mnt.rstrip("/") + "/")):
+    if not is_oci(source) and fsutil.within(src, mnt):
         # SOURCE's paths (its store's, made on first use) would then lead through this
         # very mount, where the store is hidden: a request it cannot answer.
         raise MountError(f"mount point '{mountpoint}' is the source '{source}' or holds it: "
@@ -283,8 +283,7 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
         raise MountError(f"store '{s.store}' does not exist (a typo? without store= the store is "
                          f"SOURCE/.verityfuse)")
     for what, path in files_written(s):
-        real = os.path.realpath(path)
-        if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
+        if fsutil.within(os.path.realpath(path), mnt):
             # Written by the daemon while it mounts and serves: through its own mount, a
             # request it cannot answer (it would wait on itself).
             raise MountError(f"{what} '{path}' is under the mount point '{mountpoint}'")

@@ -323,6 +323,11 @@ def all_cached(fd: int, offset: int, length: int) -> Optional[bool]:
     return cs.nr_cache >= last + 1 - first
 
 
+def within(path: str, top: str) -> bool:
+    """Whether resolved ``path`` is ``top`` or below it (both resolved)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def fs_type(fd: int) -> int:
     """fstatfs's f_type of ``fd``'s file system; OSError if it cannot be had."""
     if native_sys is not None:

@@ -44,7 +44,7 @@ def remount(mountpoint: str, s: Settings) -> int:
     flags = [n if v is None else f"{n}={v}" for n, v in s.fuse]
     if running["mode"] == "manifest":  # read-only, as its mount made it: rw changes nothing
         flags = [f for f in flags if f not in ("rw", "ro")] + ["ro"]
-    flags += kept_flags(mountinfo.fields(os.path.realpath(mountpoint)), [n for n, _ in s.fuse])
+    flags += kept_flags(mountinfo.options(os.path.realpath(mountpoint)), [n for n, _ in s.fuse])
     r = subprocess.run(["mount", "-i", "-o", ",".join(["remount"] + flags), mountpoint])
     return r.returncode
 
@@ -58,12 +58,9 @@ _KEPT = {"nosuid": ("suid",), "nodev": ("dev",), "noexec": ("exec",),
 _ATIME = ("noatime", "relatime", "strictatime", "atime")
 
 
-def kept_flags(fields, given) -> list:
-    """The flags of a mount's mountinfo ``fields`` that a remount with FUSE/kernel options
-    ``given`` must name again to keep."""
-    if fields is None:
-        return []
-    current = fields[5].decode().split(",")
+def kept_flags(current, given) -> list:
+    """The flags among a mount's ``current`` options that a remount with FUSE/kernel
+    options ``given`` must name again to keep."""
     kept = [f for f in current if f in _KEPT and not set(_KEPT[f]) & set(given)]
     if not set(_ATIME) & set(given):
         kept += [f for f in current if f in _ATIME[:3] or f == "nodiratime"]

@@ -41,6 +41,12 @@ def device(mountpoint: str) -> Optional[str]:
     return f[2].decode() if f else None
 
 
+def options(mountpoint: str) -> List[str]:
+    """The per-mount options (ro, nosuid, relatime ...) of the mount at ``mountpoint``."""
+    f = fields(mountpoint)
+    return f[5].decode().split(",") if f else []
+
+
 def read_only(mountpoint: str) -> bool:
     """Whether the mount is read-only now (``mount -o remount,ro`` included): the
     per-mount options, then the superblock's after the " - " separator."""

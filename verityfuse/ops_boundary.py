@@ -27,6 +27,16 @@ def fail(err: int):
     raise pyfuse3.FUSEError(err)
 
 
+def unexpected(name: str, e: BaseException) -> int:
+    """A bug met while handling ``name``: one rate-limited line (never a traceback), and
+    the errno to answer: ENOMEM for out of memory (a resource error, not logged), else EIO."""
+    if isinstance(e, MemoryError):
+        return errno.ENOMEM
+    ratelog.log(logging.ERROR, (name, type(e).__name__),
+                f"unexpected error in {name}: {type(e).__name__}: {e}")
+    return errno.EIO
+
+
 def errno_of(e: Exception, what: str, stats=None, untrusted: bool = False) -> int:
     """The one mapping from a core error or OSError to an errno.
 
@@ -88,12 +98,8 @@ def _boundary(fn):
             if debug:
                 log.debug("%s%r: %s", name, tuple(map(_brief, args)), errno.errorcode.get(err))
             raise pyfuse3.FUSEError(err) from None
-        except MemoryError:  # out of memory is a resource error, as ENOMEM from a syscall
-            raise pyfuse3.FUSEError(errno.ENOMEM) from None
-        except Exception as e:  # a bug: one line, never a traceback per request
-            ratelog.log(logging.ERROR, (name, type(e).__name__),
-                        f"unexpected error in {name}: {type(e).__name__}: {e}")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:  # a bug, or out of memory: never a traceback per request
+            raise pyfuse3.FUSEError(unexpected(name, e)) from None
 
     return wrapper
 

@@ -23,7 +23,7 @@ from . import creds, uapi
 from .enable import Caller
 from .errors import Errno, VerityError
 from .fuseshim import Request, Shim
-from .logs import requests as ratelog
+from .ops_boundary import unexpected
 from .view import XATTR_PREFIX, FileHandle, Handle, View
 
 log = logging.getLogger("verityfuse")
@@ -150,12 +150,8 @@ class IoctlHandlers:
             request.reply()
         except (VerityError, OSError) as e:
             request.error(self.errno_of(e, f"enable of {job.rel}"))
-        except MemoryError:  # a resource error, as ENOMEM from a system call
-            request.error(errno.ENOMEM)
-        except Exception as e:  # a bug: EIO and one line; it must not take the mount down
-            request.error(errno.EIO)
-            ratelog.log(logging.ERROR, ("enable", type(e).__name__),
-                        f"unexpected error in enable: {type(e).__name__}: {e}")
+        except Exception as e:  # a bug: answered, one line; it must not take the mount down
+            request.error(unexpected("enable", e))
         except BaseException:  # cancelled (unmounting): answered, and let go on
             request.error(errno.EIO)
             raise
