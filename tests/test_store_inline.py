@@ -152,6 +152,56 @@ def test_a_kept_descriptor_that_does_not_prove_itself_is_named_corruption(src):
         json.dumps(json.loads(_tampered(src)), sort_keys=True).encode() + b"\n"
 
 
+def _outcome(name, key, data):
+    try:
+        return parse_entry(name, key, data)
+    except StoreCorrupt as e:
+        return f"StoreCorrupt: {e}"
+
+
+def test_the_quick_parse_of_an_entry_agrees_with_the_json_decoder(src):
+    """An entry laid out exactly as entry_bytes writes it is parsed without the JSON
+    decoder: the same entry, or the same error word for word, as the decoder's path
+    gives for the same JSON without its final newline (which only the decoder takes),
+    good or bad.  An entry the quick parse must not take (a path with escapes, another
+    key order, upper-case hex) still goes through the decoder."""
+    from verityfuse.store_index import _CANONICAL
+
+    key, name = "cd" * 32, "STORE/inodes/cd/" + "cd" * 32
+    digest, desc = oracle(src / "one")
+    other_digest, other_desc = oracle(src / "b")
+    two_blocks, two_digest = _descriptor(B + 1)
+    reserved, reserved_digest = _descriptor(5, reserved=b"\1")
+    changes = [{}, dict(descriptor=None), dict(signature="0102ff"), dict(signature=""),
+               dict(signature="abc"), dict(descriptor="00" * 255), dict(descriptor="ab" * 257),
+               dict(descriptor=other_desc.hex()), dict(digest=other_digest),
+               dict(descriptor=two_blocks.hex(), digest=two_digest),
+               dict(descriptor=reserved.hex(), digest=reserved_digest),
+               dict(digest="sha256:" + "00" * 31), dict(digest="sha1:" + "00" * 20),
+               dict(digest="sha256"), dict(digest=""), dict(path=""),
+               dict(path="a b/c!#$%&'()*+,-./09:;<=>?@AZ[]^_`az{|}~")]
+    quick = 0
+    for change in changes:
+        doc = {"descriptor": desc.hex(), "digest": digest, "path": "one", "version": 2}
+        doc.update(change)
+        doc = {k: v for k, v in doc.items() if v is not None}
+        data = json.dumps(doc, sort_keys=True).encode() + b"\n"
+        quick += _CANONICAL(data) is not None
+        assert _outcome(name, key, data) == _outcome(name, key, data[:-1]), change
+    assert quick == len(changes)  # every one took the quick parse
+    # Valid JSON the quick parse leaves to the decoder, and what the decoder says.
+    for doc, data in [("escaped path", entry_bytes(merkle.SHA256, bytes(32), b"", 'a"\\b\u00e9')),
+                      ("keys unsorted", json.dumps({"path": "one", "digest": digest,
+                                                    "version": 2}).encode() + b"\n"),
+                      ("upper-case hex", (json.dumps({"digest": digest.upper().replace(
+                          "SHA256", "sha256"), "path": "one", "version": 2}, sort_keys=True)
+                                          + "\n").encode())]:
+        assert _CANONICAL(data) is None, doc
+        got = parse_entry(name, key, data)
+        assert got.digest == bytes(32) if doc == "escaped path" else \
+            got.digest == merkle.parse_digest(digest)[1], doc
+
+
 def test_a_format_2_store_stays_format_2_until_upgraded(src, tmp_path):
     """Sealing into a format-2 store writes an object per file (an older release reads it);
     `upgrade-store` only rewrites VERSION, after which a file of one block gets none; every

@@ -33,14 +33,18 @@ class _Value:
 
     __slots__: Tuple[str, ...] = ()
     _fields: Callable[[Any], tuple]  # the fields, as a tuple: operator.attrgetter
+    _setters: Tuple[Callable[[Any, Any], None], ...]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls._fields = staticmethod(attrgetter(*cls.__slots__))
+        # The slots' own setters: they bypass __setattr__ (which refuses) without
+        # object.__setattr__'s lookup by name (a descriptor is built per open).
+        cls._setters = tuple(getattr(cls, name).__set__ for name in cls.__slots__)
 
     def _set(self, *values) -> None:
-        for name, value in zip(self.__slots__, values):
-            object.__setattr__(self, name, value)
+        for setter, value in zip(self._setters, values):
+            setter(self, value)
 
     def __eq__(self, other) -> bool:
         return other is self or (type(other) is type(self) and
@@ -195,6 +199,8 @@ class Geometry(_Value):
         if data_size < 0:
             raise InvalidParameters(f"negative file size {data_size}")
         bs = params.block_size
+        if data_size <= bs:  # no tree (most files of an image): no level to count
+            return cls(params, data_size, 1 if data_size else 0, (), ())
         hpb = params.hashes_per_block
         n = -(-data_size // bs)
         data_blocks = n
