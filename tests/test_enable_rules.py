@@ -276,7 +276,7 @@ def test_rule(setup, name, view_kw, prepare, kw, want):
         s.view.enabler.finish(s.pending)
         assert not inode.enabling
     # The check opened nothing it kept: only the handles this test opened are open.
-    assert inode.files == {fh for fh in s.handles if fh.node is inode}
+    assert set(inode.files) == {fh for fh in s.handles if fh.node is inode}
 
 
 @pytest.mark.parametrize("prepare", [_ACL_GRANTS, _ioctl_only_handle],

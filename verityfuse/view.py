@@ -27,7 +27,7 @@ from .verifier import TreeBlockCache, Verifier
 XATTR_PREFIX = b"user.fsverity."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per sealed inode the kernel remembers
 class VerityInfo:
     """A verity file's trusted identity: what MEASURE, GETFLAGS and the xattrs report.
 

@@ -288,7 +288,7 @@ class LocalView:
             fh.close()  # the fd, and the tree if it was opened
             raise
         i.handles += 1
-        i.files.add(fh)
+        i.add_file(fh)
         return fh
 
     def _may_open(self, i: Inode, writing: bool):
@@ -341,7 +341,7 @@ class LocalView:
         i = fh.node
         fh.close()
         i.handles -= 1
-        i.files.discard(fh)
+        i.drop_file(fh)
         self.inodes.maybe_drop(i)
 
     # -- enable (enable.py; the metadata and directory requests are bound in __init__) ---
