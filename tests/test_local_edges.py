@@ -493,3 +493,25 @@ def test_no_local_verity_on_a_file_system_whose_handles_do_not_last(tmp_path, ve
                     f"fsverity enable fails (EOPNOTSUPP); use manifest mode") in m.log(), m.log()
         finally:
             m.unmount()
+
+
+def test_a_store_inside_a_source_of_slash_is_hidden(tmp_path):
+    """SOURCE / (a verified view of the whole system) with the store under it: the store
+    is hidden as in any other SOURCE, reserved against every lookup of its name (it was
+    looked for under "//", so it was served, and writable, like any directory)."""
+    from verityfuse.verifier import TreeBlockCache
+    from verityfuse.view_local import LocalView
+
+    with Store(str(tmp_path / "store"), create=True) as st:
+        view = LocalView("/", st, TreeBlockCache(), read_only=True)
+        try:
+            ino = 1
+            for part in str(tmp_path).strip("/").split("/"):
+                ino = view.lookup(ino, part.encode()).ino
+            with pytest.raises(OSError) as e:
+                view.lookup(ino, b"store")
+            assert e.value.errno == errno.ENOENT
+            (tmp_path / "other").mkdir()
+            assert view.lookup(ino, b"other").ino > 1  # a name beside it is served
+        finally:
+            view.close()

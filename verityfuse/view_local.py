@@ -114,7 +114,7 @@ class LocalView:
         # The store is hidden when it lives inside SOURCE: (its parent's identity, its name).
         self.hidden = None
         sp = os.path.realpath(store.path)
-        if sp.startswith(self.source + "/"):
+        if fsutil.within(os.path.dirname(sp), self.source):  # also for SOURCE /
             pfd = os.open(os.path.dirname(sp), _O_PATH)
             try:
                 key, _ = self.inodes._identify(pfd, os.fstat(pfd))
