@@ -320,13 +320,17 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
     return _background(src, mnt, s, trust, err, verbose)
 
 
+def _log_file_of(where: str) -> Optional[str]:
+    """The file logs.setup's ``where`` names ("file PATH (why)"), or None."""
+    return where.removeprefix("file ").split(" (", 1)[0] if where.startswith("file ") else None
+
 
 def _obvious_log_place(where: str, s: Settings, mnt: str) -> bool:
     """The places --log-file's help names: the file given, syslog, the journal, or
     the documented fallback file; anything else (a fallback of a fallback) is said."""
     if where.startswith(("syslog", "the journal")):
         return True
-    path = where.removeprefix("file ").split(" (", 1)[0] if where.startswith("file ") else None
+    path = _log_file_of(where)
     return path is not None and path in (s.log_file, logs.fallback_log_file(mnt))
 
 
@@ -360,10 +364,11 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             # has logged the failure already.
             if pipe_open[0]:
                 os.write(wfd, f"error {mountopts.reason(e)}".encode())
-                if where.startswith("file ") and not s.log_file:
+                fallback = None if s.log_file else _log_file_of(where)
+                if fallback is not None:
                     # A fallback log this failed mount made, and never wrote to: not left
                     # behind (a bad option left an empty /var/log/verityfuse/MNT.log).
-                    logs.remove_if_empty(where.removeprefix("file ").split(" (", 1)[0])
+                    logs.remove_if_empty(fallback)
         finally:
             os._exit(code)
     os.close(wfd)
@@ -382,4 +387,3 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
         return 0
     os.waitpid(pid, 0)
     mountopts.refuse(src, mnt, text.removeprefix("error ") or "daemon exited")
-

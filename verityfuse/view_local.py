@@ -114,8 +114,9 @@ class LocalView:
         # The store is hidden when it lives inside SOURCE: (its parent's identity, its name).
         self.hidden = None
         sp = os.path.realpath(store.path)
-        if fsutil.within(os.path.dirname(sp), self.source):  # also for SOURCE /
-            pfd = os.open(os.path.dirname(sp), _O_PATH)
+        store_dir = os.path.dirname(sp)
+        if fsutil.within(store_dir, self.source):  # also for SOURCE /
+            pfd = os.open(store_dir, _O_PATH)
             try:
                 key, _ = self.inodes._identify(pfd, os.fstat(pfd))
             finally:
