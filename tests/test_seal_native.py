@@ -14,7 +14,7 @@ import pytest
 
 from conftest import fsverity_digest, fuse_helper, pattern, write
 from verityfuse import hashers, identity, merkle, seal_pool
-from verityfuse.sealing import native_stager
+from verityfuse.sealing import native_stager, stage_path
 from verityfuse.source_dir import SourceDir
 from verityfuse.store import Store
 
@@ -44,9 +44,13 @@ def make_tree(src):
         write(src / "many" / f"f{i:02d}", pattern(3000 + 97 * i)[i:])
     write(src / 'quo"te\\back', b"q" * 5000)
     write(src / "\u00e9t\u00e9\u2603", b"u" * 4097)
+    # Every kind of escape json.dumps makes (the native call makes its own JSON).
+    write(src / "c\b\f\n\r\t\x01\x1f\x7f~ \U0001f600\uffff\u0100", b"e" * 100)
     os.makedirs(os.fsencode(src / "odd"), exist_ok=True)
     with open(os.path.join(os.fsencode(src / "odd"), b"caf\xe9\x01"), "wb") as f:
         f.write(b"latin-1 name")
+    with open(os.path.join(os.fsencode(src / "odd"), b"\xed\xa0\x80\xf0\x9f"), "wb") as f:
+        f.write(b"a surrogate's UTF-8, a cut one")
     os.mkfifo(src / "fifo")
     os.symlink("s00004096", src / "link")
 
@@ -82,7 +86,7 @@ def test_a_seal_writes_the_python_paths_bytes(tmp_path, params):
     got, want = contents(tmp_path / "native"), contents(tmp_path / "python")
     assert sorted(got) == sorted(want) and got == want
     assert not any(k.startswith("tmp/") for k in got)
-    assert len([k for k in got if k.startswith("inodes/")]) == len(SIZES) + 40 + 3
+    assert len([k for k in got if k.startswith("inodes/")]) == len(SIZES) + 40 + 5
     opts = {"--hash-alg": "--hash-alg", "--block-size": "--block-size", "--salt": "--salt"}
     oracle = [f"{opts[params[i]]}={params[i + 1]}" for i in range(0, len(params), 2)]
     lines = dict(reversed(line.split(" ", 1)) for line in native.decode().splitlines())
@@ -156,10 +160,10 @@ def stager(tmp_path):
     os.mkdir(src / "dir")
     os.mkdir(src / "other")
     with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-        stage = native_stager(store, sd, merkle.Params())
-        if stage is None:
+        many = native_stager(store, sd, merkle.Params())
+        if many is None:
             pytest.skip("the native module is not built")
-        yield src, store, stage
+        yield src, store, lambda rel: many([rel])[0]
 
 
 def tmp_files(store):
@@ -213,7 +217,7 @@ def test_its_stat_is_the_files(tmp_path):
         if stage is None:
             pytest.skip("the native module is not built")
         os.chown(src / "f", 1234, 5678)
-        staged, st = stage("f")
+        [(staged, st)] = stage(["f"])
         assert st == (stat.S_IFREG | 0o640, 1234, 5678, 4097, 1_700_000_000_987_654_321)
         assert (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns) == tuple(st)
         assert staged.obj_tmp is not None and len(tmp_files(store)) == 2
@@ -235,9 +239,9 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
         assert os.stat(mnt / "short").st_size == 3000
         with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
             stage = native_stager(store, sd, merkle.Params(), objects=True)  # a manifest's
-            assert stage("short") is None
+            assert stage(["short"]) == [None]
             assert tmp_files(store) == []
-            staged, _ = stage("whole")
+            [(staged, _)] = stage(["whole"])
             assert staged.data_size == 3000
             staged.drop(store)
         # A manifest's seal (a seal for local mode refuses FUSE files: test_local_edges).
@@ -251,3 +255,44 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
                             f"be sealed\n")
         expected = fsverity_digest(write(tmp_path / "whole", pattern(3000)))[0].split()[0]
         assert r.stdout == f"{expected} {mnt}/whole\n"
+
+
+@needs_native
+def test_one_call_seals_a_chunk_as_the_python_path_does_each_file(tmp_path):
+    """A chunk of paths in one native call: a result for each, in order, None for what
+    it declines (not a regular file, over seal_pool.SMALL, no such path, no path: a
+    manifest's directory), with nothing of those left behind.  Each file's index entry
+    is the Python path's byte for byte: the call writes its own JSON of the path, for
+    every kind of escape (tests the names of make_tree), and names its tmp/ files apart
+    under this process's pid."""
+    src = tmp_path / "src"
+    make_tree(src)
+    files = sorted(os.path.relpath(os.path.join(d, n), src)
+                   for d, _, names in os.walk(src) for n in names
+                   if stat.S_ISREG(os.lstat(os.path.join(d, n)).st_mode)
+                   and os.path.getsize(os.path.join(d, n)) <= seal_pool.SMALL)
+    declined = ["fifo", "link", "many", "missing", f"s{MIB + 1:08d}", None, "../src/many/f00"]
+    rels = files[:20] + declined + files[20:]
+    with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
+        got = native_stager(store, sd, merkle.Params())(rels)
+        assert len(got) == len(rels)
+        assert [rel for rel, g in zip(rels, got) if g is None] == declined
+        made = [n for rel, g in zip(rels, got) if g is not None
+                for n in (g[0].index_tmp, g[0].obj_tmp) if n is not None]
+        assert tmp_files(store) == sorted(made) and len(set(made)) == len(made)
+        assert {n.split(".")[0] for n in made} == {str(os.getpid())}
+        tmp = os.path.join(store.path, "tmp")
+        for rel, g in zip(rels, got):
+            if g is None:
+                continue
+            staged, _ = g
+            python, _ = stage_path(store, sd, rel, merkle.Params())
+            assert (staged.obj_tmp is None) == (python.obj_tmp is None), rel
+            assert staged._replace(index_tmp=python.index_tmp, obj_tmp=python.obj_tmp) == python
+            for a, b in ((staged.index_tmp, python.index_tmp), (staged.obj_tmp, python.obj_tmp)):
+                if a is not None:
+                    with open(os.path.join(tmp, a), "rb") as fa, open(os.path.join(tmp, b), "rb") as fb:
+                        assert fa.read() == fb.read(), rel
+            python.drop(store)
+            staged.drop(store)
+        assert tmp_files(store) == []

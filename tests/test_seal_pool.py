@@ -275,7 +275,7 @@ elif what in ("hang", "kill"):  # a worker stuck on f0150 (it says where), or ki
         return real_stage(store, source, rel, *a, **kw)
     def native_stager(*a, **kw):
         stage = real_stager(*a, **kw)
-        return stage and (lambda rel: (at(rel), stage(rel))[1])
+        return stage and (lambda rels: ([at(r) for r in rels if r], stage(rels))[1])
     sealing.stage_path, sealing.native_stager = stage_path, native_stager
 elif what == "stuck":  # Ctrl-C twice, and a thread of the pool's that never ends
     import threading

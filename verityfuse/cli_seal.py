@@ -113,7 +113,7 @@ def _size_of(src: SourceDir, rels):
 
 def cmd_seal(args, params, key, rels) -> int:
     from .seal_pool import in_order
-    from .sealing import file_stager
+    from .sealing import FileStager
     from .source_dir import SourceDir
     from .store_batch import Batch
 
@@ -140,12 +140,15 @@ def cmd_seal(args, params, key, rels) -> int:
         progress = Progress(*total)
         failed = 0
 
-        stage_file = file_stager(store, src, params, threads=args.threads,
-                                 progress=progress if progress.enabled else None)
+        stage_file = FileStager(store, src, params, threads=args.threads,
+                                progress=progress if progress.enabled else None)
 
         def stage(rel, here):
             """In a worker (``here`` False) a small file; here any, with its progress."""
             return stage_file(rel, here)[0]
+
+        def stage_many(rels):
+            return [got and got[0] for got in stage_file.many(rels)]
 
         sealed = _Sealed(args, progress)
 
@@ -163,7 +166,8 @@ def cmd_seal(args, params, key, rels) -> int:
                 # a sealed file.
                 for rel, done, e in in_order(walk, stage, args.threads,
                                              lambda staged: staged.drop(store),
-                                             progress.worker_done if progress.enabled else None):
+                                             progress.worker_done if progress.enabled else None,
+                                             work_many=stage_many):
                     full = src.full(rel)
                     if e is not None:
                         failed += 1

@@ -16,7 +16,7 @@ from typing import (AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, 
 
 from . import manifest_tree, merkle
 from .seal_pool import in_order
-from .sealing import file_stager
+from .sealing import FileStager
 from .source_dir import SourceDir
 from .store import Store
 from .store_batch import Batch, Staged
@@ -125,8 +125,8 @@ class ManifestRecorder:
         self.not_sealed = not_sealed or (lambda full, why: warn(f"can't seal '{full}': {why}"))
         self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
-        self._stage_file = file_stager(store, source, params, objects=True, threads=threads,
-                                       progress=self.progress)
+        self._stage_file = FileStager(store, source, params, objects=True, threads=threads,
+                                      progress=self.progress)
         st = os.stat(store.path)
         self._skip = {(st.st_dev, st.st_ino)}
         self._skip_names = {os.path.basename(p) for p in skip_paths}
@@ -148,7 +148,7 @@ class ManifestRecorder:
         """Seal regular file ``rel`` (None, what ``_shipped`` gives for anything else, is
         nothing to seal) with an object, one of one block too: a manifest mount reads
         objects only.  With it, what the manifest records of the fstat of what was
-        sealed (sealing.file_stager)."""
+        sealed (sealing.FileStager)."""
         return None if rel is None else self._stage_file(rel, here)
 
     def _worker_done(self, result):
@@ -161,7 +161,8 @@ class ManifestRecorder:
 
     def _entries(self, items) -> Iterator[dict]:
         for (rel, st), done, err in in_order(items, self._stage, self.threads, self._abandon,
-                                             self._worker_done, shipped=self._shipped):
+                                             self._worker_done, shipped=self._shipped,
+                                             work_many=self._stage_file.many):
             e = self._entry(rel, st, done, err)
             if e is not None:
                 yield e
@@ -174,7 +175,7 @@ class ManifestRecorder:
                 self.failed += 1
                 return None
             staged, sealed_st = done  # what is sealed is what is recorded
-            assert sealed_st is not None  # file_stager(objects=True) gives it
+            assert sealed_st is not None  # FileStager(objects=True) gives it
             self.batch.add(staged)
             entry = manifest_tree.entry_of(rel, sealed_st, sealed=(staged.alg, staged.digest,
                                                                    self.params))

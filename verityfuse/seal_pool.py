@@ -77,6 +77,7 @@ def workers(threads: Optional[int]) -> int:
 
 
 _work: Optional[Callable] = None  # in a worker: the work function, inherited at fork
+_work_many: Optional[Callable] = None  # and its function for many items, if any
 # One byte shared with the workers (an anonymous mapping is MAP_SHARED, inherited at
 # fork): set when the caller stops early, so that queued tasks end at once.  Stopping
 # never cancels a future: Python 3.11's pool manager, finding the pool broken (a
@@ -116,23 +117,38 @@ def _portable(e: BaseException) -> BaseException:
         return kind(f"{type(e).__name__}: {e}")
 
 
+# Items given to ``work_many`` at once: the caller's stop is seen between two such parts.
+MANY = 64
+
+
 def _run(items: list) -> bytes:
     """In a worker: (tag, result or error) for each item of a chunk, pickled here, so
     that a result that cannot cross the pipe is an error saying so (the executor would
     instead report its pool broken, as if a worker had been killed)."""
     assert _work is not None and _stopping is not None
     out: List[tuple] = []
-    for item in items:
-        if _stopping[0]:
-            break  # the caller stopped: what is done is abandoned, the rest not begun
+    for start in range(0, len(items), MANY):
+        part = items[start:start + MANY]
         try:
-            out.append((_DONE, _work(item, False)))
-        except Here:
-            out.append((_HERE, None))
-        except OSError as e:  # this file could not be sealed: the caller reports it
-            out.append((_FAILED, _portable(e)))
+            done = [None] * len(part) if _work_many is None else _work_many(part)
         except Exception as e:
             raise _portable(e) from None
+        for item, value in zip(part, done):
+            if value is not None:
+                out.append((_DONE, value))
+                continue
+            if _stopping[0]:
+                continue  # the caller stopped: what is made is abandoned, the rest not begun
+            try:
+                out.append((_DONE, _work(item, False)))
+            except Here:
+                out.append((_HERE, None))
+            except OSError as e:  # this file could not be sealed: the caller reports it
+                out.append((_FAILED, _portable(e)))
+            except Exception as e:
+                raise _portable(e) from None
+        if _stopping[0]:
+            break
     try:
         return pickle.dumps(out)
     except Exception as e:
@@ -148,6 +164,7 @@ def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Option
              abandon: Callable[[R], None], after_worker: Optional[Callable[[R], None]] = None,
              command: str = "seal", done: str = "sealed",
              shipped: Optional[Callable[[T], Any]] = None,
+             work_many: Optional[Callable[[list], List[Optional[R]]]] = None,
              ) -> Iterator[Tuple[T, Optional[R], Optional[OSError]]]:
     """(item, result, None), or (item, None, the OSError it raised), for each item in
     order; any other exception is raised here.
@@ -156,7 +173,9 @@ def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Option
     ``here`` False (it may raise ``Here``), or in this process with ``here`` True: with
     one worker, and for the items a worker handed back.  ``shipped(item)`` is what
     ``work`` needs of an item (default: the item itself): only that crosses a worker's
-    pipe.  ``after_worker(result)`` is called here, in order, for each result a worker
+    pipe.  ``work_many(shipped items)``, if given, is what a worker calls first on a part
+    of its chunk (``MANY`` items): a result for each item, or None for one it leaves to
+    ``work(shipped, False)`` (a result of None is no result).  ``after_worker(result)`` is called here, in order, for each result a worker
     made (its progress).  When the caller stops early, ``abandon(result)`` is called on
     every result made for nothing (staged files to remove).  ``command`` and ``done``
     word the error of a worker that died ("seal", "sealed")."""
@@ -174,8 +193,8 @@ def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Option
         return
     # The workers read these two at the first submit, which forks them all; this call's
     # own stop byte stays in a local (another call may set the globals meanwhile).
-    global _work, _stopping
-    _work = work
+    global _work, _work_many, _stopping
+    _work, _work_many = work, work_many
     _stopping = stopping = mmap.mmap(-1, 1)
     # A fork copies unwritten output, which the worker would write again at its exit.
     sys.stdout.flush()
@@ -249,7 +268,7 @@ def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Option
             raise
     finally:
         if _stopping is stopping:
-            _work = _stopping = None
+            _work = _work_many = _stopping = None
         gc.unfreeze()
 
 

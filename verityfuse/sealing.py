@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Set, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Set, Tuple, Union
 
 from . import fsutil, hashers, identity, merkle, treebuild
 from .errors import IntegrityError, VerityError
@@ -136,14 +135,15 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
 
 
 def native_stager(store: Store, source: SourceDir, params: merkle.Params, objects: bool = False
-                  ) -> Optional[Callable[[str], Optional[Tuple[Staged, Optional[Recorded]]]]]:
-    """stage_path's common case in one native call (``_sealsmall.c``); None without the
-    native module.  The stager takes a path relative to SOURCE and returns the Staged
-    stage_path would give, with the same bytes (tests/test_seal_native.py), and with
-    ``objects`` (a manifest's files) what a manifest records of its fstat; or None
-    when it declines the file (not regular, on another filesystem, over
-    seal_pool.SMALL bytes, changed while it was read, any error): stage_path then
-    seals it, and says what is wrong.  SOURCE's device and fsid are asked once, here."""
+                  ) -> Optional[Callable[[List[Optional[str]]], List[Optional[Tuple[Staged, Optional[Recorded]]]]]]:
+    """stage_path's common case, a chunk of files in one native call (``_sealsmall.c``);
+    None without the native module.  The stager takes a list of paths relative to SOURCE
+    and gives for each the Staged stage_path would give, with the same bytes
+    (tests/test_seal_native.py), and with ``objects`` (a manifest's files) what a
+    manifest records of its fstat; or None when it declines the file (not regular, on
+    another filesystem, over seal_pool.SMALL bytes, changed while it was read, any
+    error; and a path that is None): stage_path then seals it, and says what is wrong.
+    SOURCE's device and fsid are asked once, here."""
     seal_small = getattr(hashers._hashblocks, "seal_small", None)
     if seal_small is None or not 1024 <= params.block_size <= 65536 or len(params.salt) > 32:
         return None
@@ -158,45 +158,48 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
     alg = params.alg
     fixed = (alg.number, params.log_blocksize, params.salt, hashers.padded_salt(params))
 
-    def stage(rel: str) -> Optional[Tuple[Staged, Optional[Recorded]]]:
-        tmp_fd, idx_name, obj_name = store.tmp_names()
-        got = seal_small(source.fd, os.fsencode(rel.rstrip("/")), dev, fsid, *fixed, tmp_fd,
-                         idx_name.encode(), obj_name.encode(), make_object, inline_store,
-                         json.dumps(rel).encode(), alg.name)
-        if got is None:
-            return None
-        size, key, digest, wrote_object, mode, uid, gid, mtime_s, mtime_ns = got
-        return (Staged(alg, digest, size, obj_name if wrote_object else None, idx_name, key),
-                Recorded(mode, uid, gid, size, mtime_s * 10**9 + mtime_ns) if objects else None)
+    def stage(rels: List[Optional[str]]) -> List[Optional[Tuple[Staged, Optional[Recorded]]]]:
+        tmp_fd, names = store.tmp_chunk()
+        return [None if g is None else
+                (Staged(alg, g[2], g[0], g[3], g[4], g[1]),
+                 Recorded(g[5], g[6], g[7], g[0], g[8] * 10**9 + g[9]) if objects else None)
+                for g in seal_small(source.fd, rels, dev, fsid, *fixed, tmp_fd, names,
+                                    make_object, inline_store, alg.name)]
 
     return stage
 
 
-def file_stager(store: Store, source: SourceDir, params: merkle.Params, *, objects: bool = False,
-                threads: Optional[int] = None, progress=None
-                ) -> Callable[[str, bool], Tuple[Staged, Optional[Recorded]]]:
-    """seal_pool's work for one regular file of SOURCE: ``stage(rel, here)`` stages it
-    and gives its Staged, and with ``objects`` (a manifest's files: an object each)
-    what a manifest records of the fstat of what was sealed.  A small file in one
-    native call where it can be, else stage_path; in a worker (``here`` False) a file
-    over seal_pool.SMALL raises Here.  ``progress``: the run's seal_progress.Progress
+class FileStager:
+    """seal_pool's work for the regular files of SOURCE: ``stager(rel, here)`` stages one
+    and gives its Staged, and with ``objects`` (a manifest's files: an object each) what
+    a manifest records of the fstat of what was sealed.  A small file natively where it
+    can be, else stage_path; in a worker (``here`` False) a file over seal_pool.SMALL
+    raises Here.  ``many(rels)``: a worker's chunk of files, natively (None for a file
+    it leaves to ``stager(rel, False)``).  ``progress``: the run's seal_progress.Progress
     when it draws (a file done here counts on it)."""
-    small = native_stager(store, source, params, objects)
-    keys = identity.Keys(lasting=not objects)  # a manifest mount finds trees by digest
 
-    def stage(rel: str, here: bool) -> Tuple[Staged, Optional[Recorded]]:
-        if small is not None:
-            got = small(rel)
+    def __init__(self, store: Store, source: SourceDir, params: merkle.Params, *,
+                 objects: bool = False, threads: Optional[int] = None, progress=None):
+        self.store, self.source, self.params = store, source, params
+        self.objects, self.threads, self.progress = objects, threads, progress
+        self.small = native_stager(store, source, params, objects)
+        self.keys = identity.Keys(lasting=not objects)  # a manifest mount finds trees by digest
+
+    def many(self, rels: List[Optional[str]]) -> List[Optional[Tuple[Staged, Optional[Recorded]]]]:
+        return [None] * len(rels) if self.small is None else self.small(rels)
+
+    def __call__(self, rel: str, here: bool) -> Tuple[Staged, Optional[Recorded]]:
+        if self.small is not None:
+            got = self.small([rel])[0]
             if got is not None:
-                if here and progress is not None:
-                    progress.worker_done(got[0])
+                if here and self.progress is not None:
+                    self.progress.worker_done(got[0])
                 return got
-        staged, st = stage_path(store, source, rel, params, threads=threads, keys=keys,
-                                progress=progress.for_file if here and progress else None,
-                                max_size=None if here else SMALL, objects=objects)
-        return staged, Recorded.of(st) if objects else None
-
-    return stage
+        progress = self.progress
+        staged, st = stage_path(self.store, self.source, rel, self.params, threads=self.threads,
+                                keys=self.keys, progress=progress.for_file if here and progress else None,
+                                max_size=None if here else SMALL, objects=self.objects)
+        return staged, Recorded.of(st) if self.objects else None
 
 
 def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:

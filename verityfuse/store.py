@@ -263,9 +263,11 @@ class Store(StoreIndex):
                      0o600, dir_fd=self._tmp_dir())
         return name, fd
 
-    def tmp_names(self) -> Tuple[int, str, str]:
-        """(tmp/'s fd, two new names there) for files written natively (sealing)."""
-        return self._tmp_dir(), _names.next(), _names.next()
+    def tmp_chunk(self) -> Tuple[int, bytes]:
+        """(tmp/'s fd, a new prefix of names there) for files written natively (sealing):
+        the prefix followed by any hex number.  A name of its own followed by "-",
+        which no other name holds: unique, and still ``<pid>.<unique>``."""
+        return self._tmp_dir(), (_names.next() + "-").encode()
 
     def discard_tmp(self, name: str):
         try:
