@@ -252,12 +252,12 @@ import os, signal, sys
 from verityfuse import cli, sealing, store_batch
 store_batch.MAX_FILES = 64
 what = sys.argv.pop(1)
-if what == "interrupt":  # Ctrl-C once the first batch is durable: the whole group
-    real_commit = store_batch.Batch.commit
-    def commit(self):
-        real_commit(self)
+if what == "interrupt":  # Ctrl-C once the first batch is durable and reported: the whole group
+    real_run = store_batch.Batch._run
+    def run(self, after):
+        real_run(self, after)
         os.killpg(0, signal.SIGINT)
-    store_batch.Batch.commit = commit
+    store_batch.Batch._run = run
 elif what in ("hang", "kill"):  # a worker stuck on f0150 (it says where), or killed
     caller = os.getpid()
     def at(rel):
@@ -283,11 +283,11 @@ elif what == "stuck":  # Ctrl-C twice, and a thread of the pool's that never end
     # What a worker killed while it sent a result leaves: the pool's manager thread
     # waiting for the rest of the message, for ever (a thread that is not a daemon).
     threading.Thread(target=threading.Event().wait, name="stuck").start()
-    real_commit = store_batch.Batch.commit
-    def commit(self):
-        real_commit(self)
+    real_run = store_batch.Batch._run
+    def run(self, after):
+        real_run(self, after)  # the first batch, durable and reported
         raise KeyboardInterrupt()  # the first Ctrl-C
-    store_batch.Batch.commit = commit
+    store_batch.Batch._run = run
     real_shutdown = ProcessPoolExecutor.shutdown
     def shutdown(self, wait=True, **kw):
         if wait:

@@ -460,7 +460,19 @@ def test_a_failed_sync_publishes_nothing_and_leaves_no_tmp_file(src, tmp_path, m
         assert os.listdir(os.path.join(store_dir, "tmp")) == []
 
 
-def test_a_batch_refuses_a_symlinked_shard_and_names_it_whole(src, tmp_path):
+@pytest.fixture(params=["native", "python"])
+def placing(request, monkeypatch):
+    """A batch's renames in one native call (Store.place_all), and in Python."""
+    from verityfuse import fsutil
+
+    if request.param == "native" and fsutil.native_sys is None:
+        pytest.skip("the native module is not built")
+    if request.param == "python":
+        monkeypatch.setattr(fsutil, "native_sys", None)
+    return request.param
+
+
+def test_a_batch_refuses_a_symlinked_shard_and_names_it_whole(src, tmp_path, placing):
     """A batch opens objects/<alg> once and each shard below it: a shard planted as a
     symlink (to a directory outside) is refused by its whole name in the store, and
     nothing is written through it."""
@@ -481,41 +493,114 @@ def test_a_batch_refuses_a_symlinked_shard_and_names_it_whole(src, tmp_path):
         assert str(e.value) == (f"{store_dir}/objects/sha256/{hh}: refusing a symlink or "
                                 f"non-directory inside the store")
         assert os.listdir(outside) == []
+        assert os.listdir(os.path.join(store_dir, "tmp")) == []
 
 
-def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, monkeypatch):
-    """A rename failing among the index entries: the error reaches the caller, what was
-    renamed before it stays in place (objects synced first, so no entry names a missing
-    one), and nothing stays in tmp/; no callback runs."""
-    import errno as errno_mod
+def _staged_files(st, src):
     from verityfuse.sealing import stage_path
-    from verityfuse.store_batch import Batch
 
     for i in range(4):
         write(src / f"more{i}", pattern(5000 + i))  # objects (over one block) and entries
     rels = ["big", "small", "sub/empty"] + [f"more{i}" for i in range(4)]
+    return [stage_path(st, str(src), rel, PARAMS)[0] for rel in rels]
+
+
+def _block_third_entry(st, staged):
+    """A directory where the third index entry placed goes (entries are placed a shard
+    after the other, each shard's in the order added): its rename fails (EISDIR).  The
+    entry blocked, and those placed before it."""
+    placed = sorted(range(len(staged)), key=lambda i: st.index_parts(staged[i].key)[0])
+    blocked = staged[placed[2]]
+    os.makedirs(os.path.join(st.path, *st.index_parts(blocked.key)[0], blocked.key))
+    return blocked, sorted(staged[i].key for i in placed[:2])
+
+
+def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, placing):
+    """A rename failing among the index entries: the error (os.rename's, both names)
+    reaches the caller, what was renamed before it stays in place (objects synced first,
+    so no entry names a missing one), and nothing stays in tmp/; no callback runs."""
+    import errno as errno_mod
+    from verityfuse.store_batch import Batch
+
     store_dir = str(tmp_path / "store")
     with Store(store_dir, create=True) as st:
-        staged = [stage_path(st, str(src), rel, PARAMS)[0] for rel in rels]
+        staged = _staged_files(st, src)
         n_objects = sum(s.obj_tmp is not None for s in staged)
-        real_place, calls = st.place, []
-
-        def place(tmpname, dirfd, name, sync=True):
-            calls.append(name)
-            if len(calls) == n_objects + 3:  # the third index entry
-                raise OSError(errno_mod.EIO, "Input/output error")
-            return real_place(tmpname, dirfd, name, sync=sync)
-
-        monkeypatch.setattr(st, "place", place)
+        blocked, before = _block_third_entry(st, staged)
         done = []
         with pytest.raises(OSError) as e:
             with Batch(st) as batch:
                 for s in staged:
                     batch.add(s)
                     batch.then(done.append, s.key)
-        assert e.value.errno == errno_mod.EIO and done == []
+        assert e.value.errno == errno_mod.EISDIR and done == []
+        assert (e.value.filename, e.value.filename2) == (blocked.index_tmp, blocked.key)
         objects, entries = _published(store_dir)
-        assert len(objects) == n_objects == 5 and len(entries) == 2
+        assert len(objects) == n_objects == 5
+        assert [os.path.basename(p) for p in entries] == before
+        assert os.listdir(os.path.join(store_dir, "tmp")) == []
+
+
+def test_a_batch_published_in_its_thread_reports_in_the_callers_thread_in_order(src, tmp_path):
+    """commit_soon publishes in the batch's thread while the caller stages the next files;
+    the callbacks of a batch run in the caller's thread, in order, at the next commit (or
+    when the batch ends), once its files are durable; two batches at most in memory."""
+    import threading
+    from verityfuse.store_batch import Batch
+
+    store_dir = str(tmp_path / "store")
+    with Store(store_dir, create=True) as st:
+        staged = _staged_files(st, src)
+        seen = []
+
+        def done(i):
+            entry = st.get_entry(staged[i].key)  # durable, and in place
+            seen.append((i, threading.current_thread() is threading.main_thread(),
+                         entry.digest == staged[i].digest))
+
+        with Batch(st, flush=lambda: seen.append("flush")) as batch:
+            for i, s in enumerate(staged[:3]):
+                batch.add(s)
+                batch.then(done, i)
+            batch.commit_soon()
+            assert seen == []  # reported at the next commit, not from the thread
+            for i, s in enumerate(staged[3:], 3):
+                batch.add(s)
+                batch.then(done, i)
+            batch.commit_soon()
+            assert seen == [(0, True, True), (1, True, True), (2, True, True), "flush"]
+        assert seen[4:] == [(i, True, True) for i in range(3, 7)] + ["flush"]
+        assert len(_published(store_dir)[1]) == 7
+        assert os.listdir(os.path.join(store_dir, "tmp")) == []
+
+
+def test_a_batch_failing_in_its_thread_fails_the_next_commit_and_leaves_nothing(src, tmp_path,
+                                                                              placing):
+    """A publish failing in the batch's thread: its error is raised in the caller's thread
+    at the next commit_soon, its callbacks never run, and leaving the batch removes its
+    tmp/ files and those of the files staged since; what was placed before the failure
+    stays."""
+    import errno as errno_mod
+    from verityfuse.store_batch import Batch
+
+    store_dir = str(tmp_path / "store")
+    with Store(store_dir, create=True) as st:
+        staged = _staged_files(st, src)
+        blocked, before = _block_third_entry(st, staged[:5])
+        done = []
+        with pytest.raises(OSError) as e:
+            with Batch(st) as batch:
+                for s in staged[:5]:
+                    batch.add(s)
+                    batch.then(done.append, s.key)
+                batch.commit_soon()
+                for s in staged[5:]:
+                    batch.add(s)
+                    batch.then(done.append, s.key)
+                batch.commit_soon()
+        assert e.value.errno == errno_mod.EISDIR and done == []
+        assert (e.value.filename, e.value.filename2) == (blocked.index_tmp, blocked.key)
+        assert [os.path.basename(p) for p in _published(store_dir)[1]] == before
         assert os.listdir(os.path.join(store_dir, "tmp")) == []
 
 

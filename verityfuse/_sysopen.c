@@ -234,6 +234,99 @@ static PyObject *sys_read_beneath(PyObject *self, PyObject *args)
     return out;
 }
 
+/* A shard directory of base_fd for place_all: opened without following a symlink, made
+ * first if missing; -1 with errno set. */
+static int open_shard(int base_fd, const char *shard)
+{
+    int fd = openat(base_fd, shard, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        if (mkdirat(base_fd, shard, 0700) != 0 && errno != EEXIST)
+            return -1;
+        fd = openat(base_fd, shard, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    }
+    return fd;
+}
+
+static void raise_os_error3(int e, PyObject *a, PyObject *b)
+{
+    PyObject *exc = b ? PyObject_CallFunction(PyExc_OSError, "isOOO", e, strerror(e), a, Py_None, b)
+                      : PyObject_CallFunction(PyExc_OSError, "isO", e, strerror(e), a);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+}
+
+/* place_all(tmp_fd, base_fd, items): for each (tmp name, shard, name) of the list items,
+ * renameat it from tmp_fd into base_fd/shard/name, in order, the GIL released once for all
+ * (a seal's batch publishes thousands of files from a thread of its own, which would
+ * otherwise wait for the GIL after every rename).  A shard is opened when it changes
+ * (items come sorted by shard), never through a symlink, and made if missing.  The first
+ * failure raises: a shard's OSError names the shard alone, a rename's is os.rename's
+ * (both names); what was renamed before it stays. */
+static PyObject *sys_place_all(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int tmp_fd, base_fd;
+    PyObject *items, *res = NULL;
+    if (!PyArg_ParseTuple(args, "iiO!", &tmp_fd, &base_fd, &PyList_Type, &items))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items), failed = -1;
+    PyObject **enc = PyMem_Calloc(3 * (size_t)n + 1, sizeof *enc);
+    if (!enc)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
+            PyErr_SetString(PyExc_TypeError, "place_all: items must be (tmp name, shard, name)");
+            goto end;
+        }
+        for (int k = 0; k < 3; k++)  /* os.fsencode's bytes; a NUL is a ValueError */
+            if (!PyUnicode_FSConverter(PyTuple_GET_ITEM(it, k), &enc[3 * i + k]))
+                goto end;
+    }
+    int e = 0, in_shard = 0, dfd = -1;
+    const char *shard = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *sh = PyBytes_AS_STRING(enc[3 * i + 1]);
+        if (!shard || strcmp(sh, shard) != 0) {
+            if (dfd >= 0)
+                close(dfd);
+            shard = sh;
+            if ((dfd = open_shard(base_fd, sh)) < 0) {
+                e = errno;
+                failed = i;
+                break;
+            }
+        }
+        if (renameat(tmp_fd, PyBytes_AS_STRING(enc[3 * i]), dfd,
+                     PyBytes_AS_STRING(enc[3 * i + 2])) != 0) {
+            e = errno;
+            failed = i;
+            in_shard = 1;
+            break;
+        }
+    }
+    if (dfd >= 0)
+        close(dfd);
+    Py_END_ALLOW_THREADS
+    if (failed >= 0) {
+        PyObject *it = PyList_GET_ITEM(items, failed);
+        if (in_shard)
+            raise_os_error3(e, PyTuple_GET_ITEM(it, 0), PyTuple_GET_ITEM(it, 2));
+        else
+            raise_os_error3(e, PyTuple_GET_ITEM(it, 1), NULL);
+        goto end;
+    }
+    res = Py_NewRef(Py_None);
+end:
+    for (Py_ssize_t i = 0; i < 3 * n; i++)
+        Py_XDECREF(enc[i]);
+    PyMem_Free(enc);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"openat2", sys_openat2, METH_VARARGS,
      "openat2(dirfd, path, flags, resolve) -> fd; OSError naming path."},
@@ -252,6 +345,11 @@ static PyMethodDef methods[] = {
     {"handle_of", sys_handle_of, METH_O,
      "handle_of(fd) -> (handle type, handle bytes), by name_to_handle_at(AT_EMPTY_PATH)."},
     {"fs_type", sys_fs_type, METH_O, "fs_type(fd) -> fstatfs's f_type."},
+    {"place_all", sys_place_all, METH_VARARGS,
+     "place_all(tmp_fd, base_fd, items) -> None\n\n"
+     "renameat each (tmp name, shard, name) of the list items (sorted by shard) from\n"
+     "tmp_fd into base_fd/shard/name, the shard opened with O_NOFOLLOW (made if missing).\n"
+     "The first failure raises OSError: the shard's (naming it), or os.rename's."},
     {NULL, NULL, 0, NULL},
 };
 

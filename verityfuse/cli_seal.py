@@ -177,7 +177,7 @@ def cmd_seal(args, params, key, rels) -> int:
                     batch.add(done)
                     batch.then(sealed.add, done.digest_text, full)
                     if batch.full:
-                        batch.commit()
+                        batch.commit_soon()
                 for rel, e in unlistable_dirs:
                     failed += 1
                     batch.then(not_sealed, src.full(rel), e.strerror)

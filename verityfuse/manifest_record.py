@@ -182,7 +182,7 @@ class ManifestRecorder:
             if self.report:
                 self.batch.then(self.report, entry["digest"], full)
             if self.batch.full:
-                self.batch.commit()
+                self.batch.commit_soon()
             return entry
         if stat.S_ISLNK(st.st_mode):
             try:
