@@ -62,6 +62,41 @@ def test_results_come_in_input_order_with_failures_and_items_handed_back():
     assert children_of(me) == []  # the pool is gone
 
 
+def test_a_worker_does_a_part_of_its_chunk_at_once_and_leaves_the_rest_to_work():
+    """work_many(part) in a worker first: its results as they are, work(item, False) for
+    each None (which may fail or hand the item back), and for every item of a part whose
+    work_many raised an OSError (work then says what is wrong of each)."""
+    me = os.getpid()
+    # Chunks of 32, 64, 128, ... items, cut into parts of 64: items 96-159 are one part.
+    assert (seal_pool.FIRST_CHUNK, seal_pool.MANY) == (32, 64)
+
+    def work_many(items):
+        if items[0] == 96:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return [None if i % 3 == 0 else ("many", i) for i in items]
+
+    def work(item, here):
+        if item % 17 == 0:
+            raise OSError(errno.ENOENT, f"gone {item}")
+        if item % 50 == 0 and not here:
+            raise Here()
+        return "one", item, here, os.getpid() != me
+
+    def expected(item):
+        if not (96 <= item < 160 or item % 3 == 0):
+            return ("many", item), None
+        if item % 17 == 0:
+            return None, f"gone {item}"
+        if item % 50 == 0:  # handed back: done here
+            return ("one", item, True, False), None
+        return ("one", item, False, True), None
+
+    got = list(in_order(range(300), work, 2, lambda r: pytest.fail("nothing is abandoned"),
+                        work_many=work_many))
+    assert [(item, result, err and err.strerror) for item, result, err in got] == \
+        [(item, *expected(item)) for item in range(300)]
+
+
 @pytest.mark.parametrize("count,threads", [(seal_pool.FIRST_CHUNK - 1, 2), (100, 1)])
 def test_few_items_or_one_thread_are_done_here_without_workers(count, threads):
     got = list(in_order(range(count), lambda item, here: (item, here, os.getpid()), threads,

@@ -131,6 +131,8 @@ def _run(items: list) -> bytes:
         part = items[start:start + MANY]
         try:
             done = [None] * len(part) if _work_many is None else _work_many(part)
+        except OSError:  # (no tmp/ directory, out of fds) work() says so of each item
+            done = [None] * len(part)
         except Exception as e:
             raise _portable(e) from None
         for item, value in zip(part, done):
