@@ -291,7 +291,8 @@ def test_one_call_seals_a_chunk_as_the_python_path_does_each_file(tmp_path):
             assert staged._replace(index_tmp=python.index_tmp, obj_tmp=python.obj_tmp) == python
             for a, b in ((staged.index_tmp, python.index_tmp), (staged.obj_tmp, python.obj_tmp)):
                 if a is not None:
-                    with open(os.path.join(tmp, a), "rb") as fa, open(os.path.join(tmp, b), "rb") as fb:
+                    with open(os.path.join(tmp, a), "rb") as fa, \
+                            open(os.path.join(tmp, b), "rb") as fb:
                         assert fa.read() == fb.read(), rel
             python.drop(store)
             staged.drop(store)

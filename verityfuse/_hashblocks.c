@@ -20,8 +20,8 @@
  * common verified read (pread + hash + compare) is one call: read_verify
  * (_readverify.c); the FUSE shim answers most reads through fast_read
  * (_fastread.c, its leaf table in _leaftable.c) without entering Python.
- * A seal worker's small file is sealed into tmp/ in one call: seal_small
- * (_sealsmall.c).
+ * A seal worker's small files are sealed into tmp/ a chunk a call: seal_small
+ * (_sealchunk.c, each file by _sealsmall.c).
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
  * SHA-256 (to compare).
@@ -344,6 +344,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 #include "_replybufs.c"
 #include "_fastread.c"
 #include "_sealsmall.c"
+#include "_sealchunk.c"
 
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS,

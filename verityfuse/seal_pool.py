@@ -177,8 +177,9 @@ def in_order(items: Iterable[T], work: Callable[[Any, bool], R], threads: Option
     ``work`` needs of an item (default: the item itself): only that crosses a worker's
     pipe.  ``work_many(shipped items)``, if given, is what a worker calls first on a part
     of its chunk (``MANY`` items): a result for each item, or None for one it leaves to
-    ``work(shipped, False)`` (a result of None is no result).  ``after_worker(result)`` is called here, in order, for each result a worker
-    made (its progress).  When the caller stops early, ``abandon(result)`` is called on
+    ``work(shipped, False)`` (a result of None is no result; an OSError, all of them).
+    ``after_worker(result)`` is called here, in order, for each result a worker made
+    (its progress).  When the caller stops early, ``abandon(result)`` is called on
     every result made for nothing (staged files to remove).  ``command`` and ``done``
     word the error of a worker that died ("seal", "sealed")."""
     if shipped is None:

@@ -134,8 +134,12 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
         os.close(fd)
 
 
+# A file staged (with what a manifest records of it), or None: left to stage_path.
+StageResult = Optional[Tuple[Staged, Optional[Recorded]]]
+
+
 def native_stager(store: Store, source: SourceDir, params: merkle.Params, objects: bool = False
-                  ) -> Optional[Callable[[List[Optional[str]]], List[Optional[Tuple[Staged, Optional[Recorded]]]]]]:
+                  ) -> Optional[Callable[[List[Optional[str]]], List[StageResult]]]:
     """stage_path's common case, a chunk of files in one native call (``_sealsmall.c``);
     None without the native module.  The stager takes a list of paths relative to SOURCE
     and gives for each the Staged stage_path would give, with the same bytes
@@ -158,7 +162,7 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
     alg = params.alg
     fixed = (alg.number, params.log_blocksize, params.salt, hashers.padded_salt(params))
 
-    def stage(rels: List[Optional[str]]) -> List[Optional[Tuple[Staged, Optional[Recorded]]]]:
+    def stage(rels: List[Optional[str]]) -> List[StageResult]:
         tmp_fd, names = store.tmp_chunk()
         return [None if g is None else
                 (Staged(alg, g[2], g[0], g[3], g[4], g[1]),
@@ -185,7 +189,7 @@ class FileStager:
         self.small = native_stager(store, source, params, objects)
         self.keys = identity.Keys(lasting=not objects)  # a manifest mount finds trees by digest
 
-    def many(self, rels: List[Optional[str]]) -> List[Optional[Tuple[Staged, Optional[Recorded]]]]:
+    def many(self, rels: List[Optional[str]]) -> List[StageResult]:
         return [None] * len(rels) if self.small is None else self.small(rels)
 
     def __call__(self, rel: str, here: bool) -> Tuple[Staged, Optional[Recorded]]:
@@ -195,9 +199,9 @@ class FileStager:
                 if here and self.progress is not None:
                     self.progress.worker_done(got[0])
                 return got
-        progress = self.progress
+        progress = self.progress.for_file if here and self.progress else None
         staged, st = stage_path(self.store, self.source, rel, self.params, threads=self.threads,
-                                keys=self.keys, progress=progress.for_file if here and progress else None,
+                                keys=self.keys, progress=progress,
                                 max_size=None if here else SMALL, objects=self.objects)
         return staged, Recorded.of(st) if self.objects else None
 

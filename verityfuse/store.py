@@ -30,6 +30,8 @@ import ctypes
 import errno
 import os
 import threading
+from itertools import groupby
+from operator import itemgetter
 from typing import Optional, Tuple
 
 from . import fsutil, merkle
@@ -307,17 +309,12 @@ class Store(StoreIndex):
         base = self.open_dir(base_parts)
         try:
             if fsutil.native_sys is None:
-                shard, dirfd = None, -1
-                try:
-                    for tmpname, sh, name in items:
-                        if sh != shard:
-                            if dirfd >= 0:
-                                os.close(dirfd)
-                                dirfd = -1
-                            dirfd, shard = self.open_dir((sh,), at=(base, base_parts)), sh
-                        self.place(tmpname, dirfd, name, sync=False)
-                finally:
-                    if dirfd >= 0:
+                for shard, group in groupby(items, key=itemgetter(1)):
+                    dirfd = self.open_dir((shard,), at=(base, base_parts))
+                    try:
+                        for tmpname, _, name in group:
+                            self.place(tmpname, dirfd, name, sync=False)
+                    finally:
                         os.close(dirfd)
                 return
             try:
