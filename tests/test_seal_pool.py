@@ -97,6 +97,24 @@ def test_a_worker_does_a_part_of_its_chunk_at_once_and_leaves_the_rest_to_work()
         [(item, *expected(item)) for item in range(300)]
 
 
+def test_the_young_generation_is_collected_less_often_while_a_pool_runs():
+    """In the caller and in the workers (forked with it) while the pool runs; as it was
+    after, also when the caller stops early."""
+    import gc
+
+    before = gc.get_threshold()
+    assert before[0] != seal_pool.YOUNG
+    got = list(in_order(range(100), lambda item, here: (gc.get_threshold(), here), 2,
+                        lambda r: None))
+    assert {r for _, r, _ in got} == {((seal_pool.YOUNG, *before[1:]), False)}
+    assert gc.get_threshold() == before
+    gen = in_order(range(100), lambda item, here: item, 2, lambda r: None)
+    next(gen)
+    assert gc.get_threshold()[0] == seal_pool.YOUNG
+    gen.close()
+    assert gc.get_threshold() == before
+
+
 @pytest.mark.parametrize("count,threads", [(seal_pool.FIRST_CHUNK - 1, 2), (100, 1)])
 def test_few_items_or_one_thread_are_done_here_without_workers(count, threads):
     got = list(in_order(range(count), lambda item, here: (item, here, os.getpid()), threads,
