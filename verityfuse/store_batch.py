@@ -62,8 +62,8 @@ class Staged(NamedTuple):
 class Batch:
     """Objects and index entries staged in ``store``'s tmp/, published by ``commit``
     (here, now) or ``commit_soon`` (in the batch's own thread, while the caller stages
-    the next files: a batch's ~4,096 to 8,192 renames and three syncs cost seal's one
-    process as much time as the rest of its work on them).
+    the next files: publishing, a batch's three syncs and up to 8,192 renames, took
+    three quarters of seal's own thread, 0.95 of its 1.28 s of CPU for 100,000 files).
 
     ``then(callback, *args)`` runs callback(*args) after the batch's files are
     durable (in the order added), then ``flush()``; ``full`` says when the caller
