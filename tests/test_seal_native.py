@@ -297,3 +297,32 @@ def test_one_call_seals_a_chunk_as_the_python_path_does_each_file(tmp_path):
             python.drop(store)
             staged.drop(store)
         assert tmp_files(store) == []
+
+
+@needs_native
+def test_what_a_workers_chunk_declined_is_not_tried_natively_again(tmp_path, monkeypatch):
+    """In a worker, the stager is called for a file only after ``many`` declined it: it
+    goes to the Python path at once (which says what is wrong, or hands a large file
+    back), without a second native open; here, the native call is tried first."""
+    from verityfuse import sealing
+
+    src = tmp_path / "src"
+    os.mkdir(src)
+    write(src / "big", pattern(seal_pool.SMALL + 1))
+    write(src / "small", pattern(3000))
+    calls = []
+    real = sealing.native_stager
+
+    def counted(*a, **kw):
+        many = real(*a, **kw)
+        return lambda rels: (calls.append(list(rels)), many(rels))[1]
+
+    monkeypatch.setattr(sealing, "native_stager", counted)
+    with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
+        stager = sealing.FileStager(store, sd, merkle.Params())
+        assert stager.many(["big", "small"])[0] is None and calls == [["big", "small"]]
+        with pytest.raises(seal_pool.Here):
+            stager("big", False)
+        assert calls == [["big", "small"]]
+        staged, _ = stager("small", True)
+        assert calls == [["big", "small"], ["small"]] and staged.data_size == 3000

@@ -176,11 +176,13 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
 class FileStager:
     """seal_pool's work for the regular files of SOURCE: ``stager(rel, here)`` stages one
     and gives its Staged, and with ``objects`` (a manifest's files: an object each) what
-    a manifest records of the fstat of what was sealed.  A small file natively where it
-    can be, else stage_path; in a worker (``here`` False) a file over seal_pool.SMALL
-    raises Here.  ``many(rels)``: a worker's chunk of files, natively (None for a file
-    it leaves to ``stager(rel, False)``).  ``progress``: the run's seal_progress.Progress
-    when it draws (a file done here counts on it)."""
+    a manifest records of the fstat of what was sealed.  ``many(rels)``: a worker's
+    chunk of files, natively (None for a file it leaves to ``stager(rel, False)``): it
+    is the pool's work_many.  Here (``here`` True) a small file natively where it can
+    be, else stage_path; in a worker, only for what ``many`` declined, stage_path
+    alone (the native call is not made twice), and a file over seal_pool.SMALL raises
+    Here.  ``progress``: the run's seal_progress.Progress when it draws (a file done
+    here counts on it)."""
 
     def __init__(self, store: Store, source: SourceDir, params: merkle.Params, *,
                  objects: bool = False, threads: Optional[int] = None, progress=None):
@@ -193,10 +195,10 @@ class FileStager:
         return [None] * len(rels) if self.small is None else self.small(rels)
 
     def __call__(self, rel: str, here: bool) -> Tuple[Staged, Optional[Recorded]]:
-        if self.small is not None:
+        if here and self.small is not None:
             got = self.small([rel])[0]
             if got is not None:
-                if here and self.progress is not None:
+                if self.progress is not None:
                     self.progress.worker_done(got[0])
                 return got
         progress = self.progress.for_file if here and self.progress else None
