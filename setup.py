@@ -38,14 +38,15 @@ setup(
     ext_modules=[
         # _hashblocks.c #includes the SHA-NI engine, the helper-thread pool,
         # read_verify (pread + hash + compare in one call), fast_read (reads
-        # answered from the FUSE request, through _fuseshim) and seal_small (a
-        # seal worker's small files, a chunk a call).
+        # answered from the FUSE request, through _fuseshim), seal_small (a
+        # seal worker's small files, a chunk a call) and hash_mapped (a tree built
+        # from the page cache).
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
                            "verityfuse/_readverify.c", "verityfuse/_leaftable.c",
                            "verityfuse/_replybufs.c", "verityfuse/_fastread.c",
                            "verityfuse/_sealsmall.c", "verityfuse/_sealchunk.c",
-                           "verityfuse/_regular.h"],
+                           "verityfuse/_mapped.c", "verityfuse/_regular.h"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],
                   optional=True),
         # The open path's system calls without ctypes (fsutil and identity fall back).

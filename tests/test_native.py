@@ -297,7 +297,7 @@ def _memfd(data):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_build_tree_order_progress_and_size_checks(threads):
-    size = 5 * treebuild.CHUNK_SIZE + 12345
+    size = 5 * treebuild.MAPPED_CHUNK + 12345
     data = random.Random(threads).randbytes(size)
     fd = _memfd(data)
     try:
@@ -310,7 +310,7 @@ def test_build_tree_order_progress_and_size_checks(threads):
                                 threads=1)
         assert desc == ref and writes == ref_writes  # same blocks, same callback order
         assert progress == sorted(progress) and progress[-1] == size
-        assert len(progress) == 6
+        assert len(progress) == 6  # mapped (a memfd can be): chunks of MAPPED_CHUNK
         before = threading.active_count()
         with pytest.raises(OSError, match="shrank"):
             treebuild.build_tree(fd, params, data_size=size + 3 * treebuild.CHUNK_SIZE, threads=threads)

@@ -21,7 +21,8 @@
  * (_readverify.c); the FUSE shim answers most reads through fast_read
  * (_fastread.c, its leaf table in _leaftable.c) without entering Python.
  * A seal worker's small files are sealed into tmp/ a chunk a call: seal_small
- * (_sealchunk.c, each file by _sealsmall.c).
+ * (_sealchunk.c, each file by _sealsmall.c).  A tree is built from the page
+ * cache, not a copy, where the file can be mapped: hash_mapped (_mapped.c).
  *
  * Environment, read once at import: VERITYFUSE_NO_SHANI=1 forces OpenSSL for
  * SHA-256 (to compare).
@@ -345,6 +346,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 #include "_fastread.c"
 #include "_sealsmall.c"
 #include "_sealchunk.c"
+#include "_mapped.c"
 
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS,
@@ -357,6 +359,7 @@ static PyMethodDef methods[] = {
      "Returns -1 if all match, else the index of the first mismatching block."},
     {"read_verify", read_verify, METH_VARARGS, READ_VERIFY_DOC},
     {"seal_small", seal_small, METH_VARARGS, SEAL_SMALL_DOC},
+    {"hash_mapped", hash_mapped, METH_VARARGS, HASH_MAPPED_DOC},
     FAST_METHODS
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(threads) -> None\n\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from .merkle import Params
@@ -94,6 +94,24 @@ def blocks_hasher(params: Params, threads: int = 0) -> Callable[[Any], bytes]:
         return b"".join(h(mv[off: off + bs]) for off in range(0, len(mv), bs))
 
     return hash_all
+
+def mapped_hasher(params: Params) -> Optional[Callable[[int, int, int], Any]]:
+    """Return hm(fd, offset, length) -> the hashes of the blocks of fd's bytes
+    [offset, offset + length) (the last block zero-padded, ``offset`` a multiple of
+    the page size), hashed from a mapping of the page cache rather than a copy; or
+    None without the native module.
+
+    hm returns bytes; an int, the file's end when it turned out shorter than the
+    range (a truncation is caught, never a SIGBUS that ends the process); or None
+    when fd cannot be mapped (read it instead).  Only for building trees: nothing
+    it hashes is returned to a reader.
+    """
+    if not NATIVE:
+        return None
+    alg, prefix, bs, hm = params.alg.number, padded_salt(params), params.block_size, \
+        _hashblocks.hash_mapped
+    return lambda fd, offset, length: hm(alg, prefix, fd, offset, length, bs)
+
 
 def blocks_verifier(params: Params, threads: int = 0) -> Callable[[Any, Any], int]:
     """Return vb(buf, expected) -> -1 if every block of ``buf`` hashes to its
