@@ -40,10 +40,19 @@ def run(cmd, **kw):
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
-    """(the .tar.gz, the unpacked tree), built as `python -m build --sdist` does (PEP 517)."""
+    """(the .tar.gz, the unpacked tree), built as `python -m build --sdist` does (PEP 517).
+
+    Built from a copy of the checkout as it is (built modules and caches included, which
+    the sdist must leave out), not in it: the build writes its egg-info and staging
+    directory where it runs, which would leave files in the checkout and clash with the
+    same fixture in another pytest worker (`-n 2`)."""
+    src = tmp_path_factory.mktemp("checkout") / "tree"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".mypy_cache", ".pytest_cache", "*.egg-info", "build", "dist",
+        f"{NAME}"))
     out = tmp_path_factory.mktemp("sdist")
     r = run([sys.executable, "-c", "import sys, setuptools.build_meta as b; "
-             "print(b.build_sdist(sys.argv[1]))", out], cwd=ROOT)
+             "print(b.build_sdist(sys.argv[1]))", out], cwd=src)
     tar = out / r.stdout.strip().splitlines()[-1]
     assert tar.name == f"{NAME}.tar.gz"
     with tarfile.open(tar) as t:

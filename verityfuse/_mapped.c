@@ -160,8 +160,9 @@ static PyObject *hash_mapped(PyObject *self, PyObject *args)
     map = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)offset);
     if (map != MAP_FAILED) {
         if (hash_guarded(&c, map, (size_t)length, (size_t)bs, pad, o)) {
+            /* Only the mapping can fault here; anywhere else, nothing was hashed. */
             size_t at = (size_t)((unsigned char *)tl_fault_addr - (unsigned char *)map);
-            found = offset + (long long)(at - at % (size_t)page);
+            found = offset + (at < (size_t)length ? (long long)(at - at % (size_t)page) : 0);
         }
         munmap(map, (size_t)length);
         /* A file cut inside a large folio (tmpfs) may read zeros past its new end

@@ -197,9 +197,9 @@ def build_tree(
     # copy pread makes (a fifth of a build's time: hashers.mapped_hasher); a file of
     # one read is read, as the native module shares it with its helper thread.
     mapped = hashers.mapped_hasher(params) if data_size > CHUNK_SIZE else None
-    chunk = max(bs, (CHUNK_SIZE if mapped is None else MAPPED_CHUNK) // bs * bs)
-    if chunk % mmap.PAGESIZE:  # a mapping starts on a page
-        mapped = None
+    chunk = max(bs, MAPPED_CHUNK // bs * bs)
+    if mapped is None or chunk % mmap.PAGESIZE:  # a mapping starts on a page
+        mapped, chunk = None, max(bs, CHUNK_SIZE // bs * bs)
     nchunks = -(-data_size // chunk)
 
     def chunk_hasher(hash_chunk: Callable) -> Callable[[int], bytes]:
