@@ -9,7 +9,8 @@ kernel for a minute), and its reads return the first LENGTH bytes of
 (a network or FUSE source can answer like this; so can a file truncated between a
 stat and a read).  With OP (getattr, open or read), that request of NAME is answered
 ERRNO instead, and NAME's attributes are not cached (every fstat of it asks again).
-direct_io: every read reaches here, as asked.  Only tests use it.
+direct_io: every read reaches here, as asked; OP cachedread fails reads as read does,
+through the page cache (no direct_io: the file can be mapped).  Only tests use it.
 """
 
 import errno
@@ -76,10 +77,13 @@ class ShortReads(pyfuse3.Operations):
 
     async def open(self, ino, flags, ctx):
         self._fail(ino, "open")
-        return pyfuse3.FileInfo(fh=ino, direct_io=True)
+        cached = self.fails[self._index(ino)] is not None and \
+            self.fails[self._index(ino)][0] == "cachedread"
+        return pyfuse3.FileInfo(fh=ino, direct_io=not cached)
 
     async def read(self, fh, off, size):
         self._fail(fh, "read")
+        self._fail(fh, "cachedread")
         return self.data[self._index(fh)][off:off + size]
 
     async def statfs(self, ctx):

@@ -1,6 +1,11 @@
-"""Trees built from the page cache (hash_mapped): the same bytes as from a copy, and a
-file cut short under the mapping is an error, never a SIGBUS that ends the process."""
+"""Trees built from the page cache (hash_mapped): the same bytes as from a copy; whatever
+goes wrong with a mapping (a file cut short under it, pages that cannot be read, a sparse
+tmpfs file) leaves the range to reads, which say what is wrong as before, never a SIGBUS
+that ends the process, a hang or memory for holes; and the SIGBUS guard leaves everyone
+else's SIGBUS where it went."""
 
+import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -12,7 +17,7 @@ import time
 import pytest
 
 from verityfuse import hashers, merkle, treebuild
-from conftest import pattern
+from conftest import fuse_helper, pattern
 
 hb = merkle._hashblocks
 needs_native = pytest.mark.skipif(hb is None, reason="native module not built "
@@ -34,7 +39,7 @@ def run_python(code, *args, faulthandler=True):
     """code in a fresh interpreter (a SIGBUS there ends that process, not pytest's)."""
     flags = ["-X", "faulthandler"] if faulthandler else []
     return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code), *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=120)
+                          capture_output=True, text=True, cwd=HERE, timeout=60)
 
 
 @needs_native
@@ -106,7 +111,7 @@ SHRINK = """
         f.write(os.urandom(size))
     fd = os.open(path, os.O_RDWR)
     os.ftruncate(fd, (1 << 20) + 100)  # after the size was taken: the range outlives the file
-    print(hashers.mapped_hasher(merkle.Params())(fd, 1 << 20, 2 << 20))
+    print(hashers.mapped_hasher(merkle.Params())(fd, 1 << 20, 2 << 20))  # None: read it
     try:
         treebuild.build_tree(fd, merkle.Params(), data_size=size, threads=threads)
     except OSError as e:
@@ -116,37 +121,13 @@ SHRINK = """
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_file_cut_short_under_the_mapping_is_an_error_not_a_crash(tmp_path, threads):
-    """The pages past the new end fault (SIGBUS), or read as zeros inside a large folio;
-    either way the build says the file shrank, with Python's faulthandler (which
-    installs its own SIGBUS handler) enabled as under pytest."""
+def test_a_file_cut_short_before_the_mapping_is_read_and_reported(tmp_path, threads):
+    """The range is left to reads, which say how short the file is, exactly as before
+    mappings (with Python's faulthandler enabled, as under pytest)."""
     r = run_python(SHRINK, str(tmp_path / "f"), str(threads))
     assert (r.returncode, r.stderr) == (0, "")
-    assert r.stdout == ("1048676\n"
+    assert r.stdout == ("None\n"
                         "file shrank while hashing: expected 9437184 bytes, got 1048676\n")
-
-
-@needs_native
-@pytest.mark.parametrize("faulthandler", [False, True])
-def test_a_sigbus_outside_a_build_still_ends_the_process(tmp_path, faulthandler):
-    """The guard catches only its own faults: anyone else's SIGBUS goes where it went
-    before (the default, or faulthandler's report), and the process dies of it."""
-    code = """
-        import mmap, os, sys
-        from verityfuse import hashers, merkle
-        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-        os.ftruncate(fd, 8 << 20)
-        assert isinstance(hashers.mapped_hasher(merkle.Params())(fd, 0, 8 << 20), bytes)
-        m = mmap.mmap(fd, 8 << 20, prot=mmap.PROT_READ)
-        os.ftruncate(fd, 0)
-        print("touching", flush=True)
-        m[(8 << 20) - 1]
-        print("survived")
-    """
-    r = run_python(code, str(tmp_path / "f"), faulthandler=faulthandler)
-    assert r.returncode == -signal.SIGBUS
-    assert r.stdout == "touching\n"
-    assert ("Fatal Python error: Bus error" in r.stderr) == faulthandler
 
 
 @needs_native
@@ -163,7 +144,7 @@ def test_digest_of_a_file_truncated_while_it_runs_fails_cleanly(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
         time.sleep(delay)
         os.truncate(path, 4096)
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=60)
         assert p.returncode in (0, 1), (p.returncode, err)
         if p.returncode == 0:
             assert out.startswith("sha256:") and err == ""
@@ -172,3 +153,122 @@ def test_digest_of_a_file_truncated_while_it_runs_fails_cleanly(tmp_path):
             assert "file shrank while hashing: expected 268435456 bytes, got" in err, err
             outcomes.add("shrank")
     assert "shrank" in outcomes  # the attack did land at least once
+
+
+@needs_native
+def test_a_file_whose_reads_fail_is_an_error_not_a_hang(tmp_path):
+    """A FUSE file (page-cached, so it can be mapped) whose every read fails with EIO: the
+    mapping's pages cannot be read (MAP_POPULATE would retry them forever, unkillable by
+    Ctrl-C); the build reports the read's error, as without mappings."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    size = 3 * treebuild.MAPPED_CHUNK
+    code = """
+        import os, sys
+        from verityfuse import hashers, merkle, treebuild
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        print(hashers.mapped_hasher(merkle.Params())(fd, 0, 1 << 20))
+        for threads in (1, 2):
+            try:
+                treebuild.build_tree(fd, merkle.Params(), threads=threads)
+            except OSError as e:
+                print(e.errno, e.strerror)
+    """
+    with fuse_helper("short_read_fs.py", mnt, f"bad={size}:{size}:cachedread:{errno.EIO}"):
+        r = run_python(code, str(mnt / "bad"))  # a hang would fail it, killed, not the suite
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout == f"None\n{errno.EIO} Input/output error\n{errno.EIO} Input/output error\n"
+
+
+@contextlib.contextmanager
+def small_tmpfs(where):
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@needs_native
+def test_a_sparse_tmpfs_file_is_read_not_mapped(tmp_path):
+    """A read fault on a hole of a tmpfs file allocates a page; a read of it allocates
+    nothing.  A 64 MiB sparse file in a tmpfs of 16 MiB hashes (as zeros) and stays
+    sparse; mapped, it filled the tmpfs and failed half-way."""
+    with small_tmpfs(tmp_path / "shm") as shm:
+        path = shm / "sparse"
+        with open(path, "wb") as f:
+            f.truncate(64 * MiB)
+            f.seek(5 * MiB)
+            f.write(b"data")  # one page of data among the holes
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = treebuild.build_tree(fd, merkle.Params(), threads=2)
+            used = os.fstat(fd).st_blocks * 512
+        finally:
+            os.close(fd)
+    want = bytearray(64 * MiB)
+    want[5 * MiB:5 * MiB + 4] = b"data"
+    fd = os.memfd_create("verityfuse-test")
+    try:
+        os.write(fd, want)
+        assert got == treebuild.build_tree(fd, merkle.Params())
+    finally:
+        os.close(fd)
+    assert used == 4096  # the one page written, nothing for the holes
+
+
+GUARD_THEN = """
+    import faulthandler, mmap, os, signal, sys, threading
+    from verityfuse import hashers, merkle
+    path, case = sys.argv[1], sys.argv[2]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 8 << 20)
+    hm = hashers.mapped_hasher(merkle.Params())
+    assert isinstance(hm(fd, 0, 8 << 20), bytes)
+    if case == "faulthandler-on-off":  # faulthandler enabled and disabled again after a build
+        faulthandler.enable()
+        assert isinstance(hm(fd, 0, 8 << 20), bytes)
+        faulthandler.disable()
+    if case in ("kill", "ignored"):  # a SIGBUS sent while builds run on another thread
+        if case == "ignored":
+            signal.signal(signal.SIGBUS, signal.SIG_IGN)
+        stop = threading.Event()
+        def builds():
+            while not stop.is_set():
+                hm(fd, 0, 8 << 20)
+        t = threading.Thread(target=builds)
+        t.start()
+        for _ in range(50):
+            os.kill(os.getpid(), signal.SIGBUS)
+        stop.set()
+        t.join()
+        print("survived", flush=True)
+        sys.exit(0)
+    m = mmap.mmap(fd, 8 << 20, prot=mmap.PROT_READ)
+    os.ftruncate(fd, 0)
+    print("touching", flush=True)
+    m[(8 << 20) - 1]
+    print("survived")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("case,faulthandler,dies", [
+    ("fault", False, True),                 # the default: a fault past the end kills
+    ("fault", True, True),                  # faulthandler reports it, then it kills
+    ("faulthandler-on-off", False, True),   # no stale handler left to loop in
+    ("kill", False, True),                  # a SIGBUS sent by kill is not taken for a fault
+    ("ignored", False, False),              # and one ignored stays ignored
+])
+def test_a_sigbus_not_of_a_build_goes_where_it_went(tmp_path, case, faulthandler, dies):
+    """The guard is installed only while a mapping is hashed and catches only faults of
+    that mapping: anyone else's SIGBUS ends as it would have without it, never swallowed
+    or looping."""
+    r = run_python(GUARD_THEN, str(tmp_path / "f"), case, faulthandler=faulthandler)
+    if dies:
+        assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr[-2000:])
+        assert "survived" not in r.stdout
+        assert ("Fatal Python error: Bus error" in r.stderr) == faulthandler
+    else:
+        assert (r.returncode, r.stdout) == (0, "survived\n"), r.stderr[-2000:]

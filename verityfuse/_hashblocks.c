@@ -384,6 +384,7 @@ PyMODINIT_FUNC PyInit__hashblocks(void)
 #endif
     const char *off = getenv("VERITYFUSE_NO_SHANI");
     g_shani = g_cpu_shani && !(off && *off && strcmp(off, "0") != 0);
+    pthread_atfork(NULL, NULL, guard_atfork_child);
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) < 2)
         g_threads = 1;

@@ -12,48 +12,72 @@
  * daemon's rule that a read returns bytes it copied and hashed itself is not
  * touched.
  *
- * What a mapping adds is SIGBUS: a page wholly past the file's end, because
- * the file was truncated after its size was taken (by the range's caller) or
- * while it is hashed, faults with SIGBUS instead of reading short.  Killing
- * the process for that is not acceptable, so the hashing runs under a guard:
- * a SIGBUS handler that, on a thread inside a guarded section, jumps back out
- * of it (siglongjmp), and otherwise behaves as the handler it replaced (the
- * default: the process dies, as before).  A guarded section touches only the
- * mapping and buffers of its own, takes no lock and allocates nothing, so
- * leaving it half-way leaves nothing inconsistent.  The handler is
- * (re)installed at every call if another one took its place (Python's
- * faulthandler, which pytest enables, installs its own), chaining to it.
+ * Whatever goes wrong with a mapping, the answer is None, and the caller reads
+ * the range instead: the read path then says what is wrong, exactly as before
+ * mappings were used (a short read, an errno).  What can go wrong:
+ *  - the pages cannot be read (an I/O error; a FUSE server answering EIO):
+ *    MADV_POPULATE_READ fails.  MAP_POPULATE is not used: it retries a page
+ *    whose read fails forever, in the kernel, uninterruptibly by Ctrl-C;
+ *  - a sparse file in tmpfs (or a memfd): a read fault on a hole allocates a
+ *    page where a read of it allocates nothing, so such a file is not mapped
+ *    (a 2 GiB sparse file would take 2 GiB of memory, or fill its tmpfs);
+ *  - the file is cut short under the mapping (it was truncated after the
+ *    caller took its size, or is while it is hashed): a page wholly past its
+ *    new end faults with SIGBUS.  The hashing runs under a guard (below);
+ *  - a file cut inside a large tmpfs folio reads zeros past its new end
+ *    instead of faulting: its size after the hashing is checked.
+ *
+ * The guard.  While at least one thread hashes a mapping, SIGBUS goes to
+ * on_sigbus (installed by the first such thread, the previous disposition put
+ * back by the last one; the GIL orders these, as both happen with it held).
+ * A fault of a page of this thread's mapping, inside its guarded section,
+ * siglongjmps out of it: the section touches only the mapping and buffers of
+ * its own, takes no lock and allocates nothing, so leaving it half-way leaves
+ * nothing inconsistent.  Any other SIGBUS (another thread's fault, one sent by
+ * kill) gets the disposition on_sigbus replaced, put back: a fault repeats
+ * when the handler returns and a sent signal is raised again, so it ends
+ * where it would have without the guard (the process dies, faulthandler
+ * reports it, a Python handler or SIG_IGN has it).  Outside hashing the guard
+ * is not installed at all.  Its state is in initial-exec TLS, which a handler
+ * can read without the allocation a dlopen'ed module's TLS may need on first
+ * use.  A handler installed by another thread while a section runs (Python's
+ * faulthandler.enable) replaces the guard for that section: a truncation then
+ * ends the process, as it would without mappings being used at all.
  */
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
-/* The guarded section of this thread, or NULL; and where it faulted. */
-static __thread sigjmp_buf *tl_guard;
-static __thread void *volatile tl_fault_addr;
-/* The SIGBUS disposition ours replaced: what a SIGBUS outside a guard gets. */
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  /* Linux 5.14; older kernels say EINVAL: reads */
+#endif
+#define TMPFS_MAGIC_ 0x01021994
+
+#define TLS_IE __thread __attribute__((tls_model("initial-exec")))
+/* This thread's guarded section, and the mapping it hashes. */
+static TLS_IE sigjmp_buf *tl_guard;
+static TLS_IE const unsigned char *tl_lo, *tl_hi;
+
+/* The disposition the guard replaced, and how many threads are in a section. */
 static struct sigaction g_prev_bus;
+static int g_guard_users;
 
 static void on_sigbus(int sig, siginfo_t *info, void *uctx)
 {
+    (void)uctx;
     sigjmp_buf *env = tl_guard;
-    if (env != NULL) {
+    const unsigned char *at = info->si_addr;
+    if (env != NULL && info->si_code > 0 && at >= tl_lo && at < tl_hi) {
         tl_guard = NULL;
-        tl_fault_addr = info->si_addr;
         siglongjmp(*env, 1);
     }
-    if ((g_prev_bus.sa_flags & SA_SIGINFO) && g_prev_bus.sa_sigaction != NULL) {
-        g_prev_bus.sa_sigaction(sig, info, uctx);
-        return;
-    }
-    if (g_prev_bus.sa_handler != SIG_DFL && g_prev_bus.sa_handler != SIG_IGN) {
-        g_prev_bus.sa_handler(sig);
-        return;
-    }
-    /* The default: back to it, and the faulting access repeats and ends the process. */
-    signal(SIGBUS, SIG_DFL);
+    sigaction(sig, &g_prev_bus, NULL);
+    if (info->si_code <= 0)  /* sent, not a fault: once more, to the disposition put back */
+        raise(sig);
 }
 
 static int is_ours(const struct sigaction *sa)
@@ -61,15 +85,14 @@ static int is_ours(const struct sigaction *sa)
     return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == on_sigbus;
 }
 
-/* Make on_sigbus the SIGBUS handler, keeping the one it replaces (unless that
- * is already ours: two threads may install at once).  -1 with errno set. */
-static int guard_install(void)
+/* With the GIL held.  -1 with errno set if the handler could not be installed. */
+static int guard_enter(void)
 {
     struct sigaction cur, sa, old;
-    if (sigaction(SIGBUS, NULL, &cur) != 0)
-        return -1;
-    if (is_ours(&cur))
+    if (g_guard_users > 0 && sigaction(SIGBUS, NULL, &cur) == 0 && is_ours(&cur)) {
+        g_guard_users++;
         return 0;
+    }
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = on_sigbus;
     sa.sa_flags = SA_SIGINFO;
@@ -78,22 +101,41 @@ static int guard_install(void)
         return -1;
     if (!is_ours(&old))
         g_prev_bus = old;
+    g_guard_users++;
     return 0;
 }
 
+/* With the GIL held: the last thread out puts back the disposition it found,
+ * unless someone else's has taken the guard's place since. */
+static void guard_leave(void)
+{
+    struct sigaction cur;
+    if (--g_guard_users == 0 && sigaction(SIGBUS, NULL, &cur) == 0 && is_ours(&cur))
+        sigaction(SIGBUS, &g_prev_bus, NULL);
+}
+
+/* A child forked while other threads hashed has none of them: no section. */
+static void guard_atfork_child(void)
+{
+    if (g_guard_users > 0) {
+        g_guard_users = 1;
+        guard_leave();
+    }
+}
+
 /* Hash blocks of the mapping, the last (partial) one zero-padded in pad.
- * Returns 0, or 1 if a page of the mapping faulted (the file is shorter). */
+ * Returns 0, or 1 if a page of the mapping faulted. */
 static int hash_guarded(struct hctx *c, const unsigned char *map, size_t len, size_t bs,
                         unsigned char *pad, unsigned char *out)
 {
     sigjmp_buf env;
     size_t whole = len / bs;
+    tl_lo = map;
+    tl_hi = map + len;
     if (sigsetjmp(env, 1) != 0)
         return 1;
-    /* Set before the first touch of the mapping (the barriers keep the compiler from
-     * moving it): this thread's TLS is then allocated when a handler reads it. */
     tl_guard = &env;
-    __asm__ volatile("" ::: "memory");
+    __asm__ volatile("" ::: "memory");  /* set before the first touch of the mapping */
     c->data = map;
     c->nblocks = whole;
     hash_range(c, 0, whole, out);
@@ -105,6 +147,37 @@ static int hash_guarded(struct hctx *c, const unsigned char *map, size_t len, si
     __asm__ volatile("" ::: "memory");
     tl_guard = NULL;
     return 0;
+}
+
+/* Whether [offset, end) of fd may be mapped: a regular file still that long, and not
+ * a sparse one in tmpfs (its holes would be allocated). */
+static int mappable(int fd, long long end)
+{
+    struct stat st;
+    struct statfs fs;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size < end)
+        return 0;
+    if (fstatfs(fd, &fs) != 0)
+        return 0;
+    return !(fs.f_type == TMPFS_MAGIC_ && (long long)st.st_blocks * 512 < st.st_size);
+}
+
+/* The hashes of [offset, offset + length) of fd into out, or -1: read it instead. */
+static int hash_range_mapped(struct hctx *c, int fd, long long offset, size_t length,
+                             size_t bs, unsigned char *pad, unsigned char *out)
+{
+    long long end = offset + (long long)length;
+    if (!mappable(fd, end))
+        return -1;
+    void *map = mmap(NULL, length, PROT_READ, MAP_SHARED, fd, (off_t)offset);
+    if (map == MAP_FAILED)
+        return -1;
+    /* A child forked meanwhile (seal's worker processes) has no use for it. */
+    madvise(map, length, MADV_DONTFORK);
+    int ok = madvise(map, length, MADV_POPULATE_READ) == 0 &&
+             hash_guarded(c, map, length, bs, pad, out) == 0;
+    munmap(map, length);
+    return ok && mappable(fd, end) ? 0 : -1;
 }
 
 static PyObject *hash_mapped(PyObject *self, PyObject *args)
@@ -126,7 +199,8 @@ static PyObject *hash_mapped(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "unknown hash algorithm %d (1 = sha256, 2 = sha512)", alg);
         goto done;
     }
-    if (bs <= 0 || length <= 0 || offset < 0 || offset % page != 0) {
+    if (bs <= 0 || length <= 0 || offset < 0 || offset % page != 0 ||
+        offset > LLONG_MAX - length) {
         PyErr_Format(PyExc_ValueError, "need block_size > 0, length > 0 and an offset that is a "
                      "multiple of %ld, not %zd, %zd, %lld", page, bs, length, offset);
         goto done;
@@ -138,46 +212,28 @@ static PyObject *hash_mapped(PyObject *self, PyObject *args)
         goto done;
     }
     out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nblocks * ds));
-    pad = length % bs ? PyMem_Calloc(1, (size_t)bs) : NULL;
-    if (out == NULL || (length % bs && pad == NULL)) {
+    if (out == NULL)
+        goto done;
+    if (length % bs && (pad = PyMem_Calloc(1, (size_t)bs)) == NULL) {
         Py_CLEAR(out);
-        if (pad == NULL && length % bs)
-            PyErr_NoMemory();
+        PyErr_NoMemory();
         goto done;
     }
-    if (guard_install() != 0) {
+    if (guard_enter() != 0) {
         Py_CLEAR(out);
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
     hctx_init(&c, alg, prefix.buf, (size_t)prefix.len, NULL, 0, (size_t)bs);
-    void *map;
-    long long end = offset + (long long)length, found = end;
-    struct stat st;
+    int r;
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
     Py_BEGIN_ALLOW_THREADS
-    /* MAP_POPULATE: the page tables in one call rather than a fault every 16 pages. */
-    map = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)offset);
-    if (map != MAP_FAILED) {
-        if (hash_guarded(&c, map, (size_t)length, (size_t)bs, pad, o)) {
-            /* Only the mapping can fault here; anywhere else, nothing was hashed. */
-            size_t at = (size_t)((unsigned char *)tl_fault_addr - (unsigned char *)map);
-            found = offset + (at < (size_t)length ? (long long)(at - at % (size_t)page) : 0);
-        }
-        munmap(map, (size_t)length);
-        /* A file cut inside a large folio (tmpfs) may read zeros past its new end
-         * instead of faulting: its size after the hashing says whether it still
-         * holds the whole range. */
-        if (fstat(fd, &st) == 0 && st.st_size < found)
-            found = st.st_size;
-    }
+    r = hash_range_mapped(&c, fd, offset, (size_t)length, (size_t)bs, pad, o);
     Py_END_ALLOW_THREADS
-    if (map == MAP_FAILED) {  /* not mappable (a pipe, a file system without mmap) */
+    guard_leave();
+    if (r != 0) {
         Py_CLEAR(out);
         out = Py_NewRef(Py_None);
-    } else if (found < end) {
-        Py_CLEAR(out);
-        out = PyLong_FromLongLong(found);
     }
 done:
     PyMem_Free(pad);
@@ -186,9 +242,9 @@ done:
 }
 
 #define HASH_MAPPED_DOC \
-    "hash_mapped(alg, prefix, fd, offset, length, block_size) -> bytes | int | None\n\n" \
+    "hash_mapped(alg, prefix, fd, offset, length, block_size) -> bytes | None\n\n" \
     "The hashes of the blocks of fd's bytes [offset, offset + length), the last one\n" \
     "zero-padded, as hash_blocks gives them for those bytes read; hashed from a\n" \
-    "read-only mapping, not a copy.  offset: a multiple of the page size.  An int:\n" \
-    "the file ended before the range did: its size after the hashing, or the offset\n" \
-    "of the page that faulted (SIGBUS, caught).  None: fd cannot be mapped; read it."
+    "read-only mapping, not a copy.  offset: a multiple of the page size.  None: the\n" \
+    "range could not be hashed mapped (not mappable, a read error, the file shorter\n" \
+    "than the range, a sparse tmpfs file): read it instead, which says what is wrong."

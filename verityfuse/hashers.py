@@ -101,10 +101,11 @@ def mapped_hasher(params: Params) -> Optional[Callable[[int, int, int], Any]]:
     the page size), hashed from a mapping of the page cache rather than a copy; or
     None without the native module.
 
-    hm returns bytes; an int, the file's end when it turned out shorter than the
-    range (a truncation is caught, never a SIGBUS that ends the process); or None
-    when fd cannot be mapped (read it instead).  Only for building trees: nothing
-    it hashes is returned to a reader.
+    hm returns None where the range could not be hashed mapped (fd cannot be mapped,
+    its pages cannot be read, the file is shorter than the range or was cut short
+    while it was hashed: a SIGBUS caught, never one that ends the process; a sparse
+    file in tmpfs, whose holes a mapping would allocate): read it instead, which says
+    what is wrong.  Only for building trees: nothing it hashes is returned to a reader.
     """
     if not NATIVE:
         return None

@@ -173,7 +173,8 @@ def build_tree(
     """Stream ``fd`` (from offset 0, ``data_size`` bytes, default its size) into
     a tree and return its descriptor.
 
-    The file is cut into chunks (of CHUNK_SIZE, or MAPPED_CHUNK mapped).  With
+    The file is cut into chunks (of CHUNK_SIZE, or MAPPED_CHUNK where it can be
+    mapped; a chunk that cannot be mapped after all is read, in that size).  With
     ``threads`` > 1, each of that many worker threads hashes its own chunks
     (mapped, or read into its own buffer; the native hasher and hashlib
     release the GIL); the calling thread consumes the hashes in file order.
@@ -211,12 +212,10 @@ def build_tree(
             offset = k * chunk
             want = min(chunk, data_size - offset)
             if hm is not None:
-                got = hm(fd, offset, want)
-                if isinstance(got, bytes):
-                    return got
-                if got is not None:
-                    raise _shrank(data_size, got)
-                hm = None  # not mappable: read it from here on
+                hashes = hm(fd, offset, want)
+                if hashes is not None:
+                    return hashes
+                hm = None  # not mapped: read, which says what is wrong, from here on
             if buf is None:
                 buf = _read_buffer(min(chunk, geo.num_data_blocks * bs))
             padded = -(-want // bs) * bs
