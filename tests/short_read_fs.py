@@ -52,6 +52,7 @@ class ShortReads(pyfuse3.Operations):
         else:
             a.st_mode, a.st_nlink = stat.S_IFREG | 0o644, 1
             a.st_size = self.sizes[self._index(ino)]
+            a.st_blocks = -(-a.st_size // 512)  # not sparse: a mapping of it may be tried
         a.attr_timeout = a.entry_timeout = 60  # the size said stays what the kernel knows
         if ino != pyfuse3.ROOT_INODE and self.fails[self._index(ino)] is not None:
             a.attr_timeout = 0

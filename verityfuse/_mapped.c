@@ -18,9 +18,10 @@
  *  - the pages cannot be read (an I/O error; a FUSE server answering EIO):
  *    MADV_POPULATE_READ fails.  MAP_POPULATE is not used: it retries a page
  *    whose read fails forever, in the kernel, uninterruptibly by Ctrl-C;
- *  - a sparse file in tmpfs (or a memfd): a read fault on a hole allocates a
- *    page where a read of it allocates nothing, so such a file is not mapped
- *    (a 2 GiB sparse file would take 2 GiB of memory, or fill its tmpfs);
+ *  - a sparse file: in tmpfs (a memfd; through overlayfs too) or hugetlbfs, a
+ *    read fault on a hole allocates a page where a read of it allocates nothing
+ *    (a 2 GiB sparse file would take 2 GiB of memory, or fill its tmpfs), so a
+ *    file with fewer blocks than its size is never mapped, on any file system;
  *  - the file is cut short under the mapping (it was truncated after the
  *    caller took its size, or is while it is hashed): a page wholly past its
  *    new end faults with SIGBUS.  The hashing runs under a guard (below);
@@ -33,51 +34,75 @@
  * A fault of a page of this thread's mapping, inside its guarded section,
  * siglongjmps out of it: the section touches only the mapping and buffers of
  * its own, takes no lock and allocates nothing, so leaving it half-way leaves
- * nothing inconsistent.  Any other SIGBUS (another thread's fault, one sent by
- * kill) gets the disposition on_sigbus replaced, put back: a fault repeats
- * when the handler returns and a sent signal is raised again, so it ends
- * where it would have without the guard (the process dies, faulthandler
- * reports it, a Python handler or SIG_IGN has it).  Outside hashing the guard
- * is not installed at all.  Its state is in initial-exec TLS, which a handler
- * can read without the allocation a dlopen'ed module's TLS may need on first
- * use.  A handler installed by another thread while a section runs (Python's
- * faulthandler.enable) replaces the guard for that section: a truncation then
- * ends the process, as it would without mappings being used at all.
+ * nothing inconsistent.  Any other SIGBUS ends where it would have without the
+ * guard: another fault gets the previous disposition put back and repeats
+ * when the handler returns (the process dies, or faulthandler reports it); a
+ * sent one (kill) goes to the previous disposition without taking the guard
+ * from other threads' sections (ignored, the default, or its handler called:
+ * a sent signal does not repeat, so no handler can loop on it).  Its state is
+ * in initial-exec TLS, which a handler can read without the allocation a
+ * dlopen'ed module's TLS may need on first use.
+ *
+ * A handler installed while the guard is (Python's faulthandler.enable from
+ * another thread) keeps the guard as its "previous" and may put it back at any
+ * time (faulthandler.disable): the guard must then never save that handler as
+ * the one to restore, or a later fault would loop in a disabled faulthandler.
+ * So once displaced, the guard is not installed over another handler again,
+ * and ranges are read, not mapped, until the disposition is the guard's own,
+ * the default or SIG_IGN again.  The sections running when it is displaced
+ * are unguarded: a truncation then ends the process, as it would have had
+ * mappings never been used.
  */
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/vfs.h>
 #include <unistd.h>
 
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22  /* Linux 5.14; older kernels say EINVAL: reads */
 #endif
-#define TMPFS_MAGIC_ 0x01021994
 
 #define TLS_IE __thread __attribute__((tls_model("initial-exec")))
 /* This thread's guarded section, and the mapping it hashes. */
 static TLS_IE sigjmp_buf *tl_guard;
 static TLS_IE const unsigned char *tl_lo, *tl_hi;
 
-/* The disposition the guard replaced, and how many threads are in a section. */
+/* The disposition the guard replaced, how many threads are in a section, and
+ * whether another handler took the guard's place while it was installed. */
 static struct sigaction g_prev_bus;
-static int g_guard_users;
+static int g_guard_users, g_displaced;
+
+static int is_plain(const struct sigaction *sa)  /* SIG_DFL or SIG_IGN */
+{
+    return !(sa->sa_flags & SA_SIGINFO) &&
+           (sa->sa_handler == SIG_DFL || sa->sa_handler == SIG_IGN);
+}
 
 static void on_sigbus(int sig, siginfo_t *info, void *uctx)
 {
-    (void)uctx;
     sigjmp_buf *env = tl_guard;
     const unsigned char *at = info->si_addr;
     if (env != NULL && info->si_code > 0 && at >= tl_lo && at < tl_hi) {
         tl_guard = NULL;
         siglongjmp(*env, 1);
     }
-    sigaction(sig, &g_prev_bus, NULL);
-    if (info->si_code <= 0)  /* sent, not a fault: once more, to the disposition put back */
-        raise(sig);
+    const struct sigaction *prev = &g_prev_bus;
+    if (info->si_code > 0 || (is_plain(prev) && prev->sa_handler == SIG_DFL)) {
+        /* A fault repeats on return; a sent signal meant for the default is raised
+         * again: either way, under the disposition put back. */
+        sigaction(sig, prev, NULL);
+        if (info->si_code <= 0)
+            raise(sig);
+        return;
+    }
+    if (is_plain(prev))  /* SIG_IGN */
+        return;
+    if (prev->sa_flags & SA_SIGINFO)
+        prev->sa_sigaction(sig, info, uctx);
+    else
+        prev->sa_handler(sig);
 }
 
 static int is_ours(const struct sigaction *sa)
@@ -85,33 +110,44 @@ static int is_ours(const struct sigaction *sa)
     return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == on_sigbus;
 }
 
-/* With the GIL held.  -1 with errno set if the handler could not be installed. */
+/* With the GIL held.  -1 if this section cannot be guarded (then it is not mapped). */
 static int guard_enter(void)
 {
     struct sigaction cur, sa, old;
-    if (g_guard_users > 0 && sigaction(SIGBUS, NULL, &cur) == 0 && is_ours(&cur)) {
+    if (sigaction(SIGBUS, NULL, &cur) != 0)
+        return -1;
+    if (is_ours(&cur)) {
+        g_displaced = 0;
         g_guard_users++;
         return 0;
+    }
+    if (g_guard_users > 0 || (g_displaced && !is_plain(&cur))) {
+        g_displaced = 1;  /* taken from another thread's section, or still */
+        return -1;
     }
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = on_sigbus;
     sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGBUS, &sa, &old) != 0)
+    if (sigaction(SIGBUS, &sa, &old) != 0 || is_ours(&old))
         return -1;
-    if (!is_ours(&old))
-        g_prev_bus = old;
-    g_guard_users++;
+    g_prev_bus = old;
+    g_displaced = 0;
+    g_guard_users = 1;
     return 0;
 }
 
 /* With the GIL held: the last thread out puts back the disposition it found,
- * unless someone else's has taken the guard's place since. */
+ * unless another handler has taken the guard's place since (displaced). */
 static void guard_leave(void)
 {
     struct sigaction cur;
-    if (--g_guard_users == 0 && sigaction(SIGBUS, NULL, &cur) == 0 && is_ours(&cur))
+    if (--g_guard_users > 0 || sigaction(SIGBUS, NULL, &cur) != 0)
+        return;
+    if (is_ours(&cur))
         sigaction(SIGBUS, &g_prev_bus, NULL);
+    else
+        g_displaced = 1;
 }
 
 /* A child forked while other threads hashed has none of them: no section. */
@@ -149,17 +185,14 @@ static int hash_guarded(struct hctx *c, const unsigned char *map, size_t len, si
     return 0;
 }
 
-/* Whether [offset, end) of fd may be mapped: a regular file still that long, and not
- * a sparse one in tmpfs (its holes would be allocated). */
+/* Whether [offset, end) of fd may be mapped: a regular file still that long, with
+ * blocks for all of it (a hole would be allocated: see above). */
 static int mappable(int fd, long long end)
 {
     struct stat st;
-    struct statfs fs;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size < end)
         return 0;
-    if (fstatfs(fd, &fs) != 0)
-        return 0;
-    return !(fs.f_type == TMPFS_MAGIC_ && (long long)st.st_blocks * 512 < st.st_size);
+    return (long long)st.st_blocks * 512 >= st.st_size;
 }
 
 /* The hashes of [offset, offset + length) of fd into out, or -1: read it instead. */
@@ -219,18 +252,15 @@ static PyObject *hash_mapped(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    if (guard_enter() != 0) {
-        Py_CLEAR(out);
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
+    int r = -1;
+    if (guard_enter() == 0) {
+        hctx_init(&c, alg, prefix.buf, (size_t)prefix.len, NULL, 0, (size_t)bs);
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+        Py_BEGIN_ALLOW_THREADS
+        r = hash_range_mapped(&c, fd, offset, (size_t)length, (size_t)bs, pad, o);
+        Py_END_ALLOW_THREADS
+        guard_leave();
     }
-    hctx_init(&c, alg, prefix.buf, (size_t)prefix.len, NULL, 0, (size_t)bs);
-    int r;
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    Py_BEGIN_ALLOW_THREADS
-    r = hash_range_mapped(&c, fd, offset, (size_t)length, (size_t)bs, pad, o);
-    Py_END_ALLOW_THREADS
-    guard_leave();
     if (r != 0) {
         Py_CLEAR(out);
         out = Py_NewRef(Py_None);
@@ -247,4 +277,4 @@ done:
     "zero-padded, as hash_blocks gives them for those bytes read; hashed from a\n" \
     "read-only mapping, not a copy.  offset: a multiple of the page size.  None: the\n" \
     "range could not be hashed mapped (not mappable, a read error, the file shorter\n" \
-    "than the range, a sparse tmpfs file): read it instead, which says what is wrong."
+    "than the range, a sparse file, a SIGBUS handler not the guard's): read it instead."

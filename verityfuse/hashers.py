@@ -104,8 +104,9 @@ def mapped_hasher(params: Params) -> Optional[Callable[[int, int, int], Any]]:
     hm returns None where the range could not be hashed mapped (fd cannot be mapped,
     its pages cannot be read, the file is shorter than the range or was cut short
     while it was hashed: a SIGBUS caught, never one that ends the process; a sparse
-    file in tmpfs, whose holes a mapping would allocate): read it instead, which says
-    what is wrong.  Only for building trees: nothing it hashes is returned to a reader.
+    file, whose holes a mapping of tmpfs would allocate; another SIGBUS handler in the
+    guard's place): read it instead, which says what is wrong.  Only for building
+    trees: nothing it hashes is returned to a reader.
     """
     if not NATIVE:
         return None
