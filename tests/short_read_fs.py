@@ -78,9 +78,8 @@ class ShortReads(pyfuse3.Operations):
 
     async def open(self, ino, flags, ctx):
         self._fail(ino, "open")
-        cached = self.fails[self._index(ino)] is not None and \
-            self.fails[self._index(ino)][0] == "cachedread"
-        return pyfuse3.FileInfo(fh=ino, direct_io=not cached)
+        fail = self.fails[self._index(ino)]
+        return pyfuse3.FileInfo(fh=ino, direct_io=fail is None or fail[0] != "cachedread")
 
     async def read(self, fh, off, size):
         self._fail(fh, "read")

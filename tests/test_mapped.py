@@ -6,7 +6,6 @@ else's SIGBUS where it went."""
 
 import contextlib
 import errno
-import hashlib
 import os
 import signal
 import subprocess
@@ -18,21 +17,10 @@ import pytest
 
 from verityfuse import hashers, merkle, treebuild
 from conftest import fuse_helper, pattern
+from test_native import needs_native, ref_hashes
 
-hb = merkle._hashblocks
-needs_native = pytest.mark.skipif(hb is None, reason="native module not built "
-                                  "(or VERITYFUSE_PURE_PYTHON is set)")
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
-
-
-def ref_hashes(params, data):
-    """hashlib over the blocks of data, the last zero-padded."""
-    bs = params.block_size
-    data = bytes(data) + bytes(-len(data) % bs)
-    prefix = merkle.padded_salt(params)
-    return b"".join(hashlib.new(params.alg.name, prefix + data[i:i + bs]).digest()
-                    for i in range(0, len(data), bs))
 
 
 def run_python(code, *args, faulthandler=True):
@@ -56,7 +44,8 @@ def test_a_mapped_range_hashes_as_its_bytes_read(tmp_path, alg, bs, salt, offset
     fd = os.open(path, os.O_RDONLY)
     try:
         data = os.pread(fd, length, offset)
-        assert hashers.mapped_hasher(p)(fd, offset, length) == ref_hashes(p, data)
+        padded = data + bytes(-len(data) % bs)  # the last block zero-padded
+        assert hashers.mapped_hasher(p)(fd, offset, length) == ref_hashes(p, padded)
     finally:
         os.close(fd)
 

@@ -95,6 +95,7 @@ def blocks_hasher(params: Params, threads: int = 0) -> Callable[[Any], bytes]:
 
     return hash_all
 
+
 def mapped_hasher(params: Params) -> Optional[Callable[[int, int, int], Any]]:
     """Return hm(fd, offset, length) -> the hashes of the blocks of fd's bytes
     [offset, offset + length) (the last block zero-padded, ``offset`` a multiple of
