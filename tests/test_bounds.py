@@ -206,7 +206,7 @@ def _views(tmp_path, mode):
         vf("seal", src, "--manifest", tmp_path / "m.json")
         digest = vf("measure-manifest", tmp_path / "m.json").split()[0]
         m = manifest.load(str(tmp_path / "m.json"), (), digest)
-        store = Store(str(src / ".verityfuse"), objects_only=True, in_share=True)
+        store = Store(str(src / ".verityfuse"), objects_only=True, in_source=True)
         view = ManifestView(str(src), m.tree, store, TreeBlockCache(), m.digest)
     else:
         from verityfuse.view_local import LocalView
@@ -307,7 +307,7 @@ def _big_dir_views(tmp_path, mode, n=3000):
         vf("seal", src, "--manifest", tmp_path / "m.json")
         digest = vf("measure-manifest", tmp_path / "m.json").split()[0]
         m = manifest.load(str(tmp_path / "m.json"), (), digest)
-        store = Store(str(src / ".verityfuse"), objects_only=True, in_share=True)
+        store = Store(str(src / ".verityfuse"), objects_only=True, in_source=True)
         return ManifestView(str(src), m.tree, store, TreeBlockCache(), m.digest), store
     from verityfuse.view_local import LocalView
 

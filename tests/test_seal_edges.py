@@ -226,3 +226,29 @@ def test_verify_of_a_source_that_is_no_directory_says_so(tmp_path):
             r = vf("verify", source, *extra)
             assert (r.returncode, r.stdout, r.stderr.decode()) == (
                 1, b"", f"ERROR: '{source}' is not a directory\n")
+
+
+def test_a_default_store_planted_as_a_symlink_is_refused(tmp_path):
+    """SOURCE/.verityfuse planted as a symlink by whoever can write in SOURCE: seal and
+    verify used to follow it out of SOURCE (root's seal wrote VERSION, objects/ and
+    inodes/ there, and its tmp/ cleanup unlinked the target's tmp/<digits>.* files).
+    The mount refuses it; so do they, and nothing in the target changes."""
+    src, victim = tmp_path / "src", tmp_path / "victim"
+    src.mkdir()
+    (victim / "tmp").mkdir(parents=True)
+    (src / "file").write_bytes(b"data")
+    (victim / "tmp" / "4000000.backup").write_bytes(b"precious")
+    os.symlink(victim, src / ".verityfuse")
+    runs = [vf("seal", src), vf("seal", src, "--manifest", tmp_path / "M", "--unsigned"),
+            vf("verify", src)]
+    for r in runs:
+        assert r.returncode == 1, r
+        assert (f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's "
+                f"own store; name the store's own path with --store)").encode() in r.stderr, r
+        assert b"Traceback" not in r.stderr
+    assert sorted(os.listdir(victim)) == ["tmp"]
+    assert os.listdir(victim / "tmp") == ["4000000.backup"]
+    # The same directory named with --store is the user's choice, followed as named.
+    r = vf("seal", src, "--store", src / ".verityfuse")
+    assert r.returncode == 0, r.stderr
+    assert (victim / "VERSION").exists()

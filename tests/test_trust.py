@@ -164,9 +164,31 @@ def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
         if os.path.ismount(mnt):
             subprocess.run(["fusermount3", "-u", mnt])
     assert r.returncode == 1, r.stderr
-    assert f"store {src}/.verityfuse: not a directory in the share (a symlink there is refused" \
+    assert f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's own store" \
         in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_local_mount_refuses_a_default_store_planted_as_a_symlink(tmp_path):
+    """Local mode's default store is SOURCE's too: a symlink planted there would have the
+    daemon (root) clean up tmp/ files and create the store wherever it points."""
+    src, victim, mnt = tmp_path / "src", tmp_path / "victim", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (victim / "tmp").mkdir(parents=True)
+    (victim / "tmp" / "4000000.backup").write_bytes(b"precious")
+    os.symlink(victim, src / ".verityfuse")
+    try:
+        r = vf("mount", src, mnt, "--log-file", tmp_path / "log")
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", mnt])
+    assert r.returncode == 1, r.stderr
+    assert f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's own " \
+        f"store; name the store's own path with --store)" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert os.listdir(victim / "tmp") == ["4000000.backup"]
 
 
 @pytest.mark.parametrize("attack", ["other-key", "edited-entry", "rolled-back", "rolled-back-key-only"])

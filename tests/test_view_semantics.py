@@ -41,7 +41,7 @@ def view(tmp_path):
     digest = subprocess.run([sys.executable, "-m", "verityfuse", "measure-manifest", str(m)],
                             capture_output=True, text=True).stdout.split()[0]
     mf = manifest.load(str(m), pinned_digest=digest)
-    store = Store(str(src / ".verityfuse"), objects_only=True, in_share=True)
+    store = Store(str(src / ".verityfuse"), objects_only=True, in_source=True)
     v = ManifestView(str(src), mf.tree, store, TreeBlockCache(), mf.digest)
     yield v, src
     v.close()

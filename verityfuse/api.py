@@ -95,11 +95,6 @@ def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 
 # -- seal -----------------------------------------------------------------------------
 
 
-def _default_store(source: str) -> str:
-    from .store import default_store
-
-    return default_store(source)
-
 
 def _inside(path: str, directory: str) -> bool:
     rel = os.path.relpath(path, directory)
@@ -162,7 +157,7 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     """
     from .sealing import seal_path, walk_files
     from .source_dir import SourceDir
-    from .store import Store
+    from .store import store_of
 
     src = fspath(source)
     if not os.path.isdir(src):
@@ -170,7 +165,7 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     params = _params(hash_alg, block_size, salt)
     threads = _threads(threads)
     out: Dict[str, Digest] = {}
-    with Store(fspath(store) if store is not None else _default_store(src), create=True) as st, \
+    with store_of(src, fspath(store) if store is not None else None, create=True) as st, \
             SourceDir(src) as sd:
         st.cleanup_tmp()
         rels = list(walk_files(sd, st)) if paths is None else _seal_targets(sd, st, paths)
@@ -271,17 +266,18 @@ def verify(source: PathArg, *, store: Optional[PathArg] = None, strict: bool = F
     """
     from .sealing import StaleCount, describe_failure, verify_file, walk_files
     from .source_dir import SourceDir
-    from .store import Store
+    from .store import default_store, store_of
     from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
     src = fspath(source)
     if not os.path.isdir(src):
         raise FileNotFoundError(_errno.ENOENT, "No such directory", src)
-    store_path = existing_store(fspath(store) if store is not None else _default_store(src))
+    named = fspath(store) if store is not None else None
+    store_path = existing_store(named or default_store(src))
     cache = TreeBlockCache(ONE_PASS_CACHE_BYTES)
     results: List[FileResult] = []
     reached = StaleCount()
-    with Store(store_path) as st, SourceDir(src) as sd:
+    with store_of(src, named) as st, SourceDir(src) as sd:
         def unreadable(rel: str, e: OSError) -> None:  # a directory: nothing under it verified
             results.append(FileResult(rel, "error", describe_failure(e), None, e))
 

@@ -36,10 +36,9 @@ def no_source_dir(args) -> bool:
 def open_store(args, create: bool = False, objects_only: bool = False) -> Store:
     # Imported here: every command builds the parser that imports this module, and
     # `digest` (the one timed against fsverity) never needs the store.
-    from .store import Store, default_store
+    from .store import store_of
 
-    return Store(args.store or default_store(args.source), create=create,
-                 objects_only=objects_only)
+    return store_of(args.source, args.store, create=create, objects_only=objects_only)
 
 
 class _Sealed:

@@ -129,7 +129,7 @@ def is_oci(source: str) -> bool:
 def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats) -> Tuple["View", Any]:
     """The view for this trust mode, and the store it reads (annotated: mypy checks that each
     view class implements the ``View`` protocol)."""
-    from .store import Store, default_store
+    from .store import store_of
     from .verifier import TreeBlockCache
 
     cache = TreeBlockCache(s.cache_size << 20) if s.cache_size else TreeBlockCache()
@@ -143,16 +143,16 @@ def make_view(source: str, mountpoint: str, s: Settings, trust: Trust, stats) ->
         from .view_manifest import ManifestView
 
         # The share is the host's: read it, never write to it, and follow no symlink
-        # in it (the default store is the share's).
-        store = Store(s.store or default_store(source), objects_only=True,
-                      in_share=not s.store)
+        # in it (the default store is the share's: store_of refuses one there).
+        store = store_of(source, s.store, objects_only=True)
         m = trust.manifest
         log.info("manifest %s: %d entries, digest %s", s.manifest, len(m.tree.nodes), m.digest)
         return ManifestView(source, m.tree, store, cache, m.digest, stats=stats), store
     from .view_local import LocalView
 
-    # An explicit store must exist; the default one is made by the first enable.
-    store = Store(s.store, objects_only=False) if s.store else Store(default_store(source), lazy=True)
+    # An explicit store must exist; the default one is made by the first enable (and, as
+    # it is SOURCE's own, never reached through a symlink planted there).
+    store = store_of(source, s.store, objects_only=False, lazy=not s.store)
     if store.exists:
         store.cleanup_tmp()
     view = LocalView(source, store, cache, policy=s.policy, trust_certs=trust.certs,

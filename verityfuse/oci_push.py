@@ -23,7 +23,7 @@ from . import fsutil, manifest, manifest_tree, oci_artifact
 from .errors import Corruption, VerityError
 from .oci_artifact import Artifact, Blob
 from .oci_client import Client, sha256_digest
-from .store import Store
+from .store import store_of
 from .store_object import TREE_OFFSET
 from .verifier import TreeBlockCache, Verifier
 
@@ -92,7 +92,7 @@ def push(source: str, manifest_path: str, client: Client, tag: Optional[str],
     mdigest = manifest.manifest_digest(payload)
     with open(manifest_path, "rb") as f:
         mbytes = f.read(manifest.MAX_BYTES + 1)
-    store = Store(store_path or os.path.join(source, ".verityfuse"), objects_only=True)
+    store = store_of(source, store_path, objects_only=True)
     root = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     art = Artifact(Blob(sha256_digest(mbytes), len(mbytes)))
     result = PushResult("", mdigest)

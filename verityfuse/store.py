@@ -59,6 +59,12 @@ def default_store(source: str) -> str:
     return os.path.join(source, STORE_DIRNAME)
 
 
+def store_of(source: str, store: Optional[str] = None, **kw) -> "Store":
+    """SOURCE's store: ``store`` as named (a symlink the user chose is followed), or the
+    default one, which a symlink planted in SOURCE must not send elsewhere (refused)."""
+    return Store(store, **kw) if store else Store(default_store(source), in_source=True, **kw)
+
+
 class StoreFormat(VerityError):
     """A store of another format than this operation needs."""
 
@@ -75,9 +81,11 @@ class Store(StoreIndex):
     """
 
     def __init__(self, path: str, create: bool = False, objects_only: bool = False,
-                 lazy: bool = False, in_share: bool = False):
+                 lazy: bool = False, in_source: bool = False):
         self.path = os.path.abspath(path)
-        self.in_share = in_share  # the root is the host's too: never reached through a symlink
+        # The root is SOURCE's own (Store.of): whoever writes in SOURCE (a share's host)
+        # could have planted it as a symlink, so it is never reached through one.
+        self.in_source = in_source
         self.rootfd = -1
         self._tmpfd = -1  # tmp/, opened by the first write
         self._tmp_lock = threading.Lock()
@@ -107,16 +115,16 @@ class Store(StoreIndex):
         try:
             # The root itself may be reached through a symlink the user chose (not
             # one in a share); nothing below it is.
-            nofollow = os.O_NOFOLLOW if self.in_share else 0
+            nofollow = os.O_NOFOLLOW if self.in_source else 0
             self.rootfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | nofollow)
             return True
         except FileNotFoundError:
             return False
         except OSError as e:
-            if self.in_share and e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise StoreCorrupt(f"store {self.path}: not a directory in the share (a symlink "
-                                   f"there is refused; name the store's own path with --store)"
-                                   ) from None
+            if self.in_source and e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StoreCorrupt(f"store {self.path}: a symlink or not a directory (refused "
+                                   f"as SOURCE's own store; name the store's own path with "
+                                   f"--store)") from None
             raise
 
     @property
