@@ -10,7 +10,9 @@ kernel for a minute), and its reads return the first LENGTH bytes of
 stat and a read).  With OP (getattr, open or read), that request of NAME is answered
 ERRNO instead, and NAME's attributes are not cached (every fstat of it asks again).
 direct_io: every read reaches here, as asked; OP cachedread fails reads as read does,
-through the page cache (no direct_io: the file can be mapped).  Only tests use it.
+through the page cache (no direct_io: the file can be mapped).  OP rewrite (ERRNO 0)
+reads as asked but moves NAME's mtime on at every read: a file written while it is
+read.  Only tests use it.
 """
 
 import errno
@@ -31,6 +33,7 @@ class ShortReads(pyfuse3.Operations):
         self.sizes = [f[1] for f in files]
         self.data = [pattern(f[2]) for f in files]
         self.fails = [f[3] for f in files]  # (op, errno) or None
+        self.reads = [0] * len(files)  # op rewrite: NAME's mtime is its count of reads
 
     def _fail(self, ino, op):
         if ino != pyfuse3.ROOT_INODE and self.fails[self._index(ino)] is not None:
@@ -53,6 +56,7 @@ class ShortReads(pyfuse3.Operations):
             a.st_mode, a.st_nlink = stat.S_IFREG | 0o644, 1
             a.st_size = self.sizes[self._index(ino)]
             a.st_blocks = -(-a.st_size // 512)  # not sparse: a mapping of it may be tried
+            a.st_mtime_ns = a.st_ctime_ns = self.reads[self._index(ino)] * 10**9
         a.attr_timeout = a.entry_timeout = 60  # the size said stays what the kernel knows
         if ino != pyfuse3.ROOT_INODE and self.fails[self._index(ino)] is not None:
             a.attr_timeout = 0
@@ -84,6 +88,8 @@ class ShortReads(pyfuse3.Operations):
     async def read(self, fh, off, size):
         self._fail(fh, "read")
         self._fail(fh, "cachedread")
+        if self.fails[self._index(fh)] == ("rewrite", 0):
+            self.reads[self._index(fh)] += 1
         return self.data[self._index(fh)][off:off + size]
 
     async def statfs(self, ctx):

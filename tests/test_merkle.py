@@ -1,6 +1,7 @@
 """Merkle tree geometry, hashing, descriptor and digest against known answers
 and against fsverity-utils (the oracle)."""
 
+import errno
 import hashlib
 import os
 import random
@@ -228,6 +229,30 @@ def test_descriptor_parameters_are_shared_and_bounded():
     for _ in range(2):
         with pytest.raises(InvalidDescriptor, match="too small"):
             merkle.parse_descriptor(small)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_file_written_in_place_while_hashing_is_an_error(tmp_path, threads):
+    """Rewritten in place once a chunk was hashed (same size, other bytes): the
+    digest would be of a mix the file never held.  ETXTBSY, naming what moved."""
+    size = 5 * treebuild.CHUNK_SIZE
+    p = write(tmp_path / "f", b"A" * size)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        def rewrite(done):  # after the first chunk (4 MiB mapped, or 1 MiB read)
+            if done < size:
+                with open(p, "r+b") as f:
+                    f.write(b"B" * size)
+
+        with pytest.raises(OSError, match=r"^\[Errno 26\] file changed while it was read "
+                                          r"\(mtime \d+\.\d{9} -> \d+\.\d{9}, ctime") as e:
+            treebuild.build_tree(fd, merkle.Params(), threads=threads, progress=rewrite)
+        assert e.value.errno == errno.ETXTBSY
+        # Unchanged since: the same file hashes as fsverity digest says.
+        assert treebuild.build_tree(fd, merkle.Params(), threads=threads).digest.hex() == \
+            fsverity_digest(p)[0].split(":")[1].split()[0]
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("size", [10000, 100])  # a tree; one block (one pread)

@@ -257,6 +257,41 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
         assert r.stdout == f"{expected} {mnt}/whole\n"
 
 
+@pytest.mark.mount
+@needs_native
+def test_a_file_written_while_it_is_read_is_never_sealed(tmp_path):
+    """A file whose mtime moves while it is read (written meanwhile: its bytes may be
+    half old, half new): sealing it used to record a digest of bytes the file never held,
+    exit 0, and every later read failed.  The native stager declines it (an fstat after
+    its read), and the Python path, reading it again, refuses it naming what moved;
+    `digest` too.  The file system here moves a file's mtime at every read."""
+    mnt = tmp_path / "src"
+    mnt.mkdir()
+    with fuse_helper("short_read_fs.py", mnt, "busy=3000:3000:rewrite:0",
+                     "large=3000000:3000000:rewrite:0", "whole=3000:3000",
+                     what="the short-read file system"):
+        with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
+            stage = native_stager(store, sd, merkle.Params(), objects=True)
+            assert stage(["busy"]) == [None]
+            assert tmp_files(store) == []
+        r = subprocess.run(VF + ["seal", str(mnt), "--store", str(tmp_path / "st"),
+                                 "--manifest", str(tmp_path / "m.json")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1, r
+        warnings = sorted(r.stderr.splitlines()[:2])
+        assert warnings[0].startswith(f"WARNING: can't seal '{mnt}/busy': file changed while "
+                                      f"it was read (mtime 2.000000000 -> 3.000000000, ctime "
+                                      f"2.000000000 -> 3.000000000)"), r.stderr  # the 3rd read
+        assert warnings[1].startswith(f"WARNING: can't seal '{mnt}/large': file changed while "
+                                      f"it was read (mtime 0.000000000 -> "), r.stderr
+        expected = fsverity_digest(write(tmp_path / "whole", pattern(3000)))[0].split()[0]
+        assert r.stdout == f"{expected} {mnt}/whole\n"
+        r = subprocess.run(VF + ["digest", str(mnt / "large")], capture_output=True, text=True)
+        assert r.returncode == 1, r
+        assert "file changed while it was read (mtime" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 @needs_native
 def test_one_call_seals_a_chunk_as_the_python_path_does_each_file(tmp_path):
     """A chunk of paths in one native call: a result for each, in order, None for what

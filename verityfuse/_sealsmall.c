@@ -108,9 +108,23 @@ static int ss_open(const struct ss_in *in, struct stat *st)
     int e;  /* why it failed: the Python path finds out again, and says it */
     int fd = reopen_if_regular(pfd, O_RDONLY, st, &e);
     close(pfd);
-    /* No fstat of fd: it is that very inode, and a size changed since the one above
-     * is seen by the read (one byte more is asked). */
+    /* No fstat of fd before the read: it is that very inode, and a size changed since
+     * the one above is seen by the read (one byte more is asked); ss_unchanged after. */
     return fd;
+}
+
+/* Whether the file open as fd has the size and times of st still: a file written
+ * while it was read (same size, other bytes) must not be sealed as what was read, a
+ * mix of old and new bytes perhaps.  A write already under way at the first fstat
+ * changed the times before it, and can go unseen (treebuild.changed says so too). */
+static int ss_unchanged(int fd, const struct stat *st)
+{
+    struct stat now;
+    return fstat(fd, &now) == 0 && now.st_size == st->st_size
+           && now.st_mtim.tv_sec == st->st_mtim.tv_sec
+           && now.st_mtim.tv_nsec == st->st_mtim.tv_nsec
+           && now.st_ctim.tv_sec == st->st_ctim.tv_sec
+           && now.st_ctim.tv_nsec == st->st_ctim.tv_nsec;
 }
 
 /* The tree of data (len bytes, zero-padded to whole blocks in buf) into tree
@@ -239,8 +253,9 @@ static int ss_seal(const struct ss_in *in, struct ss_out *out)
      * only at its end, so exactly len bytes is the whole file, unchanged in size.  Any
      * other count (grown, truncated, or a file system that reads short) declines: the
      * Python path (treebuild.read_small) reads on and says what changed.  One pread a
-     * file, not a second one to see the end. */
-    if (pread(fd, buf, len + 1, 0) != (ssize_t)len)
+     * file, not a second one to see the end; then an fstat, for a file written meanwhile
+     * in place (the Python path says that too). */
+    if (pread(fd, buf, len + 1, 0) != (ssize_t)len || !ss_unchanged(fd, &st))
         goto done;
     memset(buf + len, 0, room - 1 - len);
     if ((obj = malloc(SS_HEADER + SS_DESC + tree_size)) == NULL)

@@ -9,6 +9,7 @@ buffer of its own; the caller takes the hashes in file order.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -100,6 +101,27 @@ def _grew(size: int) -> OSError:
     return OSError(f"file grew while hashing: more than {size} bytes")
 
 
+def _time(ns: int) -> str:
+    return f"{ns // 10**9}.{ns % 10**9:09d}"
+
+
+def changed(before: os.stat_result, fd: int) -> Optional[OSError]:
+    """What says that the file open as ``fd`` was written since ``before`` (its fstat
+    then), or None: a file written while it is hashed (same size, other bytes) would
+    get the digest of a mix of old and new bytes it never held, and every read of it
+    fail.  Its size, mtime or ctime moved (ETXTBSY, as the kernel's enable of a file
+    open for writing).  A write already under way at ``before`` had moved the times
+    before it, and can go unseen: a writer must be done before its file is sealed."""
+    now = os.fstat(fd)
+    moved = [f"{what} {show(a)} -> {show(b)}" for what, a, b, show in (
+        ("size", before.st_size, now.st_size, str),
+        ("mtime", before.st_mtime_ns, now.st_mtime_ns, _time),
+        ("ctime", before.st_ctime_ns, now.st_ctime_ns, _time)) if a != b]
+    if not moved:
+        return None
+    return OSError(errno.ETXTBSY, f"file changed while it was read ({', '.join(moved)})")
+
+
 def read_small(fd: int, size: int) -> bytes:
     """The ``size`` bytes of a small file from offset 0, and proof that it has no more:
     one pread of a byte more than ``size`` (two system calls for a small file's read
@@ -181,15 +203,19 @@ def build_tree(
     ``write_block(offset, block)`` receives the tree.  ``progress(bytes_done)``
     is called per chunk; ``cancel()`` returning True stops the build with
     ``Cancelled``.  Both are called from the calling thread.  A file that turns
-    out shorter or longer than ``data_size`` raises OSError.
+    out shorter or longer than ``data_size`` raises OSError, and so does one written
+    while it was read (``changed``).
     """
+    before = os.fstat(fd)
     if data_size is None:
-        data_size = os.fstat(fd).st_size
+        data_size = before.st_size
     bs = params.block_size
     if data_size <= bs:  # no tree
         if cancel is not None and cancel():
             raise Cancelled()
-        return one_block_descriptor(params, read_small(fd, data_size))
+        data = read_small(fd, data_size)
+        _check_unchanged(before, fd)
+        return one_block_descriptor(params, data)
 
     geo = Geometry.compute(params, data_size)
     builder = TreeBuilder(geo, write_block)
@@ -248,9 +274,16 @@ def build_tree(
                                 lambda: chunk_hasher(params.blocks_hasher(threads=1)),
                                 chunk, data_size, builder, progress, cancel)
     check_not_grown()
+    _check_unchanged(before, fd)
     root = builder.finish()
 
     return Descriptor.build(params, data_size, root)
+
+
+def _check_unchanged(before: os.stat_result, fd: int):
+    err = changed(before, fd)
+    if err is not None:
+        raise err
 
 
 # How many chunks the workers may run ahead of the consumer, per worker: a
