@@ -252,3 +252,28 @@ def test_a_default_store_planted_as_a_symlink_is_refused(tmp_path):
     r = vf("seal", src, "--store", src / ".verityfuse")
     assert r.returncode == 0, r.stderr
     assert (victim / "VERSION").exists()
+
+
+def test_a_file_that_cannot_be_placed_in_the_store_is_named_there(tmp_path):
+    """A directory where a tree object goes (planted, or left by a bad tool): publishing
+    failed with 'ERROR: 5232.38bd5a9ae2670-1: Is a directory', the staged file's tmp/ name,
+    which says nothing of where.  The error names the object's place in the store, with
+    the native renames and without."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)  # two blocks: a tree object
+    r = vf("digest", src / "f")
+    hexd = r.stdout.decode().split()[0].split(":")[1]
+    assert vf("seal", src, "--store", store, "--manifest", tmp_path / "M0").returncode == 0
+    obj = store / "objects" / "sha256" / hexd[:2] / hexd
+    obj.unlink()
+    obj.mkdir()
+    (obj / "x").touch()  # not empty: a rename over it fails
+    for pure in ("", "1"):
+        os.environ["VERITYFUSE_PURE_PYTHON"] = pure
+        try:
+            r = vf("seal", src, "--store", store, "--manifest", tmp_path / "M")
+        finally:
+            del os.environ["VERITYFUSE_PURE_PYTHON"]
+        assert r.returncode == 1, r
+        assert r.stderr.decode().splitlines()[-1] == f"ERROR: {obj}: Is a directory", r.stderr

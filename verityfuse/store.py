@@ -213,6 +213,9 @@ class Store(StoreIndex):
                         os.mkdir(part, 0o700, dir_fd=fd)
                     except FileExistsError:
                         pass
+                    except OSError as e:  # a full disk: named in the store, not as "objects"
+                        raise OSError(e.errno, e.strerror,
+                                      self._where(*above, *parts[: i + 1])) from None
                     nfd = os.open(part, _O_DIR, dir_fd=fd)
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -321,7 +324,10 @@ class Store(StoreIndex):
                     dirfd = self.open_dir((shard,), at=(base, base_parts))
                     try:
                         for tmpname, _, name in group:
-                            self.place(tmpname, dirfd, name, sync=False)
+                            try:
+                                self.place(tmpname, dirfd, name, sync=False)
+                            except OSError as e:
+                                raise self._not_placed(base_parts, shard, name, e) from None
                     finally:
                         os.close(dirfd)
                 return
@@ -330,9 +336,17 @@ class Store(StoreIndex):
             except OSError as e:  # a shard's error names it alone
                 if e.filename2 is None and e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise self._refused((*base_parts, e.filename), e) from None
-                raise
+                if e.filename2 is None:
+                    raise
+                shard = next(s for t, s, n in items if t == e.filename and n == e.filename2)
+                raise self._not_placed(base_parts, shard, e.filename2, e) from None
         finally:
             os.close(base)
+
+    def _not_placed(self, base_parts, shard: str, name: str, e: OSError) -> OSError:
+        """A rename's error naming where in the store the file was going (its tmp/ name
+        said nothing: "ERROR: 5232.38bd5a9-1: Is a directory")."""
+        return OSError(e.errno, e.strerror, self._where(*base_parts, shard, name))
 
     def sync(self):
         """Everything written to the store's filesystem, durable: one syncfs(2), which
