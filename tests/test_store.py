@@ -462,7 +462,7 @@ def test_a_failed_sync_publishes_nothing_and_leaves_no_tmp_file(src, tmp_path, m
 
 @pytest.fixture(params=["native", "python"])
 def placing(request, monkeypatch):
-    """A batch's renames in one native call (Store.place_all), and in Python."""
+    """A batch's renames in one native call (store_batch.place_all), and in Python."""
     from verityfuse import fsutil
 
     if request.param == "native" and fsutil.native_sys is None:
@@ -516,8 +516,8 @@ def _block_third_entry(st, staged):
 
 
 def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, placing):
-    """A rename failing among the index entries: the error (os.rename's, both names)
-    reaches the caller, what was renamed before it stays in place (objects synced first,
+    """A rename failing among the index entries: the error (its errno, naming the entry's
+    place in the store) reaches the caller, what was renamed before it stays in place (objects synced first,
     so no entry names a missing one), and nothing stays in tmp/; no callback runs."""
     import errno as errno_mod
     from verityfuse.store_batch import Batch
@@ -534,7 +534,8 @@ def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, placing)
                     batch.add(s)
                     batch.then(done.append, s.key)
         assert e.value.errno == errno_mod.EISDIR and done == []
-        assert (e.value.filename, e.value.filename2) == (blocked.index_tmp, blocked.key)
+        assert (e.value.filename, e.value.filename2) == (
+            os.path.join(store_dir, *st.index_parts(blocked.key)[0], blocked.key), None)
         objects, entries = _published(store_dir)
         assert len(objects) == n_objects == 5
         assert [os.path.basename(p) for p in entries] == before
@@ -599,7 +600,8 @@ def test_a_batch_failing_in_its_thread_fails_the_next_commit_and_leaves_nothing(
                     batch.then(done.append, s.key)
                 batch.commit_soon()
         assert e.value.errno == errno_mod.EISDIR and done == []
-        assert (e.value.filename, e.value.filename2) == (blocked.index_tmp, blocked.key)
+        assert (e.value.filename, e.value.filename2) == (
+            os.path.join(st.path, *st.index_parts(blocked.key)[0], blocked.key), None)
         assert [os.path.basename(p) for p in _published(store_dir)[1]] == before
         assert os.listdir(os.path.join(store_dir, "tmp")) == []
 

@@ -30,8 +30,6 @@ import ctypes
 import errno
 import os
 import threading
-from itertools import groupby
-from operator import itemgetter
 from typing import Optional, Tuple
 
 from . import fsutil, merkle
@@ -310,43 +308,6 @@ class Store(StoreIndex):
         os.rename(tmpname, name, src_dir_fd=self._tmp_dir(), dst_dir_fd=dirfd)
         if sync:
             os.fsync(dirfd)
-
-    def place_all(self, base_parts, items):
-        """Rename each (tmp/ name, shard, name) of the list ``items``, sorted by shard,
-        to STORE/base_parts/shard/name, unsynced (a batch: store_batch syncs).  Shards
-        are made if missing and never followed through a symlink (StoreCorrupt).  In
-        one native call where it is built: the GIL released once, not at every rename.
-        The first failure raises; what was renamed before it stays."""
-        base = self.open_dir(base_parts)
-        try:
-            if fsutil.native_sys is None:
-                for shard, group in groupby(items, key=itemgetter(1)):
-                    dirfd = self.open_dir((shard,), at=(base, base_parts))
-                    try:
-                        for tmpname, _, name in group:
-                            try:
-                                self.place(tmpname, dirfd, name, sync=False)
-                            except OSError as e:
-                                raise self._not_placed(base_parts, shard, name, e) from None
-                    finally:
-                        os.close(dirfd)
-                return
-            try:
-                fsutil.native_sys.place_all(self._tmp_dir(), base, items)
-            except OSError as e:  # a shard's error names it alone
-                if e.filename2 is None and e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise self._refused((*base_parts, e.filename), e) from None
-                if e.filename2 is None:
-                    raise
-                shard = next(s for t, s, n in items if t == e.filename and n == e.filename2)
-                raise self._not_placed(base_parts, shard, e.filename2, e) from None
-        finally:
-            os.close(base)
-
-    def _not_placed(self, base_parts, shard: str, name: str, e: OSError) -> OSError:
-        """A rename's error naming where in the store the file was going (its tmp/ name
-        said nothing: "ERROR: 5232.38bd5a9-1: Is a directory")."""
-        return OSError(e.errno, e.strerror, self._where(*base_parts, shard, name))
 
     def sync(self):
         """Everything written to the store's filesystem, durable: one syncfs(2), which
