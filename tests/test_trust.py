@@ -145,6 +145,22 @@ def test_tree_and_descriptor_attacks(share, verified_mount):
     assert (g.mountpoint / "lib/x.so").read_bytes() == (src / "lib/x.so").read_bytes()
 
 
+def _refused_mount(src, tmp_path, *opts):
+    """Mount SOURCE whose default store is a symlink: refused, naming it, never mounted."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = vf("mount", src, mnt, *opts, "--log-file", tmp_path / "log")
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", mnt])
+    assert r.returncode == 1, r.stderr
+    assert f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's own " \
+        f"store; name the store's own path with --store)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
     """The default store is SOURCE/.verityfuse, inside the host's share: the host must
     not be able to point the daemon at a directory elsewhere in the guest with a
@@ -154,40 +170,18 @@ def test_store_symlinked_out_of_the_share_is_refused(share, tmp_path):
     elsewhere = tmp_path / "guest-dir"
     shutil.move(src / ".verityfuse", elsewhere)
     os.symlink(elsewhere, src / ".verityfuse")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = vf("mount", src, mnt, "--manifest", m, "--trust-key", pub, "--log-file",
-               tmp_path / "log")
-        assert not os.path.ismount(mnt)
-    finally:
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", mnt])
-    assert r.returncode == 1, r.stderr
-    assert f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's own store" \
-        in r.stderr
-    assert "Traceback" not in r.stderr
+    _refused_mount(src, tmp_path, "--manifest", m, "--trust-key", pub)
 
 
 def test_local_mount_refuses_a_default_store_planted_as_a_symlink(tmp_path):
     """Local mode's default store is SOURCE's too: a symlink planted there would have the
     daemon (root) clean up tmp/ files and create the store wherever it points."""
-    src, victim, mnt = tmp_path / "src", tmp_path / "victim", tmp_path / "mnt"
+    src, victim = tmp_path / "src", tmp_path / "victim"
     src.mkdir()
-    mnt.mkdir()
     (victim / "tmp").mkdir(parents=True)
     (victim / "tmp" / "4000000.backup").write_bytes(b"precious")
     os.symlink(victim, src / ".verityfuse")
-    try:
-        r = vf("mount", src, mnt, "--log-file", tmp_path / "log")
-        assert not os.path.ismount(mnt)
-    finally:
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", mnt])
-    assert r.returncode == 1, r.stderr
-    assert f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's own " \
-        f"store; name the store's own path with --store)" in r.stderr
-    assert "Traceback" not in r.stderr
+    _refused_mount(src, tmp_path)
     assert os.listdir(victim / "tmp") == ["4000000.backup"]
 
 
