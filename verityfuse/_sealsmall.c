@@ -116,7 +116,7 @@ static int ss_open(const struct ss_in *in, struct stat *st)
 /* Whether the file open as fd has the size and times of st still: a file written
  * while it was read (same size, other bytes) must not be sealed as what was read, a
  * mix of old and new bytes perhaps.  A write already under way at the first fstat
- * changed the times before it, and can go unseen (treebuild.changed says so too). */
+ * changed the times before it, and can go unseen (treebuild.check_unchanged says so too). */
 static int ss_unchanged(int fd, const struct stat *st)
 {
     struct stat now;

@@ -95,7 +95,6 @@ def digest(path: PathArg, *, hash_alg: HashAlgArg = "sha256", block_size: int = 
 # -- seal -----------------------------------------------------------------------------
 
 
-
 def _inside(path: str, directory: str) -> bool:
     rel = os.path.relpath(path, directory)
     return rel != ".." and not rel.startswith("../")

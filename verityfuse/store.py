@@ -81,7 +81,7 @@ class Store(StoreIndex):
     def __init__(self, path: str, create: bool = False, objects_only: bool = False,
                  lazy: bool = False, in_source: bool = False):
         self.path = os.path.abspath(path)
-        # The root is SOURCE's own (Store.of): whoever writes in SOURCE (a share's host)
+        # The root is SOURCE's own (store_of): whoever writes in SOURCE (a share's host)
         # could have planted it as a symlink, so it is never reached through one.
         self.in_source = in_source
         self.rootfd = -1

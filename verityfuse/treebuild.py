@@ -105,21 +105,20 @@ def _time(ns: int) -> str:
     return f"{ns // 10**9}.{ns % 10**9:09d}"
 
 
-def changed(before: os.stat_result, fd: int) -> Optional[OSError]:
-    """What says that the file open as ``fd`` was written since ``before`` (its fstat
-    then), or None: a file written while it is hashed (same size, other bytes) would
-    get the digest of a mix of old and new bytes it never held, and every read of it
-    fail.  Its size, mtime or ctime moved (ETXTBSY, as the kernel's enable of a file
-    open for writing).  A write already under way at ``before`` had moved the times
-    before it, and can go unseen: a writer must be done before its file is sealed."""
+def check_unchanged(before: os.stat_result, fd: int):
+    """Raise if the file open as ``fd`` was written since ``before`` (its fstat then): a
+    file written while it is hashed (same size, other bytes) would get the digest of a
+    mix of old and new bytes it never held, and every read of it fail.  Its size, mtime
+    or ctime moved (ETXTBSY, as the kernel's enable of a file open for writing).  A
+    write already under way at ``before`` had moved the times before it, and can go
+    unseen: a writer must be done before its file is sealed."""
     now = os.fstat(fd)
     moved = [f"{what} {show(a)} -> {show(b)}" for what, a, b, show in (
         ("size", before.st_size, now.st_size, str),
         ("mtime", before.st_mtime_ns, now.st_mtime_ns, _time),
         ("ctime", before.st_ctime_ns, now.st_ctime_ns, _time)) if a != b]
-    if not moved:
-        return None
-    return OSError(errno.ETXTBSY, f"file changed while it was read ({', '.join(moved)})")
+    if moved:
+        raise OSError(errno.ETXTBSY, f"file changed while it was read ({', '.join(moved)})")
 
 
 def read_small(fd: int, size: int) -> bytes:
@@ -204,7 +203,7 @@ def build_tree(
     is called per chunk; ``cancel()`` returning True stops the build with
     ``Cancelled``.  Both are called from the calling thread.  A file that turns
     out shorter or longer than ``data_size`` raises OSError, and so does one written
-    while it was read (``changed``).
+    while it was read (``check_unchanged``).
     """
     before = os.fstat(fd)
     if data_size is None:
@@ -214,7 +213,7 @@ def build_tree(
         if cancel is not None and cancel():
             raise Cancelled()
         data = read_small(fd, data_size)
-        _check_unchanged(before, fd)
+        check_unchanged(before, fd)
         return one_block_descriptor(params, data)
 
     geo = Geometry.compute(params, data_size)
@@ -274,16 +273,10 @@ def build_tree(
                                 lambda: chunk_hasher(params.blocks_hasher(threads=1)),
                                 chunk, data_size, builder, progress, cancel)
     check_not_grown()
-    _check_unchanged(before, fd)
+    check_unchanged(before, fd)
     root = builder.finish()
 
     return Descriptor.build(params, data_size, root)
-
-
-def _check_unchanged(before: os.stat_result, fd: int):
-    err = changed(before, fd)
-    if err is not None:
-        raise err
 
 
 # How many chunks the workers may run ahead of the consumer, per worker: a
