@@ -71,7 +71,7 @@ def test_an_enable_with_a_dangling_store_symlink_fails_and_the_mount_stays(src, 
     the store's mkdir found the name, its open did not, and the creation recursed until
     a RecursionError left the request loop: one user's `fsverity enable` unmounted the
     file system for everyone (a 2,600-line traceback in the log).  Now that enable fails,
-    naming the store, and the mount goes on."""
+    naming the store (a symlink there is refused: store_of), and the mount goes on."""
     write(src / "f", b"x" * 10000)
     write(src / "g", b"g" * 100)
     m = verified_mount(src, seal=False)
@@ -79,8 +79,8 @@ def test_an_enable_with_a_dangling_store_symlink_fails_and_the_mount_stays(src, 
     assert enable_error(m.mountpoint / "f") == "Input/output error"
     assert (m.mountpoint / "g").read_bytes() == b"g" * 100  # still mounted, still serving
     assert "Traceback" not in m.log() and "RecursionError" not in m.log()
-    assert f"store {src}/.verityfuse: it exists but cannot be opened (a symlink to nothing?)" \
-        in m.log(), m.log()
+    assert f"store {src}/.verityfuse: a symlink or not a directory (refused as SOURCE's own " \
+        f"store; name the store's own path with --store)" in m.log(), m.log()
 
 
 def test_truncate_during_enable_is_etxtbsy(src, verified_mount):

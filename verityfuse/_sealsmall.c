@@ -113,18 +113,17 @@ static int ss_open(const struct ss_in *in, struct stat *st)
     return fd;
 }
 
-/* Whether the file open as fd has the size and times of st still: a file written
+/* Whether the file open as fd has the size and mtime of st still: a file written
  * while it was read (same size, other bytes) must not be sealed as what was read, a
- * mix of old and new bytes perhaps.  A write already under way at the first fstat
- * changed the times before it, and can go unseen (treebuild.check_unchanged says so too). */
+ * mix of old and new bytes perhaps.  Not the ctime, which a rename or link moves too.
+ * A write already under way at the first fstat moved the mtime before it, and can go
+ * unseen (treebuild.check_unchanged says so too). */
 static int ss_unchanged(int fd, const struct stat *st)
 {
     struct stat now;
     return fstat(fd, &now) == 0 && now.st_size == st->st_size
            && now.st_mtim.tv_sec == st->st_mtim.tv_sec
-           && now.st_mtim.tv_nsec == st->st_mtim.tv_nsec
-           && now.st_ctim.tv_sec == st->st_ctim.tv_sec
-           && now.st_ctim.tv_nsec == st->st_ctim.tv_nsec;
+           && now.st_mtim.tv_nsec == st->st_mtim.tv_nsec;
 }
 
 /* The tree of data (len bytes, zero-padded to whole blocks in buf) into tree

@@ -108,15 +108,15 @@ def _time(ns: int) -> str:
 def check_unchanged(before: os.stat_result, fd: int):
     """Raise if the file open as ``fd`` was written since ``before`` (its fstat then): a
     file written while it is hashed (same size, other bytes) would get the digest of a
-    mix of old and new bytes it never held, and every read of it fail.  Its size, mtime
-    or ctime moved (ETXTBSY, as the kernel's enable of a file open for writing).  A
-    write already under way at ``before`` had moved the times before it, and can go
+    mix of old and new bytes it never held, and every read of it fail.  Its size or mtime
+    moved (ETXTBSY, as the kernel's enable of a file open for writing); not its ctime,
+    which a rename or a new link moves too (verity stays with the inode across names).
+    A write already under way at ``before`` had moved the mtime before it, and can go
     unseen: a writer must be done before its file is sealed."""
     now = os.fstat(fd)
     moved = [f"{what} {show(a)} -> {show(b)}" for what, a, b, show in (
         ("size", before.st_size, now.st_size, str),
-        ("mtime", before.st_mtime_ns, now.st_mtime_ns, _time),
-        ("ctime", before.st_ctime_ns, now.st_ctime_ns, _time)) if a != b]
+        ("mtime", before.st_mtime_ns, now.st_mtime_ns, _time)) if a != b]
     if moved:
         raise OSError(errno.ETXTBSY, f"file changed while it was read ({', '.join(moved)})")
 
