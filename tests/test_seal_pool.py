@@ -330,6 +330,16 @@ elif what in ("hang", "kill"):  # a worker stuck on f0150 (it says where), or ki
         stage = real_stager(*a, **kw)
         return stage and (lambda rels: ([at(r) for r in rels if r], stage(rels))[1])
     sealing.stage_path, sealing.native_stager = stage_path, native_stager
+elif what == "orphan":  # Ctrl-C inside a submit: its chunk queued, not yet the caller's
+    from concurrent.futures import ProcessPoolExecutor
+    real_submit, submits = ProcessPoolExecutor.submit, []
+    def submit(self, *a, **kw):
+        fut = real_submit(self, *a, **kw)
+        submits.append(fut)
+        if len(submits) == 3:
+            raise KeyboardInterrupt()
+        return fut
+    ProcessPoolExecutor.submit = submit
 elif what == "stuck":  # Ctrl-C twice, and a thread of the pool's that never ends
     import threading
     from concurrent.futures import ProcessPoolExecutor
@@ -398,6 +408,24 @@ def test_ctrl_c_stops_the_workers_and_leaves_only_what_was_reported(tmp_path):
     for line in r.stdout.splitlines()[::97]:
         out = json.loads(line)
         assert out["digest"] == fsverity_digest(out["file"])[0].split()[0]
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_ctrl_c_inside_a_submit_leaves_nothing_in_tmp(tmp_path, manifest):
+    """A Ctrl-C landing in the pool's submit once the task was queued: no one held its
+    future, so the files its worker staged (a chunk: 128 with a manifest's objects) stayed
+    in tmp/ until a later seal's cleanup.  Once the workers and the batch have stopped,
+    seal removes what it staged itself."""
+    src = tree(tmp_path / "src", 3000)
+    store = tmp_path / "store"
+    opts = ["--manifest", str(tmp_path / "M"), "--unsigned"] if manifest else []
+    p = subprocess.run([sys.executable, "-c", HOOKED, "orphan", "seal", str(src), "--store",
+                        str(store), "--threads", "2", *opts],
+                       capture_output=True, text=True, start_new_session=True)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr
+    assert store_pairs(store)[2] == []
+    assert children_of(os.getpid()) == []
 
 
 def test_a_killed_worker_fails_the_seal_clearly_and_the_next_seal_cleans_up(tmp_path):

@@ -111,10 +111,7 @@ def _size_of(src: SourceDir, rels):
 
 
 def cmd_seal(args, params, key, rels) -> int:
-    from .seal_pool import in_order
-    from .sealing import FileStager
     from .source_dir import SourceDir
-    from .store_batch import Batch
 
     if args.store and os.path.realpath(args.store) == os.path.realpath(args.source):
         # Its own files would be sealed into it, more each run.
@@ -124,64 +121,80 @@ def cmd_seal(args, params, key, rels) -> int:
     # SOURCE is opened once, before the workers fork: every path is resolved beneath it.
     with open_store(args, create=True) as store, SourceDir(args.source) as src:
         store.cleanup_tmp()
-        if args.manifest:
-            return seal_manifest(args, store, src, params, key, rels)
-        tty = sys.stderr.isatty()
-        named = ["."] if rels is None else rels
-
-        def files(unreadable=lambda rel, e: None):
-            """The files to seal, walked as they are sealed: memory does not grow with
-            their number.  A directory named means every regular file under it."""
-            return _expand(src, store, named, unreadable)
-
-        # On a terminal, one walk more for the totals (the store excluded, as sealed).
-        total = _size_of(src, files()) if tty else (0, 0)
-        progress = Progress(*total)
-        failed = 0
-
-        stage_file = FileStager(store, src, params, threads=args.threads,
-                                progress=progress if progress.enabled else None)
-
-        def stage(rel, here):
-            """In a worker (``here`` False) a small file; here any, with its progress."""
-            return stage_file(rel, here)[0]
-
-        def stage_many(rels):
-            return [got and got[0] for got in stage_file.many(rels)]
-
-        sealed = _Sealed(args, progress)
-
-        def not_sealed(full, why):
-            sealed.failed(full, why, error)
-
         try:
-            with Batch(store, flush=sealed.flush) as batch:
-                # Directories that could not be listed (nothing under them sealed): said
-                # after the files, as verify does (the walk runs ahead of the results).
-                unlistable_dirs: list = []
-                walk = files(lambda rel, e: unlistable_dirs.append((rel, e)))
+            return _seal(args, store, src, params, key, rels)
+        except BaseException:
+            # Interrupted (or failed): the workers and the batch have stopped, and what
+            # they staged and no one held (a chunk queued as Ctrl-C came) is ours to remove.
+            store.cleanup_tmp(own=True)
+            raise
 
-                # A file's line is printed once its batch is durable: a printed digest is
-                # a sealed file.
-                for rel, done, e in in_order(walk, stage, args.threads,
-                                             lambda staged: staged.drop(store),
-                                             progress.worker_done if progress.enabled else None,
-                                             work_many=stage_many):
-                    full = src.full(rel)
-                    if e is not None:
-                        failed += 1
-                        batch.then(not_sealed, full, e.strerror or str(e))
-                        continue
-                    assert done is not None  # in_order: a result when there is no error
-                    batch.add(done)
-                    batch.then(sealed.add, done.digest_text, full)
-                    if batch.full:
-                        batch.commit_soon()
-                for rel, e in unlistable_dirs:
+
+def _seal(args, store, src, params, key, rels) -> int:
+    """Seal into ``store`` (or record a manifest): when this returns or raises, its
+    workers and its batch have stopped (cmd_seal cleans up after them)."""
+    from .seal_pool import in_order
+    from .sealing import FileStager
+    from .store_batch import Batch
+
+    if args.manifest:
+        return seal_manifest(args, store, src, params, key, rels)
+    tty = sys.stderr.isatty()
+    named = ["."] if rels is None else rels
+
+    def files(unreadable=lambda rel, e: None):
+        """The files to seal, walked as they are sealed: memory does not grow with
+        their number.  A directory named means every regular file under it."""
+        return _expand(src, store, named, unreadable)
+
+    # On a terminal, one walk more for the totals (the store excluded, as sealed).
+    total = _size_of(src, files()) if tty else (0, 0)
+    progress = Progress(*total)
+    failed = 0
+
+    stage_file = FileStager(store, src, params, threads=args.threads,
+                            progress=progress if progress.enabled else None)
+
+    def stage(rel, here):
+        """In a worker (``here`` False) a small file; here any, with its progress."""
+        return stage_file(rel, here)[0]
+
+    def stage_many(rels):
+        return [got and got[0] for got in stage_file.many(rels)]
+
+    sealed = _Sealed(args, progress)
+
+    def not_sealed(full, why):
+        sealed.failed(full, why, error)
+
+    try:
+        with Batch(store, flush=sealed.flush) as batch:
+            # Directories that could not be listed (nothing under them sealed): said
+            # after the files, as verify does (the walk runs ahead of the results).
+            unlistable_dirs: list = []
+            walk = files(lambda rel, e: unlistable_dirs.append((rel, e)))
+
+            # A file's line is printed once its batch is durable: a printed digest is
+            # a sealed file.
+            for rel, done, e in in_order(walk, stage, args.threads,
+                                         lambda staged: staged.drop(store),
+                                         progress.worker_done if progress.enabled else None,
+                                         work_many=stage_many):
+                full = src.full(rel)
+                if e is not None:
                     failed += 1
-                    batch.then(not_sealed, src.full(rel), e.strerror)
-        finally:
-            progress.close()
+                    batch.then(not_sealed, full, e.strerror or str(e))
+                    continue
+                assert done is not None  # in_order: a result when there is no error
+                batch.add(done)
+                batch.then(sealed.add, done.digest_text, full)
+                if batch.full:
+                    batch.commit_soon()
+            for rel, e in unlistable_dirs:
+                failed += 1
+                batch.then(not_sealed, src.full(rel), e.strerror)
+    finally:
+        progress.close()
     return EXIT_ERROR if failed else 0
 
 

@@ -334,8 +334,9 @@ class Store(StoreIndex):
             self.discard_tmp(tmpname)
             raise
 
-    def cleanup_tmp(self) -> int:
-        """Remove tmp files left by dead processes (a crash mid-write)."""
+    def cleanup_tmp(self, own: bool = False) -> int:
+        """Remove tmp files left by dead processes (a crash mid-write); ``own``: this
+        process's too (an interrupted seal's, once nothing of it writes any more)."""
         try:
             tmpfd = self._open_dirs(("tmp",))
         except FileNotFoundError:
@@ -344,7 +345,7 @@ class Store(StoreIndex):
         try:
             for name in os.listdir(tmpfd):
                 pid = name.split(".", 1)[0]
-                removed += pid.isdigit() and remove_if_dead(tmpfd, name, pid)
+                removed += pid.isdigit() and remove_if_dead(tmpfd, name, pid, own)
         finally:
             os.close(tmpfd)
         return removed

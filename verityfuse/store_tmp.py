@@ -43,11 +43,14 @@ def alive(pid: str) -> bool:
         return False
 
 
-def remove_if_dead(dfd: int, name: str, pid: str) -> bool:
+def remove_if_dead(dfd: int, name: str, pid: str, own: bool = False) -> bool:
     """Remove file ``name`` of ``dfd``, which process ``pid`` (digits) made, if that is
-    another process and no longer runs; True if it was removed.  One another cleanup
-    removed first, or a directory (never such a file), is left alone."""
-    if int(pid) == os.getpid() or alive(pid):
+    another process and no longer runs, or (``own``) this one; True if it was removed.
+    One another cleanup removed first, or a directory (never such a file), is left alone."""
+    if int(pid) == os.getpid():
+        if not own:
+            return False
+    elif alive(pid):
         return False
     try:
         os.unlink(name, dir_fd=dfd)
