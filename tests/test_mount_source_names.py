@@ -58,3 +58,25 @@ def test_hostile_source_names_inject_nothing(tmp_path, name):
 def test_escape_value(value, escaped):
     assert mountopts.escape_value(value) == escaped
     assert mountopts.fuse_options(mountopts.Settings(), value)[-1] == f"fsname={escaped}"
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("name", ["café", os.fsdecode(b"bin\xff")])
+def test_a_source_named_beyond_ascii_mounts(tmp_path, name):
+    """pyfuse3 hands libfuse its options as ASCII: a SOURCE such as /srv/café failed to
+    mount ('ascii' codec can't encode).  Its fsname carries the other bytes as \\xNN."""
+    src, mnt = tmp_path / name, tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / "f").write_bytes(b"data")
+    r = subprocess.run([*VF, "mount", str(src), str(mnt), "--log-file", str(tmp_path / "log")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    try:
+        fields = mountinfo_line(mnt)
+        source = fields[fields.index("-") + 2]
+        assert unescape(source) == mountopts.ascii_name(str(src))
+        assert unescape(source).endswith({"café": "caf\\xc3\\xa9"}.get(name, "bin\\xff"))
+        assert (mnt / "f").read_bytes() == b"data"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)

@@ -236,12 +236,20 @@ def escape_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
+def ascii_name(name: str) -> str:
+    """``name`` for pyfuse3, which hands libfuse its options as ASCII (any other character
+    failed the mount of a SOURCE such as /srv/café): its other bytes as \\xNN."""
+    if name.isascii():
+        return name
+    return "".join(chr(b) if b < 0x80 else f"\\x{b:02x}" for b in os.fsencode(name))
+
+
 def fuse_options(s: Settings, fsname: str) -> List[str]:
     """The options given to libfuse, in a fixed order: built-ins first, then the
     user's in the order given; a user's fsname= or subtype= replaces the built-in."""
     user = dict(s.fuse)
     out = []
-    for name, value in BUILTIN + (("fsname", escape_value(fsname)),):
+    for name, value in BUILTIN + (("fsname", escape_value(ascii_name(fsname))),):
         if name not in user:
             out.append(name if value is None else f"{name}={value}")
     out += [n if v is None else f"{n}={v}" for n, v in s.fuse]
