@@ -191,6 +191,68 @@ def test_verified_mount_keeps_its_log_text_and_removes_the_file(tmp_path):
     assert m.log() != "" and m.unmount() == 0  # idempotent; the text stays
 
 
+def _tree(path, data):
+    path.mkdir()
+    (path / "a").write_bytes(data)
+    seal_tree(path)
+    return path
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_a_mount_whose_daemon_died_is_removed_all_the_same(tmp_path):
+    """A daemon killed mid-test left its mount behind: os.path.ismount says False for a
+    FUSE mount whose daemon is gone (its stat fails, ENOTCONN), so no unmount ran."""
+    src, mnt = _tree(tmp_path / "src", b"data"), tmp_path / "mnt"
+    mnt.mkdir()
+    m = VerifiedMount(src, mnt)
+    m.process.kill()
+    m.process.wait(10)
+    assert testing._mounts_at(str(mnt))  # still listed, daemon gone
+    assert m.unmount() == -9
+    assert testing._mounts_at(str(mnt)) == []
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_a_mount_of_a_mount_is_ready_when_it_is_there_and_goes_first(tmp_path):
+    """A mount point that is one already: the second mount was 'ready' at once, and its
+    test read the first one's files.  Torn down in reverse, both go, the lower last."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lower = VerifiedMount(_tree(tmp_path / "a", b"A"), mnt)
+    try:
+        upper = VerifiedMount(_tree(tmp_path / "b", b"B"), mnt)
+        try:
+            assert (mnt / "a").read_bytes() == b"B"
+            assert len(testing._mounts_at(str(mnt))) == 2
+        finally:
+            assert upper.unmount() == 0
+        assert (mnt / "a").read_bytes() == b"A"
+    finally:
+        assert lower.unmount() == 0
+    assert testing._mounts_at(str(mnt)) == []
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_a_forked_child_leaves_the_parents_mount_alone(tmp_path):
+    """A child forked by a test that runs the teardown too (it returns into pytest)
+    unmounted the parent's mount and removed its log."""
+    src, mnt = _tree(tmp_path / "src", b"data"), tmp_path / "mnt"
+    mnt.mkdir()
+    with VerifiedMount(src, mnt) as m:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                m.unmount()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert (mnt / "a").read_bytes() == b"data" and m.log_path.exists()
+    assert testing._mounts_at(str(mnt)) == []
+
+
 ERRORS = '''
 import pytest
 

@@ -83,7 +83,7 @@ def verified_mount(request: pytest.FixtureRequest,
 
     yield make
     failure: Optional[BaseException] = None
-    for m in mounts:
+    for m in reversed(mounts):  # a mount of a mount before the one under it
         try:
             m.unmount()  # also keeps its log's text and removes the file
         except BaseException as e:  # unmount the others all the same

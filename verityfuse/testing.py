@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 __all__ = ["FUSE_DEVICE", "FUSERMOUNT", "FuseUnavailable", "VerifiedMount",
            "fuse_unavailable_reason", "mount_denied", "seal_tree"]
@@ -85,6 +85,20 @@ def seal_tree(source: StrPath, paths: Optional[Iterable[StrPath]] = None,
     return {rel: str(d) for rel, d in seal(source, paths, store=store).items()}
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo path field: space, tab, newline and backslash are octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts_at(path: str) -> List[int]:
+    """The device numbers mounted at ``path``, bottom to top, from /proc/self/mountinfo:
+    a FUSE mount whose daemon died is still listed (where os.path.ismount, whose stat
+    fails with ENOTCONN, says there is none)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [os.makedev(*map(int, fields[2].split(":"))) for fields in map(str.split, f)
+                if _unescape(fields[4]) == path]
+
+
 class VerifiedMount:
     """A running ``verityfuse mount -f`` whose lifetime the caller controls.
 
@@ -122,6 +136,12 @@ class VerifiedMount:
             cmd += ["--store", str(store)]
         for o in options:
             cmd += ["-o", o]
+        # Ours is the mount that appears at the mount point from now on: the path may be
+        # a mount point already (a mount of a mount), which is not this one's readiness.
+        self._path = os.path.realpath(self.mountpoint)
+        self._before = len(_mounts_at(self._path))
+        self._dev: Optional[int] = None  # our mount's device, once it is there
+        self._pid = os.getpid()  # a forked child of the caller's leaves the mount alone
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
         try:
@@ -130,9 +150,18 @@ class VerifiedMount:
             self.unmount()
             raise
 
+    def _ours_mounted(self) -> bool:
+        """Our mount is still at the mount point (its daemon alive or not)."""
+        if self._dev is None:  # not seen yet: whatever appeared since we started
+            devs = _mounts_at(self._path)
+            if len(devs) > self._before:
+                self._dev = devs[-1]
+            return self._dev is not None
+        return self._dev in _mounts_at(self._path)
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not os.path.ismount(self.mountpoint):
+        while not self._ours_mounted():
             if self.process.poll() is not None:
                 assert self.process.stderr is not None
                 err = self.process.stderr.read().decode(errors="replace")
@@ -159,23 +188,29 @@ class VerifiedMount:
             return ""
 
     def unmount(self, timeout: float = 10.0) -> Optional[int]:
-        """Unmount and wait for the daemon; returns its exit code.  Idempotent."""
-        if self.process.poll() is None and os.path.ismount(self.mountpoint):
+        """Unmount and wait for the daemon; returns its exit code.  Idempotent.  A mount
+        whose daemon died (or was killed here, not having exited in ``timeout``) is
+        detached all the same; a mount of a mount leaves the lower one in place.  In a
+        forked child of the caller's it does nothing (the mount is the caller's)."""
+        if os.getpid() != self._pid:
+            return None
+        if self.process.poll() is None and self._ours_mounted():
             for _ in range(50):
-                r = subprocess.run(["fusermount3", "-u", str(self.mountpoint)],
-                                   capture_output=True)
-                if r.returncode == 0 or not os.path.ismount(self.mountpoint):
+                r = subprocess.run(["fusermount3", "-u", self._path], capture_output=True)
+                if r.returncode == 0 or not self._ours_mounted():
                     break
                 time.sleep(0.1)  # busy: a test's file still open
             else:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)])
+                subprocess.run(["fusermount3", "-u", "-z", self._path])
+        elif self.process.poll() is None:
+            self.process.terminate()  # not mounted yet (or not any more): it stops cleanly
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            if os.path.ismount(self.mountpoint):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)])
+        if self._ours_mounted():  # its daemon is gone: only a lazy detach removes it
+            subprocess.run(["fusermount3", "-u", "-z", self._path], capture_output=True)
         if self.process.stderr:
             self.process.stderr.close()
         self._release_log()
