@@ -203,6 +203,10 @@ def test_seal_refuses(src, tmp_path):
         verityfuse.seal(src, ["nope"])
     with pytest.raises(NotADirectoryError):
         verityfuse.seal(src / "small")
+    # One path where a list goes: its characters were paths ("c.x" sealed all of it).
+    for one in ("small", b"small", src / "small"):
+        with pytest.raises(TypeError, match=r"paths is a list of paths, not one: seal\(source"):
+            verityfuse.seal(src, one)
 
 
 def test_seal_into_a_format_1_store_is_refused(src):

@@ -146,6 +146,7 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     :param threads: as for :func:`digest`.
     :returns: ``{relative path: Digest}`` for every file sealed, in sealing order.
     :raises NotADirectoryError: ``source`` is not a directory.
+    :raises TypeError: ``paths`` is one path, not a list of them.
     :raises ValueError: a path is outside ``source`` or inside the store; bad
         parameters (``verityfuse.errors.InvalidParameters``).
     :raises OSError: a file cannot be read, a directory cannot be listed, or a named
@@ -157,6 +158,9 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
     from .sealing import seal_path, walk_files
     from .source_dir import SourceDir
     from .store import store_of
+
+    if isinstance(paths, (str, bytes, os.PathLike)):  # a string is an iterable of paths too
+        raise TypeError(f"paths is a list of paths, not one: seal(source, [{paths!r}])")
 
     src = fspath(source)
     if not os.path.isdir(src):
