@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -251,6 +252,32 @@ def test_a_forked_child_leaves_the_parents_mount_alone(tmp_path):
         os.waitpid(pid, 0)
         assert (mnt / "a").read_bytes() == b"data" and m.log_path.exists()
     assert testing._mounts_at(str(mnt)) == []
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_a_mount_goes_with_the_process_that_made_it_even_killed(tmp_path):
+    """The test process killed outright (SIGKILL: a CI job cancelled, the OOM killer) ran
+    no teardown, and its daemon and mount stayed for good.  The daemon's stdin is a pipe
+    only that process held: at its EOF the daemon unmounts and exits."""
+    src, mnt = _tree(tmp_path / "src", b"data"), tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"import os, sys; from verityfuse.testing import VerifiedMount\n"
+              f"m = VerifiedMount({str(src)!r}, {str(mnt)!r}, log_file={str(tmp_path / 'log')!r})\n"
+              f"print(m.pid, flush=True); os.kill(os.getpid(), 9)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+    daemon = int(p.stdout)
+    for _ in range(200):  # the daemon's own unmount: a few tens of milliseconds
+        if not testing._mounts_at(str(mnt)) and not os.path.exists(f"/proc/{daemon}"):
+            break
+        time.sleep(0.05)
+    gone = not testing._mounts_at(str(mnt))
+    if not gone:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert gone, (tmp_path / "log").read_text()
+    assert "stdin closed (the process that started this mount is gone): unmounting" in \
+        (tmp_path / "log").read_text()
 
 
 ERRORS = '''

@@ -66,6 +66,24 @@ async def _on_signals(*, task_status):
             return
 
 
+# Set by VerifiedMount (testing.py), whose daemon's stdin is a pipe that only the test
+# process holds: its EOF says that process is gone (killed, even by SIGKILL, which runs no
+# teardown), and the mount goes with it, as on SIGTERM, instead of outliving it.
+STOP_AT_STDIN_EOF = "VERITYFUSE_STOP_AT_STDIN_EOF"
+
+
+async def _stop_at_stdin_eof():
+    import pyfuse3
+    import trio
+
+    while True:
+        await trio.lowlevel.wait_readable(0)
+        if not os.read(0, 4096):
+            log.info("stdin closed (the process that started this mount is gone): unmounting")
+            pyfuse3.terminate()
+            return
+
+
 async def _serve(ops, mountpoint, readahead_kb):
     import pyfuse3
     import trio
@@ -81,6 +99,8 @@ async def _serve(ops, mountpoint, readahead_kb):
         # Enables outlive their ioctl callback: their tasks' home is open before any request.
         await nursery.start(ops.ioctls.run)
         nursery.start_soon(readahead_after_init)
+        if os.environ.get(STOP_AT_STDIN_EOF) and stat.S_ISFIFO(os.fstat(0).st_mode):
+            nursery.start_soon(_stop_at_stdin_eof)
         # What start-up made lives as long as the daemon (a 200,000-entry manifest's tree
         # is ~220,000 objects): kept out of the collector's full passes, each of which
         # would walk it all and stall every request meanwhile (~90 ms, measured).

@@ -142,8 +142,11 @@ class VerifiedMount:
         self._before = len(_mounts_at(self._path))
         self._dev: Optional[int] = None  # our mount's device, once it is there
         self._pid = os.getpid()  # a forked child of the caller's leaves the mount alone
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+        # Its stdin is a pipe only this process holds: should it die without unmounting
+        # (SIGKILL, a CI job cancelled), the daemon sees EOF and unmounts (daemon.py).
+        env = {**os.environ, "VERITYFUSE_STOP_AT_STDIN_EOF": "1"}
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, env=env)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -159,9 +162,18 @@ class VerifiedMount:
             return self._dev is not None
         return self._dev in _mounts_at(self._path)
 
+    def _answering(self) -> bool:
+        """Our mount is there and answers (its stat waits for the daemon's FUSE_INIT)."""
+        if not self._ours_mounted():
+            return False
+        try:
+            return os.stat(self._path).st_dev == self._dev
+        except OSError:  # ENOTCONN: the daemon died meanwhile (poll() says so next)
+            return False
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self._ours_mounted():
+        while not self._answering():
             if self.process.poll() is not None:
                 assert self.process.stderr is not None
                 err = self.process.stderr.read().decode(errors="replace")
@@ -211,8 +223,9 @@ class VerifiedMount:
             self.process.wait()
         if self._ours_mounted():  # its daemon is gone: only a lazy detach removes it
             subprocess.run(["fusermount3", "-u", "-z", self._path], capture_output=True)
-        if self.process.stderr:
-            self.process.stderr.close()
+        for pipe in (self.process.stdin, self.process.stderr):
+            if pipe:
+                pipe.close()
         self._release_log()
         return self.process.returncode
 
