@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .mountopts import MountError, Settings
 
 if TYPE_CHECKING:
-    from .daemon import Trust
+    from .mount_trust import Trust
 
 log = logging.getLogger("verityfuse")
 
