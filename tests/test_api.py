@@ -644,3 +644,28 @@ def test_docs_api_signatures_match_the_code():
         real = inspect.signature(getattr(verityfuse, name)).parameters.values()
         assert documented == [p.name for p in real], name
         assert defaults == [p.default for p in real if p.default is not inspect.Parameter.empty], name
+
+
+def test_a_file_changed_while_sealed_is_named_in_the_error(tmp_path):
+    """Its size moved while it was read: the error said 'file shrank while hashing' and
+    neither which file nor an errno (found by review, s43)."""
+    from verityfuse import treebuild
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok").write_bytes(b"o" * 10)
+    (src / "big").write_bytes(b"b" * (600 << 10))  # one read (a larger file is mapped)
+    real = treebuild.read_full
+
+    def cut(fd, buf, offset):  # the file is cut short by someone else while it is read
+        os.truncate(src / "big", 100 << 10)
+        return real(fd, buf, offset)
+
+    treebuild.read_full = cut
+    try:
+        with pytest.raises(OSError) as e:
+            verityfuse.seal(src, ["big"], threads=1)
+    finally:
+        treebuild.read_full = real
+    assert (e.value.errno, e.value.filename) == (errno.ETXTBSY, str(src / "big"))
+    assert e.value.strerror == "file shrank while hashing: expected 614400 bytes, got 102400"

@@ -104,7 +104,7 @@ SHRINK = """
     try:
         treebuild.build_tree(fd, merkle.Params(), data_size=size, threads=threads)
     except OSError as e:
-        print(e)
+        print(e.strerror)
 """
 
 

@@ -174,7 +174,14 @@ def seal(source: PathArg, paths: Optional[Iterable[PathArg]] = None, *,
         rels = list(walk_files(sd, st)) if paths is None else _seal_targets(sd, st, paths)
         for rel in rels:
             built: List[merkle.Descriptor] = []
-            seal_path(st, sd, rel, params, check=built.append, threads=threads)
+            try:
+                seal_path(st, sd, rel, params, check=built.append, threads=threads)
+            except OSError as e:
+                if e.filename is not None or e.errno is None:
+                    raise
+                # The file's own error (it changed while it was read) names it: in a
+                # tree of thousands, "file shrank while hashing" alone says not which.
+                raise type(e)(e.errno, e.strerror, sd.full(rel)) from None
             out[rel] = digest_of(built[-1])
     return out
 

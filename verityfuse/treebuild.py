@@ -93,12 +93,14 @@ def read_full(fd: int, buf: Union[bytearray, memoryview], offset: int) -> int:
     return got
 
 
+# A file whose size moved while it was read has changed meanwhile (check_unchanged):
+# ETXTBSY as for that, with what was expected and read.
 def _shrank(size: int, got: int) -> OSError:
-    return OSError(f"file shrank while hashing: expected {size} bytes, got {got}")
+    return OSError(errno.ETXTBSY, f"file shrank while hashing: expected {size} bytes, got {got}")
 
 
 def _grew(size: int) -> OSError:
-    return OSError(f"file grew while hashing: more than {size} bytes")
+    return OSError(errno.ETXTBSY, f"file grew while hashing: more than {size} bytes")
 
 
 def _time(ns: int) -> str:
