@@ -669,3 +669,14 @@ def test_a_file_changed_while_sealed_is_named_in_the_error(tmp_path):
         treebuild.read_full = real
     assert (e.value.errno, e.value.filename) == (errno.ETXTBSY, str(src / "big"))
     assert e.value.strerror == "file shrank while hashing: expected 614400 bytes, got 102400"
+
+
+def test_open_verified_with_a_malformed_store_raises_its_verity_error(src):
+    """As documented: a malformed store (its VERSION) is a VerityError; it was an
+    OSError(EIO), which `except VerityError` did not catch (found by review, s43)."""
+    from verityfuse.errors import VerityError
+
+    verityfuse.seal(src, ["small"])
+    (src / ".verityfuse" / "VERSION").write_text("verityfuse-store 9\n")
+    with pytest.raises(VerityError, match="VERSION|version|format"):
+        verityfuse.open_verified(src / "small")

@@ -294,8 +294,10 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                 raise NotSealedError(f"{label}: no verityfuse store in its directory or any parent "
                                      f"(pass store=)")
             store_path = found
-        try:
-            with Store(store_path, objects_only=pinned is not None) as st:
+        # A malformed store (its VERSION) raises its VerityError, as documented; what is
+        # wrong with this file's entry, tree or size is EIO, as on a mount.
+        with Store(store_path, objects_only=pinned is not None) as st:
+            try:
                 if pinned is None:
                     entry = st.get_entry(identity.key_of(fd))
                     if entry is None:
@@ -304,13 +306,15 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                 else:
                     tree = _pinned_tree(st, fd, label, merkle.hash_alg(pinned.algorithm),
                                         pinned.digest)
-            try:
-                reader = attach_reader(fd, tree, _cache(), label)
-            except BaseException:
-                tree.close()
-                raise
-        except Corruption as e:
-            raise _eio(e) from e
+            except Corruption as e:
+                raise _eio(e) from e
+        try:
+            reader = attach_reader(fd, tree, _cache(), label)
+        except BaseException as e:
+            tree.close()
+            if isinstance(e, Corruption):
+                raise _eio(e) from e
+            raise
         return VerifiedFile(label, fd, tree, reader, digest_of(tree.descriptor))
     except BaseException:
         os.close(fd)
