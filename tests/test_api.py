@@ -680,3 +680,17 @@ def test_open_verified_with_a_malformed_store_raises_its_verity_error(src):
     (src / ".verityfuse" / "VERSION").write_text("verityfuse-store 9\n")
     with pytest.raises(VerityError, match="VERSION|version|format"):
         verityfuse.open_verified(src / "small")
+
+
+def test_open_verified_refuses_a_store_planted_as_a_symlink(src, tmp_path):
+    """A directory's .verityfuse that is a symlink: refused by name, as seal, verify and
+    mount refuse it; open_verified walked past it and said there was no store, or used
+    one further up (found by review, s43)."""
+    verityfuse.seal(src, ["small"], store=tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", src / ".verityfuse")
+    with pytest.raises(verityfuse.NotSealedError,
+                       match=rf"the store {src}/.verityfuse is a symlink \(refused as a "
+                             rf"directory's own store\); pass store="):
+        verityfuse.open_verified(src / "small")
+    with verityfuse.open_verified(src / "small", store=tmp_path / "elsewhere") as f:
+        assert f.read(1)

@@ -75,6 +75,9 @@ def _find_store(fd: int, label: str, trusted: bool) -> Optional[str]:
             st = os.lstat(cand)
         except OSError:
             st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):  # as store_of: never followed
+            raise NotSealedError(f"{label}: the store {cand} is a symlink (refused as a "
+                                 f"directory's own store); pass store=")
         if st is not None and stat.S_ISDIR(st.st_mode):
             # (Without ``trusted``, a pinned digest: only content-addressed objects are read.)
             checks = [("it", st)] + [(f"the directory {w} on the way to the file", os.lstat(w))
