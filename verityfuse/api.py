@@ -55,8 +55,10 @@ def _params(hash_alg: HashAlgArg, block_size: int, salt: bytes) -> merkle.Params
 
 
 def _threads(threads: Optional[int]) -> Optional[int]:
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= treebuild.MAX_THREADS):
+        raise ValueError(f"threads must be an int from 1 to {treebuild.MAX_THREADS} or None, "
+                         f"not {threads!r}")
     return threads
 
 

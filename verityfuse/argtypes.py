@@ -7,6 +7,7 @@ import argparse
 import re
 
 from . import merkle
+from .treebuild import MAX_THREADS  # the API's bound too
 
 
 class Once(argparse.Action):
@@ -66,7 +67,6 @@ def add_tree_options(p, threads_help: str = "hashing threads (default: number of
     p.add_argument("--threads", type=_threads, default=None, metavar="N", help=threads_help)
 
 
-MAX_THREADS = 256
 
 
 def _threads(text: str) -> int:

@@ -148,6 +148,11 @@ def one_block_descriptor(params: Params, data: bytes) -> Descriptor:
     return Descriptor.build(params, len(data), root)
 
 
+# The most hashing threads (or seal workers) anyone may ask for: each costs a thread and a
+# buffer (up to 4 MiB mapped), and a million would exhaust the machine, not hash faster.
+MAX_THREADS = 256
+
+
 def default_threads() -> int:
     return _DEFAULT_THREADS
 
