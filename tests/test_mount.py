@@ -412,6 +412,26 @@ def test_background_mount_and_umount_command(fresh, tmp_path):
         pytest.fail("daemon still running after umount")
 
 
+def test_umount_unmounts_only_a_verityfuse_mount(tmp_path):
+    """`verityfuse umount` ran fusermount3 -u, which root may run on any file system: a
+    typo's path unmounted a tmpfs (found by review, s43).  What is not a verityfuse
+    mount, or no mount at all, is refused by name and left as it is."""
+    cli = [sys.executable, "-m", "verityfuse.cli"]
+    other, plain = tmp_path / "tmpfs", tmp_path / "dir"
+    other.mkdir()
+    plain.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", other], check=True)
+    try:
+        r = subprocess.run([*cli, "umount", other], capture_output=True, text=True)
+        assert os.path.ismount(other)
+    finally:
+        subprocess.run(["umount", other])
+    assert (r.returncode, r.stderr) == (1, f"ERROR: {other} is a tmpfs mount, not a verityfuse "
+                                           f"one: not unmounted\n")
+    r = subprocess.run([*cli, "umount", plain], capture_output=True, text=True)
+    assert (r.returncode, r.stderr) == (1, f"ERROR: {plain} is not a mount point\n")
+
+
 def test_a_mount_whose_daemon_died_is_named_as_such(tmp_path):
     """After a daemon is killed its mount point answers ENOTCONN; mounting there again
     said "mount point ... is not a directory"."""

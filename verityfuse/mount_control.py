@@ -92,5 +92,20 @@ def _measured_settings(running: dict, s: Settings, now: dict, want: dict):
 
 
 def umount(mountpoint: str) -> int:
-    r = subprocess.run(["fusermount3", "-u", mountpoint])
-    return 0 if r.returncode == 0 else 1
+    """Unmount a verityfuse mount, and nothing else: fusermount3 run by root unmounts any
+    file system (a typo's /srv for /srv/app would go).  As root through umount(8), which
+    also drops what libmount recorded of the mount (utab: _netdev, x-systemd.*); the path
+    is absolute, so that a name starting with '-' is no option."""
+    from .jsonout import error
+    from .logs import escape
+
+    path = os.path.abspath(mountpoint)
+    kind = mountinfo.fstype(os.path.realpath(path))
+    if kind is None:
+        error(f"{escape(mountpoint)} is not a mount point")
+        return 1
+    if kind != "fuse.verityfuse":
+        error(f"{escape(mountpoint)} is a {escape(kind)} mount, not a verityfuse one: not unmounted")
+        return 1
+    cmd = ["umount", path] if os.geteuid() == 0 else ["fusermount3", "-u", path]
+    return 0 if subprocess.run(cmd).returncode == 0 else 1
