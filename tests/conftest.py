@@ -134,10 +134,16 @@ def flip(path, offset, data=None, length=1):
 
 # What verityfuse itself may write outside a test's temporary directory, if a test let it.
 SYSTEM_PATHS = ("/usr/sbin/mount.fuse.verityfuse", "/var/log/verityfuse", "/run/verityfuse")
+UTAB = "/run/mount/utab"  # libmount's record of mounts made with _netdev, x-systemd.*
 
 
 def _system_paths():
     paths = {}
+    try:  # a test's own mounts only (their paths name pytest's temporary directories)
+        with open(UTAB) as f:
+            paths[UTAB] = sorted(line for line in f if "/pytest-" in line)
+    except OSError:
+        paths[UTAB] = []
     for p in SYSTEM_PATHS:
         if os.path.islink(p):
             paths[p] = os.readlink(p)
@@ -151,11 +157,12 @@ def _system_paths():
 @pytest.fixture(autouse=True)
 def system_paths_unchanged():
     """Fail the test that wrote where verityfuse may write outside a temporary directory
-    (a helper link in /usr/sbin, a log under /var/log or /run): tests name their own."""
+    (a helper link in /usr/sbin, a log under /var/log or /run, a utab line of a mount it
+    left libmount's record of): tests name their own."""
     before = _system_paths()
     yield
     after = _system_paths()
-    changed = [f"{p}: {before[p]!r} before, {after[p]!r} after" for p in SYSTEM_PATHS
+    changed = [f"{p}: {before[p]!r} before, {after[p]!r} after" for p in (*SYSTEM_PATHS, UTAB)
                if before[p] != after[p]]
     if changed:
         pytest.fail("this test changed the machine:\n  " + "\n  ".join(changed), pytrace=False)
