@@ -243,6 +243,26 @@ def test_a_remount_keeps_nosuid_nodev_and_refuses_what_it_cannot_change(tree, he
 
 
 @pytest.mark.mount
+def test_a_remount_refuses_daemon_settings_given_as_command_line_flags(tree, tmp_path):
+    """`mount SRC MNT -o remount --require-signatures` exited 0 and changed nothing: only
+    settings given with -o were compared with the running mount's, so an operator could
+    believe signatures were now required (found by review, s43)."""
+    src, mnt = tree
+    r = vf("mount", src, mnt, "--log-file", tmp_path / "log")
+    assert r.returncode == 0, r.stderr
+    try:
+        for flags, name in ((["--require-signatures"], "require_signatures"),
+                            (["--policy", "require"], "policy"), (["--cache-size", "7"], "cache_size")):
+            r = vf("mount", src, mnt, "-o", "remount", *flags)
+            assert r.returncode != 0 and f"remount cannot change {name} of a running mount" \
+                in r.stderr, (flags, r.stderr)
+        r = vf("mount", src, mnt, "-o", "remount", "--policy", "enforce")  # as it runs
+        assert r.returncode == 0, r.stderr
+    finally:
+        unmount(mnt)
+
+
+@pytest.mark.mount
 def test_mount_fuse3_convention(tree, tmp_path):
     src, mnt = tree
     r = vf(src, mnt, "-o", f"ro,log_file={tmp_path}/log")

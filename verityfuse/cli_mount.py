@@ -66,6 +66,11 @@ def settings_from(args) -> Settings:
                  registry_auth=args.registry_auth, registry_timeout=args.registry_timeout,
                  cache_dir=args.cache,
                  max_handles_per_uid=args.max_handles_per_uid)
+    # A flag given is a setting given, as one in -o is: a remount compares both with the
+    # running mount's (a remount's --require-signatures changed nothing and exited 0).
+    default = Settings()
+    s.given = [n for n in (*mountopts.VALUED, *mountopts.REPEATED, *mountopts.FLAGS)
+               if getattr(s, mountopts.attr_of(n)) != getattr(default, mountopts.attr_of(n))]
     return mountopts.parse(args.o or [], s)
 
 
