@@ -80,3 +80,26 @@ def test_a_source_named_beyond_ascii_mounts(tmp_path, name):
         assert (mnt / "f").read_bytes() == b"data"
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+
+
+@pytest.mark.mount
+def test_a_mount_point_not_utf8_mounts_in_the_background(tmp_path):
+    """A mount point (so its log's name) not UTF-8: the background daemon's 'ready'
+    message failed to encode ('utf-8' codec can't encode '\\udcff'), exit 1, and the mount
+    was left behind without a daemon (ENOTCONN; found by review, s43)."""
+    src, mnt = tmp_path / "src", tmp_path / os.fsdecode(b"mnt\xff")
+    src.mkdir()
+    mnt.mkdir()
+    (src / "f").write_bytes(b"data")
+    log = tmp_path / os.fsdecode(b"log\xff")
+    r = subprocess.run([*VF, "mount", str(src), str(mnt), "--log-file", str(log), "--verbose"],
+                       capture_output=True, text=True, errors="surrogateescape")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "f").read_bytes() == b"data"
+        assert r.stderr == f"verityfuse: logs go to file {str(log)[:-1]}\\xff\n"  # escaped
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        if mountinfo_line(mnt) is not None:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert mountinfo_line(mnt) is None

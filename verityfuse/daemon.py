@@ -221,9 +221,9 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
     ops.info["fast_reads"] = ops.use_fast_reads(shim)
     log.info("serving %s on %s (store %s, %s)", source, mountpoint, store.path,
              f"manifest {trust.manifest.digest}" if trust.manifest else f"policy {s.policy}")
-    if on_ready is not None:
-        on_ready()
     try:
+        if on_ready is not None:  # in the try: a failure here unmounts too
+            on_ready()
         trio.run(_serve, ops, mountpoint, s.readahead_kb)
     except BaseException:
         log.exception("daemon failed")
@@ -337,7 +337,8 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
                 os.dup2(devnull, fd)
 
             def ready():
-                os.write(wfd, f"ok logs go to {where}".encode())
+                # A name (the log's, after the mount point's) need not be UTF-8.
+                os.write(wfd, os.fsencode(f"ok logs go to {where}"))
                 os.close(wfd)
                 pipe_open[0] = False  # its number may be reused from here on
                 if not where.startswith(("the journal", "stderr")):
@@ -348,7 +349,7 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             # Before the mount was ready: tell the parent.  After it, serve()
             # has logged the failure already.
             if pipe_open[0]:
-                os.write(wfd, f"error {mountopts.reason(e)}".encode())
+                os.write(wfd, os.fsencode(f"error {mountopts.reason(e)}"))
                 fallback = None if s.log_file else _log_file_of(where)
                 if fallback is not None:
                     # A fallback log this failed mount made, and never wrote to: not left
@@ -364,11 +365,11 @@ def _background(src: str, mnt: str, s: Settings, trust: Trust, err, verbose: boo
             break
         msg += chunk
     os.close(rfd)
-    text = msg.decode(errors="replace")
+    text = os.fsdecode(msg)
     if text.startswith("ok "):
         where = text[3:].removeprefix("logs go to ")
         if verbose or not _obvious_log_place(where, s, mnt):
-            print(f"verityfuse: {text[3:]}", file=err)
+            print(f"verityfuse: {logs.escape(text[3:])}", file=err)
         return 0
     os.waitpid(pid, 0)
     mountopts.refuse(src, mnt, text.removeprefix("error ") or "daemon exited")
