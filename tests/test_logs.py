@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import stat
 import sys
 import time
 
@@ -274,3 +275,29 @@ def test_syslog_lines_name_the_mount(tmp_path):
     assert line.endswith("verityfuse[%d]: /srv/a\\nb%%s: WARNING: integrity failure: x\x00"
                          % os.getpid())
     assert line.startswith("<28>")  # LOG_DAEMON (3) * 8 + LOG_WARNING (4): it was LOG_USER's <12>
+
+
+def test_a_log_file_is_never_written_through_a_symlink_and_is_0640(tmp_path):
+    """--log-file was opened as logging.FileHandler opens: through a symlink planted in its
+    place (root's daemon then appended wherever it pointed) and with the umask's mode (0666
+    under umask 000).  Now O_NOFOLLOW, and 0640 whatever the umask (found by review, s43)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, tmp_path / "planted")
+    old = os.umask(0)
+    try:
+        with pytest.raises(OSError, match=f"cannot write the log file {tmp_path}/planted: "):
+            logs.setup(False, str(tmp_path / "planted"))
+        logs.setup(False, str(tmp_path / "log"))
+        logging.getLogger("verityfuse").warning("a line")
+        for h in root.handlers:
+            h.flush()
+    finally:
+        os.umask(old)
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    assert victim.read_text() == "precious\n"
+    assert stat.S_IMODE(os.stat(tmp_path / "log").st_mode) == 0o640
+    assert (tmp_path / "log").read_text().endswith("WARNING: a line\n")

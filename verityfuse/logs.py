@@ -18,8 +18,10 @@ escapes names for a terminal.)
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -156,7 +158,23 @@ def runtime_log_file(mountpoint: str) -> str:
 
 def _file_handler(path: str) -> logging.Handler:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    return logging.FileHandler(path)  # opened now: a failure shows here, not at the first line
+    return _log_file(path)
+
+
+def _log_file(path: str) -> logging.Handler:
+    """A handler appending to ``path``, opened now (a failure shows here, not at the first
+    line): never through a symlink (one planted where root's daemon logs would send its
+    lines anywhere, as logging.FileHandler followed it), nothing but a regular file (a FIFO
+    would block it, O_NONBLOCK says ENXIO instead), and 0640 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC, 0o640)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return logging.StreamHandler(open(fd, "a", encoding="utf-8", errors="backslashreplace"))
 
 
 def remove_if_empty(path: str):
@@ -218,14 +236,13 @@ def setup(debug: bool, log_file=None, background: bool = False, mountpoint: str 
     that cannot be written refuses the mount (OSError naming it).
     """
     import logging.handlers
-    import stat
     import sys
 
     fmt = FORMAT
     handler: logging.Handler
     if log_file:
         try:
-            handler = logging.FileHandler(log_file)
+            handler = _log_file(log_file)
         except OSError as e:
             raise OSError(e.errno, f"cannot write the log file {log_file}: {e.strerror}") from None
         where = f"file {log_file}"
