@@ -214,3 +214,54 @@ def test_digest_imports_no_mount_attest_or_oci_code(tmp_path):
 
 # `printf x | fsverity digest /dev/stdin` (SHA-256, 4096-byte blocks, no salt)
 FILE_X_DIGEST = "dbbdfa9d606f7adeaa7f16dcfb0d49161c4cfb82d9d51cfb5cb43fa3dacb9e5b"
+
+
+def _run(*args):
+    return subprocess.run([*VF, *map(str, args)], capture_output=True, text=True)
+
+
+def test_keygen_naming_one_file_twice_writes_nothing(tmp_path):
+    """`keygen k.pem ./k.pem` wrote the private key, then refused the public one and left
+    a private key without its public half (found by review, s43)."""
+    r = _run("keygen", tmp_path / "k.pem", f"{tmp_path}/./k.pem")
+    assert (r.returncode, os.listdir(tmp_path)) == (2, []), r.stderr
+    assert "ERROR: the private and public key files are one file" in r.stderr
+
+
+@pytest.mark.parametrize("opt", ["--offset", "--length"])
+def test_dump_metadata_refuses_a_negative_offset_or_length(tmp_path, opt):
+    """They were Python slice bounds: --length -5 printed 251 of 256 bytes, exit 0."""
+    other = "--length" if opt == "--offset" else "--offset"
+    r = _run("dump-metadata", "descriptor", tmp_path / "f", opt, "-5", other, "0")
+    assert r.returncode == 2 and f"{opt}: must be 0 or more, not -5" in r.stderr, r.stderr
+
+
+def test_readahead_is_bounded(tmp_path):
+    """Any count was written to the bdi (99999999999 KiB, ~93 TiB, exit 0)."""
+    r = _run("mount", tmp_path, tmp_path, "--readahead-kb", "99999999999")
+    assert r.returncode == 2 and "readahead-kb: at most 65536 KiB, not 99999999999" in r.stderr, \
+        r.stderr
+    r = _run("mount", tmp_path, tmp_path, "-o", "readahead_kb=65537")
+    assert r.returncode == 2 and "readahead_kb: at most 65536 KiB, not 65537" in r.stderr, r.stderr
+
+
+def test_mount_takes_its_pinned_digest_from_a_file_as_verify_does(tmp_path):
+    """README: --manifest-digest takes @FILE 'as mount does'; mount's own flag compared
+    '@FILE' literally (and 'garbage' was a failed mount, exit 1, not a usage error)."""
+    r = _run("mount", tmp_path, tmp_path, "--manifest-digest", "garbage")
+    assert r.returncode == 2 and "--manifest-digest" in r.stderr, r.stderr
+    r = _run("mount", tmp_path, tmp_path, "--manifest-digest", f"@{tmp_path}/none")
+    assert r.returncode == 2 and f"{tmp_path}/none" in r.stderr, r.stderr
+    src, mnt, m = tmp_path / "src", tmp_path / "mnt", tmp_path / "M"
+    src.mkdir()
+    mnt.mkdir()
+    write(src / "f", b"data")
+    assert _run("seal", src, "--manifest", m, "--unsigned").returncode == 0
+    (tmp_path / "pin").write_text(_run("measure-manifest", m).stdout)
+    r = _run("mount", src, mnt, "--manifest", m, "--manifest-digest", f"@{tmp_path}/pin",
+             "--log-file", tmp_path / "log")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mnt / "f").read_bytes() == b"data"
+    finally:
+        subprocess.run(["umount", mnt], capture_output=True)

@@ -19,6 +19,19 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def non_negative(option: str):
+    """An argparse type: an integer of 0 or more, for ``option``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option}: {text!r} is not an integer") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{option}: must be 0 or more, not {n}")
+        return n
+    return parse
+
+
 def _pinned_digest(text: str) -> str:
     from .errors import ManifestError
     from .manifest import pinned_digest

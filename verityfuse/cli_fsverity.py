@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import merkle
+from .argtypes import non_negative
 from .cli import EXIT_ERROR, EXIT_USAGE, add_tree_options, error, params_from
 from .jsonout import shown
 
@@ -122,8 +123,8 @@ def add_commands(sub):
                        help="print a mounted verity file's metadata (like `fsverity dump_metadata`)")
     p.add_argument("type", choices=("merkle_tree", "descriptor", "signature"))
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--offset", type=int)
-    p.add_argument("--length", type=int)
+    p.add_argument("--offset", type=non_negative("--offset"))
+    p.add_argument("--length", type=non_negative("--length"))
     p.set_defaults(func=cmd_dump_metadata)
 
     p = sub.add_parser("measure", help="print a mounted verity file's digest (like `fsverity measure`)")

@@ -18,6 +18,7 @@ import sys
 from . import mountopts
 from .mountopts import OptionError, Settings
 
+from .argtypes import _pinned_digest
 from .helper_link import DEFAULT_DIR, HELPER_NAME
 from .jsonout import error
 
@@ -42,7 +43,7 @@ def _option(check):
 
 def _non_negative(text):
     try:
-        return mountopts.non_negative_int(text, "readahead-kb")
+        return mountopts.readahead_kb(text, "readahead-kb")
     except OptionError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -211,8 +212,9 @@ def add_commands(sub):
     p.add_argument("--manifest", metavar="M", help="signed manifest: the tree this mount serves")
     p.add_argument("--trust-key", action="append", metavar="PUB.pem",
                    help="Ed25519 public key the manifest must be signed with (repeatable)")
-    p.add_argument("--manifest-digest", metavar="sha256:HEX",
-                   help="the manifest's digest, pinned (see measure-manifest)")
+    p.add_argument("--manifest-digest", metavar="sha256:HEX|@FILE", type=_pinned_digest,
+                   help="the manifest's digest, pinned (see measure-manifest), or @FILE that "
+                        "holds it")
     p.add_argument("--min-sequence", type=_min_sequence, default=0, metavar="N",
                    help="refuse a manifest whose sequence is below N (an older manifest the key "
                         "once signed: a rollback); an expired manifest is always refused")

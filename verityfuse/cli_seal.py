@@ -374,6 +374,10 @@ def cmd_measure_manifest(args) -> int:
 def cmd_keygen(args) -> int:
     from . import manifest
 
+    if os.path.realpath(args.private) == os.path.realpath(args.public):
+        # One of the two would be written and the other refused: half a key pair.
+        error(f"the private and public key files are one file ({args.private}, {args.public})")
+        return EXIT_USAGE
     try:
         key = manifest.generate_key(args.private, args.public)
     except FileExistsError as e:
