@@ -265,3 +265,11 @@ def test_mount_takes_its_pinned_digest_from_a_file_as_verify_does(tmp_path):
         assert (mnt / "f").read_bytes() == b"data"
     finally:
         subprocess.run(["umount", mnt], capture_output=True)
+
+
+def test_version_verbose_behind_the_error_boundary():
+    """`verityfuse -V -v | head -c1` ended in a BrokenPipeError traceback: the doctor it
+    runs was called outside the boundary every command has (found by review, s43)."""
+    r = subprocess.run(["sh", "-c", f"'{sys.executable}' -m verityfuse.cli -V -v | head -c1"],
+                       capture_output=True, text=True)
+    assert r.stdout == "v" and "Traceback" not in r.stderr, r.stderr

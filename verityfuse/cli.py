@@ -305,7 +305,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.version:
         print(f"verityfuse {__version__}")
-        return cmd_doctor(args) if args.verbose else 0
+        if not args.verbose:
+            return 0
+        args.func = cmd_doctor  # behind _run's error boundary, as the doctor command
+        return _run(args)
     if args.command is None:
         parser.print_usage(sys.stderr)
         error("a command is needed (see verityfuse --help)")
