@@ -301,3 +301,16 @@ def test_a_log_file_is_never_written_through_a_symlink_and_is_0640(tmp_path):
     assert victim.read_text() == "precious\n"
     assert stat.S_IMODE(os.stat(tmp_path / "log").st_mode) == 0o640
     assert (tmp_path / "log").read_text().endswith("WARNING: a line\n")
+
+
+def test_a_fallback_log_is_named_within_name_max_and_in_one_printable_line():
+    """The mount point flattened whole: past 255 bytes (a kubelet volume path) both the
+    /var/log and the /run file failed (ENAMETOOLONG) and the daemon logged to the mount
+    command's stderr, lost with its terminal; a newline or ESC went into the file name
+    raw (found by review, s43)."""
+    deep = "/var/lib/kubelet/pods/" + "0123456789abcdef" * 12 + "/volumes/verity~x/vol"
+    a, b = logs.fallback_log_file(deep + "1"), logs.fallback_log_file(deep + "2")
+    assert a != b and len(os.path.basename(a).encode()) <= 255
+    assert os.path.basename(a).startswith("var-lib-kubelet-pods-0123456789abcdef")
+    assert os.path.basename(logs.fallback_log_file("/srv/app")) == "srv-app.log"
+    assert os.path.basename(logs.runtime_log_file("/m\nnl/\x1b[31m")) == "m\\nnl-\\x1b[31m.log"

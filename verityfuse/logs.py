@@ -135,7 +135,16 @@ def _journal_stream() -> bool:
 
 
 def _log_name(mountpoint: str) -> str:
-    return (mountpoint.strip("/").replace("/", "-") or "root") + ".log"
+    """The mount point as one file name: '/' as '-', escaped as log lines are (a newline
+    or ESC in a file name is an operator's trap), and cut within NAME_MAX with a hash of
+    the whole (a kubelet volume's path is near 300 bytes: the file could not be made)."""
+    name = escape(mountpoint.strip("/")).replace("/", "-") or "root"
+    if len(os.fsencode(name)) > 200:
+        import hashlib
+
+        tail = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+        name = f"{os.fsencode(name)[:180].decode(errors='ignore')}-{tail}"
+    return name + ".log"
 
 
 def fallback_log_file(mountpoint: str) -> str:
