@@ -3,9 +3,13 @@ machine itself (a private overlay of /usr/sbin stands in for an installed helper
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
+
+import pytest
 
 import privns
 
@@ -77,3 +81,42 @@ def test_doctor_says_whether_the_open_path_is_native():
                            env={**os.environ, **env})
         out[bool(env)] = json.loads(r.stdout)["native_open"]
     assert out == {False: fsutil._load_native() is not None, True: False}
+
+
+def _probe_mounts():
+    return [line for line in open("/proc/self/mountinfo") if "verityfuse-doctor-" in line]
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_probe_leaves_no_mount_and_no_directory(sig, tmp_path):
+    """doctor mounts a probe in a temporary directory: SIGTERM then left the daemon, its
+    mount and the directory; SIGINT removed files through the live mount and said
+    'Device or resource busy' (found by review, s43).  Its mount is its child's now, which
+    goes with it, and a signal unmounts before the directory goes."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    for attempt in range(5):  # the probe is mounted for a few milliseconds: catch it
+        p = subprocess.Popen([*VF, "doctor"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        while not _probe_mounts() and p.poll() is None:
+            pass
+        if p.poll() is None:
+            break
+        p.stderr.close()
+    try:
+        assert p.poll() is None and attempt < 4, "the probe mount was never caught"
+        p.send_signal(sig)
+        p.wait(30)
+        for _ in range(200):  # the daemon's own unmount, after its parent's end
+            if not _probe_mounts():
+                break
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for line in _probe_mounts():
+            subprocess.run(["umount", "-l", line.split()[4]])
+    assert _probe_mounts() == []
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+    assert "Traceback" not in p.stderr.read()

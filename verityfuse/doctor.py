@@ -14,9 +14,8 @@ import importlib.util
 import os
 import platform
 import shutil
+import signal
 import stat
-import subprocess
-import sys
 import tempfile
 
 from . import __version__, fsutil, jsonout, merkle, uapi
@@ -59,28 +58,41 @@ def _kernel_forwards(release: str, can_probe: bool) -> dict:
         by_version = None
     if not can_probe:
         return {"forwards": by_version, "how": "from the kernel version (6.10+)"}
-    with tempfile.TemporaryDirectory(prefix="verityfuse-doctor-") as d:
-        src, mnt = os.path.join(d, "src"), os.path.join(d, "mnt")
-        os.mkdir(src)
-        os.mkdir(mnt)
-        with open(os.path.join(src, "f"), "wb") as f:
-            f.write(b"probe")
-        cmd = [sys.executable, "-m", "verityfuse.cli", "mount", src, mnt,
-               "--log-file", os.path.join(d, "log")]
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            return {"forwards": by_version, "how": "from the kernel version (the probe mount failed)"}
-        try:
-            fd = os.open(os.path.join(mnt, "f"), os.O_RDONLY)
+    from .testing import VerifiedMount
+
+    # The probe's daemon is a child that goes with this process (VerifiedMount), and a
+    # SIGTERM unwinds as Ctrl-C does: the mount goes before its directory, never after.
+    old = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with tempfile.TemporaryDirectory(prefix="verityfuse-doctor-") as d:
+            src, mnt = os.path.join(d, "src"), os.path.join(d, "mnt")
+            os.mkdir(src)
+            os.mkdir(mnt)
+            with open(os.path.join(src, "f"), "wb") as f:
+                f.write(b"probe")
             try:
-                fcntl.ioctl(fd, uapi.FS_IOC_MEASURE_VERITY, bytearray(4 + 64))
-                forwards = True
-            except OSError as e:
-                forwards = e.errno == errno.ENODATA  # our daemon answered: not a verity file
+                m = VerifiedMount(src, mnt, log_file=os.path.join(d, "log"))
+            except RuntimeError:  # FuseUnavailable too
+                return {"forwards": by_version,
+                        "how": "from the kernel version (the probe mount failed)"}
+            try:
+                fd = os.open(os.path.join(mnt, "f"), os.O_RDONLY)
+                try:
+                    fcntl.ioctl(fd, uapi.FS_IOC_MEASURE_VERITY, bytearray(4 + 64))
+                    forwards = True
+                except OSError as e:
+                    forwards = e.errno == errno.ENODATA  # our daemon answered: not verity
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
-        finally:
-            subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+                m.unmount()
+    finally:
+        signal.signal(signal.SIGTERM, old)
     return {"forwards": forwards, "how": "probed: FS_IOC_MEASURE_VERITY on a test mount"}
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _device() -> dict:
