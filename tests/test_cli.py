@@ -273,3 +273,11 @@ def test_version_verbose_behind_the_error_boundary():
     r = subprocess.run(["sh", "-c", f"'{sys.executable}' -m verityfuse.cli -V -v | head -c1"],
                        capture_output=True, text=True)
     assert r.stdout == "v" and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_mistyped_command_is_a_usage_error_not_a_mount(tmp_path):
+    """`verityfuse staus MNT` was taken for mount.fuse3's `verityfuse SOURCE MNT` form:
+    "source 'staus' is not a directory", exit 32 (found by review, s43).  That form is
+    taken when SOURCE exists or is a path (or -o is given)."""
+    r = _run("staus", tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'staus'" in r.stderr, r.stderr

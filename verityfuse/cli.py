@@ -295,8 +295,10 @@ def _exit_status_epilog(name: str, p: argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-        # mount.fuse3's convention: verityfuse SOURCE MOUNTPOINT -o OPTIONS
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in COMMANDS and (
+            "/" in argv[0] or os.path.exists(argv[0]) or any(a.startswith("-o") for a in argv)):
+        # mount.fuse3's convention: verityfuse SOURCE MOUNTPOINT -o OPTIONS (not a mistyped
+        # command: `verityfuse staus MNT` is argparse's "invalid choice")
         from .cli_mount import helper_main
         return helper_main(argv)
     if sys.stdout is None:  # started with stdout closed: output goes nowhere, as print's
