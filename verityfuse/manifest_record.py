@@ -15,6 +15,7 @@ from typing import (AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, 
                     Tuple)
 
 from . import manifest_tree, merkle
+from .logs import escape
 from .seal_pool import in_order
 from .sealing import FileStager
 from .source_dir import SourceDir
@@ -83,7 +84,7 @@ def _listing(source: SourceDir, rel: str, skip, warn) -> Iterator[tuple]:
             try:
                 raw = path.encode("utf-8")
             except UnicodeEncodeError:
-                warn(f"skipping {source.full(path)!r}: its name is not UTF-8")
+                warn(f"skipping '{escape(source.full(path))}': its name is not UTF-8")
                 continue
             if d.is_file(follow_symlinks=False) and d.name not in names and d.inode() not in inos:
                 items.append((raw, path, None))
@@ -194,7 +195,7 @@ class ManifestRecorder:
             try:
                 target.encode("utf-8")
             except UnicodeEncodeError:
-                self.warn(f"skipping {full!r}: its target is not UTF-8")
+                self.warn(f"skipping '{escape(full)}': its target is not UTF-8")
                 return None
             return manifest_tree.entry_of(rel, st, target=target)
         return manifest_tree.entry_of(rel, st)
@@ -218,7 +219,7 @@ class ManifestRecorder:
             try:
                 rel.encode("utf-8")
             except UnicodeEncodeError:  # as the walk says of such a name (never a traceback)
-                self.warn(f"skipping {self.source.full(rel)!r}: its name is not UTF-8")
+                self.warn(f"skipping '{escape(self.source.full(rel))}': its name is not UTF-8")
                 continue
             prefix = rel + "/"
             for p in [p for p in entries if p == rel or p.startswith(prefix)]:
