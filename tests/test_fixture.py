@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from verityfuse import testing
+from verityfuse import mountinfo, testing
 from verityfuse.testing import VerifiedMount, fuse_unavailable_reason, mount_denied, seal_tree
 
 pytest_plugins = ["pytester"]
@@ -209,9 +209,9 @@ def test_a_mount_whose_daemon_died_is_removed_all_the_same(tmp_path):
     m = VerifiedMount(src, mnt)
     m.process.kill()
     m.process.wait(10)
-    assert testing._mounts_at(str(mnt))  # still listed, daemon gone
+    assert mountinfo.devices(str(mnt))  # still listed, daemon gone
     assert m.unmount() == -9
-    assert testing._mounts_at(str(mnt)) == []
+    assert mountinfo.devices(str(mnt)) == []
 
 
 @pytest.mark.mount
@@ -226,13 +226,13 @@ def test_a_mount_of_a_mount_is_ready_when_it_is_there_and_goes_first(tmp_path):
         upper = VerifiedMount(_tree(tmp_path / "b", b"B"), mnt)
         try:
             assert (mnt / "a").read_bytes() == b"B"
-            assert len(testing._mounts_at(str(mnt))) == 2
+            assert len(mountinfo.devices(str(mnt))) == 2
         finally:
             assert upper.unmount() == 0
         assert (mnt / "a").read_bytes() == b"A"
     finally:
         assert lower.unmount() == 0
-    assert testing._mounts_at(str(mnt)) == []
+    assert mountinfo.devices(str(mnt)) == []
 
 
 @pytest.mark.mount
@@ -251,7 +251,7 @@ def test_a_forked_child_leaves_the_parents_mount_alone(tmp_path):
                 os._exit(0)
         os.waitpid(pid, 0)
         assert (mnt / "a").read_bytes() == b"data" and m.log_path.exists()
-    assert testing._mounts_at(str(mnt)) == []
+    assert mountinfo.devices(str(mnt)) == []
 
 
 @pytest.mark.mount
@@ -269,10 +269,10 @@ def test_a_mount_goes_with_the_process_that_made_it_even_killed(tmp_path):
     assert p.returncode == -9, p.stderr
     daemon = int(p.stdout)
     for _ in range(200):  # the daemon's own unmount: a few tens of milliseconds
-        if not testing._mounts_at(str(mnt)) and not os.path.exists(f"/proc/{daemon}"):
+        if not mountinfo.devices(str(mnt)) and not os.path.exists(f"/proc/{daemon}"):
             break
         time.sleep(0.05)
-    gone = not testing._mounts_at(str(mnt))
+    gone = not mountinfo.devices(str(mnt))
     if not gone:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
     assert gone, (tmp_path / "log").read_text()

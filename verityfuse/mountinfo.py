@@ -31,6 +31,15 @@ def fields(mountpoint: str) -> Optional[List[bytes]]:
     return found
 
 
+def devices(mountpoint: str) -> List[str]:
+    """"major:minor" of every mount at ``mountpoint``, bottom to top: a FUSE mount whose
+    daemon died is listed too (os.path.ismount, whose stat fails with ENOTCONN, says no)."""
+    target = os.fsencode(mountpoint)
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [parts[2].decode() for parts in map(bytes.split, f)
+                if _unescape(parts[4]) == target]
+
+
 def is_mounted(mountpoint: str) -> bool:
     return fields(mountpoint) is not None
 

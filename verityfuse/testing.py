@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
+
+from .mountinfo import devices
 
 __all__ = ["FUSE_DEVICE", "FUSERMOUNT", "FuseUnavailable", "VerifiedMount",
            "fuse_unavailable_reason", "mount_denied", "seal_tree"]
@@ -85,20 +87,6 @@ def seal_tree(source: StrPath, paths: Optional[Iterable[StrPath]] = None,
     return {rel: str(d) for rel, d in seal(source, paths, store=store).items()}
 
 
-def _unescape(field: str) -> str:
-    """A mountinfo path field: space, tab, newline and backslash are octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _mounts_at(path: str) -> List[int]:
-    """The device numbers mounted at ``path``, bottom to top, from /proc/self/mountinfo:
-    a FUSE mount whose daemon died is still listed (where os.path.ismount, whose stat
-    fails with ENOTCONN, says there is none)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [os.makedev(*map(int, fields[2].split(":"))) for fields in map(str.split, f)
-                if _unescape(fields[4]) == path]
-
-
 class VerifiedMount:
     """A running ``verityfuse mount -f`` whose lifetime the caller controls.
 
@@ -139,8 +127,8 @@ class VerifiedMount:
         # Ours is the mount that appears at the mount point from now on: the path may be
         # a mount point already (a mount of a mount), which is not this one's readiness.
         self._path = os.path.realpath(self.mountpoint)
-        self._before = len(_mounts_at(self._path))
-        self._dev: Optional[int] = None  # our mount's device, once it is there
+        self._before = len(devices(self._path))
+        self._dev: Optional[str] = None  # our mount's "major:minor", once it is there
         self._pid = os.getpid()  # a forked child of the caller's leaves the mount alone
         # Its stdin is a pipe only this process holds: should it die without unmounting
         # (SIGKILL, a CI job cancelled), the daemon sees EOF and unmounts (daemon.py).
@@ -156,20 +144,21 @@ class VerifiedMount:
     def _ours_mounted(self) -> bool:
         """Our mount is still at the mount point (its daemon alive or not)."""
         if self._dev is None:  # not seen yet: whatever appeared since we started
-            devs = _mounts_at(self._path)
+            devs = devices(self._path)
             if len(devs) > self._before:
                 self._dev = devs[-1]
             return self._dev is not None
-        return self._dev in _mounts_at(self._path)
+        return self._dev in devices(self._path)
 
     def _answering(self) -> bool:
         """Our mount is there and answers (its stat waits for the daemon's FUSE_INIT)."""
         if not self._ours_mounted():
             return False
         try:
-            return os.stat(self._path).st_dev == self._dev
+            dev = os.stat(self._path).st_dev
         except OSError:  # ENOTCONN: the daemon died meanwhile (poll() says so next)
             return False
+        return f"{os.major(dev)}:{os.minor(dev)}" == self._dev
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
