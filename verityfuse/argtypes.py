@@ -80,8 +80,6 @@ def add_tree_options(p, threads_help: str = "hashing threads (default: number of
     p.add_argument("--threads", type=_threads, default=None, metavar="N", help=threads_help)
 
 
-
-
 def _threads(text: str) -> int:
     # A negative count used to hang the hashing of a large file; a huge one would fork
     # that many seal workers.  0 is the default, as when the option is not given.
