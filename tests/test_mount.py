@@ -432,6 +432,22 @@ def test_umount_unmounts_only_a_verityfuse_mount(tmp_path):
     assert (r.returncode, r.stderr) == (1, f"ERROR: {plain} is not a mount point\n")
 
 
+def test_umount_of_a_mount_point_named_like_an_option(fresh, tmp_path):
+    """`verityfuse umount -- -mnt` handed '-mnt' to fusermount3, which took it for its
+    options ("invalid option -- 'm'"; found by review, s43): the path goes absolute."""
+    cli = [sys.executable, "-m", "verityfuse.cli"]
+    (tmp_path / "-mnt").mkdir()
+    r = subprocess.run([*cli, "mount", "--log-file", tmp_path / "log", "--", fresh, "-mnt"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "umount", "--", "-mnt"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    if os.path.ismount(tmp_path / "-mnt"):
+        subprocess.run(["umount", "-l", tmp_path / "-mnt"])
+    assert r.returncode == 0, r.stderr
+    assert not os.path.ismount(tmp_path / "-mnt")
+
+
 def test_a_mount_whose_daemon_died_is_named_as_such(tmp_path):
     """After a daemon is killed its mount point answers ENOTCONN; mounting there again
     said "mount point ... is not a directory"."""
