@@ -31,9 +31,8 @@ def unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
-@pytest.mark.mount
-@pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_source_names_inject_nothing(tmp_path, name):
+def mount_source_named(tmp_path, name):
+    """SOURCE tmp_path/name (holding f) mounted on tmp_path/mnt: (src, mnt)."""
     src, mnt = tmp_path / name, tmp_path / "mnt"
     src.mkdir()
     mnt.mkdir()
@@ -41,6 +40,13 @@ def test_hostile_source_names_inject_nothing(tmp_path, name):
     r = subprocess.run([*VF, "mount", str(src), str(mnt), "--log-file", str(tmp_path / "log")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    return src, mnt
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_source_names_inject_nothing(tmp_path, name):
+    src, mnt = mount_source_named(tmp_path, name)
     try:
         fields = mountinfo_line(mnt)
         sep = fields.index("-")
@@ -65,13 +71,7 @@ def test_escape_value(value, escaped):
 def test_a_source_named_beyond_ascii_mounts(tmp_path, name):
     """pyfuse3 hands libfuse its options as ASCII: a SOURCE such as /srv/café failed to
     mount ('ascii' codec can't encode).  Its fsname carries the other bytes as \\xNN."""
-    src, mnt = tmp_path / name, tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    (src / "f").write_bytes(b"data")
-    r = subprocess.run([*VF, "mount", str(src), str(mnt), "--log-file", str(tmp_path / "log")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    src, mnt = mount_source_named(tmp_path, name)
     try:
         fields = mountinfo_line(mnt)
         source = fields[fields.index("-") + 2]
