@@ -19,25 +19,24 @@ def _unescape(field: bytes) -> bytes:
     return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
 
 
-def fields(mountpoint: str) -> Optional[List[bytes]]:
-    """The fields of the topmost mount at ``mountpoint`` (an absolute, resolved path)."""
-    found = None
+def _mounts_at(mountpoint: str) -> List[List[bytes]]:
+    """The fields of every mount at ``mountpoint`` (an absolute, resolved path), bottom
+    to top."""
     target = os.fsencode(mountpoint)
     with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            parts = line.split()
-            if _unescape(parts[4]) == target:
-                found = parts  # the last (topmost) mount wins
-    return found
+        return [parts for parts in map(bytes.split, f) if _unescape(parts[4]) == target]
+
+
+def fields(mountpoint: str) -> Optional[List[bytes]]:
+    """The fields of the topmost mount at ``mountpoint`` (an absolute, resolved path)."""
+    found = _mounts_at(mountpoint)
+    return found[-1] if found else None
 
 
 def devices(mountpoint: str) -> List[str]:
     """"major:minor" of every mount at ``mountpoint``, bottom to top: a FUSE mount whose
     daemon died is listed too (os.path.ismount, whose stat fails with ENOTCONN, says no)."""
-    target = os.fsencode(mountpoint)
-    with open("/proc/self/mountinfo", "rb") as f:
-        return [parts[2].decode() for parts in map(bytes.split, f)
-                if _unescape(parts[4]) == target]
+    return [parts[2].decode() for parts in _mounts_at(mountpoint)]
 
 
 def is_mounted(mountpoint: str) -> bool:

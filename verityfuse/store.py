@@ -111,8 +111,8 @@ class Store(StoreIndex):
 
     def _open_root(self) -> bool:
         try:
-            # The root itself may be reached through a symlink the user chose (not
-            # one in a share); nothing below it is.
+            # The root itself may be reached through a symlink the user chose (not one
+            # planted as SOURCE's default store); nothing below it is.
             nofollow = os.O_NOFOLLOW if self.in_source else 0
             self.rootfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | nofollow)
             return True

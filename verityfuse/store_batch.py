@@ -214,10 +214,10 @@ def place_all(store: Store, base_parts, items):
             return
         try:
             fsutil.native_sys.place_all(store._tmp_dir(), base, items)
-        except OSError as e:  # a shard's error names it alone
-            if e.filename2 is None and e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise store._refused((*base_parts, e.filename), e) from None
-            if e.filename2 is None:
+        except OSError as e:
+            if e.filename2 is None:  # a shard's error names it alone
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise store._refused((*base_parts, e.filename), e) from None
                 raise
             shard = next(s for t, s, n in items if t == e.filename and n == e.filename2)
             raise _not_placed(store, base_parts, shard, e.filename2, e) from None

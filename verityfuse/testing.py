@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
+from .daemon import STOP_AT_STDIN_EOF
 from .mountinfo import devices
 
 __all__ = ["FUSE_DEVICE", "FUSERMOUNT", "FuseUnavailable", "VerifiedMount",
@@ -132,7 +133,7 @@ class VerifiedMount:
         self._pid = os.getpid()  # a forked child of the caller's leaves the mount alone
         # Its stdin is a pipe only this process holds: should it die without unmounting
         # (SIGKILL, a CI job cancelled), the daemon sees EOF and unmounts (daemon.py).
-        env = {**os.environ, "VERITYFUSE_STOP_AT_STDIN_EOF": "1"}
+        env = {**os.environ, STOP_AT_STDIN_EOF: "1"}
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, env=env)
         try:
