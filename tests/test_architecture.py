@@ -25,8 +25,9 @@ import verityfuse
 PACKAGE = Path(verityfuse.__file__).resolve().parent
 # The FUSE adapter, module by module: the operations table (ops), the boundary where its
 # handlers' errors become errnos (ops_boundary), its ioctl handlers (ops_ioctl), its read path (ops_read: trio's worker threads and checkpoints decide where a
-# read runs, so it is adapter, not core) and the daemon that runs them.
-ADAPTER = {"ops", "ops_boundary", "ops_ioctl", "ops_read", "daemon"}
+# read runs, so it is adapter, not core), the daemon that runs them and the lock its
+# request loop takes turns with (fuse_loop).
+ADAPTER = {"ops", "ops_boundary", "ops_ioctl", "ops_read", "daemon", "fuse_loop"}
 FUSE_RUNTIME = {"pyfuse3", "trio"}
 
 # Cycles closed only by a function-level import, and why each is deliberate. A new one fails

@@ -89,6 +89,8 @@ async def _serve(ops, mountpoint, readahead_kb):
     import pyfuse3
     import trio
 
+    from . import fuse_loop
+
     async def readahead_after_init():
         # The kernel applies the INIT reply's max_readahead over the bdi setting: set ours
         # once that reply is written (VerityOperations.init).
@@ -106,6 +108,7 @@ async def _serve(ops, mountpoint, readahead_kb):
         # is ~220,000 objects): kept out of the collector's full passes, each of which
         # would walk it all and stall every request meanwhile (~90 ms, measured).
         gc.freeze()
+        fuse_loop.install(pyfuse3)
         await pyfuse3.main()
         # Running enables stop and answer EINTR before we close (IoctlHandlers.run).
         nursery.cancel_scope.cancel()
