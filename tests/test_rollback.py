@@ -243,6 +243,14 @@ def test_seal_raises_the_sequence_on_every_update(tmp_path, key, src):
     for args in (["--sequence", "0"], ["--sequence", "-1"], ["--sequence", "2.0"]):
         r = vf("seal", src, *sign, *args)
         assert r.returncode == 2 and "argument --sequence: " in r.stderr
+    for when, msg in (("garbage", "'garbage' is neither a duration (90m, 12h, 30d, 2w) nor a UTC "
+                                  "time YYYY-MM-DDTHH:MM:SSZ nor 'never'"),
+                      ("2027-02-30T00:00:00Z", "'2027-02-30T00:00:00Z' is not a valid time"),
+                      ("999999999999w", "'999999999999w' ends after 9999")):
+        r = vf("seal", src, *sign, "--expires", when)
+        assert r.returncode == 2 and f"argument --expires: {msg}\n" in r.stderr, r.stderr
+        assert r.stdout == ""
+    assert m.read_bytes() == before
     r = vf("seal", src, *sign, "--expires", "never")
     assert r.returncode == 0 and header_of(m) == mh.Header(11)
 

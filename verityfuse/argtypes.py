@@ -94,6 +94,18 @@ def params_from(args) -> merkle.Params:
     return merkle.Params(alg, args.block_size or merkle.DEFAULT_BLOCK_SIZE, args.salt or b"")
 
 
+def _expires(text: str) -> str:
+    """``seal --expires WHEN`` that is no duration, UTC time or 'never' is a usage error
+    (exit 2); whether WHEN is still in the future is seal's to say when it runs."""
+    from .manifest_header import parse_expiry
+
+    try:
+        parse_expiry(text, -1)  # before every time: only the shape (and the year 9999) count
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _sequence(text: str) -> int:
     from .manifest_header import MAX_SEQUENCE
 

@@ -14,7 +14,7 @@ import sys
 from typing import Optional
 
 from . import __version__, merkle, treebuild
-from .argtypes import (Once, _pinned_digest, _sequence, _threads, add_tree_options,
+from .argtypes import (Once, _expires, _pinned_digest, _sequence, _threads, add_tree_options,
                        params_from)
 from .errors import InvalidParameters, VerityError
 from .jsonout import emit, error, shown
@@ -181,7 +181,7 @@ def _add_tree_commands(sub):
                    help="write an unsigned manifest even where M is signed (refused otherwise)")
     p.add_argument("--sequence", type=_sequence, metavar="N",
                    help="the manifest's sequence, above M's (default: M's + 1)")
-    p.add_argument("--expires", metavar="WHEN",
+    p.add_argument("--expires", type=_expires, metavar="WHEN",
                    help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
                         "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
