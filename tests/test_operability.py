@@ -396,6 +396,9 @@ def test_explicit_store_typo_is_an_error_and_failed_mounts_leave_nothing(tmp_pat
     r = vf("mount", src, mnt, "--store", tmp_path / "stroe")
     assert r.returncode == 1 and f"store '{tmp_path}/stroe' does not exist" in r.stderr
     assert not (tmp_path / "stroe").exists()
+    write(tmp_path / "file", b"")  # a store that is a file is not "missing"
+    r = vf("mount", src, mnt, "--store", tmp_path / "file")
+    assert r.returncode == 1 and r.stderr == f"ERROR: store '{tmp_path}/file' is not a directory\n"
     r = vf("mount", src, mnt, "--manifest", tmp_path / "missing.json", "--manifest-digest",
            "sha256:" + "00" * 32)
     assert r.returncode == 1 and "refusing to mount" in r.stderr

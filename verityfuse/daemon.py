@@ -268,6 +268,8 @@ def check(source: str, mountpoint: str, s: Settings) -> list:
         raise MountError(f"mount point '{mountpoint}' is the source '{source}' or holds it: "
                          f"mount the verified view somewhere else")
     if s.store and not os.path.isdir(s.store):
+        if os.path.lexists(s.store):
+            raise MountError(f"store '{s.store}' is not a directory")
         raise MountError(f"store '{s.store}' does not exist (a typo? without store= the store is "
                          f"SOURCE/.verityfuse)")
     for what, path in files_written(s):
