@@ -520,6 +520,16 @@ def secure_registry(tmp_path):
         r.stop()
 
 
+def test_an_unreadable_registry_auth_file_is_named(tree, tmp_path):
+    """Before any connection: the file, and why, without Python's "[Errno 2]"."""
+    base = ["push", tree["src"], "127.0.0.1:9/vf/x:v1", "--manifest", tree["manifest"]]
+    r = vf(*base, "--registry-auth", tmp_path / "nope")
+    assert r.returncode == 1 and r.stderr == f"ERROR: {tmp_path}/nope: No such file or directory\n"
+    r = vf(*base, "--registry-auth", tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith(f"ERROR: {tmp_path}: "), r.stderr
+    assert "Errno" not in r.stderr
+
+
 @pytest.mark.mount
 def test_https_and_basic_auth(tree, secure_registry, tmp_path, monkeypatch):
     reg = secure_registry

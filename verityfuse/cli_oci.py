@@ -42,7 +42,10 @@ def credentials(host: str, path=None):
         path = os.path.join(home, "config.json")
         if not os.path.exists(path):
             return None
-    text = wholefile.read_regular(path, 1 << 20, what=path).decode("utf-8", "replace")
+    try:
+        text = wholefile.read_regular(path, 1 << 20, what=path).decode("utf-8", "replace")
+    except OSError as e:  # named as the other faults of the file are, without "[Errno N]"
+        raise ValueError(f"{path}: {e.strerror}") from None
     if text.lstrip().startswith("{"):
         try:
             return _docker_auth(json.loads(text), host)
