@@ -530,6 +530,30 @@ def test_an_unreadable_registry_auth_file_is_named(tree, tmp_path):
     assert "Errno" not in r.stderr
 
 
+def test_an_unreachable_registry_is_said_without_the_clients_classes(tmp_path):
+    """What failed and why, not urllib3's connection object (our own subclass's name)."""
+    import socket
+
+    import urllib3
+
+    from verityfuse.oci_http import reason
+    with socket.socket() as s:  # bound, not listening: a connection to it is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        zero = "sha256:" + "00" * 32
+        r = vf("mount", f"oci://127.0.0.1:{port}/x@{zero}", tmp_path, "--manifest-digest", zero,
+               "--plain-http")
+    assert r.returncode == 1 and r.stderr == (
+        f"ERROR: refusing to mount: manifest x:{zero}: 127.0.0.1:{port}: cannot connect: "
+        f"Connection refused\n"), r.stderr
+    conn = object()
+    late = urllib3.exceptions.ConnectTimeoutError(conn, "Connection to h timed out. (connect "
+                                                        "timeout=10)")
+    assert reason(urllib3.exceptions.MaxRetryError(None, "/v2/", late)) == \
+        "Connection to h timed out. (connect timeout=10)"
+    assert reason(ValueError("as it is")) == "as it is" and reason(ValueError()) == "ValueError"
+
+
 @pytest.mark.mount
 def test_https_and_basic_auth(tree, secure_registry, tmp_path, monkeypatch):
     reg = secure_registry

@@ -242,8 +242,18 @@ def discard(r):
 
 
 def reason(e: Exception) -> str:
-    inner = getattr(e, "reason", None)
-    return str(inner or e) or type(e).__name__
+    inner = getattr(e, "reason", None) or e
+    if isinstance(inner, urllib3.exceptions.ConnectTimeoutError):
+        # urllib3 names its connection object first ("WatchedHTTPConnection(host=...,
+        # port=...)", or its repr): our class, not the user's business.  The host is said
+        # by the caller; what is left is why.
+        cause = inner.__cause__ or inner.__context__
+        if isinstance(inner, urllib3.exceptions.NewConnectionError) and \
+                isinstance(cause, OSError) and cause.strerror:
+            return f"cannot connect: {cause.strerror}"
+        if len(inner.args) == 2 and isinstance(inner.args[1], str):
+            return inner.args[1]
+    return str(inner) or type(inner).__name__
 
 
 def error_text(r) -> str:
