@@ -303,6 +303,33 @@ def test_a_log_file_is_never_written_through_a_symlink_and_is_0640(tmp_path):
     assert (tmp_path / "log").read_text().endswith("WARNING: a line\n")
 
 
+def test_a_log_file_that_is_a_fifo_is_refused_without_waiting(tmp_path):
+    """A FIFO planted at --log-file: an open for writing would wait for a reader (the
+    daemon hung before it mounted), and with one it would feed the reader every line.
+    Refused both ways, at once, naming the file."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, for the second try
+    os.close(reader)
+    try:
+        with pytest.raises(OSError, match=f"cannot write the log file {fifo}: "):
+            logs.setup(False, str(fifo))  # no reader: ENXIO, not a wait
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            with pytest.raises(OSError, match=f"cannot write the log file {fifo}: "
+                                              f"not a regular file"):
+                logs.setup(False, str(fifo))
+            logging.getLogger("verityfuse").warning("a line")
+            assert os.read(reader, 1) == b""  # nothing reached it (its writer is gone)
+        finally:
+            os.close(reader)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
 def test_a_fallback_log_is_named_within_name_max_and_in_one_printable_line():
     """The mount point flattened whole: past 255 bytes (a kubelet volume path) both the
     /var/log and the /run file failed (ENAMETOOLONG) and the daemon logged to the mount
