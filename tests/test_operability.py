@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from verityfuse import mountopts
+from verityfuse import mountinfo, mountopts
 import privns
 from conftest import drop_caches, flip, write
 
@@ -258,6 +258,17 @@ def test_a_remount_refuses_daemon_settings_given_as_command_line_flags(tree, tmp
                 in r.stderr, (flags, r.stderr)
         r = vf("mount", src, mnt, "-o", "remount", "--policy", "enforce")  # as it runs
         assert r.returncode == 0, r.stderr
+        # Another SOURCE: exited 0, and the operator believed the mount now served it.
+        other = tmp_path / "other"
+        other.mkdir()
+        r = vf("mount", other, mnt, "-o", "remount,ro")
+        assert r.returncode == 1 and r.stderr == (
+            f"ERROR: '{mnt}' serves '{src}', not '{other}': a remount cannot change SOURCE; "
+            f"unmount and mount again\n"), r.stderr
+        assert "rw" in mountinfo.options(str(mnt))  # and nothing was remounted
+        os.symlink(src, tmp_path / "link")  # the same SOURCE by another name passes
+        r = vf("mount", tmp_path / "link", mnt, "-o", "remount,ro")
+        assert r.returncode == 0 and "ro" in mountinfo.options(str(mnt)), r.stderr
     finally:
         unmount(mnt)
 

@@ -85,7 +85,7 @@ def run_mount(source: str, mountpoint: str, s: Settings, failure: int = 1,
 
     try:
         if s.remount:
-            return remount(os.path.realpath(mountpoint), s)
+            return remount(os.path.realpath(mountpoint), s, source)
         return mount(source, mountpoint, s, verbose=verbose)
     except MountError as e:
         error(str(e))

@@ -11,16 +11,30 @@ from . import mountinfo, mountopts
 from .mountopts import MountError, Settings
 
 
-def remount(mountpoint: str, s: Settings) -> int:
+def _serves(running: dict, source: str, mountpoint: str) -> bool:
+    """Whether ``source``, as a remount names it, is what the mount serves: its path as
+    given at mount time (resolved), or the mount table's source field, which mount(8)
+    passes for a mount that fstab does not list."""
+    from .mount_trust import is_oci
+
+    if source in (running["source"], mountinfo.source(mountpoint)):
+        return True
+    return not is_oci(source) and os.path.realpath(source) == running["source"]
+
+
+def remount(mountpoint: str, s: Settings, source: str) -> int:
     """``mount -o remount,...``: the kernel's flags (ro/rw ...) change; what the
     daemon was started with stays.  A daemon setting given again (mount(8) merges
-    fstab's options in) must equal the running one."""
+    fstab's options in) must equal the running one, and so must SOURCE."""
     import json
 
     try:
         running = json.loads(os.getxattr(mountpoint, "user.verityfuse.status"))
     except OSError as e:
         raise MountError(f"'{mountpoint}' is not a running verityfuse mount ({e.strerror})") from None
+    if not _serves(running, source, mountpoint):
+        raise MountError(f"'{mountpoint}' serves '{running['source']}', not '{source}': a "
+                         f"remount cannot change SOURCE; unmount and mount again")
     now = {"policy": running["policy"], "manifest_digest": running["manifest_digest"],
            "store": running["store"],
            "cache_size": running["tree_cache"]["max_bytes"] >> 20}
