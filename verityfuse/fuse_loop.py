@@ -1,20 +1,23 @@
-"""pyfuse3's request loop, one scheduler pass a request instead of two.
+"""pyfuse3's request loop, with a read lock that costs less than trio.Lock.
 
-pyfuse3's worker tasks take turns at /dev/fuse under a lock: the one holding it waits
-for the fd to be readable, reads one request and hands the lock on.  It makes that lock
-with ``trio.Lock()``, whose uncontended acquire still yields to the scheduler
-(``cancel_shielded_checkpoint``): one trio pass (an ``epoll_wait``, the run queue, a
-reschedule) and a parking-lot breaker's weak dictionary, for every request, on the one
-thread that answers them all.  The wait for the fd right after it is a checkpoint
-already, so the lock needs none of its own.
+pyfuse3's worker tasks take turns at /dev/fuse under a lock it makes with
+``trio.Lock()``: the one holding it waits for the fd to be readable, reads one request
+and hands the lock on.  Two workers (one answering a request, one waiting for the next)
+are the usual state, so every request hands the lock over once, and trio.Lock's
+contended path does that with a ``WouldBlock`` raised and caught, a parking-lot
+"breaker" registered and removed for each new owner (each asking ``inspect`` for the
+task's coroutine state: it breaks the lot if an owner exits still holding it, which
+pyfuse3's ``async with`` never lets happen) and its KeyboardInterrupt-protection
+wrappers: a few microseconds a request, on the one thread that answers them all.
 
-``install`` gives pyfuse3 the same trio with ``Lock`` replaced by ``ReadLock``, through
-the module attribute pyfuse3 reads trio from (``pyfuse3.trio``, the one its asyncio mode
-replaces too).  Measured over a container start (5,000 random files of the bench's
-100,000-file tree, open + read + close each, a fresh mount a run, 3 runs each way
-interleaved, means of the runs): local mode's daemon 336-352 -> 326-344 us of CPU a
-file, the plain pyfuse3 passthrough's 195-227 -> 183-199.  The bench's passthrough takes
-the same lock, so that the loop stays out of verified / plain ratios.
+``ReadLock`` is the same FIFO hand-over on a trio ParkingLot, and nothing else.
+``install`` gives it to pyfuse3 through the module attribute pyfuse3 reads trio from
+(``pyfuse3.trio``, the one its asyncio mode replaces too), before ``pyfuse3.main``.
+Measured over a container start (5,000 random files of the bench's 100,000-file tree,
+open + read + close each, a fresh mount a run, 3 runs each way interleaved, means of
+the runs): local mode's daemon 336-352 -> 326-344 us of CPU a file, the plain pyfuse3
+passthrough's 195-227 -> 183-199.  The bench's passthrough takes the same lock, so that
+the loop stays out of verified / plain ratios.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import trio
 
 
 class ReadLock:
-    """A FIFO lock, as pyfuse3 uses trio.Lock (``async with``, nothing else): taken at
-    once when free (no checkpoint), else parked; a release hands it to the longest
-    waiter, so it is never free while one waits.  A waiter cancelled while parked
-    leaves the queue (trio's ParkingLot) without taking it."""
+    """A FIFO lock, for the way pyfuse3 uses trio.Lock (``async with``, nothing else):
+    taken at once when free, else parked; a release hands it to the longest waiter, so it
+    is never free while one waits.  A waiter cancelled while parked leaves the queue
+    (trio's ParkingLot) without taking it."""
 
     __slots__ = ("_held", "_waiters")
 
