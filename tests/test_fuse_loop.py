@@ -84,8 +84,20 @@ def test_cancelled_waiter_and_raising_owner_leave_it_free():
 
 def test_install_replaces_only_the_lock():
     fake = SimpleNamespace(trio=trio)
-    install(fake)
+    assert install(fake)
     assert fake.trio is not trio and fake.trio.Lock is ReadLock
     for name in ("lowlevel", "open_nursery", "ClosedResourceError", "from_thread"):
         assert getattr(fake.trio, name) is getattr(trio, name)
     assert trio.Lock is not ReadLock  # trio itself is left alone
+    # pyfuse3 on asyncio (pyfuse3.asyncio.enable()), or a pyfuse3 without the attribute:
+    # left as it is
+    other = SimpleNamespace(trio=SimpleNamespace(Lock=object))
+    assert not install(other) and other.trio.Lock is object
+    assert not install(SimpleNamespace())
+
+
+def test_the_installed_pyfuse3_reads_trio_from_the_attribute_install_replaces():
+    """install works only while pyfuse3 takes its Lock from ``pyfuse3.trio``: this pyfuse3
+    does (its asyncio mode swaps the same attribute)."""
+    import pyfuse3
+    assert pyfuse3.trio is trio

@@ -108,7 +108,8 @@ async def _serve(ops, mountpoint, readahead_kb):
         # is ~220,000 objects): kept out of the collector's full passes, each of which
         # would walk it all and stall every request meanwhile (~90 ms, measured).
         gc.freeze()
-        fuse_loop.install(pyfuse3)
+        if not fuse_loop.install(pyfuse3):
+            log.debug("pyfuse3 does not run on trio through pyfuse3.trio: its own read lock kept")
         await pyfuse3.main()
         # Running enables stop and answer EINTR before we close (IoctlHandlers.run).
         nursery.cancel_scope.cancel()

@@ -55,9 +55,14 @@ class ReadLock:
             self._held = False
 
 
-def install(pyfuse3) -> None:
-    """Make pyfuse3's request loop take ``ReadLock``s (before ``pyfuse3.main``)."""
+def install(pyfuse3) -> bool:
+    """Make pyfuse3's request loop take ``ReadLock``s (before ``pyfuse3.main``); False,
+    and pyfuse3 left as it is, when it does not run on trio through ``pyfuse3.trio`` (its
+    asyncio mode, or a version made otherwise)."""
+    if getattr(pyfuse3, "trio", None) is not trio:
+        return False
     lean = types.ModuleType(trio.__name__, trio.__doc__)
     lean.__dict__.update(vars(trio))
     lean.Lock = ReadLock  # type: ignore[attr-defined]
     pyfuse3.trio = lean
+    return True
