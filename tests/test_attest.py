@@ -614,6 +614,17 @@ def test_replay_register_and_appraisal(tmp_path):
     rc, out, _ = attest(tmp_path / "log", "--register", "00" * 32)
     assert rc == 1 and f"FAIL: register mismatch: the log replays to {reg}, the register holds " \
                        f"{'00' * 32}" in out
+    # Every verdict of the JSON report says fail: a broker reading appraisal.pass alone took
+    # a mismatched register (or a quote with another nonce) for a pass (review, s44).
+    rc, out, _ = attest(tmp_path / "log", "--register", "00" * 32, "--expect-manifest", M1,
+                        "--json")
+    report = json.loads(out)
+    assert rc == 1 and (report["result"], report["match"]["ok"], report["appraisal"]["pass"]) \
+        == ("fail", False, False) and len(report["appraisal"]["failures"]) == 1
+    rc, out, _ = attest(tmp_path / "log", "--register", reg, "--expect-manifest", M1, "--json")
+    report = json.loads(out)
+    assert rc == 0 and (report["result"], report["match"]["ok"], report["appraisal"]["pass"]) \
+        == ("pass", True, True)
     rc, out, _ = attest(tmp_path / "log", "--register", "00" * 48)
     assert rc == 1 and "FAIL: --register has 48 bytes, a sha256 register 32" in out
     rc, out, _ = attest(tmp_path / "log", "--register", reg, "--min-sequence", 5)
