@@ -911,6 +911,8 @@ def test_another_domains_event_is_marked_in_the_report(tmp_path):
 @pytest.mark.parametrize("content, parsed", [
     ('{"a":NaN,"b":Infinity}', None), ('{"b":1e999}', None), ('{"b":1' + '0' * 400 + '}', None),
     ('{"image":"evil","image":"good"}', None), ('{"image":"good","n":1.5}', {"image": "good", "n": 1.5}),
+    ('{"\\ud800":"a","\\ufffd":"b"}', None), ('{"v":["x\\udc00"]}', None),
+    ('{"e":"\\ud83d\\ude00"}', {"e": "\U0001f600"}),  # a pair is one character
 ])
 def test_another_domains_content_is_reported_only_as_strict_json_says(tmp_path, content, parsed):
     """The report's "content" of another component's event is its line's JSON as every
@@ -928,6 +930,7 @@ def test_another_domains_content_is_reported_only_as_strict_json_says(tmp_path, 
     report = json.loads(out, parse_constant=refuse)
     assert rc == 0 and report["events"][0]["line"] == line
     assert report["events"][0]["content"] == parsed
+    json.dumps(report, ensure_ascii=False).encode("utf-8")  # no lone surrogate (jq refused it)
 
 
 def test_without_tpm2_pytss_the_tpm_register_says_how_to_get_it(monkeypatch):

@@ -330,10 +330,15 @@ def _in_double(text: str) -> int:
 def strict_object(text: str) -> dict | None:
     """Another domain's content as a JSON object every parser reads alike, or None (it is
     kept raw): no duplicate key (first-wins and last-wins parsers would differ), no NaN
-    or Infinity, no number beyond a double (neither is JSON)."""
+    or Infinity, no number beyond a double (neither is JSON), no lone surrogate escape
+    (``"\\ud800"``: jq and serde refuse the report that holds it, Go reads U+FFFD, which
+    can make two keys one)."""
     try:
         doc = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_refuse,
                          parse_float=_finite, parse_int=_in_double)
-    except (ValueError, RecursionError):
+        if not isinstance(doc, dict):
+            return None
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot encode
+    except (ValueError, RecursionError):  # (UnicodeEncodeError is a ValueError)
         return None
-    return doc if isinstance(doc, dict) else None
+    return doc
