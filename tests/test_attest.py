@@ -133,6 +133,8 @@ def test_canonical_line_is_printable_and_round_trips():
     (dict(mountpoint="/srv/../etc//x/"), "mount point '/srv/../etc//x/' is not normalized "
      "\\(/etc/x\\)"),
     (dict(mountpoint="/srv/"), "is not normalized"),
+    (dict(mountpoint="//srv/app"), "mount point '//srv/app' is not normalized \\(/srv/app\\)"),
+    (dict(mountpoint="//"), "mount point '//' is not normalized \\(/\\)"),
 ])
 def test_event_arguments_are_checked(bad, why):
     args = dict(manifest_digest=M1, key_id=KEY, sequence=1, policy=POL, mountpoint="/m")

@@ -176,9 +176,11 @@ def mount_manifest(manifest_digest: str, key_id: str | None, sequence: int, poli
     protocol/attestation.md's MountManifest does not allow."""
     if not isinstance(mountpoint, str) or not mountpoint.startswith("/"):
         raise ValueError(f"mount point {mountpoint!r} must be an absolute path")
-    if posixpath.normpath(mountpoint) != mountpoint:  # one mount point, one spelling
-        raise ValueError(f"mount point {mountpoint!r} is not normalized "
-                         f"({posixpath.normpath(mountpoint)})")
+    # One mount point, one spelling.  normpath keeps a leading "//" (POSIX leaves its
+    # meaning to the system; on Linux it is "/"), so that empty component is refused here.
+    normal = "/" + posixpath.normpath(mountpoint).lstrip("/")
+    if normal != mountpoint:
+        raise ValueError(f"mount point {mountpoint!r} is not normalized ({normal})")
     if key_id is not None and (not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id)):
         raise ValueError(f"key id {key_id!r} is not 64 lowercase hex digits (the SHA-256 of "
                          f"the raw Ed25519 public key)")
