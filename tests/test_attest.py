@@ -651,6 +651,16 @@ def test_replay_register_and_appraisal(tmp_path):
                                               "version": 1}
 
 
+def test_a_quotes_banks_are_named_as_tpm2_tools_names_them():
+    """A quote over the SHA-1 bank too was refused as selecting "sha:23" (tpm2-pytss's
+    name), which names no bank a verifier knows (review, s44)."""
+    tss = pytest.importorskip("tpm2_pytss")
+    from verityfuse import tpm_quote
+    sel = tss.TPML_PCR_SELECTION.parse("sha1:23+sha256:16,23+sha384:1")
+    assert tpm_quote._selected(sel) == [("sha1", 23), ("sha256", 16), ("sha256", 23),
+                                        ("sha384", 1)]
+
+
 def test_replay_non_zero_init(tmp_path):
     r = registers.open_register(f"file:{tmp_path}/reg")
     r.extend(hashlib.sha256(b"unlogged").digest())
@@ -678,6 +688,9 @@ def test_replay_usage_and_unreadable_input(tmp_path, quoted):
         ([tmp_path / "log", "--register", "xyz"], "--register: 'xyz' is not an even number of hex"),
         ([tmp_path / "log", "--register", "00", "--expect-manifest", "sha256:12"],
          "'sha256:12' is not a manifest digest"),
+        # A MountManifest names a sha256 digest only: another could never match (s44).
+        ([tmp_path / "log", "--register", "00", "--expect-manifest", "sha512:" + "11" * 64],
+         f"'sha512:{'11' * 64}' is not a manifest digest (sha256:<64 lowercase hex digits>"),
         ([tmp_path / "log", "--register", "00", "--expect-key", "AB" * 32], "is not a key id"),
         ([tmp_path / "log", "--register", "00", "--min-sequence", "\u00b2"],
          "--min-sequence must be an integer from 0 to 9007199254740991"),

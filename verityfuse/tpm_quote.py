@@ -137,10 +137,13 @@ def _kind(key) -> str:
 
 
 def _selected(sel) -> list[tuple[str, int]]:
+    """(bank, PCR) of every PCR a quote selects, banks named as tpm2-tools names them
+    (tpm2-pytss calls SHA-1 "sha")."""
     out = []
     for s in sel.pcrSelections[:sel.count]:
         bitmap = bytes(s.pcrSelect)[:s.sizeofSelect]
-        out += [(str(s.hash), 8 * i + j) for i, b in enumerate(bitmap) for j in range(8) if b >> j & 1]
+        bank = "sha1" if str(s.hash) == "sha" else str(s.hash)
+        out += [(bank, 8 * i + j) for i, b in enumerate(bitmap) for j in range(8) if b >> j & 1]
     return out
 
 
