@@ -118,6 +118,7 @@ class Measurer:
                 self._remove_if_empty(fd)  # this record began it: not left behind, empty
                 raise
             self._write_boot(boot)
+            self._clear_pending()
             self._append(fd, me.init_line(alg, value) + "\n", 0)
             return value
         if boot is not None:
@@ -132,9 +133,12 @@ class Measurer:
         init, events = self._parse(fd, st)
         value = self.register.read()
         if me.replay(alg, init, events) == value:
+            self._clear_pending()  # (one whose extend took effect before its writer died)
             return value
-        if events and me.replay(alg, init, events[:-1]) == value:
+        if events and me.replay(alg, init, events[:-1]) == value and \
+                self._pending() == self._marker(me.event_digest(alg, events[-1])):
             self.register.extend(me.event_digest(alg, events[-1]))
+            self._clear_pending()
             return me.replay(alg, init, events)
         raise MeasureError(
             f"event log {self.log_path} does not replay to {self.register.name} "
@@ -187,8 +191,53 @@ class Measurer:
     def _move_aside(self):
         os.replace(self.log_path, self.log_path + ".previous-boot")
         os.unlink(self.log_path + ".boot")
+        self._clear_pending()
         self._seen = None
         raise _PreviousBoot()
+
+    # A line one ahead of the register is extended only if LOG.pending says a record of
+    # this register began it (written before the line, removed once the register agrees).
+    # Without it, a log one ahead is not a crash: another register's log (two registers
+    # given one --event-log), or a register reset under its log, and extending its last
+    # line would put into this register an event never measured into it.
+
+    def _marker(self, digest: bytes) -> str:
+        return f"{self.register.name} {digest.hex()}"
+
+    def _mark_pending(self, digest: bytes):
+        path = self.log_path + ".pending"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MeasureError(f"{path} is not a regular file")
+            _only_ours(st, path, self.register)
+            os.ftruncate(fd, 0)
+            os.write(fd, self._marker(digest).encode("ascii") + b"\n")
+        finally:
+            os.close(fd)
+
+    def _pending(self) -> str | None:
+        path = self.log_path + ".pending"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None  # none (or a symlink: not ours): no crash to complete
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            _only_ours(st, path, self.register)
+            return os.read(fd, 256).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+
+    def _clear_pending(self):
+        try:
+            os.unlink(self.log_path + ".pending")
+        except FileNotFoundError:
+            pass
 
     def _parse(self, fd: int, st: os.stat_result) -> Tuple[bytes, List[me.Event]]:
         """(the value to replay from, the events after it) of the log open as ``fd``: the
@@ -256,24 +305,28 @@ class Measurer:
             self._seen = None  # set again once this record leaves log and register agreeing
             new = me.extend(alg, old, digest)  # the register's value once the event is in
             size = os.fstat(fd).st_size
+            self._mark_pending(digest)
             self._append(fd, line + "\n", size)
             try:
                 self.register.extend(digest)
                 self._left(fd, new)
+                self._clear_pending()
             except MeasureError as e:
                 try:
                     done = self.register.read() == new
                 except MeasureError as r:
-                    raise MeasureError(
+                    raise MeasureError(  # the marker stays: the next record extends it
                         f"{e}; reading the register back failed too ({r}), so the event "
                         f"stays in {self.log_path}: the next record extends it unless the "
                         f"register already holds it") from None
                 if done:
                     self._left(fd, new)
+                    self._clear_pending()
                     return
                 try:
                     os.ftruncate(fd, size)
                     os.fsync(fd)
+                    self._clear_pending()
                 except OSError as t:
                     raise MeasureError(f"{e}; and removing the event from {self.log_path} failed "
                                        f"({t.strerror}): the next record will extend it") from None
