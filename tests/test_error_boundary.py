@@ -341,3 +341,54 @@ def test_every_eio_of_a_violated_file_waits_for_its_measurement(caplog):
     assert trio.run(main) == []
     assert done == ["extended", "EIO True", "EIO True"]
     assert ops.tripwire.measured == 1
+
+
+class _Served:
+    """A handle whose reader would serve the block (the host put the byte back)."""
+    node = SimpleNamespace(path="dir/file")
+    keep_cache = True
+
+
+class ServedView:
+    posix_acl = False
+
+    def open(self, ino, flags, ctx):
+        return _Served()
+
+    def path_of(self, ino):
+        return "dir/file"
+
+
+class MismatchSeenNatively:
+    """The native read path declined a read whose block did not hash (fast_reads)."""
+
+    def register(self, fh, h):
+        pass
+
+    def seen_mismatch(self, fh, h):
+        raise errors.IntegrityError("dir/file", 8192, b"\x01" * 32, b"\x02" * 32)
+
+    def came_to_python(self, fh, h):
+        raise AssertionError("the read went on to be served")
+
+
+def test_a_read_the_native_path_saw_mismatch_fails_and_is_measured():
+    """Whatever the block holds when Python would read it again, the read that saw it
+    not hash is EIO, and the manifest path's violation is measured (review, s44)."""
+    from verityfuse.tripwire import Tripwire
+
+    done: list = []
+    measurer = HeldMeasurer(done)
+    measurer.release.set()
+    ops = VerityOperations(ServedView())
+    ops.fast = MismatchSeenNatively()
+    ops.tripwire = Tripwire("sha256:" + "11" * 32, measurer, "eio")
+
+    async def main():
+        fi = await ops.open(5, os.O_RDONLY, SimpleNamespace(uid=0, gid=0, pid=0, umask=0))
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.read(fi.fh, 8192, 4096)
+        return e.value.errno
+
+    assert trio.run(main) == errno.EIO
+    assert done == ["extended"] and ops.tripwire.measured == 1

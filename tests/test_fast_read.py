@@ -176,6 +176,33 @@ def test_a_changed_block_is_declined_and_python_reports_it(fast, sealed):
     assert e.value.offset == MiB
 
 
+def test_a_mismatch_fails_its_read_even_when_the_bytes_are_back(fast, sealed):
+    """A host that flips a byte and puts it back at once: the native path declined the
+    read that saw the flip, Python read the block again, found it good and served it,
+    and the mismatch was neither an EIO nor measured (review, s44).  The declined read
+    now fails with what the native path saw: the block's offset and both hashes."""
+    s = sealed(os.urandom(2 * MiB))
+    fast.register(6, s.h)
+    s.warm()
+    good = s.data[MiB:MiB + 4096]
+    bad = bytearray(good)
+    bad[10] ^= 1
+    with open(s.path, "r+b", buffering=0) as f:
+        f.seek(MiB)
+        f.write(bad)
+        assert native.fast_read(6, 8192, MiB - 4096) is None  # the block after the first
+        f.seek(MiB)
+        f.write(good)  # back before Python reads it
+    with pytest.raises(IntegrityError) as e:
+        fast.seen_mismatch(6, s.h)
+    hasher = s.reader.verifier.hasher
+    assert (e.value.offset, e.value.expected, e.value.actual) == (MiB, hasher(good), hasher(bytes(bad)))
+    assert str(e.value).startswith(f"f: data block at offset {MiB}: expected hash ")
+    fast.seen_mismatch(6, s.h)  # taken once: the next read is judged on its own
+    assert bytes(s.reader.read(MiB, 4096)) == good
+    assert native.fast_read(6, 4096, MiB) == good  # and answered natively again
+
+
 def test_a_truncated_or_extended_file_is_declined(fast, sealed):
     s = sealed(os.urandom(20_000))
     fast.register(8, s.h)

@@ -27,7 +27,10 @@
  *
  * Anything else (a mismatch, a truncated or extended file, a read that would
  * wait, a missing leaf) declines: Python repeats the read on its own and
- * reports what it finds, with its one error boundary, messages and counters.
+ * reports what it finds, with its one error boundary, messages and counters;
+ * a mismatch is also kept for the handle (its block and the hash it had), and
+ * Python fails that read with it whatever its own read finds: a host that
+ * flips a byte and puts it back at once must still be seen (and measured).
  * So the trust rule is unchanged: the bytes replied are the ones copied into
  * this process's buffer and hashed there, against hashes verified to the root.
  *
@@ -54,7 +57,11 @@ struct fr_file {
     int used, fd, alg, flags, single;
     size_t bs, hpb, prefix_len, key_len;
     long long data_size;
-    unsigned char prefix[FR_PREFIX], key[FR_KEY], root[SHA512_DIGEST_LENGTH];
+    /* The block of the last read that did not hash to its expected hash (-1: none) and
+     * the hash it had, until Python takes them (fast_take_mismatch). */
+    long long bad_off;
+    unsigned char prefix[FR_PREFIX], key[FR_KEY], root[SHA512_DIGEST_LENGTH],
+        bad_hash[SHA512_DIGEST_LENGTH];
 };
 
 static struct fr_file g_files[FR_HANDLES];
@@ -197,7 +204,14 @@ static int fast_read(uint64_t fh, size_t size, int64_t off, const void **out, si
         goto decline;
     }
     if (bad != SIZE_MAX) {
-        g_fr_failed++;  /* Python reads it again and reports the mismatch */
+        /* Python fails this read with it (fast_take_mismatch).  The handle looked up
+         * again: the GIL may have been released while the blocks were read and hashed. */
+        struct fr_file *g = fr_find(fh);
+        if (g != NULL) {
+            g->bad_off = start + (long long)bad * bs;
+            hash_range(&c, bad, 1, g->bad_hash);
+        }
+        g_fr_failed++;
         goto decline;
     }
     if (stop == data_size) {
@@ -265,7 +279,7 @@ static PyObject *fast_register(PyObject *self, PyObject *args)
     *f = (struct fr_file){
         .fh = fh, .used = 1, .fd = fd, .alg = alg, .flags = flags, .single = root.len != 0,
         .bs = (size_t)bs, .hpb = (size_t)bs / ds, .prefix_len = (size_t)prefix.len,
-        .key_len = (size_t)key.len, .data_size = data_size,
+        .key_len = (size_t)key.len, .data_size = data_size, .bad_off = -1,
     };
     memcpy(f->prefix, prefix.buf, (size_t)prefix.len);
     memcpy(f->key, key.buf, (size_t)key.len);
@@ -288,6 +302,21 @@ static PyObject *fast_forget(PyObject *self, PyObject *arg)
     if (f != NULL)
         fr_remove((size_t)(f - g_files));
     Py_RETURN_NONE;
+}
+
+static PyObject *fast_take_mismatch(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
+    if (fh == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    struct fr_file *f = fr_find(fh);
+    if (f == NULL || f->bad_off < 0)
+        Py_RETURN_NONE;
+    long long off = f->bad_off;
+    f->bad_off = -1;
+    Py_ssize_t ds = f->alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
+    return Py_BuildValue("(Ly#)", off, (const char *)f->bad_hash, ds);
 }
 
 static PyObject *fast_read_py(PyObject *self, PyObject *args)
@@ -342,6 +371,10 @@ static PyObject *fast_entry(PyObject *self, PyObject *unused)
      "where a read could wait; -1: ask cachestat(2) first, where RWF_NOWAIT is refused).\n" \
      "False when the table is full (Python serves it)."}, \
     {"fast_forget", fast_forget, METH_O, "fast_forget(fh): before its fd is closed."}, \
+    {"fast_take_mismatch", fast_take_mismatch, METH_O, \
+     "fast_take_mismatch(fh) -> (offset, actual hash) or None: the block of handle fh\n" \
+     "that the last declined read found not hashing to its expected hash (forgotten\n" \
+     "once taken)."}, \
     {"fast_read", fast_read_py, METH_VARARGS, \
      "fast_read(fh, size, offset) -> bytes or None: what the FUSE hook would reply\n" \
      "(None: it declines, Python serves the read).  For tests, on the one thread that\n" \

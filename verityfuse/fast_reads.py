@@ -17,7 +17,10 @@ it may answer is told here:
 
 It declines every failure (a mismatch, a truncated or extended file, data not in
 memory, a missing leaf), so a failure is found again and reported by the Python
-path, with its message, errno, log line and counters: one error boundary.
+path, with its message, errno, log line and counters: one error boundary.  A
+mismatch is not left to be found again: the bytes may be back by the time Python
+reads them (a host that flips a byte for a moment), and the read that saw them
+must fail and be measured all the same (``seen_mismatch``).
 
 Pure: this module neither imports pyfuse3 nor trio (the shim is passed in).
 """
@@ -28,7 +31,7 @@ import os
 from typing import Any, Optional
 
 from . import merkle
-from .errors import VerityError
+from .errors import IntegrityError, VerityError
 from .reader import VerifiedReader
 from .verifier import leaf_table_key
 
@@ -109,6 +112,18 @@ class FastReads:
             except BaseException:  # out of memory: the open fails, and keeps no slot
                 self.forget(fh)
                 raise
+
+    def seen_mismatch(self, fh: int, h) -> None:
+        """Raise the IntegrityError of the block the native path found not hashing to its
+        expected hash in this (declined) read of handle ``fh``, with the hash it had then,
+        whatever the block holds now."""
+        got = self.native.fast_take_mismatch(fh)
+        if got is None or h.reader is None:
+            return
+        offset, actual = got
+        v = h.reader.verifier
+        expected = bytes(v.expected_hashes(offset // v.params.block_size, 1))
+        raise IntegrityError(h.reader.label, offset, expected, actual)
 
     def came_to_python(self, fh: int, h) -> None:
         """A read of ``fh`` is Python's (declined, or never offered): register the handle

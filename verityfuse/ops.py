@@ -217,6 +217,7 @@ class VerityOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         h = self.handles[fh]
         if self.fast is not None:
+            self.fast.seen_mismatch(fh, h)  # before came_to_python may forget the handle
             self.fast.came_to_python(fh, h)
         return await self.reads.read(h, off, size)
 
