@@ -153,7 +153,20 @@ class Measurer:
     # is not checked.
 
     def _read_boot(self) -> str | None:
-        path = self.log_path + ".boot"
+        return self._read_beside(".boot")
+
+    def _write_boot(self, boot: str | None):
+        if boot is None:
+            try:
+                os.unlink(self.log_path + ".boot")
+            except FileNotFoundError:
+                pass
+            return
+        self._write_beside(".boot", boot)
+
+    def _read_beside(self, suffix: str) -> str | None:
+        """What LOG.boot or LOG.pending holds (None if absent): a regular file of ours."""
+        path = self.log_path + suffix
         try:  # O_NONBLOCK: a FIFO planted there is refused below, never waited on
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -163,18 +176,12 @@ class Measurer:
             if not stat.S_ISREG(st.st_mode):
                 raise MeasureError(f"{path} is not a regular file")
             _only_ours(st, path, self.register)
-            return os.read(fd, 64).decode("ascii", "replace").strip()
+            return os.read(fd, 256).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
 
-    def _write_boot(self, boot: str | None):
-        path = self.log_path + ".boot"
-        if boot is None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
+    def _write_beside(self, suffix: str, text: str, sync: bool = True):
+        path = self.log_path + suffix
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      0o644)
         try:
@@ -183,8 +190,9 @@ class Measurer:
                 raise MeasureError(f"{path} is not a regular file")
             _only_ours(st, path, self.register)  # before truncating what may be another's
             os.ftruncate(fd, 0)
-            os.write(fd, boot.encode("ascii") + b"\n")
-            os.fsync(fd)
+            os.write(fd, text.encode("ascii") + b"\n")
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -205,33 +213,11 @@ class Measurer:
         return f"{self.register.name} {digest.hex()}"
 
     def _mark_pending(self, digest: bytes):
-        path = self.log_path + ".pending"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o644)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MeasureError(f"{path} is not a regular file")
-            _only_ours(st, path, self.register)
-            os.ftruncate(fd, 0)
-            os.write(fd, self._marker(digest).encode("ascii") + b"\n")
-        finally:
-            os.close(fd)
+        # Not synced: it matters within this boot only (a log of another boot is moved aside).
+        self._write_beside(".pending", self._marker(digest), sync=False)
 
     def _pending(self) -> str | None:
-        path = self.log_path + ".pending"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None  # none (or a symlink: not ours): no crash to complete
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            _only_ours(st, path, self.register)
-            return os.read(fd, 256).decode("ascii", "replace").strip()
-        finally:
-            os.close(fd)
+        return self._read_beside(".pending")
 
     def _clear_pending(self):
         try:
