@@ -7,7 +7,7 @@ serves one directory of regular files: NAME's getattr says SIZE bytes (cached by
 kernel for a minute), and its reads return the first LENGTH bytes of
 ``conftest.pattern`` -- so a reader that trusts the size over what it read is caught
 (a network or FUSE source can answer like this; so can a file truncated between a
-stat and a read).  With OP (getattr, open or read), that request of NAME is answered
+stat and a read).  With OP (getattr, open, read or fsync), that request of NAME is answered
 ERRNO instead, and NAME's attributes are not cached (every fstat of it asks again).
 direct_io: every read reaches here, as asked; OP cachedread fails reads as read does,
 through the page cache (no direct_io: the file can be mapped).  OP rewrite (ERRNO 0)
@@ -91,6 +91,9 @@ class ShortReads(pyfuse3.Operations):
         if self.fails[self._index(fh)] == ("rewrite", 0):
             self.reads[self._index(fh)] += 1
         return self.data[self._index(fh)][off:off + size]
+
+    async def fsync(self, fh, datasync):
+        self._fail(fh, "fsync")
 
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()

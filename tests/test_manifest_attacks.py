@@ -97,6 +97,50 @@ def test_an_errno_the_host_chooses_is_eio_for_that_file_only(tmp_path, verified_
             m.unmount()  # before the share's: it holds the share's files open
 
 
+def test_fsync_and_long_names_on_a_read_only_view(tmp_path, verified_mount):
+    """fsync of a directory of a manifest mount was EIO (and an ERROR line: its handles
+    have no fd); fsync of a file asked the untrusted share and passed on the errno it
+    chose (EACCES, for a file the manifest lets everyone read); a name over 255 bytes
+    was ENOENT, not ENAMETOOLONG (found by review, s44).  Nothing is written through the
+    mount: there is nothing to sync, and the share is not asked."""
+    from conftest import fuse_helper, pattern, write
+
+    plain, share = tmp_path / "plain", tmp_path / "share"
+    plain.mkdir()
+    share.mkdir()
+    write(plain / "f", pattern(8192))
+    ma.vf("keygen", tmp_path / "key.pem", tmp_path / "pub.pem")
+    ma.vf("seal", plain, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "key.pem")
+    args = ["--manifest", str(tmp_path / "m.json"), "--trust-key", str(tmp_path / "pub.pem"),
+            "--store", str(plain / ".verityfuse")]
+    with fuse_helper("short_read_fs.py", share, f"f=8192:8192:fsync:{errno.EACCES}",
+                     what="the hostile share"):
+        m = verified_mount(share, seal=False, extra_args=args)
+        try:
+            mnt = m.mountpoint
+            fd = os.open(mnt / "f", os.O_RDONLY)
+            try:
+                assert os.read(fd, 8192) == pattern(8192)
+                os.fsync(fd)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for n in (256, 1024):
+                with pytest.raises(OSError) as e:
+                    os.lstat(mnt / ("a" * n))
+                assert e.value.errno == errno.ENAMETOOLONG
+            with pytest.raises(FileNotFoundError):
+                os.lstat(mnt / ("a" * 255))
+            assert "ERROR" not in m.log()
+        finally:
+            m.unmount()  # before the share's: it holds the share's files open
+
+
 def _errno_attack(mnt, op, size):
     from conftest import pattern
 

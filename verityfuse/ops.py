@@ -236,8 +236,16 @@ class VerityOperations(pyfuse3.Operations):
         if h.writable and h.fd >= 0:  # an OCI view's handles have no backing fd
             os.close(os.dup(h.fd))
 
+    def _syncable(self, h) -> bool:
+        """Whether an fsync of handle ``h`` has anything to do.  Nothing is written through
+        a read-only view, and its share is not asked: a host's answer (an errno it picks)
+        would reach the guest's program; an OCI handle has no fd at all."""
+        return not isinstance(self.view, ReadOnlyView) and h.fd >= 0
+
     async def fsync(self, fh, datasync):
-        await self._run(os.fdatasync if datasync else os.fsync, self.handles[fh].fd)
+        h = self.handles[fh]
+        if self._syncable(h):
+            await self._run(os.fdatasync if datasync else os.fsync, h.fd)
 
     async def release(self, fh):
         if self.fast is not None:
@@ -262,8 +270,10 @@ class VerityOperations(pyfuse3.Operations):
         self.view.releasedir(self._pop_fh(fh))
 
     async def fsyncdir(self, fh, datasync):
-        # As fsync: a slow disk must not stall the request loop.
-        await self._run(os.fsync, self.handles[fh].fd)
+        h = self.handles[fh]
+        if self._syncable(h):  # a manifest view's directories have no fd either
+            # As fsync: a slow disk must not stall the request loop.
+            await self._run(os.fsync, h.fd)
 
     # -- extended attributes ------------------------------------------------------------
 

@@ -96,6 +96,8 @@ class ManifestView(ReadOnlyView):
             raise OSError(errno.ENOTDIR, "not a directory")
         child = p.children.get(name)
         if child is None:
+            if len(name) > manifest_tree.MAX_NAME_BYTES:  # as the mount's statfs says
+                raise OSError(errno.ENAMETOOLONG, "name too long")
             raise OSError(errno.ENOENT, "not in the manifest")
         return self._attr(child)
 
