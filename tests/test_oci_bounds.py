@@ -136,3 +136,25 @@ def test_a_large_trees_fetched_chunks_stay_bounded_and_are_fetched_again(monkeyp
                                                  for j in range(3 * BS))
     finally:
         t.close()
+
+
+def test_an_oci_manifest_of_tiny_values_is_refused_unparsed():
+    """The OCI manifest is the registry's, read before anything is authenticated: 64 MiB
+    of "[{},{},...]" (under the read cap) parsed into 1.7 GB of Python objects (found by
+    review, s44).  Values that small are refused before the parse; a real artifact,
+    compact or as push writes it, is not."""
+    import json
+
+    import pytest
+
+    from verityfuse import oci_artifact as oa
+
+    bomb = b'{"schemaVersion":2,"layers":[' + b"{}," * 100_000 + b"{}]}"
+    with pytest.raises(oa.ArtifactError, match=r"^200005 JSON values in 300033 bytes: not a "
+                                               r"verityfuse artifact's manifest"):
+        oa.parse(bomb)
+    art = oa.Artifact(oa.Blob(digest(1), 10), {digest(i): oa.Blob(digest(i), i) for i in range(3)},
+                      {digest(2): oa.Blob(digest(7), 4096)})
+    written = oa.build(art, digest(9))
+    for body in (written, json.dumps(json.loads(written), separators=(",", ":")).encode()):
+        assert oa.parse(body) == art
