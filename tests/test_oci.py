@@ -530,6 +530,19 @@ def test_an_unreadable_registry_auth_file_is_named(tree, tmp_path):
     assert "Errno" not in r.stderr
 
 
+def test_a_registry_timeout_beyond_an_hour_is_refused_by_name(tmp_path):
+    """10**10 seconds went through and failed inside Python's timer ("timestamp too large
+    to convert to C _PyTime_t"; review, s44)."""
+    zero = "sha256:" + "00" * 32
+    base = ["mount", f"oci://127.0.0.1:9/x@{zero}", tmp_path, "--manifest-digest", zero]
+    r = vf(*base, "--registry-timeout", "10000000000")
+    assert r.returncode == 2 and "argument --registry-timeout: registry-timeout: at most 3600 " \
+        "seconds, not 10000000000" in r.stderr, r.stderr
+    r = vf(*base, "-o", "registry_timeout=3601")
+    assert r.returncode == 2 and "registry_timeout: at most 3600 seconds, not 3601" in r.stderr, \
+        r.stderr
+
+
 def test_an_unreachable_registry_is_said_without_the_clients_classes(tmp_path):
     """What failed and why, not urllib3's connection object (our own subclass's name)."""
     import socket

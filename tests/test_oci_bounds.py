@@ -158,3 +158,18 @@ def test_an_oci_manifest_of_tiny_values_is_refused_unparsed():
     written = oa.build(art, digest(9))
     for body in (written, json.dumps(json.loads(written), separators=(",", ":")).encode()):
         assert oa.parse(body) == art
+
+
+def test_a_cache_directory_that_cannot_be_used_is_named(tmp_path):
+    """--cache DIR missing or a file: "[Errno 2] No such file or directory:
+    'DIR/verityfuse-cache-44e0xs0r'", a name the user never gave (review, s44)."""
+    import pytest
+
+    from verityfuse import mountopts
+
+    (tmp_path / "file").write_bytes(b"")
+    for d, why in ((tmp_path / "nope", "No such file or directory"),
+                   (tmp_path / "file", "Not a directory")):
+        with pytest.raises(OSError) as e:
+            obc.DiskBlockCache(str(d), 1 << 20)
+        assert mountopts.reason(e.value) == f"cache directory {d}: {why}"

@@ -223,7 +223,9 @@ def add_commands(sub):
     p.add_argument("--require-signatures", action="store_true",
                    help="like fs.verity.require_signatures=1: unsigned verity files are refused")
     p.add_argument("--cache-size", type=_positive("cache-size"), metavar="MIB",
-                   help="memory for verified Merkle tree blocks (default 32 MiB)")
+                   help="memory for verified Merkle tree blocks (default 32 MiB); for oci:// "
+                        "sources also the verified data blocks kept (default 64 MiB, in "
+                        "memory or in --cache DIR) and a quarter of it for tree objects")
     p.add_argument("--readahead-kb", type=_non_negative, default=1024, metavar="KIB",
                    help="kernel readahead window of the mount (default 1024; 0 keeps 128)")
     p.add_argument("--log-file", metavar="FILE", help="log here (default: stderr in the "
@@ -246,7 +248,8 @@ def add_commands(sub):
                    help="say where the logs go (said anyway when it is not the documented place)")
     from .cli_oci import add_registry_options
     add_registry_options(p)  # SOURCE oci://HOST[:PORT]/REPO[:TAG|@DIGEST]
-    p.add_argument("--registry-timeout", type=_positive("registry-timeout"), default=10,
+    p.add_argument("--registry-timeout", default=10,
+                   type=_option(lambda t: mountopts.registry_timeout(t, "registry-timeout")),
                    metavar="S", help="oci:// sources: the registry's connect and read "
                    "timeout; a whole answer may take 3 times this (more for a large body), "
                    "then the reads waiting on it fail with EIO (default 10)")

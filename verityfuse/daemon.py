@@ -299,7 +299,7 @@ def mount(source: str, mountpoint: str, s: Settings, err=sys.stderr, verbose: bo
     try:
         trust = Trust(s, source)  # a bad manifest, key or cert: refuse before mounting
     except Exception as e:  # VerityError or OSError, with a message for the user
-        raise MountError(f"refusing to mount: {e}") from None
+        raise MountError(f"refusing to mount: {mountopts.reason(e)}") from None
     src = source if is_oci(source) else os.path.realpath(source)
     mnt = os.path.realpath(mountpoint)
     if s.foreground:

@@ -102,6 +102,16 @@ def non_negative_int(text: str, name: str) -> int:
 MAX_READAHEAD_KB = 65536
 
 
+MAX_REGISTRY_TIMEOUT = 3600  # seconds: beyond what a timer takes (10**10 overflowed one)
+
+
+def registry_timeout(text: str, name: str) -> int:
+    n = positive_int(text, name)
+    if n > MAX_REGISTRY_TIMEOUT:
+        raise OptionError(f"{name}: at most {MAX_REGISTRY_TIMEOUT} seconds, not {n}")
+    return n
+
+
 def readahead_kb(text: str, name: str) -> int:
     n = non_negative_int(text, name)
     if n > MAX_READAHEAD_KB:
@@ -147,7 +157,7 @@ VALUED: Dict[str, Tuple[str, Callable[[str], object]]] = {
     "min_sequence": ("min_sequence", lambda v: non_negative_int(v, "min_sequence")),
     "registry_ca": ("registry_ca", str), "registry_auth": ("registry_auth", str),
     "cache": ("cache_dir", str),
-    "registry_timeout": ("registry_timeout", lambda v: float(positive_int(v, "registry_timeout"))),
+    "registry_timeout": ("registry_timeout", lambda v: float(registry_timeout(v, "registry_timeout"))),
     "max_handles_per_uid": ("max_handles_per_uid",
                             lambda v: positive_int(v, "max_handles_per_uid")),
 }

@@ -110,7 +110,10 @@ def punch_hole(fd: int, offset: int, length: int):
 class DiskBlockCache(BlockCache):
     def __init__(self, directory: str, max_bytes: int):
         super().__init__(max_bytes)
-        self.dir = tempfile.mkdtemp(prefix="verityfuse-cache-", dir=directory)
+        try:
+            self.dir = tempfile.mkdtemp(prefix="verityfuse-cache-", dir=directory)
+        except OSError as e:  # the directory given, not the random name under it
+            raise OSError(e.errno, f"cache directory {directory}: {e.strerror}") from None
         # Punch a hole now: a filesystem that cannot would let the disk use grow unbounded.
         probe = os.path.join(self.dir, "probe")
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
