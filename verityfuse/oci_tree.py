@@ -79,6 +79,19 @@ class LazyTree(StoredTree):
             hi += -hi % PAGE
         punch_hole(self.fd, lo, hi - lo)
 
+    def mark_failed(self, index=None):
+        """A block fetched into the memfd did not hash: its chunk is let go, so that the
+        next read fetches it again (a registry's answer damaged once would otherwise fail
+        every read under that chunk for as long as the file is open)."""
+        super().mark_failed(index)
+        if index is None:
+            return
+        with self.lock:
+            chunk = index // CHUNK_BLOCKS
+            if chunk in self.have:
+                del self.have[chunk]
+                self._let_go(chunk)
+
     def read_tree_block(self, index: int) -> bytes:
         with self.lock:  # one fetch per chunk, however many readers want it
             self._ensure(index, index)

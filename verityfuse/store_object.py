@@ -39,10 +39,11 @@ class StoredTree:
         self.block_size = descriptor.params.block_size
         self.failed = False  # a block of it failed: never kept open once released
 
-    def mark_failed(self):
-        """A tree block read through it failed (a hash mismatch, a truncation): when
-        its last holder lets it go it is closed, not kept, so that the next open reads
-        the store again (an object repaired by a rename over it is then seen)."""
+    def mark_failed(self, index: Optional[int] = None):
+        """A tree block read through it (``index``, when it is known) failed (a hash
+        mismatch, a truncation): when its last holder lets it go it is closed, not kept,
+        so that the next open reads the store again (an object repaired by a rename over
+        it is then seen)."""
         self.failed = True
 
     @property

@@ -154,7 +154,7 @@ class Verifier:
             slot = (index % self.hpb) * self.ds
             expected = parent[slot: slot + self.ds]
         if actual != expected:
-            self.tree.mark_failed()
+            self.tree.mark_failed(pos)
             raise IntegrityError(
                 self.label, pos * self.params.block_size, expected, actual,
                 what=f"Merkle tree block (level {level}, index {index}) at tree offset",
