@@ -230,6 +230,53 @@ def test_concurrent_reads_of_a_block_fetch_it_once(pushed, proxy):
         remote.close()
 
 
+def test_readers_waiting_on_a_failed_fetch_fail_with_it(pushed, proxy):
+    """Readers of a block another reader fetches wait for it; when that fetch failed,
+    each claimed the block and fetched it again, one after another, each waiting out a
+    timeout of its own (20 readers of a stalled block: minutes; found by review, s44).
+    They now fail with the fetch they waited on: one request, one timeout."""
+    import threading
+    from verityfuse import oci_reader, oci_source
+    from verityfuse.errors import VerityError
+    from verityfuse.mountopts import Settings
+    from verityfuse.verifier import TreeBlockCache, Verifier
+
+    ref = "oci://" + proxy.host + "/" + pushed["ref"].split("/", 1)[1]
+    remote = oci_source.remote_from_settings(ref, Settings(
+        trust_key=[str(pushed["pub"])], plain_http=True, registry_timeout=1))
+    blob = _big_blob(pushed)
+    proxy.rule = lambda r: "stall" if r.blob == blob and r.range and r.range[0] == BAD else None
+    try:
+        node = next(n for n in remote.manifest.tree.files() if n.path == "big")
+        tree = remote.open_tree(node, "big")
+        reader = oci_reader.OciReader(remote, node, Verifier(tree, TreeBlockCache(), "big"),
+                                      "big")
+        gets = lambda: proxy.count("GET", lambda r: r.blob == blob and r.range[0] == BAD)  # noqa: E731
+        with pytest.raises(VerityError):
+            reader.read(BAD, 4096)  # alone: one fetch, with its own retries
+        one = gets()
+        gate = threading.Barrier(6)
+        out = []
+
+        def read():
+            gate.wait()
+            try:
+                reader.read(BAD, 4096)
+                out.append("read")
+            except VerityError as e:
+                out.append(type(e).__name__)
+        threads = [threading.Thread(target=read) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert out == ["RegistryError"] * 6
+        assert gets() == 2 * one  # six readers at once: one fetch more, not six
+        tree.close()
+    finally:
+        remote.close()
+
+
 def test_altered_registry_blob_fails_only_its_blocks(pushed, registry, oci_mount):  # noqa: F811
     big = pushed["files"]["big"]
     from verityfuse.oci_client import sha256_digest

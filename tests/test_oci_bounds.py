@@ -206,8 +206,8 @@ def test_an_oci_manifest_of_tiny_values_is_refused_unparsed():
 
     from verityfuse import oci_artifact as oa
 
-    bomb = b'{"schemaVersion":2,"layers":[' + b"{}," * 100_000 + b"{}]}"
-    with pytest.raises(oa.ArtifactError, match=r"^200005 JSON values in 300033 bytes: not a "
+    bomb = b'{"schemaVersion":2,"layers":[' + b"{}," * 400_000 + b"{}]}"
+    with pytest.raises(oa.ArtifactError, match=r"^800005 JSON values in 1200033 bytes: not a "
                                                r"verityfuse artifact's manifest"):
         oa.parse(bomb)
     art = oa.Artifact(oa.Blob(digest(1), 10), {digest(i): oa.Blob(digest(i), i) for i in range(3)},

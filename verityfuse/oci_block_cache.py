@@ -37,6 +37,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 MAX_OPEN = 64  # cache files kept open (DiskBlockCache): the daemon's fds are for its users
+MAX_FAILURES = 1024  # fetch failures kept for the readers that waited on them
 
 
 class BlockCache:
@@ -50,6 +51,12 @@ class BlockCache:
         self._d: "OrderedDict[tuple, bytes]" = OrderedDict()
         self.cond = threading.Condition()
         self.inflight: set = set()
+        # The failure of a fetch other readers waited on goes to each of them, instead of
+        # each fetching again in turn, waiting out a timeout of its own (20 readers of a
+        # block a registry stalls: 20 timeouts in a row).  Only to readers that waited
+        # while it ran (by sequence number): a later read tries again.
+        self.fail_seq = 0
+        self.failures: "OrderedDict[tuple, Tuple[int, Exception]]" = OrderedDict()
 
     def take(self, keys: List[tuple], out: Dict[tuple, bytes]) -> Tuple[List[tuple], bool]:
         """Under the lock: copy cached blocks into ``out``; claim the missing ones nobody
@@ -70,6 +77,23 @@ class BlockCache:
                 self.inflight.add(k)
                 mine.append(k)
         return mine, waiting
+
+    def fetch_failed(self, key: tuple, error: Exception):
+        """Under the lock: the fetch of ``key`` failed with ``error``."""
+        self.fail_seq += 1
+        self.failures[key] = (self.fail_seq, error)
+        self.failures.move_to_end(key)
+        while len(self.failures) > MAX_FAILURES:
+            self.failures.popitem(last=False)
+
+    def failed_since(self, seq: int, keys: List[tuple], out) -> Optional[Exception]:
+        """Under the lock: the error of a fetch of one of ``keys`` (not in ``out``) that
+        failed after ``fail_seq`` was ``seq``, or None."""
+        for k in keys:
+            f = self.failures.get(k) if k not in out else None
+            if f is not None and f[0] > seq:
+                return f[1]
+        return None
 
     def _get(self, k: tuple) -> Optional[bytes]:
         """A cached block, or None (a cache on disk reads it back)."""
@@ -145,6 +169,23 @@ class DiskBlockCache(BlockCache):
         if len(self.fds) > MAX_OPEN:
             os.close(self.fds.popitem(last=False)[1])
         return fd
+
+    def fetch_failed(self, key: tuple, error: Exception):
+        """Under the lock: the fetch of ``key`` failed with ``error``."""
+        self.fail_seq += 1
+        self.failures[key] = (self.fail_seq, error)
+        self.failures.move_to_end(key)
+        while len(self.failures) > MAX_FAILURES:
+            self.failures.popitem(last=False)
+
+    def failed_since(self, seq: int, keys: List[tuple], out) -> Optional[Exception]:
+        """Under the lock: the error of a fetch of one of ``keys`` (not in ``out``) that
+        failed after ``fail_seq`` was ``seq``, or None."""
+        for k in keys:
+            f = self.failures.get(k) if k not in out else None
+            if f is not None and f[0] > seq:
+                return f[1]
+        return None
 
     def _get(self, k: tuple) -> Optional[bytes]:
         where = self._where.get(k)

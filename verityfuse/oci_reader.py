@@ -117,10 +117,17 @@ class OciReader(VerifiedReader):
         keys = [(self.fsv, b) for b in range(first, first + count)]
         got: Dict[tuple, bytes] = {}
         cache = self.remote.blocks
+        waited_from = None  # cache.fail_seq when this reader began waiting on others' fetches
         while len(got) < count:
             hits = None if quiet else getattr(self._local, "hits", None)
             before = set(got) if hits is not None else ()
             with cache.cond:
+                failed = None if waited_from is None else \
+                    cache.failed_since(waited_from, keys, got)
+                if failed is not None:  # the fetch it waited on failed: so does this read
+                    if quiet:
+                        return got
+                    raise failed
                 mine, waiting = cache.take(keys, got)
                 if hits is not None:  # from the cache: a failing read drops only these
                     hits.update(k for k in got if k not in before)
@@ -129,13 +136,20 @@ class OciReader(VerifiedReader):
                 if not mine:
                     if waiting:
                         # Another reader fetches them; its request has a timeout.
+                        if waited_from is None:
+                            waited_from = cache.fail_seq
                         cache.cond.wait(self.remote.client.timeout)
                     continue
+            errors: Dict[int, VerityError] = {}
             try:
                 errors = self._fetch([k[1] for k in mine], got, quiet)
             finally:
                 with cache.cond:
                     cache.inflight.difference_update(mine)
+                    if not quiet:  # readahead's failures are nobody's (_quietly)
+                        for k in mine:
+                            if k not in got and k[1] in errors:
+                                cache.fetch_failed(k, errors[k[1]])
                     cache.cond.notify_all()
             if quiet:
                 return got
