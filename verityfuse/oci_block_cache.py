@@ -170,23 +170,6 @@ class DiskBlockCache(BlockCache):
             os.close(self.fds.popitem(last=False)[1])
         return fd
 
-    def fetch_failed(self, key: tuple, error: Exception):
-        """Under the lock: the fetch of ``key`` failed with ``error``."""
-        self.fail_seq += 1
-        self.failures[key] = (self.fail_seq, error)
-        self.failures.move_to_end(key)
-        while len(self.failures) > MAX_FAILURES:
-            self.failures.popitem(last=False)
-
-    def failed_since(self, seq: int, keys: List[tuple], out) -> Optional[Exception]:
-        """Under the lock: the error of a fetch of one of ``keys`` (not in ``out``) that
-        failed after ``fail_seq`` was ``seq``, or None."""
-        for k in keys:
-            f = self.failures.get(k) if k not in out else None
-            if f is not None and f[0] > seq:
-                return f[1]
-        return None
-
     def _get(self, k: tuple) -> Optional[bytes]:
         where = self._where.get(k)
         if where is None:
