@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -54,9 +55,11 @@ class BlockCache:
         # The failure of a fetch other readers waited on goes to each of them, instead of
         # each fetching again in turn, waiting out a timeout of its own (20 readers of a
         # block a registry stalls: 20 timeouts in a row).  Only to readers that waited
-        # while it ran (by sequence number): a later read tries again.
+        # while it ran (by sequence number), or, for a stall, to every reader for a while
+        # after it (``cool``): readers of one page, which the kernel sends one at a time,
+        # each waited out the deadline again.  Later, a read tries again.
         self.fail_seq = 0
-        self.failures: "OrderedDict[tuple, Tuple[int, Exception]]" = OrderedDict()
+        self.failures: "OrderedDict[tuple, Tuple[int, Exception, float]]" = OrderedDict()
 
     def take(self, keys: List[tuple], out: Dict[tuple, bytes]) -> Tuple[List[tuple], bool]:
         """Under the lock: copy cached blocks into ``out``; claim the missing ones nobody
@@ -78,21 +81,30 @@ class BlockCache:
                 mine.append(k)
         return mine, waiting
 
-    def fetch_failed(self, key: tuple, error: Exception):
-        """Under the lock: the fetch of ``key`` failed with ``error``."""
+    def fetch_failed(self, key: tuple, error: Exception, cool: float = 0):
+        """Under the lock: the fetch of ``key`` failed with ``error``; ``cool``: seconds
+        during which every read of it fails with that error at once."""
         self.fail_seq += 1
-        self.failures[key] = (self.fail_seq, error)
+        self.failures[key] = (self.fail_seq, error, time.monotonic() + cool if cool else 0.0)
         self.failures.move_to_end(key)
         while len(self.failures) > MAX_FAILURES:
             self.failures.popitem(last=False)
 
-    def failed_since(self, seq: int, keys: List[tuple], out) -> Optional[Exception]:
+    def failed_since(self, seq: Optional[int], keys: List[tuple], out) -> Optional[Exception]:
         """Under the lock: the error of a fetch of one of ``keys`` (not in ``out``) that
-        failed after ``fail_seq`` was ``seq``, or None."""
+        failed after ``fail_seq`` was ``seq`` (None: no such fetch is waited on), or whose
+        failure still cools; else None."""
+        now = None
         for k in keys:
             f = self.failures.get(k) if k not in out else None
-            if f is not None and f[0] > seq:
+            if f is None:
+                continue
+            if seq is not None and f[0] > seq:
                 return f[1]
+            if f[2]:
+                now = time.monotonic() if now is None else now
+                if now < f[2]:
+                    return f[1]
         return None
 
     def _get(self, k: tuple) -> Optional[bytes]:

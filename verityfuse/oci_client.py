@@ -40,7 +40,7 @@ except ModuleNotFoundError:  # the [oci] extra: local and share mounts do not ne
                       "pip install 'verityfuse[oci]'") from None
 
 from .oci_http import (MIN_RATE, OCI_MANIFEST, READ_TIMEOUTS, WATCHDOG, AnswerTooSlow,
-                       BodyBroken, PlainHTTP, RegistryError, Tries, answered_by,
+                       BodyBroken, PlainHTTP, RegistryError, TooSlow, Tries, answered_by,
                        content_length, cut, discard, error_text, leaves_tls, origin, reason,
                        redirects, sha256_digest, watched)
 from .oci_ref import Ref
@@ -123,9 +123,12 @@ class Client(Uploads):
                     raise AnswerTooSlow()
             except urllib3.exceptions.HTTPError as e:
                 if last:
-                    raise RegistryError(f"{what}: {self.ref.host}: {reason(e)}") from None
+                    timed_out = isinstance(getattr(e, "reason", None) or e,
+                                           urllib3.exceptions.TimeoutError)
+                    raise (TooSlow if timed_out else RegistryError)(
+                        f"{what}: {self.ref.host}: {reason(e)}") from None
             except AnswerTooSlow:  # headers dripped past the deadline: refused, no retry
-                raise RegistryError(f"{what}: {self.ref.host}: {self._too_slow()}") from None
+                raise TooSlow(f"{what}: {self.ref.host}: {self._too_slow()}") from None
             except PlainHTTP as e:
                 raise self._plain(what, e.url) from None
             except (ValueError, UnicodeError) as e:  # a Location or header urllib3 refuses
@@ -237,10 +240,10 @@ class Client(Uploads):
                     raise RegistryError(f"{what}: the body is longer than the {want} bytes "
                                         f"{'asked for' if exact is not None else 'allowed'}")
                 if time.monotonic() > deadline:
-                    raise RegistryError(f"{what}: {self._too_slow(seconds)}")
+                    raise TooSlow(f"{what}: {self._too_slow(seconds)}")
         except urllib3.exceptions.HTTPError as e:
             if cut(conn):  # the watchdog's doing: not worth another try
-                raise RegistryError(f"{what}: {self._too_slow(seconds)}") from None
+                raise TooSlow(f"{what}: {self._too_slow(seconds)}") from None
             raise BodyBroken(f"{what}: {reason(e)}") from None
         finally:
             # A body read to its end returns the connection to the pool; any other is

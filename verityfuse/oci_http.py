@@ -253,6 +253,10 @@ def reason(e: Exception) -> str:
             return f"cannot connect: {cause.strerror}"
         if len(inner.args) == 2 and isinstance(inner.args[1], str):
             return inner.args[1]
+    if isinstance(inner, urllib3.exceptions.PoolError):  # "WatchedPool(host=...): Read ..."
+        text, prefix = str(inner), f"{inner.pool}: "
+        if text.startswith(prefix):
+            return text[len(prefix):]
     return str(inner) or type(inner).__name__
 
 
@@ -279,6 +283,12 @@ class RegistryError(VerityError):
 
 class BodyBroken(RegistryError):
     """The connection failed in the middle of a body: worth another try."""
+
+
+class TooSlow(RegistryError):
+    """The registry did not answer in time (a stall, or a drip past the deadline): the
+    readers of what it was asked for fail at once for a while (oci_reader) instead of
+    each waiting out a deadline of its own."""
 
 
 def sha256_digest(data) -> str:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 from .errors import IntegrityError, VerityError
 from .logs import requests as ratelog
 from .oci_block_cache import DiskBlockCache
-from .oci_client import RegistryError
+from .oci_client import RegistryError, TooSlow
 from .oci_source import MAX_RUN, Remote
 from .reader import VerifiedReader
 
@@ -122,9 +122,8 @@ class OciReader(VerifiedReader):
             hits = None if quiet else getattr(self._local, "hits", None)
             before = set(got) if hits is not None else ()
             with cache.cond:
-                failed = None if waited_from is None else \
-                    cache.failed_since(waited_from, keys, got)
-                if failed is not None:  # the fetch it waited on failed: so does this read
+                failed = cache.failed_since(waited_from, keys, got)
+                if failed is not None:  # the fetch it waited on failed (or a stall cools)
                     if quiet:
                         return got
                     raise failed
@@ -149,7 +148,9 @@ class OciReader(VerifiedReader):
                     if not quiet:  # readahead's failures are nobody's (_quietly)
                         for k in mine:
                             if k not in got and k[1] in errors:
-                                cache.fetch_failed(k, errors[k[1]])
+                                e = errors[k[1]]
+                                cache.fetch_failed(k, e, self.remote.client.timeout
+                                                   if isinstance(e, TooSlow) else 0)
                     cache.cond.notify_all()
             if quiet:
                 return got
