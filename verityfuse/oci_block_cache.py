@@ -94,17 +94,11 @@ class BlockCache:
         """Under the lock: the error of a fetch of one of ``keys`` (not in ``out``) that
         failed after ``fail_seq`` was ``seq`` (None: no such fetch is waited on), or whose
         failure still cools; else None."""
-        now = None
+        now = time.monotonic()
         for k in keys:
             f = self.failures.get(k) if k not in out else None
-            if f is None:
-                continue
-            if seq is not None and f[0] > seq:
+            if f is not None and ((seq is not None and f[0] > seq) or now < f[2]):
                 return f[1]
-            if f[2]:
-                now = time.monotonic() if now is None else now
-                if now < f[2]:
-                    return f[1]
         return None
 
     def _get(self, k: tuple) -> Optional[bytes]:
