@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -553,6 +554,70 @@ def test_a_stalled_tree_fetch_for_metadata_does_not_hang_the_mount(pushed, proxy
     finally:
         t.join(60)
     assert result["odd"] == errno.EIO
+
+
+def _blocked_in_read(tid: int) -> bool:
+    """Whether thread ``tid`` of this process sleeps in pread64 (syscall 17 on x86-64;
+    /proc shows the call and its state): a read of the mount waiting on the daemon."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            call = f.read().split()[0]
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return call == "17" and state in ("S", "D")  # FUSE waits interruptibly, then killably
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads syscall numbers of x86-64")
+def test_stalled_reads_of_one_file_leave_the_mount_to_the_others(pushed, proxy, oci_mount):
+    """More stalled reads of one file than the daemon has worker threads (16), and than
+    the kernel's default of reads in flight (12): a few wait in threads, the rest
+    without one, so another file is read at once, while every stalled read still
+    waits (found by review, s44: a healthy file waited for the stalled reads'
+    deadlines).  When the stalled fetches fail, the reads queued for a thread fail with
+    them, each without a request and a deadline of its own."""
+    import threading
+    from verityfuse.ops_read import PER_BLOB_THREADS
+    big, blob = pushed["files"]["big"], _big_blob(pushed)
+    proxy.rule = lambda r: "stall" if r.blob == blob and r.range and r.range[0] else None
+    m = _through(pushed, proxy, oci_mount, timeout=2)
+    offsets = [k << 18 for k in range(1, 25)]  # 24 blocks 256 KiB apart: 24 requests
+    done, tids = {}, []
+
+    def read(off):
+        tids.append(threading.get_native_id())
+        try:
+            done[off] = pread_block(m.mountpoint / "big", off) == big[off:off + 4096]
+        except OSError as e:
+            done[off] = e.errno
+    readers = [threading.Thread(target=read, args=(off,)) for off in offsets]
+    for t in readers:
+        t.start()
+    try:
+        # Every reader waits in its read (so the daemon has its request) before the
+        # other file is read: its request comes after all of theirs.
+        for _ in range(3000):
+            if len(tids) == len(offsets) and all(map(_blocked_in_read, tids)):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the readers never all waited in a read")
+        assert (m.mountpoint / "sub/odd").read_bytes() == pushed["files"]["sub/odd"]
+        assert done == {}  # no stalled read was answered before it
+        for t in readers:
+            t.join(120)
+        assert done == {off: errno.EIO for off in offsets}
+        # Only the reads in threads asked (each as often as the client retries a stall):
+        # the first ones, then as many of the retries the kernel makes of a failed read
+        # (one, synchronous); 24 asked before.
+        asked = {r.range for r in list(proxy.requests) if r.blob == blob and r.range}
+        assert len(asked) <= 2 * PER_BLOB_THREADS
+    finally:
+        proxy.rule = lambda r: None
+        proxy.released.set()
+        for t in readers:
+            t.join(120)
 
 
 def test_push_counts_uploads_at_the_registry(tree, proxy):

@@ -18,7 +18,11 @@
  *
  * It also wraps .init to ask for FUSE_CAP_DONT_MASK when the daemon says it
  * applies the caller's umask itself (vf_set_dont_mask): then a default ACL on
- * the parent directory wins over the umask, as on the backing filesystem.
+ * the parent directory wins over the umask, as on the backing filesystem; and to
+ * raise the kernel's limit of reads in flight (max_background, 12 by default)
+ * when the daemon asks (vf_set_max_background): page-cache reads are background
+ * requests, so that many reads waiting on a stalled registry would hold up every
+ * read of the mount.
  *
  * And it wraps fuse_reply_open (interposed the same way) to mark a handle opened
  * read-only FOPEN_NOFLUSH when the daemon asks (vf_set_noflush_ro): a close of
@@ -54,6 +58,7 @@ typedef int (*vf_ioctl_cb)(void *req, uint64_t ino, unsigned int cmd, uint64_t f
 static vf_ioctl_cb handler;
 static int hooks;
 static int want_dont_mask;
+static unsigned max_background;
 static int noflush_ro;
 static void (*orig_init)(void *userdata, struct fuse_conn_info *conn);
 
@@ -180,6 +185,10 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         orig_init(userdata, conn);
     if (want_dont_mask && (conn->capable & FUSE_CAP_DONT_MASK))
         conn->want |= FUSE_CAP_DONT_MASK;
+    if (max_background) {
+        conn->max_background = max_background;
+        conn->congestion_threshold = max_background * 3 / 4;  /* the kernel's ratio */
+    }
 }
 
 static void shim_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
@@ -303,6 +312,8 @@ EXPORT void vf_set_handler(vf_ioctl_cb cb) { handler = cb; }
 EXPORT int vf_hook_count(void) { return hooks; }
 
 EXPORT void vf_set_dont_mask(int on) { want_dont_mask = on; }
+
+EXPORT void vf_set_max_background(unsigned n) { max_background = n; }
 
 EXPORT void vf_set_noflush_ro(int on) { noflush_ro = on; }
 

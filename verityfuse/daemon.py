@@ -198,6 +198,8 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
         shim.set_noflush_ro(True)  # ops.flush has nothing to do for a read-only handle
+        if getattr(view, "max_background", None):
+            shim.set_max_background(view.max_background)
     try:
         # A list, not the set pyfuse3's stubs name: libfuse gets them in a fixed order.
         pyfuse3.init(ops, mountpoint, mountopts.fuse_options(s, source))  # type: ignore[arg-type]

@@ -288,7 +288,10 @@ class BodyBroken(RegistryError):
 class TooSlow(RegistryError):
     """The registry did not answer in time (a stall, or a drip past the deadline): the
     readers of what it was asked for fail at once for a while (oci_reader) instead of
-    each waiting out a deadline of its own."""
+    each waiting out a deadline of its own, and so do the requests of its file that
+    waited for a worker thread meanwhile (ops_read.ThreadGates)."""
+
+    stall = True
 
 
 def sha256_digest(data) -> str:

@@ -34,6 +34,7 @@ class OciReader(VerifiedReader):
         self.nowait = False  # no inline attempt: read_one and read_steps return None
         self.remote = remote
         self.fsv = node.digest_text
+        self.wait_key = ("data", self.fsv)  # its data blob, which the registry may stall
         self.blob = remote.artifact.data.get(self.fsv)
         self._local = threading.local()  # the blocks of each thread's current read
         self._next = -1  # the block after the last read: the next read is sequential there

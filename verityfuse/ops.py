@@ -201,8 +201,11 @@ class VerityOperations(pyfuse3.Operations):
             raise Errno(errno.EIO, "refusing every open after an integrity violation")
         self.budget.admit(ctx.uid)
         if getattr(self.view, "open_blocks", False):
-            # An OCI view fetches the tree object at open: never on this thread.
-            return self._file_info(await self._run(self.view.open, inode, flags, ctx), ctx)
+            # An OCI view fetches the tree object at open: never on this thread, and in
+            # no more of the threads than the reads of one blob may hold.
+            h = await self.reads.gates.run(self.view.wait_key(inode), self._run,
+                                           self.view.open, inode, flags, ctx)
+            return self._file_info(h, ctx)
         try:
             h = self.view.open(inode, flags, ctx)
         except fsutil.WouldWait as w:  # a lease on the file: wait off this thread

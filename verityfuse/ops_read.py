@@ -14,7 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import select
-from typing import Awaitable, Callable, Optional
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable, Dict, Hashable, Optional
 
 import trio
 
@@ -60,13 +61,83 @@ def pread_nowait(fd: int, size: int, offset: int) -> memoryview:
     return buf[:got]
 
 
+# Of a mount's worker threads, how many may wait on one blob of a network source (an
+# OCI registry): a registry stalling one file holds that many threads until its deadline,
+# and the other requests of that file wait without one, so other files find threads.
+PER_BLOB_THREADS = 4
+
+
+class _Gate:
+    __slots__ = ("places", "users", "stalls", "error")
+
+    def __init__(self):
+        self.places = trio.CapacityLimiter(PER_BLOB_THREADS)
+        self.users = 0  # requests holding or awaiting a place
+        self.stalls = 0  # stalls seen (``ThreadGates.stalled``), the last one's error kept
+        self.error: Optional[BaseException] = None
+
+
+class ThreadGates:
+    """At most PER_BLOB_THREADS worker threads per key (a blob) at a time.  ``held(key)``
+    waits on the trio thread for one of its key's places (at once for key None) and
+    gives the error of a stall on that key that came while it waited (else None): the
+    caller fails with it at once, instead of each queued request waiting out a deadline
+    of its own in turn, holding a kernel request all along.  A key's entry lives while
+    a request holds or awaits it: memory grows with the requests waiting, not with the
+    files ever read."""
+
+    def __init__(self):
+        self._gates: Dict[Hashable, _Gate] = {}
+
+    @asynccontextmanager
+    async def held(self, key: Optional[Hashable]) -> AsyncIterator[Optional[BaseException]]:
+        if key is None:
+            yield None
+            return
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate()
+        gate.users += 1
+        seen = gate.stalls
+        try:
+            async with gate.places:
+                yield gate.error if gate.stalls != seen else None
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._gates[key]
+
+    def failed(self, key: Optional[Hashable], error: BaseException):
+        """A request holding a place of ``key`` failed with ``error``: if that is a
+        stall (``stall`` set: oci_http.TooSlow), the requests waiting fail with it."""
+        gate = self._gates.get(key) if key is not None else None
+        if gate is not None and getattr(error, "stall", False):
+            gate.stalls += 1
+            gate.error = error
+
+    async def run(self, key: Optional[Hashable], run: Callable[..., Awaitable], fn, *args):
+        """``await run(fn, *args)`` in one of ``key``'s places."""
+        async with self.held(key) as stalled:
+            if stalled is not None:
+                raise stalled
+            try:
+                return await run(fn, *args)
+            except Exception as e:
+                self.failed(key, e)
+                raise
+
+    def __len__(self) -> int:
+        return len(self._gates)
+
+
 class Reads:
     """The read path of one mount.  ``run(fn, *args)`` runs ``fn`` in a worker thread
     (the adapter's, with its limiter); ``fuse_poll`` is set once FUSE_INIT came through
     /dev/fuse (until then a read yields between every piece)."""
 
-    def __init__(self, run: Callable[..., Awaitable]):
+    def __init__(self, run: Callable[..., Awaitable], gates: Optional[ThreadGates] = None):
         self.run = run
+        self.gates = gates if gates is not None else ThreadGates()
         self.fuse_poll: Optional[select.poll] = None
         self._turn = trio.Lock()  # one verified read on this thread at a time (fair)
 
@@ -100,7 +171,9 @@ class Reads:
             data = done.value
         finally:
             self._turn.release()
-        return data if data is not None else await self.run(reader.read, off, size)
+        if data is not None:
+            return data
+        return await self.gates.run(reader.wait_key, self.run, reader.read, off, size)
 
     async def _unverified(self, h: FileHandle, off: int, size: int):
         """A file without verity (local mode passes it through): inline only when small

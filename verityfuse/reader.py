@@ -103,6 +103,10 @@ class VerifiedReader:
     that touch its end (the sealed size is authoritative).
     """
 
+    # What the reads in worker threads wait on beyond a local file (a registry's blob):
+    # the adapter lets only a few threads wait on one (ops_read.ThreadGates).
+    wait_key: Optional[tuple] = None
+
     def __init__(self, fd: int, verifier, label: str, stats=None):
         self.fd = fd
         self.verifier = verifier

@@ -159,9 +159,10 @@ class View(Protocol):
     positional-only: the adapter passes them by position and the views name them as they like.
 
     Besides these, the adapter probes three optional members with ``getattr``: ``open_blocks``
-    (opening may wait on the network: run ``open`` in a worker thread), ``path_of(ino)`` (the
+    (opening may wait on the network: run ``open`` in a worker thread, at most a few at
+    once per ``wait_key(ino)``, which such a view has), ``path_of(ino)`` (the
     manifest path a failure is measured under) and ``status()`` (extra ``verityfuse status``
-    fields); the daemon probes ``threads`` and ``inodes.max_fds``.
+    fields); the daemon probes ``threads``, ``max_background`` and ``inodes.max_fds``.
     """
 
     posix_acl: bool  # the kernel enforces ACLs (FUSE_POSIX_ACL); creates keep the caller's umask

@@ -10,6 +10,7 @@ There is no share: a handle has no backing fd.
 from __future__ import annotations
 
 import os
+import stat
 
 from .oci_reader import OciReader
 from .oci_source import Remote
@@ -24,6 +25,10 @@ class OciView(ManifestView):
     # Reads wait on the network (each bounded by a timeout): more worker threads, so
     # that reads stalled on the registry leave threads for the others.
     threads = 16
+    # The reads the kernel keeps in flight to the daemon (12 by default): reads waiting on
+    # a stalled blob, at most ops_read.PER_BLOB_THREADS of them in threads, must leave
+    # room for the reads of other files.
+    max_background = 64
 
     def __init__(self, remote: Remote, cache, stats=None):
         # No share: the registry is the store and the source of bytes.
@@ -32,6 +37,14 @@ class OciView(ManifestView):
 
     def _fetch_tree(self, node):
         return self.remote.open_tree(node, node.path)
+
+    def wait_key(self, ino: int):
+        """What opening ``ino`` waits on: its tree object (or, for a small file, its
+        bytes), apart from its reads' data blob (``OciReader.wait_key``), so that a
+        stalled data blob holds up no open of the file, and a stalled tree no read."""
+        node = self.tree.node(ino)
+        return ("tree", node.digest_text) if node is not None and node.kind == stat.S_IFREG \
+            else None
 
     def open(self, ino: int, flags: int, caller=None, fd=None) -> FileHandle:
         assert fd is None  # no backing file: an OCI open never raises WouldWait
