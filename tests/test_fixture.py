@@ -315,3 +315,55 @@ def test_unexpected_error_lines_in_a_daemon_log_fail_the_test(pytester):
     assert "ERROR at teardown of test_error_line" in out
     assert "ERROR at teardown of test_traceback" in out
     assert "logged what this test did not expect" in out and "ERROR: cannot measure x" in out
+
+
+EXITS = '''
+import os, signal
+import pytest
+
+def mounted(verified_mount, tmp_path):
+    src = tmp_path / "src"; src.mkdir()
+    (src / "a").write_bytes(b"a")
+    return verified_mount(src)
+
+def test_daemon_killed(verified_mount, tmp_path):
+    m = mounted(verified_mount, tmp_path)
+    m.process.send_signal(signal.SIGKILL)
+    m.process.wait(10)
+
+def test_daemon_exits_3_after_its_unmount(verified_mount, tmp_path, monkeypatch):
+    import sys
+    from verityfuse.testing import VerifiedMount
+    # A daemon that serves, and fails as it stops (exit status 3).
+    monkeypatch.setattr(VerifiedMount, "command", (sys.executable, "-c",
+        "import sys; from verityfuse.cli import main; main(sys.argv[1:]); sys.exit(3)"))
+    assert (mounted(verified_mount, tmp_path).mountpoint / "a").read_bytes() == b"a"
+
+@pytest.mark.daemon_exit
+def test_expected_kill(verified_mount, tmp_path):
+    m = mounted(verified_mount, tmp_path)
+    m.process.kill()
+    m.process.wait(10)
+
+def test_unmounted_by_the_test(verified_mount, tmp_path):
+    m = mounted(verified_mount, tmp_path)
+    assert m.unmount() == 0
+
+def test_left_running(verified_mount, tmp_path):
+    assert (mounted(verified_mount, tmp_path).mountpoint / "a").read_bytes() == b"a"
+'''
+
+
+@pytest.mark.mount
+@needs_fuse
+def test_a_daemon_that_exits_during_the_test_fails_it(pytester):
+    """A daemon that died during a test (a crash, a kill the test did not announce) failed
+    nothing: the fixture unmounted the remains and the test passed."""
+    pytester.makepyfile(test_inner=EXITS)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=5, errors=2)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_daemon_killed" in out
+    assert "ERROR at teardown of test_daemon_exits_3_after_its_unmount" in out
+    assert "exited during the test with status -9" in out and "exited after its unmount with status 3" in out
+    assert "mark the test @pytest.mark.daemon_exit" in out

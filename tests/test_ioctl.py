@@ -296,6 +296,7 @@ def test_interrupted_enable_and_concurrent_requests(mnt):
         assert [e.name for e in it] == []
 
 
+@pytest.mark.daemon_exit  # killed here
 def test_daemon_killed_mid_enable_damages_nothing(tmp_path, verified_mount):
     src = tmp_path / "src"
     src.mkdir()

@@ -18,6 +18,10 @@ Installed with the package (entry point ``pytest11``), so any test suite gets::
 - A daemon log holding a traceback or an ERROR line fails the test at teardown,
   unless the test expects it: ``@pytest.mark.daemon_errors(r"regex", ...)`` names
   the lines it expects (``re.search`` on each line).
+- A daemon whose exit status is not 0 (it crashed or was killed during the test,
+  or failed as the fixture unmounted it) fails the test at teardown with its
+  status and the end of its log, unless the test unmounted it itself (and saw the
+  status) or is marked ``@pytest.mark.daemon_exit`` (it stops a daemon itself).
 - The daemons' log files are removed at teardown.
 """
 
@@ -44,6 +48,8 @@ _BAD_LINE = re.compile(r"Traceback \(most recent call last\)| ERROR: ")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "daemon_errors(*patterns): the ERROR lines a test expects "
                             "in its daemons' logs (re.search); any other one fails the test")
+    config.addinivalue_line("markers", "daemon_exit: the test stops a daemon itself (a kill, a "
+                            "crash it causes): its exit status does not fail the test")
 
 
 def unexpected_lines(log: str, expected: List[str]) -> List[str]:
@@ -83,13 +89,28 @@ def verified_mount(request: pytest.FixtureRequest,
 
     yield make
     failure: Optional[BaseException] = None
+    # Exited before teardown: a crash, or a kill the test did not announce.
+    gone = {id(m) for m in mounts if not m.unmount_asked and m.process.poll() is not None}
+    exits = []
     for m in reversed(mounts):  # a mount of a mount before the one under it
         try:
-            m.unmount()  # also keeps its log's text and removes the file
+            asked = m.unmount_asked  # by the test, which saw the status
+            status = m.unmount()  # also keeps its log's text and removes the file
+            if not asked and status != 0:
+                exits.append((m, status, id(m) in gone))
         except BaseException as e:  # unmount the others all the same
             failure = failure or e
     if failure is not None:
         raise failure
+    if exits and request.node.get_closest_marker("daemon_exit") is None:
+        m, status, early = exits[-1]  # the first made
+        when = "during the test" if early else "after its unmount"
+        if status == -9 and not early:
+            when += " (killed: it did not stop)"
+        tail = "\n".join(m.log().splitlines()[-20:]) or "(empty)"
+        pytest.fail(f"the daemon of {m.mountpoint} exited {when} with status {status} (mark "
+                    f"the test @pytest.mark.daemon_exit if it stops it itself); the end of its "
+                    f"log:\n{tail}", pytrace=False)
     expected = [p for mark in request.node.iter_markers("daemon_errors") for p in mark.args]
     for m in mounts:
         bad = unexpected_lines(m.log(), expected)

@@ -119,6 +119,7 @@ class VerifiedMount:
             log = os.fspath(log_file)
         self.log_path = pathlib.Path(log)
         self._log_text: Optional[str] = None
+        self.unmount_asked = False  # unmount() was called (by its owner, or a fixture)
         cmd = [*self.command, "mount", "-f", str(source), str(mountpoint),
                "--policy", policy, "--log-file", log, *extra_args]
         if store:
@@ -196,6 +197,7 @@ class VerifiedMount:
         forked child of the caller's it does nothing (the mount is the caller's)."""
         if os.getpid() != self._pid:
             return None
+        self.unmount_asked = True
         if self.process.poll() is None and self._ours_mounted():
             for _ in range(50):
                 r = subprocess.run(["fusermount3", "-u", self._path], capture_output=True)
