@@ -8,6 +8,7 @@ registry's filesystem storage is altered directly to play a hostile registry.
 
 import errno
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -571,10 +572,10 @@ def _blocked_in_read(tid: int) -> bool:
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads syscall numbers of x86-64")
 def test_stalled_reads_of_one_file_leave_the_mount_to_the_others(pushed, proxy, oci_mount):
-    """More stalled reads of one file than the daemon has worker threads (16), and than
-    the kernel's default of reads in flight (12): a few wait in threads, the rest
-    without one, so another file is read at once, while every stalled read still
-    waits (found by review, s44: a healthy file waited for the stalled reads'
+    """More stalled reads of one file than one blob may have worker threads (8 of 32),
+    and than the kernel's default of reads in flight (12): a few wait in threads, the
+    rest without one, so another file, and what is cached of this one, is read at once,
+    while every stalled read still waits (found by review, s44: a healthy file waited for the stalled reads'
     deadlines).  When the stalled fetches fail, the reads queued for a thread fail with
     them, each without a request and a deadline of its own."""
     import threading
@@ -582,7 +583,8 @@ def test_stalled_reads_of_one_file_leave_the_mount_to_the_others(pushed, proxy, 
     big, blob = pushed["files"]["big"], _big_blob(pushed)
     proxy.rule = lambda r: "stall" if r.blob == blob and r.range and r.range[0] else None
     m = _through(pushed, proxy, oci_mount, timeout=2)
-    offsets = [k << 18 for k in range(1, 25)]  # 24 blocks 256 KiB apart: 24 requests
+    assert pread_block(m.mountpoint / "big", 0) == big[:4096]  # cached in the daemon
+    offsets = [k << 18 for k in range(1, 32)]  # 31 blocks 256 KiB apart: 31 requests
     done, tids = {}, []
 
     def read(off):
@@ -604,14 +606,22 @@ def test_stalled_reads_of_one_file_leave_the_mount_to_the_others(pushed, proxy, 
         else:
             pytest.fail("the readers never all waited in a read")
         assert (m.mountpoint / "sub/odd").read_bytes() == pushed["files"]["sub/odd"]
-        assert done == {}  # no stalled read was answered before it
+        # What the daemon has of the stalled file is served too (O_DIRECT: from the daemon).
+        fd = os.open(m.mountpoint / "big", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            assert os.preadv(fd, [buf], 0) == 4096 and buf[:] == big[:4096]
+        finally:
+            os.close(fd)
+        assert done == {}  # no stalled read was answered before these
         for t in readers:
             t.join(120)
         assert done == {off: errno.EIO for off in offsets}
         # Only the reads in threads asked (each as often as the client retries a stall):
         # the first ones, then as many of the retries the kernel makes of a failed read
-        # (one, synchronous); 24 asked before.
-        asked = {r.range for r in list(proxy.requests) if r.blob == blob and r.range}
+        # (one, synchronous); all 31 asked before.
+        asked = {r.range for r in list(proxy.requests) if r.blob == blob and r.range
+                 and r.range[0]}
         assert len(asked) <= 2 * PER_BLOB_THREADS
     finally:
         proxy.rule = lambda r: None

@@ -15,16 +15,19 @@ async def _run(fn, *args):
     return await trio.to_thread.run_sync(fn, *args)
 
 
-def _scenario(error):
+def _scenario(error, cached=None):
     """2 * PER_BLOB_THREADS requests of blob "a" block until released and then fail with
     ``error`` (or return); meanwhile one request of blob "b" runs.  Returns (results in
-    order of completion, most requests of "a" ever running at once, gates left)."""
+    order of completion, most requests of "a" ever running at once, gates left);
+    ``_scenario.ran``: the requests that ran (trio picks which)."""
     gates = ThreadGates()
     release, lock = threading.Event(), threading.Lock()
     running, most, results = [0], [0], []
+    _scenario.ran = set()
 
     def blob_a(i):
         with lock:
+            _scenario.ran.add(i)
             running[0] += 1
             most[0] = max(most[0], running[0])
         release.wait(30)
@@ -36,7 +39,7 @@ def _scenario(error):
 
     async def request(i):
         try:
-            results.append((i, await gates.run("a", _run, blob_a, i)))
+            results.append((i, await gates.run("a", _run, blob_a, i, cached=cached)))
         except Exception as e:
             results.append((i, e))
 
@@ -66,8 +69,24 @@ def test_the_requests_queued_behind_a_stall_fail_with_it_without_running():
     stall = TooSlow("bytes 0-4095 of blob sha256:ab: no answer within 1 s")
     results, most, left = _scenario(stall)
     assert most == PER_BLOB_THREADS  # the queued ones never ran
-    assert all(e is stall for _, e in results[1:]) and len(results) == 2 * PER_BLOB_THREADS + 1
+    assert len(results) == 2 * PER_BLOB_THREADS + 1
+    assert len(_scenario.ran) == PER_BLOB_THREADS
+    ran = [e for i, e in results[1:] if i in _scenario.ran]
+    queued = [e for i, e in results[1:] if i not in _scenario.ran]
+    assert all(e is stall for e in ran)
+    # Each queued one raises a copy of its own (one object raised by many grows its
+    # traceback with each), which is no new stall.
+    assert all(type(e) is TooSlow and str(e) == str(stall) and e is not stall and not e.stall
+               for e in queued) and len({id(e) for e in queued}) == len(queued)
     assert left == 0
+
+
+def test_the_requests_queued_behind_a_stall_answer_from_the_cache_if_they_can():
+    stall = TooSlow("bytes 0-4095 of blob sha256:ab: no answer within 1 s")
+    results, most, left = _scenario(stall, cached=lambda i: f"cached {i}" if i % 2 else None)
+    queued = dict(r for r in results[1:] if r[0] not in _scenario.ran)
+    assert len(queued) == PER_BLOB_THREADS
+    assert all(v == f"cached {i}" if i % 2 else type(v) is TooSlow for i, v in queued.items())
 
 
 def test_another_failure_is_not_handed_to_the_queued_requests():

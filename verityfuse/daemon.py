@@ -198,8 +198,9 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
     if shim is not None:
         shim.set_dont_mask(view.posix_acl)  # local mode creates with the caller's umask
         shim.set_noflush_ro(True)  # ops.flush has nothing to do for a read-only handle
-        if getattr(view, "max_background", None):
-            shim.set_max_background(view.max_background)
+    background = getattr(view, "max_background", None)
+    background_set = bool(background and shim is not None
+                          and shim.set_max_background(background))
     try:
         # A list, not the set pyfuse3's stubs name: libfuse gets them in a fixed order.
         pyfuse3.init(ops, mountpoint, mountopts.fuse_options(s, source))  # type: ignore[arg-type]
@@ -207,6 +208,10 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         ops.shutdown()
         store.close()
         raise
+    if background and not (background_set and shim.hook_count()):
+        log.warning("the kernel keeps its default of 12 reads in flight to this mount (the "
+                    "ioctl shim is not active): 12 reads waiting on a stalled blob hold up "
+                    "the reads of every other file")
     try:
         # Measured once the mount exists (a mount that failed must not be attested as
         # serving the manifest) and before any request is answered: requests are only

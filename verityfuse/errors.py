@@ -94,3 +94,15 @@ class Errno(VerityError):
     def __init__(self, err: int, message: str):
         self.errno = err
         super().__init__(message)
+
+
+def replayed(e: BaseException) -> BaseException:
+    """A copy of VerityError ``e`` for one more request to raise (an error handed to those that
+    waited on the one that met it): each raise of one object would add its frames to that
+    object's traceback, keeping every such request's frames alive; and a stall handed on
+    is no new stall (``stall``: oci_http.TooSlow, ops_read.ThreadGates)."""
+    cls = type(e)
+    c = cls.__new__(cls, *e.args)  # not __init__: some take other arguments than args
+    c.__dict__.update(e.__dict__)
+    c.stall = False  # type: ignore[attr-defined]
+    return c

@@ -45,13 +45,16 @@ class Shim:
         so that a default ACL wins over it); before pyfuse3.init."""
         self.lib.vf_set_dont_mask(int(on))
 
-    def set_max_background(self, n: int):
+    def set_max_background(self, n: int) -> bool:
         """Let the kernel keep ``n`` reads in flight to the daemon (its default is 12);
-        before pyfuse3.init.  A shim built before this existed lacks it: the default."""
+        before pyfuse3.init, which applies it if it hooks libfuse (``hook_count``).  False
+        from a shim built before this existed: the default stays."""
         fn = getattr(self.lib, "vf_set_max_background", None)
-        if fn is not None:
-            fn.argtypes = [ctypes.c_uint]
-            fn(n)
+        if fn is None:
+            return False
+        fn.argtypes = [ctypes.c_uint]
+        fn(n)
+        return True
 
     def set_noflush_ro(self, on: bool):
         """Mark handles opened read-only FOPEN_NOFLUSH: their close sends no FLUSH.

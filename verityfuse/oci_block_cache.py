@@ -81,6 +81,20 @@ class BlockCache:
                 mine.append(k)
         return mine, waiting
 
+    def peek(self, keys: List[tuple]) -> Optional[Dict[tuple, bytes]]:
+        """Under the lock: every one of ``keys`` from the cache, or None if one is missing
+        (nothing claimed, no miss counted: the caller fetches through ``take``)."""
+        out: Dict[tuple, bytes] = {}
+        for k in keys:
+            block = self._get(k)
+            if block is None:
+                return None
+            out[k] = block
+        for k in out:
+            self._d.move_to_end(k)
+        self.hits += len(out)
+        return out
+
     def fetch_failed(self, key: tuple, error: Exception, cool: float = 0):
         """Under the lock: the fetch of ``key`` failed with ``error``; ``cool``: seconds
         during which every read of it fails with that error at once."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Dict, List, Optional
 
-from .errors import IntegrityError, VerityError
+from .errors import IntegrityError, VerityError, replayed
 from .logs import requests as ratelog
 from .oci_block_cache import DiskBlockCache
 from .oci_client import RegistryError, TooSlow
@@ -56,12 +56,44 @@ class OciReader(VerifiedReader):
                 # Fetched for this read (verified as it came: the registry's fault), or a
                 # block in memory, verified when it was fetched.
                 raise
-            with self.remote.blocks.cond:
-                self.remote.blocks.drop(sorted(hits))  # what came from the disk, only
-            ratelog.warning(("cache", self.fsv, offset),
-                            f"{self.label}: blocks of the disk cache at offset {offset} no "
-                            f"longer verify (its storage changed): fetched again")
+            self._forget(hits, offset)
             return self._read(offset, size)
+
+    def _forget(self, keys, offset: int):
+        """Blocks read back from a disk cache that no longer verify: dropped, to be
+        fetched again."""
+        with self.remote.blocks.cond:
+            self.remote.blocks.drop(sorted(keys))
+        ratelog.warning(("cache", self.fsv, offset),
+                        f"{self.label}: blocks of the disk cache at offset {offset} no "
+                        f"longer verify (its storage changed): fetched again")
+
+    def read_cached(self, offset: int, size: int):
+        """The read, if every block it needs is cached (verified when it was fetched);
+        None if one is not.  Never a request: the adapter serves it without a place
+        among the few threads one blob may hold (ops_read.ThreadGates), so a stalled
+        blob leaves what is cached of it readable.  Blocks of a disk cache that no
+        longer verify are forgotten (None: the read fetches them)."""
+        if size <= 0 or offset >= self.data_size:
+            return VerifiedReader.read(self, offset, size)  # nothing to fetch
+        bs = self.bs
+        first, last = offset // bs, (min(offset + size, self.data_size) - 1) // bs
+        keys = [(self.fsv, b) for b in range(first, last + 1)]
+        cache = self.remote.blocks
+        with cache.cond:
+            got = cache.peek(keys)
+        if got is None:
+            return None
+        self._local.got = got
+        try:
+            return VerifiedReader.read(self, offset, size)
+        except IntegrityError:
+            if not isinstance(cache, DiskBlockCache):
+                raise  # blocks in memory, verified when fetched
+            self._forget(got, offset)
+            return None
+        finally:
+            self._local.got = {}
 
     def _read(self, offset: int, size: int):
         """The reader verifies a read piece by piece (``STEP``); the blocks of the whole
@@ -127,7 +159,7 @@ class OciReader(VerifiedReader):
                 if failed is not None:  # the fetch it waited on failed (or a stall cools)
                     if quiet:
                         return got
-                    raise failed
+                    raise replayed(failed)
                 mine, waiting = cache.take(keys, got)
                 if hits is not None:  # from the cache: a failing read drops only these
                     hits.update(k for k in got if k not in before)

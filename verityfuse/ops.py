@@ -320,7 +320,9 @@ class VerityOperations(pyfuse3.Operations):
             # (its tree is made from its bytes): an untrusted source's, which may wait
             # (a lease on it: 45 s), so in a worker thread, never stalling the loop.
             if self._untrusted:
-                value = await self._run(self.ioctls.control_xattr, inode, name)
+                wait_key = getattr(self.view, "wait_key", None)  # an OCI view's: its tree
+                value = await self.reads.gates.run(wait_key and wait_key(inode), self._run,
+                                                   self.ioctls.control_xattr, inode, name)
             else:
                 value = self.ioctls.control_xattr(inode, name)
             if value is not None:

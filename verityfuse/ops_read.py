@@ -20,6 +20,7 @@ from typing import AsyncIterator, Awaitable, Callable, Dict, Hashable, Optional
 import trio
 
 from . import fsutil
+from .errors import replayed
 from .view import FileHandle
 
 # Unverified reads up to this size may be served on the trio thread: a thread round trip
@@ -64,7 +65,7 @@ def pread_nowait(fd: int, size: int, offset: int) -> memoryview:
 # Of a mount's worker threads, how many may wait on one blob of a network source (an
 # OCI registry): a registry stalling one file holds that many threads until its deadline,
 # and the other requests of that file wait without one, so other files find threads.
-PER_BLOB_THREADS = 4
+PER_BLOB_THREADS = 8
 
 
 class _Gate:
@@ -115,11 +116,18 @@ class ThreadGates:
             gate.stalls += 1
             gate.error = error
 
-    async def run(self, key: Optional[Hashable], run: Callable[..., Awaitable], fn, *args):
-        """``await run(fn, *args)`` in one of ``key``'s places."""
+    async def run(self, key: Optional[Hashable], run: Callable[..., Awaitable], fn, *args,
+                  cached: Optional[Callable] = None):
+        """``await run(fn, *args)`` in one of ``key``'s places.  Handed a stall, it fails
+        with a copy of its error, unless ``cached(*args)`` (which never waits on the
+        network) has the answer by now."""
         async with self.held(key) as stalled:
             if stalled is not None:
-                raise stalled
+                if cached is not None:
+                    data = await run(cached, *args)
+                    if data is not None:
+                        return data
+                raise replayed(stalled)
             try:
                 return await run(fn, *args)
             except Exception as e:
@@ -173,7 +181,16 @@ class Reads:
             self._turn.release()
         if data is not None:
             return data
-        return await self.gates.run(reader.wait_key, self.run, reader.read, off, size)
+        key = reader.wait_key
+        if key is None:
+            return await self.run(reader.read, off, size)
+        # What is cached needs no place among the few threads one blob may hold: a
+        # stalled blob leaves it readable.
+        data = await self.run(reader.read_cached, off, size)
+        if data is not None:
+            return data
+        return await self.gates.run(key, self.run, reader.read, off, size,
+                                    cached=reader.read_cached)
 
     async def _unverified(self, h: FileHandle, off: int, size: int):
         """A file without verity (local mode passes it through): inline only when small

@@ -104,8 +104,12 @@ class VerifiedReader:
     """
 
     # What the reads in worker threads wait on beyond a local file (a registry's blob):
-    # the adapter lets only a few threads wait on one (ops_read.ThreadGates).
+    # the adapter lets only a few threads wait on one (ops_read.ThreadGates), and asks
+    # ``read_cached`` first, which answers without waiting on it (or says None).
     wait_key: Optional[tuple] = None
+
+    def read_cached(self, offset: int, size: int) -> Optional[bytes]:
+        return None
 
     def __init__(self, fd: int, verifier, label: str, stats=None):
         self.fd = fd

@@ -14,6 +14,7 @@ import stat
 
 from .oci_reader import OciReader
 from .oci_source import Remote
+from .store_object import small_tree_fits
 from .verifier import Verifier
 from .view import FileHandle, erofs
 from .view_manifest import ManifestView
@@ -24,10 +25,10 @@ class OciView(ManifestView):
     open_blocks = True
     # Reads wait on the network (each bounded by a timeout): more worker threads, so
     # that reads stalled on the registry leave threads for the others.
-    threads = 16
+    threads = 32  # ops_read.PER_BLOB_THREADS of them at most wait on one blob
     # The reads the kernel keeps in flight to the daemon (12 by default): reads waiting on
-    # a stalled blob, at most ops_read.PER_BLOB_THREADS of them in threads, must leave
-    # room for the reads of other files.
+    # a stalled blob, at most PER_BLOB_THREADS of them in threads, must leave room for
+    # the reads of other files.
     max_background = 64
 
     def __init__(self, remote: Remote, cache, stats=None):
@@ -39,12 +40,15 @@ class OciView(ManifestView):
         return self.remote.open_tree(node, node.path)
 
     def wait_key(self, ino: int):
-        """What opening ``ino`` waits on: its tree object (or, for a small file, its
-        bytes), apart from its reads' data blob (``OciReader.wait_key``), so that a
-        stalled data blob holds up no open of the file, and a stalled tree no read."""
+        """What opening ``ino`` (or exporting its metadata) waits on: its tree object,
+        apart from its reads' data blob (``OciReader.wait_key``), so that a stalled data
+        blob holds up no open of the file and a stalled tree no read; a small file's
+        open fetches its bytes (``Remote.open_tree``): its data blob."""
         node = self.tree.node(ino)
-        return ("tree", node.digest_text) if node is not None and node.kind == stat.S_IFREG \
-            else None
+        if node is None or node.kind != stat.S_IFREG:
+            return None
+        blob = "data" if small_tree_fits(node.params, node.size) else "tree"
+        return (blob, node.digest_text)
 
     def open(self, ino: int, flags: int, caller=None, fd=None) -> FileHandle:
         assert fd is None  # no backing file: an OCI open never raises WouldWait
