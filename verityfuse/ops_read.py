@@ -74,7 +74,7 @@ class _Gate:
     def __init__(self):
         self.places = trio.CapacityLimiter(PER_BLOB_THREADS)
         self.users = 0  # requests holding or awaiting a place
-        self.stalls = 0  # stalls seen (``ThreadGates.stalled``), the last one's error kept
+        self.stalls = 0  # stalls seen (``ThreadGates.failed``), the last one's error kept
         self.error: Optional[BaseException] = None
 
 
@@ -143,9 +143,9 @@ class Reads:
     (the adapter's, with its limiter); ``fuse_poll`` is set once FUSE_INIT came through
     /dev/fuse (until then a read yields between every piece)."""
 
-    def __init__(self, run: Callable[..., Awaitable], gates: Optional[ThreadGates] = None):
+    def __init__(self, run: Callable[..., Awaitable]):
         self.run = run
-        self.gates = gates if gates is not None else ThreadGates()
+        self.gates = ThreadGates()  # the reads and opens of a network source's blobs
         self.fuse_poll: Optional[select.poll] = None
         self._turn = trio.Lock()  # one verified read on this thread at a time (fair)
 
