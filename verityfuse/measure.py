@@ -157,12 +157,9 @@ class Measurer:
 
     def _write_boot(self, boot: str | None):
         if boot is None:
-            try:
-                os.unlink(self.log_path + ".boot")
-            except FileNotFoundError:
-                pass
-            return
-        self._write_beside(".boot", boot)
+            self._remove_beside(".boot")
+        else:
+            self._write_beside(".boot", boot)
 
     def _read_beside(self, suffix: str) -> str | None:
         """What LOG.boot or LOG.pending holds (None if absent): a regular file of ours."""
@@ -196,6 +193,12 @@ class Measurer:
         finally:
             os.close(fd)
 
+    def _remove_beside(self, suffix: str):
+        try:
+            os.unlink(self.log_path + suffix)
+        except FileNotFoundError:
+            pass
+
     def _move_aside(self):
         os.replace(self.log_path, self.log_path + ".previous-boot")
         os.unlink(self.log_path + ".boot")
@@ -220,10 +223,7 @@ class Measurer:
         return self._read_beside(".pending")
 
     def _clear_pending(self):
-        try:
-            os.unlink(self.log_path + ".pending")
-        except FileNotFoundError:
-            pass
+        self._remove_beside(".pending")
 
     def _parse(self, fd: int, st: os.stat_result) -> Tuple[bytes, List[me.Event]]:
         """(the value to replay from, the events after it) of the log open as ``fd``: the

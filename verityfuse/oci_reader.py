@@ -74,11 +74,10 @@ class OciReader(VerifiedReader):
         among the few threads one blob may hold (ops_read.ThreadGates), so a stalled
         blob leaves what is cached of it readable.  Blocks of a disk cache that no
         longer verify are forgotten (None: the read fetches them)."""
-        if size <= 0 or offset >= self.data_size:
+        span = self._span(offset, size)
+        if not span:
             return VerifiedReader.read(self, offset, size)  # nothing to fetch
-        bs = self.bs
-        first, last = offset // bs, (min(offset + size, self.data_size) - 1) // bs
-        keys = [(self.fsv, b) for b in range(first, last + 1)]
+        keys = [(self.fsv, b) for b in span]
         cache = self.remote.blocks
         with cache.cond:
             got = cache.peek(keys)
@@ -95,16 +94,20 @@ class OciReader(VerifiedReader):
         finally:
             self._local.got = {}
 
+    def _span(self, offset: int, size: int) -> range:
+        """The blocks a read of ``size`` bytes at ``offset`` needs (none past the end)."""
+        if size <= 0 or offset >= self.data_size:
+            return range(0)
+        return range(offset // self.bs, (min(offset + size, self.data_size) - 1) // self.bs + 1)
+
     def _read(self, offset: int, size: int):
         """The reader verifies a read piece by piece (``STEP``); the blocks of the whole
         read are fetched first, in as few range requests as possible (one for a 1 MiB
         read), since a request's latency costs more than its bytes."""
-        if size > 0 and offset < self.data_size:
-            bs = self.bs
-            first = offset // bs
-            last = (min(offset + size, self.data_size) - 1) // bs
-            self._local.got = self._blocks(first, last - first + 1)
-            self._read_ahead(first, last - first + 1)
+        span = self._span(offset, size)
+        if span:
+            self._local.got = self._blocks(span.start, len(span))
+            self._read_ahead(span.start, len(span))
         try:
             return super().read(offset, size)
         finally:

@@ -129,6 +129,12 @@ class VerityOperations(pyfuse3.Operations):
         self.budget.remove(fh)
         return self.handles.pop(fh)
 
+    def _wait_key(self, inode) -> Optional[tuple]:
+        """What opening ``inode`` waits on beyond the machine (an OCI view's tree object):
+        ops_read.ThreadGates' key, None for a view that waits on nothing else."""
+        wait_key = getattr(self.view, "wait_key", None)
+        return wait_key(inode) if wait_key is not None else None
+
     async def _run(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
@@ -203,7 +209,7 @@ class VerityOperations(pyfuse3.Operations):
         if getattr(self.view, "open_blocks", False):
             # An OCI view fetches the tree object at open: never on this thread, and in
             # no more of the threads than the reads of one blob may hold.
-            h = await self.reads.gates.run(self.view.wait_key(inode), self._run,
+            h = await self.reads.gates.run(self._wait_key(inode), self._run,
                                            self.view.open, inode, flags, ctx)
             return self._file_info(h, ctx)
         try:
@@ -320,8 +326,7 @@ class VerityOperations(pyfuse3.Operations):
             # (its tree is made from its bytes): an untrusted source's, which may wait
             # (a lease on it: 45 s), so in a worker thread, never stalling the loop.
             if self._untrusted:
-                wait_key = getattr(self.view, "wait_key", None)  # an OCI view's: its tree
-                value = await self.reads.gates.run(wait_key and wait_key(inode), self._run,
+                value = await self.reads.gates.run(self._wait_key(inode), self._run,
                                                    self.ioctls.control_xattr, inode, name)
             else:
                 value = self.ioctls.control_xattr(inode, name)

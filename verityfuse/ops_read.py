@@ -116,11 +116,20 @@ class ThreadGates:
             gate.stalls += 1
             gate.error = error
 
+    def _full(self, key: Optional[Hashable]) -> bool:
+        gate = self._gates.get(key) if key is not None else None
+        return gate is not None and gate.places.available_tokens == 0
+
     async def run(self, key: Optional[Hashable], run: Callable[..., Awaitable], fn, *args,
                   cached: Optional[Callable] = None):
-        """``await run(fn, *args)`` in one of ``key``'s places.  Handed a stall, it fails
-        with a copy of its error, unless ``cached(*args)`` (which never waits on the
-        network) has the answer by now."""
+        """``await run(fn, *args)`` in one of ``key``'s places.  ``cached(*args)`` never
+        waits on the network and answers what it can (else None): asked first when every
+        place is taken (a stall, perhaps), so that what is cached needs no place, and again
+        when handed a stall, which is failed with (a copy of its error) only if it cannot."""
+        if cached is not None and self._full(key):
+            data = await run(cached, *args)
+            if data is not None:
+                return data
         async with self.held(key) as stalled:
             if stalled is not None:
                 if cached is not None:
@@ -181,15 +190,7 @@ class Reads:
             self._turn.release()
         if data is not None:
             return data
-        key = reader.wait_key
-        if key is None:
-            return await self.run(reader.read, off, size)
-        # What is cached needs no place among the few threads one blob may hold: a
-        # stalled blob leaves it readable.
-        data = await self.run(reader.read_cached, off, size)
-        if data is not None:
-            return data
-        return await self.gates.run(key, self.run, reader.read, off, size,
+        return await self.gates.run(reader.wait_key, self.run, reader.read, off, size,
                                     cached=reader.read_cached)
 
     async def _unverified(self, h: FileHandle, off: int, size: int):
