@@ -105,8 +105,7 @@ class VerifiedReader:
 
     # What the reads in worker threads wait on beyond a local file (a registry's blob):
     # the adapter lets only a few threads wait on one (ops_read.ThreadGates), and asks
-    # ``read_cached``, which answers without waiting on it (or says None), when they are
-    # all taken.
+    # ``read_cached`` first, which answers without waiting on it (or says None).
     wait_key: Optional[tuple] = None
 
     def read_cached(self, offset: int, size: int) -> Optional[bytes]:
