@@ -83,11 +83,13 @@ FILES: Dict[str, Tuple[int, int]] = {
     "tree/big.bin": (3 * HASHES_PER_BLOCK * BS, 0o644),  # 1.5 MiB: three leaf tree blocks
     "tree/cold.bin": (3 * HASHES_PER_BLOCK * BS, 0o644),  # never read before its attack
     "fifo/file.bin": (5000, 0o644),
-    # Files of one block have no tree: the daemon reads them against a descriptor made
-    # from the manifest's entry and their one block, used only if it hashes to the
-    # manifest's digest, and reads the store's object only if it does not.
+    # Files of one block have no tree, and are sealed without a store object: the daemon
+    # reads them against a descriptor made from the manifest's entry and their one
+    # block, used only if it hashes to the manifest's digest, and reads the store's
+    # object (an older seal's, a format-2 store's) only if it does not.
     "one-block/flip.txt": (3000, 0o644),
-    "one-block/no-object.txt": (2000, 0o644),
+    "one-block/with-object.txt": (2700, 0o644),
+    "one-block/planted.txt": (2000, 0o644),
     "one-block/both.txt": (2500, 0o644),
     "one-block/held.txt": (3500, 0o644),
 }
@@ -837,10 +839,11 @@ def _one_flip_host(src, exp):
 
 
 def _one_flip_check(ctx):
-    """A flipped byte in a file of one block: the open succeeds (its object is still
-    read) and the read gives EIO, as on ext4."""
+    """A flipped byte in a file of one block, sealed without a store object: EIO at
+    open (no descriptor the manifest's digest vouches for can be had; the log says what
+    digest its bytes give), never its bytes."""
     ctx.drop_caches()
-    out = expect_eio(ctx, "one-block/flip.txt", at=("read",))
+    out = expect_eio(ctx, "one-block/flip.txt", at=("open",))
     expect_logged(ctx, "one-block/flip.txt")
     return out
 
@@ -849,38 +852,76 @@ attack("one-block-flipped", ["one-block/flip.txt"], _one_flip_host, _one_flip_ch
        violates=["one-block/flip.txt"])
 
 
-def _one_no_object_host(src, exp):
-    os.unlink(tree_object(src, exp["files"]["one-block/no-object.txt"]["digest"]))
+def _object_of_one_block(src, exp, rel: str) -> bytes:
+    """The object an older seal, or a seal into a format-2 store, keeps of the file of
+    one block ``rel`` (a header and its descriptor), made from its sealed bytes."""
+    from verityfuse import merkle, store_object, treebuild
+    desc = treebuild.one_block_descriptor(merkle.Params(), (src / rel).read_bytes())
+    assert merkle.format_digest(merkle.SHA256, desc.digest) == exp["files"][rel]["digest"]
+    return store_object.object_head(desc)
 
 
-def _one_no_object_check(ctx):
-    """The store's object of a file of one block removed: the file reads back intact,
-    its one block hashing to the manifest's digest (the manifest vouches for it, the
-    store adds nothing a file of one block needs)."""
+def _one_with_object_host(src, exp):
+    rel = "one-block/with-object.txt"
+    obj = tree_object(src, exp["files"][rel]["digest"])
+    assert not obj.exists(), obj  # sealing writes none
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(_object_of_one_block(src, exp, rel))
+    flip_byte(src / rel, 1000)
+
+
+def _one_with_object_check(ctx):
+    """A flipped byte in a file of one block that has its store object (a store of an
+    older seal, or of format 2): the open succeeds (the object is read) and the read
+    gives EIO, as on ext4."""
     ctx.drop_caches()
-    expect_intact(ctx, "one-block/no-object.txt")
-    return "one-block/no-object.txt: its original bytes"
+    out = expect_eio(ctx, "one-block/with-object.txt", at=("read",))
+    expect_logged(ctx, "one-block/with-object.txt")
+    return out
 
 
-attack("one-block-without-object", ["one-block/no-object.txt"], _one_no_object_host,
-       _one_no_object_check)
+attack("one-block-flipped-with-object", ["one-block/with-object.txt"], _one_with_object_host,
+       _one_with_object_check, violates=["one-block/with-object.txt"])
+
+
+def _plant_object(src, exp, rel: str):
+    obj = tree_object(src, exp["files"][rel]["digest"])
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"VFSTREE1 planted by the host")
+
+
+def _one_planted_host(src, exp):
+    _plant_object(src, exp, "one-block/planted.txt")
+
+
+def _one_planted_check(ctx):
+    """A bogus store object planted for a file of one block: the file reads back intact,
+    its one block hashing to the manifest's digest (the manifest vouches for it; the
+    store adds nothing a file of one block needs, and is not read)."""
+    ctx.drop_caches()
+    expect_intact(ctx, "one-block/planted.txt")
+    return "one-block/planted.txt: its original bytes"
+
+
+attack("one-block-object-planted", ["one-block/planted.txt"], _one_planted_host,
+       _one_planted_check)
 
 
 def _one_both_host(src, exp):
-    os.unlink(tree_object(src, exp["files"]["one-block/both.txt"]["digest"]))
+    _plant_object(src, exp, "one-block/both.txt")
     flip_byte(src / "one-block/both.txt", 7)
 
 
 def _one_both_check(ctx):
-    """A file of one block flipped, and its object removed: EIO at open (no descriptor
-    the manifest's digest vouches for can be had), never its bytes."""
+    """A file of one block flipped, and a bogus object planted for it: EIO at open (no
+    descriptor the manifest's digest vouches for can be had), never its bytes."""
     ctx.drop_caches()
     out = expect_eio(ctx, "one-block/both.txt", at=("open",))
     expect_logged(ctx, "one-block/both.txt")
     return out
 
 
-attack("one-block-flipped-without-object", ["one-block/both.txt"], _one_both_host,
+attack("one-block-flipped-object-planted", ["one-block/both.txt"], _one_both_host,
        _one_both_check, violates=["one-block/both.txt"])
 
 
@@ -912,10 +953,8 @@ attack("one-block-changed-while-open", ["one-block/held.txt"], _one_held_host, _
 # Files no check reads before the attack that corrupts their tree: the daemon keeps
 # verified tree blocks (keyed by digest, as the kernel keeps verified pages), so
 # corruption of a block it verified earlier is caught only once that block leaves
-# its cache; a cold file's blocks are verified fresh.  Likewise the files of one
-# block whose object an attack removes: the daemon keeps the last objects it opened
-# open a while (store_object.KEEP_IDLE), so only a cold file's open would read one.
-COLD = {"tree/cold.bin", "one-block/no-object.txt", "one-block/both.txt"}
+# its cache; a cold file's blocks are verified fresh.
+COLD = {"tree/cold.bin"}
 
 
 def check_read_all(ctx, exclude=()):

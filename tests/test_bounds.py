@@ -198,7 +198,7 @@ def _views(tmp_path, mode):
     src.mkdir()
     for name in ("a", "b"):
         # Past 16 KiB: a manifest mount reads its tree object (a smaller file's tree is made
-        # from its bytes, store_object.small_tree), whose fd these tests count.
+        # from its bytes, small_trees.small_tree), whose fd these tests count.
         write(src / name, name.encode() * 20000)
     if mode == "manifest":
         from verityfuse.view_manifest import ManifestView

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import flip, write
+from conftest import flip, fsverity_digest, write
 
 VF = [sys.executable, "-m", "verityfuse.cli"]
 
@@ -69,6 +69,25 @@ def test_every_difference_is_reported_by_path(tree):
     assert lines[f"{src}/l"]["error"].startswith("mtime ")
     assert lines[f"{src}/l"]["error"].endswith("; points to b'elsewhere', the manifest says b'a'")
     assert (summary["corrupt"], summary["differs"], summary["unlisted"]) == (1, 3, 1)
+
+
+def test_a_file_of_one_block_is_checked_without_an_object(tree):
+    """A file of one block is sealed without a store object: its bytes pass if they give
+    the manifest's digest, and a changed one is corrupt, named with the digest its bytes
+    give (fsverity-utils') and the manifest's."""
+    src, m, tmp = tree
+    assert os.listdir(src / ".verityfuse" / "objects" / "sha256") != []  # a's
+    for obj in (src / ".verityfuse" / "objects").rglob("*"):
+        assert not obj.is_file() or obj.stat().st_size > 320, obj  # none of one block
+    sealed = fsverity_digest(write(tmp / "oracle", b"b"))[0].split()[0]
+    now = fsverity_digest(write(tmp / "oracle", b"c"))[0].split()[0]
+    st = os.stat(src / "d" / "b")
+    write(src / "d" / "b", b"c")
+    os.utime(src / "d" / "b", ns=(st.st_atime_ns, st.st_mtime_ns))  # content only
+    rc, status, summary, r = check(src, m, tmp)
+    assert rc == 1 and status["d/b"] == "corrupt" and summary["corrupt"] == 1, status
+    line = next(json.loads(x) for x in r.stdout.splitlines() if "d/b" in x)
+    assert line["error"] == f"d/b: the file gives {now}, the manifest says {sealed}", line
 
 
 def test_missing_swapped_types_and_symlinked_directories(tree):

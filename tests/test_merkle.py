@@ -339,10 +339,10 @@ def test_parameters_and_descriptors_are_immutable_values():
 @pytest.mark.parametrize("alg,bs,salt", [("sha256", 4096, ""), ("sha512", 1024, "0a0b0c"),
                                          ("sha256", 1024, "00" * 32), ("sha512", 65536, "")])
 def test_small_tree_is_fsverity_utils_tree(tmp_path, alg, bs, salt):
-    """store_object.small_tree, the tree a manifest mount makes of a small file's bytes at
+    """small_trees.small_tree, the tree a manifest mount makes of a small file's bytes at
     open, is fsverity-utils' (descriptor and tree block) for every size it serves around
     block boundaries, and is refused (None) for bytes that are not the sealed ones."""
-    from verityfuse.store_object import SMALL_TREE_BYTES, small_tree, small_tree_fits
+    from verityfuse.small_trees import SMALL_TREE_BYTES, small_tree, small_tree_fits
 
     params = merkle.Params(merkle.ALGORITHMS[alg], bs, bytes.fromhex(salt))
     opts = [f"--hash-alg={alg}", f"--block-size={bs}"] + ([f"--salt={salt}"] if salt else [])

@@ -137,6 +137,26 @@ def test_push_refuses_a_file_changed_after_sealing(tree, registry):  # noqa: F81
     assert "ERROR: sub/odd: data block at offset 4096: expected hash" in r.stderr, r.stderr
 
 
+def test_push_refuses_a_file_of_one_block_changed_after_sealing(tree, registry, tmp_path):  # noqa: F811
+    """A file of one block has no object in the store: push makes its object from its
+    bytes, which must give the manifest's digest; a changed one is named, with the
+    digest its bytes give (fsverity-utils') and the manifest's, or its size."""
+    from conftest import fsverity_digest
+    oracle = tmp_path / "oracle"
+    oracle.mkdir()
+    (oracle / "f").write_bytes(b"hello\n")
+    sealed = fsverity_digest(oracle / "f")[0].split()[0]
+    (oracle / "f").write_bytes(b"jello\n")
+    now = fsverity_digest(oracle / "f")[0].split()[0]
+    ref = f"{registry.host}/vf/bad:v1"
+    for data, why in ((b"jello\n", f"gives {now}, the manifest says {sealed}"),
+                      (b"hello!\n", "is more than 6 bytes, the manifest says 6"),
+                      (b"hell", "is 4 bytes, the manifest says 6")):
+        (tree["src"] / "small").write_bytes(data)
+        r = vf("push", tree["src"], ref, "--manifest", tree["manifest"], "--plain-http")
+        assert (r.returncode, r.stderr) == (1, f"ERROR: small: the file {why}\n"), r.stderr
+
+
 # -- mount ------------------------------------------------------------------------------
 
 def test_mount_serves_every_file_byte_exact(pushed, oci_mount):
@@ -363,12 +383,18 @@ BAD = 3 * 4096  # the block the proxy damages
 
 
 def tree_object_blob(pushed, path: str) -> str:
-    """The blob digest of ``path``'s tree object: its store object's bytes, hashed."""
+    """The blob digest of ``path``'s tree object: the store format's header, then
+    fsverity-utils' descriptor and tree of its bytes, hashed (what a store object holds;
+    a file of one block has none in the store, and push makes the same bytes)."""
+    from conftest import fsverity_digest
     from verityfuse.oci_client import sha256_digest
-    tree = mf.load(str(pushed["manifest"]), [mf.load_public_key(str(pushed["pub"]))]).tree
-    hexd = next(n for n in tree.files() if n.path == path).digest.hex()
-    return sha256_digest((pushed["src"] / ".verityfuse" / "objects" / "sha256" / hexd[:2] /
-                          hexd).read_bytes())
+    from verityfuse.store_object import HEADER_SIZE, OBJECT_HEADER, OBJECT_MAGIC
+    oracle = pushed["src"].parent / "oracle"
+    oracle.mkdir(exist_ok=True)
+    (oracle / "f").write_bytes(pushed["files"][path])
+    _, tree, desc = fsverity_digest(oracle / "f")
+    return sha256_digest(OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, len(tree), b"")
+                         + desc + tree)
 
 
 def _big_blob(pushed):

@@ -171,7 +171,7 @@ def test_an_open_waiting_for_one_block_of_a_small_file_still_needs_one_request( 
 
     from verityfuse import oci_source
     from verityfuse.mountopts import Settings
-    from verityfuse.store_object import MemoryTree
+    from verityfuse.small_trees import MemoryTree
 
     name = "sub/deep/exact"
     data = pushed["files"][name]

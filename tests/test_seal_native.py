@@ -205,7 +205,7 @@ def test_a_file_on_another_filesystem_is_declined(stager):
 
 
 def test_its_stat_is_the_files(tmp_path):
-    """With objects (seal --manifest), what a manifest records of the file's fstat comes
+    """For a manifest (seal --manifest), what a manifest records of the file's fstat comes
     back too (mode, owner, size, mtime in ns), as manifest_tree.entry_of reads it."""
     src = tmp_path / "src"
     os.mkdir(src)
@@ -213,7 +213,7 @@ def test_its_stat_is_the_files(tmp_path):
     os.chmod(src / "f", 0o640)
     os.utime(src / "f", ns=(1_600_000_000_123_456_789, 1_700_000_000_987_654_321))
     with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-        stage = native_stager(store, sd, merkle.Params(), objects=True)
+        stage = native_stager(store, sd, merkle.Params(), manifest=True)
         if stage is None:
             pytest.skip("the native module is not built")
         os.chown(src / "f", 1234, 5678)
@@ -238,7 +238,7 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
                      what="the short-read file system"):
         assert os.stat(mnt / "short").st_size == 3000
         with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-            stage = native_stager(store, sd, merkle.Params(), objects=True)  # a manifest's
+            stage = native_stager(store, sd, merkle.Params(), manifest=True)  # a manifest's
             assert stage(["short"]) == [None]
             assert tmp_files(store) == []
             [(staged, _)] = stage(["whole"])
@@ -271,7 +271,7 @@ def test_a_file_written_while_it_is_read_is_never_sealed(tmp_path):
                      "large=3000000:3000000:rewrite:0", "whole=3000:3000",
                      what="the short-read file system"):
         with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-            stage = native_stager(store, sd, merkle.Params(), objects=True)
+            stage = native_stager(store, sd, merkle.Params(), manifest=True)
             assert stage(["busy"]) == [None]
             assert tmp_files(store) == []
         r = subprocess.run(VF + ["seal", str(mnt), "--store", str(tmp_path / "st"),

@@ -19,7 +19,8 @@ from verityfuse import manifest as mf
 
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
-from verityfuse.store_object import SMALL_TREE_BYTES, TREE_OFFSET
+from verityfuse.small_trees import SMALL_TREE_BYTES
+from verityfuse.store_object import TREE_OFFSET
 from conftest import drop_caches, flip, write
 from test_mount import object_file
 
@@ -80,11 +81,15 @@ def test_consistent_resealing_is_refused(share, verified_mount):
     g = guest(verified_mount, share)
     assert open_errno(g.mountpoint / "config") == errno.EIO
     assert "integrity failure: config: the share's file is 19 bytes, the manifest says 22" in g.log()
-    write(src / "config", b"evil configuration!!!\n")  # same size: the data fails its tree
-    assert vf("seal", src, src / "config").returncode == 0
+    write(src / "config", b"evil configuration!!!\n")  # same size: it gives another digest
+    r = vf("seal", src, src / "config")
+    assert r.returncode == 0
     drop_caches()
     assert open_errno(g.mountpoint / "config") == errno.EIO
-    assert "integrity failure: config: data block at offset 0: expected hash" in g.log()
+    tree = mf.load(str(share[1]), [mf.load_public_key(str(share[2]))]).tree
+    trusted = next(n.digest_text for n in tree.files() if n.path == "config")
+    assert (f"integrity failure: config: the share's file gives {r.stdout.split()[0]}, the "
+            f"manifest says {trusted}\n") in g.log()
 
 
 def test_reseal_without_index_is_still_refused(share, verified_mount):
@@ -137,7 +142,12 @@ def test_tree_and_descriptor_attacks(share, verified_mount):
     assert open_errno(g.mountpoint / "app.bin") == errno.EIO
     # A small file's tree is made from its bytes, which hash to the manifest's digest:
     # its object damaged does not matter (one block: none; 9000 bytes: one tree block).
-    flip(object_file(src, "config"), TREE_OFFSET - 256 + 30)
+    # A file of one block is sealed without one: one the host plants changes nothing.
+    planted = object_file(src, "config")
+    assert not os.path.exists(planted)
+    os.makedirs(os.path.dirname(planted), exist_ok=True)
+    with open(planted, "wb") as f:
+        f.write(b"planted by the host")
     flip(object_file(src, "lib/x.so"), TREE_OFFSET - 256 + 30)
     flip(object_file(src, "lib/x.so"), TREE_OFFSET + 3)
     drop_caches()
@@ -287,7 +297,8 @@ def test_small_files_read_against_the_manifest_alone(tmp_path, key, verified_mou
     one of up to SMALL_TREE_BYTES one block of its blocks' hashes.  A manifest mount reads
     it against the descriptor of the manifest's parameters, size and that root hash, used
     only if it hashes to the manifest's digest.  With the sealing parameters of the
-    manifest (hash, block size, salt), with its store objects gone, `fsverity measure`
+    manifest (hash, block size, salt), with its store objects gone (a file of one block
+    is sealed without one), `fsverity measure`
     still says `fsverity digest`'s digest, the exported descriptor and tree are
     fsverity-utils', and the bytes are the sealed ones; a flipped byte there is EIO
     (nothing else could vouch for it), and a larger file without its object is EIO as
@@ -305,8 +316,11 @@ def test_small_files_read_against_the_manifest_alone(tmp_path, key, verified_mou
     oracle = {n: subprocess.run(["fsverity", "digest", str(src / n), *opts], check=True,
                                 capture_output=True, text=True).stdout.split()[0]
               for n in sizes}
-    for n in sizes:
-        os.unlink(object_file(src, n))  # the store's index still names them: that is all
+    for n, size in sizes.items():
+        if size <= block:
+            assert not os.path.exists(object_file(src, n)), n  # sealed without one
+        else:
+            os.unlink(object_file(src, n))  # the store's index still names them: that is all
     m = verified_mount(src, seal=False, policy="require",
                        extra_args=["--manifest", str(tmp_path / "m.json"),
                                    "--trust-key", str(tmp_path / "pub.pem")])
@@ -335,14 +349,16 @@ def test_small_files_read_against_the_manifest_alone(tmp_path, key, verified_mou
     flip(src / "part", block // 2)
     drop_caches()
     assert open_errno(m.mountpoint / "part") == errno.EIO
-    assert any("integrity failure: part:" in line and "missing tree object" in line
-               and "do not hash to the manifest's digest" in line
+    # Sealed without an object: its bytes are all there is, and the log says what they give.
+    assert any(f"integrity failure: part: the share's file gives {alg}:" in line
+               and line.endswith(f", the manifest says {oracle['part']}")
                for line in m.log().splitlines()), m.log()
     flip(src / "small", 2 * block + 7)
     drop_caches()
     assert open_errno(m.mountpoint / "small") == errno.EIO
     assert any("integrity failure: small:" in line and "missing tree object" in line
-               and "do not hash to the manifest's digest" in line
+               and f"; and the share's file gives {alg}:" in line
+               and line.endswith(f", the manifest says {oracle['small']}")
                for line in m.log().splitlines()), m.log()
     assert (m.mountpoint / "one").read_bytes() == data["one"]
     assert (m.mountpoint / "two").read_bytes() == data["two"]

@@ -82,6 +82,22 @@ class StoreCorrupt(Corruption):
     """A store entry that is truncated, altered or malformed."""
 
 
+class ContentMismatch(Corruption):
+    """A file's bytes, taken whole, do not give what was sealed (a small file's do not
+    give its manifest digest, and there is no tree to say which block differs):
+    ``data_offset`` is 0 when its size is right and it has one block (that block
+    differs), else None."""
+
+    def __init__(self, message: object = "", path="", data_offset=None):
+        super().__init__(message, path)
+        self.data_offset = data_offset
+
+
+class MissingObject(StoreCorrupt):
+    """No tree object of a digest in the store: corruption where one is needed, by
+    design for a manifest's file of one block (small_trees.small_tree does without)."""
+
+
 class ManifestError(VerityError):
     """A manifest that is malformed, unauthenticated or of an unsupported version."""
 

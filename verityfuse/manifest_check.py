@@ -4,7 +4,7 @@
 question a guest's mount would answer file by file: does every listed entry have the
 manifest's type, mode, owner, mtime, size and link target, and does every listed file's
 content hash up to the manifest's digest for *that path* (through the store object that
-digest names, exactly as the mount reads it)?  Entries the manifest does not list are
+digest names, or for a small file the tree its bytes give, exactly as the mount reads it)?  Entries the manifest does not list are
 reported too: a mount would hide them, and a gate should say they are there.
 
 Paths are walked below SOURCE without following any symlink (``fsutil.open_beneath``),
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Set, Tuple, Union
 
 from . import fsutil, manifest_tree
-from .errors import VerityError
+from .errors import ContentMismatch, MissingObject, VerityError
 from .reader import attach_reader
 from .seal_pool import in_order
 from .sealing import describe_failure
 from .source_dir import SourceDir, opened, unlistable
+from .small_trees import read_upto, small_file_differs, small_tree, small_tree_fits
 from .treebuild import CHUNK_SIZE
 from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
@@ -60,10 +61,26 @@ def _metadata_differences(node: manifest_tree.Node, st: os.stat_result) -> list:
 
 
 def _check_content(pfd: int, node: manifest_tree.Node, store, cache, label: str) -> None:
-    """Read the file whole through a reader checked against the manifest's digest."""
+    """Read the file whole through a reader checked against the manifest's digest: a
+    small file's bytes pass if the tree they give hashes to it (no object needed, as
+    the mount reads them; a file of one block is sealed without one), else the object
+    says where they differ (the first failure in file order)."""
     fd = fsutil.reopen_regular(os.dup(pfd), label)
     try:
-        with store.open_object(node.alg, node.digest) as tree:
+        data = b""
+        if small_tree_fits(node.params, node.size):
+            data = read_upto(fd, node.size)
+            if len(data) == node.size and small_tree(label, node.params, data,
+                                                     node.digest) is not None:
+                return
+        try:
+            tree = store.open_object(node.alg, node.digest)
+        except MissingObject:
+            if node.size > node.params.block_size:
+                raise
+            differs = small_file_differs(node.params, data, node.size, node.digest)
+            raise ContentMismatch(f"{label}: the file {differs}", label) from None
+        with tree:
             node.tree.check(tree.descriptor, label)
             # Read whole: the first failure in file order (check_size=False), as verify.
             reader = attach_reader(fd, tree, cache, label, check_size=False)

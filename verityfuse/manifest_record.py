@@ -126,7 +126,7 @@ class ManifestRecorder:
         self.not_sealed = not_sealed or (lambda full, why: warn(f"can't seal '{full}': {why}"))
         self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
-        self._stage_file = FileStager(store, source, params, objects=True, threads=threads,
+        self._stage_file = FileStager(store, source, params, manifest=True, threads=threads,
                                       progress=self.progress)
         st = os.stat(store.path)
         self._skip = {(st.st_dev, st.st_ino)}
@@ -147,8 +147,7 @@ class ManifestRecorder:
     def _stage(self, rel: Optional[str], here: bool
                ) -> Optional[Tuple[Staged, Optional[manifest_tree.Recorded]]]:
         """Seal regular file ``rel`` (None, what ``_shipped`` gives for anything else, is
-        nothing to seal) with an object, one of one block too: a manifest mount reads
-        objects only.  With it, what the manifest records of the fstat of what was
+        nothing to seal); with it, what the manifest records of the fstat of what was
         sealed (sealing.FileStager)."""
         return None if rel is None else self._stage_file(rel, here)
 
@@ -176,7 +175,7 @@ class ManifestRecorder:
                 self.failed += 1
                 return None
             staged, sealed_st = done  # what is sealed is what is recorded
-            assert sealed_st is not None  # FileStager(objects=True) gives it
+            assert sealed_st is not None  # FileStager(manifest=True) gives it
             self.batch.add(staged)
             entry = manifest_tree.entry_of(rel, sealed_st, sealed=(staged.alg, staged.digest,
                                                                    self.params))

@@ -3,7 +3,9 @@
 Uploads, per distinct fs-verity digest of M's files, the tree object from the
 store and the file's bytes from SOURCE (uncompressed: readers fetch blocks by
 byte range), then M itself as the artifact's config, then the OCI manifest
-(oci_artifact).  A blob the repository already has is not uploaded again.
+(oci_artifact).  A blob the repository already has is not uploaded again.  A file
+of one block has no object in the store (sealing writes none): its object, a
+header and its descriptor, is made from its bytes, the same bytes an object holds.
 
 Every file's bytes are checked against its tree while they are hashed for the
 upload, so a file changed after sealing fails the push (naming the file and
@@ -24,7 +26,9 @@ from .errors import Corruption, VerityError
 from .oci_artifact import Artifact, Blob
 from .oci_client import Client, sha256_digest
 from .store import store_of
-from .store_object import TREE_OFFSET
+from .small_trees import read_upto, small_file_differs
+from .store_object import TREE_OFFSET, object_head
+from .treebuild import one_block_descriptor
 from .verifier import TreeBlockCache, Verifier
 
 _PIECE = 1 << 20
@@ -103,6 +107,15 @@ def push(source: str, manifest_path: str, client: Client, tag: Optional[str],
             fsv = node.digest_text
             if fsv in art.trees:
                 continue
+            if node.size <= node.params.block_size:
+                obj_bytes, data = _one_block(root, node)
+                art.trees[fsv] = Blob(sha256_digest(obj_bytes), len(obj_bytes))
+                up.put(art.trees[fsv], functools.partial(io.BytesIO, obj_bytes))
+                if data:
+                    art.data[fsv] = Blob(sha256_digest(data), len(data))
+                    up.put(art.data[fsv], functools.partial(io.BytesIO, data))
+                progress(node.path)
+                continue
             with store.open_object(node.alg, node.digest) as obj:
                 try:
                     node.tree.check(obj.descriptor, node.path)
@@ -128,6 +141,23 @@ def push(source: str, manifest_path: str, client: Client, tag: Optional[str],
         os.close(root)
         store.close()
     return result
+
+
+def _one_block(root: int, node: manifest_tree.Node):
+    """(object bytes, data) of a file of at most one block: its object made from its
+    bytes, which must give the manifest's digest (a file changed after sealing fails
+    the push, as a larger one does in _hash_and_check)."""
+    fd = _open_data(root, node)
+    try:
+        data = read_upto(fd, node.size)
+    finally:
+        os.close(fd)
+    if len(data) == node.size:
+        desc = one_block_descriptor(node.params, data)
+        if desc.digest == node.digest:
+            return object_head(desc), data
+    raise PushError(f"{node.path}: the file "
+                    f"{small_file_differs(node.params, data, node.size, node.digest)}")
 
 
 def _open_data(root: int, node: manifest_tree.Node) -> int:

@@ -15,7 +15,7 @@ wrong bytes, a wrong length or a failing registry therefore cost availability
   object is; its tree blocks are verified as they are used;
 - except for a small file (of one block, which has no tree, or of up to 16 KiB
   whose tree is one block): its bytes are fetched instead, and the tree made from
-  them (store_object.small_tree) is used only if its descriptor hashes to the
+  them (small_trees.small_tree) is used only if its descriptor hashes to the
   manifest digest (the bytes are then the root hash's preimage, and cached for the
   reads that follow): one request per small file instead of two (a registry that
   fails to send the bytes fails the open, as it would the read);
@@ -40,7 +40,8 @@ from .logs import requests as ratelog
 from .oci_block_cache import BlockCache, DiskBlockCache
 from .oci_client import Client, RegistryError
 from .oci_ref import parse_ref
-from .store_object import TREE_OFFSET, open_stored_tree, small_tree, small_tree_fits
+from .small_trees import small_tree, small_tree_fits
+from .store_object import TREE_OFFSET, open_stored_tree
 from .verifier import TreeBlockCache
 
 log = logging.getLogger("verityfuse")
@@ -127,7 +128,7 @@ class Remote:
         return tree
 
     def _small_tree(self, node, label: str):
-        """A small file (store_object.small_tree_fits: of one block, or of up to 16 KiB
+        """A small file (small_trees.small_tree_fits: of one block, or of up to 16 KiB
         with one tree block): the tree made from its blocks (cached, or fetched now in one
         request), used only if its descriptor hashes to the manifest digest; then the
         blocks are cached, verified, and the reads that follow fetch nothing.  None when

@@ -31,7 +31,7 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     """
     key = identity.key_of(fd, lasting=True)  # first: a filesystem without them costs nothing
     size = os.fstat(fd).st_size
-    if _inline(store, params, size, objects=False):
+    if _inline(store, params, size):
         desc = treebuild.build_tree(fd, params, data_size=size, **build_kw)
         if check is not None:
             check(desc)
@@ -47,34 +47,33 @@ def seal_fd(store: Store, fd: int, relpath: str, params: merkle.Params, signatur
     return entry
 
 
-def _inline(store: Store, params: merkle.Params, size: int, objects: bool) -> bool:
+def _inline(store: Store, params: merkle.Params, size: int) -> bool:
     """Whether a file of ``size`` bytes gets no object, its descriptor kept in its index
-    entry: a file of one block in a format-3 store, unless ``objects`` (a manifest's
-    files: a manifest mount reads objects only)."""
-    return not objects and size <= params.block_size and store.inline()
+    entry: a file of one block in a format-3 store, a manifest's too (whatever reads it
+    by its manifest entry makes its descriptor from its bytes: small_trees.small_tree)."""
+    return size <= params.block_size and store.inline()
 
 
 def _entry(store: Store, key: str, desc: merkle.Descriptor, signature: bytes,
            relpath: str) -> IndexEntry:
     """The index entry of a file sealed as ``desc``: with the descriptor where the store
-    keeps it (also beside an object written for a manifest: a lookup reads one file)."""
+    keeps it (a file of one block in a format-3 store, which has no object)."""
     kept = desc if inline(desc) and store.inline() else None
     return IndexEntry(key, desc.params.alg, desc.digest, signature, relpath, kept)
 
 
 def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: int,
              signature: bytes = b"", threads: Optional[int] = None, key: Optional[str] = None,
-             objects: bool = False, **build_kw) -> Staged:
+             **build_kw) -> Staged:
     """seal_fd without publishing: the object and the index entry are left in tmp/,
     unsynced, for a store_batch.Batch (seal_pool's workers stage files at once).
-    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here);
-    ``objects``: write an object even for a file of one block.  A file of one chunk
-    is hashed in this thread (the other files in flight keep the other cores busy);
-    a larger one with ``threads``."""
+    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here).  A
+    file of one chunk is hashed in this thread (the other files in flight keep the other
+    cores busy); a larger one with ``threads``."""
     if key is None:
         key = identity.key_of(fd)
     tmp_object = None
-    if _inline(store, params, size, objects):
+    if _inline(store, params, size):
         desc = treebuild.build_tree(fd, params, data_size=size, **build_kw)
     else:
         with store.new_object() as obj:
@@ -138,12 +137,12 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
 StageResult = Optional[Tuple[Staged, Optional[Recorded]]]
 
 
-def native_stager(store: Store, source: SourceDir, params: merkle.Params, objects: bool = False
+def native_stager(store: Store, source: SourceDir, params: merkle.Params, manifest: bool = False
                   ) -> Optional[Callable[[List[Optional[str]]], List[StageResult]]]:
     """stage_path's common case, a chunk of files in one native call (``_sealsmall.c``);
     None without the native module.  The stager takes a list of paths relative to SOURCE
     and gives for each the Staged stage_path would give, with the same bytes
-    (tests/test_seal_native.py), and with ``objects`` (a manifest's files) what a
+    (tests/test_seal_native.py), and with ``manifest`` (a manifest's files) what a
     manifest records of its fstat; or None when it declines the file (not regular, on
     another filesystem, over seal_pool.SMALL bytes, changed while it was read, any
     error; and a path that is None): stage_path then seals it, and says what is wrong.
@@ -153,12 +152,11 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
         return None
     st = os.fstat(source.fd)
     try:  # a seal for local mode needs handles that last (identity)
-        fsid = (identity.fsid if objects else identity.lasting_fsid)(source.fd) & (2**64 - 1)
+        fsid = (identity.fsid if manifest else identity.lasting_fsid)(source.fd) & (2**64 - 1)
     except OSError:  # none that last, no statfs: stage_path says so, file by file
         return None
     dev = st.st_dev
     inline_store = store.inline()
-    make_object = objects or not inline_store
     alg = params.alg
     fixed = (alg.number, params.log_blocksize, params.salt, hashers.padded_salt(params))
 
@@ -166,17 +164,17 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, object
         tmp_fd, names = store.tmp_chunk()
         return [None if g is None else
                 (Staged(alg, g[2], g[0], g[3], g[4], g[1]),
-                 Recorded(g[5], g[6], g[7], g[0], g[8] * 10**9 + g[9]) if objects else None)
+                 Recorded(g[5], g[6], g[7], g[0], g[8] * 10**9 + g[9]) if manifest else None)
                 for g in seal_small(source.fd, rels, dev, fsid, *fixed, tmp_fd, names,
-                                    make_object, inline_store, alg.name)]
+                                    not inline_store, inline_store, alg.name)]
 
     return stage
 
 
 class FileStager:
     """seal_pool's work for the regular files of SOURCE: ``stager(rel, here)`` stages one
-    and gives its Staged, and with ``objects`` (a manifest's files: an object each) what
-    a manifest records of the fstat of what was sealed.  ``many(rels)``: a worker's
+    and gives its Staged, and with ``manifest`` (a manifest's files) what a manifest
+    records of the fstat of what was sealed.  ``many(rels)``: a worker's
     chunk of files, natively (None for a file it leaves to ``stager(rel, False)``): it
     is the pool's work_many.  Here (``here`` True) a small file natively where it can
     be, else stage_path; in a worker, only for what ``many`` declined, stage_path
@@ -185,11 +183,11 @@ class FileStager:
     here counts on it)."""
 
     def __init__(self, store: Store, source: SourceDir, params: merkle.Params, *,
-                 objects: bool = False, threads: Optional[int] = None, progress=None):
+                 manifest: bool = False, threads: Optional[int] = None, progress=None):
         self.store, self.source, self.params = store, source, params
-        self.objects, self.threads, self.progress = objects, threads, progress
-        self.small = native_stager(store, source, params, objects)
-        self.keys = identity.Keys(lasting=not objects)  # a manifest mount finds trees by digest
+        self.manifest, self.threads, self.progress = manifest, threads, progress
+        self.small = native_stager(store, source, params, manifest)
+        self.keys = identity.Keys(lasting=not manifest)  # a manifest mount finds trees by digest
 
     def many(self, rels: List[Optional[str]]) -> List[StageResult]:
         return [None] * len(rels) if self.small is None else self.small(rels)
@@ -204,8 +202,8 @@ class FileStager:
         progress = self.progress.for_file if here and self.progress else None
         staged, st = stage_path(self.store, self.source, rel, self.params, threads=self.threads,
                                 keys=self.keys, progress=progress,
-                                max_size=None if here else SMALL, objects=self.objects)
-        return staged, Recorded.of(st) if self.objects else None
+                                max_size=None if here else SMALL)
+        return staged, Recorded.of(st) if self.manifest else None
 
 
 def entry_of_path(store: Store, path: str) -> Optional[IndexEntry]:

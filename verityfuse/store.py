@@ -33,7 +33,7 @@ import threading
 from typing import Optional, Tuple
 
 from . import fsutil, merkle
-from .errors import RESOURCE_ERRNOS, StoreCorrupt, VerityError
+from .errors import RESOURCE_ERRNOS, MissingObject, StoreCorrupt, VerityError
 from .store_index import INDEX_ENTRY_MAX, IndexEntry, StoreIndex
 from .store_object import TREE_OFFSET, ObjectWriter, SharedTrees, StoredTree, TreeRef, open_stored_tree
 from .store_tmp import remove_if_dead, tmp_names as _names
@@ -378,7 +378,7 @@ class Store(StoreIndex):
         parts = self._object_parts(alg, digest)
         got = self._read_file(parts, TREE_OFFSET, keep=True)
         if got is None:
-            raise StoreCorrupt(f"{self._where(*parts)}: missing tree object for "
-                               f"{merkle.format_digest(alg, digest)}")
+            raise MissingObject(f"{self._where(*parts)}: missing tree object for "
+                                f"{merkle.format_digest(alg, digest)}")
         fd, size, head = got
         return open_stored_tree(fd, self._where(*parts), alg, digest, head, size)

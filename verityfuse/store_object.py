@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
-from . import merkle, treebuild, uapi
+from . import merkle, uapi
 from .errors import InvalidDescriptor, StoreCorrupt
 
 OBJECT_MAGIC = b"VFSTREE1"
@@ -130,64 +130,12 @@ def inline_tree(name: str, desc: merkle.Descriptor, digest: bytes) -> TreeRef:
     return TreeRef(StoredTree(-1, name, desc, digest), lambda: None)
 
 
-def one_block_tree(name: str, params: merkle.Params, data: bytes,
-                   digest: bytes) -> Optional[TreeRef]:
-    """The tree of a file of at most one block whose bytes are ``data``, if the
-    descriptor they give with ``params`` hashes to the trusted ``digest`` (which then
-    vouches for its root hash); None if it does not."""
-    desc = treebuild.one_block_descriptor(params, data)
-    return inline_tree(name, desc, digest) if desc.digest == digest else None
-
-
-# The largest file whose tree small_tree makes from its bytes at open instead of reading
-# its object: hashing 16 KiB (~5 us) costs less than an object's open and read, which on
-# a virtio-fs share are round trips to the host.
-SMALL_TREE_BYTES = 16 << 10
-
-
-def small_tree_fits(params: merkle.Params, size: int) -> bool:
-    """Whether small_tree serves a file of ``size`` bytes: one of at most one block (no
-    tree, whatever the block size), or one of at most SMALL_TREE_BYTES whose tree is one
-    block of its blocks' hashes."""
-    bs = params.block_size
-    return size <= bs or (size <= SMALL_TREE_BYTES and -(-size // bs) <= params.hashes_per_block)
-
-
-class MemoryTree(StoredTree):
-    """A tree of one block made from its file's bytes (small_tree), held in memory.  The
-    verifier still hashes the block up to the root hash before it trusts it."""
-
-    def __init__(self, name: str, descriptor: merkle.Descriptor, digest: bytes, block: bytes):
-        super().__init__(-1, name, descriptor, digest)
-        self.block = block
-
-    def read_tree_block(self, index: int) -> bytes:
-        if index != 0:
-            raise StoreCorrupt(f"{self.name}: no tree block {index} in a tree of one block")
-        return self.block
-
-    def read_tree(self, offset: int, length: int) -> bytes:
-        return self.block[offset: offset + length]
-
-
-def small_tree(name: str, params: merkle.Params, data: bytes,
-               digest: bytes) -> Optional[TreeRef]:
-    """The tree of a file whose bytes are ``data`` (small_tree_fits: none, or one block
-    of hashes), if the descriptor it gives with ``params`` hashes to the trusted
-    ``digest``, which then vouches for the root hash and so for the tree block that
-    hashes to it; None if it does not.  The same bytes as ``fsverity digest`` builds."""
-    bs = params.block_size
-    if len(data) <= bs:
-        return one_block_tree(name, params, data, digest)
-    if not small_tree_fits(params, len(data)):
-        raise ValueError(f"a file of {len(data)} bytes is not small (small_tree_fits)")
-    tail = -len(data) % bs
-    hashes = params.blocks_hasher(threads=1)(data + bytes(tail) if tail else data)
-    block = hashes.ljust(bs, b"\0")
-    desc = merkle.Descriptor.build(params, len(data), params.block_hasher()(block))
-    if desc.digest != digest:
-        return None
-    return TreeRef(MemoryTree(name, desc, digest, block), lambda: None)
+def object_head(desc: merkle.Descriptor) -> bytes:
+    """The first TREE_OFFSET bytes of ``desc``'s object, its tree's size in the header:
+    the whole object of a file of one block, which has no tree (most of a container
+    image's files: no geometry to compute)."""
+    tree_size = 0 if desc.data_size <= desc.params.block_size else desc.geometry.tree_size
+    return OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"") + desc.raw
 
 
 # How many released objects stay open (the most recently released): the lookup that
@@ -301,10 +249,9 @@ class ObjectWriter:
             os.pwrite(self.fd, block, TREE_OFFSET + offset)
 
     def _finish(self, desc: merkle.Descriptor, durable: bool):
-        # A file of one block has no tree (most of a container image's files): no geometry.
-        tree_size = 0 if desc.data_size <= desc.params.block_size else desc.geometry.tree_size
-        header = OBJECT_HEADER.pack(OBJECT_MAGIC, HEADER_SIZE, 0, tree_size, b"")
-        os.pwrite(self.fd, header + desc.raw + self._head, 0)
+        head = object_head(desc)
+        os.pwrite(self.fd, head + self._head, 0)
+        tree_size = OBJECT_HEADER.unpack_from(head)[3]
         if self._end != tree_size:  # never after a whole build; the size is the format's
             os.ftruncate(self.fd, TREE_OFFSET + tree_size)
         if durable:

@@ -340,12 +340,12 @@ def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
 
 
 def _small_tree(st, fd: int, label: str, alg, digest: bytes):
-    """The tree of the small file at ``fd`` (store_object.small_tree_fits) if its
+    """The tree of the small file at ``fd`` (small_trees.small_tree_fits) if its
     descriptor hashes to ``digest``, made from its bytes with the parameters its inode's
     index entry names (the store is not trusted: they are only tried) or the defaults, as
     a manifest mount does; None otherwise."""
     from . import identity, treebuild
-    from .store_object import small_tree, small_tree_fits
+    from .small_trees import small_tree, small_tree_fits
 
     candidates = [merkle.Params(alg)]
     try:

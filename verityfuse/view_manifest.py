@@ -10,7 +10,9 @@ when a file is opened: its path is walked below the share root without
 following any symlink, only a regular file is accepted (opened O_PATH first,
 so a FIFO never blocks and a device is never opened), and every byte read is
 checked against the tree object named by that path's manifest digest (content
-addressed: the store's index is never consulted).  The mount is read-only.
+addressed: the store's index is never consulted), or for a small file against
+the tree its bytes give if that hashes to the digest (a file of one block is
+sealed without an object).  The mount is read-only.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Dict, Optional, Tuple
 
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
-from .errors import RESOURCE_ERRNOS, Corruption, StoreCorrupt
-from .store_object import small_tree, small_tree_fits
+from .errors import RESOURCE_ERRNOS, ContentMismatch, Corruption, MissingObject, StoreCorrupt
+from .small_trees import read_upto, small_file_differs, small_tree, small_tree_fits
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
@@ -187,7 +189,7 @@ class ManifestView(ReadOnlyView):
         try:
             return self.store.open_object(node.alg, node.digest)
         except StoreCorrupt as e:  # the object's name alone would not say which file
-            raise StoreCorrupt(f"{node.path}: {e}", node.path) from None
+            raise type(e)(f"{node.path}: {e}", node.path) from None
 
     def open_tree(self, node: manifest_tree.Node):
         """The tree object the manifest digest names, consistent with the entry (one rule
@@ -201,7 +203,7 @@ class ManifestView(ReadOnlyView):
         return tree
 
     def _small_tree(self, node: manifest_tree.Node, fd: int, wait: bool):
-        """A small file's tree is made from its bytes (store_object.small_tree): a file
+        """A small file's tree is made from its bytes (small_trees.small_tree): a file
         of at most one block has none (its descriptor is the manifest's parameters and
         size with the hash of its one block), one of up to SMALL_TREE_BYTES has one
         block of its blocks' hashes.  Made from what the share's file ``fd`` holds now,
@@ -248,9 +250,20 @@ class ManifestView(ReadOnlyView):
                 return tree
             if not small_tree_fits(node.params, node.size):
                 raise
+            try:
+                data = read_upto(fd, node.size)
+                differs = "the share's file " + small_file_differs(node.params, data,
+                                                                   node.size, node.digest)
+            except OSError as r:
+                data, differs = None, f"the share's file cannot be read ({r.strerror})"
+            if isinstance(e, MissingObject) and node.size <= node.params.block_size:
+                # Sealed without one, as a manifest's file of one block is: its bytes
+                # are all there is to check, and they are not what was sealed (its one
+                # block, when its size is right: where a read would have failed).
+                at = 0 if data is not None and len(data) == node.size else None
+                raise ContentMismatch(f"{node.path}: {differs}", node.path, at) from None
             kind = StoreCorrupt if isinstance(e, StoreCorrupt) else Corruption
-            raise kind(f"{e}; and its bytes in the share do not hash to the manifest's digest",
-                       node.path) from None
+            raise kind(f"{e}; and {differs}", node.path) from None
 
     def open(self, ino: int, flags: int, caller=None, fd: Optional[int] = None) -> FileHandle:
         """``fd``: what a WouldWait's ``finish`` opened (taken)."""

@@ -14,7 +14,7 @@ import stat
 
 from .oci_reader import OciReader
 from .oci_source import Remote
-from .store_object import small_tree_fits
+from .small_trees import small_tree_fits
 from .verifier import Verifier
 from .view import FileHandle, erofs
 from .view_manifest import ManifestView
