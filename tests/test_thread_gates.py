@@ -1,12 +1,14 @@
 """ops_read.ThreadGates: at most PER_BLOB_THREADS requests of one blob in worker threads;
 the requests queued behind a stall fail with it, at once (in-process, with trio)."""
 
+import errno
 import threading
 
 import pytest
 import trio
 import trio.testing
 
+from verityfuse.errors import IntegrityError
 from verityfuse.ops_read import PER_BLOB_THREADS, ThreadGates
 from verityfuse.oci_http import RegistryError, TooSlow
 
@@ -96,8 +98,14 @@ def test_the_requests_queued_behind_a_stall_answer_from_the_cache_if_they_can():
     assert all(v == f"cached {i}" if i % 2 else type(v) is TooSlow for i, v in queued.items())
 
 
-def test_another_failure_is_not_handed_to_the_queued_requests():
-    error = RegistryError("bytes 0-4095 of blob sha256:ab: 500")
+@pytest.mark.parametrize("error", [
+    RegistryError("bytes 0-4095 of blob sha256:ab: 500"),
+    # A block that failed its check: another request's block may be intact, and a
+    # waiter must never report a mismatch it did not see (nor its offset).
+    IntegrityError("big", 4096, b"\x01" * 32, b"\x02" * 32),
+    OSError(errno.EMFILE, "Too many open files"),  # the daemon's own want, not the blob's
+], ids=["500", "integrity", "emfile"])
+def test_another_failure_is_not_handed_to_the_queued_requests(error):
     results, most, left = _scenario(error)
     # Each queued request ran in its turn and failed on its own.
     assert most == PER_BLOB_THREADS
