@@ -838,14 +838,20 @@ def _one_flip_host(src, exp):
     flip_byte(src / "one-block/flip.txt", 1000)
 
 
+def _eio_logged(ctx, rel: str, at) -> str:
+    """After the caches are dropped, ``rel`` fails with EIO ``at`` open or read, and the
+    daemon's log names it."""
+    ctx.drop_caches()
+    out = expect_eio(ctx, rel, at=at)
+    expect_logged(ctx, rel)
+    return out
+
+
 def _one_flip_check(ctx):
     """A flipped byte in a file of one block, sealed without a store object: EIO at
     open (no descriptor the manifest's digest vouches for can be had; the log says what
     digest its bytes give), never its bytes."""
-    ctx.drop_caches()
-    out = expect_eio(ctx, "one-block/flip.txt", at=("open",))
-    expect_logged(ctx, "one-block/flip.txt")
-    return out
+    return _eio_logged(ctx, "one-block/flip.txt", ("open",))
 
 
 attack("one-block-flipped", ["one-block/flip.txt"], _one_flip_host, _one_flip_check,
@@ -874,10 +880,7 @@ def _one_with_object_check(ctx):
     """A flipped byte in a file of one block that has its store object (a store of an
     older seal, or of format 2): the open succeeds (the object is read) and the read
     gives EIO, as on ext4."""
-    ctx.drop_caches()
-    out = expect_eio(ctx, "one-block/with-object.txt", at=("read",))
-    expect_logged(ctx, "one-block/with-object.txt")
-    return out
+    return _eio_logged(ctx, "one-block/with-object.txt", ("read",))
 
 
 attack("one-block-flipped-with-object", ["one-block/with-object.txt"], _one_with_object_host,
@@ -915,10 +918,7 @@ def _one_both_host(src, exp):
 def _one_both_check(ctx):
     """A file of one block flipped, and a bogus object planted for it: EIO at open (no
     descriptor the manifest's digest vouches for can be had), never its bytes."""
-    ctx.drop_caches()
-    out = expect_eio(ctx, "one-block/both.txt", at=("open",))
-    expect_logged(ctx, "one-block/both.txt")
-    return out
+    return _eio_logged(ctx, "one-block/both.txt", ("open",))
 
 
 attack("one-block-flipped-object-planted", ["one-block/both.txt"], _one_both_host,
