@@ -12,7 +12,9 @@ ERRNO instead, and NAME's attributes are not cached (every fstat of it asks agai
 direct_io: every read reaches here, as asked; OP cachedread fails reads as read does,
 through the page cache (no direct_io: the file can be mapped).  OP rewrite (ERRNO 0)
 reads as asked but moves NAME's mtime on at every read: a file written while it is
-read.  Only tests use it.
+read.  OP chunk (ERRNO: a count) answers every read of NAME with at most that many
+bytes, all of them there: a source that reads short before the end, as a network or
+FUSE file system may.  Only tests use it.
 """
 
 import errno
@@ -88,8 +90,11 @@ class ShortReads(pyfuse3.Operations):
     async def read(self, fh, off, size):
         self._fail(fh, "read")
         self._fail(fh, "cachedread")
-        if self.fails[self._index(fh)] == ("rewrite", 0):
+        fail = self.fails[self._index(fh)]
+        if fail == ("rewrite", 0):
             self.reads[self._index(fh)] += 1
+        if fail is not None and fail[0] == "chunk":
+            size = min(size, fail[1])
         return self.data[self._index(fh)][off:off + size]
 
     async def fsync(self, fh, datasync):

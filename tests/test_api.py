@@ -15,7 +15,8 @@ import pytest
 
 import verityfuse
 from verityfuse import Digest, IntegrityError, NotSealedError, VerifiedFile, VerityError
-from verityfuse.errors import InvalidParameters, SaltTooLong, SizeMismatch, StoreCorrupt
+from verityfuse.errors import (ContentMismatch, InvalidParameters, SaltTooLong, SizeMismatch,
+                               StoreCorrupt)
 from conftest import FSVERITY, flip, fsverity_digest, pattern, write
 
 VF = [sys.executable, "-m", "verityfuse"]
@@ -601,7 +602,7 @@ def test_a_pinned_digest_needs_no_trusted_store(app):
     _attacker_reseals(app)
     with pytest.raises(OSError) as e:  # their store has no tree for the pinned digest
         verityfuse.open_verified(app / "data" / "f", digest=pinned)
-    assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)
+    assert e.value.errno == errno.EIO and f"its bytes do not give {pinned}" in str(e.value)
 
 
 @pytest.mark.parametrize("size", [1, 4096, 4097, 14000, 16384])
@@ -618,11 +619,17 @@ def test_a_pinned_small_file_needs_no_object(tmp_path, size):
     write(big, pattern(16385))
     with verityfuse.open_verified(small, digest=verityfuse.digest(small), store=empty) as f:
         assert f.read() == pattern(size)
-    for path, digest in ((big, verityfuse.digest(big)),
-                         (small, verityfuse.digest(write(tmp_path / "other", b"y" * size)))):
-        with pytest.raises(OSError) as e:
-            verityfuse.open_verified(path, digest=digest, store=empty)
-        assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)
+    with pytest.raises(OSError) as e:
+        verityfuse.open_verified(big, digest=verityfuse.digest(big), store=empty)
+    assert e.value.errno == errno.EIO and "missing tree object" in str(e.value)
+    # A small file whose bytes do not give the digest: named so, not as a damaged store.
+    other = verityfuse.digest(write(tmp_path / "other", b"y" * size))
+    with pytest.raises(OSError) as e:
+        verityfuse.open_verified(small, digest=other, store=empty)
+    assert e.value.errno == errno.EIO and isinstance(e.value.__cause__, ContentMismatch)
+    assert str(e.value.__cause__) == (f"{small}: its bytes do not give {other} (with the "
+                                      f"sealing parameters tried), and the store has no tree "
+                                      f"object for that digest")
 
 
 def test_docs_api_signatures_match_the_code():

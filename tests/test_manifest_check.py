@@ -87,7 +87,10 @@ def test_a_file_of_one_block_is_checked_without_an_object(tree):
     rc, status, summary, r = check(src, m, tmp)
     assert rc == 1 and status["d/b"] == "corrupt" and summary["corrupt"] == 1, status
     line = next(json.loads(x) for x in r.stdout.splitlines() if "d/b" in x)
-    assert line["error"] == f"d/b: the file gives {now}, the manifest says {sealed}", line
+    assert line["error"] == f"the file gives {now}, the manifest says {sealed}", line
+    r = vf("verify", src, "--manifest", m, "--trust-key", tmp / "p.pem")
+    assert f"CORRUPT {src}/d/b: the file gives {now}, the manifest says {sealed}\n" in r.stdout, \
+        r.stdout
 
 
 def test_missing_swapped_types_and_symlinked_directories(tree):

@@ -137,6 +137,30 @@ def test_push_refuses_a_file_changed_after_sealing(tree, registry):  # noqa: F81
     assert "ERROR: sub/odd: data block at offset 4096: expected hash" in r.stderr, r.stderr
 
 
+def test_push_reads_on_where_the_source_reads_short(tmp_path, registry):  # noqa: F811
+    """A source that answers each read with at most 1000 bytes (a FUSE or network file
+    system may): push reads on until a piece is whole.  Before, a short piece was taken
+    for the file's end, zero-padded and failed its check ("data block at offset 0")."""
+    from conftest import fuse_helper, pattern, write
+
+    plain, share = tmp_path / "plain", tmp_path / "share"
+    plain.mkdir()
+    share.mkdir()
+    sizes = {"one": 3000, "big": 70000}
+    for name, size in sizes.items():
+        write(plain / name, pattern(size))
+    mf.generate_key(str(tmp_path / "key.pem"), str(tmp_path / "pub.pem"))
+    r = vf("seal", plain, "--manifest", tmp_path / "m.json", "--sign-key", tmp_path / "key.pem")
+    assert r.returncode == 0, r.stderr
+    with fuse_helper("short_read_fs.py", share,
+                     *(f"{n}={s}:{s}:chunk:1000" for n, s in sizes.items()),
+                     what="the short-reading source"):
+        r = vf("push", share, f"{registry.host}/vf/short:v1", "--manifest", tmp_path / "m.json",
+               "--store", plain / ".verityfuse", "--plain-http")
+    assert r.returncode == 0, r.stderr
+    assert "5 blobs uploaded" in r.stdout, r.stdout  # two trees, two files' bytes, the manifest
+
+
 def test_push_refuses_a_file_of_one_block_changed_after_sealing(tree, registry, tmp_path):  # noqa: F811
     """A file of one block has no object in the store: push makes its object from its
     bytes, which must give the manifest's digest; a changed one is named, with the

@@ -117,6 +117,7 @@ def test_path_swap_is_refused(share, verified_mount):
 def test_deleted_and_added_files(share, verified_mount):
     src = share[0]
     os.unlink(src / "lib" / "x.so")
+    os.unlink(src / "config")  # of one block: no object either
     write(src / "added", b"not in the manifest")
     assert vf("seal", src, src / "added").returncode == 0  # sealed, but not trusted
     g = guest(verified_mount, share)
@@ -124,9 +125,15 @@ def test_deleted_and_added_files(share, verified_mount):
     assert os.stat(g.mountpoint / "lib" / "x.so").st_size == 9000
     assert open_errno(g.mountpoint / "lib" / "x.so") == errno.EIO
     assert "lib/x.so: listed in the manifest, but the share has no regular file there" in g.log()
+    # Its descriptor too: the share's fault is named, not an object it was never given.
+    with pytest.raises(OSError) as e:
+        os.getxattr(g.mountpoint / "config", "user.fsverity.descriptor")
+    assert e.value.errno == errno.EIO
+    assert "config: listed in the manifest, but the share has no regular file there" in g.log()
+    assert "missing tree object" not in g.log()
     # not listed: it does not exist here at all
     assert open_errno(g.mountpoint / "added") == errno.ENOENT
-    assert sorted(os.listdir(g.mountpoint)) == ["app.bin", "config", "lib"]
+    assert sorted(os.listdir(g.mountpoint)) == ["app.bin", "config", "lib"]  # the manifest's
 
 
 def test_tree_and_descriptor_attacks(share, verified_mount):

@@ -79,7 +79,8 @@ def _check_content(pfd: int, node: manifest_tree.Node, store, cache, label: str)
             if node.size > node.params.block_size:
                 raise
             differs = small_file_differs(node.params, data, node.size, node.digest)
-            raise ContentMismatch(f"{label}: the file {differs}", label) from None
+            # (verify prints the file's name: the message is what differs)
+            raise ContentMismatch(f"the file {differs}", label) from None
         with tree:
             node.tree.check(tree.descriptor, label)
             # Read whole: the first failure in file order (check_size=False), as verify.

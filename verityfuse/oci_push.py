@@ -54,9 +54,16 @@ def _hash_and_check(fd: int, size: int, tree, label: str) -> str:
     h = hashlib.sha256()
     pos = 0
     while pos < size:
-        piece = os.pread(fd, min(_PIECE, size - pos), pos)
-        if not piece:
-            raise PushError(f"{label}: the file ends at {pos} bytes, the manifest says {size}")
+        want = min(_PIECE, size - pos)
+        piece = os.pread(fd, want, pos)
+        while 0 < len(piece) < want:  # a source may read short before the end (FUSE)
+            more = os.pread(fd, want - len(piece), pos + len(piece))
+            if not more:
+                break
+            piece += more
+        if len(piece) < want:
+            raise PushError(f"{label}: the file ends at {pos + len(piece)} bytes, the "
+                            f"manifest says {size}")
         h.update(piece)
         padded = piece + bytes(-len(piece) % bs)
         verifier.verify(pos // bs, padded)  # IntegrityError names the file and offset

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import fsutil, merkle
 from .api_core import Digest, NotSealedError, PathArg, as_digest, digest_of, existing_store, fspath
-from .errors import Corruption, StoreCorrupt, VerityError
+from .errors import (RESOURCE_ERRNOS, ContentMismatch, Corruption, MissingObject, StoreCorrupt,
+                     VerityError)
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -332,11 +333,19 @@ def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
     other than the defaults needs its object)."""
     try:
         return st.open_object(alg, digest)
-    except StoreCorrupt:
+    except StoreCorrupt as e:
         tree = _small_tree(st, fd, label, alg, digest)
-        if tree is None:
-            raise
-        return tree
+        if tree is not None:
+            return tree
+        from .small_trees import small_tree_fits
+        if isinstance(e, MissingObject) and small_tree_fits(merkle.Params(alg),
+                                                            os.fstat(fd).st_size):
+            # Not a damaged store: a small file needs no object, and its bytes say no.
+            raise ContentMismatch(f"{label}: its bytes do not give "
+                                  f"{merkle.format_digest(alg, digest)} (with the sealing "
+                                  f"parameters tried), and the store has no tree object "
+                                  f"for that digest", label) from None
+        raise
 
 
 def _small_tree(st, fd: int, label: str, alg, digest: bytes):
@@ -361,6 +370,7 @@ def _small_tree(st, fd: int, label: str, alg, digest: bytes):
                 tree = small_tree(label, params, treebuild.read_small(fd, size), digest)
                 if tree is not None:
                     return tree
-    except OSError:  # unreadable, or changing as it is read: no descriptor
-        pass
+    except OSError as e:  # unreadable, or changing as it is read: no descriptor
+        if e.errno in RESOURCE_ERRNOS:  # the process's own want: never a mismatch
+            raise
     return None

@@ -202,7 +202,7 @@ class ManifestView(ReadOnlyView):
             raise
         return tree
 
-    def _small_tree(self, node: manifest_tree.Node, fd: int, wait: bool):
+    def _small_tree(self, node: manifest_tree.Node, fd: int):
         """A small file's tree is made from its bytes (small_trees.small_tree): a file
         of at most one block has none (its descriptor is the manifest's parameters and
         size with the hash of its one block), one of up to SMALL_TREE_BYTES has one
@@ -213,21 +213,20 @@ class ManifestView(ReadOnlyView):
         virtio-fs share: one read of the open file instead of an object's lookup, open,
         read and release on the host).
 
-        None when the file is larger or its bytes do not match (then the object is
-        read, and the reads report the mismatch, as on ext4).  Unless ``wait`` (no
-        object would do), also None when the read would wait where the file system
-        can tell: the object's read then, as before.  A share that cannot tell (tmpfs,
-        FUSE and virtio-fs refuse RWF_NOWAIT) is read as the object it replaces would
-        be: a read that may wait, on the request thread."""
+        This is the first, cheap try: one read, None when the file is larger, its bytes
+        do not match, the read comes back short (``_tree`` reads on), or it would wait
+        where the file system can tell (RWF_NOWAIT).  A share that cannot tell (tmpfs,
+        FUSE and virtio-fs refuse RWF_NOWAIT) is read as an object would be: a read that
+        may wait, on the request thread."""
         if not small_tree_fits(node.params, node.size):
             return None
         buf = bytearray(node.size + 1)  # a byte more: a file longer than sealed shows
         try:
             try:
-                n = os.preadv(fd, [buf], 0, 0 if wait else self._nowait)
+                n = os.preadv(fd, [buf], 0, self._nowait)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    return None  # it would wait (EAGAIN), or fails: the object's path
+                    return None  # it would wait (EAGAIN), or fails: _tree says
                 self._nowait = 0
                 n = os.preadv(fd, [buf], 0)
         except OSError:
@@ -236,32 +235,53 @@ class ManifestView(ReadOnlyView):
             return None
         return small_tree(node.path, node.params, bytes(buf[:n]), node.digest)
 
+    def _bytes_tree(self, node: manifest_tree.Node, fd: int):
+        """(the bytes of the share's file ``fd``, read on where it reads short, waiting if
+        need be; the tree they give, or None if it does not hash to the manifest's
+        digest).  A failed read is the host's answer (Corruption), unless it is the
+        daemon's own want (RESOURCE_ERRNOS): never an integrity failure."""
+        try:
+            data = read_upto(fd, node.size)
+        except OSError as e:
+            raise _share_fault(e, f"{node.path}: the share's file cannot be read "
+                               f"({e.strerror})", node.path) from None
+        tree = None
+        if len(data) == node.size:
+            tree = small_tree(node.path, node.params, data, node.digest)
+        return data, tree
+
     def _tree(self, node: manifest_tree.Node, fd: int):
         """The tree ``node``'s reads are checked against, for its share file ``fd``: a small
-        file's own when that does, else the object."""
-        tree = self._small_tree(node, fd, wait=False)
+        file's own when that does, else the object.  A file of one block is sealed without
+        an object (in a format-3 store): its bytes are read, waiting if need be, before an
+        object is looked for (an older seal's, a format-2 store's); a larger small file's
+        object comes first when its bytes would wait, as before."""
+        tree = self._small_tree(node, fd)
         if tree is not None:
             return tree
+        data = None
+        if node.size <= node.params.block_size:
+            data, tree = self._bytes_tree(node, fd)
+            if tree is not None:
+                return tree
         try:
             return self.open_tree(node)
         except (StoreCorrupt, Corruption) as e:  # no object that will do: its bytes may
-            tree = self._small_tree(node, fd, wait=True)
-            if tree is not None:
-                return tree
             if not small_tree_fits(node.params, node.size):
                 raise
-            try:
-                data = read_upto(fd, node.size)
-                differs = "the share's file " + small_file_differs(node.params, data,
-                                                                   node.size, node.digest)
-            except OSError as r:
-                data, differs = None, f"the share's file cannot be read ({r.strerror})"
-            if isinstance(e, MissingObject) and node.size <= node.params.block_size:
-                # Sealed without one, as a manifest's file of one block is: its bytes
-                # are all there is to check, and they are not what was sealed (its one
-                # block, when its size is right: where a read would have failed).
-                at = 0 if data is not None and len(data) == node.size else None
-                raise ContentMismatch(f"{node.path}: {differs}", node.path, at) from None
+            if data is None:
+                data, tree = self._bytes_tree(node, fd)
+                if tree is not None:
+                    return tree
+            differs = "the share's file " + small_file_differs(node.params, data, node.size,
+                                                               node.digest)
+            if node.size <= node.params.block_size:
+                # Its bytes are all there is to check (no object, or none that proves
+                # itself), and they are not what was sealed: its one block, when its
+                # size is right, is where a read would have failed.
+                why = differs if isinstance(e, MissingObject) else f"{differs}; and {e}"
+                at = 0 if len(data) == node.size else None
+                raise ContentMismatch(f"{node.path}: {why}", node.path, at) from None
             kind = StoreCorrupt if isinstance(e, StoreCorrupt) else Corruption
             raise kind(f"{e}; and {differs}", node.path) from None
 
@@ -308,8 +328,11 @@ class ManifestView(ReadOnlyView):
         # A small file needs no object here either (what open reads it against).
         try:
             fd = self._open_backing(node, wait=True)
-        except Corruption:  # no file in the share: its object may still say
-            return self._verifier(self.open_tree(node), node)
+        except Corruption as e:  # no file in the share: its object may still say
+            try:
+                return self._verifier(self.open_tree(node), node)
+            except MissingObject:  # none (a file of one block has none): the share's fault
+                raise e from None
         try:
             return self._verifier(self._tree(node, fd), node)
         finally:
