@@ -4,8 +4,9 @@
 question a guest's mount would answer file by file: does every listed entry have the
 manifest's type, mode, owner, mtime, size and link target, and does every listed file's
 content hash up to the manifest's digest for *that path* (through the store object that
-digest names, or for a small file the tree its bytes give, exactly as the mount reads it)?  Entries the manifest does not list are
-reported too: a mount would hide them, and a gate should say they are there.
+digest names, or for a small file the tree its bytes give, exactly as the mount reads
+it)?  Entries the manifest does not list are reported too: a mount would hide them, and
+a gate should say they are there.
 
 Paths are walked below SOURCE without following any symlink (``fsutil.open_beneath``),
 so a listed path reached through a symlinked directory is reported, not followed.
@@ -26,8 +27,8 @@ from .reader import attach_reader
 from .seal_pool import in_order
 from .sealing import describe_failure
 from .source_dir import SourceDir, opened, unlistable
-from .small_trees import read_upto, small_file_differs, small_tree, small_tree_fits
-from .treebuild import CHUNK_SIZE
+from .small_trees import small_file_differs, small_tree, small_tree_fits
+from .treebuild import CHUNK_SIZE, read_upto
 from .verifier import ONE_PASS_CACHE_BYTES, TreeBlockCache
 
 # Statuses (protocol/cli-json.md): ok; corrupt (content does not hash up to the digest);

@@ -26,9 +26,9 @@ from .errors import Corruption, VerityError
 from .oci_artifact import Artifact, Blob
 from .oci_client import Client, sha256_digest
 from .store import store_of
-from .small_trees import read_upto, small_file_differs
+from .small_trees import small_file_differs
 from .store_object import TREE_OFFSET, object_head
-from .treebuild import one_block_descriptor
+from .treebuild import one_block_descriptor, read_upto
 from .verifier import TreeBlockCache, Verifier
 
 _PIECE = 1 << 20

@@ -12,7 +12,6 @@ all for a manifest's file of one block, which is sealed without one.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 from . import merkle, treebuild
@@ -81,21 +80,8 @@ def small_tree(name: str, params: merkle.Params, data: bytes,
     return TreeRef(MemoryTree(name, desc, digest, block), lambda: None)
 
 
-def read_upto(fd: int, size: int) -> bytes:
-    """The first ``size`` + 1 bytes of the file at ``fd``, fewer where it ends first:
-    exactly ``size`` bytes if it has that many and no more.  Read on where a source
-    reads short before the end (FUSE, network)."""
-    data = b""
-    while len(data) <= size:
-        more = os.pread(fd, size + 1 - len(data), len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
 def small_file_differs(params: merkle.Params, data: bytes, size: int, digest: bytes) -> str:
-    """How a small file whose bytes are ``data`` (read_upto) differs from the one sealed
+    """How a small file whose bytes are ``data`` (treebuild.read_upto) differs from the one sealed
     as ``digest`` with ``params`` and ``size`` bytes (small_tree gave no tree), to finish
     a message about it, after its name: its size, or the digest its bytes give, and
     what the manifest says."""

@@ -123,16 +123,26 @@ def check_unchanged(before: os.stat_result, fd: int):
         raise OSError(errno.ETXTBSY, f"file changed while it was read ({', '.join(moved)})")
 
 
-def read_small(fd: int, size: int) -> bytes:
-    """The ``size`` bytes of a small file from offset 0, and proof that it has no more:
-    one pread of a byte more than ``size`` (two system calls for a small file's read
-    and end check would be one)."""
+def read_upto(fd: int, size: int) -> bytes:
+    """The first ``size`` + 1 bytes of the file at ``fd``, fewer where it ends first:
+    ``size`` bytes when it has that many and no more.  One pread of a byte more than
+    ``size`` (a small file's read and its end check in one system call), read on only
+    where a source reads short before ``size`` (FUSE, network)."""
     data = os.pread(fd, size + 1, 0)
-    while len(data) < size:  # a short read before the end (a FUSE or network source)
+    while len(data) < size:
         more = os.pread(fd, size + 1 - len(data), len(data))
         if not more:
-            raise _shrank(size, len(data))
+            break
         data += more
+    return data
+
+
+def read_small(fd: int, size: int) -> bytes:
+    """The ``size`` bytes of a small file from offset 0, and proof that it has no more
+    (read_upto); ETXTBSY naming the count when it has fewer or more."""
+    data = read_upto(fd, size)
+    if len(data) < size:
+        raise _shrank(size, len(data))
     if len(data) > size:
         raise _grew(size)
     return data

@@ -26,7 +26,8 @@ from typing import Dict, Optional, Tuple
 from . import fsutil, manifest_tree, uapi
 from . import ioctl as vioctl
 from .errors import RESOURCE_ERRNOS, ContentMismatch, Corruption, MissingObject, StoreCorrupt
-from .small_trees import read_upto, small_file_differs, small_tree, small_tree_fits
+from .small_trees import small_file_differs, small_tree, small_tree_fits
+from .treebuild import read_upto
 from .verifier import Verifier
 from .view import Attr, DirHandle, FileHandle, ReadOnlyView, VerityInfo, erofs
 
