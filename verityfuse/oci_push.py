@@ -26,9 +26,9 @@ from .errors import Corruption, VerityError
 from .oci_artifact import Artifact, Blob
 from .oci_client import Client, sha256_digest
 from .store import store_of
-from .small_trees import small_file_differs
+from .small_trees import small_file_differs, small_tree
 from .store_object import TREE_OFFSET, object_head
-from .treebuild import one_block_descriptor, read_upto
+from .treebuild import read_upto
 from .verifier import TreeBlockCache, Verifier
 
 _PIECE = 1 << 20
@@ -159,10 +159,11 @@ def _one_block(root: int, node: manifest_tree.Node):
         data = read_upto(fd, node.size)
     finally:
         os.close(fd)
-    if len(data) == node.size:
-        desc = one_block_descriptor(node.params, data)
-        if desc.digest == node.digest:
-            return object_head(desc), data
+    tree = None
+    if len(data) == node.size:  # its descriptor, if it hashes to the manifest's digest
+        tree = small_tree(node.path, node.params, data, node.digest)
+    if tree is not None:
+        return object_head(tree.descriptor), data
     raise PushError(f"{node.path}: the file "
                     f"{small_file_differs(node.params, data, node.size, node.digest)}")
 
