@@ -280,6 +280,15 @@ def test_a_mount_goes_with_the_process_that_made_it_even_killed(tmp_path):
         (tmp_path / "log").read_text()
 
 
+def _inner_session(pytester, source: str, **outcomes) -> str:
+    """Run the tests of ``source`` in a pytest session of their own; check its
+    ``outcomes`` (assert_outcomes' counts) and give its output."""
+    pytester.makepyfile(test_inner=source)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(**outcomes)
+    return result.stdout.str()
+
+
 ERRORS = '''
 import pytest
 
@@ -308,10 +317,7 @@ def test_warning_is_fine(verified_mount, tmp_path):
 @pytest.mark.mount
 @needs_fuse
 def test_unexpected_error_lines_in_a_daemon_log_fail_the_test(pytester):
-    pytester.makepyfile(test_inner=ERRORS)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=4, errors=2)
-    out = result.stdout.str()
+    out = _inner_session(pytester, ERRORS, passed=4, errors=2)
     assert "ERROR at teardown of test_error_line" in out
     assert "ERROR at teardown of test_traceback" in out
     assert "logged what this test did not expect" in out and "ERROR: cannot measure x" in out
@@ -359,10 +365,7 @@ def test_left_running(verified_mount, tmp_path):
 def test_a_daemon_that_exits_during_the_test_fails_it(pytester):
     """A daemon that died during a test (a crash, a kill the test did not announce) failed
     nothing: the fixture unmounted the remains and the test passed."""
-    pytester.makepyfile(test_inner=EXITS)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=5, errors=2)
-    out = result.stdout.str()
+    out = _inner_session(pytester, EXITS, passed=5, errors=2)
     assert "ERROR at teardown of test_daemon_killed" in out
     assert "ERROR at teardown of test_daemon_exits_3_after_its_unmount" in out
     assert "exited during the test with status -9" in out and "exited after its unmount with status 3" in out

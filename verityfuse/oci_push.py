@@ -28,7 +28,7 @@ from .oci_client import Client, sha256_digest
 from .store import store_of
 from .small_trees import small_file_differs, small_tree
 from .store_object import TREE_OFFSET, object_head
-from .treebuild import read_upto
+from .treebuild import read_full, read_upto
 from .verifier import TreeBlockCache, Verifier
 
 _PIECE = 1 << 20
@@ -55,19 +55,14 @@ def _hash_and_check(fd: int, size: int, tree, label: str) -> str:
     pos = 0
     while pos < size:
         want = min(_PIECE, size - pos)
-        piece = os.pread(fd, want, pos)
-        while 0 < len(piece) < want:  # a source may read short before the end (FUSE)
-            more = os.pread(fd, want - len(piece), pos + len(piece))
-            if not more:
-                break
-            piece += more
-        if len(piece) < want:
-            raise PushError(f"{label}: the file ends at {pos + len(piece)} bytes, the "
+        padded = bytearray(want + -want % bs)  # whole blocks, the tail's zeros in place
+        got = read_full(fd, memoryview(padded)[:want], pos)  # a FUSE source reads short
+        if got < want:
+            raise PushError(f"{label}: the file ends at {pos + got} bytes, the "
                             f"manifest says {size}")
-        h.update(piece)
-        padded = piece + bytes(-len(piece) % bs)
+        h.update(memoryview(padded)[:want])
         verifier.verify(pos // bs, padded)  # IntegrityError names the file and offset
-        pos += len(piece)
+        pos += want
     if os.pread(fd, 1, size):
         raise PushError(f"{label}: the file is longer than the manifest's {size} bytes")
     return "sha256:" + h.hexdigest()

@@ -41,6 +41,11 @@ def _share_fault(e: OSError, message: str, path: str) -> Exception:
     return e if e.errno in RESOURCE_ERRNOS else Corruption(message, path)
 
 
+def _unreadable(e: OSError, path: str) -> Exception:
+    """_share_fault of a failed fstat or read of the share's file at ``path``."""
+    return _share_fault(e, f"{path}: the share's file cannot be read ({e.strerror})", path)
+
+
 class ManifestView(ReadOnlyView):
     posix_acl = False
     untrusted_source = True  # the host's share (or registry): its errnos are not passed on
@@ -244,8 +249,7 @@ class ManifestView(ReadOnlyView):
         try:
             data = read_upto(fd, node.size)
         except OSError as e:
-            raise _share_fault(e, f"{node.path}: the share's file cannot be read "
-                               f"({e.strerror})", node.path) from None
+            raise _unreadable(e, node.path) from None
         tree = None
         if len(data) == node.size:
             tree = small_tree(node.path, node.params, data, node.digest)
@@ -302,8 +306,7 @@ class ManifestView(ReadOnlyView):
                            what="the share's file", sealed="the manifest says")
         except OSError as e:  # the fstat of the share's file: the host's errno, not ours
             fh.close()
-            raise _share_fault(e, f"{node.path}: the share's file cannot be read "
-                               f"({e.strerror})", node.path) from None
+            raise _unreadable(e, node.path) from None
         except BaseException:
             fh.close()
             raise
