@@ -306,10 +306,7 @@ def main(argv=None) -> int:
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.version:
-        print(f"verityfuse {__version__}")
-        if not args.verbose:
-            return 0
-        args.func = cmd_doctor  # behind _run's error boundary, as the doctor command
+        args.func = _version  # behind _run's error boundary, as every command
         return _run(args)
     if args.command is None:
         parser.print_usage(sys.stderr)
@@ -325,6 +322,12 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _version(args) -> int:
+    """``-V``: the version; with ``-v``, what the doctor command says too."""
+    print(f"verityfuse {__version__}")
+    return cmd_doctor(args) if args.verbose else 0
 
 
 def _run(args) -> int:
