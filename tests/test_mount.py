@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from verityfuse import api, merkle
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
 from verityfuse.store_object import TREE_OFFSET
@@ -43,10 +44,16 @@ def run_err(*cmd):
     return r.returncode, r.stderr
 
 
-def object_file(src, rel):
+def object_file(src, rel, **params):
+    """The store object of SOURCE/rel: the one its index entry names, or, for a file
+    sealed into a manifest (found by digest: no index entry), the one its digest with
+    ``params`` (verityfuse.api.digest's) names."""
     with Store(str(src / ".verityfuse")) as st:
         e = entry_of_path(st, src / rel)
-        return st.object_path(e.alg, e.digest)
+        if e is not None:
+            return st.object_path(e.alg, e.digest)
+        d = api.digest(src / rel, **params)
+        return st.object_path(merkle.hash_alg(d.algorithm), d.digest)
 
 
 SIZES = {"empty": 0, "one": 1, "bm1": B - 1, "b": B, "bp1": B + 1,

@@ -268,7 +268,7 @@ def test_resealing_a_signed_manifest_without_a_key_is_refused(tmp_path, key, src
     r = vf("seal", src, "--manifest", m, "--sign-key", tmp_path / "key.pem", "--unsigned")
     assert r.returncode == 2 and r.stderr == "ERROR: --unsigned and --sign-key contradict each other\n"
     r = vf("seal", src, "--unsigned")
-    assert r.returncode == 2 and r.stderr == "ERROR: --unsigned, --sequence and --expires are for --manifest\n"
+    assert r.returncode == 2 and r.stderr == "ERROR: --unsigned, --sequence, --expires and --local are for --manifest\n"
     r = vf("seal", src, "--manifest", m, "--unsigned")
     assert r.returncode == 0, r.stderr
     assert r.stderr.endswith(", sequence 2 (unsigned: mount it with --manifest-digest)\n")

@@ -6,6 +6,7 @@ fsverity-utils for the digests), and decline what it does not handle with
 nothing left behind, so that the Python path seals it and words any error."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -111,6 +112,36 @@ def test_a_manifest_seal_writes_the_python_paths_bytes(tmp_path, params):
     assert contents(tmp_path / "native") == contents(tmp_path / "python")
 
 
+@pytest.mark.parametrize("pure", [False, True], ids=["native", "python"])
+def test_a_manifest_seal_indexes_no_inode_unless_local(tmp_path, pure):
+    """`seal --manifest` writes the objects a manifest mount finds by digest and no index
+    entry (it would name an inode of the machine that sealed); with --local, the store
+    `seal` writes, byte for byte, and a local verify finds every file intact."""
+    src = tmp_path / "src"
+    make_tree(src)
+    os.unlink(src / "fifo")
+    shutil.rmtree(os.fsencode(src / "odd"))  # names a manifest cannot hold (not UTF-8)
+    local = seal(src, tmp_path / "local", [], pure)
+    lines = {}
+    for kind, extra in (("manifest", []), ("both", ["--local"])):
+        lines[kind] = seal(src, tmp_path / kind, [], pure, "--manifest",
+                           str(tmp_path / f"{kind}.json"), "--unsigned", *extra)
+    assert lines["manifest"] == lines["both"]  # in the manifest's order, not the walk's
+    assert sorted(lines["manifest"].splitlines()) == sorted(local.splitlines())
+    want = contents(tmp_path / "local")
+    assert len([k for k in want if k.startswith("inodes/")]) == len(SIZES) + 40 + 3
+    assert contents(tmp_path / "both") == want
+    assert contents(tmp_path / "manifest") == {k: v for k, v in want.items()
+                                               if not k.startswith("inodes/")}
+    assert (tmp_path / "manifest.json").read_bytes() == (tmp_path / "both.json").read_bytes()
+    r = subprocess.run(VF + ["verify", str(src), "--store", str(tmp_path / "manifest")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == "" and "0 sealed" in r.stderr, r
+    r = subprocess.run(VF + ["verify", str(src), "--store", str(tmp_path / "both")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r
+
+
 @needs_native
 def test_a_manifest_records_the_mtime_the_python_path_records(tmp_path):
     """The mtime comes back in seconds and nanoseconds: one before 1970 is recorded to
@@ -213,15 +244,22 @@ def test_its_stat_is_the_files(tmp_path):
     os.chmod(src / "f", 0o640)
     os.utime(src / "f", ns=(1_600_000_000_123_456_789, 1_700_000_000_987_654_321))
     with SourceDir(str(src)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-        stage = native_stager(store, sd, merkle.Params(), manifest=True)
+        stage = native_stager(store, sd, merkle.Params(), manifest=True, index=False)
         if stage is None:
             pytest.skip("the native module is not built")
         os.chown(src / "f", 1234, 5678)
         [(staged, st)] = stage(["f"])
         assert st == (stat.S_IFREG | 0o640, 1234, 5678, 4097, 1_700_000_000_987_654_321)
         assert (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns) == tuple(st)
-        assert staged.obj_tmp is not None and len(tmp_files(store)) == 2
+        # A manifest's file is found by digest: its object alone, no key, no index entry.
+        assert staged.key is None and staged.index_tmp is None
+        assert tmp_files(store) == [staged.obj_tmp]
         staged.drop(store)
+        assert tmp_files(store) == []
+        write(src / "one", pattern(4096))  # and one of one block: nothing at all
+        [(staged, st)] = stage(["one"])
+        assert (staged.obj_tmp, staged.index_tmp, staged.key, st.st_size) == (None, None, None,
+                                                                             4096)
         assert tmp_files(store) == []
 
 
@@ -238,7 +276,7 @@ def test_a_file_that_reads_short_is_never_sealed_as_its_size(tmp_path):
                      what="the short-read file system"):
         assert os.stat(mnt / "short").st_size == 3000
         with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-            stage = native_stager(store, sd, merkle.Params(), manifest=True)  # a manifest's
+            stage = native_stager(store, sd, merkle.Params(), manifest=True, index=False)
             assert stage(["short"]) == [None]
             assert tmp_files(store) == []
             [(staged, _)] = stage(["whole"])
@@ -271,7 +309,7 @@ def test_a_file_written_while_it_is_read_is_never_sealed(tmp_path):
                      "large=3000000:3000000:rewrite:0", "whole=3000:3000",
                      what="the short-read file system"):
         with SourceDir(str(mnt)) as sd, Store(str(tmp_path / "store"), create=True) as store:
-            stage = native_stager(store, sd, merkle.Params(), manifest=True)
+            stage = native_stager(store, sd, merkle.Params(), manifest=True, index=False)
             assert stage(["busy"]) == [None]
             assert tmp_files(store) == []
         r = subprocess.run(VF + ["seal", str(mnt), "--store", str(tmp_path / "st"),

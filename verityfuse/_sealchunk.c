@@ -78,19 +78,21 @@ static void ss_files_free(struct ss_file *f, Py_ssize_t n)
 }
 
 /* Each file's result: None, or (size, key, digest, object tmp name or None, index tmp
- * name, mode, uid, gid, mtime s, mtime ns). */
-static PyObject *ss_result(const struct ss_file *f, size_t ds)
+ * name, mode, uid, gid, mtime s, mtime ns); key and index tmp name None without index. */
+static PyObject *ss_result(const struct ss_file *f, size_t ds, int index)
 {
     if (f->rc != 0)
         return Py_NewRef(Py_None);
     const struct stat *t = &f->out.st;
     /* The mtime's seconds and nanoseconds apart: in ns it overflows 64 bits after 2262,
      * and Python says so (a manifest refuses it) where C would wrap silently. */
-    return Py_BuildValue("(Lsy#NsIIILL)", f->out.size, f->out.key, (const char *)f->out.digest,
-                         (Py_ssize_t)ds,
+    return Py_BuildValue("(LNy#NNIIILL)", f->out.size,
+                         index ? PyUnicode_FromString(f->out.key) : Py_NewRef(Py_None),
+                         (const char *)f->out.digest, (Py_ssize_t)ds,
                          f->out.wrote_object ? PyUnicode_FromString(f->obj_name)
                                              : Py_NewRef(Py_None),
-                         f->idx_name, (unsigned int)t->st_mode, (unsigned int)t->st_uid,
+                         index ? PyUnicode_FromString(f->idx_name) : Py_NewRef(Py_None),
+                         (unsigned int)t->st_mode, (unsigned int)t->st_uid,
                          (unsigned int)t->st_gid, (long long)t->st_mtim.tv_sec,
                          (long long)t->st_mtim.tv_nsec);
 }
@@ -101,9 +103,10 @@ static PyObject *seal_small(PyObject *self, PyObject *args)
     struct ss_in in;
     PyObject *paths, *res = NULL;
     Py_buffer salt, prefix, names;
-    if (!PyArg_ParseTuple(args, "iO!KKiiy*y*iy*pps:seal_small", &in.root_fd, &PyList_Type,
+    if (!PyArg_ParseTuple(args, "iO!KKiiy*y*iy*ppsp:seal_small", &in.root_fd, &PyList_Type,
                           &paths, &in.dev, &in.fsid, &in.alg, &in.log_bs, &salt, &prefix,
-                          &in.tmp_fd, &names, &in.make_object, &in.keep_desc, &in.alg_name))
+                          &in.tmp_fd, &names, &in.make_object, &in.keep_desc, &in.alg_name,
+                          &in.index))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(paths);
     struct ss_file *f = NULL;
@@ -170,7 +173,7 @@ static PyObject *seal_small(PyObject *self, PyObject *args)
     if ((res = PyList_New(n)) == NULL)
         goto unstage;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *r = ss_result(&f[i], ds);
+        PyObject *r = ss_result(&f[i], ds, in.index);
         if (!r) {
             Py_CLEAR(res);
             goto unstage;
@@ -182,7 +185,8 @@ unstage:  /* nothing may be left that no Staged names */
     for (Py_ssize_t i = 0; i < n; i++) {
         if (f[i].rc != 0)
             continue;
-        unlinkat(in.tmp_fd, f[i].idx_name, 0);
+        if (in.index)
+            unlinkat(in.tmp_fd, f[i].idx_name, 0);
         if (f[i].out.wrote_object)
             unlinkat(in.tmp_fd, f[i].obj_name, 0);
     }
@@ -197,9 +201,10 @@ end:
 
 #define SEAL_SMALL_DOC \
     "seal_small(root_fd, paths, dev, fsid, alg, log_blocksize, salt, padded_salt, tmp_fd,\n" \
-    "           names, objects, keep_descriptor, alg_name) -> list\n\n" \
+    "           names, objects, keep_descriptor, alg_name, index) -> list\n\n" \
     "Seal each small regular file root_fd/path of the list paths (str) into tmp/ (see\n" \
     "_sealsmall.c), named names + hex(2 i) (its index entry) and names + hex(2 i + 1)\n" \
     "(its object).  For each: (size, key, digest, object's tmp name or None, index\n" \
     "entry's tmp name, mode, uid, gid, mtime s, mtime ns), or None when it declines,\n" \
-    "with nothing left behind."
+    "with nothing left behind.  Without index (a manifest's files): no key and no\n" \
+    "index entry (both None)."

@@ -26,6 +26,8 @@
  * reopen through /proc/self/fd: a FIFO or device is never opened), its
  * index key is identity.store_key, its descriptor merkle.make_descriptor,
  * its object store_object.ObjectWriter's, its entry store_index.entry_bytes.
+ * Without in->index (a manifest's files, which are found by digest) it makes
+ * neither key nor index entry: no file handle is asked.
  */
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -41,7 +43,7 @@
 #define SS_HEADER 64
 
 struct ss_in {
-    int root_fd, tmp_fd, alg, log_bs, make_object, keep_desc;
+    int root_fd, tmp_fd, alg, log_bs, make_object, keep_desc, index;
     const char *path, *idx_name, *obj_name, *alg_name;
     const unsigned char *salt, *prefix, *path_json;
     size_t salt_len, prefix_len, path_json_len;
@@ -50,7 +52,7 @@ struct ss_in {
 
 struct ss_out {
     long long size;
-    char key[65];
+    char key[65];  /* with in->index only */
     unsigned char digest[SHA512_DIGEST_LENGTH], desc[SS_DESC];
     int wrote_object;
     struct stat st;  /* the file's fstat (of its O_PATH fd): what a manifest records */
@@ -240,7 +242,7 @@ static int ss_seal(const struct ss_in *in, struct ss_out *out)
     size_t level_blocks[SS_MAX_LEVELS], tree_size = 0;
     int levels = ss_levels((len + bs - 1) / bs, bs / ds, level_blocks);
     if ((unsigned long long)st.st_dev != in->dev || st.st_size > SEAL_SMALL_MAX || levels < 0
-        || ss_key(fd, in->fsid, out->key) != 0)
+        || (in->index && ss_key(fd, in->fsid, out->key) != 0))
         goto done;
     for (int k = 0; k < levels; k++)
         tree_size += level_blocks[k] * bs;
@@ -274,6 +276,10 @@ static int ss_seal(const struct ss_in *in, struct ss_out *out)
         memcpy(h + SS_HEADER, out->desc, SS_DESC);
         if (ss_write_tmp(in->tmp_fd, in->obj_name, obj, SS_HEADER + SS_DESC + tree_size) != 0)
             goto done;
+    }
+    if (!in->index) {  /* a manifest's file: found by its digest, never by its inode */
+        rc = 0;
+        goto done;
     }
     /* store_index.entry_bytes, byte for byte. */
     int keep = in->keep_desc && len <= bs;

@@ -95,8 +95,9 @@ def cmd_seal(args) -> int:
     if args.unsigned and args.sign_key:
         error("--unsigned and --sign-key contradict each other")
         return EXIT_USAGE
-    if not args.manifest and (args.unsigned or args.sequence is not None or args.expires):
-        error("--unsigned, --sequence and --expires are for --manifest")
+    if not args.manifest and (args.unsigned or args.sequence is not None or args.expires
+                              or args.local):
+        error("--unsigned, --sequence, --expires and --local are for --manifest")
         return EXIT_USAGE
     key = None
     if args.sign_key:  # before any hashing: a bad key should cost nothing
@@ -184,6 +185,9 @@ def _add_tree_commands(sub):
     p.add_argument("--expires", type=_expires, metavar="WHEN",
                    help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
                         "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
+    p.add_argument("--local", action="store_true",
+                   help="with --manifest, also seal each file for local mode (index its inode, "
+                        "as seal without --manifest does), on this machine")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
     add_tree_options(p, threads_help="worker processes sealing files at once, and hashing "
                      "threads of a file over 1 MiB (default: one per CPU, at most 4; 1: no "

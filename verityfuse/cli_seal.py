@@ -290,7 +290,8 @@ def seal_manifest(args, store, src, params, key, rels) -> int:
         rec = ManifestRecorder(src, store, params, batch,
                                skip_paths=[args.manifest, out.payload_path], warn=warn,
                                report=sealed.add, progress=progress, threads=args.threads,
-                               not_sealed=lambda full, why: sealed.failed(full, why, warning))
+                               not_sealed=lambda full, why: sealed.failed(full, why, warning),
+                               local=args.local)
         try:
             if rels is None or "." in rels:
                 entries: Iterable[dict] = rec.walk(".")

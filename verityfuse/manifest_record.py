@@ -108,7 +108,8 @@ def _payload_order(e: dict) -> bytes:
 
 class ManifestRecorder:
     """Records SOURCE into manifest entries, sealing every regular file into ``batch``
-    (by ``threads`` worker processes at once, seal_pool).
+    (by ``threads`` worker processes at once, seal_pool): the objects a manifest mount
+    finds by digest and, with ``local``, each inode's index entry as ``seal`` makes it.
 
     ``report(digest_text, full_path)`` is called for each sealed file once its batch
     is durable; ``progress`` is the run's seal_progress.Progress; ``warn`` for what is
@@ -119,15 +120,15 @@ class ManifestRecorder:
 
     def __init__(self, source: SourceDir, store: Store, params: merkle.Params, batch: Batch,
                  skip_paths=(), warn=print, report=None, progress=None,
-                 threads: Optional[int] = None, not_sealed=None):
+                 threads: Optional[int] = None, not_sealed=None, local: bool = False):
         self.source, self.store, self.params, self.batch = source, store, params, batch
         self.warn, self.report, self.threads = warn, report, threads
         # (full path, why) of a file that could not be sealed: a warning, or --json's object
         self.not_sealed = not_sealed or (lambda full, why: warn(f"can't seal '{full}': {why}"))
         self.progress = progress if progress is not None and progress.enabled else None
         self.failed = 0
-        self._stage_file = FileStager(store, source, params, manifest=True, threads=threads,
-                                      progress=self.progress)
+        self._stage_file = FileStager(store, source, params, manifest=True, index=local,
+                                      threads=threads, progress=self.progress)
         st = os.stat(store.path)
         self._skip = {(st.st_dev, st.st_ino)}
         self._skip_names = {os.path.basename(p) for p in skip_paths}

@@ -64,13 +64,15 @@ def _entry(store: Store, key: str, desc: merkle.Descriptor, signature: bytes,
 
 def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: int,
              signature: bytes = b"", threads: Optional[int] = None, key: Optional[str] = None,
-             **build_kw) -> Staged:
+             index: bool = True, **build_kw) -> Staged:
     """seal_fd without publishing: the object and the index entry are left in tmp/,
     unsynced, for a store_batch.Batch (seal_pool's workers stage files at once).
-    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here).  A
-    file of one chunk is hashed in this thread (the other files in flight keep the other
-    cores busy); a larger one with ``threads``."""
-    if key is None:
+    ``size`` is the file's fstat size, ``key`` its inode's (default: asked here).
+    Without ``index`` (a manifest's file, found by its digest) there is neither key
+    nor index entry: only the object, and for a file of one block in a format-3 store
+    nothing at all.  A file of one chunk is hashed in this thread (the other files in
+    flight keep the other cores busy); a larger one with ``threads``."""
+    if key is None and index:
         key = identity.key_of(fd)
     tmp_object = None
     if _inline(store, params, size):
@@ -81,6 +83,8 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
                                         threads=1 if size <= treebuild.CHUNK_SIZE else threads,
                                         **build_kw)
             tmp_object = obj.stage(desc)
+    if key is None:
+        return Staged(params.alg, desc.digest, size, tmp_object, None, None)
     entry = _entry(store, key, desc, signature, relpath)
     try:
         index_tmp = store.stage_entry(entry)
@@ -137,7 +141,8 @@ def stage_path(store: Store, source: Union[str, SourceDir], relpath: str, params
 StageResult = Optional[Tuple[Staged, Optional[Recorded]]]
 
 
-def native_stager(store: Store, source: SourceDir, params: merkle.Params, manifest: bool = False
+def native_stager(store: Store, source: SourceDir, params: merkle.Params, manifest: bool = False,
+                  index: bool = True
                   ) -> Optional[Callable[[List[Optional[str]]], List[StageResult]]]:
     """stage_path's common case, a chunk of files in one native call (``_sealsmall.c``);
     None without the native module.  The stager takes a list of paths relative to SOURCE
@@ -146,15 +151,18 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, manife
     manifest records of its fstat; or None when it declines the file (not regular, on
     another filesystem, over seal_pool.SMALL bytes, changed while it was read, any
     error; and a path that is None): stage_path then seals it, and says what is wrong.
-    SOURCE's device and fsid are asked once, here."""
+    Without ``index``, stage_fd's: no key, no index entry.  SOURCE's device and fsid are
+    asked once, here."""
     seal_small = getattr(hashers._hashblocks, "seal_small", None)
     if seal_small is None or not 1024 <= params.block_size <= 65536 or len(params.salt) > 32:
         return None
     st = os.fstat(source.fd)
-    try:  # a seal for local mode needs handles that last (identity)
-        fsid = (identity.fsid if manifest else identity.lasting_fsid)(source.fd) & (2**64 - 1)
-    except OSError:  # none that last, no statfs: stage_path says so, file by file
-        return None
+    fsid = 0
+    if index:
+        try:  # local verity needs handles that last (identity)
+            fsid = identity.lasting_fsid(source.fd) & (2**64 - 1)
+        except OSError:  # none that last, no statfs: stage_path says so, file by file
+            return None
     dev = st.st_dev
     inline_store = store.inline()
     alg = params.alg
@@ -166,7 +174,7 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, manife
                 (Staged(alg, g[2], g[0], g[3], g[4], g[1]),
                  Recorded(g[5], g[6], g[7], g[0], g[8] * 10**9 + g[9]) if manifest else None)
                 for g in seal_small(source.fd, rels, dev, fsid, *fixed, tmp_fd, names,
-                                    not inline_store, inline_store, alg.name)]
+                                    not inline_store, inline_store, alg.name, index)]
 
     return stage
 
@@ -174,7 +182,8 @@ def native_stager(store: Store, source: SourceDir, params: merkle.Params, manife
 class FileStager:
     """seal_pool's work for the regular files of SOURCE: ``stager(rel, here)`` stages one
     and gives its Staged, and with ``manifest`` (a manifest's files) what a manifest
-    records of the fstat of what was sealed.  ``many(rels)``: a worker's
+    records of the fstat of what was sealed; with ``index`` (default) each file's inode
+    is indexed too, for local mode (stage_fd).  ``many(rels)``: a worker's
     chunk of files, natively (None for a file it leaves to ``stager(rel, False)``): it
     is the pool's work_many.  Here (``here`` True) a small file natively where it can
     be, else stage_path; in a worker, only for what ``many`` declined, stage_path
@@ -183,11 +192,12 @@ class FileStager:
     here counts on it)."""
 
     def __init__(self, store: Store, source: SourceDir, params: merkle.Params, *,
-                 manifest: bool = False, threads: Optional[int] = None, progress=None):
+                 manifest: bool = False, index: bool = True, threads: Optional[int] = None,
+                 progress=None):
         self.store, self.source, self.params = store, source, params
-        self.manifest, self.threads, self.progress = manifest, threads, progress
-        self.small = native_stager(store, source, params, manifest)
-        self.keys = identity.Keys(lasting=not manifest)  # a manifest mount finds trees by digest
+        self.manifest, self.index, self.threads, self.progress = manifest, index, threads, progress
+        self.small = native_stager(store, source, params, manifest, index)
+        self.keys = identity.Keys(lasting=True) if index else None
 
     def many(self, rels: List[Optional[str]]) -> List[StageResult]:
         return [None] * len(rels) if self.small is None else self.small(rels)
@@ -201,7 +211,7 @@ class FileStager:
                 return got
         progress = self.progress.for_file if here and self.progress else None
         staged, st = stage_path(self.store, self.source, rel, self.params, threads=self.threads,
-                                keys=self.keys, progress=progress,
+                                keys=self.keys, progress=progress, index=self.index,
                                 max_size=None if here else SMALL)
         return staged, Recorded.of(st) if self.manifest else None
 
