@@ -103,6 +103,15 @@ class Mount:
         except (OSError, ValueError, KeyError):
             return None
 
+    def blocks_verified(self):
+        """Data blocks verityfuse verified so far (its status attribute); None for the
+        plain passthrough."""
+        try:
+            return json.loads(os.getxattr(self.mountpoint, "user.verityfuse.status"))[
+                "blocks_verified"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def stop(self):
         if self.proc is None:
             return

@@ -2,7 +2,7 @@
 
     WORK/src/big            --size-mib of random bytes (the file every read test reads)
     WORK/src/medium         64 MiB (memory after a smaller file, to show it flat in size)
-    WORK/src/.verityfuse    the store: `verityfuse seal WORK/src --manifest ... --sign-key ...`
+    WORK/src/.verityfuse    the store: `verityfuse seal WORK/src --manifest ... --sign-key ... --local`
     WORK/manifest.json      the signed manifest of src; WORK/key.pem, WORK/pub.pem
     WORK/ctr/dNN/dNN/dNN/f* the container-start tree (bench/smalltree.py), --ctr-files files
     WORK/ctr-store          its local store (`seal WORK/ctr --store WORK/ctr-store`)
@@ -65,10 +65,12 @@ class Workspace:
         log(f"writing {self.size_mib} + {MEDIUM_MIB} MiB of random data ...")
         write_random(self.big, self.size_mib * MiB)
         write_random(self.medium, MEDIUM_MIB * MiB)
-        log("sealing (verityfuse seal --manifest --sign-key) ...")
+        log("sealing (verityfuse seal --manifest --sign-key --local) ...")
         run(verityfuse_cmd() + ["keygen", self.key, self.pub], stdout=subprocess.DEVNULL)
+        # --local: the local-mode daemon serves the same files, verified by their index
+        # entries (a manifest seal alone writes none: its reads would go unverified).
         run(verityfuse_cmd() + ["seal", self.src, "--manifest", self.manifest,
-                                "--sign-key", self.key], stdout=subprocess.DEVNULL)
+                                "--sign-key", self.key, "--local"], stdout=subprocess.DEVNULL)
         self.manifest_digest = run(verityfuse_cmd() + ["measure-manifest", self.manifest],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True).stdout.split()[0]

@@ -632,6 +632,38 @@ def test_a_pinned_small_file_needs_no_object(tmp_path, size):
                                       f"object for that digest")
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["manifest", "manifest-local"])
+def test_a_pinned_manifest_file_sealed_with_other_parameters(tmp_path, local):
+    """A file of one block sealed into a manifest with a salt and another block size has
+    no object and (without --local) no index entry: a pinned Digest that carries its
+    descriptor (digest()'s, seal()'s) names the parameters to try, and its bytes read
+    against it.  A bare digest string names none: with no index entry the defaults alone
+    are tried, which give another digest (EIO); --local's entry names them."""
+    src = tmp_path / "src"
+    os.mkdir(src)
+    write(src / "one", pattern(1000))
+    m = tmp_path / "m.json"
+    r = subprocess.run(VF + ["seal", str(src), "--manifest", str(m), "--unsigned",
+                             "--block-size", "1024", "--salt", "0a0b"] + (["--local"] if local else []),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pinned = verityfuse.digest(src / "one", block_size=1024, salt=bytes.fromhex("0a0b"))
+    assert pinned.descriptor is not None
+    with verityfuse.open_verified(src / "one", digest=pinned) as f:
+        assert f.read() == pattern(1000)
+    if local:
+        with verityfuse.open_verified(src / "one", digest=str(pinned)) as f:
+            assert f.read() == pattern(1000)
+        return
+    with pytest.raises(OSError) as e:
+        verityfuse.open_verified(src / "one", digest=str(pinned))
+    assert e.value.errno == errno.EIO and isinstance(e.value.__cause__, ContentMismatch)
+    write(src / "one", pattern(999) + b"!")  # the hint is only tried: changed bytes fail
+    with pytest.raises(OSError) as e:
+        verityfuse.open_verified(src / "one", digest=pinned)
+    assert e.value.errno == errno.EIO and isinstance(e.value.__cause__, ContentMismatch)
+
+
 def test_docs_api_signatures_match_the_code():
     """docs/api.md's signature lines name exactly the parameters (and defaults) the functions
     take: the reference cannot drift from the code (issue 17 item 11)."""

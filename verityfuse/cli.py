@@ -175,8 +175,9 @@ def _add_tree_commands(sub):
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="files or directories to seal, inside SOURCE (default: all of SOURCE)")
     p.add_argument("--store", metavar="DIR", help="store directory (default SOURCE/.verityfuse)")
-    p.add_argument("--manifest", metavar="M", help="also write a manifest of the sealed files; "
-                   "its sequence is one above M's (1 for a new M)")
+    p.add_argument("--manifest", metavar="M", help="seal for manifest mode and write a manifest "
+                   "of the files (no index entry for local mode: --local); its sequence is one "
+                   "above M's (1 for a new M)")
     p.add_argument("--sign-key", metavar="KEY.pem", help="Ed25519 private key to sign the manifest")
     p.add_argument("--unsigned", action="store_true",
                    help="write an unsigned manifest even where M is signed (refused otherwise)")
@@ -186,8 +187,9 @@ def _add_tree_commands(sub):
                    help="the manifest is refused from WHEN on: a duration (90m, 12h, 30d, 2w), "
                         "a UTC time YYYY-MM-DDTHH:MM:SSZ, or never (needed to drop M's expiry)")
     p.add_argument("--local", action="store_true",
-                   help="with --manifest, also seal each file for local mode (index its inode, "
-                        "as seal without --manifest does), on this machine")
+                   help="with --manifest, also seal each file for local mode on this machine "
+                        "(index its inode, as seal without --manifest does; without --local, "
+                        "index entries an earlier seal wrote are left as they were)")
     p.add_argument("--json", action="store_true", help="one JSON object per file (and manifest)")
     add_tree_options(p, threads_help="worker processes sealing files at once, and hashing "
                      "threads of a file over 1 MiB (default: one per CPU, at most 4; 1: no "

@@ -261,7 +261,8 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
     (objects are content-addressed, so the store need not be trusted), or, without it,
     for a small file (at most one block, which has no tree, or at most 16 KiB with a tree
     of one block) the tree of its bytes if its descriptor hashes to ``digest``: the file
-    reads only if its bytes hash to ``digest``.
+    reads only if its bytes hash to ``digest``.  Its parameters are tried from the
+    Digest's descriptor (when it carries one), the file's index entry, or the defaults.
 
     :param path: the file (symlinks are followed).
     :param store: the store directory; default: the nearest ``.verityfuse`` directory
@@ -309,7 +310,7 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
                     tree = st.open_tree(entry)
                 else:
                     tree = _pinned_tree(st, fd, label, merkle.hash_alg(pinned.algorithm),
-                                        pinned.digest)
+                                        pinned.digest, pinned.descriptor)
             except Corruption as e:
                 raise _eio(e) from e
         try:
@@ -325,16 +326,16 @@ def open_verified(path: PathArg, *, store: Optional[PathArg] = None,
         raise
 
 
-def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
+def _pinned_tree(st, fd: int, label: str, alg, digest: bytes, hint: Optional[bytes] = None):
     """The tree of the pinned ``digest``: its object, or, for a small file without one
     (one of at most one block sealed into a format-3 store, a copy of a small file, a
     store without its objects), the tree of its bytes now if it gives ``digest`` with
-    the parameters tried (``_small_tree``: a file of more than one block sealed with
-    other than the defaults needs its object)."""
+    the parameters tried (``_small_tree``, ``hint`` among them: a file of more than one
+    block sealed with other than the defaults needs its object)."""
     try:
         return st.open_object(alg, digest)
     except StoreCorrupt as e:
-        tree = _small_tree(st, fd, label, alg, digest)
+        tree = _small_tree(st, fd, label, alg, digest, hint)
         if tree is not None:
             return tree
         from .small_trees import small_tree_fits
@@ -348,15 +349,21 @@ def _pinned_tree(st, fd: int, label: str, alg, digest: bytes):
         raise
 
 
-def _small_tree(st, fd: int, label: str, alg, digest: bytes):
+def _small_tree(st, fd: int, label: str, alg, digest: bytes, hint: Optional[bytes] = None):
     """The tree of the small file at ``fd`` (small_trees.small_tree_fits) if its
-    descriptor hashes to ``digest``, made from its bytes with the parameters its inode's
-    index entry names (the store is not trusted: they are only tried) or the defaults, as
-    a manifest mount does; None otherwise."""
+    descriptor hashes to ``digest``, made from its bytes with the parameters of ``hint``
+    (the pinned Digest's descriptor, when it has one), those its inode's index entry
+    names (a manifest's file has none), or the defaults, as a manifest mount does; None
+    otherwise.  Neither hint nor store is trusted: their parameters are only tried."""
     from . import identity, treebuild
     from .small_trees import small_tree, small_tree_fits
 
     candidates = [merkle.Params(alg)]
+    if hint is not None:
+        try:
+            candidates.insert(0, merkle.parse_descriptor(hint).params)
+        except (VerityError, ValueError):  # not a descriptor: the other candidates
+            pass
     try:
         entry = st.get_entry(identity.key_of(fd))
         if entry is not None and entry.descriptor is not None:
