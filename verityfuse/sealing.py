@@ -83,7 +83,7 @@ def stage_fd(store: Store, fd: int, relpath: str, params: merkle.Params, size: i
                                         threads=1 if size <= treebuild.CHUNK_SIZE else threads,
                                         **build_kw)
             tmp_object = obj.stage(desc)
-    if key is None:
+    if key is None:  # not indexed
         return Staged(params.alg, desc.digest, size, tmp_object, None, None)
     entry = _entry(store, key, desc, signature, relpath)
     try:
