@@ -30,6 +30,7 @@ import ctypes
 import errno
 import os
 import threading
+from operator import itemgetter
 from typing import Optional, Tuple
 
 from . import fsutil, merkle
@@ -363,6 +364,18 @@ class Store(StoreIndex):
     def _object_parts(self, alg: merkle.HashAlg, digest: bytes):
         hexd = digest.hex()
         return ("objects", alg.name, hexd[:2], hexd)
+
+    @staticmethod
+    def object_places(alg: merkle.HashAlg, named):
+        """(directory parts, [(tmp name, shard, name)] sorted by shard) of the objects
+        ``named`` ((tmp name, digest) of each) of ``alg``, for store_batch.place_all: the
+        layout of object_parts, without a call and its tuples per file."""
+        items = []
+        for tmp, digest in named:
+            hexd = digest.hex()
+            items.append((tmp, hexd[:2], hexd))
+        items.sort(key=itemgetter(1))
+        return ("objects", alg.name), items
 
     def object_path(self, alg: merkle.HashAlg, digest: bytes) -> str:
         """Where the tree object of ``digest`` lives (for messages and tools)."""

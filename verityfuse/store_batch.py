@@ -26,7 +26,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import groupby
 from operator import itemgetter
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import fsutil, merkle
 from .store import Store
@@ -103,29 +103,25 @@ class Batch:
     def full(self) -> bool:
         return len(self._staged) >= self.max_files or self._bytes >= self.max_bytes
 
-    def _place(self, places):
-        """Rename each (tmp name, directory parts, name) into place: the files of one
-        parent of shards (objects/<alg>, inodes) in one call, sorted by shard."""
-        places.sort(key=itemgetter(1))
-        for base, group in groupby(places, key=lambda p: p[1][:-1]):
-            place_all(self.store, base, [(tmp, parts[-1], name) for tmp, parts, name in group])
-
     def _publish(self, staged: List[Staged]):
-        """Make ``staged`` durable in the crash-safe order above."""
+        """Make ``staged`` durable in the crash-safe order above.  Each parent of shards
+        (objects/<alg>, inodes) gets its files in one place_all call, sorted by shard."""
         store = self.store
-        objects = [(s.obj_tmp, *store.object_parts(s.alg, s.digest))
-                   for s in staged if s.obj_tmp is not None]
+        objects: Dict[str, Tuple[merkle.HashAlg, list]] = {}
+        for s in staged:
+            if s.obj_tmp is not None:  # none when an entry keeps the file's descriptor
+                objects.setdefault(s.alg.name, (s.alg, []))[1].append((s.obj_tmp, s.digest))
         # None for a manifest's files (found by digest), which may have no object either
-        entries = [(s.index_tmp, *store.index_parts(s.key))
-                   for s in staged if s.key is not None]
+        entries = [(s.index_tmp, s.key) for s in staged if s.key is not None]
         if not (objects or entries):
             return
         store.sync()
-        if objects:  # none when every file's entry keeps its descriptor
-            self._place(objects)
+        if objects:
+            for alg, named in objects.values():
+                place_all(store, *store.object_places(alg, named))
             store.sync()
         if entries:
-            self._place(entries)
+            place_all(store, *store.index_places(entries))
             store.sync()
 
     def _run(self, after: List[tuple]):
