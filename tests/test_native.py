@@ -62,6 +62,29 @@ def exhaustive_check():
                         assert hb.verify_blocks(alg.number, prefix, data, bs, bytes(bad)) == n - 1
 
 
+def one_shot_check():
+    """hb.sha256 (what sealing hashes a descriptor and a key with) against hashlib, for
+    every length of one to five blocks and their padding edges (55, 56, 63, 64 bytes
+    into a block: one padding block or two), and a few long messages."""
+    rng = random.Random(7)
+    for n in list(range(0, 330)) + [1000, 4096, 65537]:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        assert hb.sha256(data) == hashlib.sha256(data).digest(), n
+    assert hb.sha256(memoryview(b"abc")) == hashlib.sha256(b"abc").digest()
+
+
+@needs_native
+def test_one_message_sha256_matches_hashlib():
+    one_shot_check()
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import test_native as t\n"
+            "assert t.hb.info()['sha256'] == 'openssl', t.hb.info()\n"
+            "t.one_shot_check()\n" % HERE)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, VERITYFUSE_NO_SHANI="1"), timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 @needs_native
 def test_every_block_size_and_salt_match_hashlib():
     exhaustive_check()

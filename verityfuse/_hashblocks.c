@@ -253,6 +253,33 @@ static void run_request(struct request *r, int threads, void (*work)(void *, siz
     Py_END_ALLOW_THREADS
 }
 
+/* SHA-256 of one message: with SHA-NI where it may be used, else OpenSSL's (the same
+ * bytes: tests/test_native.py compares both with hashlib). */
+static void sha256_one(const void *msg, size_t len, unsigned char *out)
+{
+#ifdef HAVE_SHANI_CODE
+    if (g_shani) {
+        sha256ni_oneshot(msg, len, out);
+        return;
+    }
+#endif
+    SHA256(msg, len, out);
+}
+
+static PyObject *sha256(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_buffer b;
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) != 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    sha256_one(b.buf, (size_t)b.len, md);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyBytes_FromStringAndSize((const char *)md, sizeof md);
+}
+
 static PyObject *hash_blocks(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -359,6 +386,9 @@ static PyMethodDef methods[] = {
      "Returns -1 if all match, else the index of the first mismatching block."},
     {"read_verify", read_verify, METH_VARARGS, READ_VERIFY_DOC},
     {"seal_small", seal_small, METH_VARARGS, SEAL_SMALL_DOC},
+    {"sha256", sha256, METH_O,
+     "sha256(data) -> bytes\n\nSHA-256 of data, as sealing hashes a descriptor or a key "
+     "(SHA-NI or OpenSSL:\nwhat hashlib gives)."},
     {"hash_mapped", hash_mapped, METH_VARARGS, HASH_MAPPED_DOC},
     FAST_METHODS
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,

@@ -169,7 +169,7 @@ static void ss_tree(const struct ss_in *in, const unsigned char *buf, size_t len
     if (in->alg == ALG_SHA512)
         SHA512(d, SS_DESC, out->digest);
     else
-        SHA256(d, SS_DESC, out->digest);
+        sha256_one(d, SS_DESC, out->digest);
 }
 
 /* merkle.Geometry: blocks per tree level, level 0 (the data's hashes) first. */
@@ -218,7 +218,7 @@ static int ss_key(int fd, unsigned long long fsid, char *key)
     for (int i = 0; i < 4; i++)
         msg[8 + i] = (unsigned char)((unsigned int)fh.h.handle_type >> (8 * i));
     memcpy(msg + 12, fh.h.f_handle, fh.h.handle_bytes);
-    SHA256(msg, 12 + fh.h.handle_bytes, md);
+    sha256_one(msg, 12 + fh.h.handle_bytes, md);
     ss_hex(md, sizeof md, key);
     key[64] = '\0';
     return 0;
