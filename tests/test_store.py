@@ -509,10 +509,28 @@ def _block_third_entry(st, staged):
     """A directory where the third index entry placed goes (entries are placed a shard
     after the other, each shard's in the order added): its rename fails (EISDIR).  The
     entry blocked, and those placed before it."""
-    placed = sorted(range(len(staged)), key=lambda i: st.index_parts(staged[i].key)[0])
+    placed = sorted(range(len(staged)), key=lambda i: st._index_parts(staged[i].key)[:-1])
     blocked = staged[placed[2]]
-    os.makedirs(os.path.join(st.path, *st.index_parts(blocked.key)[0], blocked.key))
+    os.makedirs(os.path.join(st.path, *st._index_parts(blocked.key)))
     return blocked, sorted(staged[i].key for i in placed[:2])
+
+
+def test_a_bad_index_key_is_refused_before_anything_is_placed(src, tmp_path):
+    """A batch's keys are checked before its first sync and rename: a key that is no
+    index key (a path out of inodes/) fails the commit with the store as it was, and its
+    staged files are removed."""
+    from verityfuse.store_batch import Batch
+
+    store_dir = str(tmp_path / "store")
+    with Store(store_dir, create=True) as st:
+        staged = _staged_files(st, src)
+        staged[1] = staged[1]._replace(key="../../etc/x" + "0" * 53)
+        with pytest.raises(ValueError, match=r"invalid index key '\.\./\.\./etc/x0"):
+            with Batch(st) as batch:
+                for s in staged:
+                    batch.add(s)
+        assert sorted(os.listdir(store_dir)) == ["VERSION", "tmp"]
+        assert os.listdir(os.path.join(store_dir, "tmp")) == []
 
 
 def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, placing):
@@ -535,7 +553,7 @@ def test_a_commit_failing_half_way_leaves_nothing_in_tmp(src, tmp_path, placing)
                     batch.then(done.append, s.key)
         assert e.value.errno == errno_mod.EISDIR and done == []
         assert (e.value.filename, e.value.filename2) == (
-            os.path.join(store_dir, *st.index_parts(blocked.key)[0], blocked.key), None)
+            os.path.join(store_dir, *st._index_parts(blocked.key)), None)
         objects, entries = _published(store_dir)
         assert len(objects) == n_objects == 5
         assert [os.path.basename(p) for p in entries] == before
@@ -601,7 +619,7 @@ def test_a_batch_failing_in_its_thread_fails_the_next_commit_and_leaves_nothing(
                 batch.commit_soon()
         assert e.value.errno == errno_mod.EISDIR and done == []
         assert (e.value.filename, e.value.filename2) == (
-            os.path.join(st.path, *st.index_parts(blocked.key)[0], blocked.key), None)
+            os.path.join(st.path, *st._index_parts(blocked.key)), None)
         assert [os.path.basename(p) for p in _published(store_dir)[1]] == before
         assert os.listdir(os.path.join(store_dir, "tmp")) == []
 

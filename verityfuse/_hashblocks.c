@@ -273,9 +273,13 @@ static PyObject *sha256(PyObject *self, PyObject *arg)
     unsigned char md[SHA256_DIGEST_LENGTH];
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) != 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    sha256_one(b.buf, (size_t)b.len, md);
-    Py_END_ALLOW_THREADS
+    if (b.len < MIN_RELEASE_GIL_BYTES) {
+        sha256_one(b.buf, (size_t)b.len, md);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        sha256_one(b.buf, (size_t)b.len, md);
+        Py_END_ALLOW_THREADS
+    }
     PyBuffer_Release(&b);
     return PyBytes_FromStringAndSize((const char *)md, sizeof md);
 }

@@ -3,8 +3,9 @@
  *
  * Included by _hashblocks.c (one translation unit, everything static).
  *
- * Every message hashed here has the same shape: padded_salt || one B-byte
- * block, B a multiple of 64.  Three consequences shape the code:
+ * Every message hashed here but sha256ni_oneshot's (one short message, on one
+ * stream) has the same shape: padded_salt || one B-byte block, B a multiple of
+ * 64.  Three consequences shape the code:
  *  - the salted prefix is compressed once into a starting state;
  *  - the data ends on a 64-byte boundary, so the SHA padding is always one
  *    whole extra block holding only 0x80 and the bit length, which is the

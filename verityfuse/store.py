@@ -365,15 +365,10 @@ class Store(StoreIndex):
         hexd = digest.hex()
         return ("objects", alg.name, hexd[:2], hexd)
 
-    @staticmethod
-    def object_places(alg: merkle.HashAlg, named):
+    def object_places(self, alg: merkle.HashAlg, named):
         """(directory parts, [(tmp name, shard, name)] sorted by shard) of the objects
-        ``named`` ((tmp name, digest) of each) of ``alg``, for store_batch.place_all: the
-        layout of object_parts, without a call and its tuples per file."""
-        items = []
-        for tmp, digest in named:
-            hexd = digest.hex()
-            items.append((tmp, hexd[:2], hexd))
+        ``named`` ((tmp name, digest) of each) of ``alg``, for store_batch.place_all."""
+        items = [(tmp, *self._object_parts(alg, digest)[2:]) for tmp, digest in named]
         items.sort(key=itemgetter(1))
         return ("objects", alg.name), items
 

@@ -111,17 +111,18 @@ class Batch:
         for s in staged:
             if s.obj_tmp is not None:  # none when an entry keeps the file's descriptor
                 objects.setdefault(s.alg.name, (s.alg, []))[1].append((s.obj_tmp, s.digest))
-        # None for a manifest's files (found by digest), which may have no object either
-        entries = [(s.index_tmp, s.key) for s in staged if s.key is not None]
-        if not (objects or entries):
+        # None for a manifest's files (found by digest), which may have no object either;
+        # laid out (every key checked) before anything is synced or renamed
+        entries = store.index_places([(s.index_tmp, s.key) for s in staged if s.key is not None])
+        if not (objects or entries[1]):
             return
         store.sync()
         if objects:
             for alg, named in objects.values():
                 place_all(store, *store.object_places(alg, named))
             store.sync()
-        if entries:
-            place_all(store, *store.index_places(entries))
+        if entries[1]:
+            place_all(store, *entries)
             store.sync()
 
     def _run(self, after: List[tuple]):

@@ -133,6 +133,13 @@ def _bytes_of(e: IndexEntry) -> bytes:
     return entry_bytes(e.alg, e.digest, e.signature, e.path, e.descriptor)
 
 
+def _check_keys(keys) -> None:
+    """ValueError naming the first of ``keys`` that is no index key (a name in inodes/)."""
+    if not all(map(_KEY, keys)):
+        bad = next(key for key in keys if _KEY(key) is None)
+        raise ValueError(f"invalid index key {bad!r}")
+
+
 class StoreIndex:
     """Store's index methods: entries are read and written with Store's primitives
     (one openat2 without symlinks, atomic writes through tmp/)."""
@@ -149,8 +156,7 @@ class StoreIndex:
 
     @staticmethod
     def _index_parts(key: str):
-        if _KEY(key) is None:
-            raise ValueError(f"invalid index key {key!r}")
+        _check_keys((key,))
         return (INDEX_DIR, key[:2], key)
 
     def set_entry(self, entry: IndexEntry):
@@ -161,23 +167,16 @@ class StoreIndex:
     @staticmethod
     def index_places(named):
         """(directory parts, [(tmp name, shard, name)] sorted by shard) of the index
-        entries ``named`` ((tmp name, key) of each), for store_batch.place_all: every key
-        checked in one pass (a call per key was most of a publishing thread's Python)."""
-        if not all(map(_KEY, (key for _, key in named))):
-            bad = next(key for _, key in named if _KEY(key) is None)
-            raise ValueError(f"invalid index key {bad!r}")
+        entries ``named`` ((tmp name, key) of each), for store_batch.place_all: the layout
+        of _index_parts, every key checked in one pass (a call per key was most of a
+        publishing thread's Python)."""
+        _check_keys([key for _, key in named])
         return (INDEX_DIR,), sorted(((tmp, key[:2], key) for tmp, key in named),
                                     key=itemgetter(1))
 
-    def index_parts(self, key: str):
-        """(directory parts, name) of the index entry of ``key``, for store_batch to place
-        a staged entry (as ``Store.object_parts`` for an object)."""
-        parts = self._index_parts(key)
-        return parts[:-1], parts[-1]
-
     def stage_entry(self, entry: IndexEntry):
         """``entry`` written to tmp/, not synced, not yet in place: its tmp name, for
-        store_batch to publish at ``index_parts(entry.key)``."""
+        store_batch to publish (``index_places``)."""
         tmpname, fd = self.create_tmp()
         try:
             os.write(fd, _bytes_of(entry))
