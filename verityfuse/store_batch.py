@@ -40,10 +40,9 @@ class Staged(NamedTuple):
     a batch: its digest, its size, the tmp/ names of its object (None: its index entry
     keeps its descriptor, or a manifest's file of one block needs none) and of its
     index entry, and its index key (both None: a manifest's file, found by digest
-    alone).  Only what
-    publishing and reporting need: a worker's results cross a pipe, and these pickle
-    and unpickle in a third of the time an index entry with its descriptor took (1.4
-    against 4.0 us a file)."""
+    alone).  Only what publishing and reporting need: a worker's results cross a pipe,
+    and these pickle and unpickle in a third of the time an index entry with its
+    descriptor took (1.4 against 4.0 us a file)."""
 
     alg: merkle.HashAlg
     digest: bytes
@@ -113,16 +112,17 @@ class Batch:
                 objects.setdefault(s.alg.name, (s.alg, []))[1].append((s.obj_tmp, s.digest))
         # None for a manifest's files (found by digest), which may have no object either;
         # laid out (every key checked) before anything is synced or renamed
-        entries = store.index_places([(s.index_tmp, s.key) for s in staged if s.key is not None])
-        if not (objects or entries[1]):
+        index_dir, entries = store.index_places([(s.index_tmp, s.key) for s in staged
+                                                 if s.key is not None])
+        if not (objects or entries):
             return
         store.sync()
         if objects:
             for alg, named in objects.values():
                 place_all(store, *store.object_places(alg, named))
             store.sync()
-        if entries[1]:
-            place_all(store, *entries)
+        if entries:
+            place_all(store, index_dir, entries)
             store.sync()
 
     def _run(self, after: List[tuple]):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from operator import itemgetter
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from . import merkle
