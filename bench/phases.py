@@ -80,7 +80,8 @@ def phase_seq(ms, ws, repeats, results):
         # A verityfuse daemon that verified nothing served the file unverified (a store
         # without its index entries): its figures would be a passthrough's.
         got = None if m.name.startswith("plain") else m.blocks_verified()
-        if got is not None and got < size // 4096 or got is None and m.name in ("local", "manifest"):
+        if (got is None and m.name in ("local", "manifest")
+                or got is not None and got < size // 4096):
             raise RuntimeError(f"{m.label}: verified {got} blocks of the {size // 4096} it "
                                f"served: not a verified read")
     for r in range(repeats):

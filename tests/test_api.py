@@ -643,8 +643,9 @@ def test_a_pinned_manifest_file_sealed_with_other_parameters(tmp_path, local):
     os.mkdir(src)
     write(src / "one", pattern(1000))
     m = tmp_path / "m.json"
+    local_args = ["--local"] if local else []
     r = subprocess.run(VF + ["seal", str(src), "--manifest", str(m), "--unsigned",
-                             "--block-size", "1024", "--salt", "0a0b"] + (["--local"] if local else []),
+                             "--block-size", "1024", "--salt", "0a0b", *local_args],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     pinned = verityfuse.digest(src / "one", block_size=1024, salt=bytes.fromhex("0a0b"))
