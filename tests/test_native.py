@@ -78,10 +78,15 @@ def test_one_message_sha256_matches_hashlib():
     if hb.info()["cpu_sha_ni"] and not os.environ.get("VERITYFUSE_NO_SHANI"):
         assert SHANI  # this half tests the SHA-NI path, the other OpenSSL's
     one_shot_check()
+    without_shani("one_shot_check")
+
+
+def without_shani(check: str):
+    """Run this module's ``check()`` in a process where SHA-NI is off (OpenSSL's path)."""
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import test_native as t\n"
             "assert t.hb.info()['sha256'] == 'openssl', t.hb.info()\n"
-            "t.one_shot_check()\n" % HERE)
+            "t.%s()\n" % (HERE, check))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, VERITYFUSE_NO_SHANI="1"), timeout=300)
     assert r.returncode == 0, r.stderr
@@ -94,13 +99,7 @@ def test_every_block_size_and_salt_match_hashlib():
 
 @needs_native
 def test_every_block_size_and_salt_match_hashlib_without_shani():
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "import test_native as t\n"
-            "assert t.hb.info()['sha256'] == 'openssl', t.hb.info()\n"
-            "t.exhaustive_check()\n" % HERE)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=dict(os.environ, VERITYFUSE_NO_SHANI="1"), timeout=300)
-    assert r.returncode == 0, r.stderr
+    without_shani("exhaustive_check")
 
 
 @needs_shani
