@@ -137,6 +137,10 @@ def test_a_manifest_seal_indexes_no_inode_unless_local(tmp_path, pure):
     r = subprocess.run(VF + ["verify", str(src), "--store", str(tmp_path / "manifest")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == "" and "0 sealed" in r.stderr, r
+    assert r.stderr.endswith(f"ERROR: nothing was verified: no sealed file under '{src}' (its "
+                             f"store has no index entry: a store `seal --manifest` wrote is "
+                             f"checked with `verify --manifest M`; `seal --manifest --local` "
+                             f"indexes the files too)\n"), r.stderr
     r = subprocess.run(VF + ["verify", str(src), "--store", str(tmp_path / "both")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r

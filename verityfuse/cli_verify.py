@@ -137,7 +137,9 @@ def cmd_verify(args) -> int:
         for rel, e in unlistable_dirs:
             report(src.full(rel), "error", error=e)
         stale = reached.of(store)
-    nothing = counts["sealed"] == 0 and not counts["unreadable"]
+        nothing = counts["sealed"] == 0 and not counts["unreadable"]
+        # A manifest seal's store (no index entry at all): say where its trees are checked.
+        no_index = nothing and store.count_entries() == 0
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])
     if args.json:
         emit({"summary": dict(counts, intact=counts["sealed"] - counts["corrupt"],
@@ -155,5 +157,8 @@ def cmd_verify(args) -> int:
             print(f"{stale} index entries name no file under {args.source} (files removed or "
                   f"replaced; harmless)", file=sys.stderr)
     if nothing:
-        error(f"nothing was verified: no sealed file under '{args.source}'")
+        error(f"nothing was verified: no sealed file under '{args.source}'"
+              + (" (its store has no index entry: a store `seal --manifest` wrote is checked "
+                 "with `verify --manifest M`; `seal --manifest --local` indexes the files too)"
+                 if no_index else ""))
     return EXIT_ERROR if failed else 0
