@@ -137,9 +137,10 @@ def cmd_verify(args) -> int:
         for rel, e in unlistable_dirs:
             report(src.full(rel), "error", error=e)
         stale = reached.of(store)
-        nothing = counts["sealed"] == 0 and not counts["unreadable"]
-        # A manifest seal's store (no index entry at all): say where its trees are checked.
-        no_index = nothing and store.count_entries() == 0
+    nothing = counts["sealed"] == 0 and not counts["unreadable"]
+    # Nothing sealed reached: stale counts every entry.  None at all is a manifest seal's
+    # store: the error says where its trees are checked.
+    no_index = nothing and stale == 0
     failed = nothing or counts["corrupt"] or counts["unreadable"] or (args.strict and counts["unsealed"])
     if args.json:
         emit({"summary": dict(counts, intact=counts["sealed"] - counts["corrupt"],

@@ -372,9 +372,12 @@ def _small_tree(st, fd: int, label: str, alg, digest: bytes, hint: Optional[byte
         pass
     try:
         size = os.fstat(fd).st_size
-        for params in candidates:
+        data = None  # read once, for the first parameters it fits
+        for params in dict.fromkeys(candidates):  # each set once (a hint is often the entry's)
             if small_tree_fits(params, size):
-                tree = small_tree(label, params, treebuild.read_small(fd, size), digest)
+                if data is None:
+                    data = treebuild.read_small(fd, size)
+                tree = small_tree(label, params, data, digest)
                 if tree is not None:
                     return tree
     except OSError as e:  # unreadable, or changing as it is read: no descriptor
