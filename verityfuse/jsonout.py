@@ -3,7 +3,6 @@ line, keys sorted, each carrying the schema version its reader can check."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 # Bumped only when a key changes meaning or is removed; adding keys keeps it.
@@ -12,6 +11,8 @@ SCHEMA = 1
 
 def emit(obj: dict, flush: bool = True):
     """One JSON line on stdout; ``flush=False``: the caller flushes (once for many lines)."""
+    import json  # not at start-up: most commands print no JSON (`digest`'s, ~1.4 ms)
+
     # allow_nan=False: a line is JSON for every parser (NaN and Infinity are not JSON).
     sys.stdout.write(json.dumps(dict(obj, schema=SCHEMA), sort_keys=True, allow_nan=False)
                      + "\n")

@@ -12,7 +12,6 @@ Building a tree from a file is treebuild's.
 
 from __future__ import annotations
 
-import hashlib
 from operator import attrgetter
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -84,6 +83,8 @@ class HashAlg(_Value):
         self._set(name, number, digest_size, block_size)
 
     def new(self):
+        import hashlib  # not at start-up: a command hashing natively never needs it
+
         return hashlib.new(self.name)
 
     def __reduce__(self):  # through a pipe (seal_pool's workers): the one object of its name
@@ -351,9 +352,7 @@ def parse_descriptor(raw: bytes) -> Descriptor:
 
 def file_digest(alg: HashAlg, descriptor: bytes) -> bytes:
     """The fs-verity file digest: H(descriptor), never salted."""
-    h = alg.new()
-    h.update(descriptor)
-    return h.digest()
+    return hashers.digest(alg.name, descriptor)
 
 
 def format_digest(alg: HashAlg, digest: bytes) -> str:
