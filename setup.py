@@ -44,7 +44,7 @@ setup(
         Extension("verityfuse._hashblocks", ["verityfuse/_hashblocks.c"],
                   depends=["verityfuse/_sha256x2.c", "verityfuse/_hbpool.c",
                            "verityfuse/_readverify.c", "verityfuse/_leaftable.c",
-                           "verityfuse/_replybufs.c", "verityfuse/_fastread.c",
+                           "verityfuse/_replybufs.c", "verityfuse/_fastread.c", "verityfuse/_fastopen.c",
                            "verityfuse/_sealsmall.c", "verityfuse/_sealchunk.c",
                            "verityfuse/_mapped.c", "verityfuse/_regular.h"],
                   libraries=["crypto"], extra_compile_args=["-O2", "-Wall", "-Wextra"],

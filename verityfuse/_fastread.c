@@ -53,8 +53,9 @@
 #define FR_PREFIX 128            /* a padded salt: one SHA-512 block at most */
 
 struct fr_file {
-    uint64_t fh;
+    uint64_t fh, ino;            /* ino: a native handle's (_fastopen.c) */
     int used, fd, alg, flags, single;
+    int native;                  /* opened by fast_open: its fd is closed by fast_release */
     size_t bs, hpb, prefix_len, key_len;
     long long data_size;
     /* The block of the last read that did not hash to its expected hash (-1: none) and

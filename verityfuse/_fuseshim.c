@@ -31,6 +31,11 @@
  * Per handle, unlike answering FLUSH with ENOSYS (which the kernel remembers for
  * the whole connection): a writable handle still gets its FLUSH.  Kernels before
  * 5.16 ignore the flag and send FLUSH as before.
+ *
+ * FUSE_READ goes first to the native read path, FUSE_OPEN and FUSE_RELEASE to the
+ * native open path, when Python hands them over (vf_set_fast_read,
+ * vf_set_fast_open; _fastread.c, _fastopen.c): each answers what it can, and the
+ * rest goes to pyfuse3 as before.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
@@ -69,6 +74,12 @@ static vf_fast_read_fn fast_read;
 static vf_fast_done_fn fast_done;
 static void (*orig_read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                          struct fuse_file_info *fi);
+typedef int (*vf_fast_open_fn)(uint64_t ino, int flags, uint32_t uid, uint64_t *fh);
+typedef int (*vf_fast_release_fn)(uint64_t fh);
+static vf_fast_open_fn fast_open;
+static vf_fast_release_fn fast_release;
+static void (*orig_open)(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+static void (*orig_release)(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 
 /*
  * The replies of large fast reads are sent from a thread of their own.  Sending
@@ -179,6 +190,31 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     orig_read(req, ino, size, off, fi);
 }
 
+static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    uint64_t fh;
+    if (fast_open != NULL && fi != NULL
+        && fast_open(ino, fi->flags, fuse_req_ctx(req)->uid, &fh) == 0) {
+        struct fuse_file_info out = *fi;
+        out.fh = fh;
+        out.keep_cache = 1;  /* verified pages may stay cached: they were verified when filled */
+        out.direct_io = 0;
+        if (fuse_reply_open(req, &out) != 0)
+            fast_release(fh);  /* the open was interrupted: no release will come for it */
+        return;
+    }
+    orig_open(req, ino, fi);
+}
+
+static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (fast_release != NULL && fi != NULL && fast_release(fi->fh) == 0) {
+        fuse_reply_err(req, 0);
+        return;
+    }
+    orig_release(req, ino, fi);
+}
+
 static void shim_init(void *userdata, struct fuse_conn_info *conn)
 {
     if (orig_init)
@@ -219,6 +255,12 @@ static struct fuse_lowlevel_ops *add_ioctl(const struct fuse_lowlevel_ops *op, s
     if (op->read != NULL) {
         orig_read = op->read;
         copy->read = shim_read;
+    }
+    if (op->open != NULL && op->release != NULL) {
+        orig_open = op->open;
+        copy->open = shim_open;
+        orig_release = op->release;
+        copy->release = shim_release;
     }
     return copy;
 }
@@ -330,6 +372,19 @@ EXPORT int vf_set_fast_read(vf_fast_read_fn fn, vf_fast_done_fn done)
     rq_drain();
     fast_done = done;
     fast_read = fn;
+    return 1;
+}
+
+/* The fast_open signature this shim calls. */
+EXPORT int vf_fast_open_abi(void) { return 1; }
+
+/* NULL twice: every open and release goes to pyfuse3.  Only with a session hooked. */
+EXPORT int vf_set_fast_open(vf_fast_open_fn open_fn, vf_fast_release_fn release_fn)
+{
+    if (orig_open == NULL || (open_fn == NULL) != (release_fn == NULL))
+        return 0;
+    fast_open = open_fn;
+    fast_release = release_fn;
     return 1;
 }
 

@@ -75,6 +75,18 @@ class Shim:
         read, done = entry if entry is not None else (None, None)
         return bool(fn(read, done))
 
+    def set_fast_open(self, entry: Optional[Tuple[int, int]]) -> bool:
+        """Hand every FUSE_OPEN to the C function at ``entry[0]`` first and every
+        FUSE_RELEASE to the one at ``entry[1]`` (None: neither); False if the shim
+        cannot (built before this existed, or libfuse not hooked)."""
+        fn = getattr(self.lib, "vf_set_fast_open", None)
+        abi = getattr(self.lib, "vf_fast_open_abi", None)
+        if fn is None or abi is None or abi() != 1:
+            return False
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        opener, releaser = entry if entry is not None else (None, None)
+        return bool(fn(opener, releaser))
+
     def replies_sent_apart(self) -> int:
         """Fast reads whose reply the shim's reply thread sent (0 if it has none)."""
         fn = getattr(self.lib, "vf_replies_sent_apart", None)

@@ -22,6 +22,7 @@ class HandleBudget:
         self.total, self.per_uid = inodes.handle_limits(per_uid, max_fds)
         self._owner: Dict[int, int] = {}  # fh -> the uid that opened it
         self._held: Dict[int, int] = {}   # uid -> open handles
+        self._next_fh = 1
 
     def admit(self, uid: int):
         """Refuse (Errno) a new handle for ``uid`` over its share or the total; called
@@ -36,9 +37,20 @@ class HandleBudget:
                                               f"limit affords: refusing more with ENFILE")
             raise Errno(errno.ENFILE, "the daemon's handle budget is spent")
 
-    def add(self, fh: int, uid: int):
+    def take(self, uid: int) -> int:
+        """A new handle number, counted as ``uid``'s (once ``admit`` let it open)."""
+        fh = self._next_fh
+        self._next_fh += 1
         self._owner[fh] = uid
         self._held[uid] = self._held.get(uid, 0) + 1
+        return fh
+
+    def offer(self, uid: int) -> Optional[int]:
+        """``take`` if ``uid`` may hold one more handle, else None, quietly: the native
+        open that asks then lets Python's open refuse it (``admit`` says why)."""
+        if self._held.get(uid, 0) >= self.per_uid or len(self._owner) >= self.total:
+            return None
+        return self.take(uid)
 
     def remove(self, fh: int):
         uid = self._owner.pop(fh)

@@ -25,7 +25,7 @@ import os
 import resource
 import stat
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 from . import identity
 
@@ -133,6 +133,8 @@ class InodeTable:
         self.reopen = identity.can_reopen(self.mount_fds[st.st_dev])
         self.keys = identity.Keys(lasting=True)  # verity stays with the inode: keys that last
         self._next_synthetic = SYNTHETIC
+        # Called with an inode before its O_PATH fd is closed (fast_opens.NativeOpens.drop).
+        self.closing: Optional[Callable[[Inode], None]] = None
         self.root = self._new(ROOT_INO, root_fd, st)
         self.root.lookups = 1  # never forgotten (and its fd is pinned: see _cache)
 
@@ -224,6 +226,8 @@ class InodeTable:
         self.lru[inode] = None
         while len(self.lru) > self.max_fds:
             old, _ = self.lru.popitem(last=False)
+            if self.closing is not None:
+                self.closing(old)
             os.close(old._fd)
             old._fd = -1
 
@@ -246,6 +250,8 @@ class InodeTable:
             del self.by_key[inode.key]
         self.lru.pop(inode, None)
         if inode._fd >= 0:
+            if self.closing is not None:
+                self.closing(inode)
             os.close(inode._fd)
             inode._fd = -1
 

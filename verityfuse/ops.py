@@ -23,6 +23,7 @@ import trio
 
 from . import fsutil
 from .errors import Corruption, Errno
+from .fast_opens import NativeOpens, OpenHandles
 from .fast_reads import FastReads
 from .fuseshim import Shim
 from .handle_budget import HandleBudget
@@ -30,7 +31,7 @@ from .ops_boundary import errno_of, fail, with_boundary
 from .ops_ioctl import IoctlHandlers
 from .ops_read import Reads, fuse_device_poll
 from .tripwire import Tripwire
-from .view import XATTR_PREFIX, Attr, FileHandle, Handle, ReadOnlyView, View
+from .view import XATTR_PREFIX, Attr, FileHandle, ReadOnlyView, View
 
 if TYPE_CHECKING:
     from .enable import Caller
@@ -77,8 +78,9 @@ class VerityOperations(pyfuse3.Operations):
         self.limiter = trio.CapacityLimiter(threads)
         self.reads = Reads(self._run)  # inline or in a worker thread (ops_read)
         self.fast: Optional[FastReads] = None  # reads answered natively (use_fast_reads)
-        self.handles: Dict[int, Handle] = {}
-        self._next_fh = 1
+        # A handle the native path opened is made Python's when a handler asks for it.
+        self.handles: OpenHandles = OpenHandles()
+        self.opens: Optional[NativeOpens] = None  # opens answered natively (use_fast_reads)
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
         self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
@@ -119,10 +121,8 @@ class VerityOperations(pyfuse3.Operations):
         return path_of(args[0]) or f"{handler} request"
 
     def _new_fh(self, h, ctx) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = self.budget.take(ctx.uid)
         self.handles[fh] = h
-        self.budget.add(fh, ctx.uid)
         return fh
 
     def _pop_fh(self, fh: int):
@@ -197,6 +197,8 @@ class VerityOperations(pyfuse3.Operations):
         if self.fast is not None:
             try:
                 self.fast.register(fh, h)
+                if self.opens is not None:
+                    self.opens.learn(h)
             except BaseException:
                 self.view.release(self._pop_fh(fh))  # the open fails: nothing kept
                 raise
@@ -300,6 +302,9 @@ class VerityOperations(pyfuse3.Operations):
 
         out = dict(self.info, version=__version__, open_files=sum(
             1 for h in self.handles.values() if isinstance(h, FileHandle)))
+        if self.opens is not None:  # opened natively, not (yet) Python's
+            out["open_files"] += self.opens.open_count()
+            out["fast_opens"] = self.opens.counts()
         if self.stats is not None:
             out.update(self.stats.snapshot())
         out["tree_cache"] = self.view.cache.snapshot()
@@ -368,11 +373,16 @@ class VerityOperations(pyfuse3.Operations):
         if log.isEnabledFor(logging.DEBUG) or getattr(self.view, "open_blocks", False):
             return False
         self.fast = FastReads.load(shim, self.view.cache)
+        if hasattr(self.view, "use_native_opens"):  # a local view: its sealed files' opens
+            self.opens = NativeOpens.load(shim, self.fast, self.budget, self.tripwire, self.view)
+            self.handles.adopt = self.opens.adopt if self.opens is not None else None
         return self.fast is not None
 
     def shutdown(self) -> int:
         """Close every handle and the view; returns how many inodes the kernel
         still held (should be 0 after a clean unmount)."""
+        if self.opens is not None:
+            self.opens.close()
         if self.fast is not None:
             self.fast.close()
         for h in list(self.handles.values()):

@@ -26,6 +26,7 @@ from .view_local_dirs import LocalDirs
 from .view_local_meta import LocalMetadata
 from .logs import escape
 from .logs import requests as ratelog
+from .verifier import Verifier
 from .view import Attr, FileHandle
 
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -89,6 +90,7 @@ class LocalView:
         # -o noatime: the kernel updates no atime on the mount, and the reads the daemon
         # makes for it must not update the backing files' either (generic/120).
         self.noatime = noatime
+        self.opens: Any = None  # fast_opens.NativeOpens, when the shim answers opens
         self.inodes = InodeTable(os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
                                  max_fds)
         self.verity = LocalVerity(store, self.relpath, trust_certs, require_signatures)
@@ -144,7 +146,10 @@ class LocalView:
         """Look ``name`` up in ``parent`` and count one kernel lookup."""
         self._check_name(parent, name)
         inode, st = self.inodes.lookup(parent, name)
-        return self.meta.attr(inode, st)
+        attr = self.meta.attr(inode, st)
+        if self.opens is not None and inode.is_reg:
+            self.opens.offer(inode, inode.fd)
+        return attr
 
     def relpath(self, inode: Inode, name: Optional[bytes] = None) -> str:
         """A name for messages (never for a decision): the inode's path under SOURCE now."""
@@ -337,6 +342,35 @@ class LocalView:
             os.close(fd)
             raise
         return self._open(i, flags, fd), attrs
+
+    def use_native_opens(self, opens) -> None:
+        """Offer sealed files to ``opens`` (fast_opens.NativeOpens) at each lookup."""
+        self.opens = opens
+        self.inodes.closing = opens.drop
+
+    def leaf_verifier(self, i: Inode, v) -> Verifier:
+        """A verifier of sealed inode ``i``'s tree ``v`` (the caller closes ``.tree``)."""
+        label: Any = _NameOnDemand(self, i.fd)
+        return Verifier(self.verity.tree(v, label), self.cache, label)
+
+    def adopt(self, ino: int, fd: int) -> FileHandle:
+        """The handle the native path opened read-only as ``fd`` (fast_opens), made
+        this view's: its reader attached now.  If that fails, ``fd`` stays the native
+        handle's (its release closes it)."""
+        i = self.inodes[ino]
+        v = self.verity.info(i)
+        if v is None:  # a native handle is only ever opened on a sealed file
+            raise OSError(errno.EIO, f"inode {ino}: native handle of a file without verity")
+        fh = FileHandle(fd, i)
+        try:
+            self._attach_reader(fh, v)
+        except BaseException:
+            for c in fh.closers:
+                c.close()
+            raise
+        i.handles += 1
+        i.add_file(fh)
+        return fh
 
     def release(self, fh: FileHandle):
         i = fh.node
