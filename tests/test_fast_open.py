@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from verityfuse import merkle
 from verityfuse.testing import VerifiedMount, fuse_unavailable_reason, seal_tree
 
 from conftest import flip, write
@@ -238,3 +239,72 @@ def test_without_it_every_open_is_python_s(files, verified_mount, monkeypatch):
     for name in ("first", "small", "mid"):
         assert read(m.mountpoint / name) == data[name]
     assert "fast_opens" not in status(m)
+
+
+# -- the C tables, in-process (no FUSE) ------------------------------------------------
+
+native = merkle._hashblocks
+needs_native = pytest.mark.skipif(native is None or not hasattr(native, "fast_open_entry"),
+                                  reason="native module not built")
+
+
+@pytest.fixture
+def c_opens(tmp_path):
+    """An O_PATH fd of a 3000-byte file, offered as inode 7 (a one-block file: its
+    root hash is its expected hash), and the native open path's state reset after."""
+    path = write(tmp_path / "f", os.urandom(3000))
+    pathfd = os.open(path, os.O_PATH)
+    root = bytes(range(32))  # any hash: nothing is read here
+    key = bytes([1]) + root
+    assert native.fast_inode_put(7, pathfd, 1, b"", 4096, 3000, key, root, 0) is True
+    yield pathfd
+    native.fast_open_set(None, None, False)
+    native.fast_open_close()
+    os.close(pathfd)
+
+
+@needs_native
+def test_a_failing_or_refusing_admit_leaves_the_open_to_python(c_opens):
+    calls = []
+
+    def boom(uid):
+        calls.append(uid)
+        raise RuntimeError("a bug in the budget")
+
+    native.fast_open_set(boom, calls.append, False)
+    assert native.fast_open(7, os.O_RDONLY, 1000) is None  # no exception escapes either
+    native.fast_open_set(lambda uid: None, calls.append, False)
+    assert native.fast_open(7, os.O_RDONLY, 1000) is None
+    assert calls == [1000]  # nothing to release: no handle was made
+    assert native.fast_open_info()["declined_refused"] >= 2
+
+
+@needs_native
+def test_an_open_that_fails_after_admit_gives_its_handle_back(c_opens, tmp_path):
+    released = []
+    native.fast_open_set(lambda uid: 41, released.append, False)
+    with open(tmp_path / "f", "ab") as f:
+        f.write(b"x")  # 3001 bytes: not its sealed size
+    assert native.fast_open(7, os.O_RDONLY, 0) is None
+    assert released == [41]
+    os.truncate(tmp_path / "f", 3000)
+    fh = native.fast_open(7, os.O_RDONLY, 0)
+    assert fh == 41 and native.fast_native(41)[0] == 7
+    assert native.fast_open(9, os.O_RDONLY, 0) is None  # never offered
+    assert native.fast_open(7, os.O_RDWR, 0) is None  # not read-only
+
+
+@needs_native
+def test_the_offered_inodes_are_bounded_and_dropped(c_opens):
+    root = bytes(range(32))
+    key = bytes([1]) + root
+    n = 1
+    while native.fast_inode_put(1000 + n, c_opens, 1, b"", 4096, 3000, key, root, 0):
+        n += 1
+    assert n == 8192 == native.fast_open_info()["inodes"]
+    for i in range(1, n):
+        native.fast_inode_drop(1000 + i)
+    native.fast_inode_drop(7)
+    assert native.fast_open_info()["inodes"] == 0
+    with pytest.raises(ValueError):  # a one-block file without its root hash
+        native.fast_inode_put(7, c_opens, 1, b"", 4096, 3000, key, b"", 0)

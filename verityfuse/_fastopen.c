@@ -375,15 +375,6 @@ static PyObject *fast_open_py(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(fh);
 }
 
-static PyObject *fast_release_py(PyObject *self, PyObject *arg)
-{
-    (void)self;
-    unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
-    if (fh == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    return PyBool_FromLong(fast_release(fh) == 0);
-}
-
 #define FAST_OPEN_METHODS \
     {"fast_open_set", fast_open_set, METH_VARARGS, \
      "fast_open_set(admit, released, noatime)\n\n" \
@@ -408,6 +399,5 @@ static PyObject *fast_release_py(PyObject *self, PyObject *arg)
     {"fast_open_entry", fast_open_entry, METH_NOARGS, \
      "fast_open_entry() -> (int, int): the addresses of fast_open and fast_release."}, \
     {"fast_open", fast_open_py, METH_VARARGS, \
-     "fast_open(ino, flags, uid) -> fh or None: what the FUSE hook would answer (tests)."}, \
-    {"fast_release", fast_release_py, METH_O, \
-     "fast_release(fh) -> bool: whether the FUSE hook would answer it (tests)."},
+     "fast_open(ino, flags, uid) -> fh or None: what the FUSE hook would answer (tests;\n" \
+     "the handle is released as any other, by fast_open_close)."},
