@@ -72,6 +72,22 @@ def test_sealed_files_are_opened_natively_and_read_exactly(files, verified_mount
     assert status(m)["integrity_failures"] == 0
 
 
+def test_a_stat_reads_no_tree_block_and_the_native_open_verifies_the_first(files,
+                                                                          verified_mount):
+    """A lookup only offers the file: a stat (ls -l, find) pays for no tree block; the
+    native open of a file of one leaf block verifies that block (prepare) first."""
+    src, data = files
+    m = verified_mount(src)
+    read(m.mountpoint / "first")
+    before = status(m)["tree_cache"]
+    assert os.stat(m.mountpoint / "mid").st_size == 100 * KiB
+    assert status(m)["tree_cache"] == before
+    assert read(m.mountpoint / "mid") == data["mid"]
+    st = status(m)
+    assert st["tree_cache"]["misses"] == before["misses"] + 1  # its one leaf, verified once
+    assert (st["fast_opens"]["opens"], st["fast_opens"]["declined_no_leaf"]) == (1, 0)
+
+
 def test_native_handles_are_open_files_until_closed(files, verified_mount):
     src, data = files
     m = verified_mount(src)
@@ -258,7 +274,7 @@ def c_opens(tmp_path):
     key = bytes([1]) + root
     assert native.fast_inode_put(7, pathfd, 1, b"", 4096, 3000, key, root, 0) is True
     yield pathfd
-    native.fast_open_set(None, None, False)
+    native.fast_open_set(None, None, None, False)
     native.fast_open_close()
     os.close(pathfd)
 
@@ -271,9 +287,9 @@ def test_a_failing_or_refusing_admit_leaves_the_open_to_python(c_opens):
         calls.append(uid)
         raise RuntimeError("a bug in the budget")
 
-    native.fast_open_set(boom, calls.append, False)
+    native.fast_open_set(boom, calls.append, boom, False)
     assert native.fast_open(7, os.O_RDONLY, 1000) is None  # no exception escapes either
-    native.fast_open_set(lambda uid: None, calls.append, False)
+    native.fast_open_set(lambda uid: None, calls.append, boom, False)
     assert native.fast_open(7, os.O_RDONLY, 1000) is None
     assert calls == [1000]  # nothing to release: no handle was made
     assert native.fast_open_info()["declined_refused"] >= 2
@@ -282,7 +298,7 @@ def test_a_failing_or_refusing_admit_leaves_the_open_to_python(c_opens):
 @needs_native
 def test_an_open_that_fails_after_admit_gives_its_handle_back(c_opens, tmp_path):
     released = []
-    native.fast_open_set(lambda uid: 41, released.append, False)
+    native.fast_open_set(lambda uid: 41, released.append, lambda ino: False, False)
     with open(tmp_path / "f", "ab") as f:
         f.write(b"x")  # 3001 bytes: not its sealed size
     assert native.fast_open(7, os.O_RDONLY, 0) is None

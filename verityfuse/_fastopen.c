@@ -18,6 +18,8 @@
  *   - the open is read-only without O_TRUNC;
  *   - its first leaf tree block is in the leaf table, verified (or the file has one
  *     block, whose expected hash is the root hash), so its reads can be answered too;
+ *     where it is not, Python's prepare callback verifies it first if it is the file's
+ *     only leaf (done here rather than at the lookup, which a stat need not pay for);
  *   - Python's budget admits a handle for the caller's uid (the admit callback, which
  *     also refuses while the tripwire refuses opens) and gives its number;
  *   - the reopen through /proc/self/fd does not wait (a lease: O_NONBLOCK) and finds
@@ -29,10 +31,10 @@
  * (fast_adopt, when a request of that handle reaches Python: a declined read, an
  * ioctl), after which the handle is Python's like any other.
  *
- * Threads: as fast_read, everything here runs with the GIL held.  The admit and
- * released callbacks are Python and may let another thread run, which may drop an
- * inode (and close its O_PATH fd): fast_open looks the inode up again after admit,
- * and opens through its fd only with the GIL held since.
+ * Threads: as fast_read, everything here runs with the GIL held.  The callbacks are
+ * Python and may let another thread run, which may drop an inode (and close its O_PATH
+ * fd): fast_open looks the inode up again after each, and opens through its fd only
+ * with the GIL held since.
  *
  * Bounds: FO_INODES offered inodes at most (past that, Python opens), each a malloc'd
  * entry; native handles are fast_read's (FR_HANDLES / 2 at most, shared) and are
@@ -55,7 +57,7 @@ struct fo_inode {
 
 static struct fo_inode *g_inodes[FO_SLOTS];
 static size_t g_ninodes, g_fo_live;
-static PyObject *g_fo_admit, *g_fo_released;  /* NULL: every open goes to Python */
+static PyObject *g_fo_admit, *g_fo_released, *g_fo_prepare;  /* NULL: opens go to Python */
 static int g_fo_noatime;
 static unsigned long long g_fo_opens, g_fo_releases, g_fo_adopted, g_fo_no_leaf,
     g_fo_refused, g_fo_failed;
@@ -124,8 +126,13 @@ static int fast_open(uint64_t ino, int flags, uint32_t uid, uint64_t *fh_out)
     }
     struct fo_inode *n = g_inodes[i];
     if (!n->single && fr_leaf_get(n->key, n->key_len, 0) == NULL) {
-        g_fo_no_leaf++;  /* its reads could not be answered: Python opens (and verifies it) */
-        return -1;
+        PyObject *ok = fo_call(g_fo_prepare, ino);
+        int ready = ok == Py_True;
+        Py_XDECREF(ok);
+        if (!ready || fo_index(ino) == SIZE_MAX) {
+            g_fo_no_leaf++;  /* its reads could not be answered: Python opens it */
+            return -1;
+        }
     }
     PyObject *r = fo_call(g_fo_admit, uid);
     if (r == NULL || r == Py_None) {
@@ -206,20 +213,24 @@ static int fast_release(uint64_t fh)
 static PyObject *fast_open_set(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *admit, *released;
+    PyObject *admit, *released, *prepare;
     int noatime;
-    if (!PyArg_ParseTuple(args, "OOp:fast_open_set", &admit, &released, &noatime))
+    if (!PyArg_ParseTuple(args, "OOOp:fast_open_set", &admit, &released, &prepare, &noatime))
         return NULL;
-    if ((admit == Py_None) != (released == Py_None)
-        || (admit != Py_None && (!PyCallable_Check(admit) || !PyCallable_Check(released)))) {
-        PyErr_SetString(PyExc_TypeError, "fast_open_set: two callables, or None twice");
+    int off = admit == Py_None;
+    if ((released == Py_None) != off || (prepare == Py_None) != off
+        || (!off && (!PyCallable_Check(admit) || !PyCallable_Check(released)
+                     || !PyCallable_Check(prepare)))) {
+        PyErr_SetString(PyExc_TypeError, "fast_open_set: three callables, or None thrice");
         return NULL;
     }
     Py_CLEAR(g_fo_admit);
     Py_CLEAR(g_fo_released);
-    if (admit != Py_None) {
+    Py_CLEAR(g_fo_prepare);
+    if (!off) {
         g_fo_admit = Py_NewRef(admit);
         g_fo_released = Py_NewRef(released);
+        g_fo_prepare = Py_NewRef(prepare);
     }
     g_fo_noatime = noatime;
     Py_RETURN_NONE;
@@ -377,10 +388,11 @@ static PyObject *fast_open_py(PyObject *self, PyObject *args)
 
 #define FAST_OPEN_METHODS \
     {"fast_open_set", fast_open_set, METH_VARARGS, \
-     "fast_open_set(admit, released, noatime)\n\n" \
+     "fast_open_set(admit, released, prepare, noatime)\n\n" \
      "Let fast_open answer opens of offered inodes: admit(uid) -> a new handle number, or\n" \
-     "None to let Python open; released(fh) once a native handle is closed (None, None:\n" \
-     "every open goes to Python).  noatime: reopen with O_NOATIME where permitted."}, \
+     "None to let Python open; released(fh) once a native handle is closed; prepare(ino)\n" \
+     "-> True once the file's first leaf block is in the leaf table (None thrice: every\n" \
+     "open goes to Python).  noatime: reopen with O_NOATIME where permitted."}, \
     {"fast_inode_put", fast_inode_put, METH_VARARGS, \
      "fast_inode_put(ino, pathfd, alg, prefix, block_size, data_size, key, root, flags)\n" \
      "-> bool\n\nOffer inode ino (its O_PATH fd, kept open until fast_inode_drop) for native\n" \

@@ -81,9 +81,9 @@ class NativeOpens:
         def admit(uid: int) -> Optional[int]:  # called by fast_open, on the request thread
             return None if tripwire.refusing else budget.offer(uid)
 
-        native.fast_open_set(admit, budget.remove, view.noatime)
+        native.fast_open_set(admit, budget.remove, opens.prepare, view.noatime)
         if not shim.set_fast_open(native.fast_open_entry()):
-            native.fast_open_set(None, None, False)
+            native.fast_open_set(None, None, None, False)
             return None
         view.use_native_opens(opens)
         return opens
@@ -111,20 +111,22 @@ class NativeOpens:
             return  # its root hash is in its store object: Python opens it
         alg = params.alg.number
         key = leaf_table_key(alg, v.digest)
-        if not single and not self._first_leaf(inode, v, key):
-            return
+        if size > bs * params.hashes_per_block and self.native.fast_get_leaf(key, 0) is None:
+            return  # more leaves than one: a Python open (and read) verifies the first
         if self.native.fast_inode_put(inode.ino, path_fd, alg, merkle.padded_salt(params), bs,
                                       size, key, v.inline_root if single else b"", mode):
             self.offered[inode.ino] = path_fd
 
-    def _first_leaf(self, inode, v: VerityInfo, key: bytes) -> bool:
-        """Whether the first leaf tree block of sealed ``inode`` is in the native leaf
-        table, verified now if the file has no other (up to 512 KiB with SHA-256 and
-        4 KiB blocks: most of a container's files of more than one block).  A native
-        open needs it, as a Python open verifies it (``FastReads.register``); a larger
-        file's first Python read verifies it.  A failure is left for the open to meet."""
-        if self.native.fast_get_leaf(key, 0) is not None:
-            return True
+    def prepare(self, ino: int) -> bool:
+        """Called by a native open of offered ``ino`` whose first leaf tree block is not in
+        the native leaf table: verify it now if the file has no other leaf (up to 512 KiB
+        with SHA-256 and 4 KiB blocks: most of a container's files of more than one
+        block), as a Python open would (``FastReads.register``).  A failure is left for
+        Python's open to meet."""
+        inode = self.view.inodes.by_ino.get(ino)
+        v = getattr(inode, "verity", None)
+        if type(v) is not VerityInfo:
+            return False
         p = v.params
         if v.tree.data_size > p.block_size * p.hashes_per_block:
             return False
@@ -138,7 +140,7 @@ class NativeOpens:
             return False
         finally:
             verifier.tree.close()
-        return self.native.fast_get_leaf(key, 0) is not None
+        return self.native.fast_get_leaf(leaf_table_key(p.alg.number, v.digest), 0) is not None
 
     def drop(self, inode) -> None:
         """Before ``inode``'s O_PATH fd is closed (evicted, or the inode forgotten)."""
@@ -161,7 +163,7 @@ class NativeOpens:
     def close(self) -> None:
         """Every open is Python's again; every native handle is closed."""
         self.shim.set_fast_open(None)
-        self.native.fast_open_set(None, None, False)
+        self.native.fast_open_set(None, None, None, False)
         self.native.fast_open_close()
         self.offered.clear()
 
