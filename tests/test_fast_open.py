@@ -180,16 +180,47 @@ def test_native_handles_count_in_the_per_uid_budget(files, verified_mount):
     assert "refusing more with EMFILE" in m.log()
 
 
-def test_an_ioctl_on_a_native_handle_is_answered_by_python(files, verified_mount):
-    """FS_IOC_GETFLAGS names the handle: Python adopts it (lsattr shows the verity flag)."""
+def test_ioctls_and_fsync_of_a_native_handle_use_its_fd_and_leave_it_native(files,
+                                                                            verified_mount):
+    """FS_IOC_GETFLAGS names the handle: Python answers it from the handle's fd (lsattr
+    shows the verity flag), as it does an fsync, without taking the handle over."""
     src, data = files
     m = verified_mount(src)
     read(m.mountpoint / "first")
     out = subprocess.run(["lsattr", str(m.mountpoint / "small")], capture_output=True,
                          text=True, check=True).stdout
     assert out.split()[0].count("V") == 1
-    assert read(m.mountpoint / "small") == data["small"]
-    assert opens(m)["adopted"] == 1
+    fd = os.open(m.mountpoint / "small", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.fdatasync(fd)
+        assert os.pread(fd, 4096, 0) == data["small"]
+    finally:
+        os.close(fd)
+    got = opens(m)
+    assert (got["adopted"], got["open"]) == (0, 0) and got["opens"] >= 2, got  # lsattr's own
+
+
+def test_a_file_truncated_behind_a_native_handle_fails_its_read_not_its_close(
+        files, verified_mount):
+    """As for a handle Python opened: the size was checked at the open; a later change
+    is found by the read that meets it (EIO), while an fsync and the close succeed."""
+    src, data = files
+    m = verified_mount(src)
+    read(m.mountpoint / "first")
+    fd = os.open(m.mountpoint / "mid", os.O_RDONLY)
+    try:
+        os.truncate(src / "mid", 10 * KiB)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 12 * KiB)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    st = status(m)
+    assert (st["fast_opens"]["adopted"], st["open_files"]) == (1, 0)
+    assert st["integrity_failures"] >= 1
 
 
 class LimitedMount(VerifiedMount):

@@ -94,13 +94,18 @@ static void fo_remove(size_t i)
     }
 }
 
-/* Python's callback on (args): 0, or -1 with the exception dropped (the open or release
- * then goes on as if it had declined: Python's own handler meets the error again). */
+/* Python's callback fn(arg), or NULL with its exception dropped: nothing may escape
+ * into libfuse, and the open then goes on as if declined (Python's own handler meets
+ * the error again).  A Ctrl-C is not lost: it is raised again at the next bytecode. */
 static PyObject *fo_call(PyObject *fn, unsigned long long arg)
 {
     PyObject *r = PyObject_CallFunction(fn, "K", arg);
-    if (r == NULL)
+    if (r == NULL) {
+        int interrupt = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
         PyErr_Clear();
+        if (interrupt)
+            PyErr_SetInterrupt();
+    }
     return r;
 }
 

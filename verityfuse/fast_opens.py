@@ -36,14 +36,17 @@ from .errors import VerityError
 from .fast_reads import MAX_BLOCK, MIN_BLOCK, FastReads
 from .reader import VerifiedReader
 from .verifier import leaf_table_key
-from .view import VerityInfo
+from .view import FileHandle, VerityInfo
 
 
 class OpenHandles(dict):
-    """fh -> the open handle; a handle the native path opened becomes Python's the
-    first time a handler asks for it (``adopt``), or raises KeyError as before."""
+    """fh -> the open handle.  A handle the native path opened becomes Python's the
+    first time a handler needs it whole (``h = handles[fh]``: ``adopt``, for a read);
+    a handler that only needs its fd (a flush, an fsync, an ioctl) gets a transient
+    view of it instead (``view``, ``get``: ``peek``), and the handle stays native."""
 
     adopt: Optional[Callable[[int], Any]] = None
+    peek: Optional[Callable[[int], Any]] = None
 
     def __missing__(self, fh):
         h = self.adopt(fh) if self.adopt is not None else None
@@ -52,9 +55,19 @@ class OpenHandles(dict):
         self[fh] = h
         return h
 
+    def view(self, fh):
+        """Python's handle ``fh``, or a FileHandle over a native handle's fd (never
+        closed by its holder: the native path closes it); KeyError if neither."""
+        h = dict.get(self, fh)
+        if h is None and self.peek is not None:
+            h = self.peek(fh)
+        if h is None:
+            raise KeyError(fh)
+        return h
+
     def get(self, fh, default=None):
         try:
-            return self[fh]
+            return self.view(fh)
         except KeyError:
             return default
 
@@ -81,7 +94,11 @@ class NativeOpens:
         def admit(uid: int) -> Optional[int]:  # called by fast_open, on the request thread
             return None if tripwire.refusing else budget.offer(uid)
 
-        native.fast_open_set(admit, budget.remove, opens.prepare, view.noatime)
+        def released(fh: int) -> None:
+            budget.remove(fh)
+            fast.refused.clear()  # a slot of the native read table is free: as fast.forget
+
+        native.fast_open_set(admit, released, opens.prepare, view.noatime)
         if not shim.set_fast_open(native.fast_open_entry()):
             native.fast_open_set(None, None, None, False)
             return None
@@ -95,7 +112,14 @@ class NativeOpens:
 
     def offer(self, inode, path_fd: int) -> None:
         """At a lookup of ``inode`` (its O_PATH fd ``path_fd``): let the native path
-        open it, if it is a sealed file it can serve."""
+        open it, if it is a sealed file it can serve.  Never fails the lookup (which
+        the inode table has counted already): an error only leaves the file unoffered."""
+        try:
+            self._offer(inode, path_fd)
+        except Exception:
+            pass
+
+    def _offer(self, inode, path_fd: int) -> None:
         if self.offered.get(inode.ino) == path_fd:
             return
         v = inode.verity
@@ -159,6 +183,14 @@ class NativeOpens:
         self.native.fast_adopted(fh)
         self.fast.registered[fh] = mode  # registered by fast_open (forgotten at its release)
         return h
+
+    def peek(self, fh: int):
+        """A transient FileHandle over native handle ``fh``'s fd (no reader; the native
+        path keeps and closes the fd), or None."""
+        got = self.native.fast_native(fh)
+        if got is None:
+            return None
+        return FileHandle(got[1], self.view.inodes[got[0]])
 
     def close(self) -> None:
         """Every open is Python's again; every native handle is closed."""

@@ -243,7 +243,7 @@ class VerityOperations(pyfuse3.Operations):
         # Report close-time errors of the backing fs (as passthrough_hp does) for what
         # was written through this handle.  Nothing is written through a read-only one
         # (which the shim marks FOPEN_NOFLUSH, so the kernel sends no FLUSH for it).
-        h = self.handles[fh]
+        h = self.handles.view(fh)  # a native handle is read-only: not made Python's for this
         if h.writable and h.fd >= 0:  # an OCI view's handles have no backing fd
             os.close(os.dup(h.fd))
 
@@ -254,7 +254,7 @@ class VerityOperations(pyfuse3.Operations):
         return not isinstance(self.view, ReadOnlyView) and h.fd >= 0
 
     async def fsync(self, fh, datasync):
-        h = self.handles[fh]
+        h = self.handles.view(fh)
         if self._syncable(h):
             await self._run(os.fdatasync if datasync else os.fsync, h.fd)
 
@@ -375,7 +375,8 @@ class VerityOperations(pyfuse3.Operations):
         self.fast = FastReads.load(shim, self.view.cache)
         if hasattr(self.view, "use_native_opens"):  # a local view: its sealed files' opens
             self.opens = NativeOpens.load(shim, self.fast, self.budget, self.tripwire, self.view)
-            self.handles.adopt = self.opens.adopt if self.opens is not None else None
+            if self.opens is not None:
+                self.handles.adopt, self.handles.peek = self.opens.adopt, self.opens.peek
         return self.fast is not None
 
     def shutdown(self) -> int:

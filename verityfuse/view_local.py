@@ -363,7 +363,11 @@ class LocalView:
             raise OSError(errno.EIO, f"inode {ino}: native handle of a file without verity")
         fh = FileHandle(fd, i)
         try:
-            self._attach_reader(fh, v)
+            # Its size was checked at the native open, as a Python open checks it; a later
+            # change is the reads' to find, as for a handle Python opened.
+            label: Any = _NameOnDemand(self, fd)
+            fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats,
+                           check_size=False)
         except BaseException:
             for c in fh.closers:
                 c.close()
