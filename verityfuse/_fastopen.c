@@ -1,44 +1,31 @@
 /*
- * fast_open: read-only opens of sealed local files answered from the FUSE request,
- * and their releases, without entering Python's handlers.
+ * fast_open: read-only opens of sealed local files, and their releases, answered from
+ * the FUSE request without Python's handlers (included by _hashblocks.c after
+ * _fastread.c).  In Python, opening a verity file cost the daemon ~40 us and its
+ * release ~8, against ~7 and ~3 for a passthrough: most of a container start's extra
+ * cost.  The shim (_fuseshim.c) hands each FUSE_OPEN and FUSE_RELEASE here first.
+ * An open is answered only when:
  *
- * Included by _hashblocks.c after _fastread.c (one translation unit).
- *
- * Opening a verity file in local mode cost the daemon ~40 us of Python (the reopen,
- * a FileHandle, the tree, the verified reader, the native registration) and its
- * release ~8 us, against ~7 and ~3 for a passthrough: most of what a container start
- * (open, read, close of each of many small files) paid beyond the passthrough.  The
- * FUSE shim (_fuseshim.c) now hands each FUSE_OPEN to fast_open first, and each
- * FUSE_RELEASE to fast_release.  Only this case is answered:
- *
- *   - the inode was offered by Python (fast_inode_put) when it was looked up: a sealed
- *     local file whose verity state loaded, with its O_PATH fd (Python's, kept until
- *     fast_inode_drop, which Python calls before that fd is closed), sealed size, hash
- *     parameters, tree key and read mode;
+ *   - Python offered the inode at its lookup (fast_inode_put): a sealed file with its
+ *     O_PATH fd (Python's, withdrawn by fast_inode_drop before it is closed), sealed
+ *     size, hash parameters, tree key and read mode;
  *   - the open is read-only without O_TRUNC;
- *   - its first leaf tree block is in the leaf table, verified (or the file has one
- *     block, whose expected hash is the root hash), so its reads can be answered too;
- *     where it is not, Python's prepare callback verifies it first if it is the file's
- *     only leaf (done here rather than at the lookup, which a stat need not pay for);
- *   - Python's budget admits a handle for the caller's uid (the admit callback, which
- *     also refuses while the tripwire refuses opens) and gives its number;
+ *   - its first leaf block is verified in the leaf table (a one-block file's expected
+ *     hash is its root hash), or Python's prepare callback verifies it now (only for a
+ *     file of one leaf: done at the open, not the lookup, so a stat never pays for it);
+ *   - the admit callback gives a handle number within the caller's budget (and none
+ *     while the tripwire refuses opens);
  *   - the reopen through /proc/self/fd does not wait (a lease: O_NONBLOCK) and finds
  *     the file at its sealed size.
  *
- * Anything else declines, and pyfuse3 serves the open exactly as before, with its
- * errors, messages and waits.  The handle is registered with fast_read (fr_file,
- * native = 1): its fd is this file's until its release, or until Python adopts it
- * (fast_adopt, when a request of that handle reaches Python: a declined read, an
- * ioctl), after which the handle is Python's like any other.
+ * Anything else declines, and pyfuse3 serves the open as before, with its errors and
+ * waits.  The handle is a fast_read handle with native = 1: its fd is closed by its
+ * release, unless Python adopts it first (a read the native path declined).
  *
- * Threads: as fast_read, everything here runs with the GIL held.  The callbacks are
- * Python and may let another thread run, which may drop an inode (and close its O_PATH
- * fd): fast_open looks the inode up again after each, and opens through its fd only
- * with the GIL held since.
- *
- * Bounds: FO_INODES offered inodes at most (past that, Python opens), each a malloc'd
- * entry; native handles are fast_read's (FR_HANDLES / 2 at most, shared) and are
- * counted in Python's per-uid budget.
+ * Threads: everything runs with the GIL held, but the callbacks may let another thread
+ * run and drop an inode: fast_open looks it up again after each, and opens through its
+ * fd only with the GIL held since.  Bounds: FO_INODES offered inodes (malloc'd); native
+ * handles share fast_read's table and count in Python's per-uid budget.
  */
 #include <fcntl.h>
 #include <sys/stat.h>
