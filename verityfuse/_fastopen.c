@@ -36,10 +36,8 @@
 
 struct fo_inode {
     uint64_t ino;
-    int pathfd, alg, flags, single;
-    size_t bs, prefix_len, key_len;
-    long long data_size;
-    unsigned char prefix[FR_PREFIX], key[FR_KEY], root[SHA512_DIGEST_LENGTH];
+    int pathfd;
+    struct fr_file tmpl;  /* what fast_read needs of its handles (fh, fd, used unset) */
 };
 
 static struct fo_inode *g_inodes[FO_SLOTS];
@@ -117,7 +115,7 @@ static int fast_open(uint64_t ino, int flags, uint32_t uid, uint64_t *fh_out)
         return -1;
     }
     struct fo_inode *n = g_inodes[i];
-    if (!n->single && fr_leaf_get(n->key, n->key_len, 0) == NULL) {
+    if (!n->tmpl.single && fr_leaf_get(n->tmpl.key, n->tmpl.key_len, 0) == NULL) {
         PyObject *ok = fo_call(g_fo_prepare, ino);
         int ready = ok == Py_True;
         Py_XDECREF(ok);
@@ -155,7 +153,7 @@ static int fast_open(uint64_t ino, int flags, uint32_t uid, uint64_t *fh_out)
     if (fd < 0)
         goto fail;  /* a lease (EWOULDBLOCK: Python waits for it) or an error it names */
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size != n->data_size) {
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size != n->tmpl.data_size) {
         close(fd);  /* truncated or extended: Python's open names it */
         goto fail;
     }
@@ -164,16 +162,11 @@ static int fast_open(uint64_t ino, int flags, uint32_t uid, uint64_t *fh_out)
         s = (s + 1) & (FR_HANDLES - 1);
     struct fr_file *f = &g_files[s];
     g_nfiles++;
-    *f = (struct fr_file){
-        .fh = fh, .ino = ino, .used = 1, .native = 1, .fd = fd, .alg = n->alg,
-        .flags = n->flags, .single = n->single, .bs = n->bs,
-        .hpb = n->bs / (n->alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH),
-        .prefix_len = n->prefix_len, .key_len = n->key_len, .data_size = n->data_size,
-        .bad_off = -1,
-    };
-    memcpy(f->prefix, n->prefix, n->prefix_len);
-    memcpy(f->key, n->key, n->key_len);
-    memcpy(f->root, n->root, sizeof f->root);
+    *f = n->tmpl;
+    f->fh = fh;
+    f->ino = ino;
+    f->fd = fd;
+    f->used = f->native = 1;
     g_fo_live++;
     g_fo_opens++;
     *fh_out = fh;
@@ -232,55 +225,33 @@ static PyObject *fast_inode_put(PyObject *self, PyObject *args)
 {
     (void)self;
     unsigned long long ino;
-    int pathfd, alg, flags;
-    Py_ssize_t bs;
-    long long data_size;
-    Py_buffer prefix, key, root;
-    PyObject *res = NULL;
-    if (!PyArg_ParseTuple(args, "Kiiy*nLy*y*i:fast_inode_put", &ino, &pathfd, &alg, &prefix,
-                          &bs, &data_size, &key, &root, &flags))
+    int pathfd;
+    struct fr_file parsed;
+    if (fr_parse(args, "Kiiy*nLy*y*i:fast_inode_put", &ino, &pathfd, &parsed) < 0)
         return NULL;
-    size_t ds = alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
-    if ((alg != ALG_SHA256 && alg != ALG_SHA512) || pathfd < 0 || bs < FR_MIN_BLOCK
-        || bs > FR_MAX_BLOCK || (bs & (bs - 1)) || data_size <= 0 || prefix.len > FR_PREFIX
-        || key.len < 9 || key.len > FR_KEY || (root.len != 0 && (size_t)root.len != ds)
-        || (root.len != 0 && data_size > bs) || (root.len == 0 && data_size <= bs)) {
-        PyErr_SetString(PyExc_ValueError, "fast_inode_put: parameters out of range");
-        goto done;
+    if (pathfd < 0 || (!parsed.single && parsed.data_size <= (long long)parsed.bs)) {
+        PyErr_SetString(PyExc_ValueError, "a file of one block needs its root hash");
+        return NULL;
     }
     if (fr_map_buffers() < 0)  /* its reads need fast_read's buffers */
-        goto done;
+        return NULL;
     size_t i = fo_index(ino);
     struct fo_inode *n = i == SIZE_MAX ? NULL : g_inodes[i];
     if (n == NULL) {
-        if (g_ninodes >= FO_INODES) {
-            res = Py_NewRef(Py_False);
-            goto done;
-        }
+        if (g_ninodes >= FO_INODES)
+            Py_RETURN_FALSE;
         n = malloc(sizeof *n);
-        if (n == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
+        if (n == NULL)
+            return PyErr_NoMemory();
         for (i = fo_slot(ino); g_inodes[i] != NULL; i = (i + 1) & (FO_SLOTS - 1))
             ;
         g_inodes[i] = n;
         g_ninodes++;
     }
-    *n = (struct fo_inode){
-        .ino = ino, .pathfd = pathfd, .alg = alg, .flags = flags, .single = root.len != 0,
-        .bs = (size_t)bs, .prefix_len = (size_t)prefix.len, .key_len = (size_t)key.len,
-        .data_size = data_size,
-    };
-    memcpy(n->prefix, prefix.buf, (size_t)prefix.len);
-    memcpy(n->key, key.buf, (size_t)key.len);
-    memcpy(n->root, root.buf, (size_t)root.len);
-    res = Py_NewRef(Py_True);
-done:
-    PyBuffer_Release(&prefix);
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&root);
-    return res;
+    n->ino = ino;
+    n->pathfd = pathfd;
+    n->tmpl = parsed;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *fast_inode_drop(PyObject *self, PyObject *arg)

@@ -242,55 +242,67 @@ decline:
 
 /* --- Python interface --- */
 
-static PyObject *fast_register(PyObject *self, PyObject *args)
+/* The arguments (id, fd, alg, prefix, block_size, data_size, key, root, flags) of
+ * fast_register (id: the handle) and fast_inode_put (id: the inode), `fmt` their
+ * PyArg format, into *f (fh, ino, used left 0): 0, or -1 with an exception set. */
+static int fr_parse(PyObject *args, const char *fmt, unsigned long long *id, int *fd,
+                    struct fr_file *f)
 {
-    (void)self;
-    unsigned long long fh;
-    int fd, alg, flags;
+    int alg, flags, rc = -1;
     Py_ssize_t bs;
     long long data_size;
     Py_buffer prefix, key, root;
-    PyObject *res = NULL;
-    if (!PyArg_ParseTuple(args, "Kiiy*nLy*y*i:fast_register", &fh, &fd, &alg, &prefix, &bs,
-                          &data_size, &key, &root, &flags))
-        return NULL;
+    if (!PyArg_ParseTuple(args, fmt, id, fd, &alg, &prefix, &bs, &data_size, &key, &root,
+                          &flags))
+        return -1;
     size_t ds = alg == ALG_SHA512 ? SHA512_DIGEST_LENGTH : SHA256_DIGEST_LENGTH;
     if ((alg != ALG_SHA256 && alg != ALG_SHA512) || bs < FR_MIN_BLOCK || bs > FR_MAX_BLOCK
         || (bs & (bs - 1)) || data_size <= 0 || prefix.len > FR_PREFIX
         || key.len < 9 || key.len > FR_KEY || (root.len != 0 && (size_t)root.len != ds)
         /* the root hash is the one block's hash only for a file of one block */
         || (root.len != 0 && data_size > bs)) {
-        PyErr_SetString(PyExc_ValueError, "fast_register: parameters out of range");
+        PyErr_SetString(PyExc_ValueError, "parameters out of range");
         goto done;
     }
-    if (fr_map_buffers() < 0)
-        goto done;
+    *f = (struct fr_file){
+        .fd = *fd, .alg = alg, .flags = flags, .single = root.len != 0, .bs = (size_t)bs,
+        .hpb = (size_t)bs / ds, .prefix_len = (size_t)prefix.len, .key_len = (size_t)key.len,
+        .data_size = data_size, .bad_off = -1,
+    };
+    memcpy(f->prefix, prefix.buf, (size_t)prefix.len);
+    memcpy(f->key, key.buf, (size_t)key.len);
+    memcpy(f->root, root.buf, (size_t)root.len);
+    rc = 0;
+done:
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&root);
+    return rc;
+}
+
+static PyObject *fast_register(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long fh;
+    int fd;
+    struct fr_file parsed;
+    if (fr_parse(args, "Kiiy*nLy*y*i:fast_register", &fh, &fd, &parsed) < 0
+        || fr_map_buffers() < 0)
+        return NULL;
     struct fr_file *f = fr_find(fh);
     if (f == NULL) {
-        if (g_nfiles >= FR_HANDLES / 2) {  /* full enough: Python serves this one */
-            res = Py_NewRef(Py_False);
-            goto done;
-        }
+        if (g_nfiles >= FR_HANDLES / 2)  /* full enough: Python serves this one */
+            Py_RETURN_FALSE;
         size_t i = fr_slot(fh);
         while (g_files[i].used)
             i = (i + 1) & (FR_HANDLES - 1);
         f = &g_files[i];
         g_nfiles++;
     }
-    *f = (struct fr_file){
-        .fh = fh, .used = 1, .fd = fd, .alg = alg, .flags = flags, .single = root.len != 0,
-        .bs = (size_t)bs, .hpb = (size_t)bs / ds, .prefix_len = (size_t)prefix.len,
-        .key_len = (size_t)key.len, .data_size = data_size, .bad_off = -1,
-    };
-    memcpy(f->prefix, prefix.buf, (size_t)prefix.len);
-    memcpy(f->key, key.buf, (size_t)key.len);
-    memcpy(f->root, root.buf, (size_t)root.len);
-    res = Py_NewRef(Py_True);
-done:
-    PyBuffer_Release(&prefix);
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&root);
-    return res;
+    *f = parsed;
+    f->fh = fh;
+    f->used = 1;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *fast_forget(PyObject *self, PyObject *arg)
