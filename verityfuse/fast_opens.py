@@ -106,9 +106,13 @@ class NativeOpens:
         return opens
 
     def learn(self, h) -> None:
-        """After a Python open: how files of its file system are read without waiting."""
+        """After a Python open: how files of its file system are read without waiting;
+        and the file offered again if it was withdrawn (its O_PATH fd evicted from the
+        inode table's LRU, and cached again by this open), so that its next open is
+        native even without a new lookup (a file opened often, its name cached)."""
         if type(h.reader) is VerifiedReader:
             self.modes[h.node.dev] = h.reader.read_mode()
+            self.offer(h.node, h.node.fd)
 
     def offer(self, inode, path_fd: int) -> None:
         """At a lookup of ``inode`` (its O_PATH fd ``path_fd``): let the native path
