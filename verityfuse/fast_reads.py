@@ -11,6 +11,8 @@ it may answer is told here:
 - a handle, when it has a ``reader.VerifiedReader`` (``register`` at its open;
   ``came_to_python`` at the first read of a handle that got its reader later,
   after an enable), until it is released (``forget``, before its fd is closed);
+  or a handle the native open path opened (``fast_opens``), registered and
+  released in C, and in ``registered`` once Python adopts it;
 - each leaf tree block the verifier has verified up to the root hash: the tree
   block cache keeps leaf blocks in the native table (``use_leaf_table``), in a
   share of its budget (one copy, where the native path finds it and Python too).
