@@ -119,7 +119,7 @@ static int fast_open(uint64_t ino, int flags, uint32_t uid, uint64_t *fh_out)
         PyObject *ok = fo_call(g_fo_prepare, ino);
         int ready = ok == Py_True;
         Py_XDECREF(ok);
-        if (!ready || fo_index(ino) == SIZE_MAX) {
+        if (!ready || fo_index(ino) == SIZE_MAX || g_fo_admit == NULL) {
             g_fo_no_leaf++;  /* its reads could not be answered: Python opens it */
             return -1;
         }
