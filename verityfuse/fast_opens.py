@@ -15,9 +15,12 @@ Python as before.  What it needs comes from here:
 - a native open asks the handle budget for a handle number for the caller's uid,
   which it refuses while the tripwire refuses opens or the uid holds its share (the
   open then goes to Python, which refuses it with its errno and log line);
-- a request of a native handle that reaches Python (a read the native path declined,
-  an ioctl, an fsync) makes the handle Python's first (``adopt``: the view attaches
-  its reader to the handle's fd), so every handler finds it in ``OpenHandles``.
+- a file of one leaf block has that block verified at its first native open
+  (``prepare``), not at its lookup, which a stat need not pay for;
+- a read of a native handle that reaches Python (one the native path declined)
+  makes the handle Python's first (``adopt``: the view attaches its reader to the
+  handle's fd); a flush, an fsync or an ioctl uses its fd through a transient view
+  (``peek``) and leaves it native.  ``OpenHandles`` does both for every handler.
 
 The trust rule is unchanged: a native open registers what a Python open would
 (the sealed size checked against the reopened file, the expected hashes from the
