@@ -206,9 +206,6 @@ class NativeOpens:
         self.native.fast_open_close()
         self.offered.clear()
 
-    def open_count(self) -> int:
-        return self.native.fast_open_info()["open"]
-
     def counts(self) -> dict:
         """What the native path opened, released, handed over and declined."""
         return self.native.fast_open_info()

@@ -24,15 +24,24 @@ class HandleBudget:
         self._held: Dict[int, int] = {}   # uid -> open handles
         self._next_fh = 1
 
+    def _refusal(self, uid: int) -> Optional[int]:
+        """EMFILE if ``uid`` holds its share, ENFILE if all hold the total, else None."""
+        if self._held.get(uid, 0) >= self.per_uid:
+            return errno.EMFILE
+        if len(self._owner) >= self.total:
+            return errno.ENFILE
+        return None
+
     def admit(self, uid: int):
         """Refuse (Errno) a new handle for ``uid`` over its share or the total; called
         before anything is opened or created."""
-        if self._held.get(uid, 0) >= self.per_uid:
+        refusal = self._refusal(uid)
+        if refusal == errno.EMFILE:
             ratelog.warning(("max_handles_per_uid", uid),
                             f"uid {uid} holds {self.per_uid} open handles "
                             f"(max_handles_per_uid): refusing more with EMFILE")
             raise Errno(errno.EMFILE, "max_handles_per_uid reached")
-        if len(self._owner) >= self.total:
+        if refusal == errno.ENFILE:
             ratelog.warning(("max_handles",), f"{self.total} handles open, all the fd "
                                               f"limit affords: refusing more with ENFILE")
             raise Errno(errno.ENFILE, "the daemon's handle budget is spent")
@@ -48,9 +57,7 @@ class HandleBudget:
     def offer(self, uid: int) -> Optional[int]:
         """``take`` if ``uid`` may hold one more handle, else None, quietly: the native
         open that asks then lets Python's open refuse it (``admit`` says why)."""
-        if self._held.get(uid, 0) >= self.per_uid or len(self._owner) >= self.total:
-            return None
-        return self.take(uid)
+        return None if self._refusal(uid) is not None else self.take(uid)
 
     def remove(self, fh: int):
         uid = self._owner.pop(fh)

@@ -226,10 +226,14 @@ class InodeTable:
         self.lru[inode] = None
         while len(self.lru) > self.max_fds:
             old, _ = self.lru.popitem(last=False)
-            if self.closing is not None:
-                self.closing(old)
-            os.close(old._fd)
-            old._fd = -1
+            self._close_fd(old)
+
+    def _close_fd(self, inode: Inode):
+        """The one place an inode's O_PATH fd is closed: ``closing`` is told first."""
+        if self.closing is not None:
+            self.closing(inode)
+        os.close(inode._fd)
+        inode._fd = -1
 
     # -- forgetting -----------------------------------------------------------------------
 
@@ -250,10 +254,7 @@ class InodeTable:
             del self.by_key[inode.key]
         self.lru.pop(inode, None)
         if inode._fd >= 0:
-            if self.closing is not None:
-                self.closing(inode)
-            os.close(inode._fd)
-            inode._fd = -1
+            self._close_fd(inode)
 
     def outstanding(self) -> int:
         """Inodes (other than the root) the kernel still holds lookups on."""
@@ -267,5 +268,4 @@ class InodeTable:
         for fd in self.mount_fds.values():
             os.close(fd)
         self.mount_fds.clear()
-        os.close(self.root._fd)
-        self.root._fd = -1
+        self._close_fd(self.root)

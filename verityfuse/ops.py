@@ -303,8 +303,8 @@ class VerityOperations(pyfuse3.Operations):
         out = dict(self.info, version=__version__, open_files=sum(
             1 for h in self.handles.values() if isinstance(h, FileHandle)))
         if self.opens is not None:  # opened natively, not (yet) Python's
-            out["open_files"] += self.opens.open_count()
             out["fast_opens"] = self.opens.counts()
+            out["open_files"] += out["fast_opens"]["open"]
         if self.stats is not None:
             out.update(self.stats.snapshot())
         out["tree_cache"] = self.view.cache.snapshot()

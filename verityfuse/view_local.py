@@ -313,9 +313,10 @@ class LocalView:
                 raise OSError(errno.ETXTBSY, "enable running")  # as the kernel
         return v
 
-    def _attach_reader(self, fh: FileHandle, v):
+    def _attach_reader(self, fh: FileHandle, v, check_size: bool = True):
         label: Any = _NameOnDemand(self, fh.fd)  # every label is only formatted: as a str
-        fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats)
+        fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats,
+                       check_size=check_size)
 
     def open(self, ino: int, flags: int, ctx=None, fd: Optional[int] = None) -> FileHandle:
         """``fd``: what a WouldWait's ``finish`` opened (taken)."""
@@ -365,9 +366,7 @@ class LocalView:
         try:
             # Its size was checked at the native open, as a Python open checks it; a later
             # change is the reads' to find, as for a handle Python opened.
-            label: Any = _NameOnDemand(self, fd)
-            fh.verify_with(self.verity.tree(v, label), self.cache, label, self.stats,
-                           check_size=False)
+            self._attach_reader(fh, v, check_size=False)
         except BaseException:
             for c in fh.closers:
                 c.close()
