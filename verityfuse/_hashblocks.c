@@ -376,6 +376,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 #include "_replybufs.c"
 #include "_fastread.c"
 #include "_fastopen.c"
+#include "_indexentry.c"
 #include "_sealsmall.c"
 #include "_sealchunk.c"
 #include "_mapped.c"
@@ -397,6 +398,7 @@ static PyMethodDef methods[] = {
     {"hash_mapped", hash_mapped, METH_VARARGS, HASH_MAPPED_DOC},
     FAST_METHODS
     FAST_OPEN_METHODS
+    INDEX_ENTRY_METHODS
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(threads) -> None\n\n"
      "threads: 1 = never use the helper thread, 2 = use it for large requests."},

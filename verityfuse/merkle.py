@@ -350,6 +350,13 @@ def parse_descriptor(raw: bytes) -> Descriptor:
     return Descriptor(params, data_size, root[: params.alg.digest_size], bytes(raw))
 
 
+def checked_descriptor(alg_no: int, log_bs: int, salt: bytes, data_size: int,
+                       root_hash: bytes, raw: bytes) -> Descriptor:
+    """The Descriptor of ``raw`` from its fields, which the caller has checked as
+    parse_descriptor checks them (store_index's native parser of index entries)."""
+    return Descriptor(_params(alg_no, log_bs, salt), data_size, root_hash, raw)
+
+
 def file_digest(alg: HashAlg, descriptor: bytes) -> bytes:
     """The fs-verity file digest: H(descriptor), never salted."""
     return hashers.digest(alg.name, descriptor)

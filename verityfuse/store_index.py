@@ -92,10 +92,22 @@ _CANONICAL = re.compile(
     rb'(?:, "signature": "([0-9a-f]*)")?, "version": 2\}\n').fullmatch
 
 
+# The same canonical entries, parsed and checked natively where built: one call for
+# what the match and its checks below do (an entry keeping a descriptor: ~6 -> ~1.5 us
+# hot, ~12 us in a daemon's lookup).  It answers None for all it does not accept.
+_native_entry = getattr(merkle._hashblocks, "index_entry", None)
+
+
 def parse_entry(name: str, key: str, data: bytes) -> IndexEntry:
     """The entry of ``key`` read from file ``name``; StoreCorrupt naming it if malformed."""
     if len(data) > INDEX_ENTRY_MAX:
         raise StoreCorrupt(f"{name}: index entry larger than {INDEX_ENTRY_MAX} bytes")
+    if _native_entry is not None:
+        got = _native_entry(data, merkle.MAX_BLOCK_SIZE)
+        if got is not None:
+            alg_no, raw, path, signature, d = got
+            desc = None if d is None else merkle.checked_descriptor(alg_no, *d)
+            return IndexEntry(key, merkle.hash_alg(alg_no), raw, signature, path, desc)
     m = _CANONICAL(data)
     if m is not None:
         desc_hex, digest_text, path, sig = m.groups()
