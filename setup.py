@@ -55,6 +55,7 @@ setup(
                   depends=["verityfuse/_regular.h"],
                   extra_compile_args=["-O2", "-Wall", "-Wextra"], optional=True),
         Extension("verityfuse._fuseshim", ["verityfuse/_fuseshim.c"],
+                  depends=["verityfuse/_shimreplies.c"],
                   extra_compile_args=pkg_config("--cflags") or ["-I/usr/include/fuse3"],
                   # DT_NEEDED on libfuse3: RTLD_NEXT searches our own dependencies.
                   extra_link_args=(pkg_config("--libs") or ["-lfuse3"]) + ["-ldl"],
