@@ -33,9 +33,10 @@
  * 5.16 ignore the flag and send FLUSH as before.
  *
  * FUSE_READ goes first to the native read path, FUSE_OPEN and FUSE_RELEASE to the
- * native open path, when Python hands them over (vf_set_fast_read,
- * vf_set_fast_open; _fastread.c, _fastopen.c): each answers what it can, and the
- * rest goes to pyfuse3 as before.
+ * native open path, FUSE_LOOKUP to a plain call of the view's lookup, when Python
+ * hands them over (vf_set_fast_read, vf_set_fast_open, vf_set_fast_lookup;
+ * _fastread.c, _fastopen.c, _fastlookup.c): each answers what it can, and the rest
+ * goes to pyfuse3 as before.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
@@ -80,6 +81,12 @@ static vf_fast_open_fn fast_open;
 static vf_fast_release_fn fast_release;
 static void (*orig_open)(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
 static void (*orig_release)(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
+typedef int (*vf_fast_lookup_fn)(uint64_t parent, const char *name, struct stat *st,
+                                 double *timeout);
+typedef void (*vf_fast_unlookup_fn)(uint64_t ino);
+static vf_fast_lookup_fn fast_lookup;
+static vf_fast_unlookup_fn fast_unlookup;
+static void (*orig_lookup)(fuse_req_t req, fuse_ino_t parent, const char *name);
 
 #include "_shimreplies.c"
 
@@ -113,6 +120,28 @@ static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         return;
     }
     orig_open(req, ino, fi);
+}
+
+static void shim_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    if (fast_lookup != NULL) {
+        struct fuse_entry_param e;
+        double timeout = 0;
+        memset(&e, 0, sizeof e);
+        int rc = fast_lookup(parent, name, &e.attr, &timeout);
+        if (rc == 0) {
+            e.ino = e.attr.st_ino;
+            e.attr_timeout = e.entry_timeout = timeout;
+            if (fuse_reply_entry(req, &e) != 0)
+                fast_unlookup(e.ino);  /* the kernel did not count it: neither may we */
+            return;
+        }
+        if (rc > 0) {
+            fuse_reply_err(req, rc);
+            return;
+        }
+    }
+    orig_lookup(req, parent, name);
 }
 
 static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -164,6 +193,10 @@ static struct fuse_lowlevel_ops *add_ioctl(const struct fuse_lowlevel_ops *op, s
     if (op->read != NULL) {
         orig_read = op->read;
         copy->read = shim_read;
+    }
+    if (op->lookup != NULL) {
+        orig_lookup = op->lookup;
+        copy->lookup = shim_lookup;
     }
     if (op->open != NULL && op->release != NULL) {
         orig_open = op->open;
@@ -294,6 +327,18 @@ EXPORT int vf_set_fast_open(vf_fast_open_fn open_fn, vf_fast_release_fn release_
         return 0;
     fast_open = open_fn;
     fast_release = release_fn;
+    return 1;
+}
+
+EXPORT int vf_fast_lookup_abi(void) { return 1; }
+
+/* NULL twice: every lookup goes to pyfuse3.  Only with a session hooked. */
+EXPORT int vf_set_fast_lookup(vf_fast_lookup_fn lookup_fn, vf_fast_unlookup_fn unlookup_fn)
+{
+    if (orig_lookup == NULL || (lookup_fn == NULL) != (unlookup_fn == NULL))
+        return 0;
+    fast_lookup = lookup_fn;
+    fast_unlookup = unlookup_fn;
     return 1;
 }
 

@@ -19,7 +19,10 @@
  * Large requests are shared with one helper thread (_hbpool.c).  The
  * common verified read (pread + hash + compare) is one call: read_verify
  * (_readverify.c); the FUSE shim answers most reads through fast_read
- * (_fastread.c, its leaf table in _leaftable.c) without entering Python.
+ * (_fastread.c, its leaf table in _leaftable.c) without entering Python, and
+ * local mode's opens of sealed files (_fastopen.c); its lookups call the view's
+ * lookup as a plain function (_fastlookup.c).  Store index entries as written are
+ * parsed and checked in one call (_indexentry.c).
  * A seal worker's small files are sealed into tmp/ a chunk a call: seal_small
  * (_sealchunk.c, each file by _sealsmall.c).  A tree is built from the page
  * cache, not a copy, where the file can be mapped: hash_mapped (_mapped.c).
@@ -376,6 +379,7 @@ static PyObject *info(PyObject *self, PyObject *unused)
 #include "_replybufs.c"
 #include "_fastread.c"
 #include "_fastopen.c"
+#include "_fastlookup.c"
 #include "_indexentry.c"
 #include "_sealsmall.c"
 #include "_sealchunk.c"
@@ -398,6 +402,7 @@ static PyMethodDef methods[] = {
     {"hash_mapped", hash_mapped, METH_VARARGS, HASH_MAPPED_DOC},
     FAST_METHODS
     FAST_OPEN_METHODS
+    FAST_LOOKUP_METHODS
     INDEX_ENTRY_METHODS
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(threads) -> None\n\n"

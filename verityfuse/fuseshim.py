@@ -87,6 +87,18 @@ class Shim:
         opener, releaser = entry if entry is not None else (None, None)
         return bool(fn(opener, releaser))
 
+    def set_fast_lookup(self, entry: Optional[Tuple[int, int]]) -> bool:
+        """Hand every FUSE_LOOKUP to the C function at ``entry[0]`` first, which the one
+        at ``entry[1]`` tells of a reply the kernel did not take (None: neither); False
+        if the shim cannot (built before this existed, or libfuse not hooked)."""
+        fn = getattr(self.lib, "vf_set_fast_lookup", None)
+        abi = getattr(self.lib, "vf_fast_lookup_abi", None)
+        if fn is None or abi is None or abi() != 1:
+            return False
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lookup, unlookup = entry if entry is not None else (None, None)
+        return bool(fn(lookup, unlookup))
+
     def replies_sent_apart(self) -> int:
         """Fast reads whose reply the shim's reply thread sent (0 if it has none)."""
         fn = getattr(self.lib, "vf_replies_sent_apart", None)

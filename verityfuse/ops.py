@@ -22,12 +22,13 @@ import pyfuse3
 import trio
 
 from . import fsutil
-from .errors import Corruption, Errno
+from .errors import Corruption, Errno, VerityError
+from .fast_lookups import NativeLookups
 from .fast_opens import NativeOpens, OpenHandles
 from .fast_reads import FastReads
 from .fuseshim import Shim
 from .handle_budget import HandleBudget
-from .ops_boundary import errno_of, fail, with_boundary
+from .ops_boundary import errno_of, fail, unexpected, with_boundary
 from .ops_ioctl import IoctlHandlers
 from .ops_read import Reads, fuse_device_poll
 from .tripwire import Tripwire
@@ -81,6 +82,7 @@ class VerityOperations(pyfuse3.Operations):
         # A handle the native path opened is made Python's when a handler asks for it.
         self.handles: OpenHandles = OpenHandles()
         self.opens: Optional[NativeOpens] = None  # opens answered natively (use_fast_reads)
+        self.lookups: Optional[NativeLookups] = None  # lookups without coroutines (the same)
         self.ioctls = IoctlHandlers(view, self.handles, self._errno_of, shim)
         self.init_done = trio.Event()  # set when FUSE_INIT is answered
         # Bounded fds: open handles per uid (EMFILE beyond) and in all (ENFILE beyond).
@@ -91,6 +93,16 @@ class VerityOperations(pyfuse3.Operations):
 
     def _errno_of(self, e: Exception, what: str) -> int:
         return errno_of(e, what, self.stats, self._untrusted)
+
+    def _lookup_errno(self, e: Exception) -> Optional[int]:
+        """The boundary's answer to ``e`` from a lookup the shim's hook made (fast_lookups),
+        or None for an integrity failure, whose measurement waits: pyfuse3's handler then
+        looks it up again."""
+        if isinstance(e, Corruption):
+            return None
+        if isinstance(e, (VerityError, OSError)):
+            return self._errno_of(e, "lookup")
+        return unexpected("lookup", e)
 
     async def _tripwire_hit(self, handler: str, args, e: Corruption):
         """The first integrity failure of a manifest path is measured (off this thread)
@@ -305,6 +317,8 @@ class VerityOperations(pyfuse3.Operations):
         if self.opens is not None:  # opened natively, not (yet) Python's
             out["fast_opens"] = self.opens.counts()
             out["open_files"] += out["fast_opens"]["open"]
+        if self.lookups is not None:
+            out["fast_lookups"] = self.lookups.counts()
         if self.stats is not None:
             out.update(self.stats.snapshot())
         out["tree_cache"] = self.view.cache.snapshot()
@@ -369,7 +383,9 @@ class VerityOperations(pyfuse3.Operations):
         """Let the shim answer the common verified reads natively (fast_reads), once
         pyfuse3 has hooked libfuse; False when it cannot (then Python serves all), or
         with --debug, which logs every request (a native read never reaches the log), or
-        for an OCI view, whose reads fetch from a registry."""
+        for an OCI view, whose reads fetch from a registry.  Under the same conditions
+        its opens (local mode) and lookups are answered without pyfuse3's coroutines
+        (fast_opens, fast_lookups)."""
         if log.isEnabledFor(logging.DEBUG) or getattr(self.view, "open_blocks", False):
             return False
         self.fast = FastReads.load(shim, self.view.cache)
@@ -377,11 +393,14 @@ class VerityOperations(pyfuse3.Operations):
             self.opens = NativeOpens.load(shim, self.fast, self.budget, self.tripwire, self.view)
             if self.opens is not None:
                 self.handles.adopt, self.handles.peek = self.opens.adopt, self.opens.peek
+        self.lookups = NativeLookups.load(shim, self.view, self._lookup_errno)
         return self.fast is not None
 
     def shutdown(self) -> int:
         """Close every handle and the view; returns how many inodes the kernel
         still held (should be 0 after a clean unmount)."""
+        if self.lookups is not None:
+            self.lookups.close()
         if self.opens is not None:
             self.opens.close()
         if self.fast is not None:
