@@ -158,12 +158,12 @@ def hook():
 
 @needs_native
 def test_the_c_side_answers_with_the_callbacks_attributes_errno_or_not_at_all(hook):
-    hook(lambda parent, name: (parent + 1, 0o100644, 2, 7, 8, 0, 12345, 4096, 24,
+    hook(lambda parent, name: (parent + 1, 0o100644, 2, 7, 8, 3, 12345, 4096, 24,
                                -1_500_000_000, 1_700_000_000_123_456_789, 5, 1.5))
     rc, st = native.fast_lookup(1, b"name")
     assert rc == 0
     # ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, then (s, ns) three times
-    assert st == (2, 0o100644, 2, 7, 8, 0, 12345, 4096, 24, -2, 500_000_000,
+    assert st == (2, 0o100644, 2, 7, 8, 3, 12345, 4096, 24, -2, 500_000_000,
                   1_700_000_000, 123_456_789, 0, 5, 1.5)
     hook(lambda parent, name: errno.ENOENT)
     assert native.fast_lookup(1, b"x") == (errno.ENOENT, None)
@@ -178,15 +178,22 @@ def test_the_c_side_answers_with_the_callbacks_attributes_errno_or_not_at_all(ho
 
 
 @needs_native
-def test_a_raising_callback_is_declined_and_a_bad_answer_given_back(hook):
+def test_a_raising_callback_is_eio_and_a_bad_answer_given_back(hook):
     def boom(parent, name):
         raise RuntimeError("a bug")
 
-    hook(boom)
-    assert native.fast_lookup(1, b"x") == (-1, None)  # exception cleared, not raised here
+    hook(boom)  # the view may have counted it: never looked up a second time
+    assert native.fast_lookup(1, b"x") == (errno.EIO, None)  # cleared, not raised here
     calls = hook(lambda parent, name: (42, "not a mode"))
     assert native.fast_lookup(1, b"x") == (-1, None)
     assert calls == [42]  # the lookup it counted is given back before pyfuse3 counts its own
+    good = (43, 0o100644, 1, 0, 0, 0, 1, 4096, 1, 0, 0, 0, 1.0)
+    for at, bad in ((3, 2 ** 32), (4, -1), (1, 2 ** 32), (6, -1), (0, 2 ** 64)):
+        answer = good[:at] + (bad,) + good[at + 1:]  # uid 2**32 is not root, nor gid -1
+        calls.clear()
+        hook(lambda parent, name: answer)
+        assert native.fast_lookup(1, b"x") == (-1, None), at
+        assert calls == ([] if at == 0 else [43]), at
 
 
 @needs_native
@@ -195,11 +202,12 @@ def test_an_interrupt_in_the_callback_is_raised_again(hook):
         raise KeyboardInterrupt
 
     hook(interrupted)
+    before = native.fast_lookup_info()["errors"]
     with pytest.raises(KeyboardInterrupt):
-        native.fast_lookup(1, b"x")
-        # the interrupt is pending (PyErr_SetInterrupt): raised at the next check
-        for _ in range(1000):
+        native.fast_lookup(1, b"x")  # answered EIO: nothing escapes into libfuse
+        for _ in range(1000):  # the interrupt, pending, is raised at the next check
             pass
+    assert native.fast_lookup_info()["errors"] == before + 1
 
 
 @needs_native
@@ -211,12 +219,17 @@ def test_set_checks_its_arguments():
 
 
 @needs_native
-def test_the_python_side_answers_as_the_error_boundary(hook):
-    """NativeLookups' callback, with ops' mapping: an OSError its errno, an integrity
-    failure to pyfuse3 (its measurement waits), a bug EIO; the view's attributes."""
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_the_python_side_answers_as_the_error_boundary(hook, monkeypatch, untrusted):
+    """NativeLookups' callback, with the boundary's mapping: an OSError its errno (ENOSYS
+    never: EOPNOTSUPP, or EIO from an untrusted share), an integrity failure to pyfuse3
+    (its measurement waits), out of memory ENOMEM, a bug EIO; every attribute."""
     from verityfuse.errors import ContentMismatch
     from verityfuse.fast_lookups import NativeLookups
+    from verityfuse.ops_boundary import errno_of, sync_errno
     from verityfuse.view import Attr
+
+    monkeypatch.delenv("VERITYFUSE_NO_FAST_LOOKUP", raising=False)
 
     class Shim:
         def set_fast_lookup(self, entry):
@@ -226,28 +239,30 @@ def test_the_python_side_answers_as_the_error_boundary(hook):
         def __init__(self):
             self.gone = []
 
-        def lookup(self, parent, name):
+        def lookup(self, parent, name, ctx):
             if name == b"file":
-                return Attr(9, 0o100444, 1, 0, 0, 77, 1, 2, 3, timeout=4.0)
+                return Attr(9, 0o100444, 2, 5, 6, 77, 11, 12, 13, rdev=14, blksize=15, blocks=16,
+                            timeout=4.0)
             raise {b"missing": FileNotFoundError(errno.ENOENT, "no"),
+                   b"nosys": OSError(errno.ENOSYS, "the share's"),
                    b"bad": ContentMismatch("f: block 0 mismatch"),
+                   b"oom": MemoryError(),
                    b"bug": ZeroDivisionError("a bug")}[name]
 
         def unlookup(self, ino):
             self.gone.append(ino)
 
-    def errno_for(e):  # ops' _lookup_errno, without a mount
-        from verityfuse.errors import Corruption, VerityError
-        if isinstance(e, Corruption):
-            return None
-        return e.errno if isinstance(e, (VerityError, OSError)) else errno.EIO
-
-    lookups = NativeLookups.load(Shim(), View(), errno_for)
+    lookups = NativeLookups.load(Shim(), View(), lambda e: sync_errno(
+        e, "lookup", lambda e, what: errno_of(e, what, None, untrusted)))
     try:
-        rc, st = native.fast_lookup(1, b"file")
-        assert (rc, st[0], st[1], st[6], st[-1]) == (0, 9, 0o100444, 77, 4.0)
+        # ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, a/m/ctime (s, ns)
+        assert native.fast_lookup(1, b"file") == (
+            0, (9, 0o100444, 2, 5, 6, 14, 77, 15, 16, 0, 11, 0, 12, 0, 13, 4.0))
         assert native.fast_lookup(1, b"missing") == (errno.ENOENT, None)
+        assert native.fast_lookup(1, b"nosys") == (
+            errno.EIO if untrusted else errno.EOPNOTSUPP, None)
         assert native.fast_lookup(1, b"bad") == (-1, None)
+        assert native.fast_lookup(1, b"oom") == (errno.ENOMEM, None)
         assert native.fast_lookup(1, b"bug") == (errno.EIO, None)
     finally:
         lookups.close()

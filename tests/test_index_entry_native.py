@@ -50,11 +50,11 @@ def both_routes(data: bytes):
 def random_entry(rng: random.Random, inline: bool) -> bytes:
     alg = rng.choice((merkle.SHA256, merkle.SHA512))
     log_bs = rng.randint(10, 16)
-    params = merkle.Params(alg, 1 << log_bs, os.urandom(rng.randint(0, 32)) if rng.random() < .5
-                           else b"")
+    params = merkle.Params(alg, 1 << log_bs, rng.randbytes(rng.randint(0, 32))
+                           if rng.random() < .5 else b"")
     size = rng.randint(0, params.block_size if inline else 1 << 30)
-    desc = merkle.Descriptor.build(params, size, os.urandom(alg.digest_size))
-    sig = os.urandom(rng.randint(1, 600)) if rng.random() < .3 else b""
+    desc = merkle.Descriptor.build(params, size, rng.randbytes(alg.digest_size))
+    sig = rng.randbytes(rng.randint(1, 600)) if rng.random() < .3 else b""
     path = "".join(rng.choice(PATH_CHARS) for _ in range(rng.randint(0, 80)))
     return entry_bytes(alg, desc.digest, sig, path, desc if inline else None)
 

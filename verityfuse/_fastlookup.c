@@ -10,10 +10,15 @@
  *
  * The callback returns the entry's attributes as a tuple (ino, mode, nlink, uid, gid,
  * rdev, size, blksize, blocks, atime_ns, mtime_ns, ctime_ns, timeout), an errno
- * (int > 0) to reply with, or None: then the request goes to pyfuse3 as before (a
- * lookup the callback did not count, e.g. with debug logging on, or any error but an
- * OSError).  A reply the kernel did not take (the request interrupted) is not a
- * lookup it counted: the shim calls fast_unlookup, which gives the count back.
+ * (int > 0) to reply with, or None: then the request goes to pyfuse3 as before (an
+ * integrity failure, whose measurement waits; the view counted no lookup).  An
+ * exception out of the callback (a KeyboardInterrupt, raised again at once) is
+ * answered EIO, as pyfuse3's boundary answers a bug: a lookup the view may have
+ * counted is not looked up twice.  Attributes out of their C types' range (a bug) are
+ * not answered either: the lookup is given back and goes to pyfuse3, whose own
+ * conversion fails it with its error.  A reply the kernel did not take (the request
+ * interrupted) is not a lookup it counted: the shim calls fast_unlookup, which gives
+ * the count back.
  *
  * Included by _hashblocks.c after _fastopen.c (fo_call).
  */
@@ -44,21 +49,19 @@ static int fast_lookup(uint64_t parent, const char *name, struct stat *st, doubl
     PyObject *r = PyObject_CallFunction(cb, "Ky", (unsigned long long)parent, name);
     Py_DECREF(cb);
     if (r == NULL) {
-        int interrupt = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
-        PyErr_Clear();
-        if (interrupt)
-            PyErr_SetInterrupt();
-        g_fl_declined++;
-        return -1;
+        fo_clear_error();
+        g_fl_errors++;
+        return EIO;
     }
     int rc = -1;
     if (PyTuple_Check(r)) {
-        unsigned long long ino, nlink, rdev;
-        unsigned int mode, uid, gid;
-        long long size, blocks, at, mt, ct;
-        long blksize;
-        if (PyArg_ParseTuple(r, "KIKIIKLlLLLLd", &ino, &mode, &nlink, &uid, &gid, &rdev, &size,
-                             &blksize, &blocks, &at, &mt, &ct, timeout)) {
+        /* Every integer checked (format L raises OverflowError), then its C range. */
+        long long ino, mode, nlink, uid, gid, rdev, size, blksize, blocks, at, mt, ct;
+        if (PyArg_ParseTuple(r, "LLLLLLLLLLLLd", &ino, &mode, &nlink, &uid, &gid, &rdev, &size,
+                             &blksize, &blocks, &at, &mt, &ct, timeout)
+            && ino > 0 && mode >= 0 && mode <= 0xffffffffLL && nlink >= 0 && uid >= 0
+            && uid <= 0xffffffffLL && gid >= 0 && gid <= 0xffffffffLL && rdev >= 0
+            && size >= 0 && blksize >= 0 && blocks >= 0) {
             memset(st, 0, sizeof *st);
             st->st_ino = (ino_t)ino;
             st->st_mode = (mode_t)mode;
@@ -75,12 +78,16 @@ static int fast_lookup(uint64_t parent, const char *name, struct stat *st, doubl
             g_fl_answered++;
             rc = 0;
         } else {
-            /* A tuple the callback got wrong after counting the lookup: give it back
-             * (pyfuse3 then looks it up again and counts it once). */
+            /* Attributes the callback got wrong after the view counted the lookup: give
+             * it back (pyfuse3 then looks it up again and counts it once). */
             PyErr_Clear();
-            if (PyTuple_Size(r) > 0 && PyLong_Check(PyTuple_GET_ITEM(r, 0)) && g_fl_unlookup)
-                Py_XDECREF(fo_call(g_fl_unlookup, PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r, 0))));
-            PyErr_Clear();
+            unsigned long long ino0 = 0;
+            if (PyTuple_Size(r) > 0 && PyLong_Check(PyTuple_GET_ITEM(r, 0)))
+                ino0 = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r, 0));
+            if (PyErr_Occurred())
+                PyErr_Clear();
+            else if (ino0 != 0 && g_fl_unlookup != NULL)
+                Py_XDECREF(fo_call(g_fl_unlookup, ino0));
             g_fl_declined++;
         }
     } else if (PyLong_Check(r)) {

@@ -79,18 +79,23 @@ static void fo_remove(size_t i)
     }
 }
 
-/* Python's callback fn(arg), or NULL with its exception dropped: nothing may escape
- * into libfuse, and the open then goes on as if declined (Python's own handler meets
- * the error again).  A Ctrl-C is not lost: it is raised again at the next bytecode. */
+/* A callback's exception dropped: nothing may escape into libfuse.  A Ctrl-C is not
+ * lost: it is raised again at the next bytecode. */
+static void fo_clear_error(void)
+{
+    int interrupt = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+    PyErr_Clear();
+    if (interrupt)
+        PyErr_SetInterrupt();
+}
+
+/* Python's callback fn(arg), or NULL with its exception dropped (fo_clear_error): the
+ * open then goes on as if declined (Python's own handler meets the error again). */
 static PyObject *fo_call(PyObject *fn, unsigned long long arg)
 {
     PyObject *r = PyObject_CallFunction(fn, "K", arg);
-    if (r == NULL) {
-        int interrupt = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
-        PyErr_Clear();
-        if (interrupt)
-            PyErr_SetInterrupt();
-    }
+    if (r == NULL)
+        fo_clear_error();
     return r;
 }
 

@@ -9,8 +9,8 @@ and replies with the attributes it returns, or with its errno.  In local mode th
 was ~12 us of the daemon's ~240 a file over a container start (alternating runs).
 
 Nothing is decided natively: the view looks the name up and counts the lookup as
-before, and its errors become the errnos the error boundary answers (``errno_for``,
-ops' ``_lookup_errno``).  An integrity failure, whose measurement waits, is not
+before, and its errors become the errnos the error boundary answers (``errno_for``:
+``ops_boundary.sync_errno``).  An integrity failure, whose measurement waits, is not
 answered here: the request goes to pyfuse3, whose handler looks it up again and
 reports it as before (no lookup is counted twice: a view's lookup that raises has
 counted none).  A reply the kernel did not take (the request was interrupted) gives
@@ -47,7 +47,7 @@ class NativeLookups:
 
         def lookup(parent: int, name: bytes):  # called by fast_lookup, on the request thread
             try:
-                a = view.lookup(parent, name)
+                a = view.lookup(parent, name, None)
             except Exception as e:
                 return errno_for(e)
             return (a.ino, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size, a.blksize,

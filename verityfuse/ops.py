@@ -22,13 +22,13 @@ import pyfuse3
 import trio
 
 from . import fsutil
-from .errors import Corruption, Errno, VerityError
+from .errors import Corruption, Errno
 from .fast_lookups import NativeLookups
 from .fast_opens import NativeOpens, OpenHandles
 from .fast_reads import FastReads
 from .fuseshim import Shim
 from .handle_budget import HandleBudget
-from .ops_boundary import errno_of, fail, unexpected, with_boundary
+from .ops_boundary import errno_of, fail, sync_errno, with_boundary
 from .ops_ioctl import IoctlHandlers
 from .ops_read import Reads, fuse_device_poll
 from .tripwire import Tripwire
@@ -93,16 +93,6 @@ class VerityOperations(pyfuse3.Operations):
 
     def _errno_of(self, e: Exception, what: str) -> int:
         return errno_of(e, what, self.stats, self._untrusted)
-
-    def _lookup_errno(self, e: Exception) -> Optional[int]:
-        """The boundary's answer to ``e`` from a lookup the shim's hook made (fast_lookups),
-        or None for an integrity failure, whose measurement waits: pyfuse3's handler then
-        looks it up again."""
-        if isinstance(e, Corruption):
-            return None
-        if isinstance(e, (VerityError, OSError)):
-            return self._errno_of(e, "lookup")
-        return unexpected("lookup", e)
 
     async def _tripwire_hit(self, handler: str, args, e: Corruption):
         """The first integrity failure of a manifest path is measured (off this thread)
@@ -393,7 +383,8 @@ class VerityOperations(pyfuse3.Operations):
             self.opens = NativeOpens.load(shim, self.fast, self.budget, self.tripwire, self.view)
             if self.opens is not None:
                 self.handles.adopt, self.handles.peek = self.opens.adopt, self.opens.peek
-        self.lookups = NativeLookups.load(shim, self.view, self._lookup_errno)
+        self.lookups = NativeLookups.load(
+            shim, self.view, lambda e: sync_errno(e, "lookup", self._errno_of))
         return self.fast is not None
 
     def shutdown(self) -> int:

@@ -13,6 +13,7 @@ import errno
 import functools
 import inspect
 import logging
+from typing import Optional
 
 import pyfuse3
 
@@ -65,6 +66,17 @@ def errno_of(e: Exception, what: str, stats=None, untrusted: bool = False) -> in
         if err == errno.ENOSYS:
             return errno.EOPNOTSUPP
     return err
+
+
+def sync_errno(e: Exception, name: str, errno_of) -> Optional[int]:
+    """What the boundary answers ``e`` from handler ``name`` with, for a handler run as a
+    plain call (fast_lookups; ``errno_of(e, name)``: the mount's mapping); None for an
+    integrity failure, whose measurement waits: pyfuse3's handler then runs again."""
+    if isinstance(e, Corruption):
+        return None
+    if isinstance(e, (VerityError, OSError)):
+        return errno_of(e, name)
+    return unexpected(name, e)
 
 
 def _brief(a):

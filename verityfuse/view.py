@@ -169,6 +169,9 @@ class View(Protocol):
     cache: TreeBlockCache  # the verified tree blocks: `verityfuse status` reports it
 
     # -- names and attributes
+    # ``lookup`` never waits and counts a lookup only when it returns: the shim's hook
+    # calls it as a plain function (fast_lookups) and, for an integrity failure it
+    # raises, lets pyfuse3's handler call it again.
     def lookup(self, parent: int, name: bytes, ctx: Any, /) -> Attr: ...
     def forget(self, ino: int, n: int, /) -> Any: ...
     def unlookup(self, ino: int, /) -> Any: ...
