@@ -63,41 +63,33 @@ class Shim:
         if fn is not None:
             fn(int(on))
 
+    def _set_pair(self, what: str, abi: int, entry: Optional[Tuple[int, int]]) -> bool:
+        """vf_set_fast_<what>(entry[0], entry[1]) (None: both NULL), if the shim has it at
+        ABI ``abi`` (a shim built otherwise would call the functions wrongly)."""
+        fn = getattr(self.lib, f"vf_set_fast_{what}", None)
+        version = getattr(self.lib, f"vf_fast_{what}_abi", None)
+        if fn is None or version is None or version() != abi:
+            return False
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        first, second = entry if entry is not None else (None, None)
+        return bool(fn(first, second))
+
     def set_fast_read(self, entry: Optional[Tuple[int, int]]) -> bool:
         """Hand every FUSE_READ to the C function at ``entry[0]`` first, which
         ``entry[1]`` tells when a reply it made was sent (None: no function); False if
         the shim cannot (built before this existed, or libfuse not hooked)."""
-        fn = getattr(self.lib, "vf_set_fast_read", None)
-        abi = getattr(self.lib, "vf_fast_read_abi", None)
-        if fn is None or abi is None or abi() != 2:  # a shim that would call it wrongly
-            return False
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        read, done = entry if entry is not None else (None, None)
-        return bool(fn(read, done))
+        return self._set_pair("read", 2, entry)
 
     def set_fast_open(self, entry: Optional[Tuple[int, int]]) -> bool:
         """Hand every FUSE_OPEN to the C function at ``entry[0]`` first and every
-        FUSE_RELEASE to the one at ``entry[1]`` (None: neither); False if the shim
-        cannot (built before this existed, or libfuse not hooked)."""
-        fn = getattr(self.lib, "vf_set_fast_open", None)
-        abi = getattr(self.lib, "vf_fast_open_abi", None)
-        if fn is None or abi is None or abi() != 1:
-            return False
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        opener, releaser = entry if entry is not None else (None, None)
-        return bool(fn(opener, releaser))
+        FUSE_RELEASE to the one at ``entry[1]`` (None: neither); False as set_fast_read."""
+        return self._set_pair("open", 1, entry)
 
     def set_fast_lookup(self, entry: Optional[Tuple[int, int]]) -> bool:
         """Hand every FUSE_LOOKUP to the C function at ``entry[0]`` first, which the one
         at ``entry[1]`` tells of a reply the kernel did not take (None: neither); False
-        if the shim cannot (built before this existed, or libfuse not hooked)."""
-        fn = getattr(self.lib, "vf_set_fast_lookup", None)
-        abi = getattr(self.lib, "vf_fast_lookup_abi", None)
-        if fn is None or abi is None or abi() != 1:
-            return False
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        lookup, unlookup = entry if entry is not None else (None, None)
-        return bool(fn(lookup, unlookup))
+        as set_fast_read."""
+        return self._set_pair("lookup", 1, entry)
 
     def replies_sent_apart(self) -> int:
         """Fast reads whose reply the shim's reply thread sent (0 if it has none)."""

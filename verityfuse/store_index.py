@@ -94,7 +94,8 @@ _CANONICAL = re.compile(
 
 # The same canonical entries, parsed and checked natively where built: one call for
 # what the match and its checks below do (an entry keeping a descriptor: 5.9 -> 3.1 us
-# hot, with the IndexEntry and Descriptor made; ~12 us before in a daemon's lookup).  It answers None for all it does not accept.
+# hot, with the IndexEntry and Descriptor made; it was ~12 us of a daemon's lookup).
+# It answers None for all it does not accept: the Python parser below reads that.
 _native_entry = getattr(merkle._hashblocks, "index_entry", None)
 
 
