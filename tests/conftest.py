@@ -107,6 +107,20 @@ def drop_caches():
         f.write("3\n")
 
 
+def daemon_fds(pid):
+    """How many fds process ``pid`` (a daemon) holds now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_daemon_fds(pid, want, timeout=10):
+    """Until daemon ``pid`` holds ``want`` fds, or ``timeout`` seconds: how many it holds
+    then.  Forgets are asynchronous: the kernel sends them when it drops its inodes."""
+    deadline = time.monotonic() + timeout
+    while daemon_fds(pid) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return daemon_fds(pid)
+
+
 def wait_building(src, p, timeout=30):
     """Until the enable started by ``p`` has an object in the making."""
     tmp = src / ".verityfuse" / "tmp"

@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from verityfuse import manifest as mf
 from verityfuse import merkle
 
-from conftest import drop_caches, write
+from conftest import daemon_fds, drop_caches, wait_daemon_fds, write
 
 KiB = 1 << 10
 native = merkle._hashblocks
@@ -86,12 +85,8 @@ def test_lookup_counts_stay_right_through_forgets(tree, verified_mount):
     """Every lookup the hook answered is counted once: after the kernel forgets its
     inodes (drop_caches), the daemon holds none; a count too many would keep one."""
     m = verified_mount(tree)
-
-    def nfds():
-        return len(os.listdir(f"/proc/{m.pid}/fd"))
-
     drop_caches()
-    base = nfds()
+    base = daemon_fds(m.pid)
     for _ in range(3):
         for name in NAMES:
             os.lstat(m.mountpoint / name)
@@ -100,12 +95,8 @@ def test_lookup_counts_stay_right_through_forgets(tree, verified_mount):
         drop_caches()
     assert status(m)["fast_lookups"]["answered"] >= 3 * len(NAMES)
     drop_caches()
-    # Forgets are asynchronous: the kernel sends them when it drops its inodes.  What
-    # stays open: the tree objects of leaves and dir/deep, kept for the next open.
-    deadline = time.monotonic() + 10
-    while nfds() != base + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert nfds() == base + 2
+    # What stays open: the tree objects of leaves and dir/deep, kept for the next open.
+    assert wait_daemon_fds(m.pid, base + 2) == base + 2
     assert m.unmount() == 0
     assert "0 inodes still had lookups" in m.log()
 

@@ -17,7 +17,7 @@ import pytest
 
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
-from conftest import drop_caches, wait_building, write
+from conftest import daemon_fds, drop_caches, wait_building, write
 from test_ioctl import enable_error, fsv
 from test_mount import object_file
 
@@ -196,18 +196,17 @@ def test_fd_count_does_not_grow_with_the_tree(src, verified_mount):
         for i in range(per):
             write(src / f"d{d}" / f"f{i}", f"{d}/{i}\n".encode())
     m = verified_mount(src, seal=False)
-    fds = lambda: len(os.listdir(f"/proc/{m.pid}/fd"))  # noqa: E731
     r = subprocess.run(f"find {m.mountpoint} -type f | sort -V | xargs cat", shell=True,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "".join(f"{d}/{i}\n" for d in range(dirs) for i in range(per))
-    after_read = fds()
+    after_read = daemon_fds(m.pid)
     r = subprocess.run(["ls", "-R", m.mountpoint], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("\nf") == dirs * per
     r = subprocess.run(["du", "-s", "--inodes", m.mountpoint], capture_output=True, text=True)
     assert r.returncode == 0 and int(r.stdout.split()[0]) == dirs * per + dirs + 1
     bound = 1024 + 32  # the fd LRU, plus the daemon's fixed fds
-    assert after_read <= bound and fds() <= bound, (after_read, fds())
+    assert after_read <= bound and daemon_fds(m.pid) <= bound, (after_read, daemon_fds(m.pid))
 
 
 # -- the store under bad input, through the daemon ---------------------------------------

@@ -20,7 +20,7 @@ from verityfuse import api, merkle
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
 from verityfuse.store_object import TREE_OFFSET
-from conftest import drop_caches, flip, write
+from conftest import daemon_fds, drop_caches, flip, wait_daemon_fds, write
 
 B = 4096
 HPB = B // 32  # hashes per tree block, sha256
@@ -357,12 +357,8 @@ def test_policy_require_refuses_unsealed_files(fresh, verified_mount):
 
 def test_no_leaks_and_clean_exit(fresh, verified_mount):
     m = verified_mount(fresh)
-
-    def nfds():
-        return len(os.listdir(f"/proc/{m.pid}/fd"))
-
     drop_caches()
-    base = nfds()
+    base = daemon_fds(m.pid)
     for _ in range(3):
         for name in ("f", "zeros"):
             with open(m.mountpoint / name, "rb") as f:
@@ -371,11 +367,8 @@ def test_no_leaks_and_clean_exit(fresh, verified_mount):
         write(m.mountpoint / "tmp", b"x")
         os.unlink(m.mountpoint / "tmp")
     drop_caches()
-    # Forgets are asynchronous: the kernel sends them when it drops its inodes.
-    deadline = time.monotonic() + 10
-    while nfds() != base + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert nfds() == base + 2  # the tree objects of f and zeros, kept open for the next open
+    # the tree objects of f and zeros, kept open for the next open
+    assert wait_daemon_fds(m.pid, base + 2) == base + 2
     assert m.unmount() == 0
     assert "0 inodes still had lookups" in m.log()
     assert not os.path.ismount(m.mountpoint)
