@@ -1,8 +1,11 @@
 """The command line: `verityfuse digest` against `fsverity digest`, seal and verify."""
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import types
 
 import pytest
 
@@ -293,3 +296,43 @@ def test_a_mistyped_command_is_a_usage_error_not_a_mount(tmp_path):
     taken when SOURCE exists or is a path (or -o is given)."""
     r = _run("staus", tmp_path)
     assert r.returncode == 2 and "invalid choice: 'staus'" in r.stderr, r.stderr
+
+
+def test_a_command_puts_back_the_sigterm_handler_it_found_and_runs_from_a_thread(tmp_path):
+    """SIGTERM is a command's to unwind (status 143) only while it runs: the caller's
+    handler is back afterwards, and main() called from another thread, where no handler
+    can be set, runs the command all the same."""
+    from verityfuse import cli
+
+    f = tmp_path / "f"
+    write(f, pattern(5000))
+    mine = lambda signum, frame: None  # noqa: E731
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert cli.main(["digest", "--compact", str(f)]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+        got = []
+        t = threading.Thread(target=lambda: got.append(cli.main(["digest", str(f)])))
+        t.start()
+        t.join()
+        assert got == [0] and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_sigterm_is_143_after_the_command_unwinds():
+    """The handler raises where the command is; _run reports it as SIGTERM's status."""
+    from verityfuse import cli
+
+    def func(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached: the handler raises at the signal")
+
+    args = types.SimpleNamespace(command="digest", func=func)
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:  # (without the command's handler, this test's own one sees the signal)
+        assert cli._run(args) == 143
+        assert seen == [] and signal.getsignal(signal.SIGTERM) is not cli._terminated
+    finally:
+        signal.signal(signal.SIGTERM, before)

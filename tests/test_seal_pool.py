@@ -305,11 +305,16 @@ import os, signal, sys
 from verityfuse import cli, sealing, store_batch
 store_batch.MAX_FILES = 64
 what = sys.argv.pop(1)
-if what == "interrupt":  # Ctrl-C once the first batch is durable and reported: the whole group
+if what in ("interrupt", "terminate", "terminate-group"):
+    # Once the first batch is durable and reported: Ctrl-C (the whole group), or SIGTERM to
+    # seal alone (kill, timeout) or to the whole group (systemd's stop of a unit)
     real_run = store_batch.Batch._run
     def run(self, after):
         real_run(self, after)
-        os.killpg(0, signal.SIGINT)
+        if what == "terminate":
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            os.killpg(0, signal.SIGINT if what == "interrupt" else signal.SIGTERM)
     store_batch.Batch._run = run
 elif what in ("hang", "kill"):  # a worker stuck on f0150 (it says where), or killed
     caller = os.getpid()
@@ -386,13 +391,17 @@ def store_pairs(store):
     return files("inodes"), files("objects"), files("tmp")
 
 
-def test_ctrl_c_stops_the_workers_and_leaves_only_what_was_reported(tmp_path):
+@pytest.mark.parametrize("how, status", [("interrupt", 130), ("terminate", 143),
+                                         ("terminate-group", 143)])
+def test_ctrl_c_stops_the_workers_and_leaves_only_what_was_reported(tmp_path, how, status):
+    """Ctrl-C, and SIGTERM as a service manager, `timeout` or `kill` send it: the workers
+    stop, what was staged and not reported is removed, and the status says which."""
     src = tree(tmp_path / "src", 3000)
     store = tmp_path / "store"
-    p = subprocess.run([sys.executable, "-c", HOOKED, "interrupt", "seal", str(src), "--store",
+    p = subprocess.run([sys.executable, "-c", HOOKED, how, "seal", str(src), "--store",
                         str(store), "--threads", "2", "--json"],
                        capture_output=True, text=True, start_new_session=True)
-    assert p.returncode == 130, p.stderr
+    assert p.returncode == status, p.stderr
     assert "Traceback" not in p.stderr and p.stderr == ""
     reported = [json.loads(line) for line in p.stdout.splitlines()]
     assert len(reported) == 64  # the first batch, durable before the interrupt

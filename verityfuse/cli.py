@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import stat
 import sys
 from typing import Optional
@@ -280,7 +281,8 @@ _GROUPS = (
 # What each command's exit status means, for --help and the man page (one place, so
 # the two never disagree).  A command not listed here has the common meaning.
 EXIT_STATUS_TEXT = ("exit status: 0 success, 1 an error (said on stderr as ERROR: ...), "
-                    "2 a usage error (bad arguments or options)")
+                    "2 a usage error (bad arguments or options), 130 interrupted (Ctrl-C), "
+                    "143 stopped by SIGTERM")
 EXIT_STATUS = {
     "verify": "0 every sealed file is intact; 1 a file is corrupt or unreadable, nothing was "
               "sealed, or (with --strict) a file is unsealed; 2 usage error",
@@ -336,7 +338,33 @@ def _version(args) -> int:
     return cmd_doctor(args) if args.verbose else 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager's stop, `timeout`, `kill`), raised where the command is
+    and unwound as a Ctrl-C is: seal's workers stop and what it staged and never reported
+    is removed, where the default action would have left its tmp/ files to the next seal."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def _run(args) -> int:
+    # Not for mount: its daemon answers SIGTERM itself (an unmount), and a foreground
+    # mount is that daemon.  Nor from a thread other than the main one (main() called
+    # by a program of its own), where no handler can be set.
+    try:
+        previous = None if args.command == "mount" else signal.signal(signal.SIGTERM,
+                                                                      _terminated)
+    except ValueError:
+        previous = None
+    try:
+        return _run_command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args) -> int:
     try:
         return args.func(args)
     except VerityError as e:
@@ -347,8 +375,8 @@ def _run(args) -> int:
     except OSError as e:  # a missing key, manifest or store file, a full disk...
         error(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e))
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

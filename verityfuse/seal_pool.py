@@ -91,11 +91,13 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _start_worker(parent: int):
-    """A worker's set-up: Ctrl-C is the caller's to handle; the worker dies with the
+    """A worker's set-up: Ctrl-C and SIGTERM (sent to the whole process group, as a
+    service manager's stop does) are the caller's to handle; the worker dies with the
     caller (killed, or out of memory: nothing else would tell it, as it holds both
     ends of its pipes) and names its tmp/ files by the caller's pid, so that another
     seal's cleanup keeps them while the caller lives, after this worker exits too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0 \
             or os.getppid() != parent:  # no death signal, or the caller already gone
         os._exit(1)
