@@ -87,4 +87,6 @@ echo "the verifier replays it against the register:"
 verityfuse attest replay "$work/events.log" --register "$(cat "$work/register")" \
     --expect-manifest "$pin" || echo "(appraisal fails: the guest saw tampering)"
 verityfuse umount "$mnt"
+echo "unmounted: the daemon's last event says the manifest is no longer served there:"
+tail -n 1 "$work/events.log" | cut -c1-150
 echo "done"

@@ -32,6 +32,8 @@ EVENTS = [
      dict(manifest_digest=M1, path="bin/tool", offset=8192)),
     ("violation, no block (metadata), non-ASCII name", "integrity_violation",
      dict(manifest_digest=M1, path="etc/caf\u00e9 menu\n.txt", offset=None)),
+    ("unmount of the signed mount", "unmount_manifest",
+     dict(manifest_digest=M1, mountpoint="/srv/app")),
 ]
 
 COCO = me.Event("github.com/confidential-containers", "PullImage",
@@ -53,7 +55,8 @@ def main():
                               "digest": {alg: me.event_digest(alg, e).hex() for alg in me.ALGS}})
     evs = [event(fn, args) for _, fn, args in EVENTS]
     for alg, init, events, desc in (
-            ("sha256", bytes(32), evs, "TPM PCR 23 from a fresh boot: two mounts, two violations"),
+            ("sha256", bytes(32), evs[:4], "TPM PCR 23 from a fresh boot: two mounts, two violations"),
+            ("sha256", bytes(32), [evs[0], evs[2], evs[4]], "a mount, a violation, its unmount"),
             ("sha384", bytes(48), evs[:1], "TDX RTMR3 from zero: one mount"),
             ("sha256", bytes(32), [evs[0], COCO, evs[2]], "merged with a CoCo PullImage event"),
             ("sha256", bytes(range(32)), evs[1:2], "non-zero INIT (the verifier must decide)")):

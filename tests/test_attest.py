@@ -692,6 +692,65 @@ def test_replay_register_and_appraisal(tmp_path):
                                               "version": 1}
 
 
+def test_an_unmount_event_round_trips_and_is_checked():
+    e = me.unmount_manifest(M1, "/srv/" + NASTY)
+    alg, init, parsed = me.parse_log(INIT + e.line() + "\n")
+    assert parsed == [e] and e.content == {"version": 1, "manifest": M1,
+                                           "mountpoint": "/srv/" + me.encode_name(NASTY)}
+    for bad, why in ((dict(mountpoint="srv"), "must be an absolute path"),
+                     (dict(mountpoint="/srv/./app"), "is not normalized \\(/srv/app\\)"),
+                     (dict(manifest_digest="sha256:ab"), "is not sha256:<64 hex digits>")):
+        with pytest.raises(ValueError, match=why):
+            me.unmount_manifest(**{**dict(manifest_digest=M1, mountpoint="/srv"), **bad})
+    good = me.unmount_manifest(M1, "/srv").line()
+    for text, why in ((good.replace('"mountpoint":"/srv"', '"mountpoint":"/srv/"'),
+                       "UnmountManifest: mount point '/srv/' is not normalized"),
+                      (good.replace('"manifest"', '"key_id":null,"manifest"'),
+                       "UnmountManifest content must have exactly the keys"),
+                      (good.replace(',"mountpoint":"/srv"', ""), "must have exactly the keys")):
+        with pytest.raises(me.EventLogError, match=why):
+            me.parse_log(INIT + text + "\n")
+
+
+def test_replay_says_which_measured_mounts_are_live(tmp_path):
+    """A MountManifest is live until an UnmountManifest of the same manifest and mount
+    point follows it (the latest such mount: a mount stacked on another is unmounted
+    first); --expect-mounted wants one live at the log's end; an unmount of no live
+    mount fails the appraisal (no daemon writes one)."""
+    r = registers.open_register(f"file:{tmp_path}/reg")
+    m = measure.Measurer(r, str(tmp_path / "log"))
+
+    def replayed(*extra):
+        rc, out, err = attest(tmp_path / "log", "--register", r.read().hex(), *extra)
+        assert err == ""
+        return rc, out
+
+    m.record(me.Event("github.com/confidential-containers", "PullImage", {}, raw="{}"))
+    rc, out = replayed("--expect-mounted")
+    assert rc == 1 and "FAIL: no measured mount is live at the end of the log: the log " \
+                       "records no measured mount" in out
+    for e in (me.mount_manifest(M1, KEY, 1, POL, "/a"), me.mount_manifest(M2, KEY, 1, POL, "/b"),
+              me.mount_manifest(M1, KEY, 1, POL, "/a"), me.unmount_manifest(M1, "/a")):
+        m.record(e)
+    rc, out = replayed("--expect-mounted", "--json")
+    assert rc == 0 and json.loads(out)["mounted"] == [
+        {"index": 2, "manifest": M1, "mountpoint": "/a"},
+        {"index": 3, "manifest": M2, "mountpoint": "/b"}]
+    rc, out = replayed("--expect-mounted")
+    assert rc == 0 and f"mounted at the end of the log: /b manifest={M2} (event #3)" in out
+    m.record(me.unmount_manifest(M2, "/b"))
+    m.record(me.unmount_manifest(M1, "/a"))
+    rc, out = replayed("--expect-mounted", "--expect-manifest", M1, "--expect-manifest", M2)
+    assert rc == 1 and out.count("FAIL:") == 1 and (
+        "FAIL: no measured mount is live at the end of the log: every MountManifest is "
+        "followed by its UnmountManifest") in out and "mounted at the end" not in out
+    assert replayed()[0] == 0  # not asked: a log of finished mounts passes
+    m.record(me.unmount_manifest(M2, "/a"))  # M2 was never mounted at /a
+    rc, out = replayed()
+    assert rc == 1 and (f"FAIL: event #8 UnmountManifest of /a (manifest {M2}) ends no mount "
+                        f"the log shows there") in out
+
+
 def test_a_quotes_banks_are_named_as_tpm2_tools_names_them():
     """A quote over the SHA-1 bank too was refused as selecting "sha:23" (tpm2-pytss's
     name), which names no bank a verifier knows (review, s44)."""
@@ -710,7 +769,7 @@ def test_replay_non_zero_init(tmp_path):
     m.record(me.mount_manifest(M1, KEY, 4, POL, "/srv"))
     reg = r.read().hex()
     rc, out, _ = attest(tmp_path / "log", "--register", reg)
-    assert rc == 1 and f"(NOT zero)" in out and f"FAIL: INIT value {init} is not zero: the " \
+    assert rc == 1 and "(NOT zero)" in out and f"FAIL: INIT value {init} is not zero: the " \
         "register held a value before this log started" in out
     rc, out, _ = attest(tmp_path / "log", "--register", reg, "--allow-init", init)
     assert rc == 0 and f"WARNING: INIT value {init} is not zero (accepted by --allow-init)" in out

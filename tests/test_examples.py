@@ -26,6 +26,7 @@ def test_demo():
     assert "docs/hello.txt fails with EIO, and the violation is measured" in r.stdout
     assert "register: matches the replayed log" in r.stdout
     assert "#2 IntegrityViolation" in r.stdout and "path=docs/hello.txt offset=0" in r.stdout
+    assert "no longer served there:\ngithub.com/verityfuse/verityfuse UnmountManifest " in r.stdout
 
 
 @pytest.mark.mount

@@ -9,8 +9,10 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -338,10 +340,35 @@ def test_tpm_measured_mount_quote_and_replay(share, tmp_path, verified_mount, mo
         r = vf("attest", "replay", log, *quote, "--nonce", os.urandom(16).hex(),
                "--allow-violations")
         assert r.returncode == 1  # an old quote cannot be replayed with a new nonce
+        r = vf("attest", "replay", log, *quote, "--nonce", nonce, "--allow-violations",
+               "--expect-mounted", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout)["mounted"] == [
+            {"index": 1, "manifest": digest, "mountpoint": str(mnt.mountpoint)}]
+        # Unmounted: the register says so too, and a later quote shows it.
+        assert mnt.unmount() == 0
+        assert tpm.pcr_read(23) == replayed(log)
+        nonce = os.urandom(16).hex()
+        msg, sig = tpm.quote(tmp_path, nonce)
+        quote = ["--quote", msg, "--signature", sig, "--ak-public", ak]
+        r = vf("attest", "replay", log, *quote, "--nonce", nonce, "--allow-violations",
+               "--expect-mounted", "--json")
+        assert r.returncode == 1
+        out = json.loads(r.stdout)
+        assert out["mounted"] == [] and out["match"]["ok"]
+        assert out["appraisal"]["failures"] == [
+            "no measured mount is live at the end of the log: every MountManifest is "
+            "followed by its UnmountManifest"]
+        r = vf("attest", "replay", log, *quote, "--nonce", nonce, "--allow-violations",
+               "--expect-manifest", digest)
+        assert r.returncode == 0, r.stdout + r.stderr
     _, _, evs = events(log)
     assert [(op, c["manifest"]) for _, op, c, _ in evs][0] == ("MountManifest", digest)
     assert sorted((c["path"], c["offset"]) for _, op, c, _ in evs if op == "IntegrityViolation") \
         == [("app.bin", 70000 // 4096 * 4096), ("lib/x.so", 8192)]
+    assert evs[-1][1:3] == ("UnmountManifest", {"version": 1, "manifest": digest,
+                                                "mountpoint": str(mnt.mountpoint)})
+    assert len(evs) == 4
 
 
 def test_tpm_unreachable_fails_the_mount(share, tmp_path, monkeypatch):
@@ -379,3 +406,97 @@ def test_rollback_to_an_older_signed_manifest_is_refused(share, tmp_path, verifi
     [(_, op, content, _)] = events(log)[2]
     assert (op, content["sequence"]) == ("MountManifest", 2)
     assert content["policy"] == "min_sequence=2,on_corruption=eio,trust=key"
+
+
+@pytest.mark.parametrize("how", ["fusermount", "sigterm"])
+def test_an_unmount_is_measured_after_the_mount_is_gone(share, tmp_path, verified_mount, how):
+    """The register and log say when the manifest stops being served there: a quote
+    taken after the unmount replays to UnmountManifest (attest replay --expect-mounted
+    then fails), whether it was unmounted or its daemon asked to stop."""
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(
+        m, pub, digest, "--measure", f"file:{reg}", "--event-log", str(log)))
+    r = vf("attest", "replay", log, "--register", register_value(reg).hex(), "--expect-mounted")
+    assert r.returncode == 0, r.stdout + r.stderr
+    if how == "sigterm":
+        mnt.process.send_signal(signal.SIGTERM)
+        assert mnt.process.wait(10) == 0
+        assert not os.path.ismount(mnt.mountpoint)
+    assert mnt.unmount() == 0
+    _, _, evs = events(log)
+    assert [(op, c) for _, op, c, _ in evs][1:] == [("UnmountManifest", {
+        "version": 1, "manifest": digest, "mountpoint": str(mnt.mountpoint)})]
+    assert register_value(reg) == replayed(log)
+    r = vf("attest", "replay", log, "--register", register_value(reg).hex(), "--expect-mounted")
+    assert r.returncode == 1 and "FAIL: no measured mount is live at the end of the log" in r.stdout
+    assert "measured the unmount of manifest" in mnt.log()
+
+
+def test_a_daemon_killed_outright_records_no_unmount(share, tmp_path, verified_mount):
+    """What the log can say: SIGKILL leaves the last MountManifest live (the kernel's mount
+    then answers ENOTCONN, serving nothing the manifest does not vouch for)."""
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(
+        m, pub, digest, "--measure", f"file:{reg}", "--event-log", str(log)))
+    mnt.process.kill()
+    mnt.process.wait()
+    mnt.unmount()
+    assert [op for _, op, _, _ in events(log)[2]] == ["MountManifest"]
+    assert register_value(reg) == replayed(log)
+
+
+@pytest.mark.daemon_errors(r"cannot measure the unmount of manifest sha256:[0-9a-f]{64} from "
+                           r".* into file-sha256-[0-9a-f]+: register file .* is not a regular "
+                           r"file \(a verifier replaying the log takes it for still mounted\)")
+def test_an_unmount_that_cannot_be_measured_is_logged_and_the_daemon_ends(share, tmp_path,
+                                                                         verified_mount):
+    src, m, pub, digest = share
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    mnt = verified_mount(src, seal=False, extra_args=mount_args(
+        m, pub, digest, "--measure", f"file:{reg}", "--event-log", str(log)))
+    before = register_value(reg)
+    reg.unlink()
+    reg.mkdir()  # the register cannot be extended any more
+    assert mnt.unmount() == 0
+    assert not os.path.ismount(mnt.mountpoint)
+    assert [op for _, op, _, _ in events(log)[2]] == ["MountManifest"]  # log and register agree
+    assert replayed(log) == before
+    assert "ERROR: cannot measure the unmount of manifest" in mnt.log()
+
+
+def test_umount_returns_once_the_daemon_has_measured_the_unmount(share, tmp_path):
+    """`verityfuse umount` waits for the daemon: what it records after the unmount is in the
+    log and the register when the command returns, so a quote taken next shows it.  The
+    test holds the event log's lock, which the daemon's record takes, so the daemon ends
+    only once the test lets it."""
+    import fcntl
+
+    src, m, pub, digest = share
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    reg, log = tmp_path / "reg", tmp_path / "events.log"
+    r = vf("mount", src, mnt, *mount_args(m, pub, digest, "--measure", f"file:{reg}",
+                                          "--event-log", str(log)),
+           "--log-file", tmp_path / "daemon.log", timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        with open(log, "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            p = subprocess.Popen([*VF, "umount", str(mnt)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            for _ in range(500):
+                if not os.path.ismount(mnt):
+                    break
+                time.sleep(0.02)
+            assert not os.path.ismount(mnt)
+            with pytest.raises(subprocess.TimeoutExpired):
+                p.wait(1)  # unmounted, and waiting for the daemon, which waits for the lock
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and (out, err) == ("", "")
+        assert [op for _, op, _, _ in events(log)[2]] == ["MountManifest", "UnmountManifest"]
+        assert register_value(reg) == replayed(log)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt])

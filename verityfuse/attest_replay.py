@@ -28,6 +28,7 @@ class Expectations:
     min_sequence: int | None = None
     allow_violations: bool = False
     allow_init: bytes | None = None  # a non-zero INIT value the verifier accounts for
+    mounted: bool = False  # a measured mount is still served at the log's end
 
 
 @dataclasses.dataclass
@@ -55,6 +56,31 @@ def _event_json(n: int, alg: str, e: me.Event) -> dict:
     content = e.content if e.raw is None else me.strict_object(e.raw)
     return {"index": n, "domain": e.domain, "operation": e.operation, "content": content,
             "line": e.line(), "digest": me.event_digest(alg, e).hex()}
+
+
+def live_mounts(events: list[me.Event]) -> tuple[list[tuple[int, me.Event]], list[str]]:
+    """The MountManifest events (with their event numbers) that no UnmountManifest of the
+    same manifest and mount point follows, in log order: what the log says is served at
+    its end (unless a daemon was killed outright, which records nothing); and a failure
+    for each UnmountManifest that ends no live mount (no daemon writes one)."""
+    live: list[tuple[int, me.Event]] = []
+    problems: list[str] = []
+    for n, e in enumerate(events, 1):
+        if e.domain != me.DOMAIN:
+            continue
+        if e.operation == me.OP_MOUNT:
+            live.append((n, e))
+        elif e.operation == me.OP_UNMOUNT:
+            c = e.content
+            ended = next((k for k in range(len(live) - 1, -1, -1)  # the latest such mount
+                          if (live[k][1].content["manifest"], live[k][1].content["mountpoint"])
+                          == (c["manifest"], c["mountpoint"])), None)
+            if ended is None:
+                problems.append(f"event #{n} UnmountManifest of {c['mountpoint']} (manifest "
+                                f"{c['manifest']}) ends no mount the log shows there")
+            else:
+                del live[ended]
+    return live, problems
 
 
 def appraise(alg: str, init: bytes, events: list[me.Event], exp: Expectations
@@ -94,6 +120,12 @@ def appraise(alg: str, init: bytes, events: list[me.Event], exp: Expectations
             failures.append(f"event #{n} MountManifest of {c['mountpoint']} has sequence "
                             f"{c['sequence']}, below --min-sequence {exp.min_sequence} "
                             f"(an older manifest: a rollback?)")
+    live, problems = live_mounts(events)
+    failures.extend(problems)
+    if exp.mounted and not live:
+        failures.append("no measured mount is live at the end of the log: " +
+                        ("every MountManifest is followed by its UnmountManifest" if mounts
+                         else "the log records no measured mount"))
     for n, e in enumerate(events, 1):
         if e.domain == me.DOMAIN and e.operation == me.OP_VIOLATION:
             c = e.content
@@ -119,7 +151,7 @@ def replay(log_path: str, exp: Expectations, register: bytes | None = None,
     if (register is None) == (quote is None):
         raise ValueError("replay: give a register value or a quote, not both or neither")
     report: dict = {"schema": REPORT_SCHEMA, "log": log_path, "algorithm": None, "init": None,
-                    "replayed": None, "events": [], "match": None,
+                    "replayed": None, "events": [], "mounted": [], "match": None,
                     "appraisal": {"pass": False, "failures": [], "warnings": []}, "result": "fail"}
     data = read_input(log_path, MAX_LOG, "event log")
     qdata = None
@@ -140,7 +172,10 @@ def replay(log_path: str, exp: Expectations, register: bytes | None = None,
         return report, 1
     value = me.replay(alg, init, events)
     report.update(algorithm=alg, init=init.hex(), replayed=value.hex(),
-                  events=[_event_json(n, alg, e) for n, e in enumerate(events, 1)])
+                  events=[_event_json(n, alg, e) for n, e in enumerate(events, 1)],
+                  mounted=[{"index": n, "manifest": e.content["manifest"],
+                            "mountpoint": e.content["mountpoint"]}
+                           for n, e in live_mounts(events)[0]])
     match: dict = {"source": None, "ok": False, "error": None}
     if register is not None:
         match.update(source="register", register=register.hex())
@@ -199,6 +234,8 @@ def human(report: dict) -> str:
                    f"{report['init']}{zero}, {len(report['events'])} event(s)")
         out += [f"  #{e['index']} {_describe(e)}" for e in report["events"]]
         out.append(f"replayed {report['algorithm']}: {report['replayed']}")
+        out += [f"mounted at the end of the log: {m['mountpoint']} manifest={m['manifest']} "
+                f"(event #{m['index']})" for m in report["mounted"]]
     m = report["match"]
     if m and m["ok"] and m["source"] == "register":
         out.append("register: matches the replayed log")

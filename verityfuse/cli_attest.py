@@ -78,7 +78,7 @@ def cmd_replay(args) -> int:
     exp = ar.Expectations(manifests=list(args.expect_manifest or ()),
                           keys=list(args.expect_key or ()),
                           min_sequence=args.min_sequence, allow_violations=args.allow_violations,
-                          allow_init=args.allow_init)
+                          allow_init=args.allow_init, mounted=args.expect_mounted)
     try:
         report, status = ar.replay(args.log, exp, register=args.register, quote=quote)
     except ar.InputError as e:
@@ -124,6 +124,10 @@ def add_commands(sub):
                    "MountManifest event must name one (see `verityfuse keygen`)")
     r.add_argument("--min-sequence", type=_int_range(0, me.MAX_INT, "--min-sequence"),
                    metavar="N", help="every MountManifest event must have sequence >= N")
+    r.add_argument("--expect-mounted", action="store_true",
+                   help="a measured mount must still be served at the log's end: a "
+                   "MountManifest event that no UnmountManifest of its manifest and mount "
+                   "point follows")
     r.add_argument("--allow-violations", action="store_true",
                    help="report IntegrityViolation events as warnings, not failures")
     r.add_argument("--allow-init", type=_hex("--allow-init"), metavar="HEX",

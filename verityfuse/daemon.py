@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from . import fsutil, identity, logs, mountinfo, mountopts
 from .jsonout import warning
-from .mount_measure import files_written, measure_mount
+from .mount_measure import files_written, measure_mount, measure_unmount
 from .mount_trust import Trust, is_oci
 from .mountopts import MountError, Settings
 
@@ -241,6 +241,9 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         raise
     finally:
         pyfuse3.close(unmount=True)
+        # Nothing is served any more: a measured mount says so (after every violation's
+        # event, which trio.run waited for).
+        measure_unmount(mountpoint, ops.tripwire)
         outstanding = ops.shutdown()
         store.close()
         log.info("unmounted %s; %d inodes still had lookups", mountpoint, outstanding)

@@ -33,6 +33,7 @@ ALGS = {"sha256": 32, "sha384": 48, "sha512": 64}
 SCHEMA_VERSION = 1
 OP_MOUNT = "MountManifest"
 OP_VIOLATION = "IntegrityViolation"
+OP_UNMOUNT = "UnmountManifest"
 # RFC 8785 numbers are IEEE doubles: integers above 2**53 would not survive a JCS verifier.
 MAX_INT = 2**53 - 1
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("%"), ord("\\")}
@@ -45,6 +46,7 @@ _POLICY = re.compile(r"min_sequence=(0|[1-9][0-9]*),on_corruption=(eio|refuse),"
 _SCHEMAS = {
     OP_MOUNT: {"version", "manifest", "key_id", "sequence", "policy", "mountpoint"},
     OP_VIOLATION: {"version", "manifest", "path", "offset"},
+    OP_UNMOUNT: {"version", "manifest", "mountpoint"},
 }
 
 
@@ -170,10 +172,9 @@ def _policy(policy, key_id: str | None, sequence: int) -> str:
     return policy
 
 
-def mount_manifest(manifest_digest: str, key_id: str | None, sequence: int, policy: str,
-                   mountpoint: str) -> Event:
-    """The event a manifest mount extends before it serves anything; ValueError for what
-    protocol/attestation.md's MountManifest does not allow."""
+def _mountpoint(mountpoint: str) -> str:
+    """The mount point as events name it (encoded); ValueError unless absolute and
+    normalized."""
     if not isinstance(mountpoint, str) or not mountpoint.startswith("/"):
         raise ValueError(f"mount point {mountpoint!r} must be an absolute path")
     # One mount point, one spelling.  normpath keeps a leading "//" (POSIX leaves its
@@ -181,6 +182,14 @@ def mount_manifest(manifest_digest: str, key_id: str | None, sequence: int, poli
     normal = "/" + posixpath.normpath(mountpoint).lstrip("/")
     if normal != mountpoint:
         raise ValueError(f"mount point {mountpoint!r} is not normalized ({normal})")
+    return encode_name(mountpoint)
+
+
+def mount_manifest(manifest_digest: str, key_id: str | None, sequence: int, policy: str,
+                   mountpoint: str) -> Event:
+    """The event a manifest mount extends before it serves anything; ValueError for what
+    protocol/attestation.md's MountManifest does not allow."""
+    encoded_mountpoint = _mountpoint(mountpoint)
     if key_id is not None and (not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id)):
         raise ValueError(f"key id {key_id!r} is not 64 lowercase hex digits (the SHA-256 of "
                          f"the raw Ed25519 public key)")
@@ -188,7 +197,15 @@ def mount_manifest(manifest_digest: str, key_id: str | None, sequence: int, poli
     return Event(DOMAIN, OP_MOUNT, {
         "version": SCHEMA_VERSION, "manifest": _digest_text(manifest_digest),
         "key_id": key_id, "sequence": sequence, "policy": _policy(policy, key_id, sequence),
-        "mountpoint": encode_name(mountpoint)})
+        "mountpoint": encoded_mountpoint})
+
+
+def unmount_manifest(manifest_digest: str, mountpoint: str) -> Event:
+    """The event a measured mount extends once it has stopped serving (the kernel's mount
+    is gone): the same manifest and mount point as its MountManifest."""
+    return Event(DOMAIN, OP_UNMOUNT, {
+        "version": SCHEMA_VERSION, "manifest": _digest_text(manifest_digest),
+        "mountpoint": _mountpoint(mountpoint)})
 
 
 def integrity_violation(manifest_digest: str, path: str, offset: int | None) -> Event:
@@ -268,6 +285,8 @@ def _parse_ours(n: int, operation: str, text: str) -> Event:
             want = mount_manifest(content["manifest"], None if key_id is None else decode_name(key_id),
                                   content["sequence"], decode_name(content["policy"]),
                                   decode_name(content["mountpoint"]))
+        elif operation == OP_UNMOUNT:
+            want = unmount_manifest(content["manifest"], decode_name(content["mountpoint"]))
         else:
             want = integrity_violation(content["manifest"], decode_name(content["path"]),
                                        content["offset"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Dict
+import threading
+import time
+from typing import Dict, Optional, Tuple
 
 from . import mountinfo, mountopts
 from .mountopts import MountError, Settings
@@ -109,7 +111,8 @@ def umount(mountpoint: str) -> int:
     """Unmount a verityfuse mount, and nothing else: fusermount3 run by root unmounts any
     file system (a typo's /srv for /srv/app would go).  As root through umount(8), which
     also drops what libmount recorded of the mount (utab: _netdev, x-systemd.*); the path
-    is absolute, so that a name starting with '-' is no option."""
+    is absolute, so that a name starting with '-' is no option.  Then waits for the daemon
+    to exit, at most DAEMON_EXIT_WAIT."""
     from .jsonout import error
     from .logs import escape
 
@@ -121,5 +124,77 @@ def umount(mountpoint: str) -> int:
     if kind != "fuse.verityfuse":
         error(f"{escape(mountpoint)} is a {escape(kind)} mount, not a verityfuse one: not unmounted")
         return 1
+    daemon = _daemon_of(path)
     cmd = ["umount", path] if os.geteuid() == 0 else ["fusermount3", "-u", path]
-    return 0 if subprocess.run(cmd).returncode == 0 else 1
+    if subprocess.run(cmd).returncode != 0:
+        return 1
+    if daemon is not None and not _ended(daemon, DAEMON_EXIT_WAIT):
+        error(f"{escape(mountpoint)} is unmounted, but its daemon (pid {daemon[0]}) has not "
+              f"exited after {DAEMON_EXIT_WAIT:.0f} s")
+        return 1
+    return 0
+
+
+# How long umount waits for the daemon's status, and then for it to exit: what it does after
+# the unmount (a measured mount's UnmountManifest event, a TPM extend) is done when umount
+# returns, so a quote taken next shows it.
+STATUS_WAIT = 2.0
+DAEMON_EXIT_WAIT = 30.0
+
+
+def _daemon_of(path: str) -> Optional[Tuple[int, str]]:
+    """(pid, start time) of the daemon serving ``path``, from its status; None if it does not
+    say within STATUS_WAIT (asked in a thread of its own, which a daemon that never answers
+    leaves blocked: it does not keep this process from exiting)."""
+    import json
+
+    got: list = []
+
+    def ask():
+        try:
+            got.append(json.loads(os.getxattr(path, "user.verityfuse.status"))["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+    t = threading.Thread(target=ask, name="verityfuse-status", daemon=True)
+    t.start()
+    t.join(STATUS_WAIT)
+    if not got or not isinstance(got[0], int) or not _holds_fuse_device(got[0]):
+        return None  # (its pid in another pid namespace than ours names another process)
+    start = _start_time(got[0])
+    return None if start is None else (got[0], start)
+
+
+def _holds_fuse_device(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """A running process's start time (/proc/PID/stat, field 22: with its pid, it names one
+    process, whatever pid is reused later); None once it has exited, also while it is a
+    zombie that its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
+
+
+def _ended(daemon: Tuple[int, str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _start_time(daemon[0]) == daemon[1]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

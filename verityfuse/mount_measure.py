@@ -1,12 +1,14 @@
 """What a measured mount does beyond serving (no pyfuse3/trio): the MountManifest event
-recorded once the mount exists, the Tripwire that measures integrity violations, and the
-files the daemon writes (which must not lie under its own mount point)."""
+recorded once the mount exists, the Tripwire that measures integrity violations, the
+UnmountManifest event once it no longer serves, and the files the daemon writes (which
+must not lie under its own mount point)."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
+from .logs import escape
 from .mountopts import MountError, Settings
 
 if TYPE_CHECKING:
@@ -43,6 +45,29 @@ def measure_mount(mountpoint: str, s: Settings, trust: "Trust"):
     log.info("measured manifest %s (sequence %d) into %s; event log %s", m.digest, m.sequence,
              register.name, measurer.log_path)
     return Tripwire(m.digest, measurer, s.on_corruption)
+
+
+def measure_unmount(mountpoint: str, tripwire) -> None:
+    """A measured mount whose kernel mount is gone records its UnmountManifest event, so
+    that a quote taken later shows the manifest no longer served there.  Never raises
+    (the mount is gone either way): a failure is logged, and the log and the register
+    still agree (Measurer.record)."""
+    if tripwire.measurer is None:
+        return
+    from . import measure_event
+    from .measure_registers import MeasureError
+
+    digest, register = tripwire.manifest_digest, tripwire.measurer.register.name
+    try:
+        tripwire.measurer.record(measure_event.unmount_manifest(digest, mountpoint))
+    except Exception as e:  # MeasureError, or any other: the daemon still ends cleanly
+        why = str(e) if isinstance(e, MeasureError) else f"{type(e).__name__}: {e}"
+        log.error("cannot measure the unmount of manifest %s from %s into %s: %s (a verifier "
+                  "replaying the log takes it for still mounted)", digest, escape(mountpoint),
+                  register, escape(why))
+        return
+    log.info("measured the unmount of manifest %s from %s into %s", digest,
+             escape(mountpoint), register)
 
 
 def files_written(s: Settings):
