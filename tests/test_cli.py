@@ -298,41 +298,74 @@ def test_a_mistyped_command_is_a_usage_error_not_a_mount(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'staus'" in r.stderr, r.stderr
 
 
-def test_a_command_puts_back_the_sigterm_handler_it_found_and_runs_from_a_thread(tmp_path):
-    """SIGTERM is a command's to unwind (status 143) only while it runs: the caller's
-    handler is back afterwards, and main() called from another thread, where no handler
-    can be set, runs the command all the same."""
+def test_only_seal_takes_sigterm_and_only_over_its_default_action(tmp_path):
+    """seal unwinds on SIGTERM while it runs, and puts the default action back; a SIGTERM
+    the caller ignores or handles stays so; other commands keep the default action (a
+    handler would make SIGTERM non-fatal, and a wait on a hung FUSE mount wakes only for a
+    fatal signal); main() from another thread, where no handler can be set, runs all the
+    same."""
     from verityfuse import cli
 
-    f = tmp_path / "f"
-    write(f, pattern(5000))
-    mine = lambda signum, frame: None  # noqa: E731
-    old = signal.signal(signal.SIGTERM, mine)
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", pattern(5000))
+    seen = {}
+
+    def probe(name):
+        def func(args):
+            seen[name] = signal.getsignal(signal.SIGTERM)
+            return 0
+        return types.SimpleNamespace(command=name, func=func)
+
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        assert cli.main(["digest", "--compact", str(f)]) == 0
-        assert signal.getsignal(signal.SIGTERM) is mine
+        assert cli._run(probe("seal")) == 0 and seen["seal"] is cli._terminated
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        for name in ("digest", "verify", "status", "mount", "push"):
+            assert cli._run(probe(name)) == 0 and seen[name] is signal.SIG_DFL, name
+        mine = lambda signum, frame: None  # noqa: E731
+        for theirs in (signal.SIG_IGN, mine):
+            signal.signal(signal.SIGTERM, theirs)
+            assert cli._run(probe("seal")) == 0 and seen["seal"] is theirs
+            assert signal.getsignal(signal.SIGTERM) is theirs
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         got = []
-        t = threading.Thread(target=lambda: got.append(cli.main(["digest", str(f)])))
+        t = threading.Thread(target=lambda: got.append(
+            cli.main(["seal", str(src), "--store", str(tmp_path / "store")])))
         t.start()
         t.join()
-        assert got == [0] and signal.getsignal(signal.SIGTERM) is mine
+        assert got == [0] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, old)
 
 
-def test_sigterm_is_143_after_the_command_unwinds():
-    """The handler raises where the command is; _run reports it as SIGTERM's status."""
+def test_sigterm_unwinds_seal_once_then_is_fatal_again():
+    """The handler raises where the command is (_run reports 143) and puts the default
+    action back first: a second SIGTERM, while the first one's cleanup runs, ends the
+    process at once."""
     from verityfuse import cli
+
+    during = []
 
     def func(args):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("not reached: the handler raises at the signal")
 
-    args = types.SimpleNamespace(command="digest", func=func)
-    seen = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-    try:  # (without the command's handler, this test's own one sees the signal)
+    args = types.SimpleNamespace(command="seal", func=func)
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    real = cli._terminated
+
+    def spy(signum, frame):
+        try:
+            real(signum, frame)
+        finally:
+            during.append(signal.getsignal(signal.SIGTERM))
+
+    cli._terminated = spy
+    try:
         assert cli._run(args) == 143
-        assert seen == [] and signal.getsignal(signal.SIGTERM) is not cli._terminated
+        assert during == [signal.SIG_DFL]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGTERM, before)
+        cli._terminated = real
+        signal.signal(signal.SIGTERM, old)

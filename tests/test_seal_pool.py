@@ -362,7 +362,7 @@ elif what == "stuck":  # Ctrl-C twice, and a thread of the pool's that never end
             raise KeyboardInterrupt()  # the second, while the pool stops
         real_shutdown(self, wait=wait, **kw)
     ProcessPoolExecutor.shutdown = shutdown
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.main())  # as the program: a seal stopped by SIGTERM ends by that signal
 """
 
 
@@ -391,11 +391,12 @@ def store_pairs(store):
     return files("inodes"), files("objects"), files("tmp")
 
 
-@pytest.mark.parametrize("how, status", [("interrupt", 130), ("terminate", 143),
-                                         ("terminate-group", 143)])
+@pytest.mark.parametrize("how, status", [("interrupt", 130), ("terminate", -signal.SIGTERM),
+                                         ("terminate-group", -signal.SIGTERM)])
 def test_ctrl_c_stops_the_workers_and_leaves_only_what_was_reported(tmp_path, how, status):
     """Ctrl-C, and SIGTERM as a service manager, `timeout` or `kill` send it: the workers
-    stop, what was staged and not reported is removed, and the status says which."""
+    stop, what was staged and not reported is removed; Ctrl-C's status is 130, and a seal
+    stopped by SIGTERM then ends by that signal (a clean stop to systemd)."""
     src = tree(tmp_path / "src", 3000)
     store = tmp_path / "store"
     p = subprocess.run([sys.executable, "-c", HOOKED, how, "seal", str(src), "--store",
@@ -417,6 +418,28 @@ def test_ctrl_c_stops_the_workers_and_leaves_only_what_was_reported(tmp_path, ho
     for line in r.stdout.splitlines()[::97]:
         out = json.loads(line)
         assert out["digest"] == fsverity_digest(out["file"])[0].split()[0]
+
+
+def test_a_sigterm_ignored_when_seal_starts_stays_ignored(tmp_path):
+    src = tree(tmp_path / "src", 3000)
+    store = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", "import signal; signal.signal(signal.SIGTERM, "
+                        "signal.SIG_IGN)\n" + HOOKED, "terminate", "seal", str(src), "--store",
+                        str(store), "--threads", "2", "--json"],
+                       capture_output=True, text=True, start_new_session=True)
+    assert p.returncode == 0 and p.stderr == ""
+    assert len(p.stdout.splitlines()) == 3000 and len(store_pairs(store)[0]) == 3000
+    assert children_of(os.getpid()) == []
+
+
+def test_workers_leave_sigterm_to_the_caller():
+    """A SIGTERM to the whole process group (a service manager's stop) reaches the workers
+    too: they ignore it, as Ctrl-C, and stop when the caller stops the pool."""
+    got = list(in_order(range(100), lambda item, here: (signal.getsignal(signal.SIGTERM),
+                                                        signal.getsignal(signal.SIGINT), here),
+                        2, lambda r: None))
+    assert {r for _, r, _ in got} == {(signal.SIG_IGN, signal.SIG_IGN, False)}
+    assert children_of(os.getpid()) == []
 
 
 @pytest.mark.parametrize("manifest", [False, True])

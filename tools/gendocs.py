@@ -56,9 +56,7 @@ verityfuse digest --hash-alg sha256 --block-size 4096 file
 
 EXIT_1 = r"""
 Every command: 0 success, 1 an error (said on standard error as ERROR: ...), 2 a usage
-error (bad arguments or options); every command but mount: 130 interrupted by Ctrl-C, 143
-stopped by SIGTERM, either once what it had under way is undone (seal's workers stopped, the
-files it staged and never printed removed).  mount.fuse.verityfuse(8) follows mount(8) instead, and so
+error (bad arguments or options); 130 interrupted by Ctrl-C.  mount.fuse.verityfuse(8) follows mount(8) instead, and so
 does verityfuse SOURCE MOUNTPOINT -o OPTIONS (the form mount.fuse3 runs): 1 incorrect
 invocation, 32 the mount failed.  Where a command says more:
 """

@@ -281,9 +281,12 @@ _GROUPS = (
 # What each command's exit status means, for --help and the man page (one place, so
 # the two never disagree).  A command not listed here has the common meaning.
 EXIT_STATUS_TEXT = ("exit status: 0 success, 1 an error (said on stderr as ERROR: ...), "
-                    "2 a usage error (bad arguments or options), 130 interrupted (Ctrl-C), "
-                    "143 stopped by SIGTERM")
+                    "2 a usage error (bad arguments or options), 130 interrupted (Ctrl-C)")
 EXIT_STATUS = {
+    "seal": "0 every file sealed; 1 a file could not be sealed (each named) or another error; "
+            "2 usage error; 130 interrupted by Ctrl-C; stopped by SIGTERM it ends by that "
+            "signal (143 in a shell): either way once its workers are stopped and what it "
+            "staged and never printed is removed (a second SIGTERM ends it at once)",
     "verify": "0 every sealed file is intact; 1 a file is corrupt or unreadable, nothing was "
               "sealed, or (with --strict) a file is unsealed; 2 usage error",
     "mount": "0 mounted (in the background: once the mount answers); 1 the mount failed; "
@@ -303,6 +306,9 @@ def _exit_status_epilog(name: str, p: argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
+    """The command line (``argv``: the arguments, default sys.argv's).  As the program
+    (no ``argv``), a seal stopped by SIGTERM ends by that signal once it has cleaned up."""
+    program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in COMMANDS and (
             "/" in argv[0] or os.path.exists(argv[0]) or any(a.startswith("-o") for a in argv)):
@@ -326,6 +332,13 @@ def main(argv=None) -> int:
         setattr(pool, "workers_killed", False)  # this command's workers, not an earlier caller's
     rc = _run(args)
     pool = sys.modules.get("verityfuse.seal_pool")
+    if rc == EXIT_TERMINATED and program:
+        # Ended by the signal, as without the handler: a service manager takes that for a
+        # clean stop (an exit status of 143 for a failure); a shell still shows 143.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     if pool is not None and pool.workers_killed:  # Ctrl-C twice: out now (seal_pool)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -339,6 +352,14 @@ def _version(args) -> int:
     return cmd_doctor(args) if args.verbose else 0
 
 
+# The commands that unwind on SIGTERM as on Ctrl-C, because what they leave half done is
+# theirs to undo (seal: its workers, the tmp/ files it staged).  Every other command keeps
+# SIGTERM's default action: a handler makes the signal non-fatal, and a process waiting on
+# a hung FUSE (or hard NFS) mount is woken only by a fatal one.
+UNWIND_ON_SIGTERM = ("seal",)
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager's stop, `timeout`, `kill`), raised where the command is
     and unwound as a Ctrl-C is: seal's workers stop and what it staged and never reported
@@ -346,23 +367,30 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum, frame):
+    # A second SIGTERM (the command stuck on a hung file system, or its cleanup too slow
+    # for the sender) ends it at once, as SIGTERM did before: its tmp/ files are then the
+    # next seal's to remove.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
 def _run(args) -> int:
-    # Not for mount: its daemon answers SIGTERM itself (an unmount), and a foreground
-    # mount is that daemon.  Nor from a thread other than the main one (main() called
-    # by a program of its own), where no handler can be set.
-    try:
-        previous = None if args.command == "mount" else signal.signal(signal.SIGTERM,
-                                                                      _terminated)
-    except ValueError:
-        previous = None
+    # Only over the default action: a SIGTERM the caller ignores (or handles itself)
+    # stays so.  Not from a thread other than the main one (main() called by a program
+    # of its own), where no handler can be set.
+    installed = False
+    if args.command in UNWIND_ON_SIGTERM:
+        try:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _terminated)
+                installed = True
+        except ValueError:
+            pass
     try:
         return _run_command(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_command(args) -> int:
@@ -377,7 +405,7 @@ def _run_command(args) -> int:
         error(f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e))
         return EXIT_ERROR
     except KeyboardInterrupt as e:
-        return 143 if isinstance(e, Terminated) else 130
+        return EXIT_TERMINATED if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":
