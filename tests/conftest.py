@@ -211,3 +211,18 @@ def machine_unchanged(tmp_path_factory):
     left += [f"{m} still mounted" for m in sorted(mounts2 - mounts)]
     if left:
         pytest.fail("the tests left the machine changed:\n  " + "\n  ".join(left), pytrace=False)
+
+
+def children_of(pid):
+    """Live processes whose parent is ``pid``."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(d))
+    return found

@@ -20,7 +20,7 @@ from verityfuse import api, merkle
 from verityfuse.sealing import entry_of_path
 from verityfuse.store import Store
 from verityfuse.store_object import TREE_OFFSET
-from conftest import daemon_fds, drop_caches, flip, wait_daemon_fds, write
+from conftest import children_of, daemon_fds, drop_caches, flip, wait_daemon_fds, write
 
 B = 4096
 HPB = B // 32  # hashes per tree block, sha256
@@ -446,6 +446,52 @@ def test_umount_of_a_mount_point_named_like_an_option(fresh, tmp_path):
         subprocess.run(["umount", "-l", tmp_path / "-mnt"])
     assert r.returncode == 0, r.stderr
     assert not os.path.ismount(tmp_path / "-mnt")
+
+
+def test_umount_of_a_bind_mounted_tree_leaves_its_daemon_serving_the_other(fresh, tmp_path):
+    """`verityfuse umount` waits for the daemon to exit, unless its file system is still
+    mounted here (a bind mount): it returns at once and the daemon serves on there."""
+    from verityfuse import mount_control
+    from verityfuse.testing import seal_tree
+    seal_tree(fresh)
+    cli = [sys.executable, "-m", "verityfuse.cli"]
+    mnt, bound = tmp_path / "mnt", tmp_path / "bound"
+    mnt.mkdir()
+    bound.mkdir()
+    r = subprocess.run([*cli, "mount", fresh, mnt, "--log-file", tmp_path / "log"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        pid = json.loads(os.getxattr(mnt, "user.verityfuse.status"))["pid"]
+        subprocess.run(["mount", "--bind", mnt, bound], check=True)
+        r = subprocess.run([*cli, "umount", mnt], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+        assert not os.path.ismount(mnt)
+        assert (bound / "zeros").read_bytes() == bytes(128 * 1024)
+        assert mount_control._start_time(pid) is not None  # serving on
+        r = subprocess.run([*cli, "umount", bound], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (0, "")
+        assert mount_control._start_time(pid) is None  # waited for: exited (maybe not yet reaped)
+    finally:
+        for m in (bound, mnt):
+            if os.path.ismount(m):
+                subprocess.run(["umount", "-l", m])
+
+
+def test_umount_asks_a_stopped_daemon_for_its_pid_without_holding_the_mount(fresh,
+                                                                          verified_mount):
+    """The status is asked by a child process, killed when the daemon does not answer in
+    time: a request of this process left waiting would keep the mount busy."""
+    from verityfuse import mount_control
+    mnt = verified_mount(fresh)
+    assert mount_control._daemon_of(str(mnt.mountpoint))[0] == mnt.process.pid
+    mnt.process.send_signal(signal.SIGSTOP)
+    try:
+        assert mount_control._daemon_of(str(mnt.mountpoint)) is None
+        assert children_of(os.getpid()) == [mnt.process.pid]  # the asking child is reaped
+    finally:
+        mnt.process.send_signal(signal.SIGCONT)
+    assert (mnt.mountpoint / "zeros").read_bytes() == bytes(128 * 1024)
 
 
 def test_a_mount_whose_daemon_died_is_named_as_such(tmp_path):

@@ -16,22 +16,7 @@ import pytest
 from verityfuse import seal_pool
 from verityfuse.errors import IntegrityError, VerityError
 from verityfuse.seal_pool import Here, in_order
-from conftest import fsverity_digest, pattern, write
-
-
-def children_of(pid):
-    """Live processes whose parent is ``pid``."""
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(d))
-    return found
+from conftest import children_of, fsverity_digest, pattern, write
 
 
 def test_results_come_in_input_order_with_failures_and_items_handed_back():

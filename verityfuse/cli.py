@@ -294,8 +294,8 @@ EXIT_STATUS = {
     "measure": "0 every FILE was measured; 1 one or more were not (each named on stderr); "
                "2 usage error",
     "status": "0 printed; 1 MOUNTPOINT is not a running verityfuse mount; 2 usage error",
-    "umount": "0 unmounted and its daemon exited; 1 not a verityfuse mount, the unmount failed, "
-              "or the daemon did not exit within 30 s (it says why); 2 usage error",
+    "umount": "0 unmounted (and its daemon exited, or a warning says why not); 1 not a "
+              "verityfuse mount, or the unmount failed (it says why); 2 usage error",
 }
 
 

@@ -241,11 +241,13 @@ def serve(source: str, mountpoint: str, s: Settings, trust: Trust,
         raise
     finally:
         pyfuse3.close(unmount=True)
-        # Nothing is served any more: a measured mount says so (after every violation's
-        # event, which trio.run waited for).
-        measure_unmount(mountpoint, ops.tripwire)
-        outstanding = ops.shutdown()
-        store.close()
+        try:
+            # Nothing is served any more: a measured mount says so (after every violation's
+            # event, which trio.run waited for).
+            measure_unmount(mountpoint, ops.tripwire)
+        finally:  # (a Ctrl-C meanwhile, outside trio's handling, still closes everything)
+            outstanding = ops.shutdown()
+            store.close()
         log.info("unmounted %s; %d inodes still had lookups", mountpoint, outstanding)
     return 0
 

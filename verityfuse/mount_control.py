@@ -4,8 +4,8 @@ flags change, the daemon's settings must not) and unmount."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-import threading
 import time
 from typing import Dict, Optional, Tuple
 
@@ -112,12 +112,15 @@ def umount(mountpoint: str) -> int:
     file system (a typo's /srv for /srv/app would go).  As root through umount(8), which
     also drops what libmount recorded of the mount (utab: _netdev, x-systemd.*); the path
     is absolute, so that a name starting with '-' is no option.  Then waits for the daemon
-    to exit, at most DAEMON_EXIT_WAIT."""
+    to exit (at most DAEMON_EXIT_WAIT), when it can tell which process it is (its status
+    answers within STATUS_WAIT, from this pid namespace) and its file system is mounted
+    nowhere else here (a bind mount keeps it serving)."""
     from .jsonout import error
     from .logs import escape
 
     path = os.path.abspath(mountpoint)
-    kind = mountinfo.fstype(os.path.realpath(path))
+    real = os.path.realpath(path)
+    kind = mountinfo.fstype(real)
     if kind is None:
         error(f"{escape(mountpoint)} is not a mount point")
         return 1
@@ -125,13 +128,18 @@ def umount(mountpoint: str) -> int:
         error(f"{escape(mountpoint)} is a {escape(kind)} mount, not a verityfuse one: not unmounted")
         return 1
     daemon = _daemon_of(path)
+    device = mountinfo.device(real)  # (not a stat, which would wait on the daemon)
     cmd = ["umount", path] if os.geteuid() == 0 else ["fusermount3", "-u", path]
     if subprocess.run(cmd).returncode != 0:
         return 1
-    if daemon is not None and not _ended(daemon, DAEMON_EXIT_WAIT):
-        error(f"{escape(mountpoint)} is unmounted, but its daemon (pid {daemon[0]}) has not "
-              f"exited after {DAEMON_EXIT_WAIT:.0f} s")
-        return 1
+    if daemon is None or device is None or mountinfo.device_mounted(device):
+        return 0
+    if not _ended(daemon, DAEMON_EXIT_WAIT):
+        from .jsonout import warning
+        warning(f"{escape(mountpoint)} is unmounted, but its daemon (pid {daemon[0]}) still "
+                f"runs after {DAEMON_EXIT_WAIT:.0f} s: its tree is mounted elsewhere too (in "
+                f"another mount namespace?), or it is still finishing (a measured mount's "
+                f"UnmountManifest record)")
     return 0
 
 
@@ -144,25 +152,35 @@ DAEMON_EXIT_WAIT = 30.0
 
 def _daemon_of(path: str) -> Optional[Tuple[int, str]]:
     """(pid, start time) of the daemon serving ``path``, from its status; None if it does not
-    say within STATUS_WAIT (asked in a thread of its own, which a daemon that never answers
-    leaves blocked: it does not keep this process from exiting)."""
+    say within STATUS_WAIT.  Asked by a child process, killed if the daemon does not answer:
+    a request still waiting would keep the mount busy (a thread of ours blocked in it made
+    fusermount3's unmount fail)."""
     import json
+    import select
 
-    got: list = []
-
-    def ask():
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # (the CLI has no other thread here)
         try:
-            got.append(json.loads(os.getxattr(path, "user.verityfuse.status"))["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-
-    t = threading.Thread(target=ask, name="verityfuse-status", daemon=True)
-    t.start()
-    t.join(STATUS_WAIT)
-    if not got or not isinstance(got[0], int) or not _holds_fuse_device(got[0]):
-        return None  # (its pid in another pid namespace than ours names another process)
-    start = _start_time(got[0])
-    return None if start is None else (got[0], start)
+            os.close(r)
+            pid = json.loads(os.getxattr(path, "user.verityfuse.status"))["pid"]
+            if isinstance(pid, int):
+                os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        answered = select.select([r], [], [], STATUS_WAIT)[0]
+        text = os.read(r, 32) if answered else b""
+    finally:
+        os.close(r)
+        if not answered:
+            os.kill(child, signal.SIGKILL)  # fatal: a FUSE request's wait ends for it
+        os.waitpid(child, 0)
+    if not text.isdigit() or not _holds_fuse_device(int(text)):
+        return None  # (a pid of another pid namespace than ours names another process)
+    start = _start_time(int(text))
+    return None if start is None else (int(text), start)
 
 
 def _holds_fuse_device(pid: int) -> bool:

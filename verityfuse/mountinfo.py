@@ -43,6 +43,14 @@ def is_mounted(mountpoint: str) -> bool:
     return fields(mountpoint) is not None
 
 
+def device_mounted(dev: str) -> bool:
+    """Whether a file system of "major:minor" ``dev`` is mounted anywhere (a bind mount of
+    one is the same file system)."""
+    want = dev.encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(parts[2] == want for parts in map(bytes.split, f))
+
+
 def device(mountpoint: str) -> Optional[str]:
     """"major:minor" of the filesystem mounted at ``mountpoint``."""
     f = fields(mountpoint)
