@@ -257,6 +257,27 @@ def test_default_log_paths():
 
 # -- the log writer -----------------------------------------------------------------
 
+def test_a_reader_locking_the_log_stalls_no_record(tmp_path):
+    """The writers lock LOG.lock (0600: only they can open it), not the log, which any user
+    who may read it could flock: one who held it stalled every record, a violation's and
+    the unmount's, and with that the daemon's exit."""
+    import fcntl
+
+    r = registers.open_register(f"file:{tmp_path}/reg")
+    m = measure.Measurer(r, str(tmp_path / "log"))
+    m.record(me.mount_manifest(M1, KEY, 1, POL, "/srv"))
+    assert stat.S_IMODE(os.stat(tmp_path / "log.lock").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "reg.lock").st_mode) == 0o600
+    os.chmod(tmp_path / "log.lock", 0o644)  # (left by whatever): ours, so made 0600 again
+    with open(tmp_path / "log", "rb") as reader:
+        fcntl.flock(reader, fcntl.LOCK_EX)
+        m.record(me.unmount_manifest(M1, "/srv"))
+    assert stat.S_IMODE(os.stat(tmp_path / "log.lock").st_mode) == 0o600
+    assert chain("sha256", bytes(32), log_lines(tmp_path / "log")[1:]) == r.read()
+    assert [line.split(" ")[1] for line in log_lines(tmp_path / "log")[1:]] == [
+        "MountManifest", "UnmountManifest"]
+
+
 def test_measurer_log_matches_register(tmp_path):
     r = registers.open_register(f"file:sha384:{tmp_path}/reg")
     log = tmp_path / "run" / "verityfuse" / "events.log"
@@ -284,13 +305,14 @@ def test_new_log_starts_at_the_registers_value(tmp_path):
 def test_a_first_record_that_fails_leaves_no_empty_log(tmp_path):
     """A register that cannot be read (a file register in a missing directory): the record
     fails, naming it, and the event log it had begun is not left behind, empty (a failed
-    measured mount left one in /run/verityfuse)."""
+    measured mount left one in /run/verityfuse).  The writers' lock stays, as lock files
+    do: removing one that another writer may hold open would split the lock in two."""
     m = measure.Measurer(registers.open_register(f"file:{tmp_path}/missing/reg"),
                          str(tmp_path / "events.log"))
     with pytest.raises(registers.MeasureError) as e:
         m.record(me.mount_manifest(M1, None, 0, PIN, "/m"))
     assert f"{tmp_path}/missing/reg" in str(e.value)
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["events.log.lock"]
 
 
 def _record_many(reg_spec, log, who, n):

@@ -141,7 +141,7 @@ def test_relative_paths_name_files_under_the_callers_directory(share, tmp_path):
     try:
         assert (tmp_path / "mnt" / "config").read_bytes() == b"trusted configuration\n"
         assert sorted(os.listdir(tmp_path / "out")) == [
-            "daemon.log", "events.log", "events.log.boot", "reg", "reg.lock"]
+            "daemon.log", "events.log", "events.log.boot", "events.log.lock", "reg", "reg.lock"]
         alg, _, [(_, op, content, _)] = events(tmp_path / "out" / "events.log")
         assert (alg, op, content["mountpoint"]) == ("sha384", "MountManifest",
                                                     str(tmp_path / "mnt"))
@@ -469,7 +469,7 @@ def test_an_unmount_that_cannot_be_measured_is_logged_and_the_daemon_ends(share,
 def test_umount_returns_once_the_daemon_has_measured_the_unmount(share, tmp_path):
     """`verityfuse umount` waits for the daemon: what it records after the unmount is in the
     log and the register when the command returns, so a quote taken next shows it.  The
-    test holds the event log's lock, which the daemon's record takes, so the daemon ends
+    test holds the event log's writers' lock, which the daemon's record takes, so it ends
     only once the test lets it."""
     import fcntl
 
@@ -482,7 +482,7 @@ def test_umount_returns_once_the_daemon_has_measured_the_unmount(share, tmp_path
            "--log-file", tmp_path / "daemon.log", timeout=60)
     assert r.returncode == 0, r.stderr
     try:
-        with open(log, "rb") as held:
+        with open(f"{log}.lock", "rb") as held:  # the writers' lock
             fcntl.flock(held, fcntl.LOCK_EX)
             p = subprocess.Popen([*VF, "umount", str(mnt)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)

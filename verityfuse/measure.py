@@ -65,15 +65,39 @@ class Measurer:
         # line per violated file: reparsing it all made each record cost the whole log).
         self._seen: Optional[Tuple[int, int, int, bytes]] = None
 
-    def _open_locked(self) -> int:
-        """The log, open for append and exclusively locked; created (dirs 0755, file 0644) if new."""
+    def _lock(self) -> int:
+        """LOG.lock, exclusively locked: the writers' lock (created 0600; dirs 0755).  Not
+        the log itself, which verifiers' collectors read: any user who can open a file can
+        flock it, and one holding the log's lock stalled every record (a violation's, the
+        unmount's, and with it the daemon's exit)."""
         d = os.path.dirname(os.path.abspath(self.log_path))
+        path = self.log_path + ".lock"
         try:
             if not os.path.isdir(d):
                 os.makedirs(d, mode=0o755, exist_ok=True)
                 os.chmod(d, 0o755)  # whatever the umask: verifiers' collectors read it
         except OSError as e:
             raise MeasureError(f"cannot create the event log's directory {d}: {e.strerror}") from None
+        try:  # O_NONBLOCK: a FIFO planted there is refused below, never waited on
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise MeasureError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MeasureError(f"{path} is not a regular file")
+            _only_ours(st, path, self.register)
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)  # (ours: no one else may open it to lock it)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_log(self) -> int:
+        """The log, open for append (under ``_lock``); created (file 0644) if new."""
         for _ in range(10):
             try:
                 try:
@@ -82,7 +106,6 @@ class Measurer:
                     os.fchmod(fd, 0o644)
                 except FileExistsError:
                     fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     os.close(fd)
@@ -99,7 +122,7 @@ class Measurer:
                     same = False
                 if same:
                     return fd
-                os.close(fd)  # replaced or removed while we waited for the lock: again
+                os.close(fd)  # replaced or removed between the open and the check: again
             except OSError as e:
                 raise MeasureError(f"cannot open event log {self.log_path}: {e.strerror}") from None
         raise MeasureError(f"event log {self.log_path} keeps being replaced; not measuring")
@@ -279,14 +302,22 @@ class Measurer:
         except ValueError as e:
             raise MeasureError(f"not a measurable event: {e}") from None
         digest = me.event_digest(alg, event)
-        fd = self._open_locked()
+        lock = self._lock()
+        try:
+            self._record_locked(line, digest)
+        finally:
+            os.close(lock)
+
+    def _record_locked(self, line: str, digest: bytes) -> None:
+        alg = self.register.alg
+        fd = self._open_log()
         try:
             try:
                 old = self._reconcile(fd)
             except _PreviousBoot:
                 os.close(fd)
                 fd = -1
-                fd = self._open_locked()  # a new log, begun by this record
+                fd = self._open_log()  # a new log, begun by this record
                 old = self._reconcile(fd)
             self._seen = None  # set again once this record leaves log and register agreeing
             new = me.extend(alg, old, digest)  # the register's value once the event is in

@@ -159,7 +159,7 @@ class FileRegister:
     def _locked(self) -> int:
         try:
             fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644)
+                         0o600)  # (one another user could open, it could lock)
             fcntl.flock(fd, fcntl.LOCK_EX)
             return fd
         except OSError as e:
