@@ -169,6 +169,7 @@ def _daemon_of(path: str) -> Optional[Tuple[int, str]]:
         finally:
             os._exit(0)
     os.close(w)
+    answered: list = []
     try:
         answered = select.select([r], [], [], STATUS_WAIT)[0]
         text = os.read(r, 32) if answered else b""
