@@ -10,7 +10,8 @@ to the control share, waits for the host's ``done-<n>``, runs the check and
 appends a result line (JSON) to ``results``.  Then it checks that every
 untouched file reads back identical, quotes PCR 23 with the host's nonce and
 copies the quote, the AK and the event log to the control share for the host
-(the verifier), and unmounts.  Last, the host puts back an older signed
+(the verifier), unmounts, and quotes again with another nonce (the unmount is
+measured: the verifier must see the manifest no longer served).  Last, the host puts back an older signed
 manifest, and a mount that requires the current sequence must refuse it.
 """
 
@@ -202,6 +203,10 @@ def main() -> int:
                 code = m.unmount()
                 print(f"e2e-guest: verityfuse exited with {code}", flush=True)
                 (CTL / "verityfuse.log").write_text(m.log())
+        # The unmount is measured too: a quote taken now shows the manifest no longer served.
+        nonce_after = (CTL / plan.NONCE_AFTER).read_text().strip()
+        run_check(results, "quote-after-unmount",
+                  lambda: evidence(nonce_after, plan.EVIDENCE_AFTER))
         step(len(ma.ATTACKS), plan.ROLLBACK, args.step_timeout)
         run_check(results, "rollback-refused", lambda: rollback(trust, args.step_timeout))
         return 0
@@ -215,9 +220,9 @@ def tpm_ready() -> str:
     return f"{detail}; PCR 23 before the mount = {guest_tpm.read_pcr(WORK)}"
 
 
-def evidence(nonce: str) -> str:
+def evidence(nonce: str, where: str = plan.EVIDENCE) -> str:
     """The quote, the AK and the event log, for the verifier on the host."""
-    dest = CTL / plan.EVIDENCE
+    dest = CTL / where
     detail = guest_tpm.quote(WORK, nonce, dest)
     shutil.copyfile(WORK / plan.EVENT_LOG, dest / plan.EVENT_LOG)
     lines = (dest / plan.EVENT_LOG).read_text().count("\n")

@@ -17,8 +17,11 @@ ROLLBACK = "rollback"
 STEPS = [a.name for a in ma.ATTACKS] + [ROLLBACK]
 
 # The guest's checks, in the order it reports them.
-GUEST_CHECKS = ["tpm", "mount"] + ma.CHECK_NAMES + ["quote", "rollback-refused"]
+GUEST_CHECKS = ["tpm", "mount"] + ma.CHECK_NAMES + ["quote", "quote-after-unmount",
+                                                    "rollback-refused"]
 
 NONCE = "nonce"          # ctl/nonce: the verifier's nonce, hex, for the quote
 EVIDENCE = "attest"      # ctl/attest/: quote.msg, quote.sig, pcrs.out, ak.pub, ak.pem, events.log
+NONCE_AFTER = "nonce-after"      # ctl/nonce-after: another nonce, for a quote after the unmount
+EVIDENCE_AFTER = "attest-after"  # ctl/attest-after/: that quote's evidence
 EVENT_LOG = "events.log"

@@ -166,6 +166,8 @@ class Run:
         # The verifier's challenge: the quote must carry it.
         self.nonce = os.urandom(20).hex()
         (self.ctl / plan.NONCE).write_text(self.nonce + "\n")
+        self.nonce_after = os.urandom(20).hex()
+        (self.ctl / plan.NONCE_AFTER).write_text(self.nonce_after + "\n")
         self.host_files = {p.name for p in self.ctl.iterdir()}
 
     def seal_sequences(self, trust: dict) -> dict:
@@ -314,7 +316,8 @@ class Run:
         self.print_results()
         print("e2e: the host, as the remote verifier, appraises the guest's quote and event log:",
               flush=True)
-        host = verifier.verify(self.ctl / plan.EVIDENCE, self.nonce, self.trust)
+        host = verifier.verify(self.ctl / plan.EVIDENCE, self.nonce, self.trust,
+                               self.ctl / plan.EVIDENCE_AFTER, self.nonce_after)
         for name, ok, detail in host:
             print(f"  {'PASS' if ok else 'FAIL'}  {name:32} {detail[:160]}", flush=True)
         return self.report(failure, boot, time.monotonic() - t_start, host)

@@ -24,7 +24,8 @@ PCR = 23
 # The AK as `tpm2_readpublic -f pem` writes it (ak.pub beside it is the TPM2B_PUBLIC).
 AK_PUBLIC = "ak.pem"
 
-CHECKS = ["attest-replay", "attest-mount-event", "attest-violations", "quote-checkquote"]
+CHECKS = ["attest-replay", "attest-mount-event", "attest-violations", "quote-checkquote",
+          "attest-unmount-event"]
 
 Result = Tuple[str, bool, str]
 
@@ -112,7 +113,43 @@ def check_violations(events: List[dict]) -> str:
             + ", ".join(f"{p}@{seen[p]}" for p in sorted(seen)))
 
 
-def verify(ev: Path, nonce: str, trust: dict) -> List[Result]:
+NOT_LIVE = ("no measured mount is live at the end of the log: every MountManifest is followed "
+            "by its UnmountManifest")
+
+
+def check_unmount_event(after: Path, nonce: str, trust: dict, before: List[dict]) -> str:
+    """The quote taken after the unmount: its log replays to it, extends the first quote's
+    events by exactly one UnmountManifest of the pinned manifest at the mount's mount point,
+    and `--expect-mounted` fails for that reason alone."""
+    if not (after / "quote.msg").exists():
+        raise ma.Failed(f"no evidence in {after} (the guest took no quote after the unmount)")
+    r = run(replay_command(after, nonce, trust) + ["--expect-mounted"])
+    try:
+        report = json.loads(r.stdout)
+    except ValueError:
+        raise ma.Failed(f"exit {r.returncode}: {(r.stderr or r.stdout).strip()[:300]}") from None
+    failures = report["appraisal"]["failures"]
+    if r.returncode != 1 or not report["match"]["ok"] or failures != [NOT_LIVE]:
+        raise ma.Failed(f"exit {r.returncode}, match {report['match']['ok']}, failures "
+                        f"{failures}: expected 1, a match, and only '{NOT_LIVE}'")
+    events = report["events"]
+    if [e["line"] for e in events[:-1]] != [e["line"] for e in before]:
+        raise ma.Failed(f"the log after the unmount is not the first quote's {len(before)} "
+                        f"events and one more ({len(events)} events)")
+    mounts = [e["content"] for e in before if e["operation"] == "MountManifest"]
+    last = events[-1]
+    want = {"version": 1, "manifest": trust["digest"],
+            "mountpoint": mounts[0]["mountpoint"] if mounts else None}
+    if (last["operation"], last["content"]) != ("UnmountManifest", want) or report["mounted"]:
+        raise ma.Failed(f"last event {last['operation']} {json.dumps(last['content'])[:200]}, "
+                        f"mounted {report['mounted']}: expected UnmountManifest {want}")
+    return (f"{len(events)} events replay to the second quote; the last is the "
+            f"UnmountManifest of {trust['digest'][:23]}... at {want['mountpoint']}; "
+            f"--expect-mounted fails as it must")
+
+
+def verify(ev: Path, nonce: str, trust: dict, after: Optional[Path] = None,
+           nonce_after: str = "") -> List[Result]:
     results: List[Result] = []
     if not (ev / "quote.msg").exists():
         return [(name, False, f"no evidence in {ev} (the guest took no quote)") for name in CHECKS]
@@ -148,4 +185,10 @@ def verify(ev: Path, nonce: str, trust: dict) -> List[Result]:
     results.append(("quote-checkquote", r.returncode == 0,
                     "tpm2_checkquote: signature, nonce and PCR digest verify" if r.returncode == 0
                     else f"tpm2_checkquote: exit {r.returncode}: {r.stderr.strip()[:300]}"))
+    if after is not None:
+        try:
+            results.append(("attest-unmount-event", True,
+                            check_unmount_event(after, nonce_after, trust, events)))
+        except (ma.Failed, KeyError, TypeError, IndexError) as e:
+            results.append(("attest-unmount-event", False, f"{type(e).__name__}: {e}"))
     return results
