@@ -84,8 +84,9 @@ def live_mounts(events: list[me.Event]) -> tuple[list[tuple[int, me.Event]], lis
 
 
 def appraise(alg: str, init: bytes, events: list[me.Event], exp: Expectations
-             ) -> tuple[list[str], list[str]]:
-    """(failures, warnings) of a log that replays correctly, against the expectations."""
+             ) -> tuple[list[str], list[str], list[tuple[int, me.Event]]]:
+    """(failures, warnings) of a log that replays correctly, against the expectations, and
+    the mounts live at its end (live_mounts)."""
     failures: list[str] = []
     warnings: list[str] = []
     if any(init):
@@ -134,7 +135,7 @@ def appraise(alg: str, init: bytes, events: list[me.Event], exp: Expectations
             msg = (f"event #{n} IntegrityViolation: {c['path']}{offset} failed verification "
                    f"under manifest {c['manifest']}")
             (warnings if exp.allow_violations else failures).append(msg)
-    return failures, warnings
+    return failures, warnings, live
 
 
 def _quote_json(q: tpm_quote.Quote) -> dict:
@@ -173,10 +174,7 @@ def replay(log_path: str, exp: Expectations, register: bytes | None = None,
         return report, 1
     value = me.replay(alg, init, events)
     report.update(algorithm=alg, init=init.hex(), replayed=value.hex(),
-                  events=[_event_json(n, alg, e) for n, e in enumerate(events, 1)],
-                  mounted=[{"index": n, "manifest": e.content["manifest"],
-                            "mountpoint": e.content["mountpoint"]}
-                           for n, e in live_mounts(events)[0]])
+                  events=[_event_json(n, alg, e) for n, e in enumerate(events, 1)])
     match: dict = {"source": None, "ok": False, "error": None}
     if register is not None:
         match.update(source="register", register=register.hex())
@@ -204,8 +202,10 @@ def replay(log_path: str, exp: Expectations, register: bytes | None = None,
     report["match"] = match
     if match["error"]:
         failures.append(match["error"])
-    more, warnings = appraise(alg, init, events, exp)
+    more, warnings, live = appraise(alg, init, events, exp)
     failures.extend(more)
+    report["mounted"] = [{"index": n, "manifest": e.content["manifest"],
+                          "mountpoint": e.content["mountpoint"]} for n, e in live]
     report["appraisal"]["warnings"] = warnings
     # Not only the expectations: a reader of appraisal.pass alone must not take a log that
     # does not match its register or quote (a replayed quote, another AK) for a pass.

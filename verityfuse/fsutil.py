@@ -16,7 +16,7 @@ import errno
 import mmap
 import os
 import stat
-from typing import Callable, Optional
+from typing import Callable, Iterator, List, Optional
 
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -345,3 +345,27 @@ def in_memory(fd: int) -> bool:
         return fs_type(fd) in _MEMORY_FS
     except OSError:
         return False
+
+
+def process_stat(pid) -> Optional[List[str]]:
+    """The fields of /proc/PID/stat after the command name (the state first, the start
+    time at index 19), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].decode("ascii", "replace").split()
+    except (OSError, IndexError):
+        return None
+
+
+def fds_open_on(path: str, pid="self") -> Iterator[int]:
+    """The fds of process ``pid`` open on ``path``, as /proc/PID/fd names their files."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == path:
+                yield int(name)
+        except OSError:
+            continue

@@ -26,6 +26,12 @@ class MeasureError(Exception):
     """A register or log operation failed; the message says what and what to do."""
 
 
+def failure_text(e: Exception) -> str:
+    """A failed record as a log line says it: a MeasureError's message; any other error
+    with its type (a bug's)."""
+    return str(e) if isinstance(e, MeasureError) else f"{type(e).__name__}: {e}"
+
+
 class Register(Protocol):
     alg: str
     name: str

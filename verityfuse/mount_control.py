@@ -9,7 +9,7 @@ import subprocess
 import time
 from typing import Dict, Optional, Tuple
 
-from . import mountinfo, mountopts
+from . import fsutil, mountinfo, mountopts
 from .mountopts import MountError, Settings
 
 
@@ -178,36 +178,18 @@ def _daemon_of(path: str) -> Optional[Tuple[int, str]]:
         if not answered:
             os.kill(child, signal.SIGKILL)  # fatal: a FUSE request's wait ends for it
         os.waitpid(child, 0)
-    if not text.isdigit() or not _holds_fuse_device(int(text)):
+    if not text.isdigit() or next(fsutil.fds_open_on("/dev/fuse", int(text)), None) is None:
         return None  # (a pid of another pid namespace than ours names another process)
     start = _start_time(int(text))
     return None if start is None else (int(text), start)
-
-
-def _holds_fuse_device(pid: int) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
-                return True
-        except OSError:
-            pass
-    return False
 
 
 def _start_time(pid: int) -> Optional[str]:
     """A running process's start time (/proc/PID/stat, field 22: with its pid, it names one
     process, whatever pid is reused later); None once it has exited, also while it is a
     zombie that its parent has not reaped yet."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
+    fields = fsutil.process_stat(pid)
+    return None if not fields or len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
 
 
 def _ended(daemon: Tuple[int, str], timeout: float) -> bool:

@@ -55,16 +55,15 @@ def measure_unmount(mountpoint: str, tripwire) -> None:
     if tripwire.measurer is None:
         return
     from . import measure_event
-    from .measure_registers import MeasureError
+    from .measure_registers import failure_text
 
     digest, register = tripwire.manifest_digest, tripwire.measurer.register.name
     try:
         tripwire.measurer.record(measure_event.unmount_manifest(digest, mountpoint))
     except Exception as e:  # MeasureError, or any other: the daemon still ends cleanly
-        why = str(e) if isinstance(e, MeasureError) else f"{type(e).__name__}: {e}"
         log.error("cannot measure the unmount of manifest %s from %s into %s: %s (a verifier "
                   "replaying the log takes it for still mounted)", digest, escape(mountpoint),
-                  register, escape(why))
+                  register, escape(failure_text(e)))
         return
     log.info("measured the unmount of manifest %s from %s into %s", digest,
              escape(mountpoint), register)

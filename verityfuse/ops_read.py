@@ -36,14 +36,10 @@ THREAD = "thread"   # the filesystem cannot tell (EOPNOTSUPP): always a thread
 def fuse_device_poll() -> Optional[select.poll]:
     """A poll object on this process's /dev/fuse fd (pyfuse3 keeps it to itself): the
     read path asks it whether a request is waiting before it yields."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                p = select.poll()
-                p.register(int(name), select.POLLIN)
-                return p
-        except OSError:
-            continue
+    for fd in fsutil.fds_open_on("/dev/fuse"):
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return p
     return None
 
 

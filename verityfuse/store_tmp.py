@@ -11,6 +11,8 @@ import itertools
 import os
 from typing import Optional
 
+from . import fsutil
+
 
 class _TmpNames:
     """Names for tmp/ files: ``<pid>.<unique>``, the pid telling ``cleanup_tmp`` whose
@@ -36,11 +38,8 @@ tmp_names = _TmpNames()
 def alive(pid: str) -> bool:
     """Whether process ``pid`` runs: a zombie (exited, not yet reaped by a parent that
     may never reap it) does not, and will never finish its tmp/ files."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    fields = fsutil.process_stat(pid)
+    return fields is not None and len(fields) > 0 and fields[0] != "Z"
 
 
 def remove_if_dead(dfd: int, name: str, pid: str, own: bool = False) -> bool:

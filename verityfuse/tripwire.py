@@ -63,13 +63,13 @@ class Tripwire:
         """Extend the violation of ``path`` (after ``first_time`` said so).  Never raises:
         a failure is logged and stops the mount's opens."""
         from . import measure_event
-        from .measure_registers import MeasureError
+        from .measure_registers import failure_text
 
         try:
             self.measurer.record(
                 measure_event.integrity_violation(self.manifest_digest or "", path, offset))
         except Exception as e:  # MeasureError, or any other: never a daemon's end
-            why = str(e) if isinstance(e, MeasureError) else f"{type(e).__name__}: {e}"
+            why = failure_text(e)
             with self._lock:
                 self.unmeasured += 1
             log.error("cannot measure the integrity violation of %s: %s; refusing every open "
