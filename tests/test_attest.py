@@ -1182,3 +1182,34 @@ def test_a_log_someone_else_can_write_is_refused(tmp_path, who, how):
         measure.Measurer(reg, str(log)).record(me.mount_manifest(M1, KEY, 1, POL, "/srv/app"))
     assert reg.read() == before
     assert forged.line() in log.read_text()  # nothing removed either
+
+
+@pytest.mark.parametrize("planted", ["owner", "mode", "symlink", "fifo", "directory"])
+def test_a_writers_lock_planted_by_someone_else_is_refused(tmp_path, planted):
+    """LOG.lock is the writers' alone: one another user owns or may write (they could hold
+    the lock, or swap it), a symlink (never followed), a FIFO (never waited on) or a
+    directory fails the record, naming it; nothing is logged or extended."""
+    reg = registers.open_register(f"file:{tmp_path}/reg")
+    log, lock = tmp_path / "events.log", tmp_path / "events.log.lock"
+    if planted in ("owner", "mode"):
+        lock.write_bytes(b"")
+        if planted == "owner":
+            os.chown(lock, 65534, 65534)
+            why = "belongs to uid 65534"
+        else:
+            os.chmod(lock, 0o666)
+            why = "may be written by group or others \\(mode 0666\\)"
+    elif planted == "symlink":
+        (tmp_path / "elsewhere").write_bytes(b"")
+        lock.symlink_to(tmp_path / "elsewhere")
+        why = "cannot open .*: Too many levels of symbolic links"
+    elif planted == "fifo":
+        os.mkfifo(lock)
+        why = "is not a regular file"
+    else:
+        lock.mkdir()
+        why = "cannot open .*: Is a directory"
+    before = reg.read()
+    with pytest.raises(registers.MeasureError, match=why):
+        measure.Measurer(reg, str(log)).record(me.mount_manifest(M1, KEY, 1, POL, "/srv"))
+    assert reg.read() == before and not log.exists()
